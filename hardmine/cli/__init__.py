@@ -1,0 +1,38 @@
+"""The ``hardmine`` command line: one small Typer app per command, each a thin wrapper over the API."""
+
+from __future__ import annotations
+
+import typer
+
+from .._version import __version__
+
+app = typer.Typer(
+    name="hardmine",
+    help="Find the examples a model struggles with from its per-sample gradients.",
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _version_flag(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_flag, is_eager=True, help="Print the version."),
+) -> None:
+    """Find the examples a model struggles with from its per-sample gradients."""
+
+
+@app.command("version")
+def version() -> None:
+    """Print the hardmine version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,56 @@
+"""Every set of choices hardmine accepts, as one ``str`` Enum each.
+
+The API, the CLI and error messages all read the allowed values from here, so the lists never drift.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+__all__ = ["Engine", "LossKind", "ProjectionKind", "Randomness", "parse_choice"]
+
+
+class Engine(str, Enum):
+    """How per-sample gradients are obtained."""
+
+    AUTO = "auto"  # factored where a layer rule exists, vmap for the rest
+    FACTORED = "factored"  # hooks + Kronecker-factored projection; never materialises per-sample grads
+    VMAP = "vmap"  # torch.func vmap(grad(functional_call)); exact and general
+
+
+class LossKind(str, Enum):
+    """Built-in per-sample losses."""
+
+    AUTO = "auto"  # cross_entropy for integer targets, mse for floating targets
+    CROSS_ENTROPY = "cross_entropy"
+    MSE = "mse"
+
+
+class ProjectionKind(str, Enum):
+    """Distribution of the random projection matrix entries."""
+
+    RADEMACHER = "rademacher"
+    GAUSSIAN = "gaussian"
+
+
+class Randomness(str, Enum):
+    """What to do with stochastic layers (dropout) while computing per-sample gradients."""
+
+    EVAL = "eval"  # run the model in eval mode for the pass (dropout off); restored afterwards
+    DIFFERENT = "different"  # keep the model's mode; each sample draws its own dropout mask
+    SAME = "same"  # keep the model's mode; all samples in a vmap call share one mask
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def parse_choice(enum_cls: type[E], value: object, what: str) -> E:
+    """Turn a user value into a member of ``enum_cls`` or raise a ValueError listing the choices."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"{what}={value!r} is not a valid choice; use one of {choices}.") from None

@@ -1,0 +1,333 @@
+"""Exact per-sample gradients with ``torch.func`` and a slow, obviously-correct reference.
+
+``per_sample_grads`` differentiates only the selected parameters (everything else is a constant in the
+functional call), returns the per-sample loss, the model output and the per-sample gradient norm from the
+same pass, and leaves the model exactly as it found it.
+
+Batches are ``(inputs, target)`` pairs, where ``inputs`` is a tensor, a tuple of tensors (positional
+arguments) or a mapping of tensors (keyword arguments, e.g. ``input_ids`` + ``attention_mask``). A mapping
+that carries its target under ``"labels"``/``"label"`` is accepted as a whole batch too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_map
+
+from .enums import LossKind, Randomness, parse_choice
+from .losses import LossFn, resolve_loss
+from .params import select_parameters
+
+__all__ = [
+    "Inputs",
+    "PerSampleGrads",
+    "per_sample_grads",
+    "reference_per_sample_grads",
+    "split_batch",
+    "model_output_tensor",
+    "forward_mode",
+    "validate_batch",
+]
+
+logger = logging.getLogger(__name__)
+
+Inputs = Union[torch.Tensor, tuple[torch.Tensor, ...], Mapping[str, torch.Tensor]]
+_TARGET_KEYS = ("labels", "label", "target", "targets", "y")
+
+
+@dataclass
+class PerSampleGrads:
+    """Per-sample gradients of the selected parameters, with the quantities scores need."""
+
+    grads: dict[str, torch.Tensor]  # name -> (B, *param.shape)
+    loss: torch.Tensor  # (B,)
+    output: torch.Tensor  # (B, ...) model output (logits for classifiers)
+    grad_norm: torch.Tensor  # (B,) L2 norm over all selected parameters
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.loss.shape[0])
+
+    def flat(self) -> torch.Tensor:
+        """All selected gradients flattened and concatenated in parameter order: ``(B, P)``."""
+        b = self.batch_size
+        return torch.cat([g.reshape(b, -1) for g in self.grads.values()], dim=1)  # (B, P)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def split_batch(batch: Any) -> tuple[Inputs, torch.Tensor]:
+    """Accept ``(inputs, target)`` or a mapping with a ``labels``-like key and return ``(inputs, target)``."""
+    if isinstance(batch, Mapping):
+        keys = [k for k in _TARGET_KEYS if k in batch]
+        if not keys:
+            raise ValueError(
+                f"batch is a mapping with keys {sorted(batch)} but none of {list(_TARGET_KEYS)}; "
+                "put the target under 'labels' or pass an (inputs, target) pair."
+            )
+        inputs = {k: v for k, v in batch.items() if k != keys[0]}
+        return inputs, batch[keys[0]]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        inputs = batch[0]
+        if isinstance(inputs, list):
+            inputs = tuple(inputs)
+        return inputs, batch[1]
+    raise ValueError(
+        f"batch of type {type(batch).__name__} is not understood; pass (inputs, target) or a mapping with 'labels'."
+    )
+
+
+def _leaves(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(inputs, torch.Tensor):
+        return [("inputs", inputs)]
+    if isinstance(inputs, Mapping):
+        items = list(inputs.items())
+    elif isinstance(inputs, tuple):
+        items = [(f"inputs[{i}]", v) for i, v in enumerate(inputs)]
+    else:
+        raise ValueError(
+            f"inputs of type {type(inputs).__name__} are not supported; pass a tensor, a tuple of tensors "
+            "or a mapping of tensors."
+        )
+    for name, v in items:
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"input {name!r} is a {type(v).__name__}, not a torch.Tensor; convert it first.")
+    return [(str(n), v) for n, v in items]
+
+
+def _call(model: nn.Module, inputs: Inputs) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*inputs)
+
+
+def _functional(model: nn.Module, params: tuple[dict[str, torch.Tensor], ...], inputs: Inputs) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return functional_call(model, params, (inputs,))
+    if isinstance(inputs, Mapping):
+        return functional_call(model, params, (), dict(inputs))
+    return functional_call(model, params, tuple(inputs))
+
+
+def model_output_tensor(out: Any) -> torch.Tensor:
+    """The tensor to apply the loss to: the output itself, its ``logits`` (HF style), or its first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(
+        f"the model returned a {type(out).__name__}; hardmine needs a tensor, a mapping/object with 'logits', "
+        "or a tuple whose first element is the output tensor."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ modes
+@contextlib.contextmanager
+def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    """Put the model in the mode the gradient pass needs and restore every module's flag afterwards."""
+    bn_train = [name or "<root>" for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
+    if bn_train:
+        raise ValueError(
+            f"BatchNorm module(s) {bn_train} are in training mode, where each sample's output depends on the "
+            "rest of the batch, so per-sample gradients are undefined. Call model.eval() before scanning."
+        )
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        if randomness is Randomness.EVAL:
+            model.eval()
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def validate_batch(
+    model: nn.Module, inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | None
+) -> int:
+    """Check a batch at the boundary and return its size. Runs the model on the first sample to learn the
+    output shape (and to turn shape mismatches into a clear error)."""
+    leaves = _leaves(inputs)
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"target is a {type(target).__name__}, not a torch.Tensor; convert it with torch.as_tensor.")
+    if target.ndim == 0:
+        raise ValueError("target is a 0-d tensor; it needs a leading batch dimension.")
+    b = int(target.shape[0])
+    if b == 0:
+        raise ValueError("the batch is empty (0 samples); pass at least one sample.")
+    for name, t in leaves:
+        if t.ndim == 0 or t.shape[0] != b:
+            raise ValueError(
+                f"input {name!r} has shape {tuple(t.shape)} but the target has {b} samples; every input needs the "
+                "same leading batch dimension as the target."
+            )
+        if torch.is_floating_point(t) and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t.reshape(b, -1))).any(dim=1).nonzero().flatten()
+            raise ValueError(
+                f"input {name!r} has NaN/inf values in {len(bad)} sample(s) (first at batch position "
+                f"{int(bad[0])}); clean or drop them before scanning."
+            )
+    if loss_kind is LossKind.CROSS_ENTROPY:
+        if torch.is_floating_point(target) or target.dtype == torch.bool or torch.is_complex(target):
+            raise ValueError(
+                f"classification targets must be integer class ids, got dtype {target.dtype}; pass "
+                "target.long(), or loss='mse' for regression."
+            )
+        if target.ndim != 1:
+            raise ValueError(f"classification targets must be 1-D (B,), got shape {tuple(target.shape)}.")
+    elif loss_kind is LossKind.MSE:
+        if not torch.is_floating_point(target):
+            raise ValueError(f"regression (mse) targets must be floating point, got dtype {target.dtype}.")
+        if not torch.isfinite(target).all():
+            raise ValueError("regression targets contain NaN/inf; clean or drop those samples.")
+    first = tree_map(lambda t: t[:1], inputs)
+    try:
+        with torch.no_grad():
+            out = model_output_tensor(_call(model, first))
+    except ValueError:
+        raise
+    except Exception as exc:  # shape mismatches etc. surface here with the user's shapes quoted
+        shapes = {n: tuple(t.shape[1:]) for n, t in leaves}
+        raise ValueError(f"the model's forward failed on one sample with per-sample input shapes {shapes}: {exc}") from exc
+    if not torch.is_floating_point(out):
+        raise ValueError(
+            f"the model output has dtype {out.dtype}, which is not differentiable; return logits/scores, not "
+            "predicted ids."
+        )
+    if loss_kind is LossKind.CROSS_ENTROPY:
+        if out.ndim != 2:
+            raise ValueError(
+                f"cross-entropy needs (B, num_classes) logits, the model returned per-sample shape {tuple(out.shape[1:])}."
+            )
+        c = int(out.shape[1])
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= c:
+            raise ValueError(
+                f"label {lo if lo < 0 else hi} is out of range for a model with {c} outputs (labels must be in "
+                f"[0, {c - 1}]); check the label column or the model."
+            )
+    return b
+
+
+def _prepare(
+    model: nn.Module, batch: Any, loss_fn: LossKind | str | LossFn | None, params: str | Sequence[str] | None
+) -> tuple[Inputs, torch.Tensor, LossFn, list[str], int]:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    inputs, target = split_batch(batch)
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"target is a {type(target).__name__}, not a torch.Tensor; convert it with torch.as_tensor.")
+    fn, kind = resolve_loss(loss_fn, target)
+    names = select_parameters(model, params)
+    b = validate_batch(model, inputs, target, kind)
+    return inputs, target, fn, names, b
+
+
+# ---------------------------------------------------------------------------------------------- engines
+def per_sample_grads(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossKind | str | LossFn | None = None,
+    *,
+    params: str | Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    randomness: Randomness | str = Randomness.EVAL,
+) -> PerSampleGrads:
+    """Exact per-sample gradients via ``vmap(grad(functional_call))``.
+
+    Args:
+        model: any ``nn.Module``; it is left unchanged (modes restored, nothing attached).
+        batch: ``(inputs, target)`` or a mapping with ``labels``.
+        loss_fn: ``"cross_entropy"``, ``"mse"``, ``"auto"``/``None`` (by target dtype), or a callable
+            ``loss_fn(output, target) -> (B,)`` per-sample loss.
+        params: names/globs of modules or parameters to differentiate (``"fc2.*"``, ``"classifier"``);
+            ``None`` = all trainable parameters. Unselected parameters are constants (never differentiated).
+        chunk_size: vmap over at most this many samples at a time to bound memory.
+        randomness: ``"eval"`` (default: dropout off for the pass), ``"different"`` or ``"same"``.
+    """
+    rnd = parse_choice(Randomness, randomness, "randomness")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None.")
+    with forward_mode(model, rnd):
+        inputs, target, fn, names, _ = _prepare(model, batch, loss_fn, params)
+        return _compute_per_sample_grads(model, inputs, target, fn, names, chunk_size, rnd)
+
+
+def _compute_per_sample_grads(
+    model: nn.Module,
+    inputs: Inputs,
+    target: torch.Tensor,
+    loss_fn: LossFn,
+    names: list[str],
+    chunk_size: int | None,
+    randomness: Randomness,
+) -> PerSampleGrads:
+    all_params = dict(model.named_parameters())
+    selected = {n: all_params[n].detach() for n in names}
+    # Unselected parameters enter as constants: grad() only differentiates its first argument.
+    constants = {n: p.detach() for n, p in all_params.items() if n not in selected}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def sample_loss(sel: dict[str, torch.Tensor], x: Inputs, y: torch.Tensor):
+        x1 = tree_map(lambda t: t.unsqueeze(0), x)  # (1, ...) one-sample batch
+        out = model_output_tensor(_functional(model, (sel, constants, buffers), x1))
+        loss = loss_fn(out, y.unsqueeze(0))  # (1,)
+        return loss.sum(), (loss.reshape(()), out.squeeze(0))
+
+    vrand = "error" if randomness is Randomness.EVAL else randomness.value
+    fn = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness=vrand)
+    grads, (loss, output) = fn(selected, inputs, target)
+    grads = {n: grads[n] for n in names}  # keep model order
+    return PerSampleGrads(grads=grads, loss=loss.detach(), output=output.detach(), grad_norm=_norm(grads))
+
+
+def _norm(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    sq = sum(g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads.values())  # (B,)
+    return torch.as_tensor(sq).sqrt()
+
+
+def reference_per_sample_grads(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossKind | str | LossFn | None = None,
+    *,
+    params: str | Sequence[str] | None = None,
+    randomness: Randomness | str = Randomness.EVAL,
+) -> PerSampleGrads:
+    """Slow reference: one forward + ``torch.autograd.grad`` per sample. Use it to check the fast paths."""
+    rnd = parse_choice(Randomness, randomness, "randomness")
+    per: dict[str, list[torch.Tensor]] = {}
+    losses, outputs = [], []
+    with forward_mode(model, rnd):
+        inputs, target, fn, names, b = _prepare(model, batch, loss_fn, params)
+        all_params = dict(model.named_parameters())
+        wrt = [all_params[n] for n in names]
+        per = {n: [] for n in names}
+        for i in range(b):
+            xi = tree_map(lambda t, i=i: t[i : i + 1], inputs)  # (1, ...)
+            out = model_output_tensor(_call(model, xi))
+            loss = fn(out, target[i : i + 1])  # (1,)
+            gs = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+            for n, p, g in zip(names, wrt, gs):
+                per[n].append(torch.zeros_like(p) if g is None else g)
+            losses.append(loss.detach().reshape(()))
+            outputs.append(out.detach().squeeze(0))
+    grads = {n: torch.stack(per[n]) for n in names}  # (B, *shape)
+    return PerSampleGrads(grads=grads, loss=torch.stack(losses), output=torch.stack(outputs), grad_norm=_norm(grads))

@@ -1,0 +1,35 @@
+"""Per-sample losses: ``loss_fn(output, target) -> (B,)`` tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .enums import LossKind, parse_choice
+
+__all__ = ["LossFn", "cross_entropy_per_sample", "mse_per_sample", "resolve_loss"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits ``(B, C)`` against integer labels ``(B,)``, one value per sample."""
+    return F.cross_entropy(output, target, reduction="none")  # (B,)
+
+
+def mse_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample, averaged over all non-batch dimensions."""
+    diff = output - target.reshape(output.shape).to(output.dtype)
+    return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)  # (B,)
+
+
+def resolve_loss(loss: LossKind | str | LossFn | None, target: torch.Tensor) -> tuple[LossFn, LossKind | None]:
+    """Pick the per-sample loss. Returns the callable and the built-in kind (``None`` for a user callable)."""
+    if callable(loss) and not isinstance(loss, (str, LossKind)):
+        return loss, None
+    kind = parse_choice(LossKind, "auto" if loss is None else loss, "loss")
+    if kind is LossKind.AUTO:
+        kind = LossKind.MSE if torch.is_floating_point(target) else LossKind.CROSS_ENTROPY
+    return (cross_entropy_per_sample if kind is LossKind.CROSS_ENTROPY else mse_per_sample), kind

@@ -1,0 +1,69 @@
+"""Selecting which parameters of a model to take per-sample gradients of.
+
+Patterns are matched against parameter names (``"fc2.weight"``) and module names (``"classifier"``
+selects every parameter below that module), with shell-style globs (``"fc2.*"``, ``"layers.*.attn.*"``).
+Selection happens before any gradient is computed: unselected parameters are treated as constants.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+__all__ = ["select_parameters", "normalize_patterns"]
+
+
+def normalize_patterns(patterns: str | Sequence[str] | None) -> list[str] | None:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``; ``None``/``"all"``/``"*"`` -> ``None`` (everything)."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        items = [p.strip() for p in patterns.split(",")]
+    else:
+        items = []
+        for p in patterns:
+            if not isinstance(p, str):
+                raise ValueError(f"layer pattern {p!r} is not a string; pass names or globs like 'fc2.*'.")
+            items.extend(q.strip() for q in p.split(","))
+    items = [p for p in items if p]
+    if not items:
+        raise ValueError(f"layer patterns {patterns!r} are empty; pass e.g. 'classifier' or 'fc2.*', or None for all.")
+    if any(p in ("all", "*") for p in items):
+        return None
+    return items
+
+
+def _matches(name: str, pattern: str) -> bool:
+    # A module name selects everything below it; a glob is matched against the full parameter name.
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def select_parameters(model: nn.Module, patterns: str | Sequence[str] | None = None) -> list[str]:
+    """Return the names of the trainable parameters of ``model`` selected by ``patterns``, in model order.
+
+    Raises ``ValueError`` naming the pattern when one matches nothing, listing the model's modules.
+    """
+    pats = normalize_patterns(patterns)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no parameters with requires_grad=True; nothing to differentiate.")
+    if pats is None:
+        return [n for n, _ in named]
+    chosen: list[str] = []
+    for pat in pats:
+        hits = [n for n, _ in named if _matches(n, pat)]
+        if not hits:
+            raise ValueError(
+                f"layer pattern {pat!r} matches no trainable parameter. Available: {_summarize(n for n, _ in named)}"
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    order = {n: i for i, (n, _) in enumerate(named)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _summarize(names: Iterable[str], limit: int = 30) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -1,0 +1,95 @@
+"""Small models shared by the tests (several shapes of network a user might bring)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 12, hidden: int = 16, n_classes: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CNN(nn.Module):
+    def __init__(self, channels: int = 3, n_classes: int = 5, size: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1, stride=1)
+        self.fc = nn.Linear(6 * (size // 4) ** 2, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding + LayerNorm + a transformer encoder layer; forward(input_ids, attention_mask)."""
+
+    def __init__(self, vocab: int = 20, d: int = 8, n_classes: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.norm = nn.LayerNorm(d)
+        self.encoder = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=16, dropout=dropout, batch_first=True)
+        self.classifier = nn.Linear(d, n_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm(self.embed(input_ids))  # (B, T, d)
+        pad = None if attention_mask is None else attention_mask == 0
+        h = self.encoder(h, src_key_padding_mask=pad)
+        if attention_mask is None:
+            pooled = h.mean(dim=1)
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, d)
+        return self.classifier(pooled)
+
+
+class BNNet(nn.Module):
+    def __init__(self, d_in: int = 6, n_classes: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, 10)
+        self.bn = nn.BatchNorm1d(10)
+        self.fc2 = nn.Linear(10, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+class TwoInput(nn.Module):
+    """forward(a, b): several positional inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(3, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.a(a) + self.b(b)))
+
+
+def warm_bn(model: BNNet, d_in: int = 6) -> BNNet:
+    """Give BatchNorm non-trivial running statistics, then switch to eval."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(32, d_in, dtype=next(model.parameters()).dtype) * 2 + 1)
+    return model.eval()
+
+
+def token_batch(b: int, t: int = 7, vocab: int = 20, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, t), generator=g)
+    lengths = torch.randint(2, t + 1, (b,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()  # (B, T) padding at the end
+    ids = ids * mask
+    return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,110 @@
+"""Seeded projector: determinism, blockwise == one-shot, JL distortion within a derived bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from hardmine.project import BLOCK_ROWS, Projector, random_block, random_matrix
+
+
+def test_same_seed_same_output_and_different_seed_different_matrix():
+    x = torch.randn(5, 3000)
+    a = Projector(64, seed=7).project(x)
+    b = Projector(64, seed=7).project(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(Projector(64, seed=8).matrix(3000), Projector(64, seed=7).matrix(3000))
+    assert not torch.equal(Projector(64, seed=7).matrix(300, key="a"), Projector(64, seed=7).matrix(300, key="b"))
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("p", [1, 17, BLOCK_ROWS, BLOCK_ROWS + 1, 3 * BLOCK_ROWS - 5])
+def test_blockwise_equals_one_shot(kind, p):
+    x = torch.randn(4, p, dtype=torch.float64).float()
+    proj = Projector(32, seed=3, kind=kind, max_cache_bytes=0)  # force regeneration: nothing cached
+    one_shot = x @ random_matrix(p, 32, seed=3, kind=kind)  # (B, k)
+    assert_close(proj.project(x), one_shot, rtol=1e-5, atol=1e-5)
+
+
+def test_matrix_does_not_depend_on_batch_or_chunking():
+    proj = Projector(16, seed=1)
+    x = torch.randn(9, 5000)
+    whole = proj.project(x)
+    pieces = torch.cat([proj.project(x[i : i + 2]) for i in range(0, 9, 2)])
+    assert_close(pieces, whole, rtol=1e-5, atol=1e-4)  # float32 GEMM order may differ by batch size
+    # the cached path and the uncached path give identical rows
+    assert torch.equal(Projector(16, seed=1, max_cache_bytes=0).project(x[:3]), Projector(16, seed=1).project(x[:3]))
+
+
+def test_entries_and_scale():
+    m = random_block(100, 50, seed=0, key="", block=0)
+    assert set(torch.unique(m * math.sqrt(50)).tolist()) == {-1.0, 1.0}
+    g = random_block(2000, 50, seed=0, key="", block=0, kind="gaussian")
+    # E[m_ij^2] = 1/k; the sample mean over 100k entries is within a few standard errors
+    var = g.pow(2).mean().item() * 50
+    assert abs(var - 1.0) < 5 * math.sqrt(2 / g.numel())
+
+
+def _jl_epsilon(k: int, n_vectors: int, delta: float) -> float:
+    """Smallest eps with 2*n_vectors*exp(-k*(eps^2/2 - eps^3/3)/2) <= delta (Achlioptas 2003, norm form)."""
+    lo, hi = 1e-6, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if 2 * n_vectors * math.exp(-k * (mid**2 / 2 - mid**3 / 3) / 2) <= delta:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_inner_product_distortion_within_jl_bound(kind):
+    n, p, k = 12, 6000, 1024
+    x = torch.nn.functional.normalize(torch.randn(n, p, dtype=torch.float64), dim=1).float()
+    z = Projector(k, seed=11, kind=kind).project(x)
+    # Polarisation: <x,y> = (|x+y|^2 - |x-y|^2)/4, so if the 2*n*(n-1)/2 sums/differences and n vectors keep
+    # their squared norms within eps (relative), unit-vector inner products move by at most eps.
+    eps = _jl_epsilon(k, n + n * (n - 1), delta=1e-3)
+    err = (z @ z.T - x @ x.T).abs().max().item()
+    assert err <= eps, (err, eps)
+    assert eps < 0.5  # the bound is informative at this k
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 5), p=st.integers(1, 9000), k=st.integers(1, 40), seed=st.integers(0, 2**31))
+def test_hypothesis_shapes_and_blockwise(b, p, k, seed):
+    x = torch.randn(b, p)
+    out = Projector(k, seed=seed).project(x)
+    assert out.shape == (b, k)
+    assert_close(out, x @ random_matrix(p, k, seed=seed), rtol=1e-4, atol=1e-4)
+
+
+def test_project_grads_per_layer_and_flat():
+    grads = {"a.weight": torch.randn(3, 4, 5), "a.bias": torch.randn(3, 4)}
+    proj = Projector(8, seed=0)
+    per = proj.project_grads(grads)
+    assert per.shape == (3, 16)
+    assert_close(per[:, :8], grads["a.weight"].reshape(3, -1) @ proj.matrix(20, key="a.weight"))
+    assert_close(per[:, 8:], grads["a.bias"] @ proj.matrix(4, key="a.bias"))
+    flat = proj.project_grads(grads, per_layer=False)
+    full = torch.cat([grads["a.weight"].reshape(3, -1), grads["a.bias"]], 1)
+    assert_close(flat, full @ proj.matrix(24))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [({"dim": 0}, r"k=0"), ({"dim": 4, "seed": -1}, r"seed=-1"), ({"dim": 4, "kind": "sparse"}, r"kind='sparse'")],
+)
+def test_bad_projector_options(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        Projector(**kwargs)
+
+
+def test_bad_project_input():
+    with pytest.raises(ValueError, match=r"2-D"):
+        Projector(4).project(torch.randn(3))
