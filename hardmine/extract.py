@@ -151,7 +151,12 @@ def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
     saved = [(m, m.training) for m in model.modules()]
     try:
         if randomness is Randomness.EVAL:
-            model.eval()
+            try:
+                model.eval()
+            except NotImplementedError:
+                # torch.export modules refuse .eval(): their graph's mode was fixed at export time.
+                for m, _ in saved:
+                    m.training = False
         yield
     finally:
         for m, flag in saved:

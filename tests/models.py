@@ -93,3 +93,11 @@ def token_batch(b: int, t: int = 7, vocab: int = 20, seed: int = 0) -> dict[str,
     mask = (torch.arange(t)[None, :] < lengths[:, None]).long()  # (B, T) padding at the end
     ids = ids * mask
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_dataset():
+    """A torch Dataset of (x, y) pairs, for factory loading tests."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 12, generator=g)
+    y = torch.randint(0, 4, (6,), generator=g)
+    return torch.utils.data.TensorDataset(x, y)

@@ -1,0 +1,514 @@
+"""Stream a dataset on disk as ``(inputs, labels, sample_ids)`` batches.
+
+Formats (``DataFormat``): Parquet (read by record batches) and CSV (pyarrow's streaming reader) with a label
+column, an optional id column, and features as one list column, several numeric columns (glob), or a text
+column tokenised by a Hugging Face tokenizer; ``.npz`` with ``X``, ``y`` and optional ``ids`` (uncompressed
+members are memory-mapped); a Hugging Face ``datasets`` directory (``save_to_disk``); a ``pkg.module:factory``
+returning a ``torch.utils.data.Dataset``; Fashion-MNIST-style IDX files.
+
+Classification labels must be integers (integral floats are accepted and cast); NaN labels, non-integral
+labels and NaN/inf features are refused with the offending sample id quoted.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..datasets import find_idx_pair, read_idx
+from .model import import_object
+
+__all__ = ["DataFormat", "BatchSource", "open_data", "detect_format"]
+
+Batch = tuple[Any, torch.Tensor, list[Any]]
+
+
+class DataFormat(str, Enum):
+    AUTO = "auto"
+    PARQUET = "parquet"
+    CSV = "csv"
+    NPZ = "npz"
+    IDX = "idx"
+    HF = "hf"  # a datasets.save_to_disk directory
+    FACTORY = "factory"  # pkg.module:callable returning a torch Dataset
+
+
+@dataclass
+class BatchSource:
+    """An iterable of ``(inputs, labels, sample_ids)`` batches plus what is known about it."""
+
+    format: DataFormat
+    total: int | None  # number of samples that will be yielded, when known up front
+    _make_iter: Callable[[], Iterator[Batch]]
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._make_iter()
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise TypeError("this source does not know its length up front")
+        return self.total
+
+
+def detect_format(data: str) -> DataFormat:
+    if ":" in data and not Path(data).exists():
+        return DataFormat.FACTORY
+    p = Path(data)
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
+            return DataFormat.HF
+        if any(p.glob("*-idx3-ubyte*")):
+            return DataFormat.IDX
+        raise ValueError(
+            f"cannot tell the format of directory {data!r}: it is neither a Hugging Face datasets directory "
+            "(dataset_info.json) nor a folder of IDX files; pass --format."
+        )
+    name = p.name.lower()
+    for suffix, fmt in ((".parquet", DataFormat.PARQUET), (".pq", DataFormat.PARQUET), (".csv", DataFormat.CSV),
+                        (".csv.gz", DataFormat.CSV), (".npz", DataFormat.NPZ)):
+        if name.endswith(suffix):
+            return fmt
+    if "idx3-ubyte" in name:
+        return DataFormat.IDX
+    raise ValueError(f"cannot tell the format of {data!r} from its name; pass --format (one of "
+                     f"{', '.join(f.value for f in DataFormat if f is not DataFormat.AUTO)}).")
+
+
+# --------------------------------------------------------------------------------------------- checking
+def _labels_tensor(raw: np.ndarray, ids: Sequence[Any], classification: bool, num_classes: int | None) -> torch.Tensor:
+    if raw.dtype == object:
+        try:
+            raw = raw.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"labels must be numbers; found e.g. {raw[0]!r} (sample {ids[0]!r}).") from exc
+    if np.issubdtype(raw.dtype, np.floating):
+        bad = ~np.isfinite(raw)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"label of sample {ids[i]!r} is {raw[i].item()!r}; drop or fix samples with missing labels.")
+        if classification:
+            frac = raw != np.round(raw)
+            if frac.any():
+                i = int(np.argmax(frac))
+                raise ValueError(
+                    f"label of sample {ids[i]!r} is {raw[i].item()!r}, not an integer class id; for regression pass --loss mse."
+                )
+            raw = raw.astype(np.int64)
+    elif not np.issubdtype(raw.dtype, np.integer) and raw.dtype != np.bool_:
+        raise ValueError(f"labels have dtype {raw.dtype}; they must be integers (classes) or floats (regression).")
+    if classification:
+        raw = raw.astype(np.int64)
+        if num_classes is not None:
+            out = (raw < 0) | (raw >= num_classes)
+            if out.any():
+                i = int(np.argmax(out))
+                raise ValueError(
+                    f"label {int(raw[i])} of sample {ids[i]!r} is out of range for --num-classes {num_classes} "
+                    f"(labels must be in [0, {num_classes - 1}])."
+                )
+        return torch.from_numpy(np.ascontiguousarray(raw))
+    return torch.from_numpy(np.ascontiguousarray(raw.astype(np.float32)))
+
+
+def _features_tensor(x: np.ndarray, ids: Sequence[Any], shape: tuple[int, ...] | None, what: str) -> torch.Tensor:
+    x = np.asarray(x)
+    if x.dtype == object:
+        raise ValueError(f"{what} are not numeric (dtype object, e.g. {x.flat[0]!r} for sample {ids[0]!r}).")
+    x = x.astype(np.float32, copy=False)
+    flat = x.reshape(len(x), -1)  # (B, F)
+    bad = ~np.isfinite(flat).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{what} of sample {ids[i]!r} contain NaN/inf; clean or drop those samples.")
+    if shape is not None:
+        if int(np.prod(shape)) != flat.shape[1]:
+            raise ValueError(
+                f"--input-shape {','.join(map(str, shape))} needs {int(np.prod(shape))} values per sample but {what} "
+                f"have {flat.shape[1]}."
+            )
+        x = flat.reshape(len(x), *shape)  # (B, *input_shape)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+# ------------------------------------------------------------------------------------------- tabular
+@dataclass
+class _TableSpec:
+    label_column: str
+    id_column: str | None
+    feature_column: str | None
+    feature_columns: str | None
+    text_column: str | None
+    input_shape: tuple[int, ...] | None
+    classification: bool
+    num_classes: int | None
+    tokenizer: Any
+    max_length: int
+
+    def columns(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """Check the requested columns exist; return (columns to read, feature columns)."""
+        def need(col: str, flag: str) -> None:
+            if col not in names:
+                raise ValueError(f"{flag} {col!r} is not a column of the data; columns are {names[:30]}.")
+
+        need(self.label_column, "--label-column")
+        read = [self.label_column]
+        if self.id_column:
+            need(self.id_column, "--id-column")
+            read.append(self.id_column)
+        feats: list[str] = []
+        chosen = [o for o in (self.feature_column, self.feature_columns, self.text_column) if o]
+        if len(chosen) != 1:
+            raise ValueError(
+                "say where the inputs are with exactly one of --feature-column COL (one list/array column), "
+                "--feature-columns GLOB (several numeric columns) or --text-column COL (Hugging Face models)."
+            )
+        if self.feature_column:
+            need(self.feature_column, "--feature-column")
+            feats = [self.feature_column]
+        elif self.text_column:
+            need(self.text_column, "--text-column")
+            if self.tokenizer is None:
+                raise ValueError("--text-column needs a Hugging Face model directory as CHECKPOINT (its tokenizer).")
+            feats = [self.text_column]
+        else:
+            assert self.feature_columns is not None  # chosen has exactly one entry
+            skip = {self.label_column, self.id_column}
+            feats = [n for n in names if fnmatch.fnmatchcase(n, self.feature_columns) and n not in skip]
+            if not feats:
+                raise ValueError(f"--feature-columns {self.feature_columns!r} matches no column; columns are {names[:30]}.")
+        return read + [f for f in feats if f not in read], feats
+
+    def convert(self, table: Any, feats: list[str], offset: int) -> Batch:
+        """One pyarrow RecordBatch/Table -> (inputs, labels, ids)."""
+        n = table.num_rows
+        ids = table.column(self.id_column).to_pylist() if self.id_column else list(range(offset, offset + n))
+        if self.id_column and any(i is None for i in ids):
+            raise ValueError(f"--id-column {self.id_column!r} has missing values (near row {offset}).")
+        labels = _labels_tensor(_to_numpy(table.column(self.label_column)), ids, self.classification, self.num_classes)
+        if self.text_column:
+            texts = table.column(self.text_column).to_pylist()
+            if any(not isinstance(t, str) for t in texts):
+                i = next(i for i, t in enumerate(texts) if not isinstance(t, str))
+                raise ValueError(f"--text-column {self.text_column!r} of sample {ids[i]!r} is {texts[i]!r}, not text.")
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            return dict(enc), labels, ids
+        if self.feature_column:
+            col = table.column(self.feature_column)
+            x = _list_column_to_numpy(col, ids, self.feature_column)  # (B, F)
+        else:
+            x = np.stack([_to_numpy(table.column(c)).astype(np.float64) for c in feats], axis=1)  # (B, F)
+        return _features_tensor(x, ids, self.input_shape, "features"), labels, ids
+
+
+def _to_numpy(col: Any) -> np.ndarray:
+    arr = col.to_numpy(zero_copy_only=False)
+    return np.asarray(arr)
+
+
+def _list_column_to_numpy(col: Any, ids: Sequence[Any], name: str) -> np.ndarray:
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type) and not pa.types.is_fixed_size_list(col.type):
+        raise ValueError(f"--feature-column {name!r} has type {col.type}; it must be a list/array column.")
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    if (lengths != lengths[0]).any():
+        i = int(np.argmax(lengths != lengths[0]))
+        raise ValueError(f"--feature-column {name!r}: sample {ids[i]!r} has {lengths[i]} values, sample {ids[0]!r} has {lengths[0]}.")
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    return values.reshape(len(col), int(lengths[0]))  # (B, F)
+
+
+def _parquet_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None) -> BatchSource:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable Parquet file: {exc}") from exc
+    read, feats = spec.columns(pf.schema_arrow.names)
+    total = pf.metadata.num_rows if limit is None else min(limit, pf.metadata.num_rows)
+
+    def it() -> Iterator[Batch]:
+        yield from _capped(
+            (spec.convert(rb, feats, off) for rb, off in _offsets(pf.iter_batches(batch_size=batch_size, columns=read))),
+            limit,
+        )
+
+    return BatchSource(DataFormat.PARQUET, total, it, {"path": str(path), "columns": read})
+
+
+def _csv_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None) -> BatchSource:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    def reader() -> Any:
+        try:
+            return pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable CSV file: {exc}") from exc
+
+    read, feats = spec.columns(reader().schema.names)
+    opener = __import__("gzip").open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        rows = max(0, sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b"")) - 1)
+    total = rows if limit is None else min(limit, rows)
+
+    def it() -> Iterator[Batch]:
+        def batches() -> Iterator[Any]:
+            pending: list[Any] = []
+            count = 0
+            for rb in reader():
+                pending.append(rb.select(read))
+                count += rb.num_rows
+                while count >= batch_size:
+                    table = pa.Table.from_batches(pending)
+                    yield table.slice(0, batch_size)
+                    rest = table.slice(batch_size)
+                    pending, count = rest.to_batches(), rest.num_rows
+            if count:
+                yield pa.Table.from_batches(pending)
+
+        yield from _capped((spec.convert(t, feats, off) for t, off in _offsets(batches())), limit)
+
+    return BatchSource(DataFormat.CSV, total, it, {"path": str(path), "columns": read})
+
+
+def _hf_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None, split: str) -> BatchSource:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ValueError(f"{path} is a Hugging Face datasets directory; reading it needs: pip install 'hardmine[hf]'.") from exc
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"split {split!r} is not in {path}; it has {sorted(ds)}. Pass --split.")
+        ds = ds[split]
+    read, feats = spec.columns(list(ds.column_names))
+    table = ds.with_format("arrow").select_columns(read)
+    total = len(table) if limit is None else min(limit, len(table))
+
+    def it() -> Iterator[Batch]:
+        def batches() -> Iterator[Any]:
+            for lo in range(0, total, batch_size):
+                yield table[lo : min(total, lo + batch_size)]
+
+        yield from _capped((spec.convert(t, feats, off) for t, off in _offsets(batches())), limit)
+
+    return BatchSource(DataFormat.HF, total, it, {"path": str(path), "columns": read, "split": split})
+
+
+def _offsets(tables: Iterator[Any]) -> Iterator[tuple[Any, int]]:
+    off = 0
+    for t in tables:
+        yield t, off
+        off += t.num_rows
+
+
+def _capped(batches: Iterator[Batch], limit: int | None) -> Iterator[Batch]:
+    seen = 0
+    for inputs, labels, ids in batches:
+        if limit is not None and seen + len(ids) > limit:
+            keep = limit - seen
+            if keep <= 0:
+                return
+            inputs = {k: v[:keep] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:keep]
+            labels, ids = labels[:keep], ids[:keep]
+        seen += len(ids)
+        yield inputs, labels, ids
+        if limit is not None and seen >= limit:
+            return
+
+
+# ------------------------------------------------------------------------------------------ arrays
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    """Memory-map an uncompressed .npz member; load compressed ones."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name + ".npy")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                header_len = f.tell()
+            # local file header: 30 bytes + name + extra, then the member's bytes
+            with open(path, "rb") as raw:
+                raw.seek(info.header_offset + 26)
+                n, m = np.frombuffer(raw.read(4), dtype="<u2")
+            start = info.header_offset + 30 + int(n) + int(m) + header_len
+            if dtype.hasobject:
+                raise ValueError(f"{path}:{name} holds Python objects; hardmine does not unpickle data.")
+            return np.memmap(path, dtype=dtype, mode="r", offset=start, shape=shape, order="F" if fortran else "C")
+    with np.load(path, allow_pickle=False) as z:
+        return z[name]
+
+
+def _npz_source(path: Path, batch_size: int, limit: int | None, shape: tuple[int, ...] | None,
+                classification: bool, num_classes: int | None) -> BatchSource:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = {n.removesuffix(".npy") for n in zf.namelist()}
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{path} is not a readable .npz file: {exc}") from exc
+    for need in ("X", "y"):
+        if need not in names:
+            raise ValueError(f"{path} has arrays {sorted(names)}; it needs 'X' (features) and 'y' (labels), and may have 'ids'.")
+    x, y = _npz_member(path, "X"), _npz_member(path, "y")
+    ids_arr = _npz_member(path, "ids") if "ids" in names else None
+    if len(x) != len(y) or (ids_arr is not None and len(ids_arr) != len(y)):
+        raise ValueError(f"{path}: X has {len(x)} rows, y {len(y)}" + (f", ids {len(ids_arr)}" if ids_arr is not None else "") + ".")
+    total = len(y) if limit is None else min(limit, len(y))
+    per_sample_shape = shape or tuple(x.shape[1:])
+
+    def it() -> Iterator[Batch]:
+        for lo in range(0, total, batch_size):
+            hi = min(total, lo + batch_size)
+            ids = ids_arr[lo:hi].tolist() if ids_arr is not None else list(range(lo, hi))
+            yield (_features_tensor(np.asarray(x[lo:hi]), ids, per_sample_shape, "X"),
+                   _labels_tensor(np.asarray(y[lo:hi]), ids, classification, num_classes), ids)
+
+    return BatchSource(DataFormat.NPZ, total, it, {"path": str(path)})
+
+
+def _idx_source(path: Path, split: str, batch_size: int, limit: int | None, shape: tuple[int, ...] | None,
+                num_classes: int | None) -> BatchSource:
+    if path.is_dir():
+        img_path, lbl_path = find_idx_pair(path, split)
+    else:
+        img_path = path
+        lbl_path = Path(str(path).replace("images-idx3", "labels-idx1"))
+        if not lbl_path.exists():
+            raise ValueError(f"no labels file next to {path} (looked for {lbl_path.name}).")
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if len(images) != len(labels):
+        raise ValueError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels.")
+    total = len(labels) if limit is None else min(limit, len(labels))
+    # Pixels are scaled to [0, 1]; the default shape is (1, H, W), as image models expect.
+    per_sample_shape = shape or (1, *images.shape[1:])
+
+    def it() -> Iterator[Batch]:
+        for lo in range(0, total, batch_size):
+            hi = min(total, lo + batch_size)
+            ids = list(range(lo, hi))
+            x = images[lo:hi].astype(np.float32) / 255.0  # (B, H, W)
+            yield (_features_tensor(x, ids, per_sample_shape, "images"),
+                   _labels_tensor(labels[lo:hi].astype(np.int64), ids, True, num_classes), ids)
+
+    return BatchSource(DataFormat.IDX, total, it, {"path": str(img_path), "split": split})
+
+
+def _factory_source(spec: str, batch_size: int, limit: int | None, num_workers: int,
+                    classification: bool, num_classes: int | None) -> BatchSource:
+    from torch.utils.data import DataLoader, Dataset, Subset
+
+    make = import_object(spec, "dataset factory")
+    ds = make() if callable(make) and not isinstance(make, Dataset) else make
+    if not isinstance(ds, Dataset):
+        raise ValueError(f"dataset factory {spec!r} returned a {type(ds).__name__}, not a torch.utils.data.Dataset.")
+    n = len(ds)  # type: ignore[arg-type]
+    total = n if limit is None else min(limit, n)
+    if total < n:
+        ds = Subset(ds, range(total))
+
+    def it() -> Iterator[Batch]:
+        off = 0
+        for item in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+            if isinstance(item, dict):
+                key = next((k for k in ("labels", "label", "y", "target") if k in item), None)
+                if key is None:
+                    raise ValueError(f"dataset items are dicts without a label key; keys are {sorted(item)}.")
+                y = item[key]
+                inputs: Any = {k: v for k, v in item.items() if k != key}
+            elif isinstance(item, (list, tuple)) and len(item) >= 2:
+                inputs, y = item[0], item[1]
+            else:
+                raise ValueError("dataset items must be (x, y) pairs or dicts with a 'labels' key.")
+            b = len(y)
+            ids = list(range(off, off + b))
+            off += b
+            labels = _labels_tensor(np.asarray(y), ids, classification, num_classes)
+            if isinstance(inputs, torch.Tensor):
+                inputs = _features_tensor(inputs.numpy(), ids, None, "inputs") if inputs.is_floating_point() else inputs
+            yield inputs, labels, ids
+
+    return BatchSource(DataFormat.FACTORY, total, it, {"factory": spec})
+
+
+# ------------------------------------------------------------------------------------------------ entry
+def open_data(
+    data: str,
+    *,
+    format: DataFormat | str = DataFormat.AUTO,
+    label_column: str = "label",
+    id_column: str | None = None,
+    feature_column: str | None = None,
+    feature_columns: str | None = None,
+    text_column: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    tokenizer: Any = None,
+    max_length: int = 128,
+    split: str = "train",
+    batch_size: int = 256,
+    limit: int | None = None,
+    num_workers: int = 0,
+    classification: bool = True,
+    num_classes: int | None = None,
+) -> BatchSource:
+    """Open ``data`` as a stream of ``(inputs, labels, sample_ids)`` batches (never loaded whole when the
+    format allows streaming)."""
+    from ..enums import parse_choice
+
+    fmt = parse_choice(DataFormat, format, "format")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size {batch_size!r} must be a positive integer.")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit {limit!r} must be a positive integer.")
+    shape = tuple(int(s) for s in input_shape) if input_shape else None
+    if shape is not None and any(s < 1 for s in shape):
+        raise ValueError(f"input shape {shape} must have positive sizes.")
+    if fmt is DataFormat.AUTO:
+        fmt = detect_format(data)
+    if fmt is DataFormat.FACTORY:
+        return _factory_source(data, batch_size, limit, num_workers, classification, num_classes)
+    path = Path(data)
+    if not path.exists():
+        raise ValueError(f"data {data!r} does not exist.")
+    spec = _TableSpec(label_column, id_column, feature_column, feature_columns, text_column, shape,
+                      classification, num_classes, tokenizer, max_length)
+    if fmt is DataFormat.PARQUET:
+        src = _parquet_source(path, spec, batch_size, limit)
+    elif fmt is DataFormat.CSV:
+        src = _csv_source(path, spec, batch_size, limit)
+    elif fmt is DataFormat.HF:
+        src = _hf_source(path, spec, batch_size, limit, split)
+    elif fmt is DataFormat.NPZ:
+        src = _npz_source(path, batch_size, limit, shape, classification, num_classes)
+    else:
+        src = _idx_source(path, split, batch_size, limit, shape, num_classes)
+    if src.total == 0:
+        raise ValueError(f"data {data!r} has no samples; nothing to scan.")
+    src.description["fingerprint_hint"] = _file_hint(path)
+    return src
+
+
+def _file_hint(path: Path) -> str:
+    """Cheap identity of the data file(s): names, sizes and mtimes (the scan hashes the content it reads)."""
+    h = hashlib.sha256()
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    for f in files:
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,231 @@
+"""Turn a checkpoint on disk into an ``nn.Module``, safely.
+
+Accepted forms:
+- a state dict (``.pt``/``.pth``/``.bin``, loaded with ``torch.load(weights_only=True)``, or
+  ``.safetensors``) plus ``factory="pkg.module:callable"`` that builds the architecture; a checkpoint that
+  wraps the state dict (``{"model": ...}``, ``{"state_dict": ...}``, Lightning's ``model.`` prefix) is unwrapped
+  with ``state_key`` or detected;
+- a ``torch.export`` archive (``.pt2``): no factory needed;
+- a local Hugging Face model directory (``config.json``), with the ``[hf]`` extra;
+- a fully pickled model only with ``unsafe_pickle=True`` (unpickling runs arbitrary code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LoadedModel", "load_model", "import_object", "state_dict_fingerprint", "unwrap_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+_PREFIXES = ("model.", "module.", "net.", "_orig_mod.")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    kind: str  # "state_dict" | "export" | "hf" | "pickle"
+    fingerprint: str  # sha256 over the state dict tensors, key order
+    tokenizer: Any = None  # HF tokenizer when kind == "hf"
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def import_object(spec: str, what: str = "factory") -> Any:
+    """Import ``pkg.module:attr`` (the CLI puts the working directory on ``sys.path``, like ``python -m``)."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"{what} {spec!r} must look like 'package.module:function'.")
+    mod_name, attr = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {mod_name!r} for {what} {spec!r}: {exc}") from exc
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {mod_name!r} has no attribute {attr!r} (from {what} {spec!r}).")
+        obj = getattr(obj, part)
+    return obj
+
+
+def state_dict_fingerprint(state: Mapping[str, torch.Tensor] | nn.Module) -> str:
+    """sha256 over ``key, dtype, shape, bytes`` of every tensor in key order: same weights -> same hash."""
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def unwrap_state_dict(obj: Any, state_key: str | None = None) -> dict[str, torch.Tensor]:
+    """Find the state dict inside a training checkpoint and strip wrapper prefixes."""
+    if state_key is not None:
+        if not isinstance(obj, Mapping) or state_key not in obj:
+            keys = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
+            raise ValueError(f"--state-key {state_key!r} is not in the checkpoint; its top-level keys are {keys}.")
+        obj = obj[state_key]
+    elif isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping) and _is_tensor_dict(obj[key]):
+                logger.info("using checkpoint[%r] as the state dict", key)
+                obj = obj[key]
+                break
+        else:
+            raise ValueError(
+                f"the checkpoint is a dict with keys {sorted(obj)[:20]} but none holds a state dict of tensors; "
+                "pass --state-key NAME to say which entry is the model's state dict."
+            )
+    if not isinstance(obj, Mapping) or not _is_tensor_dict(obj):
+        raise ValueError(f"the checkpoint holds a {type(obj).__name__}, not a state dict of tensors.")
+    return dict(obj)
+
+
+def _is_tensor_dict(obj: Mapping[Any, Any]) -> bool:
+    return bool(obj) and all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _match_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    if set(state) & expected:
+        return state
+    for prefix in _PREFIXES:
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if stripped and set(stripped) & expected:
+            logger.info("stripped prefix %r from checkpoint keys", prefix)
+            return stripped
+    return state
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    state = _match_prefix(state, set(expected))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches [{'; '.join(shapes[:10])}]")
+        raise ValueError(
+            f"checkpoint {path} does not match the model built by the factory: {', '.join(parts)}. Check that "
+            "--model builds the same architecture (and --state-key if the checkpoint wraps the weights)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _torch_load(path: Path, unsafe_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's weights-only unpickler names the class it refused ("Unsupported global"); anything else is
+        # a file that is not a checkpoint at all.
+        if "global" not in str(exc).lower():
+            raise ValueError(f"{path} could not be read as a torch checkpoint: {str(exc).splitlines()[0]}") from exc
+        if not unsafe_pickle:
+            raise ValueError(
+                f"{path} is not a plain state dict: it contains pickled Python objects (e.g. a whole saved model), "
+                "and unpickling can run arbitrary code, so hardmine refuses it by default. Save "
+                "model.state_dict() and pass --model pkg.module:factory, or, if you trust the file, pass "
+                f"--unsafe-pickle. (torch said: {str(exc).splitlines()[0]})"
+            ) from exc
+        logger.warning("unpickling %s with weights_only=False because --unsafe-pickle was given", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path} could not be read as a torch checkpoint: {exc}") from exc
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    factory: str | None = None,
+    *,
+    state_key: str | None = None,
+    unsafe_pickle: bool = False,
+    num_labels: int | None = None,
+) -> LoadedModel:
+    """Load a model from ``path`` (see the module docstring for the accepted forms)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist.")
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return _load_hf(path, num_labels)
+        raise ValueError(f"{path} is a directory without config.json; pass a checkpoint file or a Hugging Face model dir.")
+    suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        try:
+            prog = torch.export.load(str(path))
+        except Exception as exc:
+            raise ValueError(f"{path} could not be loaded as a torch.export archive: {exc}") from exc
+        model = prog.module()
+        return LoadedModel(model, "export", state_dict_fingerprint(model), info={"format": "torch.export"})
+    if suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:  # pragma: no cover - safetensors is a dependency
+            raise ValueError("reading .safetensors needs the 'safetensors' package: pip install safetensors") from exc
+        obj: Any = load_file(str(path))
+    elif suffix in _STATE_SUFFIXES:
+        obj = _torch_load(path, unsafe_pickle)
+    else:
+        raise ValueError(
+            f"checkpoint {path.name!r} has an unknown extension {suffix!r}; use .pt/.pth/.bin/.ckpt (state dict), "
+            ".safetensors, .pt2 (torch.export) or a Hugging Face model directory."
+        )
+    if isinstance(obj, nn.Module):  # only reachable with unsafe_pickle=True
+        return LoadedModel(obj, "pickle", state_dict_fingerprint(obj), info={"format": "pickle"})
+    if factory is None:
+        raise ValueError(
+            f"{path} holds only weights; pass --model pkg.module:factory to build the architecture they belong to."
+        )
+    state = unwrap_state_dict(obj, state_key)
+    build = import_object(factory, "--model")
+    if not callable(build):
+        raise ValueError(f"--model {factory!r} is not callable.")
+    model = build()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {factory!r} returned a {type(model).__name__}, not a torch.nn.Module.")
+    _load_into(model, state, path)
+    return LoadedModel(model, "state_dict", state_dict_fingerprint(model), info={"format": suffix.lstrip(".")})
+
+
+def _load_hf(path: Path, num_labels: int | None) -> LoadedModel:
+    try:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    except ImportError as exc:
+        raise ValueError(
+            f"{path} is a Hugging Face model directory; reading it needs the [hf] extra: pip install 'hardmine[hf]'."
+        ) from exc
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ValueError(f"could not load the Hugging Face model in {path}: {exc}") from exc
+    return LoadedModel(model, "hf", state_dict_fingerprint(model), tokenizer=tokenizer, info={"format": "hf"})
