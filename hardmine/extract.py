@@ -298,7 +298,17 @@ def _compute_per_sample_grads(
 
     vrand = "error" if randomness is Randomness.EVAL else randomness.value
     fn = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness=vrand)
-    grads, (loss, output) = fn(selected, inputs, target)
+    try:
+        grads, (loss, output) = fn(selected, inputs, target)
+    except RuntimeError as exc:
+        if "vmap" not in str(exc):
+            raise
+        # e.g. Hugging Face mask helpers branch on tensor values; vmap cannot batch data-dependent control flow.
+        raise ValueError(
+            "the model's forward cannot run under torch.func.vmap (it has data-dependent control flow such as "
+            "`if mask.all():` or calls .item()). Use engine='factored' or 'auto' for Linear/Conv2d/Embedding/"
+            f"LayerNorm layers, which needs no vmap. (torch said: {str(exc).splitlines()[0][:200]})"
+        ) from exc
     grads = {n: grads[n] for n in names}  # keep model order
     return PerSampleGrads(grads=grads, loss=loss.detach(), output=output.detach(), grad_norm=_norm(grads))
 

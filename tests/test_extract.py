@@ -223,3 +223,18 @@ def test_bad_options():
         per_sample_grads(MLP(), batch, loss_fn="hinge")
     with pytest.raises(ValueError, match=r"chunk_size=0"):
         per_sample_grads(MLP(), batch, chunk_size=0)
+
+
+def test_data_dependent_control_flow_is_a_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if (x > 0).all():  # data-dependent: vmap cannot batch this
+                return self.fc(x)
+            return self.fc(-x)
+
+    with pytest.raises(ValueError, match=r"cannot run under torch\.func\.vmap.*engine='factored'"):
+        per_sample_grads(Branchy(), (torch.randn(3, 3), torch.tensor([0, 1, 0])))
