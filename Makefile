@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install data test demo bench eval lint clean
+.PHONY: install data test demo example bench eval lint clean
 
 install: $(STAMP) data
 
@@ -25,11 +25,27 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
 
+# The README shows exactly these commands.
+DEMO := demo_out
+FMNIST := /usr/share/datasets/fashion-mnist
 demo: install
-	$(PY) scripts/demo.py
+	$(PY) scripts/train_demo_model.py --out $(DEMO)/fashion_mlp.pt
+	$(VENV)/bin/hardmine scan $(DEMO)/fashion_mlp.pt $(FMNIST) --model hardmine.zoo:fashion_mlp \
+		--out $(DEMO)/scan --dim 64 --overwrite
+	$(VENV)/bin/hardmine show $(DEMO)/scan --top 15
+	$(VENV)/bin/hardmine export $(DEMO)/scan --out $(DEMO)/oversample.parquet --strategy top-k --top 0.05 --boost 4
+	$(VENV)/bin/hardmine neighbors $(DEMO)/scan --ids "$$($(VENV)/bin/hardmine show $(DEMO)/scan --top 1 --json \
+		| $(PY) -c 'import json,sys; print(json.load(sys.stdin)[0]["sample_id"])')" -k 8
+
+# API example: exact engine + projector only (no CLI)
+example: install
+	$(PY) scripts/example_engine.py
 
 bench: install
 	$(PY) scripts/bench_extract.py
+
+eval: install
+	$(PY) scripts/eval_quality.py
 
 lint: install
 	$(PY) -m ruff check hardmine tests scripts

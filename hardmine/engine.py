@@ -2,6 +2,18 @@
 
 ``GradientExtractor`` is what the streaming driver and the training-loop API call: one batch in, one
 ``ProjectedBatch`` out (projected gradients, per-sample loss, model output, exact gradient norm).
+
+Engines (``hardmine.enums.Engine``):
+
+* ``"vmap"`` -- exact per-sample gradients with ``torch.func`` (any model), then projected;
+* ``"factored"`` -- one ordinary batched forward + backward read through forward hooks; each supported
+  layer (``Linear`` incl. token inputs, ``Conv2d``, ``Embedding``, ``LayerNorm``) is projected from its
+  factors and its gradient norm computed exactly by the ghost-norm trick, never forming a per-sample
+  gradient. Every selected parameter must belong to a supported module;
+* ``"auto"`` (default) -- factored for the supported modules, vmap for the rest.
+
+The projection (``hardmine.factored.layout``) is defined per selected parameter, independently of the engine,
+so the three engines return the same vectors up to float rounding: the engine changes speed, never results.
 """
 
 from __future__ import annotations
@@ -15,10 +27,11 @@ import torch
 from torch import nn
 
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
-from .extract import per_sample_grads
-from .losses import LossFn
+from .extract import forward_mode, per_sample_grads, split_batch, validate_batch
+from .factored.capture import FactoredUnit, _compute_factored, format_rejected, plan_factored, probe_units
+from .factored.layout import ProjectionLayout
+from .losses import LossFn, resolve_loss
 from .params import select_parameters
-from .project import Projector
 
 __all__ = ["ProjectedBatch", "GradientExtractor"]
 
@@ -36,7 +49,30 @@ class ProjectedBatch:
 class GradientExtractor:
     """Projected per-sample gradients of the selected layers of ``model``.
 
-    ``dim`` is the projection dimension per selected parameter tensor; ``out_dim`` is the total.
+    Args:
+        model: any ``nn.Module``; left unchanged (modes restored, no hooks or attributes left behind).
+        layers: names/globs of modules or parameters (``"fc2"``, ``"encoder.*.weight"``); ``None`` = all.
+        dim: projection size of each selected *weight matrix*. A weight of a Linear/Conv2d/Embedding
+            (``(rows, cols)`` after flattening trailing dims) is projected with ``P_out ⊗ P_in`` to
+            ``a * b == dim`` coordinates, ``(a, b) = kron_factors(dim)`` (256 -> 16 x 16; ``dim`` must split
+            into factors at most 4x apart). Vector parameters (biases, LayerNorm) get ``a`` coordinates,
+            other parameters of modules without a rule ``dim``. ``out_dim`` is the total; ``metadata()
+            ["layout"]`` lists every block. See ``hardmine.factored.layout``.
+        seed: the projection matrices depend only on ``(seed, parameter name, shape, dim, kind)``.
+        engine: ``"auto"`` | ``"factored"`` | ``"vmap"`` (see the module docstring).
+        loss_fn: ``"cross_entropy"``, ``"mse"``, ``None``/``"auto"`` (by target dtype) or a callable
+            ``loss_fn(output, target) -> (B,)`` that does not mix samples.
+        kind: ``"rademacher"`` or ``"gaussian"`` projection entries.
+        chunk_size: vmap chunk size (memory bound) for the parameters computed by vmap.
+        randomness: ``"eval"`` (dropout off), ``"different"`` or ``"same"`` (vmap only). Under ``"auto"``,
+            ``"same"`` -- and ``"different"`` when the plan would mix engines, since two passes would draw
+            different dropout masks -- sends every parameter to vmap.
+
+    ``auto``/``factored`` check the plan on the first batch (a 3-sample probe forward): a module whose hook
+    never fires or that does not see the batch on dimension 0 moves to vmap under ``auto`` (with a warning;
+    ``metadata()["plan"]`` shows the plan in use) and is a ``ValueError`` under ``factored``.
+    The factored engine assumes each sample's loss depends on that sample alone (true unless the model
+    mixes samples, e.g. BatchNorm in training mode, which is refused).
     """
 
     def __init__(
@@ -52,37 +88,169 @@ class GradientExtractor:
         chunk_size: int | None = None,
         randomness: Randomness | str = Randomness.EVAL,
     ) -> None:
-        self.model = model
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.engine = parse_choice(Engine, engine, "engine")
-        self.param_names = select_parameters(model, layers)
+        self.randomness = parse_choice(Randomness, randomness, "randomness")
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None.")
+        if loss_fn is not None and not callable(loss_fn):
+            resolve_loss(loss_fn, torch.zeros(1, dtype=torch.long))  # reject unknown loss names now
+        self.model = model
         self.layers = layers
-        self.projector = Projector(dim, seed=seed, kind=kind)
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
-        self.randomness = parse_choice(Randomness, randomness, "randomness")
-        # Until the factored engine exists every parameter goes through vmap.
-        self.plan = {n: Engine.VMAP.value for n in self.param_names}
-        logger.info("engine plan: %s", self.plan)
+        self.param_names = select_parameters(model, layers)
+        self.layout = ProjectionLayout(model, self.param_names, dim=dim, seed=seed, kind=kind)
+
+        units, rejected = plan_factored(model, self.param_names)
+        self._reasons: dict[str, str] = {}  # vmap-bound parameter -> why
+        if self.engine is Engine.VMAP:
+            units = {}
+            self._reasons = {n: "engine='vmap'" for n in self.param_names}
+        elif self.engine is Engine.FACTORED:
+            if self.randomness is Randomness.SAME:
+                raise ValueError(
+                    "randomness='same' (one dropout mask shared by the batch) needs the vmap engine; use "
+                    "engine='vmap', or randomness='eval'/'different' with engine='factored'."
+                )
+            if rejected:
+                raise ValueError(
+                    f"engine='factored' cannot handle {format_rejected(rejected)}. Use engine='auto' to send "
+                    "these parameters to the vmap engine, or select only supported layers with `layers`."
+                )
+        else:
+            self._reasons = dict(rejected)
+        self._units: dict[str, FactoredUnit] = units
+        self._protect: set[str] = set()
+        self._verified = not units
+        self._settle_auto()
+        self._log_plan()
+
+    # ------------------------------------------------------------------------------------------- plan
+    def _settle_auto(self) -> None:
+        """Under auto, fall back to vmap for everything where one pass cannot serve both engines."""
+        if self.engine is not Engine.AUTO or not self._units:
+            return
+        why = None
+        if self.randomness is Randomness.SAME:
+            why = "randomness='same' needs the vmap engine"
+        elif self.randomness is Randomness.DIFFERENT and self._reasons:
+            why = "randomness='different' with a mixed plan (two passes would draw different dropout masks)"
+        if why is not None:
+            for unit in self._units.values():
+                for p in unit.params:
+                    self._reasons[p] = why
+            self._units = {}
+            self._verified = True
 
     @property
+    def plan(self) -> dict[str, str]:
+        """``{parameter: "factored" | "vmap"}`` in model order (the plan in use)."""
+        fact = {p for u in self._units.values() for p in u.params}
+        return {n: (Engine.FACTORED.value if n in fact else Engine.VMAP.value) for n in self.param_names}
+
+    @property
+    def _vmap_names(self) -> list[str]:
+        plan = self.plan
+        return [n for n in self.param_names if plan[n] == Engine.VMAP.value]
+
+    def _log_plan(self) -> None:
+        fact = ", ".join(u.label for u in self._units.values()) or "none"
+        by_reason: dict[str, list[str]] = {}
+        for n in self._vmap_names:
+            by_reason.setdefault(self._reasons.get(n, ""), []).append(n)
+        vm = "; ".join(f"{names} ({why})" for why, names in by_reason.items()) or "none"
+        logger.info("engine=%s: factored layers: %s | vmap parameters: %s", self.engine.value, fact, vm)
+
+    def _verify(self, inputs: Any, b: int) -> None:
+        problems, protect = probe_units(self.model, inputs, self._units, b)
+        self._protect = protect
+        if not problems:
+            self._verified = True
+            return
+        text = "; ".join(f"{self._units[m].label}: {why}" for m, why in problems.items())
+        if self.engine is Engine.FACTORED:  # stays unverified: every later call probes (and refuses) again
+            raise ValueError(
+                f"engine='factored' cannot attribute these modules per sample: {text}. Use engine='auto' to "
+                "send them to the vmap engine."
+            )
+        self._verified = True
+        logger.warning("engine=auto: moving to vmap after checking the first batch: %s", text)
+        for m, why in problems.items():
+            for p in self._units[m].params:
+                self._reasons[p] = why
+            del self._units[m]
+        self._settle_auto()
+        self._log_plan()
+
+    # ---------------------------------------------------------------------------------------- public
+    @property
     def out_dim(self) -> int:
-        return self.projector.dim * len(self.param_names)
+        return self.layout.out_dim
 
     def metadata(self) -> dict[str, Any]:
         return {
             "engine": self.engine.value,
-            "plan": dict(self.plan),
+            "plan": self.plan,
+            "plan_reasons": {n: self._reasons.get(n, "") for n in self._vmap_names},
+            "plan_checked": self._verified,
             "params": list(self.param_names),
-            "dim": self.projector.dim,
+            "dim": self.layout.dim,
+            "factors": [self.layout.a, self.layout.b],
             "out_dim": self.out_dim,
-            "seed": self.projector.seed,
-            "projection": self.projector.kind.value,
+            "seed": self.layout.seed,
+            "projection": self.layout.kind.value,
+            "layout": self.layout.describe(),
         }
 
     def __call__(self, batch: Any) -> ProjectedBatch:
-        psg = per_sample_grads(
-            self.model, batch, self.loss_fn, params=self.param_names, chunk_size=self.chunk_size,
-            randomness=self.randomness,
-        )
-        z = self.projector.project_grads(psg.grads)  # (B, dim * n_params)
-        return ProjectedBatch(z=z, loss=psg.loss, output=psg.output, grad_norm=psg.grad_norm)
+        z: torch.Tensor | None = None
+        sq: torch.Tensor | None = None
+        loss = output = None
+        if self._units:
+            with forward_mode(self.model, self.randomness):
+                inputs, target = split_batch(batch)
+                if not isinstance(target, torch.Tensor):
+                    raise ValueError(
+                        f"target is a {type(target).__name__}, not a torch.Tensor; convert it with "
+                        "torch.as_tensor."
+                    )
+                fn, kind = resolve_loss(self.loss_fn, target)
+                b = validate_batch(self.model, inputs, target, kind)
+                if not self._verified:
+                    self._verify(inputs, b)
+                if self._units:
+                    z = self.layout.new_output(b)  # (B, out_dim); Kronecker blocks are written in place
+                    fg = _compute_factored(
+                        self.model, inputs, target, fn, self._units, self.layout, self._protect, b, out=z
+                    )
+                    for n, p in fg.kron.items():
+                        if n not in fg.written:  # computed in another dtype (e.g. a float64 model)
+                            self.layout.write(z, n, p)
+                    for n, g in fg.vectors.items():
+                        self.layout.write(z, n, self.layout.project_dense(n, g.reshape(b, -1)))
+                    sq, loss, output = fg.sq_norm, fg.loss, fg.output
+        vmap_names = self._vmap_names
+        if vmap_names:
+            psg = per_sample_grads(
+                self.model,
+                batch,
+                self.loss_fn,
+                params=vmap_names,
+                chunk_size=self.chunk_size,
+                randomness=self.randomness,
+            )
+            if z is None:
+                z = self.layout.new_output(psg.batch_size)  # (B, out_dim)
+            for n in vmap_names:
+                self.layout.write(z, n, self.layout.project_exact(n, psg.grads[n]))
+            vsq = psg.grad_norm.pow(2)  # (B,)
+            sq = vsq if sq is None else sq + vsq.to(sq.dtype)
+            if loss is None:
+                loss, output = psg.loss, psg.output
+        # At least one parameter is selected, so one of the two branches ran.
+        assert z is not None and sq is not None and loss is not None and output is not None
+        return ProjectedBatch(z=z, loss=loss, output=output, grad_norm=sq.clamp_min(0).sqrt())

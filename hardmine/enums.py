@@ -8,7 +8,17 @@ from __future__ import annotations
 from enum import Enum
 from typing import TypeVar
 
-__all__ = ["Engine", "LossKind", "ProjectionKind", "Randomness", "parse_choice"]
+__all__ = [
+    "Engine",
+    "IndexKind",
+    "LossKind",
+    "ProjectionKind",
+    "Randomness",
+    "ScanPhase",
+    "Strategy",
+    "TaskKind",
+    "parse_choice",
+]
 
 
 class Engine(str, Enum):
@@ -41,6 +51,38 @@ class Randomness(str, Enum):
     DIFFERENT = "different"  # keep the model's mode; each sample draws its own dropout mask
     SAME = "same"  # keep the model's mode; all samples in a vmap call share one mask
 
+
+
+class IndexKind(str, Enum):
+    """Which FAISS index holds the projected gradients (see ``hardmine.index``)."""
+
+    AUTO = "auto"  # flat up to a documented size, IVF (on-disk lists) above it
+    FLAT = "flat"  # exact IndexFlatIP on unit vectors
+    IVF = "ivf"  # IndexIVFFlat, inverted lists on disk (memory-mapped), approximate
+    HNSW = "hnsw"  # IndexHNSWFlat, in RAM, approximate
+
+
+class Strategy(str, Enum):
+    """How ``export_manifest`` turns hardness into sampling weights (see ``hardmine.manifest``)."""
+
+    TOP_K = "top-k"  # JTT-like: weight `boost` for the hardest fraction `top`, 1 for the rest
+    PROPORTIONAL = "proportional"  # weight proportional to hardness ** temperature
+    PER_CLASS = "per-class"  # hardness ** temperature within each class, every class gets equal mass
+
+
+class ScanPhase(str, Enum):
+    """Phases a scan reports progress for."""
+
+    EXTRACT = "extract"  # per-sample gradients, projected, streamed to shards
+    INDEX = "index"  # FAISS index built from the shards
+    SCORE = "score"  # population statistics, kNN and per-sample scores
+
+
+class TaskKind(str, Enum):
+    """What the targets are; decides which scores exist."""
+
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
 
 E = TypeVar("E", bound=Enum)
 

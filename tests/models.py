@@ -101,3 +101,38 @@ def tiny_dataset():
     x = torch.randn(6, 12, generator=g)
     y = torch.randint(0, 4, (6,), generator=g)
     return torch.utils.data.TensorDataset(x, y)
+
+
+class SlowTail(torch.utils.data.Dataset):
+    """Blobs whose later items are slow to load, so a subprocess scan can be killed mid-way."""
+
+    def __init__(self, n: int = 3000, slow_from: int = 1200, delay: float = 0.004) -> None:
+        g = torch.Generator().manual_seed(5)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+        self.x = torch.randn(n, 12, generator=g) + 2.0 * torch.nn.functional.one_hot(self.y, 12).float()
+        self.slow_from, self.delay = slow_from, delay
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        if i >= self.slow_from:
+            import time
+
+            time.sleep(self.delay)
+        return self.x[i], self.y[i]
+
+
+def slow_tail():
+    return SlowTail()
+
+
+class ArgMaxNet(nn.Module):
+    """A model whose output is not differentiable (integer class ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).argmax(dim=1)

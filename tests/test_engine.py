@@ -1,9 +1,11 @@
+import pytest
 import torch
-from models import MLP
+from models import MLP, TinyTransformer, token_batch
 from torch.testing import assert_close
 
-from hardmine.engine import GradientExtractor
+from hardmine.engine import GradientExtractor, ProjectedBatch
 from hardmine.extract import reference_per_sample_grads
+from hardmine.project import random_matrix
 
 
 def test_vmap_extractor_projects_exact_grads():
@@ -12,7 +14,40 @@ def test_vmap_extractor_projects_exact_grads():
     ext = GradientExtractor(model, layers="fc2", dim=8, seed=3, engine="vmap")
     out = ext(batch)
     ref = reference_per_sample_grads(model, batch, params="fc2")
-    assert out.z.shape == (5, ext.out_dim) == (5, 16)
-    assert_close(out.z, ext.projector.project_grads(ref.grads))
+    # fc2.weight (4 x 16): Kronecker 2 x 4 = 8 coordinates; fc2.bias: dense, 2 (the smaller factor).
+    assert out.z.shape == (5, ext.out_dim) == (5, 10)
+    p_out = random_matrix(4, 2, seed=3, key="fc2.weight:out").double()
+    p_in = random_matrix(16, 4, seed=3, key="fc2.weight:in").double()
+    want_w = ref.grads["fc2.weight"].reshape(5, -1) @ torch.kron(p_out, p_in)  # (5, 8)
+    want_b = ref.grads["fc2.bias"] @ random_matrix(4, 2, seed=3, key="fc2.bias").double()  # (5, 2)
+    assert_close(out.z, torch.cat([want_w, want_b], dim=1).float())
     assert_close(out.grad_norm, ref.grad_norm)
     assert ext.metadata()["plan"] == {"fc2.weight": "vmap", "fc2.bias": "vmap"}
+
+
+@pytest.mark.parametrize("engine", ["auto", "factored", "vmap"])
+def test_extractor_interface_for_the_streaming_driver(engine):
+    model = MLP()
+    ext = GradientExtractor(model, dim=16, seed=1, engine=engine)
+    meta = ext.metadata()
+    for key in ("engine", "plan", "params", "dim", "out_dim", "seed", "projection", "layout"):
+        assert key in meta
+    assert meta["engine"] == engine and meta["out_dim"] == ext.out_dim
+    zs = []
+    for b in (3, 1, 4):  # several batches of different sizes through one extractor
+        res = ext((torch.randn(b, 12), torch.randint(0, 4, (b,))))
+        assert isinstance(res, ProjectedBatch)
+        assert res.z.shape == (b, ext.out_dim) and res.z.dtype == torch.float32
+        assert res.loss.shape == res.grad_norm.shape == (b,) and res.output.shape == (b, 4)
+        zs.append(res.z)
+    assert ext.metadata()["plan_checked"]
+
+
+def test_auto_plan_is_recorded_in_metadata():
+    ext = GradientExtractor(TinyTransformer(), dim=4, engine="auto")
+    ext((token_batch(2), torch.tensor([0, 1])))
+    meta = ext.metadata()
+    assert meta["plan"]["encoder.linear1.weight"] == "factored"
+    assert meta["plan"]["encoder.self_attn.in_proj_weight"] == "vmap"
+    assert "MultiheadAttention" in meta["plan_reasons"]["encoder.self_attn.in_proj_weight"]
+    assert set(meta["plan_reasons"]) == {n for n, v in meta["plan"].items() if v == "vmap"}

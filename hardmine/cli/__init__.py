@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .._version import __version__
+from . import cmd_export, cmd_neighbors, cmd_scan, cmd_show
 
 app = typer.Typer(
     name="hardmine",
@@ -32,6 +33,13 @@ def _root(
 def version() -> None:
     """Print the hardmine version."""
     typer.echo(__version__)
+
+
+# One small module per command; each is a thin wrapper over the Python API.
+app.command("scan")(cmd_scan.scan_command)
+app.command("export")(cmd_export.export_command)
+app.command("show")(cmd_show.show_command)
+app.command("neighbors")(cmd_neighbors.neighbors_command)
 
 
 def main() -> None:

@@ -137,7 +137,10 @@ def _features_tensor(x: np.ndarray, ids: Sequence[Any], shape: tuple[int, ...] |
                 f"have {flat.shape[1]}."
             )
         x = flat.reshape(len(x), *shape)  # (B, *input_shape)
-    return torch.from_numpy(np.ascontiguousarray(x))
+    x = np.ascontiguousarray(x)
+    if not x.flags.writeable:  # memory-mapped input: torch wants memory it may write to
+        x = x.copy()
+    return torch.from_numpy(x)
 
 
 # ------------------------------------------------------------------------------------------- tabular

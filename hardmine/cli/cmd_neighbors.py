@@ -1,0 +1,67 @@
+"""``hardmine neighbors SCAN_DIR --ids 17,42``: nearest training examples in gradient space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ._common import emit_json, handle_errors
+
+__all__ = ["neighbors_command"]
+
+
+@handle_errors
+def neighbors_command(
+    scan_dir: Path = typer.Argument(..., help="A scan directory."),
+    ids: str = typer.Option(..., "--ids", help="Comma-separated sample ids."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Neighbours per sample."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """For each sample, its k nearest neighbours by gradient cosine, with their labels."""
+    from ..scan import Scan
+
+    scan = Scan.open(scan_dir)
+    manifest = scan.manifest().set_index("sample_id", drop=False)
+    id_kind = manifest["sample_id"].dtype.kind
+    queries: list[object] = []
+    for part in (p.strip() for p in ids.split(",")):
+        if not part:
+            continue
+        if id_kind in "iu":
+            try:
+                queries.append(int(part))
+            except ValueError:
+                raise typer.BadParameter(f"--ids {part!r} is not an integer sample id.") from None
+        else:
+            queries.append(part)
+    if not queries:
+        raise typer.BadParameter("--ids is empty; pass e.g. --ids 17,42.")
+    res = scan.neighbors(queries, k=k)
+    out = []
+    for qi, q in enumerate(queries):
+        rows = []
+        for sid, sim in zip(res.sample_ids[qi].tolist(), res.similarities[qi].tolist()):
+            rec = manifest.loc[sid]
+            rows.append({"sample_id": sid, "similarity": sim, "label": _py(rec["label"]), "pred": _py(rec.get("pred"))})
+        q_rec = manifest.loc[q]
+        out.append({"sample_id": q, "label": _py(q_rec["label"]), "pred": _py(q_rec.get("pred")), "neighbors": rows})
+    if as_json:
+        emit_json(out)
+        return
+    console = Console()
+    for entry in out:
+        agree = sum(r["label"] == entry["label"] for r in entry["neighbors"])
+        table = Table(title=f"sample {entry['sample_id']} (label {entry['label']}, pred {entry['pred']}): "
+                            f"{agree}/{len(entry['neighbors'])} neighbours share its label")
+        for c in ("sample_id", "similarity", "label", "pred"):
+            table.add_column(c, justify="right")
+        for r in entry["neighbors"]:
+            table.add_row(str(r["sample_id"]), f"{r['similarity']:.3f}", str(r["label"]), str(r["pred"]))
+        console.print(table)
+
+
+def _py(v: object) -> object:
+    return v.item() if hasattr(v, "item") else v

@@ -1,0 +1,144 @@
+"""``hardmine scan CHECKPOINT DATA --out SCAN_DIR``: scan a checkpoint plus a dataset."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from ..enums import Engine, IndexKind, LossKind, ScanPhase
+from ..loaders import load_model, open_data
+from ..loaders.data import DataFormat
+from ._common import emit_json, handle_errors, parse_shape, stderr
+from .cmd_show import print_table
+
+__all__ = ["scan_command"]
+
+
+class _SpeedColumn(ProgressColumn):
+    """items/s of a task (rich has bytes/s only)."""
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} items/s" if speed else "- items/s", style="progress.data.speed")
+
+
+class _RichProgress:
+    """Adapts ``hardmine.scan``'s progress callback to one rich bar per phase, on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(), _SpeedColumn(),
+            TimeRemainingColumn(), console=stderr, disable=quiet, transient=False,
+        )
+        self.tasks: dict[ScanPhase, Any] = {}
+
+    def __call__(self, p: Any) -> None:
+        task = self.tasks.get(p.phase)
+        if task is None:
+            task = self.tasks[p.phase] = self.progress.add_task(p.phase.value, total=p.total)
+        self.progress.update(task, completed=p.done, total=p.total)
+
+
+@handle_errors
+def scan_command(
+    checkpoint: Path = typer.Argument(..., help="State dict (.pt/.pth/.bin/.safetensors), torch.export archive (.pt2) or HF model dir."),
+    data: str = typer.Argument(..., help="Parquet/CSV/.npz file, HF datasets dir, IDX dir, or pkg.module:factory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Scan directory to write (created; resumed if interrupted)."),
+    model: str | None = typer.Option(None, "--model", help="pkg.module:factory building the architecture of a state dict."),
+    state_key: str | None = typer.Option(None, "--state-key", help="Entry of a wrapped checkpoint holding the state dict."),
+    unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Allow unpickling a whole saved model (runs code from the file)."),
+    format: DataFormat = typer.Option(DataFormat.AUTO, "--format", help="Data format (auto-detected by default)."),
+    split: str = typer.Option("train", "--split", help="Split of IDX / HF datasets data."),
+    label_column: str = typer.Option("label", "--label-column"),
+    id_column: str | None = typer.Option(None, "--id-column", help="Column of sample ids (default: 0-based row index)."),
+    feature_column: str | None = typer.Option(None, "--feature-column", help="One list/array column of features."),
+    feature_columns: str | None = typer.Option(None, "--feature-columns", help="Glob of numeric feature columns, e.g. 'pix_*'."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28."),
+    text_column: str | None = typer.Option(None, "--text-column", help="Text column, tokenised with the HF model's tokenizer."),
+    layers: str | None = typer.Option(None, "--layers", help="Comma-separated module names/globs (default: all)."),
+    dim: int = typer.Option(256, "--dim", min=1, help="Projection dimension per selected parameter tensor."),
+    seed: int = typer.Option(0, "--seed", min=0),
+    engine: Engine = typer.Option(Engine.AUTO, "--engine"),
+    loss: LossKind = typer.Option(LossKind.AUTO, "--loss", help="auto: cross_entropy for integer labels."),
+    num_classes: int | None = typer.Option(None, "--num-classes", min=1, help="Check labels against this many classes."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    num_workers: int = typer.Option(0, "--num-workers", min=0),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Scan only the first N samples."),
+    index: IndexKind = typer.Option(IndexKind.AUTO, "--index"),
+    shard_rows: int = typer.Option(8192, "--shard-rows", min=1, help="Samples per shard: the resume granularity."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a scan with different options in --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> None:
+    """Scan CHECKPOINT on DATA: per-sample gradients, index, scores and a ranked manifest in --out."""
+    import torch
+
+    from ..scan import scan as run_scan
+
+    if os.getcwd() not in sys.path:  # --model / factory specs resolve like `python -m`
+        sys.path.insert(0, os.getcwd())
+    shape = parse_shape(input_shape)
+    dev = _device(device)
+    t0 = time.perf_counter()
+    loaded = load_model(checkpoint, model, state_key=state_key, unsafe_pickle=unsafe_pickle, num_labels=num_classes)
+    net = loaded.model.to(dev)
+    src = open_data(
+        data, format=format, label_column=label_column, id_column=id_column, feature_column=feature_column,
+        feature_columns=feature_columns, text_column=text_column, input_shape=shape, tokenizer=loaded.tokenizer,
+        split=split, batch_size=batch_size, limit=limit, num_workers=num_workers,
+        classification=loss is not LossKind.MSE, num_classes=num_classes,
+    )
+    bars = _RichProgress(quiet or as_json)
+    provenance = {
+        "checkpoint": str(checkpoint), "checkpoint_kind": loaded.kind, "data": data, "data_format": src.format.value,
+        "data_hint": src.description.get("fingerprint_hint"), "split": split, "limit": limit, "batch_size": batch_size,
+        "label_column": label_column, "id_column": id_column, "feature_column": feature_column,
+        "feature_columns": feature_columns, "text_column": text_column, "input_shape": list(shape) if shape else None,
+        "device": str(dev),
+    }
+    with bars.progress:
+        result = run_scan(
+            net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine,
+            loss_fn=None if loss is LossKind.AUTO else loss.value, num_classes=num_classes, index=index,
+            overwrite=overwrite, progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance,
+        )
+    manifest = result.manifest()
+    summary = {
+        "out": str(out), "samples": int(len(manifest)), "seconds": round(time.perf_counter() - t0, 3),
+        "manifest": str(result.manifest_path), "engine_plan": result.config.get("extractor", {}).get("plan"),
+        "hard": int(manifest["is_hard"].sum()) if "is_hard" in manifest else None,
+        "accuracy": float(manifest["correct"].mean()) if "correct" in manifest and manifest["correct"].notna().any() else None,
+    }
+    if as_json:
+        emit_json(summary)
+    elif not quiet:
+        stderr.print(f"scanned {summary['samples']} samples in {summary['seconds']:.1f}s -> {out}")
+        print_table(manifest, top=10, title="hardest samples")
+    del torch
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise typer.BadParameter(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(f"--device {name!r} asked for CUDA but no CUDA device is available; use --device cpu.")
+    return dev

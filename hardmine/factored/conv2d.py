@@ -1,0 +1,105 @@
+"""``nn.Conv2d``: a convolution is a Linear layer applied to unfolded patches, summed over positions.
+
+With ``patches_l`` the input patch under output position ``l`` (``F.unfold``; channel-major rows, the same
+order as ``weight.reshape(C_out, -1)``), sample ``b``'s weight gradient is ``sum_l delta_l patches_l^T``,
+group by group. Any stride, dilation, groups, integer or ``"same"``/``"valid"`` padding and every
+``padding_mode`` is handled (non-zero padding modes are applied with ``F.pad`` first, as ``nn.Conv2d`` does).
+The batch is processed in chunks so unfolded patches and per-chunk temporaries stay within
+``CHUNK_ELEMENTS``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import (
+    Call,
+    LayerRule,
+    RuleRequest,
+    RuleResult,
+    batch_chunks,
+    project_and_norm,
+    register_layer_rule,
+    route_elements,
+)
+
+__all__ = ["Conv2dRule"]
+
+
+@register_layer_rule(nn.Conv2d)
+class Conv2dRule(LayerRule):
+    matrix_param = "weight"
+    vector_params = ("bias",)
+
+    def check_call(self, module: nn.Module, x: object, output: object, batch_size: int) -> str | None:
+        reason = super().check_call(module, x, output, batch_size)
+        if reason is None and isinstance(x, torch.Tensor) and x.ndim != 4:
+            reason = f"it was called on an input of shape {tuple(x.shape)}, not (B, C, H, W)"
+        return reason
+
+    def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
+        b = calls[0].delta.shape[0]
+        dtype = calls[0].delta.dtype
+        g = module.groups
+        c_out = module.out_channels
+        cout_g = c_out // g
+        cols = module.weight[0].numel()  # C_in/groups * kh * kw
+        res = RuleResult()
+        if "bias" in request.vectors:
+            bias = calls[0].delta.reshape(b, c_out, -1).sum(2)  # (B, C_out)
+            for c in calls[1:]:  # several calls of one module add up
+                bias = bias + c.delta.reshape(b, c_out, -1).sum(2)  # (B, C_out)
+            res.vectors["bias"] = bias
+        if request.matrix is None:
+            return res
+        p_out, p_in = request.matrix
+        p_out_g = p_out.reshape(g, cout_g, -1)  # (G, cout_g, a): the rows of P_out each group writes
+        n_pos = sum(c.delta[0].numel() // c_out for c in calls)  # output positions over all calls
+        res.matrix_proj = request.out
+        if res.matrix_proj is None:
+            res.matrix_proj = calls[0].delta.new_empty(b, p_out.shape[1], p_in.shape[1])  # (B, a, b)
+        res.matrix_sq_norm = calls[0].delta.new_empty(b)  # (B,)
+        per_sample = g * cols * n_pos + route_elements(g, n_pos, cout_g, cols)
+        for s in batch_chunks(b, per_sample):
+            n = s.stop - s.start
+            patches = _cat([_unfold(module, c.x[s].to(dtype)) for c in calls])  # (c, G*cols, L)
+            patches = patches.reshape(n, g, cols, -1).transpose(-1, -2)  # (c, G, L, cols)
+            delta = _cat([c.delta[s].reshape(n, c_out, -1) for c in calls])  # (c, C_out, L)
+            delta = delta.reshape(n, g, cout_g, -1).transpose(-1, -2)  # (c, G, L, cout_g)
+            _, res.matrix_sq_norm[s] = project_and_norm(delta, patches, p_out_g, p_in, res.matrix_proj[s])
+        return res
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # along output positions
+
+
+def _unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Patches ``(c, C_in*kh*kw, L)`` exactly as ``module`` sees them, padding included (= ``F.unfold``).
+
+    Built from strided windows of the padded input (``Tensor.unfold`` views, one copy by ``reshape``),
+    which is faster here than ``F.unfold``'s im2col.
+    """
+    padding = module.padding
+    if isinstance(padding, str):
+        pad: list[int] = []
+        if padding == "same":  # nn.Conv2d's split: the odd pixel goes right/bottom
+            for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
+                total = d * (k - 1)
+                pad += [total // 2, total - total // 2]
+        else:  # "valid"
+            pad = [0, 0, 0, 0]
+    else:
+        pad = [padding[1], padding[1], padding[0], padding[0]]
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    win = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(
+        3, (kw - 1) * dw + 1, sw
+    )  # (c, C, H', W', span_h, span_w)
+    win = win[..., ::dh, ::dw]  # (c, C, H', W', kh, kw)
+    c, ch, ho, wo = win.shape[:4]
+    return win.permute(0, 1, 4, 5, 2, 3).reshape(c, ch * kh * kw, ho * wo)  # (c, C*kh*kw, L)

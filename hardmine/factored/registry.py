@@ -1,0 +1,232 @@
+"""The layer-rule registry: one small class per module type, opacus-style.
+
+A *layer rule* knows how the per-sample gradient of one module type factors into what a forward hook sees
+(the module's input ``x``) and what the backward pass delivers (``delta``, the gradient of the summed
+per-sample loss with respect to the module's output). From those it returns, per sample:
+
+* the Kronecker projection ``P_out^T G_b P_in`` of its *matrix* parameter (``G_b`` is sample ``b``'s weight
+  gradient viewed as ``(shape[0], prod(shape[1:]))``);
+* the exact squared norm ``||G_b||^2`` of that gradient (the "ghost norm");
+* the exact per-sample gradients of its small *vector* parameters (biases, LayerNorm affine), which are cheap.
+
+``G_b`` is never formed for the whole batch. :func:`project_and_norm` takes, per layer, the cheaper exact
+route ("mixed ghost norm"): from the factors when a sample has one position or few positions (``N^2 <=
+d_out*d_in``), or from ``G_b`` itself when it is smaller than the ``(N, N)`` Gram matrices (convolutions
+with many output positions), built a chunk of samples at a time within ``CHUNK_ELEMENTS``.
+
+Adding a layer type is one file: subclass :class:`LayerRule`, decorate it with
+``@register_layer_rule(ModuleType)`` and import the file from ``hardmine/factored/__init__.py``.
+Rules are looked up by the module's *exact* type: a subclass may override ``forward`` with different
+maths, so it is never claimed silently (register it explicitly if it really computes the same thing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Call",
+    "LayerRule",
+    "RuleRequest",
+    "RuleResult",
+    "register_layer_rule",
+    "rule_for",
+    "registered_types",
+    "batch_chunks",
+    "outer_sum_sq_norm",
+    "project_and_norm",
+    "route_elements",
+    "CHUNK_ELEMENTS",
+]
+
+# Upper bound on the elements of the temporaries (Gram matrices, unfolded patches, per-chunk gradients)
+# that a rule allocates at once: 2^22 elements = 16 MiB in float32. Rules split the batch to stay below
+# it (one sample's worth is the floor), so a rule's extra memory does not grow with the batch.
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a module during the forward pass: its input and the gradient at its output."""
+
+    x: torch.Tensor  # the module's (first positional) input, detached
+    delta: torch.Tensor  # d(sum of per-sample losses) / d(output); row b belongs to sample b only
+
+
+@dataclass(frozen=True)
+class RuleRequest:
+    """What the pass wants from a rule for one module."""
+
+    # (P_out (rows, a), P_in (cols, b)), or None when the matrix parameter is not selected
+    matrix: tuple[torch.Tensor, torch.Tensor] | None
+    vectors: tuple[str, ...]  # local names of the selected vector parameters, e.g. ("bias",)
+    # (B, a, b) view of the output the projection may be written into (saves a copy), or None
+    out: torch.Tensor | None = None
+
+
+@dataclass
+class RuleResult:
+    matrix_proj: torch.Tensor | None = None  # (B, a, b) = P_out^T G_b P_in
+    matrix_sq_norm: torch.Tensor | None = None  # (B,) exact ||G_b||_F^2
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # local name -> (B, *param.shape)
+
+
+class LayerRule:
+    """Base class of a layer rule. Subclasses set the two class attributes and implement ``compute``."""
+
+    #: the parameter projected with ``P_out ⊗ P_in`` (viewed as ``(shape[0], prod(shape[1:]))``), or None
+    matrix_param: str | None = "weight"
+    #: parameters whose exact per-sample gradient the rule returns (projected densely by the caller)
+    vector_params: tuple[str, ...] = ("bias",)
+
+    @property
+    def handled_params(self) -> tuple[str, ...]:
+        return ((self.matrix_param,) if self.matrix_param else ()) + self.vector_params
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why this particular instance cannot be handled (a configuration the maths does not cover)."""
+        return None
+
+    def check_call(self, module: nn.Module, x: object, output: object, batch_size: int) -> str | None:
+        """Why one captured call cannot be attributed per sample (e.g. the batch is not on dim 0)."""
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+            return "its input or output is not a single tensor"
+        if x.ndim < 1 or x.shape[0] != batch_size or output.ndim < 1 or output.shape[0] != batch_size:
+            return (
+                f"it saw input shape {tuple(x.shape)} / output shape {tuple(output.shape)} for a batch of "
+                f"{batch_size}, so the batch is not on dimension 0"
+            )
+        return None
+
+    def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_layer_rule(module_type: type[nn.Module]) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator: ``@register_layer_rule(nn.Linear)`` makes the rule handle exactly that module type."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise ValueError(f"register_layer_rule needs an nn.Module subclass, got {module_type!r}.")
+
+    def deco(rule_cls: type[LayerRule]) -> type[LayerRule]:
+        if not (isinstance(rule_cls, type) and issubclass(rule_cls, LayerRule)):
+            raise ValueError(
+                f"{rule_cls!r} is not a LayerRule subclass; subclass hardmine.factored.LayerRule."
+            )
+        if module_type in _REGISTRY:
+            raise ValueError(
+                f"a layer rule for {module_type.__name__} is already registered "
+                f"({type(_REGISTRY[module_type]).__name__}); there can be only one per module type."
+            )
+        _REGISTRY[module_type] = rule_cls()
+        return rule_cls
+
+    return deco
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule registered for ``type(module)`` exactly, or None."""
+    return _REGISTRY.get(type(module))
+
+
+def registered_types() -> list[type[nn.Module]]:
+    return list(_REGISTRY)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def batch_chunks(batch_size: int, elements_per_sample: int) -> Iterator[slice]:
+    """Slices of the batch such that ``len(slice) * elements_per_sample <= CHUNK_ELEMENTS`` (at least 1)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_sample))
+    for lo in range(0, batch_size, step):
+        yield slice(lo, min(batch_size, lo + step))
+
+
+def _ghost(n: int, p: int, q: int) -> bool:
+    # The ghost form needs an (N, N) Gram matrix per sample and group, the explicit form the (p, q) gradient:
+    # take whichever is smaller (the "mixed ghost norm" rule).
+    return n * n <= p * q
+
+
+def route_elements(groups: int, n: int, p: int, q: int) -> int:
+    """Per-sample elements of the largest temporary :func:`project_and_norm` allocates."""
+    if n == 1:
+        return groups * (p + q)
+    return groups * (n * n if _ghost(n, p, q) else p * q)
+
+
+def project_and_norm(
+    delta: torch.Tensor,
+    x: torch.Tensor,
+    p_out: torch.Tensor | None,
+    p_in: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Kronecker projection and exact squared norm of ``G_g = sum_n delta_n x_n^T``, for one chunk of samples.
+
+    Args:
+        delta: ``(c, G, N, p)`` output gradients per group ``G`` and position ``N``.
+        x: ``(c, G, N, q)`` inputs (or unfolded patches) at the same positions.
+        p_out: ``(G, p, a)`` the rows of ``P_out`` belonging to each group, or None (norm only).
+        p_in: ``(q, b)``, or None.
+        out: optional ``(c, a, b)`` tensor to write the projection into (it is then returned).
+
+    Returns ``(sum_g P_out_g^T G_g P_in  (c, a, b) or None, sum_g ||G_g||_F^2  (c,))``. Three routes, all
+    exact: one position (outer product: norms multiply), the ghost form ``sum_{n,m} (delta_n . delta_m)
+    (x_n . x_m)`` when ``N^2 <= p*q``, otherwise the chunk's gradients ``G_g`` themselves (then the
+    projection is read off ``G_g`` too, which is cheaper than projecting the factors).
+    """
+    c, g, n, p = delta.shape
+    q = x.shape[-1]
+    proj = None
+    if n == 1:
+        sq = (_sq_norm(delta) * _sq_norm(x)).sum((1, 2))  # (c,)
+        if p_out is not None and p_in is not None:
+            dp = _times_p_out(delta, p_out).transpose(-1, -2)  # (c, G, a, 1)
+            xp = x @ p_in  # (c, G, 1, b)
+            if g == 1 and out is not None:
+                return torch.mul(dp[:, 0], xp[:, 0], out=out), sq  # outer products written in place
+            proj = dp * xp  # (c, G, a, b) outer products
+    elif _ghost(n, p, q):
+        gram_d = delta @ delta.transpose(-1, -2)  # (c, G, N, N)
+        gram_x = x @ x.transpose(-1, -2)  # (c, G, N, N)
+        sq = torch.linalg.vecdot(gram_d.reshape(c, -1), gram_x.reshape(c, -1))  # (c,)
+        if p_out is not None and p_in is not None:
+            proj = _times_p_out(delta, p_out).transpose(-1, -2) @ (x @ p_in)  # (c, G, a, N) @ (c, G, N, b)
+    else:
+        grad = delta.transpose(-1, -2) @ x  # (c, G, p, q): this chunk's per-sample gradients
+        sq = torch.linalg.vector_norm(grad, dim=(1, 2, 3)).square()  # (c,)
+        if p_out is not None and p_in is not None:
+            proj = p_out.transpose(-1, -2) @ grad @ p_in  # (c, G, a, b)
+    if proj is not None:
+        proj = proj[:, 0] if g == 1 else proj.sum(1)  # (c, a, b)
+        if out is not None:
+            proj = out.copy_(proj)
+    return proj, sq
+
+
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm over the last dimension (``vector_norm`` needs no ``t**2`` temporary)."""
+    return torch.linalg.vector_norm(t, dim=-1).square()
+
+
+def _times_p_out(delta: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
+    """``delta (c, G, N, p) @ p_out (G, p, a) -> (c, G, N, a)`` without broadcasting ``p_out`` over ``c``
+    (a broadcast batched matmul expands it; one group is a plain 2-D matmul, several a bmm over groups)."""
+    if p_out.shape[0] == 1:
+        return delta @ p_out[0]  # (c, 1, N, a): matmul folds the leading dims into rows
+    return torch.einsum("cgnp,gpa->cgna", delta, p_out)  # (c, G, N, a)
+
+
+def outer_sum_sq_norm(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Exact ``||sum_n delta_n x_n^T||_F^2`` per sample, for ``delta (B, N, p)`` and ``x (B, N, q)``."""
+    b, n, p = delta.shape
+    out = torch.empty(b, dtype=delta.dtype, device=delta.device)
+    for s in batch_chunks(b, route_elements(1, n, p, x.shape[2])):
+        out[s] = project_and_norm(delta[s, None], x[s, None], None, None)[1]
+    return out

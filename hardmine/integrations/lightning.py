@@ -1,0 +1,125 @@
+"""PyTorch Lightning integration (``pip install hardmine[lightning]``): a ``Callback`` over ``OnlineMiner``.
+
+The LightningModule calls the miner inside ``training_step``, so the step keeps its single forward and the
+per-sample weights can enter the loss (a callback alone cannot change the loss, and after
+``on_train_batch_end`` the graph the multi-layer path needs is gone)::
+
+    miner = hardmine.OnlineMiner(net, layers="fc2", num_classes=10, dim=256, seed=0)
+    sampler = hardmine.MinerSampler(len(train_set), seed=0)          # optional: oversample what was hard
+
+    class Module(L.LightningModule):
+        def __init__(self, net, miner):
+            super().__init__()
+            self.net, self.miner = net, miner
+        def training_step(self, batch, batch_idx):
+            x, y, ids = batch                                          # the dataset returns its index too
+            stats = self.miner.observe(x, y, ids)                      # runs self.net once
+            self.log("train_loss", stats.loss.mean())
+            return stats.weighted_loss()                               # (loss * weights).mean()
+        def train_dataloader(self):
+            return DataLoader(train_set, batch_size=64, sampler=sampler)
+
+    trainer = L.Trainer(max_epochs=5, callbacks=[HardmineCallback(miner, sampler=sampler)])
+
+:class:`HardmineCallback` then, at the end of every ``every_n_epochs``-th training epoch, writes the manifest
+(atomically; ``manifest_path``, default ``<trainer.default_root_dir>/hardmine/online_manifest.parquet``) and
+refreshes the ``MinerSampler`` from it, so the next epoch draws hard samples more often (Lightning calls
+the sampler's ``set_epoch``). The miner's and the sampler's states travel in Lightning checkpoints
+(``state_dict`` / ``load_state_dict`` of the callback), so ``trainer.fit(ckpt_path=...)`` resumes both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pandas as pd
+
+from ..manifest import write_manifest
+from ..online import MinerSampler, OnlineMiner
+
+__all__ = ["HardmineCallback", "MANIFEST_NAME"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "online_manifest.parquet"
+
+
+class HardmineCallback(pl.Callback):
+    """Writes the online manifest at epoch end, refreshes a sampler from it, checkpoints the miner.
+
+    Args:
+        miner: the :class:`~hardmine.OnlineMiner` the LightningModule calls in ``training_step``.
+        manifest_path: where to write the manifest; ``{epoch}`` in it is replaced by the epoch number.
+            ``None``: ``<trainer.default_root_dir>/hardmine/online_manifest.parquet``.
+        sampler: a :class:`~hardmine.MinerSampler` used by the train dataloader, refreshed after each write.
+        every_n_epochs: write (and refresh) after every n-th training epoch.
+        manifest_kwargs: passed to ``miner.manifest`` (``strategy``, ``top``, ``boost``, ``weights``, ...).
+    """
+
+    def __init__(
+        self,
+        miner: OnlineMiner,
+        *,
+        manifest_path: str | os.PathLike[str] | None = None,
+        sampler: MinerSampler | None = None,
+        every_n_epochs: int = 1,
+        manifest_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(miner, OnlineMiner):
+            raise ValueError(f"miner must be a hardmine.OnlineMiner, got {type(miner).__name__}.")
+        if sampler is not None and not isinstance(sampler, MinerSampler):
+            raise ValueError(
+                f"sampler must be a hardmine.MinerSampler or None, got {type(sampler).__name__}."
+            )
+        if not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs!r} must be a positive integer.")
+        self.miner = miner
+        self.manifest_path = manifest_path
+        self.sampler = sampler
+        self.every_n_epochs = every_n_epochs
+        self.manifest_kwargs = dict(manifest_kwargs or {})
+        self.last_manifest: pd.DataFrame | None = None
+        self.last_manifest_path: Path | None = None
+
+    def _path(self, trainer: pl.Trainer, epoch: int) -> Path:
+        if self.manifest_path is None:
+            return Path(trainer.default_root_dir) / "hardmine" / MANIFEST_NAME
+        return Path(str(self.manifest_path).replace("{epoch}", str(epoch)))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if (epoch + 1) % self.every_n_epochs or self.miner.n_samples == 0:
+            return
+        df = self.miner.manifest(**self.manifest_kwargs)
+        self.last_manifest = df
+        if trainer.is_global_zero:
+            path = self._path(trainer, epoch)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_manifest(df, path, df.attrs["hardmine"])
+            self.last_manifest_path = path
+            logger.info("hardmine: epoch %d manifest (%d samples) written to %s", epoch, len(df), path)
+        if self.sampler is not None:
+            self.sampler.refresh(df)
+        hard = df["is_hard"].to_numpy(dtype=bool, na_value=False)
+        pl_module.log_dict(
+            {
+                "hardmine/mean_last_weight": float(df["last_weight"].mean()),
+                "hardmine/hard_fraction": float(hard.mean()),
+            },
+            on_epoch=True,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "miner": self.miner.state_dict(),
+            "sampler": None if self.sampler is None else self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.miner.load_state_dict(state_dict["miner"])
+        if self.sampler is not None and state_dict.get("sampler") is not None:
+            self.sampler.load_state_dict(state_dict["sampler"])

@@ -1,0 +1,339 @@
+"""The ranked Parquet manifest: writing, reading (with validation) and oversampling weights.
+
+One row per sample, in scan order, with the columns of ``MANIFEST_COLUMNS`` (``REQUIRED_COLUMNS`` are the
+contract every reader may rely on). Score meanings and directions: ``hardmine.score`` (also embedded in
+the file). The Parquet key-value metadata key ``hardmine`` holds JSON with ``format``/``format_version``,
+``hardmine_version``, ``created`` (UTC, ISO 8601; the only field that differs between two identical
+scans), model and dataset fingerprints, layers, engine plan, projection dim and seed, index and scoring
+configuration and the export that produced ``is_hard`` and ``weight``.
+
+Strategies (``Strategy``) turn hardness into sampling ``weight``; every strategy normalises the weights to
+mean 1 (they sum to the number of samples, so ``weight = 3`` means "drawn three times as often as under
+uniform sampling"), then applies the cap:
+
+===================  ==========================================================================  =============
+strategy             raw weight                                                                  ``is_hard``
+===================  ==========================================================================  =============
+``top-k``            ``boost`` for the ``top`` fraction by rank (``ceil(top·N)`` samples), 1       top fraction
+                     otherwise (JTT-like upweighting of the hard set)                             by rank
+``proportional``     ``hardness ** temperature`` (``temperature=0``: uniform)                      top fraction
+                                                                                                  by rank
+``per-class``        ``hardness ** temperature`` normalised within each class so that every       top fraction
+                     class gets the same total mass (class-balanced, hard-first inside)          of each class
+===================  ==========================================================================  =============
+
+Cap: no weight may exceed ``cap`` times the mean weight. Weights above it are set to ``cap`` and the rest
+are scaled up to keep the mean at 1, repeated until none exceeds it (``cap >= 1``; ``None`` = no cap).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._io import atomic_path
+from ._version import __version__
+from .enums import Strategy, parse_choice
+from .score import (
+    DEFAULT_BOOST,
+    DEFAULT_CAP,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP,
+    validate_export_params,
+)
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "REQUIRED_COLUMNS",
+    "MANIFEST_COLUMNS",
+    "compute_weights",
+    "cap_weights",
+    "write_manifest",
+    "read_manifest",
+    "read_manifest_metadata",
+    "export_manifest",
+]
+
+MANIFEST_FORMAT = "hardmine-manifest"
+FORMAT_VERSION = 1  # major version of the file layout; a reader refuses anything newer
+METADATA_KEY = b"hardmine"
+
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "sample_id", "label", "pred", "correct", "loss", "confidence", "margin", "el2n", "grad_norm",
+    "knn_outlier", "confident_error", "near_miss", "hardness", "rank", "is_hard", "weight",
+)
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "sample_id", "label", "pred", "correct", "loss", "confidence", "pred_confidence", "margin", "el2n",
+    "grad_norm", "class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
+    "class_distance", "knn_outlier", "neighbor_disagreement", "confident_error", "near_miss", "hardness",
+    "rank", "is_hard", "weight",
+)
+_ROW_GROUP = 131_072  # rows per Parquet row group (and per conversion chunk when writing)
+_BOOL_COLUMNS = ("correct", "confident_error", "near_miss", "is_hard")
+_INT_COLUMNS = ("rank",)
+
+
+# -------------------------------------------------------------------------------------------- weights
+def cap_weights(weights: np.ndarray, cap: float | None) -> np.ndarray:
+    """Normalise to mean 1, then water-fill: no weight above ``cap`` (a multiple of the mean), mean kept at 1."""
+    w = np.asarray(weights, dtype=np.float64).copy()
+    n = len(w)
+    w *= n / w.sum()
+    if cap is None:
+        return w
+    fixed = np.zeros(n, dtype=bool)
+    for _ in range(n):  # each round fixes at least one more weight, so this ends
+        over = ~fixed & (w > cap)
+        if not over.any():
+            break
+        fixed |= over
+        w[fixed] = cap
+        free = ~fixed
+        rest = w[free].sum()
+        if not free.any() or rest <= 0:
+            break
+        w[free] *= (n - cap * fixed.sum()) / rest
+    return w
+
+
+def _top_count(n: int, top: float) -> int:
+    return max(1, math.ceil(top * n - 1e-9))
+
+
+def compute_weights(
+    df: pd.DataFrame,
+    strategy: Strategy | str = Strategy.TOP_K,
+    top: float = DEFAULT_TOP,
+    boost: float = DEFAULT_BOOST,
+    temperature: float = DEFAULT_TEMPERATURE,
+    cap: float | None = DEFAULT_CAP,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight, is_hard)`` for a scored frame (needs ``hardness``, ``rank`` and, for per-class, ``label``)."""
+    strategy = parse_choice(Strategy, strategy, "strategy")
+    validate_export_params(top, boost, temperature, cap)
+    for col in ("hardness", "rank") + (("label",) if strategy is Strategy.PER_CLASS else ()):
+        if col not in df:
+            raise ValueError(f"cannot compute {strategy.value} weights: the manifest has no {col!r} column.")
+    n = len(df)
+    if n == 0:
+        raise ValueError("the manifest is empty; there is nothing to weight.")
+    rank = df["rank"].to_numpy(dtype=np.int64)
+    h = df["hardness"].to_numpy(dtype=np.float64)
+    finite = np.isfinite(h)
+    # A sample without any signal gets the lowest hardness seen, so it is still drawn.
+    h = np.where(finite, h, np.nanmin(h) if finite.any() else 1.0)
+    is_hard = rank <= _top_count(n, top)
+    if strategy is Strategy.TOP_K:
+        raw = np.where(is_hard, float(boost), 1.0)
+    elif strategy is Strategy.PROPORTIONAL:
+        raw = np.power(np.maximum(h, 1e-12), float(temperature))
+    else:
+        labels = df["label"].to_numpy()
+        if labels.dtype.kind not in "iu":
+            raise ValueError(
+                f"strategy 'per-class' needs integer class labels, but the label column is {labels.dtype}; "
+                "use 'top-k' or 'proportional' for regression scans."
+            )
+        classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        raw = np.power(np.maximum(h, 1e-12), float(temperature))
+        class_mass = np.bincount(inverse, weights=raw, minlength=len(classes))  # (C,)
+        raw = raw / class_mass[inverse]  # each class sums to 1
+        # is_hard inside each class: the top fraction by global rank among the class's samples.
+        order = np.lexsort((rank, inverse))  # by class, then rank
+        pos = np.empty(n, dtype=np.int64)
+        starts = np.r_[0, np.cumsum(counts)[:-1]]
+        pos[order] = np.arange(n) - np.repeat(starts, counts)  # 0-based position within class
+        is_hard = pos < np.array([_top_count(int(c), top) for c in counts])[inverse]
+    return cap_weights(raw, cap), is_hard
+
+
+# ----------------------------------------------------------------------------------------- write/read
+def _arrow_table(df: pd.DataFrame) -> pa.Table:
+    cols = [c for c in MANIFEST_COLUMNS if c in df] + [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    arrays, fields = [], []
+    for c in cols:
+        s = df[c]
+        if c in _BOOL_COLUMNS:
+            arr = pa.array(pd.array(s, dtype="boolean"), type=pa.bool_())
+        elif c in _INT_COLUMNS:
+            arr = pa.array(s.to_numpy(dtype=np.int64), type=pa.int64())
+        elif c == "sample_id":
+            arr = pa.array(s.to_numpy(dtype=np.int64), type=pa.int64()) if s.dtype.kind in "iu" else pa.array(
+                s.astype(str).tolist(), type=pa.string()
+            )
+        else:
+            arr = pa.array(s)
+        arrays.append(arr)
+        fields.append(pa.field(c, arr.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def write_manifest(df: pd.DataFrame, path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> Path:
+    """Write ``df`` to ``path`` atomically with ``metadata`` as JSON under the Parquet key ``hardmine``."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df]
+    if missing:
+        raise ValueError(f"manifest is missing required column(s) {missing}; it needs {list(REQUIRED_COLUMNS)}.")
+    meta = dict(metadata)
+    meta.setdefault("format", MANIFEST_FORMAT)
+    meta.setdefault("format_version", FORMAT_VERSION)
+    meta.setdefault("hardmine_version", __version__)
+    meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise ValueError(f"cannot write {path}: directory {path.parent} does not exist.")
+    key = {METADATA_KEY: json.dumps(meta, sort_keys=True, default=str).encode()}
+    with atomic_path(path) as tmp:
+        if len(df) <= _ROW_GROUP:
+            pq.write_table(_arrow_table(df).replace_schema_metadata(key), tmp)
+        else:
+            # Convert and write a row group at a time, so the Arrow copy of a million-row frame is never
+            # held whole next to the frame itself.
+            schema = _arrow_table(df.iloc[:_ROW_GROUP]).schema.with_metadata(key)
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for lo in range(0, len(df), _ROW_GROUP):
+                    writer.write_table(_arrow_table(df.iloc[lo : lo + _ROW_GROUP]).cast(schema))
+    return path
+
+
+def _resolve_manifest_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.parquet"
+    if not p.is_file():
+        raise ValueError(f"{p} does not exist; pass a manifest .parquet file or a scan directory.")
+    return p
+
+
+def read_manifest_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated ``hardmine`` metadata of a manifest file (or of ``SCAN_DIR/manifest.parquet``)."""
+    p = _resolve_manifest_path(path)
+    try:
+        schema = pq.read_schema(p)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{p} is not a readable Parquet file ({exc}); pass a hardmine manifest.") from None
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(
+            f"{p} is a Parquet file but not a hardmine manifest (no 'hardmine' key in its metadata); "
+            "write one with hardmine.scan or hardmine.export_manifest."
+        )
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: the 'hardmine' metadata is not valid JSON ({exc}).") from None
+    if not isinstance(meta, dict) or meta.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{p}: the 'hardmine' metadata does not describe a {MANIFEST_FORMAT!r} file.")
+    version = meta.get("format_version")
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        raise ValueError(f"{p}: format_version {version!r} is not a version number.") from None
+    if major > FORMAT_VERSION:
+        raise ValueError(
+            f"{p} was written by hardmine {meta.get('hardmine_version')} with manifest format {version}; this "
+            f"hardmine ({__version__}) reads format {FORMAT_VERSION} or older. Upgrade hardmine to read it."
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    if missing:
+        raise ValueError(f"{p} is missing required column(s) {missing}; it is not a complete hardmine manifest.")
+    return meta
+
+
+def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read and validate a manifest. The metadata dict is attached as ``df.attrs["hardmine"]``."""
+    meta = read_manifest_metadata(path)
+    p = _resolve_manifest_path(path)
+    df = pq.read_table(p).to_pandas()
+    for c in _BOOL_COLUMNS:
+        df[c] = df[c].astype("boolean")
+    _validate_rows(df, p)
+    df.attrs["hardmine"] = meta
+    return df
+
+
+def _validate_rows(df: pd.DataFrame, where: Any) -> None:
+    if len(df) == 0:
+        raise ValueError(f"{where}: the manifest has no rows.")
+    if df["sample_id"].isna().any() or df["sample_id"].duplicated().any():
+        dup = df["sample_id"][df["sample_id"].duplicated()].head(3).tolist()
+        raise ValueError(f"{where}: sample_id must be unique and present; duplicated/missing e.g. {dup}.")
+    for c in ("loss", "hardness", "weight", "rank"):
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            raise ValueError(f"{where}: column {c!r} has dtype {df[c].dtype}, expected a number.")
+    w = df["weight"].to_numpy(dtype=np.float64)
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"{where}: weights must be finite and >= 0.")
+    rank = df["rank"].to_numpy()
+    if not np.array_equal(np.sort(rank), np.arange(1, len(df) + 1)):
+        raise ValueError(f"{where}: rank must be a permutation of 1..{len(df)}.")
+
+
+def _manifest_of(source: Any) -> pd.DataFrame:
+    if hasattr(source, "manifest") and hasattr(source, "manifest_path"):  # a Scan
+        return source.manifest()
+    if isinstance(source, pd.DataFrame):
+        if "hardmine" not in source.attrs:
+            raise ValueError(
+                "the DataFrame carries no hardmine metadata (df.attrs['hardmine']); pass a Scan, a scan "
+                "directory, a manifest path, or a frame returned by read_manifest."
+            )
+        missing = [c for c in REQUIRED_COLUMNS if c not in source]
+        if missing:
+            raise ValueError(f"the DataFrame is missing manifest column(s) {missing}.")
+        return source.copy()
+    if isinstance(source, (str, os.PathLike)):
+        return read_manifest(source)
+    raise ValueError(
+        f"export_manifest got a {type(source).__name__}; pass a Scan, a scan directory, a manifest path or a "
+        "DataFrame from read_manifest."
+    )
+
+
+def export_manifest(
+    source: Any,
+    *,
+    strategy: Strategy | str = Strategy.TOP_K,
+    top: float = DEFAULT_TOP,
+    boost: float = DEFAULT_BOOST,
+    temperature: float = DEFAULT_TEMPERATURE,
+    cap: float | None = DEFAULT_CAP,
+    out: str | os.PathLike[str] | None = None,
+) -> pd.DataFrame:
+    """Recompute ``is_hard`` and ``weight`` of a manifest with a sampling strategy and optionally write it.
+
+    Args:
+        source: a ``Scan``, a scan directory, a manifest path, or a frame from ``read_manifest``.
+        strategy: ``"top-k"``, ``"proportional"`` or ``"per-class"`` (see the module docstring).
+        top: fraction of samples marked ``is_hard`` (and boosted by ``top-k``).
+        boost: ``top-k`` weight of a hard sample relative to an easy one.
+        temperature: exponent on hardness for ``proportional`` and ``per-class``.
+        cap: largest weight as a multiple of the mean weight (1), or ``None``.
+        out: if given, the manifest is written there atomically (Parquet, with metadata).
+
+    Returns the new manifest frame (``attrs["hardmine"]`` updated with the ``export`` parameters).
+    """
+    strategy = parse_choice(Strategy, strategy, "strategy")
+    validate_export_params(top, boost, temperature, cap)
+    df = _manifest_of(source)
+    meta = dict(df.attrs.get("hardmine", {}))
+    weight, is_hard = compute_weights(df, strategy, top, boost, temperature, cap)
+    df["is_hard"] = pd.array(is_hard, dtype="boolean")
+    df["weight"] = weight
+    meta["export"] = {"strategy": strategy.value, "top": top, "boost": boost, "temperature": temperature, "cap": cap}
+    meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    df.attrs["hardmine"] = meta
+    if out is not None:
+        write_manifest(df, out, meta)
+    return df

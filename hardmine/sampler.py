@@ -1,0 +1,162 @@
+"""``ManifestSampler``: a ``torch.utils.data.Sampler`` that draws dataset indices by manifest weight.
+
+>>> sampler = hardmine.ManifestSampler("scan_out/manifest.parquet", seed=0)
+>>> loader = DataLoader(train_set, batch_size=256, sampler=sampler)
+>>> for epoch in range(epochs):
+...     sampler.set_epoch(epoch)            # a new, reproducible draw each epoch
+...     for batch in loader: ...
+
+Each epoch draws ``num_samples`` indices (default: one per manifest row) with probability proportional to
+``weight``, from a NumPy generator seeded with ``(seed, epoch)``, so the same seed and epoch give the same
+indices on every machine. Dataset index = ``sample_id`` when the scan used the default ids (the 0-based
+position); pass ``dataset_ids`` (the id of every dataset item, in dataset order) when the ids were your own.
+Dataset items absent from the manifest are never drawn.
+
+Sharding (``DistributedSampler``-style): every replica computes the same global draw of
+``ceil(num_samples / num_replicas) · num_replicas`` indices and takes every ``num_replicas``-th one starting
+at ``rank``, so replicas see disjoint slices of one weighted draw and all have the same length.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import Sampler
+
+from .manifest import read_manifest
+
+__all__ = ["ManifestSampler"]
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+
+class ManifestSampler(Sampler[int]):
+    """Weighted sampler over dataset indices from a hardmine manifest.
+
+    Args:
+        manifest: a manifest path, a scan directory, a ``Scan``, or a DataFrame with ``sample_id`` and the
+            weight column.
+        num_samples: draws per epoch over all replicas (default: the number of manifest rows).
+        replacement: draw with replacement (default). Without it, ``num_samples`` may not exceed the number
+            of rows with a positive weight.
+        seed: base seed; the draw for epoch ``e`` uses the generator seeded with ``[seed, e]``.
+        num_replicas, rank: shard the draw across processes (see the module docstring).
+        dataset_ids: the sample id of each dataset item, in dataset order; ``None`` = ids are indices.
+        weight_column: the column holding the weights.
+    """
+
+    def __init__(
+        self,
+        manifest: Any,
+        num_samples: int | None = None,
+        replacement: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        dataset_ids: Sequence[Any] | np.ndarray | None = None,
+        weight_column: str = "weight",
+    ) -> None:
+        df = self._frame(manifest)
+        for col in ("sample_id", weight_column):
+            if col not in df:
+                raise ValueError(f"the manifest has no {col!r} column; pass a hardmine manifest.")
+        if not isinstance(replacement, bool):
+            raise ValueError(f"replacement={replacement!r} must be True or False.")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be a non-negative integer.")
+        if not _positive_int(num_replicas):
+            raise ValueError(f"num_replicas={num_replicas!r} must be a positive integer.")
+        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or not (0 <= rank < num_replicas):
+            raise ValueError(f"rank={rank!r} must be an integer in [0, {num_replicas - 1}] (num_replicas={num_replicas}).")
+        w = pd.to_numeric(df[weight_column], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError(f"column {weight_column!r} must hold finite weights >= 0.")
+        if w.sum() <= 0:
+            raise ValueError(f"all weights in {weight_column!r} are 0; nothing can be drawn.")
+        self.indices = self._dataset_indices(df["sample_id"].to_numpy(), dataset_ids)
+        self.probabilities = w / w.sum()
+        n_rows = len(df)
+        total = n_rows if num_samples is None else num_samples
+        if not _positive_int(total):
+            raise ValueError(f"num_samples={num_samples!r} must be a positive integer or None.")
+        positive = int((w > 0).sum())
+        if not replacement and total > positive:
+            raise ValueError(
+                f"num_samples={total} without replacement exceeds the {positive} samples with a positive weight; "
+                "lower num_samples or use replacement=True."
+            )
+        self.num_samples_total = int(total)
+        self.replacement = replacement
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.epoch = 0
+        self.num_samples = math.ceil(self.num_samples_total / self.num_replicas)  # per replica
+        if not replacement and self.num_samples * self.num_replicas > positive:
+            raise ValueError(
+                f"num_samples={total} does not split evenly over {num_replicas} replicas without replacement "
+                f"({self.num_samples * self.num_replicas} > {positive} samples with weight > 0)."
+            )
+
+    @staticmethod
+    def _frame(manifest: Any) -> pd.DataFrame:
+        if isinstance(manifest, pd.DataFrame):
+            return manifest
+        if hasattr(manifest, "manifest") and hasattr(manifest, "manifest_path"):  # a Scan
+            return manifest.manifest()
+        if isinstance(manifest, (str, os.PathLike)):
+            return read_manifest(manifest)
+        raise ValueError(
+            f"manifest of type {type(manifest).__name__} is not understood; pass a path, a Scan or a DataFrame."
+        )
+
+    @staticmethod
+    def _dataset_indices(sample_ids: np.ndarray, dataset_ids: Sequence[Any] | np.ndarray | None) -> np.ndarray:
+        if dataset_ids is None:
+            if sample_ids.dtype.kind not in "iu":
+                raise ValueError(
+                    "the manifest's sample ids are not integers, so they are not dataset indices; pass "
+                    "dataset_ids (the sample id of every dataset item, in order)."
+                )
+            if (sample_ids < 0).any():
+                raise ValueError(
+                    f"sample_id {int(sample_ids.min())} is negative, so ids are not dataset indices; pass dataset_ids."
+                )
+            return sample_ids.astype(np.int64)
+        ds = pd.Index(np.asarray(dataset_ids).tolist() if not isinstance(dataset_ids, pd.Index) else dataset_ids)
+        if ds.has_duplicates:
+            raise ValueError(f"dataset_ids has duplicates (e.g. {ds[ds.duplicated()][0]!r}); ids must be unique.")
+        pos = ds.get_indexer(pd.Index(sample_ids.tolist()))
+        if (pos < 0).any():
+            missing = sample_ids[pos < 0][:3].tolist()
+            raise ValueError(
+                f"{int((pos < 0).sum())} manifest sample ids are not in dataset_ids (e.g. {missing}); the manifest "
+                "does not belong to this dataset."
+            )
+        return pos.astype(np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the draw of ``epoch`` next (call it before each epoch, like ``DistributedSampler``)."""
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r} must be a non-negative integer.")
+        self.epoch = int(epoch)
+
+    def global_draw(self) -> np.ndarray:
+        """The epoch's draw over all replicas: ``(num_samples · num_replicas,)`` dataset indices."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        size = self.num_samples * self.num_replicas
+        rows = rng.choice(len(self.indices), size=size, replace=self.replacement, p=self.probabilities)
+        return self.indices[rows]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_draw()[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

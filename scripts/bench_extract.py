@@ -1,0 +1,489 @@
+"""Per-sample gradient extraction throughput and memory: train step vs naive loop vs vmap+dense vs factored.
+
+Models (all parameters selected, ~0.53M each): MLP 784-512-256-10; CNN (2 conv + 2 fc on 3x32x32);
+transformer encoder classifier (2 pre-norm layers, d_model 128, 4 heads, seq 64, vocab 1000) whose attention
+is built from nn.Linear q/k/v/out projections (explicit matmul + softmax, so the factored engine covers every
+weight and vmap has batching rules for every op). Batch 256, torch threads = CPU cores.
+
+Methods, each producing one batch's result:
+
+* ``train_step`` -- forward + mean loss + backward + SGD step (the reference: 1.0);
+* ``naive_loop`` -- one forward + ``autograd.grad`` per sample, each gradient projected with the same
+  Kronecker layout as ``factored`` (same output, computed the obvious way);
+* ``vmap_dense`` -- TRAK-style: ``torch.func`` vmap(grad) per-sample gradients of every parameter, then
+  one dense seeded Rademacher projection of the whole flattened gradient to the same dim (hardmine's
+  blockwise ``Projector``). That matrix is ~0.53M x 4096 (~8.7 GB float32), so the Projector keeps its
+  default 256 MiB of blocks and regenerates the rest from their seeds every batch, as TRAK's CPU
+  projector does;
+* ``factored`` -- ``GradientExtractor(engine="factored")``: one batched forward + backward, Kronecker
+  projections and exact ghost norms from hooks.
+
+Projection dim: ``factored``/``naive_loop`` use the ``dim`` whose layout totals closest to ``--target-dim``
+(4096); ``vmap_dense`` uses the same total. Before timing, the script checks on a small batch that
+``factored`` and ``naive_loop`` give the same vectors and norms (it exits non-zero otherwise).
+
+Memory: each (model, method) runs in a fresh subprocess (``--no-isolate`` or ``--quick``: in-process). The
+peak resident set is reset through ``/proc/self/clear_refs`` after the model and batch are built and
+``peak_extra_mb = VmHWM - VmRSS(before)``: the method's own peak, including its projection matrices and
+the allocator's cached buffers (tracemalloc cannot see torch's allocations).
+
+Writes a list of rows ``{"model", "method", "samples_per_s", "ratio_to_train_step", "peak_extra_mb",
+"proj_dim"}`` to ``scripts/results/bench_extract.json`` and a Markdown table to ``bench_extract.md``.
+Throughput is ``batch / median seconds per batch`` over repeated timed batches after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hardmine.engine import GradientExtractor
+from hardmine.extract import per_sample_grads
+from hardmine.factored.layout import ProjectionLayout
+from hardmine.project import Projector
+
+HERE = Path(__file__).resolve().parent
+MODELS = ("mlp", "cnn", "transformer")
+METHODS = ("train_step", "naive_loop", "vmap_dense", "factored")
+N_CLASSES = 10
+SEQ, VOCAB, D_MODEL, HEADS, FF = 64, 1000, 128, 4, 512
+
+
+# ------------------------------------------------------------------------------------------------ models
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 8 * 8, 128)
+        self.fc2 = nn.Linear(128, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 32, 16, 16)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 64, 8, 8)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention from four nn.Linear layers (so every weight has a factored rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(D_MODEL, D_MODEL) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = d // HEADS
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(b, t, HEADS, h).transpose(1, 2)  # (B, H, T, h)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(h)  # (B, H, T, T)
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+        ctx = scores.softmax(-1) @ v  # (B, H, T, h)
+        return self.out(ctx.transpose(1, 2).reshape(b, t, d))  # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
+        self.attn = Attention()
+        self.ff1, self.ff2 = nn.Linear(D_MODEL, FF), nn.Linear(FF, D_MODEL)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), keep)
+        return x + self.ff2(F.gelu(self.ff1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D_MODEL, padding_idx=0)
+        self.pos = nn.Embedding(SEQ, D_MODEL)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.ln = nn.LayerNorm(D_MODEL)
+        self.head = nn.Linear(D_MODEL, N_CLASSES)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)  # (B, T): batch on dim 0
+        x = self.tok(input_ids) + self.pos(positions)  # (B, T, d)
+        keep = attention_mask.bool()
+        for blk in self.blocks:
+            x = blk(x, keep)
+        m = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        return self.head((self.ln(x) * m).sum(1) / m.sum(1).clamp_min(1.0))  # (B, C)
+
+
+def build(name: str, batch: int, seed: int = 0) -> tuple[nn.Module, tuple[Any, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    y = torch.randint(0, N_CLASSES, (batch,), generator=g)
+    if name == "mlp":
+        return MLP(), (torch.randn(batch, 784, generator=g), y)
+    if name == "cnn":
+        return CNN(), (torch.randn(batch, 3, 32, 32, generator=g), y)
+    ids = torch.randint(1, VOCAB, (batch, SEQ), generator=g)
+    lengths = torch.randint(SEQ // 2, SEQ + 1, (batch,), generator=g)
+    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()  # (B, T): right padding
+    return Transformer(), ({"input_ids": ids * mask, "attention_mask": mask}, y)
+
+
+def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _slice(inputs: Any, i: int) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v[i : i + 1] for k, v in inputs.items()}
+    return inputs[i : i + 1]
+
+
+def choose_dim(model: nn.Module, target: int) -> tuple[int, int]:
+    """The ``dim`` whose layout over all parameters totals closest to ``target``, and that total."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    best: tuple[int, int, int] | None = None
+    for dim in range(1, target + 1):
+        try:
+            total = ProjectionLayout(model, names, dim=dim, seed=0).out_dim
+        except ValueError:  # factors too unbalanced
+            continue
+        cand = (abs(total - target), dim, total)
+        if best is None or cand < best:
+            best = cand
+    assert best is not None
+    return best[1], best[2]
+
+
+# ----------------------------------------------------------------------------------------------- methods
+def make_method(name: str, model: nn.Module, batch: Any, dim: int, target: int):
+    """Set up ``name`` (untimed) and return ``(step, proj_dim)``: ``step()`` processes the batch once."""
+    inputs, y = batch
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if name == "train_step":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step() -> Any:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(_call(model, inputs), y).backward()
+            opt.step()
+
+        return step, None
+    model.eval()
+    if name == "factored":
+        ext = GradientExtractor(model, dim=dim, seed=0, engine="factored", loss_fn="cross_entropy")
+        return (lambda: ext(batch)), ext.out_dim
+    if name == "naive_loop":
+        layout = ProjectionLayout(model, names, dim=dim, seed=0)
+        params = [p for _, p in model.named_parameters() if p.requires_grad]
+
+        def step() -> Any:
+            zs = []
+            for i in range(y.shape[0]):
+                loss = F.cross_entropy(_call(model, _slice(inputs, i)), y[i : i + 1])
+                grads = torch.autograd.grad(loss, params)
+                zs.append(
+                    layout.assemble({n: layout.project_exact(n, g[None]) for n, g in zip(names, grads)})
+                )
+            return torch.cat(zs)  # (B, out_dim)
+
+        return step, layout.out_dim
+    if name == "vmap_dense":
+        k = ProjectionLayout(model, names, dim=dim, seed=0).out_dim  # same output size as factored
+        # One dense seeded matrix for the whole flattened gradient, as TRAK does. At ~0.53M x 4096 it is
+        # ~8.7 GB in float32, so hardmine's Projector keeps its default 256 MiB of blocks and regenerates
+        # the rest from their seeds every batch (what TRAK's CPU projector does too).
+        proj = Projector(k, seed=0)
+
+        def step() -> Any:
+            psg = per_sample_grads(model, batch, "cross_entropy")
+            return proj.project(psg.flat())  # (B, k)
+
+        return step, k
+    raise ValueError(f"unknown method {name!r}")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    model, batch = build(model_name, args.batch)
+    dim, _ = choose_dim(model, args.target_dim)
+    before = _status_kb("VmRSS")
+    if not _reset_peak():
+        print("warning: cannot reset VmHWM; peak_extra_mb includes setup", file=sys.stderr)
+    step, proj_dim = make_method(method, model, batch, dim, args.target_dim)
+    for _ in range(args.warmup):
+        step()
+    times: list[float] = []
+    t0 = time.perf_counter()
+
+    def more() -> bool:
+        spent = time.perf_counter() - t0
+        if not times or (spent < args.max_time and len(times) < args.min_iters):
+            return True  # at least one batch; min_iters unless that would take over max_time
+        return spent < args.min_time and len(times) < args.max_iters
+
+    while more():
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = _status_kb("VmHWM")
+    return {
+        "model": model_name,
+        "method": method,
+        "samples_per_s": args.batch / statistics.median(times),
+        "peak_extra_mb": max(0.0, (peak - before) / 1024),
+        "proj_dim": proj_dim,
+        "_iters": len(times),
+    }
+
+
+def check_agreement(model_name: str, target: int, n: int = 8) -> tuple[float, float]:
+    """factored vs naive loop on ``n`` samples: max relative error of the vectors and of the norms."""
+    model, (inputs, y) = build(model_name, n, seed=1)
+    model.eval()
+    dim, _ = choose_dim(model, target)
+    res = GradientExtractor(model, dim=dim, seed=0, engine="factored", loss_fn="cross_entropy")((inputs, y))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    layout = ProjectionLayout(model, names, dim=dim, seed=0)
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    zs, norms = [], []
+    for i in range(n):
+        loss = F.cross_entropy(_call(model, _slice(inputs, i)), y[i : i + 1])
+        grads = torch.autograd.grad(loss, params)
+        zs.append(layout.assemble({n: layout.project_exact(n, g[None]) for n, g in zip(names, grads)}))
+        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+    z, norm = torch.cat(zs), torch.stack(norms)
+    rel_z = float((res.z - z).norm(dim=1).max() / z.norm(dim=1).max())
+    rel_n = float(((res.grad_norm - norm).abs() / norm).max())
+    return rel_z, rel_n
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(rows: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        out.append(
+            [
+                r["model"],
+                r["method"],
+                f"{r['samples_per_s']:,.0f}",
+                f"{r['ratio_to_train_step']:.3f}",
+                f"{r['peak_extra_mb']:,.0f}",
+                "-" if r["proj_dim"] is None else str(r["proj_dim"]),
+            ]
+        )
+    return out
+
+
+HEADER = ["model", "method", "samples/s", "ratio to train_step", "peak extra MB", "proj dim"]
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    by = {(r["model"], r["method"]): r for r in rows}
+    lines = []
+    for m in MODELS:
+        f, v = by.get((m, "factored")), by.get((m, "vmap_dense"))
+        if f is None or v is None:
+            continue
+        need = 50.0 if m == "mlp" else 3.0
+        r_train = f["ratio_to_train_step"]
+        r_vmap = f["samples_per_s"] / v["samples_per_s"]
+        ok_train = "met" if r_train >= 0.8 else "NOT met"
+        ok_vmap = "met" if r_vmap >= need else "NOT met"
+        lines.append(
+            f"{m}: factored = {r_train:.2f}x train_step (target >= 0.8: {ok_train}), "
+            f"{r_vmap:.1f}x vmap_dense (target >= {need:g}: {ok_vmap})"
+        )
+    return lines
+
+
+def markdown(
+    rows: list[dict[str, Any]], args: argparse.Namespace, agree: dict[str, tuple[float, float]]
+) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(c) + " |" for c in _fmt(rows)]
+    lines += ["", "Targets (factored vs train_step and vmap_dense):", ""]
+    lines += [f"- {t}" for t in targets(rows)]
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines += [
+        "",
+        f"Run: {when}, torch {torch.__version__}, "
+        f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, batch "
+        f"{args.batch}, target projection dim {args.target_dim}{' (--quick)' if args.quick else ''}; "
+        f"median of {args.min_iters} timed batches or more (fewer, >= 1, for rows slower than "
+        f"{args.max_time:g} s) after {args.warmup} warm-up; each row in "
+        f"{'a fresh subprocess' if args.isolate else 'one process'}.",
+        "Notes: all parameters selected. The transformer's attention is built from nn.Linear q/k/v/out "
+        "(explicit matmul + softmax), so the factored engine covers every weight. train_step = forward + "
+        "mean cross-entropy + backward + plain SGD step. naive_loop = per-sample autograd.grad + the same "
+        "Kronecker projection as factored. vmap_dense = torch.func vmap(grad) + one dense seeded Rademacher "
+        "projection of the whole gradient (hardmine Projector; the ~P x 4096 matrix does not fit its 256 MiB "
+        "block cache, so most blocks are regenerated from seeds each batch, like TRAK's CPU projector). "
+        "peak extra MB = "
+        "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the method was set up.",
+        f"Agreement check ({min(8, args.batch)} samples, factored vs naive loop, max relative error of "
+        "vectors / norms): " + ", ".join(f"{m} {a[0]:.1e} / {a[1]:.1e}" for m, a in agree.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny smoke run: batch 4, dim 16, 1 timed batch, in-process"
+    )
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--target-dim", type=int, default=4096)
+    ap.add_argument("--min-time", type=float, default=4.0, help="seconds of timed batches per row (at least)")
+    ap.add_argument(
+        "--max-time", type=float, default=60.0, help="stop before min-iters past this (slow rows)"
+    )
+    ap.add_argument("--min-iters", type=int, default=3)
+    ap.add_argument("--max-iters", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPU cores)")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--no-isolate", dest="isolate", action="store_false", help="run every row in this process"
+    )
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_extract.json")
+    ap.add_argument("--md", type=Path, default=None, help="Markdown table (default: --out with .md)")
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.batch, args.target_dim, args.min_time, args.min_iters, args.warmup, args.isolate = (
+            4,
+            16,
+            0.0,
+            1,
+            0,
+            False,
+        )
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads={args.threads} must be at least 1")
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.worker:
+        print(json.dumps(measure(args.worker[0], args.worker[1], args)))
+        return
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS] + [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown model/method {bad}; choose from {MODELS} and {METHODS}")
+
+    agree = {}
+    for m in models:
+        agree[m] = check_agreement(m, args.target_dim, n=min(8, args.batch))
+        rel_z, rel_n = agree[m]
+        print(f"agreement {m}: factored vs naive loop, max rel. error vectors {rel_z:.1e}, norms {rel_n:.1e}")
+        if agree[m][0] > 1e-3 or agree[m][1] > 1e-4:
+            sys.exit(f"factored and naive loop disagree on {m}: {agree[m]}")
+
+    rows: list[dict[str, Any]] = []
+    for m in models:
+        for meth in methods:
+            if args.isolate:
+                cmd = [sys.executable, __file__, "--worker", m, meth]
+                flags = (
+                    "batch",
+                    "target_dim",
+                    "min_time",
+                    "max_time",
+                    "min_iters",
+                    "max_iters",
+                    "warmup",
+                    "threads",
+                )
+                for flag in (f for f in flags if getattr(args, f) is not None):
+                    cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            else:
+                row = measure(m, meth, args)
+            speed, iters = row["samples_per_s"], row.pop("_iters")
+            print(f"  {m:12s} {meth:11s} {speed:10,.0f} samples/s  ({iters} batches)", flush=True)
+            rows.append(row)
+    for m in models:
+        base = next(
+            (r["samples_per_s"] for r in rows if r["model"] == m and r["method"] == "train_step"), None
+        )
+        for r in rows:
+            if r["model"] == m:
+                r["ratio_to_train_step"] = (r["samples_per_s"] / base) if base else float("nan")
+    keys = ["model", "method", "samples_per_s", "ratio_to_train_step", "peak_extra_mb", "proj_dim"]
+    rows = [{k: r[k] for k in keys} for r in rows]
+    for r in rows:
+        r["samples_per_s"] = round(r["samples_per_s"], 1)
+        r["ratio_to_train_step"] = round(r["ratio_to_train_step"], 4)
+        r["peak_extra_mb"] = round(r["peak_extra_mb"], 1)
+
+    table = [HEADER] + _fmt(rows)
+    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
+    print()
+    for row in table:
+        print("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print()
+    for t in targets(rows):
+        print(t)
+    _atomic_write(args.out, json.dumps(rows, indent=1) + "\n")
+    md = args.md or args.out.with_suffix(".md")
+    _atomic_write(md, markdown(rows, args, agree))
+    print(f"wrote {args.out} and {md}")
+
+
+if __name__ == "__main__":
+    main()

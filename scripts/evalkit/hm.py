@@ -1,0 +1,354 @@
+"""hardmine's side of the benchmark, through its public API only: the calls a user makes.
+
+``hardmine.scan(model, loader, out=...)`` -> ``Scan``; ``scan.manifest()`` (the manifest DataFrame);
+``scan.rescore(hardmine.ScoreConfig(weights=...))``; ``hardmine.export_manifest(scan, strategy=..., out=...)``;
+``hardmine.ManifestSampler(path, num_samples=..., seed=...)``. Score directions come from the table the
+manifest itself documents (``hardmine.score.SCORE_TABLE``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import shutil
+import types
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import hardmine
+
+from .data import Task
+from .metrics import auroc
+
+__all__ = ["api", "HardmineRunner", "SIGNAL_COLUMNS", "WEIGHTINGS"]
+
+logger = logging.getLogger(__name__)
+
+# Where each public name lives, for a checkout whose hardmine/__init__.py does not re-export it yet.
+_HOME = {
+    "scan": "hardmine.scan",
+    "Scan": "hardmine.scan",
+    "ScoreConfig": "hardmine.score",
+    "export_manifest": "hardmine.manifest",
+    "ManifestSampler": "hardmine.sampler",
+    "Strategy": "hardmine.enums",
+}
+
+
+def api(name: str) -> Any:
+    """``hardmine.<name>``; falls back to the defining module while ``__init__`` does not export it yet."""
+    obj = getattr(hardmine, name, None)
+    if obj is not None and not isinstance(obj, types.ModuleType):
+        return obj
+    try:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(
+            f"hardmine.{name} is not available in this checkout ({exc}); run with --baselines-only."
+        ) from None
+
+
+# Every manifest column that is a per-sample score (reported as a row of the AUROC tables).
+SIGNAL_COLUMNS = (
+    "hardness", "loss", "el2n", "grad_norm", "margin", "class_divergence", "global_divergence",
+    "class_divergence_plain", "global_divergence_plain", "class_distance", "knn_outlier", "neighbor_disagreement",
+    "confident_error",
+)
+
+# Hardness weightings compared on the same scans. "default" is whatever the library ships
+# (hardmine.score.DEFAULT_WEIGHTS); the others are single signals and pairs/triples built from the
+# best-performing families, so the study can tell whether a different default would clearly win.
+WEIGHTINGS: dict[str, dict[str, float]] = {
+    "loss": {"loss": 1.0},
+    "margin": {"margin": 1.0},
+    "el2n": {"el2n": 1.0},
+    "loss + class_divergence": {"loss": 1.0, "class_divergence": 1.0},
+    "loss + class_distance": {"loss": 1.0, "class_distance": 1.0},
+    "loss + knn_outlier/2": {"loss": 1.0, "knn_outlier": 0.5},
+    "loss + neighbor_disagreement/2": {"loss": 1.0, "neighbor_disagreement": 0.5},
+    "margin + class_divergence": {"margin": 1.0, "class_divergence": 1.0},
+    "margin + class_distance": {"margin": 1.0, "class_distance": 1.0},
+    "el2n + class_distance": {"el2n": 1.0, "class_distance": 1.0},
+    "loss + margin + class_distance": {"loss": 1.0, "margin": 1.0, "class_distance": 1.0},
+    "loss + grad_norm": {"loss": 1.0, "grad_norm": 1.0},
+    "margin + grad_norm": {"margin": 1.0, "grad_norm": 1.0},
+    "el2n + grad_norm": {"el2n": 1.0, "grad_norm": 1.0},
+    "margin + neighbor_disagreement/2": {"margin": 1.0, "neighbor_disagreement": 0.5},
+    "margin + grad_norm + neighbor_disagreement/2": {"margin": 1.0, "grad_norm": 1.0, "neighbor_disagreement": 0.5},
+    "loss + class_divergence + knn_outlier/2": {"loss": 1.0, "class_divergence": 1.0, "knn_outlier": 0.5},
+    "loss + class_distance + knn_outlier/2": {"loss": 1.0, "class_distance": 1.0, "knn_outlier": 0.5},
+}
+# A sharper per-class export (hard samples weigh more inside each class) is tried beside the defaults.
+PER_CLASS_SHARP = 3.0
+
+# Detection settings the weightings are compared on: (task, which planted truth).
+_STUDY_COLUMNS = (
+    ("noise-symmetric", "noisy"), ("noise-pairs", "noisy"),
+    ("hidden-strat", "minority"), ("hidden-strat+noise5", "minority"),
+)
+
+
+def _oriented(df: pd.DataFrame, col: str) -> np.ndarray:
+    """Column ``col`` turned so that higher = harder (the manifest's own direction table decides)."""
+    table = importlib.import_module("hardmine.score").SCORE_TABLE
+    sign = table[col].orientation if col in table and table[col].orientation != 0 else 1
+    v = pd.array(df[col], dtype="Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+    return sign * v
+
+
+def _row_name(col: str) -> str:
+    table = importlib.import_module("hardmine.score").SCORE_TABLE
+    neg = col in table and table[col].orientation < 0
+    return f"hardmine:{col}" + (" (negated)" if neg else "") + (" (default)" if col == "hardness" else "")
+
+
+class HardmineRunner:
+    """Scans each first model, hands its signals to the harness, and turns exports into index streams."""
+
+    def __init__(self, workdir: Path, quick: bool, dim: int = 256, batch: int = 512) -> None:
+        self.workdir = Path(workdir)
+        self.quick = quick
+        self.dim = dim
+        self.batch = batch
+        self.scan_fn = api("scan")
+        self.ScoreConfig = api("ScoreConfig")
+        self.export_manifest = api("export_manifest")
+        self.ManifestSampler = api("ManifestSampler")
+        self.Strategy = api("Strategy")
+        self.default_config = self.ScoreConfig()
+        self.default_strategy = self.Strategy(self.default_config.strategy).value
+        # (task name, seed) -> manifest frame of the default scan, and the planted truth, for the weight study.
+        self.frames: dict[tuple[str, int], tuple[pd.DataFrame, np.ndarray, np.ndarray]] = {}
+        self.scan_dirs: dict[tuple[str, int], Path] = {}
+
+    # ---------------------------------------------------------------------------------------- facts
+    def defaults(self) -> dict[str, float]:
+        c = self.default_config
+        return {"top": float(c.top), "boost": float(c.boost)}
+
+    def default_names(self) -> dict[str, str]:
+        return {"score": "hardmine:hardness (default)", "policy": self.policy_name(self.default_strategy)}
+
+    def policy_name(self, strategy: str, weighting: str | None = None, temperature: float | None = None) -> str:
+        """Row name of a manifest policy; "(default)" marks the library's default export exactly."""
+        c = self.default_config
+        t = c.temperature if temperature is None else temperature
+        knob = {"top-k": f"top {c.top:g} x{c.boost:g}", "proportional": f"hardness^{t:g}",
+                "per-class": f"hardness^{t:g} per class"}.get(strategy, "")
+        is_default = strategy == self.default_strategy and weighting is None and t == c.temperature
+        w = f", weights: {weighting}" if weighting else ""
+        return f"hardmine manifest: {strategy} [{knob}{w}]" + (" (default)" if is_default else "")
+
+    def describe(self) -> dict[str, Any]:
+        c = self.default_config
+        return {
+            "call": f"hardmine.scan(model, DataLoader(batch_size={self.batch}), out=..., dim={self.dim}, seed=seed)",
+            "layers": "all (the default)",
+            "score_config": c.to_dict(),
+            "default_weights": dict(c.weights),
+            "default_strategy": self.default_strategy,
+        }
+
+    # ---------------------------------------------------------------------------------------- scanning
+    def scan_signals(
+        self, model: torch.nn.Module, task: Task, seed: int, ref: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float], Any]:
+        out = self.workdir / f"{task.name}-seed{seed}"
+        loader = DataLoader(TensorDataset(task.x, task.y), batch_size=self.batch, shuffle=False)
+        scan = self.scan_fn(model, loader, out=out, dim=self.dim, seed=seed, overwrite=True)
+        df = scan.manifest().sort_values("sample_id", kind="stable").reset_index(drop=True)
+        if not np.array_equal(df["sample_id"].to_numpy(), np.arange(len(task.y))):
+            raise RuntimeError("manifest sample ids are not the dataset positions 0..N-1")
+        self.frames[(task.name, seed)] = (df, task.is_noisy.copy(), task.is_minority.copy())
+        self.scan_dirs[(task.name, seed)] = out
+        signals = {_row_name(c): _oriented(df, c) for c in SIGNAL_COLUMNS if c in df}
+        check = {
+            "loss_max_abs_diff": float(np.max(np.abs(df["loss"].to_numpy(dtype=np.float64) - ref["loss"]))),
+            "el2n_max_abs_diff": float(np.max(np.abs(df["el2n"].to_numpy(dtype=np.float64) - ref["el2n"]))),
+            "scan_timings": dict(scan.info.get("timings", {})),
+            "out_dim": int(scan.dim),
+        }
+        return signals, check, scan
+
+    def _draw(self, path: Path, n_draws: int, seed: int) -> torch.Tensor:
+        sampler = self.ManifestSampler(str(path), num_samples=n_draws, replacement=True, seed=seed)
+        return torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
+
+    def policies(self, scan: Any, n_draws: int, seed: int) -> dict[str, Callable[[], torch.Tensor]]:
+        """One index stream per export strategy (library defaults), plus ``per-class`` at a sharper
+        temperature, each drawn by ``ManifestSampler`` from the exported Parquet file."""
+        c = self.default_config
+        variants = [(st.value, c.temperature) for st in self.Strategy]
+        variants.append(("per-class", PER_CLASS_SHARP))
+        out: dict[str, Callable[[], torch.Tensor]] = {}
+        for strategy, temperature in variants:
+            path = Path(scan.path) / f"export-{strategy}-t{temperature:g}.parquet"
+
+            def draw(strategy: str = strategy, temperature: float = temperature, path: Path = path) -> torch.Tensor:
+                self.export_manifest(scan, strategy=strategy, temperature=temperature, out=str(path))
+                return self._draw(path, n_draws, seed)
+
+            out[self.policy_name(strategy, temperature=temperature)] = draw
+        return out
+
+    def weighted_policy(
+        self, task_name: str, seed: int, weighting: str, n_draws: int, draw_seed: int
+    ) -> tuple[torch.Tensor, float]:
+        """Rescore a stored scan with other hardness weights (``Scan.rescore(ScoreConfig(weights=...))``: no
+        gradient is recomputed), export it with the default strategy, and draw the index stream.
+
+        Also returns the largest difference between the rescored ``hardness`` and the composite the weight
+        study computes from the default manifest's columns (they must agree: same formula, same signals).
+        The scan is left rescored with ``weighting``; the harness deletes it afterwards."""
+        composite = importlib.import_module("hardmine.score").composite_hardness
+        directory = self.scan_dirs[(task_name, seed)]
+        scan = api("Scan").open(directory)
+        slug = "".join(ch if ch.isalnum() else "_" for ch in weighting)
+        path = directory / f"export-weights-{slug}.parquet"
+        w = WEIGHTINGS[weighting]
+        rescored = scan.rescore(self.ScoreConfig(weights=w)).sort_values("sample_id", kind="stable")
+        df0 = self.frames[(task_name, seed)][0]
+        expected, _ = composite({c: df0[c].array for c in w}, w)
+        diff = float(np.max(np.abs(rescored["hardness"].to_numpy(dtype=np.float64) - expected)))
+        self.export_manifest(scan, strategy=self.default_strategy, out=str(path))
+        return self._draw(path, n_draws, draw_seed), diff
+
+    def drop_scan(self, task_name: str, seed: int) -> None:
+        d = self.scan_dirs.pop((task_name, seed), None)
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------- studies
+    def weightings(self) -> dict[str, dict[str, float]]:
+        return {"default": dict(self.default_config.weights), **WEIGHTINGS}
+
+    def weighting_aurocs(self) -> dict[str, dict[str, list[float]]]:
+        """AUROC of every weighting's composite hardness on every stored scan: name -> column -> per seed.
+
+        Uses ``hardmine.score.composite_hardness`` on the manifest's own columns, which is exactly what
+        ``Scan.rescore`` computes for ``hardness`` (checked once per run in ``weight_study``)."""
+        composite = importlib.import_module("hardmine.score").composite_hardness
+        res: dict[str, dict[str, list[float]]] = {}
+        for name, w in self.weightings().items():
+            res[name] = {}
+            for task_name, truth in _STUDY_COLUMNS:
+                vals = []
+                for (t, _seed), (df, noisy, minority) in sorted(self.frames.items()):
+                    if t != task_name:
+                        continue
+                    h, _ = composite({c: df[c].array for c in w}, w)
+                    vals.append(auroc(h, noisy if truth == "noisy" else minority))
+                if vals:
+                    res[name][f"{task_name} ({truth})"] = vals
+        return res
+
+    def weight_study(self, tasks: Mapping[str, Any]) -> dict[str, Any]:
+        from .metrics import mean_std
+
+        per = self.weighting_aurocs()
+        cols = sorted({c for v in per.values() for c in v}, key=lambda c: [s for s, _ in _STUDY_COLUMNS].index(c.split(" (")[0]))
+        rows: dict[str, dict[str, Any]] = {}
+        for name, v in per.items():
+            rows[name] = {c: mean_std(v[c]) for c in cols if c in v}
+            flat = [np.mean(v[c]) for c in cols if c in v]
+            rows[name]["mean AUROC"] = {"mean": float(np.mean(flat)) if flat else math.nan, "std": 0.0, "n": len(flat)}
+        # Retraining results of the weightings that were retrained (filled by the harness).
+        retrain: dict[str, dict[str, Any]] = {}
+        for tname in ("hidden-strat", "hidden-strat+noise5", "long-tail"):
+            pol = tasks.get(tname, {}).get("summary", {}).get("policies", {})
+            metric = "balanced_acc" if tname == "long-tail" else "worst"
+            for pname, r in pol.items():
+                if pname.startswith("hardmine manifest") and "weights:" in pname:
+                    wname = pname.split("weights: ", 1)[1].rstrip("]")
+                    retrain.setdefault(wname, {})[f"{tname} {metric}"] = r.get(metric)
+                elif pname == self.policy_name(self.default_strategy):
+                    retrain.setdefault("default", {})[f"{tname} {metric}"] = r.get(metric)
+        for wname, cells in retrain.items():
+            if wname in rows:
+                rows[wname].update(cells)
+        all_cols = cols + ["mean AUROC"] + sorted({c for r in retrain.values() for c in r})
+        return {
+            "note": (
+                f"Composite `hardness` under each weighting, same scans as above (mean ± std over seeds); "
+                f"retraining columns use the default strategy ({self.default_strategy}) and are filled only for "
+                "the weightings that were retrained. 'default' = the library's current DEFAULT_WEIGHTS "
+                f"{dict(self.default_config.weights)}."
+            ),
+            "weights": self.weightings(),
+            "columns": all_cols,
+            "rows": rows,
+        }
+
+    def pick_retrain_weightings(self, n: int) -> list[str]:
+        """The ``n`` non-default weightings with the best mean AUROC over the four detection settings."""
+        per = self.weighting_aurocs()
+        score = {name: float(np.mean([np.mean(v) for v in cols.values()])) for name, cols in per.items() if cols}
+        ranked = sorted((k for k in score if k != "default"), key=lambda k: -score[k])
+        return ranked[:n]
+
+    def recommend(self, tasks: Mapping[str, Any], study: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Which score, weighting and strategy win, by the rules in ``rules``, with a generated summary."""
+        rec: dict[str, Any] = {"rules": {
+            "score": "highest mean AUROC over the detection settings it is measured on",
+            "weights": "highest mean AUROC over the four detection settings (noise x2, minority x2)",
+            "strategy": "highest mean over worst-subclass (hidden-strat, both) and balanced acc (long-tail)",
+        }}
+        text: list[str] = []
+
+        def best_score(key: str, names: tuple[str, ...]) -> tuple[str, dict[str, float]] | None:
+            per: dict[str, dict[str, float]] = {}
+            for t in names:
+                for row, v in tasks.get(t, {}).get("summary", {}).get(key, {}).items():
+                    m = (v.get("auroc") or {}).get("mean")
+                    if m is not None:
+                        per.setdefault(row, {})[t] = m
+            full = {r: v for r, v in per.items() if len(v) == len(names)}
+            if not full:
+                return None
+            best = max(full, key=lambda r: float(np.mean(list(full[r].values()))))
+            return best, full[best]
+
+        fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items())  # noqa: E731
+        default_row = "hardmine:hardness (default)"
+        for key, names, what in (
+            ("scores", ("noise-symmetric", "noise-pairs"), "label-noise AUROC"),
+            ("minority_scores", ("hidden-strat", "hidden-strat+noise5"), "minority AUROC"),
+        ):
+            b = best_score(key, names)
+            if b is None:
+                continue
+            rec[f"best_{key}"] = {"name": b[0], "auroc": b[1]}
+            dflt = {t: tasks[t]["summary"][key].get(default_row, {}).get("auroc", {}).get("mean") for t in names}
+            text.append(f"- Best single score for {what}: `{b[0]}` ({fmt(b[1])}); default `hardness`: "
+                        f"{fmt({k: v for k, v in dflt.items() if v is not None})}.")
+        if study and study.get("rows"):
+            rows = study["rows"]
+            best = max(rows, key=lambda k: rows[k]["mean AUROC"]["mean"])
+            rec["weights"] = {"name": best, "weights": study["weights"][best],
+                              "mean_auroc": rows[best]["mean AUROC"]["mean"],
+                              "default_mean_auroc": rows["default"]["mean AUROC"]["mean"]}
+            text.append(f"- Hardness weighting with the best mean AUROC: `{best}` = {study['weights'][best]} "
+                        f"({rows[best]['mean AUROC']['mean']:.3f}, vs {rows['default']['mean AUROC']['mean']:.3f} "
+                        "for the current default).")
+        strat: dict[str, list[float]] = {}
+        for tname, metric in (("hidden-strat", "worst"), ("hidden-strat+noise5", "worst"), ("long-tail", "balanced_acc")):
+            pol = tasks.get(tname, {}).get("summary", {}).get("policies", {})
+            for pname, r in pol.items():
+                if pname.startswith("hardmine manifest") and "weights:" not in pname and isinstance(r.get(metric), dict):
+                    strat.setdefault(pname, []).append(r[metric]["mean"])
+        full_strat = {k: float(np.mean(v)) for k, v in strat.items() if len(v) == 3}
+        if full_strat:
+            best = max(full_strat, key=lambda k: full_strat[k])
+            rec["strategy"] = {"name": best, "mean_metric": full_strat}
+            text.append("- Export strategies, mean of worst-subclass (hidden-strat, both) and long-tail balanced "
+                        "accuracy: " + ", ".join(f"`{k.split(': ', 1)[1]}` {100 * v:.1f}%" for k, v in
+                                               sorted(full_strat.items(), key=lambda kv: -kv[1])) + ".")
+        rec["text"] = "\n".join(text)
+        return rec

@@ -1,0 +1,595 @@
+"""The factored engine against the slow per-sample autograd loop, layer rule by layer rule.
+
+Every check compares the factored pass (one batched forward + backward through hooks) with the exact
+per-sample gradients of ``reference_per_sample_grads`` projected by an explicit ``torch.kron(P_out, P_in)``,
+in float64, on batch size 1 and larger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import CNN, MLP, TinyTransformer, token_batch
+from torch import nn
+from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hardmine.factored.registry as registry
+from hardmine.engine import GradientExtractor
+from hardmine.extract import reference_per_sample_grads
+from hardmine.factored import (
+    LayerRule,
+    ProjectionLayout,
+    RuleResult,
+    factored_pass,
+    kron_factors,
+    register_layer_rule,
+)
+from hardmine.factored.registry import outer_sum_sq_norm
+from hardmine.params import select_parameters
+from hardmine.project import random_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _layout(model, layers=None, dim=12, seed=5):
+    return ProjectionLayout(model, select_parameters(model, layers), dim=dim, seed=seed)
+
+
+def _expected(layout: ProjectionLayout, ref, name: str) -> torch.Tensor:
+    """The exact per-sample gradient of ``name`` projected with the explicit Kronecker matrix (float64)."""
+    blk = layout.blocks[name]
+    a, b = blk.factors
+    rows, cols = blk.matrix_shape
+    p_out = random_matrix(rows, a, seed=layout.seed, key=f"{name}:out").double()
+    p_in = random_matrix(cols, b, seed=layout.seed, key=f"{name}:in").double()
+    g = ref.grads[name]
+    return g.reshape(g.shape[0], -1) @ torch.kron(p_out, p_in)  # (B, a*b)
+
+
+def _check_pass(model, batch, layers=None, dim=12):
+    """factored_pass == reference for every selected parameter; returns the pass result."""
+    layout = _layout(model, layers, dim=dim)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params=layers)
+    for name, blk in layout.blocks.items():
+        if blk.kind == "kron":
+            assert_close(fg.kron[name], _expected(layout, ref, name), msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            assert_close(fg.vectors[name], ref.grads[name], msg=lambda m, n=name: f"{n}: {m}")
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm)
+    assert_close(fg.loss, ref.loss)
+    assert_close(fg.output, ref.output)
+    return fg, ref
+
+
+# ------------------------------------------------------------------------------------------ models
+class TokenMLP(nn.Module):
+    """Embedding(padding_idx) -> LayerNorm -> token-wise Linear (B, T, d) -> masked mean -> Linear."""
+
+    def __init__(self, vocab: int = 20, d: int = 6, hidden: int = 7, n_classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d, padding_idx=0)
+        self.norm = nn.LayerNorm(d)
+        self.tok = nn.Linear(d, hidden)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.tok(self.norm(self.embed(input_ids))))  # (B, T, hidden)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+        return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))  # (B, C)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, **conv) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, **conv)
+        with torch.no_grad():
+            n = self.conv(torch.zeros(1, 4, 9, 9)).numel()
+        self.fc = nn.Linear(n, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def _tokens(b, t=7, vocab=20, seed=0):
+    return (token_batch(b, t=t, vocab=vocab, seed=seed), torch.randint(0, 3, (b,)))
+
+
+# ---------------------------------------------------------------------------------- exactness per rule
+@pytest.mark.parametrize("b", [1, 7])
+def test_linear_2d_inputs(b):
+    model = MLP().double()
+    fg, _ = _check_pass(model, (torch.randn(b, 12, dtype=torch.float64), torch.randint(0, 4, (b,))))
+    assert fg.kron["fc1.weight"].shape == (b, 12)  # dim 12 = 3 x 4
+
+
+@pytest.mark.parametrize("b", [1, 6])
+def test_token_inputs_with_padding_embedding_layernorm(b):
+    model = TokenMLP().double()
+    batch = _tokens(b, seed=b)
+    assert (batch[0]["input_ids"] == 0).any() or b == 1  # padding positions are present
+    _check_pass(model, batch, dim=16)
+
+
+def test_embedding_padding_rows_get_no_gradient_and_repeated_ids_pair_up():
+    model = TokenMLP(vocab=5).double()
+    ids = torch.tensor([[1, 1, 2, 0, 0], [3, 3, 3, 3, 3], [0, 4, 0, 4, 1]])
+    batch = ({"input_ids": ids, "attention_mask": (ids != 0).long()}, torch.tensor([0, 1, 2]))
+    _, ref = _check_pass(model, batch, layers="embed", dim=9)
+    assert ref.grads["embed.weight"][:, 0].abs().max() == 0  # padding_idx row
+    # Long inputs over a tiny table take the materialising branch of the ghost norm (N^2 > V*d).
+    small = TokenMLP(vocab=3, d=3).double()  # d=3: LayerNorm over 2 features would pass no gradient back
+    ids = torch.randint(0, 3, (4, 12))
+    _check_pass(
+        small, ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.randint(0, 3, (4,))), dim=4
+    )
+
+
+def test_layernorm_with_multidimensional_normalized_shape():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm((4, 5))
+            self.fc = nn.Linear(60, 2)
+
+        def forward(self, x):
+            return self.fc(self.norm(x).flatten(1))
+
+    model = Net().double()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    _check_pass(model, (torch.randn(5, 3, 4, 5, dtype=torch.float64), torch.randint(0, 2, (5,))))
+
+
+CONV_CONFIGS = [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, padding=2, dilation=2, groups=2),
+    dict(kernel_size=(2, 3), padding="same", padding_mode="reflect"),
+    dict(kernel_size=(2, 3), padding="same"),
+    dict(kernel_size=3, padding=1, padding_mode="circular", stride=(1, 2)),
+    dict(kernel_size=2, padding="valid", groups=2, bias=False),
+]
+
+
+@pytest.mark.parametrize("b", [1, 5])
+@pytest.mark.parametrize("conv", CONV_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_conv2d_stride_padding_dilation_groups(conv, b):
+    model = ConvNet(**conv).double()
+    _check_pass(model, (torch.randn(b, 4, 9, 9, dtype=torch.float64), torch.randint(0, 3, (b,))), dim=16)
+
+
+def test_cnn_and_small_chunks(monkeypatch):
+    # A tiny chunk budget forces every rule through its batch-chunked code paths.
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 64)
+    model = CNN().double()
+    _check_pass(model, (torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,))))
+    _check_pass(TokenMLP().double(), _tokens(5), dim=16)
+
+
+def test_module_called_twice_sums_both_calls():
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 5)
+            self.b = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+    _check_pass(Reuse().double(), (torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))))
+
+
+def test_module_run_under_no_grad_has_zero_gradient():
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.h = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                t = self.b(x)  # selected, but no gradient reaches it
+            return self.h(torch.tanh(self.a(x)) + t)
+
+    fg, ref = _check_pass(
+        Frozen().double(), (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    )
+    assert fg.kron["b.weight"].abs().max() == 0 and ref.grads["b.weight"].abs().max() == 0
+
+
+@pytest.mark.parametrize("n", [1, 3, 12])
+def test_outer_sum_sq_norm_both_branches(n):
+    delta, x = torch.randn(4, n, 3, dtype=torch.float64), torch.randn(4, n, 2, dtype=torch.float64)
+    brute = torch.stack([(delta[i].T @ x[i]).pow(2).sum() for i in range(4)])
+    assert_close(outer_sum_sq_norm(delta, x), brute)  # n=12: 144 > 6 takes the materialising branch
+
+
+# ------------------------------------------------------------------------------- engines agree
+def _all_engines(model, batch, dim=16, engines=("vmap", "auto", "factored")):
+    ref = reference_per_sample_grads(model, batch)
+    out = {}
+    for eng in engines:
+        ext = GradientExtractor(model, dim=dim, seed=2, engine=eng)
+        out[eng] = (ext, ext(batch))
+        assert out[eng][1].z.dtype == torch.float32 and out[eng][1].z.shape == (ref.batch_size, ext.out_dim)
+        assert_close(out[eng][1].grad_norm, ref.grad_norm)
+        assert_close(out[eng][1].loss, ref.loss)
+    z_vmap = out["vmap"][1].z
+    for eng in engines:
+        assert_close(out[eng][1].z, z_vmap, rtol=1e-5, atol=1e-6)
+    return out, ref
+
+
+@pytest.mark.parametrize("b", [1, 6])
+def test_engines_agree_on_mlp_and_cnn(b):
+    _all_engines(MLP().double(), (torch.randn(b, 12, dtype=torch.float64), torch.randint(0, 4, (b,))))
+    out, _ = _all_engines(
+        CNN().double(), (torch.randn(b, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (b,)))
+    )
+    assert set(out["factored"][0].metadata()["plan"].values()) == {"factored"}
+
+
+def test_transformer_auto_sends_attention_to_vmap(caplog):
+    model = TinyTransformer().double()
+    batch = (token_batch(5, seed=4), torch.randint(0, 3, (5,)))
+    with caplog.at_level(logging.INFO, logger="hardmine.engine"):
+        out, ref = _all_engines(model, batch, engines=("vmap", "auto"))
+    ext, res = out["auto"]
+    plan = ext.metadata()["plan"]
+    attn = [n for n in plan if n.startswith("encoder.self_attn.")]
+    assert attn and all(plan[n] == "vmap" for n in attn)
+    assert all(v == "factored" for n, v in plan.items() if n not in attn)
+    assert (
+        "multi_head_attention_forward" in ext.metadata()["plan_reasons"]["encoder.self_attn.out_proj.weight"]
+    )
+    assert any(
+        "factored layers:" in r.message and "encoder.linear1 (Linear)" in r.message for r in caplog.records
+    )
+    # The concatenated vector is the exact gradient projected block by block.
+    layout = ext.layout
+    for blk in layout.blocks.values():
+        got = res.z[:, blk.offset : blk.offset + blk.width]
+        if blk.kind == "kron":
+            want = _expected(layout, ref, blk.param)
+        else:
+            want = ref.grads[blk.param].reshape(5, -1) @ layout.dense_matrix(blk.param).double()
+        assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"engine='factored' cannot handle.*self_attn.*engine='auto'"):
+        GradientExtractor(model, engine="factored")
+
+
+def test_layout_dims_and_metadata():
+    model = TokenMLP().double()
+    ext = GradientExtractor(model, dim=16, engine="auto")
+    widths = {blk["param"]: blk["width"] for blk in ext.metadata()["layout"]}
+    # weights: 4 x 4 = 16; biases and LayerNorm vectors: 4 (the smaller factor)
+    assert widths == {
+        "embed.weight": 16,
+        "norm.weight": 4,
+        "norm.bias": 4,
+        "tok.weight": 16,
+        "tok.bias": 4,
+        "head.weight": 16,
+        "head.bias": 4,
+    }
+    assert ext.out_dim == sum(widths.values()) == ext.metadata()["out_dim"]
+    json.dumps(ext.metadata())  # JSON-ready
+    assert kron_factors(256) == (16, 16) and kron_factors(512) == (16, 32) and kron_factors(12) == (3, 4)
+
+
+def test_kronecker_projection_preserves_squared_norms_in_expectation():
+    # E[||kron(P_out, P_in)^T vec(G)||^2] = ||G||^2: averaged over 300 fixed seeds the ratio is near 1.
+    g = torch.randn(3, 6, 8, dtype=torch.float64)  # three (6 x 8) "gradients"
+    model = nn.Linear(8, 6)
+    ratios = []
+    for seed in range(300):
+        layout = ProjectionLayout(model, ["weight"], dim=16, seed=seed)
+        z = layout.project_exact("weight", g).double()  # (3, 16)
+        ratios.append(z.pow(2).sum(1) / g.pow(2).sum((1, 2)))
+    mean = torch.stack(ratios).mean(0)
+    assert_close(mean, torch.ones(3, dtype=torch.float64), rtol=0, atol=0.15)
+
+
+def test_same_seed_same_matrices_any_batch_size():
+    model = TokenMLP().double()
+    ids = token_batch(6, seed=9)
+    y = torch.randint(0, 3, (6,))
+    big = GradientExtractor(model, dim=16, seed=7, engine="factored")(({k: v for k, v in ids.items()}, y))
+    one = GradientExtractor(model, dim=16, seed=7, engine="factored")(
+        ({k: v[:1] for k, v in ids.items()}, y[:1])
+    )
+    assert_close(one.z[0], big.z[0], rtol=1e-5, atol=1e-6)
+    l1, l2 = _layout(model, dim=16, seed=7), _layout(model, dim=16, seed=7)
+    for m1, m2 in zip(l1.kron_matrices("tok.weight"), l2.kron_matrices("tok.weight"), strict=True):
+        assert torch.equal(m1, m2)
+    other = GradientExtractor(model, dim=16, seed=8, engine="factored")(
+        ({k: v[:1] for k, v in ids.items()}, y[:1])
+    )
+    assert not torch.allclose(other.z, one.z)
+
+
+# -------------------------------------------------------------------- what the hooks cannot see
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(F.linear(x, self.a.weight, self.a.bias)))
+
+
+class SeqFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):  # (B, T, 5)
+        return self.b(self.a(x.transpose(0, 1)).mean(0))  # a sees (T, B, 5)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(10, 6)
+        self.h = nn.Linear(6, 10, bias=False)
+        self.h.weight = self.e.weight
+
+    def forward(self, x):
+        return self.h(self.e(x).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("cls", "x", "pattern"),
+    [
+        (Functional, torch.randn(4, 5), r"a \(Linear\): its forward hook never fired"),
+        (SeqFirst, torch.randn(4, 7, 5), r"a \(Linear\): it saw input shape \(7, 3, 5\).*not on dimension 0"),
+        (
+            Tied,
+            torch.randint(0, 10, (4, 7)),
+            r"e\.weight: the parameter is shared by \['e\.weight', 'h\.weight'\]",
+        ),
+    ],
+)
+def test_unattributable_modules_fall_back_under_auto_and_fail_under_factored(cls, x, pattern):
+    model = cls().double()
+    x = x.double() if x.is_floating_point() else x
+    batch = (x, torch.randint(0, 3, (4,)))
+    ref = reference_per_sample_grads(model, batch)
+    auto = GradientExtractor(model, dim=9, engine="auto")
+    res = auto(batch)
+    assert "vmap" in auto.metadata()["plan"].values()
+    assert_close(res.grad_norm, ref.grad_norm)
+    assert_close(res.z, GradientExtractor(model, dim=9, engine="vmap")(batch).z, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=pattern):
+        GradientExtractor(model, dim=9, engine="factored")(batch)
+
+
+def test_output_modified_in_place_is_protected():
+    class InplaceCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.r = nn.ReLU(inplace=True)
+            self.fc = nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.fc(self.r(self.c(x)).flatten(1))
+
+    model = InplaceCNN().double()
+    _all_engines(model, (torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,))))
+
+
+def test_embedding_max_norm_goes_to_vmap():
+    model = TokenMLP().double()
+    model.embed.max_norm = 1.0
+    ext = GradientExtractor(model, engine="auto", dim=4)
+    assert ext.metadata()["plan"]["embed.weight"] == "vmap"
+    assert "max_norm" in ext.metadata()["plan_reasons"]["embed.weight"]
+
+
+def test_a_new_layer_type_is_one_registered_class():
+    class Scale(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(d))
+
+        def forward(self, x):
+            return x * self.weight
+
+    @register_layer_rule(Scale)
+    class ScaleRule(LayerRule):
+        matrix_param = None
+        vector_params = ("weight",)
+
+        def compute(self, module, calls, request):
+            b = calls[0].delta.shape[0]
+            g = sum((c.delta * c.x).reshape(b, -1, module.weight.numel()).sum(1) for c in calls)  # (B, d)
+            return RuleResult(vectors={"weight": g})
+
+    model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 2)).double()
+    fg, _ = _check_pass(model, (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))))
+    assert "1.weight" in fg.vectors
+    with pytest.raises(ValueError, match=r"already registered"):
+        register_layer_rule(nn.Linear)(ScaleRule)
+
+
+def test_randomness_different_draws_per_sample_masks():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 2)).double().train()
+    x = torch.randn(1, 6, dtype=torch.float64).repeat(8, 1)
+    out = GradientExtractor(model, dim=4, engine="factored", randomness="different")(
+        (x, torch.zeros(8, dtype=torch.long))
+    )
+    assert not torch.allclose(out.z[0], out.z[1])
+    assert model.training
+
+
+# --------------------------------------------------------------------------- model left untouched
+def test_model_untouched_and_usable_afterwards():
+    model = TinyTransformer(dropout=0.1).double()
+    model.train()
+    modes = {n: m.training for n, m in model.named_modules()}
+    attrs = {n: set(vars(m)) for n, m in model.named_modules()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = (token_batch(4), torch.randint(0, 3, (4,)))
+    GradientExtractor(model, dim=9, engine="auto")(batch)
+    with pytest.raises(ValueError):  # a failing pass removes its hooks too
+        GradientExtractor(model, dim=9, engine="auto", loss_fn=lambda out, y: out.sum())(batch)
+    for n, m in model.named_modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks, n
+        assert set(vars(m)) == attrs[n], n
+        assert m.training == modes[n], n
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
+    # A normal training step still works.
+    model.zero_grad()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = F.cross_entropy(model(**batch[0]), batch[1])
+    loss.backward()
+    opt.step()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not torch.equal(model.classifier.weight, state["classifier.weight"])
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+    @property
+    def largest(self) -> int:
+        return max(math.prod(s) for s in self.shapes)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_no_per_sample_weight_gradient_is_formed(tokens):
+    b, d_in, d_out = 32, 48, 40
+    model = nn.Sequential(nn.Linear(d_in, d_out), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(b, 4, d_in) if tokens else torch.randn(b, d_in)
+    model(x)  # materialise the lazy layer
+    layout = _layout(model, "0", dim=64)
+    with _Shapes() as mode:
+        factored_pass(model, (x, torch.randint(0, 3, (b,))), layout)
+    assert mode.largest < b * d_out * d_in // 4  # every tensor of the pass is far below one (B, d_out*d_in)
+
+
+def test_conv_per_sample_gradients_only_in_bounded_chunks(monkeypatch):
+    # conv2 here has few weights and many positions, so its exact norm goes through per-sample gradients
+    # (16 x 36 each): they must come a bounded chunk of samples at a time, never for the whole batch.
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 12_000)
+    b = 32
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 64, 3))
+    batch = (torch.randn(b, 4, 8, 8), torch.randint(0, 3, (b,)))
+    layout = _layout(model, "0", dim=16)
+    with _Shapes() as mode:
+        fg = factored_pass(model, batch, layout)
+    per_sample = [s for s in mode.shapes if s[-2:] == (16, 36)]
+    assert per_sample and max(math.prod(s) for s in per_sample) <= 12_000 < b * 16 * 36
+    ref = reference_per_sample_grads(model, batch, params="0")
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn", "tokens"])
+def test_float32_models_write_in_place_and_match_vmap(which):
+    # float32 models take the in-place path (projections written straight into the output).
+    if which == "mlp":
+        model, batch = MLP(), (torch.randn(9, 12), torch.randint(0, 4, (9,)))
+    elif which == "cnn":
+        model, batch = CNN(), (torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)))
+    else:
+        model, batch = TokenMLP(), _tokens(7)
+    fact = GradientExtractor(model, dim=16, engine="factored")(batch)
+    vm = GradientExtractor(model, dim=16, engine="vmap")(batch)
+    assert_close(fact.z, vm.z, rtol=1e-4, atol=1e-5)
+    assert_close(fact.grad_norm, vm.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- bad options
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        (dict(dim=17), r"dim=17 only splits into Kronecker factors 1 x 17.*dim=16"),
+        (dict(dim=0), r"dim=0 must be a positive integer"),
+        (dict(engine="fast"), r"engine='fast' is not a valid choice.*'factored'"),
+        (dict(randomness="same", engine="factored"), r"randomness='same'.*vmap"),
+        (dict(chunk_size=0), r"chunk_size=0"),
+        (dict(loss_fn="hinge"), r"loss='hinge'"),
+        (dict(seed=-1), r"seed=-1"),
+        (dict(kind="uniform"), r"kind='uniform'"),
+        (dict(layers="nope"), r"'nope' matches no trainable parameter"),
+    ],
+)
+def test_bad_options_are_clear_value_errors(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        GradientExtractor(MLP(), **kwargs)
+
+
+def test_bad_loss_shape_and_model():
+    with pytest.raises(ValueError, match=r"one loss per sample, shape \(3,\)"):
+        GradientExtractor(MLP(), engine="factored", loss_fn=lambda o, y: o.sum())(
+            (torch.randn(3, 12), torch.tensor([0, 1, 2]))
+        )
+    with pytest.raises(ValueError, match=r"model must be a torch.nn.Module"):
+        GradientExtractor("model")
+    with pytest.raises(ValueError, match=r"nn.Module subclass"):
+        register_layer_rule(int)
+
+
+# ------------------------------------------------------------------------------------ benchmark smoke
+def test_bench_quick_writes_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_extract.py"),
+            "--quick",
+            "--out",
+            str(out),
+            "--md",
+            str(md),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {(r["model"], r["method"]) for r in rows} == {
+        (m, k)
+        for m in ("mlp", "cnn", "transformer")
+        for k in ("train_step", "naive_loop", "vmap_dense", "factored")
+    }
+    for r in rows:
+        assert set(r) == {
+            "model",
+            "method",
+            "samples_per_s",
+            "ratio_to_train_step",
+            "peak_extra_mb",
+            "proj_dim",
+        }
+        assert r["samples_per_s"] > 0 and r["peak_extra_mb"] >= 0
+    assert "| model |" in md.read_text() and "factored" in proc.stdout

@@ -1,0 +1,118 @@
+"""ManifestSampler: draws at the configured rate (binomial tolerance), determinism, sharding, id mapping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_scan import planted  # noqa: F401  (module-scoped fixture)
+from torch.utils.data import DataLoader, TensorDataset
+
+from hardmine.manifest import export_manifest
+from hardmine.sampler import ManifestSampler
+
+
+def test_draws_hard_samples_at_the_configured_rate(tmp_path, planted):  # noqa: F811
+    sc, data = planted
+    n = sc.n_samples
+    top, boost = 0.1, 5.0
+    path = tmp_path / "topk.parquet"
+    m = export_manifest(sc, strategy="top-k", top=top, boost=boost, out=path)
+    n_hard = math.ceil(top * n)
+    assert int(m["is_hard"].sum()) == n_hard
+    # Each draw is independent (with replacement), so the number of hard draws is Binomial(M, pi) with
+    # pi = boost·n_hard / (boost·n_hard + n - n_hard) (the cap of 20x the mean is not reached: max = 3.57).
+    pi = boost * n_hard / (boost * n_hard + n - n_hard)
+    draws = 20_000
+    sampler = ManifestSampler(path, num_samples=draws, seed=0)
+    idx = np.fromiter(iter(sampler), dtype=np.int64)
+    assert len(idx) == len(sampler) == draws
+    hard_ids = set(m.loc[m["is_hard"].to_numpy(dtype=bool), "sample_id"])
+    rate = np.isin(idx, list(hard_ids)).mean()
+    tol = 4 * math.sqrt(pi * (1 - pi) / draws)  # 4 sigma: a false alarm has probability 6e-5
+    assert abs(rate - pi) <= tol, (rate, pi, tol)
+    assert abs(top - pi) > 10 * tol  # uniform sampling would fail this test
+    # The planted label errors are all in the hard set, so they are drawn ~boost times as often.
+    flipped_rate = data["flipped"][idx].mean()
+    assert flipped_rate > 2 * data["flipped"].mean()
+
+
+def test_deterministic_per_seed_and_epoch(planted):  # noqa: F811
+    sc, _ = planted
+    a = ManifestSampler(sc, seed=3)
+    b = ManifestSampler(sc.manifest_path, seed=3)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    second = list(a)
+    assert first != second
+    a.set_epoch(0)
+    assert list(a) == first
+    assert list(ManifestSampler(sc, seed=4)) != first
+    assert len(a) == sc.n_samples
+
+
+def test_sharding_splits_one_global_draw():
+    df = pd.DataFrame({"sample_id": np.arange(30), "weight": np.linspace(0.5, 2.0, 30)})
+    parts = [ManifestSampler(df, num_samples=100, num_replicas=3, rank=r, seed=7) for r in range(3)]
+    lengths = {len(p) for p in parts}
+    assert lengths == {34}  # ceil(100 / 3): every replica the same length
+    draws = [list(p) for p in parts]
+    glob = parts[0].global_draw()
+    assert len(glob) == 102
+    for r in range(3):
+        assert draws[r] == glob[r::3].tolist()
+    assert sorted(sum(draws, [])) == sorted(glob.tolist())
+
+
+def test_without_replacement_and_dataset_ids():
+    df = pd.DataFrame({"sample_id": ["c", "a", "b", "d"], "weight": [1.0, 0.0, 2.0, 1.0]})
+    dataset_ids = ["a", "b", "c", "d", "e"]  # dataset order differs from the manifest; "e" is not scanned
+    assert len(ManifestSampler(df, dataset_ids=dataset_ids)) == 4  # one draw per manifest row by default
+    with pytest.raises(ValueError, match="exceeds the 3 samples with a positive weight"):
+        ManifestSampler(df, replacement=False, dataset_ids=dataset_ids)
+    s3 = ManifestSampler(df, num_samples=3, replacement=False, dataset_ids=dataset_ids, seed=0)
+    drawn = list(s3)
+    assert sorted(drawn) == [1, 2, 3]  # "b", "c", "d": never "a" (weight 0) or "e" (not in the manifest)
+    with pytest.raises(ValueError, match="not in dataset_ids"):
+        ManifestSampler(df, dataset_ids=["a", "b"])
+    with pytest.raises(ValueError, match="not integers"):
+        ManifestSampler(df)
+
+
+def test_works_with_dataloader(planted):  # noqa: F811
+    sc, data = planted
+    x = torch.from_numpy(data["x"])
+    y = torch.from_numpy(data["y"])
+    loader = DataLoader(TensorDataset(x, y), batch_size=100, sampler=ManifestSampler(sc, num_samples=300, seed=1))
+    batches = list(loader)
+    assert [len(b[0]) for b in batches] == [100, 100, 100]
+    idx = np.array(list(ManifestSampler(sc, num_samples=300, seed=1)))
+    torch.testing.assert_close(batches[0][0], x[idx[:100]])
+
+
+def test_bad_inputs():
+    df = pd.DataFrame({"sample_id": [0, 1, 2], "weight": [1.0, 1.0, 1.0]})
+    with pytest.raises(ValueError, match="rank=3"):
+        ManifestSampler(df, num_replicas=3, rank=3)
+    with pytest.raises(ValueError, match="num_replicas=0"):
+        ManifestSampler(df, num_replicas=0)
+    with pytest.raises(ValueError, match="num_samples=0"):
+        ManifestSampler(df, num_samples=0)
+    with pytest.raises(ValueError, match="seed=-1"):
+        ManifestSampler(df, seed=-1)
+    with pytest.raises(ValueError, match="all weights"):
+        ManifestSampler(df.assign(weight=0.0))
+    with pytest.raises(ValueError, match="finite weights"):
+        ManifestSampler(df.assign(weight=[1.0, np.nan, 1.0]))
+    with pytest.raises(ValueError, match="negative"):
+        ManifestSampler(df.assign(sample_id=[-1, 0, 1]))
+    with pytest.raises(ValueError, match="no 'weight' column"):
+        ManifestSampler(df.drop(columns=["weight"]))
+    with pytest.raises(ValueError, match="not understood"):
+        ManifestSampler(42)
+    with pytest.raises(ValueError, match="epoch"):
+        ManifestSampler(df).set_epoch(-1)

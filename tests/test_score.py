@@ -1,0 +1,192 @@
+"""Score functions against slow, obvious definitions, plus the planted case for the robust divergence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hardmine.enums import TaskKind
+from hardmine.score import (
+    DEFAULT_WEIGHTS,
+    SCORE_TABLE,
+    KnnResult,
+    PopulationStats,
+    ScoreConfig,
+    classification_stats,
+    composite_hardness,
+    divergence_scores,
+    finalize_scores,
+    flag_scores,
+    hardness_rank,
+    knn_scores,
+    population_pass,
+    rank_normalize,
+)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+
+def test_classification_stats_match_definitions():
+    g = np.random.default_rng(0)
+    logits = g.normal(size=(40, 5)) * 3
+    logits[0] = [2.0, 2.0, 0.0, 0.0, 0.0]  # a tie: pred is the lower class id
+    labels = g.integers(0, 5, 40)
+    labels[0] = 1
+    st = classification_stats(logits, labels)
+    p = torch.softmax(torch.tensor(logits), 1).numpy()
+    for i in range(40):
+        y = labels[i]
+        others = np.delete(p[i], y)
+        assert st["confidence"][i] == pytest.approx(p[i, y])
+        assert st["margin"][i] == pytest.approx(p[i, y] - others.max())
+        assert st["el2n"][i] == pytest.approx(np.linalg.norm(p[i] - np.eye(5)[y]))
+        assert st["pred_confidence"][i] == pytest.approx(p[i].max())
+    assert st["pred"][0] == 0 and not st["correct"][0] and st["margin"][0] == pytest.approx(0.0)
+    assert (st["correct"] == (st["pred"] == labels)).all()
+    assert ((st["margin"] < 0) == ~st["correct"])[1:].all()  # negative margin = misclassified (no ties)
+    big = classification_stats(np.array([[1000.0, -1000.0]]), np.array([1]))  # no overflow
+    assert np.isfinite(big["el2n"]).all() and big["confidence"][0] == pytest.approx(0.0)
+
+
+def _reference_divergences(z: np.ndarray, y: np.ndarray, loo: bool) -> dict[str, np.ndarray]:
+    """Slow definitions, one sample at a time."""
+    unit = np.array([r / np.linalg.norm(r) if np.linalg.norm(r) > 0 else r for r in z])
+    out = {k: np.empty(len(z)) for k in ("class_divergence", "global_divergence", "class_divergence_plain",
+                                         "global_divergence_plain", "class_distance")}
+    for i in range(len(z)):
+        same = (y == y[i]) & ((np.arange(len(z)) != i) if loo else True)
+        every = (np.arange(len(z)) != i) if loo else np.ones(len(z), bool)
+        out["class_divergence"][i] = 1 - _cos(unit[i], unit[same].sum(0))
+        out["global_divergence"][i] = 1 - _cos(unit[i], unit[every].sum(0))
+        out["class_divergence_plain"][i] = 1 - _cos(z[i], z[same].sum(0))
+        out["global_divergence_plain"][i] = 1 - _cos(z[i], z[every].sum(0))
+        out["class_distance"][i] = np.linalg.norm(z[i] - z[same].mean(0)) if same.any() else np.nan
+    return out
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_divergences_match_definitions_streamed_in_blocks(loo):
+    g = np.random.default_rng(1)
+    z = g.normal(size=(50, 6)) * g.exponential(1, (50, 1))
+    z[4] = 0.0  # zero gradient
+    y = g.integers(0, 3, 50)
+    y[7] = 3  # a singleton class
+    blocks = [(i, z[i : i + 13]) for i in range(0, 50, 13)]
+    pop = population_pass(blocks, 6, y, 4)
+    one = PopulationStats.empty(6, 4)
+    one.update(z, y)
+    np.testing.assert_allclose(pop.class_unit_sum, one.class_unit_sum)
+    np.testing.assert_array_equal(pop.class_count, [np.sum(y == c) for c in range(4)])
+    got = {k: np.concatenate([divergence_scores(b, y[s : s + len(b)], pop, loo)[k] for s, b in blocks])
+           for k in ("class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
+                     "class_distance")}
+    ref = _reference_divergences(z, y, loo)
+    for k in got:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-9, atol=1e-9, err_msg=k)
+    assert got["class_divergence"][4] == 1.0  # zero gradient: no direction
+    if loo:  # the singleton has no class-mates: divergence 1, distance undefined
+        assert got["class_divergence"][7] == 1.0 and np.isnan(got["class_distance"][7])
+
+
+def test_robust_divergence_ranks_a_large_gradient_subgroup_where_plain_fails():
+    """The issue's finding, planted: a rare sub-group with large gradients dominates the plain mean, so plain
+    cosine ranks it as *typical*; the mean of unit vectors gives each sample one vote and ranks it rare."""
+    g = np.random.default_rng(2)
+    d = 10
+    bulk = np.eye(d)[0] + 0.3 * g.normal(size=(190, d))
+    rare = 50.0 * (np.eye(d)[1] + 0.3 * g.normal(size=(10, d)))
+    z = np.concatenate([bulk, rare])
+    y = np.zeros(200, dtype=np.int64)
+    is_rare = np.r_[np.zeros(190, bool), np.ones(10, bool)]
+    pop = population_pass([(0, z)], d, y, 1)
+    s = divergence_scores(z, y, pop)
+
+    def auroc(v):
+        return (v[is_rare][:, None] > v[~is_rare][None, :]).mean()
+
+    assert auroc(s["class_divergence"]) > 0.95
+    assert auroc(s["class_divergence_plain"]) < 0.05  # below random: the failure the robust form fixes
+
+
+def test_knn_scores_with_missing_neighbours():
+    res = KnnResult(
+        sims=np.array([[0.9, 0.5, np.nan], [0.2, 0.2, 0.2]]),
+        rows=np.array([[1, 2, -1], [0, 2, 3]]),
+        abs_rows=np.array([[1, 3, -1], [0, 2, 3]]),
+    )
+    labels_all = np.array([0, 0, 1, 1])
+    out = knn_scores(res, labels_all, labels_all[:2])
+    np.testing.assert_allclose(out["knn_outlier"], [1 - 0.7, 0.8])
+    np.testing.assert_allclose(out["neighbor_disagreement"], [0.5, 2 / 3])
+    assert np.isnan(knn_scores(res, None, None)["neighbor_disagreement"]).all()
+
+
+def test_rank_normalize_and_hardness():
+    r = rank_normalize(np.array([3.0, 1.0, 2.0, 2.0, np.nan]))
+    np.testing.assert_allclose(r[:4], [1.0, 0.25, 0.625, 0.625])  # ties averaged, / 4 valid values
+    assert np.isnan(r[4])
+    np.testing.assert_allclose(rank_normalize(np.array([3.0, 1.0, 2.0]), -1), [1 / 3, 1.0, 2 / 3])
+    flags = pd.array([True, False, None], dtype="boolean")
+    np.testing.assert_allclose(rank_normalize(flags)[:2], [1.0, 0.5])
+    cols = {"loss": np.array([1.0, 2.0, 3.0, 4.0]), "confidence": np.array([0.9, 0.1, 0.5, np.nan])}
+    h, used = composite_hardness(cols, {"loss": 1.0, "confidence": 3.0})
+    # sample 3 has no confidence: its hardness is its loss rank alone.
+    expected = [(0.25 + 3 * (1 / 3)) / 4, (0.5 + 3 * 1.0) / 4, (0.75 + 3 * (2 / 3)) / 4, 1.0]
+    np.testing.assert_allclose(h, expected)
+    assert used == {"confidence": 3.0, "loss": 1.0}
+    np.testing.assert_array_equal(hardness_rank(np.array([0.5, 0.9, 0.5, np.nan, 0.9])), [3, 1, 4, 5, 2])
+
+
+def test_flags():
+    cfg = ScoreConfig(confident_error_threshold=0.8, near_miss_margin=0.1)
+    out = flag_scores(
+        pd.array([False, False, True, True, None], dtype="boolean"),
+        np.array([0.85, 0.6, 0.9, 0.55, np.nan]), np.array([-0.7, -0.2, 0.8, 0.05, np.nan]), cfg,
+    )
+    assert out["confident_error"].tolist() == [True, False, False, False, pd.NA]
+    assert out["near_miss"].tolist() == [False, False, False, True, pd.NA]
+
+
+def test_finalize_scores_orders_by_hardness():
+    stats = pd.DataFrame({
+        "sample_id": [10, 11, 12], "label": [0, 1, 0], "loss": [0.1, 2.0, 0.5], "grad_norm": [1.0, 3.0, 2.0],
+        "pred": [0, 0, 0], "correct": pd.array([True, False, True], dtype="boolean"),
+        "confidence": [0.9, 0.1, 0.6], "pred_confidence": [0.9, 0.9, 0.6], "margin": [0.8, -0.8, 0.2],
+        "el2n": [0.1, 1.2, 0.5],
+    })
+    grad = {k: np.array([0.1, 0.9, 0.5]) for k in ("class_divergence", "knn_outlier", "neighbor_disagreement")}
+    df, used = finalize_scores(stats, grad, ScoreConfig(), TaskKind.CLASSIFICATION)
+    assert df["rank"].tolist() == [3, 1, 2] and set(used) == set(DEFAULT_WEIGHTS)
+    assert df["confident_error"].tolist() == [False, True, False]
+
+
+def test_score_config_validation_and_table():
+    with pytest.raises(ValueError, match="not a weightable score"):
+        ScoreConfig(weights={"pred": 1.0})
+    with pytest.raises(ValueError, match="all zero"):
+        ScoreConfig(weights={"loss": 0.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        ScoreConfig(weights={"loss": -1.0})
+    with pytest.raises(ValueError, match="k=0"):
+        ScoreConfig(k=0)
+    with pytest.raises(ValueError, match="top=0"):
+        ScoreConfig(top=0)
+    with pytest.raises(ValueError, match="cap=0.5"):
+        ScoreConfig(cap=0.5)
+    with pytest.raises(ValueError, match="strategy='best'"):
+        ScoreConfig(strategy="best")
+    with pytest.raises(ValueError, match="unknown ScoreConfig field"):
+        ScoreConfig.from_dict({"kk": 3})
+    cfg = ScoreConfig(k=4, weights={"loss": 2, "margin": 1})
+    assert ScoreConfig.from_dict(cfg.to_dict()) == cfg
+    # Every weightable column has a direction, and only "lower"/"false" ones are negated.
+    for name, info in SCORE_TABLE.items():
+        if info.orientation == -1:
+            assert info.harder_when in ("lower", "false"), name
+        elif info.orientation == 1:
+            assert info.harder_when in ("higher", "true"), name
