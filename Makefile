@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install data test demo example bench eval lint clean
+.PHONY: install data test demo example example-loop bench eval lint clean
 
 install: $(STAMP) data
 
@@ -41,11 +41,20 @@ demo: install
 example: install
 	$(PY) scripts/example_engine.py
 
+# Speed benchmarks: each prints a table of ratios against a reference measured in the same run and writes
+# JSON + Markdown to scripts/results/; the README's tables are then refreshed from those files.
 bench: install
 	$(PY) scripts/bench_extract.py
+	$(PY) scripts/bench_callbacks.py
+	$(PY) scripts/bench_scan.py
+	$(PY) scripts/update_readme.py
 
 eval: install
 	$(PY) scripts/eval_quality.py
+	$(PY) scripts/update_readme.py
+
+example-loop: install
+	$(PY) scripts/example_training_loop.py
 
 lint: install
 	$(PY) -m ruff check hardmine tests scripts

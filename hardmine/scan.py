@@ -213,6 +213,7 @@ def scan(
     total: int | None = None,
     shard_rows: int = DEFAULT_SHARD_ROWS,
     provenance: Mapping[str, Any] | None = None,
+    config_extra: Mapping[str, Any] | None = None,
 ) -> Scan:
     """Scan ``data`` with ``model`` and write gradients, index, scores and ``manifest.parquet`` to ``out``.
 
@@ -236,6 +237,9 @@ def scan(
         shard_rows: samples per gradient shard (the memory bound and the resume granularity).
         provenance: extra JSON-able facts about the inputs (checkpoint path, data source...), recorded in
             ``scan.json`` and under ``source`` in the manifest metadata; not part of the resume check.
+        config_extra: extra JSON-able settings that define the scan (the CLI passes its data options: file,
+            format, split, limit, columns, input shape); recorded in the config, so a rerun into the same
+            ``out`` with different values is refused like any other configuration change.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -251,6 +255,8 @@ def scan(
         raise ValueError(f"total={total!r} must be a non-negative integer or None.")
     if provenance is not None and not isinstance(provenance, Mapping):
         raise ValueError(f"provenance={provenance!r} must be a mapping of JSON-able values, or None.")
+    if config_extra is not None and not isinstance(config_extra, Mapping):
+        raise ValueError(f"config_extra={config_extra!r} must be a mapping of JSON-able values, or None.")
     if progress is not None and not callable(progress):
         raise ValueError(f"progress={progress!r} must be a callable taking a ScanProgress, or None.")
     score_config = ScoreConfig() if score_config is None else score_config
@@ -281,6 +287,8 @@ def scan(
         "num_classes_requested": num_classes,
         "shard_rows": shard_rows,
     }
+    for key, value in _jsonable(dict(config_extra or {})).items():
+        config[f"extra.{key}"] = value  # flat keys, so a refused rerun names exactly what changed
     directory = _prepare_out(Path(out), config, resume=resume, overwrite=overwrite)
     driver = _Driver(directory, extractor, config, loss_fn, num_classes, shard_rows, keep_gradients_in_memory, progress, total)
     driver.source = _jsonable(dict(provenance)) if provenance is not None else None
@@ -331,7 +339,7 @@ def _prepare_out(directory: Path, config: dict[str, Any], *, resume: bool, overw
         details = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(config.get(k))}" for k in diff[:4])
         raise ValueError(
             f"out={str(directory)!r} holds a scan with a different configuration ({details}); pass "
-            "overwrite=True to replace it, or choose another directory."
+            "overwrite=True (--overwrite on the command line) to replace it, or choose another directory."
         )
     if not resume:
         raise ValueError(

@@ -296,6 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if hm_runner is not None:
         result["hardness_weights"] = hm_runner.weight_study(tasks)
+        result["strategies"] = hm_runner.strategy_study(tasks)
     result["targets"] = _targets(tasks, hm_default)
     result["recommendation"] = hm_runner.recommend(tasks, result.get("hardness_weights")) if hm_runner else None
     return _clean_nan(json.loads(json.dumps(result, default=_json_default)))

@@ -217,7 +217,7 @@ def test_rerun_with_other_options_is_refused_then_overwritten(tmp_path, trained)
     res = _scan(tmp_path, "--seed", "3")
     assert res.exit_code == 2 and "different configuration" in " ".join(res.output.split())
     res = _scan(tmp_path, "--limit", "50")
-    assert res.exit_code == 2
+    assert res.exit_code == 2 and "extra.limit: None -> 50" in " ".join(res.output.split()), res.output
     assert _scan(tmp_path, "--seed", "3", "--overwrite").exit_code == 0
     assert json.loads((tmp_path / "scan" / "scan.json").read_text())["config"]["seed"] == 3
     # the same command again reuses the finished scan

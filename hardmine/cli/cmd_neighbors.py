@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ._common import emit_json, handle_errors
@@ -51,7 +50,9 @@ def neighbors_command(
     if as_json:
         emit_json(out)
         return
-    console = Console()
+    from .cmd_show import _console
+
+    console = _console()
     for entry in out:
         agree = sum(r["label"] == entry["label"] for r in entry["neighbors"])
         table = Table(title=f"sample {entry['sample_id']} (label {entry['label']}, pred {entry['pred']}): "

@@ -104,23 +104,26 @@ def scan_command(
         classification=loss is not LossKind.MSE, num_classes=num_classes,
     )
     bars = _RichProgress(quiet or as_json)
-    provenance = {
-        "checkpoint": str(checkpoint), "checkpoint_kind": loaded.kind, "data": data, "data_format": src.format.value,
-        "data_hint": src.description.get("fingerprint_hint"), "split": split, "limit": limit, "batch_size": batch_size,
-        "label_column": label_column, "id_column": id_column, "feature_column": feature_column,
-        "feature_columns": feature_columns, "text_column": text_column, "input_shape": list(shape) if shape else None,
-        "device": str(dev),
+    # What defines the data read: part of the scan's configuration, so a rerun with other values is refused.
+    data_options = {
+        "data": str(Path(data).resolve()) if Path(data).exists() else data, "data_format": src.format.value,
+        "split": split, "limit": limit, "label_column": label_column, "id_column": id_column,
+        "feature_column": feature_column, "feature_columns": feature_columns, "text_column": text_column,
+        "input_shape": list(shape) if shape else None,
     }
+    provenance = {**data_options, "checkpoint": str(checkpoint), "checkpoint_kind": loaded.kind,
+                  "data_hint": src.description.get("fingerprint_hint"), "batch_size": batch_size, "device": str(dev)}
     with bars.progress:
         result = run_scan(
             net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine,
             loss_fn=None if loss is LossKind.AUTO else loss.value, num_classes=num_classes, index=index,
             overwrite=overwrite, progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance,
+            config_extra=data_options,
         )
     manifest = result.manifest()
     summary = {
         "out": str(out), "samples": int(len(manifest)), "seconds": round(time.perf_counter() - t0, 3),
-        "manifest": str(result.manifest_path), "engine_plan": result.config.get("extractor", {}).get("plan"),
+        "manifest": str(result.manifest_path), "engine_plan": result.engine_metadata.get("plan"),
         "hard": int(manifest["is_hard"].sum()) if "is_hard" in manifest else None,
         "accuracy": float(manifest["correct"].mean()) if "correct" in manifest and manifest["correct"].notna().any() else None,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -13,27 +14,47 @@ from ._common import emit_json, handle_errors
 
 __all__ = ["show_command", "print_table"]
 
-_COLUMNS = ("rank", "sample_id", "label", "pred", "loss", "confidence", "margin", "hardness",
-            "neighbor_disagreement", "knn_outlier", "confident_error", "near_miss")
+# (column, short header): short headers keep the table readable in an 80-column terminal.
+_COLUMNS = (("rank", "rank"), ("sample_id", "sample_id"), ("label", "label"), ("pred", "pred"), ("loss", "loss"),
+            ("confidence", "p(label)"), ("margin", "margin"), ("hardness", "hardness"),
+            ("neighbor_disagreement", "nbr≠label"), ("knn_outlier", "isolated"))
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.3g}"
     if v is None or (hasattr(v, "__class__") and v.__class__.__name__ == "NAType"):
         return "-"
     return str(v)
 
 
+def _flags(rec: Any) -> str:
+    out = []
+    if bool(rec.get("confident_error", False) is True):
+        out.append("conf-err")
+    if bool(rec.get("near_miss", False) is True):
+        out.append("near-miss")
+    return ",".join(out)
+
+
 def print_table(df: Any, top: int, title: str, console: Console | None = None) -> None:
-    cols = [c for c in _COLUMNS if c in df.columns]
+    cols = [(c, h) for c, h in _COLUMNS if c in df.columns]
     rows = df.sort_values("rank").head(top)
-    table = Table(title=title)
-    for c in cols:
-        table.add_column(c, justify="right" if c not in ("sample_id",) else "left")
-    for rec in rows[cols].itertuples(index=False):
-        table.add_row(*(_fmt(v) for v in rec))
-    (console or Console()).print(table)
+    table = Table(title=title, pad_edge=False, padding=(0, 1))
+    for c, h in cols:
+        table.add_column(h, justify="left" if c == "sample_id" else "right", no_wrap=True)
+    table.add_column("flags", no_wrap=True)
+    for _, rec in rows.iterrows():
+        table.add_row(*(_fmt(rec[c]) for c, _ in cols), _flags(rec))
+    console = console or _console()
+    console.print(table)
+
+
+def _console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # piped or under make: don't squeeze the table into 80 columns
+        console = Console(width=max(console.width, 120))
+    return console
 
 
 @handle_errors

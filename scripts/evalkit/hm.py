@@ -85,6 +85,12 @@ WEIGHTINGS: dict[str, dict[str, float]] = {
     "loss + class_divergence + knn_outlier/2": {"loss": 1.0, "class_divergence": 1.0, "knn_outlier": 0.5},
     "loss + class_distance + knn_outlier/2": {"loss": 1.0, "class_distance": 1.0, "knn_outlier": 0.5},
 }
+# Retraining metrics the strategy and weight studies compare: (task, metric).
+_RETRAIN_COLUMNS = (("hidden-strat", "worst"), ("hidden-strat+noise5", "worst"), ("long-tail", "balanced_acc"))
+
+# Signals computed from the model output alone (everything else needs the gradients).
+OUTPUT_SIGNALS = {"loss", "margin", "el2n", "confidence", "correct", "confident_error", "near_miss"}
+
 # A sharper per-class export (hard samples weigh more inside each class) is tried beside the defaults.
 PER_CLASS_SHARP = 3.0
 
@@ -127,6 +133,14 @@ class HardmineRunner:
         # (task name, seed) -> manifest frame of the default scan, and the planted truth, for the weight study.
         self.frames: dict[tuple[str, int], tuple[pd.DataFrame, np.ndarray, np.ndarray]] = {}
         self.scan_dirs: dict[tuple[str, int], Path] = {}
+        # policy row name -> {"strategy", "temperature", "weighting"} (weighting "default" = library weights)
+        self.policy_meta: dict[str, dict[str, Any]] = {}
+        c = self.default_config
+        # Export variants tried for every weighting: the library's strategies at their defaults, and per-class
+        # at a sharper temperature (hard samples weigh more inside each class).
+        self.variants: list[tuple[str, float]] = [(st.value, float(c.temperature)) for st in self.Strategy]
+        if ("per-class", PER_CLASS_SHARP) not in self.variants:
+            self.variants.append(("per-class", PER_CLASS_SHARP))
 
     # ---------------------------------------------------------------------------------------- facts
     def defaults(self) -> dict[str, float]:
@@ -144,7 +158,9 @@ class HardmineRunner:
                 "per-class": f"hardness^{t:g} per class"}.get(strategy, "")
         is_default = strategy == self.default_strategy and weighting is None and t == c.temperature
         w = f", weights: {weighting}" if weighting else ""
-        return f"hardmine manifest: {strategy} [{knob}{w}]" + (" (default)" if is_default else "")
+        name = f"hardmine manifest: {strategy} [{knob}{w}]" + (" (default)" if is_default else "")
+        self.policy_meta[name] = {"strategy": strategy, "temperature": t, "weighting": weighting or "default"}
+        return name
 
     def describe(self) -> dict[str, Any]:
         c = self.default_config
@@ -181,44 +197,44 @@ class HardmineRunner:
         sampler = self.ManifestSampler(str(path), num_samples=n_draws, replacement=True, seed=seed)
         return torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
 
-    def policies(self, scan: Any, n_draws: int, seed: int) -> dict[str, Callable[[], torch.Tensor]]:
-        """One index stream per export strategy (library defaults), plus ``per-class`` at a sharper
-        temperature, each drawn by ``ManifestSampler`` from the exported Parquet file."""
-        c = self.default_config
-        variants = [(st.value, c.temperature) for st in self.Strategy]
-        variants.append(("per-class", PER_CLASS_SHARP))
+    def _export_variants(self, scan: Any, n_draws: int, seed: int, weighting: str | None,
+                         variants: list[tuple[str, float]]) -> dict[str, Callable[[], torch.Tensor]]:
         out: dict[str, Callable[[], torch.Tensor]] = {}
+        slug = "".join(ch if ch.isalnum() else "_" for ch in (weighting or "default"))
         for strategy, temperature in variants:
-            path = Path(scan.path) / f"export-{strategy}-t{temperature:g}.parquet"
+            path = Path(scan.path) / f"export-{slug}-{strategy}-t{temperature:g}.parquet"
 
             def draw(strategy: str = strategy, temperature: float = temperature, path: Path = path) -> torch.Tensor:
                 self.export_manifest(scan, strategy=strategy, temperature=temperature, out=str(path))
                 return self._draw(path, n_draws, seed)
 
-            out[self.policy_name(strategy, temperature=temperature)] = draw
+            out[self.policy_name(strategy, weighting=weighting, temperature=temperature)] = draw
         return out
 
-    def weighted_policy(
+    def policies(self, scan: Any, n_draws: int, seed: int) -> dict[str, Callable[[], torch.Tensor]]:
+        """One index stream per export variant of the default scan, drawn by ``ManifestSampler`` from the
+        exported Parquet file."""
+        return self._export_variants(scan, n_draws, seed, None, self.variants)
+
+    def weighted_policies(
         self, task_name: str, seed: int, weighting: str, n_draws: int, draw_seed: int
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[dict[str, Callable[[], torch.Tensor]], float]:
         """Rescore a stored scan with other hardness weights (``Scan.rescore(ScoreConfig(weights=...))``: no
-        gradient is recomputed), export it with the default strategy, and draw the index stream.
+        gradient is recomputed) and return one index stream per export variant except ``proportional``
+        (never competitive with the library weights, so not worth the trainings).
 
         Also returns the largest difference between the rescored ``hardness`` and the composite the weight
         study computes from the default manifest's columns (they must agree: same formula, same signals).
         The scan is left rescored with ``weighting``; the harness deletes it afterwards."""
         composite = importlib.import_module("hardmine.score").composite_hardness
-        directory = self.scan_dirs[(task_name, seed)]
-        scan = api("Scan").open(directory)
-        slug = "".join(ch if ch.isalnum() else "_" for ch in weighting)
-        path = directory / f"export-weights-{slug}.parquet"
+        scan = api("Scan").open(self.scan_dirs[(task_name, seed)])
         w = WEIGHTINGS[weighting]
         rescored = scan.rescore(self.ScoreConfig(weights=w)).sort_values("sample_id", kind="stable")
         df0 = self.frames[(task_name, seed)][0]
         expected, _ = composite({c: df0[c].array for c in w}, w)
         diff = float(np.max(np.abs(rescored["hardness"].to_numpy(dtype=np.float64) - expected)))
-        self.export_manifest(scan, strategy=self.default_strategy, out=str(path))
-        return self._draw(path, n_draws, draw_seed), diff
+        variants = [v for v in self.variants if v[0] != "proportional"]
+        return self._export_variants(scan, n_draws, draw_seed, weighting, variants), diff
 
     def drop_scan(self, task_name: str, seed: int) -> None:
         d = self.scan_dirs.pop((task_name, seed), None)
@@ -259,39 +275,67 @@ class HardmineRunner:
             rows[name] = {c: mean_std(v[c]) for c in cols if c in v}
             flat = [np.mean(v[c]) for c in cols if c in v]
             rows[name]["mean AUROC"] = {"mean": float(np.mean(flat)) if flat else math.nan, "std": 0.0, "n": len(flat)}
-        # Retraining results of the weightings that were retrained (filled by the harness).
+        # Retraining results (default strategy at its default temperature) of the weightings retrained.
+        c = self.default_config
         retrain: dict[str, dict[str, Any]] = {}
-        for tname in ("hidden-strat", "hidden-strat+noise5", "long-tail"):
-            pol = tasks.get(tname, {}).get("summary", {}).get("policies", {})
-            metric = "balanced_acc" if tname == "long-tail" else "worst"
-            for pname, r in pol.items():
-                if pname.startswith("hardmine manifest") and "weights:" in pname:
-                    wname = pname.split("weights: ", 1)[1].rstrip("]")
-                    retrain.setdefault(wname, {})[f"{tname} {metric}"] = r.get(metric)
-                elif pname == self.policy_name(self.default_strategy):
-                    retrain.setdefault("default", {})[f"{tname} {metric}"] = r.get(metric)
+        for tname, metric in _RETRAIN_COLUMNS:
+            for pname, r in tasks.get(tname, {}).get("summary", {}).get("policies", {}).items():
+                meta = self.policy_meta.get(pname)
+                if meta and meta["strategy"] == self.default_strategy and meta["temperature"] == c.temperature:
+                    retrain.setdefault(meta["weighting"], {})[f"{tname} {metric}"] = r.get(metric)
         for wname, cells in retrain.items():
             if wname in rows:
                 rows[wname].update(cells)
-        all_cols = cols + ["mean AUROC"] + sorted({c for r in retrain.values() for c in r})
+        all_cols = cols + ["mean AUROC"] + [f"{t} {m}" for t, m in _RETRAIN_COLUMNS if any(f"{t} {m}" in r for r in retrain.values())]
         return {
+            "title": "Hardness weightings compared (same scans; AUROC, then retraining metrics)",
+            "row_label": "weighting",
             "note": (
-                f"Composite `hardness` under each weighting, same scans as above (mean ± std over seeds); "
-                f"retraining columns use the default strategy ({self.default_strategy}) and are filled only for "
-                "the weightings that were retrained. 'default' = the library's current DEFAULT_WEIGHTS "
-                f"{dict(self.default_config.weights)}."
+                "Composite `hardness` under each weighting on the same scans as above (mean ± std over seeds); "
+                f"the retraining columns use the default export ({self.default_strategy}) and are filled only "
+                "for the weightings that were retrained. 'default' = the library's current DEFAULT_WEIGHTS "
+                f"{dict(c.weights)}."
             ),
             "weights": self.weightings(),
             "columns": all_cols,
             "rows": rows,
         }
 
+    def strategy_study(self, tasks: Mapping[str, Any]) -> dict[str, Any]:
+        """Every (weighting, export) combination that was retrained, on the three retraining metrics and
+        their mean (the strategy rule), plus in-distribution accuracy under label noise (the cost side)."""
+        from .metrics import mean_std
+
+        cols = [f"{t} {m}" for t, m in _RETRAIN_COLUMNS] + ["mean of the three", "hidden-strat+noise5 acc"]
+        rows: dict[str, dict[str, Any]] = {}
+        for pname in self.policy_meta:
+            cells: dict[str, Any] = {}
+            for tname, metric in _RETRAIN_COLUMNS + (("hidden-strat+noise5", "acc"),):
+                r = tasks.get(tname, {}).get("summary", {}).get("policies", {}).get(pname)
+                if r and isinstance(r.get(metric), dict):
+                    cells[f"{tname} {metric}"] = r[metric]
+            if all(f"{t} {m}" in cells for t, m in _RETRAIN_COLUMNS):
+                cells["mean of the three"] = mean_std([np.mean([cells[f"{t} {m}"]["mean"] for t, m in _RETRAIN_COLUMNS])])
+                rows[pname.removeprefix("hardmine manifest: ")] = cells
+        return {
+            "title": "Export strategy x hardness weighting (retraining at equal budget)",
+            "row_label": "export [knobs, weights]",
+            "scale": 100.0,  # accuracies, shown in %
+            "note": "Every hardmine manifest that was retrained (%, mean ± std over seeds), best first by 'mean of "
+                    "the three', the strategy rule; the last column is the in-distribution accuracy cost under noise.",
+            "columns": cols,
+            "rows": dict(sorted(rows.items(), key=lambda kv: -kv[1]["mean of the three"]["mean"])),
+        }
+
     def pick_retrain_weightings(self, n: int) -> list[str]:
-        """The ``n`` non-default weightings with the best mean AUROC over the four detection settings."""
+        """Weightings to retrain with, in this order: the best (by mean AUROC over the four detection
+        settings) that uses model-output signals only, then the best that uses a gradient signal."""
         per = self.weighting_aurocs()
         score = {name: float(np.mean([np.mean(v) for v in cols.values()])) for name, cols in per.items() if cols}
         ranked = sorted((k for k in score if k != "default"), key=lambda k: -score[k])
-        return ranked[:n]
+        output_only = [k for k in ranked if set(WEIGHTINGS[k]) <= OUTPUT_SIGNALS]
+        gradient = [k for k in ranked if not set(WEIGHTINGS[k]) <= OUTPUT_SIGNALS]
+        return (output_only[:1] + gradient[:1])[:n]
 
     def recommend(self, tasks: Mapping[str, Any], study: Mapping[str, Any] | None) -> dict[str, Any]:
         """Which score, weighting and strategy win, by the rules in ``rules``, with a generated summary."""
@@ -337,18 +381,20 @@ class HardmineRunner:
             text.append(f"- Hardness weighting with the best mean AUROC: `{best}` = {study['weights'][best]} "
                         f"({rows[best]['mean AUROC']['mean']:.3f}, vs {rows['default']['mean AUROC']['mean']:.3f} "
                         "for the current default).")
-        strat: dict[str, list[float]] = {}
-        for tname, metric in (("hidden-strat", "worst"), ("hidden-strat+noise5", "worst"), ("long-tail", "balanced_acc")):
-            pol = tasks.get(tname, {}).get("summary", {}).get("policies", {})
-            for pname, r in pol.items():
-                if pname.startswith("hardmine manifest") and "weights:" not in pname and isinstance(r.get(metric), dict):
-                    strat.setdefault(pname, []).append(r[metric]["mean"])
-        full_strat = {k: float(np.mean(v)) for k, v in strat.items() if len(v) == 3}
-        if full_strat:
-            best = max(full_strat, key=lambda k: full_strat[k])
-            rec["strategy"] = {"name": best, "mean_metric": full_strat}
-            text.append("- Export strategies, mean of worst-subclass (hidden-strat, both) and long-tail balanced "
-                        "accuracy: " + ", ".join(f"`{k.split(': ', 1)[1]}` {100 * v:.1f}%" for k, v in
-                                               sorted(full_strat.items(), key=lambda kv: -kv[1])) + ".")
+        study_s = self.strategy_study(tasks)
+        if study_s["rows"]:
+            rows_s = study_s["rows"]
+            best = next(iter(rows_s))  # sorted best first
+            rec["strategy"] = {"name": best, "meta": self.policy_meta.get(f"hardmine manifest: {best}"),
+                               "mean_metric": {k: v["mean of the three"]["mean"] for k, v in rows_s.items()}}
+            top3 = list(rows_s.items())[:3]
+            text.append(
+                "- Exports by the strategy rule (mean of worst-subclass on both hidden-stratification tasks and "
+                "long-tail balanced accuracy): " + ", ".join(
+                    f"`{k}` {100 * v['mean of the three']['mean']:.1f}%" for k, v in top3)
+                + f"; the current default `{self.policy_name(self.default_strategy).removeprefix('hardmine manifest: ')}`: "
+                + (f"{100 * rows_s[d]['mean of the three']['mean']:.1f}%." if (d := self.policy_name(
+                    self.default_strategy).removeprefix("hardmine manifest: ")) in rows_s else "n/a.")
+            )
         rec["text"] = "\n".join(text)
         return rec

@@ -103,20 +103,22 @@ def _policy_table(tasks: dict[str, Any], names: list[str], metrics: list[tuple[s
     return lines
 
 
-def _weights_table(study: dict[str, Any] | None) -> list[str]:
+def _study_table(study: dict[str, Any] | None) -> list[str]:
     if not study or not study.get("rows"):
         return []
     cols = study["columns"]
     lines = [
-        "### Hardness weightings compared (same scans; AUROC unless noted)",
+        f"### {study['title']}",
         "",
         study.get("note", ""),
         "",
-        "| weighting | " + " | ".join(cols) + " |",
+        "| " + study.get("row_label", "row") + " | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
     for name, row in study["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
+        scale = study.get("scale", 1.0)
+        digits = 1 if scale != 1.0 else 3
+        lines.append(f"| {name} | " + " | ".join(fmt(row.get(c), scale=scale, digits=digits) for c in cols) + " |")
     lines.append("")
     return lines
 
@@ -131,7 +133,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     tr = meta["train"]
     lines += [
         f"Mean ± std over {seeds} seed(s) for label noise and {rseeds} seed(s) for the retraining tasks "
-        "(a seed fixes the data subset, the injected noise, the first model and the retraining draws). Model: MLP 784-{tr['hidden']}-C, Adam lr {tr['lr']}, batch {tr['batch']}, "
+        "(a seed fixes the data subset, the injected noise, the first model and the retraining draws). "
+        f"Model: MLP 784-{tr['hidden']}-C, Adam lr {tr['lr']}, batch {tr['batch']}, "
         f"{tr['epochs']:g} epochs-equivalent of steps for every run (every retraining policy draws the same number of "
         "samples with replacement, from the same initialisation). Higher is better everywhere; the best row per column "
         "is bold. `scripts/eval_quality.py` regenerates this file "
@@ -150,7 +153,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         tasks, ["long-tail"], [("balanced_acc", "balanced acc"), ("tail_acc", "tail-class acc")],
         "### Long tail (imbalance ratio 100): retraining at equal budget (%)",
     )
-    lines += _weights_table(result.get("hardness_weights"))
+    lines += _study_table(result.get("hardness_weights"))
+    lines += _study_table(result.get("strategies"))
     if result.get("targets"):
         lines += [
             "### Targets from the issue",

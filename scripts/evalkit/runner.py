@@ -186,21 +186,16 @@ def _retrain(task: Task, s: Settings, init_seed: int, make: Callable[[], tuple[t
 
 
 def retrain_weightings(task: Task, s: Settings, seed: int, weightings: list[str]) -> dict[str, dict[str, Any]]:
-    """Retrain with hardmine's default strategy under other hardness weightings, from the stored scan of
-    ``task``/``seed`` (rescored, not re-extracted), at the same budget, init and draw seed as the other policies."""
+    """Retrain with hardmine's manifest under other hardness weightings (each export variant), from the
+    stored scan of ``task``/``seed`` (rescored, not re-extracted), at the same budget, init and draw seed
+    as the other policies."""
     if s.hm is None:
         raise ValueError("retrain_weightings needs hardmine (not a --baselines-only run).")
     n_draws, retrain_seed, draw_seed = _budget(task, s, seed)
     out = {}
     for w in weightings:
-        name = s.hm.policy_name(s.hm.default_strategy, weighting=w)
-        diffs: list[float] = []
-
-        def make(w: str = w, diffs: list[float] = diffs) -> tuple[torch.Tensor, str]:
-            idx, diff = s.hm.weighted_policy(task.name, seed, w, n_draws, draw_seed)
-            diffs.append(diff)
-            return idx, "ce"
-
-        out[name] = _retrain(task, s, retrain_seed, make)
-        out[name]["rescore_vs_composite_max_abs_diff"] = diffs[0]
+        draws, diff = s.hm.weighted_policies(task.name, seed, w, n_draws, draw_seed)
+        for name, draw in draws.items():
+            out[name] = _retrain(task, s, retrain_seed, lambda draw=draw: (draw(), "ce"))
+            out[name]["rescore_vs_composite_max_abs_diff"] = diff
     return out
