@@ -39,7 +39,14 @@ from evalkit import baselines as bl  # noqa: E402
 from evalkit.data import load_split, make_hidden_strat_task, make_long_tail_task, make_noise_task  # noqa: E402
 from evalkit.metrics import mean_std  # noqa: E402
 from evalkit.report import render_markdown  # noqa: E402
-from evalkit.runner import Settings, retrain_weightings, run_detection, run_retrain_task  # noqa: E402
+from evalkit.runner import (  # noqa: E402
+    ONLINE_NAME,
+    ONLINE_REFRESH_NAME,
+    Settings,
+    retrain_weightings,
+    run_detection,
+    run_retrain_task,
+)
 from evalkit.train import TrainConfig  # noqa: E402
 
 logger = logging.getLogger("eval_quality")
@@ -265,9 +272,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 seed = run_["seed"]
                 t0 = time.perf_counter()
                 extra = retrain_weightings(make(seed), s, seed, picks)
-                online = run_["policies"].pop("hardmine online weighting (training-loop API)")
+                online = {k: run_["policies"].pop(k) for k in (ONLINE_NAME, ONLINE_REFRESH_NAME) if k in run_["policies"]}
                 run_["policies"].update(extra)
-                run_["policies"]["hardmine online weighting (training-loop API)"] = online  # keep it last
+                run_["policies"].update(online)  # keep the online rows last
                 run_["seconds"] += time.perf_counter() - t0
                 hm_runner.drop_scan(name, seed)
     for entry in tasks.values():

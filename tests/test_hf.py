@@ -50,3 +50,25 @@ def test_hf_datasets_directory(tmp_path):
     batches = list(open_data(str(tmp_path / "ds"), feature_column="x", batch_size=2))
     assert torch.cat([b[0] for b in batches]).tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
     assert torch.cat([b[1] for b in batches]).tolist() == [0, 1, 0]
+
+
+def test_cli_scans_a_hf_model_directory_with_a_text_column(tmp_path, hf_dir):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from hardmine.cli import app
+    from hardmine.manifest import read_manifest
+
+    texts = ["a fine film", "dull and long", "great acting", "bad plot", "loved it", "hated it", "ok", "meh"]
+    pd.DataFrame({"text": texts, "label": [1, 0, 1, 0, 1, 0, 1, 0], "uid": [f"r{i}" for i in range(8)]}).to_parquet(
+        tmp_path / "reviews.parquet"
+    )
+    res = CliRunner().invoke(app, [
+        "scan", hf_dir, str(tmp_path / "reviews.parquet"), "--out", str(tmp_path / "scan"), "--text-column", "text",
+        "--id-column", "uid", "--layers", "classifier", "--num-classes", "2", "--dim", "16", "--batch-size", "4",
+        "--quiet", "--json",
+    ], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    df = read_manifest(tmp_path / "scan")
+    assert sorted(df["sample_id"]) == sorted(f"r{i}" for i in range(8))
+    assert df["loss"].notna().all() and (df["grad_norm"] > 0).all()

@@ -16,12 +16,17 @@ from .data import Task
 from .metrics import auroc, precision_at_k, subgroup_accuracy
 from .train import TrainConfig, predict_proba, train_mlp, weighted_indices
 
-__all__ = ["Settings", "reference_signals", "run_detection", "run_retrain_task", "retrain_weightings", "ONLINE_ROW"]
+__all__ = [
+    "Settings", "reference_signals", "run_detection", "run_retrain_task", "retrain_weightings", "ONLINE_ROW",
+    "ONLINE_NAME", "ONLINE_REFRESH_NAME",
+]
 
 logger = logging.getLogger(__name__)
 
-# The training-loop API (online weighting) has not landed: the row exists so the table says so, with no numbers.
-ONLINE_ROW = {"status": "not yet available", "reason": "hardmine's training-loop API (online weighting) is not implemented yet"}
+ONLINE_NAME = "hardmine online weighting (training-loop API)"
+ONLINE_REFRESH_NAME = "hardmine online weighting + MinerSampler refreshed per epoch"
+# Where the training-loop API is not importable the row still exists, so the table says so, with no numbers.
+ONLINE_ROW = {"status": "not yet available", "reason": "hardmine's training-loop API (online weighting) is not importable"}
 
 
 class Settings:
@@ -164,7 +169,13 @@ def run_retrain_task(task: Task, s: Settings, seed: int, detect_minority: bool) 
         for name, draw in s.hm.policies(handle, n_draws, draw_seed).items():
             policies[name] = (lambda d=draw: (d(), "ce"))
     out["policies"] = {name: _retrain(task, s, retrain_seed, make) for name, make in policies.items()}
-    out["policies"]["hardmine online weighting (training-loop API)"] = dict(ONLINE_ROW)
+    if s.hm is not None and s.hm.online_available():
+        for name, refresh in ((ONLINE_NAME, False), (ONLINE_REFRESH_NAME, True)):
+            t0 = time.perf_counter()
+            model_, idx = s.hm.online_train(task, s.cfg, retrain_seed, draw_seed, n_draws, refresh)
+            out["policies"][name] = _scored(model_, task, idx, t0)
+    else:
+        out["policies"][ONLINE_NAME] = dict(ONLINE_ROW)
     return out
 
 
@@ -177,8 +188,11 @@ def _budget(task: Task, s: Settings, seed: int) -> tuple[int, int, int]:
 def _retrain(task: Task, s: Settings, init_seed: int, make: Callable[[], tuple[torch.Tensor, str]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     idx, loss = make()
-    m = train_mlp(task.x, task.y, task.n_classes, idx, s.cfg, init_seed, loss=loss)
-    res = _evaluate(m, task)
+    return _scored(train_mlp(task.x, task.y, task.n_classes, idx, s.cfg, init_seed, loss=loss), task, idx, t0)
+
+
+def _scored(model: torch.nn.Module, task: Task, idx: torch.Tensor, t0: float) -> dict[str, Any]:
+    res = _evaluate(model, task)
     res["train_s"] = time.perf_counter() - t0
     res["draw_share_minority"] = float(task.is_minority[idx.numpy()].mean())
     res["draw_share_noisy"] = float(task.is_noisy[idx.numpy()].mean())
