@@ -127,9 +127,9 @@ from ._io import model_fingerprint
 from ._version import __version__
 from .enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from .extract import model_output_tensor
-from .factored.capture import FactoredUnit, format_rejected, plan_factored
+from .factored.capture import FactoredUnit, _zero_result, format_rejected, plan_factored
 from .factored.layout import ProjectionLayout
-from .factored.registry import Call, RuleRequest, RuleResult
+from .factored.registry import Call, RuleRequest
 from .losses import LossFn, resolve_loss
 from .manifest import FORMAT_VERSION, MANIFEST_FORMAT, compute_weights, write_manifest
 from .params import select_parameters
@@ -1437,21 +1437,6 @@ def _loss_name(loss_fn: Any) -> str:
     return f"callable:{getattr(loss_fn, '__module__', '?')}.{name}"
 
 
-def _zero_result(
-    unit: FactoredUnit,
-    mats: tuple[torch.Tensor, torch.Tensor] | None,
-    params: Mapping[str, nn.Parameter],
-    b: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> RuleResult:
-    res = RuleResult()
-    if mats is not None:
-        res.matrix_proj = torch.zeros(b, mats[0].shape[1], mats[1].shape[1], dtype=dtype, device=device)
-        res.matrix_sq_norm = torch.zeros(b, dtype=dtype, device=device)
-    for local in unit.vectors:
-        res.vectors[local] = torch.zeros(b, *params[unit.full_name(local)].shape, dtype=dtype, device=device)
-    return res
 
 
 def _check_hardness_weights(weights: Mapping[str, float]) -> None:
