@@ -36,7 +36,12 @@ import hardmine
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # evalkit/ beside this script
 
 from evalkit import baselines as bl  # noqa: E402
-from evalkit.data import load_split, make_hidden_strat_task, make_long_tail_task, make_noise_task  # noqa: E402
+from evalkit.data import (  # noqa: E402
+    load_split,
+    make_hidden_strat_task,
+    make_long_tail_task,
+    make_noise_task,
+)
 from evalkit.metrics import mean_std  # noqa: E402
 from evalkit.report import render_markdown  # noqa: E402
 from evalkit.runner import (  # noqa: E402
@@ -56,12 +61,30 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Sizes. FULL follows the issue; QUICK only has to exercise every code path in well under a minute.
 # Retraining comparisons are much noisier across seeds than detection AUROCs, so they get more seeds.
 FULL = {
-    "seeds": 3, "retrain_seeds": 5, "noise_n": 20000, "noise_rate": 0.10, "hs_major": 3800, "hs_minority": 0.05, "hs_noise": 0.05,
-    "lt_max": 5000, "lt_ratio": 100.0, "epochs": 6.0, "cv_folds": 5,
+    "seeds": 3,
+    "retrain_seeds": 5,
+    "noise_n": 20000,
+    "noise_rate": 0.10,
+    "hs_major": 3800,
+    "hs_minority": 0.05,
+    "hs_noise": 0.05,  # 5 x (3800 + 200) = 20,000 images
+    "lt_max": 5000,
+    "lt_ratio": 100.0,
+    "epochs": 6.0,
+    "cv_folds": 5,
 }
 QUICK = {
-    "seeds": 1, "retrain_seeds": 1, "noise_n": 1500, "noise_rate": 0.10, "hs_major": 300, "hs_minority": 0.05, "hs_noise": 0.05,
-    "lt_max": 300, "lt_ratio": 100.0, "epochs": 2.0, "cv_folds": 3,
+    "seeds": 1,
+    "retrain_seeds": 1,
+    "noise_n": 1500,
+    "noise_rate": 0.10,
+    "hs_major": 300,
+    "hs_minority": 0.05,
+    "hs_noise": 0.05,
+    "lt_max": 300,
+    "lt_ratio": 100.0,
+    "epochs": 2.0,
+    "cv_folds": 3,
 }
 
 
@@ -71,6 +94,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by everyone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -99,10 +123,7 @@ def _clean_nan(o: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ aggregation
 def _summarise_scores(runs: list[dict[str, Any]], key: str) -> dict[str, dict[str, dict[str, float]]]:
     names = list(runs[0][key])
-    return {
-        n: {m: mean_std([r[key][n][m] for r in runs]) for m in runs[0][key][n]}
-        for n in names
-    }
+    return {n: {m: mean_std([r[key][n][m] for r in runs]) for m in runs[0][key][n]} for n in names}
 
 
 def _summarise_policies(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -150,7 +171,9 @@ def _runs_metric(tasks: dict[str, Any], t: str, pick: Any) -> list[float]:
 
 
 def _paired(a: list[float], b: list[float]) -> dict[str, float]:
-    """Mean ± std over seeds of the per-seed difference ``a - b`` (same seed = same task, first model, init)."""
+    """Mean ± std over seeds of the per-seed difference ``a - b``.
+
+    Same seed = same task, first model and init, so the pairing removes most of the seed-to-seed spread."""
     return mean_std([x - y for x, y in zip(a, b, strict=True)])
 
 
@@ -171,37 +194,51 @@ def _targets(tasks: dict[str, Any], hm_default: dict[str, str] | None) -> list[d
         cl = _m(sc.get(cl_name, {}).get("auroc"))
         a = _runs_metric(tasks, t, lambda r: r["scores"][score_name]["auroc"])
         b = _runs_metric(tasks, t, lambda r: r["scores"][cl_name]["auroc"])
-        out.append({
-            "target": f"{t}: AUROC of default hardness >= cleanlab", "ours": ours, "reference": cl,
-            "paired_diff": {"vs cleanlab": _paired(a, b)},
-            "met": None if math.isnan(ours) or math.isnan(cl) else bool(ours >= cl),
-        })
+        out.append(
+            {
+                "target": f"{t}: AUROC of default hardness >= cleanlab",
+                "ours": ours,
+                "reference": cl,
+                "paired_diff": {"vs cleanlab": _paired(a, b)},
+                "met": None if math.isnan(ours) or math.isnan(cl) else bool(ours >= cl),
+            }
+        )
     for t in ("hidden-strat", "hidden-strat+noise5"):
         pol = tasks.get(t, {}).get("summary", {}).get("policies", {})
         ours = _m(pol.get(policy_name, {}).get("worst")) if policy_name else math.nan
         jtt, topk = _first(pol, "JTT"), _first(pol, "loss top-")
         ref = max(_m(pol.get(jtt, {}).get("worst")), _m(pol.get(topk, {}).get("worst")))
         a = _runs_metric(tasks, t, lambda r: r["policies"][policy_name]["worst"])
-        out.append({
-            "target": f"{t}: worst-subclass acc of default manifest >= max(JTT, loss-top-k) + 3 points",
-            "ours": ours, "reference": ref + 0.03,
-            "paired_diff": {
-                f"vs {name}": _paired(a, _runs_metric(tasks, t, lambda r, n=name: r["policies"][n]["worst"]))
-                for name in (jtt, topk) if name
-            },
-            "met": None if math.isnan(ours) or math.isnan(ref) else bool(ours >= ref + 0.03),
-        })
+        out.append(
+            {
+                "target": f"{t}: worst-subclass acc of default manifest >= max(JTT, loss-top-k) + 3 points",
+                "ours": ours,
+                "reference": ref + 0.03,
+                "paired_diff": {
+                    f"vs {name}": _paired(
+                        a, _runs_metric(tasks, t, lambda r, n=name: r["policies"][n]["worst"])
+                    )
+                    for name in (jtt, topk)
+                    if name
+                },
+                "met": None if math.isnan(ours) or math.isnan(ref) else bool(ours >= ref + 0.03),
+            }
+        )
     pol = tasks.get("long-tail", {}).get("summary", {}).get("policies", {})
     cb_name = "class-balanced sampling"
     ours = _m(pol.get(policy_name, {}).get("balanced_acc")) if policy_name else math.nan
     cb = _m(pol.get(cb_name, {}).get("balanced_acc"))
     a = _runs_metric(tasks, "long-tail", lambda r: r["policies"][policy_name]["balanced_acc"])
     b = _runs_metric(tasks, "long-tail", lambda r: r["policies"][cb_name]["balanced_acc"])
-    out.append({
-        "target": "long-tail: balanced acc of default manifest >= class-balanced sampling", "ours": ours,
-        "reference": cb, "paired_diff": {"vs class-balanced sampling": _paired(a, b)},
-        "met": None if math.isnan(ours) or math.isnan(cb) else bool(ours >= cb),
-    })
+    out.append(
+        {
+            "target": "long-tail: balanced acc of default manifest >= class-balanced sampling",
+            "ours": ours,
+            "reference": cb,
+            "paired_diff": {"vs class-balanced sampling": _paired(a, b)},
+            "met": None if math.isnan(ours) or math.isnan(cb) else bool(ours >= cb),
+        }
+    )
     return out
 
 
@@ -213,7 +250,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig(epochs=size["epochs"])
     use_cleanlab = bl.cleanlab_available()
     if not use_cleanlab and not args.quick:
-        raise SystemExit("cleanlab/scikit-learn are not installed: pip install -e '.[bench]' (full runs need them).")
+        raise SystemExit(
+            "cleanlab/scikit-learn are not installed: pip install -e '.[bench]' (full runs need them)."
+        )
     hm_runner = None
     if not args.baselines_only:
         from evalkit.hm import HardmineRunner
@@ -223,8 +262,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     top = float(defaults.get("top", 0.1))
     boost = float(defaults.get("boost", 5.0))
     # Same knobs for the baselines as for hardmine's top-k strategy, so only the ranking differs.
-    s = Settings(cfg, size["cv_folds"], jtt_up=boost, topk_top=top, topk_boost=boost,
-                 use_cleanlab=use_cleanlab, hm=hm_runner)
+    s = Settings(
+        cfg,
+        size["cv_folds"],
+        jtt_up=boost,
+        topk_top=top,
+        topk_boost=boost,
+        use_cleanlab=use_cleanlab,
+        hm=hm_runner,
+    )
     train, test = load_split("train"), load_split("test")
     seeds = list(range(size["seeds"]))
     retrain_seeds = list(range(size["retrain_seeds"]))
@@ -234,16 +280,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     factories: dict[str, tuple[str, Any]] = {}
     if "noise" in args.tasks:
         for kind in ("symmetric", "pairs"):
-            factories[f"noise-{kind}"] = ("detection", lambda seed, kind=kind: make_noise_task(
-                kind, seed, size["noise_n"], size["noise_rate"], train, test))
+            factories[f"noise-{kind}"] = (
+                "detection",
+                lambda seed, kind=kind: make_noise_task(
+                    kind, seed, size["noise_n"], size["noise_rate"], train, test
+                ),
+            )
     if "hidden" in args.tasks:
         for noise in (0.0, size["hs_noise"]):
             name = "hidden-strat" + (f"+noise{int(round(noise * 100))}" if noise > 0 else "")
-            factories[name] = ("retrain", lambda seed, noise=noise: make_hidden_strat_task(
-                seed, size["hs_major"], size["hs_minority"], noise, train, test))
+            factories[name] = (
+                "retrain",
+                lambda seed, noise=noise: make_hidden_strat_task(
+                    seed, size["hs_major"], size["hs_minority"], noise, train, test
+                ),
+            )
     if "longtail" in args.tasks:
-        factories["long-tail"] = ("retrain", lambda seed: make_long_tail_task(
-            seed, size["lt_max"], size["lt_ratio"], train, test))
+        factories["long-tail"] = (
+            "retrain",
+            lambda seed: make_long_tail_task(seed, size["lt_max"], size["lt_ratio"], train, test),
+        )
 
     for name, (kind, make) in factories.items():
         runs = []
@@ -272,7 +328,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 seed = run_["seed"]
                 t0 = time.perf_counter()
                 extra = retrain_weightings(make(seed), s, seed, picks)
-                online = {k: run_["policies"].pop(k) for k in (ONLINE_NAME, ONLINE_REFRESH_NAME) if k in run_["policies"]}
+                online = {
+                    k: run_["policies"].pop(k)
+                    for k in (ONLINE_NAME, ONLINE_REFRESH_NAME)
+                    if k in run_["policies"]
+                }
                 run_["policies"].update(extra)
                 run_["policies"].update(online)  # keep the online rows last
                 run_["seconds"] += time.perf_counter() - t0
@@ -305,7 +365,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["hardness_weights"] = hm_runner.weight_study(tasks)
         result["strategies"] = hm_runner.strategy_study(tasks)
     result["targets"] = _targets(tasks, hm_default)
-    result["recommendation"] = hm_runner.recommend(tasks, result.get("hardness_weights")) if hm_runner else None
+    result["recommendation"] = (
+        hm_runner.recommend(tasks, result.get("hardness_weights")) if hm_runner else None
+    )
     return _clean_nan(json.loads(json.dumps(result, default=_json_default)))
 
 
@@ -319,17 +381,34 @@ def _version(mod: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (one seed, no claims), < 60 s")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds for every task (default: 3 for label noise, 5 for the retraining tasks; quick: 1)")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds for every task (default: 3 for label noise, 5 for the retraining tasks; quick: 1)",
+    )
     ap.add_argument("--tasks", default="noise,hidden,longtail", help="comma list of noise,hidden,longtail")
     ap.add_argument("--baselines-only", action="store_true", help="skip hardmine (baseline rows only)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default scripts/results/eval_quality.json)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default scripts/results/eval_quality.json)"
+    )
     ap.add_argument("--md", type=Path, default=None, help="Markdown path (default: --out with .md)")
-    ap.add_argument("--retrain-weightings", type=int, default=None,
-                    help="also retrain with the N best-detecting non-default hardness weightings (default 2; quick: 1)")
-    ap.add_argument("--workdir", type=Path, default=None, help="where scans are written (default: a temp dir)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: these models are tiny, and on a shared CPU two threads "
-                         "spin-waiting on each other ran 3-4x slower than one)")
+    ap.add_argument(
+        "--retrain-weightings",
+        type=int,
+        default=None,
+        help="also retrain with the N best-detecting non-default hardness weightings (default 2; quick: 1)",
+    )
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="where scans are written (default: a temp dir)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: these models are tiny, and on a shared CPU two threads "
+        "spin-waiting on each other ran 3-4x slower than one)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -344,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None and args.seeds < 1:
         ap.error(f"--seeds {args.seeds} must be >= 1")
     # A quick run never overwrites the committed results: without --out it writes to the temp folder.
-    out = args.out or (Path(tempfile.gettempdir()) / "eval_quality_quick.json" if args.quick else RESULTS / "eval_quality.json")
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "eval_quality_quick.json"
+        if args.quick
+        else RESULTS / "eval_quality.json"
+    )
     md = args.md or out.with_suffix(".md")
     if args.threads < 1:
         ap.error(f"--threads {args.threads} must be >= 1")

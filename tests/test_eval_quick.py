@@ -53,7 +53,9 @@ def test_precision_at_rate_and_subgroups():
     pos = np.array([True, False, False, True, False])
     assert precision_at_k(s, pos) == 0.5  # top-2 = rows 0, 1
     assert precision_at_k(s, pos, k=3) == pytest.approx(2 / 3)
-    acc = subgroup_accuracy(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), np.array([5, 5, 6, 6]), {5: 0.9, 6: 0.1})
+    acc = subgroup_accuracy(
+        np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), np.array([5, 5, 6, 6]), {5: 0.9, 6: 0.1}
+    )
     assert acc["per_group"] == {5: 0.5, 6: 1.0}
     assert acc["worst"] == 0.5 and acc["weighted"] == pytest.approx(0.55) and acc["mean"] == 0.75
     assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "n": 2}
@@ -71,7 +73,10 @@ def test_quick_run_writes_wellformed_results(tmp_path):
     out = tmp_path / "q.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--workdir", str(tmp_path / "scans")],
-        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
@@ -81,15 +86,30 @@ def test_quick_run_writes_wellformed_results(tmp_path):
     meta = res["meta"]
     assert meta["quick"] is True and meta["claims"] is False
     assert meta["seeds"] == [0] and meta["retrain_seeds"] == [0]
-    assert set(res["tasks"]) == {"noise-symmetric", "noise-pairs", "hidden-strat", "hidden-strat+noise5", "long-tail"}
+    assert set(res["tasks"]) == {
+        "noise-symmetric",
+        "noise-pairs",
+        "hidden-strat",
+        "hidden-strat+noise5",
+        "long-tail",
+    }
     has_cleanlab = importlib.util.find_spec("cleanlab") is not None
 
     for name in ("noise-symmetric", "noise-pairs"):
         summ = res["tasks"][name]["summary"]
         assert 0.03 < summ["noise_rate"]["mean"] <= 0.10 + 1e-9
         scores = summ["scores"]
-        for col in ("hardness (default)", "loss", "el2n", "grad_norm", "margin (negated)", "class_divergence",
-                    "class_divergence_plain", "knn_outlier", "neighbor_disagreement"):
+        for col in (
+            "hardness (default)",
+            "loss",
+            "el2n",
+            "grad_norm",
+            "margin (negated)",
+            "class_divergence",
+            "class_divergence_plain",
+            "knn_outlier",
+            "neighbor_disagreement",
+        ):
             assert f"hardmine:{col}" in scores, sorted(scores)
         assert ("cleanlab:label quality (K-fold)" in scores) == has_cleanlab
         for sname, row in scores.items():

@@ -24,15 +24,20 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("HARDMINE_NOTEBOOK_LIMIT", str(LIMIT))
     monkeypatch.setenv("HARDMINE_NOTEBOOK_OUT", str(tmp_path))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    )
     client.execute()  # raises CellExecutionError with the failing cell's traceback
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     text = "\n".join(
-        o.get("text", "") if o.get("output_type") == "stream" else str(o.get("data", {}).get("text/plain", ""))
-        for c in code for o in c.get("outputs", [])
+        o.get("text", "")
+        if o.get("output_type") == "stream"
+        else str(o.get("data", {}).get("text/plain", ""))
+        for c in code
+        for o in c.get("outputs", [])
     )
     assert f"LIMIT={LIMIT}" in text
     assert "test accuracy: 0." in text

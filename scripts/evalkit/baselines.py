@@ -25,7 +25,9 @@ __all__ = [
 
 
 def cleanlab_available() -> bool:
-    return importlib.util.find_spec("cleanlab") is not None and importlib.util.find_spec("sklearn") is not None
+    return (
+        importlib.util.find_spec("cleanlab") is not None and importlib.util.find_spec("sklearn") is not None
+    )
 
 
 def _stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -49,7 +51,9 @@ def out_of_sample_proba(
     for f in range(k):
         tr = np.flatnonzero(fold != f)
         te = np.flatnonzero(fold == f)
-        idx = torch.from_numpy(tr)[weighted_indices(np.ones(len(tr)), cfg.steps(len(tr)) * cfg.batch, seed * 100 + f)]
+        idx = torch.from_numpy(tr)[
+            weighted_indices(np.ones(len(tr)), cfg.steps(len(tr)) * cfg.batch, seed * 100 + f)
+        ]
         model = train_mlp(x, y, n_classes, idx, cfg, seed * 100 + f)
         proba[te] = predict_proba(model, x[torch.from_numpy(te)]).double().numpy()
     return proba

@@ -46,7 +46,7 @@ class Task:
     y_test: torch.Tensor  # (M,) clean test labels in the task's label space
     group_test: np.ndarray  # (M,) sub-class id of each test image
     n_classes: int
-    # Share of each sub-class in the training distribution (for in-distribution accuracy on a balanced test set).
+    # Share of each sub-class in the training distribution (in-distribution accuracy on a balanced test set).
     group_weights: dict[int, float] = field(default_factory=dict)
     info: dict[str, object] = field(default_factory=dict)
 
@@ -69,7 +69,11 @@ def _flip_symmetric(y: np.ndarray, rate: float, n_classes: int, rng: np.random.G
 
 
 def make_noise_task(
-    kind: str, seed: int, n_train: int, rate: float, train: tuple[torch.Tensor, np.ndarray],
+    kind: str,
+    seed: int,
+    n_train: int,
+    rate: float,
+    train: tuple[torch.Tensor, np.ndarray],
     test: tuple[torch.Tensor, np.ndarray],
 ) -> Task:
     """Label-noise task: ``n_train`` random training images, labels flipped at ``rate``.
@@ -113,7 +117,11 @@ def make_noise_task(
 
 
 def make_hidden_strat_task(
-    seed: int, n_major: int, minority_share: float, noise: float, train: tuple[torch.Tensor, np.ndarray],
+    seed: int,
+    n_major: int,
+    minority_share: float,
+    noise: float,
+    train: tuple[torch.Tensor, np.ndarray],
     test: tuple[torch.Tensor, np.ndarray],
 ) -> Task:
     """Five superclasses, each a majority class (``n_major`` images) plus a minority class kept at
@@ -159,7 +167,11 @@ def make_hidden_strat_task(
 
 
 def make_long_tail_task(
-    seed: int, n_max: int, ratio: float, train: tuple[torch.Tensor, np.ndarray], test: tuple[torch.Tensor, np.ndarray],
+    seed: int,
+    n_max: int,
+    ratio: float,
+    train: tuple[torch.Tensor, np.ndarray],
+    test: tuple[torch.Tensor, np.ndarray],
     n_tail: int = 3,
 ) -> Task:
     """Exponentially imbalanced 10-class set: class ``c`` keeps ``n_max * ratio ** (-c / 9)`` images
@@ -169,7 +181,9 @@ def make_long_tail_task(
     rng = np.random.default_rng(seed)
     x_all, y_all = train
     counts = [int(round(n_max * ratio ** (-c / 9))) for c in range(10)]
-    sel = np.concatenate([rng.choice(np.flatnonzero(y_all == c), size=n, replace=False) for c, n in enumerate(counts)])
+    sel = np.concatenate(
+        [rng.choice(np.flatnonzero(y_all == c), size=n, replace=False) for c, n in enumerate(counts)]
+    )
     sel = sel[rng.permutation(len(sel))]
     y = y_all[sel]
     tail = list(range(10 - n_tail, 10))

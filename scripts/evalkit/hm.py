@@ -1,9 +1,10 @@
 """hardmine's side of the benchmark, through its public API only: the calls a user makes.
 
 ``hardmine.scan(model, loader, out=...)`` -> ``Scan``; ``scan.manifest()`` (the manifest DataFrame);
-``scan.rescore(hardmine.ScoreConfig(weights=...))``; ``hardmine.export_manifest(scan, strategy=..., out=...)``;
-``hardmine.ManifestSampler(path, num_samples=..., seed=...)``. Score directions come from the table the
-manifest itself documents (``hardmine.score.SCORE_TABLE``).
+``scan.rescore(hardmine.ScoreConfig(weights=...))``;
+``hardmine.export_manifest(scan, strategy=..., out=...)``; ``hardmine.ManifestSampler(path, num_samples=...,
+seed=...)``; ``hardmine.OnlineMiner`` / ``hardmine.MinerSampler`` for the training-loop rows. Score directions
+come from the table the manifest itself documents (``hardmine.score.SCORE_TABLE``).
 """
 
 from __future__ import annotations
@@ -60,8 +61,18 @@ def api(name: str) -> Any:
 
 # Every manifest column that is a per-sample score (reported as a row of the AUROC tables).
 SIGNAL_COLUMNS = (
-    "hardness", "loss", "el2n", "grad_norm", "margin", "class_divergence", "global_divergence",
-    "class_divergence_plain", "global_divergence_plain", "class_distance", "knn_outlier", "neighbor_disagreement",
+    "hardness",
+    "loss",
+    "el2n",
+    "grad_norm",
+    "margin",
+    "class_divergence",
+    "global_divergence",
+    "class_divergence_plain",
+    "global_divergence_plain",
+    "class_distance",
+    "knn_outlier",
+    "neighbor_disagreement",
     "confident_error",
 )
 
@@ -84,12 +95,20 @@ WEIGHTINGS: dict[str, dict[str, float]] = {
     "margin + grad_norm": {"margin": 1.0, "grad_norm": 1.0},
     "el2n + grad_norm": {"el2n": 1.0, "grad_norm": 1.0},
     "margin + neighbor_disagreement/2": {"margin": 1.0, "neighbor_disagreement": 0.5},
-    "margin + grad_norm + neighbor_disagreement/2": {"margin": 1.0, "grad_norm": 1.0, "neighbor_disagreement": 0.5},
+    "margin + grad_norm + neighbor_disagreement/2": {
+        "margin": 1.0,
+        "grad_norm": 1.0,
+        "neighbor_disagreement": 0.5,
+    },
     "loss + class_divergence + knn_outlier/2": {"loss": 1.0, "class_divergence": 1.0, "knn_outlier": 0.5},
     "loss + class_distance + knn_outlier/2": {"loss": 1.0, "class_distance": 1.0, "knn_outlier": 0.5},
 }
 # Retraining metrics the strategy and weight studies compare: (task, metric).
-_RETRAIN_COLUMNS = (("hidden-strat", "worst"), ("hidden-strat+noise5", "worst"), ("long-tail", "balanced_acc"))
+_RETRAIN_COLUMNS = (
+    ("hidden-strat", "worst"),
+    ("hidden-strat+noise5", "worst"),
+    ("long-tail", "balanced_acc"),
+)
 
 SHORTFALL = "worst-case shortfall"
 
@@ -101,8 +120,10 @@ PER_CLASS_SHARP = 3.0
 
 # Detection settings the weightings are compared on: (task, which planted truth).
 _STUDY_COLUMNS = (
-    ("noise-symmetric", "noisy"), ("noise-pairs", "noisy"),
-    ("hidden-strat", "minority"), ("hidden-strat+noise5", "minority"),
+    ("noise-symmetric", "noisy"),
+    ("noise-pairs", "noisy"),
+    ("hidden-strat", "minority"),
+    ("hidden-strat+noise5", "minority"),
 )
 
 
@@ -135,7 +156,7 @@ class HardmineRunner:
         self.Strategy = api("Strategy")
         self.default_config = self.ScoreConfig()
         self.default_strategy = self.Strategy(self.default_config.strategy).value
-        # (task name, seed) -> manifest frame of the default scan, and the planted truth, for the weight study.
+        # (task name, seed) -> default scan's manifest frame and the planted truth, for the weight study.
         self.frames: dict[tuple[str, int], tuple[pd.DataFrame, np.ndarray, np.ndarray]] = {}
         self.scan_dirs: dict[tuple[str, int], Path] = {}
         # policy row name -> {"strategy", "temperature", "weighting"} (weighting "default" = library weights)
@@ -155,12 +176,17 @@ class HardmineRunner:
     def default_names(self) -> dict[str, str]:
         return {"score": "hardmine:hardness (default)", "policy": self.policy_name(self.default_strategy)}
 
-    def policy_name(self, strategy: str, weighting: str | None = None, temperature: float | None = None) -> str:
+    def policy_name(
+        self, strategy: str, weighting: str | None = None, temperature: float | None = None
+    ) -> str:
         """Row name of a manifest policy; "(default)" marks the library's default export exactly."""
         c = self.default_config
         t = c.temperature if temperature is None else temperature
-        knob = {"top-k": f"top {c.top:g} x{c.boost:g}", "proportional": f"hardness^{t:g}",
-                "per-class": f"hardness^{t:g} per class"}.get(strategy, "")
+        knob = {
+            "top-k": f"top {c.top:g} x{c.boost:g}",
+            "proportional": f"hardness^{t:g}",
+            "per-class": f"hardness^{t:g} per class",
+        }.get(strategy, "")
         is_default = strategy == self.default_strategy and weighting is None and t == c.temperature
         w = f", weights: {weighting}" if weighting else ""
         name = f"hardmine manifest: {strategy} [{knob}{w}]" + (" (default)" if is_default else "")
@@ -170,7 +196,8 @@ class HardmineRunner:
     def describe(self) -> dict[str, Any]:
         c = self.default_config
         return {
-            "call": f"hardmine.scan(model, DataLoader(batch_size={self.batch}), out=..., dim={self.dim}, seed=seed)",
+            "call": f"hardmine.scan(model, DataLoader(batch_size={self.batch}), out=..., dim={self.dim}, "
+            "seed=seed)",
             "layers": "all (the default)",
             "score_config": c.to_dict(),
             "default_weights": dict(c.weights),
@@ -202,14 +229,17 @@ class HardmineRunner:
         sampler = self.ManifestSampler(str(path), num_samples=n_draws, replacement=True, seed=seed)
         return torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
 
-    def _export_variants(self, scan: Any, n_draws: int, seed: int, weighting: str | None,
-                         variants: list[tuple[str, float]]) -> dict[str, Callable[[], torch.Tensor]]:
+    def _export_variants(
+        self, scan: Any, n_draws: int, seed: int, weighting: str | None, variants: list[tuple[str, float]]
+    ) -> dict[str, Callable[[], torch.Tensor]]:
         out: dict[str, Callable[[], torch.Tensor]] = {}
         slug = "".join(ch if ch.isalnum() else "_" for ch in (weighting or "default"))
         for strategy, temperature in variants:
             path = Path(scan.path) / f"export-{slug}-{strategy}-t{temperature:g}.parquet"
 
-            def draw(strategy: str = strategy, temperature: float = temperature, path: Path = path) -> torch.Tensor:
+            def draw(
+                strategy: str = strategy, temperature: float = temperature, path: Path = path
+            ) -> torch.Tensor:
                 self.export_manifest(scan, strategy=strategy, temperature=temperature, out=str(path))
                 return self._draw(path, n_draws, seed)
 
@@ -262,7 +292,9 @@ class HardmineRunner:
         model = make_mlp(task.n_classes, cfg.hidden, init_seed)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         n_steps = n_draws // cfg.batch
-        miner = miner_cls(model, layers="classifier", num_classes=task.n_classes, dim=self.dim, seed=init_seed)
+        miner = miner_cls(
+            model, layers="classifier", num_classes=task.n_classes, dim=self.dim, seed=init_seed
+        )
         sampler = sampler_cls(n, seed=draw_seed) if refresh else None
         stream = None if refresh else weighted_indices(np.ones(n), n_draws, draw_seed)
         drawn: list[torch.Tensor] = []
@@ -325,12 +357,19 @@ class HardmineRunner:
         from .metrics import mean_std
 
         per = self.weighting_aurocs()
-        cols = sorted({c for v in per.values() for c in v}, key=lambda c: [s for s, _ in _STUDY_COLUMNS].index(c.split(" (")[0]))
+        cols = sorted(
+            {c for v in per.values() for c in v},
+            key=lambda c: [s for s, _ in _STUDY_COLUMNS].index(c.split(" (")[0]),
+        )
         rows: dict[str, dict[str, Any]] = {}
         for name, v in per.items():
             rows[name] = {c: mean_std(v[c]) for c in cols if c in v}
             flat = [np.mean(v[c]) for c in cols if c in v]
-            rows[name]["mean AUROC"] = {"mean": float(np.mean(flat)) if flat else math.nan, "std": 0.0, "n": len(flat)}
+            rows[name]["mean AUROC"] = {
+                "mean": float(np.mean(flat)) if flat else math.nan,
+                "std": 0.0,
+                "n": len(flat),
+            }
         for name, short in self._shortfalls(per).items():
             rows[name][SHORTFALL] = {"mean": short, "std": 0.0, "n": 1}
         # Retraining results (default strategy at its default temperature) of the weightings retrained.
@@ -339,20 +378,28 @@ class HardmineRunner:
         for tname, metric in _RETRAIN_COLUMNS:
             for pname, r in tasks.get(tname, {}).get("summary", {}).get("policies", {}).items():
                 meta = self.policy_meta.get(pname)
-                if meta and meta["strategy"] == self.default_strategy and meta["temperature"] == c.temperature:
+                if (
+                    meta
+                    and meta["strategy"] == self.default_strategy
+                    and meta["temperature"] == c.temperature
+                ):
                     retrain.setdefault(meta["weighting"], {})[f"{tname} {metric}"] = r.get(metric)
         for wname, cells in retrain.items():
             if wname in rows:
                 rows[wname].update(cells)
-        all_cols = cols + ["mean AUROC", SHORTFALL] + [f"{t} {m}" for t, m in _RETRAIN_COLUMNS if any(f"{t} {m}" in r for r in retrain.values())]
+        all_cols = (
+            cols
+            + ["mean AUROC", SHORTFALL]
+            + [f"{t} {m}" for t, m in _RETRAIN_COLUMNS if any(f"{t} {m}" in r for r in retrain.values())]
+        )
         return {
             "title": "Hardness weightings compared (same scans; AUROC, then retraining metrics)",
             "row_label": "weighting",
             "note": (
-                "Composite `hardness` under each weighting on the same scans as above (mean ± std over seeds); "
-                f"the retraining columns use the default export ({self.default_strategy}) and are filled only "
-                "for the weightings that were retrained. 'default' = the library's current DEFAULT_WEIGHTS "
-                f"{dict(c.weights)}. '{SHORTFALL}' is the largest gap, over the four detection settings, "
+                "Composite `hardness` under each weighting on the same scans as above (mean ± std over "
+                f"seeds); the retraining columns use the default export ({self.default_strategy}) and are "
+                "filled only for the weightings that were retrained. 'default' = the library's current "
+                f"DEFAULT_WEIGHTS {dict(c.weights)}. '{SHORTFALL}' is the largest gap, over the four detection settings, "
                 "between this weighting's mean AUROC and the best weighting's: the rule that picks a default "
                 "(no setting where it is far from the best); unlike every other column, lower is better."
             ),
@@ -375,14 +422,19 @@ class HardmineRunner:
                 if r and isinstance(r.get(metric), dict):
                     cells[f"{tname} {metric}"] = r[metric]
             if all(f"{t} {m}" in cells for t, m in _RETRAIN_COLUMNS):
-                cells["mean of the three"] = mean_std([np.mean([cells[f"{t} {m}"]["mean"] for t, m in _RETRAIN_COLUMNS])])
+                cells["mean of the three"] = mean_std(
+                    [np.mean([cells[f"{t} {m}"]["mean"] for t, m in _RETRAIN_COLUMNS])]
+                )
                 rows[pname.removeprefix("hardmine manifest: ")] = cells
         return {
             "title": "Export strategy x hardness weighting (retraining at equal budget)",
             "row_label": "export [knobs, weights]",
             "scale": 100.0,  # accuracies, shown in %
-            "note": "Every hardmine manifest that was retrained (%, mean ± std over seeds), best first by 'mean of "
-                    "the three', the strategy rule; the last column is the in-distribution accuracy cost under noise.",
+            "note": (
+                "Every hardmine manifest that was retrained (%, mean ± std over seeds), best first by 'mean "
+                "of the three', the strategy rule; the last column is the in-distribution accuracy cost "
+                "under noise."
+            ),
             "columns": cols,
             "rows": dict(sorted(rows.items(), key=lambda kv: -kv[1]["mean of the three"]["mean"])),
         }
@@ -409,12 +461,18 @@ class HardmineRunner:
 
     def recommend(self, tasks: Mapping[str, Any], study: Mapping[str, Any] | None) -> dict[str, Any]:
         """Which score, weighting and strategy win, by the rules in ``rules``, with a generated summary."""
-        rec: dict[str, Any] = {"rules": {
-            "score": "highest mean AUROC over the detection settings it is measured on",
-            "weights": "smallest worst-case shortfall: max over the four detection settings (noise x2, minority "
-                       "x2) of the gap to the best weighting's mean AUROC",
-            "strategy": "highest mean over worst-subclass (hidden-strat, both) and balanced acc (long-tail)",
-        }}
+        rec: dict[str, Any] = {
+            "rules": {
+                "score": "highest mean AUROC over the detection settings it is measured on",
+                "weights": (
+                    "smallest worst-case shortfall: max over the four detection settings (noise x2, "
+                    "minority x2) of the gap to the best weighting's mean AUROC"
+                ),
+                "strategy": (
+                    "highest mean over worst-subclass (hidden-strat, both) and balanced acc (long-tail)"
+                ),
+            }
+        }
         text: list[str] = []
 
         def best_score(key: str, names: tuple[str, ...]) -> tuple[str, dict[str, float]] | None:
@@ -440,40 +498,54 @@ class HardmineRunner:
             if b is None:
                 continue
             rec[f"best_{key}"] = {"name": b[0], "auroc": b[1]}
-            dflt = {t: tasks[t]["summary"][key].get(default_row, {}).get("auroc", {}).get("mean") for t in names}
-            text.append(f"- Best single score for {what}: `{b[0]}` ({fmt(b[1])}); default `hardness`: "
-                        f"{fmt({k: v for k, v in dflt.items() if v is not None})}.")
+            dflt = {
+                t: tasks[t]["summary"][key].get(default_row, {}).get("auroc", {}).get("mean") for t in names
+            }
+            text.append(
+                f"- Best single score for {what}: `{b[0]}` ({fmt(b[1])}); default `hardness`: "
+                f"{fmt({k: v for k, v in dflt.items() if v is not None})}."
+            )
         if study and study.get("rows"):
             rows = study["rows"]
             ok = {k: r for k, r in rows.items() if SHORTFALL in r}
             best = min(ok, key=lambda k: ok[k][SHORTFALL]["mean"])
             best_mean = max(rows, key=lambda k: rows[k]["mean AUROC"]["mean"])
-            rec["weights"] = {"name": best, "weights": study["weights"][best],
-                              "shortfall": ok[best][SHORTFALL]["mean"], "mean_auroc": rows[best]["mean AUROC"]["mean"],
-                              "default_shortfall": ok["default"][SHORTFALL]["mean"],
-                              "default_mean_auroc": rows["default"]["mean AUROC"]["mean"],
-                              "best_mean_auroc": {"name": best_mean, "value": rows[best_mean]["mean AUROC"]["mean"]}}
+            rec["weights"] = {
+                "name": best,
+                "weights": study["weights"][best],
+                "shortfall": ok[best][SHORTFALL]["mean"],
+                "mean_auroc": rows[best]["mean AUROC"]["mean"],
+                "default_shortfall": ok["default"][SHORTFALL]["mean"],
+                "default_mean_auroc": rows["default"]["mean AUROC"]["mean"],
+                "best_mean_auroc": {"name": best_mean, "value": rows[best_mean]["mean AUROC"]["mean"]},
+            }
             text.append(
                 f"- Hardness weighting with the smallest worst-case AUROC shortfall: `{best}` = "
                 f"{study['weights'][best]} (shortfall {ok[best][SHORTFALL]['mean']:.3f}, mean AUROC "
                 f"{rows[best]['mean AUROC']['mean']:.3f}); the current default: shortfall "
-                f"{ok['default'][SHORTFALL]['mean']:.3f}, mean AUROC {rows['default']['mean AUROC']['mean']:.3f}. "
+                f"{ok['default'][SHORTFALL]['mean']:.3f}, mean AUROC "
+                f"{rows['default']['mean AUROC']['mean']:.3f}. "
                 f"Best mean AUROC: `{best_mean}` ({rows[best_mean]['mean AUROC']['mean']:.3f})."
             )
         study_s = self.strategy_study(tasks)
         if study_s["rows"]:
             rows_s = study_s["rows"]
             best = next(iter(rows_s))  # sorted best first
-            rec["strategy"] = {"name": best, "meta": self.policy_meta.get(f"hardmine manifest: {best}"),
-                               "mean_metric": {k: v["mean of the three"]["mean"] for k, v in rows_s.items()}}
+            rec["strategy"] = {
+                "name": best,
+                "meta": self.policy_meta.get(f"hardmine manifest: {best}"),
+                "mean_metric": {k: v["mean of the three"]["mean"] for k, v in rows_s.items()},
+            }
             top3 = list(rows_s.items())[:3]
+            dflt = self.policy_name(self.default_strategy).removeprefix("hardmine manifest: ")
+            dflt_value = (
+                f"{100 * rows_s[dflt]['mean of the three']['mean']:.1f}%." if dflt in rows_s else "n/a."
+            )
             text.append(
-                "- Exports by the strategy rule (mean of worst-subclass on both hidden-stratification tasks and "
-                "long-tail balanced accuracy): " + ", ".join(
-                    f"`{k}` {100 * v['mean of the three']['mean']:.1f}%" for k, v in top3)
-                + f"; the current default `{self.policy_name(self.default_strategy).removeprefix('hardmine manifest: ')}`: "
-                + (f"{100 * rows_s[d]['mean of the three']['mean']:.1f}%." if (d := self.policy_name(
-                    self.default_strategy).removeprefix("hardmine manifest: ")) in rows_s else "n/a.")
+                "- Exports by the strategy rule (mean of worst-subclass on both hidden-stratification tasks "
+                "and long-tail balanced accuracy): "
+                + ", ".join(f"`{k}` {100 * v['mean of the three']['mean']:.1f}%" for k, v in top3)
+                + f"; the current default `{dflt}`: {dflt_value}"
             )
         rec["text"] = "\n".join(text)
         return rec

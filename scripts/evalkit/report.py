@@ -53,7 +53,8 @@ def _detection_table(tasks: dict[str, Any]) -> list[str]:
         lines.append(
             "cleanlab `find_label_issues` (its own cut-off): "
             + "; ".join(
-                f"{t}: flags {fmt(c['n_flagged'], digits=0)}, precision {fmt(c['precision'])}, recall {fmt(c['recall'])}"
+                f"{t}: flags {fmt(c['n_flagged'], digits=0)}, precision {fmt(c['precision'])}, "
+                f"recall {fmt(c['recall'])}"
                 for t, c in zip(names, cl, strict=True)
             )
             + "."
@@ -65,7 +66,11 @@ def _detection_table(tasks: dict[str, Any]) -> list[str]:
 
 
 def _minority_table(tasks: dict[str, Any]) -> list[str]:
-    names = [t for t in ("hidden-strat", "hidden-strat+noise5") if t in tasks and "minority_scores" in tasks[t]["summary"]]
+    names = [
+        t
+        for t in ("hidden-strat", "hidden-strat+noise5")
+        if t in tasks and "minority_scores" in tasks[t]["summary"]
+    ]
     if not names:
         return []
     lines = [
@@ -76,13 +81,18 @@ def _minority_table(tasks: dict[str, Any]) -> list[str]:
     ]
     bests = {t: _best(tasks[t]["summary"]["minority_scores"], "auroc") for t in names}
     for r in tasks[names[0]]["summary"]["minority_scores"]:
-        cells = [_bold_if(r, fmt(tasks[t]["summary"]["minority_scores"].get(r, {}).get("auroc")), bests[t]) for t in names]
+        cells = [
+            _bold_if(r, fmt(tasks[t]["summary"]["minority_scores"].get(r, {}).get("auroc")), bests[t])
+            for t in names
+        ]
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     lines.append("")
     return lines
 
 
-def _policy_table(tasks: dict[str, Any], names: list[str], metrics: list[tuple[str, str]], title: str) -> list[str]:
+def _policy_table(
+    tasks: dict[str, Any], names: list[str], metrics: list[tuple[str, str]], title: str
+) -> list[str]:
     names = [t for t in names if t in tasks]
     if not names:
         return []
@@ -118,9 +128,37 @@ def _study_table(study: dict[str, Any] | None) -> list[str]:
     for name, row in study["rows"].items():
         scale = study.get("scale", 1.0)
         digits = 1 if scale != 1.0 else 3
-        lines.append(f"| {name} | " + " | ".join(fmt(row.get(c), scale=scale, digits=digits) for c in cols) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(fmt(row.get(c), scale=scale, digits=digits) for c in cols) + " |"
+        )
     lines.append("")
     return lines
+
+
+def _intro(meta: dict[str, Any], seeds: int, rseeds: int) -> list[str]:
+    tr, z = meta["train"], meta["sizes"]
+    minor = round(z["hs_major"] * z["hs_minority"] / (1 - z["hs_minority"]))
+    return [
+        f"Mean ± std over {seeds} seed(s) for label noise and {rseeds} seed(s) for the retraining tasks (a "
+        "seed fixes the data subset, the injected noise, the first model and the retraining draws). Model: "
+        f"MLP 784-{tr['hidden']}-C (`hardmine.zoo.FashionMLP`), Adam lr {tr['lr']}, batch {tr['batch']}, "
+        f"{tr['epochs']:g} epochs-equivalent of steps for every run: every retraining policy draws the same "
+        "number of samples with replacement, from the same initialisation. hardmine scans the first model "
+        "(trained on the observed labels) with `hardmine.scan` defaults (all layers, dim 256); its exports "
+        "are drawn with `hardmine.ManifestSampler`. Higher is better everywhere except where a column says "
+        "so; the best row per column is bold. `scripts/eval_quality.py` regenerates this file "
+        f"({meta['seconds'] / 60:.1f} min with {meta['threads']} torch thread(s)).",
+        "",
+        f"Tasks: **label noise**, {z['noise_n']:,} training images with {z['noise_rate']:.0%} symmetric "
+        f"noise, or {z['noise_rate']:.0%} of each of T-shirt/Shirt, Pullover/Coat, Sneaker/Ankle boot "
+        "relabelled as its partner; **hidden stratification**, five superclasses (T-shirt+Shirt, "
+        "Trouser+Dress, Pullover+Coat, Sandal+Sneaker, Bag+Ankle boot), each "
+        f"{z['hs_major']:,} majority + {minor:,} minority images ({z['hs_minority']:.0%}), 5-way labels, "
+        f"with and without {z['hs_noise']:.0%} extra symmetric label noise, tested on the whole test set "
+        "(1,000 images per sub-class); **long tail**, 10 classes with "
+        f"n_c = {z['lt_max']:,} * {z['lt_ratio']:g}^(-c/9) (tail = the 3 rarest), balanced test set.",
+        "",
+    ]
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -130,27 +168,20 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = ["## Quality benchmark (Fashion-MNIST, MLP)", ""]
     if meta["quick"]:
         lines += ["> **--quick smoke run: tiny sizes, one seed. These numbers support no claim.**", ""]
-    tr = meta["train"]
-    lines += [
-        f"Mean ± std over {seeds} seed(s) for label noise and {rseeds} seed(s) for the retraining tasks "
-        "(a seed fixes the data subset, the injected noise, the first model and the retraining draws). "
-        f"Model: MLP 784-{tr['hidden']}-C, Adam lr {tr['lr']}, batch {tr['batch']}, "
-        f"{tr['epochs']:g} epochs-equivalent of steps for every run (every retraining policy draws the same number of "
-        "samples with replacement, from the same initialisation). Higher is better everywhere; the best row per column "
-        "is bold. `scripts/eval_quality.py` regenerates this file "
-        f"({meta['seconds'] / 60:.1f} min with {meta['threads']} torch thread(s)).",
-        "",
-    ]
+    lines += _intro(meta, seeds, rseeds)
     lines += _detection_table(tasks)
     lines += _minority_table(tasks)
     lines += _policy_table(
-        tasks, ["hidden-strat", "hidden-strat+noise5"],
+        tasks,
+        ["hidden-strat", "hidden-strat+noise5"],
         [("acc", "acc"), ("worst", "worst-subclass"), ("minority_acc", "minority mean")],
-        "### Hidden stratification: retraining at equal budget (%: test accuracy under the training mix; worst "
-        "sub-class; mean over the 5 minority sub-classes)",
+        "### Hidden stratification: retraining at equal budget (%: test accuracy under the training mix; "
+        "worst sub-class; mean over the 5 minority sub-classes)",
     )
     lines += _policy_table(
-        tasks, ["long-tail"], [("balanced_acc", "balanced acc"), ("tail_acc", "tail-class acc")],
+        tasks,
+        ["long-tail"],
+        [("balanced_acc", "balanced acc"), ("tail_acc", "tail-class acc")],
         "### Long tail (imbalance ratio 100): retraining at equal budget (%)",
     )
     lines += _study_table(result.get("hardness_weights"))
@@ -173,12 +204,16 @@ def render_markdown(result: dict[str, Any]) -> str:
     if rec and rec.get("text"):
         lines += ["### What the evidence says", "", rec["text"], ""]
     knobs = meta["policy_knobs"]
+    folds = meta["sizes"]["cv_folds"]
     lines += [
         f"Knobs: JTT upsamples the first model's errors x{knobs['jtt_up']:g}; loss-top-k boosts the top "
-        f"{knobs['topk_top']:g} by loss x{knobs['topk_boost']:g} (the same top/boost as hardmine's top-k strategy, so "
-        "only the ranking differs). Focal loss uses gamma 2. cleanlab gets out-of-sample probabilities from "
-        f"{meta['sizes']['cv_folds']}-fold cross-validation with the same recipe ({meta['sizes']['cv_folds']}x the "
-        "training compute of the single in-sample model that every other score uses).",
+        f"{knobs['topk_top']:g} by loss x{knobs['topk_boost']:g} (the same top/boost as hardmine's top-k "
+        "strategy, so only the ranking differs). Focal loss uses gamma 2. cleanlab gets out-of-sample "
+        f"probabilities from {folds}-fold cross-validation with the same recipe ({folds}x the training compute "
+        "of the single in-sample model that every other score uses). The online rows train with "
+        '`hardmine.OnlineMiner(model, layers="classifier")` and its default `WeightingConfig` (objective '
+        "`stats.weighted_loss()`), on ERM's draws, or on a `MinerSampler` refreshed with `miner.manifest()` after "
+        "every epoch.",
         "",
     ]
     return "\n".join(lines)

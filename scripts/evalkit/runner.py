@@ -17,8 +17,14 @@ from .metrics import auroc, precision_at_k, subgroup_accuracy
 from .train import TrainConfig, predict_proba, train_mlp, weighted_indices
 
 __all__ = [
-    "Settings", "reference_signals", "run_detection", "run_retrain_task", "retrain_weightings", "ONLINE_ROW",
-    "ONLINE_NAME", "ONLINE_REFRESH_NAME",
+    "Settings",
+    "reference_signals",
+    "run_detection",
+    "run_retrain_task",
+    "retrain_weightings",
+    "ONLINE_ROW",
+    "ONLINE_NAME",
+    "ONLINE_REFRESH_NAME",
 ]
 
 logger = logging.getLogger(__name__)
@@ -26,15 +32,24 @@ logger = logging.getLogger(__name__)
 ONLINE_NAME = "hardmine online weighting (training-loop API)"
 ONLINE_REFRESH_NAME = "hardmine online weighting + MinerSampler refreshed per epoch"
 # Where the training-loop API is not importable the row still exists, so the table says so, with no numbers.
-ONLINE_ROW = {"status": "not yet available", "reason": "hardmine's training-loop API (online weighting) is not importable"}
+ONLINE_ROW = {
+    "status": "not yet available",
+    "reason": "hardmine's training-loop API (online weighting) is not importable",
+}
 
 
 class Settings:
     """Knobs shared by all tasks of one run."""
 
     def __init__(
-        self, cfg: TrainConfig, cv_folds: int, jtt_up: float, topk_top: float, topk_boost: float,
-        use_cleanlab: bool, hm: Any | None,
+        self,
+        cfg: TrainConfig,
+        cv_folds: int,
+        jtt_up: float,
+        topk_top: float,
+        topk_boost: float,
+        use_cleanlab: bool,
+        hm: Any | None,
     ) -> None:
         self.cfg = cfg
         self.cv_folds = cv_folds
@@ -112,7 +127,9 @@ def run_detection(task: Task, s: Settings, seed: int) -> dict[str, Any]:
     """Label-noise detection: score every sample with a model trained on the noisy labels."""
     out: dict[str, Any] = {"seed": seed, "noise_rate": float(task.is_noisy.mean())}
     model = _first_model(task, s, seed)
-    out["first_model_test_acc"] = float((predict_proba(model, task.x_test).argmax(1) == task.y_test).float().mean())
+    out["first_model_test_acc"] = float(
+        (predict_proba(model, task.x_test).argmax(1) == task.y_test).float().mean()
+    )
     signals = _signals(task, s, seed, model, out, with_cleanlab=True)
     out["scores"] = _score_rows(signals, task.is_noisy)
     if "_cleanlab_issues" in out:
@@ -158,16 +175,23 @@ def run_retrain_task(task: Task, s: Settings, seed: int, detect_minority: bool) 
     # policy name -> (index stream, loss)
     policies: dict[str, Callable[[], tuple[torch.Tensor, str]]] = {
         "ERM": lambda: (weighted_indices(np.ones(n), n_draws, draw_seed), "ce"),
-        "class-balanced sampling": lambda: (weighted_indices(bl.class_balanced_weights(y), n_draws, draw_seed), "ce"),
+        "class-balanced sampling": lambda: (
+            weighted_indices(bl.class_balanced_weights(y), n_draws, draw_seed),
+            "ce",
+        ),
         "focal loss (gamma=2)": lambda: (weighted_indices(np.ones(n), n_draws, draw_seed), "focal"),
         f"JTT (errors x{s.jtt_up:g})": lambda: (
-            weighted_indices(bl.jtt_weights(pred, y, s.jtt_up), n_draws, draw_seed), "ce"),
+            weighted_indices(bl.jtt_weights(pred, y, s.jtt_up), n_draws, draw_seed),
+            "ce",
+        ),
         f"loss top-{s.topk_top:g} x{s.topk_boost:g}": lambda: (
-            weighted_indices(bl.topk_weights(ref["loss"], s.topk_top, s.topk_boost), n_draws, draw_seed), "ce"),
+            weighted_indices(bl.topk_weights(ref["loss"], s.topk_top, s.topk_boost), n_draws, draw_seed),
+            "ce",
+        ),
     }
     if s.hm is not None:
         for name, draw in s.hm.policies(handle, n_draws, draw_seed).items():
-            policies[name] = (lambda d=draw: (d(), "ce"))
+            policies[name] = lambda d=draw: (d(), "ce")
     out["policies"] = {name: _retrain(task, s, retrain_seed, make) for name, make in policies.items()}
     if s.hm is not None and s.hm.online_available():
         for name, refresh in ((ONLINE_NAME, False), (ONLINE_REFRESH_NAME, True)):
@@ -185,7 +209,9 @@ def _budget(task: Task, s: Settings, seed: int) -> tuple[int, int, int]:
     return s.cfg.steps(len(task.y)) * s.cfg.batch, seed + 1000, seed + 2000
 
 
-def _retrain(task: Task, s: Settings, init_seed: int, make: Callable[[], tuple[torch.Tensor, str]]) -> dict[str, Any]:
+def _retrain(
+    task: Task, s: Settings, init_seed: int, make: Callable[[], tuple[torch.Tensor, str]]
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     idx, loss = make()
     return _scored(train_mlp(task.x, task.y, task.n_classes, idx, s.cfg, init_seed, loss=loss), task, idx, t0)
@@ -199,7 +225,9 @@ def _scored(model: torch.nn.Module, task: Task, idx: torch.Tensor, t0: float) ->
     return res
 
 
-def retrain_weightings(task: Task, s: Settings, seed: int, weightings: list[str]) -> dict[str, dict[str, Any]]:
+def retrain_weightings(
+    task: Task, s: Settings, seed: int, weightings: list[str]
+) -> dict[str, dict[str, Any]]:
     """Retrain with hardmine's manifest under other hardness weightings (each export variant), from the
     stored scan of ``task``/``seed`` (rescored, not re-extracted), at the same budget, init and draw seed
     as the other policies."""

@@ -40,7 +40,7 @@ def make_mlp(n_classes: int, hidden: int, seed: int) -> FashionMLP:
     model = FashionMLP(hidden=hidden, n_classes=n_classes)
     with torch.no_grad():
         for layer in (model.fc1, model.classifier):
-            # PyTorch's default Linear init (kaiming-uniform with a=sqrt(5) == U(+-1/sqrt(fan_in))), drawn from g.
+            # PyTorch's default Linear init (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in))), drawn from g.
             bound = 1.0 / float(layer.in_features) ** 0.5
             layer.weight.uniform_(-bound, bound, generator=g)
             layer.bias.uniform_(-bound, bound, generator=g)
@@ -54,7 +54,12 @@ def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.0) -> tor
 
 
 def train_mlp(
-    x: torch.Tensor, y: torch.Tensor, n_classes: int, indices: torch.Tensor, cfg: TrainConfig, seed: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    indices: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int,
     loss: str = "ce",
 ) -> FashionMLP:
     """Train a fresh MLP (init from ``seed``) on ``x[indices]`` in order, ``cfg.batch`` at a time."""
@@ -81,7 +86,8 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch: int = 4096) -> torch
 
 
 def weighted_indices(weights: np.ndarray | torch.Tensor, n_draws: int, seed: int) -> torch.Tensor:
-    """``n_draws`` indices drawn with replacement, P(i) proportional to ``weights[i]`` (explicit generator)."""
+    """``n_draws`` indices drawn with replacement, P(i) proportional to ``weights[i]``, from an explicit
+    generator seeded with ``seed``."""
     w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
     if w.ndim != 1 or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"sampling weights must be finite, non-negative and not all zero; got {w[:5]}...")
