@@ -142,9 +142,9 @@ from .score import (
     SCORE_TABLE,
     ScoreConfig,
     ScoreInfo,
+    composite_hardness,
     flag_scores,
     hardness_rank,
-    rank_normalize,
     validate_export_params,
 )
 
@@ -1455,32 +1455,15 @@ def _check_hardness_weights(weights: Mapping[str, float]) -> None:
 
 
 def _online_hardness(df: pd.DataFrame, weights: Mapping[str, float]) -> tuple[np.ndarray, dict[str, float]]:
-    """``Σ w_s r_s / Σ w_s`` over the signals present per sample, as ``hardmine.score.composite_hardness``,
-    with the orientations of ``ONLINE_SCORE_TABLE``."""
-    n = len(df)
-    num = np.zeros(n)
-    den = np.zeros(n)
-    used: dict[str, float] = {}
-    for name, w in sorted(weights.items()):
-        if w == 0:
-            continue
-        col = df[name]
-        if name == "forgetting_events":
-            # Toneva et al.: a never-learned sample counts as forgotten more often than any learned one.
-            f = col.to_numpy(dtype=np.float64)
-            never = df["never_learned"].to_numpy(dtype=bool, na_value=False)
-            top = np.nanmax(f) + 1.0 if np.isfinite(f).any() else 1.0
-            col = np.where(never, top, f)
-        r = rank_normalize(col, ONLINE_SCORE_TABLE[name].orientation)
-        ok = np.isfinite(r)
-        if not ok.any():
-            logger.info("online hardness: %s is missing for every sample; its weight is dropped", name)
-            continue
-        num[ok] += w * r[ok]
-        den[ok] += w
-        used[name] = float(w)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan), used
+    """``hardmine.score.composite_hardness`` with the orientations of ``ONLINE_SCORE_TABLE``."""
+    columns: dict[str, Any] = {name: df[name] for name in weights if name in df}
+    if "forgetting_events" in columns:
+        # Toneva et al.: a never-learned sample counts as forgotten more often than any learned one.
+        f = df["forgetting_events"].to_numpy(dtype=np.float64)
+        never = df["never_learned"].to_numpy(dtype=bool, na_value=False)
+        top = np.nanmax(f) + 1.0 if np.isfinite(f).any() else 1.0
+        columns["forgetting_events"] = np.where(never, top, f)
+    return composite_hardness(columns, weights, ONLINE_SCORE_TABLE)
 
 
 # -------------------------------------------------------------------------------------------- sampler

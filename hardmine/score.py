@@ -442,9 +442,13 @@ def rank_normalize(x: Any, orientation: int = 1) -> np.ndarray:
     return ranks / n_valid
 
 
-def composite_hardness(columns: Mapping[str, Any], weights: Mapping[str, float]) -> tuple[np.ndarray, dict[str, float]]:
+def composite_hardness(
+    columns: Mapping[str, Any], weights: Mapping[str, float], table: Mapping[str, ScoreInfo] | None = None
+) -> tuple[np.ndarray, dict[str, float]]:
     """``Σ w_s r_s / Σ w_s`` per sample over the signals present for it. Returns it and the weights used
-    (signals that are missing for every sample, e.g. class scores in regression, are dropped)."""
+    (signals that are missing for every sample, e.g. class scores in regression, are dropped).
+    ``table`` gives each signal's orientation (default ``SCORE_TABLE``; the online miner passes its own)."""
+    table = SCORE_TABLE if table is None else table
     n = len(next(iter(columns.values())))
     num = np.zeros(n)
     den = np.zeros(n)
@@ -454,7 +458,7 @@ def composite_hardness(columns: Mapping[str, Any], weights: Mapping[str, float])
             continue
         if name not in columns:
             raise ValueError(f"hardness weight for {name!r}, but there is no such score column.")
-        r = rank_normalize(columns[name], SCORE_TABLE[name].orientation)
+        r = rank_normalize(columns[name], table[name].orientation)
         ok = np.isfinite(r)
         if not ok.any():
             logger.info("hardness: %s is missing for every sample; its weight is dropped", name)
