@@ -35,6 +35,7 @@ from transformers import Trainer, TrainerCallback
 from .._io import atomic_path
 from ..manifest import write_manifest
 from ..online import MinerSampler, OnlineMiner
+from ._common import check_callback_args
 
 __all__ = ["HardmineTrainer", "HardmineCallback", "MANIFEST_NAME", "STATE_NAME"]
 
@@ -166,14 +167,7 @@ class HardmineCallback(TrainerCallback):
         every_n_epochs: int = 1,
         manifest_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(miner, OnlineMiner):
-            raise ValueError(f"miner must be a hardmine.OnlineMiner, got {type(miner).__name__}.")
-        if sampler is not None and not isinstance(sampler, MinerSampler):
-            raise ValueError(
-                f"sampler must be a hardmine.MinerSampler or None, got {type(sampler).__name__}."
-            )
-        if not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs!r} must be a positive integer.")
+        check_callback_args(miner, sampler, every_n_epochs)
         self.miner = miner
         self.manifest_path = manifest_path
         self.sampler = sampler
