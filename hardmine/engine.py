@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
-from .extract import forward_mode, per_sample_grads, split_batch, validate_batch
+from .extract import forward_mode, per_sample_grads, split_batch, validate_batch, validate_inputs
 from .factored.capture import FactoredUnit, _compute_factored, format_rejected, plan_factored, probe_units
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
@@ -219,13 +219,18 @@ class GradientExtractor:
                         "torch.as_tensor."
                     )
                 fn, kind = resolve_loss(self.loss_fn, target)
-                b = validate_batch(self.model, inputs, target, kind)
                 if not self._verified:
+                    # The first batch gets the full check (a one-sample probe forward quotes shape errors
+                    # clearly) and the per-module probe; later batches check their inputs here and the
+                    # output inside the pass, saving a forward per batch.
+                    b = validate_batch(self.model, inputs, target, kind)
                     self._verify(inputs, b)
+                else:
+                    b = validate_inputs(inputs, target, kind)
                 if self._units:
                     z = self.layout.new_output(b)  # (B, out_dim); Kronecker blocks are written in place
                     fg = _compute_factored(
-                        self.model, inputs, target, fn, self._units, self.layout, self._protect, b, out=z
+                        self.model, inputs, target, fn, kind, self._units, self.layout, self._protect, b, out=z
                     )
                     for n, p in fg.kron.items():
                         if n not in fg.written:  # computed in another dtype (e.g. a float64 model)

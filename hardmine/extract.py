@@ -36,6 +36,9 @@ __all__ = [
     "model_output_tensor",
     "forward_mode",
     "validate_batch",
+    "validate_inputs",
+    "validate_output",
+    "forward_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,28 +142,31 @@ def model_output_tensor(out: Any) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ modes
 @contextlib.contextmanager
 def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
+    """Put the model in the mode the gradient pass needs and restore every module's flag afterwards."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    """Put the model in the mode the gradient pass needs and restore every module's flag afterwards."""
-    bn_train = [name or "<root>" for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
+    saved = [(name, m, m.training) for name, m in model.named_modules()]
+    bn_train = [name or "<root>" for name, m, training in saved if training and isinstance(m, _BatchNorm)]
     if bn_train:
         raise ValueError(
             f"BatchNorm module(s) {bn_train} are in training mode, where each sample's output depends on the "
             "rest of the batch, so per-sample gradients are undefined. Call model.eval() before scanning."
         )
-    saved = [(m, m.training) for m in model.modules()]
     try:
-        if randomness is Randomness.EVAL:
+        # Only flags that change are touched (a model already in eval mode, the usual case, costs nothing
+        # here); model.eval() would walk and re-set every module on every batch.
+        if randomness is Randomness.EVAL and any(training for _, _, training in saved):
             try:
                 model.eval()
             except NotImplementedError:
                 # torch.export modules refuse .eval(): their graph's mode was fixed at export time.
-                for m, _ in saved:
+                for _, m, _ in saved:
                     m.training = False
         yield
     finally:
-        for m, flag in saved:
-            m.training = flag
+        for _, m, flag in saved:
+            if m.training != flag:
+                m.training = flag
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -168,7 +174,32 @@ def validate_batch(
     model: nn.Module, inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | None
 ) -> int:
     """Check a batch at the boundary and return its size. Runs the model on the first sample to learn the
-    output shape (and to turn shape mismatches into a clear error)."""
+    output shape (and to turn shape mismatches into a clear error).
+
+    Hot paths that run the model on the whole batch anyway use ``validate_inputs`` before the pass and
+    ``validate_output`` on the pass's own output instead, which saves this one-sample forward per batch.
+    """
+    b = validate_inputs(inputs, target, loss_kind)
+    first = tree_map(lambda t: t[:1], inputs)
+    try:
+        with torch.no_grad():
+            out = model_output_tensor(_call(model, first))
+    except ValueError:
+        raise
+    except Exception as exc:  # shape mismatches etc. surface here with the user's shapes quoted
+        raise forward_error(inputs, exc) from exc
+    validate_output(out, target, loss_kind)
+    return b
+
+
+def forward_error(inputs: Inputs, exc: BaseException) -> ValueError:
+    """A ``ValueError`` for a failed model forward that quotes the per-sample input shapes."""
+    shapes = {n: tuple(t.shape[1:]) for n, t in _leaves(inputs)}
+    return ValueError(f"the model's forward failed on per-sample input shapes {shapes}: {exc}")
+
+
+def validate_inputs(inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | None) -> int:
+    """The model-free part of ``validate_batch``: batch sizes, NaN/inf inputs, target dtype and shape."""
     leaves = _leaves(inputs)
     if not isinstance(target, torch.Tensor):
         raise ValueError(f"target is a {type(target).__name__}, not a torch.Tensor; convert it with torch.as_tensor.")
@@ -203,15 +234,12 @@ def validate_batch(
             raise ValueError(f"regression (mse) targets must be floating point, got dtype {target.dtype}.")
         if not torch.isfinite(target).all():
             raise ValueError("regression targets contain NaN/inf; clean or drop those samples.")
-    first = tree_map(lambda t: t[:1], inputs)
-    try:
-        with torch.no_grad():
-            out = model_output_tensor(_call(model, first))
-    except ValueError:
-        raise
-    except Exception as exc:  # shape mismatches etc. surface here with the user's shapes quoted
-        shapes = {n: tuple(t.shape[1:]) for n, t in leaves}
-        raise ValueError(f"the model's forward failed on one sample with per-sample input shapes {shapes}: {exc}") from exc
+    return b
+
+
+def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind | None) -> None:
+    """Check the model's output (for any number of samples) against the targets, before the loss runs:
+    a differentiable dtype, ``(B, C)`` logits for cross-entropy, and every label in ``[0, C)``."""
     if not torch.is_floating_point(out):
         raise ValueError(
             f"the model output has dtype {out.dtype}, which is not differentiable; return logits/scores, not "
@@ -229,7 +257,6 @@ def validate_batch(
                 f"label {lo if lo < 0 else hi} is out of range for a model with {c} outputs (labels must be in "
                 f"[0, {c - 1}]); check the label column or the model."
             )
-    return b
 
 
 def _prepare(

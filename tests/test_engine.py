@@ -43,6 +43,27 @@ def test_extractor_interface_for_the_streaming_driver(engine):
     assert ext.metadata()["plan_checked"]
 
 
+@pytest.mark.parametrize("engine", ["auto", "factored", "vmap"])
+@pytest.mark.parametrize(
+    ("bad", "pattern"),
+    [
+        ((torch.randn(3, 12), torch.tensor([0, 1, 4])), r"label 4 is out of range.*4 outputs"),
+        ((torch.randn(3, 12), torch.tensor([0, -1, 2])), r"label -1 is out of range"),
+        ((torch.randn(2, 5), torch.tensor([0, 1])), r"forward failed.*\(5,\)"),
+        ((torch.tensor([[float("nan")] * 12] * 2), torch.tensor([0, 1])), r"NaN/inf"),
+    ],
+)
+def test_bad_later_batch_is_still_a_clear_error(engine, bad, pattern):
+    # Only the first batch gets the one-sample probe forward; later batches are checked on the pass's own
+    # output. A bad batch after a good one must still be refused with the same clear message.
+    ext = GradientExtractor(MLP(), dim=16, seed=1, engine=engine)
+    ext((torch.randn(4, 12), torch.randint(0, 4, (4,))))
+    with pytest.raises(ValueError, match=pattern):
+        ext(bad)
+    ok = ext((torch.randn(2, 12), torch.tensor([3, 0])))  # and the extractor keeps working afterwards
+    assert torch.isfinite(ok.z).all()
+
+
 def test_auto_plan_is_recorded_in_metadata():
     ext = GradientExtractor(TinyTransformer(), dim=4, engine="auto")
     ext((token_batch(2), torch.tensor([0, 1])))

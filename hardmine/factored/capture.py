@@ -30,7 +30,15 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..enums import LossKind, Randomness, parse_choice
-from ..extract import Inputs, forward_mode, model_output_tensor, split_batch, validate_batch
+from ..extract import (
+    Inputs,
+    forward_error,
+    forward_mode,
+    model_output_tensor,
+    split_batch,
+    validate_batch,
+    validate_output,
+)
 from ..losses import LossFn, resolve_loss
 from .layout import ProjectionLayout, split_param_name
 from .registry import Call, LayerRule, RuleRequest, RuleResult, registered_types, rule_for
@@ -276,7 +284,7 @@ def factored_pass(
                 + "; ".join(f"{units[m].label}: {why}" for m, why in problems.items())
                 + ". Use engine='auto' to send them to the vmap engine."
             )
-        return _compute_factored(model, inputs, target, fn, units, layout, protect, b)
+        return _compute_factored(model, inputs, target, fn, kind, units, layout, protect, b)
 
 
 def _compute_factored(
@@ -284,17 +292,26 @@ def _compute_factored(
     inputs: Inputs,
     target: torch.Tensor,
     loss_fn: LossFn,
+    loss_kind: LossKind | None,
     units: Mapping[str, FactoredUnit],
     layout: ProjectionLayout,
     protect: set[str],
     b: int,
     out: torch.Tensor | None = None,
 ) -> FactoredGrads:
-    """The pass itself (inputs already validated, units already probed). Kronecker projections are written
-    straight into ``out`` (``(B, layout.out_dim)``) where its dtype matches the model's; see ``written``."""
-    raw, rec = _hooked_forward(model, inputs, units, protect)
+    """The pass itself (inputs already validated with ``validate_inputs``, units already probed). The output
+    is checked against the targets here, before the loss, so no separate probe forward is needed per batch.
+    Kronecker projections are written straight into ``out`` (``(B, layout.out_dim)``) where its dtype matches
+    the model's; see ``written``."""
+    try:
+        raw, rec = _hooked_forward(model, inputs, units, protect)
+    except ValueError:
+        raise
+    except Exception as exc:  # e.g. a shape mismatch in a later batch: quote the shapes
+        raise forward_error(inputs, exc) from exc
     with torch.enable_grad():
         output = model_output_tensor(raw)
+        validate_output(output, target, loss_kind)
         loss = loss_fn(output, target)
     if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (b,):
         raise ValueError(
