@@ -22,6 +22,9 @@ strategy             raw weight                                                 
                      class gets the same total mass (class-balanced, hard-first inside)          of each class
 ===================  ==========================================================================  =============
 
+Default (``strategy=None``): ``per-class`` for classification manifests (integer labels), ``proportional``
+otherwise (``hardmine.score.default_strategy``; chosen by the quality benchmark).
+
 Cap: no weight may exceed ``cap`` times the mean weight. Weights above it are set to ``cap`` and the rest
 are scaled up to keep the mean at 1, repeated until none exceeds it (``cap >= 1``; ``None`` = no cap).
 """
@@ -49,6 +52,7 @@ from .score import (
     DEFAULT_CAP,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP,
+    default_strategy,
     validate_export_params,
 )
 
@@ -59,6 +63,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "MANIFEST_COLUMNS",
     "compute_weights",
+    "resolve_strategy",
     "cap_weights",
     "write_manifest",
     "read_manifest",
@@ -112,16 +117,26 @@ def _top_count(n: int, top: float) -> int:
     return max(1, math.ceil(top * n - 1e-9))
 
 
+def resolve_strategy(df: pd.DataFrame, strategy: Strategy | str | None = None) -> Strategy:
+    """``strategy`` parsed, or for ``None`` the default for this manifest: per-class when it has integer
+    class labels, proportional otherwise (regression)."""
+    if strategy is not None:
+        return parse_choice(Strategy, strategy, "strategy")
+    classification = "label" in df and df["label"].dtype.kind in "iu"
+    return default_strategy(classification)
+
+
 def compute_weights(
     df: pd.DataFrame,
-    strategy: Strategy | str = Strategy.TOP_K,
+    strategy: Strategy | str | None = None,
     top: float = DEFAULT_TOP,
     boost: float = DEFAULT_BOOST,
     temperature: float = DEFAULT_TEMPERATURE,
     cap: float | None = DEFAULT_CAP,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(weight, is_hard)`` for a scored frame (needs ``hardness``, ``rank`` and, for per-class, ``label``)."""
-    strategy = parse_choice(Strategy, strategy, "strategy")
+    """``(weight, is_hard)`` for a scored frame (needs ``hardness``, ``rank`` and, for per-class, ``label``).
+    ``strategy=None``: ``resolve_strategy(df)``."""
+    strategy = resolve_strategy(df, strategy)
     validate_export_params(top, boost, temperature, cap)
     for col in ("hardness", "rank") + (("label",) if strategy is Strategy.PER_CLASS else ()):
         if col not in df:
@@ -304,7 +319,7 @@ def _manifest_of(source: Any) -> pd.DataFrame:
 def export_manifest(
     source: Any,
     *,
-    strategy: Strategy | str = Strategy.TOP_K,
+    strategy: Strategy | str | None = None,
     top: float = DEFAULT_TOP,
     boost: float = DEFAULT_BOOST,
     temperature: float = DEFAULT_TEMPERATURE,
@@ -315,7 +330,8 @@ def export_manifest(
 
     Args:
         source: a ``Scan``, a scan directory, a manifest path, or a frame from ``read_manifest``.
-        strategy: ``"top-k"``, ``"proportional"`` or ``"per-class"`` (see the module docstring).
+        strategy: ``"top-k"``, ``"proportional"`` or ``"per-class"`` (see the module docstring); ``None``
+            (default): per-class for classification manifests, proportional for regression.
         top: fraction of samples marked ``is_hard`` (and boosted by ``top-k``).
         boost: ``top-k`` weight of a hard sample relative to an easy one.
         temperature: exponent on hardness for ``proportional`` and ``per-class``.
@@ -324,9 +340,11 @@ def export_manifest(
 
     Returns the new manifest frame (``attrs["hardmine"]`` updated with the ``export`` parameters).
     """
-    strategy = parse_choice(Strategy, strategy, "strategy")
+    if strategy is not None:
+        strategy = parse_choice(Strategy, strategy, "strategy")
     validate_export_params(top, boost, temperature, cap)
     df = _manifest_of(source)
+    strategy = resolve_strategy(df, strategy)
     meta = dict(df.attrs.get("hardmine", {}))
     weight, is_hard = compute_weights(df, strategy, top, boost, temperature, cap)
     df["is_hard"] = pd.array(is_hard, dtype="boolean")

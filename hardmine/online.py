@@ -1212,7 +1212,9 @@ class OnlineMiner:
             weights: hardness weight per column of ``ONLINE_SCORE_TABLE`` with a direction; default
                 ``DEFAULT_ONLINE_WEIGHTS`` (classification) / ``DEFAULT_ONLINE_WEIGHTS_REGRESSION``.
             strategy, top, boost, temperature, cap: the export that fills ``is_hard`` and ``weight``
-                (``hardmine.manifest.compute_weights``).
+                (``hardmine.manifest.compute_weights``). ``top-k`` by default here, unlike the offline scan's
+                per-class: it is what the quality benchmark measured for "online weighting + MinerSampler
+                refreshed per epoch", the best worst-sub-class row on clean labels.
 
         ``df.attrs["hardmine"]`` holds the metadata :meth:`write_manifest` embeds.
         """

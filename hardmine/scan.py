@@ -64,11 +64,11 @@ from ._io import (
 )
 from ._version import __version__
 from .engine import GradientExtractor
-from .enums import Engine, IndexKind, LossKind, ProjectionKind, Randomness, ScanPhase, TaskKind, parse_choice
+from .enums import Engine, IndexKind, LossKind, ProjectionKind, Randomness, ScanPhase, Strategy, TaskKind, parse_choice
 from .extract import split_batch
 from .index import INDEX_FILE, IVFDATA_FILE, IndexInfo, build_index, knn_block, open_index, search
 from .losses import resolve_loss
-from .manifest import FORMAT_VERSION, MANIFEST_FORMAT, compute_weights, read_manifest, write_manifest
+from .manifest import FORMAT_VERSION, MANIFEST_FORMAT, compute_weights, read_manifest, resolve_strategy, write_manifest
 from .score import SCORE_TABLE, ScoreConfig, finalize_scores, population_pass, score_pass, unit_rows
 
 __all__ = ["scan", "Scan", "ScanProgress", "Neighbors", "SCAN_FILE", "MANIFEST_FILE", "DEFAULT_SHARD_ROWS"]
@@ -883,15 +883,18 @@ class Scan:
         knn = (lambda u, rows: knn_block(index, info, u, rows, k)) if k >= 1 else None
         grad_scores = score_pass(self._blocks(), n, labels, pop, config, knn, on_block=progress)
         df, used = finalize_scores(stats, grad_scores, config, task)
-        weight, is_hard = compute_weights(df, config.strategy, config.top, config.boost, config.temperature, config.cap)
+        strategy = resolve_strategy(df, config.strategy)  # None -> the task's default
+        weight, is_hard = compute_weights(df, strategy, config.top, config.boost, config.temperature, config.cap)
         df["is_hard"] = pd.array(is_hard, dtype="boolean")
         df["weight"] = weight
-        meta = self._manifest_metadata(config, used, k)
+        meta = self._manifest_metadata(config, used, k, strategy)
         write_manifest(df, self.manifest_path, meta)
         df.attrs["hardmine"] = meta
         return df
 
-    def _manifest_metadata(self, config: ScoreConfig, used: dict[str, float], k: int) -> dict[str, Any]:
+    def _manifest_metadata(
+        self, config: ScoreConfig, used: dict[str, float], k: int, strategy: Strategy
+    ) -> dict[str, Any]:
         cfg = self.info["config"]
         index = {key: v for key, v in self.info["index"].items() if key != "build_s"}  # timings are not content
         return {
@@ -917,7 +920,7 @@ class Scan:
             "k_used": k,
             "hardness_weights_used": used,
             "scores": {name: s.to_dict() for name, s in SCORE_TABLE.items()},
-            "export": {"strategy": str(config.to_dict()["strategy"]), "top": config.top, "boost": config.boost,
+            "export": {"strategy": strategy.value, "top": config.top, "boost": config.boost,
                        "temperature": config.temperature, "cap": config.cap},
         }
 

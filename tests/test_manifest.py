@@ -22,8 +22,10 @@ from hardmine.manifest import (
     export_manifest,
     read_manifest,
     read_manifest_metadata,
+    resolve_strategy,
     write_manifest,
 )
+from hardmine.enums import Strategy
 
 
 def _frame(n: int = 50, seed: int = 0) -> pd.DataFrame:
@@ -72,7 +74,8 @@ def test_opens_in_polars_and_duckdb(planted):  # noqa: F811
     assert frame.height == n and set(REQUIRED_COLUMNS) <= set(frame.columns)
     duckdb = pytest.importorskip("duckdb")
     rows = duckdb.sql(f"SELECT count(*), min(rank), sum(CASE WHEN is_hard THEN 1 ELSE 0 END) FROM '{path}'").fetchall()[0]
-    assert rows[0] == n and rows[1] == 1 and rows[2] == math.ceil(0.1 * n)
+    counts = sc.manifest()["label"].value_counts()  # default per-class export: the top 10% of each class
+    assert rows[0] == n and rows[1] == 1 and rows[2] == sum(math.ceil(0.1 * c) for c in counts)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -164,6 +167,24 @@ def test_proportional_and_per_class():
         np.testing.assert_allclose(wc[m] / wc[m].sum(), h[m] / h[m].sum())
         assert hard[m].sum() == math.ceil(0.2 * m.sum())
         assert h[m][hard[m]].min() >= h[m][~hard[m]].max()  # the hardest of each class
+
+
+def test_default_strategy_is_per_class_for_classification_and_proportional_for_regression(planted):  # noqa: F811
+    sc, _ = planted
+    df = sc.manifest()
+    assert sc.manifest().attrs["hardmine"]["export"]["strategy"] == "per-class"  # what the scan wrote
+    w, hard = compute_weights(df)  # strategy=None
+    w_pc, hard_pc = compute_weights(df, "per-class")
+    np.testing.assert_array_equal(w, w_pc)
+    np.testing.assert_array_equal(hard, hard_pc)
+    labels = df["label"].to_numpy()
+    for c in np.unique(labels):  # class-balanced: every class gets the same total mass
+        assert w[labels == c].sum() == pytest.approx(len(df) / len(np.unique(labels)))
+    assert export_manifest(sc).attrs["hardmine"]["export"]["strategy"] == "per-class"
+    reg = df.assign(label=df["label"].astype(np.float64) + 0.5)  # float labels: a regression manifest
+    assert resolve_strategy(reg) is Strategy.PROPORTIONAL
+    np.testing.assert_array_equal(compute_weights(reg)[0], compute_weights(reg, "proportional")[0])
+    assert resolve_strategy(df, "top-k") is Strategy.TOP_K
 
 
 def test_export_manifest(tmp_path, planted):  # noqa: F811

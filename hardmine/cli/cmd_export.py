@@ -17,7 +17,9 @@ __all__ = ["export_command"]
 def export_command(
     scan_dir: Path = typer.Argument(..., help="A scan directory (or a manifest .parquet)."),
     out: Path = typer.Option(..., "--out", "-o", help="Parquet file to write (atomically)."),
-    strategy: Strategy = typer.Option(Strategy.TOP_K, "--strategy"),
+    strategy: Strategy | None = typer.Option(
+        None, "--strategy", help="Default: per-class for classification scans, proportional for regression."
+    ),
     top: float = typer.Option(DEFAULT_TOP, "--top", help="Fraction of samples marked hard (and boosted by top-k)."),
     boost: float = typer.Option(DEFAULT_BOOST, "--boost", help="top-k: weight of a hard sample relative to an easy one."),
     temperature: float = typer.Option(DEFAULT_TEMPERATURE, "--temperature", help="proportional/per-class exponent."),
@@ -30,9 +32,9 @@ def export_command(
     df = export_manifest(scan_dir, strategy=strategy, top=top, boost=boost, temperature=temperature,
                          cap=None if cap == 0 else cap, out=out)
     summary = {"out": str(out), "samples": len(df), "hard": int(df["is_hard"].sum()),
-               "max_weight": float(df["weight"].max()), "strategy": strategy.value}
+               "max_weight": float(df["weight"].max()), "strategy": df.attrs["hardmine"]["export"]["strategy"]}
     if as_json:
         emit_json(summary)
     else:
         stderr.print(f"wrote {out}: {summary['samples']} samples, {summary['hard']} marked hard, "
-                     f"max weight {summary['max_weight']:.3g} ({strategy.value})")
+                     f"max weight {summary['max_weight']:.3g} ({summary['strategy']})")

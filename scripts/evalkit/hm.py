@@ -43,6 +43,7 @@ _HOME = {
     "Strategy": "hardmine.enums",
     "OnlineMiner": "hardmine.online",
     "MinerSampler": "hardmine.online",
+    "default_strategy": "hardmine.score",
 }
 
 
@@ -102,6 +103,13 @@ WEIGHTINGS: dict[str, dict[str, float]] = {
     },
     "loss + class_divergence + knn_outlier/2": {"loss": 1.0, "class_divergence": 1.0, "knn_outlier": 0.5},
     "loss + class_distance + knn_outlier/2": {"loss": 1.0, "class_distance": 1.0, "knn_outlier": 0.5},
+    # The provisional default before this benchmark chose one (kept to show what the switch changed).
+    "loss + class_divergence + knn_outlier/2 + neighbor_disagreement/2": {
+        "loss": 1.0,
+        "class_divergence": 1.0,
+        "knn_outlier": 0.5,
+        "neighbor_disagreement": 0.5,
+    },
 }
 # Retraining metrics the strategy and weight studies compare: (task, metric).
 _RETRAIN_COLUMNS = (
@@ -111,6 +119,11 @@ _RETRAIN_COLUMNS = (
 )
 
 SHORTFALL = "worst-case shortfall"
+# The strategy rule's accuracy constraint: an export may cost at most this much test accuracy (fraction)
+# against ERM on the noisy hidden-stratification task, where oversampling hard samples means oversampling
+# the noise.
+ACC_DROP = "noise5 acc drop vs ERM"
+MAX_ACC_DROP = 0.02
 
 # Signals computed from the model output alone (everything else needs the gradients).
 OUTPUT_SIGNALS = {"loss", "margin", "el2n", "confidence", "correct", "confident_error", "near_miss"}
@@ -155,7 +168,11 @@ class HardmineRunner:
         self.ManifestSampler = api("ManifestSampler")
         self.Strategy = api("Strategy")
         self.default_config = self.ScoreConfig()
-        self.default_strategy = self.Strategy(self.default_config.strategy).value
+        # Every task here is classification: strategy=None resolves to the classification default.
+        configured = self.default_config.strategy
+        self.default_strategy = (
+            self.Strategy(configured).value if configured is not None else api("default_strategy")(True).value
+        )
         # (task name, seed) -> default scan's manifest frame and the planted truth, for the weight study.
         self.frames: dict[tuple[str, int], tuple[pd.DataFrame, np.ndarray, np.ndarray]] = {}
         self.scan_dirs: dict[tuple[str, int], Path] = {}
@@ -413,7 +430,13 @@ class HardmineRunner:
         their mean (the strategy rule), plus in-distribution accuracy under label noise (the cost side)."""
         from .metrics import mean_std
 
-        cols = [f"{t} {m}" for t, m in _RETRAIN_COLUMNS] + ["mean of the three", "hidden-strat+noise5 acc"]
+        cols = [f"{t} {m}" for t, m in _RETRAIN_COLUMNS] + [
+            "mean of the three",
+            "hidden-strat+noise5 acc",
+            ACC_DROP,
+        ]
+        erm = tasks.get("hidden-strat+noise5", {}).get("summary", {}).get("policies", {}).get("ERM", {})
+        erm_acc = (erm.get("acc") or {}).get("mean")
         rows: dict[str, dict[str, Any]] = {}
         for pname in self.policy_meta:
             cells: dict[str, Any] = {}
@@ -425,18 +448,31 @@ class HardmineRunner:
                 cells["mean of the three"] = mean_std(
                     [np.mean([cells[f"{t} {m}"]["mean"] for t, m in _RETRAIN_COLUMNS])]
                 )
+                acc = cells.get("hidden-strat+noise5 acc")
+                if erm_acc is not None and acc is not None:
+                    cells[ACC_DROP] = mean_std([erm_acc - acc["mean"]])
                 rows[pname.removeprefix("hardmine manifest: ")] = cells
+
+        def admissible(cells: Mapping[str, Any]) -> bool:
+            drop = cells.get(ACC_DROP)
+            return drop is None or drop["mean"] <= MAX_ACC_DROP
         return {
             "title": "Export strategy x hardness weighting (retraining at equal budget)",
             "row_label": "export [knobs, weights]",
             "scale": 100.0,  # accuracies, shown in %
             "note": (
-                "Every hardmine manifest that was retrained (%, mean ± std over seeds), best first by 'mean "
-                "of the three', the strategy rule; the last column is the in-distribution accuracy cost "
-                "under noise."
+                "Every hardmine manifest that was retrained (%, mean ± std over seeds), ordered by the "
+                "strategy rule: exports that cost at most "
+                f"{100 * MAX_ACC_DROP:g} points of test accuracy against ERM under label noise "
+                f"('{ACC_DROP}', lower is better) come first, each group best first by 'mean of the three'. "
+                "An export that oversamples the noise buys worst-sub-class accuracy with overall accuracy; "
+                "the rule does not let that trade pick the default."
             ),
             "columns": cols,
-            "rows": dict(sorted(rows.items(), key=lambda kv: -kv[1]["mean of the three"]["mean"])),
+            "rows": dict(
+                sorted(rows.items(), key=lambda kv: (not admissible(kv[1]), -kv[1]["mean of the three"]["mean"]))
+            ),
+            "admissible": [k for k, v in rows.items() if admissible(v)],
         }
 
     @staticmethod
@@ -454,7 +490,8 @@ class HardmineRunner:
         (the default-picking rule) among those using model-output signals only, then among those using a
         gradient signal."""
         short = self._shortfalls(self.weighting_aurocs())
-        ranked = sorted((k for k in short if k != "default"), key=lambda k: short[k])
+        same_as_default = {k for k, w in WEIGHTINGS.items() if w == dict(self.default_config.weights)}
+        ranked = sorted((k for k in short if k != "default" and k not in same_as_default), key=lambda k: short[k])
         output_only = [k for k in ranked if set(WEIGHTINGS[k]) <= OUTPUT_SIGNALS]
         gradient = [k for k in ranked if not set(WEIGHTINGS[k]) <= OUTPUT_SIGNALS]
         return (output_only[:1] + gradient[:1])[:n]
@@ -469,7 +506,9 @@ class HardmineRunner:
                     "minority x2) of the gap to the best weighting's mean AUROC"
                 ),
                 "strategy": (
-                    "highest mean over worst-subclass (hidden-strat, both) and balanced acc (long-tail)"
+                    "highest mean over worst-subclass (hidden-strat, both) and balanced acc (long-tail), "
+                    f"among exports costing at most {100 * MAX_ACC_DROP:g} points of accuracy vs ERM under "
+                    "label noise"
                 ),
             }
         }
@@ -530,7 +569,7 @@ class HardmineRunner:
         study_s = self.strategy_study(tasks)
         if study_s["rows"]:
             rows_s = study_s["rows"]
-            best = next(iter(rows_s))  # sorted best first
+            best = next(iter(rows_s))  # sorted best first (admissible exports before the others)
             rec["strategy"] = {
                 "name": best,
                 "meta": self.policy_meta.get(f"hardmine manifest: {best}"),
@@ -543,7 +582,8 @@ class HardmineRunner:
             )
             text.append(
                 "- Exports by the strategy rule (mean of worst-subclass on both hidden-stratification tasks "
-                "and long-tail balanced accuracy): "
+                f"and long-tail balanced accuracy, among those costing at most {100 * MAX_ACC_DROP:g} points "
+                "of accuracy vs ERM under label noise): "
                 + ", ".join(f"`{k}` {100 * v['mean of the three']['mean']:.1f}%" for k, v in top3)
                 + f"; the current default `{dflt}`: {dflt_value}"
             )
