@@ -790,22 +790,35 @@ class Scan:
         return self._index
 
     # ------------------------------------------------------------------------------------ queries
-    def neighbors(self, query: Any, k: int = 10) -> Neighbors:
+    def neighbors(self, query: Any, k: int = 10, *, absolute: bool = False) -> Neighbors:
         """Nearest neighbours by cosine of projected gradients.
 
         ``query``: float vectors ``(dim,)`` / ``(q, dim)`` (array or tensor), or sample ids (an int or str, or a
         sequence / integer array of them). Querying by id excludes the sample itself. Returns ``(q, k)``
-        sample ids, similarities and rows.
+        sample ids, similarities (signed cosine) and rows.
+
+        ``absolute=True`` ranks by ``|cos|`` instead: the neighbours ``neighbor_disagreement`` counts (a
+        gradient pointing the opposite way is as informative about the label as an aligned one); the
+        similarities stay signed, so anti-aligned neighbours show as negative.
         """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k={k!r} must be a positive integer.")
+        if not isinstance(absolute, bool):
+            raise ValueError(f"absolute={absolute!r} must be True or False.")
         vectors, self_rows = self._query_vectors(query)
         limit = self.n_samples - (1 if self_rows is not None else 0)
         if k > limit:
             raise ValueError(f"k={k} is larger than the {limit} other samples in the scan; use k <= {limit}.")
         u = np.ascontiguousarray(unit_rows(vectors)[0], dtype=np.float32)  # (q, dim)
         info = self.index_info
-        if self_rows is None:
+        if absolute:
+            # No real row is -1, so a vector query excludes nothing; knn_block merges the searches of u and -u.
+            own = self_rows if self_rows is not None else np.full(len(u), -1, dtype=np.int64)
+            rows = knn_block(self.index(), info, u, own, k).abs_rows  # (q, k)
+            found = np.maximum(rows, 0)
+            z = unit_rows(self._gather(found.reshape(-1)))[0].reshape(*rows.shape, -1)  # (q, k, dim)
+            sims = np.where(rows >= 0, np.einsum("qkd,qd->qk", z.astype(np.float64), u.astype(np.float64)), np.nan)
+        elif self_rows is None:
             sims, rows = search(self.index(), info, u, k)
         else:
             res = knn_block(self.index(), info, u, self_rows, k)

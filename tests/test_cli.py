@@ -108,6 +108,12 @@ def test_scan_state_dict_npz_then_show_export_neighbors(tmp_path, trained):
     nb = json.loads(res.stdout)
     assert [e["sample_id"] for e in nb] == [1000, 1005]
     assert all(len(e["neighbors"]) == 4 and e["sample_id"] not in [r["sample_id"] for r in e["neighbors"]] for e in nb)
+    res = invoke("neighbors", tmp_path / "scan", "--ids", "1000", "-k", "10", "--absolute", "--json")
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads(res.stdout)
+    m = read_manifest(tmp_path / "scan").set_index("sample_id")
+    differ = np.mean([r["label"] != entry["label"] for r in entry["neighbors"]])
+    assert differ == pytest.approx(m.loc[1000, "neighbor_disagreement"])  # the neighbours the score counted
 
 
 def test_parquet_list_column_string_ids_and_csv_columns(tmp_path, trained):

@@ -196,6 +196,35 @@ def test_planted_rare_subcluster_outranks_its_class_bulk(planted):
     assert np.mean([a for a, _, _ in per_class]) >= 0.8
 
 
+def test_absolute_neighbors_are_the_ones_neighbor_disagreement_counts(planted):
+    sc, data = planted
+    m = sc.manifest()
+    u = sc.gradients().astype(np.float64)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)  # (N, D) unit rows
+    q_rows = np.r_[np.flatnonzero(data["flipped"])[:5], np.flatnonzero(data["rare"])[:3], 0]
+    ids = m["sample_id"].to_numpy()[q_rows]
+    k = 10  # the scan's ScoreConfig k
+    res = sc.neighbors(ids.tolist(), k=k, absolute=True)
+    cos = u[q_rows] @ u.T  # (q, N)
+    cos[np.arange(len(q_rows)), q_rows] = 0.0  # never its own neighbour
+    want = np.argsort(-np.abs(cos), axis=1, kind="stable")[:, :k]
+    for i in range(len(q_rows)):
+        assert set(res.rows[i]) == set(want[i]), i
+        np.testing.assert_allclose(res.similarities[i], cos[i, res.rows[i]], atol=1e-5)  # signed cosines
+    # The neighbours shown are exactly the ones the score counted.
+    labels = m["label"].to_numpy()
+    recount = (labels[res.rows] != labels[q_rows][:, None]).mean(axis=1)
+    np.testing.assert_allclose(recount, m["neighbor_disagreement"].to_numpy()[q_rows])
+    # Signed ranking (the default) differs only where anti-aligned gradients enter the top k.
+    signed = sc.neighbors(ids.tolist(), k=k)
+    np.testing.assert_array_equal(signed.rows, np.argsort(-cos, axis=1, kind="stable")[:, :k])
+    # A vector query excludes nothing: the sample itself comes first (|cos| = 1).
+    by_vec = sc.neighbors(sc.gradients()[q_rows[:2]], k=3, absolute=True)
+    assert by_vec.rows[:, 0].tolist() == q_rows[:2].tolist()
+    with pytest.raises(ValueError, match="absolute='yes'"):
+        sc.neighbors(ids.tolist(), k=k, absolute="yes")
+
+
 # ------------------------------------------------------------------------------------ ids and batches
 def test_batch_forms_ids_and_dataloader(tmp_path):
     model = MLP(d_in=4, hidden=6, n_classes=3).eval()

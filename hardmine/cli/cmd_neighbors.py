@@ -17,6 +17,9 @@ def neighbors_command(
     scan_dir: Path = typer.Argument(..., help="A scan directory."),
     ids: str = typer.Option(..., "--ids", help="Comma-separated sample ids."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Neighbours per sample."),
+    absolute: bool = typer.Option(
+        False, "--absolute", help="Rank by |cosine|: the neighbours the neighbor_disagreement score counts."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """For each sample, its k nearest neighbours by gradient cosine, with their labels."""
@@ -38,7 +41,7 @@ def neighbors_command(
             queries.append(part)
     if not queries:
         raise typer.BadParameter("--ids is empty; pass e.g. --ids 17,42.")
-    res = scan.neighbors(queries, k=k)
+    res = scan.neighbors(queries, k=k, absolute=absolute)
     out = []
     for qi, q in enumerate(queries):
         rows = []
