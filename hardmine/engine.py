@@ -236,7 +236,8 @@ class GradientExtractor:
                         if n not in fg.written:  # computed in another dtype (e.g. a float64 model)
                             self.layout.write(z, n, p)
                     for n, g in fg.vectors.items():
-                        self.layout.write(z, n, self.layout.project_dense(n, g.reshape(b, -1)))
+                        vp = fg.vector_proj.get(n)  # projected by the rule itself (e.g. fused with P_out)
+                        self.layout.write(z, n, vp if vp is not None else self.layout.project_dense(n, g.reshape(b, -1)))
                     sq, loss, output = fg.sq_norm, fg.loss, fg.output
         vmap_names = self._vmap_names
         if vmap_names:

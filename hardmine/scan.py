@@ -64,11 +64,28 @@ from ._io import (
 )
 from ._version import __version__
 from .engine import GradientExtractor
-from .enums import Engine, IndexKind, LossKind, ProjectionKind, Randomness, ScanPhase, Strategy, TaskKind, parse_choice
+from .enums import (
+    Engine,
+    IndexKind,
+    LossKind,
+    ProjectionKind,
+    Randomness,
+    ScanPhase,
+    Strategy,
+    TaskKind,
+    parse_choice,
+)
 from .extract import split_batch
 from .index import INDEX_FILE, IVFDATA_FILE, IndexInfo, build_index, knn_block, open_index, search
 from .losses import resolve_loss
-from .manifest import FORMAT_VERSION, MANIFEST_FORMAT, compute_weights, read_manifest, resolve_strategy, write_manifest
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FORMAT,
+    compute_weights,
+    read_manifest,
+    resolve_strategy,
+    write_manifest,
+)
 from .score import SCORE_TABLE, ScoreConfig, finalize_scores, population_pass, score_pass, unit_rows
 
 __all__ = ["scan", "Scan", "ScanProgress", "Neighbors", "SCAN_FILE", "MANIFEST_FILE", "DEFAULT_SHARD_ROWS"]

@@ -526,6 +526,58 @@ def test_float32_models_write_in_place_and_match_vmap(which):
     assert_close(fact.grad_norm, vm.grad_norm, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("b", [1, 5])
+def test_float32_linear_projects_its_bias_fused_with_p_out(b):
+    # 2-D float32 inputs: the Linear rule projects the bias itself, in one matmul with P_out. The result must
+    # be the layout's own dense projection of the exact bias gradient.
+    model = MLP()
+    batch = (torch.randn(b, 12), torch.randint(0, 4, (b,)))
+    layout = _layout(model, dim=16)
+    fg = factored_pass(model, batch, layout)
+    biases = [n for n, blk in layout.blocks.items() if blk.kind == "dense"]
+    assert biases and set(fg.vector_proj) == set(biases)
+    ref = reference_per_sample_grads(model, batch)
+    for name in biases:
+        assert_close(fg.vector_proj[name], layout.project_dense(name, ref.grads[name]), rtol=1e-4, atol=1e-6)
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm, rtol=1e-4, atol=1e-6)
+    # float64 models keep the caller's dense projection (no rule-side projection offered).
+    assert factored_pass(model.double(), (batch[0].double(), batch[1]), layout).vector_proj == {}
+
+
+class SharedInput(nn.Module):
+    """Three Linear layers read one token input, like attention's q/k/v."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.q, self.k, self.v = (nn.Linear(6, 6) for _ in range(3))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (B, T, 6): one input for q, k and v
+        y = self.q(h) * torch.tanh(self.k(h)) + self.v(h)
+        return self.head(y.mean(1))
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_modules_reading_one_input_share_its_gram_and_stay_exact(b, monkeypatch):
+    computed: list[tuple[int, ...]] = []
+    real_get = registry.GramCache.get
+
+    def counting_get(self, key, compute):
+        def counted():
+            computed.append(key[1])
+            return compute()
+
+        return real_get(self, key, counted)
+
+    monkeypatch.setattr(registry.GramCache, "get", counting_get)
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 20, (b, 5)), torch.randint(0, 3, (b,)))  # T=5: 25 <= 6*6, the ghost form
+    _check_pass(SharedInput().double(), batch, dim=9)  # exact against the per-sample autograd loop
+    assert computed == [(b, 5, 6)]  # q/k/v: one Gram of their shared input, computed once
+
+
 # --------------------------------------------------------------------------------------- bad options
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),

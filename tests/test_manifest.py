@@ -14,6 +14,7 @@ import pytest
 from test_scan import planted  # noqa: F401  (module-scoped fixture)
 
 import hardmine.manifest as hm
+from hardmine.enums import Strategy
 from hardmine.manifest import (
     FORMAT_VERSION,
     REQUIRED_COLUMNS,
@@ -25,7 +26,6 @@ from hardmine.manifest import (
     resolve_strategy,
     write_manifest,
 )
-from hardmine.enums import Strategy
 
 
 def _frame(n: int = 50, seed: int = 0) -> pd.DataFrame:

@@ -41,7 +41,7 @@ from ..extract import (
 )
 from ..losses import LossFn, resolve_loss
 from .layout import ProjectionLayout, split_param_name
-from .registry import Call, LayerRule, RuleRequest, RuleResult, registered_types, rule_for
+from .registry import Call, GramCache, LayerRule, RuleRequest, RuleResult, registered_types, rule_for
 
 __all__ = [
     "FactoredUnit",
@@ -89,6 +89,9 @@ class FactoredGrads:
     loss: torch.Tensor  # (B,)
     output: torch.Tensor  # (B, ...)
     written: set[str] = field(default_factory=set)  # kron params already written into the caller's `out`
+    # vector param -> (B, width) dense projection a rule computed itself (float32, same matrix as
+    # ``layout.project_dense``); the caller projects the other vectors
+    vector_proj: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -330,11 +333,19 @@ def _compute_factored(
 
     kron: dict[str, torch.Tensor] = {}
     vectors: dict[str, torch.Tensor] = {}
+    vector_proj: dict[str, torch.Tensor] = {}
     written: set[str] = set()
     sq = torch.zeros(b, dtype=output.dtype, device=output.device)
     params = dict(model.named_parameters())
     received: dict[str, dict[int, torch.Tensor]] = {name: {} for name in units}
     done: set[str] = set()
+    # Modules called once on the same input tensor (q/k/v) share its Gram matrix within this pass.
+    readers: dict[Any, int] = {}
+    for name, unit in units.items():
+        if unit.rule.shares_input_gram and len(rec[name]) == 1 and isinstance(rec[name][0].x, torch.Tensor):
+            key = GramCache.key(rec[name][0].x)
+            readers[key] = readers.get(key, 0) + 1
+    grams = GramCache({k: n for k, n in readers.items() if n > 1})
 
     def finish(name: str) -> None:
         """Run the unit's rule on the output gradients received and record its results."""
@@ -346,8 +357,13 @@ def _compute_factored(
         view = None
         if unit.matrix is not None and out is not None and out.dtype == dtype and out.device == device:
             view = layout.block_view(out, unit.matrix)  # (B, a, b): the rule writes straight into `out`
+        vmats = {}
+        for local in unit.vectors:
+            m = layout.dense_block_matrix(unit.full_name(local), dtype, device)
+            if m is not None:
+                vmats[local] = m
         if calls:
-            res = unit.rule.compute(unit.module, calls, RuleRequest(mats, unit.vectors, view))
+            res = unit.rule.compute(unit.module, calls, RuleRequest(mats, unit.vectors, view, vmats, grams))
         else:  # no gradient reaches this module's output: every gradient is zero
             res = _zero_result(unit, mats, params, b, dtype, device)
         if unit.matrix is not None:
@@ -371,6 +387,14 @@ def _compute_factored(
                 )
             vectors[full] = g
             sq.add_(torch.linalg.vector_norm(g.reshape(b, -1), dim=1).square().to(sq.dtype))
+            vp = res.vector_proj.get(local)
+            if vp is not None:
+                if local not in vmats or tuple(vp.shape) != (b, vmats[local].shape[1]):
+                    raise ValueError(
+                        f"layer rule {type(unit.rule).__name__} returned a projection of {full!r} of shape "
+                        f"{tuple(vp.shape)} without / unlike the matrix it was offered."
+                    )
+                vector_proj[full] = vp
         done.add(name)
         received[name] = {}  # drop the output gradients as soon as they are used
 
@@ -401,7 +425,7 @@ def _compute_factored(
         for name in units:
             if name not in done:  # some (or all) of its calls got no gradient
                 finish(name)
-    return FactoredGrads(kron, vectors, sq, loss.detach(), output.detach(), written)
+    return FactoredGrads(kron, vectors, sq, loss.detach(), output.detach(), written, vector_proj)
 
 
 def _lowest(outs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..enums import ProjectionKind, parse_choice
-from ..project import Projector, random_matrix
+from ..project import BLOCK_ROWS, Projector, random_matrix
 from .registry import rule_for
 
 __all__ = ["MAX_FACTOR_RATIO", "Block", "ProjectionLayout", "kron_factors", "split_param_name"]
@@ -146,6 +146,18 @@ class ProjectionLayout:
             mats = (p_out.to(device=device, dtype=dtype), p_in.to(device=device, dtype=dtype))
             self._kron[key] = mats
         return mats
+
+    def dense_block_matrix(
+        self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> torch.Tensor | None:
+        """The ``(numel, width)`` matrix ``project_dense`` multiplies dense block ``name`` by, when it is one
+        projector block and ``dtype`` is float32 (so multiplying by it gives ``project_dense``'s result);
+        None otherwise. Cached by the block's projector."""
+        blk = self.blocks[name]
+        rows = math.prod(blk.shape)
+        if blk.kind != "dense" or dtype != torch.float32 or rows > BLOCK_ROWS:
+            return None
+        return self._dense[blk.width]._block(name, 0, rows, torch.device(device))
 
     def dense_matrix(self, name: str) -> torch.Tensor:
         """The full ``(numel, width)`` matrix of dense block ``name`` (for tests and small parameters)."""

@@ -28,6 +28,7 @@ __all__ = ["LinearRule"]
 class LinearRule(LayerRule):
     matrix_param = "weight"
     vector_params = ("bias",)
+    shares_input_gram = True  # attention's q/k/v read one input: its Gram is computed once per pass
 
     def check_call(self, module: nn.Module, x: object, output: object, batch_size: int) -> str | None:
         reason = super().check_call(module, x, output, batch_size)
@@ -43,6 +44,9 @@ class LinearRule(LayerRule):
         delta = _cat([c.delta.reshape(b, -1, d_out) for c in calls])  # (B, N, d_out)
         x = x.to(delta.dtype)
         res = RuleResult()
+        bias_mat = request.vector_mats.get("bias") if "bias" in request.vectors else None
+        if request.matrix is not None and bias_mat is not None and x.shape[1] == 1 and delta.dtype == bias_mat.dtype:
+            return _one_position_with_bias(delta[:, 0], x[:, 0], request, bias_mat)
         if request.matrix is not None:
             p_out, p_in = request.matrix
             proj = (
@@ -50,14 +54,47 @@ class LinearRule(LayerRule):
             )
             res.matrix_proj = proj  # (B, a, b)
             res.matrix_sq_norm = delta.new_empty(b)  # (B,)
-            for s in batch_chunks(b, route_elements(1, x.shape[1], d_out, d_in)):
+            chunks = list(batch_chunks(b, route_elements(1, x.shape[1], d_out, d_in)))
+            gram_x = None
+            if request.grams is not None and len(calls) == 1 and len(chunks) == 1:
+                # Shared only when the whole batch is one chunk, so a held Gram costs no more than one chunk.
+                key, grams, xg = request.grams.key(calls[0].x), request.grams, x[:, None]
+
+                def gram_x() -> torch.Tensor:
+                    return grams.get(key, lambda: xg @ xg.transpose(-1, -2))  # (B, 1, N, N)
+
+            for s in chunks:
                 # delta[s, None]: (c, 1, N, d_out), a single group
                 _, res.matrix_sq_norm[s] = project_and_norm(
-                    delta[s, None], x[s, None], p_out[None], p_in, proj[s]
+                    delta[s, None], x[s, None], p_out[None], p_in, proj[s], gram_x=gram_x
                 )
         if "bias" in request.vectors:
             res.vectors["bias"] = delta[:, 0] if delta.shape[1] == 1 else delta.sum(1)  # (B, d_out)
         return res
+
+
+def _one_position_with_bias(
+    delta: torch.Tensor, x: torch.Tensor, request: RuleRequest, bias_mat: torch.Tensor
+) -> RuleResult:
+    """One position per sample (2-D inputs), weight and bias both selected: the per-sample gradients are
+    ``delta_b x_b^T`` and ``delta_b``, so ``P_out^T delta_b`` and the bias projection ``P_bias^T delta_b``
+    come from ONE matmul of ``delta`` with ``[P_out | P_bias]`` (a wider matmul is cheaper than two thin ones;
+    the results are the same numbers)."""
+    assert request.matrix is not None
+    p_out, p_in = request.matrix
+    b, a = delta.shape[0], p_out.shape[1]
+    both = delta @ torch.cat([p_out, bias_mat], dim=1)  # (B, a + width)
+    xp = x @ p_in  # (B, b)
+    proj = request.out if request.out is not None else delta.new_empty(b, a, p_in.shape[1])
+    res = RuleResult()
+    res.matrix_proj = torch.mul(both[:, :a, None], xp[:, None, :], out=proj)  # (B, a, b) outer products
+    # ||delta x^T||_F = ||delta|| ||x||: the norm of an outer product needs no matrix.
+    res.matrix_sq_norm = (
+        torch.linalg.vector_norm(delta, dim=1).square() * torch.linalg.vector_norm(x, dim=1).square()
+    )  # (B,)
+    res.vectors["bias"] = delta  # (B, d_out)
+    res.vector_proj["bias"] = both[:, a:]  # (B, width)
+    return res
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -22,8 +22,9 @@ maths, so it is never claimed silently (register it explicitly if it really comp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +67,12 @@ class RuleRequest:
     vectors: tuple[str, ...]  # local names of the selected vector parameters, e.g. ("bias",)
     # (B, a, b) view of the output the projection may be written into (saves a copy), or None
     out: torch.Tensor | None = None
+    # local name -> the (numel, width) dense projection matrix of that vector parameter, for a rule that can
+    # project it more cheaply itself (e.g. fused with P_out); rules may ignore it. Only float32 single-block
+    # matrices are offered, so a rule's result equals the caller's own dense projection.
+    vector_mats: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # per-pass store of input Gram matrices shared by modules that read the same input (q/k/v), or None
+    grams: GramCache | None = None
 
 
 @dataclass
@@ -73,6 +80,8 @@ class RuleResult:
     matrix_proj: torch.Tensor | None = None  # (B, a, b) = P_out^T G_b P_in
     matrix_sq_norm: torch.Tensor | None = None  # (B,) exact ||G_b||_F^2
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # local name -> (B, *param.shape)
+    # local name -> (B, width) projection with request.vector_mats[name], for vectors the rule projected
+    vector_proj: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class LayerRule:
@@ -82,6 +91,8 @@ class LayerRule:
     matrix_param: str | None = "weight"
     #: parameters whose exact per-sample gradient the rule returns (projected densely by the caller)
     vector_params: tuple[str, ...] = ("bias",)
+    #: the rule asks ``request.grams`` for its input's Gram matrix (so modules reading one input share it)
+    shares_input_gram: bool = False
 
     @property
     def handled_params(self) -> tuple[str, ...]:
@@ -104,6 +115,31 @@ class LayerRule:
 
     def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
         raise NotImplementedError
+
+
+class GramCache:
+    """Gram matrices ``x x^T`` of inputs that several modules read (attention's q/k/v share theirs), computed
+    once per pass. Keys come from :meth:`key`; ``readers`` says how many modules will ask for each, and an
+    entry is dropped when the last one has taken it, so only Grams with readers still to come are held."""
+
+    def __init__(self, readers: Mapping[Any, int]) -> None:
+        self._left = dict(readers)
+        self._grams: dict[Any, torch.Tensor] = {}
+
+    @staticmethod
+    def key(x: torch.Tensor) -> tuple[Any, ...]:
+        # The captured inputs stay alive for the whole pass, so their storage cannot be reused meanwhile.
+        return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+
+    def get(self, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        left = self._left.get(key, 0)
+        gram = self._grams.pop(key, None)
+        if gram is None:
+            gram = compute()
+        if left > 1:  # more readers to come
+            self._grams[key] = gram
+        self._left[key] = max(0, left - 1)
+        return gram
 
 
 _REGISTRY: dict[type[nn.Module], LayerRule] = {}
@@ -166,6 +202,7 @@ def project_and_norm(
     p_out: torch.Tensor | None,
     p_in: torch.Tensor | None,
     out: torch.Tensor | None = None,
+    gram_x: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Kronecker projection and exact squared norm of ``G_g = sum_n delta_n x_n^T``, for one chunk of samples.
 
@@ -175,6 +212,8 @@ def project_and_norm(
         p_out: ``(G, p, a)`` the rows of ``P_out`` belonging to each group, or None (norm only).
         p_in: ``(q, b)``, or None.
         out: optional ``(c, a, b)`` tensor to write the projection into (it is then returned).
+        gram_x: optional function returning ``x @ x^T`` ``(c, G, N, N)`` (e.g. from a :class:`GramCache`), used
+            instead of computing it when the ghost form is taken.
 
     Returns ``(sum_g P_out_g^T G_g P_in  (c, a, b) or None, sum_g ||G_g||_F^2  (c,))``. Three routes, all
     exact: one position (outer product: norms multiply), the ghost form ``sum_{n,m} (delta_n . delta_m)
@@ -194,8 +233,8 @@ def project_and_norm(
             proj = dp * xp  # (c, G, a, b) outer products
     elif _ghost(n, p, q):
         gram_d = delta @ delta.transpose(-1, -2)  # (c, G, N, N)
-        gram_x = x @ x.transpose(-1, -2)  # (c, G, N, N)
-        sq = torch.linalg.vecdot(gram_d.reshape(c, -1), gram_x.reshape(c, -1))  # (c,)
+        gx = gram_x() if gram_x is not None else x @ x.transpose(-1, -2)  # (c, G, N, N)
+        sq = torch.linalg.vecdot(gram_d.reshape(c, -1), gx.reshape(c, -1))  # (c,)
         if p_out is not None and p_in is not None:
             proj = _times_p_out(delta, p_out).transpose(-1, -2) @ (x @ p_in)  # (c, G, a, N) @ (c, G, N, b)
     else:
