@@ -46,13 +46,16 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert len(pngs) == 2
 
     # The scan and the exported manifest exist, have one row per image and are valid hardmine manifests.
+    import numpy as np
     import pandas as pd
 
     from hardmine.manifest import read_manifest
 
-    exported = read_manifest(tmp_path / "manifest-topk.parquet")
+    exported = read_manifest(tmp_path / "manifest.parquet")
     scanned = read_manifest(tmp_path / "scan")
     assert len(exported) == len(scanned) == LIMIT
-    assert exported.attrs["hardmine"]["export"]["strategy"] == "top-k"
-    assert int(exported["is_hard"].sum()) == LIMIT // 10
+    assert exported.attrs["hardmine"]["export"]["strategy"] == "per-class"  # the default export
+    counts = exported["label"].value_counts()
+    assert int(exported["is_hard"].sum()) == sum(-(-c // 10) for c in counts)  # ceil(10%) of each class
+    assert np.allclose(exported.groupby("label")["weight"].sum(), LIMIT / len(counts))  # classes balanced
     pd.testing.assert_series_equal(exported["hardness"], scanned["hardness"])
