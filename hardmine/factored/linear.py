@@ -7,6 +7,9 @@ non-feature dimension is a position that is summed over. Padding positions need 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -55,14 +58,14 @@ class LinearRule(LayerRule):
             res.matrix_proj = proj  # (B, a, b)
             res.matrix_sq_norm = delta.new_empty(b)  # (B,)
             chunks = list(batch_chunks(b, route_elements(1, x.shape[1], d_out, d_in)))
-            gram_x = None
-            if request.grams is not None and len(calls) == 1 and len(chunks) == 1:
-                # Shared only when the whole batch is one chunk, so a held Gram costs no more than one chunk.
-                key, grams, xg = request.grams.key(calls[0].x), request.grams, x[:, None]
-
-                def gram_x() -> torch.Tensor:
-                    return grams.get(key, lambda: xg @ xg.transpose(-1, -2))  # (B, 1, N, N)
-
+            gram_x: Callable[[], torch.Tensor] | None = None
+            if request.grams is not None and len(calls) == 1 and len(chunks) == 1 and calls[0].x.dtype == x.dtype:
+                # Shared only when the whole batch is one chunk (a held Gram costs no more than one chunk) and
+                # the input needed no cast (the key describes the captured tensor).
+                xg = x[:, None]  # (B, 1, N, d_in)
+                gram_x = functools.partial(
+                    request.grams.get, request.grams.key(calls[0].x), lambda: xg @ xg.transpose(-1, -2)
+                )  # -> (B, 1, N, N)
             for s in chunks:
                 # delta[s, None]: (c, 1, N, d_out), a single group
                 _, res.matrix_sq_norm[s] = project_and_norm(
