@@ -118,11 +118,18 @@ def _top_count(n: int, top: float) -> int:
 
 
 def resolve_strategy(df: pd.DataFrame, strategy: Strategy | str | None = None) -> Strategy:
-    """``strategy`` parsed, or for ``None`` the default for this manifest: per-class when it has integer
-    class labels, proportional otherwise (regression)."""
+    """``strategy`` parsed, or for ``None`` the default for this manifest's task: per-class for
+    classification, proportional for regression. The task comes from the manifest's metadata; a frame
+    without it counts as classification when its labels are integers with no missing values."""
     if strategy is not None:
         return parse_choice(Strategy, strategy, "strategy")
-    classification = "label" in df and df["label"].dtype.kind in "iu"
+    task = df.attrs.get("hardmine", {}).get("task") if isinstance(df.attrs.get("hardmine"), Mapping) else None
+    if task in ("classification", "regression"):
+        return default_strategy(task == "classification")
+    labels = df["label"] if "label" in df else None
+    classification = (
+        labels is not None and pd.api.types.is_integer_dtype(labels.dtype) and not bool(labels.isna().any())
+    )
     return default_strategy(classification)
 
 

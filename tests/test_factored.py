@@ -578,6 +578,36 @@ def test_modules_reading_one_input_share_its_gram_and_stay_exact(b, monkeypatch)
     assert computed == [(b, 5, 6)]  # q/k/v: one Gram of their shared input, computed once
 
 
+class NarrowKV(SharedInput):
+    """Grouped-query-like: k and v are narrow, so their ghost route does not apply (T^2 > p*q)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k, self.v = nn.Linear(6, 2), nn.Linear(6, 2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (B, T, 6)
+        y = self.q(h) + torch.tanh(self.k(h) * self.v(h)).sum(-1, keepdim=True)
+        return self.head(y.mean(1))
+
+
+def test_a_counted_reader_that_skips_the_shared_gram_releases_it(monkeypatch):
+    caches: list[registry.GramCache] = []
+    real_init = registry.GramCache.__init__
+
+    def recording_init(self, readers):
+        real_init(self, readers)
+        caches.append(self)
+
+    monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
+    _check_pass(NarrowKV().double(), batch, dim=9)  # exact
+    (cache,) = caches
+    assert cache._grams == {}  # nothing left held after the pass (k/v took the explicit route)
+
+
 # --------------------------------------------------------------------------------------- bad options
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),

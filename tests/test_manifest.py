@@ -182,7 +182,15 @@ def test_default_strategy_is_per_class_for_classification_and_proportional_for_r
         assert w[labels == c].sum() == pytest.approx(len(df) / len(np.unique(labels)))
     assert export_manifest(sc).attrs["hardmine"]["export"]["strategy"] == "per-class"
     reg = df.assign(label=df["label"].astype(np.float64) + 0.5)  # float labels: a regression manifest
+    reg.attrs = {}  # no metadata: decided from the labels
     assert resolve_strategy(reg) is Strategy.PROPORTIONAL
+    # The metadata's task wins over the label dtype (integer-valued regression targets stay regression).
+    tagged = df.copy()
+    tagged.attrs = {"hardmine": {"task": "regression"}}
+    assert resolve_strategy(tagged) is Strategy.PROPORTIONAL
+    nullable = df.assign(label=pd.array([None] + df["label"].tolist()[1:], dtype="Int64"))
+    nullable.attrs = {}
+    assert resolve_strategy(nullable) is Strategy.PROPORTIONAL  # missing labels: not class ids
     np.testing.assert_array_equal(compute_weights(reg)[0], compute_weights(reg, "proportional")[0])
     assert resolve_strategy(df, "top-k") is Strategy.TOP_K
 

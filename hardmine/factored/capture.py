@@ -308,8 +308,8 @@ def _compute_factored(
     the model's; see ``written``."""
     try:
         raw, rec = _hooked_forward(model, inputs, units, protect)
-    except ValueError:
-        raise
+    except (ValueError, torch.OutOfMemoryError, MemoryError):
+        raise  # already clear, or not the user's input (callers catch OOM to shrink the batch)
     except Exception as exc:  # e.g. a shape mismatch in a later batch: quote the shapes
         raise forward_error(inputs, exc) from exc
     with torch.enable_grad():
@@ -365,6 +365,8 @@ def _compute_factored(
         if calls:
             res = unit.rule.compute(unit.module, calls, RuleRequest(mats, unit.vectors, view, vmats, grams))
         else:  # no gradient reaches this module's output: every gradient is zero
+            if unit.rule.shares_input_gram and len(caps) == 1 and isinstance(caps[0].x, torch.Tensor):
+                grams.release(GramCache.key(caps[0].x))  # it was counted as a reader of a shared Gram
             res = _zero_result(unit, mats, params, b, dtype, device)
         if unit.matrix is not None:
             assert mats is not None

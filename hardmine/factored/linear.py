@@ -19,6 +19,7 @@ from .registry import (
     RuleRequest,
     RuleResult,
     batch_chunks,
+    ghost_route,
     project_and_norm,
     register_layer_rule,
     route_elements,
@@ -49,6 +50,8 @@ class LinearRule(LayerRule):
         res = RuleResult()
         bias_mat = request.vector_mats.get("bias") if "bias" in request.vectors else None
         if request.matrix is not None and bias_mat is not None and x.shape[1] == 1 and delta.dtype == bias_mat.dtype:
+            if request.grams is not None and len(calls) == 1:
+                request.grams.release(request.grams.key(calls[0].x))  # one position: no Gram needed
             return _one_position_with_bias(delta[:, 0], x[:, 0], request, bias_mat)
         if request.matrix is not None:
             p_out, p_in = request.matrix
@@ -59,18 +62,25 @@ class LinearRule(LayerRule):
             res.matrix_sq_norm = delta.new_empty(b)  # (B,)
             chunks = list(batch_chunks(b, route_elements(1, x.shape[1], d_out, d_in)))
             gram_x: Callable[[], torch.Tensor] | None = None
-            if request.grams is not None and len(calls) == 1 and len(chunks) == 1 and calls[0].x.dtype == x.dtype:
-                # Shared only when the whole batch is one chunk (a held Gram costs no more than one chunk) and
-                # the input needed no cast (the key describes the captured tensor).
-                xg = x[:, None]  # (B, 1, N, d_in)
-                gram_x = functools.partial(
-                    request.grams.get, request.grams.key(calls[0].x), lambda: xg @ xg.transpose(-1, -2)
-                )  # -> (B, 1, N, N)
+            if request.grams is not None and len(calls) == 1:
+                key = request.grams.key(calls[0].x)
+                n = x.shape[1]
+                # Shared only on the ghost route, when the whole batch is one chunk (a held Gram costs no more
+                # than one chunk) and the input needed no cast (the key describes the captured tensor).
+                if n > 1 and ghost_route(n, d_out, d_in) and len(chunks) == 1 and calls[0].x.dtype == x.dtype:
+                    xg = x[:, None]  # (B, 1, N, d_in)
+                    gram_x = functools.partial(
+                        request.grams.get, key, lambda: xg @ xg.transpose(-1, -2)
+                    )  # -> (B, 1, N, N)
+                else:
+                    request.grams.release(key)
             for s in chunks:
                 # delta[s, None]: (c, 1, N, d_out), a single group
                 _, res.matrix_sq_norm[s] = project_and_norm(
                     delta[s, None], x[s, None], p_out[None], p_in, proj[s], gram_x=gram_x
                 )
+        elif request.grams is not None and len(calls) == 1:
+            request.grams.release(request.grams.key(calls[0].x))  # weight not selected: no Gram needed
         if "bias" in request.vectors:
             res.vectors["bias"] = delta[:, 0] if delta.shape[1] == 1 else delta.sum(1)  # (B, d_out)
         return res

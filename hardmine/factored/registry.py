@@ -34,6 +34,7 @@ __all__ = [
     "LayerRule",
     "RuleRequest",
     "RuleResult",
+    "GramCache",
     "register_layer_rule",
     "rule_for",
     "registered_types",
@@ -41,6 +42,7 @@ __all__ = [
     "outer_sum_sq_norm",
     "project_and_norm",
     "route_elements",
+    "ghost_route",
     "CHUNK_ELEMENTS",
 ]
 
@@ -131,6 +133,13 @@ class GramCache:
         # The captured inputs stay alive for the whole pass, so their storage cannot be reused meanwhile.
         return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
 
+    def release(self, key: Any) -> None:
+        """A counted reader will not ask for ``key`` after all (other route, no gradient): drop one reader."""
+        left = self._left.get(key, 0) - 1
+        self._left[key] = max(0, left)
+        if left <= 0:
+            self._grams.pop(key, None)
+
     def get(self, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         left = self._left.get(key, 0)
         gram = self._grams.pop(key, None)
@@ -183,7 +192,7 @@ def batch_chunks(batch_size: int, elements_per_sample: int) -> Iterator[slice]:
         yield slice(lo, min(batch_size, lo + step))
 
 
-def _ghost(n: int, p: int, q: int) -> bool:
+def ghost_route(n: int, p: int, q: int) -> bool:
     # The ghost form needs an (N, N) Gram matrix per sample and group, the explicit form the (p, q) gradient:
     # take whichever is smaller (the "mixed ghost norm" rule).
     return n * n <= p * q
@@ -193,7 +202,7 @@ def route_elements(groups: int, n: int, p: int, q: int) -> int:
     """Per-sample elements of the largest temporary :func:`project_and_norm` allocates."""
     if n == 1:
         return groups * (p + q)
-    return groups * (n * n if _ghost(n, p, q) else p * q)
+    return groups * (n * n if ghost_route(n, p, q) else p * q)
 
 
 def project_and_norm(
@@ -231,7 +240,7 @@ def project_and_norm(
             if g == 1 and out is not None:
                 return torch.mul(dp[:, 0], xp[:, 0], out=out), sq  # outer products written in place
             proj = dp * xp  # (c, G, a, b) outer products
-    elif _ghost(n, p, q):
+    elif ghost_route(n, p, q):
         gram_d = delta @ delta.transpose(-1, -2)  # (c, G, N, N)
         gx = gram_x() if gram_x is not None else x @ x.transpose(-1, -2)  # (c, G, N, N)
         sq = torch.linalg.vecdot(gram_d.reshape(c, -1), gx.reshape(c, -1))  # (c,)
