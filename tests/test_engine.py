@@ -72,3 +72,21 @@ def test_auto_plan_is_recorded_in_metadata():
     assert meta["plan"]["encoder.self_attn.in_proj_weight"] == "vmap"
     assert "MultiheadAttention" in meta["plan_reasons"]["encoder.self_attn.in_proj_weight"]
     assert set(meta["plan_reasons"]) == {n for n, v in meta["plan"].items() if v == "vmap"}
+
+
+def test_out_of_memory_in_the_pass_is_not_turned_into_an_input_error():
+    # Callers catch OOM to retry with a smaller batch; it must not come back as a ValueError about shapes.
+    class Big(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 4)
+
+        def forward(self, x):
+            if x.shape[0] > 2:
+                raise torch.OutOfMemoryError("simulated: out of memory")
+            return self.fc(x)
+
+    ext = GradientExtractor(Big(), dim=4, engine="factored")
+    with pytest.raises(torch.OutOfMemoryError):
+        ext((torch.randn(8, 12), torch.randint(0, 4, (8,))))
+    assert ext((torch.randn(2, 12), torch.tensor([0, 3]))).z.shape == (2, ext.out_dim)
