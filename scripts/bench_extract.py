@@ -389,7 +389,7 @@ def main() -> None:
     )
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--target-dim", type=int, default=4096)
-    ap.add_argument("--min-time", type=float, default=4.0, help="seconds of timed batches per row (at least)")
+    ap.add_argument("--min-time", type=float, default=10.0, help="seconds of timed batches per row (at least)")
     ap.add_argument(
         "--max-time", type=float, default=60.0, help="stop before min-iters past this (slow rows)"
     )
@@ -399,7 +399,7 @@ def main() -> None:
     ap.add_argument(
         "--repeats",
         type=int,
-        default=3,
+        default=5,
         help="times train_step and factored are measured, alternating (each: median of the repeats)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPU cores)")
