@@ -145,9 +145,9 @@ def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
     """Put the model in the mode the gradient pass needs and restore every module's flag afterwards."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    saved = [(name, m, m.training) for name, m in model.named_modules()]
-    bn_train = [name or "<root>" for name, m, training in saved if training and isinstance(m, _BatchNorm)]
-    if bn_train:
+    saved = [(m, m.training) for m in model.modules()]
+    if any(training and isinstance(m, _BatchNorm) for m, training in saved):
+        bn_train = [n or "<root>" for n, m in model.named_modules() if m.training and isinstance(m, _BatchNorm)]
         raise ValueError(
             f"BatchNorm module(s) {bn_train} are in training mode, where each sample's output depends on the "
             "rest of the batch, so per-sample gradients are undefined. Call model.eval() before scanning."
@@ -155,16 +155,16 @@ def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
     try:
         # Only flags that change are touched (a model already in eval mode, the usual case, costs nothing
         # here); model.eval() would walk and re-set every module on every batch.
-        if randomness is Randomness.EVAL and any(training for _, _, training in saved):
+        if randomness is Randomness.EVAL and any(training for _, training in saved):
             try:
                 model.eval()
             except NotImplementedError:
                 # torch.export modules refuse .eval(): their graph's mode was fixed at export time.
-                for _, m, _ in saved:
+                for m, _ in saved:
                     m.training = False
         yield
     finally:
-        for _, m, flag in saved:
+        for m, flag in saved:
             if m.training != flag:
                 m.training = flag
 

@@ -336,7 +336,8 @@ def _compute_factored(
     vector_proj: dict[str, torch.Tensor] = {}
     written: set[str] = set()
     sq = torch.zeros(b, dtype=output.dtype, device=output.device)
-    params = dict(model.named_parameters())
+    # Each unit's parameters, from its module (a dict of model.named_parameters() per batch walks the model).
+    params = {unit.full_name(local): getattr(unit.module, local) for unit in units.values() for local in unit.vectors}
     received: dict[str, dict[int, torch.Tensor]] = {name: {} for name in units}
     done: set[str] = set()
     # Modules called once on the same input tensor (q/k/v) share its Gram matrix within this pass.
