@@ -24,7 +24,6 @@ mean, so gradient accumulation divides it by the number of accumulation steps
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .._io import atomic_path
-from ..manifest import write_manifest
 from ..online import MinerSampler, OnlineMiner
-from ._common import check_callback_args
+from ._common import EpochManifestWriter
 
 __all__ = ["HardmineTrainer", "HardmineCallback", "MANIFEST_NAME", "STATE_NAME"]
 
@@ -145,7 +143,7 @@ class HardmineTrainer(Trainer):
             )
 
 
-class HardmineCallback(TrainerCallback):
+class HardmineCallback(EpochManifestWriter, TrainerCallback):
     """Writes the miner's manifest at the end of every ``every_n_epochs``-th epoch and refreshes the
     trainer's :class:`~hardmine.MinerSampler` (if it has one) from it.
 
@@ -158,36 +156,8 @@ class HardmineCallback(TrainerCallback):
         manifest_kwargs: passed to ``miner.manifest`` (``strategy``, ``top``, ``boost``, ``weights``, ...).
     """
 
-    def __init__(
-        self,
-        miner: OnlineMiner,
-        *,
-        manifest_path: str | os.PathLike[str] | None = None,
-        sampler: MinerSampler | None = None,
-        every_n_epochs: int = 1,
-        manifest_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        check_callback_args(miner, sampler, every_n_epochs)
-        self.miner = miner
-        self.manifest_path = manifest_path
-        self.sampler = sampler
-        self.every_n_epochs = every_n_epochs
-        self.manifest_kwargs = dict(manifest_kwargs or {})
-        self.last_manifest_path: Path | None = None
-
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         epoch = round(state.epoch or 0)
-        if epoch % self.every_n_epochs or self.miner.n_samples == 0:
+        if epoch % self.every_n_epochs:
             return
-        df = self.miner.manifest(**self.manifest_kwargs)
-        if state.is_world_process_zero:
-            if self.manifest_path is None:
-                path = Path(args.output_dir) / MANIFEST_NAME
-            else:
-                path = Path(str(self.manifest_path).replace("{epoch}", str(epoch)))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_manifest(df, path, df.attrs["hardmine"])
-            self.last_manifest_path = path
-            logger.info("hardmine: epoch %d manifest (%d samples) written to %s", epoch, len(df), path)
-        if self.sampler is not None:
-            self.sampler.refresh(df)
+        self._write_epoch(epoch, Path(args.output_dir) / MANIFEST_NAME, state.is_world_process_zero)

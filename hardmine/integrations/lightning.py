@@ -31,16 +31,12 @@ the sampler's ``set_epoch``). The miner's and the sampler's states travel in Lig
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import pandas as pd
 
-from ..manifest import write_manifest
-from ..online import MinerSampler, OnlineMiner
-from ._common import check_callback_args
+from ._common import EpochManifestWriter
 
 __all__ = ["HardmineCallback", "MANIFEST_NAME"]
 
@@ -49,7 +45,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "online_manifest.parquet"
 
 
-class HardmineCallback(pl.Callback):
+class HardmineCallback(EpochManifestWriter, pl.Callback):
     """Writes the online manifest at epoch end, refreshes a sampler from it, checkpoints the miner.
 
     Args:
@@ -61,43 +57,14 @@ class HardmineCallback(pl.Callback):
         manifest_kwargs: passed to ``miner.manifest`` (``strategy``, ``top``, ``boost``, ``weights``, ...).
     """
 
-    def __init__(
-        self,
-        miner: OnlineMiner,
-        *,
-        manifest_path: str | os.PathLike[str] | None = None,
-        sampler: MinerSampler | None = None,
-        every_n_epochs: int = 1,
-        manifest_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        check_callback_args(miner, sampler, every_n_epochs)
-        self.miner = miner
-        self.manifest_path = manifest_path
-        self.sampler = sampler
-        self.every_n_epochs = every_n_epochs
-        self.manifest_kwargs = dict(manifest_kwargs or {})
-        self.last_manifest: pd.DataFrame | None = None
-        self.last_manifest_path: Path | None = None
-
-    def _path(self, trainer: pl.Trainer, epoch: int) -> Path:
-        if self.manifest_path is None:
-            return Path(trainer.default_root_dir) / "hardmine" / MANIFEST_NAME
-        return Path(str(self.manifest_path).replace("{epoch}", str(epoch)))
-
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if (epoch + 1) % self.every_n_epochs or self.miner.n_samples == 0:
+        if (epoch + 1) % self.every_n_epochs:
             return
-        df = self.miner.manifest(**self.manifest_kwargs)
-        self.last_manifest = df
-        if trainer.is_global_zero:
-            path = self._path(trainer, epoch)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_manifest(df, path, df.attrs["hardmine"])
-            self.last_manifest_path = path
-            logger.info("hardmine: epoch %d manifest (%d samples) written to %s", epoch, len(df), path)
-        if self.sampler is not None:
-            self.sampler.refresh(df)
+        default = Path(trainer.default_root_dir) / "hardmine" / MANIFEST_NAME
+        df = self._write_epoch(epoch, default, trainer.is_global_zero)
+        if df is None:
+            return
         hard = df["is_hard"].to_numpy(dtype=bool, na_value=False)
         pl_module.log_dict(
             {
