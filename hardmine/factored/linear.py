@@ -48,10 +48,11 @@ class LinearRule(LayerRule):
         delta = _cat([c.delta.reshape(b, -1, d_out) for c in calls])  # (B, N, d_out)
         x = x.to(delta.dtype)
         res = RuleResult()
+        n = x.shape[1]
+        chunks = list(batch_chunks(b, route_elements(1, n, d_out, d_in)))
+        gram_x = self._shared_gram(calls, request, x, chunks, n, d_out, d_in)
         bias_mat = request.vector_mats.get("bias") if "bias" in request.vectors else None
-        if request.matrix is not None and bias_mat is not None and x.shape[1] == 1 and delta.dtype == bias_mat.dtype:
-            if request.grams is not None and len(calls) == 1:
-                request.grams.release(request.grams.key(calls[0].x))  # one position: no Gram needed
+        if request.matrix is not None and bias_mat is not None and n == 1 and delta.dtype == bias_mat.dtype:
             return _one_position_with_bias(delta[:, 0], x[:, 0], request, bias_mat)
         if request.matrix is not None:
             p_out, p_in = request.matrix
@@ -60,30 +61,43 @@ class LinearRule(LayerRule):
             )
             res.matrix_proj = proj  # (B, a, b)
             res.matrix_sq_norm = delta.new_empty(b)  # (B,)
-            chunks = list(batch_chunks(b, route_elements(1, x.shape[1], d_out, d_in)))
-            gram_x: Callable[[], torch.Tensor] | None = None
-            if request.grams is not None and len(calls) == 1:
-                key = request.grams.key(calls[0].x)
-                n = x.shape[1]
-                # Shared only on the ghost route, when the whole batch is one chunk (a held Gram costs no more
-                # than one chunk) and the input needed no cast (the key describes the captured tensor).
-                if n > 1 and ghost_route(n, d_out, d_in) and len(chunks) == 1 and calls[0].x.dtype == x.dtype:
-                    xg = x[:, None]  # (B, 1, N, d_in)
-                    gram_x = functools.partial(
-                        request.grams.get, key, lambda: xg @ xg.transpose(-1, -2)
-                    )  # -> (B, 1, N, N)
-                else:
-                    request.grams.release(key)
             for s in chunks:
                 # delta[s, None]: (c, 1, N, d_out), a single group
                 _, res.matrix_sq_norm[s] = project_and_norm(
                     delta[s, None], x[s, None], p_out[None], p_in, proj[s], gram_x=gram_x
                 )
-        elif request.grams is not None and len(calls) == 1:
-            request.grams.release(request.grams.key(calls[0].x))  # weight not selected: no Gram needed
         if "bias" in request.vectors:
             res.vectors["bias"] = delta[:, 0] if delta.shape[1] == 1 else delta.sum(1)  # (B, d_out)
         return res
+
+    @staticmethod
+    def _shared_gram(
+        calls: list[Call],
+        request: RuleRequest,
+        x: torch.Tensor,
+        chunks: list[slice],
+        n: int,
+        d_out: int,
+        d_in: int,
+    ) -> Callable[[], torch.Tensor] | None:
+        """The input Gram from ``request.grams`` when this call can use it, else None (and this reader is
+        released). Used only on the ghost route, when the whole batch is one chunk (a held Gram costs no more
+        than one chunk) and the input needed no cast (the key describes the captured tensor)."""
+        if request.grams is None or len(calls) != 1:
+            return None  # not counted as a reader
+        key = request.grams.key(calls[0].x)
+        uses = (
+            request.matrix is not None
+            and n > 1
+            and ghost_route(n, d_out, d_in)
+            and len(chunks) == 1
+            and calls[0].x.dtype == x.dtype
+        )
+        if not uses:
+            request.grams.release(key)
+            return None
+        xg = x[:, None]  # (B, 1, N, d_in)
+        return functools.partial(request.grams.get, key, lambda: xg @ xg.transpose(-1, -2))  # -> (B, 1, N, N)
 
 
 def _one_position_with_bias(
