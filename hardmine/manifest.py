@@ -123,7 +123,8 @@ def resolve_strategy(df: pd.DataFrame, strategy: Strategy | str | None = None) -
     without it counts as classification when its labels are integers with no missing values."""
     if strategy is not None:
         return parse_choice(Strategy, strategy, "strategy")
-    task = df.attrs.get("hardmine", {}).get("task") if isinstance(df.attrs.get("hardmine"), Mapping) else None
+    meta = df.attrs.get("hardmine")
+    task = meta.get("task") if isinstance(meta, Mapping) else None
     if task in ("classification", "regression"):
         return default_strategy(task == "classification")
     labels = df["label"] if "label" in df else None

@@ -143,6 +143,7 @@ from .score import (
     ScoreConfig,
     ScoreInfo,
     composite_hardness,
+    config_from_dict,
     flag_scores,
     hardness_rank,
     validate_export_params,
@@ -269,11 +270,7 @@ class WeightingConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> WeightingConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown WeightingConfig field(s) {unknown}; known: {sorted(names)}.")
-        return cls(**dict(d))
+        return config_from_dict(cls, d)
 
 
 def solve_weights(raw: np.ndarray, min_weight: float, max_weight: float) -> np.ndarray:

@@ -60,12 +60,14 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from .enums import Strategy, TaskKind, parse_choice
+
+_C = TypeVar("_C")
 
 __all__ = [
     "SCORE_TABLE",
@@ -80,6 +82,7 @@ __all__ = [
     "DEFAULT_WEIGHTS",
     "ScoreInfo",
     "ScoreConfig",
+    "config_from_dict",
     "PopulationStats",
     "KnnResult",
     "classification_stats",
@@ -248,11 +251,16 @@ class ScoreConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ScoreConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ScoreConfig field(s) {unknown}; known: {sorted(names)}.")
-        return cls(**dict(d))
+        return config_from_dict(cls, d)
+
+
+def config_from_dict(cls: type[_C], d: Mapping[str, Any]) -> _C:
+    """``cls(**d)`` for a config dataclass, refusing unknown fields with a message that lists the known ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}.")
+    return cls(**dict(d))
 
 
 # ------------------------------------------------------------------------------------- per-batch stats
