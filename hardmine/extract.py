@@ -39,6 +39,7 @@ __all__ = [
     "validate_inputs",
     "validate_output",
     "forward_error",
+    "call_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,12 +107,18 @@ def _leaves(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
     return [(str(n), v) for n, v in items]
 
 
-def _call(model: nn.Module, inputs: Inputs) -> Any:
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``, ``model(**inputs)`` or ``model(*inputs)`` for a tensor, a mapping or a tuple/list."""
     if isinstance(inputs, torch.Tensor):
         return model(inputs)
     if isinstance(inputs, Mapping):
         return model(**inputs)
-    return model(*inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    raise ValueError(
+        f"inputs of type {type(inputs).__name__} are not supported; pass a tensor, a tuple of tensors "
+        "(positional arguments) or a mapping of tensors (keyword arguments)."
+    )
 
 
 def _functional(model: nn.Module, params: tuple[dict[str, torch.Tensor], ...], inputs: Inputs) -> Any:
@@ -183,7 +190,7 @@ def validate_batch(
     first = tree_map(lambda t: t[:1], inputs)
     try:
         with torch.no_grad():
-            out = model_output_tensor(_call(model, first))
+            out = model_output_tensor(call_model(model, first))
     except ValueError:
         raise
     except Exception as exc:  # shape mismatches etc. surface here with the user's shapes quoted
@@ -365,7 +372,7 @@ def reference_per_sample_grads(
         per = {n: [] for n in names}
         for i in range(b):
             xi = tree_map(lambda t, i=i: t[i : i + 1], inputs)  # (1, ...)
-            out = model_output_tensor(_call(model, xi))
+            out = model_output_tensor(call_model(model, xi))
             loss = fn(out, target[i : i + 1])  # (1,)
             gs = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
             for n, p, g in zip(names, wrt, gs):

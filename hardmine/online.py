@@ -126,7 +126,7 @@ from torch.utils.data import Sampler
 from ._io import model_fingerprint
 from ._version import __version__
 from .enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
-from .extract import model_output_tensor
+from .extract import call_model, model_output_tensor
 from .factored.capture import FactoredUnit, _zero_result, format_rejected, plan_factored
 from .factored.layout import ProjectionLayout
 from .factored.registry import Call, RuleRequest
@@ -363,19 +363,6 @@ def _hook(store: list[_Seen], clone: bool, module: nn.Module, args: tuple, kwarg
     store.append(_Seen(x, out, passed, _version(x), _version(passed)))
     # Returning the clone makes the model continue with it, so in-place ops cannot rewrite `out`.
     return passed if passed is not out else None
-
-
-def _call_model(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    raise ValueError(
-        f"inputs of type {type(inputs).__name__} are not supported; pass a tensor, a tuple of tensors "
-        "(positional arguments) or a mapping of tensors (keyword arguments)."
-    )
 
 
 # ------------------------------------------------------------------------------------------- sample ids
@@ -670,7 +657,7 @@ class OnlineMiner:
         """
         self._check_open()
         with self.capture():
-            raw = _call_model(self.model, inputs)
+            raw = call_model(self.model, inputs)
         return self.observe_output(raw, target, ids)
 
     def observe_output(self, output: Any, target: torch.Tensor, ids: Any = None) -> OnlineStats:

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_map
 from ..enums import LossKind, Randomness, parse_choice
 from ..extract import (
     Inputs,
+    call_model,
     forward_error,
     forward_mode,
     model_output_tensor,
@@ -184,14 +185,6 @@ def _record(
     return None
 
 
-def _call_model(model: nn.Module, inputs: Inputs) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(*inputs)
-
-
 def _hooked_forward(
     model: nn.Module, inputs: Inputs, units: Mapping[str, FactoredUnit], protect: set[str]
 ) -> tuple[Any, dict[str, list[_Capture]]]:
@@ -202,7 +195,7 @@ def _hooked_forward(
             hook = functools.partial(_record, rec[name], name in protect)
             handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
         with torch.enable_grad():
-            out = _call_model(model, inputs)
+            out = call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
