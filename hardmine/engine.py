@@ -125,6 +125,7 @@ class GradientExtractor:
             self._reasons = dict(rejected)
         self._units: dict[str, FactoredUnit] = units
         self._protect: set[str] = set()
+        self._memo: dict[Any, Any] = {}  # per-unit matrices looked up once (see _compute_factored)
         self._verified = not units
         self._settle_auto()
         self._log_plan()
@@ -230,7 +231,8 @@ class GradientExtractor:
                 if self._units:
                     z = self.layout.new_output(b)  # (B, out_dim); Kronecker blocks are written in place
                     fg = _compute_factored(
-                        self.model, inputs, target, fn, kind, self._units, self.layout, self._protect, b, out=z
+                        self.model, inputs, target, fn, kind, self._units, self.layout, self._protect, b, out=z,
+                        memo=self._memo,
                     )
                     for n, p in fg.kron.items():
                         if n not in fg.written:  # computed in another dtype (e.g. a float64 model)

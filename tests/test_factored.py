@@ -134,6 +134,28 @@ def test_embedding_padding_rows_get_no_gradient_and_repeated_ids_pair_up():
     )
 
 
+@pytest.mark.parametrize("vocab, d, t", [(20, 6, 7), (3, 2, 9)])  # ghost form / materialising (T^2 > V*d)
+def test_embedding_padding_positions_that_receive_gradient_are_ignored(vocab, d, t):
+    # An unmasked mean sends gradient to padding positions too; nn.Embedding's backward drops it for
+    # padding_idx, and so must the factored rule (projection and norm).
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, d, padding_idx=1)
+            self.fc = nn.Linear(d, 3)
+
+        def forward(self, ids):
+            return self.fc(torch.tanh(self.embed(ids)).mean(1))
+
+    model = Net().double()
+    ids = torch.randint(0, vocab, (5, t), generator=torch.Generator().manual_seed(vocab))
+    ids[:, -2:] = 1  # padding present in every sample
+    ids[0] = 1  # and one sample that is all padding
+    fg, ref = _check_pass(model, (ids, torch.randint(0, 3, (5,))), layers="embed", dim=4)
+    assert ref.grads["embed.weight"][:, 1].abs().max() == 0
+    assert fg.kron["embed.weight"][0].abs().max() == 0 and fg.sq_norm[0] == 0
+
+
 def test_layernorm_with_multidimensional_normalized_shape():
     class Net(nn.Module):
         def __init__(self):

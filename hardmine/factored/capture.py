@@ -294,11 +294,16 @@ def _compute_factored(
     protect: set[str],
     b: int,
     out: torch.Tensor | None = None,
+    memo: dict[Any, Any] | None = None,
 ) -> FactoredGrads:
     """The pass itself (inputs already validated with ``validate_inputs``, units already probed). The output
     is checked against the targets here, before the loss, so no separate probe forward is needed per batch.
     Kronecker projections are written straight into ``out`` (``(B, layout.out_dim)``) where its dtype matches
-    the model's; see ``written``."""
+    the model's; see ``written``. ``memo`` is a dict the caller keeps across passes over the same units and
+    layout (e.g. a ``GradientExtractor``): each unit's matrices are looked up once per dtype and device, and
+    rules keep what they derive from them (``RuleRequest.memo``)."""
+    if memo is None:
+        memo = {}
     try:
         raw, rec = _hooked_forward(model, inputs, units, protect)
     except (ValueError, torch.OutOfMemoryError, MemoryError):
@@ -347,17 +352,13 @@ def _compute_factored(
         calls = [Call(caps[i].x.detach(), got[i]) for i in sorted(got)]  # in call order
         dtype = calls[0].delta.dtype if calls else output.dtype
         device = calls[0].delta.device if calls else output.device
-        mats = layout.kron_matrices(unit.matrix, dtype, device) if unit.matrix else None
+        mats, vmats, rule_memo = _unit_matrices(memo, unit, layout, dtype, device)
         view = None
         if unit.matrix is not None and out is not None and out.dtype == dtype and out.device == device:
             view = layout.block_view(out, unit.matrix)  # (B, a, b): the rule writes straight into `out`
-        vmats = {}
-        for local in unit.vectors:
-            m = layout.dense_block_matrix(unit.full_name(local), dtype, device)
-            if m is not None:
-                vmats[local] = m
         if calls:
-            res = unit.rule.compute(unit.module, calls, RuleRequest(mats, unit.vectors, view, vmats, grams))
+            request = RuleRequest(mats, unit.vectors, view, vmats, grams, rule_memo)
+            res = unit.rule.compute(unit.module, calls, request)
         else:  # no gradient reaches this module's output: every gradient is zero
             if unit.rule.shares_input_gram and len(caps) == 1 and isinstance(caps[0].x, torch.Tensor):
                 grams.release(GramCache.key(caps[0].x))  # it was counted as a reader of a shared Gram
@@ -382,7 +383,10 @@ def _compute_factored(
                     f"layer rule {type(unit.rule).__name__} returned shape {tuple(g.shape)} for {full!r}."
                 )
             vectors[full] = g
-            sq.add_(torch.linalg.vector_norm(g.reshape(b, -1), dim=1).square().to(sq.dtype))
+            g_sq = res.vector_sq_norm.get(local)
+            if g_sq is None:
+                g_sq = torch.linalg.vector_norm(g.reshape(b, -1), dim=1).square()  # (B,)
+            sq.add_(g_sq.to(sq.dtype))
             vp = res.vector_proj.get(local)
             if vp is not None:
                 if local not in vmats or tuple(vp.shape) != (b, vmats[local].shape[1]):
@@ -393,6 +397,9 @@ def _compute_factored(
                 vector_proj[full] = vp
         done.add(name)
         received[name] = {}  # drop the output gradients as soon as they are used
+        # ... and the captured tensors: autograd frees its own saved copies as the backward pass moves
+        # down, and a reference held here until the end would keep those buffers from being reused.
+        rec[name] = []
 
     # Output gradients are consumed inside tensor hooks, as the backward pass produces them, and then
     # dropped: holding every one until the end (what autograd.grad(loss, outputs) does) keeps autograd
@@ -413,6 +420,9 @@ def _compute_factored(
             # so every captured output's hook fires; no weight gradient is computed and `param.grad` is not
             # touched. The loss is the SUM of per-sample losses, so row b of each gradient is sample b's own.
             lowest = _lowest([rec[name][i].out for name, i in live])
+            for caps in rec.values():
+                for c in caps:
+                    c.out = None  # the hooks stay registered on the graph; see finish() for why drop it
             torch.autograd.grad(loss.sum(), lowest, allow_unused=True)
     finally:
         for h in handles:
@@ -448,6 +458,24 @@ def _lowest(outs: list[torch.Tensor]) -> list[torch.Tensor]:
         return reaches[node]
 
     return [o for o in outs if not below(o.grad_fn)]
+
+
+def _unit_matrices(
+    memo: dict[Any, Any], unit: FactoredUnit, layout: ProjectionLayout, dtype: torch.dtype, device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict[str, torch.Tensor], dict[Any, Any]]:
+    """``(kron matrices or None, {vector local name: dense matrix}, the rule's memo)`` of one unit, looked up in
+    the layout once per dtype and device (the layout caches the matrices; this saves the lookups per batch)."""
+    key = (unit.name, unit.matrix, unit.vectors, dtype, device)
+    got = memo.get(key)
+    if got is None:
+        mats = layout.kron_matrices(unit.matrix, dtype, device) if unit.matrix else None
+        vmats = {}
+        for local in unit.vectors:
+            m = layout.dense_block_matrix(unit.full_name(local), dtype, device)
+            if m is not None:
+                vmats[local] = m
+        got = memo[key] = (mats, vmats, {})
+    return got
 
 
 def _zero_result(

@@ -39,32 +39,39 @@ class EmbeddingRule(LayerRule):
         d = module.embedding_dim
         ids = torch.cat([c.x.reshape(b, -1) for c in calls], dim=1)  # (B, N)
         delta = torch.cat([c.delta.reshape(b, -1, d) for c in calls], dim=1)  # (B, N, d)
-        if module.padding_idx is not None:  # nn.Embedding stores padding_idx already made non-negative
-            delta = delta * (ids != module.padding_idx).unsqueeze(-1).to(delta.dtype)  # (B, N, d)
+        # Padding positions get no gradient. The mask is applied to the small per-token factors (rows of
+        # P_out, pairs of equal ids) rather than to delta, which would cost a pass over (B, N, d).
+        keep = None if module.padding_idx is None else ids != module.padding_idx  # (B, N)
         res = RuleResult()
         if request.matrix is None:
             return res
         p_out, p_in = request.matrix
         rows = p_out[ids]  # (B, N, a): P_out row of each token
+        if keep is not None:
+            rows = rows * keep.unsqueeze(-1).to(rows.dtype)  # (B, N, a): padding rows zeroed
         dp = delta @ p_in  # (B, N, b)
         res.matrix_proj = rows.transpose(1, 2) @ dp  # (B, a, b)
         if request.out is not None:
             res.matrix_proj = request.out.copy_(res.matrix_proj)
-        res.matrix_sq_norm = _sq_norm(ids, delta, module.num_embeddings)
+        res.matrix_sq_norm = _sq_norm(ids, keep, delta, module.num_embeddings)
         return res
 
 
-def _sq_norm(ids: torch.Tensor, delta: torch.Tensor, vocab: int) -> torch.Tensor:
+def _sq_norm(ids: torch.Tensor, keep: torch.Tensor | None, delta: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exact squared norm of each sample's gradient; positions where ``keep`` is False contribute nothing."""
     b, n, d = delta.shape
     out = torch.empty(b, dtype=delta.dtype, device=delta.device)
-    if n * n <= vocab * d:  # ghost form: tokens pair up when they are the same id
+    if n * n <= vocab * d:  # ghost form: tokens pair up when they are the same (kept) id
         for s in batch_chunks(b, n * n):
-            same = (ids[s].unsqueeze(2) == ids[s].unsqueeze(1)).to(delta.dtype)  # (c, N, N)
+            same = ids[s].unsqueeze(2) == ids[s].unsqueeze(1)  # (c, N, N)
+            if keep is not None:
+                same &= keep[s].unsqueeze(2)  # a padding token pairs with nothing (nor itself)
             gram = delta[s] @ delta[s].transpose(1, 2)  # (c, N, N)
-            out[s] = (same * gram).sum((1, 2))
+            out[s] = torch.linalg.vecdot(same.to(delta.dtype).reshape(len(gram), -1), gram.reshape(len(gram), -1))
     else:  # long inputs over a small table: build each sample's (vocab, d) gradient, a chunk at a time
         for s in batch_chunks(b, vocab * d):
+            ds = delta[s] if keep is None else delta[s] * keep[s].unsqueeze(-1).to(delta.dtype)  # (c, N, d)
             g = torch.zeros(s.stop - s.start, vocab, d, dtype=delta.dtype, device=delta.device)  # (c, V, d)
-            g.scatter_add_(1, ids[s].unsqueeze(-1).expand(-1, -1, d), delta[s])
+            g.scatter_add_(1, ids[s].unsqueeze(-1).expand(-1, -1, d), ds)
             out[s] = g.pow(2).sum((1, 2))
     return out

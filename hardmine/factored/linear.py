@@ -110,16 +110,20 @@ def _one_position_with_bias(
     assert request.matrix is not None
     p_out, p_in = request.matrix
     b, a = delta.shape[0], p_out.shape[1]
-    both = delta @ torch.cat([p_out, bias_mat], dim=1)  # (B, a + width)
+    key = "out+bias"  # the memo is per module, dtype and device already
+    fused = request.memo.get(key)
+    if fused is None:
+        fused = request.memo[key] = torch.cat([p_out, bias_mat], dim=1)  # (d_out, a + width)
+    both = delta @ fused  # (B, a + width)
     xp = x @ p_in  # (B, b)
     proj = request.out if request.out is not None else delta.new_empty(b, a, p_in.shape[1])
     res = RuleResult()
     res.matrix_proj = torch.mul(both[:, :a, None], xp[:, None, :], out=proj)  # (B, a, b) outer products
     # ||delta x^T||_F = ||delta|| ||x||: the norm of an outer product needs no matrix.
-    res.matrix_sq_norm = (
-        torch.linalg.vector_norm(delta, dim=1).square() * torch.linalg.vector_norm(x, dim=1).square()
-    )  # (B,)
+    delta_sq = torch.linalg.vector_norm(delta, dim=1).square()  # (B,)
+    res.matrix_sq_norm = delta_sq * torch.linalg.vector_norm(x, dim=1).square()  # (B,)
     res.vectors["bias"] = delta  # (B, d_out)
+    res.vector_sq_norm["bias"] = delta_sq
     res.vector_proj["bias"] = both[:, a:]  # (B, width)
     return res
 

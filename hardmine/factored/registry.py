@@ -75,6 +75,9 @@ class RuleRequest:
     vector_mats: Mapping[str, torch.Tensor] = field(default_factory=dict)
     # per-pass store of input Gram matrices shared by modules that read the same input (q/k/v), or None
     grams: GramCache | None = None
+    # the rule's own scratch dict for this module, dtype and device, kept across the passes of one extractor:
+    # for what the rule derives from the matrices above (e.g. a concatenation), never for batch data
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +87,8 @@ class RuleResult:
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # local name -> (B, *param.shape)
     # local name -> (B, width) projection with request.vector_mats[name], for vectors the rule projected
     vector_proj: dict[str, torch.Tensor] = field(default_factory=dict)
+    # local name -> (B,) squared norm of that vector's per-sample gradient, where the rule had it anyway
+    vector_sq_norm: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class LayerRule:
