@@ -257,8 +257,13 @@ def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str,
     if not _reset_peak():
         print("warning: cannot reset VmHWM; peak_extra_mb includes setup", file=sys.stderr)
     step, proj_dim = make_method(method, model, batch, dim, args.target_dim)
-    for _ in range(args.warmup):
+    # Warm up for --warmup batches and --warmup-time seconds, whichever is longer: the first few hundred
+    # batches of a fast model run slower (allocator and caches settling), for every method alike.
+    t_warm = time.perf_counter()
+    warm = 0
+    while warm < args.warmup or (warm > 0 and time.perf_counter() - t_warm < args.warmup_time):
         step()
+        warm += 1
     times: list[float] = []
     t0 = time.perf_counter()
 
@@ -365,7 +370,8 @@ def markdown(
         f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, batch "
         f"{args.batch}, target projection dim {args.target_dim}{' (--quick)' if args.quick else ''}; "
         f"median of {args.min_iters} timed batches or more (fewer, >= 1, for rows slower than "
-        f"{args.max_time:g} s) after {args.warmup} warm-up; each row in "
+        f"{args.max_time:g} s) after {args.warmup} warm-up batch(es) and >= {args.warmup_time:g} s of "
+        "warm-up; each row in "
         f"{'a fresh subprocess' if args.isolate else 'one process'}; train_step and factored measured "
         f"{args.repeats} time(s), alternating, median repeat shown (peak memory: the largest).",
         "Notes: all parameters selected. The transformer's attention is built from nn.Linear q/k/v/out "
@@ -394,8 +400,9 @@ def main() -> None:
         "--max-time", type=float, default=60.0, help="stop before min-iters past this (slow rows)"
     )
     ap.add_argument("--min-iters", type=int, default=3)
-    ap.add_argument("--max-iters", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--max-iters", type=int, default=100_000)
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up batches (at least)")
+    ap.add_argument("--warmup-time", type=float, default=2.0, help="warm-up seconds (at least, after one batch)")
     ap.add_argument(
         "--repeats",
         type=int,
@@ -421,6 +428,7 @@ def main() -> None:
             0,
             False,
         )
+        args.warmup_time = 0.0
         args.repeats = 1
     if args.repeats < 1:
         ap.error(f"--repeats={args.repeats} must be at least 1")
@@ -455,6 +463,7 @@ def main() -> None:
                 "min_iters",
                 "max_iters",
                 "warmup",
+                "warmup_time",
                 "threads",
             )
             for flag in (f for f in flags if getattr(args, f) is not None):

@@ -33,6 +33,7 @@ from hardmine.factored import (
     kron_factors,
     register_layer_rule,
 )
+from hardmine.factored.capture import _lowest
 from hardmine.factored.registry import outer_sum_sq_norm
 from hardmine.params import select_parameters
 from hardmine.project import random_matrix
@@ -697,3 +698,18 @@ def test_bench_quick_writes_rows(tmp_path):
         }
         assert r["samples_per_s"] > 0 and r["peak_extra_mb"] >= 0
     assert "| model |" in md.read_text() and "factored" in proc.stdout
+
+
+def test_lowest_captured_outputs_in_a_branching_graph():
+    # The pass asks autograd for gradients at the lowest captured outputs only; every other captured output
+    # must lie above one of them, or its hook would never fire.
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+    a = x @ w  # lowest
+    b = torch.tanh(a) @ w  # above a
+    c = (x * 2) @ w  # a parallel branch: lowest
+    d = (b + c).sin()  # above a, b and c
+    e = torch.relu(x) + 1  # its own branch: lowest
+    f = d * e + b  # above everything, reached along several paths
+    got = _lowest([f, d, a, b, c, e])
+    assert [id(t) for t in got] == [id(a), id(c), id(e)]

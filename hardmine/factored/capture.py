@@ -441,23 +441,26 @@ def _lowest(outs: list[torch.Tensor]) -> list[torch.Tensor]:
     the ``grad_fn`` of every other captured output (each has a captured output below it).
     """
     targets = {o.grad_fn for o in outs}
-    reaches: dict[Any, bool] = {}  # node -> a captured node lies strictly below it
+    clear: set[Any] = set()  # nodes known to have no captured node at or below them
+    return [o for o in outs if not _captured_below(o.grad_fn, targets, clear)]
 
-    def below(node: Any) -> bool:
-        stack = [(node, False)]
-        while stack:
-            cur, expanded = stack.pop()
-            if cur in reaches:
-                continue
-            children = [nxt for nxt, _ in cur.next_functions if nxt is not None]
-            if not expanded:
-                stack.append((cur, True))
-                stack.extend((c, False) for c in children if c not in reaches)
-            else:
-                reaches[cur] = any(c in targets or reaches.get(c, False) for c in children)
-        return reaches[node]
 
-    return [o for o in outs if not below(o.grad_fn)]
+def _captured_below(root: Any, targets: set[Any], clear: set[Any]) -> bool:
+    """Whether a node of ``targets`` lies strictly below ``root``. Stops at the first one found (usually the
+    next layer down), so each search covers only the graph between two captured layers; a search that finds
+    none adds what it walked to ``clear``, so no later search walks it again."""
+    seen: set[Any] = set()
+    stack = [nxt for nxt, _ in root.next_functions if nxt is not None]
+    while stack:
+        node = stack.pop()
+        if node in targets:
+            return True
+        if node in seen or node in clear:
+            continue
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    clear |= seen
+    return False
 
 
 def _unit_matrices(
