@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -265,6 +266,7 @@ def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str,
         step()
         warm += 1
     times: list[float] = []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
 
     def more() -> bool:
@@ -277,6 +279,7 @@ def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str,
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / len(times)
     peak = _status_kb("VmHWM")
     return {
         "model": model_name,
@@ -285,6 +288,7 @@ def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str,
         "peak_extra_mb": max(0.0, (peak - before) / 1024),
         "proj_dim": proj_dim,
         "_iters": len(times),
+        "_faults": faults,  # minor page faults per timed batch (memory the allocator got from the OS again)
     }
 
 
@@ -357,7 +361,10 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(
-    rows: list[dict[str, Any]], args: argparse.Namespace, agree: dict[str, tuple[float, float]]
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    agree: dict[str, tuple[float, float]],
+    spread: dict[str, str],
 ) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(c) + " |" for c in _fmt(rows)]
@@ -385,6 +392,10 @@ def markdown(
         f"Agreement check ({min(8, args.batch)} samples, factored vs naive loop, max relative error of "
         "vectors / norms): " + ", ".join(f"{m} {a[0]:.1e} / {a[1]:.1e}" for m, a in agree.items()),
     ]
+    if spread:
+        where = "each its own process" if args.isolate else "one process"
+        lines += ["", f"Repeats, in run order ({where}; page faults: min-max over the repeats):", ""]
+        lines += [f"- {v}" for v in spread.values()]
     return "\n".join(lines) + "\n"
 
 
@@ -473,7 +484,11 @@ def main() -> None:
         else:
             row = measure(m, meth, args)
         speed, iters = row["samples_per_s"], row.pop("_iters")
-        print(f"  {m:12s} {meth:11s} {speed:10,.0f} samples/s  ({iters} batches)", flush=True)
+        print(
+            f"  {m:12s} {meth:11s} {speed:10,.0f} samples/s  ({iters} batches, "
+            f"{row['_faults']:,.0f} page faults/batch)",
+            flush=True,
+        )
         return row
 
     # train_step and factored (the ratio the target is about) are measured --repeats times, alternating, so
@@ -481,11 +496,20 @@ def main() -> None:
     # slow reference rows run once.
     paired = [x for x in methods if x in PAIRED]
     rows: list[dict[str, Any]] = []
+    spread: dict[str, str] = {}  # model -> what the repeats of the paired methods measured
     for m in models:
         runs: dict[str, list[dict[str, Any]]] = {meth: [] for meth in methods}
         for _ in range(args.repeats):
             for meth in paired:
                 runs[meth].append(run_row(m, meth))
+        if len(paired) == 2:
+            tr, fa = runs["train_step"], runs["factored"]
+            pairs = ", ".join(f"{f['samples_per_s'] / t['samples_per_s']:.2f}" for t, f in zip(tr, fa))
+            flt = "; ".join(
+                f"{meth} {min(r['_faults'] for r in runs[meth]):,.0f}-{max(r['_faults'] for r in runs[meth]):,.0f}"
+                for meth in PAIRED
+            )
+            spread[m] = f"{m}: factored/train_step per pair {pairs} (page faults per batch: {flt})"
         for meth in methods:
             if meth not in PAIRED:
                 runs[meth].append(run_row(m, meth))
@@ -518,7 +542,7 @@ def main() -> None:
         print(t)
     _atomic_write(args.out, json.dumps(rows, indent=1) + "\n")
     md = args.md or args.out.with_suffix(".md")
-    _atomic_write(md, markdown(rows, args, agree))
+    _atomic_write(md, markdown(rows, args, agree, spread))
     print(f"wrote {args.out} and {md}")
 
 
