@@ -45,6 +45,8 @@ example: install
 # JSON + Markdown to scripts/results/; the README's tables are then refreshed from those files.
 bench: install
 	$(PY) scripts/bench_extract.py
+	$(PY) scripts/bench_extract.py --keep-heap --methods train_step,factored \
+		--out scripts/results/bench_extract_keep_heap.json
 	$(PY) scripts/bench_callbacks.py
 	$(PY) scripts/bench_scan.py
 	$(PY) scripts/update_readme.py

@@ -231,7 +231,16 @@ class GradientExtractor:
                 if self._units:
                     z = self.layout.new_output(b)  # (B, out_dim); Kronecker blocks are written in place
                     fg = _compute_factored(
-                        self.model, inputs, target, fn, kind, self._units, self.layout, self._protect, b, out=z,
+                        self.model,
+                        inputs,
+                        target,
+                        fn,
+                        kind,
+                        self._units,
+                        self.layout,
+                        self._protect,
+                        b,
+                        out=z,
                         memo=self._memo,
                     )
                     for n, p in fg.kron.items():

@@ -30,6 +30,10 @@ the allocator's cached buffers (tracemalloc cannot see torch's allocations).
 Writes a list of rows ``{"model", "method", "samples_per_s", "ratio_to_train_step", "peak_extra_mb",
 "proj_dim"}`` to ``scripts/results/bench_extract.json`` and a Markdown table to ``bench_extract.md``.
 Throughput is ``batch / median seconds per batch`` over repeated timed batches after a warm-up.
+
+``--keep-heap``: the worker processes run with glibc told to keep freed memory (``MALLOC_MMAP_MAX_=0``,
+``MALLOC_TRIM_THRESHOLD_`` = 1 GiB), so batches stop page-faulting the heap back in (what a long scan can do
+the same way); ``make bench`` writes that run to ``bench_extract_keep_heap.{json,md}``.
 """
 
 from __future__ import annotations
@@ -183,6 +187,11 @@ def choose_dim(model: nn.Module, target: int) -> tuple[int, int]:
             best = cand
     assert best is not None
     return best[1], best[2]
+
+
+# glibc's own environment switches (read at process start): never hand big blocks to mmap, and keep up to
+# 1 GiB of freed heap instead of returning it to the OS after every batch.
+KEEP_HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -379,7 +388,9 @@ def markdown(
         f"median of {args.min_iters} timed batches or more (fewer, >= 1, for rows slower than "
         f"{args.max_time:g} s) after {args.warmup} warm-up batch(es) and >= {args.warmup_time:g} s of "
         "warm-up; each row in "
-        f"{'a fresh subprocess' if args.isolate else 'one process'}; train_step and factored measured "
+        f"{'a fresh subprocess' if args.isolate else 'one process'}"
+        f"{' with ' + ' '.join(f'{k}={v}' for k, v in KEEP_HEAP_ENV.items()) if args.keep_heap else ''}; "
+        "train_step and factored measured "
         f"{args.repeats} time(s), alternating, median repeat shown (peak memory: the largest).",
         "Notes: all parameters selected. The transformer's attention is built from nn.Linear q/k/v/out "
         "(explicit matmul + softmax), so the factored engine covers every weight. train_step = forward + "
@@ -413,7 +424,9 @@ def main() -> None:
     ap.add_argument("--min-iters", type=int, default=3)
     ap.add_argument("--max-iters", type=int, default=100_000)
     ap.add_argument("--warmup", type=int, default=1, help="warm-up batches (at least)")
-    ap.add_argument("--warmup-time", type=float, default=2.0, help="warm-up seconds (at least, after one batch)")
+    ap.add_argument(
+        "--warmup-time", type=float, default=2.0, help="warm-up seconds (at least, after one batch)"
+    )
     ap.add_argument(
         "--repeats",
         type=int,
@@ -425,6 +438,13 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument(
         "--no-isolate", dest="isolate", action="store_false", help="run every row in this process"
+    )
+    ap.add_argument(
+        "--keep-heap",
+        action="store_true",
+        help="run the workers with glibc keeping freed memory ("
+        + " ".join(f"{k}={v}" for k, v in KEEP_HEAP_ENV.items())
+        + ")",
     )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_extract.json")
     ap.add_argument("--md", type=Path, default=None, help="Markdown table (default: --out with .md)")
@@ -441,6 +461,11 @@ def main() -> None:
         )
         args.warmup_time = 0.0
         args.repeats = 1
+    if args.keep_heap and not args.isolate:
+        ap.error(
+            "--keep-heap sets the allocator of the worker processes; it needs them (drop --quick / "
+            "--no-isolate)"
+        )
     if args.repeats < 1:
         ap.error(f"--repeats={args.repeats} must be at least 1")
     if args.threads is not None and args.threads < 1:
@@ -479,7 +504,8 @@ def main() -> None:
             )
             for flag in (f for f in flags if getattr(args, f) is not None):
                 cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            env = {**os.environ, **KEEP_HEAP_ENV} if args.keep_heap else None
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
         else:
             row = measure(m, meth, args)
@@ -505,10 +531,8 @@ def main() -> None:
         if len(paired) == 2:
             tr, fa = runs["train_step"], runs["factored"]
             pairs = ", ".join(f"{f['samples_per_s'] / t['samples_per_s']:.2f}" for t, f in zip(tr, fa))
-            flt = "; ".join(
-                f"{meth} {min(r['_faults'] for r in runs[meth]):,.0f}-{max(r['_faults'] for r in runs[meth]):,.0f}"
-                for meth in PAIRED
-            )
+            faults = {meth: [r["_faults"] for r in runs[meth]] for meth in PAIRED}
+            flt = "; ".join(f"{k} {min(v):,.0f}-{max(v):,.0f}" for k, v in faults.items())
             spread[m] = f"{m}: factored/train_step per pair {pairs} (page faults per batch: {flt})"
         for meth in methods:
             if meth not in PAIRED:

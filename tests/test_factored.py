@@ -22,6 +22,7 @@ from torch import nn
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import hardmine.factored.conv2d as conv2d_rule
 import hardmine.factored.registry as registry
 from hardmine.engine import GradientExtractor
 from hardmine.extract import reference_per_sample_grads
@@ -189,6 +190,25 @@ CONV_CONFIGS = [
 def test_conv2d_stride_padding_dilation_groups(conv, b):
     model = ConvNet(**conv).double()
     _check_pass(model, (torch.randn(b, 4, 9, 9, dtype=torch.float64), torch.randint(0, 3, (b,))), dim=16)
+
+
+@pytest.mark.parametrize("conv", CONV_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_conv2d_grouped_route(conv, monkeypatch):
+    # Layers with many channels per group build per-sample gradients with one grouped convolution backward;
+    # force that route on the small test layers (and small chunks, so it runs chunk by chunk).
+    monkeypatch.setattr(conv2d_rule, "GROUPED_MIN_CHANNELS", 1)
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 1000)
+    model = ConvNet(**conv).double()
+    chunks = []
+    real = conv2d_rule._grouped_weight_grads
+
+    def counting(module, x, delta):
+        chunks.append(len(x))
+        return real(module, x, delta)
+
+    monkeypatch.setattr(conv2d_rule, "_grouped_weight_grads", counting)
+    _check_pass(model, (torch.randn(5, 4, 9, 9, dtype=torch.float64), torch.randint(0, 3, (5,))), dim=16)
+    assert sum(chunks) == 5 and max(chunks) > 1  # taken, several samples per grouped call
 
 
 def test_cnn_and_small_chunks(monkeypatch):
@@ -698,6 +718,19 @@ def test_bench_quick_writes_rows(tmp_path):
         }
         assert r["samples_per_s"] > 0 and r["peak_extra_mb"] >= 0
     assert "| model |" in md.read_text() and "factored" in proc.stdout
+
+
+def test_bench_keep_heap_needs_worker_processes(tmp_path):
+    # The allocator switches are environment variables read at process start: an in-process run cannot
+    # honour them.
+    script = str(ROOT / "scripts" / "bench_extract.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--quick", "--keep-heap", "--out", str(tmp_path / "b.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--keep-heap" in proc.stderr and not (tmp_path / "b.json").exists()
 
 
 def test_lowest_captured_outputs_in_a_branching_graph():

@@ -464,10 +464,15 @@ def _captured_below(root: Any, targets: set[Any], clear: set[Any]) -> bool:
 
 
 def _unit_matrices(
-    memo: dict[Any, Any], unit: FactoredUnit, layout: ProjectionLayout, dtype: torch.dtype, device: torch.device
+    memo: dict[Any, Any],
+    unit: FactoredUnit,
+    layout: ProjectionLayout,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict[str, torch.Tensor], dict[Any, Any]]:
-    """``(kron matrices or None, {vector local name: dense matrix}, the rule's memo)`` of one unit, looked up in
-    the layout once per dtype and device (the layout caches the matrices; this saves the lookups per batch)."""
+    """``(kron matrices or None, {vector local name: dense matrix}, the rule's memo)`` of one unit, looked up
+    in the layout once per dtype and device (the layout caches the matrices; this saves the lookups per
+    batch)."""
     key = (unit.name, unit.matrix, unit.vectors, dtype, device)
     got = memo.get(key)
     if got is None:

@@ -67,7 +67,8 @@ def _sq_norm(ids: torch.Tensor, keep: torch.Tensor | None, delta: torch.Tensor, 
             if keep is not None:
                 same &= keep[s].unsqueeze(2)  # a padding token pairs with nothing (nor itself)
             gram = delta[s] @ delta[s].transpose(1, 2)  # (c, N, N)
-            out[s] = torch.linalg.vecdot(same.to(delta.dtype).reshape(len(gram), -1), gram.reshape(len(gram), -1))
+            c = s.stop - s.start
+            out[s] = torch.linalg.vecdot(same.to(delta.dtype).reshape(c, -1), gram.reshape(c, -1))  # (c,)
     else:  # long inputs over a small table: build each sample's (vocab, d) gradient, a chunk at a time
         for s in batch_chunks(b, vocab * d):
             ds = delta[s] if keep is None else delta[s] * keep[s].unsqueeze(-1).to(delta.dtype)  # (c, N, d)
