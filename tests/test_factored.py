@@ -197,7 +197,7 @@ def test_conv2d_grouped_route(conv, monkeypatch):
     # Layers with many channels per group build per-sample gradients with one grouped convolution backward;
     # force that route on the small test layers (and small chunks, so it runs chunk by chunk).
     monkeypatch.setattr(conv2d_rule, "GROUPED_MIN_CHANNELS", 1)
-    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 2500)
     model = ConvNet(**conv).double()
     chunks = []
     real = conv2d_rule._grouped_weight_grads

@@ -80,7 +80,12 @@ class Conv2dRule(LayerRule):
             and calls[0].delta.device.type == "cpu"
         ):
             x, delta = calls[0].x, calls[0].delta
-            for s in batch_chunks(b, 2 * c_out * cols):
+            # Per sample: its gradient block, the product with P_in and the padded copy of its input.
+            left, right, top, bottom = _pad_amounts(module)
+            padded = 0
+            if left or right or top or bottom:
+                padded = module.in_channels * (x.shape[2] + top + bottom) * (x.shape[3] + left + right)
+            for s in batch_chunks(b, 2 * c_out * cols + padded):
                 grad = _grouped_weight_grads(module, x[s].to(dtype), delta[s])  # (c, C_out, cols)
                 res.matrix_sq_norm[s] = torch.linalg.vector_norm(grad, dim=(1, 2)).square()  # (c,)
                 res.matrix_proj[s] = p_out.t() @ (grad @ p_in)  # (a, C_out) @ (c, C_out, b) -> (c, a, b)
@@ -141,8 +146,18 @@ def _unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _pad_input(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``x`` padded exactly as ``module`` pads it (any ``padding_mode``; ``"same"`` puts the odd pixel
-    right/bottom like ``nn.Conv2d``), so a convolution without padding over it sees the module's windows."""
+    """``x`` padded exactly as ``module`` pads it (any ``padding_mode``), so a convolution without padding
+    over it sees the module's windows."""
+    pad = _pad_amounts(module)
+    if not any(pad):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, pad, mode=mode)
+
+
+def _pad_amounts(module: nn.Conv2d) -> list[int]:
+    """``[left, right, top, bottom]`` (``F.pad`` order) as ``module`` pads; ``"same"`` puts the odd pixel
+    right/bottom like ``nn.Conv2d``."""
     padding = module.padding
     if isinstance(padding, str):
         pad: list[int] = []
@@ -154,7 +169,4 @@ def _pad_input(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             pad = [0, 0, 0, 0]
     else:
         pad = [padding[1], padding[1], padding[0], padding[0]]
-    if not any(pad):
-        return x
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    return F.pad(x, pad, mode=mode)
+    return pad
