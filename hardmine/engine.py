@@ -248,7 +248,9 @@ class GradientExtractor:
                             self.layout.write(z, n, p)
                     for n, g in fg.vectors.items():
                         vp = fg.vector_proj.get(n)  # projected by the rule itself (e.g. fused with P_out)
-                        self.layout.write(z, n, vp if vp is not None else self.layout.project_dense(n, g.reshape(b, -1)))
+                        if vp is None:
+                            vp = self.layout.project_dense(n, g.reshape(b, -1))  # (B, width)
+                        self.layout.write(z, n, vp)
                     sq, loss, output = fg.sq_norm, fg.loss, fg.output
         vmap_names = self._vmap_names
         if vmap_names:

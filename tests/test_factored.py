@@ -114,6 +114,20 @@ def test_linear_2d_inputs(b):
     assert fg.kron["fc1.weight"].shape == (b, 12)  # dim 12 = 3 x 4
 
 
+def test_linear_token_inputs_with_one_position():
+    # (B, 1, d) inputs take the one-position route of 2-D inputs.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 4)
+            self.h = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(torch.tanh(self.a(x)).mean(1))
+
+    _check_pass(Net().double(), (torch.randn(6, 1, 5, dtype=torch.float64), torch.randint(0, 3, (6,))))
+
+
 @pytest.mark.parametrize("b", [1, 6])
 def test_token_inputs_with_padding_embedding_layernorm(b):
     model = TokenMLP().double()

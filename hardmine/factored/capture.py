@@ -335,7 +335,7 @@ def _compute_factored(
     written: set[str] = set()
     sq = torch.zeros(b, dtype=output.dtype, device=output.device)
     # Each unit's parameters, from its module (a dict of model.named_parameters() per batch walks the model).
-    params = {unit.full_name(local): getattr(unit.module, local) for unit in units.values() for local in unit.vectors}
+    params = {u.full_name(local): getattr(u.module, local) for u in units.values() for local in u.vectors}
     received: dict[str, dict[int, torch.Tensor]] = {name: {} for name in units}
     done: set[str] = set()
     # Modules called once on the same input tensor (q/k/v) share its Gram matrix within this pass.

@@ -41,22 +41,23 @@ class LinearRule(LayerRule):
         return reason
 
     def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
+        b = calls[0].delta.shape[0]
+        d_in, d_out = module.in_features, module.out_features
         bias_mat = request.vector_mats.get("bias") if "bias" in request.vectors else None
         one = calls[0]
         if (
             len(calls) == 1
-            and one.delta.ndim == 2
+            and one.delta.numel() == b * d_out  # one position per sample: (B, d_out) or (B, 1, d_out)
             and request.matrix is not None
             and bias_mat is not None
             and one.delta.dtype == bias_mat.dtype
         ):
-            # The common 2-D case (MLP layers, heads), taken before the general setup below: on small models
+            # The common case of MLP layers and heads, taken before the general setup below: on small models
             # the per-batch Python work is a visible share of the pass.
             if request.grams is not None:
                 request.grams.release(request.grams.key(one.x))  # counted as a reader; takes no Gram
-            return _one_position_with_bias(one.delta, one.x.to(one.delta.dtype), request, bias_mat)
-        b = one.delta.shape[0]
-        d_in, d_out = module.in_features, module.out_features
+            delta = one.delta.reshape(b, d_out)  # (B, d_out)
+            return _one_position_with_bias(delta, one.x.reshape(b, d_in).to(delta.dtype), request, bias_mat)
         # Positions of every call are concatenated: a module called twice contributes both sums.
         x = _cat([c.x.reshape(b, -1, d_in) for c in calls])  # (B, N, d_in)
         delta = _cat([c.delta.reshape(b, -1, d_out) for c in calls])  # (B, N, d_out)
@@ -65,8 +66,6 @@ class LinearRule(LayerRule):
         n = x.shape[1]
         chunks = list(batch_chunks(b, route_elements(1, n, d_out, d_in)))
         gram_x = self._shared_gram(calls, request, x, chunks, n, d_out, d_in)
-        if request.matrix is not None and bias_mat is not None and n == 1 and delta.dtype == bias_mat.dtype:
-            return _one_position_with_bias(delta[:, 0], x[:, 0], request, bias_mat)
         if request.matrix is not None:
             p_out, p_in = request.matrix
             proj = (

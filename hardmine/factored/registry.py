@@ -135,7 +135,8 @@ class GramCache:
 
     @staticmethod
     def key(x: torch.Tensor) -> tuple[Any, ...]:
-        # The captured inputs stay alive for the whole pass, so their storage cannot be reused meanwhile.
+        # Readers are counted while every captured input is alive, and a reader holds its input until its rule
+        # has run, so an input's storage cannot be reused by another tensor while its Gram is cached.
         return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
 
     def release(self, key: Any) -> None:

@@ -30,7 +30,6 @@ the sampler's ``set_epoch``). The miner's and the sampler's states travel in Lig
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ from ._common import EpochManifestWriter
 
 __all__ = ["HardmineCallback", "MANIFEST_NAME"]
 
-logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "online_manifest.parquet"
 
