@@ -33,14 +33,22 @@ def test_extractor_interface_for_the_streaming_driver(engine):
     for key in ("engine", "plan", "params", "dim", "out_dim", "seed", "projection", "layout"):
         assert key in meta
     assert meta["engine"] == engine and meta["out_dim"] == ext.out_dim
-    zs = []
-    for b in (3, 1, 4):  # several batches of different sizes through one extractor
-        res = ext((torch.randn(b, 12), torch.randint(0, 4, (b,))))
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    zs, norms = [], []
+    for lo, hi in ((0, 3), (3, 4), (4, 8)):  # several batches of different sizes (1 included) through one extractor
+        b = hi - lo
+        res = ext((x[lo:hi], y[lo:hi]))
         assert isinstance(res, ProjectedBatch)
         assert res.z.shape == (b, ext.out_dim) and res.z.dtype == torch.float32
         assert res.loss.shape == res.grad_norm.shape == (b,) and res.output.shape == (b, 4)
         zs.append(res.z)
+        norms.append(res.grad_norm)
     assert ext.metadata()["plan_checked"]
+    # A sample's vector does not depend on the batch it came in: the same 8 samples in one batch agree.
+    whole = ext((x, y))
+    assert_close(torch.cat(zs), whole.z)
+    assert_close(torch.cat(norms), whole.grad_norm)
+    assert not torch.equal(whole.z[0], whole.z[1])  # and the vectors are per sample, not one shared vector
 
 
 @pytest.mark.parametrize("engine", ["auto", "factored", "vmap"])

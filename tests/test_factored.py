@@ -54,7 +54,7 @@ def _expected(layout: ProjectionLayout, ref, name: str) -> torch.Tensor:
     p_out = random_matrix(rows, a, seed=layout.seed, key=f"{name}:out").double()
     p_in = random_matrix(cols, b, seed=layout.seed, key=f"{name}:in").double()
     g = ref.grads[name]
-    return g.reshape(g.shape[0], -1) @ torch.kron(p_out, p_in)  # (B, a*b)
+    return (g.double().reshape(g.shape[0], -1) @ torch.kron(p_out, p_in)).to(g.dtype)  # (B, a*b)
 
 
 def _check_pass(model, batch, layers=None, dim=12):
@@ -114,8 +114,22 @@ def test_linear_2d_inputs(b):
     assert fg.kron["fc1.weight"].shape == (b, 12)  # dim 12 = 3 x 4
 
 
-def test_linear_token_inputs_with_one_position():
-    # (B, 1, d) inputs take the one-position route of 2-D inputs.
+@pytest.mark.parametrize("b", [1, 6])
+def test_linear_token_inputs_with_one_position(b, monkeypatch):
+    # (B, 1, d) inputs take the one-position route of 2-D inputs. That route needs the pass's dtype to be
+    # the projection matrices' (float32), so the model is float32 here; the count of route calls proves it
+    # was taken for both layers (the (B, 1, 5) one and the 2-D head), and the result is still exact.
+    import hardmine.factored.linear as linear_rule
+
+    calls = []
+    route = linear_rule._one_position_with_bias
+
+    def spy(delta, *args, **kwargs):
+        calls.append(tuple(delta.shape))
+        return route(delta, *args, **kwargs)
+
+    monkeypatch.setattr(linear_rule, "_one_position_with_bias", spy)
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -125,7 +139,8 @@ def test_linear_token_inputs_with_one_position():
         def forward(self, x):
             return self.h(torch.tanh(self.a(x)).mean(1))
 
-    _check_pass(Net().double(), (torch.randn(6, 1, 5, dtype=torch.float64), torch.randint(0, 3, (6,))))
+    _check_pass(Net(), (torch.randn(b, 1, 5), torch.randint(0, 3, (b,))))
+    assert sorted(calls) == [(b, 3), (b, 4)]
 
 
 @pytest.mark.parametrize("b", [1, 6])
@@ -514,10 +529,16 @@ def test_model_untouched_and_usable_afterwards():
     # A normal training step still works.
     model.zero_grad()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(5)  # the same dropout masks for the step and for the autograd reference below
     loss = F.cross_entropy(model(**batch[0]), batch[1])
     loss.backward()
+    # The step's gradients are plain autograd's for the same loss: nothing left behind alters them.
+    torch.manual_seed(5)
+    params = list(model.parameters())
+    want = torch.autograd.grad(F.cross_entropy(model(**batch[0]), batch[1]), params)
+    for p, g in zip(params, want):
+        assert p.grad is not None and torch.equal(p.grad, g)
     opt.step()
-    assert all(p.grad is not None for p in model.parameters())
     assert not torch.equal(model.classifier.weight, state["classifier.weight"])
 
 

@@ -199,6 +199,9 @@ def test_factory_dataset(tmp_path):
         ({"feat": [[1.0, 2.0]] * 3, "label": [0.0, 1.5, 1.0]}, {}, r"sample 1 is 1\.5, not an integer"),
         ({"feat": [[1.0, 2.0], [np.inf, 0.0], [1.0, 1.0]], "label": [0, 1, 1]}, {}, r"sample 1 contain NaN/inf"),
         ({"feat": [[1.0, 2.0]] * 3, "label": [0, 1, 7]}, {"num_classes": 3}, r"label 7 of sample 2 is out of range"),
+        # the boundaries: num_classes itself is out of range, num_classes - 1 and 0 are not (below), -1 is
+        ({"feat": [[1.0, 2.0]] * 3, "label": [0, 3, 1]}, {"num_classes": 3}, r"label 3 of sample 1 is out of range"),
+        ({"feat": [[1.0, 2.0]] * 3, "label": [0, -1, 1]}, {"num_classes": 3}, r"label -1 of sample 1 is out of range"),
         ({"feat": [[1.0, 2.0]] * 3, "label": [0, 1, 1]}, {"input_shape": (3,)}, r"needs 3 values per sample but features have 2"),
         ({"feat": [[1.0, 2.0]] * 3, "lbl": [0, 1, 1]}, {}, r"--label-column 'label' is not a column.*\['feat', 'lbl'\]"),
         ({"feat": [[1.0, 2.0]] * 3, "label": [0, 1, 1]}, {"feature_column": "pixels"}, r"--feature-column 'pixels'"),
@@ -221,3 +224,9 @@ def test_empty_and_missing_data(tmp_path):
         open_data(str(tmp_path / "nope.parquet"), feature_column="feat")
     with pytest.raises(ValueError, match="cannot tell the format"):
         open_data(str(tmp_path / "e.parquet.txt"))
+
+
+def test_labels_at_the_edges_of_num_classes_are_accepted(tmp_path):
+    pd.DataFrame({"feat": [[1.0, 2.0]] * 3, "label": [0, 2, 1]}).to_parquet(tmp_path / "d.parquet")
+    got = _batches(open_data(str(tmp_path / "d.parquet"), feature_column="feat", num_classes=3))
+    assert got[0][1].tolist() == [0, 2, 1]
