@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batches import check_target, split_batch, validate_batch, validate_inputs
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
-from .extract import forward_mode, per_sample_grads, split_batch, validate_batch, validate_inputs
+from .extract import forward_mode, per_sample_grads
 from .factored.capture import FactoredUnit, _compute_factored, format_rejected, plan_factored, probe_units
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
@@ -214,11 +215,7 @@ class GradientExtractor:
         if self._units:
             with forward_mode(self.model, self.randomness):
                 inputs, target = split_batch(batch)
-                if not isinstance(target, torch.Tensor):
-                    raise ValueError(
-                        f"target is a {type(target).__name__}, not a torch.Tensor; convert it with "
-                        "torch.as_tensor."
-                    )
+                check_target(target)
                 fn, kind = resolve_loss(self.loss_fn, target)
                 if not self._verified:
                     # The first batch gets the full check (a one-sample probe forward quotes shape errors

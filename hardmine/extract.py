@@ -4,9 +4,9 @@
 functional call), returns the per-sample loss, the model output and the per-sample gradient norm from the
 same pass, and leaves the model exactly as it found it.
 
-Batches are ``(inputs, target)`` pairs, where ``inputs`` is a tensor, a tuple of tensors (positional
-arguments) or a mapping of tensors (keyword arguments, e.g. ``input_ids`` + ``attention_mask``). A mapping
-that carries its target under ``"labels"``/``"label"`` is accepted as a whole batch too.
+Batches follow the contract in ``hardmine.batches`` (``(inputs, target)`` or a mapping with ``labels``);
+the batch helpers (``split_batch``, ``call_model``, ``validate_batch``...) live there and are re-exported
+here for existing imports.
 """
 
 from __future__ import annotations
@@ -23,6 +23,17 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
+from .batches import (
+    Inputs,
+    call_model,
+    check_target,
+    forward_error,
+    model_output_tensor,
+    split_batch,
+    validate_batch,
+    validate_inputs,
+    validate_output,
+)
 from .enums import LossKind, Randomness, parse_choice
 from .losses import LossFn, resolve_loss
 from .params import select_parameters
@@ -44,8 +55,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Inputs = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
-_TARGET_KEYS = ("labels", "label", "target", "targets", "y")
 
 
 @dataclass
@@ -68,82 +77,12 @@ class PerSampleGrads:
 
 
 # ---------------------------------------------------------------------------------------------- batches
-def split_batch(batch: Any) -> tuple[Inputs, torch.Tensor]:
-    """Accept ``(inputs, target)`` or a mapping with a ``labels``-like key and return ``(inputs, target)``."""
-    if isinstance(batch, Mapping):
-        keys = [k for k in _TARGET_KEYS if k in batch]
-        if not keys:
-            raise ValueError(
-                f"batch is a mapping with keys {sorted(batch)} but none of {list(_TARGET_KEYS)}; "
-                "put the target under 'labels' or pass an (inputs, target) pair."
-            )
-        inputs = {k: v for k, v in batch.items() if k != keys[0]}
-        return inputs, batch[keys[0]]
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        inputs = batch[0]
-        if isinstance(inputs, list):
-            inputs = tuple(inputs)
-        return inputs, batch[1]
-    raise ValueError(
-        f"batch of type {type(batch).__name__} is not understood; pass (inputs, target) or a mapping with 'labels'."
-    )
-
-
-def _leaves(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(inputs, torch.Tensor):
-        return [("inputs", inputs)]
-    if isinstance(inputs, Mapping):
-        items = list(inputs.items())
-    elif isinstance(inputs, tuple):
-        items = [(f"inputs[{i}]", v) for i, v in enumerate(inputs)]
-    else:
-        raise ValueError(
-            f"inputs of type {type(inputs).__name__} are not supported; pass a tensor, a tuple of tensors "
-            "or a mapping of tensors."
-        )
-    for name, v in items:
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"input {name!r} is a {type(v).__name__}, not a torch.Tensor; convert it first.")
-    return [(str(n), v) for n, v in items]
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)``, ``model(**inputs)`` or ``model(*inputs)`` for a tensor, a mapping or a tuple/list."""
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    raise ValueError(
-        f"inputs of type {type(inputs).__name__} are not supported; pass a tensor, a tuple of tensors "
-        "(positional arguments) or a mapping of tensors (keyword arguments)."
-    )
-
-
 def _functional(model: nn.Module, params: tuple[dict[str, torch.Tensor], ...], inputs: Inputs) -> Any:
     if isinstance(inputs, torch.Tensor):
         return functional_call(model, params, (inputs,))
     if isinstance(inputs, Mapping):
         return functional_call(model, params, (), dict(inputs))
     return functional_call(model, params, tuple(inputs))
-
-
-def model_output_tensor(out: Any) -> torch.Tensor:
-    """The tensor to apply the loss to: the output itself, its ``logits`` (HF style), or its first element."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping) and "logits" in out:
-        return out["logits"]
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ValueError(
-        f"the model returned a {type(out).__name__}; hardmine needs a tensor, a mapping/object with 'logits', "
-        "or a tuple whose first element is the output tensor."
-    )
 
 
 # ------------------------------------------------------------------------------------------------ modes
@@ -177,103 +116,13 @@ def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def validate_batch(
-    model: nn.Module, inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | None
-) -> int:
-    """Check a batch at the boundary and return its size. Runs the model on the first sample to learn the
-    output shape (and to turn shape mismatches into a clear error).
-
-    Hot paths that run the model on the whole batch anyway use ``validate_inputs`` before the pass and
-    ``validate_output`` on the pass's own output instead, which saves this one-sample forward per batch.
-    """
-    b = validate_inputs(inputs, target, loss_kind)
-    first = tree_map(lambda t: t[:1], inputs)
-    try:
-        with torch.no_grad():
-            out = model_output_tensor(call_model(model, first))
-    except ValueError:
-        raise
-    except Exception as exc:  # shape mismatches etc. surface here with the user's shapes quoted
-        raise forward_error(inputs, exc) from exc
-    validate_output(out, target, loss_kind)
-    return b
-
-
-def forward_error(inputs: Inputs, exc: BaseException) -> ValueError:
-    """A ``ValueError`` for a failed model forward that quotes the per-sample input shapes."""
-    shapes = {n: tuple(t.shape[1:]) for n, t in _leaves(inputs)}
-    return ValueError(f"the model's forward failed on per-sample input shapes {shapes}: {exc}")
-
-
-def validate_inputs(inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | None) -> int:
-    """The model-free part of ``validate_batch``: batch sizes, NaN/inf inputs, target dtype and shape."""
-    leaves = _leaves(inputs)
-    if not isinstance(target, torch.Tensor):
-        raise ValueError(f"target is a {type(target).__name__}, not a torch.Tensor; convert it with torch.as_tensor.")
-    if target.ndim == 0:
-        raise ValueError("target is a 0-d tensor; it needs a leading batch dimension.")
-    b = int(target.shape[0])
-    if b == 0:
-        raise ValueError("the batch is empty (0 samples); pass at least one sample.")
-    for name, t in leaves:
-        if t.ndim == 0 or t.shape[0] != b:
-            raise ValueError(
-                f"input {name!r} has shape {tuple(t.shape)} but the target has {b} samples; every input needs the "
-                "same leading batch dimension as the target."
-            )
-        # sum() first: any NaN/inf makes it non-finite, and it costs far less than an elementwise check.
-        if torch.is_floating_point(t) and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-            bad = (~torch.isfinite(t.reshape(b, -1))).any(dim=1).nonzero().flatten()
-            raise ValueError(
-                f"input {name!r} has NaN/inf values in {len(bad)} sample(s) (first at batch position "
-                f"{int(bad[0])}); clean or drop them before scanning."
-            )
-    if loss_kind is LossKind.CROSS_ENTROPY:
-        if torch.is_floating_point(target) or target.dtype == torch.bool or torch.is_complex(target):
-            raise ValueError(
-                f"classification targets must be integer class ids, got dtype {target.dtype}; pass "
-                "target.long(), or loss='mse' for regression."
-            )
-        if target.ndim != 1:
-            raise ValueError(f"classification targets must be 1-D (B,), got shape {tuple(target.shape)}.")
-    elif loss_kind is LossKind.MSE:
-        if not torch.is_floating_point(target):
-            raise ValueError(f"regression (mse) targets must be floating point, got dtype {target.dtype}.")
-        if not torch.isfinite(target).all():
-            raise ValueError("regression targets contain NaN/inf; clean or drop those samples.")
-    return b
-
-
-def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind | None) -> None:
-    """Check the model's output (for any number of samples) against the targets, before the loss runs:
-    a differentiable dtype, ``(B, C)`` logits for cross-entropy, and every label in ``[0, C)``."""
-    if not torch.is_floating_point(out):
-        raise ValueError(
-            f"the model output has dtype {out.dtype}, which is not differentiable; return logits/scores, not "
-            "predicted ids."
-        )
-    if loss_kind is LossKind.CROSS_ENTROPY:
-        if out.ndim != 2:
-            raise ValueError(
-                f"cross-entropy needs (B, num_classes) logits, the model returned per-sample shape {tuple(out.shape[1:])}."
-            )
-        c = int(out.shape[1])
-        lo, hi = int(target.min()), int(target.max())
-        if lo < 0 or hi >= c:
-            raise ValueError(
-                f"label {lo if lo < 0 else hi} is out of range for a model with {c} outputs (labels must be in "
-                f"[0, {c - 1}]); check the label column or the model."
-            )
-
-
 def _prepare(
     model: nn.Module, batch: Any, loss_fn: LossKind | str | LossFn | None, params: str | Sequence[str] | None
 ) -> tuple[Inputs, torch.Tensor, LossFn, list[str], int]:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     inputs, target = split_batch(batch)
-    if not isinstance(target, torch.Tensor):
-        raise ValueError(f"target is a {type(target).__name__}, not a torch.Tensor; convert it with torch.as_tensor.")
+    check_target(target)
     fn, kind = resolve_loss(loss_fn, target)
     names = select_parameters(model, params)
     b = validate_batch(model, inputs, target, kind)

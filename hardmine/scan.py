@@ -63,11 +63,11 @@ from ._io import (
     remove_stale_temporaries,
 )
 from ._version import __version__
+from .batches import check_labels, infer_task, input_leaves, sample_ids, split_batch_ids, to_device
 from .engine import GradientExtractor
 from .enums import (
     Engine,
     IndexKind,
-    LossKind,
     ProjectionKind,
     Randomness,
     ScanPhase,
@@ -75,7 +75,6 @@ from .enums import (
     TaskKind,
     parse_choice,
 )
-from .extract import split_batch
 from .index import INDEX_FILE, IVFDATA_FILE, IndexInfo, build_index, knn_block, open_index, search
 from .losses import resolve_loss
 from .manifest import (
@@ -122,88 +121,6 @@ class Neighbors(NamedTuple):
     sample_ids: np.ndarray
     similarities: np.ndarray
     rows: np.ndarray
-
-
-# ---------------------------------------------------------------------------------------------- batches
-def _ids_array(ids: Any, b: int, where: str) -> np.ndarray:
-    """User ids -> int64 array or object array of str, validated against the batch size."""
-    if isinstance(ids, torch.Tensor):
-        if torch.is_floating_point(ids) or ids.dtype == torch.bool or ids.ndim != 1:
-            raise ValueError(f"{where}: sample ids must be a 1-D integer tensor or strings, got {ids.dtype} {tuple(ids.shape)}.")
-        arr = ids.detach().cpu().numpy().astype(np.int64)
-    else:
-        seq = list(ids) if not isinstance(ids, (str, bytes)) else None
-        if seq is None:
-            raise ValueError(f"{where}: sample ids must be a sequence (one per sample), got the string {ids!r}.")
-        if all(isinstance(v, str) for v in seq):
-            arr = np.array(seq, dtype=object)
-        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in seq):
-            arr = np.asarray(seq, dtype=np.int64)
-        else:
-            kinds = sorted({type(v).__name__ for v in seq})
-            raise ValueError(f"{where}: sample ids must be all integers or all strings, got {kinds}.")
-    if len(arr) != b:
-        raise ValueError(f"{where}: {len(arr)} sample ids for {b} samples; give exactly one id per sample.")
-    return arr
-
-
-def _split(batch: Any, where: str) -> tuple[Any, torch.Tensor, Any]:
-    """``(inputs, target, ids or None)`` from ``(x, y)``, ``(x, y, ids)`` or a mapping with ``labels``."""
-    ids = None
-    if isinstance(batch, Mapping):
-        ids = batch.get("sample_id")
-        batch = {k: v for k, v in batch.items() if k != "sample_id"}
-    elif isinstance(batch, (tuple, list)):
-        if len(batch) == 3:
-            ids = batch[2]
-            batch = (batch[0], batch[1])
-        elif len(batch) != 2:
-            raise ValueError(
-                f"{where}: a batch sequence must be (inputs, target) or (inputs, target, sample_ids), got "
-                f"{len(batch)} elements."
-            )
-    else:
-        raise ValueError(
-            f"{where}: batch of type {type(batch).__name__} is not understood; yield (inputs, target), "
-            "(inputs, target, sample_ids) or a mapping with 'labels' (and optionally 'sample_id')."
-        )
-    inputs, target = split_batch(batch)
-    if not isinstance(target, torch.Tensor):
-        raise ValueError(f"{where}: target is a {type(target).__name__}, not a torch.Tensor; convert it first.")
-    if target.ndim == 0 or target.shape[0] == 0:
-        raise ValueError(f"{where}: target has shape {tuple(target.shape)}; it needs a non-empty batch dimension.")
-    return inputs, target, ids
-
-
-def _leaves(inputs: Any) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(inputs, torch.Tensor):
-        return [("inputs", inputs)]
-    items = list(inputs.items()) if isinstance(inputs, Mapping) else [(f"inputs[{i}]", v) for i, v in enumerate(inputs)]
-    for name, v in items:
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"input {name!r} is a {type(v).__name__}, not a torch.Tensor; convert it first.")
-    return [(str(n), v) for n, v in items]
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return tuple(_to_device(v, device) for v in obj)
-    return obj
-
-
-def _task_of(loss_fn: Any, target: torch.Tensor, output: torch.Tensor) -> TaskKind:
-    _, kind = resolve_loss(loss_fn, target)
-    if kind is LossKind.CROSS_ENTROPY:
-        return TaskKind.CLASSIFICATION
-    if kind is LossKind.MSE:
-        return TaskKind.REGRESSION
-    # A custom loss: classification when targets are class ids and the output is (B, C).
-    is_class = not torch.is_floating_point(target) and target.ndim == 1 and output.ndim == 2
-    return TaskKind.CLASSIFICATION if is_class else TaskKind.REGRESSION
 
 
 # ------------------------------------------------------------------------------------------- the driver
@@ -503,7 +420,7 @@ class _Driver:
         shuffled = isinstance(data, DataLoader) and isinstance(getattr(data, "sampler", None), RandomSampler)
         for batch_i, batch in enumerate(data):
             where = f"batch {batch_i}"
-            inputs, target, ids = _split(batch, where)
+            inputs, target, ids = split_batch_ids(batch, where)
             b = int(target.shape[0])
             if batch_i == 0 and shuffled:
                 if ids is None:
@@ -512,10 +429,10 @@ class _Driver:
                         "(the position) would not identify samples; use shuffle=False or yield (x, y, ids)."
                     )
                 logger.warning("data is shuffled: the dataset fingerprint and resuming need a fixed order")
-            id_arr = np.arange(rows, rows + b, dtype=np.int64) if ids is None else _ids_array(ids, b, where)
+            id_arr = np.arange(rows, rows + b, dtype=np.int64) if ids is None else sample_ids(ids, b, where)[0]
             user_ids = user_ids or ids is not None
             self._check_ids(id_arr, where)
-            digest = hasher.update(id_arr, target, _leaves(inputs))
+            digest = hasher.update(id_arr, target, input_leaves(inputs))
             if batch_i < done_batches:  # recorded in a complete shard: only check it is the same data
                 shard_digests.append(digest)
                 rec = done_shards[shard_i]
@@ -536,7 +453,7 @@ class _Driver:
                     f"the data has more batches than the complete scan in {self.dir} ({done_batches}); rerun with "
                     "the same data, or overwrite=True."
                 )
-            inputs, target_dev = _to_device(inputs, self.device), _to_device(target, self.device)
+            inputs, target_dev = to_device(inputs, self.device), to_device(target, self.device)
             pb = self.extractor((inputs, target_dev))
             # The plan in use (auto may move a module to vmap after probing the first batch).
             self.ledger["extractor"] = self.extractor.metadata()
@@ -603,7 +520,7 @@ class _Driver:
         from .score import classification_stats, regression_stats
 
         output = pb.output.detach().to("cpu")
-        task = _task_of(self.loss_fn, target, output)
+        task = infer_task(resolve_loss(self.loss_fn, target)[1], target, output)
         prev = self.ledger.get("task")
         if prev is not None and prev != task.value:
             raise ValueError(f"{where}: targets look like {task.value} but earlier batches were {prev}.")
@@ -616,9 +533,8 @@ class _Driver:
                 raise ValueError(f"{where}: the model outputs {c} classes but num_classes={self.num_classes}.")
             if self.ledger.get("num_classes") not in (None, c):
                 raise ValueError(f"{where}: the model output has {c} classes, earlier batches had {self.ledger['num_classes']}.")
+            check_labels(tgt, c, where)
             lab = tgt.numpy().astype(np.int64)
-            if lab.min() < 0 or lab.max() >= c:
-                raise ValueError(f"{where}: label {int(lab.max() if lab.max() >= c else lab.min())} is outside [0, {c - 1}].")
             self.ledger["num_classes"] = c
             stats = classification_stats(output.numpy(), lab)
             label: np.ndarray = lab

@@ -1,0 +1,364 @@
+"""The batch contract: what a batch is, how the model is called on it, and the checks at that boundary.
+
+Every consumer (the vmap and factored engines, ``GradientExtractor``, ``scan`` and the online miner) reads
+batches through these functions, so they accept the same shapes and fail with the same messages.
+
+A batch is
+
+* ``(inputs, target)`` or ``(inputs, target, sample_ids)`` (a tuple or list), or
+* a mapping carrying its target under ``"labels"`` (or ``label``/``target``/``targets``/``y``) and,
+  optionally, its ids under ``"sample_id"``; the remaining keys are the model's keyword arguments.
+
+``inputs`` is a tensor (``model(x)``), a tuple of tensors (positional arguments, ``model(*x)``) or a mapping
+of tensors (keyword arguments, ``model(**x)``, e.g. ``input_ids`` + ``attention_mask``). Every input tensor
+and the target share the leading batch dimension ``B``.
+
+Sample ids are ints or strings, one per sample: a 1-D integer tensor, a NumPy array, or any sequence;
+``sample_ids`` returns them as an array (int64, or object holding ``str``) and ``sample_id_list`` as a
+Python list, each with their kind (``"int"`` or ``"str"``).
+
+Functions that take ``where`` (e.g. ``"batch 3"``) prefix their error messages with it, so a streaming
+caller can say which batch was bad; ``None`` gives the bare message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .enums import LossKind, TaskKind
+
+__all__ = [
+    "IdKind",
+    "Inputs",
+    "SAMPLE_ID_KEY",
+    "TARGET_KEYS",
+    "call_model",
+    "check_class_target",
+    "check_labels",
+    "check_regression_target",
+    "check_target",
+    "forward_error",
+    "infer_task",
+    "input_leaves",
+    "model_output_tensor",
+    "sample_id_list",
+    "sample_ids",
+    "split_batch",
+    "split_batch_ids",
+    "to_device",
+    "validate_batch",
+    "validate_inputs",
+    "validate_output",
+]
+
+logger = logging.getLogger(__name__)
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
+IdKind = Literal["int", "str"]
+TARGET_KEYS = ("labels", "label", "target", "targets", "y")
+SAMPLE_ID_KEY = "sample_id"
+
+
+def _prefix(where: str | None) -> str:
+    return f"{where}: " if where else ""
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+def split_batch(batch: Any) -> tuple[Inputs, torch.Tensor]:
+    """``(inputs, target)`` from ``(inputs, target)`` (extra elements ignored) or a mapping with a
+    ``labels``-like key (the first of ``TARGET_KEYS`` present; the other keys are the inputs)."""
+    if isinstance(batch, Mapping):
+        keys = [k for k in TARGET_KEYS if k in batch]
+        if not keys:
+            raise ValueError(
+                f"batch is a mapping with keys {sorted(batch)} but none of {list(TARGET_KEYS)}; "
+                "put the target under 'labels' or pass an (inputs, target) pair."
+            )
+        inputs = {k: v for k, v in batch.items() if k != keys[0]}
+        return inputs, batch[keys[0]]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        inputs = batch[0]
+        if isinstance(inputs, list):
+            inputs = tuple(inputs)
+        return inputs, batch[1]
+    raise ValueError(
+        f"batch of type {type(batch).__name__} is not understood; pass (inputs, target) or a mapping with 'labels'."
+    )
+
+
+def split_batch_ids(batch: Any, where: str | None = None) -> tuple[Inputs, torch.Tensor, Any]:
+    """``(inputs, target, ids or None)`` from ``(x, y)``, ``(x, y, ids)`` or a mapping with ``labels`` (and
+    optionally ``sample_id``). The ids are returned as given (parse them with ``sample_ids``); the target is
+    checked to be a tensor with a non-empty batch dimension."""
+    ids = None
+    if isinstance(batch, Mapping):
+        ids = batch.get(SAMPLE_ID_KEY)
+        batch = {k: v for k, v in batch.items() if k != SAMPLE_ID_KEY}
+    elif isinstance(batch, (tuple, list)):
+        if len(batch) == 3:
+            ids = batch[2]
+            batch = (batch[0], batch[1])
+        elif len(batch) != 2:
+            raise ValueError(
+                f"{_prefix(where)}a batch sequence must be (inputs, target) or (inputs, target, sample_ids), got "
+                f"{len(batch)} elements."
+            )
+    else:
+        raise ValueError(
+            f"{_prefix(where)}batch of type {type(batch).__name__} is not understood; yield (inputs, target), "
+            "(inputs, target, sample_ids) or a mapping with 'labels' (and optionally 'sample_id')."
+        )
+    inputs, target = split_batch(batch)
+    check_target(target, where)
+    if target.ndim == 0 or target.shape[0] == 0:
+        raise ValueError(
+            f"{_prefix(where)}target has shape {tuple(target.shape)}; it needs a non-empty batch dimension."
+        )
+    return inputs, target, ids
+
+
+def input_leaves(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
+    """``[(name, tensor)]`` for every input tensor: ``"inputs"``, ``"inputs[i]"`` or the mapping's keys.
+    ValueError for anything that is not a tensor / tuple / mapping of tensors."""
+    if isinstance(inputs, torch.Tensor):
+        return [("inputs", inputs)]
+    if isinstance(inputs, Mapping):
+        items = list(inputs.items())
+    elif isinstance(inputs, tuple):
+        items = [(f"inputs[{i}]", v) for i, v in enumerate(inputs)]
+    else:
+        raise ValueError(
+            f"inputs of type {type(inputs).__name__} are not supported; pass a tensor, a tuple of tensors "
+            "or a mapping of tensors."
+        )
+    for name, v in items:
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"input {name!r} is a {type(v).__name__}, not a torch.Tensor; convert it first.")
+    return [(str(n), v) for n, v in items]
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor moved to ``device`` (tensors already there are returned as they are);
+    mappings become dicts and lists become tuples, anything else is passed through."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return tuple(to_device(v, device) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ calling
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``, ``model(**inputs)`` or ``model(*inputs)`` for a tensor, a mapping or a tuple/list."""
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    raise ValueError(
+        f"inputs of type {type(inputs).__name__} are not supported; pass a tensor, a tuple of tensors "
+        "(positional arguments) or a mapping of tensors (keyword arguments)."
+    )
+
+
+def model_output_tensor(out: Any) -> torch.Tensor:
+    """The tensor to apply the loss to: the output itself, its ``logits`` (HF style), or its first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(
+        f"the model returned a {type(out).__name__}; hardmine needs a tensor, a mapping/object with 'logits', "
+        "or a tuple whose first element is the output tensor."
+    )
+
+
+def forward_error(inputs: Inputs, exc: BaseException) -> ValueError:
+    """A ``ValueError`` for a failed model forward that quotes the per-sample input shapes."""
+    shapes = {n: tuple(t.shape[1:]) for n, t in input_leaves(inputs)}
+    return ValueError(f"the model's forward failed on per-sample input shapes {shapes}: {exc}")
+
+
+# --------------------------------------------------------------------------------------- sample ids
+def sample_ids(ids: Any, b: int, where: str | None = None) -> tuple[np.ndarray, IdKind]:
+    """User ids -> ``(array, kind)``: an int64 array (``"int"``) or an object array of ``str`` (``"str"``),
+    checked to hold exactly ``b`` ids.
+
+    Accepts a 1-D integer tensor, a NumPy array, or any iterable of ints (not bools) or of strings
+    (not a single string, a mapping or a set, which have no per-sample order).
+    """
+    pre = _prefix(where)
+    if isinstance(ids, torch.Tensor):
+        if torch.is_floating_point(ids) or ids.dtype == torch.bool or ids.ndim != 1:
+            raise ValueError(
+                f"{pre}sample ids must be a 1-D integer tensor or a list of ints/strings, got a {ids.dtype} "
+                f"tensor of shape {tuple(ids.shape)}."
+            )
+        arr = ids.detach().cpu().numpy().astype(np.int64)
+        kind: IdKind = "int"
+    elif isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+        if ids.ndim != 1:
+            raise ValueError(f"{pre}sample ids must be 1-D, got shape {ids.shape}.")
+        arr, kind = ids.astype(np.int64), "int"
+    elif isinstance(ids, (str, bytes, Mapping, set, frozenset)) or not isinstance(ids, Iterable):
+        raise ValueError(f"{pre}sample ids must be a sequence with one id per sample, got {type(ids).__name__}.")
+    else:
+        seq = list(ids)
+        if all(isinstance(v, str) for v in seq):
+            arr, kind = np.array(seq, dtype=object), "str"
+        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in seq):
+            arr, kind = np.asarray(seq, dtype=np.int64), "int"
+        else:
+            kinds = sorted({type(v).__name__ for v in seq})
+            raise ValueError(f"{pre}sample ids must be all integers or all strings, got {kinds}.")
+    if len(arr) != b:
+        # Streaming callers (``where`` given) count samples; the online miner speaks of its batch.
+        count = f"{b} samples" if where else f"a batch of {b}"
+        raise ValueError(f"{pre}{len(arr)} sample ids for {count}; give exactly one id per sample.")
+    return arr, kind
+
+
+def sample_id_list(ids: Any, b: int, where: str | None = None) -> tuple[list[Any], IdKind]:
+    """``sample_ids`` as a Python list (of ``int`` or ``str``) with its kind."""
+    arr, kind = sample_ids(ids, b, where)
+    return arr.tolist(), kind
+
+
+# ------------------------------------------------------------------------------------------- targets
+def check_target(target: Any, where: str | None = None) -> torch.Tensor:
+    """``target`` if it is a tensor, else a ValueError naming its type."""
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(
+            f"{_prefix(where)}target is a {type(target).__name__}, not a torch.Tensor; convert it with "
+            "torch.as_tensor."
+        )
+    return target
+
+
+def check_class_target(target: torch.Tensor) -> None:
+    """Classification targets: integer class ids of shape ``(B,)``."""
+    if torch.is_floating_point(target) or target.dtype == torch.bool or torch.is_complex(target):
+        raise ValueError(
+            f"classification targets must be integer class ids, got dtype {target.dtype}; pass "
+            "target.long(), or loss='mse' for regression."
+        )
+    if target.ndim != 1:
+        raise ValueError(f"classification targets must be 1-D (B,), got shape {tuple(target.shape)}.")
+
+
+def check_regression_target(target: torch.Tensor, *, finite: bool = True) -> None:
+    """Regression (mse) targets: floating point and, with ``finite``, free of NaN/inf (one device sync)."""
+    if not torch.is_floating_point(target):
+        raise ValueError(f"regression (mse) targets must be floating point, got dtype {target.dtype}.")
+    if finite and not torch.isfinite(target).all():
+        raise ValueError("regression targets contain NaN/inf; clean or drop those samples.")
+
+
+def check_labels(target: torch.Tensor, num_outputs: int, where: str | None = None) -> None:
+    """Every class id in ``target`` lies in ``[0, num_outputs)``; else a ValueError quoting the first bad
+    extreme. One reduction (NumPy's min/max on the CPU, skipping a dispatch; ``aminmax`` elsewhere)."""
+    if target.device.type == "cpu":
+        t_np = target.detach().numpy()
+        lo, hi = int(t_np.min()), int(t_np.max())
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(target))
+    if lo < 0 or hi >= num_outputs:
+        raise ValueError(
+            f"{_prefix(where)}label {lo if lo < 0 else hi} is out of range for a model with {num_outputs} outputs "
+            f"(labels must be in [0, {num_outputs - 1}]); check the label column or the model."
+        )
+
+
+def infer_task(loss_kind: LossKind | None, target: torch.Tensor, output: torch.Tensor) -> TaskKind:
+    """The task a batch belongs to, from the resolved loss kind (``resolve_loss``): cross-entropy is
+    classification, mse regression; a custom loss (``None``) is classification when the targets are 1-D
+    class ids and the output is ``(B, C)``."""
+    if loss_kind is LossKind.CROSS_ENTROPY:
+        return TaskKind.CLASSIFICATION
+    if loss_kind is LossKind.MSE:
+        return TaskKind.REGRESSION
+    is_class = not torch.is_floating_point(target) and target.ndim == 1 and output.ndim == 2
+    return TaskKind.CLASSIFICATION if is_class else TaskKind.REGRESSION
+
+
+# ------------------------------------------------------------------------------------- whole batches
+def validate_batch(
+    model: nn.Module, inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | None
+) -> int:
+    """Check a batch at the boundary and return its size. Runs the model on the first sample to learn the
+    output shape (and to turn shape mismatches into a clear error).
+
+    Hot paths that run the model on the whole batch anyway use ``validate_inputs`` before the pass and
+    ``validate_output`` on the pass's own output instead, which saves this one-sample forward per batch.
+    """
+    b = validate_inputs(inputs, target, loss_kind)
+    first = tree_map(lambda t: t[:1], inputs)
+    try:
+        with torch.no_grad():
+            out = model_output_tensor(call_model(model, first))
+    except ValueError:
+        raise
+    except Exception as exc:  # shape mismatches etc. surface here with the user's shapes quoted
+        raise forward_error(inputs, exc) from exc
+    validate_output(out, target, loss_kind)
+    return b
+
+
+def validate_inputs(inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | None) -> int:
+    """The model-free part of ``validate_batch``: batch sizes, NaN/inf inputs, target dtype and shape."""
+    leaves = input_leaves(inputs)
+    check_target(target)
+    if target.ndim == 0:
+        raise ValueError("target is a 0-d tensor; it needs a leading batch dimension.")
+    b = int(target.shape[0])
+    if b == 0:
+        raise ValueError("the batch is empty (0 samples); pass at least one sample.")
+    for name, t in leaves:
+        if t.ndim == 0 or t.shape[0] != b:
+            raise ValueError(
+                f"input {name!r} has shape {tuple(t.shape)} but the target has {b} samples; every input needs the "
+                "same leading batch dimension as the target."
+            )
+        # sum() first: any NaN/inf makes it non-finite, and it costs far less than an elementwise check.
+        if torch.is_floating_point(t) and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t.reshape(b, -1))).any(dim=1).nonzero().flatten()  # (B, numel) -> rows
+            raise ValueError(
+                f"input {name!r} has NaN/inf values in {len(bad)} sample(s) (first at batch position "
+                f"{int(bad[0])}); clean or drop them before scanning."
+            )
+    if loss_kind is LossKind.CROSS_ENTROPY:
+        check_class_target(target)
+    elif loss_kind is LossKind.MSE:
+        check_regression_target(target)
+    return b
+
+
+def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind | None) -> None:
+    """Check the model's output (for any number of samples) against the targets, before the loss runs:
+    a differentiable dtype, ``(B, C)`` logits for cross-entropy, and every label in ``[0, C)``."""
+    if not torch.is_floating_point(out):
+        raise ValueError(
+            f"the model output has dtype {out.dtype}, which is not differentiable; return logits/scores, not "
+            "predicted ids."
+        )
+    if loss_kind is LossKind.CROSS_ENTROPY:
+        if out.ndim != 2:
+            raise ValueError(
+                f"cross-entropy needs (B, num_classes) logits, the model returned per-sample shape {tuple(out.shape[1:])}."
+            )
+        check_labels(target, int(out.shape[1]))
