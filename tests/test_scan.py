@@ -332,6 +332,11 @@ def test_resume_refuses_changed_data_and_config(tmp_path):
     reordered = batches[::-1]
     with pytest.raises(ValueError, match="data differs"):
         scan(model, reordered, out=out, dim=16, engine="vmap", shard_rows=40)
+    # Same ids and labels, changed features (one value of one recorded sample): the inputs are part of the data.
+    x2 = data["x"].copy()
+    x2[3, 0] += 1.0
+    with pytest.raises(ValueError, match="data differs"):
+        scan(model, batches_of(x2, data["y"], 20), out=out, dim=16, engine="vmap", shard_rows=40)
     with pytest.raises(ValueError, match="different configuration.*dim"):
         scan(model, batches, out=out, dim=8, engine="vmap", shard_rows=40)
     with pytest.raises(ValueError, match="resume=True"):
@@ -347,6 +352,22 @@ def test_resume_refuses_changed_data_and_config(tmp_path):
     with pytest.raises(ValueError, match="holds no hardmine scan"):
         scan(model, batches, out=foreign, dim=16, engine="vmap", overwrite=True)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_a_complete_scan_refuses_changed_features_with_the_same_ids_and_labels(tmp_path):
+    data = planted_blobs(seed=5, n_per=30)
+    model = trained_mlp(data["x"], data["y"], steps=10)
+    out = tmp_path / "s"
+    first = scan(model, batches_of(data["x"], data["y"], 20), out=out, dim=8, engine="vmap")
+    x2 = data["x"].copy()
+    x2[-1, -1] -= 0.5  # the last sample's last feature: only the input bytes differ
+    with pytest.raises(ValueError, match="data differs|fingerprint differs"):
+        scan(model, batches_of(x2, data["y"], 20), out=out, dim=8, engine="vmap")
+    other = scan(model, batches_of(x2, data["y"], 20), out=tmp_path / "t", dim=8, engine="vmap")
+    fp = first.manifest().attrs["hardmine"]["dataset_fingerprint"]
+    assert fp != other.manifest().attrs["hardmine"]["dataset_fingerprint"]
+    again = scan(model, batches_of(data["x"], data["y"], 30), out=tmp_path / "u", dim=8, engine="vmap")
+    assert again.manifest().attrs["hardmine"]["dataset_fingerprint"] == fp  # batching does not matter
 
 
 def test_rescoring_a_complete_scan_reuses_gradients(tmp_path):
