@@ -86,6 +86,18 @@ def test_scan_state_dict_npz_then_show_export_neighbors(tmp_path, trained):
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     res = invoke("show", tmp_path / "scan", "--top", "3", "--class", "2")
     assert res.exit_code == 0 and "hardest 3" in res.stdout
+    # --class keeps that label only, hardest first: the JSON rows and the table's label column agree.
+    m = read_manifest(tmp_path / "scan")
+    want = m[m["label"] == 2].sort_values("rank")
+    res = invoke("show", tmp_path / "scan", "--top", "500", "--class", "2", "--json")
+    rows = json.loads(res.stdout)
+    assert [r["sample_id"] for r in rows] == want["sample_id"].tolist() and {r["label"] for r in rows} == {2}
+    res = invoke("show", tmp_path / "scan", "--top", "4", "--class", "2")
+    shown = [line for line in res.stdout.splitlines() if any(str(i) in line.split() for i in want["sample_id"])]
+    assert len(shown) == 4 and all(str(i) in res.stdout for i in want["sample_id"].head(4))
+    assert not any(str(i) in res.stdout.split() for i in m.loc[m["label"] != 2, "sample_id"])
+    res = invoke("show", tmp_path / "scan", "--class", "7")
+    assert res.exit_code == 2 and "--class 7 is not a label" in " ".join(res.output.split())
 
     res = invoke("export", tmp_path / "scan", "--out", tmp_path / "default.parquet", "--json")
     assert res.exit_code == 0, res.output
@@ -276,6 +288,58 @@ def test_kill_9_mid_scan_then_resume_gives_the_same_manifest(tmp_path):
 
 
 def test_version_and_help():
-    assert invoke("--version").stdout.strip()
+    import hardmine
+
+    for args in (["--version"], ["version"]):
+        res = invoke(*args)
+        assert res.exit_code == 0 and res.stdout.strip() == hardmine.__version__
     res = invoke("scan", "--help")
     assert res.exit_code == 0 and "--feature-columns" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------ exit codes
+# 0 success and 2 bad input are checked above for every command; 1 and 130 here.
+def test_internal_error_exits_1_without_a_traceback_unless_debugging(tmp_path, trained, monkeypatch):
+    assert _scan(tmp_path).exit_code == 0
+    import hardmine.manifest
+
+    def broken(*_a, **_k):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(hardmine.manifest, "read_manifest", broken)
+    monkeypatch.delenv("HARDMINE_DEBUG", raising=False)
+    res = runner.invoke(app, ["show", str(tmp_path / "scan")])
+    assert res.exit_code == 1, res.output
+    text = " ".join(res.output.split())
+    assert "internal error: RuntimeError: simulated bug" in text and "HARDMINE_DEBUG=1" in text
+    assert "Traceback" not in res.output
+    monkeypatch.setenv("HARDMINE_DEBUG", "1")
+    res = runner.invoke(app, ["show", str(tmp_path / "scan")])
+    assert isinstance(res.exception, RuntimeError)  # the real exception, for a bug report
+
+
+def test_ctrl_c_exits_130_and_the_same_command_resumes(tmp_path):
+    torch.manual_seed(0)
+    torch.save(MLP().state_dict(), tmp_path / "m.pt")
+    cmd = ["scan", tmp_path / "m.pt", "models:slow_tail", "--out", tmp_path / "run", "--model", "models:MLP",
+           "--dim", "8", "--batch-size", "100", "--shard-rows", "300", "--quiet"]
+    proc = _cli(*cmd)
+    progress = tmp_path / "run" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(progress.read_text()).get("shards", [])) >= 4:
+                break
+        except (json.JSONDecodeError, OSError):
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "scan finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in " ".join(err.split()) and "Traceback" not in err
+    kept = len(json.loads(progress.read_text())["shards"])
+    assert kept >= 4 and not (tmp_path / "run" / "manifest.parquet").exists()
+    again = _cli(*cmd)
+    assert again.wait(timeout=300) == 0, again.stderr.read()
+    assert len(read_manifest(tmp_path / "run")) == 3000
