@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .checks import is_int
 from .enums import LossKind, TaskKind
 
 __all__ = [
@@ -221,7 +222,7 @@ def sample_ids(ids: Any, b: int, where: str | None = None) -> tuple[np.ndarray, 
         seq = list(ids)
         if all(isinstance(v, str) for v in seq):
             arr, kind = np.array(seq, dtype=object), "str"
-        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in seq):
+        elif all(is_int(v) for v in seq):
             arr, kind = np.asarray(seq, dtype=np.int64), "int"
         else:
             kinds = sorted({type(v).__name__ for v in seq})

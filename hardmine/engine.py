@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .batches import check_target, split_batch, validate_batch, validate_inputs
+from .checks import positive_int
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads
 from .factored.capture import FactoredUnit, _compute_factored, format_rejected, plan_factored, probe_units
@@ -93,10 +94,7 @@ class GradientExtractor:
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.engine = parse_choice(Engine, engine, "engine")
         self.randomness = parse_choice(Randomness, randomness, "randomness")
-        if chunk_size is not None and (
-            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None.")
+        positive_int(chunk_size, "chunk_size", allow_none=True)
         if loss_fn is not None and not callable(loss_fn):
             resolve_loss(loss_fn, torch.zeros(1, dtype=torch.long))  # reject unknown loss names now
         self.model = model

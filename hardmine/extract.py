@@ -34,6 +34,7 @@ from .batches import (
     validate_inputs,
     validate_output,
 )
+from .checks import positive_int
 from .enums import LossKind, Randomness, parse_choice
 from .losses import LossFn, resolve_loss
 from .params import select_parameters
@@ -152,8 +153,7 @@ def per_sample_grads(
         randomness: ``"eval"`` (default: dropout off for the pass), ``"different"`` or ``"same"``.
     """
     rnd = parse_choice(Randomness, randomness, "randomness")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None.")
+    positive_int(chunk_size, "chunk_size", allow_none=True)
     with forward_mode(model, rnd):
         inputs, target, fn, names, _ = _prepare(model, batch, loss_fn, params)
         return _compute_per_sample_grads(model, inputs, target, fn, names, chunk_size, rnd)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .checks import non_negative_int
 from .enums import ProjectionKind, parse_choice
 
 __all__ = ["BLOCK_ROWS", "Projector", "random_matrix", "random_block", "block_seed"]
@@ -80,8 +81,7 @@ class Projector:
         max_cache_bytes: int = 256 * 2**20,
     ) -> None:
         _check_dims(1, dim)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed={seed!r} must be a non-negative integer.")
+        seed = non_negative_int(seed, "seed")
         self.dim = dim
         self.seed = seed
         self.kind = parse_choice(ProjectionKind, kind, "kind")

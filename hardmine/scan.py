@@ -64,6 +64,7 @@ from ._io import (
 )
 from ._version import __version__
 from .batches import check_labels, infer_task, input_leaves, sample_ids, split_batch_ids, to_device
+from .checks import as_bool, is_int, non_negative_int, positive_int
 from .engine import GradientExtractor
 from .enums import (
     Engine,
@@ -178,15 +179,12 @@ def scan(
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     _check_data(data)
-    for name, v in (("resume", resume), ("overwrite", overwrite), ("keep_gradients_in_memory", keep_gradients_in_memory)):
-        if not isinstance(v, bool):
-            raise ValueError(f"{name}={v!r} must be True or False.")
-    if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows < 1:
-        raise ValueError(f"shard_rows={shard_rows!r} must be a positive integer.")
-    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1):
-        raise ValueError(f"num_classes={num_classes!r} must be a positive integer or None.")
-    if total is not None and (not isinstance(total, int) or total < 0):
-        raise ValueError(f"total={total!r} must be a non-negative integer or None.")
+    as_bool(resume, "resume")
+    as_bool(overwrite, "overwrite")
+    as_bool(keep_gradients_in_memory, "keep_gradients_in_memory")
+    shard_rows = positive_int(shard_rows, "shard_rows")
+    num_classes = positive_int(num_classes, "num_classes", allow_none=True)
+    total = non_negative_int(total, "total", allow_none=True)
     if provenance is not None and not isinstance(provenance, Mapping):
         raise ValueError(f"provenance={provenance!r} must be a mapping of JSON-able values, or None.")
     if config_extra is not None and not isinstance(config_extra, Mapping):
@@ -212,8 +210,8 @@ def scan(
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "layers_requested": layers if layers is None or isinstance(layers, str) else list(layers),
         "layers": list(extractor.param_names),
-        "dim": dim,
-        "seed": seed,
+        "dim": extractor.layout.dim,
+        "seed": extractor.layout.seed,
         "engine_requested": parse_choice(Engine, engine, "engine").value,
         "extractor": extractor.metadata(),
         "loss": loss_fn if loss_fn is None or isinstance(loss_fn, str) else getattr(loss_fn, "__qualname__", repr(loss_fn)),
@@ -734,10 +732,8 @@ class Scan:
         gradient pointing the opposite way is as informative about the label as an aligned one); the
         similarities stay signed, so anti-aligned neighbours show as negative.
         """
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k={k!r} must be a positive integer.")
-        if not isinstance(absolute, bool):
-            raise ValueError(f"absolute={absolute!r} must be True or False.")
+        positive_int(k, "k")
+        as_bool(absolute, "absolute")
         vectors, self_rows = self._query_vectors(query)
         limit = self.n_samples - (1 if self_rows is not None else 0)
         if k > limit:
@@ -764,14 +760,14 @@ class Scan:
     def _query_vectors(self, query: Any) -> tuple[np.ndarray, np.ndarray | None]:
         if isinstance(query, torch.Tensor):
             query = query.detach().cpu().numpy()
-        if isinstance(query, (str, int, np.integer)) and not isinstance(query, bool):
+        if isinstance(query, str) or is_int(query):
             query = [query]
         arr = query if isinstance(query, np.ndarray) else None
         if arr is None:
             seq = list(query) if isinstance(query, Iterable) else None
             if not seq:
                 raise ValueError(f"query {query!r} is empty or not understood; pass vectors or sample ids.")
-            if all(isinstance(v, str) or (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) for v in seq):
+            if all(isinstance(v, str) or is_int(v) for v in seq):
                 rows = self.rows_of(seq)
                 return self._gather(rows), rows
             arr = np.asarray(seq)

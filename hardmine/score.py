@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -65,6 +64,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
+from .checks import as_bool, finite_number, is_finite_number, number_in, positive_int
 from .enums import Strategy, TaskKind, parse_choice
 
 _C = TypeVar("_C")
@@ -170,19 +170,13 @@ def default_strategy(classification: bool) -> Strategy:
     return DEFAULT_STRATEGY if classification else DEFAULT_STRATEGY_REGRESSION
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def validate_export_params(top: Any, boost: Any, temperature: Any, cap: Any) -> None:
     """Raise ValueError for export parameters outside their documented ranges."""
-    if not _number(top) or not (0 < top <= 1):
+    if not is_finite_number(top) or not (0 < top <= 1):
         raise ValueError(f"top={top!r} must be a fraction in (0, 1] (e.g. 0.1 = the hardest 10%).")
-    if not _number(boost) or boost <= 0:
-        raise ValueError(f"boost={boost!r} must be a finite number > 0 (weight of a hard sample vs an easy one).")
-    if not _number(temperature) or temperature < 0:
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = uniform).")
-    if cap is not None and (not _number(cap) or cap < 1):
+    finite_number(boost, "boost", above=0, hint="weight of a hard sample vs an easy one")
+    finite_number(temperature, "temperature", at_least=0, hint="0 = uniform")
+    if cap is not None and (not is_finite_number(cap) or cap < 1):
         raise ValueError(
             f"cap={cap!r} must be None or a number >= 1: the largest weight allowed, as a multiple of the mean "
             "weight (which is 1)."
@@ -220,25 +214,20 @@ class ScoreConfig:
     cap: float | None = DEFAULT_CAP
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"ScoreConfig k={self.k!r} must be a positive integer (neighbours per sample).")
+        positive_int(self.k, "ScoreConfig k", hint="neighbours per sample")
         if not isinstance(self.weights, Mapping) or not self.weights:
             raise ValueError(f"ScoreConfig weights={self.weights!r} must be a non-empty mapping column -> weight.")
         allowed = _weighted_columns()
         for name, w in self.weights.items():
             if name not in allowed:
                 raise ValueError(f"hardness weight for {name!r}: not a weightable score; use some of {allowed}.")
-            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
-                raise ValueError(f"hardness weight {name}={w!r} must be a finite number >= 0.")
+            finite_number(w, f"hardness weight {name}", at_least=0)
         if not any(w > 0 for w in self.weights.values()):
             raise ValueError(f"ScoreConfig weights={dict(self.weights)!r} are all zero; give one signal a weight > 0.")
         object.__setattr__(self, "weights", {n: float(w) for n, w in self.weights.items()})
         for name, lo, hi in (("confident_error_threshold", 0.0, 1.0), ("near_miss_margin", 0.0, 2.0)):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v <= hi):
-                raise ValueError(f"ScoreConfig {name}={v!r} must be a number in [{lo}, {hi}].")
-        if not isinstance(self.leave_one_out, bool):
-            raise ValueError(f"ScoreConfig leave_one_out={self.leave_one_out!r} must be True or False.")
+            number_in(getattr(self, name), f"ScoreConfig {name}", lo, hi)
+        as_bool(self.leave_one_out, "ScoreConfig leave_one_out")
         if self.strategy is not None:
             object.__setattr__(self, "strategy", parse_choice(Strategy, self.strategy, "strategy"))
         validate_export_params(self.top, self.boost, self.temperature, self.cap)

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..checks import non_negative_int, positive_int
 from ..enums import ProjectionKind, parse_choice
 from ..project import BLOCK_ROWS, Projector, random_matrix
 from .registry import rule_for
@@ -45,8 +46,7 @@ MAX_FACTOR_RATIO = 4
 
 def kron_factors(dim: int) -> tuple[int, int]:
     """``(a, b)``: ``a * b == dim``, ``a <= b``, ``a`` the largest divisor of ``dim`` up to its root."""
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"dim={dim!r} must be a positive integer (e.g. 256 = 16 x 16).")
+    dim = positive_int(dim, "dim", hint="e.g. 256 = 16 x 16")
     a = math.isqrt(dim)
     while dim % a:
         a -= 1
@@ -96,9 +96,8 @@ class ProjectionLayout:
         kind: ProjectionKind | str = ProjectionKind.RADEMACHER,
     ) -> None:
         self.a, self.b = kron_factors(dim)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed={seed!r} must be a non-negative integer.")
-        self.dim = dim
+        seed = non_negative_int(seed, "seed")
+        self.dim = self.a * self.b  # == dim, as a Python int
         self.seed = seed
         self.kind = parse_choice(ProjectionKind, kind, "kind")
         params = dict(model.named_parameters())

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..checks import positive_int
 from ..manifest import write_manifest
 from ..online import MinerSampler, OnlineMiner
 
@@ -22,8 +23,7 @@ def check_callback_args(miner: Any, sampler: Any, every_n_epochs: Any) -> None:
         raise ValueError(f"miner must be a hardmine.OnlineMiner, got {type(miner).__name__}.")
     if sampler is not None and not isinstance(sampler, MinerSampler):
         raise ValueError(f"sampler must be a hardmine.MinerSampler or None, got {type(sampler).__name__}.")
-    if not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool) or every_n_epochs < 1:
-        raise ValueError(f"every_n_epochs={every_n_epochs!r} must be a positive integer.")
+    positive_int(every_n_epochs, "every_n_epochs")
 
 
 class EpochManifestWriter:
