@@ -27,7 +27,7 @@ test: install
 
 # The README shows exactly these commands.
 DEMO := demo_out
-FMNIST := /usr/share/datasets/fashion-mnist
+FMNIST := $(or $(HARDMINE_FASHION_MNIST),/usr/share/datasets/fashion-mnist)
 demo: install
 	$(PY) scripts/train_demo_model.py --out $(DEMO)/fashion_mlp.pt
 	$(VENV)/bin/hardmine scan $(DEMO)/fashion_mlp.pt $(FMNIST) --model hardmine.zoo:fashion_mlp \

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx", "load_fashion_mnist", "find_idx_pair"]
+__all__ = [
+    "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx", "load_fashion_mnist", "find_idx_pair", "fashion_mnist_dir",
+]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -62,6 +64,13 @@ def find_idx_pair(root: str | os.PathLike[str], split: str = "train") -> tuple[P
     return found[0], found[1]
 
 
+def fashion_mnist_dir(root: str | os.PathLike[str] | None = None) -> Path:
+    """Where the Fashion-MNIST IDX files are looked for: ``root``, else ``$HARDMINE_FASHION_MNIST``, else
+    ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``). The library, the tests, the
+    scripts and ``make install`` all resolve the folder this way."""
+    return Path(root or os.environ.get("HARDMINE_FASHION_MNIST") or FASHION_MNIST_DIR)
+
+
 def load_fashion_mnist(
     split: str = "train", root: str | os.PathLike[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +78,7 @@ def load_fashion_mnist(
 
     ``root`` defaults to ``$HARDMINE_FASHION_MNIST`` or ``/usr/share/datasets/fashion-mnist``.
     """
-    root = Path(root or os.environ.get("HARDMINE_FASHION_MNIST") or FASHION_MNIST_DIR)
+    root = fashion_mnist_dir(root)
     img_path, lbl_path = find_idx_pair(root, split)
     images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:

@@ -1,17 +1,25 @@
 #!/bin/sh
-# Install the demo data (Fashion-MNIST IDX files) from Debian's package when they are missing.
-DIR=/usr/share/datasets/fashion-mnist
-if [ -f "$DIR/train-images-idx3-ubyte.gz" ]; then exit 0; fi
-if command -v apt-get >/dev/null 2>&1; then
-  SUDO=""
-  if [ "$(id -u)" != "0" ]; then
-    if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
-      echo "install_data: not root and no sudo; install 'dataset-fashion-mnist' with apt-get yourself" >&2; exit 0; fi
-  fi
-  echo "install_data: installing Debian package dataset-fashion-mnist" >&2
-  $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-    || echo "install_data: apt-get failed; the demo and real-data tests need 'dataset-fashion-mnist'" >&2
-else
-  echo "install_data: no apt-get here; get the Fashion-MNIST IDX files and set HARDMINE_FASHION_MNIST" >&2
+# Install the demo/test data (Fashion-MNIST IDX files) from Debian's package when they are missing.
+# The folder resolves as the library resolves it: $HARDMINE_FASHION_MNIST, else Debian's folder.
+# Exits non-zero, saying what to do, when the data is missing and cannot be installed: `make install`
+# (and so `make test` and `make demo`) must fail loudly rather than run a suite that skips real-data tests.
+DIR=${HARDMINE_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
+have() { [ -f "$DIR/train-images-idx3-ubyte.gz" ] || [ -f "$DIR/train-images-idx3-ubyte" ]; }
+if have; then exit 0; fi
+fail() {
+  echo "install_data: $1" >&2
+  echo "install_data: Fashion-MNIST is needed by the demo and the tests: install the Debian package" \
+       "'dataset-fashion-mnist', or put its IDX files in a folder and set HARDMINE_FASHION_MNIST to it." >&2
+  exit 1
+}
+if [ -n "$HARDMINE_FASHION_MNIST" ]; then fail "HARDMINE_FASHION_MNIST=$DIR holds no train-images-idx3-ubyte(.gz)."; fi
+command -v apt-get >/dev/null 2>&1 || fail "no apt-get on this machine."
+SUDO=""
+if [ "$(id -u)" != "0" ]; then
+  command -v sudo >/dev/null 2>&1 || fail "not root and no sudo."
+  SUDO="sudo -n"
 fi
-exit 0
+echo "install_data: installing Debian package dataset-fashion-mnist" >&2
+$SUDO apt-get update -qq >/dev/null || fail "apt-get update failed."
+$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null || fail "apt-get install dataset-fashion-mnist failed."
+have || fail "the package installed but $DIR has no IDX files."

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from hardmine.datasets import FASHION_MNIST_DIR, find_idx_pair, load_fashion_mnist, read_idx
+from hardmine.datasets import fashion_mnist_dir, find_idx_pair, load_fashion_mnist, read_idx
 
 
 def _write_idx(path, arr: np.ndarray, code: int = 0x08) -> None:
@@ -43,7 +43,7 @@ def test_corrupt_files_are_clear_errors(tmp_path):
         read_idx(tmp_path / "short.gz")
 
 
-@pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_test_split():
     x, y = load_fashion_mnist("test")
     assert x.shape == (10000, 28, 28) and x.dtype == np.uint8

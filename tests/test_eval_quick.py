@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hardmine.datasets import fashion_mnist_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "eval_quality.py"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from evalkit.metrics import auroc, mean_std, precision_at_k, subgroup_accuracy  # noqa: E402
 
-HAS_FMNIST = (Path("/usr/share/datasets/fashion-mnist") / "train-images-idx3-ubyte.gz").exists()
+HAS_FMNIST = (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").exists()
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from hardmine.datasets import fashion_mnist_dir
+
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("matplotlib")
@@ -14,7 +16,7 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
-HAS_FMNIST = (Path("/usr/share/datasets/fashion-mnist") / "train-images-idx3-ubyte.gz").exists()
+HAS_FMNIST = (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").exists()
 LIMIT = 1200
 
 

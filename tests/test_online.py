@@ -28,6 +28,7 @@ from models import CNN, MLP, TinyTransformer, token_batch
 from torch import nn
 from torch.testing import assert_close
 
+from hardmine.datasets import fashion_mnist_dir
 from hardmine.engine import GradientExtractor
 from hardmine.extract import reference_per_sample_grads
 from hardmine.manifest import REQUIRED_COLUMNS, read_manifest
@@ -601,7 +602,7 @@ def test_miner_sampler_uniform_then_weighted_and_reproducible():
 
 # ------------------------------------------------------------------------------------ scripts
 @pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+    not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
     reason="Fashion-MNIST is not installed (make data)",
 )
 def test_example_training_loop_quick_runs(tmp_path):
