@@ -106,7 +106,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -127,9 +126,17 @@ from ._io import model_fingerprint
 from ._version import __version__
 from .enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from .extract import call_model, model_output_tensor
-from .factored.capture import FactoredUnit, _zero_result, format_rejected, plan_factored
+from .factored.capture import (
+    Captured,
+    FactoredUnit,
+    apply_rules,
+    capture_calls,
+    check_calls,
+    check_per_sample_loss,
+    format_rejected,
+    plan_factored,
+)
 from .factored.layout import ProjectionLayout
-from .factored.registry import Call, RuleRequest
 from .losses import LossFn, resolve_loss
 from .manifest import FORMAT_VERSION, MANIFEST_FORMAT, compute_weights, write_manifest
 from .params import select_parameters
@@ -167,7 +174,6 @@ STATE_FORMAT = "hardmine-online-state"
 _STATE_VERSION = 1
 PATH_ANALYTIC = "analytic"
 PATH_AUTOGRAD = "autograd"
-_DENSE_CACHE_ELEMENTS = 1 << 22  # dense projection blocks up to 16 MiB (float32) are held whole
 _MASK_ROWS = 64  # direction updates by one dense matmul up to this many rows (classes + 1)
 
 # Online columns on top of the offline ones (same ScoreInfo fields; higher = harder after orientation).
@@ -341,28 +347,6 @@ class OnlineStats:
     def weighted_loss(self) -> torch.Tensor:
         """``(loss * weights).mean()``, the usual training objective."""
         return (self.loss * self.weights).mean()
-
-
-# ------------------------------------------------------------------------------------------- capture hooks
-@dataclass
-class _Seen:
-    x: Any  # the module's input as it saw it
-    out: Any  # the module's own output (keeps its autograd identity)
-    passed: Any  # what the model continued with: ``out`` or a clone of it
-    x_version: int | None
-    passed_version: int | None
-
-
-def _version(t: Any) -> int | None:
-    return t._version if isinstance(t, torch.Tensor) else None
-
-
-def _hook(store: list[_Seen], clone: bool, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-    x = args[0] if args else next(iter(kwargs.values()), None)
-    passed = out.clone() if clone and isinstance(out, torch.Tensor) else out
-    store.append(_Seen(x, out, passed, _version(x), _version(passed)))
-    # Returning the clone makes the model continue with it, so in-place ops cannot rewrite `out`.
-    return passed if passed is not out else None
 
 
 # ------------------------------------------------------------------------------------------- sample ids
@@ -565,12 +549,12 @@ class OnlineMiner:
         self._probed = False
         self._protect: set[str] = set()
         self._capturing = False
-        self._pending: dict[str, list[_Seen]] | None = None
+        self._pending: Captured | None = None
         self._closed = False
         self._warned_bn = False
         self._dirs: torch.Tensor | None = None  # (R, D) EMA directions: one per class, then the global one
         self._seen: np.ndarray | None = None  # (R,) bool: the direction has been formed
-        self._dense: dict[tuple[str, torch.device], torch.Tensor | None] = {}  # small dense blocks, whole
+        self._memo: dict[Any, Any] = {}  # per-unit matrices, looked up once (see RuleRunner)
         self._neg: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._dyn = _Dynamics(self.layout.out_dim if keep_gradients else None)
         logger.info(
@@ -631,18 +615,15 @@ class OnlineMiner:
         self._check_open()
         if self._capturing:
             raise ValueError("miner.capture() is already open; run one forward per capture block.")
-        rec: dict[str, list[_Seen]] = {name: [] for name in self._units}
-        handles = []
         self._pending = None
         self._capturing = True
+        # Until the first observation has shown which outputs the model modifies in place, every module
+        # hands the model a clone of its output (see check_calls).
+        clone = self._protect if self._probed else set(self._units)
         try:
-            for name, unit in self._units.items():
-                hook = functools.partial(_hook, rec[name], not self._probed or name in self._protect)
-                handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
-            yield
+            with capture_calls(self._units, clone) as rec:
+                yield
         finally:
-            for h in handles:
-                h.remove()
             self._capturing = False
         self._pending = rec
 
@@ -750,7 +731,7 @@ class OnlineMiner:
     # ------------------------------------------------------------------------------------ the pass
     def _compute_observe(
         self,
-        rec: dict[str, list[_Seen]],
+        rec: Captured,
         out: torch.Tensor,
         target: torch.Tensor,
         fn: LossFn,
@@ -761,13 +742,28 @@ class OnlineMiner:
     ) -> OnlineStats:
         self._check_calls(rec, b)
         loss = fn(out, target)
-        if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (b,):
-            raise ValueError(
-                f"the loss function returned {getattr(loss, 'shape', type(loss).__name__)}; it must return "
-                f"one loss per sample, shape ({b},)."
-            )
-        deltas, path = self._deltas(rec, out, loss, target, kind)
-        z, sq = self._project(rec, deltas, out, b)
+        check_per_sample_loss(loss, b)
+        deltas = self._output_deltas(rec, out, target, kind)
+        if deltas is None:
+            self._check_autograd(loss)
+        z = self.layout.new_output(b, out.device)  # (B, out_dim); Kronecker blocks are written in place
+        # The factored pass of hardmine.factored with the closed-form output gradient as its input (analytic
+        # path), or with autograd's (keeping the graph for the user's backward).
+        fg = apply_rules(
+            self._units,
+            rec,
+            loss,
+            out,
+            self.layout,
+            b,
+            out=z,
+            memo=self._memo,
+            deltas=deltas,
+            retain_graph=True,
+        )
+        fg.write_to(z, self.layout)
+        sq = fg.sq_norm
+        path = PATH_AUTOGRAD if deltas is None else PATH_ANALYTIC
         is_class = task is TaskKind.CLASSIFICATION
         if is_class and self._num_classes is None:
             self._num_classes = int(out.shape[1])
@@ -813,63 +809,51 @@ class OnlineMiner:
             path=path,
         )
 
-    def _check_calls(self, rec: dict[str, list[_Seen]], b: int) -> None:
-        for name, unit in self._units.items():
-            seen = rec[name]
-            if not seen:
-                raise ValueError(
-                    f"module {unit.label} was not called in the captured forward (its weights used through "
-                    "F.* directly, or the forward ran outside `miner.capture()`); select layers the forward "
-                    "calls."
+    def _check_calls(self, rec: Captured, b: int) -> None:
+        problems, modified = check_calls(self._units, rec, b)
+        for name, why in problems.items():
+            unit = self._units[name]
+            if not rec[name]:
+                why = (
+                    "was not called in the captured forward (its weights used through F.* directly, or the "
+                    "forward ran outside `miner.capture()`); select layers the forward calls"
                 )
-            for s in seen:
-                why = unit.rule.check_call(unit.module, s.x, s.out, b)
-                if why is None and s.x._version != s.x_version:
-                    why = "its input is modified in place after the layer ran"
-                if why is not None:
-                    raise ValueError(
-                        f"module {unit.label}: {why}; the online miner cannot attribute it per sample."
-                    )
+                raise ValueError(f"module {unit.label} {why}.")
+            raise ValueError(f"module {unit.label}: {why}; the online miner cannot attribute it per sample.")
         # Which outputs does the model modify in place? Learnt on the first pass (every output cloned then),
-        # checked on every later pass.
-        for name, unit in self._units.items():
-            for s in rec[name]:
-                changed = isinstance(s.passed, torch.Tensor) and s.passed._version != s.passed_version
-                if not changed:
-                    continue
-                if s.passed is not s.out:
-                    self._protect.add(name)
-                elif self._probed:
-                    raise ValueError(
-                        f"module {unit.label}: its output was modified in place, which the first batch did "
-                        "not show; create a new OnlineMiner (the first observation learns which outputs to "
-                        "protect)."
-                    )
+        # checked on every later pass (only the protected ones are cloned).
+        if not self._probed:
+            self._protect |= modified
+        elif modified - self._protect:
+            unit = self._units[sorted(modified - self._protect)[0]]
+            raise ValueError(
+                f"module {unit.label}: its output was modified in place, which the first batch did not show; "
+                "create a new OnlineMiner (the first observation learns which outputs to protect)."
+            )
         self._probed = True
 
-    def _deltas(
-        self,
-        rec: dict[str, list[_Seen]],
-        out: torch.Tensor,
-        loss: torch.Tensor,
-        target: torch.Tensor,
-        kind: LossKind | None,
-    ) -> tuple[list[list[torch.Tensor | None]], str]:
-        """Per call, ``d(sum of per-sample losses)/d(module output)``; row b is sample b's own gradient."""
+    def _output_deltas(
+        self, rec: Captured, out: torch.Tensor, target: torch.Tensor, kind: LossKind | None
+    ) -> dict[str, list[torch.Tensor]] | None:
+        """The closed-form per-sample gradient at the logits, ``{module: [delta]}``, when every selected module
+        is the output layer (its output returned unchanged) and the loss is built in; else None (autograd)."""
         analytic = kind is not None and all(
-            len(seen) == 1 and seen[0].passed is out and out._version == seen[0].passed_version
-            for seen in rec.values()
+            len(calls) == 1 and calls[0].passed is out and out._version == calls[0].passed_version
+            for calls in rec.values()
         )
-        if analytic:
-            with torch.no_grad():
-                o = out.detach()
-                if kind is LossKind.CROSS_ENTROPY:
-                    delta = torch.softmax(o, dim=1)  # (B, C): d CE / d logits = softmax - onehot
-                    delta.scatter_add_(1, target.unsqueeze(1), self._minus_ones(delta))
-                else:  # mse_per_sample = mean over the d outputs of (out - y)^2
-                    d = o[0].numel()
-                    delta = (o - target.reshape(o.shape).to(o.dtype)).mul_(2.0 / d)  # (B, ...)
-            return [[delta] for _ in self._units], PATH_ANALYTIC
+        if not analytic:
+            return None
+        with torch.no_grad():
+            o = out.detach()
+            if kind is LossKind.CROSS_ENTROPY:
+                delta = torch.softmax(o, dim=1)  # (B, C): d CE / d logits = softmax - onehot
+                delta.scatter_add_(1, target.unsqueeze(1), self._minus_ones(delta))
+            else:  # mse_per_sample = mean over the d outputs of (out - y)^2
+                d = o[0].numel()
+                delta = (o - target.reshape(o.shape).to(o.dtype)).mul_(2.0 / d)  # (B, ...)
+        return {name: [delta] for name in self._units}
+
+    def _check_autograd(self, loss: torch.Tensor) -> None:
         if not loss.requires_grad:
             raise ValueError(
                 "the per-sample loss does not require grad (observe ran under torch.no_grad() or the "
@@ -878,23 +862,6 @@ class OnlineMiner:
                 "path)."
             )
         self._warn_batchnorm()
-        outs = [s.out for seen in rec.values() for s in seen]
-        live = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.requires_grad]
-        flat: list[torch.Tensor | None] = [None] * len(outs)
-        if live:
-            # The loss is the SUM of per-sample losses, so row b of each output gradient is sample b's own.
-            # retain_graph: the user's backward runs through the same graph afterwards.
-            got = torch.autograd.grad(
-                loss.sum(), [outs[i] for i in live], retain_graph=True, allow_unused=True
-            )
-            for i, g in zip(live, got, strict=True):
-                flat[i] = g
-        deltas: list[list[torch.Tensor | None]] = []
-        pos = 0
-        for seen in rec.values():
-            deltas.append(flat[pos : pos + len(seen)])
-            pos += len(seen)
-        return deltas, PATH_AUTOGRAD
 
     def _minus_ones(self, like: torch.Tensor) -> torch.Tensor:
         """A cached ``(B, 1)`` tensor of -1 (read-only) for the one-hot subtraction."""
@@ -918,102 +885,6 @@ class OnlineMiner:
                 "approximation). Layers after the last BatchNorm are exact.",
                 bn,
             )
-
-    # ------------------------------------------------------------------------------------ projection
-    def _project(
-        self, rec: dict[str, list[_Seen]], deltas: list[list[torch.Tensor | None]], out: torch.Tensor, b: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z (B, out_dim) float32, exact squared gradient norm (B,))`` of the selected parameters."""
-        z = self.layout.new_output(b, out.device)  # (B, out_dim)
-        sq: torch.Tensor | None = None
-        with torch.no_grad():
-            for (name, unit), ds in zip(self._units.items(), deltas, strict=True):
-                seen = rec[name]
-                if (
-                    type(unit.module) is nn.Linear
-                    and len(seen) == 1
-                    and ds[0] is not None
-                    and seen[0].x.ndim == 2
-                ):
-                    part = self._linear_fast(unit, seen[0].x.detach(), ds[0], z)
-                else:
-                    part = self._by_rule(unit, seen, ds, z, out, b)
-                sq = part if sq is None else sq + part.to(sq.dtype)
-        assert sq is not None  # at least one unit is selected
-        return z, sq
-
-    def _linear_fast(
-        self, unit: FactoredUnit, x: torch.Tensor, delta: torch.Tensor, z: torch.Tensor
-    ) -> torch.Tensor:
-        """An ``nn.Linear`` called once on ``(B, d_in)``: its per-sample weight gradient is the outer product
-        ``delta_b x_b^T``, so the Kronecker projection is ``(P_out^T delta_b) ⊗ (P_in^T x_b)`` and the squared
-        norm ``|delta_b|^2 |x_b|^2`` (the one-position route of ``hardmine.factored``, specialised)."""
-        x = x.to(delta.dtype)
-        d_sq = (delta * delta).sum(dim=1)  # (B,)
-        has_bias = "bias" in unit.vectors
-        if has_bias:
-            self._write_dense(z, unit.full_name("bias"), delta)  # the bias gradient is delta itself
-        if unit.matrix is None:
-            return d_sq
-        p_out, p_in = self.layout.kron_matrices(unit.matrix, delta.dtype, delta.device)
-        dp = (delta @ p_out).unsqueeze(2)  # (B, a, 1)
-        xp = (x @ p_in).unsqueeze(1)  # (B, 1, b)
-        if z.dtype == delta.dtype:
-            torch.mul(dp, xp, out=self.layout.block_view(z, unit.matrix))  # (B, a, b) written into z
-        else:
-            self.layout.write(z, unit.matrix, dp * xp)
-        x_sq = (x * x).sum(dim=1)  # (B,)
-        # |G_b|^2 = |delta_b|^2 |x_b|^2 for the weight, + |delta_b|^2 for the bias.
-        return torch.addcmul(d_sq, d_sq, x_sq) if has_bias else d_sq * x_sq
-
-    def _by_rule(
-        self,
-        unit: FactoredUnit,
-        seen: list[_Seen],
-        ds: list[torch.Tensor | None],
-        z: torch.Tensor,
-        out: torch.Tensor,
-        b: int,
-    ) -> torch.Tensor:
-        """Any supported module through its ``hardmine.factored`` layer rule."""
-        calls = [Call(s.x.detach(), d) for s, d in zip(seen, ds, strict=True) if d is not None]
-        dtype = calls[0].delta.dtype if calls else out.dtype
-        mats = self.layout.kron_matrices(unit.matrix, dtype, out.device) if unit.matrix else None
-        view = None
-        if unit.matrix is not None and z.dtype == dtype:
-            view = self.layout.block_view(z, unit.matrix)  # (B, a, b): the rule writes into z
-        if calls:
-            res = unit.rule.compute(unit.module, calls, RuleRequest(mats, unit.vectors, view))
-        else:  # no gradient reaches this module's output: its per-sample gradients are zero
-            res = _zero_result(unit, mats, dict(self.model.named_parameters()), b, dtype, out.device)
-        sq = torch.zeros(b, dtype=dtype, device=out.device)
-        if unit.matrix is not None:
-            if res.matrix_proj is None or res.matrix_sq_norm is None:
-                raise ValueError(f"layer rule {type(unit.rule).__name__} returned no projection.")
-            if res.matrix_proj is not view:
-                self.layout.write(z, unit.matrix, res.matrix_proj)
-            sq = sq + res.matrix_sq_norm.to(dtype)
-        for local in unit.vectors:
-            g = res.vectors[local].reshape(b, -1)  # (B, numel)
-            self._write_dense(z, unit.full_name(local), g)
-            sq = sq + torch.linalg.vector_norm(g, dim=1).square().to(dtype)
-        return sq
-
-    def _write_dense(self, z: torch.Tensor, name: str, g: torch.Tensor) -> None:
-        """Dense block ``name``: exact per-sample gradients ``(B, numel)`` projected into ``z``'s columns."""
-        key = (name, z.device)
-        if key not in self._dense:
-            blk = self.layout.blocks[name]
-            small = math.prod(blk.shape) * blk.width <= _DENSE_CACHE_ELEMENTS
-            # The same seeded matrix the blockwise Projector uses, held whole when small (biases, norms).
-            self._dense[key] = self.layout.dense_matrix(name).to(z.device) if small else None
-        mat = self._dense[key]
-        g = g.reshape(g.shape[0], -1)  # (B, numel)
-        if mat is None:
-            self.layout.write(z, name, self.layout.project_dense(name, g))
-        else:
-            blk = self.layout.blocks[name]
-            z[:, blk.offset : blk.offset + blk.width] = g.to(torch.float32) @ mat  # (B, width)
 
     # ------------------------------------------------------------------------------------ weighting
     def _ensure_directions(self, d: int, device: torch.device) -> None:
@@ -1421,8 +1292,6 @@ def _loss_name(loss_fn: Any) -> str:
         return parse_choice(LossKind, loss_fn, "loss").value
     name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
     return f"callable:{getattr(loss_fn, '__module__', '?')}.{name}"
-
-
 
 
 def _check_hardness_weights(weights: Mapping[str, float]) -> None:

@@ -4,7 +4,10 @@
 * one file per supported layer type: :mod:`.linear`, :mod:`.conv2d`, :mod:`.embedding`, :mod:`.layernorm`;
 * :mod:`.layout` -- the engine-independent projection layout (Kronecker ``P_out ⊗ P_in`` per weight matrix,
   dense seeded blocks for everything else);
-* :mod:`.capture` -- the hook-driven pass.
+* :mod:`.plan` -- which selected parameters a rule covers (:func:`plan_factored`);
+* :mod:`.capture` -- the hook-driven pass: forward hooks, call checks, the backward to the captured outputs
+  (:func:`apply_rules`, shared by ``GradientExtractor`` and ``OnlineMiner``);
+* :mod:`.apply` -- :class:`RuleRunner`, the rule application and result checks of every pass.
 
 ``hardmine.engine.GradientExtractor(engine="factored" | "auto")`` is the usual entry point.
 """
@@ -13,8 +16,18 @@ from __future__ import annotations
 
 # Importing the rule files registers them.
 from . import conv2d, embedding, layernorm, linear  # noqa: F401
-from .capture import FactoredGrads, FactoredUnit, factored_pass, plan_factored, probe_units
+from .apply import FactoredGrads, RuleRunner
+from .capture import (
+    CapturedCall,
+    apply_rules,
+    capture_calls,
+    check_calls,
+    compute_factored,
+    factored_pass,
+    probe_units,
+)
 from .layout import Block, ProjectionLayout, kron_factors
+from .plan import FactoredUnit, plan_factored
 from .registry import (
     Call,
     LayerRule,
@@ -28,12 +41,18 @@ from .registry import (
 __all__ = [
     "Block",
     "Call",
+    "CapturedCall",
     "FactoredGrads",
     "FactoredUnit",
     "LayerRule",
     "ProjectionLayout",
     "RuleRequest",
     "RuleResult",
+    "RuleRunner",
+    "apply_rules",
+    "capture_calls",
+    "check_calls",
+    "compute_factored",
     "factored_pass",
     "kron_factors",
     "plan_factored",
