@@ -53,6 +53,7 @@ bench: install
 
 eval: install
 	$(PY) scripts/eval_quality.py
+	$(PY) scripts/measure_neighbor_signs.py
 	$(PY) scripts/update_readme.py
 
 example-loop: install

@@ -32,16 +32,19 @@ rank                       1 = hardest (ties broken by sample order)            
 =========================  ======================================================  =============  ===========
 
 Why the robust divergence: the plain mean gradient of a class is dominated by the few large gradients of
-its hardest samples, so plain cosine to it ranks a rare sub-group *below random* (AUROC 0.33-0.40 measured on
-Fashion-MNIST superclasses); averaging unit vectors gives every sample one vote (0.69-0.78). Both forms are
+its hardest samples, so plain cosine to it can rank a rare sub-group *below random*; averaging unit vectors
+gives every sample one vote. The measured minority-membership AUROCs of ``class_divergence_plain`` and
+``class_divergence`` on Fashion-MNIST superclasses are in the quality benchmark's "minority-membership
+AUROC" table (``scripts/results/eval_quality.md``, written by ``make eval``). Both forms are
 computed; the weights decide which one counts. ``leave_one_out=True`` removes the sample's own vote from its
 mean (``Σ u - u_i``); a class left empty then has divergence 1 (no direction to agree with) and distance NaN.
 
 Why ``|cos|`` for neighbour labels: a mislabelled sample's gradient points *against* those of its true
 class (it pulls the model towards the wrong label), so its signed-cosine neighbours are other samples with
 the same wrong label and disagree rarely; by ``|cos|`` its neighbours include the true-class samples.
-Measured on planted blobs (5% flipped labels, MLP): flip-detection AUROC 0.70 with signed cosine, 0.9998
-with ``|cos|``. ``knn_outlier`` keeps the signed cosine (a flipped or rare sample has few aligned neighbours).
+Flip-detection AUROC with signed cosine vs ``|cos|`` on the test suite's planted blobs:
+``scripts/results/neighbor_signs.md`` (``scripts/measure_neighbor_signs.py``, run by ``make eval``).
+``knn_outlier`` keeps the signed cosine (a flipped or rare sample has few aligned neighbours).
 
 Hardness: each weighted signal ``s`` is oriented (``-s`` where the table says LOWER/false), rank-normalised
 to ``(0, 1]`` (average rank / number of non-missing values, ties averaged), and
