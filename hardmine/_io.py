@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +113,17 @@ def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).numpy()  # (numel * itemsize,)
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module | Mapping[str, Any]) -> str:
     """sha256 over the model's state dict in key order: each key, dtype, shape and the tensor's bytes.
 
     Two models with the same architecture and weights give the same fingerprint on any machine; one changed
-    weight changes it. Non-tensor entries (``_extra_state``) contribute their ``repr``.
+    weight changes it. Non-tensor entries (``_extra_state``) contribute their ``repr``. A state dict
+    (mapping) gives the fingerprint of a model holding it. This is hardmine's one model fingerprint: the
+    value scans and online miners record as ``model_fingerprint`` and ``LoadedModel.fingerprint``.
     """
+    state = model.state_dict() if isinstance(model, nn.Module) else model
     h = hashlib.sha256(b"hardmine-model/v1")
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         h.update(key.encode() + b"\0")
         if isinstance(value, torch.Tensor):
             h.update(f"{value.dtype}{tuple(value.shape)}".encode() + b"\0")

@@ -9,6 +9,7 @@ from enum import Enum
 from typing import TypeVar
 
 __all__ = [
+    "DataFormat",
     "Engine",
     "IndexKind",
     "LossKind",
@@ -52,6 +53,17 @@ class Randomness(str, Enum):
     SAME = "same"  # keep the model's mode; all samples in a vmap call share one mask
 
 
+class DataFormat(str, Enum):
+    """On-disk data formats the CLI reads (see ``hardmine.loaders.data``)."""
+
+    AUTO = "auto"  # detected from the path
+    PARQUET = "parquet"
+    CSV = "csv"
+    NPZ = "npz"
+    IDX = "idx"
+    HF = "hf"  # a datasets.save_to_disk directory
+    FACTORY = "factory"  # pkg.module:callable returning a torch Dataset
+
 
 class IndexKind(str, Enum):
     """Which FAISS index holds the projected gradients (see ``hardmine.index``)."""
@@ -83,6 +95,7 @@ class TaskKind(str, Enum):
 
     CLASSIFICATION = "classification"
     REGRESSION = "regression"
+
 
 E = TypeVar("E", bound=Enum)
 

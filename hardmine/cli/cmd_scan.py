@@ -19,9 +19,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ..enums import Engine, IndexKind, LossKind, ScanPhase
+from ..enums import DataFormat, Engine, IndexKind, LossKind, ScanPhase
 from ..loaders import load_model, open_data
-from ..loaders.data import DataFormat
 from ._common import emit_json, handle_errors, parse_shape, stderr
 from .cmd_show import print_table
 

@@ -17,7 +17,6 @@ import hashlib
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +24,12 @@ import numpy as np
 import torch
 
 from ..datasets import find_idx_pair, read_idx
+from ..enums import DataFormat  # defined in hardmine.enums; re-exported here for existing imports
 from .model import import_object
 
 __all__ = ["DataFormat", "BatchSource", "open_data", "detect_format"]
 
 Batch = tuple[Any, torch.Tensor, list[Any]]
-
-
-class DataFormat(str, Enum):
-    AUTO = "auto"
-    PARQUET = "parquet"
-    CSV = "csv"
-    NPZ = "npz"
-    IDX = "idx"
-    HF = "hf"  # a datasets.save_to_disk directory
-    FACTORY = "factory"  # pkg.module:callable returning a torch Dataset
 
 
 @dataclass

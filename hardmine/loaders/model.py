@@ -12,7 +12,6 @@ Accepted forms:
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .._io import model_fingerprint
 
 __all__ = ["LoadedModel", "load_model", "import_object", "state_dict_fingerprint", "unwrap_state_dict"]
 
@@ -38,7 +39,7 @@ _PREFIXES = ("model.", "module.", "net.", "_orig_mod.")
 class LoadedModel:
     model: nn.Module
     kind: str  # "state_dict" | "export" | "hf" | "pickle"
-    fingerprint: str  # sha256 over the state dict tensors, key order
+    fingerprint: str  # model_fingerprint(model): the value a scan of this model records
     tokenizer: Any = None  # HF tokenizer when kind == "hf"
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -61,18 +62,9 @@ def import_object(spec: str, what: str = "factory") -> Any:
 
 
 def state_dict_fingerprint(state: Mapping[str, torch.Tensor] | nn.Module) -> str:
-    """sha256 over ``key, dtype, shape, bytes`` of every tensor in key order: same weights -> same hash."""
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key]
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """``hardmine._io.model_fingerprint``: the one model fingerprint (the value scans record), kept under
+    this name for existing imports. Same weights -> same hash."""
+    return model_fingerprint(state)
 
 
 def unwrap_state_dict(obj: Any, state_key: str | None = None) -> dict[str, torch.Tensor]:
@@ -182,7 +174,7 @@ def load_model(
         except Exception as exc:
             raise ValueError(f"{path} could not be loaded as a torch.export archive: {exc}") from exc
         model = prog.module()
-        return LoadedModel(model, "export", state_dict_fingerprint(model), info={"format": "torch.export"})
+        return LoadedModel(model, "export", model_fingerprint(model), info={"format": "torch.export"})
     if suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -197,7 +189,7 @@ def load_model(
             ".safetensors, .pt2 (torch.export) or a Hugging Face model directory."
         )
     if isinstance(obj, nn.Module):  # only reachable with unsafe_pickle=True
-        return LoadedModel(obj, "pickle", state_dict_fingerprint(obj), info={"format": "pickle"})
+        return LoadedModel(obj, "pickle", model_fingerprint(obj), info={"format": "pickle"})
     if factory is None:
         raise ValueError(
             f"{path} holds only weights; pass --model pkg.module:factory to build the architecture they belong to."
@@ -210,7 +202,7 @@ def load_model(
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {factory!r} returned a {type(model).__name__}, not a torch.nn.Module.")
     _load_into(model, state, path)
-    return LoadedModel(model, "state_dict", state_dict_fingerprint(model), info={"format": suffix.lstrip(".")})
+    return LoadedModel(model, "state_dict", model_fingerprint(model), info={"format": suffix.lstrip(".")})
 
 
 def _load_hf(path: Path, num_labels: int | None) -> LoadedModel:
@@ -228,4 +220,4 @@ def _load_hf(path: Path, num_labels: int | None) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise ValueError(f"could not load the Hugging Face model in {path}: {exc}") from exc
-    return LoadedModel(model, "hf", state_dict_fingerprint(model), tokenizer=tokenizer, info={"format": "hf"})
+    return LoadedModel(model, "hf", model_fingerprint(model), tokenizer=tokenizer, info={"format": "hf"})
