@@ -1,8 +1,9 @@
-"""Copy the benchmark tables from scripts/results/*.md into README.md between include markers.
+"""Copy the benchmark tables from scripts/results/*.md into README.md and docs/*.md between include markers.
 
     <!-- BEGIN scripts/results/NAME.md -->   ...   <!-- END scripts/results/NAME.md -->
 
-Run after a benchmark (`make bench`, `make eval` do it); tests/test_readme.py fails if they drift apart.
+Run after a benchmark (`make bench`, `make eval`, `make mutate` do it); tests/test_readme.py fails if they
+drift apart.
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ def render(readme: str) -> str:
     return PATTERN.sub(sub, readme)
 
 
+def documents() -> list[Path]:
+    """Every Markdown page that may include results blocks."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def main() -> int:
-    path = ROOT / "README.md"
-    old = path.read_text()
-    new = render(old)
-    if new != old:
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(new)
-        tmp.replace(path)
-        print("README.md updated from scripts/results/")
+    for path in documents():
+        old = path.read_text()
+        new = render(old)
+        if new != old:
+            tmp = path.with_suffix(".md.tmp")
+            tmp.write_text(new)
+            tmp.replace(path)
+            print(f"{path.relative_to(ROOT)} updated from scripts/results/")
     return 0
 
 
