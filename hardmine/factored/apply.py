@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from .layout import ProjectionLayout
 from .plan import FactoredUnit
@@ -83,23 +82,22 @@ class RuleRunner:
         self.units, self.layout, self.b, self.out = units, layout, b, out
         self.dtype, self.device = dtype, device  # of a unit that received no gradient
         self.memo = {} if memo is None else memo
-        self._inputs = {name: list(xs) for name, xs in inputs.items()}
+        self._inputs = dict(inputs)  # entries are dropped as their units finish
         self.kron: dict[str, torch.Tensor] = {}
         self.vectors: dict[str, torch.Tensor] = {}
         self.vector_proj: dict[str, torch.Tensor] = {}
         self.written: set[str] = set()
         self.done: set[str] = set()
         self.sq = torch.zeros(b, dtype=dtype, device=device)  # (B,)
-        # Each unit's parameters, from its module (a dict of model.named_parameters() per batch walks the
-        # model).
-        self._params = {u.full_name(v): getattr(u.module, v) for u in units.values() for v in u.vectors}
-        # Modules called once on the same input tensor (q/k/v) share its Gram matrix within this pass.
+        # Modules called once on the same input tensor (q/k/v) share its Gram matrix within this pass; None
+        # when no input has two such readers (the rules then skip the cache's bookkeeping).
         readers: dict[Any, int] = {}
         for name in units:
             if self._shares_gram(name):
                 key = GramCache.key(self._inputs[name][0])
                 readers[key] = readers.get(key, 0) + 1
-        self.grams = GramCache({k: n for k, n in readers.items() if n > 1})
+        shared = {k: n for k, n in readers.items() if n > 1}
+        self.grams = GramCache(shared) if shared else None
 
     def _shares_gram(self, name: str) -> bool:
         xs = self._inputs[name]
@@ -121,21 +119,15 @@ class RuleRunner:
             request = RuleRequest(mats, unit.vectors, view, vmats, self.grams, rule_memo)
             res = unit.rule.compute(unit.module, calls, request)
         else:  # no gradient reaches this module's output: every gradient is zero
-            if self._shares_gram(name):
+            if self.grams is not None and self._shares_gram(name):
                 self.grams.release(GramCache.key(xs[0]))  # it was counted as a reader of a shared Gram
-            res = zero_result(unit, mats, self._params, self.b, dtype, device)
+            res = zero_result(unit, mats, self.b, dtype, device)
         self._record(unit, res, mats, vmats, view)
         self.done.add(name)
         # Drop the captured inputs as soon as they are used: autograd frees its own saved copies as the
         # backward pass moves down, and a reference held here until the end would keep those buffers from
         # being reused.
         self._inputs[name] = []
-
-    def run_rest(self) -> None:
-        """Run the units that received no (or not every) output gradient: their gradients are zero."""
-        for name in self.units:
-            if name not in self.done:
-                self.run(name, {})
 
     def result(self, loss: torch.Tensor, output: torch.Tensor) -> FactoredGrads:
         return FactoredGrads(
@@ -164,7 +156,7 @@ class RuleRunner:
         for local in unit.vectors:
             g = res.vectors[local]
             full = unit.full_name(local)
-            if tuple(g.shape) != (b, *self._params[full].shape):
+            if tuple(g.shape) != (b, *getattr(unit.module, local).shape):
                 raise ValueError(f"layer rule {rule} returned shape {tuple(g.shape)} for {full!r}.")
             self.vectors[full] = g
             g_sq = res.vector_sq_norm.get(local)
@@ -202,7 +194,6 @@ class RuleRunner:
 def zero_result(
     unit: FactoredUnit,
     mats: tuple[torch.Tensor, torch.Tensor] | None,
-    params: Mapping[str, nn.Parameter],
     b: int,
     dtype: torch.dtype,
     device: torch.device,
@@ -213,5 +204,6 @@ def zero_result(
         res.matrix_proj = torch.zeros(b, mats[0].shape[1], mats[1].shape[1], dtype=dtype, device=device)
         res.matrix_sq_norm = torch.zeros(b, dtype=dtype, device=device)
     for local in unit.vectors:
-        res.vectors[local] = torch.zeros(b, *params[unit.full_name(local)].shape, dtype=dtype, device=device)
+        shape = getattr(unit.module, local).shape
+        res.vectors[local] = torch.zeros(b, *shape, dtype=dtype, device=device)  # (B, *param.shape)
     return res

@@ -299,7 +299,8 @@ def apply_rules(
         deltas: ``{module: [output gradient per call]}`` the caller computed itself (e.g. the closed-form
             gradient at the logits of an output layer); then no backward runs. ``None``: autograd computes
             them from ``loss`` (below).
-        retain_graph: keep the autograd graph for the caller's own backward (training loops).
+        retain_graph: keep the autograd graph for the caller's own backward (training loops); the output
+            gradients are then asked for all at once instead of streamed through hooks.
 
     Without ``deltas``, ``torch.autograd.grad(loss.sum(), outputs)`` runs: the loss is the SUM of per-sample
     losses and no sample's loss depends on another row, so row ``b`` of each output gradient is sample
@@ -309,29 +310,52 @@ def apply_rules(
     inputs = {name: [c.x for c in calls] for name, calls in rec.items()}
     runner = RuleRunner(units, inputs, layout, b, output.dtype, output.device, out=out, memo=memo)
     if deltas is not None:
-        with torch.no_grad():
-            for name, ds in deltas.items():
-                runner.run(name, dict(enumerate(ds)))
+        received = {name: dict(enumerate(ds)) for name, ds in deltas.items()}
+    elif retain_graph:
+        received = _all_at_once(rec, loss)
     else:
-        _backward(rec, loss, runner, retain_graph)
+        received = _streamed(rec, loss, runner)
     with torch.no_grad():
-        runner.run_rest()  # units (or calls) no gradient reached
+        for name in units:
+            if name not in runner.done:  # not run inside the backward: no (or not every) gradient reached it
+                runner.run(name, received.get(name, {}))
     return runner.result(loss, output)
 
 
-def _backward(rec: Captured, loss: torch.Tensor, runner: RuleRunner, retain_graph: bool) -> None:
-    """Output gradients consumed inside tensor hooks, as the backward pass produces them, and then dropped:
-    holding every one until the end (what ``autograd.grad(loss, outputs)`` returns) keeps autograd from
-    reusing their buffers and costs time and memory."""
-    live = [
+def _live(rec: Captured) -> list[tuple[str, int]]:
+    """``(module, call index)`` of every captured output the loss can reach."""
+    return [
         (name, i) for name, calls in rec.items() for i, c in enumerate(calls) if c.out.grad_fn is not None
     ]
+
+
+def _all_at_once(rec: Captured, loss: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+    """``{module: {call index: output gradient}}`` from one ``autograd.grad`` call that keeps the graph: a
+    training loop keeps it for its own backward anyway, so holding the gradients until the end costs little
+    and no per-output hook is needed."""
+    live = _live(rec)
+    received: dict[str, dict[int, torch.Tensor]] = {name: {} for name in rec}
+    if loss.requires_grad and live:
+        outs = [rec[name][i].out for name, i in live]
+        got = torch.autograd.grad(loss.sum(), outs, retain_graph=True, allow_unused=True)
+        for (name, i), g in zip(live, got, strict=True):
+            if g is not None:
+                received[name][i] = g
+    return received
+
+
+def _streamed(rec: Captured, loss: torch.Tensor, runner: RuleRunner) -> dict[str, dict[int, torch.Tensor]]:
+    """Output gradients consumed inside tensor hooks, as the backward pass produces them, and then dropped:
+    holding every one until the end (what ``autograd.grad(loss, outputs)`` returns) keeps autograd from
+    reusing their buffers and costs time and memory. Returns the gradients of units that did not receive
+    all of theirs (some calls got none)."""
+    live = _live(rec)
+    received: dict[str, dict[int, torch.Tensor]] = {name: {} for name in rec}
     if not (loss.requires_grad and live):
-        return  # no gradient reaches any captured output: run_rest() gives zeros
+        return received  # no gradient reaches any captured output: every unit's gradients are zero
     expected = {name: 0 for name in rec}
     for name, _ in live:
         expected[name] += 1
-    received: dict[str, dict[int, torch.Tensor]] = {name: {} for name in rec}
 
     def on_grad(name: str, i: int, grad: torch.Tensor) -> None:
         received[name][i] = grad
@@ -342,18 +366,18 @@ def _backward(rec: Captured, loss: torch.Tensor, runner: RuleRunner, retain_grap
     outs = [rec[name][i].out for name, i in live]
     handles = [o.register_hook(functools.partial(on_grad, name, i)) for o, (name, i) in zip(outs, live)]
     try:
-        # Asking for the gradient at the lowest captured outputs runs every backward node above them, so every
-        # captured output's hook fires. With retain_graph (a training loop, whose own backward follows) the
-        # graph is kept anyway, so every output is asked for directly and the graph walk of _lowest is saved.
-        targets = outs if retain_graph else _lowest(outs)
+        # Asking for the gradient at the lowest captured outputs runs every backward node above them, so
+        # every captured output's hook fires; no weight gradient is computed and `param.grad` is not touched.
+        lowest = _lowest(outs)
+        del outs
         for calls in rec.values():
             for c in calls:
                 c.out = None  # the hooks stay registered on the graph; see RuleRunner.run for why drop it
-        del outs
-        torch.autograd.grad(loss.sum(), targets, retain_graph=retain_graph, allow_unused=True)
+        torch.autograd.grad(loss.sum(), lowest, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
+    return received
 
 
 def _lowest(outs: list[torch.Tensor]) -> list[torch.Tensor]:
