@@ -15,6 +15,7 @@ import os
 import secrets
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "model_fingerprint",
     "remove_stale_temporaries",
     "tensor_bytes",
+    "utc_now",
 ]
 
 TMP_PREFIX = ".tmp-"
@@ -96,6 +98,11 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
             p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 to the second (``2026-01-31T12:00:00+00:00``), for records."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

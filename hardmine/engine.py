@@ -19,6 +19,7 @@ so the three engines return the same vectors up to float rounding: the engine ch
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,23 @@ class ProjectedBatch:
     grad_norm: torch.Tensor  # (B,) exact L2 norm of the full (unprojected) selected gradient
 
 
+def _projection_argument(projection: ProjectionKind | str | None, kind: ProjectionKind | str | None) -> ProjectionKind:
+    """The projection kind from ``projection=`` or its deprecated alias ``kind=`` (warned about)."""
+    if kind is not None:
+        warnings.warn(
+            "GradientExtractor(kind=...) is deprecated; pass projection=... (the name scan and the CLI use).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        from_kind = parse_choice(ProjectionKind, kind, "kind")
+        if projection is not None and parse_choice(ProjectionKind, projection, "projection") is not from_kind:
+            raise ValueError(
+                f"projection={projection!r} and kind={kind!r} disagree; pass only projection= (kind= is deprecated)."
+            )
+        return from_kind
+    return parse_choice(ProjectionKind, ProjectionKind.RADEMACHER if projection is None else projection, "projection")
+
+
 class GradientExtractor:
     """Projected per-sample gradients of the selected layers of ``model``.
 
@@ -60,11 +78,12 @@ class GradientExtractor:
             into factors at most 4x apart). Vector parameters (biases, LayerNorm) get ``a`` coordinates,
             other parameters of modules without a rule ``dim``. ``out_dim`` is the total; ``metadata()
             ["layout"]`` lists every block. See ``hardmine.factored.layout``.
-        seed: the projection matrices depend only on ``(seed, parameter name, shape, dim, kind)``.
+        seed: the projection matrices depend only on ``(seed, parameter name, shape, dim, projection)``.
         engine: ``"auto"`` | ``"factored"`` | ``"vmap"`` (see the module docstring).
         loss_fn: ``"cross_entropy"``, ``"mse"``, ``None``/``"auto"`` (by target dtype) or a callable
             ``loss_fn(output, target) -> (B,)`` that does not mix samples.
-        kind: ``"rademacher"`` or ``"gaussian"`` projection entries.
+        projection: ``"rademacher"`` (default) or ``"gaussian"`` projection entries. ``kind=`` is the
+            deprecated name of this argument (accepted with a ``DeprecationWarning``).
         chunk_size: vmap chunk size (memory bound) for the parameters computed by vmap.
         randomness: ``"eval"`` (dropout off), ``"different"`` or ``"same"`` (vmap only). Under ``"auto"``,
             ``"same"`` -- and ``"different"`` when the plan would mix engines, since two passes would draw
@@ -86,9 +105,10 @@ class GradientExtractor:
         seed: int = 0,
         engine: Engine | str = Engine.AUTO,
         loss_fn: str | LossFn | None = None,
-        kind: ProjectionKind | str = ProjectionKind.RADEMACHER,
+        projection: ProjectionKind | str | None = None,
         chunk_size: int | None = None,
         randomness: Randomness | str = Randomness.EVAL,
+        kind: ProjectionKind | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -102,7 +122,8 @@ class GradientExtractor:
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
         self.param_names = select_parameters(model, layers)
-        self.layout = ProjectionLayout(model, self.param_names, dim=dim, seed=seed, kind=kind)
+        projection = _projection_argument(projection, kind)
+        self.layout = ProjectionLayout(model, self.param_names, dim=dim, seed=seed, kind=projection)
 
         units, rejected = plan_factored(model, self.param_names)
         self._reasons: dict[str, str] = {}  # vmap-bound parameter -> why

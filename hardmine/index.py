@@ -53,6 +53,8 @@ __all__ = [
     "HNSW_M",
     "INDEX_FILE",
     "IVFDATA_FILE",
+    "IVFDATA_PATH_FILE",
+    "INDEX_FILES",
     "IndexInfo",
     "choose_index_kind",
     "ivf_nlist",
@@ -73,7 +75,8 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 INDEX_FILE = "index.faiss"
 IVFDATA_FILE = "index.ivfdata"
-_IVFDATA_PATH_FILE = "index.ivfdata.path"  # the absolute path stored inside index.faiss, to detect moves
+IVFDATA_PATH_FILE = "index.ivfdata.path"  # the absolute path stored inside index.faiss, to detect moves
+INDEX_FILES = (INDEX_FILE, IVFDATA_FILE, IVFDATA_PATH_FILE)  # every file an index build writes
 _PARTS_DIR = TMP_PREFIX + "index-parts"
 
 Block = tuple[int, np.ndarray]
@@ -139,7 +142,7 @@ def build_index(
     directory = Path(directory)
     if on_block is not None:
         on_block(0)  # the phase starts now (IVF training comes before the first block is added)
-    for name in (INDEX_FILE, IVFDATA_FILE, _IVFDATA_PATH_FILE):
+    for name in INDEX_FILES:
         (directory / name).unlink(missing_ok=True)
     info = IndexInfo(kind=kind.value, n=n, dim=dim, seed=seed)
     if kind is IndexKind.IVF:
@@ -231,7 +234,7 @@ def _build_ivf(
         ivfdata = (directory / IVFDATA_FILE).resolve()
         with atomic_path(directory / INDEX_FILE) as tmp:
             _run_child(_MERGE_CODE, str(trained), str(ivfdata), str(tmp), *parts)
-        atomic_write_bytes(directory / _IVFDATA_PATH_FILE, str(ivfdata).encode())
+        atomic_write_bytes(directory / IVFDATA_PATH_FILE, str(ivfdata).encode())
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
 
@@ -245,14 +248,14 @@ def open_index(directory: str | os.PathLike[str], info: IndexInfo) -> Any:
         raise ValueError(f"{path} does not exist; the scan's index was not built (rerun the scan).")
     if info.kind == IndexKind.IVF.value:
         here = str((directory / IVFDATA_FILE).resolve())
-        stored = (directory / _IVFDATA_PATH_FILE).read_text() if (directory / _IVFDATA_PATH_FILE).is_file() else ""
+        stored = (directory / IVFDATA_PATH_FILE).read_text() if (directory / IVFDATA_PATH_FILE).is_file() else ""
         flags = 0
         if stored != here:
             logger.info("scan directory moved: pointing %s at %s", INDEX_FILE, here)
             try:
                 with atomic_path(path) as tmp:
                     _run_child(_RELOCATE_CODE, str(path), str(tmp))
-                atomic_write_bytes(directory / _IVFDATA_PATH_FILE, here.encode())
+                atomic_write_bytes(directory / IVFDATA_PATH_FILE, here.encode())
             except OSError as exc:  # a read-only copy: let FAISS resolve the path (it prints one line)
                 logger.warning("cannot update %s (%s); reading it with IO_FLAG_ONDISK_SAME_DIR", path, exc)
                 flags = faiss.IO_FLAG_ONDISK_SAME_DIR

@@ -1,0 +1,248 @@
+"""``scan``: the streaming driver. Checks the arguments, prepares the directory, runs the extraction pass,
+then builds the index and scores (through ``Scan``), recording each phase in ``scan.json``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .._io import model_fingerprint, utc_now
+from .._version import __version__
+from ..checks import as_bool, non_negative_int, positive_int
+from ..engine import GradientExtractor
+from ..enums import Engine, IndexKind, ProjectionKind, Randomness, ScanPhase, parse_choice
+from ..score import ScoreConfig
+from .extraction import ExtractionPass
+from .result import Scan
+from .store import SCAN_FORMAT_VERSION, ScanStore, jsonable
+
+__all__ = ["DEFAULT_SHARD_ROWS", "ProgressFn", "ScanProgress", "scan"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class ScanProgress:
+    """One progress report: ``done`` of ``total`` samples in ``phase`` (``total`` None when unknown)."""
+
+    phase: ScanPhase
+    done: int
+    total: int | None
+
+
+ProgressFn = Callable[[ScanProgress], None]
+
+
+def scan(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    out: str | os.PathLike[str],
+    layers: str | Sequence[str] | None = None,
+    dim: int = 256,
+    seed: int = 0,
+    engine: Engine | str = Engine.AUTO,
+    loss_fn: Any = None,
+    num_classes: int | None = None,
+    projection: ProjectionKind | str = ProjectionKind.RADEMACHER,
+    randomness: Randomness | str = Randomness.EVAL,
+    chunk_size: int | None = None,
+    score_config: ScoreConfig | None = None,
+    index: IndexKind | str = IndexKind.AUTO,
+    resume: bool = True,
+    overwrite: bool = False,
+    keep_gradients_in_memory: bool = False,
+    progress: ProgressFn | None = None,
+    total: int | None = None,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    provenance: Mapping[str, Any] | None = None,
+    config_extra: Mapping[str, Any] | None = None,
+) -> Scan:
+    """Scan ``data`` with ``model`` and write gradients, index, scores and ``manifest.parquet`` to ``out``.
+
+    Args:
+        model: a trained ``nn.Module`` (left unchanged; batches are moved to its parameters' device).
+        data: a ``DataLoader`` or any iterable of batches ``(x, y)``, ``(x, y, sample_ids)`` or mappings
+            with ``labels`` (and optionally ``sample_id``). Ids are ints or strings, unique across the
+            data; default: the running 0-based position. The order must be deterministic to resume.
+        out: the scan directory (created if missing).
+        layers, dim, seed, engine, loss_fn, projection, randomness, chunk_size: passed to
+            ``GradientExtractor`` (``dim`` per selected parameter tensor; ``out_dim`` in total).
+        num_classes: for classification, check the model outputs this many classes.
+        score_config: scoring and default-export settings (``ScoreConfig()``).
+        index: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"hnsw"`` (``hardmine.index``).
+        resume: continue an interrupted scan of the same configuration in ``out`` (and reuse a complete
+            one); ``False`` refuses a partial scan instead.
+        overwrite: replace a scan with a different configuration in ``out``.
+        keep_gradients_in_memory: also keep all projected gradients in RAM (``Scan.gradients()``).
+        progress: called with a ``ScanProgress`` after every batch, index block and score block.
+        total: number of samples, for progress (default: ``len(data.dataset)`` for a DataLoader).
+        shard_rows: samples per gradient shard (the memory bound and the resume granularity).
+        provenance: extra JSON-able facts about the inputs (checkpoint path, data source...), recorded in
+            ``scan.json`` and under ``source`` in the manifest metadata; not part of the resume check.
+        config_extra: extra JSON-able settings that define the scan (the CLI passes its data options: file,
+            format, split, limit, columns, input shape); recorded in the config, so a rerun into the same
+            ``out`` with different values is refused like any other configuration change.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    _check_data(data)
+    as_bool(resume, "resume")
+    as_bool(overwrite, "overwrite")
+    as_bool(keep_gradients_in_memory, "keep_gradients_in_memory")
+    shard_rows = positive_int(shard_rows, "shard_rows")
+    num_classes = positive_int(num_classes, "num_classes", allow_none=True)
+    total = non_negative_int(total, "total", allow_none=True)
+    if provenance is not None and not isinstance(provenance, Mapping):
+        raise ValueError(f"provenance={provenance!r} must be a mapping of JSON-able values, or None.")
+    if config_extra is not None and not isinstance(config_extra, Mapping):
+        raise ValueError(f"config_extra={config_extra!r} must be a mapping of JSON-able values, or None.")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress={progress!r} must be a callable taking a ScanProgress, or None.")
+    score_config = ScoreConfig() if score_config is None else score_config
+    if not isinstance(score_config, ScoreConfig):
+        raise ValueError(f"score_config must be a hardmine.ScoreConfig, got {type(score_config).__name__}.")
+    index_kind = parse_choice(IndexKind, index, "index")
+    extractor = GradientExtractor(
+        model, layers=layers, dim=dim, seed=seed, engine=engine, loss_fn=loss_fn, projection=projection,
+        chunk_size=chunk_size, randomness=randomness,
+    )
+    if total is None and isinstance(data, DataLoader):
+        try:
+            total = len(data.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    config = {
+        "format_version": SCAN_FORMAT_VERSION,
+        "model_fingerprint": model_fingerprint(model),
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "layers_requested": layers if layers is None or isinstance(layers, str) else list(layers),
+        "layers": list(extractor.param_names),
+        "dim": extractor.layout.dim,
+        "seed": extractor.layout.seed,
+        "engine_requested": parse_choice(Engine, engine, "engine").value,
+        "extractor": extractor.metadata(),
+        "loss": loss_fn if loss_fn is None or isinstance(loss_fn, str) else getattr(loss_fn, "__qualname__", repr(loss_fn)),
+        "randomness": parse_choice(Randomness, randomness, "randomness").value,
+        "num_classes_requested": num_classes,
+        "shard_rows": shard_rows,
+    }
+    for key, value in jsonable(dict(config_extra or {})).items():
+        config[f"extra.{key}"] = value  # flat keys, so a refused rerun names exactly what changed
+    store = ScanStore.prepare(Path(out), config, resume=resume, overwrite=overwrite)
+    source = jsonable(dict(provenance)) if provenance is not None else None
+    driver = _Driver(store, extractor, config, source, progress, total)
+    extraction = ExtractionPass(
+        store, driver.ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows,
+        keep=keep_gradients_in_memory, report=lambda done: driver.report(ScanPhase.EXTRACT, done, total),
+    )
+    return driver.run(extraction, data, score_config, index_kind)
+
+
+def _check_data(data: Any) -> None:
+    if isinstance(data, (torch.Tensor, np.ndarray, str, bytes)) or not isinstance(data, Iterable):
+        raise ValueError(
+            f"data must be a DataLoader or an iterable of batches, got {type(data).__name__}; wrap tensors in a "
+            "DataLoader(TensorDataset(x, y), batch_size=...) or a list of (x, y) batches."
+        )
+    if isinstance(data, (tuple, list)) and data and all(isinstance(v, torch.Tensor) for v in data):
+        raise ValueError(
+            "data looks like a single batch (a tuple/list of tensors); pass an iterable of batches, e.g. [(x, y)]."
+        )
+
+
+def _provenance() -> dict[str, Any]:
+    return {
+        "hardmine_version": __version__,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "faiss_version": getattr(faiss, "__version__", "unknown"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+class _Driver:
+    """One run of ``scan``: extraction with resume, then index, scores and manifest, each phase recorded in
+    ``scan.json``."""
+
+    def __init__(
+        self,
+        store: ScanStore,
+        extractor: GradientExtractor,
+        config: dict[str, Any],
+        source: dict[str, Any] | None,
+        progress: ProgressFn | None,
+        total: int | None,
+    ) -> None:
+        self.store = store
+        self.extractor = extractor
+        self.config = config
+        self.source = source
+        self.progress = progress
+        self.total = total
+        self.ledger = store.read_ledger()
+        self.info: dict[str, Any] = store.read_info()
+
+    def report(self, phase: ScanPhase, done: int, total: int | None) -> None:
+        if self.progress is not None:
+            self.progress(ScanProgress(phase, done, total))
+
+    def _write_info(self, **updates: Any) -> None:
+        self.info.update(updates)
+        self.info["config"] = self.config
+        self.info["provenance"] = _provenance()
+        self.info["source"] = self.source
+        self.store.write_info(self.info)
+
+    def run(
+        self, extraction: ExtractionPass, data: Iterable[Any], score_config: ScoreConfig, index_kind: IndexKind
+    ) -> Scan:
+        t0 = time.perf_counter()
+        path = self.store.path
+        scoring = {"score_config": score_config.to_dict(), "index_requested": index_kind.value}
+        reuse = (
+            self.ledger.complete and self.info.get("status") == "complete"
+            and jsonable(self.info.get("scoring")) == jsonable(scoring) and self.store.manifest_path.is_file()
+        )
+        if not self.info:
+            self._write_info(status="extracting", started=utc_now())
+        gradients = extraction.run(data)  # on a complete scan: only checks the data is the same
+        t_extract = time.perf_counter() - t0
+        if reuse:
+            logger.info("%s: complete scan with the same configuration found; reusing it", path)
+            return Scan.open(path, gradients=gradients)
+        self._write_info(status="extracted", **self.ledger.summary())
+        n = int(self.ledger.n_samples or 0)
+        result = Scan(path, self.info, gradients)  # shares self.info: the index it builds is recorded there
+        self.store.remove_manifest()
+        t1 = time.perf_counter()
+        result.build_index(index_kind, on_block=lambda done: self.report(ScanPhase.INDEX, done, n))
+        t_index = time.perf_counter() - t1
+        self._write_info(status="scoring", **self.ledger.summary())
+        t2 = time.perf_counter()
+        result.write_scores(score_config, progress=lambda done: self.report(ScanPhase.SCORE, done, n))
+        t_score = time.perf_counter() - t2
+        timings = dict(self.info.get("timings", {}))
+        extracted = extraction.extracted_now
+        timings.update(
+            extract_s=round(t_extract, 3), index_s=round(t_index, 3), score_s=round(t_score, 3),
+            total_s=round(time.perf_counter() - t0, 3),
+            extract_samples_per_s=round(extracted / t_extract, 1) if extracted and t_extract > 0 else None,
+        )
+        self._write_info(status="complete", finished=utc_now(), scoring=scoring, timings=timings, **self.ledger.summary())
+        return Scan.open(path, gradients=gradients)

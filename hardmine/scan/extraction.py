@@ -1,0 +1,200 @@
+"""The extraction pass of a scan: batches -> projected gradients and per-sample statistics -> shards.
+
+Batches already recorded in complete shards (a resumed scan) are read again only to check, by digest, that
+they are the same data; extraction continues from the first unrecorded batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from .._io import DatasetHasher
+from ..batches import check_labels, infer_task, input_leaves, sample_ids, split_batch_ids, to_device
+from ..engine import GradientExtractor, ProjectedBatch
+from ..enums import TaskKind
+from ..losses import resolve_loss
+from ..score import classification_stats, regression_stats
+from .ledger import Ledger
+from .shards import ShardSet, ShardWriter, digest_of
+from .store import ScanStore
+
+__all__ = ["ExtractionPass"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExtractionPass:
+    """One pass over ``data`` for a prepared store and its ledger (updated in place and written per shard).
+
+    ``report(rows_done)`` is called after every batch; ``extracted_now`` counts the samples this pass
+    extracted (not the ones a resumed scan only checked).
+    """
+
+    def __init__(
+        self,
+        store: ScanStore,
+        ledger: Ledger,
+        extractor: GradientExtractor,
+        *,
+        loss_fn: Any,
+        num_classes: int | None,
+        shard_rows: int,
+        keep: bool,
+        report: Callable[[int], None],
+    ) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.extractor = extractor
+        self.loss_fn = loss_fn
+        self.num_classes = num_classes
+        self.shard_rows = shard_rows
+        self.keep = keep
+        self.report = report
+        self.device = next(iter(extractor.model.parameters())).device
+        self.extracted_now = 0
+
+    def run(self, data: Iterable[Any]) -> np.ndarray | None:
+        """Extract (or check) every batch and mark the ledger complete; returns all gradients ``(N, out_dim)``
+        when ``keep``, else ``None``."""
+        done_shards = list(self.ledger.shards)
+        done_batches, done_rows = self.ledger.done_batches, self.ledger.done_rows
+        where_dir = self.store.path
+        if done_batches:
+            logger.info("%s: resuming after %d complete batches (%d samples)", where_dir, done_batches, done_rows)
+        hasher = DatasetHasher()
+        user_ids = False
+        kept: list[np.ndarray] = [np.load(where_dir / s.grads) for s in done_shards] if self.keep else []
+        writer = ShardWriter(self.store, self.ledger)
+        shard_digests: list[str] = []
+        rows = 0
+        batch_i = -1
+        shard_i = 0  # next recorded shard to check while skipping
+        shard_start_batch = done_batches
+        self.extracted_now = 0
+        self.store.make_shards_dir()
+        shuffled = isinstance(data, DataLoader) and isinstance(getattr(data, "sampler", None), RandomSampler)
+        for batch_i, batch in enumerate(data):
+            where = f"batch {batch_i}"
+            inputs, target, ids = split_batch_ids(batch, where)
+            b = int(target.shape[0])
+            if batch_i == 0 and shuffled:
+                if ids is None:
+                    raise ValueError(
+                        "data is a DataLoader with shuffle=True and the batches carry no sample ids, so sample_id "
+                        "(the position) would not identify samples; use shuffle=False or yield (x, y, ids)."
+                    )
+                logger.warning("data is shuffled: the dataset fingerprint and resuming need a fixed order")
+            id_arr = np.arange(rows, rows + b, dtype=np.int64) if ids is None else sample_ids(ids, b, where)[0]
+            user_ids = user_ids or ids is not None
+            self._check_ids(id_arr, where)
+            digest = hasher.update(id_arr, target, input_leaves(inputs))
+            if batch_i < done_batches:  # recorded in a complete shard: only check it is the same data
+                shard_digests.append(digest)
+                rec = done_shards[shard_i]
+                if batch_i + 1 == rec.batches[1]:
+                    if digest_of(shard_digests) != rec.digest or rows + b != rec.rows[1]:
+                        raise ValueError(
+                            f"the data differs from the interrupted scan in {where_dir} at batches "
+                            f"{rec.batches[0]}-{rec.batches[1] - 1} (shard {shard_i}): different samples, "
+                            "order or batch size. Rerun with the same data and batch size, or overwrite=True."
+                        )
+                    shard_digests = []
+                    shard_i += 1
+                rows += b
+                self.report(rows)
+                continue
+            if self.ledger.complete:
+                raise ValueError(
+                    f"the data has more batches than the complete scan in {where_dir} ({done_batches}); rerun with "
+                    "the same data, or overwrite=True."
+                )
+            inputs, target_dev = to_device(inputs, self.device), to_device(target, self.device)
+            pb = self.extractor((inputs, target_dev))
+            # The plan in use (auto may move a module to vmap after probing the first batch).
+            self.ledger.extractor = self.extractor.metadata()
+            z = pb.z.detach().to("cpu", torch.float32).numpy()  # (B, out_dim)
+            writer.add(z, self._batch_stats(id_arr, target, pb, where), digest)
+            if self.keep:
+                kept.append(z)
+            rows += b
+            self.extracted_now += b
+            self.report(rows)
+            if writer.rows >= self.shard_rows:
+                writer.flush(shard_start_batch, batch_i + 1, rows)
+                shard_start_batch = batch_i + 1
+        n_batches = batch_i + 1
+        if n_batches < done_batches:
+            raise ValueError(
+                f"data ended after {n_batches} batches, but the interrupted scan in {where_dir} had already "
+                f"recorded {done_batches}; rerun with the same data, or overwrite=True."
+            )
+        writer.flush(shard_start_batch, n_batches, rows)
+        if rows == 0:
+            raise ValueError("data yielded no batches; nothing to scan.")
+        if user_ids:
+            self._check_unique_ids()
+        fingerprint = hasher.hexdigest()
+        if self.ledger.complete and self.ledger.dataset_fingerprint != fingerprint:
+            raise ValueError(
+                f"the data's fingerprint differs from the complete scan in {where_dir}; rerun with the same data, "
+                "or overwrite=True."
+            )
+        self.ledger.finish(
+            n_samples=rows, n_batches=n_batches, dataset_fingerprint=fingerprint, out_dim=self.extractor.out_dim
+        )
+        self.store.write_ledger(self.ledger)
+        return np.concatenate(kept) if self.keep else None
+
+    # ------------------------------------------------------------------------------------------- checks
+    def _check_ids(self, ids: np.ndarray, where: str) -> None:
+        self.ledger.record_id_kind("int" if ids.dtype.kind in "iu" else "str", where)
+        dup = pd.Index(ids).duplicated()
+        if dup.any():
+            raise ValueError(f"{where}: sample_id {ids[dup][0]!r} appears more than once; sample ids must be unique.")
+
+    def _check_unique_ids(self) -> None:
+        # Across batches, checked once at the end from the shards: a set of N Python objects would cost
+        # ~70 bytes per sample during the whole extraction.
+        ids = pd.Index(ShardSet(self.store.path, self.ledger.shards).sample_ids())
+        if ids.has_duplicates:
+            dup = ids[ids.duplicated()][0]
+            raise ValueError(
+                f"sample_id {dup!r} appears more than once in the data; sample ids must be unique. Fix the id "
+                "column and rerun with overwrite=True."
+            )
+
+    def _batch_stats(self, ids: np.ndarray, target: torch.Tensor, pb: ProjectedBatch, where: str) -> dict[str, Any]:
+        """The per-sample columns of the stats shard for one batch (checking the task and classes against
+        earlier batches)."""
+        output = pb.output.detach().to("cpu")
+        task = infer_task(resolve_loss(self.loss_fn, target)[1], target, output)
+        self.ledger.record_task(task, where)
+        b = len(ids)
+        tgt = target.detach().to("cpu")
+        if task is TaskKind.CLASSIFICATION:
+            c = int(output.shape[1])
+            if self.num_classes is not None and c != self.num_classes:
+                raise ValueError(f"{where}: the model outputs {c} classes but num_classes={self.num_classes}.")
+            self.ledger.record_num_classes(c, where)
+            check_labels(tgt, c, where)
+            lab = tgt.numpy().astype(np.int64)
+            stats = classification_stats(output.numpy(), lab)
+            label: np.ndarray = lab
+        else:
+            flat = tgt.reshape(b, -1).to(torch.float64).numpy()  # (B, outputs)
+            label = flat[:, 0].copy() if flat.shape[1] == 1 else np.full(b, np.nan)
+            stats = regression_stats(output.numpy())
+        return {
+            "sample_id": ids,
+            "label": label,
+            "loss": pb.loss.detach().to("cpu", torch.float64).numpy(),
+            "grad_norm": pb.grad_norm.detach().to("cpu", torch.float64).numpy(),
+            **stats,
+        }

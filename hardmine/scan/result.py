@@ -1,0 +1,339 @@
+"""``Scan``: a complete scan directory opened for reading, querying and rescoring.
+
+The driver (``hardmine.scan.driver``) returns one at the end of ``scan``; ``Scan.open(path)`` reopens a
+directory later. Index building and scoring live here (``build_index``, ``write_scores``), so a scan and a
+later ``rescore`` take the same path through them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._io import utc_now
+from .._version import __version__
+from ..checks import as_bool, is_int, positive_int
+from ..enums import IndexKind, Strategy, TaskKind, parse_choice
+from ..index import IndexInfo, build_index, knn_block, open_index, search
+from ..manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FORMAT,
+    compute_weights,
+    export_manifest,
+    read_manifest,
+    resolve_strategy,
+    write_manifest,
+)
+from ..score import SCORE_TABLE, ScoreConfig, finalize_scores, population_pass, score_pass, unit_rows
+from .ledger import ShardRecord
+from .shards import BLOCK_ROWS, Block, ShardSet
+from .store import MANIFEST_FILE, SCAN_FILE, SCAN_FORMAT_VERSION, ScanStore, read_json
+
+__all__ = ["Neighbors", "Scan"]
+
+logger = logging.getLogger(__name__)
+
+
+class Neighbors(NamedTuple):
+    """Result of ``Scan.neighbors``: ``(q, k)`` arrays; missing neighbours have row -1 and similarity NaN."""
+
+    sample_ids: np.ndarray
+    similarities: np.ndarray
+    rows: np.ndarray
+
+
+class Scan:
+    """A scan directory: gradients, index, scores and manifest. Reopen one with ``Scan.open(path)``."""
+
+    def __init__(self, path: str | os.PathLike[str], info: dict[str, Any], gradients: np.ndarray | None = None) -> None:
+        self.path = Path(path)
+        self.info = info
+        self._gradients = gradients  # the in-memory copy of all rows (keep_gradients_in_memory), or None
+        self._index: Any = None
+        self._id_rows: dict[Any, int] | None = None
+        self._ids: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, gradients: np.ndarray | None = None) -> Scan:
+        """Reopen a complete scan directory."""
+        p = Path(path)
+        f = p / SCAN_FILE
+        if not f.is_file():
+            raise ValueError(f"{p} is not a hardmine scan directory (no {SCAN_FILE}); run hardmine.scan first.")
+        info = read_json(f)
+        if info.get("status") != "complete":
+            raise ValueError(
+                f"the scan in {p} is not complete (status {info.get('status')!r}); rerun hardmine.scan with the same "
+                "arguments to resume it."
+            )
+        if int(info.get("config", {}).get("format_version", 0)) > SCAN_FORMAT_VERSION:
+            raise ValueError(f"{p} was written by a newer hardmine ({info.get('provenance', {}).get('hardmine_version')}); upgrade.")
+        return cls(p, info, gradients)
+
+    # ------------------------------------------------------------------------------------ basics
+    @property
+    def n_samples(self) -> int:
+        return int(self.info["n_samples"])
+
+    @property
+    def out_dim(self) -> int:
+        """Total projected dimension of the stored gradients (the width of a gradient row)."""
+        return int(self.info["out_dim"])
+
+    @property
+    def dim(self) -> int:
+        """Deprecated name of ``out_dim`` (``dim`` is the per-parameter width elsewhere in hardmine)."""
+        warnings.warn(
+            "Scan.dim is deprecated; use Scan.out_dim (the total projected dimension).", DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.out_dim
+
+    @property
+    def task(self) -> TaskKind:
+        return TaskKind(self.info["task"])
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.info.get("num_classes")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.info["config"])
+
+    @property
+    def engine_metadata(self) -> dict[str, Any]:
+        """The extractor's metadata as used (engine plan after probing the first batch, layout, dims)."""
+        return dict(self.info.get("extractor") or self.info["config"]["extractor"])
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_FILE
+
+    @property
+    def index_info(self) -> IndexInfo:
+        return IndexInfo.from_dict(self.info["index"])
+
+    @property
+    def shards(self) -> ShardSet:
+        """The gradient shards (or the in-memory copy) as a ``ShardSet``."""
+        records = [ShardRecord.from_dict(s) for s in self.info["shards"]]
+        return ShardSet(self.path, records, self._gradients)
+
+    def __repr__(self) -> str:
+        return f"Scan({str(self.path)!r}, n_samples={self.info.get('n_samples')}, dim={self.info.get('out_dim')})"
+
+    def manifest(self) -> pd.DataFrame:
+        """The ranked manifest (``read_manifest(scan.path / "manifest.parquet")``)."""
+        return read_manifest(self.manifest_path)
+
+    def stats(self) -> pd.DataFrame:
+        """Per-sample statistics recorded during extraction, in scan order (one row per sample)."""
+        table = self.shards.stats_table()
+        # Free each Arrow column as it is converted: the frame is not held twice at a million rows.
+        df = table.to_pandas(self_destruct=True, split_blocks=True)
+        del table
+        df["correct"] = df["correct"].astype("boolean")
+        return df
+
+    def iter_gradients(self, max_rows: int = BLOCK_ROWS) -> Iterator[Block]:
+        """Stream the projected gradients: ``(first_row, (rows, out_dim) float32)``, ``max_rows`` at a time."""
+        return self.shards.blocks(max_rows)
+
+    def gradients(self) -> np.ndarray:
+        """All projected gradients ``(N, dim)``: the in-memory copy if the scan kept one, else loaded from the
+        shards now (``4 · N · dim`` bytes of RAM; prefer ``iter_gradients`` for large scans)."""
+        if self._gradients is None:
+            return np.concatenate([np.asarray(z) for _, z in self.iter_gradients()])  # (N, out_dim)
+        return self._gradients
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        return self.shards.gather(rows, self.out_dim)  # (len(rows), out_dim)
+
+    def sample_ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = self.shards.sample_ids()
+        return self._ids
+
+    def rows_of(self, sample_ids: Iterable[Any]) -> np.ndarray:
+        """Row positions of the given sample ids (ValueError naming the first unknown id)."""
+        if self._id_rows is None:
+            self._id_rows = {v: i for i, v in enumerate(self.sample_ids().tolist())}
+        out = []
+        for v in sample_ids:
+            key = v.item() if isinstance(v, np.generic) else v
+            if key not in self._id_rows:
+                raise ValueError(f"sample_id {v!r} is not in the scan {self.path} ({self.n_samples} samples).")
+            out.append(self._id_rows[key])
+        return np.asarray(out, dtype=np.int64)
+
+    def index(self) -> Any:
+        """The FAISS index (loaded once; IVF lists stay memory-mapped)."""
+        if self._index is None:
+            self._index = open_index(self.path, self.index_info)
+        return self._index
+
+    # ------------------------------------------------------------------------------------ queries
+    def neighbors(self, query: Any, k: int = 10, *, absolute: bool = False) -> Neighbors:
+        """Nearest neighbours by cosine of projected gradients.
+
+        ``query``: float vectors ``(dim,)`` / ``(q, dim)`` (array or tensor), or sample ids (an int or str, or a
+        sequence / integer array of them). Querying by id excludes the sample itself. Returns ``(q, k)``
+        sample ids, similarities (signed cosine) and rows.
+
+        ``absolute=True`` ranks by ``|cos|`` instead: the neighbours ``neighbor_disagreement`` counts (a
+        gradient pointing the opposite way is as informative about the label as an aligned one); the
+        similarities stay signed, so anti-aligned neighbours show as negative.
+        """
+        k = positive_int(k, "k")
+        as_bool(absolute, "absolute")
+        vectors, self_rows = self._query_vectors(query)
+        limit = self.n_samples - (1 if self_rows is not None else 0)
+        if k > limit:
+            raise ValueError(f"k={k} is larger than the {limit} other samples in the scan; use k <= {limit}.")
+        u = np.ascontiguousarray(unit_rows(vectors)[0], dtype=np.float32)  # (q, dim)
+        info = self.index_info
+        if absolute:
+            # No real row is -1, so a vector query excludes nothing; knn_block merges the searches of u and -u.
+            own = self_rows if self_rows is not None else np.full(len(u), -1, dtype=np.int64)
+            rows = knn_block(self.index(), info, u, own, k).abs_rows  # (q, k)
+            found = np.maximum(rows, 0)
+            z = unit_rows(self._gather(found.reshape(-1)))[0].reshape(*rows.shape, -1)  # (q, k, dim)
+            sims = np.where(rows >= 0, np.einsum("qkd,qd->qk", z.astype(np.float64), u.astype(np.float64)), np.nan)
+        elif self_rows is None:
+            sims, rows = search(self.index(), info, u, k)
+        else:
+            res = knn_block(self.index(), info, u, self_rows, k)
+            sims, rows = res.sims, res.rows
+        ids = self.sample_ids()
+        fill: Any = -1 if ids.dtype.kind in "iu" else ""
+        sample_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)], fill)
+        return Neighbors(sample_ids=sample_ids, similarities=sims, rows=rows)
+
+    def _query_vectors(self, query: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        if isinstance(query, torch.Tensor):
+            query = query.detach().cpu().numpy()
+        if isinstance(query, str) or is_int(query):
+            query = [query]
+        arr = query if isinstance(query, np.ndarray) else None
+        if arr is None:
+            seq = list(query) if isinstance(query, Iterable) else None
+            if not seq:
+                raise ValueError(f"query {query!r} is empty or not understood; pass vectors or sample ids.")
+            if all(isinstance(v, str) or is_int(v) for v in seq):
+                rows = self.rows_of(seq)
+                return self._gather(rows), rows
+            arr = np.asarray(seq)
+        if arr.dtype.kind in "iuUO":
+            rows = self.rows_of(arr.reshape(-1).tolist())
+            return self._gather(rows), rows
+        if arr.dtype.kind != "f":
+            raise ValueError(f"query of dtype {arr.dtype} is not understood; pass float vectors or sample ids.")
+        arr = arr.reshape(1, -1) if arr.ndim == 1 else arr
+        if arr.ndim != 2 or arr.shape[1] != self.out_dim:
+            raise ValueError(
+                f"query vectors have shape {tuple(arr.shape)}; they need {self.out_dim} columns (the scan's out_dim)."
+            )
+        if not np.isfinite(arr).all():
+            raise ValueError("query vectors contain NaN/inf.")
+        return arr.astype(np.float32), None
+
+    # ------------------------------------------------------------------------------------ scoring
+    def rescore(self, score_config: ScoreConfig | None = None, *, index: IndexKind | str | None = None) -> pd.DataFrame:
+        """Recompute scores (and the index, if ``index`` is given) from the stored gradients; rewrites
+        ``manifest.parquet`` and ``scan.json``. No gradient is extracted again."""
+        score_config = ScoreConfig() if score_config is None else score_config
+        if not isinstance(score_config, ScoreConfig):
+            raise ValueError(f"score_config must be a hardmine.ScoreConfig, got {type(score_config).__name__}.")
+        if index is not None:
+            self.build_index(parse_choice(IndexKind, index, "index"))
+        df = self.write_scores(score_config)
+        self.info["scoring"] = {
+            "score_config": score_config.to_dict(),
+            "index_requested": index if index is not None else self.info.get("scoring", {}).get("index_requested"),
+        }
+        ScanStore(self.path).write_info(self.info)
+        return df
+
+    def export(self, **kwargs: Any) -> pd.DataFrame:
+        """``hardmine.export_manifest(self, **kwargs)``."""
+        return export_manifest(self, **kwargs)
+
+    def build_index(self, kind: IndexKind, on_block: Callable[[int], None] | None = None) -> IndexInfo:
+        """Build the FAISS index over the stored gradients (replacing any), record it in ``self.info`` and
+        return its description. ``scan.json`` is the caller's to write."""
+        self._index = None
+        info = build_index(
+            self.shards.blocks, self.n_samples, self.out_dim, self.path, kind=kind, seed=int(self.config["seed"]),
+            on_block=on_block,
+        )
+        self.info["index"] = info.to_dict()
+        return info
+
+    def write_scores(self, config: ScoreConfig, progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+        """Score every sample from the stored gradients, statistics and index, and write ``manifest.parquet``
+        (atomically); returns the manifest frame. ``progress(done)`` is called per scored block."""
+        n = self.n_samples
+        task = self.task
+        if progress is not None:
+            progress(0)  # loading the per-sample statistics and pass 1 come before the first scored block
+        stats = self.stats()
+        labels = stats["label"].to_numpy(dtype=np.int64) if task is TaskKind.CLASSIFICATION else None
+        pop = population_pass(self.iter_gradients(), self.out_dim, labels, self.num_classes)
+        k = min(config.k, n - 1)
+        if k < config.k:
+            logger.warning("only %d samples: using k=%d neighbours instead of %d", n, k, config.k)
+        info = self.index_info
+        index = self.index()
+        knn = (lambda u, rows: knn_block(index, info, u, rows, k)) if k >= 1 else None
+        grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, knn, on_block=progress)
+        df, used = finalize_scores(stats, grad_scores, config, task)
+        strategy = resolve_strategy(df, config.strategy)  # None -> the task's default
+        weight, is_hard = compute_weights(df, strategy, config.top, config.boost, config.temperature, config.cap)
+        df["is_hard"] = pd.array(is_hard, dtype="boolean")
+        df["weight"] = weight
+        meta = self._manifest_metadata(config, used, k, strategy)
+        write_manifest(df, self.manifest_path, meta)
+        df.attrs["hardmine"] = meta
+        return df
+
+    def _manifest_metadata(
+        self, config: ScoreConfig, used: dict[str, float], k: int, strategy: Strategy
+    ) -> dict[str, Any]:
+        cfg = self.info["config"]
+        index = {key: v for key, v in self.info["index"].items() if key != "build_s"}  # timings are not content
+        return {
+            "format": MANIFEST_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "hardmine_version": __version__,
+            "created": utc_now(),
+            "task": self.task.value,
+            "num_classes": self.num_classes,
+            "n_samples": self.n_samples,
+            "model_fingerprint": cfg["model_fingerprint"],
+            "model_class": cfg["model_class"],
+            "dataset_fingerprint": self.info["dataset_fingerprint"],
+            "layers": cfg["layers"],
+            "layers_requested": cfg["layers_requested"],
+            "engine": self.info.get("extractor") or cfg["extractor"],
+            "projection": {"dim": cfg["dim"], "out_dim": self.out_dim, "seed": cfg["seed"],
+                           "kind": cfg["extractor"].get("projection")},
+            "loss": cfg["loss"],
+            "source": self.info.get("source"),
+            "index": index,
+            "score_config": config.to_dict(),
+            "k_used": k,
+            "hardness_weights_used": used,
+            "scores": {name: s.to_dict() for name, s in SCORE_TABLE.items()},
+            "export": {"strategy": strategy.value, "top": config.top, "boost": config.boost,
+                       "temperature": config.temperature, "cap": config.cap},
+        }
+

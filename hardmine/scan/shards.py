@@ -1,0 +1,127 @@
+"""Gradient shards: reading them back in row blocks (``ShardSet``) and filling them batch by batch
+(``ShardWriter``).
+
+A shard is ``shards/grads-NNNNN.npy`` (float32 ``(rows, out_dim)``, memory-mapped when read) plus
+``shards/stats-NNNNN.parquet`` (one row of per-sample statistics per gradient row), recorded in the ledger
+once both files are complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .ledger import Ledger, ShardRecord
+from .store import ScanStore
+
+__all__ = ["BLOCK_ROWS", "Block", "ShardSet", "ShardWriter", "digest_of", "stats_table"]
+
+logger = logging.getLogger(__name__)
+
+# Rows per block in the index and scoring passes: their float64 working set is ~6 arrays of
+# (BLOCK_ROWS, out_dim), so blocks smaller than a shard keep the peak low for wide projections.
+BLOCK_ROWS = 2048
+
+Block = tuple[int, np.ndarray]  # (first row, (rows, out_dim) float32)
+
+
+class ShardSet:
+    """The complete shards of a scan directory, read back in row order. ``gradients``: an in-memory copy of
+    all rows ``(N, out_dim)`` to read from instead of the files."""
+
+    def __init__(self, directory: Path, shards: Sequence[ShardRecord], gradients: np.ndarray | None = None) -> None:
+        self.directory = directory
+        self.shards = list(shards)
+        self.gradients = gradients
+
+    def blocks(self, max_rows: int = BLOCK_ROWS) -> Iterator[Block]:
+        """``(first_row, z)`` in row order, at most ``max_rows`` rows each, sliced from the memory-mapped
+        shards (or from the in-memory copy)."""
+        for s in self.shards:
+            r0, r1 = s.rows
+            z = self.gradients[r0:r1] if self.gradients is not None else np.load(self.directory / s.grads, mmap_mode="r")
+            for lo in range(0, r1 - r0, max_rows):
+                yield r0 + lo, z[lo : lo + max_rows]
+
+    def gather(self, rows: np.ndarray, out_dim: int) -> np.ndarray:
+        """The gradient rows ``rows`` (any order) as ``(len(rows), out_dim)`` float32, in one pass."""
+        out = np.empty((len(rows), out_dim), dtype=np.float32)
+        for r0, z in self.blocks():
+            m = (rows >= r0) & (rows < r0 + len(z))
+            if m.any():
+                out[m] = z[rows[m] - r0]
+        return out
+
+    def stats_table(self, columns: list[str] | None = None) -> pa.Table:
+        """The per-sample statistics of every shard, in row order (only ``columns`` if given)."""
+        return pa.concat_tables([pq.read_table(self.directory / s.stats, columns=columns) for s in self.shards])
+
+    def sample_ids(self) -> np.ndarray:
+        """All sample ids in row order: int64, or object holding ``str``."""
+        return self.stats_table(["sample_id"]).column("sample_id").to_numpy(zero_copy_only=False)
+
+
+class ShardWriter:
+    """Buffers extracted batches and writes a shard (files, then the ledger entry) when ``flush`` is called."""
+
+    def __init__(self, store: ScanStore, ledger: Ledger) -> None:
+        self.store = store
+        self.ledger = ledger
+        self._z: list[np.ndarray] = []
+        self._stats: list[dict[str, Any]] = []
+        self._digests: list[str] = []
+
+    @property
+    def rows(self) -> int:
+        """Rows buffered for the next shard."""
+        return sum(len(z) for z in self._z)
+
+    def add(self, z: np.ndarray, stats: dict[str, Any], digest: str) -> None:
+        """One batch: its gradients ``(B, out_dim)``, per-sample statistics and data digest."""
+        self._z.append(z)
+        self._stats.append(stats)
+        self._digests.append(digest)
+
+    def flush(self, first_batch: int, end_batch: int, rows_end: int) -> None:
+        """Write the buffered batches ``[first_batch, end_batch)`` (ending at row ``rows_end``) as the next
+        shard and record it; nothing happens when the buffer is empty."""
+        if not self._z:
+            return
+        i = len(self.ledger.shards)
+        z = np.concatenate(self._z)  # (shard rows, out_dim): one shard, the memory bound
+        r0 = rows_end - len(z)
+        grads, stats = self.store.write_shard(i, z, stats_table(self._stats))
+        self.ledger.shards.append(
+            ShardRecord(i, (first_batch, end_batch), (r0, rows_end), digest_of(self._digests), grads, stats)
+        )
+        self.store.write_ledger(self.ledger)
+        logger.debug("wrote shard %d: rows %d-%d", i, r0, rows_end)
+        self._z, self._stats, self._digests = [], [], []
+
+
+def digest_of(digests: list[str]) -> str:
+    """The digest of a run of batches: sha256 over their digests, in order."""
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def stats_table(stats: list[dict[str, Any]]) -> pa.Table:
+    """Per-batch statistics (column -> per-sample array) as one Arrow table; ``correct`` becomes a nullable
+    bool, string ids a string column."""
+    cols: dict[str, pa.Array] = {}
+    for name in stats[0]:
+        if name == "correct":
+            values = pd.array(np.concatenate([np.asarray(s[name], dtype=object) for s in stats]), dtype="boolean")
+            cols[name] = pa.array(values, type=pa.bool_())
+        elif name == "sample_id" and stats[0][name].dtype == object:
+            cols[name] = pa.array([str(v) for s in stats for v in s[name]], type=pa.string())
+        else:
+            cols[name] = pa.array(np.concatenate([np.asarray(s[name]) for s in stats]))
+    return pa.table(cols)

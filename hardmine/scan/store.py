@@ -1,0 +1,157 @@
+"""The scan directory on disk: preparing it (new, resume, overwrite), and every write into it (atomic).
+
+``ScanStore`` is the only writer of the directory's files; the layout is described in ``hardmine.scan``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .._io import atomic_path, atomic_save_npy, atomic_write_json, remove_stale_temporaries
+from ..index import INDEX_FILES
+from .ledger import Ledger
+
+__all__ = [
+    "MANIFEST_FILE",
+    "PROGRESS_FILE",
+    "SCAN_FILE",
+    "SCAN_FORMAT_VERSION",
+    "SHARDS_DIR",
+    "ScanStore",
+    "jsonable",
+    "read_json",
+]
+
+logger = logging.getLogger(__name__)
+
+SCAN_FILE = "scan.json"
+PROGRESS_FILE = "progress.json"
+SHARDS_DIR = "shards"
+MANIFEST_FILE = "manifest.parquet"
+SCAN_FORMAT_VERSION = 1
+OWNED = (SCAN_FILE, PROGRESS_FILE, SHARDS_DIR, *INDEX_FILES, MANIFEST_FILE)  # what overwrite=True removes
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` as it reads back from JSON (non-JSON values as their ``str``), for comparisons with stored values."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of the scan directory; ValueError naming the file when it is missing or damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}); the scan directory is damaged.") from None
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ScanStore:
+    """A prepared scan directory (``ScanStore.prepare``) and its atomic writes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    # ------------------------------------------------------------------------------------------ prepare
+    @classmethod
+    def prepare(cls, directory: Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> ScanStore:
+        """Create ``directory`` or accept it for this ``config``: empty, a scan of the same configuration
+        (to resume or reuse, with ``resume``) or any scan (removed first, with ``overwrite``). Leftover
+        temporaries of a killed run are removed."""
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"out={str(directory)!r} exists and is not a directory.")
+        directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(directory)
+        if (directory / SHARDS_DIR).is_dir():
+            remove_stale_temporaries(directory / SHARDS_DIR)
+        for p in directory.glob(".tmp-*"):  # directories a killed index build left
+            shutil.rmtree(p, ignore_errors=True)
+        store = cls(directory)
+        entries = [p.name for p in directory.iterdir()]
+        if not entries:
+            return store
+        if not store.scan_file.is_file():
+            raise ValueError(
+                f"out={str(directory)!r} is not empty ({sorted(entries)[:5]}) and holds no hardmine scan; choose an "
+                "empty or new directory."
+            )
+        if overwrite:
+            store.clear()
+            return store
+        old = read_json(store.scan_file).get("config", {})
+        diff = sorted(k for k in set(old) | set(config) if jsonable(old.get(k)) != jsonable(config.get(k)))
+        if diff:
+            details = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(config.get(k))}" for k in diff[:4])
+            raise ValueError(
+                f"out={str(directory)!r} holds a scan with a different configuration ({details}); pass "
+                "overwrite=True (--overwrite on the command line) to replace it, or choose another directory."
+            )
+        if not resume:
+            raise ValueError(
+                f"out={str(directory)!r} already holds a scan with this configuration; pass resume=True to continue "
+                "or reuse it, or overwrite=True to start again."
+            )
+        return store
+
+    def clear(self) -> None:
+        """Remove every file a scan writes (and nothing else)."""
+        for name in OWNED:
+            p = self.path / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------------- files
+    @property
+    def scan_file(self) -> Path:
+        return self.path / SCAN_FILE
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_FILE
+
+    def read_info(self) -> dict[str, Any]:
+        """``scan.json``, or ``{}`` before the first write."""
+        return read_json(self.scan_file) if self.scan_file.is_file() else {}
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.scan_file, info)
+
+    def read_ledger(self) -> Ledger:
+        """``progress.json``, or an empty ledger before the first shard."""
+        p = self.path / PROGRESS_FILE
+        return Ledger.from_dict(read_json(p)) if p.is_file() else Ledger()
+
+    def write_ledger(self, ledger: Ledger) -> None:
+        atomic_write_json(self.path / PROGRESS_FILE, ledger.to_dict())
+
+    def make_shards_dir(self) -> None:
+        (self.path / SHARDS_DIR).mkdir(exist_ok=True)
+
+    def write_shard(self, i: int, z: np.ndarray, stats: pa.Table) -> tuple[str, str]:
+        """Write shard ``i``'s gradients ``(rows, out_dim)`` and statistics, each atomically; returns their
+        paths relative to the directory (what the ledger records)."""
+        self.make_shards_dir()
+        grads = f"{SHARDS_DIR}/grads-{i:05d}.npy"
+        stats_name = f"{SHARDS_DIR}/stats-{i:05d}.parquet"
+        atomic_save_npy(self.path / grads, z)
+        with atomic_path(self.path / stats_name) as tmp:
+            pq.write_table(stats, tmp)
+        return grads, stats_name
+
+    def remove_manifest(self) -> None:
+        """Drop the manifest before new scores are computed: a stale one must not outlive them."""
+        self.manifest_path.unlink(missing_ok=True)
