@@ -31,7 +31,7 @@ from .batches import check_target, split_batch, validate_batch, validate_inputs
 from .checks import positive_int
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads
-from .factored.capture import FactoredUnit, _compute_factored, format_rejected, plan_factored, probe_units
+from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
 from .params import select_parameters
@@ -145,7 +145,7 @@ class GradientExtractor:
             self._reasons = dict(rejected)
         self._units: dict[str, FactoredUnit] = units
         self._protect: set[str] = set()
-        self._memo: dict[Any, Any] = {}  # per-unit matrices looked up once (see _compute_factored)
+        self._memo: dict[Any, Any] = {}  # per-unit matrices looked up once (see compute_factored)
         self._verified = not units
         self._settle_auto()
         self._log_plan()
@@ -246,7 +246,7 @@ class GradientExtractor:
                     b = validate_inputs(inputs, target, kind)
                 if self._units:
                     z = self.layout.new_output(b)  # (B, out_dim); Kronecker blocks are written in place
-                    fg = _compute_factored(
+                    fg = compute_factored(
                         self.model,
                         inputs,
                         target,

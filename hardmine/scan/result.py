@@ -129,7 +129,7 @@ class Scan:
         return ShardSet(self.path, records, self._gradients)
 
     def __repr__(self) -> str:
-        return f"Scan({str(self.path)!r}, n_samples={self.info.get('n_samples')}, dim={self.info.get('out_dim')})"
+        return f"Scan({str(self.path)!r}, n_samples={self.info.get('n_samples')}, out_dim={self.info.get('out_dim')})"
 
     def manifest(self) -> pd.DataFrame:
         """The ranked manifest (``read_manifest(scan.path / "manifest.parquet")``)."""
