@@ -55,17 +55,21 @@ def _fail(name: str, value: Any, what: str, allow_none: bool, hint: str) -> Valu
     return ValueError(f"{name}={value!r} must be {what}{alternative}{note}.")
 
 
+def _int_at_least(value: Any, name: str, minimum: int, what: str, allow_none: bool, hint: str) -> int | None:
+    if value is None and allow_none:
+        return None
+    if not is_int(value) or value < minimum:
+        raise _fail(name, value, what, allow_none, hint)
+    return int(value)
+
+
 @overload
 def positive_int(value: Any, name: str, *, allow_none: Literal[False] = False, hint: str = "") -> int: ...
 @overload
 def positive_int(value: Any, name: str, *, allow_none: bool, hint: str = "") -> int | None: ...
 def positive_int(value: Any, name: str, *, allow_none: bool = False, hint: str = "") -> int | None:
     """``value`` as a Python ``int`` if it is an integer >= 1 (or ``None`` with ``allow_none``)."""
-    if value is None and allow_none:
-        return None
-    if not is_int(value) or value < 1:
-        raise _fail(name, value, "a positive integer", allow_none, hint)
-    return int(value)
+    return _int_at_least(value, name, 1, "a positive integer", allow_none, hint)
 
 
 @overload
@@ -74,11 +78,7 @@ def non_negative_int(value: Any, name: str, *, allow_none: Literal[False] = Fals
 def non_negative_int(value: Any, name: str, *, allow_none: bool, hint: str = "") -> int | None: ...
 def non_negative_int(value: Any, name: str, *, allow_none: bool = False, hint: str = "") -> int | None:
     """``value`` as a Python ``int`` if it is an integer >= 0 (or ``None`` with ``allow_none``)."""
-    if value is None and allow_none:
-        return None
-    if not is_int(value) or value < 0:
-        raise _fail(name, value, "a non-negative integer", allow_none, hint)
-    return int(value)
+    return _int_at_least(value, name, 0, "a non-negative integer", allow_none, hint)
 
 
 def finite_number(

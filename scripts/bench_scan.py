@@ -107,7 +107,7 @@ def _child(n: int, dim: int, batch: int, engine: str, out: str) -> dict:
     sampler.stop()
     timings = s.info["timings"]
     res = {
-        "n": n, "out_dim": s.dim, "batch": batch, "engine_plan": s.engine_metadata.get("plan"),
+        "n": n, "out_dim": s.out_dim, "batch": batch, "engine_plan": s.engine_metadata.get("plan"),
         "index": s.index_info.to_dict(), "wall_s": round(wall, 2), **timings,
         "reference_extractor_samples_per_s": round(ref_rate, 1),
         "peak_anon_mb": round((sampler.anon - base_anon) / 1024, 1),
@@ -115,7 +115,7 @@ def _child(n: int, dim: int, batch: int, engine: str, out: str) -> dict:
         "peak_anon_mb_by_phase": {k: round((v - base_anon) / 1024, 1) for k, v in sampler.by_phase.items()},
         "dim": dim,
         "baseline_anon_mb": round(base_anon / 1024, 1),
-        "gradients_mb": round(n * s.dim * 4 / 2**20, 1),
+        "gradients_mb": round(n * s.out_dim * 4 / 2**20, 1),
         "disk_mb": round(sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()) / 2**20, 1),
         "hardmine_version": hardmine.__version__,
     }

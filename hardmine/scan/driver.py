@@ -145,7 +145,7 @@ def scan(
         config[f"extra.{key}"] = value  # flat keys, so a refused rerun names exactly what changed
     store = ScanStore.prepare(Path(out), config, resume=resume, overwrite=overwrite)
     source = jsonable(dict(provenance)) if provenance is not None else None
-    driver = _Driver(store, extractor, config, source, progress, total)
+    driver = _Driver(store, config, source, progress)
     extraction = ExtractionPass(
         store, driver.ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows,
         keep=keep_gradients_in_memory, report=lambda done: driver.report(ScanPhase.EXTRACT, done, total),
@@ -183,18 +183,14 @@ class _Driver:
     def __init__(
         self,
         store: ScanStore,
-        extractor: GradientExtractor,
         config: dict[str, Any],
         source: dict[str, Any] | None,
         progress: ProgressFn | None,
-        total: int | None,
     ) -> None:
         self.store = store
-        self.extractor = extractor
         self.config = config
         self.source = source
         self.progress = progress
-        self.total = total
         self.ledger = store.read_ledger()
         self.info: dict[str, Any] = store.read_info()
 

@@ -238,7 +238,7 @@ class HardmineRunner:
             "loss_max_abs_diff": float(np.max(np.abs(df["loss"].to_numpy(dtype=np.float64) - ref["loss"]))),
             "el2n_max_abs_diff": float(np.max(np.abs(df["el2n"].to_numpy(dtype=np.float64) - ref["el2n"]))),
             "scan_timings": dict(scan.info.get("timings", {})),
-            "out_dim": int(scan.dim),
+            "out_dim": int(scan.out_dim),
         }
         return signals, check, scan
 
