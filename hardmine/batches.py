@@ -219,7 +219,7 @@ def sample_ids(ids: Any, b: int, where: str | None = None) -> tuple[np.ndarray, 
     elif isinstance(ids, (str, bytes, Mapping, set, frozenset)) or not isinstance(ids, Iterable):
         raise ValueError(f"{pre}sample ids must be a sequence with one id per sample, got {type(ids).__name__}.")
     else:
-        seq = list(ids)
+        seq = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)  # NumPy scalars -> int / str
         if all(isinstance(v, str) for v in seq):
             arr, kind = np.array(seq, dtype=object), "str"
         elif all(is_int(v) for v in seq):

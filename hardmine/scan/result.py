@@ -149,8 +149,8 @@ class Scan:
         return self.shards.blocks(max_rows)
 
     def gradients(self) -> np.ndarray:
-        """All projected gradients ``(N, dim)``: the in-memory copy if the scan kept one, else loaded from the
-        shards now (``4 · N · dim`` bytes of RAM; prefer ``iter_gradients`` for large scans)."""
+        """All projected gradients ``(N, out_dim)``: the in-memory copy if the scan kept one, else loaded from the
+        shards now (``4 · N · out_dim`` bytes of RAM; prefer ``iter_gradients`` for large scans)."""
         if self._gradients is None:
             return np.concatenate([np.asarray(z) for _, z in self.iter_gradients()])  # (N, out_dim)
         return self._gradients
@@ -185,7 +185,7 @@ class Scan:
     def neighbors(self, query: Any, k: int = 10, *, absolute: bool = False) -> Neighbors:
         """Nearest neighbours by cosine of projected gradients.
 
-        ``query``: float vectors ``(dim,)`` / ``(q, dim)`` (array or tensor), or sample ids (an int or str, or a
+        ``query``: float vectors ``(out_dim,)`` / ``(q, out_dim)`` (array or tensor), or sample ids (an int or str, or a
         sequence / integer array of them). Querying by id excludes the sample itself. Returns ``(q, k)``
         sample ids, similarities (signed cosine) and rows.
 
@@ -199,14 +199,14 @@ class Scan:
         limit = self.n_samples - (1 if self_rows is not None else 0)
         if k > limit:
             raise ValueError(f"k={k} is larger than the {limit} other samples in the scan; use k <= {limit}.")
-        u = np.ascontiguousarray(unit_rows(vectors)[0], dtype=np.float32)  # (q, dim)
+        u = np.ascontiguousarray(unit_rows(vectors)[0], dtype=np.float32)  # (q, out_dim)
         info = self.index_info
         if absolute:
             # No real row is -1, so a vector query excludes nothing; knn_block merges the searches of u and -u.
             own = self_rows if self_rows is not None else np.full(len(u), -1, dtype=np.int64)
             rows = knn_block(self.index(), info, u, own, k).abs_rows  # (q, k)
             found = np.maximum(rows, 0)
-            z = unit_rows(self._gather(found.reshape(-1)))[0].reshape(*rows.shape, -1)  # (q, k, dim)
+            z = unit_rows(self._gather(found.reshape(-1)))[0].reshape(*rows.shape, -1)  # (q*k, out_dim) -> (q, k, out_dim)
             sims = np.where(rows >= 0, np.einsum("qkd,qd->qk", z.astype(np.float64), u.astype(np.float64)), np.nan)
         elif self_rows is None:
             sims, rows = search(self.index(), info, u, k)
@@ -233,11 +233,11 @@ class Scan:
                 return self._gather(rows), rows
             arr = np.asarray(seq)
         if arr.dtype.kind in "iuUO":
-            rows = self.rows_of(arr.reshape(-1).tolist())
+            rows = self.rows_of(arr.reshape(-1).tolist())  # ids in any shape -> flat (q,)
             return self._gather(rows), rows
         if arr.dtype.kind != "f":
             raise ValueError(f"query of dtype {arr.dtype} is not understood; pass float vectors or sample ids.")
-        arr = arr.reshape(1, -1) if arr.ndim == 1 else arr
+        arr = arr.reshape(1, -1) if arr.ndim == 1 else arr  # (out_dim,) -> (1, out_dim)
         if arr.ndim != 2 or arr.shape[1] != self.out_dim:
             raise ValueError(
                 f"query vectors have shape {tuple(arr.shape)}; they need {self.out_dim} columns (the scan's out_dim)."
