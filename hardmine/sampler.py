@@ -12,6 +12,9 @@ indices on every machine. Dataset index = ``sample_id`` when the scan used the d
 position); pass ``dataset_ids`` (the id of every dataset item, in dataset order) when the ids were your own.
 Dataset items absent from the manifest are never drawn.
 
+``MinerSampler`` draws by the latest online manifest (``hardmine.OnlineMiner.manifest``) and uniformly before
+the first one, for the training-loop API.
+
 Sharding (``DistributedSampler``-style): every replica computes the same global draw of
 ``ceil(num_samples / num_replicas) · num_replicas`` indices and takes every ``num_replicas``-th one starting
 at ``rank``, so replicas see disjoint slices of one weighted draw and all have the same length.
@@ -21,16 +24,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import Sampler
 
+from .checks import as_bool, non_negative_int, positive_int
 from .manifest import read_manifest
 
-__all__ = ["ManifestSampler"]
+__all__ = ["ManifestSampler", "MinerSampler"]
 
 
 def _positive_int(v: Any) -> bool:
@@ -157,6 +162,88 @@ class ManifestSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.global_draw()[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class MinerSampler(Sampler[int]):
+    """Dataset indices ``0..num_samples-1`` drawn by the latest manifest's ``weight``; uniform before that.
+
+    >>> sampler = MinerSampler(len(train_set), seed=0)
+    >>> loader = DataLoader(train_set, batch_size=256, sampler=sampler)
+    >>> for epoch in range(epochs):
+    ...     sampler.set_epoch(epoch)
+    ...     for x, y, ids in loader: ...
+    ...     sampler.refresh(miner.manifest())     # next epoch oversamples what was hard
+
+    Before the first ``refresh`` each epoch is a seeded permutation (every index once). After it, indices are
+    drawn with ``hardmine.ManifestSampler`` (``num_samples`` draws, probability proportional to ``weight``,
+    seeded by ``(seed, epoch)``); ids absent from the manifest (not observed yet) get weight 1, the
+    manifest's mean weight. Sample ids must be the dataset indices.
+    """
+
+    def __init__(self, num_samples: int, *, seed: int = 0, replacement: bool = True) -> None:
+        self.num_samples = positive_int(num_samples, "num_samples", hint="the dataset length")
+        self.seed = non_negative_int(seed, "seed")
+        self.replacement = as_bool(replacement, "replacement")
+        self.epoch = 0
+        self.refreshes = 0
+        self._weights: np.ndarray | None = None  # (num_samples,) after the first refresh
+        self._inner: ManifestSampler | None = None
+
+    def refresh(self, manifest: pd.DataFrame) -> None:
+        """Draw from now on by ``manifest``'s ``weight`` (its ``sample_id`` = dataset index)."""
+        if not isinstance(manifest, pd.DataFrame) or not {"sample_id", "weight"} <= set(manifest.columns):
+            raise ValueError("refresh() needs a manifest DataFrame with 'sample_id' and 'weight' columns.")
+        ids = manifest["sample_id"].to_numpy()
+        if ids.dtype.kind not in "iu" or (len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples)):
+            raise ValueError(
+                f"manifest sample ids must be dataset indices in [0, {self.num_samples - 1}] for a "
+                "MinerSampler; pass the dataset index as the id to observe()."
+            )
+        w = np.ones(self.num_samples)
+        w[ids.astype(np.int64)] = manifest["weight"].to_numpy(dtype=np.float64)
+        self._set_weights(w)
+        self.refreshes += 1
+
+    def _set_weights(self, w: np.ndarray) -> None:
+        frame = pd.DataFrame({"sample_id": np.arange(self.num_samples), "weight": w})
+        self._inner = ManifestSampler(frame, seed=self.seed, replacement=self.replacement)
+        self._weights = w
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current weights (``None`` before the first refresh), epoch and refresh count."""
+        return {
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "refreshes": self.refreshes,
+            "weights": None if self._weights is None else torch.from_numpy(self._weights.copy()),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["num_samples"]) != self.num_samples or int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"the sampler state is for num_samples={state['num_samples']}, seed={state['seed']}; this "
+                f"sampler has num_samples={self.num_samples}, seed={self.seed}."
+            )
+        self.epoch = int(state["epoch"])
+        self.refreshes = int(state["refreshes"])
+        if state["weights"] is None:
+            self._weights, self._inner = None, None
+        else:
+            self._set_weights(state["weights"].numpy().astype(np.float64))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = non_negative_int(epoch, "epoch")
+
+    def __iter__(self) -> Iterator[int]:
+        if self._inner is None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            return iter(rng.permutation(self.num_samples).tolist())
+        self._inner.set_epoch(self.epoch)
+        return iter(self._inner)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -11,7 +11,8 @@ import pandas as pd
 
 from ..checks import positive_int
 from ..manifest import write_manifest
-from ..online import MinerSampler, OnlineMiner
+from ..online import OnlineMiner
+from ..sampler import MinerSampler
 
 __all__ = ["check_callback_args", "EpochManifestWriter"]
 

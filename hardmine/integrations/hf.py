@@ -32,7 +32,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .._io import atomic_path
-from ..online import MinerSampler, OnlineMiner
+from ..online import OnlineMiner
+from ..sampler import MinerSampler
 from ._common import EpochManifestWriter
 
 __all__ = ["HardmineTrainer", "HardmineCallback", "MANIFEST_NAME", "STATE_NAME"]

@@ -1,0 +1,233 @@
+"""The online miner's per-step gradient pass: the factored pass of :mod:`hardmine.factored` on the training
+step's own forward.
+
+:class:`StepGradients` holds the factored units of the selected layers and captures one forward at a time
+(``capture()``, then ``take()``); ``compute`` checks the captured calls, computes the per-sample output
+gradients -- in closed form at the logits when every selected module is the output layer (the analytic
+path), else with autograd, keeping the graph for the user's backward -- and hands them to
+:func:`hardmine.factored.capture.apply_rules`, the rule application every factored pass shares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..enums import LossKind
+from ..factored.capture import (
+    Captured,
+    apply_rules,
+    capture_calls,
+    check_calls,
+    check_per_sample_loss,
+    format_rejected,
+    plan_factored,
+)
+from ..factored.layout import ProjectionLayout
+from ..factored.plan import FactoredUnit
+from ..losses import LossFn
+
+__all__ = ["PATH_ANALYTIC", "PATH_AUTOGRAD", "StepGradients", "StepResult"]
+
+logger = logging.getLogger(__name__)
+
+PATH_ANALYTIC = "analytic"
+PATH_AUTOGRAD = "autograd"
+
+
+@dataclass
+class StepResult:
+    """One step's per-sample loss and projected gradients."""
+
+    loss: torch.Tensor  # (B,) attached to the graph
+    z: torch.Tensor  # (B, out_dim) float32 projected per-sample gradients
+    sq_norm: torch.Tensor  # (B,) exact squared norm of the unprojected per-sample gradient
+    path: str  # PATH_ANALYTIC or PATH_AUTOGRAD
+
+
+class StepGradients:
+    """Projected per-sample gradients of ``param_names`` from a forward captured with :meth:`capture`.
+
+    The first observation hands the model a clone of every selected module's output to learn which ones
+    the model modifies in place (``nn.ReLU(inplace=True)``); only those are cloned afterwards (``protect``),
+    and a module that starts doing so later is a ``ValueError`` rather than a silently wrong gradient.
+    """
+
+    def __init__(self, model: nn.Module, param_names: Sequence[str], layout: ProjectionLayout) -> None:
+        units, rejected = plan_factored(model, param_names)
+        if rejected:
+            raise ValueError(
+                f"the online miner cannot project {format_rejected(rejected)}. Select layers with a factored "
+                "rule (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm), e.g. layers='classifier'."
+            )
+        self.model = model
+        self.layout = layout
+        self.units: dict[str, FactoredUnit] = units
+        self.probed = False  # the first observation has shown which outputs are modified in place
+        self.protect: set[str] = set()  # modules whose output the model modifies in place
+        self._memo: dict[Any, Any] = {}  # per-unit matrices, looked up once (see RuleRunner)
+        self._neg: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._warned_bn = False
+        self._open = False  # a capture() block is running
+        self._captured: Captured | None = None  # the forward captured and not yet taken
+
+    # ------------------------------------------------------------------------------------- capture
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Hooks on the selected modules for the block (removed on exit); its forward is kept for
+        :meth:`take`."""
+        if self._open:
+            raise ValueError("miner.capture() is already open; run one forward per capture block.")
+        self._captured = None
+        self._open = True
+        # Until the first observation has shown which outputs the model modifies in place, every module
+        # hands the model a clone of its output.
+        clone = self.protect if self.probed else set(self.units)
+        try:
+            with capture_calls(self.units, clone) as rec:
+                yield
+        finally:
+            self._open = False
+        self._captured = rec
+
+    def take(self) -> Captured:
+        """The forward captured by the last closed :meth:`capture` block (once)."""
+        if self._open:
+            raise ValueError("call observe_output after the `with miner.capture():` block has closed.")
+        rec, self._captured = self._captured, None
+        if rec is None:
+            raise ValueError(
+                "no captured forward: run the model inside `with miner.capture():` first (or use observe())."
+            )
+        return rec
+
+    def drop(self) -> None:
+        """Forget a captured forward (its activations) that was not taken."""
+        self._captured = None
+
+    # ----------------------------------------------------------------------------------------- pass
+    def compute(
+        self,
+        rec: Captured,
+        out: torch.Tensor,
+        target: torch.Tensor,
+        loss_fn: LossFn,
+        kind: LossKind | None,
+        b: int,
+    ) -> StepResult:
+        """Check the captured calls, compute the per-sample loss and project every sample's gradient."""
+        self._check_calls(rec, b)
+        loss = loss_fn(out, target)
+        check_per_sample_loss(loss, b)
+        deltas = self._output_deltas(rec, out, target, kind)
+        if deltas is None:
+            self._check_autograd(loss)
+        z = self.layout.new_output(b, out.device)  # (B, out_dim); Kronecker blocks are written in place
+        fg = apply_rules(
+            self.units,
+            rec,
+            loss,
+            out,
+            self.layout,
+            b,
+            out=z,
+            memo=self._memo,
+            deltas=deltas,
+            retain_graph=True,  # the user's backward runs through the same graph afterwards
+        )
+        fg.write_to(z, self.layout)
+        return StepResult(loss, z, fg.sq_norm, PATH_AUTOGRAD if deltas is None else PATH_ANALYTIC)
+
+    def _check_calls(self, rec: Captured, b: int) -> None:
+        problems, modified = check_calls(self.units, rec, b)
+        for name, why in problems.items():
+            unit = self.units[name]
+            if not rec[name]:
+                raise ValueError(
+                    f"module {unit.label} was not called in the captured forward (its weights used through "
+                    "F.* directly, or the forward ran outside `miner.capture()`); select layers the forward "
+                    "calls."
+                )
+            raise ValueError(f"module {unit.label}: {why}; the online miner cannot attribute it per sample.")
+        # Learnt on the first pass (every output cloned then), checked on every later pass (only the
+        # protected ones are cloned).
+        if not self.probed:
+            self.protect |= modified
+        elif modified - self.protect:
+            unit = self.units[sorted(modified - self.protect)[0]]
+            raise ValueError(
+                f"module {unit.label}: its output was modified in place, which the first batch did not show; "
+                "create a new OnlineMiner (the first observation learns which outputs to protect)."
+            )
+        self.probed = True
+
+    def _output_deltas(
+        self, rec: Captured, out: torch.Tensor, target: torch.Tensor, kind: LossKind | None
+    ) -> dict[str, list[torch.Tensor]] | None:
+        """The closed-form per-sample gradient at the logits, ``{module: [delta]}``, when every selected module
+        is the output layer (its output returned unchanged) and the loss is built in; else None (autograd)."""
+        analytic = kind is not None and all(
+            len(calls) == 1 and calls[0].passed is out and out._version == calls[0].passed_version
+            for calls in rec.values()
+        )
+        if not analytic:
+            return None
+        with torch.no_grad():
+            o = out.detach()
+            if kind is LossKind.CROSS_ENTROPY:
+                delta = torch.softmax(o, dim=1)  # (B, C): d CE / d logits = softmax - onehot
+                delta.scatter_add_(1, target.unsqueeze(1), self._minus_ones(delta))
+            else:  # mse_per_sample = mean over the d outputs of (out - y)^2
+                d = o[0].numel()
+                delta = (o - target.reshape(o.shape).to(o.dtype)).mul_(2.0 / d)  # (B, ...)
+        return {name: [delta] for name in self.units}
+
+    def _check_autograd(self, loss: torch.Tensor) -> None:
+        if not loss.requires_grad:
+            raise ValueError(
+                "the per-sample loss does not require grad (observe ran under torch.no_grad() or the "
+                "model's parameters are frozen); the selected layers need the autograd path. Call observe "
+                "with gradients enabled, or select only the output layer with a built-in loss (analytic "
+                "path)."
+            )
+        self._warn_batchnorm()
+
+    def _minus_ones(self, like: torch.Tensor) -> torch.Tensor:
+        """A cached ``(B, 1)`` tensor of -1 (read-only) for the one-hot subtraction."""
+        key = (like.shape[0], like.dtype, like.device)
+        t = self._neg.get(key)
+        if t is None:
+            t = self._neg[key] = torch.full((like.shape[0], 1), -1.0, dtype=like.dtype, device=like.device)
+        return t
+
+    def _warn_batchnorm(self) -> None:
+        if self._warned_bn:
+            return
+        self._warned_bn = True
+        bn = [
+            n or "<root>" for n, m in self.model.named_modules() if isinstance(m, _BatchNorm) and m.training
+        ]
+        if bn:
+            logger.warning(
+                "BatchNorm module(s) %s are in training mode: a sample's loss then depends on the rest of "
+                "the batch, so the per-sample gradients of layers before them include that coupling (an "
+                "approximation). Layers after the last BatchNorm are exact.",
+                bn,
+            )
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """This object's keys of the miner's state."""
+        return {"probed": self.probed, "protect": sorted(self.protect)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.probed = bool(state["probed"])
+        self.protect = set(state["protect"])
+        self._captured = None

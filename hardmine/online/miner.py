@@ -1,0 +1,480 @@
+"""``OnlineMiner``: the training-loop API, a façade over the per-step gradient pass (:mod:`.gradients`), the
+weighting (:mod:`.weighting`), the per-sample dynamics (:mod:`.dynamics`) and the manifest (:mod:`.manifest`).
+The package docstring (:mod:`hardmine.online`) describes what it computes and what it costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .._io import model_fingerprint
+from ..batches import call_model, check_labels, check_target, infer_task, model_output_tensor, sample_id_list
+from ..checks import as_bool, positive_int
+from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
+from ..factored.layout import ProjectionLayout
+from ..losses import LossFn, resolve_loss
+from ..manifest import write_manifest
+from ..params import select_parameters
+from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
+from .dynamics import COL, SampleDynamics, host_batch
+from .gradients import StepGradients
+from .manifest import build_manifest
+from .weighting import Directions, WeightingConfig, training_weights
+
+__all__ = ["STATE_FORMAT", "OnlineMiner", "OnlineStats"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "hardmine-online-state"
+_STATE_VERSION = 1
+
+
+@dataclass
+class OnlineStats:
+    """What ``observe`` returns for one batch. Everything but ``loss`` and ``output`` is detached."""
+
+    loss: torch.Tensor  # (B,) per-sample loss, attached to the graph
+    weights: torch.Tensor  # (B,) detached training weights, mean 1 (all 1 during warm-up), loss dtype
+    output: torch.Tensor  # (B, ...) model output (logits), attached
+    z: torch.Tensor  # (B, out_dim) float32 projected per-sample gradients
+    grad_norm: torch.Tensor  # (B,) exact L2 norm of the unprojected per-sample gradient of the selection
+    agreement: torch.Tensor  # (B,) the agreement that set the weight (class, or global for regression)
+    global_agreement: torch.Tensor  # (B,) cos(u, global EMA direction)
+    confidence: torch.Tensor | None  # (B,) p[label]; None for regression
+    margin: torch.Tensor | None  # (B,) p[label] - max other p (as the offline manifest); None for regression
+    # (B,) logit[label] - max other logit (AUM's margin); None for regression
+    logit_margin: torch.Tensor | None
+    correct: torch.Tensor | None  # (B,) bool; None for regression
+    step: int  # 1-based observation count of the miner
+    warmup: bool  # True when the weights were forced to 1
+    path: str  # "analytic" or "autograd" (see the package docstring)
+
+    def weighted_loss(self) -> torch.Tensor:
+        """``(loss * weights).mean()``, the usual training objective."""
+        return (self.loss * self.weights).mean()
+
+
+class OnlineMiner:
+    """Per-sample weights for the current batch and a manifest accumulated across epochs, from one forward.
+
+    Args:
+        model: the ``nn.Module`` being trained. Nothing is attached to it (see the package docstring).
+        layers: names/globs of modules or parameters whose per-sample gradients are projected
+            (``"classifier"``, ``"fc2"``, ``"layers.*.mlp.*"``); ``None`` = every trainable parameter. Every
+            selected parameter must belong to an ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` or
+            ``nn.LayerNorm`` (the factored layer rules); select the output layer alone for the analytic path.
+        num_classes: number of classes (classification). ``None``: taken from the output width of the first
+            batch. Ignored for regression.
+        dim: projection size per weight matrix (``(a, b) = kron_factors(dim)``), as in ``GradientExtractor``.
+        seed: projection seed (same matrices as an offline scan with the same layers/dim/seed).
+        loss_fn: ``"cross_entropy"``, ``"mse"``, ``None``/``"auto"`` (by target dtype) or a callable
+            ``loss_fn(output, target) -> (B,)`` that does not mix samples (then the autograd path is used).
+        projection: ``"rademacher"`` or ``"gaussian"`` projection entries (as ``hardmine.scan(projection=)``).
+        weighting: a :class:`WeightingConfig` (or a dict of its fields).
+        keep_gradients: also keep each sample's last projected gradient (``N x out_dim`` float32), returned
+            by :meth:`gradients`. Off by default: the miner's memory stays ``O(N)`` scalars.
+        kind: the old name of ``projection``; accepted for one release with a ``DeprecationWarning``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: str | Sequence[str] | None = None,
+        num_classes: int | None = None,
+        dim: int = 256,
+        seed: int = 0,
+        loss_fn: str | LossFn | None = None,
+        projection: ProjectionKind | str | None = None,
+        weighting: WeightingConfig | Mapping[str, Any] | None = None,
+        keep_gradients: bool = False,
+        kind: ProjectionKind | str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        num_classes = positive_int(num_classes, "num_classes", allow_none=True)
+        keep = as_bool(keep_gradients, "keep_gradients")
+        if loss_fn is not None and not callable(loss_fn):
+            resolve_loss(loss_fn, torch.zeros(1, dtype=torch.long))  # reject unknown loss names now
+        self.model = model
+        self.layers = layers
+        self.loss_fn = loss_fn
+        self.weighting = _weighting_config(weighting)
+        self.param_names = select_parameters(model, layers)
+        projection = _projection_kind(projection, kind)
+        self.layout = ProjectionLayout(model, self.param_names, dim=dim, seed=seed, kind=projection)
+        self._grads = StepGradients(model, self.param_names, self.layout)
+        self._num_classes: int | None = num_classes
+        self._task: TaskKind | None = None
+        self._step = 0
+        self._closed = False
+        self._dirs: Directions | None = None  # created by the first observation, with the class count
+        self._dyn = SampleDynamics(self.layout.out_dim if keep else None)
+        logger.info(
+            "OnlineMiner: layers %s, out_dim %d, weighting %s",
+            self.param_names,
+            self.out_dim,
+            self.weighting.to_dict(),
+        )
+
+    # ------------------------------------------------------------------------------------ properties
+    @property
+    def out_dim(self) -> int:
+        return self.layout.out_dim
+
+    @property
+    def step(self) -> int:
+        """Observations so far."""
+        return self._step
+
+    @property
+    def n_samples(self) -> int:
+        """Distinct sample ids observed so far."""
+        return self._dyn.n
+
+    @property
+    def task(self) -> TaskKind | None:
+        return self._task
+
+    @property
+    def num_classes(self) -> int | None:
+        return self._num_classes
+
+    @property
+    def _protect(self) -> set[str]:
+        """Modules whose output the model modifies in place (learnt by the first observation)."""
+        return self._grads.protect
+
+    def __repr__(self) -> str:
+        return (
+            f"OnlineMiner(layers={self.param_names}, out_dim={self.out_dim}, step={self._step}, "
+            f"samples={self.n_samples})"
+        )
+
+    def __enter__(self) -> OnlineMiner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop references to captured activations; the miner refuses further observations. Idempotent."""
+        self._grads.drop()
+        self._closed = True
+
+    # --------------------------------------------------------------------------------------- capture
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Hooks on the selected modules for the forward run inside the block; removed on exit (``finally``).
+
+        Use it when a framework runs the forward: ``with miner.capture(): out = model(x)`` then
+        ``miner.observe_output(out, y, ids)``.
+        """
+        self._check_open()
+        with self._grads.capture():
+            yield
+
+    def observe(self, inputs: Any, target: torch.Tensor, ids: Any = None) -> OnlineStats:
+        """Run the model once on ``inputs`` and return the batch's :class:`OnlineStats`.
+
+        Args:
+            inputs: a tensor, a tuple of tensors (positional arguments) or a mapping (keyword arguments).
+            target: ``(B,)`` integer class ids (classification) or float targets (regression).
+            ids: one sample id per row (ints or strings; e.g. dataset indices). ``None``: no per-sample
+                dynamics are recorded (weights only).
+        """
+        self._check_open()
+        with self.capture():
+            raw = call_model(self.model, inputs)
+        return self.observe_output(raw, target, ids)
+
+    def observe_output(self, output: Any, target: torch.Tensor, ids: Any = None) -> OnlineStats:
+        """Stats for a forward already run inside ``with miner.capture():``. ``output`` is the model's return
+        value (a tensor, an object/mapping with ``logits``, or a tuple whose first element is the output)."""
+        self._check_open()
+        rec = self._grads.take()
+        out = model_output_tensor(output)
+        fn, kind, task, b = self._validate(out, target)
+        id_list = None if ids is None else sample_id_list(ids, b)
+        step = self._grads.compute(rec, out, target, fn, kind, b)
+        is_class = task is TaskKind.CLASSIFICATION
+        if is_class and self._num_classes is None:
+            self._num_classes = int(out.shape[1])
+        self._task = task
+        if self._dirs is None:
+            self._dirs = Directions.new(self._num_classes if is_class else None, self.out_dim, out.device)
+        labels = target if is_class else None
+        z_norm, along = self._dirs.along(step.z, labels)  # against the directions *before* this update
+        host = host_batch(
+            out,
+            target,
+            step.loss,
+            step.sq_norm,
+            z_norm,
+            along,
+            is_class=is_class,
+            gathered=self._dirs.gathers,
+            by_class=self.weighting.by_class,
+        )
+        self._step += 1
+        warm = self._step <= self.weighting.warmup_steps or self.weighting.strength == 0
+        w = training_weights(host.last[:, COL["agreement"]], self.weighting, warm)  # (B,)
+        host.last[:, COL["last_weight"]] = w
+        host.last[:, COL["last_step"]] = self._step
+        lab = host.last[:, COL["label"]].astype(np.int64) if is_class else None
+        self._dirs.update(step.z, labels, lab, host.inv, self.weighting.momentum)
+        if id_list is not None:
+            self._dyn.record(id_list, host, step.z, task)
+        dev = out.device
+
+        def col(name: str) -> torch.Tensor:
+            return torch.from_numpy(host.last[:, COL[name]].copy()).to(dev)
+
+        return OnlineStats(
+            loss=step.loss,
+            weights=torch.from_numpy(w).to(device=dev, dtype=step.loss.dtype),
+            output=out,
+            z=step.z,
+            grad_norm=step.sq_norm.clamp_min(0).sqrt(),
+            agreement=col("agreement"),
+            global_agreement=col("global_agreement"),
+            confidence=col("confidence") if is_class else None,
+            margin=col("margin") if is_class else None,
+            logit_margin=torch.from_numpy(host.logit_margin).to(dev) if is_class else None,
+            correct=torch.from_numpy(host.correct).to(dev) if host.correct is not None else None,
+            step=self._step,
+            warmup=warm,
+            path=step.path,
+        )
+
+    # ----------------------------------------------------------------------------------- validation
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this OnlineMiner is closed; create a new one (or load_state_dict into one).")
+
+    def _validate(self, out: torch.Tensor, target: Any) -> tuple[LossFn, LossKind | None, TaskKind, int]:
+        check_target(target)
+        if not torch.is_floating_point(out):
+            raise ValueError(
+                f"the model output has dtype {out.dtype}; return logits/scores, not predicted ids."
+            )
+        if out.ndim == 0 or target.ndim == 0:
+            raise ValueError("the output and the target need a leading batch dimension.")
+        b = int(out.shape[0])
+        if b == 0 or int(target.shape[0]) != b:
+            raise ValueError(
+                f"the output has {b} rows but the target {int(target.shape[0])}; they must match (> 0)."
+            )
+        fn, kind = resolve_loss(self.loss_fn, target)
+        task = infer_task(kind, target, out)
+        if self._task is not None and task is not self._task:
+            raise ValueError(
+                f"this miner has seen {self._task.value} batches; this batch looks like {task.value} (target "
+                f"dtype {target.dtype}). Use one miner per task."
+            )
+        if task is TaskKind.CLASSIFICATION:
+            if torch.is_floating_point(target) or target.dtype == torch.bool or target.ndim != 1:
+                raise ValueError(
+                    f"classification targets must be 1-D integer class ids, got {target.dtype} of shape "
+                    f"{tuple(target.shape)}; pass target.long(), or loss_fn='mse' for regression."
+                )
+            if out.ndim != 2:
+                raise ValueError(
+                    f"classification needs (B, num_classes) logits, got output shape {tuple(out.shape)}."
+                )
+            c = int(out.shape[1])
+            if self._num_classes is not None and c != self._num_classes:
+                raise ValueError(
+                    f"the model returned {c} logits per sample but num_classes={self._num_classes}."
+                )
+            check_labels(target, c)
+        elif kind is LossKind.MSE:
+            if not torch.is_floating_point(target):
+                raise ValueError(
+                    f"regression (mse) targets must be floating point, got dtype {target.dtype}."
+                )
+            if target.numel() != out.numel():
+                raise ValueError(
+                    f"mse target shape {tuple(target.shape)} does not match the output shape "
+                    f"{tuple(out.shape)}."
+                )
+        return fn, kind, task, b
+
+    # ------------------------------------------------------------------------------------ manifest
+    def manifest(
+        self,
+        *,
+        weights: Mapping[str, float] | None = None,
+        strategy: Strategy | str = Strategy.TOP_K,
+        top: float = DEFAULT_TOP,
+        boost: float = DEFAULT_BOOST,
+        temperature: float = DEFAULT_TEMPERATURE,
+        cap: float | None = DEFAULT_CAP,
+    ) -> pd.DataFrame:
+        """One row per observed sample id (sorted by id): offline manifest columns + training dynamics.
+
+        Args:
+            weights: hardness weight per column of ``ONLINE_SCORE_TABLE`` with a direction; default
+                ``DEFAULT_ONLINE_WEIGHTS`` (classification) / ``DEFAULT_ONLINE_WEIGHTS_REGRESSION``.
+            strategy, top, boost, temperature, cap: the export that fills ``is_hard`` and ``weight``
+                (``hardmine.manifest.compute_weights``). ``top-k`` by default here, unlike the offline scan's
+                per-class: it is what the quality benchmark measured for "online weighting + MinerSampler
+                refreshed per epoch", the best worst-sub-class row on clean labels.
+
+        ``df.attrs["hardmine"]`` holds the metadata :meth:`write_manifest` embeds.
+        """
+        return build_manifest(
+            self._dyn,
+            self._task,
+            self._describe(),
+            weights=weights,
+            strategy=strategy,
+            top=top,
+            boost=boost,
+            temperature=temperature,
+            cap=cap,
+        )
+
+    def _describe(self) -> dict[str, Any]:
+        """The miner's part of the manifest metadata."""
+        layers = self.layers
+        return {
+            "task": self._task.value if self._task else None,
+            "num_classes": self._num_classes,
+            "steps": self._step,
+            "model_fingerprint": model_fingerprint(self.model),
+            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "layers": list(self.param_names),
+            "layers_requested": layers if layers is None or isinstance(layers, str) else list(layers),
+            "projection": {
+                "dim": self.layout.dim,
+                "out_dim": self.out_dim,
+                "seed": self.layout.seed,
+                "kind": self.layout.kind.value,
+                "factors": [self.layout.a, self.layout.b],
+            },
+            "layout": self.layout.describe(),
+            "loss": _loss_name(self.loss_fn),
+            "weighting": self.weighting.to_dict(),
+        }
+
+    def write_manifest(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Write :meth:`manifest` (same keyword arguments) to ``path`` atomically as a hardmine manifest."""
+        df = self.manifest(**kwargs)
+        return write_manifest(df, path, df.attrs["hardmine"])
+
+    def gradients(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(sample_ids, Z (N, out_dim) float32)``: each sample's last projected gradient, in manifest order.
+        Needs ``keep_gradients=True``."""
+        if self._dyn.grads is None:
+            raise ValueError("gradients are not kept; create the miner with keep_gradients=True.")
+        ids = self._dyn.id_array()
+        order = np.argsort(ids, kind="stable")
+        return ids[order], self._dyn.grads[: self._dyn.n][order]
+
+    # ---------------------------------------------------------------------------------------- state
+    def _config(self) -> dict[str, Any]:
+        return {
+            "params": list(self.param_names),
+            "dim": self.layout.dim,
+            "seed": self.layout.seed,
+            "kind": self.layout.kind.value,  # the projection kind (key kept: saved states use it)
+            "loss": _loss_name(self.loss_fn),
+            "keep_gradients": self._dyn.grads is not None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: directions, step, per-sample dynamics (CPU tensors and plain values).
+        Each part writes its own keys (one flat dict, the format of every hardmine release so far)."""
+        return {
+            "format": STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "config": self._config(),
+            "weighting": self.weighting.to_dict(),
+            "task": self._task.value if self._task else None,
+            "num_classes": self._num_classes,
+            "step": self._step,
+            **self._grads.state_dict(),
+            **(self._dirs.state_dict() if self._dirs is not None else {"dirs": None, "dirs_seen": None}),
+            **self._dyn.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a miner built with the same layers, dim, seed, projection and
+        loss."""
+        self._check_open()
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not a hardmine OnlineMiner state (missing format 'hardmine-online-state').")
+        if int(state.get("version", 0)) > _STATE_VERSION:
+            raise ValueError(
+                f"the state has version {state.get('version')}; this hardmine reads version {_STATE_VERSION} "
+                "or older. Upgrade hardmine."
+            )
+        mine, theirs = self._config(), dict(state["config"])
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            text = "; ".join(f"{k}: state {a!r} vs miner {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"the state was saved by a differently configured miner ({text}); build it the same way."
+            )
+        self.weighting = WeightingConfig.from_dict(state["weighting"])
+        self._task = TaskKind(state["task"]) if state["task"] is not None else None
+        self._num_classes = state["num_classes"]
+        self._step = int(state["step"])
+        self._grads.load_state(state)
+        self._dirs = Directions.from_state(state)
+        self._dyn = SampleDynamics.from_state(state, self._dyn.keep_dim)
+
+
+def _weighting_config(weighting: WeightingConfig | Mapping[str, Any] | None) -> WeightingConfig:
+    if weighting is None:
+        return WeightingConfig()
+    if isinstance(weighting, Mapping):
+        return WeightingConfig.from_dict(weighting)
+    if not isinstance(weighting, WeightingConfig):
+        raise ValueError(
+            "weighting must be a hardmine.WeightingConfig or a dict of its fields, got "
+            f"{type(weighting).__name__}."
+        )
+    return weighting
+
+
+def _projection_kind(
+    projection: ProjectionKind | str | None, kind: ProjectionKind | str | None
+) -> ProjectionKind | str:
+    """``projection=``, or the deprecated ``kind=`` it replaces (not both)."""
+    if kind is None:
+        return ProjectionKind.RADEMACHER if projection is None else projection
+    if projection is not None:
+        raise ValueError(
+            f"projection={projection!r} and kind={kind!r} both given; kind is the old name of projection, "
+            "pass projection only."
+        )
+    warnings.warn(
+        "OnlineMiner(kind=...) is deprecated and will be removed in the next release; use projection=... "
+        "(the name hardmine.scan uses).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return kind
+
+
+def _loss_name(loss_fn: Any) -> str:
+    if loss_fn is None:
+        return LossKind.AUTO.value
+    if isinstance(loss_fn, (str, LossKind)):
+        return parse_choice(LossKind, loss_fn, "loss").value
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+    return f"callable:{getattr(loss_fn, '__module__', '?')}.{name}"

@@ -1,0 +1,118 @@
+"""One rule application for every factored pass (hardmine.factored.capture.apply_rules / RuleRunner), the
+online miner's `projection=` keyword, and where the online pieces live."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from models import MLP
+from torch import nn
+from torch.testing import assert_close
+
+import hardmine.online
+import hardmine.sampler
+from hardmine.enums import ProjectionKind
+from hardmine.factored import (
+    LayerRule,
+    ProjectionLayout,
+    RuleResult,
+    apply_rules,
+    capture_calls,
+    check_calls,
+    plan_factored,
+    register_layer_rule,
+)
+from hardmine.online import OnlineMiner
+
+
+def _captured(model: nn.Module, layers: list[str], x: torch.Tensor, y: torch.Tensor):
+    layout = ProjectionLayout(model, layers, dim=16, seed=2)
+    units, rejected = plan_factored(model, layout.names)
+    assert not rejected
+    with capture_calls(units) as rec:
+        out = model(x)
+    problems, modified = check_calls(units, rec, x.shape[0])
+    assert problems == {} and modified == set()
+    loss = nn.functional.cross_entropy(out, y, reduction="none")
+    return layout, units, rec, out, loss
+
+
+def test_given_output_gradients_and_autograd_give_the_same_projection():
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 4, (5,))
+    layers = ["fc2.weight", "fc2.bias"]
+    layout, units, rec, out, loss = _captured(model, layers, x, y)
+    # (B, C): d CE / d logits, in closed form
+    delta = torch.softmax(out.detach(), dim=1) - nn.functional.one_hot(y, 4).double()
+    given = apply_rules(units, rec, loss, out, layout, 5, deltas={"fc2": [delta]})
+    layout2, units2, rec2, out2, loss2 = _captured(model, layers, x, y)
+    auto = apply_rules(units2, rec2, loss2, out2, layout2, 5)
+    z1, z2 = layout.new_output(5), layout2.new_output(5)
+    given.write_to(z1, layout)
+    auto.write_to(z2, layout2)
+    assert_close(z1, z2)
+    assert_close(given.sq_norm, auto.sq_norm)
+
+
+class Doubler(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+@register_layer_rule(Doubler)
+class WrongShapeRule(LayerRule):
+    """A broken rule: its projection has one row too few."""
+
+    matrix_param = "weight"
+    vector_params = ()
+
+    def compute(self, module, calls, request):
+        p_out, p_in = request.matrix
+        b = calls[0].delta.shape[0]
+        return RuleResult(
+            matrix_proj=torch.zeros(b - 1, p_out.shape[1], p_in.shape[1]), matrix_sq_norm=torch.zeros(b)
+        )
+
+
+def test_a_rule_result_of_the_wrong_shape_is_refused_online_and_offline():
+    model = nn.Sequential(Doubler(), nn.Linear(3, 2))
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 1, 0])
+    layout = ProjectionLayout(model, ["0.weight"], dim=16, seed=0)
+    units, _ = plan_factored(model, layout.names)
+    with capture_calls(units) as rec:
+        out = model(x)
+    loss = nn.functional.cross_entropy(out, y, reduction="none")
+    with pytest.raises(ValueError, match="WrongShapeRule returned no/wrong-shaped projection"):
+        apply_rules(units, rec, loss, out, layout, 4)
+    with pytest.raises(ValueError, match="WrongShapeRule returned no/wrong-shaped projection"):
+        OnlineMiner(model, layers="0", dim=16).observe(x, y)
+
+
+def test_projection_keyword_and_deprecated_kind():
+    model = MLP()
+    x, y = torch.randn(6, 12), torch.randint(0, 4, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the canonical name warns about nothing
+        new = OnlineMiner(model, layers="fc2", dim=16, seed=1, projection="gaussian")
+        assert OnlineMiner(model, layers="fc2", dim=16).layout.kind is ProjectionKind.RADEMACHER
+    with pytest.warns(DeprecationWarning, match="projection="):
+        old = OnlineMiner(model, layers="fc2", dim=16, seed=1, kind="gaussian")
+    assert new.layout.kind is old.layout.kind is ProjectionKind.GAUSSIAN
+    assert torch.equal(new.observe(x, y).z, old.observe(x, y).z)
+    assert old.state_dict()["config"] == new.state_dict()["config"]  # saved states keep their format
+    with pytest.raises(ValueError, match="kind='gaussian'"):
+        OnlineMiner(model, layers="fc2", projection="gaussian", kind="gaussian")
+    with pytest.raises(ValueError, match="bogus"):
+        OnlineMiner(model, layers="fc2", projection="bogus")
+
+
+def test_miner_sampler_lives_beside_manifest_sampler():
+    assert hardmine.online.MinerSampler is hardmine.sampler.MinerSampler
+    assert "MinerSampler" in hardmine.sampler.__all__
