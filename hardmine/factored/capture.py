@@ -30,23 +30,24 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..enums import LossKind, Randomness, parse_choice
-from ..extract import (
+from ..batches import (
     Inputs,
     call_model,
     forward_error,
-    forward_mode,
     model_output_tensor,
     split_batch,
     validate_batch,
     validate_output,
 )
+from ..enums import LossKind, Randomness, parse_choice
+from ..extract import forward_mode
 from ..losses import LossFn, resolve_loss
 from .apply import FactoredGrads, RuleRunner
 from .layout import ProjectionLayout
 from .plan import FactoredUnit, format_rejected, plan_factored
 
 __all__ = [
+    "Captured",
     "CapturedCall",
     "FactoredUnit",
     "FactoredGrads",
