@@ -65,6 +65,7 @@ __all__ = [
     "compute_weights",
     "resolve_strategy",
     "cap_weights",
+    "check_destination",
     "write_manifest",
     "read_manifest",
     "read_manifest_metadata",
@@ -203,8 +204,40 @@ def _arrow_table(df: pd.DataFrame) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def write_manifest(df: pd.DataFrame, path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> Path:
-    """Write ``df`` to ``path`` atomically with ``metadata`` as JSON under the Parquet key ``hardmine``."""
+def _is_manifest_file(path: Path) -> bool:
+    try:
+        return METADATA_KEY in (pq.read_schema(path).metadata or {})
+    except (pa.ArrowInvalid, OSError):
+        return False
+
+
+def check_destination(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Where a manifest may be written: not a directory, and not an existing file that is not a hardmine
+    manifest unless ``overwrite`` (a user's CSV or model is never replaced by accident)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"cannot write a manifest to {str(path)!r}: it is a directory; give a file path such as "
+            f"{str(path / 'manifest.parquet')!r}."
+        )
+    if path.exists() and not overwrite and not _is_manifest_file(path):
+        raise ValueError(
+            f"{str(path)!r} exists and is not a hardmine manifest; refusing to replace it. Choose another path, "
+            "or pass overwrite=True to replace it."
+        )
+    if path.parent and not path.parent.exists():
+        raise ValueError(f"cannot write {path}: directory {path.parent} does not exist.")
+    return path
+
+
+def write_manifest(
+    df: pd.DataFrame, path: str | os.PathLike[str], metadata: Mapping[str, Any], *, overwrite: bool = False
+) -> Path:
+    """Write ``df`` to ``path`` atomically with ``metadata`` as JSON under the Parquet key ``hardmine``.
+
+    An existing hardmine manifest at ``path`` is replaced; any other existing file only with
+    ``overwrite=True``; a directory never."""
+    path = check_destination(path, overwrite=overwrite)
     missing = [c for c in REQUIRED_COLUMNS if c not in df]
     if missing:
         raise ValueError(f"manifest is missing required column(s) {missing}; it needs {list(REQUIRED_COLUMNS)}.")
@@ -213,9 +246,6 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike[str], metadata: Map
     meta.setdefault("format_version", FORMAT_VERSION)
     meta.setdefault("hardmine_version", __version__)
     meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise ValueError(f"cannot write {path}: directory {path.parent} does not exist.")
     key = {METADATA_KEY: json.dumps(meta, sort_keys=True, default=str).encode()}
     with atomic_path(path) as tmp:
         if len(df) <= _ROW_GROUP:
@@ -333,6 +363,7 @@ def export_manifest(
     temperature: float = DEFAULT_TEMPERATURE,
     cap: float | None = DEFAULT_CAP,
     out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Recompute ``is_hard`` and ``weight`` of a manifest with a sampling strategy and optionally write it.
 
@@ -344,13 +375,17 @@ def export_manifest(
         boost: ``top-k`` weight of a hard sample relative to an easy one.
         temperature: exponent on hardness for ``proportional`` and ``per-class``.
         cap: largest weight as a multiple of the mean weight (1), or ``None``.
-        out: if given, the manifest is written there atomically (Parquet, with metadata).
+        out: if given, the manifest is written there atomically (Parquet, with metadata). An existing
+            hardmine manifest there is replaced; any other file only with ``overwrite=True``.
+        overwrite: allow replacing an existing file at ``out`` that is not a hardmine manifest.
 
     Returns the new manifest frame (``attrs["hardmine"]`` updated with the ``export`` parameters).
     """
     if strategy is not None:
         strategy = parse_choice(Strategy, strategy, "strategy")
     validate_export_params(top, boost, temperature, cap)
+    if out is not None:  # before any work: a bad destination is refused at once
+        check_destination(out, overwrite=overwrite)
     df = _manifest_of(source)
     strategy = resolve_strategy(df, strategy)
     meta = dict(df.attrs.get("hardmine", {}))
@@ -361,5 +396,5 @@ def export_manifest(
     meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     df.attrs["hardmine"] = meta
     if out is not None:
-        write_manifest(df, out, meta)
+        write_manifest(df, out, meta, overwrite=overwrite)
     return df

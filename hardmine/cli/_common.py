@@ -12,19 +12,46 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERNAL", "handle_errors", "parse_ints", "parse_shape", "emit_json", "stderr"]
+__all__ = [
+    "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "cli_words", "handle_errors", "parse_ints", "parse_shape",
+    "emit_json", "stderr",
+]
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+# The library's messages name its Python keywords; on the command line the same choices are flags. One table,
+# longest phrase first, so every command speaks the user's words.
+_CLI_WORDS = (
+    ("overwrite=True (--overwrite on the command line)", "--overwrite"),
+    ("overwrite=True", "--overwrite"),
+    ("rerun hardmine.scan", "rerun `hardmine scan`"),
+    ("run hardmine.scan first", "run `hardmine scan` first"),
+    ("out=", "--out "),
+)
 F = TypeVar("F", bound=Callable[..., Any])
 
 stderr = Console(stderr=True, highlight=False)
 
 
+def cli_words(message: str) -> str:
+    """A library message in command-line words (``overwrite=True`` -> ``--overwrite``)."""
+    for api, cli in _CLI_WORDS:
+        message = message.replace(api, cli)
+    return message
+
+
+def _error(message: str) -> None:
+    # escape(): the message is the user's text (paths, column names, "[a, b]" lists), never rich markup.
+    stderr.print(f"[bold red]error:[/] {escape(cli_words(message))}", soft_wrap=True)
+
+
 def handle_errors(fn: F) -> F:
-    """Bad input (ValueError, FileNotFoundError, typer.BadParameter) -> one paragraph on stderr and exit 2; an
-    internal error -> exit 1 with the exception (the traceback only with HARDMINE_DEBUG=1)."""
+    """Bad input (ValueError, missing/unwritable paths, typer.BadParameter) -> one paragraph on stderr and exit 2;
+    out of memory -> exit 2 saying what to shrink; Ctrl-C -> exit 130; an internal error -> exit 1 with the
+    exception (the traceback only with HARDMINE_DEBUG=1)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -34,18 +61,26 @@ def handle_errors(fn: F) -> F:
             raise
         except typer.BadParameter:
             raise
-        except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+                PermissionError) as exc:
+            _error(str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             stderr.print("interrupted: completed shards are kept; rerun the same command to resume.")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:
             if os.environ.get("HARDMINE_DEBUG"):
                 raise
+            # torch.OutOfMemoryError (a RuntimeError) by name: importing torch here would slow every command.
+            if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+                _error(
+                    f"out of memory ({type(exc).__name__}: {exc}). Lower --batch-size, --dim or --shard-rows, or "
+                    "select fewer layers with --layers."
+                )
+                raise typer.Exit(EXIT_BAD_INPUT) from None
             logging.getLogger("hardmine").debug("internal error", exc_info=True)
             stderr.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                 "This is a bug in hardmine or an unexpected model; rerun with HARDMINE_DEBUG=1 for the traceback.",
                 soft_wrap=True,
             )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import typer
 
 from ..enums import Strategy
@@ -24,17 +26,38 @@ def export_command(
     boost: float = typer.Option(DEFAULT_BOOST, "--boost", help="top-k: weight of a hard sample relative to an easy one."),
     temperature: float = typer.Option(DEFAULT_TEMPERATURE, "--temperature", help="proportional/per-class exponent."),
     cap: float = typer.Option(DEFAULT_CAP if DEFAULT_CAP is not None else 0.0, "--cap", help="Max weight as a multiple of the mean (0 = no cap)."),
-    as_json: bool = typer.Option(False, "--json"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out file that is not a hardmine manifest."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Write an oversampling manifest (sample_id, weight, is_hard and every score)."""
     from ..manifest import export_manifest
 
     df = export_manifest(scan_dir, strategy=strategy, top=top, boost=boost, temperature=temperature,
-                         cap=None if cap == 0 else cap, out=out)
-    summary = {"out": str(out), "samples": len(df), "hard": int(df["is_hard"].sum()),
-               "max_weight": float(df["weight"].max()), "strategy": df.attrs["hardmine"]["export"]["strategy"]}
+                         cap=None if cap == 0 else cap, out=out, overwrite=overwrite)
+    summary = _summary(df, out, cap=None if cap == 0 else cap)
     if as_json:
         emit_json(summary)
     else:
-        stderr.print(f"wrote {out}: {summary['samples']} samples, {summary['hard']} marked hard, "
-                     f"max weight {summary['max_weight']:.3g} ({summary['strategy']})")
+        stderr.print(f"wrote {out}: {summary['samples']} samples, {summary['hard']} marked hard; {summary['weights']}",
+                     soft_wrap=True)
+
+
+def _summary(df: Any, out: Path, cap: float | None) -> dict[str, Any]:
+    """What was written, in the terms the user asked in: weights have mean 1, so ``--boost 4`` shows as the
+    ratio of a hard to an easy weight, and a binding cap is named."""
+    export = df.attrs["hardmine"]["export"]
+    w = df["weight"].to_numpy(dtype=float)
+    hard = df["is_hard"].to_numpy(dtype=bool)
+    capped = cap is not None and bool(np.isclose(w.max(), cap))
+    parts = [f"weights have mean 1, max {w.max():.3g}"]
+    ratio = None
+    if export["strategy"] == "top-k" and hard.any() and (~hard).any():
+        ratio = float(np.median(w[hard]) / np.median(w[~hard]))
+        parts.append(f"a hard sample weighs {ratio:.3g}x an easy one (--boost {export['boost']:g})")
+    if capped:
+        parts.append(f"capped at --cap {cap:g}x the mean")
+    return {"out": str(out), "samples": len(df), "hard": int(hard.sum()), "max_weight": float(w.max()),
+            "hard_to_easy": ratio, "capped": capped, "strategy": export["strategy"],
+            "weights": "; ".join(parts) + f" ({export['strategy']})"}

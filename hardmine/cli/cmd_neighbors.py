@@ -18,9 +18,11 @@ def neighbors_command(
     ids: str = typer.Option(..., "--ids", help="Comma-separated sample ids."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Neighbours per sample."),
     absolute: bool = typer.Option(
-        False, "--absolute", help="Rank by |cosine|: the neighbours the neighbor_disagreement score counts."
+        True, "--absolute/--signed",
+        help="Rank by |cosine| (default: the neighbours the manifest's neighbor_disagreement counts, anti-aligned "
+             "gradients included with a negative similarity) or by signed cosine (aligned gradients only).",
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the neighbours as JSON on stdout."),
 ) -> None:
     """For each sample, its k nearest neighbours by gradient cosine, with their labels."""
     from ..scan import Scan

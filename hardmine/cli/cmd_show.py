@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,38 +15,42 @@ from ._common import emit_json, handle_errors
 
 __all__ = ["show_command", "print_table"]
 
-# (column, short header): short headers keep the table readable in an 80-column terminal.
-_COLUMNS = (("rank", "rank"), ("sample_id", "sample_id"), ("label", "label"), ("pred", "pred"), ("loss", "loss"),
-            ("confidence", "p(label)"), ("margin", "margin"), ("hardness", "hardness"),
-            ("neighbor_disagreement", "nbr≠label"), ("knn_outlier", "isolated"))
+# The headers are the manifest's own column names, so what the table shows can be looked up in the file.
+_COLUMNS = ("rank", "sample_id", "label", "pred", "loss", "confidence", "margin", "hardness",
+            "neighbor_disagreement", "knn_outlier")
+_FLAGS = ("confident_error", "near_miss")  # boolean columns, listed by name in the last column when true
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.3g}"
+def _fmt(v: Any, decimals: int = 3) -> str:
     if v is None or (hasattr(v, "__class__") and v.__class__.__name__ == "NAType"):
         return "-"
+    if isinstance(v, (float, np.floating)):
+        if np.isnan(v):
+            return "-"
+        return f"{float(v):.{decimals}f}" if abs(v) < 1000 else f"{float(v):.4g}"
     return str(v)
 
 
+def _hardness_decimals(n: int) -> int:
+    """Hardness is a mean of rank fractions, so neighbouring samples differ by about 1/n: show enough
+    decimals that the top rows do not all print as 1."""
+    return max(3, math.ceil(math.log10(max(n, 1))) + 1)
+
+
 def _flags(rec: Any) -> str:
-    out = []
-    if bool(rec.get("confident_error", False) is True):
-        out.append("conf-err")
-    if bool(rec.get("near_miss", False) is True):
-        out.append("near-miss")
-    return ",".join(out)
+    return ",".join(c for c in _FLAGS if rec.get(c, False) is True or rec.get(c, False) is np.True_)
 
 
 def print_table(df: Any, top: int, title: str, console: Console | None = None) -> None:
-    cols = [(c, h) for c, h in _COLUMNS if c in df.columns]
+    cols = [c for c in _COLUMNS if c in df.columns]
     rows = df.sort_values("rank").head(top)
+    hd = _hardness_decimals(len(df))
     table = Table(title=title, pad_edge=False, padding=(0, 1))
-    for c, h in cols:
-        table.add_column(h, justify="left" if c == "sample_id" else "right", no_wrap=True)
+    for c in cols:
+        table.add_column(c, justify="left" if c == "sample_id" else "right", no_wrap=True)
     table.add_column("flags", no_wrap=True)
     for _, rec in rows.iterrows():
-        table.add_row(*(_fmt(rec[c]) for c, _ in cols), _flags(rec))
+        table.add_row(*(_fmt(rec[c], hd if c == "hardness" else 3) for c in cols), _flags(rec))
     console = console or _console()
     console.print(table)
 

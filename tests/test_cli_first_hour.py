@@ -1,0 +1,118 @@
+"""A new user's first hour on the command line: nothing clobbered, messages in CLI words and rendered
+literally, tables in the manifest's names, reported weights as asked, every option documented."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_cli import _scan, invoke, runner, trained  # noqa: F401  (the trained fixture)
+from typer.main import get_command
+
+from hardmine.cli import app
+from hardmine.manifest import read_manifest
+
+
+def _text(res) -> str:
+    return " ".join(res.output.split())
+
+
+@pytest.fixture
+def scanned(tmp_path, trained):  # noqa: F811
+    assert _scan(tmp_path).exit_code == 0
+    return tmp_path
+
+
+def test_export_never_clobbers_a_file_it_did_not_create(scanned):
+    csv = scanned / "data.csv"
+    csv.write_text("a,b\n1,2\n")
+    res = invoke("export", scanned / "scan", "--out", csv)
+    assert res.exit_code == 2 and "is not a hardmine manifest" in _text(res) and "--overwrite" in _text(res)
+    assert csv.read_text() == "a,b\n1,2\n"  # untouched
+    res = invoke("export", scanned / "scan", "--out", scanned)  # a directory
+    assert res.exit_code == 2 and "is a directory" in _text(res) and "Traceback" not in res.output
+    out = scanned / "w.parquet"
+    assert invoke("export", scanned / "scan", "--out", out).exit_code == 0
+    assert invoke("export", scanned / "scan", "--out", out, "--strategy", "top-k").exit_code == 0  # its own file
+    assert read_manifest(out).attrs["hardmine"]["export"]["strategy"] == "top-k"
+    assert invoke("export", scanned / "scan", "--out", csv, "--overwrite").exit_code == 0  # asked for
+    assert len(read_manifest(csv)) == 120
+
+
+def test_messages_use_cli_words_and_keep_brackets(scanned):
+    res = _scan(scanned, "--seed", "3")
+    assert res.exit_code == 2
+    assert "--overwrite" in _text(res) and "overwrite=True" not in _text(res) and "--out '" in _text(res)
+    res = invoke("show", scanned / "scan", "--class", "9")
+    assert res.exit_code == 2 and "labels are [0, 1, 2, 3]" in _text(res)  # not eaten as markup
+    res = invoke("show", scanned / "nope")
+    assert res.exit_code == 2 and "run `hardmine scan` first" in _text(res) or "does not exist" in _text(res)
+
+
+def test_out_of_memory_is_exit_2_with_what_to_do(scanned, monkeypatch):
+    import hardmine.manifest
+
+    def oom(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(hardmine.manifest, "read_manifest", oom)
+    monkeypatch.delenv("HARDMINE_DEBUG", raising=False)
+    res = runner.invoke(app, ["show", str(scanned / "scan")])
+    assert res.exit_code == 2 and "out of memory" in _text(res) and "--batch-size" in _text(res)
+
+
+def test_show_speaks_the_manifest_names_and_hardness_does_not_round_to_one(scanned):
+    res = invoke("show", scanned / "scan", "--top", "8")
+    assert res.exit_code == 0
+    def cells(line: str) -> list[str]:
+        return line.replace("┃", " ").replace("│", " ").split()
+
+    header = cells(next(line for line in res.stdout.splitlines() if "sample_id" in line))
+    m = read_manifest(scanned / "scan")
+    for name in header:
+        assert name == "flags" or name in m.columns, name
+    top = m.nsmallest(8, "rank")
+    ids = {str(i) for i in top["sample_id"]}
+    shown = [cells(line) for line in res.stdout.splitlines() if ids & set(cells(line))]
+    col = header.index("hardness")
+    values = [float(row[col]) for row in shown]
+    assert len(values) == 8 and len(set(values)) == len(set(np.round(top["hardness"], 6)))  # distinct stay distinct
+
+
+def test_neighbors_agree_with_neighbor_disagreement_by_default(scanned):
+    m = read_manifest(scanned / "scan").set_index("sample_id")
+    res = invoke("neighbors", scanned / "scan", "--ids", "1000,1007", "-k", "10", "--json")
+    assert res.exit_code == 0
+    for entry in json.loads(res.stdout):
+        differ = np.mean([r["label"] != entry["label"] for r in entry["neighbors"]])
+        assert differ == pytest.approx(m.loc[entry["sample_id"], "neighbor_disagreement"])
+    signed = json.loads(invoke("neighbors", scanned / "scan", "--ids", "1000", "-k", "10", "--signed", "--json").stdout)
+    assert all(r["similarity"] > -1 for r in signed[0]["neighbors"])
+
+
+def test_export_reports_the_boost_that_was_asked(scanned):
+    res = invoke("export", scanned / "scan", "--out", scanned / "o.parquet", "--strategy", "top-k", "--boost", "4",
+                 "--top", "0.1", "--json")
+    summary = json.loads(res.stdout)
+    assert summary["hard_to_easy"] == pytest.approx(4.0) and not summary["capped"]
+    res = invoke("export", scanned / "scan", "--out", scanned / "o.parquet", "--strategy", "top-k", "--boost", "50",
+                 "--top", "0.1", "--cap", "3")
+    assert res.exit_code == 0 and "capped at --cap 3x the mean" in _text(res)
+    w = read_manifest(scanned / "o.parquet")["weight"]
+    assert w.max() == pytest.approx(3.0) and w.mean() == pytest.approx(1.0)
+
+
+def test_every_option_of_every_command_has_help():
+    root = get_command(app)
+    commands = root.commands
+    assert {"scan", "show", "export", "neighbors"} <= set(commands)
+    missing, seen = [], 0
+    for name, cmd in commands.items():
+        for p in cmd.params:
+            if getattr(p, "param_type_name", "") == "option":
+                seen += 1
+                if not (p.help or "").strip():
+                    missing.append(f"{name} {p.opts[0]}")
+    assert seen > 20 and not missing, f"options without help: {missing}"
