@@ -19,9 +19,11 @@ import math
 from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
+from torch import nn
 
 __all__ = [
     "as_bool",
+    "as_module",
     "finite_number",
     "is_finite_number",
     "is_int",
@@ -111,4 +113,11 @@ def as_bool(value: Any, name: str) -> bool:
     """``value`` if it is ``True`` or ``False`` (not a truthy stand-in such as ``1`` or ``"yes"``)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be True or False.")
+    return value
+
+
+def as_module(value: Any, name: str = "model") -> nn.Module:
+    """``value`` if it is a ``torch.nn.Module``."""
+    if not isinstance(value, nn.Module):
+        raise ValueError(f"{name} must be a torch.nn.Module, got {type(value).__name__}.")
     return value

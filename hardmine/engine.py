@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .batches import check_target, split_batch, validate_batch, validate_inputs
-from .checks import positive_int
+from .checks import as_module, positive_int
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads
 from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
@@ -110,8 +110,7 @@ class GradientExtractor:
         randomness: Randomness | str = Randomness.EVAL,
         kind: ProjectionKind | str | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        as_module(model)
         self.engine = parse_choice(Engine, engine, "engine")
         self.randomness = parse_choice(Randomness, randomness, "randomness")
         positive_int(chunk_size, "chunk_size", allow_none=True)

@@ -34,7 +34,7 @@ from .batches import (
     validate_inputs,
     validate_output,
 )
-from .checks import positive_int
+from .checks import as_module, positive_int
 from .enums import LossKind, Randomness, parse_choice
 from .losses import LossFn, resolve_loss
 from .params import select_parameters
@@ -90,8 +90,7 @@ def _functional(model: nn.Module, params: tuple[dict[str, torch.Tensor], ...], i
 @contextlib.contextmanager
 def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
     """Put the model in the mode the gradient pass needs and restore every module's flag afterwards."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    as_module(model)
     saved = [(m, m.training) for m in model.modules()]
     if any(training and isinstance(m, _BatchNorm) for m, training in saved):
         bn_train = [n or "<root>" for n, m in model.named_modules() if m.training and isinstance(m, _BatchNorm)]
@@ -120,8 +119,7 @@ def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
 def _prepare(
     model: nn.Module, batch: Any, loss_fn: LossKind | str | LossFn | None, params: str | Sequence[str] | None
 ) -> tuple[Inputs, torch.Tensor, LossFn, list[str], int]:
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    as_module(model)
     inputs, target = split_batch(batch)
     check_target(target)
     fn, kind = resolve_loss(loss_fn, target)

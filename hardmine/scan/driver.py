@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from .._io import model_fingerprint, utc_now
 from .._version import __version__
-from ..checks import as_bool, non_negative_int, positive_int
+from ..checks import as_bool, as_module, non_negative_int, positive_int
 from ..engine import GradientExtractor
 from ..enums import Engine, IndexKind, ProjectionKind, Randomness, ScanPhase, parse_choice
 from ..score import ScoreConfig
@@ -98,8 +98,7 @@ def scan(
             format, split, limit, columns, input shape); recorded in the config, so a rerun into the same
             ``out`` with different values is refused like any other configuration change.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    as_module(model)
     _check_data(data)
     as_bool(resume, "resume")
     as_bool(overwrite, "overwrite")
