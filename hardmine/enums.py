@@ -11,6 +11,7 @@ from typing import TypeVar
 __all__ = [
     "DataFormat",
     "Engine",
+    "HardSet",
     "IndexKind",
     "LossKind",
     "ProjectionKind",
@@ -28,6 +29,14 @@ class Engine(str, Enum):
     AUTO = "auto"  # factored where a layer rule exists, vmap for the rest
     FACTORED = "factored"  # hooks + Kronecker-factored projection; never materialises per-sample grads
     VMAP = "vmap"  # torch.func vmap(grad(functional_call)); exact and general
+
+
+class HardSet(str, Enum):
+    """Which samples an export marks ``is_hard`` (and ``top-k`` boosts)."""
+
+    TOP = "top"  # the hardest ``top`` fraction by rank (within each class for per-class)
+    THRESHOLD = "threshold"  # every sample with ``hardness >= threshold``
+    NOISE_RATE = "noise-rate"  # the hardest fraction equal to the estimated label-noise rate (confident errors)
 
 
 class LossKind(str, Enum):

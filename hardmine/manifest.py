@@ -25,6 +25,12 @@ strategy             raw weight                                                 
 Default (``strategy=None``): ``per-class`` for classification manifests (integer labels), ``proportional``
 otherwise (``hardmine.score.default_strategy``; chosen by the quality benchmark).
 
+Which samples are ``is_hard`` (``hard_set``, ``HardSet``): ``top`` (default) the fraction ``top`` by rank as in
+the table; ``threshold`` every sample with ``hardness >= threshold`` (one cut for all classes, whatever the
+strategy); ``noise-rate`` the fraction by rank equal to the estimated label-noise rate, the share of
+``confident_error`` samples (at least one sample; within each class for ``per-class``). ``top-k`` boosts
+exactly the ``is_hard`` samples.
+
 Cap: no weight may exceed ``cap`` times the mean weight. Weights above it are set to ``cap`` and the rest
 are scaled up to keep the mean at 1, repeated until none exceeds it (``cap >= 1``; ``None`` = no cap).
 """
@@ -46,7 +52,7 @@ import pyarrow.parquet as pq
 
 from ._io import atomic_path
 from ._version import __version__
-from .enums import Strategy, parse_choice
+from .enums import HardSet, Strategy, parse_choice
 from .score import (
     DEFAULT_BOOST,
     DEFAULT_CAP,
@@ -142,11 +148,22 @@ def compute_weights(
     boost: float = DEFAULT_BOOST,
     temperature: float = DEFAULT_TEMPERATURE,
     cap: float | None = DEFAULT_CAP,
+    hard_set: HardSet | str = HardSet.TOP,
+    threshold: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(weight, is_hard)`` for a scored frame (needs ``hardness``, ``rank`` and, for per-class, ``label``).
-    ``strategy=None``: ``resolve_strategy(df)``."""
+    ``strategy=None``: ``resolve_strategy(df)``. ``hard_set``/``threshold``: see the module docstring."""
     strategy = resolve_strategy(df, strategy)
     validate_export_params(top, boost, temperature, cap)
+    hard_set = parse_choice(HardSet, hard_set, "hard_set")
+    if hard_set is HardSet.THRESHOLD and (threshold is None or not np.isfinite(threshold)):
+        raise ValueError(f"hard_set='threshold' needs a finite threshold on hardness, got threshold={threshold!r}.")
+    if hard_set is not HardSet.THRESHOLD and threshold is not None:
+        raise ValueError(f"threshold={threshold!r} is only used with hard_set='threshold'.")
+    if hard_set is HardSet.NOISE_RATE:
+        if "confident_error" not in df:
+            raise ValueError("hard_set='noise-rate' needs the 'confident_error' column (classification manifests).")
+        top = max(float(np.mean(df["confident_error"].fillna(False).to_numpy(dtype=bool))), 1.0 / max(len(df), 1))
     for col in ("hardness", "rank") + (("label",) if strategy is Strategy.PER_CLASS else ()):
         if col not in df:
             raise ValueError(f"cannot compute {strategy.value} weights: the manifest has no {col!r} column.")
@@ -158,7 +175,7 @@ def compute_weights(
     finite = np.isfinite(h)
     # A sample without any signal gets the lowest hardness seen, so it is still drawn.
     h = np.where(finite, h, np.nanmin(h) if finite.any() else 1.0)
-    is_hard = rank <= _top_count(n, top)
+    is_hard = h >= threshold if hard_set is HardSet.THRESHOLD else rank <= _top_count(n, top)
     if strategy is Strategy.TOP_K:
         raw = np.where(is_hard, float(boost), 1.0)
     elif strategy is Strategy.PROPORTIONAL:
@@ -179,7 +196,8 @@ def compute_weights(
         pos = np.empty(n, dtype=np.int64)
         starts = np.r_[0, np.cumsum(counts)[:-1]]
         pos[order] = np.arange(n) - np.repeat(starts, counts)  # 0-based position within class
-        is_hard = pos < np.array([_top_count(int(c), top) for c in counts])[inverse]
+        if hard_set is not HardSet.THRESHOLD:
+            is_hard = pos < np.array([_top_count(int(c), top) for c in counts])[inverse]
     return cap_weights(raw, cap), is_hard
 
 
@@ -364,6 +382,8 @@ def export_manifest(
     cap: float | None = DEFAULT_CAP,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    hard_set: HardSet | str = HardSet.TOP,
+    threshold: float | None = None,
 ) -> pd.DataFrame:
     """Recompute ``is_hard`` and ``weight`` of a manifest with a sampling strategy and optionally write it.
 
@@ -378,6 +398,9 @@ def export_manifest(
         out: if given, the manifest is written there atomically (Parquet, with metadata). An existing
             hardmine manifest there is replaced; any other file only with ``overwrite=True``.
         overwrite: allow replacing an existing file at ``out`` that is not a hardmine manifest.
+        hard_set: which samples are ``is_hard``: ``"top"`` (the ``top`` fraction), ``"threshold"``
+            (``hardness >= threshold``) or ``"noise-rate"`` (the estimated label-noise rate as the fraction).
+        threshold: the hardness cut for ``hard_set="threshold"``.
 
     Returns the new manifest frame (``attrs["hardmine"]`` updated with the ``export`` parameters).
     """
@@ -389,10 +412,13 @@ def export_manifest(
     df = _manifest_of(source)
     strategy = resolve_strategy(df, strategy)
     meta = dict(df.attrs.get("hardmine", {}))
-    weight, is_hard = compute_weights(df, strategy, top, boost, temperature, cap)
+    hard_set = parse_choice(HardSet, hard_set, "hard_set")
+    weight, is_hard = compute_weights(df, strategy, top, boost, temperature, cap, hard_set, threshold)
     df["is_hard"] = pd.array(is_hard, dtype="boolean")
     df["weight"] = weight
     meta["export"] = {"strategy": strategy.value, "top": top, "boost": boost, "temperature": temperature, "cap": cap}
+    if hard_set is not HardSet.TOP:  # recorded only when used, so default exports keep their metadata
+        meta["export"].update(hard_set=hard_set.value, threshold=threshold)
     meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     df.attrs["hardmine"] = meta
     if out is not None:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from ..enums import Strategy
+from ..enums import HardSet, Strategy
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
 from ._common import emit_json, handle_errors, stderr
 
@@ -26,6 +26,12 @@ def export_command(
     boost: float = typer.Option(DEFAULT_BOOST, "--boost", help="top-k: weight of a hard sample relative to an easy one."),
     temperature: float = typer.Option(DEFAULT_TEMPERATURE, "--temperature", help="proportional/per-class exponent."),
     cap: float = typer.Option(DEFAULT_CAP if DEFAULT_CAP is not None else 0.0, "--cap", help="Max weight as a multiple of the mean (0 = no cap)."),
+    hard_set: HardSet = typer.Option(
+        HardSet.TOP, "--hard-set",
+        help="Which samples are is_hard: the --top fraction, hardness >= --threshold, or the estimated "
+             "label-noise rate (share of confident errors) as the fraction.",
+    ),
+    threshold: float | None = typer.Option(None, "--threshold", help="Hardness cut for --hard-set threshold."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing --out file that is not a hardmine manifest."
     ),
@@ -35,7 +41,8 @@ def export_command(
     from ..manifest import export_manifest
 
     df = export_manifest(scan_dir, strategy=strategy, top=top, boost=boost, temperature=temperature,
-                         cap=None if cap == 0 else cap, out=out, overwrite=overwrite)
+                         cap=None if cap == 0 else cap, out=out, overwrite=overwrite, hard_set=hard_set,
+                         threshold=threshold)
     summary = _summary(df, out, cap=None if cap == 0 else cap)
     if as_json:
         emit_json(summary)
