@@ -116,3 +116,30 @@ def test_every_option_of_every_command_has_help():
                 if not (p.help or "").strip():
                     missing.append(f"{name} {p.opts[0]}")
     assert seen > 20 and not missing, f"options without help: {missing}"
+
+
+def test_layers_lists_what_layers_can_select_with_counts_and_engine(tmp_path, monkeypatch):
+    from models import TinyTransformer
+
+    torch.manual_seed(0)
+    net = TinyTransformer()
+    torch.save(net.state_dict(), tmp_path / "tt.pt")
+    res = invoke("layers", tmp_path / "tt.pt", "--model", "models:TinyTransformer", "--json")
+    assert res.exit_code == 0, res.output
+    rows = {r["layer"]: r for r in json.loads(res.stdout)}
+    own = {n: m for n, m in net.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    assert set(rows) == set(own)
+    for name, m in own.items():
+        assert rows[name]["n_params"] == sum(p.numel() for p in m.parameters(recurse=False))
+    assert rows["classifier"]["engine"] == "factored" and rows["classifier"]["reason"] is None
+    assert rows["encoder.self_attn"]["engine"] == "vmap" and "MultiheadAttention" in rows["encoder.self_attn"]["reason"]
+    # the names are what --layers selects: a scan restricted to them plans the same engines
+    from hardmine.engine import GradientExtractor
+
+    plan = GradientExtractor(net, layers=["classifier", "encoder.self_attn"], dim=4).metadata()["plan"]
+    assert plan["classifier.weight"] == "factored" and plan["encoder.self_attn.in_proj_weight"] == "vmap"
+    table = invoke("layers", tmp_path / "tt.pt", "--model", "models:TinyTransformer")
+    total = sum(p.numel() for p in net.parameters())
+    assert table.exit_code == 0 and "encoder.linear1" in table.stdout and f"{total:,} parameters" in table.stdout
+    bad = invoke("layers", tmp_path / "nope.pt", "--model", "models:TinyTransformer")
+    assert bad.exit_code == 2

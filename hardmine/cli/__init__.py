@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .._version import __version__
-from . import cmd_export, cmd_neighbors, cmd_scan, cmd_show
+from . import cmd_export, cmd_layers, cmd_neighbors, cmd_scan, cmd_show
 
 app = typer.Typer(
     name="hardmine",
@@ -40,6 +40,7 @@ app.command("scan")(cmd_scan.scan_command)
 app.command("export")(cmd_export.export_command)
 app.command("show")(cmd_show.show_command)
 app.command("neighbors")(cmd_neighbors.neighbors_command)
+app.command("layers")(cmd_layers.layers_command)
 
 
 def main() -> None:
