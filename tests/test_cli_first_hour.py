@@ -143,3 +143,24 @@ def test_layers_lists_what_layers_can_select_with_counts_and_engine(tmp_path, mo
     assert table.exit_code == 0 and "encoder.linear1" in table.stdout and f"{total:,} parameters" in table.stdout
     bad = invoke("layers", tmp_path / "nope.pt", "--model", "models:TinyTransformer")
     assert bad.exit_code == 2
+
+
+def test_neighbors_from_another_scan_finds_the_training_samples_that_align(scanned):
+    # A second "test" scan of the same model: a few training samples again, under new ids, plus fresh ones.
+    d = np.load(scanned / "data.npz")
+    x, y = d["X"], d["y"]
+    np.savez(scanned / "test.npz", X=x[:10], y=y[:10], ids=np.arange(5000, 5010))
+    assert _scan(scanned, data="test.npz", out="test_scan").exit_code == 0
+    res = invoke("neighbors", scanned / "scan", "--from", scanned / "test_scan", "--ids", "5003", "-k", "3",
+                 "--signed", "--json")
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads(res.stdout)
+    assert entry["sample_id"] == 5003 and entry["label"] == int(y[3])
+    best = entry["neighbors"][0]
+    assert best["sample_id"] == 1003 and best["similarity"] == pytest.approx(1.0, abs=1e-5)  # itself, in training
+    # A scan in another projection space is refused, naming what differs.
+    assert _scan(scanned, "--seed", "9", data="test.npz", out="other_seed").exit_code == 0
+    res = invoke("neighbors", scanned / "scan", "--from", scanned / "other_seed", "--ids", "5003")
+    assert res.exit_code == 2 and "not comparable (seed: 0 vs 9" in " ".join(res.output.split())
+    res = invoke("neighbors", scanned / "scan", "--from", scanned / "test_scan", "--ids", "1003")
+    assert res.exit_code == 2 and "sample_id 1003 is not in the scan" in " ".join(res.output.split())

@@ -1,4 +1,4 @@
-"""``hardmine neighbors SCAN_DIR --ids 17,42``: nearest training examples in gradient space."""
+"""``hardmine neighbors SCAN_DIR --ids 17,42 [--from OTHER_SCAN]``: nearest training examples in gradient space."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def neighbors_command(
         help="Rank by |cosine| (default: the neighbours the manifest's neighbor_disagreement counts, anti-aligned "
              "gradients included with a negative similarity) or by signed cosine (aligned gradients only).",
     ),
+    from_scan: Path | None = typer.Option(
+        None, "--from",
+        help="Another scan of the same model and projection (e.g. of test data): --ids are its samples, and their "
+             "neighbours are searched in SCAN_DIR (which training examples look like this failure).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the neighbours as JSON on stdout."),
 ) -> None:
     """For each sample, its k nearest neighbours by gradient cosine, with their labels."""
@@ -29,7 +34,9 @@ def neighbors_command(
 
     scan = Scan.open(scan_dir)
     manifest = scan.manifest().set_index("sample_id", drop=False)
-    id_kind = manifest["sample_id"].dtype.kind
+    other = Scan.open(from_scan) if from_scan is not None else None
+    queried = other.manifest().set_index("sample_id", drop=False) if other is not None else manifest
+    id_kind = queried["sample_id"].dtype.kind
     queries: list[object] = []
     for part in (p.strip() for p in ids.split(",")):
         if not part:
@@ -43,15 +50,23 @@ def neighbors_command(
             queries.append(part)
     if not queries:
         raise typer.BadParameter("--ids is empty; pass e.g. --ids 17,42.")
-    res = scan.neighbors(queries, k=k, absolute=absolute)
+    if other is not None:
+        from ..attribution import neighbors_from
+
+        res = neighbors_from(scan, other, queries, k=k, absolute=absolute)
+    else:
+        res = scan.neighbors(queries, k=k, absolute=absolute)
     out = []
     for qi, q in enumerate(queries):
         rows = []
         for sid, sim in zip(res.sample_ids[qi].tolist(), res.similarities[qi].tolist()):
             rec = manifest.loc[sid]
             rows.append({"sample_id": sid, "similarity": sim, "label": _py(rec["label"]), "pred": _py(rec.get("pred"))})
-        q_rec = manifest.loc[q]
-        out.append({"sample_id": q, "label": _py(q_rec["label"]), "pred": _py(q_rec.get("pred")), "neighbors": rows})
+        q_rec = queried.loc[q]
+        entry = {"sample_id": q, "label": _py(q_rec["label"]), "pred": _py(q_rec.get("pred")), "neighbors": rows}
+        if other is not None:
+            entry["from"] = str(from_scan)
+        out.append(entry)
     if as_json:
         emit_json(out)
         return
@@ -60,7 +75,8 @@ def neighbors_command(
     console = _console()
     for entry in out:
         agree = sum(r["label"] == entry["label"] for r in entry["neighbors"])
-        table = Table(title=f"sample {entry['sample_id']} (label {entry['label']}, pred {entry['pred']}): "
+        where = f" of {from_scan}" if other is not None else ""
+        table = Table(title=f"sample {entry['sample_id']}{where} (label {entry['label']}, pred {entry['pred']}): "
                             f"{agree}/{len(entry['neighbors'])} neighbours share its label")
         for c in ("sample_id", "similarity", "label", "pred"):
             table.add_column(c, justify="right")
