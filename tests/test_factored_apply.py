@@ -102,13 +102,13 @@ def test_projection_keyword_and_deprecated_kind():
         warnings.simplefilter("error")  # the canonical name warns about nothing
         new = OnlineMiner(model, layers="fc2", dim=16, seed=1, projection="gaussian")
         assert OnlineMiner(model, layers="fc2", dim=16).layout.kind is ProjectionKind.RADEMACHER
-    with pytest.warns(DeprecationWarning, match="projection="):
+    with pytest.warns(DeprecationWarning, match=r"OnlineMiner\(kind=...\) is deprecated; pass projection="):
         old = OnlineMiner(model, layers="fc2", dim=16, seed=1, kind="gaussian")
     assert new.layout.kind is old.layout.kind is ProjectionKind.GAUSSIAN
     assert torch.equal(new.observe(x, y).z, old.observe(x, y).z)
     assert old.state_dict()["config"] == new.state_dict()["config"]  # saved states keep their format
-    with pytest.raises(ValueError, match="kind='gaussian'"):
-        OnlineMiner(model, layers="fc2", projection="gaussian", kind="gaussian")
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="kind='rademacher' disagree"):
+        OnlineMiner(model, layers="fc2", projection="gaussian", kind="rademacher")
     with pytest.raises(ValueError, match="bogus"):
         OnlineMiner(model, layers="fc2", projection="bogus")
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .._io import model_fingerprint
 from ..batches import call_model, check_labels, check_target, infer_task, model_output_tensor, sample_id_list
-from ..checks import as_bool, positive_int
+from ..checks import as_bool, as_module, positive_int
 from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from ..factored.layout import ProjectionLayout
 from ..losses import LossFn, resolve_loss
@@ -102,8 +102,7 @@ class OnlineMiner:
         keep_gradients: bool = False,
         kind: ProjectionKind | str | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        as_module(model)
         num_classes = positive_int(num_classes, "num_classes", allow_none=True)
         keep = as_bool(keep_gradients, "keep_gradients")
         if loss_fn is not None and not callable(loss_fn):
@@ -453,22 +452,23 @@ def _weighting_config(weighting: WeightingConfig | Mapping[str, Any] | None) -> 
 
 def _projection_kind(
     projection: ProjectionKind | str | None, kind: ProjectionKind | str | None
-) -> ProjectionKind | str:
-    """``projection=``, or the deprecated ``kind=`` it replaces (not both)."""
+) -> ProjectionKind:
+    """``projection=``, or the deprecated ``kind=`` it replaces (warned about; as ``GradientExtractor``)."""
     if kind is None:
-        return ProjectionKind.RADEMACHER if projection is None else projection
-    if projection is not None:
-        raise ValueError(
-            f"projection={projection!r} and kind={kind!r} both given; kind is the old name of projection, "
-            "pass projection only."
+        return parse_choice(
+            ProjectionKind, ProjectionKind.RADEMACHER if projection is None else projection, "projection"
         )
     warnings.warn(
-        "OnlineMiner(kind=...) is deprecated and will be removed in the next release; use projection=... "
-        "(the name hardmine.scan uses).",
+        "OnlineMiner(kind=...) is deprecated; pass projection=... (the name scan and the CLI use).",
         DeprecationWarning,
         stacklevel=3,
     )
-    return kind
+    from_kind = parse_choice(ProjectionKind, kind, "kind")
+    if projection is not None and parse_choice(ProjectionKind, projection, "projection") is not from_kind:
+        raise ValueError(
+            f"projection={projection!r} and kind={kind!r} disagree; pass only projection= (kind= is deprecated)."
+        )
+    return from_kind
 
 
 def _loss_name(loss_fn: Any) -> str:
