@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_scan import planted  # noqa: F401  (module-scoped fixture)
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -116,3 +118,57 @@ def test_bad_inputs():
         ManifestSampler(42)
     with pytest.raises(ValueError, match="epoch"):
         ManifestSampler(df).set_epoch(-1)
+
+
+# --------------------------------------------------------------------------- seed and epoch are a pair
+def _uniform(n: int = 200) -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": np.arange(n), "weight": np.ones(n)})
+
+
+def _draw(seed: int, epoch: int, df: pd.DataFrame | None = None, **kw) -> list[int]:
+    s = ManifestSampler(_uniform() if df is None else df, seed=seed, **kw)
+    s.set_epoch(epoch)
+    return list(s)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**20), epoch=st.integers(1, 50), shift=st.integers(1, 50))
+def test_seed_and_epoch_with_equal_sums_give_different_draws(seed, epoch, shift):
+    # A generator seeded with seed + epoch would repeat (seed 3, epoch 1) as (seed 4, epoch 0): the next run
+    # with the next seed would replay this run's epochs one step late.
+    other_seed, other_epoch = seed + min(shift, epoch), epoch - min(shift, epoch)
+    assert _draw(seed, epoch) != _draw(other_seed, other_epoch)
+    if seed != epoch:
+        assert _draw(seed, epoch) != _draw(epoch, seed)  # nor may the two be interchangeable
+
+
+def test_seed_three_epoch_one_is_not_seed_four_epoch_zero():
+    assert _draw(3, 1) != _draw(4, 0)
+    assert _draw(0, 5) != _draw(5, 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31), epoch=st.integers(0, 1000), replacement=st.booleans())
+def test_draw_is_reproducible_from_seed_and_epoch(seed, epoch, replacement):
+    df = pd.DataFrame({"sample_id": np.arange(50), "weight": np.linspace(0.1, 3.0, 50)})
+    first = _draw(seed, epoch, df, replacement=replacement, num_samples=30)
+    s = ManifestSampler(df, seed=seed, replacement=replacement, num_samples=30)
+    s.set_epoch(epoch + 1)
+    list(s)  # another epoch in between changes nothing
+    s.set_epoch(epoch)
+    assert list(s) == first
+    assert len(first) == 30 and all(0 <= i < 50 for i in first)
+    if not replacement:
+        assert len(set(first)) == 30  # without replacement no index repeats
+
+
+def test_draw_follows_the_weights():
+    # 3 rows with weights 1:2:7; 20 000 draws land on each at its share within 4 binomial sigmas.
+    df = pd.DataFrame({"sample_id": [5, 6, 7], "weight": [1.0, 2.0, 7.0]})
+    s = ManifestSampler(df, num_samples=20_000, seed=11)
+    idx = np.array(list(s))
+    assert set(idx) <= {5, 6, 7}
+    for i, p in zip([5, 6, 7], [0.1, 0.2, 0.7]):
+        tol = 4 * np.sqrt(p * (1 - p) / len(idx))
+        assert abs((idx == i).mean() - p) <= tol
+    np.testing.assert_allclose(s.probabilities, [0.1, 0.2, 0.7])
