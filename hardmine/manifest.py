@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -296,10 +297,14 @@ def read_manifest_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{p} is not a readable Parquet file ({exc}); pass a hardmine manifest.") from None
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise ValueError(
-            f"{p} is a Parquet file but not a hardmine manifest (no 'hardmine' key in its metadata); "
-            "write one with hardmine.scan or hardmine.export_manifest."
-        )
+        # A manifest re-saved by pandas/polars loses the key but keeps the columns: read it, say what is lost.
+        missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(
+                f"{p} is a Parquet file but not a hardmine manifest (no 'hardmine' key in its metadata, and no "
+                f"column(s) {missing}); write one with hardmine.scan or hardmine.export_manifest."
+            )
+        return _bare_metadata(str(p))
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -320,6 +325,18 @@ def read_manifest_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{p} is missing required column(s) {missing}; it is not a complete hardmine manifest.")
     return meta
+
+
+def _bare_metadata(where: str) -> dict[str, Any]:
+    """Metadata for a manifest whose ``hardmine`` key was lost (e.g. re-saved with ``DataFrame.to_parquet``):
+    the columns are all there, the provenance is not."""
+    warnings.warn(
+        f"{where} has every manifest column but no hardmine metadata (re-saved by pandas/polars?): read as a "
+        "manifest, without provenance (model/dataset fingerprints, scan configuration).",
+        UserWarning,
+        stacklevel=3,
+    )
+    return {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "provenance": None}
 
 
 def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -355,12 +372,17 @@ def _manifest_of(source: Any) -> pd.DataFrame:
     if hasattr(source, "manifest") and hasattr(source, "manifest_path"):  # a Scan
         return source.manifest()
     if isinstance(source, pd.DataFrame):
-        if "hardmine" not in source.attrs:
-            raise ValueError(
-                "the DataFrame carries no hardmine metadata (df.attrs['hardmine']); pass a Scan, a scan "
-                "directory, a manifest path, or a frame returned by read_manifest."
-            )
         missing = [c for c in REQUIRED_COLUMNS if c not in source]
+        if "hardmine" not in source.attrs:
+            if missing:
+                raise ValueError(
+                    f"the DataFrame carries no hardmine metadata (df.attrs['hardmine']) and is missing manifest "
+                    f"column(s) {missing}; pass a Scan, a scan directory, a manifest path, or a manifest frame."
+                )
+            df = source.copy()
+            _validate_rows(df, "the DataFrame")
+            df.attrs["hardmine"] = _bare_metadata("the DataFrame")
+            return df
         if missing:
             raise ValueError(f"the DataFrame is missing manifest column(s) {missing}.")
         return source.copy()

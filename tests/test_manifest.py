@@ -86,7 +86,7 @@ def test_reader_rejects_foreign_and_newer_files(tmp_path):
     (tmp_path / "text.parquet").write_text("not parquet at all")
     with pytest.raises(ValueError, match="not a readable Parquet"):
         read_manifest(tmp_path / "text.parquet")
-    df.to_parquet(tmp_path / "foreign.parquet")
+    df.drop(columns=["weight"]).to_parquet(tmp_path / "foreign.parquet")
     with pytest.raises(ValueError, match="not a hardmine manifest"):
         read_manifest(tmp_path / "foreign.parquet")
     write_manifest(df, tmp_path / "ok.parquet", {"note": "test"})

@@ -1,0 +1,66 @@
+"""Manifests round-trip through pandas and polars: a file or frame that lost the ``hardmine`` metadata but
+has every manifest column is read (with a warning that provenance is missing) by every reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_cli import _scan, invoke, trained  # noqa: F401  (the trained fixture)
+
+from hardmine.manifest import export_manifest, read_manifest
+from hardmine.sampler import ManifestSampler
+
+
+@pytest.fixture
+def resaved(tmp_path, trained):  # noqa: F811
+    assert _scan(tmp_path).exit_code == 0
+    df = read_manifest(tmp_path / "scan")
+    path = tmp_path / "resaved.parquet"
+    pd.DataFrame(df).to_parquet(path)  # pandas keeps columns, drops the hardmine key
+    return tmp_path, df, path
+
+
+def test_readers_accept_a_manifest_resaved_by_pandas(resaved):
+    tmp_path, df, path = resaved
+    with pytest.warns(UserWarning, match="no hardmine metadata"):
+        back = read_manifest(path)
+    pd.testing.assert_frame_equal(back.reset_index(drop=True), df.reset_index(drop=True), check_dtype=False)
+    assert back.attrs["hardmine"]["provenance"] is None
+    with pytest.warns(UserWarning):
+        exp = export_manifest(path, strategy="top-k", top=0.1, boost=3)
+    assert int(exp["is_hard"].sum()) == 12
+    with pytest.warns(UserWarning):
+        sampler = ManifestSampler(path, seed=0, dataset_ids=np.arange(1000, 1120))  # the scan's own ids
+    draws = np.array(list(sampler))
+    assert len(draws) == len(df) and draws.min() >= 0 and draws.max() < 120
+    assert np.array_equal(draws, np.array(list(ManifestSampler(df, seed=0, dataset_ids=np.arange(1000, 1120)))))
+
+
+def test_a_bare_frame_is_accepted_by_export_and_the_sampler(resaved):
+    _, df, _ = resaved
+    bare = pd.DataFrame({c: df[c].to_numpy() for c in df.columns})  # no attrs
+    with pytest.warns(UserWarning, match="no hardmine metadata"):
+        exp = export_manifest(bare, strategy="proportional")
+    assert np.isclose(exp["weight"].mean(), 1.0)
+    with pytest.raises(ValueError, match="no hardmine metadata.*missing manifest column"):
+        export_manifest(bare.drop(columns=["rank"]))
+
+
+def test_cli_show_and_export_read_a_resaved_manifest(resaved):
+    tmp_path, _, path = resaved
+    res = invoke("show", path, "--top", "3")
+    assert res.exit_code == 0 and "sample_id" in res.stdout
+    res = invoke("export", path, "--out", tmp_path / "again.parquet")
+    assert res.exit_code == 0, res.output
+    assert len(read_manifest(tmp_path / "again.parquet")) == 120
+
+
+def test_polars_round_trip_is_read(resaved):
+    pl = pytest.importorskip("polars")
+    tmp_path, df, _ = resaved
+    out = tmp_path / "polars.parquet"
+    pl.read_parquet(tmp_path / "scan" / "manifest.parquet").write_parquet(out)
+    with pytest.warns(UserWarning):
+        back = read_manifest(out)
+    assert back["sample_id"].tolist() == df["sample_id"].tolist()
