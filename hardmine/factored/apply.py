@@ -88,11 +88,11 @@ class RuleRunner:
         self.vector_proj: dict[str, torch.Tensor] = {}
         self.written: set[str] = set()
         self.done: set[str] = set()
-        self.sq = torch.zeros(b, dtype=dtype, device=device)  # (B,)
+        self._sq: torch.Tensor | None = None  # (B,) the sum so far of every part's squared norm
         # Modules called once on the same input tensor (q/k/v) share its Gram matrix within this pass; None
         # when no input has two such readers (the rules then skip the cache's bookkeeping).
         readers: dict[Any, int] = {}
-        for name in units:
+        for name in units if len(units) > 1 else ():  # one unit shares with nobody
             if self._shares_gram(name):
                 key = GramCache.key(self._inputs[name][0])
                 readers[key] = readers.get(key, 0) + 1
@@ -129,6 +129,19 @@ class RuleRunner:
         # being reused.
         self._inputs[name] = []
 
+    @property
+    def sq(self) -> torch.Tensor:
+        """``(B,)`` exact squared gradient norm over every parameter recorded so far."""
+        if self._sq is None:
+            return torch.zeros(self.b, dtype=self.dtype, device=self.device)
+        return self._sq
+
+    def _add_sq(self, part: torch.Tensor) -> None:
+        # Out of place: the first part may be a rule's own tensor, which must not be changed. Starting from
+        # the first part instead of zeros gives the same sums (0 + x == x) for one kernel less per unit.
+        part = part.to(self.dtype)
+        self._sq = part if self._sq is None else self._sq + part
+
     def result(self, loss: torch.Tensor, output: torch.Tensor) -> FactoredGrads:
         return FactoredGrads(
             self.kron, self.vectors, self.sq, loss.detach(), output.detach(), self.written, self.vector_proj
@@ -152,7 +165,7 @@ class RuleRunner:
             if view is not None and res.matrix_proj is view:
                 self.written.add(unit.matrix)
             self.kron[unit.matrix] = res.matrix_proj.reshape(b, -1)  # (B, a*b)
-            self.sq.add_(res.matrix_sq_norm.to(self.sq.dtype))
+            self._add_sq(res.matrix_sq_norm)
         for local in unit.vectors:
             g = res.vectors[local]
             full = unit.full_name(local)
@@ -162,7 +175,7 @@ class RuleRunner:
             g_sq = res.vector_sq_norm.get(local)
             if g_sq is None:
                 g_sq = torch.linalg.vector_norm(g.reshape(b, -1), dim=1).square()  # (B,)
-            self.sq.add_(g_sq.to(self.sq.dtype))
+            self._add_sq(g_sq)
             vp = res.vector_proj.get(local)
             if vp is not None:
                 if local not in vmats or tuple(vp.shape) != (b, vmats[local].shape[1]):
