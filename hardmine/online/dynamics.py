@@ -67,7 +67,7 @@ RUNNING: dict[str, tuple[Any, Any]] = {
 class HostBatch:
     """One batch's per-sample values on the host (numpy, float64 unless noted)."""
 
-    last: np.ndarray  # (B, L) in _LAST order (last_weight / last_step filled in by the caller)
+    last: np.ndarray  # (B, L) in LAST_COLUMNS order (last_weight / last_step filled in by the caller)
     logit_margin: np.ndarray  # (B,)
     correct: np.ndarray | None  # (B,) bool; None for regression
     inv: np.ndarray  # (B,) 1/|z_b|, 0 for a zero or non-finite gradient (which casts no vote)
@@ -86,7 +86,11 @@ def host_batch(
     by_class: bool,
 ) -> HostBatch:
     """Copy what the weights and dynamics need to the host in one transfer and compute the agreement and
-    the output statistics there (output statistics with the offline definitions, ``hardmine.score``)."""
+    the output statistics there (output statistics with the offline definitions, ``hardmine.score``).
+
+    ``z_norm``, ``along``: from ``Directions.along`` (``gathered``: its ``(B, 2)`` form, the sample's class
+    column first); ``by_class``: the agreement that sets the weight is the class one, else the global one.
+    """
     b = out.shape[0]
     logits = out.detach().reshape(b, -1)  # (B, C) or (B, outputs)
     cols = [loss.detach().unsqueeze(1), sq.unsqueeze(1), z_norm.unsqueeze(1), along, logits]
