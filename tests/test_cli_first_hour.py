@@ -164,3 +164,46 @@ def test_neighbors_from_another_scan_finds_the_training_samples_that_align(scann
     assert res.exit_code == 2 and "not comparable (seed: 0 vs 9" in " ".join(res.output.split())
     res = invoke("neighbors", scanned / "scan", "--from", scanned / "test_scan", "--ids", "1003")
     assert res.exit_code == 2 and "sample_id 1003 is not in the scan" in " ".join(res.output.split())
+
+
+def test_a_failed_scan_never_blocks_its_own_fix(tmp_path, trained):  # noqa: F811
+    _, x, y = trained
+    bad = y.copy()
+    bad[2] = 9  # first batch: fails before any shard
+    np.savez(tmp_path / "bad_early.npz", X=x, y=bad)
+    res = _scan(tmp_path, data="bad_early.npz", out="s1")
+    assert res.exit_code == 2 and "label 9" in _text(res)
+    assert not (tmp_path / "s1").exists()  # nothing left: the corrected command is not refused
+    np.savez(tmp_path / "good.npz", X=x, y=y)
+    assert _scan(tmp_path, "--input-shape", "12", data="good.npz", out="s1").exit_code == 0  # other options too
+
+    late = y.copy()
+    late[100] = 9  # batch 4 of 32: three shards of 32 rows are complete by then
+    np.savez(tmp_path / "bad_late.npz", X=x, y=late)
+    res = _scan(tmp_path, "--shard-rows", "32", data="bad_late.npz", out="s2")
+    assert res.exit_code == 2 and "label 9" in _text(res)
+    assert "3 complete shard(s) of this scan are kept" in _text(res) and "--overwrite" in _text(res)
+    np.savez(tmp_path / "bad_late.npz", X=x, y=y)  # the user fixes the label and reruns the same command
+    res = _scan(tmp_path, "--shard-rows", "32", data="bad_late.npz", out="s2")
+    assert res.exit_code == 0, res.output
+    assert len(read_manifest(tmp_path / "s2")) == 120
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    res = _scan(tmp_path, data="bad_early.npz", out="mine")  # a directory the user owns is never removed
+    assert res.exit_code == 2 and (tmp_path / "mine" / "keep.txt").read_text() == "x"
+
+
+def test_dim_is_bounded_before_anything_is_allocated_or_written(tmp_path, trained, monkeypatch):  # noqa: F811
+    res = _scan(tmp_path, "--dim", "100000")  # 276 parameters -> 200k-dim vectors: refused
+    assert res.exit_code == 2 and "selected parameters" in _text(res) and "--dim" in _text(res)
+    assert not (tmp_path / "scan").exists()
+    res = _scan(tmp_path, "--dim", "1000000000")
+    assert res.exit_code == 2 and "Traceback" not in res.output and not (tmp_path / "scan").exists()
+    import importlib
+
+    driver = importlib.import_module("hardmine.scan.driver")  # `hardmine.scan` is the function
+    monkeypatch.setattr(driver, "_available_memory", lambda: 2**20)  # 1 MiB free: one shard cannot fit
+    res = _scan(tmp_path, "--dim", "8")
+    assert res.exit_code == 2 and "--shard-rows" in _text(res) and "memory available" in _text(res)
+    monkeypatch.setattr(driver, "_available_memory", lambda: None)
+    assert _scan(tmp_path, "--dim", "8").exit_code == 0

@@ -120,6 +120,7 @@ def scan(
         model, layers=layers, dim=dim, seed=seed, engine=engine, loss_fn=loss_fn, projection=projection,
         chunk_size=chunk_size, randomness=randomness,
     )
+    _check_width(model, extractor, shard_rows)
     if total is None and isinstance(data, DataLoader):
         try:
             total = len(data.dataset)  # type: ignore[arg-type]
@@ -142,14 +143,49 @@ def scan(
     }
     for key, value in jsonable(dict(config_extra or {})).items():
         config[f"extra.{key}"] = value  # flat keys, so a refused rerun names exactly what changed
+    created = not Path(out).exists()  # a directory this run creates is removed again if it fails at once
     store = ScanStore.prepare(Path(out), config, resume=resume, overwrite=overwrite)
     source = jsonable(dict(provenance)) if provenance is not None else None
-    driver = _Driver(store, config, source, progress)
+    driver = _Driver(store, config, source, progress, created=created)
     extraction = ExtractionPass(
         store, driver.ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows,
         keep=keep_gradients_in_memory, report=lambda done: driver.report(ScanPhase.EXTRACT, done, total),
     )
     return driver.run(extraction, data, score_config, index_kind)
+
+
+# Below this width a projection is cheap whatever the model (16 KiB per sample); above it, a projection wider
+# than the gradient it compresses keeps no more information and only costs memory and disk.
+WIDE_OUT_DIM = 4096
+
+
+def _available_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound from memory
+        return None
+
+
+def _check_width(model: nn.Module, extractor: GradientExtractor, shard_rows: int) -> None:
+    """Refuse, before anything is allocated or written, a projection wider than the selected gradient (when
+    it is wide at all) or one whose shard buffer would not fit in memory."""
+    out_dim = extractor.out_dim
+    selected = set(extractor.param_names)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if n in selected)
+    if out_dim > max(n_params, WIDE_OUT_DIM):
+        raise ValueError(
+            f"dim={extractor.layout.dim} gives {out_dim:,}-dim vectors for {n_params:,} selected parameters: a "
+            "projection wider than the gradient it compresses keeps nothing more and costs memory and disk. "
+            "Use a smaller dim (--dim)."
+        )
+    need = shard_rows * out_dim * 4  # one shard of float32 vectors, held before it is written
+    free = _available_memory()
+    if free is not None and need > free // 2:
+        raise ValueError(
+            f"one shard of {shard_rows:,} samples x {out_dim:,} dims needs {need / 2**30:.1f} GiB, more than half "
+            f"of the {free / 2**30:.1f} GiB of memory available; lower dim (--dim) or shard_rows (--shard-rows), "
+            "or select fewer layers (--layers)."
+        )
 
 
 def _check_data(data: Any) -> None:
@@ -185,13 +221,32 @@ class _Driver:
         config: dict[str, Any],
         source: dict[str, Any] | None,
         progress: ProgressFn | None,
+        *,
+        created: bool = False,
     ) -> None:
         self.store = store
+        self.created = created
         self.config = config
         self.source = source
         self.progress = progress
         self.ledger = store.read_ledger()
         self.info: dict[str, Any] = store.read_info()
+
+    def _after_failure(self, exc: BaseException) -> None:
+        """A run that failed before its first complete shard leaves nothing behind, so the corrected command
+        is not refused as "a different configuration"; one that failed later keeps its shards to resume, and a
+        bad-input error says so."""
+        if not self.ledger.shards:
+            self.store.clear()
+            if self.created and self.store.path.is_dir() and not any(self.store.path.iterdir()):
+                self.store.path.rmdir()
+            return
+        if isinstance(exc, ValueError) and "overwrite" not in str(exc):
+            n = len(self.ledger.shards)
+            exc.args = (
+                f"{exc} The {n} complete shard(s) of this scan are kept in {str(self.store.path)!r}: rerun the same "
+                "command to resume once the input is fixed, or pass overwrite=True to start again.",
+            )
 
     def report(self, phase: ScanPhase, done: int, total: int | None) -> None:
         if self.progress is not None:
@@ -216,7 +271,11 @@ class _Driver:
         )
         if not self.info:
             self._write_info(status="extracting", started=utc_now())
-        gradients = extraction.run(data)  # on a complete scan: only checks the data is the same
+        try:
+            gradients = extraction.run(data)  # on a complete scan: only checks the data is the same
+        except BaseException as exc:
+            self._after_failure(exc)
+            raise
         t_extract = time.perf_counter() - t0
         if reuse:
             logger.info("%s: complete scan with the same configuration found; reusing it", path)
