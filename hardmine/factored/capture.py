@@ -268,10 +268,6 @@ def compute_factored(
     return apply_rules(units, rec, loss, output, layout, b, out=out, memo=memo)
 
 
-# The name engine.py imported before it was public; kept until every caller uses compute_factored.
-_compute_factored = compute_factored
-
-
 def apply_rules(
     units: Mapping[str, FactoredUnit],
     rec: Captured,
