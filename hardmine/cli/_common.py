@@ -16,7 +16,7 @@ from rich.markup import escape
 
 __all__ = [
     "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "cli_words", "handle_errors", "parse_ints", "parse_shape",
-    "emit_json", "stderr",
+    "emit_json", "stderr", "table_console",
 ]
 
 EXIT_BAD_INPUT = 2
@@ -110,3 +110,12 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def table_console() -> Console:
+    """The console tables print to: a terminal's width, or at least 120 columns when piped or under make (so
+    a table is not squeezed into 80)."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 120))
+    return console

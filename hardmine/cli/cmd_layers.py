@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ._common import emit_json, handle_errors
+from ._common import emit_json, handle_errors, table_console
 
 __all__ = ["layers_command", "layer_rows"]
 
@@ -62,8 +62,6 @@ def layers_command(
     if as_json:
         emit_json(rows)
         return
-    from .cmd_show import _console
-
     table = Table(title=f"{len(rows)} layers with trainable parameters "
                         f"({sum(r['n_params'] for r in rows):,} parameters)", pad_edge=False, padding=(0, 1))
     for c in ("layer", "type", "params", "n_params", "engine", "reason"):
@@ -71,4 +69,4 @@ def layers_command(
                          overflow="fold")
     for r in rows:
         table.add_row(r["layer"], r["type"], ",".join(r["params"]), f"{r['n_params']:,}", r["engine"], r["reason"] or "")
-    _console().print(table)
+    table_console().print(table)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ._common import emit_json, handle_errors
+from ._common import emit_json, handle_errors, table_console
 
 __all__ = ["neighbors_command"]
 
@@ -70,9 +70,7 @@ def neighbors_command(
     if as_json:
         emit_json(out)
         return
-    from .cmd_show import _console
-
-    console = _console()
+    console = table_console()
     for entry in out:
         agree = sum(r["label"] == entry["label"] for r in entry["neighbors"])
         where = f" of {from_scan}" if other is not None else ""

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ._common import emit_json, handle_errors
+from ._common import emit_json, handle_errors, table_console
 
 __all__ = ["show_command", "print_table"]
 
@@ -51,15 +51,8 @@ def print_table(df: Any, top: int, title: str, console: Console | None = None) -
     table.add_column("flags", no_wrap=True)
     for _, rec in rows.iterrows():
         table.add_row(*(_fmt(rec[c], hd if c == "hardness" else 3) for c in cols), _flags(rec))
-    console = console or _console()
+    console = console or table_console()
     console.print(table)
-
-
-def _console() -> Console:
-    console = Console()
-    if not console.is_terminal:  # piped or under make: don't squeeze the table into 80 columns
-        console = Console(width=max(console.width, 120))
-    return console
 
 
 @handle_errors
