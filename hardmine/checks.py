@@ -16,12 +16,16 @@ message (a range like ``(0, 1]``) or that discriminate between kinds of input.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 from torch import nn
 
+from .enums import ProjectionKind, parse_choice
+
 __all__ = [
+    "projection_kind",
     "as_bool",
     "as_module",
     "finite_number",
@@ -121,3 +125,21 @@ def as_module(value: Any, name: str = "model") -> nn.Module:
     if not isinstance(value, nn.Module):
         raise ValueError(f"{name} must be a torch.nn.Module, got {type(value).__name__}.")
     return value
+
+
+def projection_kind(projection: ProjectionKind | str | None, kind: ProjectionKind | str | None, owner: str) -> ProjectionKind:
+    """The projection kind from ``projection=`` or its deprecated alias ``kind=`` of ``owner`` (warned about;
+    refused when both are given and disagree). ``None`` for both: Rademacher."""
+    if kind is None:
+        return parse_choice(ProjectionKind, ProjectionKind.RADEMACHER if projection is None else projection, "projection")
+    warnings.warn(
+        f"{owner}(kind=...) is deprecated; pass projection=... (the name scan and the CLI use).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    from_kind = parse_choice(ProjectionKind, kind, "kind")
+    if projection is not None and parse_choice(ProjectionKind, projection, "projection") is not from_kind:
+        raise ValueError(
+            f"projection={projection!r} and kind={kind!r} disagree; pass only projection= (kind= is deprecated)."
+        )
+    return from_kind

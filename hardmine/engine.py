@@ -19,7 +19,6 @@ so the three engines return the same vectors up to float rounding: the engine ch
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .batches import check_target, split_batch, validate_batch, validate_inputs
-from .checks import as_module, positive_int
+from .checks import as_module, positive_int, projection_kind
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads
 from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
@@ -47,23 +46,6 @@ class ProjectedBatch:
     loss: torch.Tensor  # (B,)
     output: torch.Tensor  # (B, ...) model output (logits)
     grad_norm: torch.Tensor  # (B,) exact L2 norm of the full (unprojected) selected gradient
-
-
-def _projection_argument(projection: ProjectionKind | str | None, kind: ProjectionKind | str | None) -> ProjectionKind:
-    """The projection kind from ``projection=`` or its deprecated alias ``kind=`` (warned about)."""
-    if kind is not None:
-        warnings.warn(
-            "GradientExtractor(kind=...) is deprecated; pass projection=... (the name scan and the CLI use).",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        from_kind = parse_choice(ProjectionKind, kind, "kind")
-        if projection is not None and parse_choice(ProjectionKind, projection, "projection") is not from_kind:
-            raise ValueError(
-                f"projection={projection!r} and kind={kind!r} disagree; pass only projection= (kind= is deprecated)."
-            )
-        return from_kind
-    return parse_choice(ProjectionKind, ProjectionKind.RADEMACHER if projection is None else projection, "projection")
 
 
 class GradientExtractor:
@@ -121,7 +103,7 @@ class GradientExtractor:
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
         self.param_names = select_parameters(model, layers)
-        projection = _projection_argument(projection, kind)
+        projection = projection_kind(projection, kind, "GradientExtractor")
         self.layout = ProjectionLayout(model, self.param_names, dim=dim, seed=seed, kind=projection)
 
         units, rejected = plan_factored(model, self.param_names)
@@ -258,14 +240,7 @@ class GradientExtractor:
                         out=z,
                         memo=self._memo,
                     )
-                    for n, p in fg.kron.items():
-                        if n not in fg.written:  # computed in another dtype (e.g. a float64 model)
-                            self.layout.write(z, n, p)
-                    for n, g in fg.vectors.items():
-                        vp = fg.vector_proj.get(n)  # projected by the rule itself (e.g. fused with P_out)
-                        if vp is None:
-                            vp = self.layout.project_dense(n, g.reshape(b, -1))  # (B, width)
-                        self.layout.write(z, n, vp)
+                    fg.write_to(z, self.layout)
                     sq, loss, output = fg.sq_norm, fg.loss, fg.output
         vmap_names = self._vmap_names
         if vmap_names:

@@ -43,7 +43,7 @@ def test_no_measured_figure_is_typed_into_prose():
     for page in pages:
         if not page.exists():
             continue
-        for i, line in enumerate(_prose(page.read_text()).splitlines(), 1):
+        for line in _prose(page.read_text()).splitlines():
             m = _FIGURE.search(line)
             assert m is None, f"{page.name}: {m.group(0)!r} in {line.strip()!r}: produce it from a script in scripts/"
     score_doc = importlib.import_module("hardmine.score").__doc__

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch import nn
 
 from .._io import model_fingerprint
 from ..batches import call_model, check_labels, check_target, infer_task, model_output_tensor, sample_id_list
-from ..checks import as_bool, as_module, positive_int
+from ..checks import as_bool, as_module, positive_int, projection_kind
 from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from ..factored.layout import ProjectionLayout
 from ..losses import LossFn, resolve_loss
@@ -112,7 +111,7 @@ class OnlineMiner:
         self.loss_fn = loss_fn
         self.weighting = _weighting_config(weighting)
         self.param_names = select_parameters(model, layers)
-        projection = _projection_kind(projection, kind)
+        projection = projection_kind(projection, kind, "OnlineMiner")
         self.layout = ProjectionLayout(model, self.param_names, dim=dim, seed=seed, kind=projection)
         self._grads = StepGradients(model, self.param_names, self.layout)
         self._num_classes: int | None = num_classes
@@ -448,27 +447,6 @@ def _weighting_config(weighting: WeightingConfig | Mapping[str, Any] | None) -> 
             f"{type(weighting).__name__}."
         )
     return weighting
-
-
-def _projection_kind(
-    projection: ProjectionKind | str | None, kind: ProjectionKind | str | None
-) -> ProjectionKind:
-    """``projection=``, or the deprecated ``kind=`` it replaces (warned about; as ``GradientExtractor``)."""
-    if kind is None:
-        return parse_choice(
-            ProjectionKind, ProjectionKind.RADEMACHER if projection is None else projection, "projection"
-        )
-    warnings.warn(
-        "OnlineMiner(kind=...) is deprecated; pass projection=... (the name scan and the CLI use).",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    from_kind = parse_choice(ProjectionKind, kind, "kind")
-    if projection is not None and parse_choice(ProjectionKind, projection, "projection") is not from_kind:
-        raise ValueError(
-            f"projection={projection!r} and kind={kind!r} disagree; pass only projection= (kind= is deprecated)."
-        )
-    return from_kind
 
 
 def _loss_name(loss_fn: Any) -> str:
