@@ -13,10 +13,12 @@ __all__ = [
     "Engine",
     "HardSet",
     "IndexKind",
+    "LabelIssueMethod",
     "LossKind",
     "ProjectionKind",
     "Randomness",
     "ScanPhase",
+    "SliceEmbedding",
     "Strategy",
     "TaskKind",
     "parse_choice",
@@ -89,6 +91,24 @@ class Strategy(str, Enum):
     TOP_K = "top-k"  # JTT-like: weight `boost` for the hardest fraction `top`, 1 for the rest
     PROPORTIONAL = "proportional"  # weight proportional to hardness ** temperature
     PER_CLASS = "per-class"  # hardness ** temperature within each class, every class gets equal mass
+    SLICES = "slices"  # within each class, slices weighted by their error rate; label issues never boosted
+
+
+class SliceEmbedding(str, Enum):
+    """Which vectors the per-class k-means of ``hardmine.slices`` clusters (unit-normalised first)."""
+
+    GRADIENTS = "gradients"  # the scan's projected gradients of all selected layers
+    OUTPUT_LAYER = "output-layer"  # only the columns of the last layer in the projection layout
+
+
+class LabelIssueMethod(str, Enum):
+    """Formula of the manifest's ``label_issue`` score (see ``hardmine.label_issues``)."""
+
+    LOSS = "loss"  # per-sample loss, -log p[y]
+    MARGIN = "margin"  # max_{j != y} p[j] - p[y]
+    LOG_MARGIN = "log-margin"  # log max_{j != y} p[j] - log p[y]
+    NORMALIZED_CONFIDENCE = "normalized-confidence"  # -log(p[y] / t_y), t_y the class's mean p[y]
+    LOSS_NEIGHBORS = "loss+neighbors"  # rank mean of loss and |cos|-neighbour label disagreement
 
 
 class ScanPhase(str, Enum):

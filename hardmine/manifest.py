@@ -20,9 +20,16 @@ strategy             raw weight                                                 
                                                                                                   by rank
 ``per-class``        ``hardness ** temperature`` normalised within each class so that every       top fraction
                      class gets the same total mass (class-balanced, hard-first inside)          of each class
+``slices``           ``1 + boost · e_s / e_c`` for a sample of slice ``s`` (``hardmine.slices``)  members of
+                     in class ``c``: ``e_s`` = error rate of the slice's members not flagged     slices with
+                     ``is_label_issue``, ``e_c`` = the same over the class (``e_c = 0``: 1);      ``e_s > e_c``
+                     a sample flagged ``is_label_issue`` gets 1 (never boosted); then            (label issues
+                     normalised within each class so every class gets the same total mass.      excluded)
+                     Whole failing slices are up-weighted, correct members included.
+                     ``top`` and ``temperature`` are not used.
 ===================  ==========================================================================  =============
 
-Default (``strategy=None``): ``per-class`` for classification manifests (integer labels), ``proportional``
+Default (``strategy=None``): ``hardmine.score.DEFAULT_STRATEGY`` for classification manifests (integer labels), ``proportional``
 otherwise (``hardmine.score.default_strategy``; chosen by the quality benchmark).
 
 Which samples are ``is_hard`` (``hard_set``, ``HardSet``): ``top`` (default) the fraction ``top`` by rank as in
@@ -90,11 +97,12 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "sample_id", "label", "pred", "correct", "loss", "confidence", "pred_confidence", "margin", "el2n",
     "grad_norm", "class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
-    "class_distance", "knn_outlier", "neighbor_disagreement", "confident_error", "near_miss", "hardness",
-    "rank", "is_hard", "weight",
+    "class_distance", "knn_outlier", "neighbor_disagreement", "confident_error", "near_miss", "label_issue",
+    "is_label_issue", "slice", "hardness", "rank", "is_hard", "weight",
 )
 _ROW_GROUP = 131_072  # rows per Parquet row group (and per conversion chunk when writing)
-_BOOL_COLUMNS = ("correct", "confident_error", "near_miss", "is_hard")
+_BOOL_COLUMNS = ("correct", "confident_error", "near_miss", "is_label_issue", "is_hard")
+_STR_COLUMNS = ("slice",)  # "<label>/<k>" (hardmine.slices); null for regression
 _INT_COLUMNS = ("rank",)
 
 
@@ -165,7 +173,9 @@ def compute_weights(
         if "confident_error" not in df:
             raise ValueError("hard_set='noise-rate' needs the 'confident_error' column (classification manifests).")
         top = max(float(np.mean(df["confident_error"].fillna(False).to_numpy(dtype=bool))), 1.0 / max(len(df), 1))
-    for col in ("hardness", "rank") + (("label",) if strategy is Strategy.PER_CLASS else ()):
+    per_class = strategy in (Strategy.PER_CLASS, Strategy.SLICES)
+    needs = ("hardness", "rank") + (("label",) if per_class else ()) + (("slice", "correct") if strategy is Strategy.SLICES else ())
+    for col in needs:
         if col not in df:
             raise ValueError(f"cannot compute {strategy.value} weights: the manifest has no {col!r} column.")
     n = len(df)
@@ -185,9 +195,12 @@ def compute_weights(
         labels = df["label"].to_numpy()
         if labels.dtype.kind not in "iu":
             raise ValueError(
-                f"strategy 'per-class' needs integer class labels, but the label column is {labels.dtype}; "
+                f"strategy {strategy.value!r} needs integer class labels, but the label column is {labels.dtype}; "
                 "use 'top-k' or 'proportional' for regression scans."
             )
+        if strategy is Strategy.SLICES:
+            raw, is_hard = _slice_weights(df, labels, float(boost))
+            return cap_weights(raw, cap), is_hard
         classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         raw = np.power(np.maximum(h, 1e-12), float(temperature))
         class_mass = np.bincount(inverse, weights=raw, minlength=len(classes))  # (C,)
@@ -202,6 +215,35 @@ def compute_weights(
     return cap_weights(raw, cap), is_hard
 
 
+def _slice_weights(df: pd.DataFrame, labels: np.ndarray, boost: float) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ``slices`` weights (before the cap) and ``is_hard``; see the strategy table above."""
+    sl = df["slice"]
+    if sl.isna().any():
+        raise ValueError("strategy 'slices' needs a slice for every sample; rescore the scan to add them.")
+    issue = (
+        pd.array(df["is_label_issue"], dtype="boolean").fillna(False).to_numpy(dtype=bool)
+        if "is_label_issue" in df
+        else np.zeros(len(df), dtype=bool)
+    )
+    wrong = ~pd.array(df["correct"], dtype="boolean").fillna(True).to_numpy(dtype=bool)
+    valid = ~issue
+    codes, _ = pd.factorize(sl.astype(str), sort=True)
+    n_codes = int(codes.max()) + 1
+    s_err = np.bincount(codes, weights=(wrong & valid).astype(np.float64), minlength=n_codes)  # (S,)
+    s_n = np.bincount(codes, weights=valid.astype(np.float64), minlength=n_codes)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    c_err = np.bincount(inverse, weights=(wrong & valid).astype(np.float64), minlength=len(classes))  # (C,)
+    c_n = np.bincount(inverse, weights=valid.astype(np.float64), minlength=len(classes))
+    e_s = np.divide(s_err, s_n, out=np.zeros_like(s_err), where=s_n > 0)[codes]  # (N,)
+    e_c = np.divide(c_err, c_n, out=np.zeros_like(c_err), where=c_n > 0)[inverse]  # (N,)
+    rel = np.divide(e_s, e_c, out=np.zeros_like(e_s), where=e_c > 0)
+    raw = np.where(issue, 1.0, 1.0 + boost * rel)
+    class_mass = np.bincount(inverse, weights=raw, minlength=len(classes))  # (C,)
+    raw = raw / class_mass[inverse]  # each class sums to 1
+    is_hard = valid & (e_s > e_c)
+    return raw, is_hard
+
+
 # ----------------------------------------------------------------------------------------- write/read
 def _arrow_table(df: pd.DataFrame) -> pa.Table:
     cols = [c for c in MANIFEST_COLUMNS if c in df] + [c for c in df.columns if c not in MANIFEST_COLUMNS]
@@ -212,6 +254,8 @@ def _arrow_table(df: pd.DataFrame) -> pa.Table:
             arr = pa.array(pd.array(s, dtype="boolean"), type=pa.bool_())
         elif c in _INT_COLUMNS:
             arr = pa.array(s.to_numpy(dtype=np.int64), type=pa.int64())
+        elif c in _STR_COLUMNS:
+            arr = pa.array([None if v is None or v is pd.NA or v != v else str(v) for v in s.tolist()], type=pa.string())
         elif c == "sample_id":
             arr = pa.array(s.to_numpy(dtype=np.int64), type=pa.int64()) if s.dtype.kind in "iu" else pa.array(
                 s.astype(str).tolist(), type=pa.string()
@@ -345,7 +389,8 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     p = _resolve_manifest_path(path)
     df = pq.read_table(p).to_pandas()
     for c in _BOOL_COLUMNS:
-        df[c] = df[c].astype("boolean")
+        if c in df:  # is_label_issue is absent from manifests written before it existed
+            df[c] = df[c].astype("boolean")
     _validate_rows(df, p)
     df.attrs["hardmine"] = meta
     return df
@@ -411,10 +456,11 @@ def export_manifest(
 
     Args:
         source: a ``Scan``, a scan directory, a manifest path, or a frame from ``read_manifest``.
-        strategy: ``"top-k"``, ``"proportional"`` or ``"per-class"`` (see the module docstring); ``None``
-            (default): per-class for classification manifests, proportional for regression.
+        strategy: ``"top-k"``, ``"proportional"``, ``"per-class"`` or ``"slices"`` (see the module docstring);
+            ``None`` (default): ``DEFAULT_STRATEGY`` for classification manifests, proportional for regression.
         top: fraction of samples marked ``is_hard`` (and boosted by ``top-k``).
-        boost: ``top-k`` weight of a hard sample relative to an easy one.
+        boost: ``top-k`` weight of a hard sample relative to an easy one; ``slices``: the boost of a slice
+            failing at its class's error rate.
         temperature: exponent on hardness for ``proportional`` and ``per-class``.
         cap: largest weight as a multiple of the mean weight (1), or ``None``.
         out: if given, the manifest is written there atomically (Parquet, with metadata). An existing

@@ -1,0 +1,506 @@
+"""Slices: failure modes as groups. Per-class spherical k-means of unit gradient vectors, and slice statistics.
+
+A *slice* is a cluster of samples of one class in an embedding (``SliceEmbedding``): by default the scan's
+unit projected gradients of all selected layers; ``output-layer`` keeps only the columns of the last layer in
+the projection layout. Two samples of a class land in the same slice when their gradients point the same
+way, i.e. when they would move the model the same way: they fail (or succeed) for the same reason.
+
+Clustering (``fit_slices``), streamed over row blocks like the rest of the scan:
+
+1. per class ``c`` with ``n_c`` samples, ``K_c = slice_count(n_c)`` (the rule below);
+2. a seeded sample of ``min(INIT_POINTS_PER_SLICE · K_c, INIT_POINTS_MAX)`` rows of the class is gathered
+   in one pass over the blocks (the rows are chosen from the labels before any vector is read);
+3. FAISS spherical k-means (``faiss.Kmeans(spherical=True)``, ``NITER`` iterations, seeded) on those unit
+   vectors gives ``K_c`` initial unit centroids;
+4. streamed spherical Lloyd iterations refine them on every row: a pass assigns each row to its class's
+   centroid with the highest cosine and sums the members' unit vectors; each centroid moves to its
+   normalised sum; until no assignment changes or ``NITER`` passes. Memory: the centroids and one block,
+   never the ``(N, D)`` vectors;
+5. a last pass assigns every row and records its cosine to its centroid;
+6. slices are numbered within their class by size, largest first (ties: lower centroid index), empty ones
+   dropped, so the id ``"<label>/<k>"`` is stable for a seed (``"3/0"``: the largest slice of class 3).
+
+The K rule: ``K_c = clip(round(sqrt(n_c / SAMPLES_PER_SLICE_UNIT)), 1, MAX_SLICES)`` with
+``SAMPLES_PER_SLICE_UNIT = 10`` and ``MAX_SLICES = 16``. The number of slices grows with the square root of
+the class size, so the average slice (``sqrt(10 · n_c)`` samples) grows too: a class of 200 samples gets 4
+slices of ~50, one of 500 gets 7 of ~70, one of 2,560 or more gets 16 of 160 or more. A sub-group of a few
+percent of a class then has a slice of about its own size to land in, while a small class is not cut into
+slices too small to have an error rate. (On the test suite's planted blobs, 500 samples per class with a 4%
+sub-cluster, the unit 50 of a first draft gave 3 slices per class and missed the sub-cluster in about a
+third of the classes; the unit 10 recovers it; ``tests/test_slices.py``.)
+
+Statistics (``slice_table``), one row per slice: ``slice``, ``label``, ``size``, ``share_of_class``,
+``error_rate`` (share of members the model gets wrong), ``mean_loss``, ``mean_confidence`` (mean
+``pred_confidence``: how sure the model is of what it predicts), ``ece`` (expected calibration error of the
+members: ``Σ_b n_b/n · |acc_b - conf_b|`` over ``ECE_BINS`` equal-width bins of ``pred_confidence``),
+``label_issue_rate`` (share of members with ``is_label_issue``), ``representative_ids`` (the
+``N_EXAMPLES`` members closest to the slice centroid: medoid-like examples) and ``hardest_ids`` (the
+``N_EXAMPLES`` members with the highest ``hardness``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._io import atomic_path
+from .checks import non_negative_int, positive_int
+from .enums import SliceEmbedding, parse_choice
+from .label_issues import DEFAULT_LABEL_ISSUE_METHOD, add_label_issue_columns
+
+__all__ = [
+    "SAMPLES_PER_SLICE_UNIT",
+    "MAX_SLICES",
+    "NITER",
+    "INIT_POINTS_PER_SLICE",
+    "INIT_POINTS_MAX",
+    "ECE_BINS",
+    "N_EXAMPLES",
+    "SLICE_COLUMNS",
+    "SliceAssignment",
+    "slice_count",
+    "embedding_columns",
+    "fit_slices",
+    "slice_ids",
+    "expected_calibration_error",
+    "slice_table",
+    "DEFAULT_SLICE_EMBEDDING",
+    "SLICES_FILE",
+    "annotate_manifest",
+    "write_slice_table",
+    "read_slice_table",
+]
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_PER_SLICE_UNIT = 10  # the K rule: K_c = round(sqrt(n_c / 10)), clipped to [1, MAX_SLICES]
+MAX_SLICES = 16
+NITER = 20  # k-means iterations (FAISS on the seeding sample; then at most this many streamed passes)
+INIT_POINTS_PER_SLICE = 16  # rows of a class that seed its centroids, per slice ...
+INIT_POINTS_MAX = 128  # ... and at most this many per class (bounded memory: the rest is streamed)
+ECE_BINS = 10
+N_EXAMPLES = 5  # representative_ids / hardest_ids per slice
+# Embedding of the scan's slices, chosen by the quality benchmark (docs/benchmarks.md, "Slices").
+DEFAULT_SLICE_EMBEDDING = SliceEmbedding.GRADIENTS
+SLICES_FILE = "slices.parquet"
+_METADATA_KEY = b"hardmine"
+
+SLICE_COLUMNS: tuple[str, ...] = (
+    "slice", "label", "size", "share_of_class", "error_rate", "mean_loss", "mean_confidence", "ece",
+    "label_issue_rate", "representative_ids", "hardest_ids",
+)
+
+Block = tuple[int, np.ndarray]  # (first row, (b, D) vectors)
+Blocks = Callable[[], Iterable[Block]]  # a fresh pass over the rows, in order
+
+
+@dataclass(frozen=True)
+class SliceAssignment:
+    """Result of ``fit_slices``. ``within``: ``(N,)`` slice number inside the sample's class (0 = largest);
+    ``similarity``: ``(N,)`` cosine of the sample to its slice centroid; ``counts``: label -> slices."""
+
+    within: np.ndarray
+    similarity: np.ndarray
+    counts: Mapping[int, int]
+    seed: int
+    embedding: str
+
+    def ids(self, labels: np.ndarray) -> np.ndarray:
+        """``"<label>/<k>"`` per sample (object array of str)."""
+        return slice_ids(labels, self.within)
+
+
+# ------------------------------------------------------------------------------------------------ K rule
+def slice_count(n: int) -> int:
+    """Number of slices of a class with ``n`` samples: ``clip(round(sqrt(n / 10)), 1, 16)`` (and never more
+    than ``n``; 0 for an empty class)."""
+    n = non_negative_int(n, "n", hint="samples in the class")
+    return _compute_slice_count(n)
+
+
+def _compute_slice_count(n: int) -> int:
+    if n == 0:
+        return 0
+    k = int(round(math.sqrt(n / SAMPLES_PER_SLICE_UNIT)))
+    return max(1, min(MAX_SLICES, k, n))
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+def embedding_columns(layout: Sequence[Mapping[str, Any]] | None, embedding: SliceEmbedding | str) -> np.ndarray | None:
+    """Columns of the projected gradient that make up ``embedding``: ``None`` (all) for ``gradients``; for
+    ``output-layer`` the columns of every layout entry whose module is the last entry's module
+    (``classifier.weight`` and ``classifier.bias`` of ``classifier``)."""
+    embedding = parse_choice(SliceEmbedding, embedding, "slice embedding")
+    if embedding is SliceEmbedding.GRADIENTS:
+        return None
+    if not layout:
+        raise ValueError(f"slice embedding {embedding.value!r} needs the scan's projection layout; it has none.")
+    return _compute_output_columns(layout)
+
+
+def _module_of(param: str) -> str:
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+def _compute_output_columns(layout: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    last = _module_of(str(layout[-1]["param"]))
+    cols = [
+        np.arange(int(e["offset"]), int(e["offset"]) + int(e["width"]))
+        for e in layout
+        if _module_of(str(e["param"])) == last
+    ]
+    return np.concatenate(cols)
+
+
+# ------------------------------------------------------------------------------------------ clustering
+def fit_slices(
+    blocks: Blocks,
+    labels: np.ndarray,
+    *,
+    seed: int = 0,
+    columns: np.ndarray | None = None,
+    embedding: SliceEmbedding | str = SliceEmbedding.GRADIENTS,
+) -> SliceAssignment:
+    """Per-class spherical k-means of the unit rows of the vectors streamed by ``blocks()`` (called twice:
+    one pass to gather the training sample, one to assign every row). ``labels``: ``(N,)`` integer class
+    per row; ``columns``: the vector columns to use (``None``: all). Deterministic for a seed."""
+    if not callable(blocks):
+        raise ValueError(f"blocks={blocks!r} must be a callable returning an iterable of (first_row, vectors).")
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise ValueError(f"labels must be a 1-D integer array, got dtype {y.dtype} and shape {y.shape}.")
+    if len(y) == 0:
+        raise ValueError("labels is empty; there is nothing to slice.")
+    seed = non_negative_int(seed, "seed")
+    embedding = parse_choice(SliceEmbedding, embedding, "slice embedding")
+    cols = None if columns is None else np.asarray(columns, dtype=np.int64)
+    if cols is not None and (cols.ndim != 1 or len(cols) == 0):
+        raise ValueError(f"columns must be a non-empty 1-D array of column positions, got shape {cols.shape}.")
+    return _compute_slices(blocks, y.astype(np.int64), seed, cols, embedding.value)
+
+
+def _unit(z: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+    x = np.asarray(z, dtype=np.float32)
+    if cols is not None:
+        x = x[:, cols]  # (b, D) -> (b, d)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (b, 1)
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def _training_rows(y: np.ndarray, classes: np.ndarray, ks: Mapping[int, int], seed: int) -> np.ndarray:
+    """Sorted rows whose vectors seed the centroids: per class with K > 1, at most
+    ``min(INIT_POINTS_PER_SLICE * K, INIT_POINTS_MAX)`` rows, drawn from a generator seeded by (seed, class)."""
+    parts = [np.zeros(0, dtype=np.int64)]
+    for c in classes.tolist():
+        k = ks[int(c)]
+        if k <= 1:
+            continue  # one slice: its centroid is the normalised mean, no sample needed
+        rows = np.flatnonzero(y == c)
+        cap = min(INIT_POINTS_PER_SLICE * k, INIT_POINTS_MAX)
+        if len(rows) > cap:
+            rng = np.random.default_rng([seed, int(c)])
+            rows = rng.choice(rows, size=cap, replace=False)
+        parts.append(rows)
+    return np.sort(np.concatenate(parts))
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """``(k, d)`` unit centroids of spherical k-means on unit rows ``x`` (FAISS, seeded, one thread so the
+    result does not depend on the machine's core count)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        km = faiss.Kmeans(
+            x.shape[1], k, niter=NITER, spherical=True, seed=int(seed), verbose=False,
+            max_points_per_centroid=max(1, int(math.ceil(len(x) / k))), min_points_per_centroid=1,
+        )
+        km.train(x)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return _normalise(np.asarray(km.centroids, dtype=np.float64).reshape(k, x.shape[1]))  # (k, d)
+
+
+def _normalise(c: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(c, axis=1, keepdims=True)  # (k, 1)
+    return c / np.where(norms > 0, norms, 1.0)
+
+
+def _assign_pass(
+    blocks: Blocks, y: np.ndarray, cols: np.ndarray | None, centroids: Mapping[int, np.ndarray],
+    raw: np.ndarray, sim: np.ndarray | None,
+) -> tuple[dict[int, np.ndarray], int, int]:
+    """One pass over the rows: assign each to its class's nearest centroid (writing ``raw`` and ``sim``) and
+    sum the unit vectors per centroid. Returns (sums per class ``(k, d)``, rows seen, assignments changed)."""
+    sums = {c: np.zeros_like(v) for c, v in centroids.items()}
+    seen = changed = 0
+    for start, z in blocks():
+        stop = start + len(z)
+        seen = max(seen, stop)
+        if stop > len(y):
+            break
+        u = _unit(z, cols).astype(np.float64)  # (b, d)
+        lab = y[start:stop]
+        for c in np.unique(lab).tolist():
+            m = np.flatnonzero(lab == c)
+            s = u[m] @ centroids[c].T  # (b_c, k)
+            best = s.argmax(axis=1)
+            changed += int((raw[start + m] != best).sum())
+            raw[start + m] = best
+            if sim is not None:
+                sim[start + m] = s[np.arange(len(best)), best]
+            np.add.at(sums[c], best, u[m])  # (k, d) += rows of each centroid
+    return sums, seen, changed
+
+
+def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray | None, embedding: str) -> SliceAssignment:
+    n = len(y)
+    classes, class_n = np.unique(y, return_counts=True)
+    ks = {int(c): _compute_slice_count(int(m)) for c, m in zip(classes, class_n)}
+    init_rows = _training_rows(y, classes, ks, seed)
+    # Pass 0: the seeding sample of every class with K > 1 (a few rows per slice, bounded).
+    gathered: list[np.ndarray] = []
+    seen = 0
+    for start, z in blocks():
+        stop = start + len(z)
+        seen = max(seen, stop)
+        lo, hi = np.searchsorted(init_rows, [start, stop])
+        if hi > lo:
+            gathered.append(_unit(z[init_rows[lo:hi] - start], cols))
+    if seen != n:
+        raise ValueError(f"the vector blocks cover {seen} rows but there are {n} labels; they must match.")
+    sample = np.concatenate(gathered) if gathered else None  # (n_init, d)
+    sample_y = y[init_rows]
+    d = None if sample is None else sample.shape[1]
+    centroids: dict[int, np.ndarray] = {}
+    for c in classes.tolist():
+        if ks[c] > 1:
+            centroids[c] = _kmeans(np.ascontiguousarray(sample[sample_y == c]), ks[c], seed * 1_000_003 + c)
+    if d is None:  # every class has one slice: the width comes from the first block
+        first = next(iter(blocks()))[1]
+        d = _unit(first[:1], cols).shape[1]
+    for c in classes.tolist():
+        if ks[c] == 1:
+            centroids[c] = np.ones((1, d)) / math.sqrt(d)  # any unit vector: one centroid takes every row
+    # Streamed spherical Lloyd iterations over all rows: assign, then move each centroid to the normalised
+    # sum of its members; stop when no assignment changes (or after NITER passes).
+    raw = np.full(n, -1, dtype=np.int64)
+    for _ in range(NITER):
+        sums, _, changed = _assign_pass(blocks, y, cols, centroids, raw, None)
+        for c, sm in sums.items():
+            empty = ~(np.abs(sm).sum(axis=1) > 0)
+            new = _normalise(sm)
+            new[empty] = centroids[c][empty]  # an empty centroid stays where it was
+            centroids[c] = new
+        if changed == 0:
+            break
+    sim = np.zeros(n, dtype=np.float64)
+    _assign_pass(blocks, y, cols, centroids, raw, sim)
+    # Renumber inside each class by size, largest first (stable: ties keep the centroid order).
+    within = np.zeros(n, dtype=np.int64)
+    counts: dict[int, int] = {}
+    for c in classes.tolist():
+        m = y == c
+        size = np.bincount(raw[m], minlength=ks[c])  # (k,)
+        order = np.argsort(-size, kind="stable")
+        new_id = np.empty(ks[c], dtype=np.int64)
+        new_id[order] = np.arange(ks[c])
+        within[m] = new_id[raw[m]]
+        counts[c] = int((size > 0).sum())
+    logger.info("slices: %d classes, %d slices (embedding %s)", len(classes), sum(counts.values()), embedding)
+    return SliceAssignment(within=within, similarity=sim, counts=counts, seed=seed, embedding=embedding)
+
+
+def slice_ids(labels: np.ndarray, within: np.ndarray) -> np.ndarray:
+    """``"<label>/<k>"`` for every row (object array of str)."""
+    lab = np.asarray(labels)
+    w = np.asarray(within)
+    if lab.shape != w.shape or lab.ndim != 1:
+        raise ValueError(f"labels {lab.shape} and within {w.shape} must be 1-D of the same length.")
+    return np.array([f"{a}/{b}" for a, b in zip(lab.tolist(), w.tolist())], dtype=object)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """``Σ_b n_b/n · |acc_b - conf_b|`` over ``bins`` equal-width bins of ``confidence`` in [0, 1]; NaN
+    when there is no finite value."""
+    bins = positive_int(bins, "bins")
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.shape != ok.shape:
+        raise ValueError(f"confidence {conf.shape} and correct {ok.shape} must have the same shape.")
+    return _compute_ece(conf, ok, bins)
+
+
+def _compute_ece(conf: np.ndarray, ok: np.ndarray, bins: int) -> float:
+    m = np.isfinite(conf) & np.isfinite(ok)
+    if not m.any():
+        return math.nan
+    conf, ok = conf[m], ok[m]
+    b = np.minimum((conf * bins).astype(np.int64), bins - 1)  # bin of each sample; 1.0 goes to the last
+    n_b = np.bincount(b, minlength=bins)  # (bins,)
+    acc = np.bincount(b, weights=ok, minlength=bins)
+    cf = np.bincount(b, weights=conf, minlength=bins)
+    nz = n_b > 0
+    return float(np.sum(np.abs(acc[nz] - cf[nz])) / len(conf))
+
+
+def _column(df: pd.DataFrame, name: str) -> np.ndarray:
+    if name not in df:
+        return np.full(len(df), np.nan)
+    return pd.array(df[name], dtype="Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def slice_table(df: pd.DataFrame, similarity: np.ndarray | None = None, n_examples: int = N_EXAMPLES) -> pd.DataFrame:
+    """One row per slice (columns ``SLICE_COLUMNS``) from a manifest frame with ``slice`` and ``label``
+    (and, where present, ``correct``, ``loss``, ``pred_confidence``, ``is_label_issue``, ``hardness``).
+    ``similarity``: ``(N,)`` cosine to the slice centroid, for ``representative_ids`` (without it the
+    representatives are the lowest-hardness members). Rows: by label, then slice number."""
+    for col in ("slice", "label", "sample_id"):
+        if col not in df:
+            raise ValueError(f"slice_table needs a {col!r} column; the frame has {list(df.columns)}.")
+    n_examples = non_negative_int(n_examples, "n_examples")
+    if similarity is not None:
+        similarity = np.asarray(similarity, dtype=np.float64)
+        if similarity.shape != (len(df),):
+            raise ValueError(f"similarity has shape {similarity.shape}; it needs ({len(df)},).")
+    return _compute_slice_table(df, similarity, n_examples)
+
+
+def _compute_slice_table(df: pd.DataFrame, similarity: np.ndarray | None, n_examples: int) -> pd.DataFrame:
+    sl = df["slice"].astype(str).to_numpy()
+    labels = df["label"].to_numpy()
+    ids = df["sample_id"].to_numpy()
+    correct = _column(df, "correct")
+    loss = _column(df, "loss")
+    conf = _column(df, "pred_confidence")
+    issue = _column(df, "is_label_issue")
+    hard = _column(df, "hardness")
+    rep_key = similarity if similarity is not None else -np.nan_to_num(hard, nan=np.inf)
+    class_size = pd.Series(labels).value_counts().to_dict()
+    codes, uniq = pd.factorize(sl, sort=False)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(uniq)))]
+    rows = []
+    for i, name in enumerate(uniq):
+        m = order[bounds[i] : bounds[i + 1]]  # rows of this slice, in scan order
+        lab = labels[m[0]]
+        top_rep = m[np.argsort(-rep_key[m], kind="stable")[:n_examples]]
+        top_hard = m[np.argsort(-np.nan_to_num(hard[m], nan=-np.inf), kind="stable")[:n_examples]]
+        rows.append(
+            {
+                "slice": str(name),
+                "label": lab.item() if hasattr(lab, "item") else lab,
+                "size": int(len(m)),
+                "share_of_class": len(m) / class_size[lab],
+                "error_rate": _nanmean(1.0 - correct[m]),
+                "mean_loss": _nanmean(loss[m]),
+                "mean_confidence": _nanmean(conf[m]),
+                "ece": _compute_ece(conf[m], correct[m], ECE_BINS),
+                "label_issue_rate": _nanmean(issue[m]),
+                "representative_ids": [v.item() if hasattr(v, "item") else v for v in ids[top_rep]],
+                "hardest_ids": [v.item() if hasattr(v, "item") else v for v in ids[top_hard]],
+            }
+        )
+    out = pd.DataFrame(rows, columns=list(SLICE_COLUMNS))
+    num = out["slice"].str.rsplit("/", n=1).str[-1].astype(np.int64)
+    out = out.assign(_k=num).sort_values(["label", "_k"], kind="stable").drop(columns="_k").reset_index(drop=True)
+    return out
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else math.nan
+
+
+# ------------------------------------------------------------------------------------------ the scan's step
+def annotate_manifest(
+    df: pd.DataFrame,
+    blocks: Blocks,
+    layout: Sequence[Mapping[str, Any]] | None,
+    seed: int,
+    directory: str | os.PathLike[str] | None,
+    embedding: SliceEmbedding | str = DEFAULT_SLICE_EMBEDDING,
+) -> dict[str, Any]:
+    """The scan's slicing step, on a scored manifest frame (``hardness`` and ``rank`` present), in place:
+    adds ``label_issue`` / ``is_label_issue`` (``hardmine.label_issues``) and ``slice``, and writes
+    ``directory/slices.parquet`` (``slice_table``). Classification only: for other labels the columns are
+    null and no file is written (an old one is removed). Returns the manifest metadata entry ``slices``."""
+    add_label_issue_columns(df)
+    labels = df["label"].to_numpy() if "label" in df else np.zeros(0)
+    path = None if directory is None else Path(directory) / SLICES_FILE
+    meta: dict[str, Any] = {
+        "label_issue_method": DEFAULT_LABEL_ISSUE_METHOD.value,
+        "label_issue_rule": "pred != label and pred_confidence >= mean confidence of the predicted class",
+    }
+    if labels.dtype.kind not in "iu" or len(labels) == 0:
+        df["slice"] = pd.array([None] * len(df), dtype="string")
+        if path is not None:
+            path.unlink(missing_ok=True)
+        return {**meta, "embedding": None}
+    embedding = parse_choice(SliceEmbedding, embedding, "slice embedding")
+    cols = embedding_columns(layout, embedding)
+    a = fit_slices(blocks, labels.astype(np.int64), seed=seed, columns=cols, embedding=embedding)
+    df["slice"] = a.ids(labels)
+    meta.update(
+        {
+            "embedding": embedding.value,
+            "seed": int(seed),
+            "k_rule": f"clip(round(sqrt(n_class / {SAMPLES_PER_SLICE_UNIT})), 1, {MAX_SLICES})",
+            "niter": NITER,
+            "n_slices": int(sum(a.counts.values())),
+        }
+    )
+    if path is not None:
+        write_slice_table(path, slice_table(df, a.similarity), meta)
+        meta["file"] = SLICES_FILE
+    return meta
+
+
+def write_slice_table(path: str | os.PathLike[str], table: pd.DataFrame, metadata: Mapping[str, Any]) -> Path:
+    """Write a ``slice_table`` frame to ``path`` (Parquet, atomically) with ``metadata`` as JSON under the
+    key ``hardmine``."""
+    missing = [c for c in SLICE_COLUMNS if c not in table]
+    if missing:
+        raise ValueError(f"the slice table is missing column(s) {missing}; it needs {list(SLICE_COLUMNS)}.")
+    path = Path(path)
+    t = pa.Table.from_pandas(table[list(SLICE_COLUMNS)], preserve_index=False)
+    t = t.replace_schema_metadata({_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True, default=str).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(t, tmp)
+    return path
+
+
+def read_slice_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read ``slices.parquet`` (a path to it, or the scan directory holding it); the metadata is attached as
+    ``df.attrs["hardmine"]``."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / SLICES_FILE
+    if not p.is_file():
+        raise ValueError(
+            f"{p} does not exist; slices are written by scans of classification data (rescore an older scan "
+            "to add them)."
+        )
+    t = pq.read_table(p)
+    missing = [c for c in SLICE_COLUMNS if c not in t.column_names]
+    if missing:
+        raise ValueError(f"{p} is missing column(s) {missing}; it is not a hardmine slice table.")
+    raw = (t.schema.metadata or {}).get(_METADATA_KEY)
+    df = t.to_pandas()
+    for c in ("representative_ids", "hardest_ids"):
+        df[c] = [list(v) for v in df[c]]
+    df.attrs["hardmine"] = json.loads(raw) if raw else {}
+    return df
