@@ -33,6 +33,7 @@ from ..manifest import (
     write_manifest,
 )
 from ..score import SCORE_TABLE, ScoreConfig, finalize_scores, population_pass, score_pass, unit_rows
+from ..slices import annotate_manifest
 from .ledger import ShardRecord
 from .shards import BLOCK_ROWS, Block, ShardSet
 from .store import MANIFEST_FILE, SCAN_FILE, SCAN_FORMAT_VERSION, ScanStore, read_json
@@ -296,11 +297,12 @@ class Scan:
         knn = (lambda u, rows: knn_block(index, info, u, rows, k)) if k >= 1 else None
         grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, knn, on_block=progress)
         df, used = finalize_scores(stats, grad_scores, config, task)
+        slices_meta = annotate_manifest(df, self.iter_gradients, self.engine_metadata.get("layout"), int(self.config["seed"]), self.path)
         strategy = resolve_strategy(df, config.strategy)  # None -> the task's default
         weight, is_hard = compute_weights(df, strategy, config.top, config.boost, config.temperature, config.cap)
         df["is_hard"] = pd.array(is_hard, dtype="boolean")
         df["weight"] = weight
-        meta = self._manifest_metadata(config, used, k, strategy)
+        meta = self._manifest_metadata(config, used, k, strategy) | {"slices": slices_meta}
         write_manifest(df, self.manifest_path, meta)
         df.attrs["hardmine"] = meta
         return df

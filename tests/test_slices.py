@@ -1,0 +1,266 @@
+"""Slices and label issues with planted truth: a rare sub-cluster per class is recovered by a slice, flipped
+labels get a high ``label_issue`` and are not boosted by the ``slices`` export, slices are deterministic for a
+seed, ``slices.parquet`` round-trips, and ``hardmine slices`` prints a real scan's worst slices."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_scan import batches_of, planted_blobs, trained_mlp
+from typer.testing import CliRunner
+
+from hardmine.cli import app
+from hardmine.enums import LabelIssueMethod, SliceEmbedding
+from hardmine.label_issues import class_thresholds, flag_label_issues, label_issue_score
+from hardmine.manifest import compute_weights, read_manifest
+from hardmine.scan import Scan, scan
+from hardmine.slices import (
+    SLICE_COLUMNS,
+    SLICES_FILE,
+    embedding_columns,
+    expected_calibration_error,
+    fit_slices,
+    read_slice_table,
+    slice_count,
+    slice_table,
+)
+
+
+def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney AUROC (no ties in these continuous scores)."""
+    r = np.argsort(np.argsort(score)) + 1.0
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((r[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _best_f1(within: np.ndarray, y: np.ndarray, truth: np.ndarray, c: int) -> float:
+    best = 0.0
+    rare = truth & (y == c)
+    for k in np.unique(within[y == c]):
+        member = (y == c) & (within == k)
+        best = max(best, 2 * float((member & rare).sum()) / (member.sum() + rare.sum()))
+    return best
+
+
+@pytest.fixture(scope="module")
+def clean_scan(tmp_path_factory):
+    """Planted blobs with their TRUE labels (a 4% rare sub-cluster per class, no flips), a model trained
+    100 steps (it still fails on part of the sub-clusters: a failure mode to find), scanned."""
+    data = planted_blobs(seed=1)
+    y = data["true_y"]
+    model = trained_mlp(data["x"], y, seed=1, steps=100)
+    s = scan(model, batches_of(data["x"], y), out=tmp_path_factory.mktemp("slices") / "s", dim=32, engine="vmap",
+             shard_rows=500, seed=0)
+    return s, data
+
+
+@pytest.fixture(scope="module")
+def noisy_scan(tmp_path_factory):
+    data = planted_blobs(seed=0)
+    model = trained_mlp(data["x"], data["y"], seed=0)
+    s = scan(model, batches_of(data["x"], data["y"]), out=tmp_path_factory.mktemp("noisy") / "s", dim=32,
+             engine="vmap", seed=0)
+    return s, data
+
+
+# ------------------------------------------------------------------------------------------------ K rule
+def test_k_rule_grows_with_the_square_root_of_the_class():
+    assert [slice_count(n) for n in (0, 1, 5, 10, 40, 200, 500, 4000, 10**6)] == [0, 1, 1, 1, 2, 4, 7, 16, 16]
+    with pytest.raises(ValueError, match="-3"):
+        slice_count(-3)
+
+
+# ------------------------------------------------------------------------------------------------ slices
+def test_a_slice_recovers_the_rare_subcluster_of_each_class(clean_scan):
+    s, data = clean_scan
+    df = s.manifest().sort_values("sample_id")
+    y = data["true_y"]
+    within = df["slice"].str.split("/").str[1].astype(int).to_numpy()
+    f1 = [_best_f1(within, y, data["rare"], c) for c in range(4)]
+    assert np.mean(f1) >= 0.8, f1
+    assert min(f1) >= 0.5, f1
+    # Recovered by the table too: the slice most rare members fall in holds few others.
+    table = read_slice_table(s.path)
+    for c in range(4):
+        rare = data["rare"] & (y == c)
+        rare_slice = pd.Series(df["slice"].to_numpy()[rare]).mode()[0]
+        size = int(table.loc[table["slice"] == rare_slice, "size"].iloc[0])
+        if f1[c] >= 0.8:
+            assert size <= 2 * rare.sum()
+
+
+def test_slices_are_deterministic_for_a_seed_and_change_with_it(clean_scan):
+    s, data = clean_scan
+    y = data["true_y"].astype(np.int64)
+    a = fit_slices(s.iter_gradients, y, seed=3)
+    b = fit_slices(lambda: s.iter_gradients(max_rows=97), y, seed=3)  # other block boundaries, same result
+    assert np.array_equal(a.within, b.within)
+    assert np.allclose(a.similarity, b.similarity)
+    c = fit_slices(s.iter_gradients, y, seed=4)
+    assert not np.array_equal(a.within, c.within)
+    # Numbered by size inside each class: slice 0 is the largest.
+    for cls in range(4):
+        sizes = np.bincount(a.within[y == cls])
+        assert np.all(np.diff(sizes) <= 0), sizes
+    # The scan's own column is the seed-0 assignment of the same rule.
+    d = fit_slices(s.iter_gradients, y, seed=0)
+    assert np.array_equal(d.ids(y), s.manifest().sort_values("sample_id")["slice"].to_numpy(dtype=object))
+
+
+def test_output_layer_embedding_uses_only_the_last_layers_columns(clean_scan):
+    s, data = clean_scan
+    layout = s.engine_metadata["layout"]
+    cols = embedding_columns(layout, SliceEmbedding.OUTPUT_LAYER)
+    last = [e for e in layout if e["param"].startswith(layout[-1]["param"].rsplit(".", 1)[0] + ".")]
+    assert len(cols) == sum(e["width"] for e in last) < s.out_dim
+    assert embedding_columns(layout, "gradients") is None
+    a = fit_slices(s.iter_gradients, data["true_y"].astype(np.int64), seed=0, columns=cols)
+    assert set(a.counts) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="'pixels'"):
+        embedding_columns(layout, "pixels")
+
+
+def test_slices_parquet_round_trips(clean_scan):
+    s, data = clean_scan
+    df = s.manifest()
+    table = read_slice_table(s.path / SLICES_FILE)
+    assert list(table.columns) == list(SLICE_COLUMNS)
+    assert table["size"].sum() == len(df)
+    assert set(table["slice"]) == set(df["slice"])
+    assert table.attrs["hardmine"]["embedding"] == "gradients"
+    again = slice_table(df)  # recomputed from the manifest (representatives differ: no centroid similarity)
+    merged = table.merge(again, on="slice", suffixes=("", "_again"))
+    for col in ("size", "share_of_class", "error_rate", "mean_loss", "mean_confidence", "ece", "label_issue_rate"):
+        assert np.allclose(merged[col], merged[f"{col}_again"], equal_nan=True), col
+    assert merged["hardest_ids"].map(list).equals(merged["hardest_ids_again"].map(list))
+    by_id = df.set_index("sample_id")
+    for _, row in table.iterrows():
+        members = set(by_id.index[by_id["slice"] == row["slice"]])
+        assert set(row["representative_ids"]) <= members and set(row["hardest_ids"]) <= members
+        assert len(row["representative_ids"]) == min(5, row["size"])
+        top = by_id.loc[list(members), "hardness"].max()
+        assert by_id.loc[row["hardest_ids"][0], "hardness"] == top
+    with pytest.raises(ValueError, match="does not exist"):
+        read_slice_table(s.path / "nope.parquet")
+
+
+def test_ece_known_values():
+    # All predictions at confidence 0.9, 90% right: calibrated. At 0.9 but 50% right: off by 0.4.
+    conf = np.full(10, 0.9)
+    assert expected_calibration_error(conf, np.array([1] * 9 + [0])) == pytest.approx(0.0)
+    assert expected_calibration_error(conf, np.array([1] * 5 + [0] * 5)) == pytest.approx(0.4)
+    # Two bins: 0.25 with 0/2 right (0.25 off), 1.0 with 2/2 right (0 off) -> 0.125.
+    assert expected_calibration_error(np.array([0.25, 0.25, 1.0, 1.0]), np.array([0, 0, 1, 1])) == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="bins=0"):
+        expected_calibration_error(conf, conf, bins=0)
+
+
+def test_bad_inputs_raise_clear_errors(clean_scan):
+    s, data = clean_scan
+    with pytest.raises(ValueError, match="integer"):
+        fit_slices(s.iter_gradients, data["true_y"].astype(float))
+    with pytest.raises(ValueError, match="cover 2000 rows but there are 10"):
+        fit_slices(s.iter_gradients, data["true_y"][:10].astype(np.int64))
+    with pytest.raises(ValueError, match="callable"):
+        fit_slices([(0, np.zeros((2, 3)))], np.array([0, 1]))
+
+
+# ------------------------------------------------------------------------------------------ label issues
+def test_label_issue_ranks_flipped_labels_and_is_label_issue_is_precise(noisy_scan):
+    s, data = noisy_scan
+    df = s.manifest().sort_values("sample_id").reset_index(drop=True)
+    flipped = data["flipped"]
+    assert _auroc(df["label_issue"].to_numpy(), flipped) >= 0.95
+    for m in LabelIssueMethod:
+        assert _auroc(label_issue_score(df, m), flipped) >= 0.9, m
+    flags = df["is_label_issue"].to_numpy(dtype=bool)
+    assert np.array_equal(flags, flag_label_issues(df))
+    assert flags.sum() >= 0.4 * flipped.sum()
+    assert flipped[flags].mean() >= 0.8  # what it flags is mostly flipped
+    assert not (flags & data["rare"]).any() or (flags & data["rare"]).sum() <= 2  # rare-but-valid stay unflagged
+
+
+def test_label_issues_are_not_boosted_by_the_slices_export(noisy_scan):
+    s, data = noisy_scan
+    df = s.export(strategy="slices").sort_values("sample_id").reset_index(drop=True)
+    flags = df["is_label_issue"].to_numpy(dtype=bool)
+    w = df["weight"].to_numpy()
+    assert flags.any()
+    for c in range(4):
+        m = df["label"].to_numpy() == c
+        if (flags & m).any():
+            assert w[flags & m].max() <= w[~flags & m].min() + 1e-12  # never above any unflagged sample
+    assert not df["is_hard"].to_numpy(dtype=bool)[flags].any()
+    # Without the flags the same frame boosts flipped samples above the rest.
+    plain = df.drop(columns="is_label_issue")
+    w_plain, _ = compute_weights(plain, "slices")
+    assert w_plain[data["flipped"]].mean() > w[data["flipped"]].mean()
+
+
+def test_slices_weights_by_hand():
+    # Class 0: slice 0/0 (4 samples, 2 wrong, one of them a flagged label issue), 0/1 (4 samples, all right);
+    # class 1: one slice, none wrong. The formula of the strategy table, exactly.
+    df = pd.DataFrame(
+        {
+            "label": [0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+            "slice": ["0/0"] * 4 + ["0/1"] * 4 + ["1/0"] * 2,
+            "correct": [False, False, True, True, True, True, True, True, True, True],
+            "is_label_issue": [True, False, False, False, False, False, False, False, False, False],
+            "hardness": np.linspace(1, 0.1, 10),
+            "rank": np.arange(1, 11),
+        }
+    )
+    w, hard = compute_weights(df, "slices", boost=5.0, cap=None)
+    # Non-issue members: 0/0 has 1 wrong of 3 -> e_s = 1/3; class 0: 1 wrong of 7 -> e_c = 1/7.
+    raw = np.array([1.0] + [1 + 5 * (1 / 3) / (1 / 7)] * 3 + [1.0] * 4 + [1.0, 1.0])
+    raw[:8] /= raw[:8].sum()
+    raw[8:] /= raw[8:].sum()
+    assert np.allclose(w, raw * 10 / raw.sum())
+    assert hard.tolist() == [False, True, True, True] + [False] * 6
+    with pytest.raises(ValueError, match="'slice'"):
+        compute_weights(df.drop(columns="slice"), "slices")
+
+
+def test_class_thresholds_are_mean_label_confidence():
+    t = class_thresholds(np.array([0.9, 0.7, 0.2, 0.4]), np.array([0, 0, 1, 1]))
+    assert t == pytest.approx({0: 0.8, 1: 0.3})
+    with pytest.raises(ValueError, match="float64"):
+        class_thresholds(np.array([0.5]), np.array([0.0]))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_slices_on_a_real_scan(clean_scan):
+    s, _ = clean_scan
+    runner = CliRunner()
+    res = runner.invoke(app, ["slices", str(s.path), "--top", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    table = read_slice_table(s.path)
+    assert len(rows) == 3
+    errs = [r["error_rate"] for r in rows]
+    assert errs == sorted(errs, reverse=True) and errs[0] == table["error_rate"].max()
+    res = runner.invoke(app, ["slices", str(s.path), "--class", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert {r["label"] for r in json.loads(res.output)} == {2}
+    res = runner.invoke(app, ["slices", str(s.path), "--top", "2"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "error_rate" in res.output and rows[0]["slice"] in res.output
+    res = runner.invoke(app, ["slices", str(s.path), "--class", "9"])
+    assert res.exit_code == 2 and "--class 9" in res.output
+
+
+def test_rescore_rewrites_slices_and_manifest_reads_old_files(clean_scan, tmp_path):
+    s, _ = clean_scan
+    reopened = Scan.open(s.path)
+    before = read_slice_table(s.path)
+    df = reopened.rescore()
+    pd.testing.assert_frame_equal(read_slice_table(s.path), before)
+    assert df["slice"].notna().all()
+    # A manifest written before these columns existed is still read.
+    old = read_manifest(s.path).drop(columns=["slice", "label_issue", "is_label_issue"])
+    old.to_parquet(tmp_path / "old.parquet")
+    with pytest.warns(UserWarning, match="no hardmine metadata"):
+        back = read_manifest(tmp_path / "old.parquet")
+    assert "is_label_issue" not in back
