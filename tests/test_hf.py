@@ -22,7 +22,7 @@ def hf_dir():
 
 
 def test_hf_model_directory_loads_with_tokenizer(hf_dir):
-    loaded = load_model(hf_dir, num_labels=3)
+    loaded = load_model(hf_dir, num_labels=3, allow_new_head=True)
     assert loaded.kind == "hf" and loaded.tokenizer is not None
     enc = loaded.tokenizer(["a short sentence", "another"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -34,7 +34,7 @@ def test_hf_model_directory_loads_with_tokenizer(hf_dir):
 def test_text_column_is_tokenised_in_batches(tmp_path, hf_dir):
     import pandas as pd
 
-    loaded = load_model(hf_dir, num_labels=2)
+    loaded = load_model(hf_dir, num_labels=2, allow_new_head=True)
     pd.DataFrame({"text": ["good", "bad movie", "fine I guess", "terrible"], "label": [1, 0, 1, 0]}).to_parquet(
         tmp_path / "t.parquet"
     )
@@ -66,9 +66,67 @@ def test_cli_scans_a_hf_model_directory_with_a_text_column(tmp_path, hf_dir):
     res = CliRunner().invoke(app, [
         "scan", hf_dir, str(tmp_path / "reviews.parquet"), "--out", str(tmp_path / "scan"), "--text-column", "text",
         "--id-column", "uid", "--layers", "classifier", "--num-classes", "2", "--dim", "16", "--batch-size", "4",
-        "--quiet", "--json",
+        "--allow-new-head", "--quiet", "--json",
     ], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     df = read_manifest(tmp_path / "scan")
     assert sorted(df["sample_id"]) == sorted(f"r{i}" for i in range(8))
     assert df["loss"].notna().all() and (df["grad_norm"] > 0).all()
+
+
+# -------------------------------------------------------------------------------- no silent model surgery
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from hardmine.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    import pandas as pd
+
+    d = tmp_path_factory.mktemp("reviews")
+    texts = ["a fine film", "dull and long", "great acting", "bad plot", "loved it", "hated it"]
+    pd.DataFrame({"text": texts, "label": [1, 0, 1, 0, 1, 0]}).to_parquet(d / "r.parquet")
+    return d / "r.parquet"
+
+
+def test_a_model_without_a_trained_head_is_refused_unless_asked(tmp_path, hf_dir, reviews):
+    with pytest.raises(ValueError, match="no trained classification head.*--allow-new-head"):
+        load_model(hf_dir)
+    common = ["--text-column", "text", "--layers", "classifier", "--dim", "8", "--quiet", "--json"]
+    res = _invoke("scan", hf_dir, reviews, "--out", tmp_path / "s", *common)
+    assert res.exit_code == 2 and "no trained classification head" in " ".join(res.output.split())
+    assert not (tmp_path / "s").exists()
+    # Opted in: the head is drawn from a fixed seed, so two runs are the same model and give the same losses.
+    a = _invoke("scan", hf_dir, reviews, "--out", tmp_path / "a", "--allow-new-head", *common)
+    b = _invoke("scan", hf_dir, reviews, "--out", tmp_path / "b", "--allow-new-head", *common)
+    assert a.exit_code == 0 and b.exit_code == 0, a.output
+    from hardmine.manifest import read_manifest
+
+    ma, mb = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
+    assert ma.attrs["hardmine"]["model_fingerprint"] == mb.attrs["hardmine"]["model_fingerprint"]
+    assert ma["loss"].tolist() == mb["loss"].tolist()
+    assert ma.attrs["hardmine"]["source"]["new_head"] is True  # recorded
+    state = torch.get_rng_state()
+    load_model(hf_dir, allow_new_head=True)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's random state is untouched
+
+
+def test_a_trained_head_is_never_resized_and_model_is_not_ignored(tmp_path, hf_dir, reviews):
+    trained = tmp_path / "trained"
+    loaded = load_model(hf_dir, num_labels=2, allow_new_head=True)
+    loaded.model.save_pretrained(trained)
+    loaded.tokenizer.save_pretrained(trained)
+    again = load_model(trained)  # the head is in the checkpoint now: no opt-in needed
+    assert again.info["new_head"] is False and again.fingerprint == loaded.fingerprint
+    with pytest.raises(ValueError, match="--num-classes 5 does not match the trained head.*2 classes"):
+        load_model(trained, num_labels=5)
+    res = _invoke("scan", trained, reviews, "--out", tmp_path / "s", "--text-column", "text", "--num-classes", "5",
+                  "--layers", "classifier", "--dim", "8", "--quiet")
+    assert res.exit_code == 2 and "never resizes a trained head" in " ".join(res.output.split())
+    res = _invoke("scan", trained, reviews, "--out", tmp_path / "s", "--text-column", "text", "--model", "models:MLP",
+                  "--quiet")
+    assert res.exit_code == 2 and "drop --model" in " ".join(res.output.split())

@@ -47,6 +47,9 @@ def layers_command(
     model: str | None = typer.Option(None, "--model", help="pkg.module:factory building the architecture of a state dict."),
     state_key: str | None = typer.Option(None, "--state-key", help="Entry of a wrapped checkpoint holding the state dict."),
     unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Allow unpickling a whole saved model (runs code from the file)."),
+    allow_new_head: bool = typer.Option(
+        False, "--allow-new-head", help="Accept a Hugging Face model whose classification head is not trained."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
 ) -> None:
     """List the layers a scan can select (--layers), with parameter counts and the planned engine.
@@ -57,7 +60,8 @@ def layers_command(
 
     if os.getcwd() not in sys.path:  # --model resolves like `python -m`
         sys.path.insert(0, os.getcwd())
-    loaded = load_model(checkpoint, model, state_key=state_key, unsafe_pickle=unsafe_pickle)
+    loaded = load_model(checkpoint, model, state_key=state_key, unsafe_pickle=unsafe_pickle,
+                        allow_new_head=allow_new_head)
     rows = layer_rows(loaded.model)
     if as_json:
         emit_json(rows)

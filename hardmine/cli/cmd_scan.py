@@ -60,6 +60,11 @@ def scan_command(
     model: str | None = typer.Option(None, "--model", help="pkg.module:factory building the architecture of a state dict."),
     state_key: str | None = typer.Option(None, "--state-key", help="Entry of a wrapped checkpoint holding the state dict."),
     unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Allow unpickling a whole saved model (runs code from the file)."),
+    allow_new_head: bool = typer.Option(
+        False, "--allow-new-head",
+        help="Scan a Hugging Face model whose classification head is not in the checkpoint, with a new head drawn "
+             "from a fixed seed (recorded in the scan); refused otherwise.",
+    ),
     format: DataFormat = typer.Option(DataFormat.AUTO, "--format", help="Data format (auto-detected by default)."),
     split: str = typer.Option("train", "--split", help="Split of IDX / HF datasets data."),
     label_column: str = typer.Option("label", "--label-column", help="Column holding the labels (class ids, or numbers for regression)."),
@@ -94,7 +99,8 @@ def scan_command(
     shape = parse_shape(input_shape)
     dev = _device(device)
     t0 = time.perf_counter()
-    loaded = load_model(checkpoint, model, state_key=state_key, unsafe_pickle=unsafe_pickle, num_labels=num_classes)
+    loaded = load_model(checkpoint, model, state_key=state_key, unsafe_pickle=unsafe_pickle, num_labels=num_classes,
+                        allow_new_head=allow_new_head)
     net = loaded.model.to(dev)
     src = open_data(
         data, format=format, label_column=label_column, id_column=id_column, feature_column=feature_column,
@@ -111,6 +117,7 @@ def scan_command(
         "input_shape": list(shape) if shape else None,
     }
     provenance = {**data_options, "checkpoint": str(checkpoint), "checkpoint_kind": loaded.kind,
+                  "new_head": loaded.info.get("new_head", False), "new_head_seed": loaded.info.get("new_head_seed"),
                   "data_hint": src.description.get("fingerprint_hint"), "batch_size": batch_size, "device": str(dev)}
     with bars.progress:
         result = run_scan(

@@ -6,7 +6,11 @@ Accepted forms:
   wraps the state dict (``{"model": ...}``, ``{"state_dict": ...}``, Lightning's ``model.`` prefix) is unwrapped
   with ``state_key`` or detected;
 - a ``torch.export`` archive (``.pt2``): no factory needed;
-- a local Hugging Face model directory (``config.json``), with the ``[hf]`` extra;
+- a local Hugging Face model directory (``config.json``), with the ``[hf]`` extra, loaded as a sequence
+  classifier. A directory whose classification head is not in the checkpoint (e.g. a base or sentence-embedding
+  model) would get a *random* head: refused unless ``allow_new_head=True``, and then the head is initialised
+  from a fixed seed (``NEW_HEAD_SEED``) so two runs give the same model and fingerprint. ``num_labels`` sizes
+  a new head; for a trained head it must match (a trained head is never resized);
 - a fully pickled model only with ``unsafe_pickle=True`` (unpickling runs arbitrary code).
 """
 
@@ -26,11 +30,12 @@ from torch import nn
 
 from .._io import model_fingerprint
 
-__all__ = ["LoadedModel", "load_model", "import_object", "state_dict_fingerprint", "unwrap_state_dict"]
+__all__ = ["NEW_HEAD_SEED", "LoadedModel", "load_model", "import_object", "state_dict_fingerprint", "unwrap_state_dict"]
 
 logger = logging.getLogger(__name__)
 
 _STATE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+NEW_HEAD_SEED = 0  # the seed a newly initialised Hugging Face head is drawn from (allow_new_head=True)
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 _PREFIXES = ("model.", "module.", "net.", "_orig_mod.")
 
@@ -158,6 +163,7 @@ def load_model(
     state_key: str | None = None,
     unsafe_pickle: bool = False,
     num_labels: int | None = None,
+    allow_new_head: bool = False,
 ) -> LoadedModel:
     """Load a model from ``path`` (see the module docstring for the accepted forms)."""
     path = Path(path)
@@ -165,7 +171,12 @@ def load_model(
         raise ValueError(f"checkpoint {str(path)!r} does not exist.")
     if path.is_dir():
         if (path / "config.json").exists():
-            return _load_hf(path, num_labels)
+            if factory is not None:
+                raise ValueError(
+                    f"--model {factory!r} was given, but {path} is a Hugging Face model directory, which brings its "
+                    "own architecture (config.json); drop --model."
+                )
+            return _load_hf(path, num_labels, allow_new_head)
         raise ValueError(f"{path} is a directory without config.json; pass a checkpoint file or a Hugging Face model dir.")
     suffix = path.suffix.lower()
     if suffix == ".pt2":
@@ -205,19 +216,47 @@ def load_model(
     return LoadedModel(model, "state_dict", model_fingerprint(model), info={"format": suffix.lstrip(".")})
 
 
-def _load_hf(path: Path, num_labels: int | None) -> LoadedModel:
+def _load_hf(path: Path, num_labels: int | None, allow_new_head: bool) -> LoadedModel:
     try:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     except ImportError as exc:
         raise ValueError(
             f"{path} is a Hugging Face model directory; reading it needs the [hf] extra: pip install 'hardmine[hf]'."
         ) from exc
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if num_labels is not None:
-        kwargs["num_labels"] = num_labels
+
+    def build(**kwargs: Any) -> tuple[nn.Module, set[str]]:
+        # Seeded in a forked RNG: a head the checkpoint lacks is the same on every run, and the caller's
+        # random state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(NEW_HEAD_SEED)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(path), local_files_only=True, output_loading_info=True, **kwargs
+            )
+        return model, set(info.get("missing_keys", ())) | set(info.get("mismatched_keys", ()))
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        model, missing = build()
+        new_head = bool(missing)
+        if new_head and num_labels is not None and num_labels != model.config.num_labels:
+            model, missing = build(num_labels=num_labels)  # a new head: --num-classes sizes it
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise ValueError(f"could not load the Hugging Face model in {path}: {exc}") from exc
-    return LoadedModel(model, "hf", model_fingerprint(model), tokenizer=tokenizer, info={"format": "hf"})
+    if new_head and not allow_new_head:
+        raise ValueError(
+            f"{path} has no trained classification head: {sorted(missing)[:4]} are missing from the checkpoint and "
+            "would be initialised at random, so every score would describe a random classifier. Scan a fine-tuned "
+            "model, or pass --allow-new-head (allow_new_head=True) to scan it with a new head drawn from a fixed "
+            "seed (recorded in the scan)."
+        )
+    if not new_head and num_labels is not None and num_labels != model.config.num_labels:
+        raise ValueError(
+            f"--num-classes {num_labels} does not match the trained head of {path}, which has "
+            f"{model.config.num_labels} classes ({getattr(config, 'id2label', None)}); --num-classes checks labels "
+            "and never resizes a trained head."
+        )
+    info = {"format": "hf", "new_head": new_head}
+    if new_head:
+        info.update(new_head_seed=NEW_HEAD_SEED, new_head_params=sorted(missing))
+    return LoadedModel(model, "hf", model_fingerprint(model), tokenizer=tokenizer, info=info)
