@@ -172,3 +172,148 @@ def test_draw_follows_the_weights():
         tol = 4 * np.sqrt(p * (1 - p) / len(idx))
         assert abs((idx == i).mean() - p) <= tol
     np.testing.assert_allclose(s.probabilities, [0.1, 0.2, 0.7])
+
+
+# ------------------------------------------------------------------------------------------ MinerSampler
+def test_miner_sampler_is_a_seeded_permutation_until_the_first_refresh():
+    from hardmine.sampler import MinerSampler
+
+    s = MinerSampler(50, seed=2)
+    first = list(s)
+    assert sorted(first) == list(range(50)) and len(s) == 50  # every index once
+    assert list(MinerSampler(50, seed=2)) == first  # reproducible
+    s.set_epoch(1)
+    assert sorted(list(s)) == list(range(50)) and list(s) != first  # a new order each epoch
+    s.set_epoch(0)
+    assert list(s) == first
+    assert list(MinerSampler(50, seed=3)) != first
+    a, b = MinerSampler(50, seed=3), MinerSampler(50, seed=4)
+    a.set_epoch(1)
+    assert list(a) != list(b)  # (3, 1) is not (4, 0)
+
+
+def test_miner_sampler_draws_by_the_refreshed_weights():
+    from hardmine.sampler import MinerSampler
+
+    n = 40
+    s = MinerSampler(n, seed=0)
+    hard = np.arange(5)  # the manifest covers ids 0..19; 0..4 are hard
+    manifest = pd.DataFrame({"sample_id": np.arange(20), "weight": np.where(np.arange(20) < 5, 10.0, 0.5)})
+    s.refresh(manifest)
+    assert s.refreshes == 1 and len(s) == n
+    idx = np.concatenate([_epoch(s, e) for e in range(25)])
+    # expected share of the hard ids: 5*10 / (5*10 + 15*0.5 + 20*1): unobserved ids get weight 1
+    p = 50 / (50 + 7.5 + 20)
+    tol = 4 * np.sqrt(p * (1 - p) / len(idx))
+    assert abs(np.isin(idx, hard).mean() - p) <= tol
+    unobserved = np.isin(idx, np.arange(20, 40)).mean()
+    assert abs(unobserved - 20 / 77.5) <= 4 * np.sqrt(0.26 * 0.74 / len(idx))
+    # without replacement: every index still drawn exactly once
+    w = MinerSampler(n, seed=0, replacement=False)
+    w.refresh(manifest)
+    assert sorted(list(w)) == list(range(n))
+
+
+def _epoch(s, e: int) -> list[int]:
+    s.set_epoch(e)
+    return list(s)
+
+
+def test_miner_sampler_state_round_trip():
+    from hardmine.sampler import MinerSampler
+
+    s = MinerSampler(30, seed=5)
+    st0 = s.state_dict()
+    assert st0["weights"] is None and st0["refreshes"] == 0 and st0["num_samples"] == 30 and st0["seed"] == 5
+    s.refresh(pd.DataFrame({"sample_id": [0, 1, 2], "weight": [9.0, 1.0, 1.0]}))
+    s.set_epoch(4)
+    state = s.state_dict()
+    assert state["epoch"] == 4 and state["refreshes"] == 1
+    torch.testing.assert_close(state["weights"], torch.tensor([9.0, 1.0, 1.0] + [1.0] * 27, dtype=torch.float64))
+    t = MinerSampler(30, seed=5)
+    t.load_state_dict(state)
+    assert t.epoch == 4 and t.refreshes == 1 and list(t) == list(s)
+    state["weights"][0] = 100.0  # the state is a copy: changing it does not change the sampler
+    assert list(s) == list(t)
+    u = MinerSampler(30, seed=5)
+    u.refresh(pd.DataFrame({"sample_id": [0], "weight": [3.0]}))
+    u.load_state_dict(st0)  # back to before the first refresh: a permutation again
+    assert u.refreshes == 0 and sorted(list(u)) == list(range(30)) and list(u) == list(MinerSampler(30, seed=5))
+    with pytest.raises(ValueError, match="num_samples=30, seed=5"):
+        MinerSampler(31, seed=5).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_samples=30, seed=5"):
+        MinerSampler(30, seed=6).load_state_dict(state)
+
+
+def test_miner_sampler_bad_inputs():
+    from hardmine.sampler import MinerSampler
+
+    s = MinerSampler(10)
+    with pytest.raises(ValueError, match="sample_id"):
+        s.refresh(pd.DataFrame({"sample_id": [0]}))
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        s.refresh(pd.DataFrame({"sample_id": [10], "weight": [1.0]}))
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        s.refresh(pd.DataFrame({"sample_id": [-1], "weight": [1.0]}))
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        s.refresh(pd.DataFrame({"sample_id": ["a"], "weight": [1.0]}))
+    s.refresh(pd.DataFrame({"sample_id": [9], "weight": [1.0]}))  # the last index is fine
+    with pytest.raises(ValueError, match="num_samples"):
+        MinerSampler(0)
+    with pytest.raises(ValueError, match="seed"):
+        MinerSampler(5, seed=-1)
+    with pytest.raises(ValueError, match="epoch"):
+        s.set_epoch(-1)
+
+
+# --------------------------------------------------------------------------------- option checking
+def test_options_are_checked_with_messages_that_say_what_to_pass():
+    df = pd.DataFrame({"sample_id": [0, 1, 2, 3], "weight": [1.0, 1.0, 1.0, 1.0]})
+    for bad in (True, 1.5, "1"):
+        with pytest.raises(ValueError, match="seed=.* must be a non-negative integer"):
+            ManifestSampler(df, seed=bad)
+        with pytest.raises(ValueError, match=r"rank=.* must be an integer in \[0, 2\] \(num_replicas=3\)"):
+            ManifestSampler(df, num_replicas=3, rank=bad if bad is not True else 3)
+        with pytest.raises(ValueError, match="epoch=.* must be a non-negative integer"):
+            ManifestSampler(df).set_epoch(bad)
+    with pytest.raises(ValueError, match=r"rank=True must be an integer in \[0, 0\]"):
+        ManifestSampler(df, rank=True)
+    with pytest.raises(ValueError, match="replacement=1 must be True or False"):
+        ManifestSampler(df, replacement=1)
+    with pytest.raises(ValueError, match="without replacement exceeds the 4 samples with a positive weight; "
+                                         "lower num_samples or use replacement=True"):
+        ManifestSampler(df, num_samples=5, replacement=False)
+    # 4 draws over 3 replicas need ceil(4/3)*3 = 6 distinct rows without replacement
+    with pytest.raises(ValueError, match=r"does not split evenly over 3 replicas without replacement "
+                                         r"\(6 > 4 samples with weight > 0\)"):
+        ManifestSampler(df, num_samples=4, num_replicas=3, replacement=False)
+    ok = ManifestSampler(df, num_samples=4, num_replicas=2, replacement=False)  # 2 x 2 = 4 rows: fine
+    assert len(ok) == 2
+    with pytest.raises(ValueError, match="finite weights >= 0"):
+        ManifestSampler(df.assign(weight=["1", "x", "1", "1"]))  # not a number: refused, not guessed
+    with pytest.raises(ValueError):
+        ManifestSampler(df.assign(weight=pd.array([1.0, None, 1.0, 1.0], dtype="Float64")))
+    with pytest.raises(ValueError, match="manifest of type int is not understood"):
+        ManifestSampler(3)
+    with pytest.raises(ValueError, match="not understood"):  # only a Scan has both attributes
+        ManifestSampler(type("Half", (), {"manifest": lambda self: df})())
+
+
+def test_small_weights_and_the_default_seed():
+    df = pd.DataFrame({"sample_id": [0, 1, 2], "weight": [0.1, 0.2, 0.05]})  # sum < 1 is fine
+    s = ManifestSampler(df)
+    np.testing.assert_allclose(s.probabilities, [0.4, 0.8, 0.2] * np.array(1 / 1.4))
+    assert list(s) == list(ManifestSampler(df, seed=0))  # the documented default seed
+    assert s.replacement is True
+
+
+def test_dataset_ids_of_any_sequence_type():
+    df = pd.DataFrame({"sample_id": [2, 0, 1], "weight": [1.0, 0.0, 0.0]})
+    for ids in ([10, 11, 12], np.array([10, 11, 12]), torch.tensor([10, 11, 12]), pd.Index([10, 11, 12])):
+        s = ManifestSampler(df.assign(sample_id=[12, 10, 11]), dataset_ids=ids, num_samples=5)
+        assert list(s) == [2] * 5, type(ids)  # only id 12 has weight: dataset position 2
+    with pytest.raises(ValueError, match=r"dataset_ids has duplicates \(e.g. 'b'\); ids must be unique"):
+        ManifestSampler(df.assign(sample_id=["a", "b", "c"]), dataset_ids=["a", "b", "b", "c"])
+    with pytest.raises(ValueError, match="not dataset indices; pass dataset_ids \\(the sample id of every "
+                                         "dataset item, in order\\)"):
+        ManifestSampler(df.assign(sample_id=["a", "b", "c"]))
