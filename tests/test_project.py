@@ -108,3 +108,57 @@ def test_bad_projector_options(kwargs, pattern):
 def test_bad_project_input():
     with pytest.raises(ValueError, match=r"2-D"):
         Projector(4).project(torch.randn(3))
+
+
+def test_cache_holds_at_most_max_cache_bytes_and_is_reused(monkeypatch):
+    import hardmine.project as hp
+
+    calls = []
+    real = hp.random_block
+
+    def counting(rows, k, **kw):
+        calls.append(kw["block"])
+        return real(rows, k, **kw)
+
+    monkeypatch.setattr(hp, "random_block", counting)
+    x = torch.randn(2, 3 * BLOCK_ROWS)
+    block_bytes = BLOCK_ROWS * 8 * 4  # one (BLOCK_ROWS, 8) float32 block
+    for budget, regenerated in ((0, 3), (block_bytes - 1, 3), (block_bytes, 2), (2 * block_bytes, 1),
+                                (3 * block_bytes, 0)):
+        proj = Projector(8, seed=0, max_cache_bytes=budget)
+        first = proj.project(x)
+        assert calls == [0, 1, 2], budget
+        calls.clear()
+        assert torch.equal(proj.project(x), first)  # a cached block is the same block
+        assert len(calls) == regenerated, budget  # only blocks within the budget were kept
+        calls.clear()
+
+
+def test_projection_is_float32_whatever_the_default_dtype():
+    x = torch.randn(3, 50)
+    expected = Projector(4, seed=0).project(x)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = Projector(4, seed=0).project(x.double())
+    finally:
+        torch.set_default_dtype(old)
+    assert out.dtype == torch.float32
+    assert_close(out, expected)
+
+
+def test_gaussian_projector_matrix_is_the_one_it_projects_with():
+    proj = Projector(16, seed=2, kind="gaussian")
+    m = proj.matrix(300)
+    assert len(torch.unique(m)) > 100  # Gaussian entries, not ±1/sqrt(k)
+    x = torch.randn(3, 300)
+    assert_close(proj.project(x), x @ m, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_messages_say_what_was_passed():
+    with pytest.raises(ValueError, match=r"^project\(\) needs a 2-D \(B, P\) tensor, got torch.Size\(\[3\]\)\.$"):
+        Projector(4).project(torch.randn(3))
+    with pytest.raises(ValueError, match=r"^project\(\) needs a 2-D \(B, P\) tensor, got list\.$"):
+        Projector(4).project([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"^no gradients to project \(empty mapping\)\.$"):
+        Projector(4).project_grads({})
