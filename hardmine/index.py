@@ -5,13 +5,13 @@ Kinds (``IndexKind``), and what ``"auto"`` picks:
 ===========  ==========================================================================================
 ``flat``     exact ``IndexFlatIP``. Chosen by ``auto`` when ``N <= FLAT_MAX_ROWS`` (20,000) and the
              vectors fit in ``FLAT_MAX_BYTES`` (512 MiB). The scoring pass asks for the neighbours of
-             *every* sample, which costs N² similarity evaluations with an exact index: measured here
-             (2 cores) ~1 s at 10k and 106 s at 100k, so exact search stops at 20k.
+             *every* sample, which costs N² similarity evaluations with an exact index, so exact search
+             stops at 20k (the measured cost by N: ``scripts/results/index_choice.md``).
 ``ivf``      ``IndexIVFFlat`` with ``nlist = round(4·sqrt(N))`` lists (at most ``N / 40``), trained on a
              seeded sample of ``min(N, 40·nlist)`` rows, searched with ``nprobe = NPROBE`` (16) lists.
-             Recall@10 against exact search, last-layer gradients of an MLP on Fashion-MNIST (60k, 980
-             lists): 0.976 / 0.997 / 1.000 / 1.000 at nprobe 4 / 8 / 16 / 32, for 20 and 72 dims; the
-             benchmark (``scripts/bench_scan.py``) re-measures it at up to 1M samples. Chosen by ``auto``
+             Recall@10 against exact search by nprobe, on the output-layer gradients of the demo MLP on
+             Fashion-MNIST (60k): ``scripts/results/index_choice.md`` (``scripts/measure_index.py``); the
+             scan benchmark (``scripts/bench_scan.py``) re-measures it at up to 1M samples. Chosen by ``auto``
              above the flat limits. Each shard is added to its own copy of the trained index and written to
              disk; the parts are merged into memory-mapped on-disk inverted lists (``index.ivfdata`` beside
              ``index.faiss``), so neither the build nor the search holds all vectors in RAM.

@@ -33,9 +33,10 @@ __all__ = ["Conv2dRule", "GROUPED_MIN_CHANNELS"]
 # Input channels per group from which a layer on the CPU builds its per-sample weight gradients with one
 # grouped convolution backward (the batch folded into the groups) instead of unfolded patches and a batched
 # matmul.
-# Measured here (2 cores, batch 256, 3x3 kernels): 32 channels per group, 16x16 outputs: 16 ms vs 22 ms; 3
-# channels, 32x32 outputs: 16 ms vs 9 ms (a convolution over a few channels per group runs poorly). Either
-# route is exact; the choice depends only on the layer, so a given model always takes the same one.
+# A convolution over a few channels per group runs poorly, so layers with few input channels keep the unfold
+# route; both routes timed on the shapes this threshold separates: scripts/results/conv_routes.md
+# (scripts/bench_conv_routes.py). Either route is exact; the choice depends only on the layer, so a given
+# model always takes the same one.
 GROUPED_MIN_CHANNELS = 16
 
 
