@@ -38,6 +38,12 @@ strategy); ``noise-rate`` the fraction by rank equal to the estimated label-nois
 ``confident_error`` samples (at least one sample; within each class for ``per-class``). ``top-k`` boosts
 exactly the ``is_hard`` samples.
 
+Label issues are never oversampled: a sample with ``is_label_issue`` (``hardmine.label_issues``; manifests
+that lack the column have none) gets the un-boosted weight 1 under ``top-k`` and ``slices``, and at most the
+mean raw weight (of its class for ``per-class``, of all samples for ``proportional``), i.e. never more than
+uniform sampling would give it. ``hardness`` ranks rare-but-valid and mislabelled samples alike; this keeps
+the second kind out of the boost.
+
 Cap: no weight may exceed ``cap`` times the mean weight. Weights above it are set to ``cap`` and the rest
 are scaled up to keep the mean at 1, repeated until none exceeds it (``cap >= 1``; ``None`` = no cap).
 """
@@ -187,10 +193,12 @@ def compute_weights(
     # A sample without any signal gets the lowest hardness seen, so it is still drawn.
     h = np.where(finite, h, np.nanmin(h) if finite.any() else 1.0)
     is_hard = h >= threshold if hard_set is HardSet.THRESHOLD else rank <= _top_count(n, top)
+    issue = _label_issues(df)
     if strategy is Strategy.TOP_K:
-        raw = np.where(is_hard, float(boost), 1.0)
+        raw = np.where(is_hard & ~issue, float(boost), 1.0)
     elif strategy is Strategy.PROPORTIONAL:
         raw = np.power(np.maximum(h, 1e-12), float(temperature))
+        raw = _at_most_mean(raw, issue, np.zeros(len(raw), dtype=np.int64))
     else:
         labels = df["label"].to_numpy()
         if labels.dtype.kind not in "iu":
@@ -203,6 +211,7 @@ def compute_weights(
             return cap_weights(raw, cap), is_hard
         classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         raw = np.power(np.maximum(h, 1e-12), float(temperature))
+        raw = _at_most_mean(raw, issue, inverse)  # label issues: at most uniform within their class
         class_mass = np.bincount(inverse, weights=raw, minlength=len(classes))  # (C,)
         raw = raw / class_mass[inverse]  # each class sums to 1
         # is_hard inside each class: the top fraction by global rank among the class's samples.
@@ -215,16 +224,35 @@ def compute_weights(
     return cap_weights(raw, cap), is_hard
 
 
+def _at_most_mean(raw: np.ndarray, flagged: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """``raw`` with every flagged value lowered to at most the mean of its group *after* the lowering (the
+    fixed point of ``m = mean(where(flagged, min(raw, m), raw))``, reached from above in a few rounds)."""
+    if not flagged.any():
+        return raw
+    size = np.bincount(group).astype(np.float64)  # (G,)
+    out = raw
+    for _ in range(100):
+        mean = np.bincount(group, weights=out, minlength=len(size)) / np.maximum(size, 1)  # (G,)
+        new = np.where(flagged, np.minimum(raw, mean[group]), raw)
+        if np.allclose(new, out, rtol=1e-12, atol=0.0):
+            return new
+        out = new
+    return out
+
+
+def _label_issues(df: pd.DataFrame) -> np.ndarray:
+    """``(N,)`` bool: ``is_label_issue`` where the manifest has it (older manifests: none)."""
+    if "is_label_issue" not in df:
+        return np.zeros(len(df), dtype=bool)
+    return pd.array(df["is_label_issue"], dtype="boolean").fillna(False).to_numpy(dtype=bool)
+
+
 def _slice_weights(df: pd.DataFrame, labels: np.ndarray, boost: float) -> tuple[np.ndarray, np.ndarray]:
     """Raw ``slices`` weights (before the cap) and ``is_hard``; see the strategy table above."""
     sl = df["slice"]
     if sl.isna().any():
         raise ValueError("strategy 'slices' needs a slice for every sample; rescore the scan to add them.")
-    issue = (
-        pd.array(df["is_label_issue"], dtype="boolean").fillna(False).to_numpy(dtype=bool)
-        if "is_label_issue" in df
-        else np.zeros(len(df), dtype=bool)
-    )
+    issue = _label_issues(df)
     wrong = ~pd.array(df["correct"], dtype="boolean").fillna(True).to_numpy(dtype=bool)
     valid = ~issue
     codes, _ = pd.factorize(sl.astype(str), sort=True)

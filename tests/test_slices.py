@@ -200,6 +200,24 @@ def test_label_issues_are_not_boosted_by_the_slices_export(noisy_scan):
     assert w_plain[data["flipped"]].mean() > w[data["flipped"]].mean()
 
 
+@pytest.mark.parametrize("strategy", ["top-k", "proportional", "per-class", "slices"])
+def test_no_strategy_oversamples_a_flagged_label_issue(noisy_scan, strategy):
+    s, data = noisy_scan
+    df = s.export(strategy=strategy).sort_values("sample_id").reset_index(drop=True)
+    flags = df["is_label_issue"].to_numpy(dtype=bool)
+    w = df["weight"].to_numpy()
+    labels = df["label"].to_numpy()
+    assert flags.any()
+    for c in range(4):
+        m = labels == c
+        uniform = w[m].mean() if strategy in ("per-class", "slices") else w.mean()
+        assert (w[flags & m] <= uniform + 1e-9).all()  # at most what uniform sampling would give
+    # The same manifest without the flags (as written before they existed) does oversample flipped labels.
+    plain = df.drop(columns="is_label_issue")
+    w_plain, _ = compute_weights(plain, strategy)
+    assert w_plain[data["flipped"]].mean() > w[data["flipped"]].mean()
+
+
 def test_slices_weights_by_hand():
     # Class 0: slice 0/0 (4 samples, 2 wrong, one of them a flagged label issue), 0/1 (4 samples, all right);
     # class 1: one slice, none wrong. The formula of the strategy table, exactly.
