@@ -51,8 +51,13 @@ bench: install
 	$(PY) scripts/bench_scan.py
 	$(PY) scripts/update_readme.py
 
+# Quality benchmark on two real datasets (Fashion-MNIST, and mlbench's Satellite installed by
+# install_eval_data.sh), then the defaults chosen by the rules over both (scripts/eval_summary.py).
 eval: install
-	$(PY) scripts/eval_quality.py
+	@sh scripts/install_eval_data.sh
+	$(PY) scripts/eval_quality.py --dataset fashion-mnist --no-online --retrain-weightings 0
+	$(PY) scripts/eval_quality.py --dataset satellite --no-online --retrain-weightings 0
+	$(PY) scripts/eval_summary.py
 	$(PY) scripts/measure_neighbor_signs.py
 	$(PY) scripts/update_readme.py
 

@@ -37,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # evalkit/ beside this
 
 from evalkit import baselines as bl  # noqa: E402
 from evalkit.data import (  # noqa: E402
-    load_split,
+    DATASETS,
+    DatasetSpec,
     make_hidden_strat_task,
     make_long_tail_task,
     make_noise_task,
 )
-from evalkit.metrics import mean_std  # noqa: E402
+from evalkit.metrics import mean_std, paired_interval  # noqa: E402
 from evalkit.report import render_markdown  # noqa: E402
 from evalkit.runner import (  # noqa: E402
     ONLINE_NAME,
@@ -52,6 +53,7 @@ from evalkit.runner import (  # noqa: E402
     run_detection,
     run_retrain_task,
 )
+from evalkit.targets import targets_for  # noqa: E402
 from evalkit.train import TrainConfig  # noqa: E402
 
 logger = logging.getLogger("eval_quality")
@@ -61,16 +63,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Sizes. FULL follows the issue; QUICK only has to exercise every code path in well under a minute.
 # Retraining comparisons are much noisier across seeds than detection AUROCs, so they get more seeds.
 FULL = {
-    "seeds": 3,
+    "seeds": 5,
     "retrain_seeds": 5,
-    "noise_n": 20000,
     "noise_rate": 0.10,
-    "hs_major": 3800,
-    "hs_minority": 0.05,
-    "hs_noise": 0.05,  # 5 x (3800 + 200) = 20,000 images
-    "lt_max": 5000,
-    "lt_ratio": 100.0,
-    "epochs": 6.0,
+    "hs_noise": 0.05,
     "cv_folds": 5,
 }
 QUICK = {
@@ -79,13 +75,31 @@ QUICK = {
     "noise_n": 1500,
     "noise_rate": 0.10,
     "hs_major": 300,
-    "hs_minority": 0.05,
     "hs_noise": 0.05,
     "lt_max": 300,
-    "lt_ratio": 100.0,
     "epochs": 2.0,
     "cv_folds": 3,
 }
+
+
+def _sizes(spec: DatasetSpec, quick: bool) -> dict[str, Any]:
+    """The dataset's task sizes (``DatasetSpec``), with the quick run's smaller ones on top."""
+    base = {
+        "noise_n": spec.noise_n,
+        "hs_major": spec.hs_major,
+        "hs_minority": spec.hs_minority,
+        "lt_max": spec.lt_max,
+        "lt_ratio": spec.lt_ratio,
+        "lt_tail": spec.lt_tail,
+        "epochs": spec.epochs,
+    }
+    over = dict(QUICK if quick else FULL)
+    if quick:  # never ask for more samples than the dataset has
+        over["hs_major"] = min(over["hs_major"], spec.hs_major)
+        over["lt_max"] = min(over["lt_max"], spec.lt_max)
+        over["noise_n"] = min(over["noise_n"], spec.noise_n)
+        over["epochs"] = max(over["epochs"], spec.epochs / 3)
+    return {**base, **over}
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -150,6 +164,8 @@ def _summarise(kind: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         if "minority_scores" in runs[0]:
             s["minority_scores"] = _summarise_scores(runs, "minority_scores")
+        if "slice_f1" in runs[0]:
+            s["slice_f1"] = {e: mean_std([r["slice_f1"][e] for r in runs]) for e in runs[0]["slice_f1"]}
         s["policies"] = _summarise_policies(runs)
     return s
 
@@ -171,10 +187,10 @@ def _runs_metric(tasks: dict[str, Any], t: str, pick: Any) -> list[float]:
 
 
 def _paired(a: list[float], b: list[float]) -> dict[str, float]:
-    """Mean ± std over seeds of the per-seed difference ``a - b``.
-
-    Same seed = same task, first model and init, so the pairing removes most of the seed-to-seed spread."""
-    return mean_std([x - y for x, y in zip(a, b, strict=True)])
+    """Mean, std and 95% interval half-width (Student t, n-1 degrees of freedom) over seeds of the per-seed
+    difference ``a - b``. Same seed = same task, first model and init, so the pairing removes most of the
+    seed-to-seed spread."""
+    return paired_interval([x - y for x, y in zip(a, b, strict=True)])
 
 
 def _first(rows: dict[str, Any], prefix: str) -> str | None:
@@ -182,69 +198,15 @@ def _first(rows: dict[str, Any], prefix: str) -> str | None:
 
 
 def _targets(tasks: dict[str, Any], hm_default: dict[str, str] | None) -> list[dict[str, Any]]:
-    """The issue's three targets, each with the numbers it was judged on (means over seeds) and the paired
-    per-seed differences; met=None when not measurable."""
-    out: list[dict[str, Any]] = []
-    score_name = hm_default["score"] if hm_default else None
-    policy_name = hm_default["policy"] if hm_default else None
-    cl_name = "cleanlab:label quality (K-fold)"
-    for t in ("noise-symmetric", "noise-pairs"):
-        sc = tasks.get(t, {}).get("summary", {}).get("scores", {})
-        ours = _m(sc.get(score_name, {}).get("auroc")) if score_name else math.nan
-        cl = _m(sc.get(cl_name, {}).get("auroc"))
-        a = _runs_metric(tasks, t, lambda r: r["scores"][score_name]["auroc"])
-        b = _runs_metric(tasks, t, lambda r: r["scores"][cl_name]["auroc"])
-        out.append(
-            {
-                "target": f"{t}: AUROC of default hardness >= cleanlab",
-                "ours": ours,
-                "reference": cl,
-                "paired_diff": {"vs cleanlab": _paired(a, b)},
-                "met": None if math.isnan(ours) or math.isnan(cl) else bool(ours >= cl),
-            }
-        )
-    for t in ("hidden-strat", "hidden-strat+noise5"):
-        pol = tasks.get(t, {}).get("summary", {}).get("policies", {})
-        ours = _m(pol.get(policy_name, {}).get("worst")) if policy_name else math.nan
-        jtt, topk = _first(pol, "JTT"), _first(pol, "loss top-")
-        ref = max(_m(pol.get(jtt, {}).get("worst")), _m(pol.get(topk, {}).get("worst")))
-        a = _runs_metric(tasks, t, lambda r: r["policies"][policy_name]["worst"])
-        out.append(
-            {
-                "target": f"{t}: worst-subclass acc of default manifest >= max(JTT, loss-top-k) + 3 points",
-                "ours": ours,
-                "reference": ref + 0.03,
-                "paired_diff": {
-                    f"vs {name}": _paired(
-                        a, _runs_metric(tasks, t, lambda r, n=name: r["policies"][n]["worst"])
-                    )
-                    for name in (jtt, topk)
-                    if name
-                },
-                "met": None if math.isnan(ours) or math.isnan(ref) else bool(ours >= ref + 0.03),
-            }
-        )
-    pol = tasks.get("long-tail", {}).get("summary", {}).get("policies", {})
-    cb_name = "class-balanced sampling"
-    ours = _m(pol.get(policy_name, {}).get("balanced_acc")) if policy_name else math.nan
-    cb = _m(pol.get(cb_name, {}).get("balanced_acc"))
-    a = _runs_metric(tasks, "long-tail", lambda r: r["policies"][policy_name]["balanced_acc"])
-    b = _runs_metric(tasks, "long-tail", lambda r: r["policies"][cb_name]["balanced_acc"])
-    out.append(
-        {
-            "target": "long-tail: balanced acc of default manifest >= class-balanced sampling",
-            "ours": ours,
-            "reference": cb,
-            "paired_diff": {"vs class-balanced sampling": _paired(a, b)},
-            "met": None if math.isnan(ours) or math.isnan(cb) else bool(ours >= cb),
-        }
-    )
-    return out
+    """The issue's targets, each with the numbers it was judged on (means over seeds) and the paired
+    per-seed differences with 95% intervals; met=None when not measurable."""
+    return targets_for(tasks, hm_default["label_issue"] if hm_default else None, hm_default["policy"] if hm_default else None)
 
 
 # ------------------------------------------------------------------------------------------------ main
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    size = dict(QUICK if args.quick else FULL)
+    spec = DATASETS[args.dataset]
+    size = _sizes(spec, args.quick)
     if args.seeds is not None:
         size["seeds"] = size["retrain_seeds"] = args.seeds
     cfg = TrainConfig(epochs=size["epochs"])
@@ -270,8 +232,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         topk_boost=boost,
         use_cleanlab=use_cleanlab,
         hm=hm_runner,
+        online=not args.no_online,
     )
-    train, test = load_split("train"), load_split("test")
+    train, test = spec.load("train"), spec.load("test")
     seeds = list(range(size["seeds"]))
     retrain_seeds = list(range(size["retrain_seeds"]))
     tasks: dict[str, Any] = {}
@@ -283,7 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             factories[f"noise-{kind}"] = (
                 "detection",
                 lambda seed, kind=kind: make_noise_task(
-                    kind, seed, size["noise_n"], size["noise_rate"], train, test
+                    kind, seed, size["noise_n"], size["noise_rate"], train, test, spec.confusable_pairs,
+                    spec.n_classes,
                 ),
             )
     if "hidden" in args.tasks:
@@ -292,13 +256,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             factories[name] = (
                 "retrain",
                 lambda seed, noise=noise: make_hidden_strat_task(
-                    seed, size["hs_major"], size["hs_minority"], noise, train, test
+                    seed, size["hs_major"], size["hs_minority"], noise, train, test, spec.superclass_pairs
                 ),
             )
     if "longtail" in args.tasks:
         factories["long-tail"] = (
             "retrain",
-            lambda seed: make_long_tail_task(seed, size["lt_max"], size["lt_ratio"], train, test),
+            lambda seed: make_long_tail_task(
+                seed, size["lt_max"], size["lt_ratio"], train, test, spec.lt_tail, spec.n_classes
+            ),
         )
 
     for name, (kind, make) in factories.items():
@@ -345,6 +311,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "meta": {
             "quick": bool(args.quick),
             "claims": not args.quick,
+            "dataset": spec.name,
+            "dataset_title": spec.title,
+            "dataset_describe": spec.describe,
+            "n_classes": spec.n_classes,
+            "online_rows": not args.no_online,
             "seeds": seeds,
             "retrain_seeds": retrain_seeds,
             "sizes": size,
@@ -382,10 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (one seed, no claims), < 60 s")
     ap.add_argument(
+        "--dataset", default="fashion-mnist", choices=sorted(DATASETS), help="which real dataset (default fashion-mnist)"
+    )
+    ap.add_argument(
+        "--no-online", action="store_true", help="skip the training-loop API rows (OnlineMiner), which cost the most"
+    )
+    ap.add_argument(
         "--seeds",
         type=int,
         default=None,
-        help="seeds for every task (default: 3 for label noise, 5 for the retraining tasks; quick: 1)",
+        help="seeds for every task (default 5; quick: 1)",
     )
     ap.add_argument("--tasks", default="noise,hidden,longtail", help="comma list of noise,hidden,longtail")
     ap.add_argument("--baselines-only", action="store_true", help="skip hardmine (baseline rows only)")
@@ -423,10 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None and args.seeds < 1:
         ap.error(f"--seeds {args.seeds} must be >= 1")
     # A quick run never overwrites the committed results: without --out it writes to the temp folder.
+    stem = "eval_quality" if args.dataset == "fashion-mnist" else f"eval_quality_{args.dataset.replace('-', '_')}"
     out = args.out or (
-        Path(tempfile.gettempdir()) / "eval_quality_quick.json"
-        if args.quick
-        else RESULTS / "eval_quality.json"
+        Path(tempfile.gettempdir()) / f"{stem}_quick.json" if args.quick else RESULTS / f"{stem}.json"
     )
     md = args.md or out.with_suffix(".md")
     if args.threads < 1:

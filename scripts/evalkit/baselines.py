@@ -21,6 +21,7 @@ __all__ = [
     "class_balanced_weights",
     "jtt_weights",
     "topk_weights",
+    "group_balanced_weights",
 ]
 
 
@@ -87,3 +88,13 @@ def topk_weights(score: np.ndarray, top: float, boost: float) -> np.ndarray:
     w = np.ones(len(score), dtype=np.float64)
     w[np.argsort(-score, kind="stable")[:k]] = float(boost)
     return w
+
+
+def group_balanced_weights(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Every class gets the same mass, and inside it every group (e.g. an inferred cluster) the same share:
+    weight ``1 / (n_classes_in_data * groups_in_class * n_group)``, up to a constant."""
+    codes, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_group = np.bincount(inv)  # (G,)
+    per_class = {int(c): len(np.unique(inv[y == c])) for c in np.unique(y)}
+    k = np.array([per_class[int(c)] for c in y], dtype=np.float64)
+    return 1.0 / (k * n_group[inv])

@@ -29,7 +29,7 @@ from .data import Task
 from .metrics import auroc
 from .train import TrainConfig, make_mlp, weighted_indices
 
-__all__ = ["api", "HardmineRunner", "SIGNAL_COLUMNS", "WEIGHTINGS"]
+__all__ = ["api", "HardmineRunner", "SIGNAL_COLUMNS", "WEIGHTINGS", "label_issue_row"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ _HOME = {
     "OnlineMiner": "hardmine.online",
     "MinerSampler": "hardmine.online",
     "default_strategy": "hardmine.score",
+    "SliceEmbedding": "hardmine.enums",
+    "LabelIssueMethod": "hardmine.enums",
 }
 
 
@@ -130,6 +132,7 @@ OUTPUT_SIGNALS = {"loss", "margin", "el2n", "confidence", "correct", "confident_
 
 # A sharper per-class export (hard samples weigh more inside each class) is tried beside the defaults.
 PER_CLASS_SHARP = 3.0
+SLICES_GENTLE_BOOST = 2.0
 
 # Detection settings the weightings are compared on: (task, which planted truth).
 _STUDY_COLUMNS = (
@@ -146,6 +149,11 @@ def _oriented(df: pd.DataFrame, col: str) -> np.ndarray:
     sign = table[col].orientation if col in table and table[col].orientation != 0 else 1
     v = pd.array(df[col], dtype="Float64").to_numpy(dtype=np.float64, na_value=np.nan)
     return sign * v
+
+
+def label_issue_row(method: str) -> str:
+    """Row name of a ``label_issue`` formula in the detection tables."""
+    return f"hardmine:label_issue[{method}]"
 
 
 def _row_name(col: str) -> str:
@@ -184,6 +192,13 @@ class HardmineRunner:
         self.variants: list[tuple[str, float]] = [(st.value, float(c.temperature)) for st in self.Strategy]
         if ("per-class", PER_CLASS_SHARP) not in self.variants:
             self.variants.append(("per-class", PER_CLASS_SHARP))
+        # The slices export at a gentler boost beside the library's (slices ignore the temperature, so the
+        # variant's second number is its boost).
+        self.variants.append(("slices", SLICES_GENTLE_BOOST))
+        slices = importlib.import_module("hardmine.slices")
+        self.default_slice_embedding = slices.DEFAULT_SLICE_EMBEDDING.value
+        self.label_issue_methods = [m.value for m in api("LabelIssueMethod")]
+        self.default_label_issue = importlib.import_module("hardmine.label_issues").DEFAULT_LABEL_ISSUE_METHOD.value
 
     # ---------------------------------------------------------------------------------------- facts
     def defaults(self) -> dict[str, float]:
@@ -191,7 +206,11 @@ class HardmineRunner:
         return {"top": float(c.top), "boost": float(c.boost)}
 
     def default_names(self) -> dict[str, str]:
-        return {"score": "hardmine:hardness (default)", "policy": self.policy_name(self.default_strategy)}
+        return {
+            "score": "hardmine:hardness (default)",
+            "policy": self.policy_name(self.default_strategy),
+            "label_issue": label_issue_row(self.default_label_issue),
+        }
 
     def policy_name(
         self, strategy: str, weighting: str | None = None, temperature: float | None = None
@@ -203,6 +222,7 @@ class HardmineRunner:
             "top-k": f"top {c.top:g} x{c.boost:g}",
             "proportional": f"hardness^{t:g}",
             "per-class": f"hardness^{t:g} per class",
+            "slices": f"slice error rate x{c.boost if t == c.temperature else t:g}, label issues not boosted",
         }.get(strategy, "")
         is_default = strategy == self.default_strategy and weighting is None and t == c.temperature
         w = f", weights: {weighting}" if weighting else ""
@@ -234,6 +254,9 @@ class HardmineRunner:
         self.frames[(task.name, seed)] = (df, task.is_noisy.copy(), task.is_minority.copy())
         self.scan_dirs[(task.name, seed)] = out
         signals = {_row_name(c): _oriented(df, c) for c in SIGNAL_COLUMNS if c in df}
+        label_issue_score = importlib.import_module("hardmine.label_issues").label_issue_score
+        for m in self.label_issue_methods:
+            signals[label_issue_row(m)] = label_issue_score(df, m)
         check = {
             "loss_max_abs_diff": float(np.max(np.abs(df["loss"].to_numpy(dtype=np.float64) - ref["loss"]))),
             "el2n_max_abs_diff": float(np.max(np.abs(df["el2n"].to_numpy(dtype=np.float64) - ref["el2n"]))),
@@ -241,6 +264,29 @@ class HardmineRunner:
             "out_dim": int(scan.out_dim),
         }
         return signals, check, scan
+
+    def slice_candidates(self, scan: Any, y: np.ndarray, seed: int, feature_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Slice ids per embedding candidate: the scan's own ``slice`` column (the library's default
+        embedding), the other library embedding re-clustered from the stored gradients with the same rule and
+        seed, and the first model's penultimate features (GEORGE's embedding)."""
+        sl = importlib.import_module("hardmine.slices")
+        df = scan.manifest().sort_values("sample_id", kind="stable")
+        out = {self.default_slice_embedding: df["slice"].astype(str).to_numpy()}
+        layout = scan.engine_metadata.get("layout")
+        for emb in api("SliceEmbedding"):
+            if emb.value in out:
+                continue
+            cols = sl.embedding_columns(layout, emb)
+            out[emb.value] = sl.fit_slices(scan.iter_gradients, y.astype(np.int64), seed=seed, columns=cols).ids(y)
+        out["features"] = feature_ids
+        return out
+
+    def slice_weights(self, scan: Any, ids: np.ndarray) -> np.ndarray:
+        """The ``slices`` export's weights with the slice column replaced by ``ids`` (dataset order)."""
+        df = scan.manifest().sort_values("sample_id", kind="stable").reset_index(drop=True)
+        df["slice"] = ids
+        weight, _ = importlib.import_module("hardmine.manifest").compute_weights(df, "slices")
+        return weight
 
     def _draw(self, path: Path, n_draws: int, seed: int) -> torch.Tensor:
         sampler = self.ManifestSampler(str(path), num_samples=n_draws, replacement=True, seed=seed)
@@ -254,10 +300,11 @@ class HardmineRunner:
         for strategy, temperature in variants:
             path = Path(scan.path) / f"export-{slug}-{strategy}-t{temperature:g}.parquet"
 
-            def draw(
-                strategy: str = strategy, temperature: float = temperature, path: Path = path
-            ) -> torch.Tensor:
-                self.export_manifest(scan, strategy=strategy, temperature=temperature, out=str(path))
+            gentle = strategy == "slices" and temperature != self.default_config.temperature
+            knobs = {"boost": temperature} if gentle else {"temperature": temperature}
+
+            def draw(strategy: str = strategy, knobs: dict[str, float] = knobs, path: Path = path) -> torch.Tensor:
+                self.export_manifest(scan, strategy=strategy, out=str(path), **knobs)
                 return self._draw(path, n_draws, seed)
 
             out[self.policy_name(strategy, weighting=weighting, temperature=temperature)] = draw
@@ -266,7 +313,24 @@ class HardmineRunner:
     def policies(self, scan: Any, n_draws: int, seed: int) -> dict[str, Callable[[], torch.Tensor]]:
         """One index stream per export variant of the default scan, drawn by ``ManifestSampler`` from the
         exported Parquet file."""
-        return self._export_variants(scan, n_draws, seed, None, self.variants)
+        out = self._export_variants(scan, n_draws, seed, None, self.variants)
+        # The label-issue guard measured: the default strategy on the same manifest without `is_label_issue`
+        # (as written before it existed), so flagged samples are weighted like any other.
+        frame = scan.manifest()
+        meta = frame.attrs.get("hardmine", {})
+        frame = frame.drop(columns=["is_label_issue"])
+        frame.attrs["hardmine"] = meta
+        path = Path(scan.path) / "export-no-guard.parquet"
+        strategy = self.default_strategy
+        name = self.policy_name(strategy).removesuffix(" (default)").removesuffix("]") + ", label issues boosted too]"
+        self.policy_meta[name] = {"strategy": strategy, "temperature": self.default_config.temperature, "weighting": "no guard"}
+
+        def draw() -> torch.Tensor:
+            self.export_manifest(frame, strategy=strategy, out=str(path))
+            return self._draw(path, n_draws, seed)
+
+        out[name] = draw
+        return out
 
     def weighted_policies(
         self, task_name: str, seed: int, weighting: str, n_draws: int, draw_seed: int
@@ -306,7 +370,7 @@ class HardmineRunner:
         ``miner.manifest()`` after every epoch, as in ``scripts/example_training_loop.py``."""
         miner_cls, sampler_cls = api("OnlineMiner"), api("MinerSampler")
         n = len(task.y)
-        model = make_mlp(task.n_classes, cfg.hidden, init_seed)
+        model = make_mlp(task.n_classes, cfg.hidden, init_seed, in_features=task.x.shape[1])
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         n_steps = n_draws // cfg.batch
         miner = miner_cls(

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["auroc", "precision_at_k", "subgroup_accuracy", "mean_std"]
+__all__ = ["auroc", "precision_at_k", "subgroup_accuracy", "mean_std", "paired_interval"]
 
 
 def _average_ranks(s: np.ndarray) -> np.ndarray:
@@ -76,3 +76,16 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     if len(v) == 0:
         return {"mean": math.nan, "std": math.nan, "n": 0}
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 for n seeds).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_interval(diffs: Sequence[float]) -> dict[str, float]:
+    """``mean_std`` of per-seed paired differences plus ``ci95``: the half-width of the 95% t-interval of
+    their mean (NaN for fewer than 2 values)."""
+    ms = mean_std(diffs)
+    n = ms["n"]
+    ms["ci95"] = _T975.get(n - 1, 1.96) * ms["std"] / math.sqrt(n) if n >= 2 else math.nan
+    return ms

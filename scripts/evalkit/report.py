@@ -16,6 +16,36 @@ def fmt(ms: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def fmt_ci(ms: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
+    """``mean ± 95% half-width`` of a paired difference (``ci95``), falling back to ``fmt``."""
+    if not ms or ms.get("ci95") is None or (isinstance(ms["ci95"], float) and math.isnan(ms["ci95"])):
+        return fmt(ms, scale, digits)
+    return f"{ms['mean'] * scale:+.{digits}f} ± {ms['ci95'] * scale:.{digits}f}"
+
+
+def _slice_f1_table(tasks: dict[str, Any]) -> list[str]:
+    names = [t for t in ("hidden-strat", "hidden-strat+noise5") if "slice_f1" in tasks.get(t, {}).get("summary", {})]
+    if not names:
+        return []
+    embs = list(tasks[names[0]]["summary"]["slice_f1"])
+    lines = [
+        "### Slices: best-matching-slice F1 for the hidden minority, by embedding",
+        "",
+        "Per-class spherical k-means with the library's K rule (`hardmine.slices`); for each hidden minority "
+        "sub-class, the F1 of the slice of its class that matches it best, averaged over the minority "
+        "sub-classes. `gradients`: the scan's unit projected gradients of all layers (the manifest's `slice` "
+        "column); `output-layer`: only the output layer's gradient columns; `features`: the first model's "
+        "penultimate activations (the output layer's input; GEORGE's embedding).",
+        "",
+        "| embedding | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for e in embs:
+        lines.append(f"| {e} | " + " | ".join(fmt(tasks[t]["summary"]["slice_f1"].get(e)) for t in names) + " |")
+    lines.append("")
+    return lines
+
+
 def _best(rows: dict[str, Any], metric: str) -> str | None:
     best, val = None, -math.inf
     for name, r in rows.items():
@@ -138,25 +168,34 @@ def _study_table(study: dict[str, Any] | None) -> list[str]:
 def _intro(meta: dict[str, Any], seeds: int, rseeds: int) -> list[str]:
     tr, z = meta["train"], meta["sizes"]
     minor = round(z["hs_major"] * z["hs_minority"] / (1 - z["hs_minority"]))
+    fmnist = meta.get("dataset", "fashion-mnist") == "fashion-mnist"
+    model = "784" if fmnist else "d"
+    online = (
+        ""
+        if meta.get("online_rows", True)
+        else " The training-loop API rows (OnlineMiner) were not run (`--no-online`)."
+    )
     return [
         f"Mean ± std over {seeds} seed(s) for label noise and {rseeds} seed(s) for the retraining tasks (a "
         "seed fixes the data subset, the injected noise, the first model and the retraining draws). Model: "
-        f"MLP 784-{tr['hidden']}-C (`hardmine.zoo.FashionMLP`), Adam lr {tr['lr']}, batch {tr['batch']}, "
+        f"MLP {model}-{tr['hidden']}-C (`hardmine.zoo.FashionMLP` or the same shape for tabular inputs), Adam "
+        f"lr {tr['lr']}, batch {tr['batch']}, "
         f"{tr['epochs']:g} epochs-equivalent of steps for every run: every retraining policy draws the same "
         "number of samples with replacement, from the same initialisation. hardmine scans the first model "
         "(trained on the observed labels) with `hardmine.scan` defaults (all layers, dim 256); its exports "
         "are drawn with `hardmine.ManifestSampler`. Higher is better everywhere except where a column says "
-        "so; the best row per column is bold. `scripts/eval_quality.py` regenerates this file "
-        f"({meta['seconds'] / 60:.1f} min with {meta['threads']} torch thread(s)).",
+        "so; the best row per column is bold. `scripts/eval_quality.py"
+        + ("" if fmnist else f" --dataset {meta['dataset']}")
+        + f"` regenerates this file ({meta['seconds'] / 60:.1f} min with {meta['threads']} torch thread(s))."
+        + online,
         "",
-        f"Tasks: **label noise**, {z['noise_n']:,} training images with {z['noise_rate']:.0%} symmetric "
-        f"noise, or {z['noise_rate']:.0%} of each of T-shirt/Shirt, Pullover/Coat, Sneaker/Ankle boot "
-        "relabelled as its partner; **hidden stratification**, five superclasses (T-shirt+Shirt, "
-        "Trouser+Dress, Pullover+Coat, Sandal+Sneaker, Bag+Ankle boot), each "
-        f"{z['hs_major']:,} majority + {minor:,} minority images ({z['hs_minority']:.0%}), 5-way labels, "
-        f"with and without {z['hs_noise']:.0%} extra symmetric label noise, tested on the whole test set "
-        "(1,000 images per sub-class); **long tail**, 10 classes with "
-        f"n_c = {z['lt_max']:,} * {z['lt_ratio']:g}^(-c/9) (tail = the 3 rarest), balanced test set.",
+        f"Tasks: **label noise**, {z['noise_n']:,} training samples with {z['noise_rate']:.0%} symmetric "
+        f"noise, or {z['noise_rate']:.0%} of each class of a confusable pair relabelled as its partner; "
+        f"**hidden stratification**, superclasses of a majority class ({z['hs_major']:,} samples) and a "
+        f"minority class ({minor:,}, {z['hs_minority']:.0%}), with and without {z['hs_noise']:.0%} extra "
+        "symmetric label noise, tested on every test sample of those classes; **long tail**, classes with "
+        f"n_c = {z['lt_max']:,} * {z['lt_ratio']:g}^(-c/(C-1)) (tail = the {z.get('lt_tail', 3)} rarest), "
+        f"balanced test set. Pairs and superclasses: {meta.get('dataset_describe', '')}.",
         "",
     ]
 
@@ -165,24 +204,25 @@ def render_markdown(result: dict[str, Any]) -> str:
     meta, tasks = result["meta"], result["tasks"]
     seeds = len(meta["seeds"])
     rseeds = len(meta.get("retrain_seeds", meta["seeds"]))
-    lines = ["## Quality benchmark (Fashion-MNIST, MLP)", ""]
+    lines = [f"## Quality benchmark ({meta.get('dataset_title', 'Fashion-MNIST, MLP')})", ""]
     if meta["quick"]:
         lines += ["> **--quick smoke run: tiny sizes, one seed. These numbers support no claim.**", ""]
     lines += _intro(meta, seeds, rseeds)
     lines += _detection_table(tasks)
     lines += _minority_table(tasks)
+    lines += _slice_f1_table(tasks)
     lines += _policy_table(
         tasks,
         ["hidden-strat", "hidden-strat+noise5"],
         [("acc", "acc"), ("worst", "worst-subclass"), ("minority_acc", "minority mean")],
         "### Hidden stratification: retraining at equal budget (%: test accuracy under the training mix; "
-        "worst sub-class; mean over the 5 minority sub-classes)",
+        "worst sub-class; mean over the minority sub-classes)",
     )
     lines += _policy_table(
         tasks,
         ["long-tail"],
         [("balanced_acc", "balanced acc"), ("tail_acc", "tail-class acc")],
-        "### Long tail (imbalance ratio 100): retraining at equal budget (%)",
+        f"### Long tail (imbalance ratio {meta['sizes']['lt_ratio']:g}): retraining at equal budget (%)",
     )
     lines += _study_table(result.get("hardness_weights"))
     lines += _study_table(result.get("strategies"))
@@ -190,14 +230,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [
             "### Targets from the issue",
             "",
-            "| target | hardmine (mean) | bar (mean) | paired difference per seed (mean ± std) | met |",
+            "| target | hardmine (mean) | bar (mean) | paired difference per seed (mean ± 95% interval) | met |",
             "|---|---|---|---|---|",
         ]
         for t in result["targets"]:
             met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
             ours = "n/a" if t["ours"] is None else f"{t['ours']:.3f}"
             ref = "n/a" if t["reference"] is None else f"{t['reference']:.3f}"
-            paired = "; ".join(f"{k}: {fmt(v)}" for k, v in (t.get("paired_diff") or {}).items())
+            paired = "; ".join(f"{k}: {fmt_ci(v)}" for k, v in (t.get("paired_diff") or {}).items())
             lines.append(f"| {t['target']} | {ours} | {ref} | {paired} | {met} |")
         lines.append("")
     rec = result.get("recommendation")

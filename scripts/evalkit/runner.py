@@ -25,6 +25,9 @@ __all__ = [
     "ONLINE_ROW",
     "ONLINE_NAME",
     "ONLINE_REFRESH_NAME",
+    "JTT_UP_HIGH",
+    "GEORGE_NAME",
+    "best_slice_f1",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class Settings:
         topk_boost: float,
         use_cleanlab: bool,
         hm: Any | None,
+        online: bool = True,
     ) -> None:
         self.cfg = cfg
         self.cv_folds = cv_folds
@@ -58,6 +62,7 @@ class Settings:
         self.topk_boost = topk_boost
         self.use_cleanlab = use_cleanlab
         self.hm = hm  # evalkit.hm.HardmineRunner, or None for a baselines-only run
+        self.online = online  # also train the training-loop API rows
 
 
 def _first_model(task: Task, s: Settings, seed: int) -> torch.nn.Module:
@@ -184,23 +189,86 @@ def run_retrain_task(task: Task, s: Settings, seed: int, detect_minority: bool) 
             weighted_indices(bl.jtt_weights(pred, y, s.jtt_up), n_draws, draw_seed),
             "ce",
         ),
+        f"JTT (errors x{JTT_UP_HIGH:g})": lambda: (
+            weighted_indices(bl.jtt_weights(pred, y, JTT_UP_HIGH), n_draws, draw_seed),
+            "ce",
+        ),
         f"loss top-{s.topk_top:g} x{s.topk_boost:g}": lambda: (
             weighted_indices(bl.topk_weights(ref["loss"], s.topk_top, s.topk_boost), n_draws, draw_seed),
             "ce",
         ),
     }
+    # GEORGE-style (Sohoni et al. 2020): cluster each class in the first model's penultimate features (the
+    # output layer's input), then sample every (class, cluster) group equally often: group-balanced sampling
+    # over inferred groups. Clusters: the same per-class spherical k-means and K rule as hardmine's slices.
+    feats = penultimate_features(model, task.x)
+    feat_groups = feature_slices(feats, y, seed)
+    policies[GEORGE_NAME] = lambda: (
+        weighted_indices(bl.group_balanced_weights(y, feat_groups), n_draws, draw_seed),
+        "ce",
+    )
     if s.hm is not None:
         for name, draw in s.hm.policies(handle, n_draws, draw_seed).items():
             policies[name] = lambda d=draw: (d(), "ce")
+        # The slices export on the other embedding candidates (same strategy, other clusters).
+        cands = s.hm.slice_candidates(handle, y, seed, feat_groups)
+        for emb, ids in cands.items():
+            if emb == s.hm.default_slice_embedding:
+                continue  # the scan's own slices: the "slices" export row above
+            policies[f"hardmine slices export on {emb} clusters"] = lambda ids=ids: (
+                weighted_indices(s.hm.slice_weights(handle, ids), n_draws, draw_seed),
+                "ce",
+            )
+        if detect_minority:
+            out["slice_f1"] = {emb: best_slice_f1(ids, y, task.group, task.is_minority) for emb, ids in cands.items()}
     out["policies"] = {name: _retrain(task, s, retrain_seed, make) for name, make in policies.items()}
-    if s.hm is not None and s.hm.online_available():
+    if s.hm is not None and s.online and s.hm.online_available():
         for name, refresh in ((ONLINE_NAME, False), (ONLINE_REFRESH_NAME, True)):
             t0 = time.perf_counter()
             model_, idx = s.hm.online_train(task, s.cfg, retrain_seed, draw_seed, n_draws, refresh)
             out["policies"][name] = _scored(model_, task, idx, t0)
-    else:
+    elif s.online:
         out["policies"][ONLINE_NAME] = dict(ONLINE_ROW)
     return out
+
+
+JTT_UP_HIGH = 20.0  # JTT's second upweight (the paper tunes it over a range up to 100)
+GEORGE_NAME = "GEORGE-style (feature clusters, group-balanced)"
+
+
+@torch.no_grad()
+def penultimate_features(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """``(N, hidden)`` input of the model's output layer (``classifier``), i.e. ReLU(fc1(x))."""
+    out = []
+    for i in range(0, len(x), 4096):
+        xb = x[i : i + 4096]
+        out.append(model.act(model.fc1(xb.reshape(len(xb), -1))).numpy())  # (b, in) -> (b, hidden)
+    return np.concatenate(out)
+
+
+def feature_slices(feats: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Slice ids of every sample from hardmine's per-class spherical k-means of the features."""
+    from hardmine.slices import fit_slices
+
+    a = fit_slices(lambda: [(0, feats)], y.astype(np.int64), seed=seed)
+    return a.ids(y)
+
+
+def best_slice_f1(ids: np.ndarray, y: np.ndarray, group: np.ndarray, is_minority: np.ndarray) -> float:
+    """Mean over the hidden minority sub-classes of the best F1 of any slice of their observed class (as a
+    detector of the sub-class among that class's samples)."""
+    f1s = []
+    for g in np.unique(group[is_minority]).tolist():
+        truth = (group == g) & is_minority
+        c = np.bincount(y[truth]).argmax()  # the (observed) superclass most of the sub-class carries
+        truth = truth & (y == c)
+        best = 0.0
+        for sid in np.unique(ids[y == c]).tolist():
+            member = ids == sid
+            tp = float((member & truth).sum())
+            best = max(best, 2 * tp / (member.sum() + truth.sum()))
+        f1s.append(best)
+    return float(np.mean(f1s))
 
 
 def _budget(task: Task, s: Settings, seed: int) -> tuple[int, int, int]:

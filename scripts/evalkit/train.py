@@ -13,7 +13,7 @@ from torch import nn
 
 from hardmine.zoo import FashionMLP
 
-__all__ = ["TrainConfig", "make_mlp", "train_mlp", "predict_proba", "weighted_indices", "focal_loss"]
+__all__ = ["TrainConfig", "TabularMLP", "make_mlp", "train_mlp", "predict_proba", "weighted_indices", "focal_loss"]
 
 
 class TrainConfig:
@@ -33,11 +33,29 @@ class TrainConfig:
         return {"hidden": self.hidden, "lr": self.lr, "batch": self.batch, "epochs": self.epochs}
 
 
-def make_mlp(n_classes: int, hidden: int, seed: int) -> FashionMLP:
-    """hardmine's demo model (``hardmine.zoo.FashionMLP``: 784-hidden-C, ReLU) with initial weights fixed by
-    ``seed`` (drawn from an explicit generator, not the global RNG)."""
+class TabularMLP(nn.Module):
+    """The same architecture as ``FashionMLP`` (``fc1`` -> ReLU -> ``classifier``) for ``in_features`` inputs."""
+
+    def __init__(self, in_features: int, hidden: int = 256, n_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.ReLU()
+        self.classifier = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.act(self.fc1(x.reshape(x.shape[0], -1))))  # (B, in) -> (B, C)
+
+
+def make_mlp(n_classes: int, hidden: int, seed: int, in_features: int = 784) -> nn.Module:
+    """hardmine's demo model (``hardmine.zoo.FashionMLP``: 784-hidden-C, ReLU; ``TabularMLP`` of the same
+    shape for other input widths) with initial weights fixed by ``seed`` (drawn from an explicit generator,
+    not the global RNG)."""
     g = torch.Generator().manual_seed(seed)
-    model = FashionMLP(hidden=hidden, n_classes=n_classes)
+    model = (
+        FashionMLP(hidden=hidden, n_classes=n_classes)
+        if in_features == 784
+        else TabularMLP(in_features, hidden=hidden, n_classes=n_classes)
+    )
     with torch.no_grad():
         for layer in (model.fc1, model.classifier):
             # PyTorch's default Linear init (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in))), drawn from g.
@@ -61,9 +79,9 @@ def train_mlp(
     cfg: TrainConfig,
     seed: int,
     loss: str = "ce",
-) -> FashionMLP:
+) -> nn.Module:
     """Train a fresh MLP (init from ``seed``) on ``x[indices]`` in order, ``cfg.batch`` at a time."""
-    model = make_mlp(n_classes, cfg.hidden, seed)
+    model = make_mlp(n_classes, cfg.hidden, seed, in_features=x.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n_steps = len(indices) // cfg.batch
     idx = indices[: n_steps * cfg.batch].reshape(n_steps, cfg.batch)  # (steps, B)
