@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .._version import __version__
-from . import cmd_export, cmd_layers, cmd_neighbors, cmd_scan, cmd_show, cmd_slices
+from . import cmd_drift, cmd_export, cmd_layers, cmd_neighbors, cmd_scan, cmd_show, cmd_slices
 
 app = typer.Typer(
     name="hardmine",
@@ -42,6 +42,7 @@ app.command("show")(cmd_show.show_command)
 app.command("neighbors")(cmd_neighbors.neighbors_command)
 app.command("layers")(cmd_layers.layers_command)
 app.command("slices")(cmd_slices.slices_command)
+app.command("drift")(cmd_drift.drift_command)
 
 
 def main() -> None:
