@@ -1,10 +1,12 @@
 """Manifest: round trip through pandas/pyarrow (polars and DuckDB where installed), validation of foreign or
-newer files, atomic writes, and the weighting strategies."""
+newer files, atomic writes, and the weighting strategies. Second part: what a reader may rely on (types,
+metadata, row checks), the messages a user sees for files that are not manifests, and the chunked writer."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -14,11 +16,14 @@ import pytest
 from test_scan import planted  # noqa: F401  (module-scoped fixture)
 
 import hardmine.manifest as hm
+from hardmine._version import __version__
 from hardmine.enums import Strategy
 from hardmine.manifest import (
     FORMAT_VERSION,
+    MANIFEST_FORMAT,
     REQUIRED_COLUMNS,
     cap_weights,
+    check_destination,
     compute_weights,
     export_manifest,
     read_manifest,
@@ -219,3 +224,216 @@ def test_export_manifest(tmp_path, planted):  # noqa: F811
         export_manifest(pd.DataFrame({"a": [1]}))
     with pytest.raises(ValueError, match="got a int"):
         export_manifest(3)
+
+
+# ------------------------------------------------------------------------------ files: what readers rely on
+def _io_frame(n: int = 12, ids=None) -> pd.DataFrame:
+    g = np.random.default_rng(0)
+    h = np.linspace(1.0, 0.1, n)  # rank 1 first
+    df = pd.DataFrame({
+        "sample_id": np.arange(n) if ids is None else ids, "label": np.arange(n) % 3, "pred": np.zeros(n, np.int64),
+        "loss": g.random(n), "confidence": g.random(n), "margin": g.random(n) - 0.5, "el2n": g.random(n),
+        "grad_norm": g.random(n), "knn_outlier": g.random(n), "hardness": h, "rank": np.arange(1, n + 1),
+    })
+    df["correct"] = pd.array(df["pred"] == df["label"], dtype="boolean")
+    df["confident_error"] = pd.array(np.arange(n) % 4 == 0, dtype="boolean")
+    df["near_miss"] = pd.array(np.zeros(n, bool), dtype="boolean")
+    w, hard = compute_weights(df, "top-k")
+    df["is_hard"] = pd.array(hard, dtype="boolean")
+    df["weight"] = w
+    return df
+
+
+def _file_meta(path) -> dict:
+    return json.loads(pq.read_schema(path).metadata[b"hardmine"])
+
+
+def test_written_file_types_order_and_metadata(tmp_path):
+    df = _io_frame().assign(extra=np.arange(12.0))
+    df = df[["extra"] + [c for c in df.columns if c != "extra"]]  # a user column first in the frame
+    p = write_manifest(df, tmp_path / "m.parquet", {"note": "x"})
+    assert p == tmp_path / "m.parquet"
+    schema = pq.read_schema(p)
+    assert schema.names[0] == "sample_id" and schema.names[-1] == "extra"  # contract columns first, in order
+    assert [n for n in schema.names if n in hm.MANIFEST_COLUMNS] == [c for c in hm.MANIFEST_COLUMNS if c in df]
+    for c in ("correct", "confident_error", "near_miss", "is_hard"):
+        assert schema.field(c).type == pa.bool_(), c
+    assert schema.field("rank").type == pa.int64() and schema.field("sample_id").type == pa.int64()
+    meta = _file_meta(p)
+    assert meta["note"] == "x" and meta["format"] == MANIFEST_FORMAT and meta["format_version"] == FORMAT_VERSION
+    assert meta["hardmine_version"] == __version__
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["created"])
+    kept = write_manifest(df, tmp_path / "k.parquet", {"created": "then", "format_version": 1})
+    assert _file_meta(kept)["created"] == "then"  # given metadata is kept, defaults only fill gaps
+    back = read_manifest(p)
+    assert back.attrs["hardmine"] == meta
+    for c in ("correct", "confident_error", "near_miss", "is_hard"):
+        assert str(back[c].dtype) == "boolean", c
+    pd.testing.assert_frame_equal(back[df.columns], df, check_dtype=False)
+
+
+def test_string_sample_ids_round_trip(tmp_path):
+    df = _io_frame(ids=[f"img_{i:03d}" for i in range(12)])
+    p = write_manifest(df, tmp_path / "s.parquet", {})
+    assert pq.read_schema(p).field("sample_id").type == pa.string()
+    assert read_manifest(p)["sample_id"].tolist() == df["sample_id"].tolist()
+    mixed = _io_frame(ids=[100, "b", 3.5] + list(range(9)))  # object ids become their text
+    assert read_manifest(write_manifest(mixed, tmp_path / "o.parquet", {}))["sample_id"].tolist()[:3] == ["100", "b", "3.5"]
+
+
+def test_large_frames_are_written_a_row_group_at_a_time(tmp_path, monkeypatch):
+    df = _io_frame(n=25)
+    whole = write_manifest(df, tmp_path / "whole.parquet", {"created": "t"})
+    monkeypatch.setattr(hm, "_ROW_GROUP", 10)
+    chunked = write_manifest(df, tmp_path / "chunked.parquet", {"created": "t"})
+    f = pq.ParquetFile(chunked)
+    assert f.metadata.num_row_groups == 3 and f.metadata.num_rows == 25
+    assert [f.metadata.row_group(i).num_rows for i in range(3)] == [10, 10, 5]
+    assert pq.read_table(chunked).equals(pq.read_table(whole))
+    assert _file_meta(chunked) == _file_meta(whole)
+    pd.testing.assert_frame_equal(read_manifest(chunked), read_manifest(whole))
+    exactly = write_manifest(df.iloc[:10], tmp_path / "ten.parquet", {})  # == _ROW_GROUP rows: one group
+    assert pq.ParquetFile(exactly).metadata.num_row_groups == 1
+
+
+def test_a_scan_directory_reads_its_manifest(tmp_path):
+    (tmp_path / "scan").mkdir()
+    write_manifest(_io_frame(), tmp_path / "scan" / "manifest.parquet", {"note": "dir"})
+    assert read_manifest_metadata(tmp_path / "scan")["note"] == "dir"
+    assert len(read_manifest(str(tmp_path / "scan"))) == 12
+    with pytest.raises(ValueError, match=r"^.*empty(/|\\)manifest\.parquet does not exist; pass a manifest "
+                                         r"\.parquet file or a scan directory\.$"):
+        (tmp_path / "empty").mkdir()
+        read_manifest(tmp_path / "empty")
+
+
+def _write_raw(path, df: pd.DataFrame, meta) -> None:
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    md = None if meta is None else {b"hardmine": meta if isinstance(meta, bytes) else json.dumps(meta).encode()}
+    pq.write_table(table.replace_schema_metadata(md), path)
+
+
+def test_reader_messages_for_files_that_are_not_manifests(tmp_path):
+    df = _io_frame()
+    ok = {"format": MANIFEST_FORMAT, "format_version": 1, "hardmine_version": "x"}
+    cases = [
+        (b"{not json", r": the 'hardmine' metadata is not valid JSON \("),
+        ({"format": "other"}, rf": the 'hardmine' metadata does not describe a '{MANIFEST_FORMAT}' file\.$"),
+        (["a list"], r"does not describe a"),
+        ({**ok, "format_version": "v2"}, r": format_version 'v2' is not a version number\.$"),
+        ({**ok, "format_version": "1.7"}, None),  # minor versions are readable
+        ({**ok, "format_version": FORMAT_VERSION + 1, "hardmine_version": "9.9"},
+         rf" was written by hardmine 9\.9 with manifest format {FORMAT_VERSION + 1}; this hardmine "
+         rf"\({re.escape(__version__)}\) reads format {FORMAT_VERSION} or older\. Upgrade hardmine to read it\.$"),
+    ]
+    for i, (meta, pattern) in enumerate(cases):
+        p = tmp_path / f"c{i}.parquet"
+        _write_raw(p, df, meta)
+        if pattern is None:
+            assert read_manifest_metadata(p)["format_version"] == "1.7"
+        else:
+            with pytest.raises(ValueError, match=pattern):
+                read_manifest_metadata(p)
+    p = tmp_path / "cols.parquet"
+    _write_raw(p, df.drop(columns=["weight", "rank"]), ok)
+    with pytest.raises(ValueError, match=r"is missing required column\(s\) \['rank', 'weight'\]; it is not a "
+                                         r"complete hardmine manifest\.$"):
+        read_manifest_metadata(p)
+    bare = tmp_path / "bare.parquet"
+    _write_raw(bare, df.drop(columns=["weight"]), None)
+    with pytest.raises(ValueError, match=r"is a Parquet file but not a hardmine manifest \(no 'hardmine' key in "
+                                         r"its metadata, and no column\(s\) \['weight'\]\); write one with"):
+        read_manifest_metadata(bare)
+    (tmp_path / "t.parquet").write_text("text")
+    with pytest.raises(ValueError, match=r"t\.parquet is not a readable Parquet file \(.*\); pass a hardmine "
+                                         r"manifest\.$"):
+        read_manifest_metadata(tmp_path / "t.parquet")
+
+
+def test_resaved_manifest_is_read_without_provenance(tmp_path):
+    p = tmp_path / "plain.parquet"
+    _io_frame().to_parquet(p)  # pandas drops the hardmine key, keeps the columns
+    with pytest.warns(UserWarning, match="has every manifest column but no hardmine metadata"):
+        meta = read_manifest_metadata(p)
+    assert meta == {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "provenance": None}
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        (lambda d: d.iloc[:0], r": the manifest has no rows\.$"),
+        (lambda d: d.assign(sample_id=[0, 0, 0] + list(range(3, 12))),
+         r": sample_id must be unique and present; duplicated/missing e\.g\. \[0, 0\]\.$"),
+        (lambda d: d.assign(sample_id=[None] + [f"s{i}" for i in range(11)]), r"sample_id must be unique"),
+        (lambda d: d.assign(loss=["a"] * 12), r": column 'loss' has dtype (object|str), expected a number\.$"),
+        (lambda d: d.assign(weight=[np.inf] + [1.0] * 11), r": weights must be finite and >= 0\.$"),
+        (lambda d: d.assign(weight=[-0.5] + [1.0] * 11), r": weights must be finite and >= 0\.$"),
+        (lambda d: d.assign(rank=[2] * 12), r": rank must be a permutation of 1\.\.12\.$"),
+        (lambda d: d.assign(rank=np.arange(12)), r": rank must be a permutation of 1\.\.12\.$"),
+    ],
+)
+def test_rows_are_validated_on_read(tmp_path, change, pattern):
+    p = tmp_path / "bad.parquet"
+    bad = change(_io_frame())
+    table = pa.Table.from_pandas(bad, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata({b"hardmine": json.dumps(
+        {"format": MANIFEST_FORMAT, "format_version": 1}).encode()}), p)
+    with pytest.raises(ValueError, match=pattern):
+        read_manifest(p)
+    assert read_manifest_metadata(p)["format"] == MANIFEST_FORMAT  # only the rows are wrong
+
+
+def test_destinations(tmp_path):
+    assert check_destination(tmp_path / "new.parquet") == tmp_path / "new.parquet"
+    with pytest.raises(ValueError, match=r"it is a directory; give a file path such as '.*manifest\.parquet'\.$"):
+        check_destination(tmp_path)
+    (tmp_path / "user.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match=r"exists and is not a hardmine manifest; refusing to replace it\. "
+                                         r"Choose another path, or pass overwrite=True to replace it\.$"):
+        write_manifest(_io_frame(), tmp_path / "user.csv", {})
+    assert (tmp_path / "user.csv").read_text() == "a,b\n"
+    write_manifest(_io_frame(), tmp_path / "user.csv", {}, overwrite=True)
+    write_manifest(_io_frame(), tmp_path / "user.csv", {"v": 2})  # now a manifest: replaced without asking
+    assert _file_meta(tmp_path / "user.csv")["v"] == 2
+    with pytest.raises(ValueError, match=r"^cannot write .*nodir(/|\\)m\.parquet: directory .*nodir does not "
+                                         r"exist\.$"):
+        write_manifest(_io_frame(), tmp_path / "nodir" / "m.parquet", {})
+    with pytest.raises(ValueError, match=r"^manifest is missing required column\(s\) \['hardness'\]; it needs \["):
+        write_manifest(_io_frame().drop(columns=["hardness"]), tmp_path / "x.parquet", {})
+    (tmp_path / "user2.csv").write_text("x")
+    with pytest.raises(ValueError, match="refusing to replace"):  # export checks the destination first
+        export_manifest(42, out=tmp_path / "user2.csv")  # (a bad source would fail later)
+
+
+def test_export_sources_and_metadata(tmp_path):
+    df = _io_frame()
+    df.attrs["hardmine"] = {"format": MANIFEST_FORMAT, "model_fingerprint": "abc"}
+    out = export_manifest(df, strategy="top-k", top=0.25, boost=2.0, cap=None)
+    assert out.attrs["hardmine"]["model_fingerprint"] == "abc"
+    assert out.attrs["hardmine"]["export"] == {"strategy": "top-k", "top": 0.25, "boost": 2.0,
+                                               "temperature": 1.0, "cap": None}
+    assert "hard_set" not in out.attrs["hardmine"]["export"]
+    assert df["weight"].tolist() != out["weight"].tolist()  # the source frame is not modified
+    assert out["is_hard"].tolist() == [True] * 3 + [False] * 9 and str(out["is_hard"].dtype) == "boolean"
+    thr = export_manifest(df, strategy="top-k", hard_set="threshold", threshold=0.5)
+    assert thr.attrs["hardmine"]["export"]["hard_set"] == "threshold"
+    assert thr.attrs["hardmine"]["export"]["threshold"] == 0.5
+    np.testing.assert_array_equal(thr["is_hard"].to_numpy(dtype=bool), df["hardness"].to_numpy() >= 0.5)
+    bare = df.copy()
+    bare.attrs = {}
+    with pytest.warns(UserWarning, match="no hardmine metadata"):
+        b = export_manifest(bare, strategy="top-k")
+    assert b.attrs["hardmine"]["provenance"] is None
+    bad = bare.assign(rank=[1] * 12)
+    with pytest.raises(ValueError, match="the DataFrame: rank must be a permutation"):
+        export_manifest(bad, strategy="top-k")
+    with pytest.raises(ValueError, match=r"carries no hardmine metadata \(df\.attrs\['hardmine'\]\) and is missing "
+                                         r"manifest column\(s\) \['rank'"):
+        export_manifest(bare.drop(columns=["rank"]))
+    with pytest.raises(ValueError, match=r"^the DataFrame is missing manifest column\(s\) \['weight'\]\.$"):
+        export_manifest(df.drop(columns=["weight"]))
+    with pytest.raises(ValueError, match=r"^export_manifest got a list; pass a Scan"):
+        export_manifest([1])
+    p = write_manifest(df, tmp_path / "m.parquet", df.attrs["hardmine"])
+    from_path = export_manifest(str(p), strategy="top-k", top=0.25, boost=2.0, cap=None)
+    np.testing.assert_allclose(from_path["weight"], out["weight"])
