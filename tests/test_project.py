@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from hardmine.project import BLOCK_ROWS, Projector, random_block, random_matrix
+from hardmine.project import BLOCK_ROWS, Projector, block_seed, random_block, random_matrix
 
 
 def test_same_seed_same_output_and_different_seed_different_matrix():
@@ -162,3 +162,35 @@ def test_bad_input_messages_say_what_was_passed():
         Projector(4).project([[1.0, 2.0]])
     with pytest.raises(ValueError, match=r"^no gradients to project \(empty mapping\)\.$"):
         Projector(4).project_grads({})
+
+
+def test_matrix_definition_is_pinned():
+    """The matrix is part of every stored scan: these values may only change with a new matrix version."""
+    pinned = {(0, "", 0): 3025738645469405972, (1, "", 0): 1342697136549558618,
+              (0, "a.weight", 0): 7413022500748630126, (0, "", 1): 2801479230690817136,
+              (7, "x", 3): 8754993983597069344, (123, "layer", 2): 19398947122470289,
+              (2**31, "", 5): 7298617688409597410, (5, "b", 0): 4942758049239217064}
+    for (seed, key, block), value in pinned.items():
+        assert block_seed(seed, key, block) == value
+        assert 0 <= value < 2**63
+    r = torch.sign(random_block(5, 3, seed=0, key="", block=0))
+    assert r.tolist() == [[-1, -1, -1], [-1, -1, 1], [-1, -1, -1], [-1, 1, -1], [-1, 1, 1]]
+    g = random_block(2, 3, seed=0, key="", block=0, kind="gaussian")
+    assert_close(g, torch.tensor([[-0.0783277825, 0.3842376769, -1.0351603031],
+                                  [0.0472856276, 0.3848630190, 0.4327030778]]), rtol=0, atol=1e-7)
+    assert torch.equal(random_matrix(BLOCK_ROWS + 2, 3, seed=0)[BLOCK_ROWS:],
+                       random_block(2, 3, seed=0, key="", block=1))  # row blocks are independent seeds
+
+
+def test_dimension_checks_and_defaults():
+    with pytest.raises(ValueError, match=r"^input dimension 0 must be a positive integer\.$"):
+        random_matrix(0, 4, seed=0)
+    with pytest.raises(ValueError, match=r"^input dimension 2\.5 must be a positive integer\.$"):
+        random_matrix(2.5, 4, seed=0)
+    with pytest.raises(ValueError, match=r"^projection dim k=1\.5 must be a positive integer\.$"):
+        random_matrix(3, 1.5, seed=0)
+    with pytest.raises(ValueError, match=r"^kind='sparse' is not a valid choice"):
+        random_block(2, 2, seed=0, key="", block=0, kind="sparse")
+    x = torch.randn(2, 10)
+    assert torch.equal(Projector(4).project(x), Projector(4, seed=0).project(x))  # the documented default seed
+    assert Projector(1).project(x).shape == (2, 1)
