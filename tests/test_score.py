@@ -190,3 +190,171 @@ def test_score_config_validation_and_table():
             assert info.harder_when in ("lower", "false"), name
         elif info.orientation == 1:
             assert info.harder_when in ("higher", "true"), name
+
+
+# ------------------------------------------------------------------------------ options and their ranges
+def test_export_parameter_ranges():
+    from hardmine.score import validate_export_params
+
+    for ok in ((1.0, 5.0, 1.0, 20.0), (1, 1e-9, 0, 1), (np.float64(0.5), np.int64(2), 0.0, None), (1e-9, 1, 3, 1.0)):
+        validate_export_params(*ok)
+    bad = [
+        ((0, 5, 1, 20), r"^top=0 must be a fraction in \(0, 1\] \(e\.g\. 0\.1 = the hardest 10%\)\.$"),
+        ((1.01, 5, 1, 20), r"^top=1\.01 must be a fraction"),
+        ((True, 5, 1, 20), r"^top=True must be a fraction"),
+        ((float("nan"), 5, 1, 20), r"^top=nan must be a fraction"),
+        ((0.1, 0, 1, 20), r"boost"),
+        ((0.1, float("inf"), 1, 20), r"boost"),
+        ((0.1, 5, -0.1, 20), r"temperature"),
+        ((0.1, 5, 1, 0.99), r"^cap=0\.99 must be None or a number >= 1: the largest weight allowed, as a multiple "
+                            r"of the mean weight \(which is 1\)\.$"),
+        ((0.1, 5, 1, float("inf")), r"^cap=inf must be None"),
+        ((0.1, 5, 1, "3"), r"^cap='3' must be None"),
+    ]
+    for args, pattern in bad:
+        with pytest.raises(ValueError, match=pattern):
+            validate_export_params(*args)
+
+
+def test_score_config_fields_are_checked_and_normalised():
+    from hardmine.enums import Strategy
+
+    cfg = ScoreConfig(weights={"margin": 1, "loss": 0}, strategy="top-k", confident_error_threshold=1.0,
+                      near_miss_margin=2.0, k=1)
+    assert cfg.weights == {"margin": 1.0, "loss": 0.0} and all(type(w) is float for w in cfg.weights.values())
+    assert cfg.strategy is Strategy.TOP_K
+    d = cfg.to_dict()
+    assert d["strategy"] == "top-k" and list(d["weights"]) == ["loss", "margin"] and d["k"] == 1
+    assert ScoreConfig().to_dict()["strategy"] is None
+    assert ScoreConfig().weights == DEFAULT_WEIGHTS and ScoreConfig().weights is not DEFAULT_WEIGHTS
+    assert ScoreConfig(confident_error_threshold=0.0, near_miss_margin=0.0).near_miss_margin == 0.0
+    for kwargs, name in (
+        ({"k": True}, "k"), ({"k": 2.5}, "k"), ({"weights": {}}, "weights"), ({"weights": [("loss", 1)]}, "weights"),
+        ({"weights": {"loss": True}}, "loss"), ({"weights": {"loss": float("inf")}}, "loss"),
+        ({"weights": {"hardness": 1.0}}, "hardness"), ({"confident_error_threshold": 1.01}, "confident_error"),
+        ({"confident_error_threshold": -0.01}, "confident_error"), ({"near_miss_margin": 2.01}, "near_miss"),
+        ({"near_miss_margin": True}, "near_miss"), ({"leave_one_out": 1}, "leave_one_out"),
+        ({"temperature": -1}, "temperature"), ({"boost": 0}, "boost"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            ScoreConfig(**kwargs)
+    with pytest.raises(ValueError, match=r"not a weightable score; use some of \['loss', 'confidence', 'margin'"):
+        ScoreConfig(weights={"pred": 1.0})
+    with pytest.raises(ValueError, match=r"^ScoreConfig weights=\{'loss': 0\.0, 'margin': 0\} are all zero; give "
+                                         r"one signal a weight > 0\.$"):
+        ScoreConfig(weights={"loss": 0.0, "margin": 0})
+    with pytest.raises(ValueError, match=r"^unknown ScoreConfig field\(s\) \['a', 'kk'\]; known: \['boost', "):
+        ScoreConfig.from_dict({"kk": 3, "a": 1, "k": 2})
+    assert ScoreConfig.from_dict({"k": 3}).k == 3
+
+
+def test_default_strategy_and_table_entries():
+    from hardmine.enums import Strategy
+    from hardmine.score import default_strategy
+
+    assert default_strategy(True) is Strategy.PER_CLASS and default_strategy(False) is Strategy.PROPORTIONAL
+    assert SCORE_TABLE["margin"].to_dict() == {"meaning": SCORE_TABLE["margin"].meaning, "harder_when": "lower",
+                                               "orientation": -1, "needs_classes": True}
+
+
+# ----------------------------------------------------------------------------------- per-batch stats
+def test_regression_stats_and_one_output_classifiers():
+    from hardmine.score import regression_stats
+
+    r = regression_stats(np.array([[1.5], [-2.0]]))
+    np.testing.assert_array_equal(r["pred"], [1.5, -2.0])
+    assert r["correct"].isna().all() and len(r["correct"]) == 2
+    for name in ("confidence", "pred_confidence", "margin", "el2n"):
+        assert np.isnan(r[name]).all() and r[name].shape == (2,), name
+    r["confidence"][0] = 1.0
+    assert np.isnan(r["margin"][0])  # separate arrays, not one shared
+    np.testing.assert_array_equal(regression_stats(np.array([3.0, 4.0]))["pred"], [3.0, 4.0])
+    assert np.isnan(regression_stats(np.ones((2, 3)))["pred"]).all()  # multi-output: no scalar prediction
+    one = classification_stats(np.array([[0.3], [2.0]]), np.array([0, 0]))
+    assert np.isnan(one["margin"]).all() and (one["confidence"] == 1.0).all() and one["correct"].all()
+    st = classification_stats(np.array([[0.0, 0.0, np.log(2.0)]]), np.array([2]))
+    np.testing.assert_allclose(st["confidence"], [0.5])
+    np.testing.assert_allclose(st["margin"], [0.25])
+    assert st["pred"].dtype == np.int64
+
+
+def test_unit_rows_keep_zero_rows_zero():
+    from hardmine.score import unit_rows
+
+    u, norms = unit_rows(np.array([[3.0, 4.0], [0.0, 0.0], [0.0, -2.0]], dtype=np.float32))
+    np.testing.assert_allclose(u, [[0.6, 0.8], [0.0, 0.0], [0.0, -1.0]])
+    np.testing.assert_allclose(norms, [5.0, 0.0, 2.0])
+    assert u.dtype == np.float64
+
+
+def test_population_without_labels_and_blocks_with_absent_classes():
+    z = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    pop = population_pass([(0, z[:1]), (1, z[1:])], 2, None, 3)
+    assert pop.class_count is None and pop.n == 3
+    np.testing.assert_allclose(pop.unit_sum, [2.0, 1.0])
+    np.testing.assert_allclose(pop.plain_sum, [4.0, 2.0])
+    lab = np.array([2, 0, 2])
+    pop2 = population_pass([(0, z[:2]), (2, z[2:])], 2, lab, 4)
+    np.testing.assert_array_equal(pop2.class_count, [1, 0, 2, 0])
+    np.testing.assert_allclose(pop2.class_plain_sum, [[0.0, 2.0], [0, 0], [4.0, 0.0], [0, 0]])
+    np.testing.assert_allclose(pop2.class_unit_sum, [[0.0, 1.0], [0, 0], [2.0, 0.0], [0, 0]])
+    pop3 = PopulationStats.empty(2, 4)
+    pop3.update(z, None)  # no labels for this block: only the global sums move
+    assert pop3.n == 3 and pop3.class_count.sum() == 0
+
+
+# -------------------------------------------------------------------------------------- hardness
+def test_composite_hardness_drops_signals_missing_everywhere_and_skips_zero_weights():
+    cols = {"loss": np.array([1.0, 2.0, 3.0]), "margin": np.full(3, np.nan), "el2n": np.array([3.0, 2.0, 1.0])}
+    h, used = composite_hardness(cols, {"loss": 1.0, "margin": 5.0, "el2n": 0.0})
+    assert used == {"loss": 1.0}
+    np.testing.assert_allclose(h, [1 / 3, 2 / 3, 1.0])
+    h2, _ = composite_hardness({"loss": np.array([1.0, np.nan])}, {"loss": 1.0})
+    assert h2[0] == 1.0 and np.isnan(h2[1])  # a sample with no signal has no hardness
+    with pytest.raises(ValueError, match=r"^hardness weight for 'grad_norm', but there is no such score column\.$"):
+        composite_hardness(cols, {"grad_norm": 1.0})
+    assert np.isnan(rank_normalize(np.array([np.nan, np.nan]))).all()
+
+
+def test_score_pass_streams_blocks_with_neighbours_and_reports_progress():
+    from hardmine.score import score_pass
+
+    g = np.random.default_rng(0)
+    z = g.normal(size=(10, 3))
+    y = np.array([0, 1] * 5)
+    blocks = [(0, z[:4]), (4, z[4:])]
+    pop = population_pass(blocks, 3, y, 2)
+    seen, progress = [], []
+
+    def knn(u, rows):
+        seen.append((u.dtype, u.flags["C_CONTIGUOUS"], rows.tolist()))
+        np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0, rtol=1e-6)
+        nb = (rows[:, None] + np.array([1, 2])) % 10  # two "neighbours" per row
+        return KnnResult(sims=np.full((len(rows), 2), 0.5), rows=nb, abs_rows=nb)
+
+    out = score_pass(blocks, 10, y, pop, ScoreConfig(), knn, on_block=progress.append)
+    assert progress == [4, 10]
+    assert [s[2] for s in seen] == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]] and all(s[0] == np.float32 for s in seen)
+    np.testing.assert_allclose(out["knn_outlier"], 0.5)
+    np.testing.assert_allclose(out["neighbor_disagreement"], 0.5)  # one of the two neighbours has the other label
+    np.testing.assert_allclose(out["class_divergence"], divergence_scores(z, y, pop)["class_divergence"])
+    none = score_pass(blocks, 10, y, pop, ScoreConfig(), None)
+    assert np.isnan(none["knn_outlier"]).all() and np.isnan(none["neighbor_disagreement"]).all()
+    assert set(none) == {"class_divergence", "global_divergence", "class_divergence_plain",
+                         "global_divergence_plain", "class_distance", "knn_outlier", "neighbor_disagreement"}
+
+
+def test_finalize_scores_refuses_weights_it_cannot_use():
+    stats = pd.DataFrame({"sample_id": [0, 1], "label": [0.5, 1.5], "loss": [0.1, 2.0], "grad_norm": [1.0, 3.0],
+                          "pred": [0.4, 1.0], "correct": pd.array([None, None], dtype="boolean"),
+                          "confidence": [np.nan] * 2, "pred_confidence": [np.nan] * 2, "margin": [np.nan] * 2,
+                          "el2n": [np.nan] * 2})
+    with pytest.raises(ValueError, match=r"none of the weighted signals \['margin'\] exists for a regression "
+                                         r"scan; weight signals that do \(for regression: loss, grad_norm"):
+        finalize_scores(stats.copy(), {}, ScoreConfig(weights={"margin": 1.0}), TaskKind.REGRESSION)
+    with pytest.raises(ValueError, match=r"hardness weight for 'knn_outlier', but the scan has no such column"):
+        finalize_scores(stats.copy(), {}, ScoreConfig(weights={"knn_outlier": 1.0}), TaskKind.REGRESSION)
+    df, used = finalize_scores(stats.copy(), {}, ScoreConfig(weights={"margin": 1.0, "loss": 1.0}),
+                               TaskKind.REGRESSION)
+    assert used == {"loss": 1.0} and df["rank"].tolist() == [2, 1]
+    assert df["confident_error"].isna().all() and df["near_miss"].isna().all()
