@@ -17,6 +17,7 @@ __all__ = [
     "LossKind",
     "ProjectionKind",
     "Randomness",
+    "ReviewReason",
     "ScanPhase",
     "SliceEmbedding",
     "Strategy",
@@ -109,6 +110,14 @@ class LabelIssueMethod(str, Enum):
     LOG_MARGIN = "log-margin"  # log max_{j != y} p[j] - log p[y]
     NORMALIZED_CONFIDENCE = "normalized-confidence"  # -log(p[y] / t_y), t_y the class's mean p[y]
     LOSS_NEIGHBORS = "loss+neighbors"  # rank mean of loss and |cos|-neighbour label disagreement
+
+
+class ReviewReason(str, Enum):
+    """Why ``hardmine.review`` queues a sample for an expert, in priority order (see ``hardmine.review``)."""
+
+    CONFIDENT_ERROR = "confident-error"  # the model is confidently wrong: a label error or a real failure
+    LABEL_ISSUE = "label-issue"  # is_label_issue (or, without it, most |cos| neighbours carry another label)
+    NEAR_MISS = "near-miss"  # right, but barely: the boundary cases an expert can confirm
 
 
 class ScanPhase(str, Enum):

@@ -5,7 +5,17 @@ from __future__ import annotations
 import typer
 
 from .._version import __version__
-from . import cmd_drift, cmd_export, cmd_layers, cmd_neighbors, cmd_scan, cmd_show, cmd_slices
+from . import (
+    cmd_drift,
+    cmd_export,
+    cmd_layers,
+    cmd_neighbors,
+    cmd_relabel,
+    cmd_review,
+    cmd_scan,
+    cmd_show,
+    cmd_slices,
+)
 
 app = typer.Typer(
     name="hardmine",
@@ -43,6 +53,8 @@ app.command("neighbors")(cmd_neighbors.neighbors_command)
 app.command("layers")(cmd_layers.layers_command)
 app.command("slices")(cmd_slices.slices_command)
 app.command("drift")(cmd_drift.drift_command)
+app.command("review")(cmd_review.review_command)
+app.command("relabel")(cmd_relabel.relabel_command)
 
 
 def main() -> None:
