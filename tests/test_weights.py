@@ -113,6 +113,14 @@ def test_per_class_weights_follow_the_temperature(temperature):
             np.testing.assert_allclose(w[m], len(h) / (4 * size))  # uniform inside the class
 
 
+def _issues(m: pd.DataFrame) -> np.ndarray:
+    """Flagged label issues: never oversampled (at most their class's mean weight), so left out of the
+    proportionality checks below."""
+    if "is_label_issue" not in m:
+        return np.zeros(len(m), dtype=bool)
+    return m["is_label_issue"].fillna(False).to_numpy(dtype=bool)
+
+
 def test_per_class_export_uses_the_temperature(planted):  # noqa: F811
     sc, data = planted
     t1 = export_manifest(sc, strategy="per-class", temperature=1.0, cap=None)
@@ -120,13 +128,16 @@ def test_per_class_export_uses_the_temperature(planted):  # noqa: F811
     assert t3.attrs["hardmine"]["export"]["temperature"] == 3.0
     h = t3["hardness"].to_numpy()
     labels = t3["label"].to_numpy()
+    issue = _issues(t3)
+    w3 = t3["weight"].to_numpy()
     for c in np.unique(labels):
-        m = labels == c
-        w = t3["weight"].to_numpy()[m]
-        np.testing.assert_allclose(w / w.sum(), h[m] ** 3 / (h[m] ** 3).sum())
-    # A sharper temperature concentrates the mass on the planted hard samples (flipped labels).
-    flipped = data["flipped"]
-    assert t3["weight"].to_numpy()[flipped].sum() > 1.2 * t1["weight"].to_numpy()[flipped].sum()
+        m = (labels == c) & ~issue
+        np.testing.assert_allclose(w3[m] / w3[m].sum(), h[m] ** 3 / (h[m] ** 3).sum())
+        assert w3[labels == c].sum() == pytest.approx(len(labels) / len(np.unique(labels)))
+        assert (w3[(labels == c) & issue] <= w3[labels == c].mean() * (1 + 1e-9)).all()
+    # A sharper temperature concentrates the mass on the planted rare sub-cluster (correct labels, harder).
+    rare = data["rare"]
+    assert w3[rare].sum() > 1.2 * t1["weight"].to_numpy()[rare].sum()
     t0 = export_manifest(sc, strategy="per-class", temperature=0.0, cap=None)
     counts = pd.Series(labels).value_counts()
     np.testing.assert_allclose(t0["weight"], len(labels) / (len(counts) * counts[labels].to_numpy()))
@@ -136,7 +147,10 @@ def test_proportional_export_uses_the_temperature(planted):  # noqa: F811
     sc, _ = planted
     df = export_manifest(sc, strategy="proportional", temperature=0.5, cap=None)
     h = df["hardness"].to_numpy()
-    np.testing.assert_allclose(df["weight"], h**0.5 / np.mean(h**0.5))
+    w = df["weight"].to_numpy()
+    ok = ~_issues(df)
+    np.testing.assert_allclose(w[ok] / w[ok].sum(), h[ok] ** 0.5 / (h[ok] ** 0.5).sum())
+    assert w.mean() == pytest.approx(1.0)
 
 
 def test_top_k_export_uses_top_and_boost(planted):  # noqa: F811
@@ -144,9 +158,14 @@ def test_top_k_export_uses_top_and_boost(planted):  # noqa: F811
     n = sc.n_samples
     df = export_manifest(sc, strategy="top-k", top=0.05, boost=3.0, cap=None)
     hard = df["is_hard"].to_numpy(dtype=bool)
+    issue = _issues(df)
+    w = df["weight"].to_numpy()
     assert hard.sum() == math.ceil(0.05 * n)
     assert (df["rank"].to_numpy()[hard] <= hard.sum()).all()
-    np.testing.assert_allclose(df["weight"].to_numpy()[hard] / df["weight"].to_numpy()[~hard].max(), 3.0)
+    assert (hard & ~issue).any()
+    np.testing.assert_allclose(w[hard & ~issue] / w[~hard].max(), 3.0)
+    np.testing.assert_allclose(w[~hard], w[~hard].max())
+    np.testing.assert_allclose(w[issue], w[~hard].max())  # a flagged label issue is never boosted
     # The planted label errors are the hardest: most of the hard set is flipped labels.
     assert data["flipped"][hard].mean() > 0.5
 
