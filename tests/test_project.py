@@ -134,16 +134,18 @@ def test_cache_holds_at_most_max_cache_bytes_and_is_reused(monkeypatch):
         calls.clear()
 
 
-def test_projection_is_float32_whatever_the_default_dtype():
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_projection_is_float32_whatever_the_default_dtype(kind):
     x = torch.randn(3, 50)
-    expected = Projector(4, seed=0).project(x)
+    expected = Projector(4, seed=0, kind=kind).project(x)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        out = Projector(4, seed=0).project(x.double())
+        out = Projector(4, seed=0, kind=kind).project(x.double())
+        block = random_block(5, 4, seed=0, key="", block=0, kind=kind)
     finally:
         torch.set_default_dtype(old)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.float32 and block.dtype == torch.float32
     assert_close(out, expected)
 
 
