@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .enums import LossKind, parse_choice
 
-__all__ = ["LossFn", "cross_entropy_per_sample", "mse_per_sample", "resolve_loss"]
+__all__ = ["LossFn", "cross_entropy_per_sample", "loss_name", "mse_per_sample", "resolve_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,3 +34,19 @@ def resolve_loss(loss: LossKind | str | LossFn | None, target: torch.Tensor) -> 
     if kind is LossKind.AUTO:
         kind = LossKind.MSE if torch.is_floating_point(target) else LossKind.CROSS_ENTROPY
     return (cross_entropy_per_sample if kind is LossKind.CROSS_ENTROPY else mse_per_sample), kind
+
+
+def loss_name(loss: Any, task: str | None) -> str | None:
+    """The loss a manifest records, the same way for every door: the built-in kind it resolves to
+    (``"cross_entropy"`` / ``"mse"``; ``None`` and ``"auto"`` resolve by ``task`` and stay ``None`` while the
+    task is unknown), or ``"callable:<module>.<qualname>"`` for a user function. A string that is already
+    such a name is returned as it is."""
+    if callable(loss) and not isinstance(loss, (str, LossKind)):
+        name = getattr(loss, "__qualname__", type(loss).__name__)
+        return f"callable:{getattr(loss, '__module__', '?')}.{name}"
+    value = LossKind.AUTO.value if loss is None else str(getattr(loss, "value", loss))
+    if value != LossKind.AUTO.value:
+        return value
+    if task is None:
+        return None
+    return (LossKind.MSE if task == "regression" else LossKind.CROSS_ENTROPY).value

@@ -4,8 +4,10 @@ One row per sample, in scan order, with the columns of ``MANIFEST_COLUMNS`` (``R
 contract every reader may rely on). Score meanings and directions: ``hardmine.score`` (also embedded in
 the file). The Parquet key-value metadata key ``hardmine`` holds JSON with ``format``/``format_version``,
 ``hardmine_version``, ``created`` (UTC, ISO 8601; the only field that differs between two identical
-scans), model and dataset fingerprints, layers, engine plan, projection dim and seed, index and scoring
-configuration and the export that produced ``is_hard`` and ``weight``.
+scans), ``task``, ``source`` (a dict: ``door`` = ``"scan"`` or ``"online"`` and the door's provenance),
+``loss`` (the resolved loss name), ``sample_id_kind`` (scans: ``"positions"`` or ``"custom"``), model and
+dataset fingerprints, layers, engine plan, projection dim and seed, index and scoring configuration and the
+export that produced ``is_hard`` and ``weight``. Both doors build it with ``finish_manifest``.
 
 Strategies (``Strategy``) turn hardness into sampling ``weight``; every strategy normalises the weights to
 mean 1 (they sum to the number of samples, so ``weight = 3`` means "drawn three times as often as under
@@ -73,6 +75,7 @@ from .score import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP,
     default_strategy,
+    hardness_rank,
     validate_export_params,
 )
 
@@ -83,6 +86,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "MANIFEST_COLUMNS",
     "compute_weights",
+    "finish_manifest",
     "resolve_strategy",
     "cap_weights",
     "check_destination",
@@ -93,7 +97,10 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "hardmine-manifest"
-FORMAT_VERSION = 1  # major version of the file layout; a reader refuses anything newer
+# Major version of the file layout; a reader refuses anything newer and reads every older one.
+# 2: ``source`` is always a dict naming its ``door`` ("scan" | "online"; v1: a provenance dict offline, the
+# string "online" online) and ``loss`` is the resolved loss name for both (v1: None / "auto" when automatic).
+FORMAT_VERSION = 2
 METADATA_KEY = b"hardmine"
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
@@ -137,6 +144,46 @@ def cap_weights(weights: np.ndarray, cap: float | None) -> np.ndarray:
 
 def _top_count(n: int, top: float) -> int:
     return max(1, math.ceil(top * n - 1e-9))
+
+
+def finish_manifest(
+    df: pd.DataFrame,
+    metadata: Mapping[str, Any],
+    *,
+    strategy: Strategy | str | None = None,
+    top: float = DEFAULT_TOP,
+    boost: float = DEFAULT_BOOST,
+    temperature: float = DEFAULT_TEMPERATURE,
+    cap: float | None = DEFAULT_CAP,
+) -> pd.DataFrame:
+    """The tail every manifest builder shares (the offline scan and the online miner): ``rank`` from
+    ``hardness`` (unless the frame has it), ``is_hard`` and ``weight`` from the export strategy (``None``: the
+    task's default), and the common metadata — format, versions, ``created``, ``n_samples``, ``export`` —
+    around the door's own ``metadata``, which must say ``task``, ``source`` (a dict with ``door``) and
+    ``loss`` (``hardmine.losses.loss_name``). In place; returns ``df`` with ``attrs["hardmine"]`` set."""
+    for key in ("task", "source", "loss"):
+        if key not in metadata:
+            raise ValueError(f"manifest metadata needs {key!r}; got keys {sorted(metadata)}.")
+    if not isinstance(metadata["source"], Mapping) or "door" not in metadata["source"]:
+        raise ValueError(f"manifest metadata 'source' must be a dict with 'door', got {metadata['source']!r}.")
+    validate_export_params(top, boost, temperature, cap)
+    if "rank" not in df:
+        df["rank"] = hardness_rank(df["hardness"].to_numpy(dtype=np.float64))
+    df.attrs["hardmine"] = {"task": metadata["task"]}  # what resolve_strategy reads
+    strategy = resolve_strategy(df, strategy)
+    weight, is_hard = compute_weights(df, strategy, top, boost, temperature, cap)
+    df["is_hard"] = pd.array(is_hard, dtype="boolean")
+    df["weight"] = weight
+    df.attrs["hardmine"] = {
+        "format": MANIFEST_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hardmine_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "n_samples": len(df),
+        **metadata,
+        "export": {"strategy": strategy.value, "top": top, "boost": boost, "temperature": temperature, "cap": cap},
+    }
+    return df
 
 
 def resolve_strategy(df: pd.DataFrame, strategy: Strategy | str | None = None) -> Strategy:

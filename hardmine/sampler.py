@@ -9,8 +9,9 @@
 Each epoch draws ``num_samples`` indices (default: one per manifest row) with probability proportional to
 ``weight``, from a NumPy generator seeded with ``(seed, epoch)``, so the same seed and epoch give the same
 indices on every machine. Dataset index = ``sample_id`` when the scan used the default ids (the 0-based
-position); pass ``dataset_ids`` (the id of every dataset item, in dataset order) when the ids were your own.
-Dataset items absent from the manifest are never drawn.
+position); pass ``dataset_ids`` (the id of every dataset item, in dataset order) when the ids were your own — a
+scan's manifest records which (``sample_id_kind``), and custom ids without ``dataset_ids`` are refused.
+Dataset items absent from the manifest are never drawn (a ``UserWarning`` says how many, when that is known).
 
 ``MinerSampler`` draws by the latest online manifest (``hardmine.OnlineMiner.manifest``) and uniformly before
 the first one, for the training-loop API.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +42,17 @@ __all__ = ["ManifestSampler", "MinerSampler"]
 
 def _positive_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+
+def _warn_absent(n_rows: int, n_items: Any) -> None:
+    """Dataset items without a manifest row are never drawn: say so (a filtered manifest, or another dataset)."""
+    if isinstance(n_items, (int, np.integer)) and n_items > n_rows:
+        warnings.warn(
+            f"{n_items - n_rows} of the {n_items} dataset items are not in the manifest and will never be drawn "
+            "(a filtered manifest?); export the full scan to sample from every item.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class ManifestSampler(Sampler[int]):
@@ -85,7 +98,15 @@ class ManifestSampler(Sampler[int]):
             raise ValueError(f"column {weight_column!r} must hold finite weights >= 0.")
         if w.sum() <= 0:
             raise ValueError(f"all weights in {weight_column!r} are 0; nothing can be drawn.")
+        meta = df.attrs.get("hardmine") if isinstance(df.attrs.get("hardmine"), dict) else {}
+        if dataset_ids is None and meta.get("sample_id_kind") == "custom":
+            raise ValueError(
+                "the manifest's sample ids are the data's own ids (e.g. from --id-column), not positions in the "
+                "dataset; pass dataset_ids= the sample id of every dataset item, in dataset order (e.g. the id "
+                "column of the file you scanned), so each id maps to its dataset index."
+            )
         self.indices = self._dataset_indices(df["sample_id"].to_numpy(), dataset_ids)
+        _warn_absent(len(df), len(dataset_ids) if dataset_ids is not None else meta.get("n_samples"))
         self.probabilities = w / w.sum()
         n_rows = len(df)
         total = n_rows if num_samples is None else num_samples

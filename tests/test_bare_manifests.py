@@ -64,3 +64,21 @@ def test_polars_round_trip_is_read(resaved):
     with pytest.warns(UserWarning):
         back = read_manifest(out)
     assert back["sample_id"].tolist() == df["sample_id"].tolist()
+
+
+def test_sampler_refuses_custom_ids_without_dataset_ids_and_warns_on_absent_items(resaved, tmp_path):
+    scan_dir = resaved[0] / "scan"  # scanned with ids 1000..1119 from the .npz
+    assert read_manifest(scan_dir).attrs["hardmine"]["sample_id_kind"] == "custom"
+    with pytest.raises(ValueError, match="pass dataset_ids="):
+        ManifestSampler(scan_dir)
+    ok = ManifestSampler(scan_dir, dataset_ids=np.arange(1000, 1120))
+    assert max(ok) < 120
+    m = read_manifest(scan_dir)
+    with pytest.warns(UserWarning, match="20 of the 140 dataset items are not in the manifest"):
+        ManifestSampler(m, dataset_ids=np.arange(1000, 1140))
+    # A scan with default ids records positions; a filtered manifest of it warns about what is never drawn.
+    pos = export_manifest(scan_dir)
+    pos["sample_id"] = np.arange(len(pos))
+    pos.attrs["hardmine"] = {**pos.attrs["hardmine"], "sample_id_kind": "positions"}
+    with pytest.warns(UserWarning, match="10 of the 120 dataset items"):
+        ManifestSampler(pos.iloc[:110])

@@ -340,7 +340,7 @@ def test_planted_flips_and_rare_subgroup_are_upweighted_and_rank_hardest(tmp_pat
     back = read_manifest(path)
     assert set(REQUIRED_COLUMNS) <= set(back.columns) and len(back) == len(y)
     meta = back.attrs["hardmine"]
-    assert meta["source"] == "online" and meta["steps"] == miner.step and meta["projection"]["seed"] == 0
+    assert meta["source"]["door"] == "online" and meta["steps"] == miner.step and meta["projection"]["seed"] == 0
     assert meta["layers"] == ["2.weight", "2.bias"] and meta["weighting"]["warmup_steps"] == 20
     draws = np.concatenate([list(ManifestSampler(path, seed=s)) for s in range(3)])
     hard_ids = back.loc[back["is_hard"].to_numpy(dtype=bool), "sample_id"].to_numpy()
@@ -616,7 +616,7 @@ def test_example_training_loop_quick_runs(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "planted flips" in res.stdout and "hardest 10" in res.stdout
     df = read_manifest(out)
-    assert len(df) == 2000 and df.attrs["hardmine"]["source"] == "online"
+    assert len(df) == 2000 and df.attrs["hardmine"]["source"]["door"] == "online"
 
 
 def test_bench_callbacks_quick_runs(tmp_path):

@@ -13,23 +13,20 @@ unchanged. Higher = harder everywhere.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .._version import __version__
 from ..checks import is_finite_number
 from ..enums import Strategy, TaskKind, parse_choice
-from ..manifest import FORMAT_VERSION, MANIFEST_FORMAT, compute_weights
+from ..manifest import finish_manifest
 from ..score import (
     SCORE_TABLE,
     ScoreConfig,
     ScoreInfo,
     composite_hardness,
     flag_scores,
-    hardness_rank,
     validate_export_params,
 )
 from .dynamics import COL, SampleDynamics
@@ -123,24 +120,13 @@ def build_manifest(
     df = manifest_frame(dyn, is_class)
     hardness, used = online_hardness(df, weights, task)
     df["hardness"] = hardness
-    df["rank"] = hardness_rank(hardness)
-    w, is_hard = compute_weights(df, strategy, top, boost, temperature, cap)
-    df["is_hard"] = pd.array(is_hard, dtype="boolean")
-    df["weight"] = w
-    export = {"strategy": strategy.value, "top": top, "boost": boost, "temperature": temperature, "cap": cap}
-    df.attrs["hardmine"] = {
-        "format": MANIFEST_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "hardmine_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": "online",
-        "n_samples": len(df),
+    meta = {
         **describe,
+        "source": {"door": "online", "steps": describe.get("steps")},
         "hardness_weights_used": used,
         "scores": {name: s.to_dict() for name, s in ONLINE_SCORE_TABLE.items()},
-        "export": export,
     }
-    return df
+    return finish_manifest(df, meta, strategy=strategy, top=top, boost=boost, temperature=temperature, cap=cap)
 
 
 def manifest_frame(dyn: SampleDynamics, is_class: bool) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from ..batches import call_model, check_labels, check_target, infer_task, model_
 from ..checks import as_bool, as_module, positive_int, projection_kind
 from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from ..factored.layout import ProjectionLayout
-from ..losses import LossFn, resolve_loss
+from ..losses import LossFn, loss_name, resolve_loss
 from ..manifest import write_manifest
 from ..params import select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
@@ -364,7 +364,7 @@ class OnlineMiner:
                 "factors": [self.layout.a, self.layout.b],
             },
             "layout": self.layout.describe(),
-            "loss": _loss_name(self.loss_fn),
+            "loss": loss_name(self.loss_fn, self._task.value if self._task else None),
             "weighting": self.weighting.to_dict(),
         }
 

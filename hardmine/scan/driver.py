@@ -23,6 +23,7 @@ from .._version import __version__
 from ..checks import as_bool, as_module, non_negative_int, positive_int
 from ..engine import GradientExtractor
 from ..enums import Engine, IndexKind, ProjectionKind, Randomness, ScanPhase, parse_choice
+from ..losses import loss_name
 from ..score import ScoreConfig
 from .extraction import ExtractionPass
 from .result import Scan
@@ -146,7 +147,7 @@ def scan(
     created = not Path(out).exists()  # a directory this run creates is removed again if it fails at once
     store = ScanStore.prepare(Path(out), config, resume=resume, overwrite=overwrite)
     source = jsonable(dict(provenance)) if provenance is not None else None
-    driver = _Driver(store, config, source, progress, created=created)
+    driver = _Driver(store, config, source, progress, created=created, loss_label=loss_name(loss_fn, None))
     extraction = ExtractionPass(
         store, driver.ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows,
         keep=keep_gradients_in_memory, report=lambda done: driver.report(ScanPhase.EXTRACT, done, total),
@@ -223,9 +224,11 @@ class _Driver:
         progress: ProgressFn | None,
         *,
         created: bool = False,
+        loss_label: str | None = None,
     ) -> None:
         self.store = store
         self.created = created
+        self.loss_label = loss_label  # a callable's full name; built-in losses resolve from the task later
         self.config = config
         self.source = source
         self.progress = progress
@@ -257,6 +260,8 @@ class _Driver:
         self.info["config"] = self.config
         self.info["provenance"] = _provenance()
         self.info["source"] = self.source
+        if self.loss_label is not None:
+            self.info["loss_name"] = self.loss_label
         self.store.write_info(self.info)
 
     def run(

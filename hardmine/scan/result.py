@@ -18,20 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._io import utc_now
-from .._version import __version__
 from ..checks import as_bool, is_int, positive_int
-from ..enums import IndexKind, Strategy, TaskKind, parse_choice
+from ..enums import IndexKind, TaskKind, parse_choice
 from ..index import IndexInfo, build_index, knn_block, open_index, search
-from ..manifest import (
-    FORMAT_VERSION,
-    MANIFEST_FORMAT,
-    compute_weights,
-    export_manifest,
-    read_manifest,
-    resolve_strategy,
-    write_manifest,
-)
+from ..losses import loss_name
+from ..manifest import export_manifest, finish_manifest, read_manifest, write_manifest
 from ..score import SCORE_TABLE, ScoreConfig, finalize_scores, population_pass, score_pass, unit_rows
 from ..slices import annotate_manifest
 from .ledger import ShardRecord
@@ -298,28 +289,24 @@ class Scan:
         grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, knn, on_block=progress)
         df, used = finalize_scores(stats, grad_scores, config, task)
         slices_meta = annotate_manifest(df, self.iter_gradients, self.engine_metadata.get("layout"), int(self.config["seed"]), self.path)
-        strategy = resolve_strategy(df, config.strategy)  # None -> the task's default
-        weight, is_hard = compute_weights(df, strategy, config.top, config.boost, config.temperature, config.cap)
-        df["is_hard"] = pd.array(is_hard, dtype="boolean")
-        df["weight"] = weight
-        meta = self._manifest_metadata(config, used, k, strategy) | {"slices": slices_meta}
-        write_manifest(df, self.manifest_path, meta)
-        df.attrs["hardmine"] = meta
+        meta = self._manifest_metadata(config, used, k) | {"slices": slices_meta}
+        finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
+                        temperature=config.temperature, cap=config.cap)
+        write_manifest(df, self.manifest_path, df.attrs["hardmine"])
         return df
 
-    def _manifest_metadata(
-        self, config: ScoreConfig, used: dict[str, float], k: int, strategy: Strategy
-    ) -> dict[str, Any]:
+    def _manifest_metadata(self, config: ScoreConfig, used: dict[str, float], k: int) -> dict[str, Any]:
+        """The scan's part of the manifest metadata (``finish_manifest`` adds the common part)."""
         cfg = self.info["config"]
         index = {key: v for key, v in self.info["index"].items() if key != "build_s"}  # timings are not content
+        ids = self.sample_ids()
         return {
-            "format": MANIFEST_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "hardmine_version": __version__,
-            "created": utc_now(),
             "task": self.task.value,
             "num_classes": self.num_classes,
-            "n_samples": self.n_samples,
+            # Whether sample ids are the data's 0-based positions (ManifestSampler's dataset indices) or the
+            # data's own ids (then the sampler needs dataset_ids).
+            "sample_id_kind": "positions" if ids.dtype.kind in "iu" and np.array_equal(ids, np.arange(len(ids)))
+            else "custom",
             "model_fingerprint": cfg["model_fingerprint"],
             "model_class": cfg["model_class"],
             "dataset_fingerprint": self.info["dataset_fingerprint"],
@@ -328,14 +315,12 @@ class Scan:
             "engine": self.info.get("extractor") or cfg["extractor"],
             "projection": {"dim": cfg["dim"], "out_dim": self.out_dim, "seed": cfg["seed"],
                            "kind": cfg["extractor"].get("projection")},
-            "loss": cfg["loss"],
-            "source": self.info.get("source"),
+            "loss": self.info.get("loss_name") or loss_name(cfg["loss"], self.task.value),
+            "source": {"door": "scan", **(self.info.get("source") or {})},
             "index": index,
             "score_config": config.to_dict(),
             "k_used": k,
             "hardness_weights_used": used,
             "scores": {name: s.to_dict() for name, s in SCORE_TABLE.items()},
-            "export": {"strategy": strategy.value, "top": config.top, "boost": config.boost,
-                       "temperature": config.temperature, "cap": config.cap},
         }
 
