@@ -1,7 +1,9 @@
 """Factored per-sample gradient projections: one batched forward + backward, no per-sample gradient formed.
 
 * :mod:`.registry` -- ``register_layer_rule`` and the :class:`LayerRule` base class (one per module type);
-* one file per supported layer type: :mod:`.linear`, :mod:`.conv2d`, :mod:`.embedding`, :mod:`.layernorm`;
+* one file per supported layer type: :mod:`.linear`, :mod:`.conv2d`, :mod:`.embedding`, :mod:`.layernorm`,
+  :mod:`.rmsnorm` (weight-only norms, by class-name pattern) and :mod:`.conv1d` (``transformers``' Conv1D, by
+  qualified class name, so ``transformers`` is never imported);
 * :mod:`.layout` -- the engine-independent projection layout (Kronecker ``P_out ⊗ P_in`` per weight matrix,
   dense seeded blocks for everything else);
 * :mod:`.plan` -- which selected parameters a rule covers (:func:`plan_factored`);
@@ -15,7 +17,7 @@
 from __future__ import annotations
 
 # Importing the rule files registers them.
-from . import conv2d, embedding, layernorm, linear  # noqa: F401
+from . import conv1d, conv2d, embedding, layernorm, linear, rmsnorm  # noqa: F401
 from .apply import FactoredGrads, RuleRunner
 from .capture import (
     CapturedCall,
@@ -30,10 +32,13 @@ from .layout import Block, ProjectionLayout, kron_factors
 from .plan import FactoredUnit, plan_factored
 from .registry import (
     Call,
+    GradFactors,
     LayerRule,
     RuleRequest,
     RuleResult,
+    factors_inner,
     register_layer_rule,
+    registered_names,
     registered_types,
     rule_for,
 )
@@ -44,6 +49,7 @@ __all__ = [
     "CapturedCall",
     "FactoredGrads",
     "FactoredUnit",
+    "GradFactors",
     "LayerRule",
     "ProjectionLayout",
     "RuleRequest",
@@ -54,10 +60,12 @@ __all__ = [
     "check_calls",
     "compute_factored",
     "factored_pass",
+    "factors_inner",
     "kron_factors",
     "plan_factored",
     "probe_units",
     "register_layer_rule",
+    "registered_names",
     "registered_types",
     "rule_for",
 ]

@@ -6,6 +6,12 @@ parameters (so a rule may project them itself, fused with ``P_out``), the per-pa
 inputs several modules read and the rule's own memo; it checks every result's shape, sums the exact squared
 norms and collects the results in a :class:`FactoredGrads`. Who computes ``delta`` (autograd, or a closed
 form for the output layer) is the caller's business (``hardmine.factored.capture.apply_rules``).
+
+Tied weights (one parameter held by several units, see ``plan_factored``): the per-sample gradient is the sum
+``G = sum_i G_i`` of every holder's use. Projections are linear, so the holders' projections are summed (none
+is written in place); the squared norm is ``sum_i ||G_i||^2 + 2 sum_{i<j} <G_i, G_j>``, the cross terms from
+the holders' :class:`~hardmine.factored.registry.GradFactors` (kept until the last holder has run: an LM
+head's factors are its ``(B, T, vocab)`` output gradient, the size of the logits the pass returns anyway).
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from typing import Any
 import torch
 
 from .layout import ProjectionLayout
-from .plan import FactoredUnit
-from .registry import Call, GramCache, RuleRequest, RuleResult
+from .plan import FactoredUnit, tied_holders
+from .registry import Call, GradFactors, GramCache, RuleRequest, RuleResult, factors_inner
 
 __all__ = ["FactoredGrads", "RuleRunner", "zero_result"]
 
@@ -89,6 +95,9 @@ class RuleRunner:
         self.written: set[str] = set()
         self.done: set[str] = set()
         self._sq: torch.Tensor | None = None  # (B,) the sum so far of every part's squared norm
+        # tied parameter -> its holder units, and the gradient factors of the holders that have run so far
+        self._tied = tied_holders(units)
+        self._factors: dict[str, dict[str, GradFactors | None]] = {p: {} for p in self._tied}
         # Modules called once on the same input tensor (q/k/v) share its Gram matrix within this pass; None
         # when no input has two such readers (the rules then skip the cache's bookkeeping).
         readers: dict[Any, int] = {}
@@ -113,7 +122,15 @@ class RuleRunner:
         mats, vmats, rule_memo = self._matrices(unit, dtype, device)
         out = self.out
         view = None
-        if unit.matrix is not None and out is not None and out.dtype == dtype and out.device == device:
+        tied = unit.matrix is not None and unit.matrix in self._tied
+        # A tied parameter's block is the sum of its holders' projections: none of them writes it in place.
+        if (
+            not tied
+            and unit.matrix is not None
+            and out is not None
+            and out.dtype == dtype
+            and out.device == device
+        ):
             view = self.layout.block_view(out, unit.matrix)  # (B, a, b): the rule writes straight into `out`
         if calls:
             request = RuleRequest(mats, unit.vectors, view, vmats, self.grams, rule_memo)
@@ -123,6 +140,8 @@ class RuleRunner:
                 self.grams.release(GramCache.key(xs[0]))  # it was counted as a reader of a shared Gram
             res = zero_result(unit, mats, self.b, dtype, device)
         self._record(unit, res, mats, vmats, view)
+        if tied:
+            self._add_cross_terms(name, unit, calls)
         self.done.add(name)
         # Drop the captured inputs as soon as they are used: autograd frees its own saved copies as the
         # backward pass moves down, and a reference held here until the end would keep those buffers from
@@ -141,6 +160,20 @@ class RuleRunner:
         # the first part instead of zeros gives the same sums (0 + x == x) for one kernel less per unit.
         part = part.to(self.dtype)
         self._sq = part if self._sq is None else self._sq + part
+
+    def _add_cross_terms(self, name: str, unit: FactoredUnit, calls: list[Call]) -> None:
+        """Keep this holder's gradient factors; once every holder of the tied parameter has run, add
+        ``2 <G_i, G_j>`` of every pair to the squared norm (a holder without gradient has ``G_i = 0``)."""
+        assert unit.matrix is not None
+        got = self._factors[unit.matrix]
+        got[name] = unit.rule.gradient_factors(unit.module, calls) if calls else None
+        if len(got) < len(self._tied[unit.matrix]):
+            return
+        parts = [f for f in got.values() if f is not None]
+        for i, f in enumerate(parts):
+            for g in parts[i + 1 :]:
+                self._add_sq(2 * factors_inner(f, g))
+        got.clear()  # the factors hold output gradients: drop them as soon as they are used
 
     def result(self, loss: torch.Tensor, output: torch.Tensor) -> FactoredGrads:
         return FactoredGrads(
@@ -164,7 +197,9 @@ class RuleRunner:
                 raise ValueError(f"layer rule {rule} returned no/wrong-shaped projection; expected {want}.")
             if view is not None and res.matrix_proj is view:
                 self.written.add(unit.matrix)
-            self.kron[unit.matrix] = res.matrix_proj.reshape(b, -1)  # (B, a*b)
+            proj = res.matrix_proj.reshape(b, -1)  # (B, a*b)
+            before = self.kron.get(unit.matrix)  # another holder's part of a tied parameter
+            self.kron[unit.matrix] = proj if before is None else before + proj.to(before.dtype)
             self._add_sq(res.matrix_sq_norm)
         for local in unit.vectors:
             g = res.vectors[local]

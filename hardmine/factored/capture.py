@@ -15,6 +15,14 @@ batches), and inputs modified in place are refused with a clear error instead of
 whose *output* is modified in place afterwards (``nn.ReLU(inplace=True)``) gets a copy handed to the model
 so the captured output keeps its place in the graph.
 
+Inputs broadcast over the batch: a module called on ``(1, ...)`` while the batch has ``B > 1`` samples (Hugging
+Face position embeddings are looked up for ``position_ids`` of shape ``(1, T)`` and added to every sample's
+token embeddings) has a well-defined per-sample gradient, but its output gradient sums the samples. The hook
+therefore hands the model a per-sample copy, ``out.expand(B, ...).clone()``, and records the input expanded
+the same way: autograd then delivers each sample's own row and the rules need no special case. The model
+computes the same numbers (it broadcast the ``(1, ...)`` output anyway). The probe checks that the model
+really uses such an output row by row (:func:`broadcast_problems`), and refuses the module otherwise.
+
 Nothing is attached to the model: hooks are removed in ``finally``, modes are restored by ``forward_mode``.
 """
 
@@ -44,7 +52,7 @@ from ..extract import forward_mode
 from ..losses import LossFn, resolve_loss
 from .apply import FactoredGrads, RuleRunner
 from .layout import ProjectionLayout
-from .plan import FactoredUnit, format_rejected, plan_factored
+from .plan import FactoredUnit, format_rejected, plan_factored, tied_holders
 
 __all__ = [
     "Captured",
@@ -59,6 +67,7 @@ __all__ = [
     "call_problem",
     "check_calls",
     "check_per_sample_loss",
+    "broadcast_problems",
     "apply_rules",
     "compute_factored",
 ]
@@ -81,6 +90,7 @@ class CapturedCall:
     passed: Any  # what the model continued with: ``out``, or a clone of it when the module is protected
     x_version: int | None
     passed_version: int | None
+    broadcast: bool = False  # the call saw a (1, ...) input and output, expanded here to the batch
 
     @property
     def output_modified(self) -> bool:
@@ -92,10 +102,39 @@ def _version(t: Any) -> int | None:
     return t._version if isinstance(t, torch.Tensor) else None
 
 
+def _is_broadcast(x: Any, out: Any, batch_size: int | None) -> bool:
+    """Whether a call saw one ``(1, ...)`` input and output for a batch of ``batch_size > 1`` samples."""
+    return (
+        batch_size is not None
+        and batch_size > 1
+        and isinstance(x, torch.Tensor)
+        and isinstance(out, torch.Tensor)
+        and x.ndim >= 1
+        and out.ndim >= 1
+        and x.shape[0] == 1
+        and out.shape[0] == 1
+    )
+
+
 def _record(
-    store: list[CapturedCall], clone: bool, module: nn.Module, args: tuple, kwargs: dict, out: Any
+    store: list[CapturedCall],
+    clone: bool,
+    batch_size: int | None,
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    out: Any,
 ) -> Any:
     x = args[0] if args else next(iter(kwargs.values()), None)
+    if _is_broadcast(x, out, batch_size):
+        assert batch_size is not None
+        x = x.expand(batch_size, *x.shape[1:])  # (B, ...): the input every sample saw
+        out = out.expand(batch_size, *out.shape[1:])  # (B, ...): one row per sample, so the gradient keeps B
+        # The model continues with a copy: an expanded tensor cannot be modified in place, and the copy keeps
+        # the captured (expanded) output's place in the graph whatever the model does with it.
+        passed = out.clone()
+        store.append(CapturedCall(x, out, passed, _version(x), _version(passed), broadcast=True))
+        return passed
     passed = out.clone() if clone and isinstance(out, torch.Tensor) else out
     store.append(CapturedCall(x, out, passed, _version(x), _version(passed)))
     # Returning the clone makes the model continue with it, so an in-place op of the model cannot rewrite the
@@ -104,15 +143,19 @@ def _record(
 
 
 @contextlib.contextmanager
-def capture_calls(units: Mapping[str, FactoredUnit], clone: Collection[str] = ()) -> Iterator[Captured]:
+def capture_calls(
+    units: Mapping[str, FactoredUnit], clone: Collection[str] = (), batch_size: int | None = None
+) -> Iterator[Captured]:
     """Forward hooks on the units' modules for the block; yields ``{module: [CapturedCall, ...]}``, filled as
     the model runs. The modules in ``clone`` hand the model a copy of their output (they are known, or to be
-    checked, to have it modified in place). The hooks are removed on exit (``finally``)."""
+    checked, to have it modified in place). With ``batch_size``, calls broadcast over the batch (``(1, ...)``
+    input and output) are expanded to it (see the module docstring); without, they are recorded as seen (and
+    refused by :func:`check_calls`). The hooks are removed on exit (``finally``)."""
     rec: Captured = {name: [] for name in units}
     handles = []
     try:
         for name, unit in units.items():
-            hook = functools.partial(_record, rec[name], name in clone)
+            hook = functools.partial(_record, rec[name], name in clone, batch_size)
             handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
         yield rec
     finally:
@@ -121,9 +164,9 @@ def capture_calls(units: Mapping[str, FactoredUnit], clone: Collection[str] = ()
 
 
 def _hooked_forward(
-    model: nn.Module, inputs: Inputs, units: Mapping[str, FactoredUnit], protect: Collection[str]
+    model: nn.Module, inputs: Inputs, units: Mapping[str, FactoredUnit], protect: Collection[str], b: int
 ) -> tuple[Any, Captured]:
-    with capture_calls(units, protect) as rec, torch.enable_grad():
+    with capture_calls(units, protect, b) as rec, torch.enable_grad():
         out = call_model(model, inputs)
     return out, rec
 
@@ -160,6 +203,13 @@ def check_calls(
             problems[name] = why
         elif any(c.output_modified for c in rec[name]):
             modified.add(name)
+    # A tied parameter is exact only when every holder is: one refused holder refuses them all (the caller
+    # then sends the parameter to vmap with its other holders, instead of summing some uses only).
+    for param, holders in tied_holders(units).items():
+        bad = next((h for h in holders if h in problems), None)
+        if bad is not None:
+            for h in holders:
+                problems.setdefault(h, f"it shares {param} with {units[bad].label}, where {problems[bad]}")
     return problems, modified
 
 
@@ -182,8 +232,59 @@ def probe_units(
     """
     n = min(batch_size, _PROBE_SAMPLES)
     sub = tree_map(lambda t: t[:n], inputs)  # (n, ...) leading samples
-    _, rec = _hooked_forward(model, sub, units, ())
-    return check_calls(units, rec, n)
+    raw, rec = _hooked_forward(model, sub, units, (), n)
+    problems, modified = check_calls(units, rec, n)
+    for name, why in broadcast_problems(raw, rec, n).items():
+        problems.setdefault(name, why)
+    return problems, modified
+
+
+def broadcast_problems(raw: Any, rec: Captured, n: int) -> dict[str, str]:
+    """``{module: problem}`` for modules whose broadcast output (expanded per sample by the hooks) the model
+    does not use row by row.
+
+    Sample ``c``'s output may depend on row ``c`` of the expanded output only (a model that, say, took row 0
+    for every sample would otherwise get every gradient in row 0): for each probe sample, the gradient of
+    its output must vanish exactly on every other row. One small backward per probe sample, on the probe's
+    few samples only, and only when some module's input was broadcast.
+    """
+    live = [
+        (name, c.out)
+        for name, calls in rec.items()
+        for c in calls
+        if c.broadcast and isinstance(c.out, torch.Tensor) and c.out.requires_grad
+    ]
+    if not live:
+        return {}
+    try:
+        output = model_output_tensor(raw)
+    except ValueError as exc:
+        return {
+            name: f"its input is broadcast over the batch and the model output cannot be checked ({exc})"
+            for name, _ in live
+        }
+    problems: dict[str, str] = {}
+    if not (output.requires_grad and output.is_floating_point() and output.shape[:1] == (n,)):
+        return {
+            name: "its input is broadcast over the batch and the model output does not show it is used "
+            "sample by sample"
+            for name, _ in live
+        }
+    outs = [o for _, o in live]
+    with torch.enable_grad():
+        for c in range(n):
+            grads = torch.autograd.grad(output[c].sum(), outs, retain_graph=True, allow_unused=True)
+            for (name, _), g in zip(live, grads, strict=True):
+                if g is None or name in problems:
+                    continue
+                others = torch.cat([g[:c], g[c + 1 :]])  # (n - 1, ...) rows of the other samples
+                if bool((others != 0).any()):
+                    problems[name] = (
+                        f"it was called on an input of shape (1, ...) broadcast over the batch, and sample {c}'s "
+                        "output depends on other samples' rows of its output (the model does not use it row "
+                        "by row)"
+                    )
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------ pass
@@ -247,7 +348,7 @@ def compute_factored(
     forward, the checks and :func:`apply_rules`. The output is checked against the targets here, before the
     loss, so no separate probe forward is needed per batch. ``out`` and ``memo``: see :func:`apply_rules`."""
     try:
-        raw, rec = _hooked_forward(model, inputs, units, protect)
+        raw, rec = _hooked_forward(model, inputs, units, protect, b)
     except (ValueError, torch.OutOfMemoryError, MemoryError):
         raise  # already clear, or not the user's input (callers catch OOM to shrink the batch)
     except Exception as exc:  # e.g. a shape mismatch in a later batch: quote the shapes

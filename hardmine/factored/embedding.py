@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import Call, LayerRule, RuleRequest, RuleResult, batch_chunks, register_layer_rule
+from .registry import (
+    Call,
+    GradFactors,
+    LayerRule,
+    RuleRequest,
+    RuleResult,
+    batch_chunks,
+    register_layer_rule,
+)
 
 __all__ = ["EmbeddingRule"]
 
@@ -55,6 +63,15 @@ class EmbeddingRule(LayerRule):
             res.matrix_proj = request.out.copy_(res.matrix_proj)
         res.matrix_sq_norm = _sq_norm(ids, keep, delta, module.num_embeddings)
         return res
+
+    def gradient_factors(self, module: nn.Module, calls: list[Call]) -> GradFactors:
+        # G_b = sum_t e_{id_t} delta_t^T: the rows are one-hot ids (kept as ids), padding positions add nothing.
+        b = calls[0].delta.shape[0]
+        ids = torch.cat([c.x.reshape(b, -1) for c in calls], dim=1)  # (B, N)
+        delta = torch.cat([c.delta.reshape(b, -1, module.embedding_dim) for c in calls], dim=1)  # (B, N, d)
+        if module.padding_idx is not None:
+            delta = delta * (ids != module.padding_idx).unsqueeze(-1).to(delta.dtype)  # (B, N, d)
+        return GradFactors(ids, delta)
 
 
 def _sq_norm(ids: torch.Tensor, keep: torch.Tensor | None, delta: torch.Tensor, vocab: int) -> torch.Tensor:

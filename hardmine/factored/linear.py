@@ -15,6 +15,7 @@ from torch import nn
 
 from .registry import (
     Call,
+    GradFactors,
     LayerRule,
     RuleRequest,
     RuleResult,
@@ -81,6 +82,13 @@ class LinearRule(LayerRule):
         if "bias" in request.vectors:
             res.vectors["bias"] = delta[:, 0] if delta.shape[1] == 1 else delta.sum(1)  # (B, d_out)
         return res
+
+    def gradient_factors(self, module: nn.Module, calls: list[Call]) -> GradFactors:
+        # G_b = sum_n delta_n x_n^T: rows are the output gradients, columns the inputs (weight is (out, in)).
+        b = calls[0].delta.shape[0]
+        delta = _cat([c.delta.reshape(b, -1, module.out_features) for c in calls])  # (B, N, d_out)
+        x = _cat([c.x.reshape(b, -1, module.in_features) for c in calls])  # (B, N, d_in)
+        return GradFactors(delta, x.to(delta.dtype))
 
     @staticmethod
     def _shared_gram(

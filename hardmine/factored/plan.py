@@ -1,8 +1,14 @@
 """Planning the factored pass: which selected parameters a layer rule covers, grouped by module.
 
 A parameter is refused (with the reason) when its module has no rule, the rule does not handle it, the
-module's configuration is outside the rule's maths, it sits inside ``nn.MultiheadAttention`` (whose
-submodules' hooks never fire) or it is shared by several modules (tied weights).
+module's configuration is outside the rule's maths or it sits inside ``nn.MultiheadAttention`` (whose
+submodules' hooks never fire).
+
+A parameter object held by several modules (tied weights: the input embedding reused as the LM head) is the
+*matrix* parameter of one unit per holder, every unit naming it by its canonical name (the one
+``named_parameters`` reports): the pass sums the holders' projections and the cross terms of the norm (see
+``RuleRunner``). It is refused unless every holder's rule handles it as its matrix and can describe its
+gradient as factors (``LayerRule.supports_tied``).
 """
 
 from __future__ import annotations
@@ -12,10 +18,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layout import split_param_name
-from .registry import LayerRule, registered_types, rule_for
+from .registry import LayerRule, registered_names, registered_types, rule_for
 
-__all__ = ["FactoredUnit", "plan_factored", "format_rejected"]
+__all__ = ["FactoredUnit", "plan_factored", "format_rejected", "tied_holders"]
 
 
 @dataclass(frozen=True)
@@ -50,51 +55,73 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
             for sub, _ in m.named_modules(prefix=mname):
                 if sub != mname:
                     inside_mha[sub] = mname or "<root>"
-    holders: dict[int, list[str]] = {}  # a parameter object held by several modules is shared (tied)
+    holders: dict[int, list[tuple[str, str]]] = {}  # a parameter object held by several modules is tied
     for mname, m in modules.items():
         for local, p in m.named_parameters(recurse=False):
-            holders.setdefault(id(p), []).append(f"{mname}.{local}" if mname else local)
-    known = ", ".join(t.__name__ for t in registered_types())
-    rejected: dict[str, str] = {}
-    grouped: dict[str, list[str]] = {}
-    for name in names:
-        mname, local = split_param_name(name)
+            holders.setdefault(id(p), []).append((mname, local))
+    known = ", ".join([t.__name__ for t in registered_types()] + [repr(n) for n in registered_names()])
+
+    def refusal(mname: str, local: str) -> str | None:
         module = modules[mname]
         rule = rule_for(module)
-        why = None if rule is None else rule.unsupported_reason(module)
         if mname in inside_mha:
-            reason = (
+            return (
                 f"inside nn.MultiheadAttention {inside_mha[mname]!r}, which passes its submodules' "
                 "weights to F.multi_head_attention_forward directly, so their hooks never fire"
             )
-        elif rule is None:
-            reason = f"{type(module).__name__} has no factored layer rule (rules exist for {known})"
-        elif local not in rule.handled_params:
-            reason = f"the {type(module).__name__} rule does not handle parameter {local!r}"
-        elif why is not None:
-            reason = f"{type(module).__name__} with {why}"
-        elif len(holders[id(params[name])]) > 1:
-            reason = f"the parameter is shared by {holders[id(params[name])]} (tied weights)"
-        else:
-            grouped.setdefault(mname, []).append(local)
+        if rule is None:
+            return f"{type(module).__name__} has no factored layer rule (rules exist for {known})"
+        if local not in rule.handled_params:
+            return f"the {type(module).__name__} rule does not handle parameter {local!r}"
+        why = rule.unsupported_reason(module)
+        return None if why is None else f"{type(module).__name__} with {why}"
+
+    rejected: dict[str, str] = {}
+    grouped: dict[str, dict[str, str]] = {}  # module -> {local name: canonical parameter name}
+    for name in names:
+        held = holders[id(params[name])]
+        reason = None
+        for mname, local in held:
+            reason = refusal(mname, local)
+            if reason is not None:
+                break
+            rule = rule_for(modules[mname])
+            assert rule is not None
+            if len(held) > 1 and (local != rule.matrix_param or not rule.supports_tied):
+                reason = (
+                    f"the parameter is shared by {[_full(m, loc) for m, loc in held]} (tied weights) and the "
+                    f"{type(modules[mname]).__name__} rule cannot sum a shared {local!r}"
+                )
+                break
+        if len(held) > 1 and reason is not None and "tied" not in reason:
+            reason = f"{reason} (it is shared by {[_full(m, loc) for m, loc in held]})"
+        if reason is not None:
+            rejected[name] = reason
             continue
-        rejected[name] = reason
+        for mname, local in held:
+            grouped.setdefault(mname, {})[local] = name
     units = {}
     for mname, locals_ in grouped.items():
         module = modules[mname]
         rule = rule_for(module)
         assert rule is not None  # grouped only holds modules with a rule
-        unit = FactoredUnit(
-            name=mname,
-            module=module,
-            rule=rule,
-            matrix=None,
-            vectors=tuple(v for v in locals_ if v != rule.matrix_param),
-        )
-        if rule.matrix_param in locals_:
-            unit = FactoredUnit(mname, module, rule, unit.full_name(rule.matrix_param), unit.vectors)
-        units[mname] = unit
+        vectors = tuple(v for v in locals_ if v != rule.matrix_param)
+        matrix = locals_.get(rule.matrix_param) if rule.matrix_param else None  # canonical name
+        units[mname] = FactoredUnit(name=mname, module=module, rule=rule, matrix=matrix, vectors=vectors)
     return units, rejected
+
+
+def tied_holders(units: Mapping[str, FactoredUnit]) -> dict[str, list[str]]:
+    """``{matrix parameter: [unit, ...]}`` for the parameters several units hold (tied weights)."""
+    by_param: dict[str, list[str]] = {}
+    for name, unit in units.items():
+        if unit.matrix is not None:
+            by_param.setdefault(unit.matrix, []).append(name)
+    return {p: names for p, names in by_param.items() if len(names) > 1}
+
+
+def _full(mname: str, local: str) -> str:
+    return f"{mname}.{local}" if mname else local
 
 
 def format_rejected(rejected: Mapping[str, str]) -> str:

@@ -18,10 +18,23 @@ Adding a layer type is one file: subclass :class:`LayerRule`, decorate it with
 ``@register_layer_rule(ModuleType)`` and import the file from ``hardmine/factored/__init__.py``.
 Rules are looked up by the module's *exact* type: a subclass may override ``forward`` with different
 maths, so it is never claimed silently (register it explicitly if it really computes the same thing).
+
+A class of an *optional* dependency is registered by name instead, so that registering it imports nothing:
+``@register_layer_rule("transformers.pytorch_utils.Conv1D")`` matches the module whose class's qualified name
+(``f"{cls.__module__}.{cls.__qualname__}"``) is exactly that string. A name may be a glob
+(``"*RMSNorm"``) for families of classes that are written anew in every model file; such a rule must then
+check in :meth:`LayerRule.unsupported_reason` that the instance really computes its maths (the RMSNorm rule
+runs the module on a test input). Exact types take precedence over names; names are tried in registration
+order.
+
+A rule that implements :meth:`LayerRule.gradient_factors` can share its matrix parameter with other modules
+(tied weights, e.g. the input embedding reused as the LM head): the pass sums every holder's projection and
+adds the cross terms ``2 <G_i, G_j>`` (:func:`factors_inner`) to the squared norm.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +48,13 @@ __all__ = [
     "RuleRequest",
     "RuleResult",
     "GramCache",
+    "GradFactors",
+    "factors_inner",
     "register_layer_rule",
     "rule_for",
     "registered_types",
+    "registered_names",
+    "qualified_name",
     "batch_chunks",
     "outer_sum_sq_norm",
     "project_and_norm",
@@ -91,6 +108,18 @@ class RuleResult:
     vector_sq_norm: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GradFactors:
+    """Sample ``b``'s weight gradient as a sum of outer products, ``G_b = sum_n rows[b, n] cols[b, n]^T``
+    (``G`` in the parameter's own ``(shape[0], prod(shape[1:]))`` orientation), for tied weights.
+
+    ``rows`` is ``(B, N, p)`` dense, or ``(B, N)`` integer ids standing for the one-hot rows ``e_{id}`` (an
+    embedding: no ``(B, N, vocab)`` tensor is formed); ``cols`` is ``(B, N, q)``."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
 class LayerRule:
     """Base class of a layer rule. Subclasses set the two class attributes and implement ``compute``."""
 
@@ -122,6 +151,16 @@ class LayerRule:
 
     def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
         raise NotImplementedError
+
+    def gradient_factors(self, module: nn.Module, calls: list[Call]) -> GradFactors | None:
+        """The matrix parameter's per-sample gradient as :class:`GradFactors`, or None when the rule cannot
+        say (then a parameter it shares with another module is refused). Only asked for tied weights."""
+        return None
+
+    @property
+    def supports_tied(self) -> bool:
+        """Whether the rule implements :meth:`gradient_factors` (so its matrix parameter may be shared)."""
+        return type(self).gradient_factors is not LayerRule.gradient_factors
 
 
 class GramCache:
@@ -158,11 +197,27 @@ class GramCache:
 
 
 _REGISTRY: dict[type[nn.Module], LayerRule] = {}
+# (qualified-name pattern, rule), in registration order: classes of optional dependencies and name families
+_BY_NAME: list[tuple[str, LayerRule]] = []
+# type -> rule (or None) found through the name patterns; cleared on every registration
+_NAME_CACHE: dict[type, LayerRule | None] = {}
 
 
-def register_layer_rule(module_type: type[nn.Module]) -> Callable[[type[LayerRule]], type[LayerRule]]:
-    """Class decorator: ``@register_layer_rule(nn.Linear)`` makes the rule handle exactly that module type."""
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+def qualified_name(cls: type) -> str:
+    """``"transformers.pytorch_utils.Conv1D"``: what a rule registered by name is matched against."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_layer_rule(
+    module_type: type[nn.Module] | str,
+) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator: ``@register_layer_rule(nn.Linear)`` makes the rule handle exactly that module type;
+    ``@register_layer_rule("pkg.module.Class")`` the class of that qualified name (a glob such as
+    ``"*RMSNorm"`` matches a family), without importing its package (see the module docstring)."""
+    by_name = isinstance(module_type, str)
+    if by_name and not module_type:
+        raise ValueError("register_layer_rule needs a module type or a non-empty qualified class name.")
+    if not by_name and not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise ValueError(f"register_layer_rule needs an nn.Module subclass, got {module_type!r}.")
 
     def deco(rule_cls: type[LayerRule]) -> type[LayerRule]:
@@ -170,24 +225,47 @@ def register_layer_rule(module_type: type[nn.Module]) -> Callable[[type[LayerRul
             raise ValueError(
                 f"{rule_cls!r} is not a LayerRule subclass; subclass hardmine.factored.LayerRule."
             )
-        if module_type in _REGISTRY:
-            raise ValueError(
-                f"a layer rule for {module_type.__name__} is already registered "
-                f"({type(_REGISTRY[module_type]).__name__}); there can be only one per module type."
-            )
-        _REGISTRY[module_type] = rule_cls()
+        if isinstance(module_type, str):
+            taken = [type(r).__name__ for pat, r in _BY_NAME if pat == module_type]
+            if taken:
+                raise ValueError(
+                    f"a layer rule for {module_type!r} is already registered ({taken[0]}); there can be "
+                    "only one per name."
+                )
+            _BY_NAME.append((module_type, rule_cls()))
+        else:
+            if module_type in _REGISTRY:
+                raise ValueError(
+                    f"a layer rule for {module_type.__name__} is already registered "
+                    f"({type(_REGISTRY[module_type]).__name__}); there can be only one per module type."
+                )
+            _REGISTRY[module_type] = rule_cls()
+        _NAME_CACHE.clear()
         return rule_cls
 
     return deco
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule registered for ``type(module)`` exactly, or None."""
-    return _REGISTRY.get(type(module))
+    """The rule registered for ``type(module)`` exactly, else the first rule whose name pattern matches the
+    class's qualified name, or None."""
+    cls = type(module)
+    rule = _REGISTRY.get(cls)
+    if rule is not None or not _BY_NAME:
+        return rule
+    if cls not in _NAME_CACHE:
+        name = qualified_name(cls)
+        _NAME_CACHE[cls] = next((r for pat, r in _BY_NAME if fnmatch.fnmatchcase(name, pat)), None)
+    return _NAME_CACHE[cls]
 
 
 def registered_types() -> list[type[nn.Module]]:
     return list(_REGISTRY)
+
+
+def registered_names() -> list[str]:
+    """The qualified-name patterns rules are registered under (see :func:`register_layer_rule`)."""
+    return [pat for pat, _ in _BY_NAME]
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -275,6 +353,30 @@ def _times_p_out(delta: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
     if p_out.shape[0] == 1:
         return delta @ p_out[0]  # (c, 1, N, a): matmul folds the leading dims into rows
     return torch.einsum("cgnp,gpa->cgna", delta, p_out)  # (c, G, N, a)
+
+
+def factors_inner(f: GradFactors, g: GradFactors) -> torch.Tensor:
+    """``<G_f, G_g>_F`` per sample ``(B,)``, for two uses of one tied parameter, without forming either:
+    ``sum_{n,m} (rows_f[n] . rows_g[m]) (cols_f[n] . cols_g[m])``; integer ``rows`` are one-hot ids, so their
+    dot products are gathers (dense) or id equalities (ids). Chunked over the batch like the rules."""
+    b, n = f.rows.shape[:2]
+    m = g.rows.shape[1]
+    dtype = f.cols.dtype
+    out = torch.empty(b, dtype=dtype, device=f.cols.device)
+    for s in batch_chunks(b, 2 * n * m):
+        rf, rg = f.rows[s], g.rows[s]
+        c = s.stop - s.start
+        if rf.ndim == 2 and rg.ndim == 2:  # ids . ids: one when the ids are equal
+            gram_r = (rf.unsqueeze(2) == rg.unsqueeze(1)).to(dtype)  # (c, N, M)
+        elif rf.ndim == 2:  # e_{id_n} . rows_g[m] = rows_g[m, id_n]
+            gram_r = rg.gather(2, rf.unsqueeze(1).expand(c, m, n)).transpose(1, 2)  # (c, N, M)
+        elif rg.ndim == 2:
+            gram_r = rf.gather(2, rg.unsqueeze(1).expand(c, n, m))  # (c, N, M)
+        else:
+            gram_r = rf @ rg.transpose(1, 2)  # (c, N, M)
+        gram_c = f.cols[s] @ g.cols[s].transpose(1, 2)  # (c, N, M)
+        out[s] = torch.linalg.vecdot(gram_r.to(dtype).reshape(c, -1), gram_c.reshape(c, -1))  # (c,)
+    return out
 
 
 def outer_sum_sq_norm(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
