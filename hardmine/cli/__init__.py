@@ -11,6 +11,7 @@ from . import (
     cmd_layers,
     cmd_neighbors,
     cmd_relabel,
+    cmd_report,
     cmd_review,
     cmd_scan,
     cmd_show,
@@ -55,6 +56,7 @@ app.command("slices")(cmd_slices.slices_command)
 app.command("drift")(cmd_drift.drift_command)
 app.command("review")(cmd_review.review_command)
 app.command("relabel")(cmd_relabel.relabel_command)
+app.command("report")(cmd_report.report_command)
 
 
 def main() -> None:

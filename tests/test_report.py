@@ -1,0 +1,117 @@
+"""The HTML report, rendered in a real headless browser (Debian's chromium, installed by `make install`):
+the screenshot is not blank, the DOM holds every section and the shown examples with their neighbours, the file
+needs no network, and files that are not reports are never replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_scan import batches_of, planted_scan
+from torch import nn
+from typer.testing import CliRunner
+
+from hardmine.cli import app
+from hardmine.report import GENERATOR, render_report, report
+from hardmine.scan import scan
+
+runner = CliRunner()
+
+
+def chromium() -> str:
+    for name in (os.environ.get("HARDMINE_CHROMIUM"), "chromium", "chromium-browser"):
+        if name and shutil.which(name):
+            return shutil.which(name)  # type: ignore[return-value]
+    pytest.skip("no headless chromium: `make install` installs Debian's chromium (scripts/install_browser.sh)")
+
+
+def browse(html: Path, tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp / 'profile'}", *args, html.resolve().as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return planted_scan(tmp_path_factory.mktemp("report"))
+
+
+def test_report_renders_in_a_headless_browser(planted, tmp_path):
+    sc, _ = planted
+    out = report(sc, tmp_path / "report.html")
+    page = out.read_text()
+    # Self-contained: no script, stylesheet, image or font is fetched (the SVG namespace is not a fetch).
+    assert not re.search(r"<script|<link|<img|<iframe|url\(|@import", page, re.I)
+    assert not re.search(r"(src|href)=", page, re.I)
+    assert set(re.findall(r"https?://[^\"' )]+", page)) <= {"http://www.w3.org/2000/svg"}
+    dom = browse(out, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for section in ("summary", "classes", "slices", "calibration", "distributions", "worst", "confident-errors",
+                    "label-issues"):
+        assert f'id="{section}"' in dom.stdout, section
+    assert dom.stdout.count("<svg") >= 5  # class bars, slice bars, reliability, two histograms
+    m = sc.manifest()
+    top_ce = m[m["confident_error"].fillna(False).astype(bool)].nsmallest(1, "rank")["sample_id"].item()
+    assert f'data-sample-id="{top_ce}"' in dom.stdout and "nearest gradient neighbours" in dom.stdout
+    assert "accuracy" in dom.stdout and "ECE" in dom.stdout and "rademacher" in dom.stdout
+
+    png = tmp_path / "shot.png"
+    shot = browse(out, tmp_path, f"--screenshot={png}", "--window-size=1280,4000", "--hide-scrollbars")
+    assert shot.returncode == 0 and png.is_file(), shot.stderr[-2000:]
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float64)  # (H, W) grey levels
+    assert pixels.shape == (4000, 1280)
+    inked = (pixels < 200).mean()  # text, bars and table rules
+    assert 0.01 < inked < 0.6 and pixels.std() > 20, (inked, pixels.std())
+    blue = np.asarray(Image.open(png).convert("RGB"), dtype=np.int64)  # (H, W, 3)
+    bars = ((blue[..., 2] - blue[..., 0]) > 80).mean()  # the histogram / reliability bars are blue
+    red = ((blue[..., 0] - blue[..., 2]) > 80).mean()  # the failure-rate bars are red
+    assert bars > 0.002 and red > 0.0005, (bars, red)
+
+
+def test_texts_and_regression_scans(planted, tmp_path):
+    sc, _ = planted
+    m = sc.manifest()
+    sid = m.nsmallest(1, "rank")["sample_id"].item()
+    page = render_report(sc, texts={sid: "a <b>bold</b> claim & more"})
+    assert "a &lt;b&gt;bold&lt;/b&gt; claim &amp; more" in page  # shown, escaped
+    # A regression scan: summary, distributions and its hardest samples (no classes, no calibration).
+    g = np.random.default_rng(0)
+    x = g.normal(size=(200, 5)).astype(np.float32)
+    y = (x @ g.normal(size=5)).astype(np.float32)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    reg = scan(net, [(b[0], b[1].reshape(-1, 1)) for b in batches_of(x, y, bs=64)], out=tmp_path / "reg", dim=8,
+               engine="vmap")
+    page = render_report(reg)
+    assert 'id="summary"' in page and 'id="distributions"' in page and 'id="hardest"' in page
+    assert 'id="calibration"' not in page and 'id="classes"' not in page
+
+
+def test_report_never_clobbers_and_the_cli(planted, tmp_path):
+    sc, _ = planted
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>mine</html>")
+    res = runner.invoke(app, ["report", str(sc.path), "--out", str(mine)])
+    assert res.exit_code == 2 and "is not a hardmine report" in " ".join(res.output.split())
+    assert mine.read_text() == "<html>mine</html>"
+    res = runner.invoke(app, ["report", str(sc.path), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "is a directory" in res.output
+    out = tmp_path / "r.html"
+    res = runner.invoke(app, ["report", str(sc.path), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["out"] == str(out) and info["bytes"] == out.stat().st_size
+    assert f'<meta name="generator" content="{GENERATOR}' in out.read_text()
+    assert runner.invoke(app, ["report", str(sc.path), "--out", str(out)]).exit_code == 0  # its own: replaced
+    assert runner.invoke(app, ["report", str(sc.path), "--out", str(mine), "--overwrite"]).exit_code == 0
+    res = runner.invoke(app, ["report", str(tmp_path / "nope"), "--out", str(tmp_path / "x.html")])
+    assert res.exit_code == 2 and not (tmp_path / "x.html").exists()
