@@ -8,6 +8,7 @@ PYTEST_ARGS ?=
 .PHONY: install data test demo example example-loop bench eval lint clean
 
 install: $(STAMP) data
+	@sh scripts/install_browser.sh
 
 # The torch pin lives in constraints.txt so pip takes the local CPU wheel instead of the CUDA build.
 $(STAMP): pyproject.toml constraints.txt
