@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install data test demo example example-loop bench eval lint clean
+.PHONY: install data test demo example example-loop bench eval lint clean mutate
 
 install: $(STAMP) data
 	@sh scripts/install_browser.sh
@@ -64,6 +64,12 @@ eval: install
 
 example-loop: install
 	$(PY) scripts/example_training_loop.py
+
+# Mutation testing of the core modules (mutmut, config in pyproject.toml; not run in CI): kill rate per module
+# to scripts/results/mutation.{json,md}. MUTATE_ARGS e.g. "--modules score,manifest --keep --max-children 2".
+MUTATE_ARGS ?=
+mutate: install
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)
 
 lint: install
 	$(PY) -m ruff check hardmine tests scripts

@@ -1,0 +1,248 @@
+"""Mutation testing of the core modules with mutmut (``make mutate``; not run in CI).
+
+Runs ``mutmut run`` module by module, in the order below (``hardmine/factored/capture.py`` last), each with
+mutmut's per-function test selection: a mutant only runs the tests that reached its function when the
+selection in ``[tool.mutmut]`` of pyproject.toml ran once unmutated. Then writes the kill rate per module to
+``scripts/results/mutation.json`` and ``scripts/results/mutation.md``.
+
+Counting: ``killed`` includes mutants whose tests timed out (the mutant hung the code under test). A surviving
+mutant listed by name in ``docs/mutation-equivalents.md`` (with the reason it cannot change behaviour) is
+``survived-but-equivalent``; every other survivor (and any mutant no selected test reaches) is ``survived``.
+``kill rate = killed / (mutants - equivalent)``. Modules not run (``--modules``, ``--budget-minutes``, or a
+failing clean test run) are recorded as such, with the results of their last run if there is one.
+
+    python scripts/mutate.py                         # everything, fresh (about an hour on 2 idle cores)
+    python scripts/mutate.py --modules score,sampler --keep   # some modules, keeping the other results
+    python scripts/mutate.py --report-only           # rewrite the JSON/Markdown from mutants/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "scripts" / "results"
+EQUIVALENTS = ROOT / "docs" / "mutation-equivalents.md"
+
+# name -> source file, in run order; capture.py (the hook/dispatch layer) last.
+MODULES: dict[str, str] = {
+    "score": "hardmine/score.py",
+    "manifest": "hardmine/manifest.py",
+    "sampler": "hardmine/sampler.py",
+    "project": "hardmine/project.py",
+    "factored.linear": "hardmine/factored/linear.py",
+    "factored.layernorm": "hardmine/factored/layernorm.py",
+    "factored.embedding": "hardmine/factored/embedding.py",
+    "factored.conv2d": "hardmine/factored/conv2d.py",
+    "factored.layout": "hardmine/factored/layout.py",
+    "factored.registry": "hardmine/factored/registry.py",
+    "factored.capture": "hardmine/factored/capture.py",
+}
+# Per-module test selection on top of [tool.mutmut]: the extractor tests only matter to hardmine/factored/, so
+# the other modules leave them out (through PYTEST_ADDOPTS, which is not part of mutmut's cached config; a
+# change there would reset every result).
+FACTORED_TESTS = ("tests/test_factored.py", "tests/test_factored_apply.py")
+KILLED = {1, 3}
+TIMEOUT = {36, -24, 24, 152, 255}
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+def _glob(module: str) -> str:
+    return f"hardmine.{module}.*"
+
+
+def _mutmut() -> str:
+    exe = Path(sys.executable).with_name("mutmut")
+    return str(exe) if exe.exists() else "mutmut"
+
+
+def equivalents() -> dict[str, str]:
+    """Mutant name -> reason, from the table rows of docs/mutation-equivalents.md: ``| `name`, `name` | reason |``."""
+    out: dict[str, str] = {}
+    if not EQUIVALENTS.exists():
+        return out
+    for line in EQUIVALENTS.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2:
+            continue
+        for name in re.findall(r"`([^`]+__mutmut_\d+)`", cells[0]):
+            out[name] = cells[-1]
+    return out
+
+
+def load_results(path: str) -> dict[str, int | None] | None:
+    meta = ROOT / "mutants" / (path + ".meta")
+    if not meta.exists():
+        return None
+    return json.loads(meta.read_text())["exit_code_by_key"]
+
+
+def summarise(name: str, path: str, codes: dict[str, int | None], equiv: dict[str, str]) -> dict:
+    killed = [k for k, v in codes.items() if v in KILLED]
+    timeout = [k for k, v in codes.items() if v in TIMEOUT]
+    survived_all = [k for k, v in codes.items() if v in SURVIVED or v in NO_TESTS]
+    not_checked = [k for k, v in codes.items() if v is None]
+    other = [k for k, v in codes.items() if k not in set(killed + timeout + survived_all + not_checked)]
+    equivalent = sorted(k for k in survived_all if k in equiv)
+    survived = sorted(k for k in survived_all if k not in equiv)
+    checked = len(codes) - len(not_checked)
+    denom = checked - len(equivalent)
+    return {
+        "module": name,
+        "path": path,
+        "mutants": len(codes),
+        "checked": checked,
+        "killed": len(killed) + len(timeout),
+        "killed_by_timeout": len(timeout),
+        "survived_but_equivalent": len(equivalent),
+        "survived": len(survived),
+        "no_tests": sum(1 for k in survived_all if codes[k] in NO_TESTS),
+        "not_checked": len(not_checked),
+        "other": {k: codes[k] for k in other},  # suspicious / segfault: neither killed nor survived
+        "kill_rate": round((len(killed) + len(timeout)) / denom, 4) if denom > 0 else None,
+        "survivors": survived,
+        "equivalents": equivalent,
+    }
+
+
+def run_module(name: str, max_children: int, log_dir: Path, names: list[str] | None = None) -> dict:
+    cmd = [_mutmut(), "run", "--max-children", str(max_children), *(names or [_glob(name)])]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if not name.startswith("factored."):
+        ignore = " ".join(f"--ignore={t}" for t in FACTORED_TESTS)
+        env["PYTEST_ADDOPTS"] = (env.get("PYTEST_ADDOPTS", "") + " " + ignore).strip()
+    t0 = time.monotonic()
+    log = log_dir / f"mutmut-{name}.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    shown = " ".join(cmd[1:]) if names is None else f"run --max-children {max_children} <{len(names)} survivors>"
+    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "command": shown, "log": str(log)}
+
+
+def write_report(entries: list[dict], command: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "tool": "mutmut " + _version(),
+        "command": command,
+        "config": "pyproject.toml [tool.mutmut]",
+        "equivalents_file": "docs/mutation-equivalents.md",
+        "counting": "killed includes timeouts; kill_rate = killed / (checked - survived_but_equivalent); "
+        "survived includes mutants no selected test reaches",
+        "modules": entries,
+    }
+    (RESULTS / "mutation.json").write_text(json.dumps(doc, indent=2) + "\n")
+    lines = [
+        "| module | mutants | killed | survived-but-equivalent | survived | kill rate | date | command |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for e in entries:
+        if e.get("status") == "not run":
+            lines.append(f"| `{e['path']}` | {e.get('mutants', '–')} | – | – | – | not run ({e['reason']}) | – | – |")
+            continue
+        rate = "–" if e["kill_rate"] is None else f"{100 * e['kill_rate']:.1f}%"
+        partial = f" ({e['not_checked']} not checked)" if e["not_checked"] else ""
+        lines.append(
+            f"| `{e['path']}` | {e['mutants']} | {e['killed']} | {e['survived_but_equivalent']} | {e['survived']} "
+            f"| {rate}{partial} | {e.get('date', '–')} | `{e.get('command', '–')}` |"
+        )
+    (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mutmut")
+    except Exception:  # pragma: no cover - reporting only
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modules", default=",".join(MODULES), help="comma-separated, from: " + ", ".join(MODULES))
+    ap.add_argument("--max-children", type=int, default=1, help="parallel mutant workers (at most 2 here)")
+    ap.add_argument("--budget-minutes", type=float, default=None, help="start no module after this long")
+    ap.add_argument("--keep", action="store_true", help="keep mutants/ and earlier results (default: fresh)")
+    ap.add_argument("--rerun-survivors", action="store_true",
+                    help="rerun only the survivors of the kept results (after adding tests); implies --keep")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the report from mutants/")
+    args = ap.parse_args(argv)
+    chosen = [m.strip() for m in args.modules.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in MODULES]
+    if unknown:
+        ap.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
+    previous = {}
+    if (RESULTS / "mutation.json").exists():
+        previous = {e["module"]: e for e in json.loads((RESULTS / "mutation.json").read_text())["modules"]}
+    if not args.report_only and not (args.keep or args.rerun_survivors) and (ROOT / "mutants").exists():
+        shutil.rmtree(ROOT / "mutants")
+        previous = {}
+    log_dir = ROOT / "mutants"
+    log_dir.mkdir(exist_ok=True)
+    runs: dict[str, dict] = {}
+    start = time.monotonic()
+    if not args.report_only:
+        for name in chosen:
+            if args.budget_minutes is not None and time.monotonic() - start > 60 * args.budget_minutes:
+                runs[name] = {"status": "not run", "reason": f"time budget of {args.budget_minutes:g} min spent"}
+                continue
+            names = None
+            if args.rerun_survivors:
+                codes = load_results(MODULES[name]) or {}
+                names = sorted(k for k, v in codes.items() if v in SURVIVED or v in NO_TESTS)
+                if not names:
+                    continue
+            print(f"mutate: {name} ...", flush=True)
+            r = run_module(name, args.max_children, log_dir, names)
+            r["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+            if names is not None and name in previous and "command" in previous[name]:
+                r["command"] = previous[name]["command"] + " + " + r["command"]
+            runs[name] = r
+            print(f"mutate: {name}: rc={r['rc']} in {r['seconds']} s (log {r['log']})", flush=True)
+    equiv = equivalents()
+    entries = []
+    for name, path in MODULES.items():
+        codes = load_results(path)
+        run = runs.get(name)
+        if codes is None or not any(v is not None for v in codes.values()):
+            prev = previous.get(name)
+            if prev is not None and prev.get("status") != "not run" and run is None:
+                entries.append(prev)  # results of an earlier run, kept as they were
+                continue
+            reason = (run or {}).get("reason") or ("mutmut failed, see " + run["log"] if run else "not selected")
+            entries.append({"module": name, "path": path, "status": "not run", "reason": reason,
+                            **({"mutants": len(codes)} if codes else {})})
+            continue
+        e = summarise(name, path, codes, equiv)
+        if run is not None and "rc" in run:
+            e.update(status="run" if not e["not_checked"] else "partial", date=run["date"], seconds=run["seconds"],
+                     command="mutmut " + run["command"], rc=run["rc"])
+        elif name in previous and previous[name].get("status") != "not run":
+            e.update({k: previous[name][k] for k in ("status", "date", "seconds", "command", "rc") if k in previous[name]})
+        else:
+            e.update(status="partial" if e["not_checked"] else "run")
+        entries.append(e)
+    stale = sorted(set(equiv) - {k for e in entries for k in e.get("equivalents", [])})
+    if stale:
+        print(f"mutate: {len(stale)} listed equivalent(s) did not survive this run or no longer exist: {stale[:5]}")
+    write_report(entries, "python scripts/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    for e in entries:
+        rate = e.get("kill_rate")
+        print(f"{e['path']:34s} " + (f"{e.get('status')}: {e['killed']}/{e['mutants']} killed, "
+                                     f"{e['survived']} survived, {e['survived_but_equivalent']} equivalent, "
+                                     f"rate {rate}" if "killed" in e else f"not run ({e['reason']})"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
