@@ -278,10 +278,12 @@ def check_labels(target: torch.Tensor, num_outputs: int, where: str | None = Non
         lo, hi = int(t_np.min()), int(t_np.max())
     else:
         lo, hi = (int(v) for v in torch.aminmax(target))
-    if lo < 0 or hi >= num_outputs:
+    classes = max(num_outputs, 2)  # a single logit is a binary model: labels 0 and 1 (losses.class_logits)
+    if lo < 0 or hi >= classes:
+        what = "1 output (a binary model)" if num_outputs == 1 else f"{num_outputs} outputs"
         raise ValueError(
-            f"{_prefix(where)}label {lo if lo < 0 else hi} is out of range for a model with {num_outputs} outputs "
-            f"(labels must be in [0, {num_outputs - 1}]); check the label column or the model."
+            f"{_prefix(where)}label {lo if lo < 0 else hi} is out of range for a model with {what} "
+            f"(labels must be in [0, {classes - 1}]); check the label column or the model."
         )
 
 
@@ -293,7 +295,7 @@ def infer_task(loss_kind: LossKind | None, target: torch.Tensor, output: torch.T
         return TaskKind.CLASSIFICATION
     if loss_kind is LossKind.MSE:
         return TaskKind.REGRESSION
-    is_class = not torch.is_floating_point(target) and target.ndim == 1 and output.ndim == 2
+    is_class = not torch.is_floating_point(target) and target.ndim == 1 and output.ndim in (1, 2)
     return TaskKind.CLASSIFICATION if is_class else TaskKind.REGRESSION
 
 
@@ -358,8 +360,8 @@ def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind
             "predicted ids."
         )
     if loss_kind is LossKind.CROSS_ENTROPY:
-        if out.ndim != 2:
+        if out.ndim not in (1, 2):
             raise ValueError(
                 f"cross-entropy needs (B, num_classes) logits, the model returned per-sample shape {tuple(out.shape[1:])}."
             )
-        check_labels(target, int(out.shape[1]))
+        check_labels(target, int(out.shape[1]) if out.ndim == 2 else 1)  # one logit: a binary model

@@ -10,14 +10,27 @@ import torch.nn.functional as F
 
 from .enums import LossKind, parse_choice
 
-__all__ = ["LossFn", "cross_entropy_per_sample", "loss_name", "mse_per_sample", "resolve_loss"]
+__all__ = ["LossFn", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample", "resolve_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def class_logits(output: torch.Tensor) -> torch.Tensor:
+    """Logits ``(B, C)`` of a classifier. A single-logit binary model (``(B, 1)`` or ``(B,)``, the logit ``z`` of
+    class 1, trained with BCE-with-logits) becomes the two-class model ``[0, z]``: its softmax is
+    ``[1 - sigmoid(z), sigmoid(z)]``, so its cross-entropy *is* BCE-with-logits and every classification score
+    (confidence, margin, EL2N, ...) applies unchanged, with labels 0 and 1."""
+    if output.ndim == 1:
+        output = output[:, None]  # (B,) -> (B, 1)
+    if output.ndim == 2 and output.shape[1] == 1:
+        return torch.cat([torch.zeros_like(output), output], dim=1)  # (B, 2): [0, z]
+    return output
+
+
 def cross_entropy_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits ``(B, C)`` against integer labels ``(B,)``, one value per sample."""
-    return F.cross_entropy(output, target, reduction="none")  # (B,)
+    """Cross-entropy of logits ``(B, C)`` against integer labels ``(B,)``, one value per sample (a single-logit
+    output: BCE-with-logits, see ``class_logits``)."""
+    return F.cross_entropy(class_logits(output), target, reduction="none")  # (B,)
 
 
 def mse_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -257,8 +257,14 @@ def config_from_dict(cls: type[_C], d: Mapping[str, Any]) -> _C:
 
 # ------------------------------------------------------------------------------------- per-batch stats
 def classification_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Output-derived statistics of a classifier: ``logits (B, C)``, integer ``labels (B,)``."""
+    """Output-derived statistics of a classifier: ``logits (B, C)``, integer ``labels (B,)``. A single logit
+    (``(B,)`` or ``(B, 1)``: a binary BCE-with-logits model) is scored as the two-class model ``[0, z]``
+    (``hardmine.losses.class_logits``): ``confidence`` = p(label), ``pred`` = 1 when ``z > 0``."""
     x = np.asarray(logits, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]  # (B,) -> (B, 1)
+    if x.shape[1] == 1:
+        x = np.concatenate([np.zeros_like(x), x], axis=1)  # (B, 2): [0, z]
     y = np.asarray(labels, dtype=np.int64)
     b, c = x.shape
     shifted = x - x.max(axis=1, keepdims=True)  # (B, C), stable softmax
@@ -267,12 +273,9 @@ def classification_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, np
     rows = np.arange(b)
     conf = p[rows, y]
     pred = x.argmax(axis=1)  # ties -> lowest class id, deterministic
-    if c > 1:
-        others = p.copy()
-        others[rows, y] = -np.inf
-        margin = conf - others.max(axis=1)
-    else:  # a one-output "classifier" has no other class to compare with
-        margin = np.full(b, np.nan)
+    others = p.copy()
+    others[rows, y] = -np.inf
+    margin = conf - others.max(axis=1)
     onehot = np.zeros_like(p)
     onehot[rows, y] = 1.0
     return {

@@ -270,8 +270,15 @@ def test_regression_stats_and_one_output_classifiers():
     assert np.isnan(r["margin"][0])  # separate arrays, not one shared
     np.testing.assert_array_equal(regression_stats(np.array([3.0, 4.0]))["pred"], [3.0, 4.0])
     assert np.isnan(regression_stats(np.ones((2, 3)))["pred"]).all()  # multi-output: no scalar prediction
-    one = classification_stats(np.array([[0.3], [2.0]]), np.array([0, 0]))
-    assert np.isnan(one["margin"]).all() and (one["confidence"] == 1.0).all() and one["correct"].all()
+    # One logit z is a binary BCE-with-logits model: the two-class model [0, z] (labels 0 and 1).
+    z = np.array([0.3, -2.0, 2.0])
+    one = classification_stats(z[:, None], np.array([0, 0, 1]))
+    p1 = 1 / (1 + np.exp(-z))
+    np.testing.assert_allclose(one["confidence"], [1 - p1[0], 1 - p1[1], p1[2]])
+    np.testing.assert_allclose(one["margin"], 2 * one["confidence"] - 1)
+    assert one["pred"].tolist() == [1, 0, 1] and one["correct"].tolist() == [False, True, True]
+    flat = classification_stats(z, np.array([0, 0, 1]))  # (B,) logits: the same model
+    np.testing.assert_allclose(flat["confidence"], one["confidence"])
     st = classification_stats(np.array([[0.0, 0.0, np.log(2.0)]]), np.array([2]))
     np.testing.assert_allclose(st["confidence"], [0.5])
     np.testing.assert_allclose(st["margin"], [0.25])

@@ -119,19 +119,18 @@ def host_batch(
         return HostBatch(last, np.full(b, np.nan), None, inv)
     last[:, COL["class_agreement"]] = class_a
     last[:, COL["label"]] = tgt
+    if logits.shape[1] == 1:  # a single-logit binary model: the two-class model [0, z] (losses.class_logits)
+        logits = np.concatenate([np.zeros_like(logits), logits], axis=1)  # (B, 2)
     top = logits.max(axis=1)  # (B,)
     lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))  # (B,) log-sum-exp
     x_y = logits[rows, tgt]
     conf = np.exp(x_y - lse)  # p[label]
     pred = logits.argmax(axis=1)  # ties -> lowest class id, as offline
-    if logits.shape[1] > 1:
-        others = logits.copy()
-        others[rows, tgt] = -np.inf
-        best_other = others.max(axis=1)
-        logit_margin = x_y - best_other
-        margin = conf - np.exp(best_other - lse)  # softmax is monotone in the logit
-    else:  # a one-output "classifier" has no other class to compare with
-        logit_margin = margin = np.full(b, np.nan)
+    others = logits.copy()
+    others[rows, tgt] = -np.inf
+    best_other = others.max(axis=1)
+    logit_margin = x_y - best_other
+    margin = conf - np.exp(best_other - lse)  # softmax is monotone in the logit
     diff = np.exp(logits - lse[:, None])  # (B, C) softmax
     diff[rows, tgt] -= 1.0
     last[:, COL["confidence"]] = conf

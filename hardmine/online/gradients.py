@@ -181,7 +181,10 @@ class StepGradients:
             return None
         with torch.no_grad():
             o = out.detach()
-            if kind is LossKind.CROSS_ENTROPY:
+            if kind is LossKind.CROSS_ENTROPY and (o.ndim == 1 or o.shape[1] == 1):
+                # A single logit z (the two-class model [0, z]): d BCE-with-logits / dz = sigmoid(z) - y.
+                delta = torch.sigmoid(o) - target.to(o.dtype).reshape(o.shape)  # (B,) or (B, 1)
+            elif kind is LossKind.CROSS_ENTROPY:
                 delta = torch.softmax(o, dim=1)  # (B, C): d CE / d logits = softmax - onehot
                 delta.scatter_add_(1, target.unsqueeze(1), self._minus_ones(delta))
             else:  # mse_per_sample = mean over the d outputs of (out - y)^2

@@ -23,7 +23,7 @@ from ..batches import call_model, check_labels, check_target, infer_task, model_
 from ..checks import as_bool, as_module, positive_int, projection_kind
 from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from ..factored.layout import ProjectionLayout
-from ..losses import LossFn, loss_name, resolve_loss
+from ..losses import LossFn, class_logits, loss_name, resolve_loss
 from ..manifest import write_manifest
 from ..params import select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
@@ -209,7 +209,7 @@ class OnlineMiner:
         step = self._grads.compute(rec, out, target, fn, kind, b)
         is_class = task is TaskKind.CLASSIFICATION
         if is_class and self._num_classes is None:
-            self._num_classes = int(out.shape[1])
+            self._num_classes = int(class_logits(out[:1]).shape[1])  # a single logit: 2 classes
         self._task = task
         if self._dirs is None:
             self._dirs = Directions.new(self._num_classes if is_class else None, self.out_dim, out.device)
@@ -288,11 +288,11 @@ class OnlineMiner:
                     f"classification targets must be 1-D integer class ids, got {target.dtype} of shape "
                     f"{tuple(target.shape)}; pass target.long(), or loss_fn='mse' for regression."
                 )
-            if out.ndim != 2:
+            if out.ndim not in (1, 2):
                 raise ValueError(
                     f"classification needs (B, num_classes) logits, got output shape {tuple(out.shape)}."
                 )
-            c = int(out.shape[1])
+            c = int(class_logits(out[:1]).shape[1])  # a single logit is the binary model [0, z]
             if self._num_classes is not None and c != self._num_classes:
                 raise ValueError(
                     f"the model returned {c} logits per sample but num_classes={self._num_classes}."

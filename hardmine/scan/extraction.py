@@ -19,7 +19,7 @@ from .._io import DatasetHasher
 from ..batches import check_labels, infer_task, input_leaves, sample_ids, split_batch_ids, to_device
 from ..engine import GradientExtractor, ProjectedBatch
 from ..enums import TaskKind
-from ..losses import resolve_loss
+from ..losses import class_logits, resolve_loss
 from ..score import classification_stats, regression_stats
 from .ledger import Ledger
 from .shards import ShardSet, ShardWriter, digest_of
@@ -179,7 +179,7 @@ class ExtractionPass:
         b = len(ids)
         tgt = target.detach().to("cpu")
         if task is TaskKind.CLASSIFICATION:
-            c = int(output.shape[1])
+            c = int(class_logits(output[:1]).shape[1])  # a single logit is the binary model [0, z]
             if self.num_classes is not None and c != self.num_classes:
                 raise ValueError(f"{where}: the model outputs {c} classes but num_classes={self.num_classes}.")
             self.ledger.record_num_classes(c, where)
