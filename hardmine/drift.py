@@ -55,6 +55,8 @@ import json
 import logging
 import math
 import os
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ._io import atomic_path, atomic_write_json, utc_now
+from ._io import TMP_PREFIX, atomic_path, atomic_write_json, utc_now
 from ._version import __version__
 from .attribution import check_comparable
 from .checks import as_bool, non_negative_int, number_in, positive_int
@@ -424,7 +426,21 @@ def _summary(
 
 # --------------------------------------------------------------------------------------------------- files
 def _write(out: Path, result: DriftResult) -> None:
-    out.mkdir(exist_ok=True)
+    if not out.exists():
+        # A new directory is filled under a temporary name and renamed: a failed write leaves no half report.
+        tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.mkdir()
+        try:
+            _write_files(tmp, result)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        _write_files(out, result)
+    logger.info("drift: wrote %s and %s", out / DRIFT_FILE, out / SUMMARY_FILE)
+
+
+def _write_files(out: Path, result: DriftResult) -> None:
     df = result.samples
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = {k: v for k, v in result.summary.items() if k not in ("per_class", "per_slice")}
@@ -432,7 +448,6 @@ def _write(out: Path, result: DriftResult) -> None:
     with atomic_path(out / DRIFT_FILE) as tmp:
         pq.write_table(table, tmp)
     atomic_write_json(out / SUMMARY_FILE, _json_safe(result.summary))
-    logger.info("drift: wrote %s and %s", out / DRIFT_FILE, out / SUMMARY_FILE)
 
 
 def _json_safe(obj: Any) -> Any:

@@ -118,6 +118,18 @@ def test_files_atomic_and_refusals(scans, tmp_path):
         drift(tmp_path, scans["same"])
 
 
+def test_a_failed_write_leaves_no_half_report(scans, tmp_path, monkeypatch):
+    import hardmine.drift
+
+    def broken(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hardmine.drift, "atomic_write_json", broken)
+    with pytest.raises(OSError, match="disk full"):
+        drift(scans["ref"], scans["same"], out=tmp_path / "d")
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary one
+
+
 def test_cli_drift_json_and_fail_above(scans, tmp_path):
     def invoke(*args):
         return runner.invoke(app, ["drift", *(str(a) for a in args)], catch_exceptions=False)
