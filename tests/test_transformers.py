@@ -11,6 +11,8 @@ exercises: learned position embeddings called on ``(1, T)`` (BERT, DistilBERT, G
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -289,6 +291,80 @@ def test_broadcast_output_not_used_row_by_row_goes_to_vmap(caplog):
     assert "row by row" in ext.metadata()["plan_reasons"]["pos.weight"]
     ref = reference_per_sample_grads(model, batch)
     assert_close(res.grad_norm.double(), ref.grad_norm, rtol=1e-6, atol=1e-8)
+
+
+class BatchStatistic(nn.Module):
+    """A Linear called on the batch mean (1, d): it mixes samples, so it must stay off the factored engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.ctx = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4)
+        h = torch.tanh(self.fc(x))  # (B, 4)
+        return self.head(h + self.ctx(h.mean(0, keepdim=True)))  # ctx sees (1, 4)
+
+
+class Repeats(nn.Module):
+    """A learned token projected on (1, 1, d) and then repeated B times: the model needs the (1, ...) shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 4)
+        cls = self.proj(self.cls).repeat(x.shape[0], 1, 1)  # (B, 1, 4); fails if proj's output has B rows
+        return self.head(torch.cat([cls, x], 1).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("cls", "x", "module", "why"),
+    [
+        (BatchStatistic, torch.randn(5, 4), "ctx", "changes with the batch's samples"),
+        (Repeats, torch.randn(5, 3, 4), "proj", "fails when its output is expanded"),
+    ],
+)
+def test_broadcast_inputs_the_maths_does_not_cover_go_to_vmap(cls, x, module, why):
+    torch.manual_seed(0)
+    model = cls().double()
+    batch = (x.double(), torch.randint(0, 3, (5,)))
+    ext = GradientExtractor(model, dim=16)
+    res = ext(batch)
+    meta = ext.metadata()
+    assert meta["plan"][f"{module}.weight"] == "vmap" and why in meta["plan_reasons"][f"{module}.weight"]
+    assert meta["plan"]["head.weight"] == "factored"
+    if cls is BatchStatistic:
+        return  # the model mixes samples: no engine but the per-sample loop can match it, only refusal matters
+    vmap = GradientExtractor(model, dim=16, engine="vmap")(batch)
+    assert_close(res.z, vmap.z, rtol=1e-5, atol=1e-6)
+    assert_close(res.grad_norm, vmap.grad_norm)
+
+
+def test_tied_embedding_and_linear_without_transformers():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e = nn.Embedding(10, 6, padding_idx=0)
+            self.h = nn.Linear(6, 10, bias=False)
+            self.h.weight = self.e.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.h(self.e(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    for b in (1, 4):
+        _check_exact(model, (torch.randint(0, 10, (b, 7)), torch.randint(0, 3, (b,))))
+
+
+def test_registering_the_conv1d_rule_does_not_import_transformers():
+    code = "import sys, hardmine, hardmine.factored; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_nothing_is_left_on_the_model():

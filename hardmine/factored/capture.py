@@ -164,7 +164,11 @@ def capture_calls(
 
 
 def _hooked_forward(
-    model: nn.Module, inputs: Inputs, units: Mapping[str, FactoredUnit], protect: Collection[str], b: int
+    model: nn.Module,
+    inputs: Inputs,
+    units: Mapping[str, FactoredUnit],
+    protect: Collection[str],
+    b: int | None,
 ) -> tuple[Any, Captured]:
     with capture_calls(units, protect, b) as rec, torch.enable_grad():
         out = call_model(model, inputs)
@@ -228,15 +232,71 @@ def probe_units(
     """Run the model on the first few samples with hooks and check each unit can be attributed per sample.
 
     Returns ``({module: problem}, modules whose output is modified in place)``. Call inside
-    ``forward_mode`` so the probe sees the same code path as the pass.
+    ``forward_mode`` so the probe sees the same code path as the pass. Modules called on an input broadcast
+    over the batch get three more checks (see the module docstring): the model's forward must accept their
+    per-sample outputs, use them row by row (:func:`broadcast_problems`) and the input must not depend on
+    the batch's samples (:func:`batch_dependent_inputs`).
     """
     n = min(batch_size, _PROBE_SAMPLES)
     sub = tree_map(lambda t: t[:n], inputs)  # (n, ...) leading samples
-    raw, rec = _hooked_forward(model, sub, units, (), n)
+    with capture_calls(units, (), n) as rec:
+        try:
+            with torch.enable_grad():
+                raw = call_model(model, sub)
+        except Exception as exc:
+            expanded = [name for name, calls in rec.items() if any(c.broadcast for c in calls)]
+            if not expanded:
+                raise
+            failure = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+            )
+        else:
+            failure = None
+    if failure is not None:
+        # The model cannot take a per-sample copy where it expected (1, ...): probe again as the model wants it,
+        # and refuse the modules that were expanded (they go to vmap under engine='auto', as before).
+        _, rec = _hooked_forward(model, sub, units, (), None)
+        problems, modified = check_calls(units, rec, n)
+        for name in expanded:
+            problems[name] = (
+                f"it was called on an input of shape (1, ...) broadcast over the batch, and the model's forward "
+                f"fails when its output is expanded to one row per sample ({failure})"
+            )
+        return problems, modified
     problems, modified = check_calls(units, rec, n)
-    for name, why in broadcast_problems(raw, rec, n).items():
+    for name, why in {
+        **batch_dependent_inputs(model, sub, units, rec, n),
+        **broadcast_problems(raw, rec, n),
+    }.items():
         problems.setdefault(name, why)
     return problems, modified
+
+
+def batch_dependent_inputs(
+    model: nn.Module, sub: Inputs, units: Mapping[str, FactoredUnit], rec: Captured, n: int
+) -> dict[str, str]:
+    """``{module: problem}`` for broadcast calls whose ``(1, ...)`` input depends on the batch's samples (e.g. a
+    batch mean): expanding it would hand every sample the batch's value where the per-sample loop has the
+    sample's own. Position ids and learned tokens are the same for any batch; the check runs the model again
+    on one sample fewer and asks for bit-identical inputs."""
+    expanded = {name: units[name] for name, calls in rec.items() if any(c.broadcast for c in calls)}
+    if not expanded:
+        return {}
+    fewer = tree_map(lambda t: t[: n - 1], sub)  # (n - 1, ...): a different batch, same per-sample inputs
+    _, again = _hooked_forward(model, fewer, expanded, (), None)
+    problems: dict[str, str] = {}
+    for name in expanded:
+        first, second = rec[name], again[name]
+        same = len(first) == len(second) and all(
+            not c.broadcast or (isinstance(d.x, torch.Tensor) and torch.equal(c.x[:1], d.x[:1]))
+            for c, d in zip(first, second, strict=False)
+        )
+        if not same:
+            problems[name] = (
+                "it was called on an input of shape (1, ...) that changes with the batch's samples (e.g. a batch "
+                "statistic), so it cannot be attributed per sample"
+            )
+    return problems
 
 
 def broadcast_problems(raw: Any, rec: Captured, n: int) -> dict[str, str]:
