@@ -370,7 +370,8 @@ def _compute_report(scan: Scan, texts: Mapping[Any, str] | None, k: int) -> str:
                                                    res.rows[i].tolist()) if r >= 0]
     all_texts = dict(texts) if texts is not None else _texts_from_source(scan, shown)
     if "text" in m and texts is None:
-        all_texts.update({s: str(t) for s, t in zip(m["sample_id"], m["text"]) if s in set(shown) and t is not None})
+        wanted = set(shown)
+        all_texts.update({s: str(t) for s, t in zip(m["sample_id"], m["text"]) if s in wanted and t is not None})
     mi = m.set_index("sample_id", drop=False)
 
     parts = [

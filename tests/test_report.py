@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from test_scan import batches_of, planted_scan
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 
 from hardmine.cli import app
 from hardmine.report import GENERATOR, render_report, report
-from hardmine.scan import scan
+from hardmine.scan import Scan, scan
 
 runner = CliRunner()
 
@@ -83,6 +84,12 @@ def test_texts_and_regression_scans(planted, tmp_path):
     sid = m.nsmallest(1, "rank")["sample_id"].item()
     page = render_report(sc, texts={sid: "a <b>bold</b> claim & more"})
     assert "a &lt;b&gt;bold&lt;/b&gt; claim &amp; more" in page  # shown, escaped
+    # A scan of a text column (as `hardmine scan --text-column` records it): the shown texts are read back.
+    ids = m["sample_id"].tolist()
+    pd.DataFrame({"sid": ids, "review": [f"text of sample {i}" for i in ids]}).to_parquet(tmp_path / "d.parquet")
+    source = {"data": str(tmp_path / "d.parquet"), "data_format": "parquet", "text_column": "review", "id_column": "sid"}
+    page = render_report(Scan(sc.path, {**sc.info, "source": source}))
+    assert f"text of sample {sid}</div>" in page
     # A regression scan: summary, distributions and its hardest samples (no classes, no calibration).
     g = np.random.default_rng(0)
     x = g.normal(size=(200, 5)).astype(np.float32)
