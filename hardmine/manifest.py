@@ -90,6 +90,7 @@ __all__ = [
     "resolve_strategy",
     "cap_weights",
     "check_destination",
+    "class_names",
     "write_manifest",
     "read_manifest",
     "read_manifest_metadata",
@@ -340,6 +341,14 @@ def _arrow_table(df: pd.DataFrame) -> pa.Table:
         arrays.append(arr)
         fields.append(pa.field(c, arr.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def class_names(df_or_meta: Any) -> list[str] | None:
+    """The class names a manifest records (class 0 first), from its metadata: a scan's ``class_names`` (text
+    labels, ``--class-names``, a HF model's ``id2label`` or a dataset's ClassLabel); ``None`` when unknown."""
+    meta = df_or_meta.attrs.get("hardmine") if isinstance(df_or_meta, pd.DataFrame) else df_or_meta
+    names = meta.get("class_names") if isinstance(meta, Mapping) else None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
 def _is_manifest_file(path: Path) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from test_cli import _scan, invoke, runner, trained  # noqa: F401  (the trained fixture)
@@ -207,3 +208,25 @@ def test_dim_is_bounded_before_anything_is_allocated_or_written(tmp_path, traine
     assert res.exit_code == 2 and "--shard-rows" in _text(res) and "memory available" in _text(res)
     monkeypatch.setattr(driver, "_available_memory", lambda: None)
     assert _scan(tmp_path, "--dim", "8").exit_code == 0
+
+
+def test_text_labels_are_mapped_to_ids_recorded_and_shown_by_name(tmp_path, trained):  # noqa: F811
+    _, x, y = trained
+    animals = np.array(["cat", "dog", "emu", "yak"])[y]
+    pd.DataFrame({"feat": list(x), "label": animals}).to_parquet(tmp_path / "d.parquet", row_group_size=37)
+    res = _scan(tmp_path, "--feature-column", "feat", data="d.parquet")
+    assert res.exit_code == 0, res.output
+    m = read_manifest(tmp_path / "scan")
+    assert m.attrs["hardmine"]["class_names"] == ["cat", "dog", "emu", "yak"]  # sorted names: class i
+    assert m.sort_values("sample_id")["label"].tolist() == y.tolist()  # the same ids as the numeric labels
+    rows = json.loads(invoke("show", tmp_path / "scan", "--top", "5", "--class", "emu", "--json").stdout)
+    assert rows and all(r["label"] == 2 and r["label_name"] == "emu" for r in rows)
+    table = invoke("show", tmp_path / "scan", "--top", "5").stdout
+    assert any(name in table for name in ("cat", "dog", "emu", "yak"))
+    frame = pd.DataFrame(x, columns=[f"p{i}" for i in range(12)]).assign(label=animals)
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    res = _scan(tmp_path, "--feature-columns", "p*", "--class-names", "a,b,c,d", data="d.csv", out="csv")
+    assert res.exit_code == 0, res.output
+    assert read_manifest(tmp_path / "csv").attrs["hardmine"]["class_names"] == ["a", "b", "c", "d"]  # the option wins
+    res = invoke("show", tmp_path / "scan", "--class", "wolf")
+    assert res.exit_code == 2 and "neither a class id nor a class name" in _text(res)

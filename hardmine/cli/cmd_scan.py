@@ -73,6 +73,11 @@ def scan_command(
     feature_columns: str | None = typer.Option(None, "--feature-columns", help="Glob of numeric feature columns, e.g. 'pix_*'."),
     input_shape: str | None = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28."),
     text_column: str | None = typer.Option(None, "--text-column", help="Text column, tokenised with the HF model's tokenizer."),
+    class_names: str | None = typer.Option(
+        None, "--class-names",
+        help="Comma-separated class names, class 0 first (default: text labels' names, a HF model's id2label, "
+             "or a HF dataset's ClassLabel names); recorded in the scan and shown by show/slices/review.",
+    ),
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated module names/globs (default: all)."),
     dim: int = typer.Option(256, "--dim", min=1, help="Projection dimension per selected parameter tensor."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the random projections (same seed, same vectors)."),
@@ -117,6 +122,7 @@ def scan_command(
         "input_shape": list(shape) if shape else None,
     }
     provenance = {**data_options, "checkpoint": str(checkpoint), "checkpoint_kind": loaded.kind,
+                  "class_names": _class_names(class_names, src.description.get("class_names"), loaded.model),
                   "new_head": loaded.info.get("new_head", False), "new_head_seed": loaded.info.get("new_head_seed"),
                   "data_hint": src.description.get("fingerprint_hint"), "batch_size": batch_size, "device": str(dev)}
     with bars.progress:
@@ -139,6 +145,24 @@ def scan_command(
         stderr.print(f"scanned {summary['samples']} samples in {summary['seconds']:.1f}s -> {out}")
         print_table(manifest, top=10, title="hardest samples")
     del torch
+
+
+def _class_names(option: str | None, from_data: list[str] | None, model: Any) -> list[str] | None:
+    """Names of the classes, class 0 first: --class-names, else the data's (text labels, ClassLabel), else a
+    Hugging Face config's id2label when it holds real names (not the LABEL_0... placeholders)."""
+    if option is not None:
+        names = [n.strip() for n in option.split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise typer.BadParameter(f"--class-names {option!r} must be distinct, non-empty, comma-separated names.")
+        return names
+    if from_data:
+        return list(from_data)
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if isinstance(id2label, dict) and id2label:
+        names = [str(id2label[i]) for i in sorted(id2label)]
+        if not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+            return names
+    return None
 
 
 def _device(name: str) -> Any:

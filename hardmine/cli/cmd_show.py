@@ -41,7 +41,17 @@ def _flags(rec: Any) -> str:
     return ",".join(c for c in _FLAGS if rec.get(c, False) is True or rec.get(c, False) is np.True_)
 
 
+def _named(v: Any, names: list[str] | None) -> str:
+    """A class id shown by its name when the scan recorded names."""
+    if names is not None and isinstance(v, (int, np.integer)) and 0 <= int(v) < len(names):
+        return names[int(v)]
+    return _fmt(v)
+
+
 def print_table(df: Any, top: int, title: str, console: Console | None = None) -> None:
+    from ..manifest import class_names
+
+    names = class_names(df)
     cols = [c for c in _COLUMNS if c in df.columns]
     rows = df.sort_values("rank").head(top)
     hd = _hardness_decimals(len(df))
@@ -50,29 +60,56 @@ def print_table(df: Any, top: int, title: str, console: Console | None = None) -
         table.add_column(c, justify="left" if c == "sample_id" else "right", no_wrap=True)
     table.add_column("flags", no_wrap=True)
     for _, rec in rows.iterrows():
-        table.add_row(*(_fmt(rec[c], hd if c == "hardness" else 3) for c in cols), _flags(rec))
+        cells = [_named(rec[c], names) if c in ("label", "pred") else _fmt(rec[c], hd if c == "hardness" else 3)
+                 for c in cols]
+        table.add_row(*cells, _flags(rec))
     console = console or table_console()
     console.print(table)
+
+
+def parse_class(value: str | None, df: Any) -> int | None:
+    """``--class`` as a class id or, when the scan recorded class names, a name."""
+    from ..manifest import class_names
+
+    if value is None:
+        return None
+    names = class_names(df) or []
+    if value in names:
+        return names.index(value)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--class {value!r} is neither a class id nor a class name of this scan {names[:20]}.") from None
 
 
 @handle_errors
 def show_command(
     scan_dir: Path = typer.Argument(..., help="A scan directory (or a manifest .parquet)."),
     top: int = typer.Option(20, "--top", min=1, help="How many of the hardest samples to show."),
-    class_: int | None = typer.Option(None, "--class", help="Only samples with this label."),
+    class_: str | None = typer.Option(None, "--class", help="Only samples with this label (a class id or name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
 ) -> None:
     """Print the hardest samples of a scan with their scores."""
     from ..manifest import read_manifest
 
     df = read_manifest(scan_dir)
+    class_ = parse_class(class_, df)
     if class_ is not None:
         labels = sorted(df["label"].dropna().unique().tolist())
         if class_ not in labels:
             raise ValueError(f"--class {class_} is not a label in this scan; labels are {labels[:20]}.")
         df = df[df["label"] == class_]
     if as_json:
-        emit_json(df.sort_values("rank").head(top).to_dict(orient="records"))
+        from ..manifest import class_names
+
+        rows = df.sort_values("rank").head(top).to_dict(orient="records")
+        names = class_names(df)
+        if names is not None:
+            for r in rows:
+                for c in ("label", "pred"):
+                    if isinstance(r.get(c), (int, np.integer)) and 0 <= r[c] < len(names):
+                        r[f"{c}_name"] = names[r[c]]
+        emit_json(rows)
         return
     title = f"hardest {min(top, len(df))} of {len(df)} samples" + (f" with label {class_}" if class_ is not None else "")
     print_table(df, top, title)

@@ -27,7 +27,7 @@ from ..datasets import find_idx_pair, read_idx
 from ..enums import DataFormat  # defined in hardmine.enums; re-exported here for existing imports
 from .model import import_object
 
-__all__ = ["DataFormat", "BatchSource", "open_data", "detect_format"]
+__all__ = ["DataFormat", "BatchSource", "open_data", "detect_format", "label_names_of"]
 
 Batch = tuple[Any, torch.Tensor, list[Any]]
 
@@ -75,12 +75,43 @@ def detect_format(data: str) -> DataFormat:
 
 
 # --------------------------------------------------------------------------------------------- checking
-def _labels_tensor(raw: np.ndarray, ids: Sequence[Any], classification: bool, num_classes: int | None) -> torch.Tensor:
+def label_names_of(column: Any) -> list[str] | None:
+    """The class names of a text label column (a pyarrow array / chunked array), sorted: class ``i`` is the
+    ``i``-th name. ``None`` when the labels are not text (numbers are class ids already)."""
+    import pyarrow as pa
+
+    typ = column.type
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        return None
+    values = column.cast(pa.large_string()) if not pa.types.is_dictionary(column.type) else column
+    names = sorted({v for v in values.to_pylist() if v is not None})
+    return names
+
+
+def _labels_tensor(
+    raw: np.ndarray,
+    ids: Sequence[Any],
+    classification: bool,
+    num_classes: int | None,
+    names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    if names is not None:  # text labels: class i is names[i] (label_names_of)
+        index = {n: i for i, n in enumerate(names)}
+        missing = [i for i, v in enumerate(raw) if v not in index]
+        if missing:
+            i = missing[0]
+            raise ValueError(f"label of sample {ids[i]!r} is {raw[i]!r}; drop or fix samples with missing labels.")
+        raw = np.fromiter((index[v] for v in raw), dtype=np.int64, count=len(raw))
     if raw.dtype == object:
         try:
             raw = raw.astype(np.float64)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"labels must be numbers; found e.g. {raw[0]!r} (sample {ids[0]!r}).") from exc
+            raise ValueError(
+                f"labels must be numbers or text class names; found e.g. {raw[0]!r} (sample {ids[0]!r}), a mix of "
+                "types. Make the label column one type (text labels are mapped to class ids, recorded in the scan)."
+            ) from exc
     if np.issubdtype(raw.dtype, np.floating):
         bad = ~np.isfinite(raw)
         if bad.any():
@@ -146,6 +177,18 @@ class _TableSpec:
     num_classes: int | None
     tokenizer: Any
     max_length: int
+    label_names: list[str] | None = None  # text labels: class i is label_names[i] (set by the source)
+
+    def read_label_names(self, column: Any) -> None:
+        """Map text labels to class ids (classification only): the whole column is read once, up front, so the
+        ids do not depend on which batch a name first appears in, or on --limit."""
+        if self.classification:
+            self.label_names = label_names_of(column)
+            if self.label_names is not None and self.num_classes is not None and len(self.label_names) > self.num_classes:
+                raise ValueError(
+                    f"the label column has {len(self.label_names)} class names {self.label_names[:10]} but "
+                    f"--num-classes is {self.num_classes}."
+                )
 
     def columns(self, names: list[str]) -> tuple[list[str], list[str]]:
         """Check the requested columns exist; return (columns to read, feature columns)."""
@@ -187,7 +230,9 @@ class _TableSpec:
         ids = table.column(self.id_column).to_pylist() if self.id_column else list(range(offset, offset + n))
         if self.id_column and any(i is None for i in ids):
             raise ValueError(f"--id-column {self.id_column!r} has missing values (near row {offset}).")
-        labels = _labels_tensor(_to_numpy(table.column(self.label_column)), ids, self.classification, self.num_classes)
+        col = table.column(self.label_column)
+        raw = np.asarray(col.to_pylist(), dtype=object) if self.label_names is not None else _to_numpy(col)
+        labels = _labels_tensor(raw, ids, self.classification, self.num_classes, self.label_names)
         if self.text_column:
             texts = table.column(self.text_column).to_pylist()
             if any(not isinstance(t, str) for t in texts):
@@ -231,6 +276,7 @@ def _parquet_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | 
     except Exception as exc:
         raise ValueError(f"{path} is not a readable Parquet file: {exc}") from exc
     read, feats = spec.columns(pf.schema_arrow.names)
+    spec.read_label_names(pq.read_table(path, columns=[spec.label_column]).column(0))
     total = pf.metadata.num_rows if limit is None else min(limit, pf.metadata.num_rows)
 
     def it() -> Iterator[Batch]:
@@ -253,6 +299,11 @@ def _csv_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None
             raise ValueError(f"{path} is not a readable CSV file: {exc}") from exc
 
     read, feats = spec.columns(reader().schema.names)
+    try:
+        labels_only = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(include_columns=[spec.label_column]))
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable CSV file: {exc}") from exc
+    spec.read_label_names(labels_only.column(0))
     opener = __import__("gzip").open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         rows = max(0, sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b"")) - 1)
@@ -289,6 +340,13 @@ def _hf_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None,
             raise ValueError(f"split {split!r} is not in {path}; it has {sorted(ds)}. Pass --split.")
         ds = ds[split]
     read, feats = spec.columns(list(ds.column_names))
+    feature = ds.features.get(spec.label_column)
+    if getattr(feature, "names", None):  # a ClassLabel: integer ids that come with their names
+        spec.label_names = None
+        class_label_names: list[str] | None = list(feature.names)
+    else:
+        spec.read_label_names(ds.data.column(spec.label_column))
+        class_label_names = None
     table = ds.with_format("arrow").select_columns(read)
     total = len(table) if limit is None else min(limit, len(table))
 
@@ -299,7 +357,10 @@ def _hf_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None,
 
         yield from _capped((spec.convert(t, feats, off) for t, off in _offsets(batches())), limit)
 
-    return BatchSource(DataFormat.HF, total, it, {"path": str(path), "columns": read, "split": split})
+    desc = {"path": str(path), "columns": read, "split": split}
+    if class_label_names:
+        desc["class_names"] = class_label_names
+    return BatchSource(DataFormat.HF, total, it, desc)
 
 
 def _offsets(tables: Iterator[Any]) -> Iterator[tuple[Any, int]]:
@@ -492,6 +553,8 @@ def open_data(
         src = _idx_source(path, split, batch_size, limit, shape, num_classes)
     if src.total == 0:
         raise ValueError(f"data {data!r} has no samples; nothing to scan.")
+    if spec.label_names is not None:  # text labels mapped to ids: the scan records the names
+        src.description["class_names"] = list(spec.label_names)
     src.description["fingerprint_hint"] = _file_hint(path)
     return src
 

@@ -317,6 +317,7 @@ class Scan:
                            "kind": cfg["extractor"].get("projection")},
             "loss": self.info.get("loss_name") or loss_name(cfg["loss"], self.task.value),
             "source": {"door": "scan", **(self.info.get("source") or {})},
+            "class_names": (self.info.get("source") or {}).get("class_names"),
             "index": index,
             "score_config": config.to_dict(),
             "k_used": k,
