@@ -24,7 +24,13 @@ transformers = pytest.importorskip("transformers")
 
 from hardmine.engine import GradientExtractor  # noqa: E402
 from hardmine.extract import reference_per_sample_grads  # noqa: E402
-from hardmine.factored import ProjectionLayout, factored_pass, rule_for  # noqa: E402
+from hardmine.factored import (  # noqa: E402
+    GradFactors,
+    ProjectionLayout,
+    factored_pass,
+    factors_inner,
+    rule_for,
+)
 from hardmine.factored.conv1d import Conv1DRule  # noqa: E402
 from hardmine.factored.rmsnorm import WeightOnlyNormRule  # noqa: E402
 from hardmine.params import select_parameters  # noqa: E402
@@ -211,6 +217,55 @@ def test_tied_embedding_is_one_block_summing_both_uses():
     want = _expected(ext.layout, ref.grads["transformer.wte.weight"], "transformer.wte.weight")
     assert_close(res.z[:, blk.offset : blk.offset + blk.width].double(), want, rtol=1e-5, atol=1e-6)
     assert_close(res.grad_norm.double(), ref.grad_norm, rtol=1e-6, atol=1e-8)
+
+
+class Conv1DNet(nn.Module):
+    """GPT-2's Conv1D on 2-D, one-position and token inputs; tiny widths so every route is taken."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c = Conv1D(d_out, d_in)  # (nf, nx)
+        self.head = Conv1D(3, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c(x))
+        return self.head(h if h.ndim == 2 else h.mean(1))
+
+
+@pytest.mark.parametrize(
+    ("shape", "d_out"),
+    [((1, 5), 4), ((6, 5), 4), ((6, 1, 5), 4), ((1, 7, 5), 4), ((6, 7, 5), 4), ((6, 8, 3), 2)],
+)
+def test_conv1d_rule_is_exact_on_every_route(shape, d_out):
+    # (6, 8, 3) -> 2: N^2 = 64 > d_in * d_out = 6 takes the explicit route, (B, 5) the one-position route,
+    # (B, 7, 5) the ghost route.
+    torch.manual_seed(0)
+    model = Conv1DNet(shape[-1], d_out).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    _check_exact(model, (torch.randn(shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))))
+
+
+@pytest.mark.parametrize(("ids_f", "ids_g"), [(False, False), (True, False), (False, True), (True, True)])
+def test_factors_inner_equals_the_inner_product_of_the_gradients(ids_f, ids_g):
+    g = torch.Generator().manual_seed(0)
+    b, rows, cols = 3, 7, 4
+
+    def factors(n: int, ids: bool) -> tuple[GradFactors, torch.Tensor]:
+        c = torch.randn(b, n, cols, generator=g, dtype=torch.float64)
+        if ids:
+            r = torch.randint(0, rows, (b, n), generator=g)
+            dense = F.one_hot(r, rows).double()  # (B, N, rows)
+        else:
+            r = dense = torch.randn(b, n, rows, generator=g, dtype=torch.float64)
+        return GradFactors(r, c), dense.transpose(1, 2) @ c  # (B, rows, cols)
+
+    f, gf = factors(5, ids_f)
+    h, gh = factors(6, ids_g)
+    assert_close(factors_inner(f, h), (gf * gh).sum((1, 2)))
 
 
 def test_rules_are_found_by_name_and_checked_on_the_instance():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,8 @@ __all__ = [
     "apply_rules",
     "compute_factored",
 ]
+
+logger = logging.getLogger(__name__)
 
 # How many samples the probe forward uses: more than one, so a tensor that does not carry the batch on
 # dimension 0 (shape[0] stays 1 or equals a sequence length) is told apart from one that does.
@@ -264,6 +267,9 @@ def probe_units(
             )
         return problems, modified
     problems, modified = check_calls(units, rec, n)
+    expanded = [name for name, calls in rec.items() if any(c.broadcast for c in calls)]
+    if expanded:
+        logger.debug("inputs broadcast over the batch, expanded per sample: %s", ", ".join(expanded))
     for name, why in {
         **batch_dependent_inputs(model, sub, units, rec, n),
         **broadcast_problems(raw, rec, n),

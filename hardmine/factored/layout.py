@@ -7,8 +7,8 @@ vectors (up to float rounding) and the same seed gives the same matrices for any
 With ``(a, b) = kron_factors(dim)`` (``a * b == dim``, ``a <= b``, as square as ``dim`` allows):
 
 * **Kronecker blocks** -- the *matrix* parameter of a module that has a registered layer rule (the weight of
-  ``Linear``, ``Conv2d``, ``Embedding``), viewed as ``G`` of shape ``(rows, cols) = (shape[0],
-  prod(shape[1:]))``, is projected to ``dim`` coordinates as ``vec(P_out^T G P_in)`` (row-major ``(a, b)``),
+  ``Linear``, ``Conv2d``, ``Embedding``, ``transformers``' ``Conv1D``), viewed as ``G`` of shape
+  ``(rows, cols) = (shape[0], prod(shape[1:]))``, is projected to ``dim`` coordinates as ``vec(P_out^T G P_in)`` (row-major ``(a, b)``),
   i.e. ``vec(G) @ kron(P_out, P_in)``, with ``P_out = random_matrix(rows, a, key=f"{param}:out")`` and
   ``P_in = random_matrix(cols, b, key=f"{param}:in")``. Each factor is scaled by ``1/sqrt(its k)``, so
   ``E[kron(P_out, P_in) kron(P_out, P_in)^T] = I`` and inner products are preserved in expectation.
@@ -17,6 +17,9 @@ With ``(a, b) = kron_factors(dim)`` (``a * b == dim``, ``a <= b``, as square as 
   keyed by its parameter name: to ``a`` coordinates when it is a vector (``ndim <= 1``; a vector carries
   about one factor's worth of information, and ``dim`` coordinates for a 10-entry bias would waste the
   index), to ``dim`` coordinates otherwise.
+
+A tied parameter (one tensor held by several modules, e.g. an LM head sharing the input embedding) is one
+block under its canonical name (the first one ``named_parameters`` gives), projecting the sum of its uses.
 
 Blocks are concatenated in model parameter order; :meth:`ProjectionLayout.describe` records offsets and
 widths in the scan metadata.
