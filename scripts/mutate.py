@@ -119,7 +119,7 @@ def run_module(name: str, max_children: int, log_dir: Path, names: list[str] | N
     cmd = [_mutmut(), "run", "--max-children", str(max_children), *(names or [_glob(name)])]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if not name.startswith("factored."):
-        ignore = " ".join(f"--ignore={t}" for t in FACTORED_TESTS)
+        ignore = " ".join(f"--deselect={t}" for t in FACTORED_TESTS)
         env["PYTEST_ADDOPTS"] = (env.get("PYTEST_ADDOPTS", "") + " " + ignore).strip()
     t0 = time.monotonic()
     log = log_dir / f"mutmut-{name}.log"
