@@ -3,6 +3,8 @@
     python scripts/report_screenshot.py                     # a small synthetic scan, then its report and picture
     python scripts/report_screenshot.py --scan demo_out/scan   # the report of an existing scan (e.g. `make demo`'s)
 
+    python scripts/report_screenshot.py --per-class 10000 --time --out /tmp/big.png   # time it on 40,000 samples
+
 The synthetic scan: four Gaussian blobs in 10 dimensions (500 samples each, 4% of every class a rare
 sub-cluster towards the next class, 5% of labels flipped), a small MLP trained on them, scanned with dim 32.
 The report is rendered by headless chromium (`make install` installs it; $HARDMINE_CHROMIUM names another
@@ -50,8 +52,8 @@ def blobs(seed: int = 0, n_classes: int = 4, d: int = 10, n_per: int = 500) -> t
     return x, y
 
 
-def synthetic_scan(out: Path) -> tuple[Scan, float]:
-    x, y = blobs()
+def synthetic_scan(out: Path, n_per: int = 500) -> tuple[Scan, float]:
+    x, y = blobs(n_per=n_per)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(x.shape[1], 32), nn.ReLU(), nn.Linear(32, int(y.max()) + 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "report.png", help="the picture to write")
     ap.add_argument("--html", type=Path, help="also keep the report here (default: a temporary file)")
     ap.add_argument("--size", default="1280,2300", help="browser window WIDTH,HEIGHT (the picture's size)")
+    ap.add_argument("--per-class", type=int, default=500, help="synthetic samples per class (4 classes)")
     ap.add_argument("--time", action="store_true", help="write scan and report times to scripts/results/report_time.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +91,7 @@ def main() -> None:
         if args.scan is not None:
             sc = Scan.open(args.scan)
         else:
-            sc, scan_s = synthetic_scan(tmp_path / "scan")
+            sc, scan_s = synthetic_scan(tmp_path / "scan", args.per_class)
         html = args.html or tmp_path / "report.html"
         t0 = time.perf_counter()
         report(sc, html, overwrite=True)
@@ -102,7 +105,7 @@ def main() -> None:
             sys.exit(f"report_screenshot: chromium failed ({res.returncode}): {res.stderr[-1000:]}")
         print(f"report of {sc.n_samples} samples in {report_s:.2f}s; picture: {args.out}")
         if args.time:
-            record = {"samples": sc.n_samples, "out_dim": sc.out_dim, "report_s": report_s, "scan_s": scan_s,
+            record = {"samples": sc.n_samples, "synthetic": args.scan is None, "out_dim": sc.out_dim, "report_s": report_s, "scan_s": scan_s,
                       "hardmine_version": _version.__version__, "torch_threads": torch.get_num_threads()}
             path = ROOT / "scripts" / "results" / "report_time.json"
             path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
