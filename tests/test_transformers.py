@@ -29,6 +29,7 @@ from hardmine.factored import (  # noqa: E402
     ProjectionLayout,
     factored_pass,
     factors_inner,
+    plan_factored,
     rule_for,
 )
 from hardmine.factored.conv1d import Conv1DRule  # noqa: E402
@@ -95,10 +96,12 @@ CLASSIFIERS = {"bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "g
 CAUSAL_LMS = {"gpt2_lm": _gpt2_lm, "llama_tied": lambda: _llama(True), "llama_untied": lambda: _llama(False)}
 
 
-def _build(factory, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+def _build(factory, dtype: torch.dtype = torch.float64, seed: int = 0, attn: str | None = None) -> nn.Module:
+    """The model in eval mode, with the default attention implementation (sdpa) unless ``attn`` is given."""
     torch.manual_seed(seed)
     model = factory()
-    model.config._attn_implementation = "eager"  # the eager maths is what the reference loop runs too
+    if attn is not None:
+        model.config._attn_implementation = attn
     return model.to(dtype).eval()
 
 
@@ -183,6 +186,15 @@ def test_causal_lms_scan_factored_and_exact(name, b):
     _check_exact(_build(CAUSAL_LMS[name]), _lm_batch(b, seed=b), loss_fn=lm_loss)
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_tied"])
+def test_eager_attention_too(name):
+    lm = name in CAUSAL_LMS
+    model = _build({**CLASSIFIERS, **CAUSAL_LMS}[name], attn="eager")
+    assert model.config._attn_implementation == "eager"
+    batch = _lm_batch(3, seed=9) if lm else _classification_batch(3, seed=9)
+    _check_exact(model, batch, loss_fn=lm_loss if lm else None)
+
+
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_float32_models_match_the_reference(name):
     # float32 takes the fused one-position Linear route (pooler, classifier) and the in-place writes; the
@@ -217,6 +229,10 @@ def test_tied_embedding_is_one_block_summing_both_uses():
     want = _expected(ext.layout, ref.grads["transformer.wte.weight"], "transformer.wte.weight")
     assert_close(res.z[:, blk.offset : blk.offset + blk.width].double(), want, rtol=1e-5, atol=1e-6)
     assert_close(res.grad_norm.double(), ref.grad_norm, rtol=1e-6, atol=1e-8)
+    units, rejected = plan_factored(model, select_parameters(model, None))
+    assert not rejected
+    assert units["lm_head"].params == ["transformer.wte.weight"]
+    assert units["lm_head"].held_params == ["lm_head.weight"]
 
 
 class Conv1DNet(nn.Module):

@@ -30,7 +30,8 @@ class FactoredUnit:
     name: str  # module name ("" for the root module)
     module: nn.Module
     rule: LayerRule
-    matrix: str | None  # full name of the selected matrix parameter, if selected
+    # canonical full name of the selected matrix parameter, if selected (a tied one: not this module's own)
+    matrix: str | None
     vectors: tuple[str, ...]  # local names of the selected vector parameters
 
     def full_name(self, local: str) -> str:
@@ -38,7 +39,14 @@ class FactoredUnit:
 
     @property
     def params(self) -> list[str]:
+        """The selected parameters by their canonical names (a tied matrix: the name its layout block has)."""
         return ([self.matrix] if self.matrix else []) + [self.full_name(v) for v in self.vectors]
+
+    @property
+    def held_params(self) -> list[str]:
+        """The same parameters by this module's own names (``lm_head.weight`` for a tied LM head)."""
+        local = [self.rule.matrix_param] if self.matrix and self.rule.matrix_param else []
+        return [self.full_name(n) for n in local + list(self.vectors)]
 
     @property
     def label(self) -> str:
