@@ -68,6 +68,7 @@ import numpy as np
 import pandas as pd
 
 from .checks import as_bool, finite_number, is_finite_number, number_in, positive_int
+from .defaults import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
 from .enums import Strategy, TaskKind, parse_choice
 
 _C = TypeVar("_C")
@@ -161,10 +162,6 @@ DEFAULT_WEIGHTS: dict[str, float] = {
 # no classes: its default is proportional (hardness ** temperature).
 DEFAULT_STRATEGY = Strategy.PER_CLASS
 DEFAULT_STRATEGY_REGRESSION = Strategy.PROPORTIONAL
-DEFAULT_TOP = 0.1  # hardest 10% are `is_hard`
-DEFAULT_BOOST = 5.0  # top-k: a hard sample is drawn 5x as often as an easy one (before the cap)
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_CAP = 20.0  # no sample's weight exceeds 20x the mean weight
 
 
 def default_strategy(classification: bool) -> Strategy:

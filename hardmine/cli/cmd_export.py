@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 
+from ..defaults import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
 from ..enums import HardSet, Strategy
-from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
 from ._common import emit_json, handle_errors, stderr
 
 __all__ = ["export_command"]
@@ -54,6 +53,8 @@ def export_command(
 def _summary(df: Any, out: Path, cap: float | None) -> dict[str, Any]:
     """What was written, in the terms the user asked in: weights have mean 1, so ``--boost 4`` shows as the
     ratio of a hard to an easy weight, and a binding cap is named."""
+    import numpy as np
+
     export = df.attrs["hardmine"]["export"]
     w = df["weight"].to_numpy(dtype=float)
     hard = df["is_hard"].to_numpy(dtype=bool)

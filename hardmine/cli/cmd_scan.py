@@ -20,7 +20,6 @@ from rich.progress import (
 from rich.text import Text
 
 from ..enums import DataFormat, Engine, IndexKind, LossKind, ScanPhase
-from ..loaders import load_model, open_data
 from ._common import emit_json, handle_errors, parse_shape, stderr
 from .cmd_show import print_table
 
@@ -97,6 +96,7 @@ def scan_command(
     """Scan CHECKPOINT on DATA: per-sample gradients, index, scores and a ranked manifest in --out."""
     import torch
 
+    from ..loaders import load_model, open_data
     from ..scan import scan as run_scan
 
     if os.getcwd() not in sys.path:  # --model / factory specs resolve like `python -m`

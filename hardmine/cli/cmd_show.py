@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -24,8 +24,8 @@ _FLAGS = ("confident_error", "near_miss")  # boolean columns, listed by name in 
 def _fmt(v: Any, decimals: int = 3) -> str:
     if v is None or (hasattr(v, "__class__") and v.__class__.__name__ == "NAType"):
         return "-"
-    if isinstance(v, (float, np.floating)):
-        if np.isnan(v):
+    if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):  # floats, NumPy's too
+        if math.isnan(v):
             return "-"
         return f"{float(v):.{decimals}f}" if abs(v) < 1000 else f"{float(v):.4g}"
     return str(v)
@@ -38,12 +38,13 @@ def _hardness_decimals(n: int) -> int:
 
 
 def _flags(rec: Any) -> str:
-    return ",".join(c for c in _FLAGS if rec.get(c, False) is True or rec.get(c, False) is np.True_)
+    # NumPy booleans are not ``bool`` but compare equal to True; pandas' NA is neither.
+    return ",".join(c for c in _FLAGS if type(rec.get(c, False)).__name__ in ("bool", "bool_") and rec.get(c) == True)  # noqa: E712
 
 
 def _named(v: Any, names: list[str] | None) -> str:
     """A class id shown by its name when the scan recorded names."""
-    if names is not None and isinstance(v, (int, np.integer)) and 0 <= int(v) < len(names):
+    if names is not None and isinstance(v, numbers.Integral) and 0 <= int(v) < len(names):
         return names[int(v)]
     return _fmt(v)
 
@@ -107,7 +108,7 @@ def show_command(
         if names is not None:
             for r in rows:
                 for c in ("label", "pred"):
-                    if isinstance(r.get(c), (int, np.integer)) and 0 <= r[c] < len(names):
+                    if isinstance(r.get(c), numbers.Integral) and 0 <= r[c] < len(names):
                         r[f"{c}_name"] = names[r[c]]
         emit_json(rows)
         return
