@@ -364,6 +364,22 @@ def test_broadcast_output_not_used_row_by_row_goes_to_vmap(caplog):
     assert_close(res.grad_norm.double(), ref.grad_norm, rtol=1e-6, atol=1e-8)
 
 
+def test_broadcast_seen_only_after_a_one_sample_first_batch_is_refused_not_expanded_unchecked():
+    # A first batch of one sample cannot show a broadcast input, so the probe approves no expansion; a later
+    # batch of several samples is then refused (as before this support) instead of expanded without checks.
+    torch.manual_seed(0)
+    model = Positional().double()
+    ext = GradientExtractor(model, dim=16)
+    ext((torch.randint(0, 20, (1, 5)), torch.randint(0, 3, (1,))))
+    with pytest.raises(ValueError, match=r"pos \(Embedding\).*not on dimension 0"):
+        ext((torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,))))
+    # A first batch of several samples approves it, and a last batch of one sample needs no expansion.
+    ext = GradientExtractor(model, dim=16)
+    for b in (4, 1):
+        batch = (torch.randint(0, 20, (b, 5)), torch.randint(0, 3, (b,)))
+        assert_close(ext(batch).grad_norm, reference_per_sample_grads(model, batch).grad_norm)
+
+
 class BatchStatistic(nn.Module):
     """A Linear called on the batch mean (1, d): it mixes samples, so it must stay off the factored engine."""
 

@@ -147,18 +147,23 @@ def _record(
 
 @contextlib.contextmanager
 def capture_calls(
-    units: Mapping[str, FactoredUnit], clone: Collection[str] = (), batch_size: int | None = None
+    units: Mapping[str, FactoredUnit],
+    clone: Collection[str] = (),
+    batch_size: int | None = None,
+    expand: Collection[str] | None = None,
 ) -> Iterator[Captured]:
     """Forward hooks on the units' modules for the block; yields ``{module: [CapturedCall, ...]}``, filled as
     the model runs. The modules in ``clone`` hand the model a copy of their output (they are known, or to be
-    checked, to have it modified in place). With ``batch_size``, calls broadcast over the batch (``(1, ...)``
-    input and output) are expanded to it (see the module docstring); without, they are recorded as seen (and
-    refused by :func:`check_calls`). The hooks are removed on exit (``finally``)."""
+    checked, to have it modified in place). With ``batch_size``, calls of the modules in ``expand`` (None:
+    every unit) that are broadcast over the batch (``(1, ...)`` input and output) are expanded to it (see the
+    module docstring); other calls are recorded as seen (and a ``(1, ...)`` one refused by
+    :func:`check_calls`). The hooks are removed on exit (``finally``)."""
     rec: Captured = {name: [] for name in units}
     handles = []
     try:
         for name, unit in units.items():
-            hook = functools.partial(_record, rec[name], name in clone, batch_size)
+            size = batch_size if expand is None or name in expand else None
+            hook = functools.partial(_record, rec[name], name in clone, size)
             handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
         yield rec
     finally:
@@ -172,8 +177,9 @@ def _hooked_forward(
     units: Mapping[str, FactoredUnit],
     protect: Collection[str],
     b: int | None,
+    expand: Collection[str] | None = None,
 ) -> tuple[Any, Captured]:
-    with capture_calls(units, protect, b) as rec, torch.enable_grad():
+    with capture_calls(units, protect, b, expand) as rec, torch.enable_grad():
         out = call_model(model, inputs)
     return out, rec
 
@@ -234,11 +240,14 @@ def probe_units(
 ) -> tuple[dict[str, str], set[str]]:
     """Run the model on the first few samples with hooks and check each unit can be attributed per sample.
 
-    Returns ``({module: problem}, modules whose output is modified in place)``. Call inside
-    ``forward_mode`` so the probe sees the same code path as the pass. Modules called on an input broadcast
-    over the batch get three more checks (see the module docstring): the model's forward must accept their
-    per-sample outputs, use them row by row (:func:`broadcast_problems`) and the input must not depend on
-    the batch's samples (:func:`batch_dependent_inputs`).
+    Returns ``({module: problem}, modules to protect)``: the modules that must hand the model a copy of their
+    output in the pass, because the model modifies it in place or because it is broadcast over the batch and
+    passed the checks below (only those are expanded by the pass: a module the probe did not see broadcast,
+    e.g. on a first batch of one sample, is refused in a later batch rather than expanded unchecked). Call
+    inside ``forward_mode`` so the probe sees the same code path as the pass. Modules called on an input
+    broadcast over the batch get three more checks (see the module docstring): the model's forward must
+    accept their per-sample outputs, use them row by row (:func:`broadcast_problems`) and the input must not
+    depend on the batch's samples (:func:`batch_dependent_inputs`).
     """
     n = min(batch_size, _PROBE_SAMPLES)
     sub = tree_map(lambda t: t[:n], inputs)  # (n, ...) leading samples
@@ -275,7 +284,7 @@ def probe_units(
         **broadcast_problems(raw, rec, n),
     }.items():
         problems.setdefault(name, why)
-    return problems, modified
+    return problems, modified | {name for name in expanded if name not in problems}
 
 
 def batch_dependent_inputs(
@@ -410,11 +419,12 @@ def compute_factored(
     out: torch.Tensor | None = None,
     memo: dict[Any, Any] | None = None,
 ) -> FactoredGrads:
-    """The pass itself (inputs already validated with ``validate_inputs``, units already probed): the hooked
-    forward, the checks and :func:`apply_rules`. The output is checked against the targets here, before the
+    """The pass itself (inputs already validated with ``validate_inputs``, units already probed; ``protect``
+    from :func:`probe_units`, whose broadcast modules are expanded here): the hooked forward, the checks and
+    :func:`apply_rules`. The output is checked against the targets here, before the
     loss, so no separate probe forward is needed per batch. ``out`` and ``memo``: see :func:`apply_rules`."""
     try:
-        raw, rec = _hooked_forward(model, inputs, units, protect, b)
+        raw, rec = _hooked_forward(model, inputs, units, protect, b, expand=protect)
     except (ValueError, torch.OutOfMemoryError, MemoryError):
         raise  # already clear, or not the user's input (callers catch OOM to shrink the batch)
     except Exception as exc:  # e.g. a shape mismatch in a later batch: quote the shapes
