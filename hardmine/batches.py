@@ -53,6 +53,7 @@ __all__ = [
     "sample_ids",
     "split_batch",
     "split_batch_ids",
+    "split_unlabelled",
     "to_device",
     "validate_batch",
     "validate_inputs",
@@ -123,6 +124,24 @@ def split_batch_ids(batch: Any, where: str | None = None) -> tuple[Inputs, torch
             f"{_prefix(where)}target has shape {tuple(target.shape)}; it needs a non-empty batch dimension."
         )
     return inputs, target, ids
+
+
+def split_unlabelled(batch: Any, where: str | None = None) -> tuple[Inputs, Any]:
+    """``(inputs, ids or None)`` of a batch of unlabelled data: ``x``, ``(x,)``, ``(x, target)``,
+    ``(x, target, ids)`` or a mapping (any ``labels``-like key and ``sample_id`` taken out). A target that is
+    present is ignored: an unlabelled scan predicts its own."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k != SAMPLE_ID_KEY and k not in TARGET_KEYS}
+        return inputs, batch.get(SAMPLE_ID_KEY)
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3:
+        inputs = tuple(batch[0]) if isinstance(batch[0], list) else batch[0]
+        return inputs, batch[2] if len(batch) == 3 else None
+    raise ValueError(
+        f"{_prefix(where)}batch of type {type(batch).__name__} is not understood; for unlabelled data yield x, "
+        "(x,), (x, ignored_target, sample_ids) or a mapping of inputs (optionally with 'sample_id')."
+    )
 
 
 def input_leaves(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:

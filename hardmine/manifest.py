@@ -170,7 +170,7 @@ def finish_manifest(
     validate_export_params(top, boost, temperature, cap)
     if "rank" not in df:
         df["rank"] = hardness_rank(df["hardness"].to_numpy(dtype=np.float64))
-    df.attrs["hardmine"] = {"task": metadata["task"]}  # what resolve_strategy reads
+    df.attrs["hardmine"] = {k: metadata[k] for k in ("task", "targets") if k in metadata}  # resolve_strategy reads
     strategy = resolve_strategy(df, strategy)
     weight, is_hard = compute_weights(df, strategy, top, boost, temperature, cap)
     df["is_hard"] = pd.array(is_hard, dtype="boolean")
@@ -195,6 +195,8 @@ def resolve_strategy(df: pd.DataFrame, strategy: Strategy | str | None = None) -
         return parse_choice(Strategy, strategy, "strategy")
     meta = df.attrs.get("hardmine")
     task = meta.get("task") if isinstance(meta, Mapping) else None
+    if isinstance(meta, Mapping) and meta.get("targets") == "predictions":
+        return default_strategy(False)  # unlabelled: no labels to balance classes by
     if task in ("classification", "regression"):
         return default_strategy(task == "classification")
     labels = df["label"] if "label" in df else None

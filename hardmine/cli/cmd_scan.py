@@ -66,6 +66,11 @@ def scan_command(
     ),
     format: DataFormat = typer.Option(DataFormat.AUTO, "--format", help="Data format (auto-detected by default)."),
     split: str = typer.Option("train", "--split", help="Split of IDX / HF datasets data."),
+    no_labels: bool = typer.Option(
+        False, "--no-labels",
+        help="Unlabelled data (a classifier only): no label column is read; each sample's target is the model's "
+             "prediction, and the columns that need true labels are null.",
+    ),
     label_column: str = typer.Option("label", "--label-column", help="Column holding the labels (class ids, or numbers for regression)."),
     id_column: str | None = typer.Option(None, "--id-column", help="Column of sample ids (default: 0-based row index)."),
     feature_column: str | None = typer.Option(None, "--feature-column", help="One list/array column of features."),
@@ -111,7 +116,7 @@ def scan_command(
         data, format=format, label_column=label_column, id_column=id_column, feature_column=feature_column,
         feature_columns=feature_columns, text_column=text_column, input_shape=shape, tokenizer=loaded.tokenizer,
         split=split, batch_size=batch_size, limit=limit, num_workers=num_workers,
-        classification=loss is not LossKind.MSE, num_classes=num_classes,
+        classification=loss is not LossKind.MSE, num_classes=num_classes, labels=not no_labels,
     )
     bars = _RichProgress(quiet or as_json)
     # What defines the data read: part of the scan's configuration, so a rerun with other values is refused.
@@ -130,7 +135,7 @@ def scan_command(
             net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine,
             loss_fn=None if loss is LossKind.AUTO else loss.value, num_classes=num_classes, index=index,
             overwrite=overwrite, progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance,
-            config_extra=data_options,
+            config_extra=data_options, labels=None if no_labels else True,
         )
     manifest = result.manifest()
     summary = {

@@ -178,11 +178,12 @@ class _TableSpec:
     tokenizer: Any
     max_length: int
     label_names: list[str] | None = None  # text labels: class i is label_names[i] (set by the source)
+    labels: bool = True  # False: unlabelled data; a placeholder target is yielded (the scan predicts it)
 
     def read_label_names(self, column: Any) -> None:
         """Map text labels to class ids (classification only): the whole column is read once, up front, so the
         ids do not depend on which batch a name first appears in, or on --limit."""
-        if self.classification:
+        if self.classification and self.labels:
             self.label_names = label_names_of(column)
             if self.label_names is not None and self.num_classes is not None and len(self.label_names) > self.num_classes:
                 raise ValueError(
@@ -196,8 +197,10 @@ class _TableSpec:
             if col not in names:
                 raise ValueError(f"{flag} {col!r} is not a column of the data; columns are {names[:30]}.")
 
-        need(self.label_column, "--label-column")
-        read = [self.label_column]
+        read: list[str] = []
+        if self.labels:
+            need(self.label_column, "--label-column")
+            read.append(self.label_column)
         if self.id_column:
             need(self.id_column, "--id-column")
             read.append(self.id_column)
@@ -218,7 +221,7 @@ class _TableSpec:
             feats = [self.text_column]
         else:
             assert self.feature_columns is not None  # chosen has exactly one entry
-            skip = {self.label_column, self.id_column}
+            skip = {self.label_column if self.labels else None, self.id_column}
             feats = [n for n in names if fnmatch.fnmatchcase(n, self.feature_columns) and n not in skip]
             if not feats:
                 raise ValueError(f"--feature-columns {self.feature_columns!r} matches no column; columns are {names[:30]}.")
@@ -230,9 +233,12 @@ class _TableSpec:
         ids = table.column(self.id_column).to_pylist() if self.id_column else list(range(offset, offset + n))
         if self.id_column and any(i is None for i in ids):
             raise ValueError(f"--id-column {self.id_column!r} has missing values (near row {offset}).")
-        col = table.column(self.label_column)
-        raw = np.asarray(col.to_pylist(), dtype=object) if self.label_names is not None else _to_numpy(col)
-        labels = _labels_tensor(raw, ids, self.classification, self.num_classes, self.label_names)
+        if not self.labels:
+            labels = torch.zeros(n, dtype=torch.int64)  # placeholder: an unlabelled scan predicts the target
+        else:
+            col = table.column(self.label_column)
+            raw = np.asarray(col.to_pylist(), dtype=object) if self.label_names is not None else _to_numpy(col)
+            labels = _labels_tensor(raw, ids, self.classification, self.num_classes, self.label_names)
         if self.text_column:
             texts = table.column(self.text_column).to_pylist()
             if any(not isinstance(t, str) for t in texts):
@@ -276,7 +282,8 @@ def _parquet_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | 
     except Exception as exc:
         raise ValueError(f"{path} is not a readable Parquet file: {exc}") from exc
     read, feats = spec.columns(pf.schema_arrow.names)
-    spec.read_label_names(pq.read_table(path, columns=[spec.label_column]).column(0))
+    if spec.labels:
+        spec.read_label_names(pq.read_table(path, columns=[spec.label_column]).column(0))
     total = pf.metadata.num_rows if limit is None else min(limit, pf.metadata.num_rows)
 
     def it() -> Iterator[Batch]:
@@ -299,11 +306,12 @@ def _csv_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None
             raise ValueError(f"{path} is not a readable CSV file: {exc}") from exc
 
     read, feats = spec.columns(reader().schema.names)
-    try:
-        labels_only = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(include_columns=[spec.label_column]))
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable CSV file: {exc}") from exc
-    spec.read_label_names(labels_only.column(0))
+    if spec.labels:
+        try:
+            only = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(include_columns=[spec.label_column]))
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable CSV file: {exc}") from exc
+        spec.read_label_names(only.column(0))
     opener = __import__("gzip").open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         rows = max(0, sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b"")) - 1)
@@ -340,8 +348,10 @@ def _hf_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None,
             raise ValueError(f"split {split!r} is not in {path}; it has {sorted(ds)}. Pass --split.")
         ds = ds[split]
     read, feats = spec.columns(list(ds.column_names))
-    feature = ds.features.get(spec.label_column)
-    if getattr(feature, "names", None):  # a ClassLabel: integer ids that come with their names
+    feature = ds.features.get(spec.label_column) if spec.labels else None
+    if not spec.labels:
+        class_label_names = None
+    elif getattr(feature, "names", None):  # a ClassLabel: integer ids that come with their names
         spec.label_names = None
         class_label_names: list[str] | None = list(feature.names)
     else:
@@ -410,16 +420,17 @@ def _npz_member(path: Path, name: str) -> np.ndarray:
 
 
 def _npz_source(path: Path, batch_size: int, limit: int | None, shape: tuple[int, ...] | None,
-                classification: bool, num_classes: int | None) -> BatchSource:
+                classification: bool, num_classes: int | None, labels: bool = True) -> BatchSource:
     try:
         with zipfile.ZipFile(path) as zf:
             names = {n.removesuffix(".npy") for n in zf.namelist()}
     except zipfile.BadZipFile as exc:
         raise ValueError(f"{path} is not a readable .npz file: {exc}") from exc
-    for need in ("X", "y"):
+    for need in ("X", "y") if labels else ("X",):
         if need not in names:
             raise ValueError(f"{path} has arrays {sorted(names)}; it needs 'X' (features) and 'y' (labels), and may have 'ids'.")
-    x, y = _npz_member(path, "X"), _npz_member(path, "y")
+    x = _npz_member(path, "X")
+    y = _npz_member(path, "y") if labels else np.zeros(len(x), dtype=np.int64)  # placeholder when unlabelled
     ids_arr = _npz_member(path, "ids") if "ids" in names else None
     if len(x) != len(y) or (ids_arr is not None and len(ids_arr) != len(y)):
         raise ValueError(f"{path}: X has {len(x)} rows, y {len(y)}" + (f", ids {len(ids_arr)}" if ids_arr is not None else "") + ".")
@@ -519,9 +530,11 @@ def open_data(
     num_workers: int = 0,
     classification: bool = True,
     num_classes: int | None = None,
+    labels: bool = True,
 ) -> BatchSource:
     """Open ``data`` as a stream of ``(inputs, labels, sample_ids)`` batches (never loaded whole when the
-    format allows streaming)."""
+    format allows streaming). ``labels=False``: unlabelled data — no label column is read and a placeholder
+    target is yielded (``hardmine.scan(..., labels=None)`` replaces it with the model's prediction)."""
     from ..enums import parse_choice
 
     fmt = parse_choice(DataFormat, format, "format")
@@ -540,7 +553,7 @@ def open_data(
     if not path.exists():
         raise ValueError(f"data {data!r} does not exist.")
     spec = _TableSpec(label_column, id_column, feature_column, feature_columns, text_column, shape,
-                      classification, num_classes, tokenizer, max_length)
+                      classification, num_classes, tokenizer, max_length, labels=labels)
     if fmt is DataFormat.PARQUET:
         src = _parquet_source(path, spec, batch_size, limit)
     elif fmt is DataFormat.CSV:
@@ -548,7 +561,7 @@ def open_data(
     elif fmt is DataFormat.HF:
         src = _hf_source(path, spec, batch_size, limit, split)
     elif fmt is DataFormat.NPZ:
-        src = _npz_source(path, batch_size, limit, shape, classification, num_classes)
+        src = _npz_source(path, batch_size, limit, shape, classification, num_classes, labels)
     else:
         src = _idx_source(path, split, batch_size, limit, shape, num_classes)
     if src.total == 0:

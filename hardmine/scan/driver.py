@@ -7,7 +7,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader
 
 from .._io import model_fingerprint, utc_now
 from .._version import __version__
+from ..batches import call_model, model_output_tensor, split_unlabelled, to_device
 from ..checks import as_bool, as_module, non_negative_int, positive_int
 from ..engine import GradientExtractor
 from ..enums import Engine, IndexKind, ProjectionKind, Randomness, ScanPhase, parse_choice
-from ..losses import loss_name
+from ..losses import class_logits, loss_name
 from ..score import ScoreConfig
 from .extraction import ExtractionPass
 from .result import Scan
@@ -72,6 +73,7 @@ def scan(
     shard_rows: int = DEFAULT_SHARD_ROWS,
     provenance: Mapping[str, Any] | None = None,
     config_extra: Mapping[str, Any] | None = None,
+    labels: bool | None = True,
 ) -> Scan:
     """Scan ``data`` with ``model`` and write gradients, index, scores and ``manifest.parquet`` to ``out``.
 
@@ -95,12 +97,18 @@ def scan(
         shard_rows: samples per gradient shard (the memory bound and the resume granularity).
         provenance: extra JSON-able facts about the inputs (checkpoint path, data source...), recorded in
             ``scan.json`` and under ``source`` in the manifest metadata; not part of the resume check.
+        labels: ``True`` (default): the data's targets are the labels. ``None`` (or ``False``): unlabelled data —
+            any target in the batches is ignored and each sample's target is the model's own prediction (the
+            gradient a self-training step would take, as in BADGE), at the cost of one extra forward per
+            batch; classification only. The manifest then has null ``label``, ``correct``,
+            ``confident_error``, ``near_miss``, ``neighbor_disagreement`` and label-issue columns, no slices,
+            per-class signals by *predicted* class, and the ``proportional`` default export.
         config_extra: extra JSON-able settings that define the scan (the CLI passes its data options: file,
             format, split, limit, columns, input shape); recorded in the config, so a rerun into the same
             ``out`` with different values is refused like any other configuration change.
     """
     as_module(model)
-    _check_data(data)
+    _check_data(data, labelled=labels is True)
     as_bool(resume, "resume")
     as_bool(overwrite, "overwrite")
     as_bool(keep_gradients_in_memory, "keep_gradients_in_memory")
@@ -122,6 +130,11 @@ def scan(
         chunk_size=chunk_size, randomness=randomness,
     )
     _check_width(model, extractor, shard_rows)
+    unlabelled = labels is None or labels is False
+    if not unlabelled and labels is not True:
+        raise ValueError(f"labels={labels!r} must be True (the data has labels) or None (unlabelled data).")
+    if unlabelled:
+        data = _PredictedTargets(model, data)
     if total is None and isinstance(data, DataLoader):
         try:
             total = len(data.dataset)  # type: ignore[arg-type]
@@ -142,6 +155,8 @@ def scan(
         "num_classes_requested": num_classes,
         "shard_rows": shard_rows,
     }
+    if unlabelled:  # only then: the configurations of labelled scans (and their resume checks) are unchanged
+        config["targets"] = "predictions"
     for key, value in jsonable(dict(config_extra or {})).items():
         config[f"extra.{key}"] = value  # flat keys, so a refused rerun names exactly what changed
     created = not Path(out).exists()  # a directory this run creates is removed again if it fails at once
@@ -189,13 +204,39 @@ def _check_width(model: nn.Module, extractor: GradientExtractor, shard_rows: int
         )
 
 
-def _check_data(data: Any) -> None:
+class _PredictedTargets:
+    """Unlabelled data as labelled batches: each batch's target is the model's prediction (argmax of its class
+    logits), computed with one no-grad forward. Re-iterable like the data it wraps (resume reads it again)."""
+
+    def __init__(self, model: nn.Module, data: Iterable[Any]) -> None:
+        self.model, self.data = model, data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        for i, batch in enumerate(self.data):
+            inputs, ids = split_unlabelled(batch, f"batch {i}")
+            with torch.no_grad():
+                out = model_output_tensor(call_model(self.model, to_device(inputs, device)))
+            if not torch.is_floating_point(out) or out.ndim not in (1, 2):
+                raise ValueError(
+                    f"batch {i}: an unlabelled scan needs a classifier's (B, C) logits to predict targets from, "
+                    f"got output shape {tuple(out.shape)}; scan regression models with labels."
+                )
+            target = class_logits(out).argmax(dim=1).to("cpu")  # (B,) predicted class ids
+            yield (inputs, target) if ids is None else (inputs, target, ids)
+
+
+def _check_data(data: Any, labelled: bool = True) -> None:
     if isinstance(data, (torch.Tensor, np.ndarray, str, bytes)) or not isinstance(data, Iterable):
         raise ValueError(
             f"data must be a DataLoader or an iterable of batches, got {type(data).__name__}; wrap tensors in a "
             "DataLoader(TensorDataset(x, y), batch_size=...) or a list of (x, y) batches."
         )
-    if isinstance(data, (tuple, list)) and data and all(isinstance(v, torch.Tensor) for v in data):
+    # A list of tensors is a list of batches of unlabelled data, but a single (x, y) batch of labelled data.
+    if labelled and isinstance(data, (tuple, list)) and data and all(isinstance(v, torch.Tensor) for v in data):
         raise ValueError(
             "data looks like a single batch (a tuple/list of tensors); pass an iterable of batches, e.g. [(x, y)]."
         )

@@ -288,6 +288,8 @@ class Scan:
         knn = (lambda u, rows: knn_block(index, info, u, rows, k)) if k >= 1 else None
         grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, knn, on_block=progress)
         df, used = finalize_scores(stats, grad_scores, config, task)
+        if self.config.get("targets") == "predictions":
+            _drop_label_columns(df)  # before slicing: no true labels, no slices or label issues
         slices_meta = annotate_manifest(df, self.iter_gradients, self.engine_metadata.get("layout"), int(self.config["seed"]), self.path)
         meta = self._manifest_metadata(config, used, k) | {"slices": slices_meta}
         finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
@@ -316,6 +318,7 @@ class Scan:
             "projection": {"dim": cfg["dim"], "out_dim": self.out_dim, "seed": cfg["seed"],
                            "kind": cfg["extractor"].get("projection")},
             "loss": self.info.get("loss_name") or loss_name(cfg["loss"], self.task.value),
+            "targets": self.config.get("targets", "labels"),  # "predictions": an unlabelled scan
             "source": {"door": "scan", **(self.info.get("source") or {})},
             "class_names": (self.info.get("source") or {}).get("class_names"),
             "index": index,
@@ -325,3 +328,14 @@ class Scan:
             "scores": {name: s.to_dict() for name, s in SCORE_TABLE.items()},
         }
 
+
+# The columns that need true labels: null in an unlabelled scan (the targets were the model's predictions).
+UNLABELLED_NULL = ("label", "correct", "confident_error", "near_miss", "neighbor_disagreement")
+
+
+def _drop_label_columns(df: pd.DataFrame) -> None:
+    n = len(df)
+    df["label"] = pd.array([None] * n, dtype="Int64")
+    for c in ("correct", "confident_error", "near_miss"):
+        df[c] = pd.array([None] * n, dtype="boolean")
+    df["neighbor_disagreement"] = np.full(n, np.nan)
