@@ -12,7 +12,8 @@ Registered by *class-name pattern*, because every Hugging Face model file define
 ``*.T5LayerNorm``. A name proves nothing about the maths, so each instance is checked before it is claimed
 (:meth:`WeightOnlyNormRule.unsupported_reason`): its only parameter must be ``weight`` and, on a seeded test
 input, ``module(x; w) == w * module(x; 1)`` for a random ``w``. Variants that scale differently (Gemma's
-``(1 + weight)``) fail that check and go to vmap with the reason.
+``(1 + weight)``) fail that check and go to vmap with the reason. Both the check (at planning) and ``g(x)``
+(once per call per pass) run the module itself, so hooks a user put on a norm module see those calls too.
 """
 
 from __future__ import annotations
