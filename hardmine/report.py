@@ -46,6 +46,7 @@ from ._io import atomic_write_bytes, utc_now
 from ._version import __version__
 from .checks import as_bool, positive_int
 from .enums import TaskKind
+from .manifest import class_names
 from .scan import Scan
 from .slices import ECE_BINS, SLICES_FILE, expected_calibration_error, read_slice_table
 
@@ -306,11 +307,20 @@ def _table(df: pd.DataFrame, left: Sequence[str] = ()) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _class(v: Any, names: Sequence[str] | None) -> str:
+    """A class id as its recorded name (``hardmine.manifest.class_names``) when known, else the number."""
+    if names is not None and isinstance(v, (int, np.integer)) and 0 <= int(v) < len(names):
+        return _e(names[int(v)])
+    return _num(v)
+
+
 def _example(sid: Any, m: pd.DataFrame, nbrs: dict[Any, list[tuple[Any, float]]], texts: Mapping[Any, str]) -> str:
     rec = m.loc[sid]
     label, pred = rec.get("label"), rec.get("pred")
+    names = class_names(m)
     cls = "bad" if str(rec.get("correct")) == "False" else "ok"
-    bits = [f'<b>sample {_e(sid)}</b>', f'label <b>{_num(label)}</b>', f'pred <b class="{cls}">{_num(pred)}</b>']
+    bits = [f'<b>sample {_e(sid)}</b>', f'label <b>{_class(label, names)}</b>',
+            f'pred <b class="{cls}">{_class(pred, names)}</b>']
     for c in ("pred_confidence", "loss", "hardness"):
         if c in rec:
             bits.append(f"{c} {_num(rec[c])}")
@@ -323,7 +333,8 @@ def _example(sid: Any, m: pd.DataFrame, nbrs: dict[Any, list[tuple[Any, float]]]
     near = nbrs.get(sid, [])
     if near:
         items = ", ".join(
-            f'{_e(n)} (label {_num(m.loc[n, "label"]) if n in m.index else "?"}, cos {_num(s, 2)})' for n, s in near
+            f'{_e(n)} (label {_class(m.loc[n, "label"], names) if n in m.index else "?"}, cos {_num(s, 2)})'
+            for n, s in near
         )
         agree = sum(1 for n, _ in near if n in m.index and m.loc[n, "label"] == label)
         out.append(f'<div class="nb">nearest gradient neighbours ({agree}/{len(near)} share its label): {items}</div>')
@@ -388,7 +399,8 @@ def _compute_report(scan: Scan, texts: Mapping[Any, str] | None, k: int) -> str:
         cls = _group_stats(m, "label")
         parts.append('<section id="classes"><h2>Per class</h2>')
         parts.append('<div class="grid"><div>' + _bars_svg(
-            [f"class {v}" for v in cls["label"]], cls["failure_rate"].tolist(), cls["size"].tolist(),
+            [_class(v, class_names(m)) if class_names(m) else f"class {v}" for v in cls["label"]],
+            cls["failure_rate"].tolist(), cls["size"].tolist(),
             "failure rate (1 − accuracy) per class, worst first") + "</div>")
         parts.append("<div>" + _table(cls, left=("label",)) + "</div></div></section>")
         if has_slices:

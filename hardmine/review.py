@@ -54,7 +54,7 @@ import pandas as pd
 from ._io import atomic_path, file_sha256, utc_now
 from .checks import as_bool, positive_int
 from .enums import ReviewReason, Strategy, parse_choice
-from .manifest import check_destination, compute_weights, read_manifest, write_manifest
+from .manifest import check_destination, class_names, compute_weights, read_manifest, write_manifest
 from .scan import Scan
 
 __all__ = [
@@ -75,7 +75,8 @@ DEFAULT_BUDGET = 100
 DEFAULT_K = 5
 EDITABLE_COLUMNS: tuple[str, ...] = ("corrected_label", "note")
 QUEUE_COLUMNS: tuple[str, ...] = (
-    "queue_position", "sample_id", "reason", "slice", "label", "pred", "pred_confidence", "confidence", "loss",
+    "queue_position", "sample_id", "reason", "slice", "label", "label_name", "pred", "pred_name", "pred_confidence",
+    "confidence", "loss",
     "hardness", "rank", "neighbor_agreement", "neighbor_labels", "neighbor_ids", *EDITABLE_COLUMNS,
 )
 _HEADER = ",".join(QUEUE_COLUMNS)
@@ -253,6 +254,12 @@ def _compute_queue(scan: Scan, m: pd.DataFrame, budget: int, k: int) -> pd.DataF
     out["slice"] = q["slice"].astype("string").fillna("") if has_slice else ""
     for c in ("label", "pred", "pred_confidence", "confidence", "loss", "hardness", "rank"):
         out[c] = q[c].to_numpy() if c in q else np.nan
+    classes = class_names(m)  # the scan's class names, when it recorded them: what a reviewer reads
+    for c in ("label", "pred"):
+        out[f"{c}_name"] = [
+            classes[int(v)] if classes and isinstance(v, (int, np.integer)) and 0 <= v < len(classes) else ""
+            for v in q[c].tolist()
+        ]
     if len(rows) and k >= 1:
         by_id = dict(zip(m["sample_id"].tolist(), labels.tolist()))
         nb = scan.neighbors(q["sample_id"].tolist(), k=k, absolute=True)

@@ -122,3 +122,20 @@ def test_report_never_clobbers_and_the_cli(planted, tmp_path):
     assert runner.invoke(app, ["report", str(sc.path), "--out", str(mine), "--overwrite"]).exit_code == 0
     res = runner.invoke(app, ["report", str(tmp_path / "nope"), "--out", str(tmp_path / "x.html")])
     assert res.exit_code == 2 and not (tmp_path / "x.html").exists()
+
+
+def test_scan_report_method_and_class_names(tmp_path):
+    # Scan.report is the Python door; a scan that recorded class names shows them in the report.
+    import torch
+    from models import MLP
+    from test_cli import _blobs
+
+    import hardmine
+
+    x, y = _blobs()
+    names = ["ant", "bee", "cow", "dog"]
+    batches = [(torch.from_numpy(x[i : i + 40]), torch.from_numpy(y[i : i + 40])) for i in range(0, len(y), 40)]
+    s = hardmine.scan(MLP().eval(), batches, out=tmp_path / "s", dim=8, provenance={"class_names": names})
+    assert s.manifest().attrs["hardmine"]["class_names"] == names
+    page = s.report(tmp_path / "r.html").read_text()
+    assert "<svg" in page and sum(f">{n}<" in page for n in names) >= 2  # class names as bar labels and cards

@@ -174,3 +174,20 @@ def test_review_never_clobbers_files_it_did_not_write_or_an_experts_work(planted
     assert len(read_queue(mine)) == 5
     with pytest.raises(ValueError, match="budget=0"):
         review_queue(sc, budget=0)
+
+
+def test_the_queue_names_classes_when_the_scan_recorded_names(tmp_path):
+    import torch
+    from models import MLP
+    from test_cli import _blobs
+
+    import hardmine
+    from hardmine.review import review_queue
+
+    x, y = _blobs()
+    names = ["ant", "bee", "cow", "dog"]
+    batches = [(torch.from_numpy(x[i : i + 40]), torch.from_numpy(y[i : i + 40])) for i in range(0, len(y), 40)]
+    s = hardmine.scan(MLP().eval(), batches, out=tmp_path / "s", dim=8, provenance={"class_names": names})
+    q = review_queue(s, budget=10)
+    assert len(q) and all(q["label_name"] == [names[v] for v in q["label"]])
+    assert all(q["pred_name"] == [names[v] for v in q["pred"]])

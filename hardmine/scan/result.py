@@ -255,6 +255,12 @@ class Scan:
         ScanStore(self.path).write_info(self.info)
         return df
 
+    def report(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Write the HTML report of this scan to ``path`` (``hardmine.report.report``; same keywords)."""
+        from ..report import report  # the report module imports this one
+
+        return report(self, path, **kwargs)
+
     def export(self, **kwargs: Any) -> pd.DataFrame:
         """``hardmine.export_manifest(self, **kwargs)``."""
         return export_manifest(self, **kwargs)
