@@ -43,6 +43,7 @@ __all__ = [
     "call_model",
     "check_class_target",
     "check_labels",
+    "check_multilabel_target",
     "check_regression_target",
     "check_target",
     "forward_error",
@@ -281,6 +282,18 @@ def check_class_target(target: torch.Tensor) -> None:
         raise ValueError(f"classification targets must be 1-D (B,), got shape {tuple(target.shape)}.")
 
 
+def check_multilabel_target(target: torch.Tensor) -> None:
+    """Multi-label (bce) targets: ``(B, C)`` with every value 0 or 1 (any dtype)."""
+    if target.ndim != 2:
+        raise ValueError(
+            f"multi-label (bce) targets must be (B, num_labels) 0/1 rows, got shape {tuple(target.shape)}; for one "
+            "class per sample use the default cross-entropy."
+        )
+    t = target.detach()
+    if not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError("multi-label (bce) targets must be 0 or 1 for every label; found other values.")
+
+
 def check_regression_target(target: torch.Tensor, *, finite: bool = True) -> None:
     """Regression (mse) targets: floating point and, with ``finite``, free of NaN/inf (one device sync)."""
     if not torch.is_floating_point(target):
@@ -314,6 +327,8 @@ def infer_task(loss_kind: LossKind | None, target: torch.Tensor, output: torch.T
         return TaskKind.CLASSIFICATION
     if loss_kind is LossKind.MSE:
         return TaskKind.REGRESSION
+    if loss_kind is LossKind.BCE:
+        return TaskKind.MULTILABEL
     is_class = not torch.is_floating_point(target) and target.ndim == 1 and output.ndim in (1, 2)
     return TaskKind.CLASSIFICATION if is_class else TaskKind.REGRESSION
 
@@ -367,6 +382,8 @@ def validate_inputs(inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | 
         check_class_target(target)
     elif loss_kind is LossKind.MSE:
         check_regression_target(target)
+    elif loss_kind is LossKind.BCE:
+        check_multilabel_target(target)
     return b
 
 
@@ -384,3 +401,8 @@ def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind
                 f"cross-entropy needs (B, num_classes) logits, the model returned per-sample shape {tuple(out.shape[1:])}."
             )
         check_labels(target, int(out.shape[1]) if out.ndim == 2 else 1)  # one logit: a binary model
+    elif loss_kind is LossKind.BCE and tuple(out.shape[1:]) != tuple(target.shape[1:]):
+        raise ValueError(
+            f"multi-label (bce) needs one logit per label: the model returned per-sample shape "
+            f"{tuple(out.shape[1:])} for targets of per-sample shape {tuple(target.shape[1:])}."
+        )

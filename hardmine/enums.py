@@ -45,9 +45,10 @@ class HardSet(str, Enum):
 class LossKind(str, Enum):
     """Built-in per-sample losses."""
 
-    AUTO = "auto"  # cross_entropy for integer targets, mse for floating targets
+    AUTO = "auto"  # cross_entropy for integer targets, mse for floating targets (never bce: ask for it)
     CROSS_ENTROPY = "cross_entropy"
     MSE = "mse"
+    BCE = "bce"  # multi-label: mean over the C outputs of BCE-with-logits against a (B, C) 0/1 target
 
 
 class ProjectionKind(str, Enum):
@@ -133,6 +134,7 @@ class TaskKind(str, Enum):
 
     CLASSIFICATION = "classification"
     REGRESSION = "regression"
+    MULTILABEL = "multilabel"  # (B, C) logits, (B, C) 0/1 targets: any number of labels per sample
 
 
 E = TypeVar("E", bound=Enum)

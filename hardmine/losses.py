@@ -10,7 +10,10 @@ import torch.nn.functional as F
 
 from .enums import LossKind, parse_choice
 
-__all__ = ["LossFn", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample", "resolve_loss"]
+__all__ = [
+    "LossFn", "bce_per_sample", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample",
+    "resolve_loss",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,6 +42,14 @@ def mse_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)  # (B,)
 
 
+def bce_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Multi-label loss: BCE-with-logits of ``(B, C)`` logits against ``(B, C)`` 0/1 targets, averaged over the
+    ``C`` labels, one value per sample."""
+    t = target.reshape(output.shape).to(output.dtype)
+    per_label = F.binary_cross_entropy_with_logits(output, t, reduction="none")  # (B, C)
+    return per_label.reshape(per_label.shape[0], -1).mean(dim=1)  # (B,)
+
+
 def resolve_loss(loss: LossKind | str | LossFn | None, target: torch.Tensor) -> tuple[LossFn, LossKind | None]:
     """Pick the per-sample loss. Returns the callable and the built-in kind (``None`` for a user callable)."""
     if callable(loss) and not isinstance(loss, (str, LossKind)):
@@ -46,7 +57,8 @@ def resolve_loss(loss: LossKind | str | LossFn | None, target: torch.Tensor) -> 
     kind = parse_choice(LossKind, "auto" if loss is None else loss, "loss")
     if kind is LossKind.AUTO:
         kind = LossKind.MSE if torch.is_floating_point(target) else LossKind.CROSS_ENTROPY
-    return (cross_entropy_per_sample if kind is LossKind.CROSS_ENTROPY else mse_per_sample), kind
+    fns = {LossKind.CROSS_ENTROPY: cross_entropy_per_sample, LossKind.MSE: mse_per_sample, LossKind.BCE: bce_per_sample}
+    return fns[kind], kind
 
 
 def loss_name(loss: Any, task: str | None) -> str | None:
@@ -62,4 +74,6 @@ def loss_name(loss: Any, task: str | None) -> str | None:
         return value
     if task is None:
         return None
+    if task == "multilabel":
+        return LossKind.BCE.value
     return (LossKind.MSE if task == "regression" else LossKind.CROSS_ENTROPY).value

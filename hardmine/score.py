@@ -90,6 +90,8 @@ __all__ = [
     "PopulationStats",
     "KnnResult",
     "classification_stats",
+    "label_set",
+    "multilabel_stats",
     "regression_stats",
     "unit_rows",
     "divergence_scores",
@@ -282,6 +284,34 @@ def classification_stats(logits: np.ndarray, labels: np.ndarray) -> dict[str, np
         "pred_confidence": p.max(axis=1),
         "margin": margin,
         "el2n": np.linalg.norm(p - onehot, axis=1),
+    }
+
+
+def label_set(rows: np.ndarray) -> list[str]:
+    """``(B, C)`` 0/1 rows as the manifest writes a multi-label ``label``/``pred``: the ids of the 1s,
+    comma-separated (``"1,4"``; ``""`` for none)."""
+    return [",".join(str(int(i)) for i in np.flatnonzero(r)) for r in np.asarray(rows) > 0.5]
+
+
+def multilabel_stats(logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """Statistics of a multi-label model: ``logits (B, C)``, 0/1 ``targets (B, C)``; ``p = sigmoid(logits)``,
+    ``p_t`` the probability given to each label's true value. ``label``/``pred``: the label sets as
+    ``label_set`` strings (predicted: ``p >= 0.5``); ``correct``: every label right; ``confidence``: mean
+    ``p_t``; ``pred_confidence``: mean ``max(p, 1 - p)``; ``margin``: the worst label's ``2 p_t - 1`` (negative
+    iff some label is wrong); ``el2n``: ``||p - t||``."""
+    x = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)  # (B, C)
+    t = np.asarray(targets, dtype=np.float64).reshape(x.shape)  # (B, C)
+    p = 1.0 / (1.0 + np.exp(-x))
+    p_t = np.where(t > 0.5, p, 1.0 - p)  # (B, C)
+    pred = p >= 0.5
+    return {
+        "label": label_set(t),
+        "pred": label_set(pred),
+        "correct": (pred == (t > 0.5)).all(axis=1),
+        "confidence": p_t.mean(axis=1),
+        "pred_confidence": np.maximum(p, 1.0 - p).mean(axis=1),
+        "margin": (2.0 * p_t - 1.0).min(axis=1),
+        "el2n": np.linalg.norm(p - t, axis=1),
     }
 
 

@@ -86,7 +86,7 @@ def scan_command(
     dim: int = typer.Option(256, "--dim", min=1, help="Projection dimension per selected parameter tensor."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the random projections (same seed, same vectors)."),
     engine: Engine = typer.Option(Engine.AUTO, "--engine", help="auto: factored where a layer rule exists, vmap for the rest."),
-    loss: LossKind = typer.Option(LossKind.AUTO, "--loss", help="auto: cross_entropy for integer labels."),
+    loss: LossKind = typer.Option(LossKind.AUTO, "--loss", help="auto: cross_entropy for integer labels (a single-logit model: BCE), mse for numbers; bce: multi-label (0/1 rows)."),
     num_classes: int | None = typer.Option(None, "--num-classes", min=1, help="Check labels against this many classes."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Samples per forward/backward pass (lower it when memory is short)."),
     num_workers: int = typer.Option(0, "--num-workers", min=0, help="DataLoader worker processes for factory datasets."),
@@ -117,6 +117,7 @@ def scan_command(
         feature_columns=feature_columns, text_column=text_column, input_shape=shape, tokenizer=loaded.tokenizer,
         split=split, batch_size=batch_size, limit=limit, num_workers=num_workers,
         classification=loss is not LossKind.MSE, num_classes=num_classes, labels=not no_labels,
+        multilabel=loss is LossKind.BCE,
     )
     bars = _RichProgress(quiet or as_json)
     # What defines the data read: part of the scan's configuration, so a rerun with other values is refused.

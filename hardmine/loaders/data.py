@@ -75,6 +75,13 @@ def detect_format(data: str) -> DataFormat:
 
 
 # --------------------------------------------------------------------------------------------- checking
+def _object_array(values: list[Any]) -> np.ndarray:
+    """A 1-D object array of ``values`` (lists stay lists: ``np.asarray`` would make a 2-D array of them)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 def label_names_of(column: Any) -> list[str] | None:
     """The class names of a text label column (a pyarrow array / chunked array), sorted: class ``i`` is the
     ``i``-th name. ``None`` when the labels are not text (numbers are class ids already)."""
@@ -96,7 +103,22 @@ def _labels_tensor(
     classification: bool,
     num_classes: int | None,
     names: Sequence[str] | None = None,
+    multilabel: bool = False,
 ) -> torch.Tensor:
+    if multilabel:  # (B, C) rows of 0/1 (a list column, or a 2-D array)
+        try:
+            rows = np.stack([np.asarray(v, dtype=np.float64) for v in raw]) if raw.dtype == object else raw
+            rows = np.asarray(rows, dtype=np.float64).reshape(len(raw), -1)  # (B, C)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"multi-label (--loss bce) labels must be equal-length 0/1 rows, one per sample; found e.g. "
+                f"{raw[0]!r} (sample {ids[0]!r})."
+            ) from exc
+        bad = ~((rows == 0) | (rows == 1)).all(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"multi-label row of sample {ids[i]!r} is {raw[i]!r}; every value must be 0 or 1.")
+        return torch.from_numpy(np.ascontiguousarray(rows.astype(np.float32)))
     if names is not None:  # text labels: class i is names[i] (label_names_of)
         index = {n: i for i, n in enumerate(names)}
         missing = [i for i, v in enumerate(raw) if v not in index]
@@ -179,11 +201,12 @@ class _TableSpec:
     max_length: int
     label_names: list[str] | None = None  # text labels: class i is label_names[i] (set by the source)
     labels: bool = True  # False: unlabelled data; a placeholder target is yielded (the scan predicts it)
+    multilabel: bool = False  # labels are (C,) 0/1 rows (--loss bce)
 
     def read_label_names(self, column: Any) -> None:
         """Map text labels to class ids (classification only): the whole column is read once, up front, so the
         ids do not depend on which batch a name first appears in, or on --limit."""
-        if self.classification and self.labels:
+        if self.classification and self.labels and not self.multilabel:
             self.label_names = label_names_of(column)
             if self.label_names is not None and self.num_classes is not None and len(self.label_names) > self.num_classes:
                 raise ValueError(
@@ -237,8 +260,9 @@ class _TableSpec:
             labels = torch.zeros(n, dtype=torch.int64)  # placeholder: an unlabelled scan predicts the target
         else:
             col = table.column(self.label_column)
-            raw = np.asarray(col.to_pylist(), dtype=object) if self.label_names is not None else _to_numpy(col)
-            labels = _labels_tensor(raw, ids, self.classification, self.num_classes, self.label_names)
+            as_objects = self.label_names is not None or self.multilabel
+            raw = _object_array(col.to_pylist()) if as_objects else _to_numpy(col)
+            labels = _labels_tensor(raw, ids, self.classification, self.num_classes, self.label_names, self.multilabel)
         if self.text_column:
             texts = table.column(self.text_column).to_pylist()
             if any(not isinstance(t, str) for t in texts):
@@ -420,7 +444,8 @@ def _npz_member(path: Path, name: str) -> np.ndarray:
 
 
 def _npz_source(path: Path, batch_size: int, limit: int | None, shape: tuple[int, ...] | None,
-                classification: bool, num_classes: int | None, labels: bool = True) -> BatchSource:
+                classification: bool, num_classes: int | None, labels: bool = True,
+                multilabel: bool = False) -> BatchSource:
     try:
         with zipfile.ZipFile(path) as zf:
             names = {n.removesuffix(".npy") for n in zf.namelist()}
@@ -442,7 +467,7 @@ def _npz_source(path: Path, batch_size: int, limit: int | None, shape: tuple[int
             hi = min(total, lo + batch_size)
             ids = ids_arr[lo:hi].tolist() if ids_arr is not None else list(range(lo, hi))
             yield (_features_tensor(np.asarray(x[lo:hi]), ids, per_sample_shape, "X"),
-                   _labels_tensor(np.asarray(y[lo:hi]), ids, classification, num_classes), ids)
+                   _labels_tensor(np.asarray(y[lo:hi]), ids, classification, num_classes, multilabel=multilabel), ids)
 
     return BatchSource(DataFormat.NPZ, total, it, {"path": str(path)})
 
@@ -531,6 +556,7 @@ def open_data(
     classification: bool = True,
     num_classes: int | None = None,
     labels: bool = True,
+    multilabel: bool = False,
 ) -> BatchSource:
     """Open ``data`` as a stream of ``(inputs, labels, sample_ids)`` batches (never loaded whole when the
     format allows streaming). ``labels=False``: unlabelled data — no label column is read and a placeholder
@@ -553,7 +579,7 @@ def open_data(
     if not path.exists():
         raise ValueError(f"data {data!r} does not exist.")
     spec = _TableSpec(label_column, id_column, feature_column, feature_columns, text_column, shape,
-                      classification, num_classes, tokenizer, max_length, labels=labels)
+                      classification, num_classes, tokenizer, max_length, labels=labels, multilabel=multilabel)
     if fmt is DataFormat.PARQUET:
         src = _parquet_source(path, spec, batch_size, limit)
     elif fmt is DataFormat.CSV:
@@ -561,7 +587,7 @@ def open_data(
     elif fmt is DataFormat.HF:
         src = _hf_source(path, spec, batch_size, limit, split)
     elif fmt is DataFormat.NPZ:
-        src = _npz_source(path, batch_size, limit, shape, classification, num_classes, labels)
+        src = _npz_source(path, batch_size, limit, shape, classification, num_classes, labels, multilabel)
     else:
         src = _idx_source(path, split, batch_size, limit, shape, num_classes)
     if src.total == 0:

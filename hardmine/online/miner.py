@@ -277,6 +277,11 @@ class OnlineMiner:
             )
         fn, kind = resolve_loss(self.loss_fn, target)
         task = infer_task(kind, target, out)
+        if task is TaskKind.MULTILABEL:
+            raise ValueError(
+                "the online miner does not mine multi-label (bce) models yet; scan them offline with "
+                "hardmine.scan(..., loss_fn='bce') (or hardmine scan --loss bce)."
+            )
         if self._task is not None and task is not self._task:
             raise ValueError(
                 f"this miner has seen {self._task.value} batches; this batch looks like {task.value} (target "

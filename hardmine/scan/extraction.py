@@ -20,7 +20,7 @@ from ..batches import check_labels, infer_task, input_leaves, sample_ids, split_
 from ..engine import GradientExtractor, ProjectedBatch
 from ..enums import TaskKind
 from ..losses import class_logits, resolve_loss
-from ..score import classification_stats, regression_stats
+from ..score import classification_stats, multilabel_stats, regression_stats
 from .ledger import Ledger
 from .shards import ShardSet, ShardWriter, digest_of
 from .store import ScanStore
@@ -186,7 +186,10 @@ class ExtractionPass:
             check_labels(tgt, c, where)
             lab = tgt.numpy().astype(np.int64)
             stats = classification_stats(output.numpy(), lab)
-            label: np.ndarray = lab
+            label: Any = lab
+        elif task is TaskKind.MULTILABEL:
+            stats = multilabel_stats(output.numpy(), tgt.numpy())
+            label = stats.pop("label")  # the label sets, "1,4"
         else:
             flat = tgt.reshape(b, -1).to(torch.float64).numpy()  # (B, outputs)
             label = flat[:, 0].copy() if flat.shape[1] == 1 else np.full(b, np.nan)
