@@ -7,7 +7,8 @@ Engines (``hardmine.enums.Engine``):
 
 * ``"vmap"`` -- exact per-sample gradients with ``torch.func`` (any model), then projected;
 * ``"factored"`` -- one ordinary batched forward + backward read through forward hooks; each supported
-  layer (``Linear`` incl. token inputs, ``Conv2d``, ``Embedding``, ``LayerNorm``) is projected from its
+  layer (``Linear`` incl. token inputs, ``Conv2d``, ``Embedding``, ``LayerNorm``, RMSNorm-style norms and
+  transformers' ``Conv1D``; tied weights once) is projected from its
   factors and its gradient norm computed exactly by the ghost-norm trick, never forming a per-sample
   gradient. Every selected parameter must belong to a supported module;
 * ``"auto"`` (default) -- factored for the supported modules, vmap for the rest.

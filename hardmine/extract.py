@@ -188,7 +188,7 @@ def _compute_per_sample_grads(
         # e.g. Hugging Face mask helpers branch on tensor values; vmap cannot batch data-dependent control flow.
         raise ValueError(
             "the model's forward cannot run under torch.func.vmap (it has data-dependent control flow such as "
-            "`if mask.all():` or calls .item()). Use engine='factored' or 'auto' for Linear/Conv2d/Embedding/"
+            "`if mask.all():` or calls .item()). Use engine='factored' or 'auto' for Linear/Conv2d/Embedding/RMSNorm/Conv1D/"
             f"LayerNorm layers, which needs no vmap. (torch said: {str(exc).splitlines()[0][:200]})"
         ) from exc
     grads = {n: grads[n] for n in names}  # keep model order

@@ -230,3 +230,15 @@ def test_text_labels_are_mapped_to_ids_recorded_and_shown_by_name(tmp_path, trai
     assert read_manifest(tmp_path / "csv").attrs["hardmine"]["class_names"] == ["a", "b", "c", "d"]  # the option wins
     res = invoke("show", tmp_path / "scan", "--class", "wolf")
     assert res.exit_code == 2 and "neither a class id nor a class name" in _text(res)
+
+
+def test_layers_shows_a_tied_head_as_factored_and_counts_it_once():
+    from test_factored import Tied
+
+    from hardmine.cli.cmd_layers import layer_rows
+
+    model = Tied()
+    rows = {r["layer"]: r for r in layer_rows(model)}
+    assert rows["e"]["engine"] == rows["h"]["engine"] == "factored"
+    assert rows["h"]["n_params"] == 0 and "tied to e.weight" in rows["h"]["reason"]
+    assert sum(r["n_params"] for r in rows.values()) == sum(p.numel() for p in model.parameters())

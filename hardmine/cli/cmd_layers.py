@@ -24,7 +24,10 @@ def layer_rows(model: Any) -> list[dict[str, Any]]:
 
     names = select_parameters(model, None)
     units, rejected = plan_factored(model, names)
-    factored = {p for u in units.values() for p in u.params}
+    # A tied parameter (an LM head sharing the input embedding) is planned under its first name; the module
+    # that holds it by another name is covered by the same unit (held_params).
+    factored = {p for u in units.values() for p in (*u.params, *u.held_params)}
+    first_name = {id(p): n for n, p in model.named_parameters()}
     rows = []
     for mname, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -32,11 +35,14 @@ def layer_rows(model: Any) -> list[dict[str, Any]]:
             continue
         full = [f"{mname}.{n}" if mname else n for n, _ in own]
         reasons = sorted({rejected[f] for f in full if f in rejected})
+        reasons += [f"{f} is tied to {first_name[id(p)]} (counted there)" for f, (_, p) in zip(full, own)
+                    if first_name.get(id(p), f) != f]
         engine = "factored" if all(f in factored for f in full) else ("vmap" if not any(f in factored for f in full)
                                                                      else "mixed")
         rows.append({
             "layer": mname or "<root>", "type": type(module).__name__, "params": [n for n, _ in own],
-            "n_params": int(sum(p.numel() for _, p in own)), "engine": engine, "reason": "; ".join(reasons) or None,
+            "n_params": int(sum(p.numel() for f, (_, p) in zip(full, own) if first_name.get(id(p), f) == f)),
+            "engine": engine, "reason": "; ".join(reasons) or None,
         })
     return rows
 
