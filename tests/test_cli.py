@@ -343,3 +343,27 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes(tmp_path):
     again = _cli(*cmd)
     assert again.wait(timeout=300) == 0, again.stderr.read()
     assert len(read_manifest(tmp_path / "run")) == 3000
+
+
+# ------------------------------------------------------------------------------------- one writer per directory
+def test_one_writer_per_scan_directory_and_a_killed_writer_does_not_block(tmp_path):
+    torch.manual_seed(0)
+    torch.save(MLP().state_dict(), tmp_path / "m.pt")
+    common = ["--model", "models:MLP", "--dim", "8", "--batch-size", "100", "--shard-rows", "300", "--quiet"]
+    first = _cli("scan", tmp_path / "m.pt", "models:slow_tail", "--out", tmp_path / "run", *common)
+    lock = tmp_path / "run" / ".lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (lock.exists() and lock.read_text()):
+        time.sleep(0.05)
+    assert first.poll() is None, "scan finished before the test could race it"
+    for extra in ([], ["--overwrite"]):  # --overwrite never deletes a directory a live scan holds
+        second = _cli("scan", tmp_path / "m.pt", "models:slow_tail", "--out", tmp_path / "run", *common, *extra)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err
+        assert f"being written by another scan (pid {first.pid}" in " ".join(err.split()), err
+    os.kill(first.pid, signal.SIGKILL)  # the holder dies: the kernel drops its lock, the file stays
+    first.wait()
+    assert lock.exists()
+    again = _cli("scan", tmp_path / "m.pt", "models:slow_tail", "--out", tmp_path / "run", *common)
+    assert again.wait(timeout=300) == 0, again.stderr.read()
+    assert len(read_manifest(tmp_path / "run")) == 3000

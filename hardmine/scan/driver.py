@@ -167,7 +167,10 @@ def scan(
         store, driver.ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows,
         keep=keep_gradients_in_memory, report=lambda done: driver.report(ScanPhase.EXTRACT, done, total),
     )
-    return driver.run(extraction, data, score_config, index_kind)
+    try:
+        return driver.run(extraction, data, score_config, index_kind)
+    finally:
+        store.lock.release()
 
 
 # Below this width a projection is cheap whatever the model (16 KiB per sample); above it, a projection wider
@@ -282,6 +285,7 @@ class _Driver:
         bad-input error says so."""
         if not self.ledger.shards:
             self.store.clear()
+            self.store.lock.release(remove=True)  # the directory as it was found (no lock file left)
             if self.created and self.store.path.is_dir() and not any(self.store.path.iterdir()):
                 self.store.path.rmdir()
             return

@@ -245,14 +245,19 @@ class Scan:
         score_config = ScoreConfig() if score_config is None else score_config
         if not isinstance(score_config, ScoreConfig):
             raise ValueError(f"score_config must be a hardmine.ScoreConfig, got {type(score_config).__name__}.")
-        if index is not None:
-            self.build_index(parse_choice(IndexKind, index, "index"))
-        df = self.write_scores(score_config)
-        self.info["scoring"] = {
-            "score_config": score_config.to_dict(),
-            "index_requested": index if index is not None else self.info.get("scoring", {}).get("index_requested"),
-        }
-        ScanStore(self.path).write_info(self.info)
+        store = ScanStore(self.path)
+        store.lock.acquire()  # one writer per scan directory: not while a scan or another rescore runs
+        try:
+            if index is not None:
+                self.build_index(parse_choice(IndexKind, index, "index"))
+            df = self.write_scores(score_config)
+            self.info["scoring"] = {
+                "score_config": score_config.to_dict(),
+                "index_requested": index if index is not None else self.info.get("scoring", {}).get("index_requested"),
+            }
+            store.write_info(self.info)
+        finally:
+            store.lock.release()
         return df
 
     def report(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:

@@ -5,9 +5,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +19,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .._io import atomic_path, atomic_save_npy, atomic_write_json, remove_stale_temporaries
+from .._io import (
+    TMP_PREFIX,
+    atomic_path,
+    atomic_save_npy,
+    atomic_write_json,
+    remove_stale_temporaries,
+    utc_now,
+)
 from ..index import INDEX_FILES
 from .ledger import Ledger
 
 __all__ = [
+    "LOCK_FILE",
     "MANIFEST_FILE",
     "PROGRESS_FILE",
     "SCAN_FILE",
@@ -36,6 +48,7 @@ SCAN_FILE = "scan.json"
 PROGRESS_FILE = "progress.json"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.parquet"
+LOCK_FILE = ".lock"  # held (flock) by the one job writing the directory; its text says who
 SCAN_FORMAT_VERSION = 1
 OWNED = (SCAN_FILE, PROGRESS_FILE, SHARDS_DIR, *INDEX_FILES, MANIFEST_FILE)  # what overwrite=True removes
 
@@ -58,11 +71,53 @@ def _short(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class DirectoryLock:
+    """One writer per scan directory: an exclusive ``flock`` on ``DIR/.lock``, held while a scan runs.
+
+    The kernel drops the lock when its process dies, however it dies (``kill -9`` included), so a stale lock
+    file never blocks a rerun; the file's text (pid, host, start time, command) only names the holder in the
+    error a second job gets. Not for network file systems whose ``flock`` is not shared between hosts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.path.read_text(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(
+                f"out={str(self.path.parent)!r} is being written by another scan ({holder}); wait for it to finish, "
+                "stop it, or choose another directory (overwrite=True never replaces a directory a running scan "
+                "holds)."
+            ) from None
+        if os.fstat(fd).st_ino != os.stat(self.path).st_ino:  # the file was replaced while we waited: not ours
+            os.close(fd)
+            raise ValueError(f"out={str(self.path.parent)!r}: its lock file changed under us; rerun the command.")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {utc_now()}: {' '.join(sys.argv)[:300]}".encode())
+        self._fd = fd
+
+    def release(self, *, remove: bool = False) -> None:
+        """Let go of the lock (``remove``: and delete the file first, while still holding it — a directory
+        left as it was found)."""
+        if self._fd is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class ScanStore:
     """A prepared scan directory (``ScanStore.prepare``) and its atomic writes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.lock = DirectoryLock(path)
 
     # ------------------------------------------------------------------------------------------ prepare
     @classmethod
@@ -72,16 +127,34 @@ class ScanStore:
         temporaries of a killed run are removed."""
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"out={str(directory)!r} exists and is not a directory.")
+        if directory.is_dir() and not (directory / SCAN_FILE).is_file():
+            foreign = sorted(p.name for p in directory.iterdir() if p.name != LOCK_FILE and not p.name.startswith(TMP_PREFIX))
+            if foreign:  # refused before the lock file is created: nothing is added to a directory we do not own
+                raise ValueError(
+                    f"out={str(directory)!r} is not empty ({foreign[:5]}) and holds no hardmine scan; choose an "
+                    "empty or new directory."
+                )
         directory.mkdir(parents=True, exist_ok=True)
+        store = cls(directory)
+        store.lock.acquire()  # before anything is read, removed or written
+        try:
+            store._prepare(config, resume=resume, overwrite=overwrite)
+        except BaseException:
+            store.lock.release()
+            raise
+        return store
+
+    def _prepare(self, config: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+        directory = self.path
         remove_stale_temporaries(directory)
         if (directory / SHARDS_DIR).is_dir():
             remove_stale_temporaries(directory / SHARDS_DIR)
         for p in directory.glob(".tmp-*"):  # directories a killed index build left
             shutil.rmtree(p, ignore_errors=True)
-        store = cls(directory)
-        entries = [p.name for p in directory.iterdir()]
+        store = self
+        entries = [p.name for p in directory.iterdir() if p.name != LOCK_FILE]
         if not entries:
-            return store
+            return
         if not store.scan_file.is_file():
             raise ValueError(
                 f"out={str(directory)!r} is not empty ({sorted(entries)[:5]}) and holds no hardmine scan; choose an "
@@ -89,7 +162,7 @@ class ScanStore:
             )
         if overwrite:
             store.clear()
-            return store
+            return
         old = read_json(store.scan_file).get("config", {})
         diff = sorted(k for k in set(old) | set(config) if jsonable(old.get(k)) != jsonable(config.get(k)))
         if diff:
@@ -103,7 +176,6 @@ class ScanStore:
                 f"out={str(directory)!r} already holds a scan with this configuration; pass resume=True to continue "
                 "or reuse it, or overwrite=True to start again."
             )
-        return store
 
     def clear(self) -> None:
         """Remove every file a scan writes (and nothing else)."""
