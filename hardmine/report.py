@@ -46,6 +46,7 @@ from ._io import atomic_write_bytes, utc_now
 from ._version import __version__
 from .checks import as_bool, positive_int
 from .enums import TaskKind
+from .loaders.view import data_snippets
 from .manifest import class_names
 from .scan import Scan
 from .slices import ECE_BINS, SLICES_FILE, expected_calibration_error, read_slice_table
@@ -273,28 +274,9 @@ def _group_stats(m: pd.DataFrame, key: str) -> pd.DataFrame:
 
 def _texts_from_source(scan: Scan, ids: Sequence[Any]) -> dict[Any, str]:
     """The texts of ``ids`` from the scan's data file, when it read a ``--text-column`` of Parquet or CSV."""
-    src = scan.info.get("source") or {}
-    col, data, fmt = src.get("text_column"), src.get("data"), src.get("data_format")
-    if not col or not data or fmt not in ("parquet", "csv") or not Path(data).is_file() or not ids:
+    if not (scan.info.get("source") or {}).get("text_column"):
         return {}
-    id_col = src.get("id_column")
-    columns = [col] + ([id_col] if id_col else [])
-    try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(data, columns=columns)
-        else:
-            import pyarrow.csv as pcsv
-
-            table = pcsv.read_csv(data, convert_options=pcsv.ConvertOptions(include_columns=columns))
-    except Exception as exc:  # a moved or changed data file: the report still shows ids
-        logger.warning("report: could not read texts from %s (%s)", data, exc)
-        return {}
-    texts = table.column(col).to_pylist()
-    keys = table.column(id_col).to_pylist() if id_col else list(range(len(texts)))
-    wanted = set(ids)
-    return {key: str(t) for key, t in zip(keys, texts) if key in wanted and t is not None}
+    return data_snippets(scan.info.get("source"), ids, width=0)
 
 
 # ------------------------------------------------------------------------------------------------ html

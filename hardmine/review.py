@@ -54,6 +54,7 @@ import pandas as pd
 from ._io import atomic_path, file_sha256, utc_now
 from .checks import as_bool, positive_int
 from .enums import ReviewReason, Strategy, parse_choice
+from .loaders.view import data_snippets
 from .manifest import check_destination, class_names, compute_weights, read_manifest, write_manifest
 from .scan import Scan
 
@@ -77,7 +78,7 @@ EDITABLE_COLUMNS: tuple[str, ...] = ("corrected_label", "note")
 QUEUE_COLUMNS: tuple[str, ...] = (
     "queue_position", "sample_id", "reason", "slice", "label", "label_name", "pred", "pred_name", "pred_confidence",
     "confidence", "loss",
-    "hardness", "rank", "neighbor_agreement", "neighbor_labels", "neighbor_ids", *EDITABLE_COLUMNS,
+    "hardness", "rank", "neighbor_agreement", "neighbor_labels", "neighbor_ids", "data", *EDITABLE_COLUMNS,
 )
 _HEADER = ",".join(QUEUE_COLUMNS)
 
@@ -271,6 +272,9 @@ def _compute_queue(scan: Scan, m: pd.DataFrame, budget: int, k: int) -> pd.DataF
         out["neighbor_ids"] = [" ".join(str(v) for v in ids) for ids in nb.sample_ids.tolist()]
     else:
         out["neighbor_agreement"], out["neighbor_labels"], out["neighbor_ids"] = np.nan, "", ""
+    # The data the expert judges: the text, or the data file and row (hardmine.loaders.view).
+    snippets = data_snippets((scan.info.get("source") or {}), q["sample_id"].tolist(), width=200)
+    out["data"] = [snippets.get(v, "") for v in q["sample_id"].tolist()]
     for c in EDITABLE_COLUMNS:
         out[c] = ""
     return out[list(QUEUE_COLUMNS)]

@@ -242,3 +242,32 @@ def test_layers_shows_a_tied_head_as_factored_and_counts_it_once():
     assert rows["e"]["engine"] == rows["h"]["engine"] == "factored"
     assert rows["h"]["n_params"] == 0 and "tied to e.weight" in rows["h"]["reason"]
     assert sum(r["n_params"] for r in rows.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_with_data_puts_the_data_in_view(tmp_path, trained):  # noqa: F811
+    _, x, y = trained
+    texts = [f"review number {i} says {'good' if v % 2 else 'bad'}" for i, v in enumerate(y)]
+    pd.DataFrame({"feat": list(x), "label": y, "uid": [f"r{i}" for i in range(len(y))], "text": texts}).to_parquet(
+        tmp_path / "d.parquet")
+    assert _scan(tmp_path, "--feature-column", "feat", "--id-column", "uid", data="d.parquet").exit_code == 0
+    rows = json.loads(invoke("show", tmp_path / "scan", "--top", "3", "--with-data", "--json").stdout)
+    # Feature data: the file and row each sample came from (custom ids are looked up in the file).
+    assert all(r["data"] == f"d.parquet[{int(r['sample_id'][1:])}]" for r in rows)
+    from hardmine.loaders.view import data_snippets
+
+    src = {"data": str(tmp_path / "d.parquet"), "data_format": "parquet", "text_column": "text", "id_column": "uid"}
+    assert data_snippets(src, ["r3", "r7"], width=12) == {"r3": texts[3][:11] + "…", "r7": texts[7][:11] + "…"}
+    table = invoke("show", tmp_path / "scan", "--top", "3", "--with-data").stdout
+    assert "d.parquet[" in table
+    res = invoke("slices", tmp_path / "scan", "--top", "2", "--with-data", "--json")
+    assert res.exit_code == 0 and all("representative_data" in r for r in json.loads(res.stdout))
+
+
+def test_the_review_queue_carries_the_data(tmp_path, trained):  # noqa: F811
+    _, x, y = trained
+    np.savez(tmp_path / "data.npz", X=x, y=y)
+    assert _scan(tmp_path, "--dim", "8").exit_code == 0
+    res = invoke("review", tmp_path / "scan", "--out", tmp_path / "q.csv", "--budget", "5")
+    assert res.exit_code == 0, res.output
+    q = pd.read_csv(tmp_path / "q.csv")
+    assert (q["data"] == [f"data.npz[{i}]" for i in q["sample_id"]]).all()

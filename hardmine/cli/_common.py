@@ -112,10 +112,10 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def table_console() -> Console:
-    """The console tables print to: a terminal's width, or at least 120 columns when piped or under make (so
-    a table is not squeezed into 80)."""
+def table_console(min_width: int = 120) -> Console:
+    """The console tables print to: a terminal's width, or at least ``min_width`` columns when piped or under
+    make (so a table is not squeezed into 80)."""
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 120))
+        console = Console(width=max(console.width, min_width))
     return console

@@ -49,7 +49,10 @@ def _named(v: Any, names: list[str] | None) -> str:
     return _fmt(v)
 
 
-def print_table(df: Any, top: int, title: str, console: Console | None = None) -> None:
+def print_table(
+    df: Any, top: int, title: str, console: Console | None = None, data: dict[Any, str] | None = None
+) -> None:
+    """The hardest ``top`` rows; ``data``: ``sample_id -> snippet`` shown in a last ``data`` column."""
     from ..manifest import class_names
 
     names = class_names(df)
@@ -60,21 +63,25 @@ def print_table(df: Any, top: int, title: str, console: Console | None = None) -
     for c in cols:
         table.add_column(c, justify="left" if c == "sample_id" else "right", no_wrap=True)
     table.add_column("flags", no_wrap=True)
+    if data is not None:
+        table.add_column("data", overflow="fold", min_width=24)
     for _, rec in rows.iterrows():
         cells = [_named(rec[c], names) if c in ("label", "pred") else _fmt(rec[c], hd if c == "hardness" else 3)
                  for c in cols]
-        table.add_row(*cells, _flags(rec))
-    console = console or table_console()
+        extra = [data.get(rec["sample_id"], "")] if data is not None else []
+        table.add_row(*cells, _flags(rec), *extra)
+    console = console or table_console(160 if data is not None else 120)  # room for the data column
     console.print(table)
 
 
-def parse_class(value: str | None, df: Any) -> int | None:
-    """``--class`` as a class id or, when the scan recorded class names, a name."""
+def parse_class(value: str | None, df_or_meta: Any) -> int | None:
+    """``--class`` as a class id or, when the scan recorded class names (in a manifest frame's or a metadata
+    dict's ``class_names``), a name."""
     from ..manifest import class_names
 
     if value is None:
         return None
-    names = class_names(df) or []
+    names = class_names(df_or_meta) or []
     if value in names:
         return names.index(value)
     try:
@@ -88,6 +95,11 @@ def show_command(
     scan_dir: Path = typer.Argument(..., help="A scan directory (or a manifest .parquet)."),
     top: int = typer.Option(20, "--top", min=1, help="How many of the hardest samples to show."),
     class_: str | None = typer.Option(None, "--class", help="Only samples with this label (a class id or name)."),
+    with_data: bool = typer.Option(
+        False, "--with-data",
+        help="Also show each sample's data: its text for text data, else its data file and row (read back from "
+             "the file the scan read).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
 ) -> None:
     """Print the hardest samples of a scan with their scores."""
@@ -100,10 +112,18 @@ def show_command(
         if class_ not in labels:
             raise ValueError(f"--class {class_} is not a label in this scan; labels are {labels[:20]}.")
         df = df[df["label"] == class_]
+    data = None
+    if with_data:
+        from ..loaders.view import data_snippets
+
+        data = data_snippets(df.attrs["hardmine"].get("source"), df.sort_values("rank").head(top)["sample_id"].tolist())
     if as_json:
         from ..manifest import class_names
 
         rows = df.sort_values("rank").head(top).to_dict(orient="records")
+        if data is not None:
+            for r in rows:
+                r["data"] = data.get(r["sample_id"])
         names = class_names(df)
         if names is not None:
             for r in rows:
@@ -113,4 +133,4 @@ def show_command(
         emit_json(rows)
         return
     title = f"hardest {min(top, len(df))} of {len(df)} samples" + (f" with label {class_}" if class_ is not None else "")
-    print_table(df, top, title)
+    print_table(df, top, title, data=data)
