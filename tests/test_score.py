@@ -365,3 +365,64 @@ def test_finalize_scores_refuses_weights_it_cannot_use():
                                TaskKind.REGRESSION)
     assert used == {"loss": 1.0} and df["rank"].tolist() == [2, 1]
     assert df["confident_error"].isna().all() and df["near_miss"].isna().all()
+
+
+def test_stats_are_float64_whatever_the_input_precision():
+    from hardmine.score import regression_stats
+
+    g = np.random.default_rng(5)
+    logits = (g.normal(size=(30, 4)) * 4).astype(np.float32)
+    labels = g.integers(0, 4, 30)
+    st32 = classification_stats(logits, labels)
+    st64 = classification_stats(logits.astype(np.float64), labels)
+    for name in ("confidence", "pred_confidence", "margin", "el2n"):
+        assert st32[name].dtype == np.float64, name
+        np.testing.assert_allclose(st32[name], st64[name], rtol=1e-13, atol=0, err_msg=name)
+    # integral labels given as floats (e.g. from a float tensor) index the classes the same way
+    stf = classification_stats(logits, labels.astype(np.float64))
+    np.testing.assert_array_equal(stf["correct"], st64["correct"])
+    np.testing.assert_allclose(stf["confidence"], st64["confidence"])
+    r = regression_stats(np.array([[1.25], [2.5]], dtype=np.float32))
+    assert r["pred"].dtype == np.float64 and str(r["correct"].dtype) == "boolean"
+
+
+def test_softmax_is_stable_per_row():
+    # Rows on very different scales: each row is shifted by its own maximum, so none underflows to 0/0.
+    st = classification_stats(np.array([[1000.0, 999.0], [-1000.0, -1001.0]]), np.array([0, 1]))
+    p1 = 1 / (1 + np.exp(-1.0))
+    np.testing.assert_allclose(st["confidence"], [p1, 1 - p1])
+    np.testing.assert_allclose(st["margin"], [2 * p1 - 1, 1 - 2 * p1])
+    assert np.isfinite(st["el2n"]).all()
+
+
+def test_knn_scores_count_every_found_neighbour_and_only_those():
+    res = KnnResult(
+        sims=np.array([[0.9, 0.1], [0.4, 0.0], [0.3, 0.7]]),
+        rows=np.array([[0, 2], [2, -1], [-1, -1]]),  # row 0 is a neighbour like any other
+        abs_rows=np.array([[0, 2], [2, -1], [-1, -1]]),
+    )
+    labels_all = np.array([1, 0, 0])
+    out = knn_scores(res, labels_all, np.array([0, 0, 1]))
+    np.testing.assert_allclose(out["knn_outlier"][:2], [1 - 0.5, 1 - 0.4])  # one neighbour: its own cosine
+    assert np.isnan(out["knn_outlier"][2])  # no neighbour: unknown, not "isolated"
+    np.testing.assert_allclose(out["neighbor_disagreement"][:2], [0.5, 0.0])
+    assert np.isnan(out["neighbor_disagreement"][2])
+
+
+def test_score_pass_for_regression_and_leave_one_out():
+    from hardmine.score import score_pass
+
+    g = np.random.default_rng(1)
+    z = g.normal(size=(9, 3))
+    y = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    blocks = [(0, z[:5]), (5, z[5:])]
+    pop = population_pass(blocks, 3, y, 3)
+    loo = score_pass(blocks, 9, y, pop, ScoreConfig(leave_one_out=True), None)
+    ref = divergence_scores(z, y, pop, leave_one_out=True)
+    for name in ("class_divergence", "global_divergence", "class_distance"):
+        np.testing.assert_allclose(loo[name], ref[name], err_msg=name)
+    assert not np.allclose(loo["class_divergence"], divergence_scores(z, y, pop)["class_divergence"])
+    pop_r = population_pass(blocks, 3, None, None)
+    reg = score_pass(blocks, 9, None, pop_r, ScoreConfig(), None)
+    assert np.isnan(reg["class_divergence"]).all() and np.isnan(reg["class_distance"]).all()
+    np.testing.assert_allclose(reg["global_divergence"], divergence_scores(z, None, pop_r)["global_divergence"])
