@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_scan import planted  # noqa: F401  (module-scoped fixture)
+from test_scan import planted_scan
 
 import hardmine.manifest as hm
 from hardmine._version import __version__
@@ -31,6 +31,13 @@ from hardmine.manifest import (
     resolve_strategy,
     write_manifest,
 )
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The planted-blobs scan of test_scan.py, built once per session for every module that reads it (none
+    changes it), instead of once per module."""
+    return planted_scan(tmp_path_factory.getbasetemp() / "planted-shared")
 
 
 def _frame(n: int = 50, seed: int = 0) -> pd.DataFrame:

@@ -10,11 +10,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_scan import planted  # noqa: F401  (module-scoped fixture)
+from test_scan import planted_scan
 from torch.utils.data import DataLoader, TensorDataset
 
 from hardmine.manifest import export_manifest
 from hardmine.sampler import ManifestSampler
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The planted-blobs scan of test_scan.py, built once per session for every module that reads it (none
+    changes it), instead of once per module."""
+    return planted_scan(tmp_path_factory.getbasetemp() / "planted-shared")
 
 
 def test_draws_hard_samples_at_the_configured_rate(tmp_path, planted):  # noqa: F811

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_scan import planted  # noqa: F401  (module-scoped fixture)
+from test_scan import planted_scan
 
 from hardmine.score import (
     SCORE_TABLE,
@@ -23,6 +23,13 @@ from hardmine.score import (
     population_pass,
     rank_normalize,
 )
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The planted-blobs scan of test_scan.py, built once per session for every module that reads it (none
+    changes it), instead of once per module."""
+    return planted_scan(tmp_path_factory.getbasetemp() / "planted-shared")
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:

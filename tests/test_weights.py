@@ -13,9 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from test_scan import planted  # noqa: F401  (module-scoped fixture)
+from test_scan import planted_scan
 
 from hardmine.manifest import cap_weights, compute_weights, export_manifest
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The planted-blobs scan of test_scan.py, built once per session for every module that reads it (none
+    changes it), instead of once per module."""
+    return planted_scan(tmp_path_factory.getbasetemp() / "planted-shared")
 
 
 def _scored(hardness: np.ndarray, labels: np.ndarray | None = None) -> pd.DataFrame:
