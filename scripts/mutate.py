@@ -125,7 +125,7 @@ def run_module(name: str, max_children: int, log_dir: Path, names: list[str] | N
     log = log_dir / f"mutmut-{name}.log"
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    shown = " ".join(cmd[1:]) if names is None else f"run --max-children {max_children} <{len(names)} survivors>"
+    shown = " ".join(cmd[1:]) if names is None else f"run --max-children {max_children} <{len(names)} mutants>"
     return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "command": shown, "log": str(log)}
 
 
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modules", default=",".join(MODULES), help="comma-separated, from: " + ", ".join(MODULES))
     ap.add_argument("--max-children", type=int, default=1, help="parallel mutant workers (at most 2 here)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="start no module after this long")
-    ap.add_argument("--keep", action="store_true", help="keep mutants/ and earlier results (default: fresh)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep mutants/ and earlier results and resume: run only mutants not checked yet")
     ap.add_argument("--rerun-survivors", action="store_true",
                     help="rerun only the survivors of the kept results (after adding tests); implies --keep")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from mutants/")
@@ -197,15 +198,21 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name] = {"status": "not run", "reason": f"time budget of {args.budget_minutes:g} min spent"}
                 continue
             names = None
+            codes = load_results(MODULES[name]) or {}
             if args.rerun_survivors:
-                codes = load_results(MODULES[name]) or {}
                 names = sorted(k for k, v in codes.items() if v in SURVIVED or v in NO_TESTS)
+                if not names:
+                    continue
+            elif args.keep and any(v is not None for v in codes.values()):
+                names = sorted(k for k, v in codes.items() if v is None)  # resume: only the unchecked ones
                 if not names:
                     continue
             print(f"mutate: {name} ...", flush=True)
             r = run_module(name, args.max_children, log_dir, names)
             r["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-            if names is not None and name in previous and "command" in previous[name]:
+            if names is not None:
+                r["command"] = f"mutmut run --max-children {args.max_children} {_glob(name)}"
+            if args.rerun_survivors and name in previous and "command" in previous[name]:
                 r["command"] = previous[name]["command"] + " + " + r["command"]
             runs[name] = r
             print(f"mutate: {name}: rc={r['rc']} in {r['seconds']} s (log {r['log']})", flush=True)
