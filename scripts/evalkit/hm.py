@@ -132,7 +132,7 @@ OUTPUT_SIGNALS = {"loss", "margin", "el2n", "confidence", "correct", "confident_
 
 # A sharper per-class export (hard samples weigh more inside each class) is tried beside the defaults.
 PER_CLASS_SHARP = 3.0
-SLICES_GENTLE_BOOST = 2.0
+SLICES_GENTLE_BOOSTS = (2.0, 1.0, 0.5)
 
 # Detection settings the weightings are compared on: (task, which planted truth).
 _STUDY_COLUMNS = (
@@ -189,12 +189,14 @@ class HardmineRunner:
         c = self.default_config
         # Export variants tried for every weighting: the library's strategies at their defaults, and per-class
         # at a sharper temperature (hard samples weigh more inside each class).
-        self.variants: list[tuple[str, float]] = [(st.value, float(c.temperature)) for st in self.Strategy]
+        # A variant is (strategy, knob): the temperature, except for slices (which ignore it): the boost.
+        self.variants: list[tuple[str, float]] = [
+            (st.value, float(c.boost if st.value == "slices" else c.temperature)) for st in self.Strategy
+        ]
         if ("per-class", PER_CLASS_SHARP) not in self.variants:
             self.variants.append(("per-class", PER_CLASS_SHARP))
-        # The slices export at a gentler boost beside the library's (slices ignore the temperature, so the
-        # variant's second number is its boost).
-        self.variants.append(("slices", SLICES_GENTLE_BOOST))
+        # The slices export at gentler boosts beside the library's.
+        self.variants += [("slices", b) for b in SLICES_GENTLE_BOOSTS if ("slices", b) not in self.variants]
         slices = importlib.import_module("hardmine.slices")
         self.default_slice_embedding = slices.DEFAULT_SLICE_EMBEDDING.value
         self.label_issue_methods = [m.value for m in api("LabelIssueMethod")]
@@ -222,7 +224,7 @@ class HardmineRunner:
             "top-k": f"top {c.top:g} x{c.boost:g}",
             "proportional": f"hardness^{t:g}",
             "per-class": f"hardness^{t:g} per class",
-            "slices": f"slice error rate x{c.boost if t == c.temperature else t:g}, label issues not boosted",
+            "slices": f"slice error rate x{c.boost if temperature is None else t:g}, label issues not boosted",
         }.get(strategy, "")
         is_default = strategy == self.default_strategy and weighting is None and t == c.temperature
         w = f", weights: {weighting}" if weighting else ""
@@ -300,8 +302,7 @@ class HardmineRunner:
         for strategy, temperature in variants:
             path = Path(scan.path) / f"export-{slug}-{strategy}-t{temperature:g}.parquet"
 
-            gentle = strategy == "slices" and temperature != self.default_config.temperature
-            knobs = {"boost": temperature} if gentle else {"temperature": temperature}
+            knobs = {"boost": temperature} if strategy == "slices" else {"temperature": temperature}
 
             def draw(strategy: str = strategy, knobs: dict[str, float] = knobs, path: Path = path) -> torch.Tensor:
                 self.export_manifest(scan, strategy=strategy, out=str(path), **knobs)
