@@ -426,3 +426,30 @@ def test_score_pass_for_regression_and_leave_one_out():
     reg = score_pass(blocks, 9, None, pop_r, ScoreConfig(), None)
     assert np.isnan(reg["class_divergence"]).all() and np.isnan(reg["class_distance"]).all()
     np.testing.assert_allclose(reg["global_divergence"], divergence_scores(z, None, pop_r)["global_divergence"])
+
+
+def test_knn_scores_edge_cases():
+    # one valid neighbour that disagrees: the fraction is 1, not 1/2
+    res = KnnResult(sims=np.array([[0.6, np.nan]]), rows=np.array([[1, -1]]), abs_rows=np.array([[1, -1]]))
+    out = knn_scores(res, np.array([0, 1]), np.array([0]))
+    np.testing.assert_allclose(out["knn_outlier"], [0.4])
+    np.testing.assert_allclose(out["neighbor_disagreement"], [1.0])
+    # labels of the block missing (regression rows): no disagreement, whatever the scan's labels
+    assert np.isnan(knn_scores(res, np.array([0, 1]), None)["neighbor_disagreement"]).all()
+    # a one-sample scan: no neighbour at all, and no out-of-range lookup for the missing one
+    lonely = KnnResult(sims=np.array([[np.nan]]), rows=np.array([[-1]]), abs_rows=np.array([[-1]]))
+    one = knn_scores(lonely, np.array([3]), np.array([3]))
+    assert np.isnan(one["knn_outlier"]).all() and np.isnan(one["neighbor_disagreement"]).all()
+
+
+def test_finalize_scores_flags_near_misses_from_the_margin():
+    stats = pd.DataFrame({
+        "sample_id": [0, 1, 2], "label": [0, 1, 0], "loss": [0.1, 0.7, 2.0], "grad_norm": [1.0, 2.0, 3.0],
+        "pred": [0, 1, 1], "correct": pd.array([True, True, False], dtype="boolean"),
+        "confidence": [0.9, 0.52, 0.05], "pred_confidence": [0.9, 0.52, 0.95], "margin": [0.8, 0.04, -0.9],
+        "el2n": [0.1, 0.6, 1.3],
+    })
+    df, _ = finalize_scores(stats, {}, ScoreConfig(weights={"near_miss": 1.0, "loss": 1.0}),
+                            TaskKind.CLASSIFICATION)
+    assert df["near_miss"].tolist() == [False, True, False]
+    assert df["confident_error"].tolist() == [False, False, True]
