@@ -125,8 +125,7 @@ def run_module(name: str, max_children: int, log_dir: Path, names: list[str] | N
     log = log_dir / f"mutmut-{name}.log"
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    shown = " ".join(cmd[1:]) if names is None else f"run --max-children {max_children} <{len(names)} mutants>"
-    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "command": shown, "log": str(log)}
+    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "log": str(log)}
 
 
 def write_report(entries: list[dict], command: str) -> None:
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for name in chosen:
             if args.budget_minutes is not None and time.monotonic() - start > 60 * args.budget_minutes:
-                runs[name] = {"status": "not run", "reason": f"time budget of {args.budget_minutes:g} min spent"}
+                runs[name] = {"reason": f"time budget of {args.budget_minutes:g} min spent"}
                 continue
             names = None
             codes = load_results(MODULES[name]) or {}
@@ -207,48 +206,53 @@ def main(argv: list[str] | None = None) -> int:
                 names = sorted(k for k, v in codes.items() if v is None)  # resume: only the unchecked ones
                 if not names:
                     continue
+            what = f"mutmut run --max-children {args.max_children} {_glob(name)}"
+            if args.rerun_survivors:
+                what += f" (then its {len(names)} survivors again)"
+            elif names is not None:
+                what += " (resumed)"
+            earlier = previous.get(name, {}).get("command") if args.rerun_survivors else None
+            today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+            runs[name] = {"command": earlier or what, "date": today, "rc": None}
+            report(runs, previous, argv)  # a run stopped halfway still says what ran
             print(f"mutate: {name} ...", flush=True)
             r = run_module(name, args.max_children, log_dir, names)
-            r["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-            if names is not None:
-                r["command"] = f"mutmut run --max-children {args.max_children} {_glob(name)}"
-            if args.rerun_survivors and name in previous and "command" in previous[name]:
-                r["command"] = previous[name]["command"] + " + " + r["command"]
-            runs[name] = r
+            runs[name].update(rc=r["rc"], seconds=r["seconds"], log=r["log"])
             print(f"mutate: {name}: rc={r['rc']} in {r['seconds']} s (log {r['log']})", flush=True)
-    equiv = equivalents()
-    entries = []
-    for name, path in MODULES.items():
-        codes = load_results(path)
-        run = runs.get(name)
-        if codes is None or not any(v is not None for v in codes.values()):
-            prev = previous.get(name)
-            if prev is not None and prev.get("status") != "not run" and run is None:
-                entries.append(prev)  # results of an earlier run, kept as they were
-                continue
-            reason = (run or {}).get("reason") or ("mutmut failed, see " + run["log"] if run else "not selected")
-            entries.append({"module": name, "path": path, "status": "not run", "reason": reason,
-                            **({"mutants": len(codes)} if codes else {})})
-            continue
-        e = summarise(name, path, codes, equiv)
-        if run is not None and "rc" in run:
-            e.update(status="run" if not e["not_checked"] else "partial", date=run["date"], seconds=run["seconds"],
-                     command="mutmut " + run["command"], rc=run["rc"])
-        elif name in previous and previous[name].get("status") != "not run":
-            e.update({k: previous[name][k] for k in ("status", "date", "seconds", "command", "rc") if k in previous[name]})
-        else:
-            e.update(status="partial" if e["not_checked"] else "run")
-        entries.append(e)
-    stale = sorted(set(equiv) - {k for e in entries for k in e.get("equivalents", [])})
-    if stale:
-        print(f"mutate: {len(stale)} listed equivalent(s) did not survive this run or no longer exist: {stale[:5]}")
-    write_report(entries, "python scripts/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    entries = report(runs, previous, argv)
     for e in entries:
         rate = e.get("kill_rate")
         print(f"{e['path']:34s} " + (f"{e.get('status')}: {e['killed']}/{e['mutants']} killed, "
                                      f"{e['survived']} survived, {e['survived_but_equivalent']} equivalent, "
                                      f"rate {rate}" if "killed" in e else f"not run ({e['reason']})"))
     return 0
+
+
+def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | None) -> list[dict]:
+    """Summarise mutants/ per module (run information from this run, else from the previous report)."""
+    equiv = equivalents()
+    entries = []
+    for name, path in MODULES.items():
+        codes = load_results(path)
+        run = runs.get(name) or {k: v for k, v in previous.get(name, {}).items()
+                                 if k in ("command", "date", "rc", "seconds")}
+        if codes is None or not any(v is not None for v in codes.values()):
+            if run.get("rc") not in (None, 0):
+                reason = f"mutmut stopped with exit code {run['rc']} (see {run.get('log', 'its log')})"
+            else:
+                reason = run.get("reason") or "no results in mutants/ (not run yet)"
+            entries.append({"module": name, "path": path, "status": "not run", "reason": reason,
+                            **({"mutants": len(codes)} if codes else {})})
+            continue
+        e = summarise(name, path, codes, equiv)
+        e["status"] = "partial" if e["not_checked"] else "run"
+        e.update({k: run[k] for k in ("date", "command", "seconds", "rc") if k in run})
+        entries.append(e)
+    stale = sorted(set(equiv) - {k for e in entries for k in e.get("equivalents", [])})
+    if stale:
+        print(f"mutate: {len(stale)} listed equivalent(s) did not survive this run or no longer exist: {stale[:5]}")
+    write_report(entries, "python scripts/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return entries
 
 
 if __name__ == "__main__":
