@@ -71,6 +71,7 @@ from ._io import TMP_PREFIX, atomic_path, atomic_write_json, utc_now
 from ._version import __version__
 from .attribution import check_comparable
 from .checks import as_bool, non_negative_int, number_in, positive_int
+from .manifest import bool_column, float_column
 from .scan import Scan
 from .slices import expected_calibration_error
 
@@ -305,22 +306,12 @@ def share_shift(ref_counts: pd.Series, new_counts: pd.Series) -> dict[str, float
     return {"tv": tv, "chi2": chi2, "dof": dof, "p_value": p}
 
 
-def _bool_col(df: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in df:
-        return np.full(len(df), np.nan)
-    return pd.array(df[name], dtype="boolean").to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-def _float_col(df: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in df:
-        return np.full(len(df), np.nan)
-    return pd.array(df[name], dtype="Float64").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def _rates(df: pd.DataFrame, mask: np.ndarray) -> dict[str, float]:
-    ok = _bool_col(df, "correct")[mask]
-    ce = _bool_col(df, "confident_error")[mask]
-    conf = _float_col(df, "pred_confidence")[mask]
+    ok = bool_column(df, "correct")[mask]
+    ce = bool_column(df, "confident_error")[mask]
+    conf = float_column(df, "pred_confidence")[mask]
     return {
         "failure_rate": _nanmean(1.0 - ok),
         "confident_error_rate": _nanmean(ce),

@@ -89,8 +89,10 @@ __all__ = [
     "finish_manifest",
     "resolve_strategy",
     "cap_weights",
+    "bool_column",
     "check_destination",
     "class_names",
+    "float_column",
     "write_manifest",
     "read_manifest",
     "read_manifest_metadata",
@@ -343,6 +345,21 @@ def _arrow_table(df: pd.DataFrame) -> pa.Table:
         arrays.append(arr)
         fields.append(pa.field(c, arr.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def float_column(df: pd.DataFrame, name: str) -> np.ndarray:
+    """Column ``name`` as float64 with NaN for missing values (nullable ints/floats/booleans included); all
+    NaN when the manifest has no such column (older or partial manifests)."""
+    if name not in df:
+        return np.full(len(df), np.nan)
+    return pd.array(df[name], dtype="Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def bool_column(df: pd.DataFrame, name: str) -> np.ndarray:
+    """A boolean column as float64 1/0 with NaN for missing values (all NaN when absent)."""
+    if name not in df:
+        return np.full(len(df), np.nan)
+    return pd.array(df[name], dtype="boolean").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def class_names(df_or_meta: Any) -> list[str] | None:

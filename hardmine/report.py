@@ -47,7 +47,7 @@ from ._version import __version__
 from .checks import as_bool, positive_int
 from .enums import TaskKind
 from .loaders.view import data_snippets
-from .manifest import class_names
+from .manifest import bool_column, class_names, float_column
 from .scan import Scan
 from .slices import ECE_BINS, SLICES_FILE, expected_calibration_error, read_slice_table
 
@@ -242,16 +242,6 @@ def _reliability_svg(conf: np.ndarray, ok: np.ndarray, bins: int = ECE_BINS, siz
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _b(df: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in df:
-        return np.full(len(df), np.nan)
-    return pd.array(df[name], dtype="boolean").to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-def _f(df: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in df:
-        return np.full(len(df), np.nan)
-    return pd.array(df[name], dtype="Float64").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -260,7 +250,7 @@ def _nanmean(x: np.ndarray) -> float:
 
 
 def _group_stats(m: pd.DataFrame, key: str) -> pd.DataFrame:
-    ok, conf, loss, issue = _b(m, "correct"), _f(m, "pred_confidence"), _f(m, "loss"), _b(m, "is_label_issue")
+    ok, conf, loss, issue = bool_column(m, "correct"), float_column(m, "pred_confidence"), float_column(m, "loss"), bool_column(m, "is_label_issue")
     rows = []
     for g, idx in m.groupby(key, sort=True).indices.items():
         rows.append({
@@ -329,7 +319,7 @@ def _compute_report(scan: Scan, texts: Mapping[Any, str] | None, k: int) -> str:
     classification = scan.task is TaskKind.CLASSIFICATION and m["label"].to_numpy().dtype.kind in "iu"
     has_slices = classification and "slice" in m and bool(m["slice"].notna().any())
     slice_table = read_slice_table(scan.path) if has_slices and (scan.path / SLICES_FILE).is_file() else None
-    ok, conf = _b(m, "correct"), _f(m, "pred_confidence")
+    ok, conf = bool_column(m, "correct"), float_column(m, "pred_confidence")
     by_rank = m.sort_values("rank", kind="stable")
 
     # Which examples are shown (one neighbour query for all of them).
@@ -400,8 +390,8 @@ def _compute_report(scan: Scan, texts: Mapping[Any, str] | None, k: int) -> str:
                      f'<div>{_reliability_svg(conf, ok)}</div><div><h3>ECE per class</h3>'
                      f'{_table(ece_rows, left=("label",))}</div></div></section>')
     parts.append('<section id="distributions"><h2>Distributions</h2><div class="grid">'
-                 f'<div>{_hist_svg(_f(m, "hardness"), "hardness (higher = harder)")}</div>'
-                 f'<div>{_hist_svg(np.log10(np.maximum(_f(m, "loss"), 1e-8)), "log10 per-sample loss")}</div>'
+                 f'<div>{_hist_svg(float_column(m, "hardness"), "hardness (higher = harder)")}</div>'
+                 f'<div>{_hist_svg(np.log10(np.maximum(float_column(m, "loss"), 1e-8)), "log10 per-sample loss")}</div>'
                  "</div></section>")
     if worst is not None:
         parts.append(f'<section id="worst"><h2>Worst {"slices" if has_slices else "classes"}</h2>')
@@ -438,10 +428,10 @@ def _summary_section(scan: Scan, m: pd.DataFrame, ok: np.ndarray, conf: np.ndarr
     cards: list[tuple[str, str]] = [("samples", f"{len(m):,}")]
     if classification:
         cards += [("accuracy", _num(_nanmean(ok))), ("ECE", _num(expected_calibration_error(conf, ok)))]
-    cards.append(("is_hard", f"{int(np.nansum(_b(m, 'is_hard'))):,}"))
+    cards.append(("is_hard", f"{int(np.nansum(bool_column(m, 'is_hard'))):,}"))
     if classification:
-        cards += [("label issues", f"{int(np.nansum(_b(m, 'is_label_issue'))):,}"),
-                  ("confident errors", f"{int(np.nansum(_b(m, 'confident_error'))):,}")]
+        cards += [("label issues", f"{int(np.nansum(bool_column(m, 'is_label_issue'))):,}"),
+                  ("confident errors", f"{int(np.nansum(bool_column(m, 'confident_error'))):,}")]
     html_cards = "".join(f'<div class="card"><span class="muted">{_e(a)}</span><b>{b}</b></div>' for a, b in cards)
     eng = scan.engine_metadata
     plan = eng.get("plan") or {}

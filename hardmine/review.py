@@ -55,7 +55,14 @@ from ._io import atomic_path, file_sha256, utc_now
 from .checks import as_bool, positive_int
 from .enums import ReviewReason, Strategy, parse_choice
 from .loaders.view import data_snippets
-from .manifest import check_destination, class_names, compute_weights, read_manifest, write_manifest
+from .manifest import (
+    check_destination,
+    class_names,
+    compute_weights,
+    float_column,
+    read_manifest,
+    write_manifest,
+)
 from .scan import Scan
 
 __all__ = [
@@ -108,11 +115,6 @@ def _bools(m: pd.DataFrame, name: str) -> np.ndarray:
         return np.zeros(len(m), dtype=bool)
     return pd.array(m[name], dtype="boolean").fillna(False).to_numpy(dtype=bool)
 
-
-def _floats(m: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in m:
-        return np.full(len(m), np.nan)
-    return pd.array(m[name], dtype="Float64").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 # ------------------------------------------------------------------------------------------------- queue
@@ -188,8 +190,8 @@ def _reasons(m: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     n = len(m)
     rank = m["rank"].to_numpy(dtype=np.float64)
     has_issue = "is_label_issue" in m and bool(m["is_label_issue"].notna().any())
-    issue = _bools(m, "is_label_issue") if has_issue else _floats(m, "neighbor_disagreement") >= NEIGHBOR_DISAGREEMENT_CUT
-    suspicion = _floats(m, "label_issue") if has_issue and "label_issue" in m else _floats(m, "neighbor_disagreement")
+    issue = _bools(m, "is_label_issue") if has_issue else float_column(m, "neighbor_disagreement") >= NEIGHBOR_DISAGREEMENT_CUT
+    suspicion = float_column(m, "label_issue") if has_issue and "label_issue" in m else float_column(m, "neighbor_disagreement")
     flags = [_bools(m, "confident_error"), issue, _bools(m, "near_miss")]
     reason = np.full(n, -1, dtype=np.int64)
     for i, f in enumerate(flags):
@@ -425,7 +427,7 @@ def _compute_relabel(m: pd.DataFrame, q: pd.DataFrame, meta: dict[str, Any], whe
         correct[rows] = pred[rows].astype(np.int64) == labs
         df["correct"] = correct
         t = float((meta.get("score_config") or {}).get("confident_error_threshold", 0.8))
-        conf = _floats(df, "pred_confidence")
+        conf = float_column(df, "pred_confidence")
         ce = pd.array(df["confident_error"], dtype="boolean").copy()
         ce[rows] = ~correct[rows].to_numpy(dtype=bool) & (conf[rows] >= t)
         df["confident_error"] = ce

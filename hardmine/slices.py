@@ -58,6 +58,7 @@ from ._io import atomic_path
 from .checks import non_negative_int, positive_int
 from .enums import SliceEmbedding, parse_choice
 from .label_issues import DEFAULT_LABEL_ISSUE_METHOD, add_label_issue_columns
+from .manifest import float_column
 
 __all__ = [
     "SAMPLES_PER_SLICE_UNIT",
@@ -357,11 +358,6 @@ def _compute_ece(conf: np.ndarray, ok: np.ndarray, bins: int) -> float:
     return float(np.sum(np.abs(acc[nz] - cf[nz])) / len(conf))
 
 
-def _column(df: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in df:
-        return np.full(len(df), np.nan)
-    return pd.array(df[name], dtype="Float64").to_numpy(dtype=np.float64, na_value=np.nan)
-
 
 def slice_table(df: pd.DataFrame, similarity: np.ndarray | None = None, n_examples: int = N_EXAMPLES) -> pd.DataFrame:
     """One row per slice (columns ``SLICE_COLUMNS``) from a manifest frame with ``slice`` and ``label``
@@ -383,11 +379,11 @@ def _compute_slice_table(df: pd.DataFrame, similarity: np.ndarray | None, n_exam
     sl = df["slice"].astype(str).to_numpy()
     labels = df["label"].to_numpy()
     ids = df["sample_id"].to_numpy()
-    correct = _column(df, "correct")
-    loss = _column(df, "loss")
-    conf = _column(df, "pred_confidence")
-    issue = _column(df, "is_label_issue")
-    hard = _column(df, "hardness")
+    correct = float_column(df, "correct")
+    loss = float_column(df, "loss")
+    conf = float_column(df, "pred_confidence")
+    issue = float_column(df, "is_label_issue")
+    hard = float_column(df, "hardness")
     rep_key = similarity if similarity is not None else -np.nan_to_num(hard, nan=np.inf)
     class_size = pd.Series(labels).value_counts().to_dict()
     codes, uniq = pd.factorize(sl, sort=False)
