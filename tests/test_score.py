@@ -453,3 +453,22 @@ def test_finalize_scores_flags_near_misses_from_the_margin():
                             TaskKind.CLASSIFICATION)
     assert df["near_miss"].tolist() == [False, True, False]
     assert df["confident_error"].tolist() == [False, False, True]
+
+
+def test_score_config_messages_name_the_field_and_its_meaning():
+    for kwargs, message in (
+        ({"k": 0}, "ScoreConfig k=0 must be a positive integer (neighbours per sample)."),
+        ({"leave_one_out": 1}, "ScoreConfig leave_one_out=1 must be True or False."),
+        ({"near_miss_margin": 3}, "ScoreConfig near_miss_margin=3 must be a number in [0.0, 2.0]."),
+        ({"confident_error_threshold": 2}, "ScoreConfig confident_error_threshold=2 must be a number in [0.0, 1.0]."),
+        ({"weights": {"loss": -1}}, "hardness weight loss=-1 must be a finite number >= 0."),
+    ):
+        with pytest.raises(ValueError) as err:
+            ScoreConfig(**kwargs)
+        assert str(err.value) == message
+
+
+def test_flags_accept_plain_lists_with_missing_values():
+    out = flag_scores([True, None, False], [0.9, None, 0.95], [0.05, None, -0.5], ScoreConfig())
+    assert out["near_miss"].tolist() == [True, pd.NA, False]
+    assert out["confident_error"].tolist() == [False, pd.NA, True]
