@@ -36,18 +36,13 @@ CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
 class Conv1DRule(LayerRule):
     matrix_param = "weight"
     vector_params = ("bias",)
+    min_input_ndim = 2  # (B, d_in) or (B, ..., d_in)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             return "no 2-D weight (not the (d_in, d_out) Conv1D this rule knows)"
         return None
-
-    def check_call(self, module: nn.Module, x: object, output: object, batch_size: int) -> str | None:
-        reason = super().check_call(module, x, output, batch_size)
-        if reason is None and isinstance(x, torch.Tensor) and x.ndim < 2:
-            reason = f"it was called on an unbatched input of shape {tuple(x.shape)}"
-        return reason
 
     def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
         f = self.gradient_factors(module, calls)

@@ -33,13 +33,8 @@ __all__ = ["LinearRule"]
 class LinearRule(LayerRule):
     matrix_param = "weight"
     vector_params = ("bias",)
+    min_input_ndim = 2  # (B, d_in) or (B, ..., d_in)
     shares_input_gram = True  # attention's q/k/v read one input: its Gram is computed once per pass
-
-    def check_call(self, module: nn.Module, x: object, output: object, batch_size: int) -> str | None:
-        reason = super().check_call(module, x, output, batch_size)
-        if reason is None and isinstance(x, torch.Tensor) and x.ndim < 2:
-            reason = f"it was called on an unbatched input of shape {tuple(x.shape)}"
-        return reason
 
     def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
         b = calls[0].delta.shape[0]

@@ -129,6 +129,9 @@ class LayerRule:
     vector_params: tuple[str, ...] = ("bias",)
     #: the rule asks ``request.grams`` for its input's Gram matrix (so modules reading one input share it)
     shares_input_gram: bool = False
+    # Inputs with fewer dimensions than this are refused by check_call: e.g. a Linear called on one unbatched
+    # (d_in,) vector (its first dimension would be mistaken for the batch).
+    min_input_ndim: int = 1
 
     @property
     def handled_params(self) -> tuple[str, ...]:
@@ -147,6 +150,8 @@ class LayerRule:
                 f"it saw input shape {tuple(x.shape)} / output shape {tuple(output.shape)} for a batch of "
                 f"{batch_size}, so the batch is not on dimension 0"
             )
+        if x.ndim < self.min_input_ndim:
+            return f"it was called on an unbatched input of shape {tuple(x.shape)}"
         return None
 
     def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
