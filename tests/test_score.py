@@ -472,3 +472,38 @@ def test_flags_accept_plain_lists_with_missing_values():
     out = flag_scores([True, None, False], [0.9, None, 0.95], [0.05, None, -0.5], ScoreConfig())
     assert out["near_miss"].tolist() == [True, pd.NA, False]
     assert out["confident_error"].tolist() == [False, pd.NA, True]
+
+
+def test_divergences_in_float64_without_floating_point_warnings():
+    g = np.random.default_rng(3)
+    z = g.normal(size=(12, 5))
+    z[2] = 0.0  # a zero gradient: no direction, divergence 1, and no 0/0 on the way
+    y = np.array([0, 1, 2] * 4)
+    z[[0, 3]] = z[[6, 9]]  # identical rows make a class sum exactly parallel to them
+    pop = population_pass([(0, z)], 5, y, 3)
+    with np.errstate(all="raise"):
+        ref = divergence_scores(z, y, pop)
+        loo = divergence_scores(z, y, pop, leave_one_out=True)
+    assert ref["class_divergence"][2] == 1.0 and ref["global_divergence"][2] == 1.0
+    assert np.isfinite(loo["class_divergence"]).all()
+    z32 = z.astype(np.float32)
+    pop32 = population_pass([(0, z32)], 5, y, 3)
+    got = divergence_scores(z32, y.astype(np.float64), pop32)  # float32 rows, integral float labels
+    ref32 = divergence_scores(z32.astype(np.float64), y, pop32)
+    for name, v in got.items():
+        assert v.dtype == np.float64, name
+        np.testing.assert_allclose(v, ref32[name], rtol=1e-13, atol=1e-13, err_msg=name)
+
+
+def test_divergences_without_class_information_are_missing_not_wrong():
+    z = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    y = np.array([0, 1, 0])
+    with_classes = population_pass([(0, z)], 2, y, 2)
+    no_classes = population_pass([(0, z)], 2, None, None)
+    for labels, pop in ((None, with_classes), (y, no_classes), (None, no_classes)):
+        s = divergence_scores(z, labels, pop)
+        assert set(s) == {"global_divergence", "global_divergence_plain", "class_divergence",
+                          "class_divergence_plain", "class_distance"}
+        for name in ("class_divergence", "class_divergence_plain", "class_distance"):
+            assert isinstance(s[name], np.ndarray) and s[name].shape == (3,) and np.isnan(s[name]).all(), name
+        np.testing.assert_allclose(s["global_divergence"], divergence_scores(z, y, with_classes)["global_divergence"])
