@@ -507,3 +507,25 @@ def test_divergences_without_class_information_are_missing_not_wrong():
         for name in ("class_divergence", "class_divergence_plain", "class_distance"):
             assert isinstance(s[name], np.ndarray) and s[name].shape == (3,) and np.isnan(s[name]).all(), name
         np.testing.assert_allclose(s["global_divergence"], divergence_scores(z, y, with_classes)["global_divergence"])
+
+
+def test_population_sums_in_float64_for_any_input_and_integer_counts():
+    g = np.random.default_rng(8)
+    z = (g.normal(size=(40, 3)) * 100).astype(np.float32)
+    y = g.integers(0, 3, 40)
+    p32 = population_pass([(0, z[:17]), (17, z[17:])], 3, y.astype(np.float64), 3)  # integral float labels
+    p64 = population_pass([(0, z.astype(np.float64))], 3, y, 3)
+    assert p32.class_count.dtype.kind == "i"
+    np.testing.assert_array_equal(p32.class_count, p64.class_count)
+    for name in ("unit_sum", "plain_sum", "class_unit_sum", "class_plain_sum"):
+        np.testing.assert_allclose(getattr(p32, name), getattr(p64, name), rtol=1e-12, err_msg=name)
+
+
+def test_leave_one_out_distance_for_classes_of_one_and_two():
+    z = np.array([[1.0, 0.0], [0.0, 3.0], [4.0, 4.0]])
+    y = np.array([0, 0, 1])  # a class of two and a class of one
+    pop = population_pass([(0, z)], 2, y, 2)
+    with np.errstate(all="raise"):
+        s = divergence_scores(z, y, pop, leave_one_out=True)
+    np.testing.assert_allclose(s["class_distance"][:2], np.sqrt(10.0))  # to the one other member
+    assert np.isnan(s["class_distance"][2]) and s["class_divergence"][2] == 1.0
