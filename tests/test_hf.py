@@ -130,3 +130,48 @@ def test_a_trained_head_is_never_resized_and_model_is_not_ignored(tmp_path, hf_d
     res = _invoke("scan", trained, reviews, "--out", tmp_path / "s", "--text-column", "text", "--model", "models:MLP",
                   "--quiet")
     assert res.exit_code == 2 and "drop --model" in " ".join(res.output.split())
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def test_a_lora_adapter_directory_scans_only_the_adapter_and_is_exact(tmp_path, hf_dir, reviews):
+    peft = pytest.importorskip("peft")
+    from torch.testing import assert_close
+
+    from hardmine.engine import GradientExtractor
+    from hardmine.extract import reference_per_sample_grads
+
+    base = load_model(hf_dir, num_labels=2, allow_new_head=True)
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    trained = load_model(tmp_path / "base")  # the base as users have it: a fine-tuned classifier
+    torch.manual_seed(0)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
+    lora = peft.get_peft_model(trained.model, config)
+    with torch.no_grad():  # a trained adapter: B is zero at initialisation, which would hide mistakes
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    lora.save_pretrained(tmp_path / "adapter")
+    loaded = load_model(tmp_path / "adapter")
+    assert loaded.kind == "peft" and loaded.tokenizer is not None
+    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)  # the adapter (+ its head)
+    ext = GradientExtractor(loaded.model.eval(), dim=8, engine="auto")
+    enc = loaded.tokenizer(["a fine film", "dull", "great acting here"], padding=True, return_tensors="pt")
+    batch = (dict(enc), torch.tensor([1, 0, 1]))
+    res = ext(batch)
+    plan = ext.metadata()["plan"]
+    assert set(plan) == set(trainable) and set(plan.values()) == {"factored"}
+    ref = reference_per_sample_grads(loaded.model, batch)
+    assert_close(res.grad_norm, ref.grad_norm.to(res.grad_norm.dtype), rtol=1e-4, atol=1e-6)
+    res = _invoke("scan", tmp_path / "adapter", reviews, "--out", tmp_path / "s", "--text-column", "text",
+                  "--dim", "8", "--quiet")
+    assert res.exit_code == 0, res.output
+    from hardmine.manifest import read_manifest
+
+    meta = read_manifest(tmp_path / "s").attrs["hardmine"]
+    assert meta["layers"] == trainable and meta["source"]["checkpoint_kind"] == "peft"
+    (tmp_path / "orphan").mkdir()
+    (tmp_path / "orphan" / "adapter_config.json").write_text('{"base_model_name_or_path": "some/hub-model"}')
+    with pytest.raises(ValueError, match="not a local Hugging Face model directory"):
+        load_model(tmp_path / "orphan")

@@ -11,6 +11,10 @@ Accepted forms:
   model) would get a *random* head: refused unless ``allow_new_head=True``, and then the head is initialised
   from a fixed seed (``NEW_HEAD_SEED``) so two runs give the same model and fingerprint. ``num_labels`` sizes
   a new head; for a trained head it must match (a trained head is never resized);
+- a PEFT adapter directory (``adapter_config.json``, e.g. LoRA; ``peft`` in the ``[hf]`` extra): its base
+  model (a local directory, ``base_model_name_or_path``, loaded as above) plus the adapter, with the
+  adapter's parameters trainable and the base frozen, so a scan's default selection (every trainable
+  parameter) is the adapter alone (LoRA A/B are ``nn.Linear``: the factored engine covers them);
 - a fully pickled model only with ``unsafe_pickle=True`` (unpickling runs arbitrary code).
 """
 
@@ -43,7 +47,7 @@ _PREFIXES = ("model.", "module.", "net.", "_orig_mod.")
 @dataclass
 class LoadedModel:
     model: nn.Module
-    kind: str  # "state_dict" | "export" | "hf" | "pickle"
+    kind: str  # "state_dict" | "export" | "hf" | "peft" | "pickle"
     fingerprint: str  # model_fingerprint(model): the value a scan of this model records
     tokenizer: Any = None  # HF tokenizer when kind == "hf"
     info: dict[str, Any] = field(default_factory=dict)
@@ -170,6 +174,10 @@ def load_model(
     if not path.exists():
         raise ValueError(f"checkpoint {str(path)!r} does not exist.")
     if path.is_dir():
+        if (path / "adapter_config.json").exists():
+            if factory is not None:
+                raise ValueError(f"--model {factory!r} was given, but {path} is a PEFT adapter directory; drop --model.")
+            return _load_peft(path, num_labels, allow_new_head)
         if (path / "config.json").exists():
             if factory is not None:
                 raise ValueError(
@@ -260,3 +268,34 @@ def _load_hf(path: Path, num_labels: int | None, allow_new_head: bool) -> Loaded
     if new_head:
         info.update(new_head_seed=NEW_HEAD_SEED, new_head_params=sorted(missing))
     return LoadedModel(model, "hf", model_fingerprint(model), tokenizer=tokenizer, info=info)
+
+
+def _load_peft(path: Path, num_labels: int | None, allow_new_head: bool) -> LoadedModel:
+    import json
+
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ValueError(
+            f"{path} is a PEFT adapter directory; reading it needs the [hf] extra: pip install 'hardmine[hf]'."
+        ) from exc
+    try:
+        base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path / 'adapter_config.json'} is not readable JSON ({exc}).") from None
+    base_dir = Path(str(base_name)) if base_name else None
+    if base_dir is not None and not base_dir.is_absolute():
+        base_dir = (path / base_dir) if (path / base_dir).is_dir() else base_dir
+    if base_dir is None or not (base_dir / "config.json").is_file():
+        raise ValueError(
+            f"the adapter in {path} is for base model {base_name!r}, which is not a local Hugging Face model "
+            "directory (nothing is downloaded); set base_model_name_or_path in adapter_config.json to its folder."
+        )
+    base = _load_hf(base_dir, num_labels, allow_new_head)
+    try:
+        model = PeftModel.from_pretrained(base.model, str(path), is_trainable=True)
+    except Exception as exc:
+        raise ValueError(f"could not load the PEFT adapter in {path} onto {base_dir}: {exc}") from exc
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    info = {**base.info, "format": "peft", "base_model": str(base_dir), "adapter_params": len(trainable)}
+    return LoadedModel(model, "peft", model_fingerprint(model), tokenizer=base.tokenizer, info=info)
