@@ -22,17 +22,20 @@ strategy             raw weight                                                 
                                                                                                   by rank
 ``per-class``        ``hardness ** temperature`` normalised within each class so that every       top fraction
                      class gets the same total mass (class-balanced, hard-first inside)          of each class
-``slices``           ``1 + boost · e_s / e_c`` for a sample of slice ``s`` (``hardmine.slices``)  members of
-                     in class ``c``: ``e_s`` = error rate of the slice's members not flagged     slices with
-                     ``is_label_issue``, ``e_c`` = the same over the class (``e_c = 0``: 1);      ``e_s > e_c``
-                     a sample flagged ``is_label_issue`` gets 1 (never boosted); then            (label issues
-                     normalised within each class so every class gets the same total mass.      excluded)
+``slices``           ``1 + slice_boost · e_s / e_c`` for a sample of slice ``s`` (``slices``)     top fraction
+                     in class ``c``: ``e_s`` = error rate of the slice's members not flagged     of each class
+                     ``is_label_issue``, ``e_c`` = the same over the class (``e_c = 0``: 1);      (as per-class)
+                     a sample flagged ``is_label_issue`` gets 1 (never boosted); then
+                     normalised within each class so every class gets the same total mass.
                      Whole failing slices are up-weighted, correct members included.
-                     ``top`` and ``temperature`` are not used.
+                     ``top``, ``boost`` and ``temperature`` are not used.
 ===================  ==========================================================================  =============
 
-Default (``strategy=None``): ``hardmine.score.DEFAULT_STRATEGY`` for classification manifests (integer labels), ``proportional``
-otherwise (``hardmine.score.default_strategy``; chosen by the quality benchmark).
+Default (``strategy=None``): ``hardmine.score.DEFAULT_STRATEGY`` (``slices`` at ``slice_boost`` 0.5) for
+classification manifests (integer labels), ``proportional`` otherwise (``hardmine.score.default_strategy``;
+chosen by the quality benchmark's rule over both of its datasets, ``scripts/eval_summary.py``). A
+classification manifest without a slice for every sample (written before slices existed, or by
+``OnlineMiner``) gets ``per-class``.
 
 Which samples are ``is_hard`` (``hard_set``, ``HardSet``): ``top`` (default) the fraction ``top`` by rank as in
 the table; ``threshold`` every sample with ``hardness >= threshold`` (one cut for all classes, whatever the
@@ -68,6 +71,8 @@ import pyarrow.parquet as pq
 
 from ._io import atomic_path
 from ._version import __version__
+from .checks import finite_number
+from .defaults import DEFAULT_SLICE_BOOST
 from .enums import HardSet, Strategy, parse_choice
 from .score import (
     DEFAULT_BOOST,
@@ -200,12 +205,20 @@ def resolve_strategy(df: pd.DataFrame, strategy: Strategy | str | None = None) -
     if isinstance(meta, Mapping) and meta.get("targets") == "predictions":
         return default_strategy(False)  # unlabelled: no labels to balance classes by
     if task in ("classification", "regression"):
-        return default_strategy(task == "classification")
+        return _usable(df, default_strategy(task == "classification"))
     labels = df["label"] if "label" in df else None
     classification = (
         labels is not None and pd.api.types.is_integer_dtype(labels.dtype) and not bool(labels.isna().any())
     )
-    return default_strategy(classification)
+    return _usable(df, default_strategy(classification))
+
+
+def _usable(df: pd.DataFrame, strategy: Strategy) -> Strategy:
+    """The default ``slices`` needs a slice for every sample; a manifest without them (written before they
+    existed, or by ``OnlineMiner``) gets ``per-class`` instead."""
+    if strategy is Strategy.SLICES and ("slice" not in df or bool(df["slice"].isna().any())):
+        return Strategy.PER_CLASS
+    return strategy
 
 
 def compute_weights(
@@ -217,11 +230,14 @@ def compute_weights(
     cap: float | None = DEFAULT_CAP,
     hard_set: HardSet | str = HardSet.TOP,
     threshold: float | None = None,
+    slice_boost: float = DEFAULT_SLICE_BOOST,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(weight, is_hard)`` for a scored frame (needs ``hardness``, ``rank`` and, for per-class, ``label``).
-    ``strategy=None``: ``resolve_strategy(df)``. ``hard_set``/``threshold``: see the module docstring."""
+    ``strategy=None``: ``resolve_strategy(df)``. ``hard_set``/``threshold``: see the module docstring.
+    ``slice_boost``: the ``slices`` strategy's boost (see the strategy table)."""
     strategy = resolve_strategy(df, strategy)
     validate_export_params(top, boost, temperature, cap)
+    finite_number(slice_boost, "slice_boost", at_least=0, hint="0 = class-balanced, no slice boost")
     hard_set = parse_choice(HardSet, hard_set, "hard_set")
     if hard_set is HardSet.THRESHOLD and (threshold is None or not np.isfinite(threshold)):
         raise ValueError(f"hard_set='threshold' needs a finite threshold on hardness, got threshold={threshold!r}.")
@@ -258,14 +274,14 @@ def compute_weights(
                 f"strategy {strategy.value!r} needs integer class labels, but the label column is {labels.dtype}; "
                 "use 'top-k' or 'proportional' for regression scans."
             )
-        if strategy is Strategy.SLICES:
-            raw, is_hard = _slice_weights(df, labels, float(boost))
-            return cap_weights(raw, cap), is_hard
         classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        raw = np.power(np.maximum(h, 1e-12), float(temperature))
-        raw = _at_most_mean(raw, issue, inverse)  # label issues: at most uniform within their class
-        class_mass = np.bincount(inverse, weights=raw, minlength=len(classes))  # (C,)
-        raw = raw / class_mass[inverse]  # each class sums to 1
+        if strategy is Strategy.SLICES:
+            raw = _slice_weights(df, labels, float(slice_boost))  # each class sums to 1
+        else:
+            raw = np.power(np.maximum(h, 1e-12), float(temperature))
+            raw = _at_most_mean(raw, issue, inverse)  # label issues: at most uniform within their class
+            class_mass = np.bincount(inverse, weights=raw, minlength=len(classes))  # (C,)
+            raw = raw / class_mass[inverse]  # each class sums to 1
         # is_hard inside each class: the top fraction by global rank among the class's samples.
         order = np.lexsort((rank, inverse))  # by class, then rank
         pos = np.empty(n, dtype=np.int64)
@@ -299,8 +315,8 @@ def _label_issues(df: pd.DataFrame) -> np.ndarray:
     return pd.array(df["is_label_issue"], dtype="boolean").fillna(False).to_numpy(dtype=bool)
 
 
-def _slice_weights(df: pd.DataFrame, labels: np.ndarray, boost: float) -> tuple[np.ndarray, np.ndarray]:
-    """Raw ``slices`` weights (before the cap) and ``is_hard``; see the strategy table above."""
+def _slice_weights(df: pd.DataFrame, labels: np.ndarray, boost: float) -> np.ndarray:
+    """Raw ``slices`` weights (before the cap), each class summing to 1; see the strategy table above."""
     sl = df["slice"]
     if sl.isna().any():
         raise ValueError("strategy 'slices' needs a slice for every sample; rescore the scan to add them.")
@@ -319,9 +335,7 @@ def _slice_weights(df: pd.DataFrame, labels: np.ndarray, boost: float) -> tuple[
     rel = np.divide(e_s, e_c, out=np.zeros_like(e_s), where=e_c > 0)
     raw = np.where(issue, 1.0, 1.0 + boost * rel)
     class_mass = np.bincount(inverse, weights=raw, minlength=len(classes))  # (C,)
-    raw = raw / class_mass[inverse]  # each class sums to 1
-    is_hard = valid & (e_s > e_c)
-    return raw, is_hard
+    return raw / class_mass[inverse]  # each class sums to 1
 
 
 # ----------------------------------------------------------------------------------------- write/read
@@ -554,6 +568,7 @@ def export_manifest(
     overwrite: bool = False,
     hard_set: HardSet | str = HardSet.TOP,
     threshold: float | None = None,
+    slice_boost: float = DEFAULT_SLICE_BOOST,
 ) -> pd.DataFrame:
     """Recompute ``is_hard`` and ``weight`` of a manifest with a sampling strategy and optionally write it.
 
@@ -562,8 +577,7 @@ def export_manifest(
         strategy: ``"top-k"``, ``"proportional"``, ``"per-class"`` or ``"slices"`` (see the module docstring);
             ``None`` (default): ``DEFAULT_STRATEGY`` for classification manifests, proportional for regression.
         top: fraction of samples marked ``is_hard`` (and boosted by ``top-k``).
-        boost: ``top-k`` weight of a hard sample relative to an easy one; ``slices``: the boost of a slice
-            failing at its class's error rate.
+        boost: ``top-k`` weight of a hard sample relative to an easy one.
         temperature: exponent on hardness for ``proportional`` and ``per-class``.
         cap: largest weight as a multiple of the mean weight (1), or ``None``.
         out: if given, the manifest is written there atomically (Parquet, with metadata). An existing
@@ -572,6 +586,7 @@ def export_manifest(
         hard_set: which samples are ``is_hard``: ``"top"`` (the ``top`` fraction), ``"threshold"``
             (``hardness >= threshold``) or ``"noise-rate"`` (the estimated label-noise rate as the fraction).
         threshold: the hardness cut for ``hard_set="threshold"``.
+        slice_boost: ``slices``: weight ``1 + slice_boost · e_s / e_c`` before the class balancing.
 
     Returns the new manifest frame (``attrs["hardmine"]`` updated with the ``export`` parameters).
     """
@@ -584,10 +599,12 @@ def export_manifest(
     strategy = resolve_strategy(df, strategy)
     meta = dict(df.attrs.get("hardmine", {}))
     hard_set = parse_choice(HardSet, hard_set, "hard_set")
-    weight, is_hard = compute_weights(df, strategy, top, boost, temperature, cap, hard_set, threshold)
+    weight, is_hard = compute_weights(df, strategy, top, boost, temperature, cap, hard_set, threshold, slice_boost)
     df["is_hard"] = pd.array(is_hard, dtype="boolean")
     df["weight"] = weight
     meta["export"] = {"strategy": strategy.value, "top": top, "boost": boost, "temperature": temperature, "cap": cap}
+    if strategy is Strategy.SLICES:
+        meta["export"]["slice_boost"] = slice_boost
     if hard_set is not HardSet.TOP:  # recorded only when used, so default exports keep their metadata
         meta["export"].update(hard_set=hard_set.value, threshold=threshold)
     meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

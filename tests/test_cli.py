@@ -101,9 +101,9 @@ def test_scan_state_dict_npz_then_show_export_neighbors(tmp_path, trained):
 
     res = invoke("export", tmp_path / "scan", "--out", tmp_path / "default.parquet", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["strategy"] == "per-class"  # the default for a classification scan
+    assert json.loads(res.stdout)["strategy"] == "slices"  # the default for a classification scan
     exp = read_manifest(tmp_path / "default.parquet")
-    assert exp.attrs["hardmine"]["export"]["strategy"] == "per-class"
+    assert exp.attrs["hardmine"]["export"]["strategy"] == "slices"
     per_class_mass = exp.groupby("label")["weight"].sum()
     assert np.allclose(per_class_mass, len(exp) / len(per_class_mass))  # class-balanced
 

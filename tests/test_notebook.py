@@ -56,7 +56,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     exported = read_manifest(tmp_path / "manifest.parquet")
     scanned = read_manifest(tmp_path / "scan")
     assert len(exported) == len(scanned) == LIMIT
-    assert exported.attrs["hardmine"]["export"]["strategy"] == "per-class"  # the default export
+    assert exported.attrs["hardmine"]["export"]["strategy"] == "slices"  # the default export (is_hard and class balance as per-class)
     counts = exported["label"].value_counts()
     assert int(exported["is_hard"].sum()) == sum(-(-c // 10) for c in counts)  # ceil(10%) of each class
     assert np.allclose(exported.groupby("label")["weight"].sum(), LIMIT / len(counts))  # classes balanced

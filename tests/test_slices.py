@@ -193,7 +193,6 @@ def test_label_issues_are_not_boosted_by_the_slices_export(noisy_scan):
         m = df["label"].to_numpy() == c
         if (flags & m).any():
             assert w[flags & m].max() <= w[~flags & m].min() + 1e-12  # never above any unflagged sample
-    assert not df["is_hard"].to_numpy(dtype=bool)[flags].any()
     # Without the flags the same frame boosts flipped samples above the rest.
     plain = df.drop(columns="is_label_issue")
     w_plain, _ = compute_weights(plain, "slices")
@@ -231,13 +230,14 @@ def test_slices_weights_by_hand():
             "rank": np.arange(1, 11),
         }
     )
-    w, hard = compute_weights(df, "slices", boost=5.0, cap=None)
+    w, hard = compute_weights(df, "slices", slice_boost=5.0, cap=None)
     # Non-issue members: 0/0 has 1 wrong of 3 -> e_s = 1/3; class 0: 1 wrong of 7 -> e_c = 1/7.
     raw = np.array([1.0] + [1 + 5 * (1 / 3) / (1 / 7)] * 3 + [1.0] * 4 + [1.0, 1.0])
     raw[:8] /= raw[:8].sum()
     raw[8:] /= raw[8:].sum()
     assert np.allclose(w, raw * 10 / raw.sum())
-    assert hard.tolist() == [False, True, True, True] + [False] * 6
+    _, hard_pc = compute_weights(df, "per-class", cap=None)
+    assert hard.tolist() == hard_pc.tolist()  # is_hard: the top fraction of each class, as per-class
     with pytest.raises(ValueError, match="'slice'"):
         compute_weights(df.drop(columns="slice"), "slices")
 

@@ -132,7 +132,7 @@ OUTPUT_SIGNALS = {"loss", "margin", "el2n", "confidence", "correct", "confident_
 
 # A sharper per-class export (hard samples weigh more inside each class) is tried beside the defaults.
 PER_CLASS_SHARP = 3.0
-SLICES_GENTLE_BOOSTS = (2.0, 1.0, 0.5)
+SLICES_OTHER_BOOSTS = (5.0, 2.0, 1.0, 0.5)  # slice_boost values tried beside the library's default
 
 # Detection settings the weightings are compared on: (task, which planted truth).
 _STUDY_COLUMNS = (
@@ -190,13 +190,14 @@ class HardmineRunner:
         # Export variants tried for every weighting: the library's strategies at their defaults, and per-class
         # at a sharper temperature (hard samples weigh more inside each class).
         # A variant is (strategy, knob): the temperature, except for slices (which ignore it): the boost.
+        self.slice_boost = float(importlib.import_module("hardmine.defaults").DEFAULT_SLICE_BOOST)
         self.variants: list[tuple[str, float]] = [
-            (st.value, float(c.boost if st.value == "slices" else c.temperature)) for st in self.Strategy
+            (st.value, self.slice_boost if st.value == "slices" else float(c.temperature)) for st in self.Strategy
         ]
         if ("per-class", PER_CLASS_SHARP) not in self.variants:
             self.variants.append(("per-class", PER_CLASS_SHARP))
-        # The slices export at gentler boosts beside the library's.
-        self.variants += [("slices", b) for b in SLICES_GENTLE_BOOSTS if ("slices", b) not in self.variants]
+        # The slices export at other slice boosts beside the library's.
+        self.variants += [("slices", b) for b in SLICES_OTHER_BOOSTS if ("slices", b) not in self.variants]
         slices = importlib.import_module("hardmine.slices")
         self.default_slice_embedding = slices.DEFAULT_SLICE_EMBEDDING.value
         self.label_issue_methods = [m.value for m in api("LabelIssueMethod")]
@@ -224,9 +225,12 @@ class HardmineRunner:
             "top-k": f"top {c.top:g} x{c.boost:g}",
             "proportional": f"hardness^{t:g}",
             "per-class": f"hardness^{t:g} per class",
-            "slices": f"slice error rate x{c.boost if temperature is None else t:g}, label issues not boosted",
+            "slices": f"slice error rate x{self.slice_boost if temperature is None else t:g}, label issues not boosted",
         }.get(strategy, "")
-        is_default = strategy == self.default_strategy and weighting is None and t == c.temperature
+        knob_default = self.slice_boost if strategy == "slices" else c.temperature
+        if strategy == "slices" and temperature is None:
+            t = self.slice_boost
+        is_default = strategy == self.default_strategy and weighting is None and t == knob_default
         w = f", weights: {weighting}" if weighting else ""
         name = f"hardmine manifest: {strategy} [{knob}{w}]" + (" (default)" if is_default else "")
         self.policy_meta[name] = {"strategy": strategy, "temperature": t, "weighting": weighting or "default"}
@@ -302,7 +306,7 @@ class HardmineRunner:
         for strategy, temperature in variants:
             path = Path(scan.path) / f"export-{slug}-{strategy}-t{temperature:g}.parquet"
 
-            knobs = {"boost": temperature} if strategy == "slices" else {"temperature": temperature}
+            knobs = {"slice_boost": temperature} if strategy == "slices" else {"temperature": temperature}
 
             def draw(strategy: str = strategy, knobs: dict[str, float] = knobs, path: Path = path) -> torch.Tensor:
                 self.export_manifest(scan, strategy=strategy, out=str(path), **knobs)
@@ -315,14 +319,14 @@ class HardmineRunner:
         """One index stream per export variant of the default scan, drawn by ``ManifestSampler`` from the
         exported Parquet file."""
         out = self._export_variants(scan, n_draws, seed, None, self.variants)
-        # The label-issue guard measured: the default strategy on the same manifest without `is_label_issue`
+        # The label-issue guard measured: per-class on the same manifest without `is_label_issue`
         # (as written before it existed), so flagged samples are weighted like any other.
         frame = scan.manifest()
         meta = frame.attrs.get("hardmine", {})
         frame = frame.drop(columns=["is_label_issue"])
         frame.attrs["hardmine"] = meta
         path = Path(scan.path) / "export-no-guard.parquet"
-        strategy = self.default_strategy
+        strategy = "per-class"
         name = self.policy_name(strategy).removesuffix(" (default)").removesuffix("]") + ", label issues boosted too]"
         self.policy_meta[name] = {"strategy": strategy, "temperature": self.default_config.temperature, "weighting": "no guard"}
 
