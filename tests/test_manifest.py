@@ -181,18 +181,21 @@ def test_proportional_and_per_class():
         assert h[m][hard[m]].min() >= h[m][~hard[m]].max()  # the hardest of each class
 
 
-def test_default_strategy_is_per_class_for_classification_and_proportional_for_regression(planted):  # noqa: F811
+def test_default_strategy_is_class_balanced_for_classification_and_proportional_for_regression(planted):  # noqa: F811
+    from hardmine.score import DEFAULT_STRATEGY
+
     sc, _ = planted
     df = sc.manifest()
-    assert sc.manifest().attrs["hardmine"]["export"]["strategy"] == "per-class"  # what the scan wrote
+    assert DEFAULT_STRATEGY in (Strategy.PER_CLASS, Strategy.SLICES)  # the class-balanced strategies
+    assert sc.manifest().attrs["hardmine"]["export"]["strategy"] == DEFAULT_STRATEGY.value  # what the scan wrote
     w, hard = compute_weights(df)  # strategy=None
-    w_pc, hard_pc = compute_weights(df, "per-class")
+    w_pc, hard_pc = compute_weights(df, DEFAULT_STRATEGY)
     np.testing.assert_array_equal(w, w_pc)
     np.testing.assert_array_equal(hard, hard_pc)
     labels = df["label"].to_numpy()
     for c in np.unique(labels):  # class-balanced: every class gets the same total mass
         assert w[labels == c].sum() == pytest.approx(len(df) / len(np.unique(labels)))
-    assert export_manifest(sc).attrs["hardmine"]["export"]["strategy"] == "per-class"
+    assert export_manifest(sc).attrs["hardmine"]["export"]["strategy"] == DEFAULT_STRATEGY.value
     reg = df.assign(label=df["label"].astype(np.float64) + 0.5)  # float labels: a regression manifest
     reg.attrs = {}  # no metadata: decided from the labels
     assert resolve_strategy(reg) is Strategy.PROPORTIONAL

@@ -250,9 +250,11 @@ def test_score_config_fields_are_checked_and_normalised():
 
 def test_default_strategy_and_table_entries():
     from hardmine.enums import Strategy
-    from hardmine.score import default_strategy
+    from hardmine.score import DEFAULT_STRATEGY, DEFAULT_STRATEGY_REGRESSION, default_strategy
 
-    assert default_strategy(True) is Strategy.PER_CLASS and default_strategy(False) is Strategy.PROPORTIONAL
+    assert default_strategy(True) is DEFAULT_STRATEGY and default_strategy(False) is DEFAULT_STRATEGY_REGRESSION
+    assert DEFAULT_STRATEGY_REGRESSION is Strategy.PROPORTIONAL  # regression has no classes to balance
+    assert DEFAULT_STRATEGY is not DEFAULT_STRATEGY_REGRESSION
     assert SCORE_TABLE["margin"].to_dict() == {"meaning": SCORE_TABLE["margin"].meaning, "harder_when": "lower",
                                                "orientation": -1, "needs_classes": True}
 
@@ -529,3 +531,33 @@ def test_leave_one_out_distance_for_classes_of_one_and_two():
         s = divergence_scores(z, y, pop, leave_one_out=True)
     np.testing.assert_allclose(s["class_distance"][:2], np.sqrt(10.0))  # to the one other member
     assert np.isnan(s["class_distance"][2]) and s["class_divergence"][2] == 1.0
+
+
+def test_export_parameter_messages_say_what_the_number_means():
+    from hardmine.score import validate_export_params
+
+    for args, message in (
+        ((0.1, 0, 1, 20), "boost=0 must be a finite number > 0 (weight of a hard sample vs an easy one)."),
+        ((0.1, 5, -1, 20), "temperature=-1 must be a finite number >= 0 (0 = uniform)."),
+    ):
+        with pytest.raises(ValueError) as err:
+            validate_export_params(*args)
+        assert str(err.value) == message
+
+
+def test_hardness_with_fractional_weights_and_a_signal_missing_before_others():
+    cols = {"confidence": np.full(4, np.nan), "loss": np.array([4.0, 1.0, 3.0, 2.0])}
+    h, used = composite_hardness(cols, {"confidence": 1.0, "loss": 0.5})  # sorted: confidence comes first
+    assert used == {"loss": 0.5}  # the missing signal is dropped, the next one still counts
+    np.testing.assert_allclose(h, [1.0, 0.25, 0.75, 0.5])  # a weighted *mean*: one signal = its ranks
+    h2, _ = composite_hardness({"loss": cols["loss"], "el2n": np.array([1.0, 2.0, 3.0, 4.0])},
+                               {"loss": 0.25, "el2n": 0.75})
+    np.testing.assert_allclose(h2, 0.25 * np.array([1.0, 0.25, 0.75, 0.5]) + 0.75 * np.array([0.25, 0.5, 0.75, 1.0]))
+
+
+def test_ranks_are_integers_and_accept_nullable_input():
+    r = hardness_rank(pd.array([0.5, None, 0.9], dtype="Float64"))
+    assert r.tolist() == [2, 3, 1] and r.dtype == np.int64
+    assert hardness_rank(np.array([0.1, 0.3])).dtype == np.int64
+    np.testing.assert_allclose(rank_normalize([1.0, pd.NA, 3.0]), [0.5, np.nan, 1.0])
+    np.testing.assert_allclose(rank_normalize(np.array([2, 1, 3])), [2 / 3, 1 / 3, 1.0])  # integers too
