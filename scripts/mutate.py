@@ -208,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                     continue
             what = f"mutmut run --max-children {args.max_children} {_glob(name)}"
             if args.rerun_survivors:
-                what += f" (then its {len(names)} survivors again)"
+                what = f"mutmut run --max-children {args.max_children} <its {len(names)} survivors>"
             elif names is not None:
                 what += " (resumed)"
             earlier = previous.get(name, {}).get("command") if args.rerun_survivors else None
             today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-            runs[name] = {"command": earlier or what, "date": today, "rc": None}
+            runs[name] = {"command": f"{earlier}; then {what}" if earlier else what, "date": today, "rc": None}
             report(runs, previous, argv)  # a run stopped halfway still says what ran
             print(f"mutate: {name} ...", flush=True)
             r = run_module(name, args.max_children, log_dir, names)
