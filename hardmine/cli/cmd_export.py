@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from ..defaults import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
+from ..defaults import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_SLICE_BOOST, DEFAULT_TEMPERATURE, DEFAULT_TOP
 from ..enums import HardSet, Strategy
 from ._common import emit_json, handle_errors, stderr
 
@@ -19,11 +19,17 @@ def export_command(
     scan_dir: Path = typer.Argument(..., help="A scan directory (or a manifest .parquet)."),
     out: Path = typer.Option(..., "--out", "-o", help="Parquet file to write (atomically)."),
     strategy: Strategy | None = typer.Option(
-        None, "--strategy", help="Default: per-class for classification scans, proportional for regression."
+        None, "--strategy",
+        help="Default: slices for classification scans (per-class for manifests without slices), proportional "
+             "for regression.",
     ),
     top: float = typer.Option(DEFAULT_TOP, "--top", help="Fraction of samples marked hard (and boosted by top-k)."),
     boost: float = typer.Option(DEFAULT_BOOST, "--boost", help="top-k: weight of a hard sample relative to an easy one."),
     temperature: float = typer.Option(DEFAULT_TEMPERATURE, "--temperature", help="proportional/per-class exponent."),
+    slice_boost: float = typer.Option(
+        DEFAULT_SLICE_BOOST, "--slice-boost",
+        help="slices: weight 1 + slice_boost x (slice error rate / class error rate) before class balancing.",
+    ),
     cap: float = typer.Option(DEFAULT_CAP if DEFAULT_CAP is not None else 0.0, "--cap", help="Max weight as a multiple of the mean (0 = no cap)."),
     hard_set: HardSet = typer.Option(
         HardSet.TOP, "--hard-set",
@@ -41,7 +47,7 @@ def export_command(
 
     df = export_manifest(scan_dir, strategy=strategy, top=top, boost=boost, temperature=temperature,
                          cap=None if cap == 0 else cap, out=out, overwrite=overwrite, hard_set=hard_set,
-                         threshold=threshold)
+                         threshold=threshold, slice_boost=slice_boost)
     summary = _summary(df, out, cap=None if cap == 0 else cap)
     if as_json:
         emit_json(summary)
