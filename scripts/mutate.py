@@ -115,7 +115,15 @@ def summarise(name: str, path: str, codes: dict[str, int | None], equiv: dict[st
     }
 
 
+def _refresh_copies() -> None:
+    """Drop mutmut's copies of the sources (keeping results): mutmut only copies files it does not have yet,
+    so a source changed since the last run would otherwise be tested as its stale copy."""
+    for p in (ROOT / "mutants" / "hardmine").rglob("*.py"):
+        p.unlink()
+
+
 def run_module(name: str, max_children: int, log_dir: Path, names: list[str] | None = None) -> dict:
+    _refresh_copies()
     cmd = [_mutmut(), "run", "--max-children", str(max_children), *(names or [_glob(name)])]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if not name.startswith("factored."):
@@ -128,7 +136,7 @@ def run_module(name: str, max_children: int, log_dir: Path, names: list[str] | N
     return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "log": str(log)}
 
 
-def write_report(entries: list[dict], command: str) -> None:
+def write_report(entries: list[dict], command: str, note: str | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {
         "tool": "mutmut " + _version(),
@@ -139,6 +147,8 @@ def write_report(entries: list[dict], command: str) -> None:
         "survived includes mutants no selected test reaches",
         "modules": entries,
     }
+    if note:
+        doc["note"] = note
     (RESULTS / "mutation.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [
         "| module | mutants | killed | survived-but-equivalent | survived | kill rate | date | command |",
@@ -154,6 +164,8 @@ def write_report(entries: list[dict], command: str) -> None:
             f"| `{e['path']}` | {e['mutants']} | {e['killed']} | {e['survived_but_equivalent']} | {e['survived']} "
             f"| {rate}{partial} | {e.get('date', '–')} | `{e.get('command', '–')}` |"
         )
+    if note:
+        lines += ["", note]
     (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
 
 
@@ -176,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun-survivors", action="store_true",
                     help="rerun only the survivors of the kept results (after adding tests); implies --keep")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from mutants/")
+    ap.add_argument("--note", default=None, help="a remark stored in mutation.json (e.g. what was not run and why)")
     args = ap.parse_args(argv)
     chosen = [m.strip() for m in args.modules.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODULES]
@@ -214,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
             earlier = previous.get(name, {}).get("command") if args.rerun_survivors else None
             today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
             runs[name] = {"command": f"{earlier}; then {what}" if earlier else what, "date": today, "rc": None}
-            report(runs, previous, argv)  # a run stopped halfway still says what ran
+            report(runs, previous, argv, args.note)  # a run stopped halfway still says what ran
             print(f"mutate: {name} ...", flush=True)
             r = run_module(name, args.max_children, log_dir, names)
             runs[name].update(rc=r["rc"], seconds=r["seconds"], log=r["log"])
             print(f"mutate: {name}: rc={r['rc']} in {r['seconds']} s (log {r['log']})", flush=True)
-    entries = report(runs, previous, argv)
+    entries = report(runs, previous, argv, args.note)
     for e in entries:
         rate = e.get("kill_rate")
         print(f"{e['path']:34s} " + (f"{e.get('status')}: {e['killed']}/{e['mutants']} killed, "
@@ -228,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | None) -> list[dict]:
+def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | None, note: str | None = None) -> list[dict]:
     """Summarise mutants/ per module (run information from this run, else from the previous report)."""
     equiv = equivalents()
     entries = []
@@ -251,7 +264,7 @@ def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | N
     stale = sorted(set(equiv) - {k for e in entries for k in e.get("equivalents", [])})
     if stale:
         print(f"mutate: {len(stale)} listed equivalent(s) did not survive this run or no longer exist: {stale[:5]}")
-    write_report(entries, "python scripts/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    write_report(entries, "python scripts/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:]), note)
     return entries
 
 
