@@ -27,8 +27,12 @@ def test_readme_tables_match_results_files():
         assert mod.render(text) == text, f"{path.name} differs from scripts/results/*.md: run scripts/update_readme.py"
 
 
-# A measured-looking figure: a ratio (0.84x, 1.3×), a figure with two or more decimals (0.969), a ± spread.
-_FIGURE = re.compile(r"\d+(\.\d+)?\s?[x×](?![A-Za-z0-9_])|\b\d+\.\d{2,}\b|±\s?\d")
+# A measured-looking figure: a ratio (0.84x, 1.3×), a figure with two or more decimals (0.969), a measured
+# spread (0.91 ± 0.02, ±0.4, ±4 points, ±4–17 %). A sign in maths ("multiplying by ±1") is not a figure.
+_FIGURE = re.compile(
+    r"\d+(\.\d+)?\s?[x×](?![A-Za-z0-9_])|\b\d+\.\d{2,}\b|\d\s?±\s?\d|±\s?\d+\.\d"
+    r"|±\s?\d+(\s?[–-]\s?\d+)?\s?(points|%)"
+)
 
 
 def _prose(text: str) -> str:
@@ -51,9 +55,10 @@ def test_no_measured_figure_is_typed_into_prose():
 
 
 def test_the_prose_check_catches_a_typed_figure():
-    for line in ("the transformer measured 0.79x", "ratio 0.85× here", "AUROC 0.969 vs 0.987", "±4 points"):
+    for line in ("the transformer measured 0.79x", "ratio 0.85× here", "AUROC 0.969 vs 0.987", "±4 points",
+                 "moves by ±4–17 points", "0.91 ± 0.02", "±0.4 AUROC"):
         assert _FIGURE.search(_prose(line)), line
-    for line in ("batch 256, 2 cores", "momentum 0.9", "`--top 0.05`", "torch `2.13.0`"):
+    for line in ("batch 256, 2 cores", "momentum 0.9", "`--top 0.05`", "torch `2.13.0`", "dividing by ±1 instead"):
         assert not _FIGURE.search(_prose(line)), line
 
 
