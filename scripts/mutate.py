@@ -253,7 +253,7 @@ def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | N
             if run.get("rc") not in (None, 0):
                 reason = f"mutmut stopped with exit code {run['rc']} (see {run.get('log', 'its log')})"
             else:
-                reason = run.get("reason") or "no results in mutants/ (not run yet)"
+                reason = run.get("reason") or "no results yet"
             entries.append({"module": name, "path": path, "status": "not run", "reason": reason,
                             **({"mutants": len(codes)} if codes else {})})
             continue
