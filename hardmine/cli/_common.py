@@ -112,7 +112,7 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def table_console(min_width: int = 120) -> Console:
+def table_console(min_width: int = 160) -> Console:
     """The console tables print to: a terminal's width, or at least ``min_width`` columns when piped or under
     make (so a table is not squeezed into 80)."""
     console = Console()

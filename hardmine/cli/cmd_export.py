@@ -67,9 +67,15 @@ def _summary(df: Any, out: Path, cap: float | None) -> dict[str, Any]:
     capped = cap is not None and bool(np.isclose(w.max(), cap))
     parts = [f"weights have mean 1, max {w.max():.3g}"]
     ratio = None
-    if export["strategy"] == "top-k" and hard.any() and (~hard).any():
-        ratio = float(np.median(w[hard]) / np.median(w[~hard]))
+    # Likely label errors are marked hard but never boosted (hardmine.manifest): compare the boosted ones.
+    issue = df["is_label_issue"].to_numpy(dtype=bool, na_value=False) if "is_label_issue" in df else np.zeros(len(w), bool)
+    boosted = hard & ~issue
+    if export["strategy"] == "top-k" and boosted.any() and (~hard).any():
+        ratio = float(np.median(w[boosted]) / np.median(w[~hard]))
         parts.append(f"a hard sample weighs {ratio:.3g}x an easy one (--boost {export['boost']:g})")
+    if (hard & issue).any():
+        parts.append(f"{int((hard & issue).sum())} of the hard samples are likely label errors (is_label_issue) and "
+                     "are not oversampled")
     if capped:
         parts.append(f"capped at --cap {cap:g}x the mean")
     return {"out": str(out), "samples": len(df), "hard": int(hard.sum()), "max_weight": float(w.max()),

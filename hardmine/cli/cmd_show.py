@@ -70,7 +70,7 @@ def print_table(
                  for c in cols]
         extra = [data.get(rec["sample_id"], "")] if data is not None else []
         table.add_row(*cells, _flags(rec), *extra)
-    console = console or table_console(160 if data is not None else 120)  # room for the data column
+    console = console or table_console(200 if data is not None else 160)  # room for the data column
     console.print(table)
 
 

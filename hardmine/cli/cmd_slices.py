@@ -81,4 +81,4 @@ def slices_command(
                  for c in _COLUMNS]
         extra = [" | ".join(data.get(v, "") for v in ids)] if with_data else []
         table.add_row(*cells, ", ".join(str(v) for v in ids), *extra)
-    table_console(180 if with_data else 120).print(table)
+    table_console(200 if with_data else 160).print(table)
