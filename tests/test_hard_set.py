@@ -70,3 +70,13 @@ def test_cli_export_hard_set(tmp_path, trained):  # noqa: F811
     assert json.loads(res.stdout)["hard"] == int((df["hardness"] >= 0.9).sum())
     res = invoke("export", tmp_path / "scan", "--out", tmp_path / "t.parquet", "--hard-set", "threshold")
     assert res.exit_code == 2 and "needs a finite threshold" in " ".join(res.output.split())
+
+
+def test_cli_export_reports_the_boost_over_the_samples_it_boosts(planted, tmp_path):
+    sc, _ = planted
+    res = invoke("export", sc.path, "--out", tmp_path / "k.parquet", "--strategy", "top-k", "--boost", "4", "--json")
+    summary = json.loads(res.stdout)
+    assert summary["hard_to_easy"] == pytest.approx(4.0)  # not diluted by the hard label errors left at 1
+    df = read_manifest(tmp_path / "k.parquet")
+    issues = int((df["is_hard"].to_numpy(dtype=bool) & df["is_label_issue"].to_numpy(dtype=bool)).sum())
+    assert issues > 0 and f"{issues} of the hard samples are likely label errors" in summary["weights"]
