@@ -51,9 +51,13 @@ def select_parameters(model: nn.Module, patterns: str | Sequence[str] | None = N
         raise ValueError("the model has no parameters with requires_grad=True; nothing to differentiate.")
     if pats is None:
         return [n for n, _ in named]
+    # A tied parameter (an LM head sharing the input embedding) has one canonical name; its other names
+    # select it too, so layers="lm_head" works. Every alias maps to the canonical name.
+    canonical = {id(p): n for n, p in named}
+    aliases = [(a, canonical[id(p)]) for a, p in model.named_parameters(remove_duplicate=False) if id(p) in canonical]
     chosen: list[str] = []
     for pat in pats:
-        hits = [n for n, _ in named if _matches(n, pat)]
+        hits = list(dict.fromkeys(c for a, c in aliases if _matches(a, pat)))
         if not hits:
             raise ValueError(
                 f"layer pattern {pat!r} matches no trainable parameter. Available: {_summarize(n for n, _ in named)}"

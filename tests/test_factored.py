@@ -789,3 +789,11 @@ def test_lowest_captured_outputs_in_a_branching_graph():
     f = d * e + b  # above everything, reached along several paths
     got = _lowest([f, d, a, b, c, e])
     assert [id(t) for t in got] == [id(a), id(c), id(e)]
+
+
+def test_a_tied_head_is_selected_by_its_own_name_too():
+    from hardmine.params import select_parameters
+
+    model = Tied()
+    assert select_parameters(model, "h") == ["e.weight"] == select_parameters(model, "e")  # one parameter
+    assert select_parameters(model, ["h", "e"]) == ["e.weight"]  # counted once
