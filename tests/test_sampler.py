@@ -328,3 +328,18 @@ def test_dataset_ids_of_any_sequence_type():
     with pytest.raises(ValueError, match="not dataset indices; pass dataset_ids \\(the sample id of every "
                                          "dataset item, in order\\)"):
         ManifestSampler(df.assign(sample_id=["a", "b", "c"]))
+
+
+def test_miner_sampler_counts_refreshes_and_keeps_its_seed_after_one():
+    from hardmine.sampler import MinerSampler
+
+    manifest = pd.DataFrame({"sample_id": np.arange(30), "weight": np.linspace(0.5, 2.0, 30)})
+    a, b = MinerSampler(30, seed=1), MinerSampler(30, seed=2)
+    for s in (a, b):
+        s.refresh(manifest)
+        s.refresh(manifest)
+    assert a.refreshes == 2 and a.state_dict()["refreshes"] == 2
+    assert list(a) != list(b)  # the weighted draw is seeded by the sampler's own seed
+    c = MinerSampler(30, seed=1)
+    c.refresh(manifest)
+    assert list(c) == list(a)
