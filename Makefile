@@ -50,6 +50,9 @@ bench: install
 		--out scripts/results/bench_extract_keep_heap.json
 	$(PY) scripts/bench_callbacks.py
 	$(PY) scripts/bench_scan.py
+	$(PY) scripts/bench_startup.py
+	$(PY) scripts/bench_conv_routes.py
+	$(PY) scripts/measure_index.py
 	$(PY) scripts/update_readme.py
 
 # Quality benchmark on two real datasets (Fashion-MNIST, and mlbench's Satellite installed by
