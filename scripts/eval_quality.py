@@ -43,7 +43,7 @@ from evalkit.data import (  # noqa: E402
     make_long_tail_task,
     make_noise_task,
 )
-from evalkit.metrics import mean_std, paired_interval  # noqa: E402
+from evalkit.metrics import mean_std  # noqa: E402
 from evalkit.report import render_markdown  # noqa: E402
 from evalkit.runner import (  # noqa: E402
     ONLINE_NAME,
@@ -173,28 +173,6 @@ def _summarise(kind: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ targets
 def _m(d: dict[str, Any] | None) -> float:
     return math.nan if not d else float(d.get("mean", math.nan))
-
-
-def _runs_metric(tasks: dict[str, Any], t: str, pick: Any) -> list[float]:
-    """``pick(run)`` for every seed of task ``t`` (NaN where the row is missing)."""
-    out = []
-    for r in tasks.get(t, {}).get("runs", []):
-        try:
-            out.append(float(pick(r)))
-        except (KeyError, TypeError):
-            out.append(math.nan)
-    return out
-
-
-def _paired(a: list[float], b: list[float]) -> dict[str, float]:
-    """Mean, std and 95% interval half-width (Student t, n-1 degrees of freedom) over seeds of the per-seed
-    difference ``a - b``. Same seed = same task, first model and init, so the pairing removes most of the
-    seed-to-seed spread."""
-    return paired_interval([x - y for x, y in zip(a, b, strict=True)])
-
-
-def _first(rows: dict[str, Any], prefix: str) -> str | None:
-    return next((k for k in rows if k.startswith(prefix)), None)
 
 
 def _targets(tasks: dict[str, Any], hm_default: dict[str, str] | None) -> list[dict[str, Any]]:
