@@ -16,13 +16,6 @@ fail() {
        "'chromium', or set HARDMINE_CHROMIUM to a chromium/chrome binary." >&2
   exit 1
 }
-command -v apt-get >/dev/null 2>&1 || fail "no apt-get on this machine."
-SUDO=""
-if [ "$(id -u)" != "0" ]; then
-  command -v sudo >/dev/null 2>&1 || fail "not root and no sudo."
-  SUDO="sudo -n"
-fi
-echo "install_browser: installing Debian package chromium" >&2
-$SUDO apt-get update -qq >/dev/null || fail "apt-get update failed."
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null || fail "apt-get install chromium failed."
+. "$(dirname "$0")/apt_install.sh"
+apt_install chromium
 have || fail "the package installed but no chromium is on the PATH."

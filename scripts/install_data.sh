@@ -13,13 +13,6 @@ fail() {
   exit 1
 }
 if [ -n "$HARDMINE_FASHION_MNIST" ]; then fail "HARDMINE_FASHION_MNIST=$DIR holds no train-images-idx3-ubyte(.gz)."; fi
-command -v apt-get >/dev/null 2>&1 || fail "no apt-get on this machine."
-SUDO=""
-if [ "$(id -u)" != "0" ]; then
-  command -v sudo >/dev/null 2>&1 || fail "not root and no sudo."
-  SUDO="sudo -n"
-fi
-echo "install_data: installing Debian package dataset-fashion-mnist" >&2
-$SUDO apt-get update -qq >/dev/null || fail "apt-get update failed."
-$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null || fail "apt-get install dataset-fashion-mnist failed."
+. "$(dirname "$0")/apt_install.sh"
+apt_install dataset-fashion-mnist
 have || fail "the package installed but $DIR has no IDX files."

@@ -12,13 +12,6 @@ fail() {
   exit 1
 }
 if [ -n "$HARDMINE_SATELLITE_RDA" ]; then fail "HARDMINE_SATELLITE_RDA=$FILE does not exist."; fi
-command -v apt-get >/dev/null 2>&1 || fail "no apt-get on this machine."
-SUDO=""
-if [ "$(id -u)" != "0" ]; then
-  command -v sudo >/dev/null 2>&1 || fail "not root and no sudo."
-  SUDO="sudo -n"
-fi
-echo "install_eval_data: installing Debian package r-cran-mlbench" >&2
-$SUDO apt-get update -qq >/dev/null || fail "apt-get update failed."
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq r-cran-mlbench >/dev/null || fail "apt-get install r-cran-mlbench failed."
+. "$(dirname "$0")/apt_install.sh"
+apt_install r-cran-mlbench
 [ -f "$FILE" ] || fail "the package installed but $FILE is missing."
