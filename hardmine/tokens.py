@@ -39,12 +39,16 @@ deviation): at the default ``2**20``, 0.0005 for q0.50 and 0.0002 for q0.95, i.e
 between the scan's q0.9493 and q0.9507 with 99.7% probability. Memory: ``SAMPLE_SIZE`` keys and losses (about
 three times ``16 · SAMPLE_SIZE`` bytes while merging) plus one read batch. The result is cached per process
 (keyed by the file's path, size and modification time), so a second view of the same scan costs no pass;
-nothing is written to the scan directory.
+nothing is written to the scan directory. A writer can spare every reader the pass: feed a ``TierAccumulator``
+the same columns shard by shard while writing, and store ``thresholds().to_dict()`` as JSON under the footer
+key ``TIERS_METADATA_KEY`` (``pq.ParquetWriter.add_key_value_metadata`` before closing); ``tier_thresholds``
+then reads them from the footer (when they are for the same ``TIER_QUANTILES``).
 """
 
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 import os
@@ -64,7 +68,8 @@ from .checks import as_bool, is_int, positive_int
 from .enums import TokenTier
 
 __all__ = [
-    "GENERATOR", "READ_ROWS", "SAMPLE_SIZE", "TIER_QUANTILES", "TOKENS_FILE", "TOKEN_COLUMNS", "TierThresholds",
+    "GENERATOR", "READ_ROWS", "SAMPLE_SIZE", "TIERS_METADATA_KEY", "TIER_QUANTILES", "TOKENS_FILE", "TOKEN_COLUMNS",
+    "TierAccumulator", "TierThresholds",
     "assign_tiers", "check_tokens_html_destination", "parse_sample_id", "read_sample_tokens", "render_tokens_html",
     "tier_thresholds", "token_summary", "tokens_json", "tokens_path", "write_tokens_html",
 ]
@@ -77,6 +82,8 @@ TOKEN_COLUMNS = ("sample_id", "position", "token_id", "token", "is_target", "los
 TIER_QUANTILES: dict[TokenTier, float] = {TokenTier.YELLOW: 0.50, TokenTier.ORANGE: 0.80, TokenTier.RED: 0.95}
 SAMPLE_SIZE = 1 << 20  # target-token losses kept for the quantiles (all of them in a scan with fewer)
 READ_ROWS = 1 << 16  # rows per Arrow batch read from tokens.parquet (bounds memory inside a row group)
+# Footer key (Parquet key-value metadata) where a writer may store ``TierThresholds.to_dict()`` as JSON.
+TIERS_METADATA_KEY = "hardmine_token_tiers"
 GENERATOR = "hardmine-tokens"  # <meta name="generator"> of a page written here (replaced without overwrite)
 _SAMPLE_SEED = 20260  # the uniform keys of the threshold sample: fixed, so a file always gives the same thresholds
 _CACHE: dict[tuple[str, int, int, int], TierThresholds] = {}
@@ -233,60 +240,107 @@ def _compute_sample_rows(pf: pq.ParquetFile, path: Path, sample_id: int | str) -
 
 
 # ------------------------------------------------------------------------------------------------ tiers
-def tier_thresholds(source: Any, *, sample_size: int = SAMPLE_SIZE) -> TierThresholds:
-    """The scan's tier thresholds (quantiles of target-token loss, ``TIER_QUANTILES``), streamed in bounded
-    memory; exact up to ``sample_size`` target tokens, from a seeded uniform sample of that many above (the
-    module docstring gives the accuracy). Cached per process."""
-    sample_size = positive_int(sample_size, "sample_size")
+class TierAccumulator:
+    """The streaming computation of ``tier_thresholds``: feed it ``(is_target, loss)`` batch by batch (Arrow or
+    NumPy arrays, nulls allowed) and ask ``thresholds()`` at the end. Keeps a uniform sample without replacement
+    of ``sample_size`` target-token losses (the smallest of a seeded uniform key per token), so memory is
+    ``O(sample_size + batch)`` however many tokens pass; the same tokens in the same order give the same result.
+    A scan's writer can feed it shard by shard and store the result in the file (``TIERS_METADATA_KEY``), so that
+    no reader needs the pass."""
+
+    def __init__(self, sample_size: int = SAMPLE_SIZE) -> None:
+        self.sample_size = positive_int(sample_size, "sample_size")
+        self._rng = np.random.default_rng(_SAMPLE_SEED)
+        self._kept_k, self._kept_l = np.empty(0), np.empty(0, dtype=np.float32)
+        self._cand_k: list[np.ndarray] = []
+        self._cand_l: list[np.ndarray] = []
+        self._n_cand = 0
+        self._tau = math.inf  # the largest kept key once sample_size are kept: a larger key never enters
+        self.n_target = 0
+
+    def update(self, is_target: Any, loss: Any) -> None:
+        """Add one batch of tokens; only targets with a finite loss count."""
+        target = pa.array(is_target) if not isinstance(is_target, (pa.Array, pa.ChunkedArray)) else is_target
+        losses = pa.array(loss) if not isinstance(loss, (pa.Array, pa.ChunkedArray)) else loss
+        if len(target) != len(losses):
+            raise ValueError(f"is_target has {len(target)} values and loss {len(losses)}; pass one per token.")
+        mask = pc.and_(pc.fill_null(target, False), pc.fill_null(pc.is_finite(losses), False))
+        vals = pc.filter(losses, mask).to_numpy(zero_copy_only=False).astype(np.float32)  # (n,)
+        if not len(vals):
+            return
+        self.n_target += len(vals)
+        keys = self._rng.random(len(vals))  # (n,)
+        if self._tau < math.inf:
+            sel = keys < self._tau
+            keys, vals = keys[sel], vals[sel]
+        self._cand_k.append(keys)
+        self._cand_l.append(vals)
+        self._n_cand += len(keys)
+        # Merge once the candidates outnumber the sample: amortised O(1) per token, memory O(m + batch).
+        if self._n_cand >= self.sample_size:
+            self._merge()
+
+    def _merge(self) -> None:
+        keys = np.concatenate([self._kept_k, *self._cand_k])
+        vals = np.concatenate([self._kept_l, *self._cand_l])
+        m = self.sample_size
+        if len(keys) > m:
+            idx = np.argpartition(keys, m - 1)[:m]  # (m,)
+            keys, vals = keys[idx], vals[idx]
+        self._kept_k, self._kept_l = keys, vals
+        self._cand_k, self._cand_l, self._n_cand = [], [], 0
+        if len(keys) == m:
+            self._tau = float(keys.max())
+
+    def thresholds(self) -> TierThresholds:
+        self._merge()
+        if not len(self._kept_l):
+            logger.warning("tokens: no target token has a finite loss; no token is highlighted")
+            return TierThresholds(math.nan, math.nan, math.nan, 0, 0)
+        q = np.quantile(self._kept_l.astype(np.float64), list(TIER_QUANTILES.values()))  # (3,)
+        return TierThresholds(float(q[0]), float(q[1]), float(q[2]), self.n_target, len(self._kept_l))
+
+
+def tier_thresholds(source: Any, *, sample_size: int | None = None) -> TierThresholds:
+    """The scan's tier thresholds (quantiles of target-token loss, ``TIER_QUANTILES``): the ones stored in
+    ``tokens.parquet`` under ``TIERS_METADATA_KEY`` when its writer stored them and ``sample_size`` is not given;
+    else streamed in bounded memory, exact up to ``sample_size`` (default ``SAMPLE_SIZE``) target tokens and from
+    a seeded uniform sample of that many above (the module docstring gives the accuracy). Cached per process."""
+    size = SAMPLE_SIZE if sample_size is None else positive_int(sample_size, "sample_size")
     path = tokens_path(source)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, sample_size)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, 0 if sample_size is None else size)
     if key not in _CACHE:
         if len(_CACHE) >= _CACHE_ENTRIES:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _compute_thresholds(_open(path), sample_size)
+        pf = _open(path)
+        stored = _stored_thresholds(pf, path) if sample_size is None else None
+        _CACHE[key] = stored if stored is not None else _compute_thresholds(pf, size)
     return _CACHE[key]
 
 
-def _keep_smallest(keys: np.ndarray, losses: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    if len(keys) <= m:
-        return keys, losses
-    idx = np.argpartition(keys, m - 1)[:m]  # (m,)
-    return keys[idx], losses[idx]
+def _stored_thresholds(pf: pq.ParquetFile, path: Path) -> TierThresholds | None:
+    """The thresholds the writer stored in the file's footer, if any and for the same quantiles."""
+    raw = (pf.metadata.metadata or {}).get(TIERS_METADATA_KEY.encode())
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+        if {k: float(v) for k, v in d["quantiles"].items()} != {t.value: q for t, q in TIER_QUANTILES.items()}:
+            logger.info("tokens: %s stores thresholds for other quantiles; recomputing", path)
+            return None
+        return TierThresholds(*(math.nan if d[t.value] is None else float(d[t.value]) for t in TIER_QUANTILES),
+                              int(d["n_target_tokens"]), int(d["n_sampled"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        logger.warning("tokens: unreadable %s metadata in %s; recomputing the thresholds", TIERS_METADATA_KEY, path)
+        return None
 
 
 def _compute_thresholds(pf: pq.ParquetFile, m: int) -> TierThresholds:
-    rng = np.random.default_rng(_SAMPLE_SEED)
-    kept_k, kept_l = np.empty(0), np.empty(0, dtype=np.float32)
-    cand_k: list[np.ndarray] = []
-    cand_l: list[np.ndarray] = []
-    n_cand, n_target, tau = 0, 0, math.inf  # tau: the largest kept key once m are kept
+    acc = TierAccumulator(m)
     for batch in pf.iter_batches(batch_size=READ_ROWS, columns=["is_target", "loss"]):
-        target, loss = batch.column(0), batch.column(1)
-        mask = pc.and_(pc.fill_null(target, False), pc.fill_null(pc.is_finite(loss), False))
-        vals = pc.filter(loss, mask).to_numpy(zero_copy_only=False).astype(np.float32)  # (n,)
-        if not len(vals):
-            continue
-        n_target += len(vals)
-        keys = rng.random(len(vals))  # (n,)
-        if tau < math.inf:  # only a key below the current m-th smallest can enter the sample
-            sel = keys < tau
-            keys, vals = keys[sel], vals[sel]
-        cand_k.append(keys)
-        cand_l.append(vals)
-        n_cand += len(keys)
-        # Merge once the candidates outnumber the sample: amortised O(1) per token, memory O(m + batch).
-        if n_cand >= m:
-            kept_k, kept_l = _keep_smallest(np.concatenate([kept_k, *cand_k]), np.concatenate([kept_l, *cand_l]), m)
-            cand_k, cand_l, n_cand = [], [], 0
-            if len(kept_k) == m:
-                tau = float(kept_k.max())
-    kept_k, kept_l = _keep_smallest(np.concatenate([kept_k, *cand_k]), np.concatenate([kept_l, *cand_l]), m)
-    if not len(kept_l):
-        logger.warning("tokens: no target token has a finite loss; no token is highlighted")
-        return TierThresholds(math.nan, math.nan, math.nan, 0, 0)
-    q = np.quantile(kept_l.astype(np.float64), list(TIER_QUANTILES.values()))  # (3,)
-    return TierThresholds(float(q[0]), float(q[1]), float(q[2]), n_target, len(kept_l))
+        acc.update(batch.column(0), batch.column(1))
+    return acc.thresholds()
 
 
 def assign_tiers(df: pd.DataFrame, thresholds: TierThresholds) -> pd.Series:

@@ -206,6 +206,27 @@ def test_sampled_thresholds_are_within_the_documented_accuracy_and_repeatable(tm
     assert tk.tier_thresholds(d, sample_size=m) == th  # seeded: the same file gives the same thresholds
 
 
+def test_thresholds_stored_by_the_writer_are_read_from_the_footer_without_a_pass(tmp_path, monkeypatch):
+    d, _ = _planted_file(tmp_path / "c", 3000)
+    pf = pq.ParquetFile(d / tk.TOKENS_FILE)
+    acc = tk.TierAccumulator(1000)  # what a scan's writer does, shard by shard
+    for g in range(pf.metadata.num_row_groups):
+        t = pf.read_row_group(g, columns=["is_target", "loss"])
+        acc.update(t.column(0), t.column(1))
+    stored = acc.thresholds()
+    assert stored == tk.tier_thresholds(d, sample_size=1000)  # same tokens, same order: the same sample
+    table = pf.read()
+    with pq.ParquetWriter(tmp_path / "s.parquet", table.schema) as w:
+        w.write_table(table)
+        w.add_key_value_metadata({tk.TIERS_METADATA_KEY: json.dumps(stored.to_dict())})
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s.parquet").rename(tmp_path / "s" / tk.TOKENS_FILE)
+    reads = _Reads(monkeypatch)
+    assert tk.tier_thresholds(tmp_path / "s") == stored and reads.calls == []  # the footer only
+    exact = tk.tier_thresholds(tmp_path / "s", sample_size=5000)  # asking for a size recomputes
+    assert exact.exact and exact.n_target == 3000 and reads.calls
+
+
 def test_tiers_follow_the_thresholds_and_skip_non_targets(lm_scans):
     sc, rows = lm_scans["int"]
     th = sc.token_tiers()
