@@ -22,6 +22,7 @@ __all__ = [
     "SliceEmbedding",
     "Strategy",
     "TaskKind",
+    "TokenTier",
     "parse_choice",
 ]
 
@@ -119,6 +120,15 @@ class ReviewReason(str, Enum):
     CONFIDENT_ERROR = "confident-error"  # the model is confidently wrong: a label error or a real failure
     LABEL_ISSUE = "label-issue"  # is_label_issue (or, without it, most |cos| neighbours carry another label)
     NEAR_MISS = "near-miss"  # right, but barely: the boundary cases an expert can confirm
+
+
+class TokenTier(str, Enum):
+    """Uncertainty tier of a target token of a causal-LM scan, by its loss (see ``hardmine.tokens``)."""
+
+    NONE = "none"  # below the yellow threshold, a token outside the targets, or one without a loss
+    YELLOW = "yellow"  # loss >= the scan's q0.50 of target-token loss
+    ORANGE = "orange"  # loss >= q0.80
+    RED = "red"  # loss >= q0.95
 
 
 class ScanPhase(str, Enum):

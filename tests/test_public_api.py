@@ -21,7 +21,7 @@ def test_no_public_name_outside_all():
 
 def test_submodule_all_are_consistent():
     for mod in ("extract", "project", "params", "losses", "datasets", "enums", "engine", "scan", "score", "index",
-                "manifest", "sampler", "online", "loaders", "zoo", "factored", "attribution"):
+                "manifest", "sampler", "online", "loaders", "zoo", "factored", "attribution", "tokens"):
         m = importlib.import_module(f"hardmine.{mod}")
         for name in m.__all__:
             assert hasattr(m, name), f"hardmine.{mod}.{name}"

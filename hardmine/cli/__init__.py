@@ -16,6 +16,7 @@ from . import (
     cmd_scan,
     cmd_show,
     cmd_slices,
+    cmd_tokens,
 )
 
 app = typer.Typer(
@@ -57,6 +58,7 @@ app.command("drift")(cmd_drift.drift_command)
 app.command("review")(cmd_review.review_command)
 app.command("relabel")(cmd_relabel.relabel_command)
 app.command("report")(cmd_report.report_command)
+app.command("tokens")(cmd_tokens.tokens_command)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from ..losses import loss_name
 from ..manifest import export_manifest, finish_manifest, read_manifest, write_manifest
 from ..score import SCORE_TABLE, ScoreConfig, finalize_scores, population_pass, score_pass, unit_rows
 from ..slices import annotate_manifest
+from ..tokens import TierThresholds, read_sample_tokens, tier_thresholds
 from .ledger import ShardRecord
 from .shards import BLOCK_ROWS, Block, ShardSet
 from .store import MANIFEST_FILE, SCAN_FILE, SCAN_FORMAT_VERSION, ScanStore, read_json
@@ -265,6 +266,16 @@ class Scan:
         from ..report import report  # the report module imports this one
 
         return report(self, path, **kwargs)
+
+    def tokens(self, sample_id: Any) -> pd.DataFrame:
+        """One sample's per-token rows of a causal-LM scan (``tokens.parquet``: position, token, is_target, loss,
+        entropy, top1), read without loading the table (``hardmine.tokens.read_sample_tokens``). ValueError when
+        the scan is not a causal-LM scan or the id is not in it."""
+        return read_sample_tokens(self, sample_id)
+
+    def token_tiers(self) -> TierThresholds:
+        """The yellow / orange / red loss thresholds of this scan's target tokens (``hardmine.tokens``)."""
+        return tier_thresholds(self)
 
     def export(self, **kwargs: Any) -> pd.DataFrame:
         """``hardmine.export_manifest(self, **kwargs)``."""
