@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_worker
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,7 +19,6 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
-import dist_worker
 import hardmine
 from hardmine.cli import app
 from hardmine.loaders import open_data
