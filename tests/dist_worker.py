@@ -53,17 +53,34 @@ def rows() -> Dataset:
     return Rows()
 
 
+def population_data() -> tuple[np.ndarray, np.ndarray]:
+    """Gradient-like rows and labels whose population statistics the ranks sum (rows of very different norms)."""
+    g = np.random.default_rng(2)
+    z = (g.normal(size=(101, 5)) * g.lognormal(0, 2, size=(101, 1))).astype(np.float32)
+    return z, g.integers(0, N_CLASSES, 101)
+
+
 def api_worker(rank: int, world: int, init_file: str, out: str, held: str, results: str) -> None:
-    """One rank of a user's own gloo job calling ``hardmine.scan``: first into ``held`` (a directory another
-    job holds: every rank must get the error), then into ``out``."""
+    """One rank of a user's own gloo job: sums its rows' population statistics with the other ranks
+    (``Job.sum_population``), then calls ``hardmine.scan`` into ``held`` (a directory another job holds: every
+    rank must get the error), then into ``out``."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     import hardmine
+    from hardmine.scan.distributed import Job, row_range
+    from hardmine.score import population_pass
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        z, labels = population_data()
+        start, stop = row_range(len(z), rank, world)
+        job = Job(rank, world, dist.new_group(backend="gloo"), created=False)
+        pop = job.sum_population(population_pass([(0, z[start:stop])], z.shape[1], labels[start:stop], N_CLASSES))
+        job.close()
+        np.savez(Path(results, f"pop-{rank}.npz"), n=pop.n, unit_sum=pop.unit_sum, plain_sum=pop.plain_sum,
+                 class_count=pop.class_count, class_unit_sum=pop.class_unit_sum, class_plain_sum=pop.class_plain_sum)
         model = make_model()
         loader = DataLoader(Rows(), batch_size=32)
         try:

@@ -26,6 +26,7 @@ from hardmine.loaders.data import row_groups_for
 from hardmine.scan import Ledger, ShardRecord
 from hardmine.scan.distributed import merge_ledgers, row_range, shard_data
 from hardmine.scan.store import DirectoryLock
+from hardmine.score import population_pass
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -121,6 +122,12 @@ def test_dataloader_and_list_parts_put_together_are_the_data_in_order():
         assert [len(ids) for _, ids in got] == expect_rows
         assert sum((ids for _, ids in got), []) == list(range(50))  # positions in the whole data
         assert sum((lab for lab, _ in got), []) == y.tolist()
+    bare = [x[i : i + 8] for i in range(0, 50, 8)]  # unlabelled batches: bare inputs get (x, None, ids)
+    unlabelled = [shard_data(bare, r, 3, labelled=False) for r in range(3)]
+    parts = [list(p) for p in unlabelled]
+    assert all(b[1] is None for p in parts for b in p)
+    assert torch.cat([b[2] for p in parts for b in p]).tolist() == list(range(50))
+    torch.testing.assert_close(torch.cat([b[0] for p in parts for b in p]), x)
     loader_part = shard_data(loader, 1, 3, labelled=True)
     assert loader_part.total == 17 and len(loader_part.data.dataset) == 17  # only the part's rows are loaded
 
@@ -165,7 +172,7 @@ def _reference(tmp_path: Path) -> pd.DataFrame:
     return hardmine.scan(dist_worker.make_model(), loader, out=tmp_path / "single", dim=8, shard_rows=48).manifest()
 
 
-def test_api_under_a_users_process_group_matches_the_single_process_scan(tmp_path):
+def test_api_under_a_users_process_group_sums_the_population_and_matches_the_single_process_scan(tmp_path):
     held = tmp_path / "held"
     held.mkdir()
     lock = DirectoryLock(held)  # another job's scan, still running, holds this directory
@@ -182,6 +189,13 @@ def test_api_under_a_users_process_group_matches_the_single_process_scan(tmp_pat
         assert "being written by another scan" in res["held_error"]  # every rank of the second job is told
         assert res["n_samples"] == dist_worker.N_ROWS
         assert res["still_initialised"]  # the user's group is left as it was
+    z, labels = dist_worker.population_data()
+    whole = population_pass([(0, z)], z.shape[1], labels, dist_worker.N_CLASSES)
+    for r in range(2):  # the ranks' sums over their own rows == one pass over all rows, on every rank
+        pop = np.load(tmp_path / "results" / f"pop-{r}.npz")
+        assert int(pop["n"]) == whole.n and pop["class_count"].tolist() == whole.class_count.tolist()
+        for name in ("unit_sum", "plain_sum", "class_unit_sum", "class_plain_sum"):
+            np.testing.assert_allclose(pop[name], getattr(whole, name), rtol=1e-12, atol=1e-9)
     got = hardmine.Scan.open(tmp_path / "out")
     _assert_same_manifest(got.manifest(), _reference(tmp_path))
     assert sorted(p.name for p in (tmp_path / "out" / "ranks").iterdir()) == ["00000", "00001"]

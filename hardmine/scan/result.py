@@ -306,6 +306,8 @@ class Scan:
         pop = population if population is not None else population_pass(
             self.iter_gradients(), self.out_dim, labels, self.num_classes
         )
+        if pop.n != n:
+            raise RuntimeError(f"population statistics over {pop.n} samples for a scan of {n}; a bug in hardmine.")
         k = min(config.k, n - 1)
         if k < config.k:
             logger.warning("only %d samples: using k=%d neighbours instead of %d", n, k, config.k)
