@@ -200,6 +200,9 @@ def test_api_under_a_users_process_group_sums_the_population_and_matches_the_sin
     _assert_same_manifest(got.manifest(), _reference(tmp_path))
     assert sorted(p.name for p in (tmp_path / "out" / "ranks").iterdir()) == ["00000", "00001"]
     assert got.config["world_size"] == 2
+    with pytest.raises(ValueError, match="world_size: 2 -> None"):  # other ranks' rows: no resume, start again
+        hardmine.scan(dist_worker.make_model(), DataLoader(dist_worker.Rows(), batch_size=32), out=tmp_path / "out",
+                      dim=8, shard_rows=48)
 
 
 def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -219,7 +219,8 @@ def _scan_distributed(
                 raise
             t_extract = time.perf_counter() - t0
             merged = merge_ledgers([type(ledger).from_dict(d) for d in job.gather(ledger.to_dict())])
-            pop = job.sum_population(local_population(part, ledger, merged.task, merged.num_classes))
+            mine = job.step(lambda: local_population(part, ledger, merged.task, merged.num_classes), "summing statistics")
+            pop = job.sum_population(mine)
             extracted = sum(job.gather(extraction.extracted_now))
 
             def finish() -> None:
