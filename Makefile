@@ -51,6 +51,7 @@ bench: install
 	$(PY) scripts/bench_callbacks.py
 	$(PY) scripts/bench_scan.py
 	$(PY) scripts/bench_startup.py
+	$(PY) scripts/bench_distributed.py
 	$(PY) scripts/bench_conv_routes.py
 	$(PY) scripts/measure_index.py
 	$(PY) scripts/update_readme.py

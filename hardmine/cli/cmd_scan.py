@@ -103,11 +103,13 @@ def scan_command(
 
     from ..loaders import load_model, open_data
     from ..scan import scan as run_scan
+    from ..scan.distributed import rank_and_world, rank_device
 
     if os.getcwd() not in sys.path:  # --model / factory specs resolve like `python -m`
         sys.path.insert(0, os.getcwd())
     shape = parse_shape(input_shape)
-    dev = _device(device)
+    rank, _ = rank_and_world()  # under torchrun: every rank scans its part, rank 0 alone reports
+    dev = rank_device(_device(device))  # cuda -> cuda:LOCAL_RANK under torchrun
     t0 = time.perf_counter()
     loaded = load_model(checkpoint, model, state_key=state_key, unsafe_pickle=unsafe_pickle, num_labels=num_classes,
                         allow_new_head=allow_new_head)
@@ -119,7 +121,7 @@ def scan_command(
         classification=loss is not LossKind.MSE, num_classes=num_classes, labels=not no_labels,
         multilabel=loss is LossKind.BCE,
     )
-    bars = _RichProgress(quiet or as_json)
+    bars = _RichProgress(quiet or as_json or rank != 0)
     # What defines the data read: part of the scan's configuration, so a rerun with other values is refused.
     data_options = {
         "data": str(Path(data).resolve()) if Path(data).exists() else data, "data_format": src.format.value,
@@ -138,6 +140,8 @@ def scan_command(
             overwrite=overwrite, progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance,
             config_extra=data_options, labels=None if no_labels else True,
         )
+    if rank != 0:  # the other ranks of a distributed scan: rank 0 reports the scan they made together
+        return
     manifest = result.manifest()
     summary = {
         "out": str(out), "samples": int(len(manifest)), "seconds": round(time.perf_counter() - t0, 3),

@@ -27,22 +27,38 @@ from ..datasets import find_idx_pair, read_idx
 from ..enums import DataFormat  # defined in hardmine.enums; re-exported here for existing imports
 from .model import import_object
 
-__all__ = ["DataFormat", "BatchSource", "open_data", "detect_format", "label_names_of"]
+__all__ = ["DataFormat", "BatchSource", "open_data", "detect_format", "label_names_of", "row_groups_for"]
 
 Batch = tuple[Any, torch.Tensor, list[Any]]
 
 
 @dataclass
 class BatchSource:
-    """An iterable of ``(inputs, labels, sample_ids)`` batches plus what is known about it."""
+    """An iterable of ``(inputs, labels, sample_ids)`` batches plus what is known about it.
+
+    ``rows(start, stop)`` is the same source cut to the rows ``[start, stop)`` (a distributed scan's part):
+    only those rows are converted, and read where the format allows (Parquet: the row groups that overlap;
+    ``.npz``, IDX, HF datasets and factories: random access; CSV is parsed from the top but only the part's
+    rows are converted). Default sample ids stay the rows' positions in the whole source."""
 
     format: DataFormat
     total: int | None  # number of samples that will be yielded, when known up front
     _make_iter: Callable[[], Iterator[Batch]]
     description: dict[str, Any] = field(default_factory=dict)
+    _make_range: Callable[[int, int], Iterator[Batch]] | None = None
 
     def __iter__(self) -> Iterator[Batch]:
         return self._make_iter()
+
+    def rows(self, start: int, stop: int) -> BatchSource:
+        """The rows ``[start, stop)`` of this source as a source of their own (``0 <= start < stop <= total``)."""
+        if self._make_range is None or self.total is None:
+            raise ValueError(f"this {self.format.value} source cannot be read by row range.")
+        if not (0 <= start < stop <= self.total):
+            raise ValueError(f"row range [{start}, {stop}) is not inside the source's {self.total} rows.")
+        make = self._make_range
+        desc = {**self.description, "rows": [start, stop], "total_rows": self.total}
+        return BatchSource(self.format, stop - start, lambda: make(start, stop), desc)
 
     def __len__(self) -> int:
         if self.total is None:
@@ -316,7 +332,27 @@ def _parquet_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | 
             limit,
         )
 
-    return BatchSource(DataFormat.PARQUET, total, it, {"path": str(path), "columns": read})
+    def part(start: int, stop: int) -> Iterator[Batch]:
+        groups, first = row_groups_for(pf.metadata, start, stop)  # only the row groups that hold the part
+        tables = pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=read)
+        yield from (spec.convert(t, feats, off) for t, off in _window(tables, first, start, stop))
+
+    return BatchSource(DataFormat.PARQUET, total, it, {"path": str(path), "columns": read}, part)
+
+
+def row_groups_for(metadata: Any, start: int, stop: int) -> tuple[list[int], int]:
+    """The row groups of a Parquet file (its ``FileMetaData``) that overlap rows ``[start, stop)``, and the
+    first row of the first of them."""
+    groups: list[int] = []
+    first = pos = 0
+    for g in range(metadata.num_row_groups):
+        n = metadata.row_group(g).num_rows
+        if pos < stop and pos + n > start:
+            if not groups:
+                first = pos
+            groups.append(g)
+        pos += n
+    return groups, first
 
 
 def _csv_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None) -> BatchSource:
@@ -358,7 +394,13 @@ def _csv_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None
 
         yield from _capped((spec.convert(t, feats, off) for t, off in _offsets(batches())), limit)
 
-    return BatchSource(DataFormat.CSV, total, it, {"path": str(path), "columns": read})
+    def part(start: int, stop: int) -> Iterator[Batch]:
+        # A CSV stream cannot seek: earlier rows are parsed, but only the part's rows are converted.
+        blocks = (rb.select(read) for rb in reader())
+        for t, off in _window(_rebatch(blocks, batch_size, start), 0, start, stop):
+            yield spec.convert(t, feats, off)
+
+    return BatchSource(DataFormat.CSV, total, it, {"path": str(path), "columns": read}, part)
 
 
 def _hf_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None, split: str) -> BatchSource:
@@ -391,10 +433,56 @@ def _hf_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None,
 
         yield from _capped((spec.convert(t, feats, off) for t, off in _offsets(batches())), limit)
 
+    def part(start: int, stop: int) -> Iterator[Batch]:
+        for lo in range(start, stop, batch_size):
+            yield spec.convert(table[lo : min(stop, lo + batch_size)], feats, lo)
+
     desc = {"path": str(path), "columns": read, "split": split}
     if class_label_names:
         desc["class_names"] = class_label_names
-    return BatchSource(DataFormat.HF, total, it, desc)
+    return BatchSource(DataFormat.HF, total, it, desc, part)
+
+
+def _window(tables: Iterator[Any], first: int, start: int, stop: int) -> Iterator[tuple[Any, int]]:
+    """``(table, first row)`` for the rows ``[start, stop)`` of a stream of Arrow tables / record batches that
+    begins at row ``first``; tables outside the window are skipped unconverted, the edge ones sliced."""
+    pos = first
+    for t in tables:
+        n = t.num_rows
+        lo, hi = max(start - pos, 0), min(stop - pos, n)
+        if hi > lo:
+            yield (t if lo == 0 and hi == n else t.slice(lo, hi - lo)), pos + lo
+        pos += n
+        if pos >= stop:
+            return
+
+
+def _rebatch(blocks: Iterator[Any], batch_size: int, start: int) -> Iterator[Any]:
+    """Arrow record batches of any size as tables of ``batch_size`` rows counted from row ``start`` (the rows
+    before ``start`` come as tables of their own, so a part's batches are full ones)."""
+    import pyarrow as pa
+
+    pending: list[Any] = []
+    count, pos = 0, 0
+    for rb in blocks:
+        if pos + rb.num_rows <= start:  # wholly before the part: passed on as is (and skipped by _window)
+            pos += rb.num_rows
+            yield rb
+            continue
+        if pos < start:
+            head = start - pos
+            yield rb.slice(0, head)
+            rb, pos = rb.slice(head), start
+        pending.append(rb)
+        count += rb.num_rows
+        pos += rb.num_rows
+        while count >= batch_size:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, batch_size)
+            rest = table.slice(batch_size)
+            pending, count = rest.to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending)
 
 
 def _offsets(tables: Iterator[Any]) -> Iterator[tuple[Any, int]]:
@@ -462,14 +550,14 @@ def _npz_source(path: Path, batch_size: int, limit: int | None, shape: tuple[int
     total = len(y) if limit is None else min(limit, len(y))
     per_sample_shape = shape or tuple(x.shape[1:])
 
-    def it() -> Iterator[Batch]:
-        for lo in range(0, total, batch_size):
-            hi = min(total, lo + batch_size)
+    def part(start: int, stop: int) -> Iterator[Batch]:
+        for lo in range(start, stop, batch_size):
+            hi = min(stop, lo + batch_size)
             ids = ids_arr[lo:hi].tolist() if ids_arr is not None else list(range(lo, hi))
             yield (_features_tensor(np.asarray(x[lo:hi]), ids, per_sample_shape, "X"),
                    _labels_tensor(np.asarray(y[lo:hi]), ids, classification, num_classes, multilabel=multilabel), ids)
 
-    return BatchSource(DataFormat.NPZ, total, it, {"path": str(path)})
+    return BatchSource(DataFormat.NPZ, total, lambda: part(0, total), {"path": str(path)}, part)
 
 
 def _idx_source(path: Path, split: str, batch_size: int, limit: int | None, shape: tuple[int, ...] | None,
@@ -488,15 +576,15 @@ def _idx_source(path: Path, split: str, batch_size: int, limit: int | None, shap
     # Pixels are scaled to [0, 1]; the default shape is (1, H, W), as image models expect.
     per_sample_shape = shape or (1, *images.shape[1:])
 
-    def it() -> Iterator[Batch]:
-        for lo in range(0, total, batch_size):
-            hi = min(total, lo + batch_size)
+    def part(start: int, stop: int) -> Iterator[Batch]:
+        for lo in range(start, stop, batch_size):
+            hi = min(stop, lo + batch_size)
             ids = list(range(lo, hi))
             x = images[lo:hi].astype(np.float32) / 255.0  # (B, H, W)
             yield (_features_tensor(x, ids, per_sample_shape, "images"),
                    _labels_tensor(labels[lo:hi].astype(np.int64), ids, True, num_classes), ids)
 
-    return BatchSource(DataFormat.IDX, total, it, {"path": str(img_path), "split": split})
+    return BatchSource(DataFormat.IDX, total, lambda: part(0, total), {"path": str(img_path), "split": split}, part)
 
 
 def _factory_source(spec: str, batch_size: int, limit: int | None, num_workers: int,
@@ -512,9 +600,10 @@ def _factory_source(spec: str, batch_size: int, limit: int | None, num_workers: 
     if total < n:
         ds = Subset(ds, range(total))
 
-    def it() -> Iterator[Batch]:
-        off = 0
-        for item in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    def part(start: int, stop: int) -> Iterator[Batch]:
+        off = start
+        rows = ds if (start, stop) == (0, total) else Subset(ds, range(start, stop))  # only the part is loaded
+        for item in DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=num_workers):
             if isinstance(item, dict):
                 key = next((k for k in ("labels", "label", "y", "target") if k in item), None)
                 if key is None:
@@ -533,7 +622,7 @@ def _factory_source(spec: str, batch_size: int, limit: int | None, num_workers: 
                 inputs = _features_tensor(inputs.numpy(), ids, None, "inputs") if inputs.is_floating_point() else inputs
             yield inputs, labels, ids
 
-    return BatchSource(DataFormat.FACTORY, total, it, {"factory": spec})
+    return BatchSource(DataFormat.FACTORY, total, lambda: part(0, total), {"factory": spec}, part)
 
 
 # ------------------------------------------------------------------------------------------------ entry

@@ -17,6 +17,7 @@ Output directory::
       shards/stats-00000.parquet  per-sample sample_id, label, loss, grad_norm and output statistics
       index.faiss               FAISS index of the unit gradients (+ index.ivfdata for IVF)
       manifest.parquet          the ranked manifest (hardmine.manifest)
+      ranks/00001/...           a distributed scan's per-rank progress.json and shards/ (hardmine.scan.distributed)
 
 Gradients are stored as float32, not float16: per-sample gradients span many orders of magnitude (float16
 underflows below 6e-8 and overflows above 65504, and its 11-bit mantissa would blur the cosines the scores
@@ -31,7 +32,8 @@ that they are the same data) and continues from the first unrecorded one, so an 
 
 Modules: ``driver`` (``scan``, ``ScanProgress``), ``extraction`` (the batch pass), ``store`` (the directory:
 prepare, resume, atomic writes), ``ledger`` (``progress.json`` as a dataclass), ``shards`` (``ShardSet.blocks``
-to read gradients back, ``ShardWriter`` to write them) and ``result`` (``Scan``, ``Neighbors``).
+to read gradients back, ``ShardWriter`` to write them), ``result`` (``Scan``, ``Neighbors``) and ``distributed``
+(several processes under torchrun: which rows each rank scans, what the ranks exchange).
 
 ``hardmine.scan`` the attribute is the ``scan`` function (``hardmine/__init__`` imports it over the
 package); ``import hardmine.scan`` and ``from hardmine.scan import ...`` reach this package.

@@ -25,7 +25,8 @@ from ..checks import as_bool, as_module, non_negative_int, positive_int
 from ..engine import GradientExtractor
 from ..enums import Engine, IndexKind, ProjectionKind, Randomness, ScanPhase, parse_choice
 from ..losses import class_logits, loss_name
-from ..score import ScoreConfig
+from ..score import PopulationStats, ScoreConfig
+from .distributed import Job, check_unique_ids, local_population, merge_ledgers
 from .extraction import ExtractionPass
 from .result import Scan
 from .store import SCAN_FORMAT_VERSION, ScanStore, jsonable
@@ -74,6 +75,7 @@ def scan(
     provenance: Mapping[str, Any] | None = None,
     config_extra: Mapping[str, Any] | None = None,
     labels: bool | None = True,
+    distributed: bool | None = None,
 ) -> Scan:
     """Scan ``data`` with ``model`` and write gradients, index, scores and ``manifest.parquet`` to ``out``.
 
@@ -106,6 +108,11 @@ def scan(
         config_extra: extra JSON-able settings that define the scan (the CLI passes its data options: file,
             format, split, limit, columns, input shape); recorded in the config, so a rerun into the same
             ``out`` with different values is refused like any other configuration change.
+        distributed: ``None`` (default): scan distributed when ``torch.distributed`` is initialised with more
+            than one process or torchrun's environment says so — then every rank must call ``scan`` with the
+            same arguments and the whole ``data`` (``hardmine.scan.distributed`` says how it is split);
+            ``False``: a single-process scan even inside a distributed job (e.g. on rank 0 only);
+            ``True``: require a distributed job.
     """
     as_module(model)
     _check_data(data, labelled=labels is True)
@@ -133,6 +140,10 @@ def scan(
     unlabelled = labels is None or labels is False
     if not unlabelled and labels is not True:
         raise ValueError(f"labels={labels!r} must be True (the data has labels) or None (unlabelled data).")
+    job = _join(distributed, model, keep_gradients_in_memory)  # None: a single-process scan
+    if job is not None:  # this rank's part of the data, before predicting targets: skipped batches cost nothing
+        data = job.shard_or_close(data, labelled=not unlabelled)
+        total = data.total
     if unlabelled:
         data = _PredictedTargets(model, data)
     if total is None and isinstance(data, DataLoader):
@@ -159,9 +170,14 @@ def scan(
         config["targets"] = "predictions"
     for key, value in jsonable(dict(config_extra or {})).items():
         config[f"extra.{key}"] = value  # flat keys, so a refused rerun names exactly what changed
+    source = jsonable(dict(provenance)) if provenance is not None else None
+    if job is not None:  # only then: single-process configurations (and their resume checks) are unchanged
+        config["world_size"] = job.world  # each rank's rows depend on it: another world size cannot resume
+        return _scan_distributed(job, data, Path(out), config, source, progress, extractor, loss_fn=loss_fn,
+                                 num_classes=num_classes, shard_rows=shard_rows, total=total, resume=resume,
+                                 overwrite=overwrite, score_config=score_config, index_kind=index_kind)
     created = not Path(out).exists()  # a directory this run creates is removed again if it fails at once
     store = ScanStore.prepare(Path(out), config, resume=resume, overwrite=overwrite)
-    source = jsonable(dict(provenance)) if provenance is not None else None
     driver = _Driver(store, config, source, progress, created=created, loss_label=loss_name(loss_fn, None))
     extraction = ExtractionPass(
         store, driver.ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows,
@@ -171,6 +187,95 @@ def scan(
         return driver.run(extraction, data, score_config, index_kind)
     finally:
         store.lock.release()
+
+
+def _scan_distributed(
+    job: Job, data: Iterable[Any], out: Path, config: dict[str, Any], source: dict[str, Any] | None,
+    progress: ProgressFn | None, extractor: GradientExtractor, *, loss_fn: Any, num_classes: int | None,
+    shard_rows: int, total: int | None, resume: bool, overwrite: bool, score_config: ScoreConfig,
+    index_kind: IndexKind,
+) -> Scan:
+    """One rank of a distributed scan (the steps are in ``hardmine.scan.distributed``'s docstring): every
+    collective goes through ``job``; rank 0 holds the directory and finishes the scan with ``_Driver``."""
+    try:
+        created = job.rank == 0 and not out.exists()
+        store = job.prepare(out, config, resume=resume, overwrite=overwrite)
+        driver = _Driver(store, config, source, progress, created=created, loss_label=loss_name(loss_fn, None)) if job.rank == 0 else None
+        try:
+            reuse = job.broadcast(driver.reusable(score_config, index_kind) if driver is not None else None)
+            job.step(driver.start if driver is not None else lambda: None, "starting the scan")
+            job.step(lambda: None if store.scan_file.is_file() else _not_shared(out, job.rank), "opening the scan directory")
+            t0 = time.perf_counter()
+            part = job.part_store(out)
+            ledger = part.read_ledger()
+            extraction = ExtractionPass(
+                part, ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows, keep=False,
+                report=lambda done: progress(ScanProgress(ScanPhase.EXTRACT, done, total)) if progress else None,
+            )
+            try:
+                job.step(lambda: extraction.run(data), "extracting")
+            except BaseException:
+                _after_distributed_failure(job, store, ledger, created)
+                raise
+            t_extract = time.perf_counter() - t0
+            merged = merge_ledgers([type(ledger).from_dict(d) for d in job.gather(ledger.to_dict())])
+            mine = job.step(lambda: local_population(part, ledger, merged.task, merged.num_classes), "summing statistics")
+            pop = job.sum_population(mine)
+            extracted = sum(job.gather(extraction.extracted_now))
+
+            def finish() -> None:
+                if driver is None:
+                    return
+                if reuse:
+                    logger.info("%s: complete scan with the same configuration found; reusing it", out)
+                    return
+                check_unique_ids(out, merged)
+                store.write_ledger(merged)
+                driver.ledger = merged
+                driver.finish(None, t0, t_extract, extracted, score_config, index_kind, population=pop)
+
+            job.step(finish, "building the index and scores on rank 0")
+            return Scan.open(out)
+        finally:
+            if driver is not None:
+                store.lock.release()
+    finally:
+        job.close()
+
+
+def _not_shared(out: Path, rank: int) -> None:
+    raise ValueError(
+        f"rank {rank} does not see the scan directory {str(out)!r} that rank 0 prepared: a multi-node scan needs --out "
+        "on a file system every node shares."
+    )
+
+
+def _after_distributed_failure(job: Job, store: ScanStore, ledger: Any, created: bool) -> None:
+    """A distributed run that failed before any rank completed a shard leaves nothing behind (as a single-process
+    run does), so the corrected command is not refused as "a different configuration"."""
+    try:
+        shards = sum(job.gather(len(ledger.shards)))
+    except BaseException:  # noqa: BLE001 - a rank is gone: keep everything for the rerun
+        return
+    if job.rank == 0 and shards == 0:
+        store.clear()
+        store.lock.release(remove=True)
+        if created and store.path.is_dir() and not any(store.path.iterdir()):
+            store.path.rmdir()
+
+
+def _join(distributed: bool | None, model: nn.Module, keep: bool) -> Job | None:
+    if distributed is not None:
+        as_bool(distributed, "distributed")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    job = None if distributed is False else Job.join(device, required=distributed is True)
+    if job is not None and keep:
+        job.close()
+        raise ValueError(
+            "keep_gradients_in_memory=True in a distributed scan: no rank holds all gradients; read them with "
+            "Scan.iter_gradients() after the scan."
+        )
+    return job
 
 
 # Below this width a projection is cheap whatever the model (16 KiB per sample); above it, a projection wider
@@ -309,18 +414,25 @@ class _Driver:
             self.info["loss_name"] = self.loss_label
         self.store.write_info(self.info)
 
+    def reusable(self, score_config: ScoreConfig, index_kind: IndexKind) -> bool:
+        """Whether the directory holds a complete scan scored the same way (only the data is checked again)."""
+        scoring = {"score_config": score_config.to_dict(), "index_requested": index_kind.value}
+        return bool(
+            self.ledger.complete and self.info.get("status") == "complete"
+            and jsonable(self.info.get("scoring")) == jsonable(scoring) and self.store.manifest_path.is_file()
+        )
+
+    def start(self) -> None:
+        if not self.info:
+            self._write_info(status="extracting", started=utc_now())
+
     def run(
         self, extraction: ExtractionPass, data: Iterable[Any], score_config: ScoreConfig, index_kind: IndexKind
     ) -> Scan:
         t0 = time.perf_counter()
         path = self.store.path
-        scoring = {"score_config": score_config.to_dict(), "index_requested": index_kind.value}
-        reuse = (
-            self.ledger.complete and self.info.get("status") == "complete"
-            and jsonable(self.info.get("scoring")) == jsonable(scoring) and self.store.manifest_path.is_file()
-        )
-        if not self.info:
-            self._write_info(status="extracting", started=utc_now())
+        reuse = self.reusable(score_config, index_kind)
+        self.start()
         try:
             gradients = extraction.run(data)  # on a complete scan: only checks the data is the same
         except BaseException as exc:
@@ -330,6 +442,17 @@ class _Driver:
         if reuse:
             logger.info("%s: complete scan with the same configuration found; reusing it", path)
             return Scan.open(path, gradients=gradients)
+        return self.finish(gradients, t0, t_extract, extraction.extracted_now, score_config, index_kind)
+
+    def finish(
+        self, gradients: np.ndarray | None, t0: float, t_extract: float, extracted: int, score_config: ScoreConfig,
+        index_kind: IndexKind, population: PopulationStats | None = None,
+    ) -> Scan:
+        """After the extraction (``self.ledger`` complete): index, scores and manifest, each phase recorded.
+        ``population``: the population statistics when already known (summed over the ranks of a distributed
+        scan), else computed from the shards."""
+        path = self.store.path
+        scoring = {"score_config": score_config.to_dict(), "index_requested": index_kind.value}
         self._write_info(status="extracted", **self.ledger.summary())
         n = int(self.ledger.n_samples or 0)
         result = Scan(path, self.info, gradients)  # shares self.info: the index it builds is recorded there
@@ -339,10 +462,9 @@ class _Driver:
         t_index = time.perf_counter() - t1
         self._write_info(status="scoring", **self.ledger.summary())
         t2 = time.perf_counter()
-        result.write_scores(score_config, progress=lambda done: self.report(ScanPhase.SCORE, done, n))
+        result.write_scores(score_config, progress=lambda done: self.report(ScanPhase.SCORE, done, n), population=population)
         t_score = time.perf_counter() - t2
         timings = dict(self.info.get("timings", {}))
-        extracted = extraction.extracted_now
         timings.update(
             extract_s=round(t_extract, 3), index_s=round(t_index, 3), score_s=round(t_score, 3),
             total_s=round(time.perf_counter() - t0, 3),

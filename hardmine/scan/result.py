@@ -23,7 +23,15 @@ from ..enums import IndexKind, TaskKind, parse_choice
 from ..index import IndexInfo, build_index, knn_block, open_index, search
 from ..losses import loss_name
 from ..manifest import export_manifest, finish_manifest, read_manifest, write_manifest
-from ..score import SCORE_TABLE, ScoreConfig, finalize_scores, population_pass, score_pass, unit_rows
+from ..score import (
+    SCORE_TABLE,
+    PopulationStats,
+    ScoreConfig,
+    finalize_scores,
+    population_pass,
+    score_pass,
+    unit_rows,
+)
 from ..slices import annotate_manifest
 from ..tokens import TierThresholds, read_sample_tokens, tier_thresholds
 from .ledger import ShardRecord
@@ -292,16 +300,25 @@ class Scan:
         self.info["index"] = info.to_dict()
         return info
 
-    def write_scores(self, config: ScoreConfig, progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    def write_scores(
+        self, config: ScoreConfig, progress: Callable[[int], None] | None = None,
+        population: PopulationStats | None = None,
+    ) -> pd.DataFrame:
         """Score every sample from the stored gradients, statistics and index, and write ``manifest.parquet``
-        (atomically); returns the manifest frame. ``progress(done)`` is called per scored block."""
+        (atomically); returns the manifest frame. ``progress(done)`` is called per scored block.
+        ``population``: the pass-1 statistics when already known (a distributed scan sums the ranks'),
+        else computed here from the shards."""
         n = self.n_samples
         task = self.task
         if progress is not None:
             progress(0)  # loading the per-sample statistics and pass 1 come before the first scored block
         stats = self.stats()
         labels = stats["label"].to_numpy(dtype=np.int64) if task is TaskKind.CLASSIFICATION else None
-        pop = population_pass(self.iter_gradients(), self.out_dim, labels, self.num_classes)
+        pop = population if population is not None else population_pass(
+            self.iter_gradients(), self.out_dim, labels, self.num_classes
+        )
+        if pop.n != n:
+            raise RuntimeError(f"population statistics over {pop.n} samples for a scan of {n}; a bug in hardmine.")
         k = min(config.k, n - 1)
         if k < config.k:
             logger.warning("only %d samples: using k=%d neighbours instead of %d", n, k, config.k)

@@ -34,6 +34,7 @@ __all__ = [
     "LOCK_FILE",
     "MANIFEST_FILE",
     "PROGRESS_FILE",
+    "RANKS_DIR",
     "SCAN_FILE",
     "SCAN_FORMAT_VERSION",
     "SHARDS_DIR",
@@ -48,9 +49,10 @@ SCAN_FILE = "scan.json"
 PROGRESS_FILE = "progress.json"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.parquet"
+RANKS_DIR = "ranks"  # a distributed scan's per-rank parts, ranks/NNNNN/ (hardmine.scan.distributed)
 LOCK_FILE = ".lock"  # held (flock) by the one job writing the directory; its text says who
 SCAN_FORMAT_VERSION = 1
-OWNED = (SCAN_FILE, PROGRESS_FILE, SHARDS_DIR, *INDEX_FILES, MANIFEST_FILE)  # what overwrite=True removes
+OWNED = (SCAN_FILE, PROGRESS_FILE, SHARDS_DIR, RANKS_DIR, *INDEX_FILES, MANIFEST_FILE)  # what overwrite=True removes
 
 
 def jsonable(v: Any) -> Any:
