@@ -23,12 +23,14 @@ from .._version import __version__
 from ..batches import call_model, model_output_tensor, split_unlabelled, to_device
 from ..checks import as_bool, as_module, non_negative_int, positive_int
 from ..engine import GradientExtractor
-from ..enums import Engine, IndexKind, ProjectionKind, Randomness, ScanPhase, parse_choice
+from ..enums import Engine, IndexKind, ProjectionKind, Randomness, ScanPhase, TaskKind, TokenReduction, parse_choice
+from ..lm import TokenTable
 from ..losses import class_logits, loss_name
 from ..score import ScoreConfig
 from .extraction import ExtractionPass
 from .result import Scan
 from .store import SCAN_FORMAT_VERSION, ScanStore, jsonable
+from .task import resolve_task
 
 __all__ = ["DEFAULT_SHARD_ROWS", "ProgressFn", "ScanProgress", "scan"]
 
@@ -74,6 +76,9 @@ def scan(
     provenance: Mapping[str, Any] | None = None,
     config_extra: Mapping[str, Any] | None = None,
     labels: bool | None = True,
+    task: TaskKind | str = TaskKind.AUTO,
+    token_reduction: TokenReduction | str = TokenReduction.MEAN,
+    tokenizer: Any = None,
 ) -> Scan:
     """Scan ``data`` with ``model`` and write gradients, index, scores and ``manifest.parquet`` to ``out``.
 
@@ -103,6 +108,17 @@ def scan(
             batch; classification only. The manifest then has null ``label``, ``correct``,
             ``confident_error``, ``near_miss``, ``neighbor_disagreement`` and label-issue columns, no slices,
             per-class signals by *predicted* class, and the ``proportional`` default export.
+        task: ``"auto"`` (default), ``"classification"``, ``"regression"``, ``"multilabel"`` or ``"causal-lm"``
+            (``hardmine.scan.task``: auto recognises a causal LM by its class / HF config or by ``(B, T, V)``
+            logits for ``(B, T)`` integer labels; otherwise the task follows the loss and targets).
+            A causal-LM batch is a mapping with ``input_ids``, ``attention_mask`` and ``labels`` (same shape as
+            ``input_ids``, ``-100`` = not a target; the shift happens inside the loss, as in Hugging Face
+            models); the per-sample loss is the mean NLL over the sample's target tokens, and the scan also
+            writes ``tokens.parquet`` (``hardmine.lm``). ``hardmine.loaders.open_text`` builds such batches.
+        token_reduction: causal LM only: ``"mean"`` (default) or ``"sum"`` of the target tokens' NLL as the
+            per-sample loss whose gradient is scanned.
+        tokenizer: causal LM only: decodes the ``token`` column of ``tokens.parquet`` (default: the data's
+            ``tokenizer`` attribute, as ``open_text`` sets it; without one the column is null).
         config_extra: extra JSON-able settings that define the scan (the CLI passes its data options: file,
             format, split, limit, columns, input shape); recorded in the config, so a rerun into the same
             ``out`` with different values is refused like any other configuration change.
@@ -125,6 +141,9 @@ def scan(
     if not isinstance(score_config, ScoreConfig):
         raise ValueError(f"score_config must be a hardmine.ScoreConfig, got {type(score_config).__name__}.")
     index_kind = parse_choice(IndexKind, index, "index")
+    kind, loss_fn, data = resolve_task(
+        model, data, task, loss_fn, token_reduction, labelled=labels is True
+    )
     extractor = GradientExtractor(
         model, layers=layers, dim=dim, seed=seed, engine=engine, loss_fn=loss_fn, projection=projection,
         chunk_size=chunk_size, randomness=randomness,
@@ -163,10 +182,13 @@ def scan(
     store = ScanStore.prepare(Path(out), config, resume=resume, overwrite=overwrite)
     source = jsonable(dict(provenance)) if provenance is not None else None
     driver = _Driver(store, config, source, progress, created=created, loss_label=loss_name(loss_fn, None))
+    tokens = TokenTable(tokenizer if tokenizer is not None else getattr(data, "tokenizer", None))
     extraction = ExtractionPass(
         store, driver.ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows,
         keep=keep_gradients_in_memory, report=lambda done: driver.report(ScanPhase.EXTRACT, done, total),
+        tokens=tokens if kind in (None, TaskKind.CAUSAL_LM) else None,
     )
+    driver.data_report = getattr(data, "report", None)  # e.g. open_text's truncation count, kept in scan.json
     try:
         return driver.run(extraction, data, score_config, index_kind)
     finally:
@@ -278,6 +300,7 @@ class _Driver:
         self.progress = progress
         self.ledger = store.read_ledger()
         self.info: dict[str, Any] = store.read_info()
+        self.data_report: Callable[[], Any] | None = None  # what the data says about itself once read
 
     def _after_failure(self, exc: BaseException) -> None:
         """A run that failed before its first complete shard leaves nothing behind, so the corrected command
@@ -330,6 +353,8 @@ class _Driver:
         if reuse:
             logger.info("%s: complete scan with the same configuration found; reusing it", path)
             return Scan.open(path, gradients=gradients)
+        if callable(self.data_report):
+            self.info["data"] = jsonable(self.data_report())
         self._write_info(status="extracted", **self.ledger.summary())
         n = int(self.ledger.n_samples or 0)
         result = Scan(path, self.info, gradients)  # shares self.info: the index it builds is recorded there

@@ -7,11 +7,12 @@ they are the same data; extraction continues from the first unrecorded batch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -19,6 +20,7 @@ from .._io import DatasetHasher
 from ..batches import check_labels, infer_task, input_leaves, sample_ids, split_batch_ids, to_device
 from ..engine import GradientExtractor, ProjectedBatch
 from ..enums import TaskKind
+from ..lm import TokenTable, lm_sample_stats, token_schema, token_stats
 from ..losses import class_logits, resolve_loss
 from ..score import classification_stats, multilabel_stats, regression_stats
 from .ledger import Ledger
@@ -48,6 +50,7 @@ class ExtractionPass:
         shard_rows: int,
         keep: bool,
         report: Callable[[int], None],
+        tokens: TokenTable | None = None,
     ) -> None:
         self.store = store
         self.ledger = ledger
@@ -57,6 +60,7 @@ class ExtractionPass:
         self.shard_rows = shard_rows
         self.keep = keep
         self.report = report
+        self.tokens = tokens if tokens is not None else TokenTable()  # causal-LM scans: tokens.parquet rows
         self.device = next(iter(extractor.model.parameters())).device
         self.extracted_now = 0
 
@@ -120,7 +124,8 @@ class ExtractionPass:
             # The plan in use (auto may move a module to vmap after probing the first batch).
             self.ledger.extractor = self.extractor.metadata()
             z = pb.z.detach().to("cpu", torch.float32).numpy()  # (B, out_dim)
-            writer.add(z, self._batch_stats(id_arr, target, pb, where), digest)
+            stats, token_rows = self._batch_stats(id_arr, target, pb, where, inputs)
+            writer.add(z, stats, digest, token_rows)
             if self.keep:
                 kept.append(z)
             rows += b
@@ -150,6 +155,8 @@ class ExtractionPass:
             n_samples=rows, n_batches=n_batches, dataset_fingerprint=fingerprint, out_dim=self.extractor.out_dim
         )
         self.store.write_ledger(self.ledger)
+        if self.ledger.task == TaskKind.CAUSAL_LM.value and not self.store.tokens_path.is_file():
+            self.store.write_tokens(len(self.ledger.shards), token_schema(self.ledger.id_kind or "int"))
         return np.concatenate(kept) if self.keep else None
 
     # ------------------------------------------------------------------------------------------- checks
@@ -170,12 +177,27 @@ class ExtractionPass:
                 "column and rerun with overwrite=True."
             )
 
-    def _batch_stats(self, ids: np.ndarray, target: torch.Tensor, pb: ProjectedBatch, where: str) -> dict[str, Any]:
+    def _batch_stats(
+        self, ids: np.ndarray, target: torch.Tensor, pb: ProjectedBatch, where: str, inputs: Any
+    ) -> tuple[dict[str, Any], pa.Table | None]:
         """The per-sample columns of the stats shard for one batch (checking the task and classes against
-        earlier batches)."""
-        output = pb.output.detach().to("cpu")
-        task = infer_task(resolve_loss(self.loss_fn, target)[1], target, output)
+        earlier batches), and for a causal LM the batch's rows of the token table."""
+        task = infer_task(resolve_loss(self.loss_fn, target)[1], target, pb.output)
         self.ledger.record_task(task, where)
+        common = {
+            "sample_id": ids,
+            "loss": pb.loss.detach().to("cpu", torch.float64).numpy(),
+            "grad_norm": pb.grad_norm.detach().to("cpu", torch.float64).numpy(),
+        }
+        if task is TaskKind.CAUSAL_LM:
+            if not isinstance(inputs, Mapping):
+                raise ValueError(
+                    f"{where}: a causal-LM batch needs its inputs as a mapping with 'input_ids' (and "
+                    f"'attention_mask'), got {type(inputs).__name__}."
+                )
+            ts = token_stats(pb.output, inputs, target)  # on the logits' device; (B, T) arrays back
+            return {**common, **lm_sample_stats(ts)}, self.tokens.rows(ids, ts)
+        output = pb.output.detach().to("cpu")
         b = len(ids)
         tgt = target.detach().to("cpu")
         if task is TaskKind.CLASSIFICATION:
@@ -194,10 +216,4 @@ class ExtractionPass:
             flat = tgt.reshape(b, -1).to(torch.float64).numpy()  # (B, outputs)
             label = flat[:, 0].copy() if flat.shape[1] == 1 else np.full(b, np.nan)
             stats = regression_stats(output.numpy())
-        return {
-            "sample_id": ids,
-            "label": label,
-            "loss": pb.loss.detach().to("cpu", torch.float64).numpy(),
-            "grad_norm": pb.grad_norm.detach().to("cpu", torch.float64).numpy(),
-            **stats,
-        }
+        return {"sample_id": ids, "label": label, "loss": common["loss"], "grad_norm": common["grad_norm"], **stats}, None
