@@ -34,13 +34,20 @@ import torch.nn.functional as F
 
 from .losses import IGNORE_INDEX
 
-__all__ = ["LM_SAMPLE_COLUMNS", "TOKEN_COLUMNS", "TokenStats", "TokenTable", "lm_sample_stats", "token_schema",
+__all__ = ["LM_ARCHITECTURE_SUFFIXES", "LM_SAMPLE_COLUMNS", "TOKEN_COLUMNS", "is_causal_lm_architecture", "TokenStats", "TokenTable", "lm_sample_stats", "token_schema",
            "token_stats"]
 
 logger = logging.getLogger(__name__)
 
+# Hugging Face class names of causal LMs (GPT2LMHeadModel, LlamaForCausalLM, PeftModelForCausalLM, ...).
+LM_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 LM_SAMPLE_COLUMNS = ("perplexity", "n_target_tokens", "token_entropy_mean", "top1_miss_rate", "max_token_loss")
 TOKEN_COLUMNS = ("sample_id", "position", "token_id", "token", "is_target", "loss", "entropy", "top1")
+
+
+def is_causal_lm_architecture(name: Any) -> bool:
+    """Whether a Hugging Face architecture / class name is a causal LM's (``*ForCausalLM``, ``*LMHeadModel``)."""
+    return isinstance(name, str) and name.endswith(LM_ARCHITECTURE_SUFFIXES)
 
 
 @dataclass

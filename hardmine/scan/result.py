@@ -303,7 +303,9 @@ class Scan:
         if self.config.get("targets") == "predictions":
             _drop_label_columns(df)  # before slicing: no true labels, no slices or label issues
         if task is TaskKind.CAUSAL_LM:
-            df.drop(columns=[c for c in CLASS_ONLY if c in df], inplace=True)  # no classes: the columns do not exist
+            for c in CLASS_ONLY:  # no classes: the columns do not exist (del: no copy of the frame)
+                if c in df:
+                    del df[c]
             slices_meta = None
         else:
             slices_meta = annotate_manifest(

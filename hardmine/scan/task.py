@@ -26,12 +26,12 @@ from torch import nn
 
 from ..batches import call_model, model_output_tensor, split_batch_ids, to_device
 from ..enums import LossKind, TaskKind, TokenReduction, parse_choice
+from ..lm import is_causal_lm_architecture
 
 __all__ = ["looks_causal_lm", "resolve_task"]
 
 logger = logging.getLogger(__name__)
 
-_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _LOSS_OF_TASK = {
     TaskKind.CLASSIFICATION: LossKind.CROSS_ENTROPY,
     TaskKind.REGRESSION: LossKind.MSE,
@@ -43,12 +43,12 @@ def looks_causal_lm(model: nn.Module) -> bool | None:
     """``True``/``False`` when the model's class (or, for a class that names no head, its Hugging Face config's
     ``architectures``) says whether it is a causal LM; ``None`` when nothing says."""
     name = type(model).__name__
-    if name.endswith(_LM_SUFFIXES):
+    if is_causal_lm_architecture(name):
         return True
     if re.search(r"\wFor[A-Z]", name):  # e.g. GPT2ForSequenceClassification, PeftModelForTokenClassification
         return False
     archs = getattr(getattr(model, "config", None), "architectures", None) or []
-    if any(isinstance(a, str) and a.endswith(_LM_SUFFIXES) for a in archs):
+    if any(is_causal_lm_architecture(a) for a in archs):
         return True
     return False if archs else None
 
