@@ -637,7 +637,7 @@ def finalize_scores(
     cols = {name: df[name].array for name in weights if name in df}
     for name in weights:
         if name not in df:
-            raise ValueError(f"hardness weight for {name!r}, but the {task.value} scan has no such column.")
+            raise ValueError(f"hardness weight for {name!r}, but the scan has no such column.")
     hardness, used = composite_hardness(cols, weights)
     if not used:
         raise ValueError(
