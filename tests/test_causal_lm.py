@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -246,6 +247,10 @@ def test_lm_scan_writes_the_lm_manifest_and_the_token_table(tmp_path, tok, data_
     assert list(m.columns) == LM_COLUMNS and set(REQUIRED_COLUMNS_LM) <= set(m.columns)
     assert m.attrs["hardmine"]["loss"] == "causal_lm"
     assert m.attrs["hardmine"]["hardness_weights_used"] == {"perplexity": 1.0, "grad_norm": 1.0}
+    assert m.attrs["hardmine"]["export"]["strategy"] == "proportional"  # no classes to balance
+    again = result.rescore()
+    assert set(again.columns) == set(LM_COLUMNS) and again["rank"].tolist() == m["rank"].tolist()
+    assert list(result.manifest().columns) == LM_COLUMNS
     pf = pq.ParquetFile(result.path / "tokens.parquet")
     schema = pf.schema_arrow
     assert schema.names == list(TOKEN_COLUMNS)
@@ -377,3 +382,37 @@ def test_cli_refuses_a_model_directory_without_tokenizer(tmp_path, data_file, to
     res = CliRunner().invoke(app, ["scan", str(d), str(data_file), "--out", str(tmp_path / "s"), "--text-column", "text"])
     assert res.exit_code == 2, res.output
     assert "tokenizer" in res.output
+
+
+def test_parquet_and_csv_give_the_same_batches_as_jsonl(tok, data_file, tmp_path):
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")  # messages: a list<struct> column
+    pd.DataFrame([{**r, "messages": json.dumps(r["messages"])} for r in rows]).to_csv(tmp_path / "d.csv", index=False)
+    for columns in ({"text_column": "text"}, {"messages_column": "messages"}):
+        want = list(open_text(str(data_file), tok, id_column="id", batch_size=3, **columns))
+        for other in ("d.parquet", "d.csv"):
+            got = list(open_text(str(tmp_path / other), tok, id_column="id", batch_size=3, **columns))
+            assert len(got) == len(want) == 3
+            for (gi, gl, gids), (wi, wl, wids) in zip(got, want):
+                assert gids == wids
+                assert torch.equal(gl, wl) and all(torch.equal(gi[k], wi[k]) for k in wi)
+
+
+def test_token_parts_stream_into_one_row_group_each_with_a_footer(tmp_path):
+    from hardmine.lm import token_schema
+    from hardmine.scan.store import ScanStore
+
+    store = ScanStore(tmp_path)
+    schema = token_schema("int")
+    for i in range(2):
+        n = 3 + i
+        table = pa.Table.from_pydict({
+            "sample_id": [i] * n, "position": list(range(n)), "token_id": list(range(n)), "token": ["a"] * n,
+            "is_target": [False] + [True] * (n - 1), "loss": [None] + [1.0] * (n - 1),
+            "entropy": [None] + [2.0] * (n - 1), "top1": [None] + [True] * (n - 1)}, schema=schema)
+        store.write_token_part(i, table)
+    seen: list[int] = []
+    store.write_tokens(2, schema, on_part=lambda t: seen.append(t.num_rows), footer=lambda: {"k": "v"})
+    pf = pq.ParquetFile(store.tokens_path)
+    assert seen == [3, 4] and pf.num_row_groups == 2 and pf.metadata.metadata[b"k"] == b"v"
+    assert pf.schema_arrow == schema and not list((tmp_path / "shards").glob("tokens-*"))

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -241,9 +242,17 @@ class ScanStore:
     def tokens_path(self) -> Path:
         return self.path / TOKENS_FILE
 
-    def write_tokens(self, n_shards: int, schema: pa.Schema) -> None:
+    def write_tokens(
+        self,
+        n_shards: int,
+        schema: pa.Schema,
+        on_part: Callable[[pa.Table], None] | None = None,
+        footer: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
         """Stream the ``n_shards`` token parts into ``tokens.parquet`` (atomically), one row group per part,
-        so only one part is in memory at a time; the parts are removed afterwards."""
+        so only one part is in memory at a time; the parts are removed afterwards. ``on_part`` sees each part
+        as it is written (e.g. to accumulate statistics over all tokens in one pass) and ``footer()``, called
+        before the file is closed, returns key-value metadata to store in its footer."""
         parts = [self.token_part(i) for i in range(n_shards)]
         missing = [p.name for p in parts if not p.is_file()]
         if missing:
@@ -255,7 +264,11 @@ class ScanStore:
             for p in parts:
                 table = pq.read_table(p).cast(schema)
                 writer.write_table(table, row_group_size=max(1, table.num_rows))
+                if on_part is not None:
+                    on_part(table)
                 del table
+            if footer is not None:
+                writer.add_key_value_metadata(dict(footer()))
         for p in parts:
             p.unlink(missing_ok=True)
 
