@@ -23,7 +23,16 @@ from .._version import __version__
 from ..batches import call_model, model_output_tensor, split_unlabelled, to_device
 from ..checks import as_bool, as_module, non_negative_int, positive_int
 from ..engine import GradientExtractor
-from ..enums import Engine, IndexKind, ProjectionKind, Randomness, ScanPhase, TaskKind, TokenReduction, parse_choice
+from ..enums import (
+    Engine,
+    IndexKind,
+    ProjectionKind,
+    Randomness,
+    ScanPhase,
+    TaskKind,
+    TokenReduction,
+    parse_choice,
+)
 from ..lm import TokenTable
 from ..losses import class_logits, loss_name
 from ..score import ScoreConfig
@@ -141,7 +150,7 @@ def scan(
     if not isinstance(score_config, ScoreConfig):
         raise ValueError(f"score_config must be a hardmine.ScoreConfig, got {type(score_config).__name__}.")
     index_kind = parse_choice(IndexKind, index, "index")
-    kind, loss_fn, data = resolve_task(
+    _, loss_fn, data = resolve_task(
         model, data, task, loss_fn, token_reduction, labelled=labels is True
     )
     extractor = GradientExtractor(
@@ -186,7 +195,7 @@ def scan(
     extraction = ExtractionPass(
         store, driver.ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows,
         keep=keep_gradients_in_memory, report=lambda done: driver.report(ScanPhase.EXTRACT, done, total),
-        tokens=tokens if kind in (None, TaskKind.CAUSAL_LM) else None,
+        tokens=tokens,
     )
     driver.data_report = getattr(data, "report", None)  # e.g. open_text's truncation count, kept in scan.json
     try:
