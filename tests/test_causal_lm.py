@@ -358,6 +358,12 @@ def test_cli_scans_a_causal_lm(tmp_path, model_dir, data_file, columns):
         assert data["truncated"] == 0
     assert data["target_tokens"] == int(m["n_target_tokens"].sum())
     assert pq.read_schema(out / "tokens.parquet").names == list(TOKEN_COLUMNS)
+    if columns[0] == "--text-column":  # the commands that read any scan read an LM scan; review needs labels
+        runner = CliRunner()
+        assert runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "r.html")]).exit_code == 0
+        assert runner.invoke(app, ["neighbors", str(out), "--ids", "s1", "-k", "2", "--json"]).exit_code == 0
+        review = runner.invoke(app, ["review", str(out), "--out", str(tmp_path / "q.csv")])
+        assert review.exit_code == 2 and "classification scan" in review.output
 
 
 @pytest.mark.parametrize(
