@@ -422,3 +422,26 @@ def test_token_parts_stream_into_one_row_group_each_with_a_footer(tmp_path):
     pf = pq.ParquetFile(store.tokens_path)
     assert seen == [3, 4] and pf.num_row_groups == 2 and pf.metadata.metadata[b"k"] == b"v"
     assert pf.schema_arrow == schema and not list((tmp_path / "shards").glob("tokens-*"))
+
+
+def test_cli_scans_a_lora_adapter_of_a_causal_lm(tmp_path, model_dir, data_file, tok):
+    peft = pytest.importorskip("peft")
+    base = transformers.GPT2LMHeadModel.from_pretrained(model_dir)
+    lora = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                     fan_in_fan_out=True))
+    with torch.no_grad():  # a trained adapter: B is not zero, so its gradients are not trivial
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lora.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(model_dir)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "scan"
+    res = CliRunner().invoke(app, ["scan", str(tmp_path / "adapter"), str(data_file), "--out", str(out),
+                                   "--prompt-column", "prompt", "--completion-column", "completion", "--dim", "16",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output[res.output.index("{"):])["engine_plan"]
+    assert plan and all("lora_" in n for n in plan) and set(plan.values()) == {"factored"}
+    assert list(pd.read_parquet(out / "manifest.parquet").columns) == LM_COLUMNS
