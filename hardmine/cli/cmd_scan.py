@@ -149,7 +149,23 @@ def scan_command(
     net = loaded.model.to(dev)
     lm = task is TaskKind.CAUSAL_LM or (task is TaskKind.AUTO and (lm_columns or bool(looks_causal_lm(loaded.model))))
     if lm:
-        _scan_lm(locals(), run_scan, open_text, DEFAULT_MAX_LENGTH)
+        if no_labels:
+            raise typer.BadParameter("--no-labels is for classifiers; a causal LM's targets are its own tokens.")
+        if loss is not LossKind.AUTO:
+            raise typer.BadParameter(
+                f"--loss {loss.value} does not apply to a causal LM, which is scanned with its next-token loss "
+                "(see --token-reduction)."
+            )
+        src = open_text(
+            data, loaded.tokenizer, format=format, text_column=text_column, prompt_column=prompt_column,
+            completion_column=completion_column, messages_column=messages_column, id_column=id_column,
+            max_length=max_length or DEFAULT_MAX_LENGTH, batch_size=batch_size, limit=limit,
+        )
+        _scan_lm(
+            run_scan, src, net, loaded, out=out, checkpoint=checkpoint, data=data, limit=limit, id_column=id_column,
+            layers=layers, dim=dim, seed=seed, engine=engine, index=index, overwrite=overwrite, shard_rows=shard_rows,
+            batch_size=batch_size, device=dev, token_reduction=token_reduction, quiet=quiet, as_json=as_json, t0=t0,
+        )
         return
     src = open_data(
         data, format=format, label_column=label_column, id_column=id_column, feature_column=feature_column,
@@ -192,46 +208,32 @@ def scan_command(
     del torch
 
 
-def _scan_lm(a: dict[str, Any], run_scan: Any, open_text: Any, default_max_length: int) -> None:
-    """The causal-LM branch of ``scan_command`` (``a``: its arguments and loaded model)."""
-    if a["no_labels"]:
-        raise typer.BadParameter("--no-labels is for classifiers; a causal LM's targets are its own tokens.")
-    if a["loss"] is not LossKind.AUTO:
-        raise typer.BadParameter(
-            f"--loss {a['loss'].value} does not apply to a causal LM, which is scanned with its next-token loss "
-            "(see --token-reduction)."
-        )
-    max_length = a["max_length"] or default_max_length
-    src = open_text(
-        a["data"], a["loaded"].tokenizer, format=a["format"], text_column=a["text_column"],
-        prompt_column=a["prompt_column"], completion_column=a["completion_column"],
-        messages_column=a["messages_column"], id_column=a["id_column"], max_length=max_length,
-        batch_size=a["batch_size"], limit=a["limit"],
-    )
-    data = a["data"]
+def _scan_lm(
+    run_scan: Any, src: Any, net: Any, loaded: Any, *, out: Path, checkpoint: Path, data: str, limit: int | None,
+    id_column: str | None, layers: str | None, dim: int, seed: int, engine: Engine, index: IndexKind, overwrite: bool,
+    shard_rows: int, batch_size: int, device: Any, token_reduction: TokenReduction, quiet: bool, as_json: bool,
+    t0: float,
+) -> None:
+    """The causal-LM branch of ``scan_command``: scan ``src`` (``open_text``) and print the summary."""
+    max_length = src.max_length
+    columns = {k: src.description.get(k) for k in ("text_column", "prompt_column", "completion_column", "messages_column")}
     data_options = {
         "data": str(Path(data).resolve()) if Path(data).exists() else data, "data_format": src.format.value,
-        "limit": a["limit"], "id_column": a["id_column"], "task": TaskKind.CAUSAL_LM.value,
-        "text_column": a["text_column"], "prompt_column": a["prompt_column"],
-        "completion_column": a["completion_column"], "messages_column": a["messages_column"],
-        "max_length": max_length,
+        "limit": limit, "id_column": id_column, "task": TaskKind.CAUSAL_LM.value, **columns, "max_length": max_length,
     }
-    provenance = {**data_options, "checkpoint": str(a["checkpoint"]), "checkpoint_kind": a["loaded"].kind,
-                  "data_hint": src.description.get("fingerprint_hint"), "batch_size": a["batch_size"],
-                  "device": str(a["dev"])}
-    quiet, as_json, out = a["quiet"], a["as_json"], a["out"]
+    provenance = {**data_options, "checkpoint": str(checkpoint), "checkpoint_kind": loaded.kind,
+                  "batch_size": batch_size, "device": str(device)}
     bars = _RichProgress(quiet or as_json)
     with bars.progress:
         result = run_scan(
-            a["net"], src, out=out, layers=a["layers"], dim=a["dim"], seed=a["seed"], engine=a["engine"],
-            index=a["index"], overwrite=a["overwrite"], progress=bars, total=src.total, shard_rows=a["shard_rows"],
-            provenance=provenance, config_extra=data_options, task=TaskKind.CAUSAL_LM,
-            token_reduction=a["token_reduction"], tokenizer=a["loaded"].tokenizer,
+            net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine, index=index, overwrite=overwrite,
+            progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance, config_extra=data_options,
+            task=TaskKind.CAUSAL_LM, token_reduction=token_reduction, tokenizer=loaded.tokenizer,
         )
     manifest = result.manifest()
     report = src.report()
     summary = {
-        "out": str(out), "samples": int(len(manifest)), "seconds": round(time.perf_counter() - a["t0"], 3),
+        "out": str(out), "samples": int(len(manifest)), "seconds": round(time.perf_counter() - t0, 3),
         "manifest": str(result.manifest_path), "tokens": str(Path(out) / "tokens.parquet"),
         "engine_plan": result.engine_metadata.get("plan"), "task": TaskKind.CAUSAL_LM.value,
         "hard": int(manifest["is_hard"].sum()), "truncated": report["truncated"], "max_length": max_length,

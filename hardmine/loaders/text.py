@@ -359,7 +359,9 @@ def open_text(
                 counts.truncated, counts.samples, max_length,
             )
 
-    return TextSource(fmt, total, it, {"path": str(path), "columns": read, "mode": mode}, tokenizer=tokenizer,
+    desc = {"path": str(path), "columns": read, "mode": mode, "text_column": text_column, "prompt_column": prompt_column,
+            "completion_column": completion_column, "messages_column": messages_column}
+    return TextSource(fmt, total, it, desc, tokenizer=tokenizer,
                       max_length=max_length, mode=mode, counts=counts)
 
 
