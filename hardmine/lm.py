@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 # Hugging Face class names of causal LMs (GPT2LMHeadModel, LlamaForCausalLM, PeftModelForCausalLM, ...).
 LM_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 LM_SAMPLE_COLUMNS = ("perplexity", "n_target_tokens", "token_entropy_mean", "top1_miss_rate", "max_token_loss")
+CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk of token_stats (128 MiB of float32)
 TOKEN_COLUMNS = ("sample_id", "position", "token_id", "token", "is_target", "loss", "entropy", "top1")
 
 
@@ -73,20 +74,27 @@ def token_stats(logits: torch.Tensor, inputs: Mapping[str, torch.Tensor], labels
             f"a causal-LM scan needs 'input_ids' among the batch's inputs (got {sorted(inputs)}) to name each token."
         )
     ids = inputs["input_ids"]
-    with torch.no_grad():
-        x = logits.detach()
-        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        logp = F.log_softmax(x[:, :-1], dim=-1)  # (B, T-1, V)
-        nxt = ids[:, 1:].to(logp.device)  # (B, T-1) the tokens the logits predict
-        gold = labels[:, 1:].to(logp.device)  # (B, T-1)
-        is_t = gold != IGNORE_INDEX
-        tok = -logp.gather(2, nxt.unsqueeze(2)).squeeze(2)  # (B, T-1)
-        lab = -logp.gather(2, gold.clamp_min(0).unsqueeze(2)).squeeze(2)  # (B, T-1); -100 read as id 0, masked
-        ent = -(logp.exp() * logp).sum(dim=2)  # (B, T-1)
-        arg = logp.argmax(dim=2)  # (B, T-1)
-        parts = [tok, lab, ent, arg == nxt, arg == gold, is_t]
-        tok, lab, ent, top1, lab_top1, is_t = (p.cpu().numpy() for p in parts)
     b, t = ids.shape
+    v = int(logits.shape[-1])
+    # A few samples at a time: the float32 log-probabilities and their exp are two more (rows, T, V) arrays, so
+    # chunks of at most CHUNK_ELEMENTS keep the extra memory small next to the logits themselves.
+    step = max(1, CHUNK_ELEMENTS // max(1, t * v))
+    chunks: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for lo in range(0, b, step):
+            x = logits[lo : lo + step, :-1].detach()  # (rows, T-1, V)
+            x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            logp = F.log_softmax(x, dim=-1)  # (rows, T-1, V)
+            nxt = ids[lo : lo + step, 1:].to(logp.device)  # (rows, T-1) the tokens the logits predict
+            gold = labels[lo : lo + step, 1:].to(logp.device)  # (rows, T-1)
+            tok = -logp.gather(2, nxt.unsqueeze(2)).squeeze(2)  # (rows, T-1)
+            lab = -logp.gather(2, gold.clamp_min(0).unsqueeze(2)).squeeze(2)  # -100 read as id 0, masked below
+            ent = -(logp.exp() * logp).sum(dim=2)  # (rows, T-1)
+            arg = logp.argmax(dim=2)  # (rows, T-1)
+            parts = [tok, lab, ent, arg == nxt, arg == gold, gold != IGNORE_INDEX]
+            chunks.append([p.cpu().numpy() for p in parts])
+            del x, logp
+    tok, lab, ent, top1, lab_top1, is_t = (np.concatenate(c) for c in zip(*chunks))  # each (B, T-1)
     mask = inputs.get("attention_mask")
     present = np.ones((b, t), dtype=bool) if mask is None else mask.detach().cpu().numpy() != 0
 

@@ -445,3 +445,24 @@ def test_cli_scans_a_lora_adapter_of_a_causal_lm(tmp_path, model_dir, data_file,
     plan = json.loads(res.output[res.output.index("{"):])["engine_plan"]
     assert plan and all("lora_" in n for n in plan) and set(plan.values()) == {"factored"}
     assert list(pd.read_parquet(out / "manifest.parquet").columns) == LM_COLUMNS
+
+
+def test_token_stats_read_the_logits_one_position_back_in_any_chunking(monkeypatch):
+    import hardmine.lm as lm
+
+    g = torch.Generator().manual_seed(1)
+    b, t, v = 5, 7, 11
+    logits = torch.randn(b, t, v, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100  # a prompt
+    ts = lm.token_stats(logits, {"input_ids": ids}, labels)
+    p = torch.softmax(logits[1, 3], dim=0)  # the distribution that predicts token 4 of sample 1
+    assert ts.token_loss[1, 4] == pytest.approx(-float(torch.log(p[ids[1, 4]])))
+    assert ts.entropy[1, 4] == pytest.approx(-float((p * p.log()).sum()))
+    assert bool(ts.top1[1, 4]) == (int(p.argmax()) == int(ids[1, 4]))
+    assert np.isnan(ts.token_loss[:, 0]).all() and not ts.target[:, :3].any() and ts.target[:, 3:].all()
+    monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 2 * t * v)  # two samples per chunk
+    small = lm.token_stats(logits, {"input_ids": ids}, labels)
+    for name in ("token_loss", "label_loss", "entropy", "top1", "target"):
+        np.testing.assert_array_equal(getattr(small, name), getattr(ts, name))
