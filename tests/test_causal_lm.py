@@ -466,3 +466,13 @@ def test_token_stats_read_the_logits_one_position_back_in_any_chunking(monkeypat
     small = lm.token_stats(logits, {"input_ids": ids}, labels)
     for name in ("token_loss", "label_loss", "entropy", "top1", "target"):
         np.testing.assert_array_equal(getattr(small, name), getattr(ts, name))
+
+
+def test_a_tokenizer_without_pad_token_pads_with_its_end_of_sequence_token(data_file):
+    tok = _tokenizer()
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    inputs, labels, _ = next(iter(open_text(str(data_file), tok, text_column="text", batch_size=3)))
+    pad = inputs["attention_mask"] == 0
+    assert pad.any() and (inputs["input_ids"][pad] == tok.eos_token_id).all() and (labels[pad] == -100).all()
+    assert tok.pad_token is None  # the user's tokenizer is left as it was
