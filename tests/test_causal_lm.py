@@ -476,3 +476,14 @@ def test_a_tokenizer_without_pad_token_pads_with_its_end_of_sequence_token(data_
     pad = inputs["attention_mask"] == 0
     assert pad.any() and (inputs["input_ids"][pad] == tok.eos_token_id).all() and (labels[pad] == -100).all()
     assert tok.pad_token is None  # the user's tokenizer is left as it was
+
+
+def test_classifier_options_read_a_causal_lm_directory_as_a_classifier(tmp_path, model_dir, tok):
+    path = tmp_path / "labelled.csv"
+    pd.DataFrame({"text": SENTENCES, "label": [i % 2 for i in range(len(SENTENCES))]}).to_csv(path, index=False)
+    res = CliRunner().invoke(app, ["scan", str(model_dir), str(path), "--out", str(tmp_path / "s"), "--text-column",
+                                   "text", "--allow-new-head", "--num-classes", "2", "--dim", "16", "--json"])
+    assert res.exit_code == 0, res.output
+    m = pd.read_parquet(tmp_path / "s" / "manifest.parquet")
+    assert "label" in m and "perplexity" not in m
+    assert not (tmp_path / "s" / "tokens.parquet").exists()

@@ -143,9 +143,13 @@ def scan_command(
         raise typer.BadParameter(
             f"--prompt-column/--completion-column/--messages-column are causal-LM options; --task is {task.value}."
         )
+    load_task = task
+    if task is TaskKind.AUTO and lm_columns:
+        load_task = TaskKind.CAUSAL_LM
+    elif task is TaskKind.AUTO and (allow_new_head or num_classes is not None):
+        load_task = TaskKind.CLASSIFICATION  # a classifier's options: never read a base LM directory as an LM
     loaded = load_model(checkpoint, model, state_key=state_key, unsafe_pickle=unsafe_pickle, num_labels=num_classes,
-                        allow_new_head=allow_new_head,
-                        task=TaskKind.CAUSAL_LM.value if lm_columns and task is TaskKind.AUTO else task.value)
+                        allow_new_head=allow_new_head, task=load_task.value)
     net = loaded.model.to(dev)
     lm = task is TaskKind.CAUSAL_LM or (task is TaskKind.AUTO and (lm_columns or bool(looks_causal_lm(loaded.model))))
     if lm:
