@@ -150,9 +150,8 @@ def scan(
     if not isinstance(score_config, ScoreConfig):
         raise ValueError(f"score_config must be a hardmine.ScoreConfig, got {type(score_config).__name__}.")
     index_kind = parse_choice(IndexKind, index, "index")
-    _, loss_fn, data = resolve_task(
-        model, data, task, loss_fn, token_reduction, labelled=labels is True
-    )
+    # The task decides the loss (a causal LM: the next-token loss); auto may look at the first batch.
+    _, loss_fn, data = resolve_task(model, data, task, loss_fn, token_reduction, labelled=labels is True)
     extractor = GradientExtractor(
         model, layers=layers, dim=dim, seed=seed, engine=engine, loss_fn=loss_fn, projection=projection,
         chunk_size=chunk_size, randomness=randomness,

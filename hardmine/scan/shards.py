@@ -3,7 +3,8 @@
 
 A shard is ``shards/grads-NNNNN.npy`` (float32 ``(rows, out_dim)``, memory-mapped when read) plus
 ``shards/stats-NNNNN.parquet`` (one row of per-sample statistics per gradient row), recorded in the ledger
-once both files are complete.
+once both files are complete; a causal-LM scan writes the shard's token rows (``shards/tokens-NNNNN.parquet``,
+``hardmine.lm``) first, so every recorded shard has them.
 """
 
 from __future__ import annotations
