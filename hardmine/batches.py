@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map
 
 from .checks import is_int
 from .enums import LossKind, TaskKind
+from .losses import IGNORE_INDEX
 
 __all__ = [
     "IdKind",
@@ -41,12 +42,14 @@ __all__ = [
     "SAMPLE_ID_KEY",
     "TARGET_KEYS",
     "call_model",
+    "check_causal_lm_target",
     "check_class_target",
     "check_labels",
     "check_multilabel_target",
     "check_regression_target",
     "check_target",
     "forward_error",
+    "is_causal_lm",
     "infer_task",
     "input_leaves",
     "model_output_tensor",
@@ -294,6 +297,32 @@ def check_multilabel_target(target: torch.Tensor) -> None:
         raise ValueError("multi-label (bce) targets must be 0 or 1 for every label; found other values.")
 
 
+def is_causal_lm(loss_kind: LossKind | None) -> bool:
+    """Whether a resolved loss kind is a causal-LM loss (either token reduction)."""
+    return loss_kind in (LossKind.CAUSAL_LM, LossKind.CAUSAL_LM_SUM)
+
+
+def check_causal_lm_target(target: torch.Tensor, where: str | None = None) -> None:
+    """Causal-LM labels: integer ``(B, T)`` token ids with ``T >= 2``, ``-100`` where a token is not a target,
+    and at least one target per sample after position 0 (the logits at ``t`` predict the label at ``t + 1``,
+    so a label at position 0 is never one). One device sync."""
+    pre = _prefix(where)
+    if torch.is_floating_point(target) or target.dtype == torch.bool or torch.is_complex(target):
+        raise ValueError(f"{pre}causal-LM labels must be integer token ids (-100 = not a target), got dtype {target.dtype}.")
+    if target.ndim != 2 or target.shape[1] < 2:
+        raise ValueError(
+            f"{pre}causal-LM labels must be (B, T) token ids with T >= 2 (the same shape as input_ids), got shape "
+            f"{tuple(target.shape)}."
+        )
+    empty = ~(target[:, 1:] != IGNORE_INDEX).any(dim=1)  # (B,)
+    if bool(empty.any()):
+        i = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"{pre}sample at batch position {i} has no target token (every label after position 0 is "
+            f"{IGNORE_INDEX}), so its loss is undefined; drop it or give it a completion."
+        )
+
+
 def check_regression_target(target: torch.Tensor, *, finite: bool = True) -> None:
     """Regression (mse) targets: floating point and, with ``finite``, free of NaN/inf (one device sync)."""
     if not torch.is_floating_point(target):
@@ -329,6 +358,8 @@ def infer_task(loss_kind: LossKind | None, target: torch.Tensor, output: torch.T
         return TaskKind.REGRESSION
     if loss_kind is LossKind.BCE:
         return TaskKind.MULTILABEL
+    if is_causal_lm(loss_kind):
+        return TaskKind.CAUSAL_LM
     is_class = not torch.is_floating_point(target) and target.ndim == 1 and output.ndim in (1, 2)
     return TaskKind.CLASSIFICATION if is_class else TaskKind.REGRESSION
 
@@ -384,6 +415,8 @@ def validate_inputs(inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | 
         check_regression_target(target)
     elif loss_kind is LossKind.BCE:
         check_multilabel_target(target)
+    elif is_causal_lm(loss_kind):
+        check_causal_lm_target(target)
     return b
 
 
@@ -401,6 +434,19 @@ def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind
                 f"cross-entropy needs (B, num_classes) logits, the model returned per-sample shape {tuple(out.shape[1:])}."
             )
         check_labels(target, int(out.shape[1]) if out.ndim == 2 else 1)  # one logit: a binary model
+    elif is_causal_lm(loss_kind):
+        if out.ndim != 3 or out.shape[1] != target.shape[1]:  # out may hold only a probe's first sample
+            raise ValueError(
+                f"a causal-LM scan needs (B, T, vocab) logits for (B, T) labels; the model returned per-sample shape "
+                f"{tuple(out.shape[1:])} for labels of per-sample shape {tuple(target.shape[1:])}."
+            )
+        real = target[target != IGNORE_INDEX]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= out.shape[2]):
+            bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
+            raise ValueError(
+                f"label {bad} is not a token id of a model with a vocabulary of {out.shape[2]} (labels must be in "
+                f"[0, {out.shape[2] - 1}] or {IGNORE_INDEX}); check the tokenizer matches the model."
+            )
     elif loss_kind is LossKind.BCE and tuple(out.shape[1:]) != tuple(target.shape[1:]):
         raise ValueError(
             f"multi-label (bce) needs one logit per label: the model returned per-sample shape "

@@ -23,6 +23,7 @@ __all__ = [
     "Strategy",
     "TaskKind",
     "TokenTier",
+    "TokenReduction",
     "parse_choice",
 ]
 
@@ -50,6 +51,8 @@ class LossKind(str, Enum):
     CROSS_ENTROPY = "cross_entropy"
     MSE = "mse"
     BCE = "bce"  # multi-label: mean over the C outputs of BCE-with-logits against a (B, C) 0/1 target
+    CAUSAL_LM = "causal_lm"  # (B, T, V) logits, (B, T) labels (-100 = no target), shifted: mean NLL per sample
+    CAUSAL_LM_SUM = "causal_lm_sum"  # the same, summed over the target tokens instead of averaged
 
 
 class ProjectionKind(str, Enum):
@@ -73,6 +76,7 @@ class DataFormat(str, Enum):
     AUTO = "auto"  # detected from the path
     PARQUET = "parquet"
     CSV = "csv"
+    JSONL = "jsonl"  # one JSON object per line (causal-LM text data, hardmine.loaders.text)
     NPZ = "npz"
     IDX = "idx"
     HF = "hf"  # a datasets.save_to_disk directory
@@ -145,6 +149,17 @@ class TaskKind(str, Enum):
     CLASSIFICATION = "classification"
     REGRESSION = "regression"
     MULTILABEL = "multilabel"  # (B, C) logits, (B, C) 0/1 targets: any number of labels per sample
+    CAUSAL_LM = "causal-lm"  # (B, T, V) next-token logits, (B, T) token labels (-100 = not a target)
+    # A request only (``scan(task="auto")``, ``--task auto``): resolved before the scan starts (see
+    # ``hardmine.scan``), never recorded as a scan's task.
+    AUTO = "auto"
+
+
+class TokenReduction(str, Enum):
+    """How a causal-LM sample's token losses make its per-sample loss (and so the gradient that is scanned)."""
+
+    MEAN = "mean"  # mean NLL over the sample's target tokens: long and short samples weigh alike
+    SUM = "sum"  # summed NLL: a sample's gradient grows with its number of target tokens
 
 
 E = TypeVar("E", bound=Enum)

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from .enums import LossKind, parse_choice
 
 __all__ = [
-    "LossFn", "bce_per_sample", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample",
+    "IGNORE_INDEX", "LossFn", "bce_per_sample", "causal_lm_per_sample", "causal_lm_sum_per_sample", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample",
     "resolve_loss",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+IGNORE_INDEX = -100  # a causal-LM label that is not a target (prompt, padding): Hugging Face's convention
 
 
 def class_logits(output: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,28 @@ def bce_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return per_label.reshape(per_label.shape[0], -1).mean(dim=1)  # (B,)
 
 
+def _token_nll(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL of ``(B, T, V)`` logits against ``(B, T)`` labels, shifted inside: the logits at position
+    ``t`` predict the label at ``t + 1`` (so a label at position 0 is never a target). Returns the ``(B, T-1)``
+    NLL (0 where the label is ``IGNORE_INDEX``) and the ``(B, T-1)`` target mask in the NLL's dtype."""
+    pred, gold = output[:, :-1], target[:, 1:]  # (B, T-1, V), (B, T-1)
+    nll = F.cross_entropy(pred.transpose(1, 2), gold, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    return nll, (gold != IGNORE_INDEX).to(nll.dtype)
+
+
+def causal_lm_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Causal-LM loss per sample: the mean next-token NLL over the sample's target tokens (labels other than
+    ``IGNORE_INDEX``; the shift is done here, as Hugging Face models do). ``(B, T, V), (B, T) -> (B,)``."""
+    nll, keep = _token_nll(output, target)
+    return nll.sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)  # (B,); a sample without targets is refused upstream
+
+
+def causal_lm_sum_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``causal_lm_per_sample`` summed over the target tokens instead of averaged (``token_reduction="sum"``)."""
+    nll, _ = _token_nll(output, target)
+    return nll.sum(dim=1)  # (B,)
+
+
 def resolve_loss(loss: LossKind | str | LossFn | None, target: torch.Tensor) -> tuple[LossFn, LossKind | None]:
     """Pick the per-sample loss. Returns the callable and the built-in kind (``None`` for a user callable)."""
     if callable(loss) and not isinstance(loss, (str, LossKind)):
@@ -57,7 +80,8 @@ def resolve_loss(loss: LossKind | str | LossFn | None, target: torch.Tensor) -> 
     kind = parse_choice(LossKind, "auto" if loss is None else loss, "loss")
     if kind is LossKind.AUTO:
         kind = LossKind.MSE if torch.is_floating_point(target) else LossKind.CROSS_ENTROPY
-    fns = {LossKind.CROSS_ENTROPY: cross_entropy_per_sample, LossKind.MSE: mse_per_sample, LossKind.BCE: bce_per_sample}
+    fns = {LossKind.CROSS_ENTROPY: cross_entropy_per_sample, LossKind.MSE: mse_per_sample, LossKind.BCE: bce_per_sample,
+           LossKind.CAUSAL_LM: causal_lm_per_sample, LossKind.CAUSAL_LM_SUM: causal_lm_sum_per_sample}
     return fns[kind], kind
 
 
@@ -76,4 +100,6 @@ def loss_name(loss: Any, task: str | None) -> str | None:
         return None
     if task == "multilabel":
         return LossKind.BCE.value
+    if task == "causal-lm":
+        return LossKind.CAUSAL_LM.value
     return (LossKind.MSE if task == "regression" else LossKind.CROSS_ENTROPY).value

@@ -89,7 +89,9 @@ __all__ = [
     "FORMAT_VERSION",
     "METADATA_KEY",
     "REQUIRED_COLUMNS",
+    "REQUIRED_COLUMNS_LM",
     "MANIFEST_COLUMNS",
+    "required_columns",
     "compute_weights",
     "finish_manifest",
     "resolve_strategy",
@@ -115,8 +117,14 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "sample_id", "label", "pred", "correct", "loss", "confidence", "margin", "el2n", "grad_norm",
     "knn_outlier", "confident_error", "near_miss", "hardness", "rank", "is_hard", "weight",
 )
+# A causal-LM manifest has no labels or predictions: its contract (docs/guide.md, "Language models").
+REQUIRED_COLUMNS_LM: tuple[str, ...] = (
+    "sample_id", "loss", "perplexity", "n_target_tokens", "token_entropy_mean", "top1_miss_rate", "max_token_loss",
+    "grad_norm", "knn_outlier", "hardness", "rank", "is_hard", "weight",
+)
 MANIFEST_COLUMNS: tuple[str, ...] = (
-    "sample_id", "label", "pred", "correct", "loss", "confidence", "pred_confidence", "margin", "el2n",
+    "sample_id", "label", "pred", "correct", "loss", "perplexity", "n_target_tokens", "token_entropy_mean",
+    "top1_miss_rate", "max_token_loss", "confidence", "pred_confidence", "margin", "el2n",
     "grad_norm", "class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
     "class_distance", "knn_outlier", "neighbor_disagreement", "confident_error", "near_miss", "label_issue",
     "is_label_issue", "slice", "hardness", "rank", "is_hard", "weight",
@@ -124,7 +132,12 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 _ROW_GROUP = 131_072  # rows per Parquet row group (and per conversion chunk when writing)
 _BOOL_COLUMNS = ("correct", "confident_error", "near_miss", "is_label_issue", "is_hard")
 _STR_COLUMNS = ("slice",)  # "<label>/<k>" (hardmine.slices); null for regression
-_INT_COLUMNS = ("rank",)
+_INT_COLUMNS = ("rank", "n_target_tokens")
+
+
+def required_columns(task: Any) -> tuple[str, ...]:
+    """The columns every manifest of ``task`` (a ``TaskKind`` or its value; ``None``: unknown) must have."""
+    return REQUIRED_COLUMNS_LM if str(getattr(task, "value", task)) == "causal-lm" else REQUIRED_COLUMNS
 
 
 # -------------------------------------------------------------------------------------------- weights
@@ -418,9 +431,10 @@ def write_manifest(
     An existing hardmine manifest at ``path`` is replaced; any other existing file only with
     ``overwrite=True``; a directory never."""
     path = check_destination(path, overwrite=overwrite)
-    missing = [c for c in REQUIRED_COLUMNS if c not in df]
+    required = required_columns(metadata.get("task"))
+    missing = [c for c in required if c not in df]
     if missing:
-        raise ValueError(f"manifest is missing required column(s) {missing}; it needs {list(REQUIRED_COLUMNS)}.")
+        raise ValueError(f"manifest is missing required column(s) {missing}; it needs {list(required)}.")
     meta = dict(metadata)
     meta.setdefault("format", MANIFEST_FORMAT)
     meta.setdefault("format_version", FORMAT_VERSION)
@@ -460,6 +474,8 @@ def read_manifest_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if raw is None:
         # A manifest re-saved by pandas/polars loses the key but keeps the columns: read it, say what is lost.
         missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+        if missing and all(c in schema.names for c in REQUIRED_COLUMNS_LM):
+            missing = []  # a causal-LM manifest
         if missing:
             raise ValueError(
                 f"{p} is a Parquet file but not a hardmine manifest (no 'hardmine' key in its metadata, and no "
@@ -482,7 +498,7 @@ def read_manifest_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{p} was written by hardmine {meta.get('hardmine_version')} with manifest format {version}; this "
             f"hardmine ({__version__}) reads format {FORMAT_VERSION} or older. Upgrade hardmine to read it."
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    missing = [c for c in required_columns(meta.get("task")) if c not in schema.names]
     if missing:
         raise ValueError(f"{p} is missing required column(s) {missing}; it is not a complete hardmine manifest.")
     return meta
@@ -534,7 +550,8 @@ def _manifest_of(source: Any) -> pd.DataFrame:
     if hasattr(source, "manifest") and hasattr(source, "manifest_path"):  # a Scan
         return source.manifest()
     if isinstance(source, pd.DataFrame):
-        missing = [c for c in REQUIRED_COLUMNS if c not in source]
+        meta = source.attrs.get("hardmine")
+        missing = [c for c in required_columns(meta.get("task") if isinstance(meta, Mapping) else None) if c not in source]
         if "hardmine" not in source.attrs:
             if missing:
                 raise ValueError(

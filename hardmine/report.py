@@ -303,7 +303,10 @@ def _example(sid: Any, m: pd.DataFrame, nbrs: dict[Any, list[tuple[Any, float]]]
         t = texts[sid]
         out.append(f'<div class="t">{_e(t[:TEXT_CHARS] + ("…" if len(t) > TEXT_CHARS else ""))}</div>')
     near = nbrs.get(sid, [])
-    if near:
+    if near and "label" not in m:  # a causal-LM scan: no labels to compare
+        items = ", ".join(f"{_e(n)} (cos {_num(s, 2)})" for n, s in near)
+        out.append(f'<div class="nb">nearest gradient neighbours: {items}</div>')
+    elif near:
         items = ", ".join(
             f'{_e(n)} (label {_class(m.loc[n, "label"], names) if n in m.index else "?"}, cos {_num(s, 2)})'
             for n, s in near

@@ -104,6 +104,8 @@ def _scan_and_manifest(source: Any) -> tuple[Scan | None, pd.DataFrame]:
 
 
 def _classification(m: pd.DataFrame, where: str) -> None:
+    if "label" not in m:  # a causal-LM scan
+        raise ValueError(f"{where}: review needs a classification scan (integer labels); this scan has no labels.")
     if m["label"].to_numpy().dtype.kind not in "iu":
         raise ValueError(
             f"{where}: review needs a classification scan (integer labels); its labels are {m['label'].dtype}."

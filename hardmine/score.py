@@ -27,6 +27,13 @@ neighbor_disagreement      fraction of the k nearest neighbours by ``|cos|`` who
                            label differs from ``y`` (likely label error)
 confident_error            ``not correct and pred_confidence >= threshold``        true           as is
 near_miss                  ``correct and margin < near_miss_margin``               true           as is
+perplexity                 causal LM: ``exp(mean NLL)`` over the target tokens      higher         as is
+n_target_tokens            causal LM: number of target tokens (labels != -100)      n/a            no
+token_entropy_mean         causal LM: mean entropy (nats) of the predictive         higher         as is
+                           distribution at the target tokens
+top1_miss_rate             causal LM: share of target tokens that are not the       higher         as is
+                           model's top prediction
+max_token_loss             causal LM: largest NLL among the target tokens           higher         as is
 hardness                   weighted mean of rank-normalised signals (below)        higher         --
 rank                       1 = hardest (ties broken by sample order)               lower          --
 =========================  ======================================================  =============  ===========
@@ -50,6 +57,11 @@ Hardness: each weighted signal ``s`` is oriented (``-s`` where the table says LO
 to ``(0, 1]`` (average rank / number of non-missing values, ties averaged), and
 ``hardness = Σ w_s r_s / Σ w_s`` over the signals present for that sample (NaN signals drop out, so
 regression scans use the global signals only). ``rank`` sorts by hardness, descending, ties by sample order.
+
+Causal LM (``TaskKind.CAUSAL_LM``, ``hardmine.lm``): ``loss`` is the mean (or, with ``token_reduction="sum"``,
+summed) NLL of the target tokens; the classification columns (``label``, ``pred``, ``correct``, ``confidence``,
+``pred_confidence``, ``margin``, ``el2n``, the ``class_*`` scores, ``neighbor_disagreement``, the flags, label
+issues and slices) do not exist and are absent from the manifest. Default hardness: ``DEFAULT_WEIGHTS_LM``.
 
 Regression (floating targets): ``confidence``, ``pred_confidence``, ``margin``, ``correct``, ``el2n``,
 ``class_*``, ``neighbor_disagreement``, ``confident_error`` and ``near_miss`` are missing (NaN / null);
@@ -84,6 +96,8 @@ __all__ = [
     "DEFAULT_CAP",
     "validate_export_params",
     "DEFAULT_WEIGHTS",
+    "DEFAULT_WEIGHTS_LM",
+    "weights_for_task",
     "ScoreInfo",
     "ScoreConfig",
     "config_from_dict",
@@ -141,6 +155,13 @@ SCORE_TABLE: dict[str, ScoreInfo] = {
     ),
     "confident_error": ScoreInfo("wrong with pred_confidence >= confident_error_threshold", "true", 1, True),
     "near_miss": ScoreInfo("correct with margin < near_miss_margin", "true", 1, True),
+    "perplexity": ScoreInfo("causal LM: exp(mean NLL over the target tokens)", "higher", 1, False),
+    "n_target_tokens": ScoreInfo("causal LM: number of target tokens (labels != -100)", "n/a", 0, False),
+    "token_entropy_mean": ScoreInfo(
+        "causal LM: mean entropy (nats) of the predictive distribution at the target tokens", "higher", 1, False
+    ),
+    "top1_miss_rate": ScoreInfo("causal LM: share of target tokens that are not the top prediction", "higher", 1, False),
+    "max_token_loss": ScoreInfo("causal LM: largest NLL among the target tokens", "higher", 1, False),
     "hardness": ScoreInfo("weighted mean of rank-normalised signals", "higher", 0, False),
     "rank": ScoreInfo("1 = hardest; ties broken by sample order", "lower", 0, False),
 }
@@ -155,6 +176,24 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "margin": 1.0,
     "grad_norm": 1.0,
 }
+
+# Default hardness weights of a causal-LM scan (no classes, so no margin). The same shape as the classification
+# default: one output signal and one gradient signal. perplexity, not loss: it is the per-token mean whatever
+# the token reduction, so under token_reduction="sum" long samples are not ranked hard for their length alone
+# (under the default mean it ranks exactly as loss). grad_norm: the samples that would move the model most
+# (GraNd). Not chosen by a benchmark like DEFAULT_WEIGHTS (the quality benchmark has no language-model setting).
+DEFAULT_WEIGHTS_LM: dict[str, float] = {
+    "perplexity": 1.0,
+    "grad_norm": 1.0,
+}
+
+
+def weights_for_task(weights: Mapping[str, float], task: TaskKind) -> dict[str, float]:
+    """The hardness weights a scan of ``task`` uses: ``DEFAULT_WEIGHTS_LM`` for a causal LM left at the default
+    weights (``DEFAULT_WEIGHTS`` names classification signals it lacks), else ``weights`` as given."""
+    if task is TaskKind.CAUSAL_LM and dict(weights) == DEFAULT_WEIGHTS:
+        return dict(DEFAULT_WEIGHTS_LM)
+    return dict(weights)
 
 
 # Defaults of the export that fills `is_hard` and `weight` (see hardmine.manifest.compute_weights).
@@ -590,17 +629,19 @@ def finalize_scores(
     df = stats
     for name, v in grad_scores.items():
         df[name] = v
-    flags = flag_scores(df["correct"].array, df["pred_confidence"].to_numpy(), df["margin"].to_numpy(), config)
-    for name, v in flags.items():
-        df[name] = v
-    cols = {name: df[name].array for name in config.weights if name in df}
-    for name in config.weights:
+    if task is not TaskKind.CAUSAL_LM:  # a causal LM has no prediction to be confidently wrong or nearly right
+        flags = flag_scores(df["correct"].array, df["pred_confidence"].to_numpy(), df["margin"].to_numpy(), config)
+        for name, v in flags.items():
+            df[name] = v
+    weights = weights_for_task(config.weights, task)
+    cols = {name: df[name].array for name in weights if name in df}
+    for name in weights:
         if name not in df:
             raise ValueError(f"hardness weight for {name!r}, but the scan has no such column.")
-    hardness, used = composite_hardness(cols, config.weights)
+    hardness, used = composite_hardness(cols, weights)
     if not used:
         raise ValueError(
-            f"none of the weighted signals {sorted(config.weights)} exists for a {task.value} scan; weight "
+            f"none of the weighted signals {sorted(weights)} exists for a {task.value} scan; weight "
             "signals that do (for regression: loss, grad_norm, global_divergence, knn_outlier)."
         )
     df["hardness"] = hardness

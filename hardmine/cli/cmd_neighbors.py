@@ -61,9 +61,9 @@ def neighbors_command(
         rows = []
         for sid, sim in zip(res.sample_ids[qi].tolist(), res.similarities[qi].tolist()):
             rec = manifest.loc[sid]
-            rows.append({"sample_id": sid, "similarity": sim, "label": _py(rec["label"]), "pred": _py(rec.get("pred"))})
-        q_rec = queried.loc[q]
-        entry = {"sample_id": q, "label": _py(q_rec["label"]), "pred": _py(q_rec.get("pred")), "neighbors": rows}
+            rows.append({"sample_id": sid, "similarity": sim, "label": _py(rec.get("label")), "pred": _py(rec.get("pred"))})
+        q_rec = queried.loc[q]  # .get: a causal-LM manifest has no label or pred
+        entry = {"sample_id": q, "label": _py(q_rec.get("label")), "pred": _py(q_rec.get("pred")), "neighbors": rows}
         if other is not None:
             entry["from"] = str(from_scan)
         out.append(entry)

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ..enums import DataFormat, Engine, IndexKind, LossKind, ScanPhase
+from ..enums import DataFormat, Engine, IndexKind, LossKind, ScanPhase, TaskKind, TokenReduction
 from ._common import emit_json, handle_errors, parse_shape, stderr
 from .cmd_show import print_table
 
@@ -76,7 +76,34 @@ def scan_command(
     feature_column: str | None = typer.Option(None, "--feature-column", help="One list/array column of features."),
     feature_columns: str | None = typer.Option(None, "--feature-columns", help="Glob of numeric feature columns, e.g. 'pix_*'."),
     input_shape: str | None = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28."),
-    text_column: str | None = typer.Option(None, "--text-column", help="Text column, tokenised with the HF model's tokenizer."),
+    text_column: str | None = typer.Option(
+        None, "--text-column",
+        help="Text column, tokenised with the HF model's tokenizer (a causal LM: the loss is on every token).",
+    ),
+    task: TaskKind = typer.Option(
+        TaskKind.AUTO, "--task",
+        help="auto: a causal LM when the model (its class / HF config) or the columns below say so, else from the "
+             "labels and --loss.",
+    ),
+    prompt_column: str | None = typer.Option(
+        None, "--prompt-column", help="Causal LM: prompt column (never a target); needs --completion-column.",
+    ),
+    completion_column: str | None = typer.Option(
+        None, "--completion-column", help="Causal LM: completion column, the only target tokens (plus end of sequence).",
+    ),
+    messages_column: str | None = typer.Option(
+        None, "--messages-column",
+        help="Causal LM: conversation column (a list of {role, content}, or its JSON), rendered with the tokenizer's "
+             "chat template; the assistant turns are the targets.",
+    ),
+    max_length: int | None = typer.Option(
+        None, "--max-length", min=2,
+        help="Tokens per text sample; longer ones are cut and counted (default: 512 for a causal LM, 128 otherwise).",
+    ),
+    token_reduction: TokenReduction = typer.Option(
+        TokenReduction.MEAN, "--token-reduction",
+        help="Causal LM: a sample's loss is the mean (default) or the sum of its target tokens' NLL.",
+    ),
     class_names: str | None = typer.Option(
         None, "--class-names",
         help="Comma-separated class names, class 0 first (default: text labels' names, a HF model's id2label, "
@@ -101,9 +128,11 @@ def scan_command(
     """Scan CHECKPOINT on DATA: per-sample gradients, index, scores and a ranked manifest in --out."""
     import torch
 
-    from ..loaders import load_model, open_data
+    from ..loaders import load_model, open_data, open_text
+    from ..loaders.text import DEFAULT_MAX_LENGTH
     from ..scan import scan as run_scan
     from ..scan.distributed import rank_and_world, rank_device
+    from ..scan.task import looks_causal_lm
 
     if os.getcwd() not in sys.path:  # --model / factory specs resolve like `python -m`
         sys.path.insert(0, os.getcwd())
@@ -111,13 +140,43 @@ def scan_command(
     rank, _ = rank_and_world()  # under torchrun: every rank scans its part, rank 0 alone reports
     dev = rank_device(_device(device))  # cuda -> cuda:LOCAL_RANK under torchrun
     t0 = time.perf_counter()
+    lm_columns = any(c is not None for c in (prompt_column, completion_column, messages_column))
+    if lm_columns and task not in (TaskKind.AUTO, TaskKind.CAUSAL_LM):
+        raise typer.BadParameter(
+            f"--prompt-column/--completion-column/--messages-column are causal-LM options; --task is {task.value}."
+        )
+    load_task = task
+    if task is TaskKind.AUTO and lm_columns:
+        load_task = TaskKind.CAUSAL_LM
+    elif task is TaskKind.AUTO and (allow_new_head or num_classes is not None):
+        load_task = TaskKind.CLASSIFICATION  # a classifier's options: never read a base LM directory as an LM
     loaded = load_model(checkpoint, model, state_key=state_key, unsafe_pickle=unsafe_pickle, num_labels=num_classes,
-                        allow_new_head=allow_new_head)
+                        allow_new_head=allow_new_head, task=load_task.value)
     net = loaded.model.to(dev)
+    lm = task is TaskKind.CAUSAL_LM or (task is TaskKind.AUTO and (lm_columns or bool(looks_causal_lm(loaded.model))))
+    if lm:
+        if no_labels:
+            raise typer.BadParameter("--no-labels is for classifiers; a causal LM's targets are its own tokens.")
+        if loss is not LossKind.AUTO:
+            raise typer.BadParameter(
+                f"--loss {loss.value} does not apply to a causal LM, which is scanned with its next-token loss "
+                "(see --token-reduction)."
+            )
+        src = open_text(
+            data, loaded.tokenizer, format=format, text_column=text_column, prompt_column=prompt_column,
+            completion_column=completion_column, messages_column=messages_column, id_column=id_column,
+            max_length=max_length or DEFAULT_MAX_LENGTH, batch_size=batch_size, limit=limit,
+        )
+        _scan_lm(
+            run_scan, src, net, loaded, out=out, checkpoint=checkpoint, data=data, limit=limit, id_column=id_column,
+            layers=layers, dim=dim, seed=seed, engine=engine, index=index, overwrite=overwrite, shard_rows=shard_rows,
+            batch_size=batch_size, device=dev, token_reduction=token_reduction, quiet=quiet, as_json=as_json, t0=t0,
+        )
+        return
     src = open_data(
         data, format=format, label_column=label_column, id_column=id_column, feature_column=feature_column,
         feature_columns=feature_columns, text_column=text_column, input_shape=shape, tokenizer=loaded.tokenizer,
-        split=split, batch_size=batch_size, limit=limit, num_workers=num_workers,
+        split=split, batch_size=batch_size, limit=limit, num_workers=num_workers, max_length=max_length or 128,
         classification=loss is not LossKind.MSE, num_classes=num_classes, labels=not no_labels,
         multilabel=loss is LossKind.BCE,
     )
@@ -138,7 +197,7 @@ def scan_command(
             net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine,
             loss_fn=None if loss is LossKind.AUTO else loss.value, num_classes=num_classes, index=index,
             overwrite=overwrite, progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance,
-            config_extra=data_options, labels=None if no_labels else True,
+            config_extra=data_options, labels=None if no_labels else True, task=task, token_reduction=token_reduction,
         )
     if rank != 0:  # the other ranks of a distributed scan: rank 0 reports the scan they made together
         return
@@ -155,6 +214,47 @@ def scan_command(
         stderr.print(f"scanned {summary['samples']} samples in {summary['seconds']:.1f}s -> {out}")
         print_table(manifest, top=10, title="hardest samples")
     del torch
+
+
+def _scan_lm(
+    run_scan: Any, src: Any, net: Any, loaded: Any, *, out: Path, checkpoint: Path, data: str, limit: int | None,
+    id_column: str | None, layers: str | None, dim: int, seed: int, engine: Engine, index: IndexKind, overwrite: bool,
+    shard_rows: int, batch_size: int, device: Any, token_reduction: TokenReduction, quiet: bool, as_json: bool,
+    t0: float,
+) -> None:
+    """The causal-LM branch of ``scan_command``: scan ``src`` (``open_text``) and print the summary."""
+    max_length = src.max_length
+    columns = {k: src.description.get(k) for k in ("text_column", "prompt_column", "completion_column", "messages_column")}
+    data_options = {
+        "data": str(Path(data).resolve()) if Path(data).exists() else data, "data_format": src.format.value,
+        "limit": limit, "id_column": id_column, "task": TaskKind.CAUSAL_LM.value, **columns, "max_length": max_length,
+    }
+    provenance = {**data_options, "checkpoint": str(checkpoint), "checkpoint_kind": loaded.kind,
+                  "batch_size": batch_size, "device": str(device)}
+    bars = _RichProgress(quiet or as_json)
+    with bars.progress:
+        result = run_scan(
+            net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine, index=index, overwrite=overwrite,
+            progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance, config_extra=data_options,
+            task=TaskKind.CAUSAL_LM, token_reduction=token_reduction, tokenizer=loaded.tokenizer,
+        )
+    manifest = result.manifest()
+    report = src.report()
+    summary = {
+        "out": str(out), "samples": int(len(manifest)), "seconds": round(time.perf_counter() - t0, 3),
+        "manifest": str(result.manifest_path), "tokens": str(Path(out) / "tokens.parquet"),
+        "engine_plan": result.engine_metadata.get("plan"), "task": TaskKind.CAUSAL_LM.value,
+        "hard": int(manifest["is_hard"].sum()), "truncated": report["truncated"], "max_length": max_length,
+        "target_tokens": int(manifest["n_target_tokens"].sum()),
+    }
+    if as_json:
+        emit_json(summary)
+    elif not quiet:
+        stderr.print(f"scanned {summary['samples']} samples ({summary['target_tokens']} target tokens) in "
+                     f"{summary['seconds']:.1f}s -> {out}")
+        if report["truncated"]:
+            stderr.print(f"{report['truncated']} sample(s) were cut to --max-length {max_length} tokens")
+        print_table(manifest, top=10, title="hardest samples")
 
 
 def _class_names(option: str | None, from_data: list[str] | None, model: Any) -> list[str] | None:

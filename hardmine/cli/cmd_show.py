@@ -16,7 +16,7 @@ from ._common import emit_json, handle_errors, table_console
 __all__ = ["show_command", "print_table"]
 
 # The headers are the manifest's own column names, so what the table shows can be looked up in the file.
-_COLUMNS = ("rank", "sample_id", "label", "pred", "loss", "confidence", "margin", "hardness",
+_COLUMNS = ("rank", "sample_id", "label", "pred", "loss", "perplexity", "n_target_tokens", "confidence", "margin", "hardness",
             "neighbor_disagreement", "knn_outlier")
 _FLAGS = ("confident_error", "near_miss")  # boolean columns, listed by name in the last column when true
 

@@ -2,5 +2,6 @@
 
 from .data import BatchSource, open_data
 from .model import LoadedModel, load_model
+from .text import TextSource, open_text
 
-__all__ = ["BatchSource", "LoadedModel", "load_model", "open_data"]
+__all__ = ["BatchSource", "LoadedModel", "TextSource", "load_model", "open_data", "open_text"]

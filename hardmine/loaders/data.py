@@ -81,7 +81,8 @@ def detect_format(data: str) -> DataFormat:
         )
     name = p.name.lower()
     for suffix, fmt in ((".parquet", DataFormat.PARQUET), (".pq", DataFormat.PARQUET), (".csv", DataFormat.CSV),
-                        (".csv.gz", DataFormat.CSV), (".npz", DataFormat.NPZ)):
+                        (".csv.gz", DataFormat.CSV), (".npz", DataFormat.NPZ),
+                        (".jsonl", DataFormat.JSONL), (".json", DataFormat.JSONL)):
         if name.endswith(suffix):
             return fmt
     if "idx3-ubyte" in name:
@@ -662,6 +663,11 @@ def open_data(
         raise ValueError(f"input shape {shape} must have positive sizes.")
     if fmt is DataFormat.AUTO:
         fmt = detect_format(data)
+    if fmt is DataFormat.JSONL:
+        raise ValueError(
+            f"data {data!r} is JSONL, which hardmine reads for causal-LM scans (--task causal-lm with --text-column, "
+            "--prompt-column/--completion-column or --messages-column); convert it to Parquet or CSV for other tasks."
+        )
     if fmt is DataFormat.FACTORY:
         return _factory_source(data, batch_size, limit, num_workers, classification, num_classes)
     path = Path(data)

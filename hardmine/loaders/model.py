@@ -6,8 +6,10 @@ Accepted forms:
   wraps the state dict (``{"model": ...}``, ``{"state_dict": ...}``, Lightning's ``model.`` prefix) is unwrapped
   with ``state_key`` or detected;
 - a ``torch.export`` archive (``.pt2``): no factory needed;
-- a local Hugging Face model directory (``config.json``), with the ``[hf]`` extra, loaded as a sequence
-  classifier. A directory whose classification head is not in the checkpoint (e.g. a base or sentence-embedding
+- a local Hugging Face model directory (``config.json``), with the ``[hf]`` extra, loaded as a causal LM
+  (``AutoModelForCausalLM``) when ``task="causal-lm"`` or, with the default ``task=None``, when its config's
+  ``architectures`` name one (``*ForCausalLM`` / ``*LMHeadModel``), else as a sequence classifier. A causal LM
+  without a tokenizer in its directory loads with ``tokenizer=None`` (text data then refuses it clearly). A directory whose classification head is not in the checkpoint (e.g. a base or sentence-embedding
   model) would get a *random* head: refused unless ``allow_new_head=True``, and then the head is initialised
   from a fixed seed (``NEW_HEAD_SEED``) so two runs give the same model and fingerprint. ``num_labels`` sizes
   a new head; for a trained head it must match (a trained head is never resized);
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from .._io import model_fingerprint
+from ..lm import is_causal_lm_architecture
 
 __all__ = ["NEW_HEAD_SEED", "LoadedModel", "load_model", "import_object", "state_dict_fingerprint", "unwrap_state_dict"]
 
@@ -42,6 +45,7 @@ _STATE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 NEW_HEAD_SEED = 0  # the seed a newly initialised Hugging Face head is drawn from (allow_new_head=True)
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 _PREFIXES = ("model.", "module.", "net.", "_orig_mod.")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 @dataclass
@@ -168,8 +172,10 @@ def load_model(
     unsafe_pickle: bool = False,
     num_labels: int | None = None,
     allow_new_head: bool = False,
+    task: str | None = None,
 ) -> LoadedModel:
-    """Load a model from ``path`` (see the module docstring for the accepted forms)."""
+    """Load a model from ``path`` (see the module docstring for the accepted forms). ``task``: a ``TaskKind``
+    value or ``None``/``"auto"``; only Hugging Face directories use it (``"causal-lm"``: load an LM head)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {str(path)!r} does not exist.")
@@ -177,14 +183,14 @@ def load_model(
         if (path / "adapter_config.json").exists():
             if factory is not None:
                 raise ValueError(f"--model {factory!r} was given, but {path} is a PEFT adapter directory; drop --model.")
-            return _load_peft(path, num_labels, allow_new_head)
+            return _load_peft(path, num_labels, allow_new_head, task)
         if (path / "config.json").exists():
             if factory is not None:
                 raise ValueError(
                     f"--model {factory!r} was given, but {path} is a Hugging Face model directory, which brings its "
                     "own architecture (config.json); drop --model."
                 )
-            return _load_hf(path, num_labels, allow_new_head)
+            return _load_hf(path, num_labels, allow_new_head, task)
         raise ValueError(f"{path} is a directory without config.json; pass a checkpoint file or a Hugging Face model dir.")
     suffix = path.suffix.lower()
     if suffix == ".pt2":
@@ -224,13 +230,22 @@ def load_model(
     return LoadedModel(model, "state_dict", model_fingerprint(model), info={"format": suffix.lstrip(".")})
 
 
-def _load_hf(path: Path, num_labels: int | None, allow_new_head: bool) -> LoadedModel:
+def _load_hf(path: Path, num_labels: int | None, allow_new_head: bool, task: str | None = None) -> LoadedModel:
     try:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     except ImportError as exc:
         raise ValueError(
             f"{path} is a Hugging Face model directory; reading it needs the [hf] extra: pip install 'hardmine[hf]'."
         ) from exc
+    task = str(getattr(task, "value", task)) if task is not None else None
+    if task is None or task == "auto":
+        try:
+            archs = AutoConfig.from_pretrained(str(path), local_files_only=True).architectures or []
+        except Exception as exc:
+            raise ValueError(f"could not read the Hugging Face config in {path}: {exc}") from exc
+        task = "causal-lm" if any(is_causal_lm_architecture(a) for a in archs) else None
+    if task == "causal-lm":
+        return _load_hf_causal_lm(path, AutoTokenizer)
 
     def build(**kwargs: Any) -> tuple[nn.Module, set[str]]:
         # Seeded in a forked RNG: a head the checkpoint lacks is the same on every run, and the caller's
@@ -270,7 +285,32 @@ def _load_hf(path: Path, num_labels: int | None, allow_new_head: bool) -> Loaded
     return LoadedModel(model, "hf", model_fingerprint(model), tokenizer=tokenizer, info=info)
 
 
-def _load_peft(path: Path, num_labels: int | None, allow_new_head: bool) -> LoadedModel:
+def _load_hf_causal_lm(path: Path, auto_tokenizer: Any) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    except Exception as exc:
+        raise ValueError(f"could not load the Hugging Face causal LM in {path}: {exc}") from exc
+    missing = sorted(set(info.get("missing_keys", ())) | set(info.get("mismatched_keys", ())))
+    if missing:
+        raise ValueError(
+            f"{path} does not hold a complete causal LM: {missing[:4]} are missing from the checkpoint and would be "
+            "random; scan a trained causal LM."
+        )
+    tokenizer = None
+    # Only a directory with tokenizer files: without them, transformers builds an empty tokenizer of the model
+    # type (no vocabulary), which would tokenise every text to nothing.
+    if any((path / f).is_file() for f in _TOKENIZER_FILES):
+        try:
+            tokenizer = auto_tokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - text data refuses a missing tokenizer with its own message
+            logger.warning("the tokenizer in %s could not be loaded: %s", path, exc)
+    return LoadedModel(model, "hf", model_fingerprint(model), tokenizer=tokenizer,
+                       info={"format": "hf", "new_head": False, "head": "causal-lm"})
+
+
+def _load_peft(path: Path, num_labels: int | None, allow_new_head: bool, task: str | None = None) -> LoadedModel:
     import json
 
     try:
@@ -291,7 +331,7 @@ def _load_peft(path: Path, num_labels: int | None, allow_new_head: bool) -> Load
             f"the adapter in {path} is for base model {base_name!r}, which is not a local Hugging Face model "
             "directory (nothing is downloaded); set base_model_name_or_path in adapter_config.json to its folder."
         )
-    base = _load_hf(base_dir, num_labels, allow_new_head)
+    base = _load_hf(base_dir, num_labels, allow_new_head, task)
     try:
         model = PeftModel.from_pretrained(base.model, str(path), is_trainable=True)
     except Exception as exc:

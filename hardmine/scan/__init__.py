@@ -18,6 +18,8 @@ Output directory::
       index.faiss               FAISS index of the unit gradients (+ index.ivfdata for IVF)
       manifest.parquet          the ranked manifest (hardmine.manifest)
       ranks/00001/...           a distributed scan's per-rank progress.json and shards/ (hardmine.scan.distributed)
+      tokens.parquet            causal-LM scans: one row per token (hardmine.lm), streamed from the
+                                per-shard parts shards/tokens-00000.parquet written with each shard
 
 Gradients are stored as float32, not float16: per-sample gradients span many orders of magnitude (float16
 underflows below 6e-8 and overflows above 65504, and its 11-bit mantissa would blur the cosines the scores
@@ -30,7 +32,7 @@ that they are the same data) and continues from the first unrecorded one, so an 
 ``kill -9``) ends with the same manifest as an uninterrupted one. A different configuration in a non-empty
 ``out`` is refused (``overwrite=True`` replaces it); the manifest is only written, atomically, at the end.
 
-Modules: ``driver`` (``scan``, ``ScanProgress``), ``extraction`` (the batch pass), ``store`` (the directory:
+Modules: ``driver`` (``scan``, ``ScanProgress``), ``task`` (which task and loss a scan runs), ``extraction`` (the batch pass), ``store`` (the directory:
 prepare, resume, atomic writes), ``ledger`` (``progress.json`` as a dataclass), ``shards`` (``ShardSet.blocks``
 to read gradients back, ``ShardWriter`` to write them), ``result`` (``Scan``, ``Neighbors``) and ``distributed``
 (several processes under torchrun: which rows each rank scans, what the ranks exchange).

@@ -23,13 +23,24 @@ from .._version import __version__
 from ..batches import call_model, model_output_tensor, split_unlabelled, to_device
 from ..checks import as_bool, as_module, non_negative_int, positive_int
 from ..engine import GradientExtractor
-from ..enums import Engine, IndexKind, ProjectionKind, Randomness, ScanPhase, parse_choice
+from ..enums import (
+    Engine,
+    IndexKind,
+    ProjectionKind,
+    Randomness,
+    ScanPhase,
+    TaskKind,
+    TokenReduction,
+    parse_choice,
+)
+from ..lm import TokenTable
 from ..losses import class_logits, loss_name
 from ..score import PopulationStats, ScoreConfig
-from .distributed import Job, check_unique_ids, local_population, merge_ledgers
-from .extraction import ExtractionPass
+from .distributed import Job, check_unique_ids, local_population, merge_ledgers, part_dir
+from .extraction import ExtractionPass, write_token_table
 from .result import Scan
 from .store import SCAN_FORMAT_VERSION, ScanStore, jsonable
+from .task import resolve_task
 
 __all__ = ["DEFAULT_SHARD_ROWS", "ProgressFn", "ScanProgress", "scan"]
 
@@ -75,6 +86,9 @@ def scan(
     provenance: Mapping[str, Any] | None = None,
     config_extra: Mapping[str, Any] | None = None,
     labels: bool | None = True,
+    task: TaskKind | str = TaskKind.AUTO,
+    token_reduction: TokenReduction | str = TokenReduction.MEAN,
+    tokenizer: Any = None,
     distributed: bool | None = None,
 ) -> Scan:
     """Scan ``data`` with ``model`` and write gradients, index, scores and ``manifest.parquet`` to ``out``.
@@ -105,6 +119,17 @@ def scan(
             batch; classification only. The manifest then has null ``label``, ``correct``,
             ``confident_error``, ``near_miss``, ``neighbor_disagreement`` and label-issue columns, no slices,
             per-class signals by *predicted* class, and the ``proportional`` default export.
+        task: ``"auto"`` (default), ``"classification"``, ``"regression"``, ``"multilabel"`` or ``"causal-lm"``
+            (``hardmine.scan.task``: auto recognises a causal LM by its class / HF config or by ``(B, T, V)``
+            logits for ``(B, T)`` integer labels; otherwise the task follows the loss and targets).
+            A causal-LM batch is a mapping with ``input_ids``, ``attention_mask`` and ``labels`` (same shape as
+            ``input_ids``, ``-100`` = not a target; the shift happens inside the loss, as in Hugging Face
+            models); the per-sample loss is the mean NLL over the sample's target tokens, and the scan also
+            writes ``tokens.parquet`` (``hardmine.lm``). ``hardmine.loaders.open_text`` builds such batches.
+        token_reduction: causal LM only: ``"mean"`` (default) or ``"sum"`` of the target tokens' NLL as the
+            per-sample loss whose gradient is scanned.
+        tokenizer: causal LM only: decodes the ``token`` column of ``tokens.parquet`` (default: the data's
+            ``tokenizer`` attribute, as ``open_text`` sets it; without one the column is null).
         config_extra: extra JSON-able settings that define the scan (the CLI passes its data options: file,
             format, split, limit, columns, input shape); recorded in the config, so a rerun into the same
             ``out`` with different values is refused like any other configuration change.
@@ -132,6 +157,8 @@ def scan(
     if not isinstance(score_config, ScoreConfig):
         raise ValueError(f"score_config must be a hardmine.ScoreConfig, got {type(score_config).__name__}.")
     index_kind = parse_choice(IndexKind, index, "index")
+    # The task decides the loss (a causal LM: the next-token loss); auto may look at the first batch.
+    _, loss_fn, data = resolve_task(model, data, task, loss_fn, token_reduction, labelled=labels is True)
     extractor = GradientExtractor(
         model, layers=layers, dim=dim, seed=seed, engine=engine, loss_fn=loss_fn, projection=projection,
         chunk_size=chunk_size, randomness=randomness,
@@ -140,6 +167,8 @@ def scan(
     unlabelled = labels is None or labels is False
     if not unlabelled and labels is not True:
         raise ValueError(f"labels={labels!r} must be True (the data has labels) or None (unlabelled data).")
+    # causal LM: decodes the tokens of tokens.parquet (read before a distributed scan wraps its part of the data)
+    tokens = TokenTable(tokenizer if tokenizer is not None else getattr(data, "tokenizer", None))
     job = _join(distributed, model, keep_gradients_in_memory)  # None: a single-process scan
     if job is not None:  # this rank's part of the data, before predicting targets: skipped batches cost nothing
         data = job.shard_or_close(data, labelled=not unlabelled)
@@ -173,7 +202,7 @@ def scan(
     source = jsonable(dict(provenance)) if provenance is not None else None
     if job is not None:  # only then: single-process configurations (and their resume checks) are unchanged
         config["world_size"] = job.world  # each rank's rows depend on it: another world size cannot resume
-        return _scan_distributed(job, data, Path(out), config, source, progress, extractor, loss_fn=loss_fn,
+        return _scan_distributed(job, data, Path(out), config, source, progress, extractor, tokens, loss_fn=loss_fn,
                                  num_classes=num_classes, shard_rows=shard_rows, total=total, resume=resume,
                                  overwrite=overwrite, score_config=score_config, index_kind=index_kind)
     created = not Path(out).exists()  # a directory this run creates is removed again if it fails at once
@@ -182,7 +211,9 @@ def scan(
     extraction = ExtractionPass(
         store, driver.ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows,
         keep=keep_gradients_in_memory, report=lambda done: driver.report(ScanPhase.EXTRACT, done, total),
+        tokens=tokens,
     )
+    driver.data_report = getattr(data, "report", None)  # e.g. open_text's truncation count, kept in scan.json
     try:
         return driver.run(extraction, data, score_config, index_kind)
     finally:
@@ -191,7 +222,8 @@ def scan(
 
 def _scan_distributed(
     job: Job, data: Iterable[Any], out: Path, config: dict[str, Any], source: dict[str, Any] | None,
-    progress: ProgressFn | None, extractor: GradientExtractor, *, loss_fn: Any, num_classes: int | None,
+    progress: ProgressFn | None, extractor: GradientExtractor, tokens: TokenTable, *, loss_fn: Any,
+    num_classes: int | None,
     shard_rows: int, total: int | None, resume: bool, overwrite: bool, score_config: ScoreConfig,
     index_kind: IndexKind,
 ) -> Scan:
@@ -211,6 +243,7 @@ def _scan_distributed(
             extraction = ExtractionPass(
                 part, ledger, extractor, loss_fn=loss_fn, num_classes=num_classes, shard_rows=shard_rows, keep=False,
                 report=lambda done: progress(ScanProgress(ScanPhase.EXTRACT, done, total)) if progress else None,
+                tokens=tokens, finish_tokens=False,
             )
             try:
                 job.step(lambda: extraction.run(data), "extracting")
@@ -218,7 +251,8 @@ def _scan_distributed(
                 _after_distributed_failure(job, store, ledger, created)
                 raise
             t_extract = time.perf_counter() - t0
-            merged = merge_ledgers([type(ledger).from_dict(d) for d in job.gather(ledger.to_dict())])
+            ledgers = [type(ledger).from_dict(d) for d in job.gather(ledger.to_dict())]  # in rank order
+            merged = merge_ledgers(ledgers)
             mine = job.step(lambda: local_population(part, ledger, merged.task, merged.num_classes), "summing statistics")
             pop = job.sum_population(mine)
             extracted = sum(job.gather(extraction.extracted_now))
@@ -230,6 +264,11 @@ def _scan_distributed(
                     logger.info("%s: complete scan with the same configuration found; reusing it", out)
                     return
                 check_unique_ids(out, merged)
+                if merged.task == TaskKind.CAUSAL_LM.value and not store.tokens_path.is_file():
+                    # every rank's token parts, in rank then shard order: the rows of a single-process scan
+                    parts = [ScanStore(out / part_dir(r)).token_part(i) for r, led in enumerate(ledgers)
+                             for i in range(len(led.shards))]
+                    write_token_table(store, merged, parts=parts)
                 store.write_ledger(merged)
                 driver.ledger = merged
                 driver.finish(None, t0, t_extract, extracted, score_config, index_kind, population=pop)
@@ -383,6 +422,7 @@ class _Driver:
         self.progress = progress
         self.ledger = store.read_ledger()
         self.info: dict[str, Any] = store.read_info()
+        self.data_report: Callable[[], Any] | None = None  # what the data says about itself once read
 
     def _after_failure(self, exc: BaseException) -> None:
         """A run that failed before its first complete shard leaves nothing behind, so the corrected command
@@ -453,6 +493,8 @@ class _Driver:
         scan), else computed from the shards."""
         path = self.store.path
         scoring = {"score_config": score_config.to_dict(), "index_requested": index_kind.value}
+        if callable(self.data_report):
+            self.info["data"] = jsonable(self.data_report())
         self._write_info(status="extracted", **self.ledger.summary())
         n = int(self.ledger.n_samples or 0)
         result = Scan(path, self.info, gradients)  # shares self.info: the index it builds is recorded there

@@ -6,12 +6,15 @@ they are the same data; extraction continues from the first unrecorded batch.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -19,13 +22,15 @@ from .._io import DatasetHasher
 from ..batches import check_labels, infer_task, input_leaves, sample_ids, split_batch_ids, to_device
 from ..engine import GradientExtractor, ProjectedBatch
 from ..enums import TaskKind
+from ..lm import TokenTable, lm_sample_stats, token_schema, token_stats
 from ..losses import class_logits, resolve_loss
 from ..score import classification_stats, multilabel_stats, regression_stats
+from ..tokens import TIERS_METADATA_KEY, TierAccumulator
 from .ledger import Ledger
 from .shards import ShardSet, ShardWriter, digest_of
 from .store import ScanStore
 
-__all__ = ["ExtractionPass"]
+__all__ = ["ExtractionPass", "write_token_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,8 @@ class ExtractionPass:
         shard_rows: int,
         keep: bool,
         report: Callable[[int], None],
+        tokens: TokenTable | None = None,
+        finish_tokens: bool = True,
     ) -> None:
         self.store = store
         self.ledger = ledger
@@ -57,6 +64,9 @@ class ExtractionPass:
         self.shard_rows = shard_rows
         self.keep = keep
         self.report = report
+        self.tokens = tokens if tokens is not None else TokenTable()  # causal-LM scans: tokens.parquet rows
+        # False for a rank of a distributed scan: rank 0 streams every rank's token parts into one table.
+        self.finish_tokens = finish_tokens
         self.device = next(iter(extractor.model.parameters())).device
         self.extracted_now = 0
 
@@ -120,7 +130,8 @@ class ExtractionPass:
             # The plan in use (auto may move a module to vmap after probing the first batch).
             self.ledger.extractor = self.extractor.metadata()
             z = pb.z.detach().to("cpu", torch.float32).numpy()  # (B, out_dim)
-            writer.add(z, self._batch_stats(id_arr, target, pb, where), digest)
+            stats, token_rows = self._batch_stats(id_arr, target, pb, where, inputs)
+            writer.add(z, stats, digest, token_rows)
             if self.keep:
                 kept.append(z)
             rows += b
@@ -150,6 +161,8 @@ class ExtractionPass:
             n_samples=rows, n_batches=n_batches, dataset_fingerprint=fingerprint, out_dim=self.extractor.out_dim
         )
         self.store.write_ledger(self.ledger)
+        if self.finish_tokens and self.ledger.task == TaskKind.CAUSAL_LM.value and not self.store.tokens_path.is_file():
+            write_token_table(self.store, self.ledger)
         return np.concatenate(kept) if self.keep else None
 
     # ------------------------------------------------------------------------------------------- checks
@@ -170,12 +183,27 @@ class ExtractionPass:
                 "column and rerun with overwrite=True."
             )
 
-    def _batch_stats(self, ids: np.ndarray, target: torch.Tensor, pb: ProjectedBatch, where: str) -> dict[str, Any]:
+    def _batch_stats(
+        self, ids: np.ndarray, target: torch.Tensor, pb: ProjectedBatch, where: str, inputs: Any
+    ) -> tuple[dict[str, Any], pa.Table | None]:
         """The per-sample columns of the stats shard for one batch (checking the task and classes against
-        earlier batches)."""
-        output = pb.output.detach().to("cpu")
-        task = infer_task(resolve_loss(self.loss_fn, target)[1], target, output)
+        earlier batches), and for a causal LM the batch's rows of the token table."""
+        task = infer_task(resolve_loss(self.loss_fn, target)[1], target, pb.output)
         self.ledger.record_task(task, where)
+        common = {
+            "sample_id": ids,
+            "loss": pb.loss.detach().to("cpu", torch.float64).numpy(),
+            "grad_norm": pb.grad_norm.detach().to("cpu", torch.float64).numpy(),
+        }
+        if task is TaskKind.CAUSAL_LM:
+            if not isinstance(inputs, Mapping):
+                raise ValueError(
+                    f"{where}: a causal-LM batch needs its inputs as a mapping with 'input_ids' (and "
+                    f"'attention_mask'), got {type(inputs).__name__}."
+                )
+            ts = token_stats(pb.output, inputs, target)  # on the logits' device; (B, T) arrays back
+            return {**common, **lm_sample_stats(ts)}, self.tokens.rows(ids, ts)
+        output = pb.output.detach().to("cpu")
         b = len(ids)
         tgt = target.detach().to("cpu")
         if task is TaskKind.CLASSIFICATION:
@@ -194,10 +222,17 @@ class ExtractionPass:
             flat = tgt.reshape(b, -1).to(torch.float64).numpy()  # (B, outputs)
             label = flat[:, 0].copy() if flat.shape[1] == 1 else np.full(b, np.nan)
             stats = regression_stats(output.numpy())
-        return {
-            "sample_id": ids,
-            "label": label,
-            "loss": pb.loss.detach().to("cpu", torch.float64).numpy(),
-            "grad_norm": pb.grad_norm.detach().to("cpu", torch.float64).numpy(),
-            **stats,
-        }
+        return {"sample_id": ids, "label": label, "loss": common["loss"], "grad_norm": common["grad_norm"], **stats}, None
+
+
+def write_token_table(store: ScanStore, ledger: Ledger, parts: Sequence[Path] | None = None) -> None:
+    """``tokens.parquet`` of a complete causal-LM scan from its token parts (``parts``: default, the store's own
+    shard parts), with the uncertainty-tier thresholds computed in the same pass and stored in its footer, so
+    that no reader needs a pass over the table (``hardmine.tokens``)."""
+    tiers = TierAccumulator()
+    store.write_tokens(
+        len(ledger.shards), token_schema(ledger.id_kind or "int"),
+        on_part=lambda t: tiers.update(t["is_target"], t["loss"]),
+        footer=lambda: {TIERS_METADATA_KEY: json.dumps(tiers.thresholds().to_dict())},
+        parts=parts,
+    )

@@ -142,7 +142,8 @@ class Scan:
         # Free each Arrow column as it is converted: the frame is not held twice at a million rows.
         df = table.to_pandas(self_destruct=True, split_blocks=True)
         del table
-        df["correct"] = df["correct"].astype("boolean")
+        if "correct" in df:  # a causal-LM scan has no predictions to be correct
+            df["correct"] = df["correct"].astype("boolean")
         return df
 
     def iter_gradients(self, max_rows: int = BLOCK_ROWS) -> Iterator[Block]:
@@ -329,7 +330,15 @@ class Scan:
         df, used = finalize_scores(stats, grad_scores, config, task)
         if self.config.get("targets") == "predictions":
             _drop_label_columns(df)  # before slicing: no true labels, no slices or label issues
-        slices_meta = annotate_manifest(df, self.iter_gradients, self.engine_metadata.get("layout"), int(self.config["seed"]), self.path)
+        if task is TaskKind.CAUSAL_LM:
+            for c in CLASS_ONLY:  # no classes: the columns do not exist (del: no copy of the frame)
+                if c in df:
+                    del df[c]
+            slices_meta = None
+        else:
+            slices_meta = annotate_manifest(
+                df, self.iter_gradients, self.engine_metadata.get("layout"), int(self.config["seed"]), self.path
+            )
         meta = self._manifest_metadata(config, used, k) | {"slices": slices_meta}
         finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
                         temperature=config.temperature, cap=config.cap)
@@ -367,6 +376,9 @@ class Scan:
             "scores": {name: s.to_dict() for name, s in SCORE_TABLE.items()},
         }
 
+
+# The gradient scores that need classes: a causal-LM manifest leaves them out (the global ones stay).
+CLASS_ONLY = ("class_divergence", "class_divergence_plain", "class_distance", "neighbor_disagreement")
 
 # The columns that need true labels: null in an unlabelled scan (the targets were the model's predictions).
 UNLABELLED_NULL = ("label", "correct", "confident_error", "near_miss", "neighbor_disagreement")

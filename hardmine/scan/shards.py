@@ -3,7 +3,8 @@
 
 A shard is ``shards/grads-NNNNN.npy`` (float32 ``(rows, out_dim)``, memory-mapped when read) plus
 ``shards/stats-NNNNN.parquet`` (one row of per-sample statistics per gradient row), recorded in the ledger
-once both files are complete.
+once both files are complete; a causal-LM scan writes the shard's token rows (``shards/tokens-NNNNN.parquet``,
+``hardmine.lm``) first, so every recorded shard has them.
 """
 
 from __future__ import annotations
@@ -78,14 +79,18 @@ class ShardWriter:
         self._z: list[np.ndarray] = []
         self._stats: list[dict[str, Any]] = []
         self._digests: list[str] = []
+        self._tokens: list[pa.Table] = []  # causal-LM scans: the token rows of the buffered batches
 
     @property
     def rows(self) -> int:
         """Rows buffered for the next shard."""
         return sum(len(z) for z in self._z)
 
-    def add(self, z: np.ndarray, stats: dict[str, Any], digest: str) -> None:
-        """One batch: its gradients ``(B, out_dim)``, per-sample statistics and data digest."""
+    def add(self, z: np.ndarray, stats: dict[str, Any], digest: str, tokens: pa.Table | None = None) -> None:
+        """One batch: its gradients ``(B, out_dim)``, per-sample statistics, data digest and (causal-LM
+        scans) its rows of the token table."""
+        if tokens is not None:
+            self._tokens.append(tokens)
         self._z.append(z)
         self._stats.append(stats)
         self._digests.append(digest)
@@ -98,13 +103,15 @@ class ShardWriter:
         i = len(self.ledger.shards)
         z = np.concatenate(self._z)  # (shard rows, out_dim): one shard, the memory bound
         r0 = rows_end - len(z)
+        if self._tokens:  # before the ledger records the shard (see ScanStore.write_token_part)
+            self.store.write_token_part(i, pa.concat_tables(self._tokens))
         grads, stats = self.store.write_shard(i, z, stats_table(self._stats))
         self.ledger.shards.append(
             ShardRecord(i, (first_batch, end_batch), (r0, rows_end), digest_of(self._digests), grads, stats)
         )
         self.store.write_ledger(self.ledger)
         logger.debug("wrote shard %d: rows %d-%d", i, r0, rows_end)
-        self._z, self._stats, self._digests = [], [], []
+        self._z, self._stats, self._digests, self._tokens = [], [], [], []
 
 
 def digest_of(digests: list[str]) -> str:

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "SCAN_FILE",
     "SCAN_FORMAT_VERSION",
     "SHARDS_DIR",
+    "TOKENS_FILE",
     "ScanStore",
     "jsonable",
     "read_json",
@@ -50,9 +52,10 @@ PROGRESS_FILE = "progress.json"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.parquet"
 RANKS_DIR = "ranks"  # a distributed scan's per-rank parts, ranks/NNNNN/ (hardmine.scan.distributed)
+TOKENS_FILE = "tokens.parquet"  # causal-LM scans: one row per token (schema: hardmine.lm.token_schema)
 LOCK_FILE = ".lock"  # held (flock) by the one job writing the directory; its text says who
 SCAN_FORMAT_VERSION = 1
-OWNED = (SCAN_FILE, PROGRESS_FILE, SHARDS_DIR, RANKS_DIR, *INDEX_FILES, MANIFEST_FILE)  # what overwrite=True removes
+OWNED = (SCAN_FILE, PROGRESS_FILE, SHARDS_DIR, RANKS_DIR, *INDEX_FILES, MANIFEST_FILE, TOKENS_FILE)  # what overwrite=True removes
 
 
 def jsonable(v: Any) -> Any:
@@ -225,6 +228,55 @@ class ScanStore:
         with atomic_path(self.path / stats_name) as tmp:
             pq.write_table(stats, tmp)
         return grads, stats_name
+
+    def token_part(self, i: int) -> Path:
+        """Shard ``i``'s rows of the token table (causal-LM scans), written with the shard."""
+        return self.path / SHARDS_DIR / f"tokens-{i:05d}.parquet"
+
+    def write_token_part(self, i: int, table: pa.Table) -> None:
+        """Write shard ``i``'s token rows atomically, before the shard is recorded: a recorded shard always
+        has its part, so a resumed scan never lacks one."""
+        self.make_shards_dir()
+        with atomic_path(self.token_part(i)) as tmp:
+            pq.write_table(table, tmp)
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.path / TOKENS_FILE
+
+    def write_tokens(
+        self,
+        n_shards: int,
+        schema: pa.Schema,
+        on_part: Callable[[pa.Table], None] | None = None,
+        footer: Callable[[], Mapping[str, str]] | None = None,
+        parts: Sequence[Path] | None = None,
+    ) -> None:
+        """Stream the token parts into ``tokens.parquet`` (atomically), one row group per part row group, so only
+        one of them is in memory at a time; the parts are removed afterwards. ``parts``: the part files in scan
+        order (default: this directory's ``n_shards`` shard parts; a distributed scan passes every rank's).
+        ``on_part`` sees each table as it is written (e.g. to accumulate statistics over all tokens in one pass)
+        and ``footer()``, called before the file is closed, returns key-value metadata to store in its footer."""
+        parts = [self.token_part(i) for i in range(n_shards)] if parts is None else list(parts)
+        missing = [p.name for p in parts if not p.is_file()]
+        if missing:
+            raise ValueError(
+                f"{self.path}: the token rows of shard(s) {missing[:3]} are missing, so tokens.parquet cannot be "
+                "written; rerun the scan with overwrite=True."
+            )
+        with atomic_path(self.tokens_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+            for p in parts:
+                pf = pq.ParquetFile(p)
+                for g in range(pf.num_row_groups):
+                    table = pf.read_row_group(g).cast(schema)
+                    writer.write_table(table, row_group_size=max(1, table.num_rows))
+                    if on_part is not None:
+                        on_part(table)
+                    del table
+            if footer is not None:
+                writer.add_key_value_metadata(dict(footer()))
+        for p in parts:
+            p.unlink(missing_ok=True)
 
     def remove_manifest(self) -> None:
         """Drop the manifest before new scores are computed: a stale one must not outlive them."""
