@@ -1,0 +1,187 @@
+"""After the first batch, a factored pass makes no host synchronisation (a CPU-visible proxy for the GPU).
+
+On a GPU every ``.item()``, ``bool(tensor)``, ``nonzero``, tensor built on the host or device-to-host read
+stalls the host until the device has caught up, and a pass made of hundreds of small kernels then runs at
+the speed of the host. None of that costs anything on the CPU, but the operators that cause it are the same
+and ``torch.profiler`` records them: the steady-state passes below (a second and third batch after a warm-up
+batch, which may check the plan and the data on the host) must call none of
+
+* ``aten::item`` / ``aten::_local_scalar_dense`` (``.item()``, ``int(t)``, ``float(t)``),
+* ``aten::is_nonzero`` (``bool(t)``, ``if t:``), ``aten::nonzero`` (and boolean-mask indexing),
+* ``aten::equal`` (``torch.equal``, a Python bool),
+* ``aten::lift_fresh`` (``torch.tensor(...)``, ``torch.from_numpy(...)``: a tensor built on the host, which a
+  GPU pass then copies to the device),
+
+and must not read tensor data on the host (``Tensor.numpy`` / ``tolist``, counted by wrapping them) except
+where the pass reads its deferred check flags (``batches.DeferredChecks.poll``: on a GPU a pinned copy
+whose CUDA event has completed, which costs no wait). The same counts of the model's own forward and
+backward are the baseline for models that sync by themselves (Hugging Face attention masks do).
+
+Models: the three of ``scripts/bench_extract.py`` (their definitions, small batches), the MLP also with
+mse and multi-label targets, and a tiny random GPT-2 when ``transformers`` is installed.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from hardmine.engine import GradientExtractor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_extract as be  # noqa: E402
+
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::equal")
+HOST_BUILT = "aten::lift_fresh"
+ALLOWED_READS = ("poll",)  # batches.DeferredChecks.poll reads its (pinned, completed) flags
+
+
+@contextmanager
+def _host_reads() -> Iterator[Counter]:
+    """Count ``Tensor.numpy`` / ``Tensor.tolist`` calls by caller (``file:function``), outside the allowed."""
+    seen: Counter = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in ("numpy", "tolist")}
+
+    def wrap(name: str, fn: Callable) -> Callable:
+        def counted(self, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            if not (caller.filename.endswith("batches.py") and caller.name in ALLOWED_READS):
+                seen[f"Tensor.{name} in {Path(caller.filename).name}:{caller.name}"] += 1
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, wrap(name, fn))
+        yield seen
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def sync_calls(step: Callable[[], object], times: int = 2) -> tuple[Counter, int]:
+    """``(Counter of host-syncing calls, number of aten::mm/addmm/bmm calls)`` of ``step()`` run ``times``
+    times under the profiler (the second count shows the profiler saw the pass at all)."""
+    with _host_reads() as reads, profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(times):
+            step()
+    found: Counter = Counter(reads)
+    matmuls = 0
+    for e in prof.key_averages():
+        if e.key in SYNC_OPS or e.key == HOST_BUILT:
+            found[e.key] += e.count
+        if e.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            matmuls += e.count
+    return found, matmuls
+
+
+def test_the_counter_sees_every_kind_of_sync():
+    # The proxy itself: each forbidden call is counted (so an empty count below means none happened).
+    t = torch.arange(6.0).reshape(2, 3)
+
+    def step():
+        t.sum().item()
+        bool(t.any())
+        t[t > 2].sum()  # boolean-mask indexing runs nonzero
+        torch.equal(t, t)
+        torch.tensor([1.0, 2.0])
+        t.numpy()
+        return t @ t.T
+
+    found, matmuls = sync_calls(step, times=1)
+    for key in (*SYNC_OPS, HOST_BUILT):
+        assert found[key] >= 1, key
+    assert any(k.startswith("Tensor.numpy") for k in found) and matmuls >= 1
+
+
+def _bench_batch(name: str, batch: int, seed: int):
+    model, data = be.build(name, batch, seed=0)  # the same model whatever the data seed
+    _, fresh = be.build(name, batch, seed=seed)
+    return model, fresh if seed else data
+
+
+@pytest.mark.parametrize("name", be.MODELS)
+def test_factored_pass_makes_no_host_sync_after_the_first_batch(name):
+    model, first = _bench_batch(name, 4, 0)
+    model.eval()
+    second, third = _bench_batch(name, 4, 1)[1], _bench_batch(name, 4, 2)[1]
+    ext = GradientExtractor(model, dim=16, seed=0, engine="factored", loss_fn="cross_entropy")
+    ext(first)  # warm-up: the plan and the first batch are checked on the host
+    batches = iter([second, third])
+    found, matmuls = sync_calls(lambda: ext(next(batches)))
+    assert matmuls > 0
+    assert found == Counter(), f"{name}: host syncs in a steady-state factored pass: {dict(found)}"
+    # and the model alone makes none either (so the pass adds none to a training step's count)
+    model.train()
+    plain, _ = sync_calls(lambda: F.cross_entropy(be._call(model, second[0]), second[1]).backward(), times=1)
+    assert plain == Counter()
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_factored_pass_with_float_targets_makes_no_host_sync(loss):
+    model = be.MLP().eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = torch.randn(4, 784, generator=g)
+        y = torch.randn(4, 10, generator=g) if loss == "mse" else torch.randint(0, 2, (4, 10), generator=g).float()
+        return x, y
+
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn=loss)
+    ext(batch())
+    found, _ = sync_calls(lambda: ext(batch()))
+    assert found == Counter(), dict(found)
+
+
+def test_a_bad_later_batch_is_still_refused_without_syncing_good_ones():
+    # The checks moved to the device still refuse bad data: on the CPU in the batch's own call.
+    model = be.MLP().eval()
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    x, y = torch.randn(4, 784), torch.tensor([0, 1, 2, 3])
+    ext((x, y))
+    with pytest.raises(ValueError, match=r"label 10 is out of range"):
+        ext((x, torch.tensor([0, 10, 2, 3])))
+    bad = x.clone()
+    bad[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf values in 1 sample\(s\) \(first at batch position 2\)"):
+        ext((bad, y))
+    # Finite, but its sum overflows: flagged on the device, then cleared by the exact check on the host.
+    huge = torch.full((4, 784), 3e38)
+    assert ext((huge, y)).z.shape == (4, ext.out_dim)
+    ext.flush_checks()
+    assert ext((x, y)).z.shape == (4, ext.out_dim)  # and the extractor keeps working after each refusal
+
+
+def test_gpt2_factored_pass_adds_no_host_sync_to_the_model():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=60, n_positions=8, n_embd=16, n_layer=2, n_head=2, num_labels=3, pad_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        return {"input_ids": torch.randint(1, 60, (4, 8), generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+
+    ext = GradientExtractor(model, dim=16, engine="factored")
+    ext(batch())
+    found, matmuls = sync_calls(lambda: ext(batch()))
+    b = batch()
+    own, _ = sync_calls(
+        lambda: F.cross_entropy(model(input_ids=b["input_ids"]).logits, b["labels"]).backward(), times=2
+    )
+    assert matmuls > 0
+    extra = {k: n - own[k] for k, n in found.items() if n > own[k]}
+    assert extra == {}, f"host syncs the factored pass adds to GPT-2's own ({dict(own)}): {extra}"
