@@ -58,6 +58,7 @@ __all__ = [
     "split_batch_ids",
     "split_unlabelled",
     "to_device",
+    "to_host_async",
     "validate_batch",
     "validate_inputs",
     "validate_output",
@@ -177,6 +178,27 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (tuple, list)):
         return tuple(to_device(v, device) for v in obj)
     return obj
+
+
+def to_host_async(tensors: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+    """``(host copies, CUDA event or None)``: CUDA tensors are copied into pinned host memory without blocking
+    and the event completes once the copies have landed (``event.query()`` polls, ``event.synchronize()``
+    waits); host tensors are returned detached as they are (event None: readable at once). Read the copies
+    (e.g. ``.numpy()``) only after the event."""
+    out: list[torch.Tensor] = []
+    event = None
+    for t in tensors:
+        t = t.detach()
+        if t.device.type == "cuda":
+            out.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
+            event = event or torch.cuda.Event()
+        elif t.device.type == "cpu":
+            out.append(t)
+        else:  # another accelerator: an ordinary (blocking) copy
+            out.append(t.cpu())
+    if event is not None:
+        event.record()  # on the current stream, after the copies
+    return out, event
 
 
 # ------------------------------------------------------------------------------------------ calling
@@ -480,14 +502,8 @@ class DeferredChecks:
         if not flags:
             return
         bad = flags[0] if len(flags) == 1 else torch.stack(flags).any()  # () bool on the data's device
-        event = None
-        if bad.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(bad, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            bad = host
-        self._pending.append((bad, event, recheck))
+        (host,), event = to_host_async([bad])
+        self._pending.append((host, event, recheck))
 
     def poll(self, wait: bool = False) -> None:
         """Read the flags whose batches the device has finished (all of them with ``wait``), oldest first;
