@@ -170,9 +170,12 @@ def input_leaves(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
 
 def to_device(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor moved to ``device`` (tensors already there are returned as they are);
-    mappings become dicts and lists become tuples, anything else is passed through."""
+    mappings become dicts and lists become tuples, anything else is passed through. A pinned tensor (e.g. from
+    a ``DataLoader(pin_memory=True)``) goes to a GPU without blocking the host."""
     if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device)
+        if obj.device == device:
+            return obj
+        return obj.to(device, non_blocking=torch.device(device).type == "cuda" and obj.is_pinned())
     if isinstance(obj, Mapping):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
