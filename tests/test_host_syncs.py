@@ -253,3 +253,86 @@ def test_online_bad_labels_after_the_first_step_are_refused_before_any_state_cha
     assert miner.step == 1 and miner.n_samples == 4  # the bad batch recorded nothing (on the CPU)
     miner.observe(x, y, [0, 1, 2, 3])  # and the miner keeps working
     assert miner.step == 2
+
+
+# ----------------------------------------------------------------------------------------- on a GPU
+def _cuda_waits(step: Callable[[], object], times: int = 2) -> Counter:
+    """Host waits recorded on a GPU: stream/event synchronisations and the syncing aten ops (the profiler's
+    own device synchronisations at start and stop are left out)."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(times):
+            step()
+    waits = ("cudaStreamSynchronize", "cudaEventSynchronize", *SYNC_OPS, HOST_BUILT)
+    return Counter({e.key: e.count for e in prof.key_averages() if e.key in waits and e.count})
+
+
+def _cuda_or_skip() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
+
+
+@pytest.mark.needs_hardware
+@pytest.mark.parametrize("name", be.MODELS)
+def test_on_a_gpu_the_steady_state_pass_never_waits_for_the_device(name):
+    dev = _cuda_or_skip()
+    model, first = _bench_batch(name, 64, 0)
+    model = model.to(dev).eval()
+    batches = [be.to_device(_bench_batch(name, 64, s)[1], dev) for s in (1, 2)]
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    ext(be.to_device(first, dev))
+    torch.cuda.synchronize()
+    it = iter(batches)
+    waits = _cuda_waits(lambda: ext(next(it)))
+    assert waits == Counter(), f"{name}: {dict(waits)}"
+    ext.flush_checks()
+
+
+@pytest.mark.needs_hardware
+@pytest.mark.parametrize("layers", ["output", "all"])
+@pytest.mark.parametrize("name", be.MODELS)
+def test_on_a_gpu_observe_never_waits_for_the_device(name, layers):
+    dev = _cuda_or_skip()
+    model, first = _bench_batch(name, 64, 0)
+    model = model.to(dev).eval()
+    miner = OnlineMiner(
+        model, layers=_last_linear(model) if layers == "output" else None, dim=16, weighting={"warmup_steps": 1}
+    )
+    ids = torch.arange(64)
+    for s in (0, 3):
+        x, y = be.to_device(_bench_batch(name, 64, s)[1], dev)
+        miner.observe(x, y, ids).weighted_loss().backward()
+    torch.cuda.synchronize()
+    it = iter([be.to_device(_bench_batch(name, 64, s)[1], dev) for s in (1, 2)])
+
+    def step():
+        x, y = next(it)
+        miner.observe(x, y, ids).weighted_loss().backward()
+
+    waits = _cuda_waits(step)
+    assert waits == Counter(), f"{name}/{layers}: {dict(waits)}"
+    assert miner.n_samples == 64
+
+
+@pytest.mark.needs_hardware
+def test_on_a_gpu_bad_later_batches_are_refused_not_device_asserts():
+    dev = _cuda_or_skip()
+    model = be.MLP().to(dev).eval()
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    x, y = torch.randn(8, 784, device=dev), torch.arange(8, device=dev)
+    ext((x, y))
+    # Raised by the call itself if the device has already finished it when the call ends, else by flush_checks.
+    with pytest.raises(ValueError, match=r"label 12 is out of range"):
+        ext((x, torch.full((8,), 12, device=dev)))  # out of range: the loss runs on clamped labels
+        ext.flush_checks()
+    bad = x.clone()
+    bad[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"first at batch position 3"):
+        ext((bad, y))
+        ext.flush_checks()
+    assert torch.isfinite(ext((x, y)).z).all()  # the device is still usable
+    miner = OnlineMiner(model, layers="net.4", dim=16)
+    miner.observe(x, y, list(range(8)))
+    with pytest.raises(ValueError, match=r"label 12 is out of range"):
+        miner.observe(x, torch.full((8,), 12, device=dev), list(range(8, 16)))
+        miner.manifest()
