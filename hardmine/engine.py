@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import DeferredChecks, check_target, split_batch, validate_batch, validate_inputs, validate_output
+from .batches import (
+    DeferredChecks,
+    check_target,
+    split_batch,
+    validate_batch,
+    validate_inputs,
+    validate_output,
+)
 from .checks import as_module, positive_int, projection_kind
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads
