@@ -34,13 +34,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from hardmine.batches import call_model
 from hardmine.engine import GradientExtractor
 from hardmine.online import OnlineMiner, WeightingConfig
+from hardmine.online import dynamics as online_dynamics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_extract as be  # noqa: E402
@@ -130,7 +133,7 @@ def test_factored_pass_makes_no_host_sync_after_the_first_batch(name):
     assert found == Counter(), f"{name}: host syncs in a steady-state factored pass: {dict(found)}"
     # and the model alone makes none either (so the pass adds none to a training step's count)
     model.train()
-    plain, _ = sync_calls(lambda: F.cross_entropy(be._call(model, second[0]), second[1]).backward(), times=1)
+    plain, _ = sync_calls(lambda: F.cross_entropy(call_model(model, second[0]), second[1]).backward(), times=1)
     assert plain == Counter()
 
 
@@ -198,10 +201,17 @@ def _last_linear(model: torch.nn.Module) -> str:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
 
 
+@pytest.fixture
+def device_path(monkeypatch):
+    """The online miner's GPU path on the CPU: statistics, weights and dynamics as tensor ops where the batch
+    is (the CPU itself takes the NumPy path, ``dynamics.HOST_STATS_DEVICES``, which is cheaper there)."""
+    monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ())
+
+
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("layers", ["output", "all"])
 @pytest.mark.parametrize("name", be.MODELS)
-def test_online_observe_makes_no_host_sync_after_the_first_step(name, layers, keep):
+def test_online_observe_makes_no_host_sync_after_the_first_step(name, layers, keep, device_path):
     model, first = _bench_batch(name, 6, 0)
     model.eval()  # no dropout/BatchNorm in the bench models; eval keeps the observation deterministic
     miner = OnlineMiner(
@@ -229,7 +239,7 @@ def test_online_observe_makes_no_host_sync_after_the_first_step(name, layers, ke
     assert miner.n_samples == 6 and len(miner.manifest()) == 6  # and the dynamics were all recorded
 
 
-def test_online_regression_observe_makes_no_host_sync():
+def test_online_regression_observe_makes_no_host_sync(device_path):
     model = be.MLP()
     miner = OnlineMiner(model, layers="net.4", dim=16, loss_fn="mse", weighting={"warmup_steps": 0})
     g = torch.Generator().manual_seed(0)
@@ -243,7 +253,10 @@ def test_online_regression_observe_makes_no_host_sync():
     assert found == Counter(), dict(found)
 
 
-def test_online_bad_labels_after_the_first_step_are_refused_before_any_state_changes():
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_online_bad_labels_after_the_first_step_are_refused_before_any_state_changes(path, monkeypatch):
+    if path == "device":
+        monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ())
     model = be.MLP()
     miner = OnlineMiner(model, layers="net.4", dim=16)
     x, y = torch.randn(4, 784), torch.tensor([0, 1, 2, 3])
@@ -253,6 +266,58 @@ def test_online_bad_labels_after_the_first_step_are_refused_before_any_state_cha
     assert miner.step == 1 and miner.n_samples == 4  # the bad batch recorded nothing (on the CPU)
     miner.observe(x, y, [0, 1, 2, 3])  # and the miner keeps working
     assert miner.step == 2
+
+
+
+@pytest.mark.parametrize(("task", "classes"), [("class", 4), ("class", 70), ("binary", 1), ("regression", 3)])
+def test_online_device_path_equals_the_host_path(task, classes, monkeypatch):
+    # The GPU path (tensor ops, asynchronous dynamics) and the CPU path (NumPy) compute the same statistics,
+    # weights, directions and manifest; 70 classes take the gathered agreement and the scatter update.
+    def run(host: bool):
+        monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ("cpu",) if host else ())
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes))
+        cfg = WeightingConfig(strength=2.5, momentum=0.8, warmup_steps=1, min_weight=0.5, max_weight=2.0)
+        miner = OnlineMiner(model, layers=None, dim=16, weighting=cfg, keep_gradients=True,
+                            loss_fn="mse" if task == "regression" else None)
+        g = torch.Generator().manual_seed(1)
+        stats = []
+        for step in range(5):
+            x = torch.randn(10, 12, generator=g)
+            if task == "regression":
+                y = torch.randn(10, classes, generator=g)
+            else:
+                y = torch.randint(0, 2 if task == "binary" else min(classes, 5), (10,), generator=g)
+            ids = [(step * 7 + i) % 23 for i in range(10)]  # ids repeat across (and within) batches
+            if step == 3:
+                ids[4] = ids[2]
+            s = miner.observe(x, y, ids)
+            stats.append(s)
+        return miner, stats
+
+    (m_host, s_host), (m_dev, s_dev) = run(True), run(False)
+    for a, b in zip(s_host, s_dev):
+        for field in ("weights", "agreement", "global_agreement", "confidence", "margin", "logit_margin", "grad_norm"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None), field
+            if x is not None:
+                torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-9, msg=field)
+        assert (a.correct is None) == (b.correct is None)
+        if a.correct is not None:
+            assert torch.equal(a.correct, b.correct)
+    torch.testing.assert_close(m_dev._dirs.dirs, m_host._dirs.dirs, rtol=1e-6, atol=1e-9)
+    assert torch.equal(m_dev._dirs.seen, m_host._dirs.seen)
+    df_h, df_d = m_host.manifest(), m_dev.manifest()
+    assert list(df_h.columns) == list(df_d.columns) and len(df_h) == len(df_d) == m_dev.n_samples
+    for column in df_h.columns:
+        if df_h[column].dtype.kind == "f":
+            np.testing.assert_allclose(df_d[column], df_h[column], rtol=1e-6, atol=1e-9, err_msg=column)
+        elif column != "weight":
+            assert (df_d[column] == df_h[column]).all() or df_h[column].isna().all(), column
+    ids_h, z_h = m_host.gradients()
+    ids_d, z_d = m_dev.gradients()
+    assert (ids_h == ids_d).all()
+    np.testing.assert_allclose(z_d, z_h, rtol=1e-6, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------------------- on a GPU

@@ -33,7 +33,18 @@ import torch
 from ..batches import to_host_async
 from ..enums import TaskKind
 
-__all__ = ["COL", "LAST_COLUMNS", "RUNNING", "DeviceBatch", "HostBatch", "SampleDynamics", "device_batch"]
+__all__ = [
+    "COL",
+    "HOST_STATS_DEVICES",
+    "LAST_COLUMNS",
+    "RUNNING",
+    "DeviceBatch",
+    "HostBatch",
+    "SampleDynamics",
+    "device_batch",
+    "host_batch",
+    "stats_on_host",
+]
 
 
 # Last-seen values per sample, one row per id (float64 matrix, column order below).
@@ -65,13 +76,25 @@ RUNNING: dict[str, tuple[Any, Any]] = {
 }
 
 
+# Device types whose per-step values are computed with NumPy on the host (host_batch) rather than with tensor
+# ops where the batch is (device_batch): on the CPU there is no sync to save, and a few dozen small tensor
+# ops cost more than NumPy's. Everything else (CUDA) takes the device path, which never waits for the device.
+HOST_STATS_DEVICES: tuple[str, ...] = ("cpu",)
+
+
+def stats_on_host(device: torch.device) -> bool:
+    """Whether a batch on ``device`` takes the host path (:data:`HOST_STATS_DEVICES`, read at each call)."""
+    return device.type in HOST_STATS_DEVICES
+
+
 @dataclass
 class HostBatch:
-    """One batch's per-sample values on the host (numpy, float64 unless noted), as the dynamics record them."""
+    """One batch's per-sample values on the host (numpy, float64 unless noted)."""
 
-    last: np.ndarray  # (B, L) in LAST_COLUMNS order
+    last: np.ndarray  # (B, L) in LAST_COLUMNS order (last_weight / last_step filled in by the caller)
     logit_margin: np.ndarray  # (B,)
     correct: np.ndarray | None  # (B,) bool; None for regression
+    inv: np.ndarray | None = None  # (B,) 1/|z_b|, 0 for a zero or non-finite gradient (which casts no vote)
 
 
 @dataclass
@@ -82,6 +105,76 @@ class DeviceBatch:
     logit_margin: torch.Tensor  # (B,)
     correct: torch.Tensor | None  # (B,) bool; None for regression
     inv: torch.Tensor  # (B,) 1/|z_b|, 0 for a zero or non-finite gradient (which casts no vote)
+
+
+def host_batch(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    loss: torch.Tensor,
+    sq: torch.Tensor,
+    z_norm: torch.Tensor,
+    along: torch.Tensor,
+    *,
+    is_class: bool,
+    gathered: bool,
+    by_class: bool,
+) -> HostBatch:
+    """Copy what the weights and dynamics need to the host in one transfer and compute the agreement and
+    the output statistics there with NumPy (offline definitions, ``hardmine.score``): the CPU path
+    (``HOST_STATS_DEVICES``), where the copy is free and NumPy is cheaper than many small tensor ops.
+    :func:`device_batch` computes the same on a GPU without a host sync.
+
+    ``z_norm``, ``along``: from ``Directions.along`` (``gathered``: its ``(B, 2)`` form, the sample's class
+    column first); ``by_class``: the agreement that sets the weight is the class one, else the global one.
+    """
+    b = out.shape[0]
+    logits = out.detach().reshape(b, -1)  # (B, C) or (B, outputs)
+    cols = [loss.detach().unsqueeze(1), sq.unsqueeze(1), z_norm.unsqueeze(1), along, logits]
+    host = torch.cat(cols, dim=1).cpu().numpy().astype(np.float64)  # (B, 3 + R' + C): one transfer
+    tgt = target.detach().cpu().numpy()
+    loss_h, sq_h, norm_h = host[:, 0], host[:, 1], host[:, 2]
+    along_h, logits = host[:, 3 : 3 + along.shape[1]], host[:, 3 + along.shape[1] :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / norm_h
+    inv[~np.isfinite(inv)] = 0.0  # a zero or non-finite gradient: no vote, agreement 0
+    rows = np.arange(b)
+    own = along_h[:, 0] if gathered or not is_class else along_h[rows, tgt]  # (B,) the sample's class column
+    with np.errstate(invalid="ignore"):
+        class_a = own * inv
+        global_a = along_h[:, -1] * inv
+    last = np.full((b, len(LAST_COLUMNS)), np.nan)
+    last[:, COL["loss"]] = loss_h
+    last[:, COL["grad_norm"]] = np.sqrt(np.maximum(sq_h, 0.0))
+    last[:, COL["global_agreement"]] = global_a
+    by_class = is_class and by_class
+    last[:, COL["agreement"]] = class_a if by_class else global_a
+    if not is_class:
+        last[:, COL["pred"]] = logits[:, 0] if logits.shape[1] == 1 else np.nan
+        t = tgt.reshape(b, -1)  # (B, targets)
+        last[:, COL["label"]] = t[:, 0] if t.shape[1] == 1 else np.nan
+        return HostBatch(last, np.full(b, np.nan), None, inv)
+    last[:, COL["class_agreement"]] = class_a
+    last[:, COL["label"]] = tgt
+    if logits.shape[1] == 1:  # a single-logit binary model: the two-class model [0, z] (losses.class_logits)
+        logits = np.concatenate([np.zeros_like(logits), logits], axis=1)  # (B, 2)
+    top = logits.max(axis=1)  # (B,)
+    lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))  # (B,) log-sum-exp
+    x_y = logits[rows, tgt]
+    conf = np.exp(x_y - lse)  # p[label]
+    pred = logits.argmax(axis=1)  # ties -> lowest class id, as offline
+    others = logits.copy()
+    others[rows, tgt] = -np.inf
+    best_other = others.max(axis=1)
+    logit_margin = x_y - best_other
+    margin = conf - np.exp(best_other - lse)  # softmax is monotone in the logit
+    diff = np.exp(logits - lse[:, None])  # (B, C) softmax
+    diff[rows, tgt] -= 1.0
+    last[:, COL["confidence"]] = conf
+    last[:, COL["pred_confidence"]] = np.exp(top - lse)
+    last[:, COL["margin"]] = margin
+    last[:, COL["pred"]] = pred
+    last[:, COL["el2n"]] = np.linalg.norm(diff, axis=1)  # ||p - onehot||
+    return HostBatch(last, logit_margin, pred == tgt, inv)
 
 
 def _stats_dtype(device: torch.device) -> torch.dtype:

@@ -37,10 +37,10 @@ from ..losses import LossFn, class_logits, loss_name, resolve_loss
 from ..manifest import write_manifest
 from ..params import select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
-from .dynamics import COL, SampleDynamics, device_batch
+from .dynamics import COL, SampleDynamics, device_batch, host_batch, stats_on_host
 from .gradients import StepGradients
 from .manifest import build_manifest
-from .weighting import Directions, WeightingConfig, device_training_weights
+from .weighting import Directions, WeightingConfig, device_training_weights, training_weights
 
 __all__ = ["STATE_FORMAT", "OnlineMiner", "OnlineStats"]
 
@@ -240,34 +240,49 @@ class OnlineMiner:
         if self._dirs is None:
             self._dirs = Directions.new(self._num_classes if is_class else None, self.out_dim, out.device)
         labels = safe if is_class else None
-        # Everything below stays on the device (no host sync per step): the statistics, the weights and the
-        # direction update; the per-sample dynamics are copied to the host without blocking and recorded
-        # when they have landed (a later observe, or any method that reads them).
         z_norm, along = self._dirs.along(step.z, labels)  # against the directions *before* this update
-        batch = device_batch(
-            out,
-            safe,
-            step.loss,
-            step.sq_norm,
-            z_norm,
-            along,
-            is_class=is_class,
-            gathered=self._dirs.gathers,
-            by_class=self.weighting.by_class,
-        )
         self._step += 1
         warm = self._step <= self.weighting.warmup_steps or self.weighting.strength == 0
-        last = batch.last
-        w = device_training_weights(last[:, COL["agreement"]], self.weighting, warm)  # (B,)
-        last[:, COL["last_weight"]] = w
-        last[:, COL["last_step"]].fill_(self._step)  # fill_: no host-built tensor
-        self._dirs.update(step.z, labels, batch.inv, self.weighting.momentum)
-        if id_list is not None:
-            self._dyn.submit(id_list, batch, step.z, task)
-            self._dyn.poll()  # on the CPU: recorded now
+        args = (out, safe, step.loss, step.sq_norm, z_norm, along)
+        kw = {"is_class": is_class, "gathered": self._dirs.gathers, "by_class": self.weighting.by_class}
+        dev = out.device
+        if stats_on_host(dev):
+            # The CPU: one copy that costs nothing, NumPy for the statistics, weights and dynamics.
+            host = host_batch(*args, **kw)
+            w_h = training_weights(host.last[:, COL["agreement"]], self.weighting, warm)  # (B,)
+            host.last[:, COL["last_weight"]] = w_h
+            host.last[:, COL["last_step"]] = self._step
+            lab = host.last[:, COL["label"]].astype(np.int64) if is_class else None
+            assert host.inv is not None
+            self._dirs.update_host(step.z, labels, lab, host.inv, self.weighting.momentum)
+            if id_list is not None:
+                zh = step.z.detach().numpy() if self._dyn.grads is not None else None
+                self._dyn.record(id_list, host, zh, task)
 
-        def col(name: str) -> torch.Tensor:
-            return last[:, COL[name]].clone()  # (B,)
+            def col(name: str) -> torch.Tensor:
+                return torch.from_numpy(host.last[:, COL[name]].copy()).to(dev)
+
+            w = torch.from_numpy(w_h).to(dev)
+            logit_margin = torch.from_numpy(host.logit_margin).to(dev)
+            correct = torch.from_numpy(host.correct).to(dev) if host.correct is not None else None
+        else:
+            # A GPU: everything stays on the device (no host sync per step): the statistics, the weights and
+            # the direction update; the per-sample dynamics are copied to the host without blocking and
+            # recorded once they have landed (a later observe, or any method that reads them).
+            batch = device_batch(*args, **kw)
+            last = batch.last
+            w = device_training_weights(last[:, COL["agreement"]], self.weighting, warm)  # (B,)
+            last[:, COL["last_weight"]] = w
+            last[:, COL["last_step"]].fill_(self._step)  # fill_: no host-built tensor
+            self._dirs.update(step.z, labels, batch.inv, self.weighting.momentum)
+            if id_list is not None:
+                self._dyn.submit(id_list, batch, step.z, task)
+                self._dyn.poll()
+
+            def col(name: str) -> torch.Tensor:
+                return last[:, COL[name]].clone()  # (B,)
+
+            logit_margin, correct = batch.logit_margin, batch.correct
 
         return OnlineStats(
             loss=step.loss,
@@ -279,8 +294,8 @@ class OnlineMiner:
             global_agreement=col("global_agreement"),
             confidence=col("confidence") if is_class else None,
             margin=col("margin") if is_class else None,
-            logit_margin=batch.logit_margin if is_class else None,
-            correct=batch.correct,
+            logit_margin=logit_margin if is_class else None,
+            correct=correct,
             step=self._step,
             warmup=warm,
             path=step.path,
@@ -294,9 +309,10 @@ class OnlineMiner:
     def _validate(
         self, out: torch.Tensor, target: Any
     ) -> tuple[LossFn, LossKind | None, TaskKind, int, list[torch.Tensor], torch.Tensor]:
-        """``(loss, kind, task, batch size, device flags, target to compute on)``. The first observation checks
-        label values on the host; later ones on the device (``batches.label_flag``: a flag and the labels
-        clamped into range, so nothing fails on the device before the flag is read)."""
+        """``(loss, kind, task, batch size, device flags, target to compute on)``. The first observation (and
+        every one on the CPU) checks label values on the host; later ones on a GPU on the device
+        (``batches.label_flag``: a flag and the labels clamped into range, so nothing fails on the device
+        before the flag is read)."""
         check_target(target)
         flags: list[torch.Tensor] = []
         if not torch.is_floating_point(out):
@@ -337,7 +353,7 @@ class OnlineMiner:
                 raise ValueError(
                     f"the model returned {c} logits per sample but num_classes={self._num_classes}."
                 )
-            if self._step == 0:
+            if self._step == 0 or stats_on_host(out.device):  # free on the host
                 check_labels(target, c)
             else:
                 flag, safe = label_flag(target, c)

@@ -253,6 +253,52 @@ class Directions:
         self.dirs = torch.addcmul(sums, self.dirs, keep.to(torch.float32)[:, None])  # keep*old + (1-keep)*mean
         self.seen = self.seen | present
 
+    def update_host(
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor | None,
+        lab: np.ndarray | None,
+        inv: np.ndarray,
+        momentum: float,
+    ) -> None:
+        """:meth:`update` with the per-row bookkeeping in NumPy (the CPU path, ``HOST_STATS_DEVICES``).
+
+        ``labels`` / ``lab``: the class ids on the device / host (``None`` for regression); ``inv``: ``(B,)``
+        ``1/|z_b|``, 0 for a sample that casts no vote (zero or non-finite gradient)."""
+        r = self.rows
+        voted = inv > 0  # (B,)
+        counts = np.zeros(r)
+        counts[-1] = voted.sum()
+        if lab is not None:
+            counts[:-1] = np.bincount(lab[voted], minlength=r - 1)
+        present = counts > 0
+        # Decay per row: 1 (absent: unchanged), 0 (first batch of the row: its mean), momentum otherwise.
+        seen = self.seen.cpu().numpy()  # a CPU tensor on this path: no copy
+        keep = np.where(present, np.where(seen, float(momentum), 0.0), 1.0)  # (R,)
+        coef = (1.0 - keep) / np.maximum(
+            counts, 1.0
+        )  # (R,): turns a row's sum of unit vectors into its share
+        # Per-sample factors: 1/|z_b| (unit vector) times its row's coefficient; row 0 class, row 1 global.
+        zc = z if voted.all() else torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)  # 0 * NaN is NaN
+        b = len(inv)
+        own = inv * (coef[lab] if lab is not None else 0.0)  # (B,) factor of each sample's class row
+        if r <= MASK_ROWS:
+            # Few rows: one (R, B) @ (B, D) matmul does every row's weighted sum at once.
+            mask = np.zeros((r, b), dtype=np.float32)
+            if lab is not None:
+                mask[lab, np.arange(b)] = own
+            mask[-1] = inv * coef[-1]
+            sums = torch.from_numpy(mask).to(z.device) @ zc  # (R, D)
+        else:  # many classes: scatter the class rows, O(B * D) instead of O(R * B * D)
+            f = torch.from_numpy(np.stack([own, inv * coef[-1]]).astype(np.float32)).to(z.device)  # (2, B)
+            sums = torch.zeros_like(self.dirs)  # (R, D)
+            if labels is not None:
+                sums.index_add_(0, labels, zc * f[0][:, None])
+            sums[-1] = f[1] @ zc
+        keep_t = torch.from_numpy(keep.astype(np.float32)).to(z.device)
+        self.dirs = torch.addcmul(sums, self.dirs, keep_t[:, None])  # keep * old + (1 - keep) * mean
+        self.seen = self.seen | torch.from_numpy(present).to(self.seen.device)
+
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """This object's keys of the miner's state (CPU tensors)."""
