@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hardmine.batches import call_model
 from hardmine.online import OnlineMiner, WeightingConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_extract import _call, build, sync, sync_profile, to_device  # noqa: E402  (its models and batches)
+from bench_extract import build, sync, sync_profile, to_device  # noqa: E402  (its models and batches)
 
 MODELS = ("mlp", "cnn")
 OPTIONAL_MODELS = ("transformer",)  # accepted by --models, not run by default
@@ -71,7 +72,7 @@ def make_step(
     if method == "plain":
 
         def step() -> None:
-            loss = F.cross_entropy(_call(model, x), y)
+            loss = F.cross_entropy(call_model(model, x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
