@@ -194,7 +194,8 @@ def to_host_async(tensors: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], 
         t = t.detach()
         if t.device.type == "cuda":
             out.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
-            event = event or torch.cuda.Event()
+            if event is None:
+                event = torch.cuda.Event()
         elif t.device.type == "cpu":
             out.append(t)
         else:  # another accelerator: an ordinary (blocking) copy
