@@ -24,7 +24,7 @@ caller can say which batch was bad; ``None`` gives the bare message.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -37,6 +37,7 @@ from .enums import LossKind, TaskKind
 from .losses import IGNORE_INDEX
 
 __all__ = [
+    "DeferredChecks",
     "IdKind",
     "Inputs",
     "SAMPLE_ID_KEY",
@@ -52,6 +53,7 @@ __all__ = [
     "is_causal_lm",
     "infer_task",
     "input_leaves",
+    "label_flag",
     "model_output_tensor",
     "sample_id_list",
     "sample_ids",
@@ -59,6 +61,7 @@ __all__ = [
     "split_batch_ids",
     "split_unlabelled",
     "to_device",
+    "to_host_async",
     "validate_batch",
     "validate_inputs",
     "validate_output",
@@ -170,14 +173,39 @@ def input_leaves(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
 
 def to_device(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor moved to ``device`` (tensors already there are returned as they are);
-    mappings become dicts and lists become tuples, anything else is passed through."""
+    mappings become dicts and lists become tuples, anything else is passed through. A pinned tensor (e.g. from
+    a ``DataLoader(pin_memory=True)``) goes to a GPU without blocking the host."""
     if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device)
+        if obj.device == device:
+            return obj
+        return obj.to(device, non_blocking=torch.device(device).type == "cuda" and obj.is_pinned())
     if isinstance(obj, Mapping):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
         return tuple(to_device(v, device) for v in obj)
     return obj
+
+
+def to_host_async(tensors: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+    """``(host copies, CUDA event or None)``: CUDA tensors are copied into pinned host memory without blocking
+    and the event completes once the copies have landed (``event.query()`` polls, ``event.synchronize()``
+    waits); host tensors are returned detached as they are (event None: readable at once). Read the copies
+    (e.g. ``.numpy()``) only after the event."""
+    out: list[torch.Tensor] = []
+    event = None
+    for t in tensors:
+        t = t.detach()
+        if t.device.type == "cuda":
+            out.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
+            if event is None:
+                event = torch.cuda.Event()
+        elif t.device.type == "cpu":
+            out.append(t)
+        else:  # another accelerator: an ordinary (blocking) copy
+            out.append(t.cpu())
+    if event is not None:
+        event.record()  # on the current stream, after the copies
+    return out, event
 
 
 # ------------------------------------------------------------------------------------------ calling
@@ -285,15 +313,18 @@ def check_class_target(target: torch.Tensor) -> None:
         raise ValueError(f"classification targets must be 1-D (B,), got shape {tuple(target.shape)}.")
 
 
-def check_multilabel_target(target: torch.Tensor) -> None:
-    """Multi-label (bce) targets: ``(B, C)`` with every value 0 or 1 (any dtype)."""
+def check_multilabel_target(target: torch.Tensor, flags: list[torch.Tensor] | None = None) -> None:
+    """Multi-label (bce) targets: ``(B, C)`` with every value 0 or 1 (any dtype). With ``flags`` the value
+    check appends a device flag instead of raising (see :class:`DeferredChecks`)."""
     if target.ndim != 2:
         raise ValueError(
             f"multi-label (bce) targets must be (B, num_labels) 0/1 rows, got shape {tuple(target.shape)}; for one "
             "class per sample use the default cross-entropy."
         )
     t = target.detach()
-    if not bool(((t == 0) | (t == 1)).all()):
+    if flags is not None:  # deferred: no device sync (see DeferredChecks)
+        flags.append(((t != 0) & (t != 1)).any())
+    elif not bool(((t == 0) | (t == 1)).all()):
         raise ValueError("multi-label (bce) targets must be 0 or 1 for every label; found other values.")
 
 
@@ -302,10 +333,13 @@ def is_causal_lm(loss_kind: LossKind | None) -> bool:
     return loss_kind in (LossKind.CAUSAL_LM, LossKind.CAUSAL_LM_SUM)
 
 
-def check_causal_lm_target(target: torch.Tensor, where: str | None = None) -> None:
+def check_causal_lm_target(
+    target: torch.Tensor, where: str | None = None, flags: list[torch.Tensor] | None = None
+) -> None:
     """Causal-LM labels: integer ``(B, T)`` token ids with ``T >= 2``, ``-100`` where a token is not a target,
     and at least one target per sample after position 0 (the logits at ``t`` predict the label at ``t + 1``,
-    so a label at position 0 is never one). One device sync."""
+    so a label at position 0 is never one). One device sync; with ``flags``, a device flag appended instead
+    (:class:`DeferredChecks`)."""
     pre = _prefix(where)
     if torch.is_floating_point(target) or target.dtype == torch.bool or torch.is_complex(target):
         raise ValueError(f"{pre}causal-LM labels must be integer token ids (-100 = not a target), got dtype {target.dtype}.")
@@ -315,7 +349,9 @@ def check_causal_lm_target(target: torch.Tensor, where: str | None = None) -> No
             f"{tuple(target.shape)}."
         )
     empty = ~(target[:, 1:] != IGNORE_INDEX).any(dim=1)  # (B,)
-    if bool(empty.any()):
+    if flags is not None:
+        flags.append(empty.any())
+    elif bool(empty.any()):
         i = int(empty.nonzero()[0, 0])
         raise ValueError(
             f"{pre}sample at batch position {i} has no target token (every label after position 0 is "
@@ -323,11 +359,16 @@ def check_causal_lm_target(target: torch.Tensor, where: str | None = None) -> No
         )
 
 
-def check_regression_target(target: torch.Tensor, *, finite: bool = True) -> None:
-    """Regression (mse) targets: floating point and, with ``finite``, free of NaN/inf (one device sync)."""
+def check_regression_target(
+    target: torch.Tensor, *, finite: bool = True, flags: list[torch.Tensor] | None = None
+) -> None:
+    """Regression (mse) targets: floating point and, with ``finite``, free of NaN/inf (one device sync; with
+    ``flags``, a device flag appended instead, see :class:`DeferredChecks`)."""
     if not torch.is_floating_point(target):
         raise ValueError(f"regression (mse) targets must be floating point, got dtype {target.dtype}.")
-    if finite and not torch.isfinite(target).all():
+    if finite and flags is not None:
+        flags.append(~torch.isfinite(target.detach().sum()))  # a NaN/inf anywhere makes the sum non-finite
+    elif finite and not torch.isfinite(target).all():
         raise ValueError("regression targets contain NaN/inf; clean or drop those samples.")
 
 
@@ -346,6 +387,17 @@ def check_labels(target: torch.Tensor, num_outputs: int, where: str | None = Non
             f"{_prefix(where)}label {lo if lo < 0 else hi} is out of range for a model with {what} "
             f"(labels must be in [0, {classes - 1}]); check the label column or the model."
         )
+
+
+def label_flag(target: torch.Tensor, num_outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`check_labels` without a device sync: ``(flag, safe_target)``, a 0-d bool tensor that is True when
+    some label lies outside ``[0, classes)`` and the target with its labels clamped into that range. A loss
+    computed on ``safe_target`` cannot fail (on a GPU an out-of-range class id is a device-side assert that
+    ends the process); its results are discarded when the flag is found set (:class:`DeferredChecks`)."""
+    classes = max(num_outputs, 2)  # a single logit is a binary model: labels 0 and 1 (losses.class_logits)
+    t = target.detach()
+    lo, hi = torch.aminmax(t)
+    return (lo < 0) | (hi >= classes), target.clamp(0, classes - 1)
 
 
 def infer_task(loss_kind: LossKind | None, target: torch.Tensor, output: torch.Tensor) -> TaskKind:
@@ -387,8 +439,17 @@ def validate_batch(
     return b
 
 
-def validate_inputs(inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | None) -> int:
-    """The model-free part of ``validate_batch``: batch sizes, NaN/inf inputs, target dtype and shape."""
+def validate_inputs(
+    inputs: Inputs,
+    target: torch.Tensor,
+    loss_kind: LossKind | None,
+    flags: list[torch.Tensor] | None = None,
+) -> int:
+    """The model-free part of ``validate_batch``: batch sizes, NaN/inf inputs, target dtype and shape.
+
+    With ``flags`` (a list), the checks of values (NaN/inf, label values) append 0-d bool device tensors to
+    it instead of reading the data on the host, so the call makes no device sync; shapes and dtypes are
+    still checked at once (:class:`DeferredChecks` says how the flags are read)."""
     leaves = input_leaves(inputs)
     check_target(target)
     if target.ndim == 0:
@@ -403,7 +464,12 @@ def validate_inputs(inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | 
                 "same leading batch dimension as the target."
             )
         # sum() first: any NaN/inf makes it non-finite, and it costs far less than an elementwise check.
-        if torch.is_floating_point(t) and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        # (A deferred flag may also be a sum that overflowed; the recheck on the host tells them apart.)
+        if flags is not None:
+            if torch.is_floating_point(t):
+                wide = torch.float32 if t.element_size() < 4 else None  # a half-precision sum overflows soon
+                flags.append(~torch.isfinite(t.detach().sum(dtype=wide)))
+        elif torch.is_floating_point(t) and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t.reshape(b, -1))).any(dim=1).nonzero().flatten()  # (B, numel) -> rows
             raise ValueError(
                 f"input {name!r} has NaN/inf values in {len(bad)} sample(s) (first at batch position "
@@ -412,17 +478,25 @@ def validate_inputs(inputs: Inputs, target: torch.Tensor, loss_kind: LossKind | 
     if loss_kind is LossKind.CROSS_ENTROPY:
         check_class_target(target)
     elif loss_kind is LossKind.MSE:
-        check_regression_target(target)
+        check_regression_target(target, flags=flags)
     elif loss_kind is LossKind.BCE:
-        check_multilabel_target(target)
+        check_multilabel_target(target, flags)
     elif is_causal_lm(loss_kind):
-        check_causal_lm_target(target)
+        check_causal_lm_target(target, flags=flags)
     return b
 
 
-def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind | None) -> None:
+def validate_output(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    loss_kind: LossKind | None,
+    flags: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Check the model's output (for any number of samples) against the targets, before the loss runs:
-    a differentiable dtype, ``(B, C)`` logits for cross-entropy, and every label in ``[0, C)``."""
+    a differentiable dtype, ``(B, C)`` logits for cross-entropy, and every label in ``[0, C)``.
+
+    Returns the target to compute the loss on: ``target`` itself, or with ``flags`` (no device sync, see
+    :func:`label_flag`) a cross-entropy target whose labels are clamped into range, its flag appended."""
     if not torch.is_floating_point(out):
         raise ValueError(
             f"the model output has dtype {out.dtype}, which is not differentiable; return logits/scores, not "
@@ -433,13 +507,22 @@ def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind
             raise ValueError(
                 f"cross-entropy needs (B, num_classes) logits, the model returned per-sample shape {tuple(out.shape[1:])}."
             )
-        check_labels(target, int(out.shape[1]) if out.ndim == 2 else 1)  # one logit: a binary model
+        num_outputs = int(out.shape[1]) if out.ndim == 2 else 1  # one logit: a binary model
+        if flags is None:
+            check_labels(target, num_outputs)
+        else:
+            flag, target = label_flag(target, num_outputs)
+            flags.append(flag)
     elif is_causal_lm(loss_kind):
         if out.ndim != 3 or out.shape[1] != target.shape[1]:  # out may hold only a probe's first sample
             raise ValueError(
                 f"a causal-LM scan needs (B, T, vocab) logits for (B, T) labels; the model returned per-sample shape "
                 f"{tuple(out.shape[1:])} for labels of per-sample shape {tuple(target.shape[1:])}."
             )
+        if flags is not None:  # no device sync: out-of-range labels are ignored by the loss until the recheck
+            outside = (target != IGNORE_INDEX) & ((target < 0) | (target >= out.shape[2]))  # (B, T)
+            flags.append(outside.any())
+            return target.masked_fill(outside, IGNORE_INDEX)
         real = target[target != IGNORE_INDEX]
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= out.shape[2]):
             bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
@@ -452,3 +535,46 @@ def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind
             f"multi-label (bce) needs one logit per label: the model returned per-sample shape "
             f"{tuple(out.shape[1:])} for targets of per-sample shape {tuple(target.shape[1:])}."
         )
+    return target
+
+
+class DeferredChecks:
+    """Value checks of batches read on the host only when the device has got there: no sync per batch.
+
+    A data check (NaN/inf inputs, labels in range) reads the data on the host, which on a GPU stalls the
+    host until every queued kernel has run. Steady-state passes instead collect 0-d bool device tensors
+    (``flags`` of :func:`validate_inputs` / :func:`validate_output`) and :meth:`submit` them with a
+    ``recheck`` that runs the usual syncing checks. On a GPU the combined flag is copied to pinned host
+    memory without blocking and read once its CUDA event has completed (:meth:`poll`); on the CPU it is
+    read at once. A set flag runs ``recheck``, which raises the usual message (a flag set by a sum that
+    overflowed, with finite data, raises nothing). ``poll(wait=True)`` waits for every batch still queued.
+    """
+
+    def __init__(self) -> None:
+        # (host flag, CUDA event or None, recheck) per submitted batch, oldest first
+        self._pending: list[tuple[torch.Tensor, Any, Callable[[], None]]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def submit(self, flags: list[torch.Tensor], recheck: Callable[[], None]) -> None:
+        if not flags:
+            return
+        bad = flags[0] if len(flags) == 1 else torch.stack(flags).any()  # () bool on the data's device
+        (host,), event = to_host_async([bad])
+        self._pending.append((host, event, recheck))
+
+    def poll(self, wait: bool = False) -> None:
+        """Read the flags whose batches the device has finished (all of them with ``wait``), oldest first;
+        run the recheck of the first set one (its ``ValueError`` propagates; later batches are dropped)."""
+        while self._pending:
+            host, event, recheck = self._pending[0]
+            if event is not None:
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    return
+            self._pending.pop(0)
+            if bool(host.numpy()):  # a host tensor: NumPy reads it without a device round trip
+                self._pending.clear()
+                recheck()

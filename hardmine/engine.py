@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import check_target, split_batch, validate_batch, validate_inputs
+from .batches import (
+    DeferredChecks,
+    check_target,
+    split_batch,
+    validate_batch,
+    validate_inputs,
+    validate_output,
+)
 from .checks import as_module, positive_int, projection_kind
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads
@@ -47,6 +54,21 @@ class ProjectedBatch:
     loss: torch.Tensor  # (B,)
     output: torch.Tensor  # (B, ...) model output (logits)
     grad_norm: torch.Tensor  # (B,) exact L2 norm of the full (unprojected) selected gradient
+
+    def to_host(self) -> ProjectedBatch:
+        """The same batch on the CPU, detached. From a GPU the four tensors are copied into pinned memory
+        without blocking and waited for once (one host sync instead of one per tensor)."""
+        parts = (self.z, self.loss, self.output, self.grad_norm)
+        if all(t.device.type == "cpu" for t in parts):
+            return ProjectedBatch(*(t.detach() for t in parts))
+        host = []
+        for t in parts:
+            cuda = t.device.type == "cuda"
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+            host.append(h.copy_(t.detach(), non_blocking=cuda))
+        for dev in {t.device for t in parts if t.device.type == "cuda"}:
+            torch.cuda.current_stream(dev).synchronize()  # the one wait: the copies were queued after the pass
+        return ProjectedBatch(*host)
 
 
 class GradientExtractor:
@@ -129,6 +151,7 @@ class GradientExtractor:
         self._protect: set[str] = set()
         self._memo: dict[Any, Any] = {}  # per-unit matrices looked up once (see compute_factored)
         self._verified = not units
+        self._checks = DeferredChecks()  # value checks of later batches, read when the device is done
         self._settle_auto()
         self._log_plan()
 
@@ -209,10 +232,21 @@ class GradientExtractor:
             "layout": self.layout.describe(),
         }
 
+    def flush_checks(self) -> None:
+        """Wait for the device and raise the ``ValueError`` of any batch whose value checks failed.
+
+        After the first batch, the factored pass checks values (NaN/inf inputs, labels in range) on the
+        device, without a host sync (:class:`hardmine.batches.DeferredChecks`): on the CPU a bad batch still
+        raises in its own call; on a GPU its error is raised by a later call, once the device has finished
+        it, or here. Call this after the last batch (``hardmine.scan`` does) before trusting the results."""
+        self._checks.poll(wait=True)
+
     def __call__(self, batch: Any) -> ProjectedBatch:
+        self._checks.poll()  # earlier batches whose device work has finished
         z: torch.Tensor | None = None
         sq: torch.Tensor | None = None
         loss = output = None
+        flags: list[torch.Tensor] | None = None
         if self._units:
             with forward_mode(self.model, self.randomness):
                 inputs, target = split_batch(batch)
@@ -225,7 +259,9 @@ class GradientExtractor:
                     b = validate_batch(self.model, inputs, target, kind)
                     self._verify(inputs, b)
                 else:
-                    b = validate_inputs(inputs, target, kind)
+                    # Later batches: shapes checked here, values on the device (no host sync per batch).
+                    flags = []
+                    b = validate_inputs(inputs, target, kind, flags)
                 if self._units:
                     z = self.layout.new_output(b)  # (B, out_dim); Kronecker blocks are written in place
                     fg = compute_factored(
@@ -240,9 +276,12 @@ class GradientExtractor:
                         b,
                         out=z,
                         memo=self._memo,
+                        flags=flags,
                     )
                     fg.write_to(z, self.layout)
                     sq, loss, output = fg.sq_norm, fg.loss, fg.output
+                    if flags:
+                        self._checks.submit(flags, _Recheck(inputs, target, kind, output))
         vmap_names = self._vmap_names
         if vmap_names:
             psg = per_sample_grads(
@@ -263,4 +302,19 @@ class GradientExtractor:
                 loss, output = psg.loss, psg.output
         # At least one parameter is selected, so one of the two branches ran.
         assert z is not None and sq is not None and loss is not None and output is not None
+        self._checks.poll()  # on the CPU this batch's own checks: a bad batch raises in its own call
         return ProjectedBatch(z=z, loss=loss, output=output, grad_norm=sq.clamp_min(0).sqrt())
+
+
+@dataclass
+class _Recheck:
+    """The syncing checks of one batch whose device flags were set: raises their usual message."""
+
+    inputs: Any
+    target: torch.Tensor
+    kind: Any
+    output: torch.Tensor
+
+    def __call__(self) -> None:
+        validate_inputs(self.inputs, self.target, self.kind)
+        validate_output(self.output, self.target, self.kind)

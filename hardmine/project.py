@@ -86,11 +86,13 @@ class Projector:
         self.seed = seed
         self.kind = parse_choice(ProjectionKind, kind, "kind")
         self.max_cache_bytes = int(max_cache_bytes)
-        self._cache: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._cache: dict[tuple[str, int, int, torch.device], torch.Tensor] = {}
         self._cache_bytes = 0
 
     def _block(self, key: str, j: int, rows: int, device: torch.device) -> torch.Tensor:
-        ck = (key, j, rows)
+        # Cached per device: a block cached on another device would be copied on every call, and a copy from
+        # the host to a GPU makes the host wait for the device.
+        ck = (key, j, rows, torch.device(device))
         blk = self._cache.get(ck)
         if blk is None:
             blk = random_block(rows, self.dim, seed=self.seed, key=key, block=j, kind=self.kind).to(device)
@@ -98,8 +100,6 @@ class Projector:
             if self._cache_bytes + nbytes <= self.max_cache_bytes:
                 self._cache[ck] = blk
                 self._cache_bytes += nbytes
-        elif blk.device != device:
-            blk = blk.to(device)
         return blk
 
     def project(self, x: torch.Tensor, key: str = "") -> torch.Tensor:

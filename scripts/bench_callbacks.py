@@ -19,6 +19,11 @@ processes). Writes a list of rows ``{"model", "method", "ms_per_step", "ms_min",
 "ratio_min_to_plain", "path", "out_dim"}`` plus the run settings to
 ``scripts/results/bench_callbacks.json`` and a Markdown table to ``bench_callbacks.md``. ``--quick``: tiny
 batch and rounds, a smoke test (numbers meaningless).
+
+``--device cuda``: models and batches on the GPU (sample ids stay on the host, as a DataLoader gives them),
+every timed step bracketed by ``torch.cuda.synchronize()``, and each row records ``host_syncs_per_step``
+(kernel launches, stream synchronisations, memcpys and syncing aten ops per step, from ``torch.profiler``;
+``bench_extract.sync_profile``). ``--models`` also accepts ``transformer`` (the extraction benchmark's).
 """
 
 from __future__ import annotations
@@ -40,13 +45,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hardmine.batches import call_model
 from hardmine.online import OnlineMiner, WeightingConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_extract import build  # noqa: E402  (the extraction benchmark's models and batches)
+from bench_extract import build, sync, sync_profile, to_device  # noqa: E402  (its models and batches)
 
 MODELS = ("mlp", "cnn")
+OPTIONAL_MODELS = ("transformer",)  # accepted by --models, not run by default
 METHODS = ("plain", "last_layer", "multi_layer")
 TARGETS = {"last_layer": 1.3, "multi_layer": 2.0}
 DIM = 256
@@ -58,14 +65,14 @@ def _last_linear(model: nn.Module) -> str:
 
 
 def make_step(
-    method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    method: str, model: nn.Module, x: Any, y: torch.Tensor
 ) -> tuple[Callable[[], Any], dict]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    ids = torch.arange(len(y))
+    ids = torch.arange(len(y))  # on the host, as a DataLoader yields them
     if method == "plain":
 
         def step() -> None:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(call_model(model, x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -76,7 +83,7 @@ def make_step(
     info: dict[str, Any] = {"path": None, "out_dim": miner.out_dim}
 
     def mined() -> None:
-        stats = miner.observe(x, y, ids)
+        stats = miner.observe(x, y, ids)  # a dict of inputs (the transformer) is passed as keyword arguments
         stats.weighted_loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -86,13 +93,16 @@ def make_step(
 
 
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
     steps, infos = {}, {}
     for method in METHODS:
         model, (x, y) = build(name, args.batch, seed=0)  # a fresh, identical model per method
+        model, x, y = model.to(device), to_device(x, device), y.to(device)
         steps[method], infos[method] = make_step(method, model, x, y)
     for _ in range(args.warmup):
         for method in METHODS:
             steps[method]()
+    syncs = {m: sync_profile(steps[m], device) for m in METHODS} if device.type == "cuda" else {}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     start = time.perf_counter()
     rounds = 0
@@ -100,8 +110,10 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         time.perf_counter() - start < args.min_time and rounds < args.max_rounds
     ):
         for method in METHODS:
+            sync(device)
             t = time.perf_counter()
             steps[method]()
+            sync(device)  # a GPU step is timed to its end, not to its last kernel launch
             times[method].append(time.perf_counter() - t)
         rounds += 1
     rows = []
@@ -119,6 +131,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "ratio_min_to_plain": min(times[method]) / min(times["plain"]),
                 "rounds": rounds,
                 **infos[method],
+                **({"host_syncs_per_step": syncs[method]} if method in syncs else {}),
             }
         )
     return rows
@@ -173,15 +186,22 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: the CPU cores available)"
     )
+    ap.add_argument("--device", default="cpu", help="torch device of the models and batches, e.g. cuda")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_callbacks.json")
     args = ap.parse_args()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        ap.error(f"--device={args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device={args.device} but torch sees no CUDA device here")
     if args.quick:
         args.batch, args.min_time, args.min_rounds, args.warmup, args.threads = 8, 0.0, 2, 1, 1
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in MODELS]
+    bad = [m for m in models if m not in MODELS + OPTIONAL_MODELS]
     if bad:
-        ap.error(f"unknown model(s) {bad}; choose from {list(MODELS)}")
+        ap.error(f"unknown model(s) {bad}; choose from {list(MODELS + OPTIONAL_MODELS)}")
     rows: list[dict[str, Any]] = []
     for name in models:
         rows.extend(run_model(name, args))
@@ -194,6 +214,8 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "device": args.device
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "when": when,
         "quick": args.quick,
         # Other processes on a shared machine distort timings (2-thread runs most): recorded, not hidden.
@@ -202,13 +224,22 @@ def main() -> None:
     _atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     load = ", ".join(f"{v:.1f}" for v in settings["load_avg_1_5_15_at_end"])
     note = (
-        f"\nRun: {when}, torch {torch.__version__}, {settings['machine']}, torch threads "
+        f"\nRun: {when}, torch {torch.__version__}, {settings['machine']}, "
+        f"{'' if args.device == 'cpu' else 'device ' + settings['device'] + ' (steps timed to torch.cuda.synchronize()), '}"
+        "torch threads "
         f"{settings['threads']}, batch {args.batch}, dim {DIM} per weight matrix"
         f"{' (--quick: numbers meaningless)' if args.quick else ''}; load average at the end {load}. Methods "
         "run round-robin; ratio = median over rounds of t(method) / t(plain) within the round; ratio (min) = "
         "fastest step / fastest plain step. last_layer and multi_layer include the weighting (no warm-up) "
         "and per-sample dynamics recorded under sample ids.\n"
     )
+    synced = [r for r in rows if r.get("host_syncs_per_step")]
+    if synced:
+        note += "\nPer step under torch.profiler (kernel launches, host syncs and copies):\n\n" + "\n".join(
+            f"- {r['model']} {r['method']}: "
+            + ", ".join(f"{k} {v:g}" for k, v in sorted(r["host_syncs_per_step"].items()))
+            for r in synced
+        ) + "\n"
     _atomic_write(args.out.with_suffix(".md"), md + "\n" + note)
 
 

@@ -31,6 +31,12 @@ Writes a list of rows ``{"model", "method", "samples_per_s", "ratio_to_train_ste
 "proj_dim"}`` to ``scripts/results/bench_extract.json`` and a Markdown table to ``bench_extract.md``.
 Throughput is ``batch / median seconds per batch`` over repeated timed batches after a warm-up.
 
+``--device cuda`` (or any torch device): the models, batches and projections live there; every timed batch
+is bracketed by ``torch.cuda.synchronize()``, ``peak_extra_mb`` is the device's peak allocation above what
+the model and batch hold, and each train_step/factored row records ``host_syncs_per_batch`` from
+``torch.profiler`` (:func:`sync_profile`: kernel launches, stream/device synchronisations, memcpy calls and
+the syncing aten ops per batch).
+
 ``--keep-heap``: the worker processes run with glibc told to keep freed memory (``MALLOC_MMAP_MAX_=0``,
 ``MALLOC_TRIM_THRESHOLD_`` = 1 GiB), so batches stop page-faulting the heap back in (what a long scan can do
 the same way); ``make bench`` writes that run to ``bench_extract_keep_heap.{json,md}``.
@@ -163,6 +169,60 @@ def build(name: str, batch: int, seed: int = 0) -> tuple[nn.Module, tuple[Any, t
     return Transformer(), ({"input_ids": ids * mask, "attention_mask": mask}, y)
 
 
+def to_device(obj: Any, device: torch.device) -> Any:
+    """A batch (tensor, dict or tuple of them) on ``device``."""
+    if isinstance(obj, dict):
+        return {k: v.to(device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return tuple(to_device(v, device) for v in obj)
+    return obj.to(device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (timing brackets): a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# What makes the host wait on the device (or copy to/from it), as torch.profiler names it.
+SYNC_EVENTS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpy",
+    "cudaMemcpyAsync",
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::nonzero",
+    "aten::equal",
+    "aten::lift_fresh",
+)
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")
+
+
+def sync_profile(step: Any, device: torch.device, batches: int = 3) -> dict[str, float]:
+    """Per batch, over ``batches`` runs of ``step()`` under ``torch.profiler`` (after the caller's warm-up):
+    each of ``SYNC_EVENTS`` seen and ``kernel_launches`` (CUDA). The two brackets' own
+    ``cudaDeviceSynchronize`` calls are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        for _ in range(batches):
+            step()
+        sync(device)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    out = {k: counts[k] / batches for k in SYNC_EVENTS if counts.get(k)}
+    if "cudaDeviceSynchronize" in out:
+        out["cudaDeviceSynchronize"] = max(0.0, (counts["cudaDeviceSynchronize"] - 1) / batches)
+        if not out["cudaDeviceSynchronize"]:
+            del out["cudaDeviceSynchronize"]
+    out["kernel_launches"] = sum(counts.get(k, 0) for k in LAUNCH_EVENTS) / batches
+    return out
+
+
 def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
@@ -261,10 +321,17 @@ def _reset_peak() -> bool:
 
 
 def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
     model, batch = build(model_name, args.batch)
     dim, _ = choose_dim(model, args.target_dim)
+    model, batch = model.to(device), to_device(batch, device)
+    cuda = device.type == "cuda"
+    if cuda:
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before_dev = torch.cuda.memory_allocated(device)
     before = _status_kb("VmRSS")
-    if not _reset_peak():
+    if not cuda and not _reset_peak():
         print("warning: cannot reset VmHWM; peak_extra_mb includes setup", file=sys.stderr)
     step, proj_dim = make_method(method, model, batch, dim, args.target_dim)
     # Warm up for --warmup batches and --warmup-time seconds, whichever is longer: the first few hundred
@@ -274,6 +341,7 @@ def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str,
     while warm < args.warmup or (warm > 0 and time.perf_counter() - t_warm < args.warmup_time):
         step()
         warm += 1
+    sync(device)
     times: list[float] = []
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
@@ -287,25 +355,37 @@ def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str,
     while more():
         start = time.perf_counter()
         step()
+        sync(device)  # a GPU step is timed to its end, not to its last kernel launch
         times.append(time.perf_counter() - start)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / len(times)
-    peak = _status_kb("VmHWM")
-    return {
+    if cuda:
+        peak_mb = (torch.cuda.max_memory_allocated(device) - before_dev) / 2**20
+    else:
+        peak_mb = (_status_kb("VmHWM") - before) / 1024
+    row = {
         "model": model_name,
         "method": method,
         "samples_per_s": args.batch / statistics.median(times),
-        "peak_extra_mb": max(0.0, (peak - before) / 1024),
+        "peak_extra_mb": max(0.0, peak_mb),
         "proj_dim": proj_dim,
         "_iters": len(times),
         "_faults": faults,  # minor page faults per timed batch (memory the allocator got from the OS again)
     }
+    if cuda and method in PAIRED:
+        row["host_syncs_per_batch"] = sync_profile(step, device)
+    return row
 
 
-def check_agreement(model_name: str, target: int, n: int = 8) -> tuple[float, float]:
-    """factored vs naive loop on ``n`` samples: max relative error of the vectors and of the norms."""
+def check_agreement(
+    model_name: str, target: int, n: int = 8, device: torch.device | str = "cpu"
+) -> tuple[float, float]:
+    """factored vs naive loop on ``n`` samples (on ``device``): max relative error of the vectors and of the
+    norms."""
     model, (inputs, y) = build(model_name, n, seed=1)
     model.eval()
     dim, _ = choose_dim(model, target)
+    device = torch.device(device)
+    model, inputs, y = model.to(device), to_device(inputs, device), y.to(device)
     res = GradientExtractor(model, dim=dim, seed=0, engine="factored", loss_fn="cross_entropy")((inputs, y))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     layout = ProjectionLayout(model, names, dim=dim, seed=0)
@@ -383,7 +463,8 @@ def markdown(
     lines += [
         "",
         f"Run: {when}, torch {torch.__version__}, "
-        f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, batch "
+        f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"{'' if args.device == 'cpu' else f'device {_device_name(args.device)}, '}batch "
         f"{args.batch}, target projection dim {args.target_dim}{' (--quick)' if args.quick else ''}; "
         f"median of {args.min_iters} timed batches or more (fewer, >= 1, for rows slower than "
         f"{args.max_time:g} s) after {args.warmup} warm-up batch(es) and >= {args.warmup_time:g} s of "
@@ -403,11 +484,31 @@ def markdown(
         f"Agreement check ({min(8, args.batch)} samples, factored vs naive loop, max relative error of "
         "vectors / norms): " + ", ".join(f"{m} {a[0]:.1e} / {a[1]:.1e}" for m, a in agree.items()),
     ]
+    if args.device != "cpu":
+        lines[-1] += (
+            " On this device, peak extra MB = the device's peak allocation (torch.cuda.max_memory_allocated) "
+            "minus what the model and batch held, and every timed batch ends with torch.cuda.synchronize()."
+        )
+        synced = [r for r in rows if r.get("host_syncs_per_batch")]
+        if synced:
+            lines += ["", "Per batch under torch.profiler (kernel launches, host syncs and copies):", ""]
+            lines += [
+                f"- {r['model']} {r['method']}: "
+                + ", ".join(f"{k} {v:g}" for k, v in sorted(r["host_syncs_per_batch"].items()))
+                for r in synced
+            ]
     if spread:
         where = "each its own process" if args.isolate else "one process"
         lines += ["", f"Repeats, in run order ({where}; page faults: min-max over the repeats):", ""]
         lines += [f"- {v}" for v in spread.values()]
     return "\n".join(lines) + "\n"
+
+
+def _device_name(device: str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(dev)})"
+    return device
 
 
 def main() -> None:
@@ -434,6 +535,7 @@ def main() -> None:
         help="times train_step and factored are measured, alternating (each: median of the repeats)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPU cores)")
+    ap.add_argument("--device", default="cpu", help="torch device of the models and batches, e.g. cuda")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument(
@@ -470,6 +572,12 @@ def main() -> None:
         ap.error(f"--repeats={args.repeats} must be at least 1")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads={args.threads} must be at least 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        ap.error(f"--device={args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device={args.device} but torch sees no CUDA device here")
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     if args.worker:
         print(json.dumps(measure(args.worker[0], args.worker[1], args)))
@@ -482,7 +590,7 @@ def main() -> None:
 
     agree = {}
     for m in models:
-        agree[m] = check_agreement(m, args.target_dim, n=min(8, args.batch))
+        agree[m] = check_agreement(m, args.target_dim, n=min(8, args.batch), device=args.device)
         rel_z, rel_n = agree[m]
         print(f"agreement {m}: factored vs naive loop, max rel. error vectors {rel_z:.1e}, norms {rel_n:.1e}")
         if agree[m][0] > 1e-3 or agree[m][1] > 1e-4:
@@ -501,6 +609,7 @@ def main() -> None:
                 "warmup",
                 "warmup_time",
                 "threads",
+                "device",
             )
             for flag in (f for f in flags if getattr(args, f) is not None):
                 cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -550,7 +659,8 @@ def main() -> None:
             if r["model"] == m:
                 r["ratio_to_train_step"] = (r["samples_per_s"] / base) if base else float("nan")
     keys = ["model", "method", "samples_per_s", "ratio_to_train_step", "peak_extra_mb", "proj_dim"]
-    rows = [{k: r[k] for k in keys} for r in rows]
+    extra = ["host_syncs_per_batch"]  # on a GPU only
+    rows = [{k: r[k] for k in keys + [e for e in extra if e in r]} for r in rows]
     for r in rows:
         r["samples_per_s"] = round(r["samples_per_s"], 1)
         r["ratio_to_train_step"] = round(r["ratio_to_train_step"], 4)

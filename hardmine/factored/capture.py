@@ -418,11 +418,13 @@ def compute_factored(
     b: int,
     out: torch.Tensor | None = None,
     memo: dict[Any, Any] | None = None,
+    flags: list[torch.Tensor] | None = None,
 ) -> FactoredGrads:
     """The pass itself (inputs already validated with ``validate_inputs``, units already probed; ``protect``
     from :func:`probe_units`, whose broadcast modules are expanded here): the hooked forward, the checks and
     :func:`apply_rules`. The output is checked against the targets here, before the
-    loss, so no separate probe forward is needed per batch. ``out`` and ``memo``: see :func:`apply_rules`."""
+    loss, so no separate probe forward is needed per batch. ``out`` and ``memo``: see :func:`apply_rules`.
+    ``flags``: check label values on the device instead (no host sync; see ``batches.validate_output``)."""
     try:
         raw, rec = _hooked_forward(model, inputs, units, protect, b, expand=protect)
     except (ValueError, torch.OutOfMemoryError, MemoryError):
@@ -431,8 +433,8 @@ def compute_factored(
         raise forward_error(inputs, exc) from exc
     with torch.enable_grad():
         output = model_output_tensor(raw)
-        validate_output(output, target, loss_kind)
-        loss = loss_fn(output, target)
+        loss_target = validate_output(output, target, loss_kind, flags)  # clamped labels under `flags`
+        loss = loss_fn(output, loss_target)
     check_per_sample_loss(loss, b)
     problems, modified = check_calls(units, rec, b)
     for name in modified - protect:  # protected modules handed the model a clone: theirs may change

@@ -36,10 +36,13 @@ the same model, layers, ``dim`` and ``seed``. Two paths, chosen per step automat
 Both paths hand the output gradients to :func:`hardmine.factored.capture.apply_rules`, the one rule
 application of every factored pass (``GradientExtractor`` uses it too), so the vectors are the offline ones.
 Both paths then cost, per step: one ``(B, D) @ (D, R)`` matmul for the agreement (``D`` = ``out_dim``,
-``R`` = classes + 1), one device-to-host copy of ``B * (3 + R + C)`` numbers (``R`` replaced by 2 above 64
-rows), ``O(B * C)`` NumPy for the output statistics, ``O(B)`` NumPy updates of the dynamics, and one
-``(R, B) @ (B, D)`` matmul (or an ``index_add`` for many classes) for the EMA update -- no per-sample gradient
-is ever formed. Measured overhead vs a plain training step (MLP and CNN, batch 256):
+``R`` = classes + 1; ``R`` replaced by 2 above 64 rows), ``O(B * C)`` work for the output statistics and an
+``O(B log B)`` exact solve of the weights, one ``(R, B) @ (B, D)`` matmul (or an ``index_add`` for many
+classes) for the EMA update and ``O(B)`` NumPy updates of the dynamics. On the CPU the statistics and
+weights are NumPy on the host (:func:`.dynamics.host_batch`); on a GPU they are tensor operations on the
+device (:func:`.dynamics.device_batch`, with no host synchronisation after the first step) and the dynamics
+get one non-blocking copy of ``B * (L + 2)`` numbers to pinned host memory, recorded once it has landed (a
+later step, or whichever method reads them). No per-sample gradient is ever formed. Measured overhead vs a plain training step (MLP and CNN, batch 256):
 ``scripts/bench_callbacks.py``.
 
 **Weighting** (:mod:`.weighting`): a sample whose projected gradient disagrees with the moving average of

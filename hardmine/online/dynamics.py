@@ -1,4 +1,5 @@
-"""Training dynamics per sample id, and each batch's per-sample values on the host.
+"""Training dynamics per sample id, and each batch's per-sample values (computed on the device, recorded on the
+host once their asynchronous copy has landed).
 
 **Training dynamics** per sample id (``O(N)`` scalars: ~140 bytes of arrays plus the id index, ~250 bytes
 per id in all; gradients are kept only with ``keep_gradients=True``), from each observation -- i.e. the
@@ -29,9 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..batches import to_host_async
 from ..enums import TaskKind
 
-__all__ = ["COL", "LAST_COLUMNS", "RUNNING", "HostBatch", "SampleDynamics", "host_batch"]
+__all__ = [
+    "COL",
+    "HOST_STATS_DEVICES",
+    "LAST_COLUMNS",
+    "RUNNING",
+    "DeviceBatch",
+    "HostBatch",
+    "SampleDynamics",
+    "device_batch",
+    "host_batch",
+    "stats_on_host",
+]
 
 
 # Last-seen values per sample, one row per id (float64 matrix, column order below).
@@ -63,6 +76,17 @@ RUNNING: dict[str, tuple[Any, Any]] = {
 }
 
 
+# Device types whose per-step values are computed with NumPy on the host (host_batch) rather than with tensor
+# ops where the batch is (device_batch): on the CPU there is no sync to save, and a few dozen small tensor
+# ops cost more than NumPy's. Everything else (CUDA) takes the device path, which never waits for the device.
+HOST_STATS_DEVICES: tuple[str, ...] = ("cpu",)
+
+
+def stats_on_host(device: torch.device) -> bool:
+    """Whether a batch on ``device`` takes the host path (:data:`HOST_STATS_DEVICES`, read at each call)."""
+    return device.type in HOST_STATS_DEVICES
+
+
 @dataclass
 class HostBatch:
     """One batch's per-sample values on the host (numpy, float64 unless noted)."""
@@ -70,7 +94,17 @@ class HostBatch:
     last: np.ndarray  # (B, L) in LAST_COLUMNS order (last_weight / last_step filled in by the caller)
     logit_margin: np.ndarray  # (B,)
     correct: np.ndarray | None  # (B,) bool; None for regression
-    inv: np.ndarray  # (B,) 1/|z_b|, 0 for a zero or non-finite gradient (which casts no vote)
+    inv: np.ndarray | None = None  # (B,) 1/|z_b|, 0 for a zero or non-finite gradient (which casts no vote)
+
+
+@dataclass
+class DeviceBatch:
+    """One batch's per-sample values on the model's device (float64; float32 where the device has none)."""
+
+    last: torch.Tensor  # (B, L) in LAST_COLUMNS order (last_weight / last_step filled in by the caller)
+    logit_margin: torch.Tensor  # (B,)
+    correct: torch.Tensor | None  # (B,) bool; None for regression
+    inv: torch.Tensor  # (B,) 1/|z_b|, 0 for a zero or non-finite gradient (which casts no vote)
 
 
 def host_batch(
@@ -86,7 +120,9 @@ def host_batch(
     by_class: bool,
 ) -> HostBatch:
     """Copy what the weights and dynamics need to the host in one transfer and compute the agreement and
-    the output statistics there (output statistics with the offline definitions, ``hardmine.score``).
+    the output statistics there with NumPy (offline definitions, ``hardmine.score``): the CPU path
+    (``HOST_STATS_DEVICES``), where the copy is free and NumPy is cheaper than many small tensor ops.
+    :func:`device_batch` computes the same on a GPU without a host sync.
 
     ``z_norm``, ``along``: from ``Directions.along`` (``gathered``: its ``(B, 2)`` form, the sample's class
     column first); ``by_class``: the agreement that sets the weight is the class one, else the global one.
@@ -141,6 +177,78 @@ def host_batch(
     return HostBatch(last, logit_margin, pred == tgt, inv)
 
 
+def _stats_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def device_batch(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    loss: torch.Tensor,
+    sq: torch.Tensor,
+    z_norm: torch.Tensor,
+    along: torch.Tensor,
+    *,
+    is_class: bool,
+    gathered: bool,
+    by_class: bool,
+) -> DeviceBatch:
+    """The agreement and the output statistics of one batch (offline definitions, ``hardmine.score``),
+    computed where the batch is: no host sync, so a GPU training step is not stalled by them.
+
+    ``z_norm``, ``along``: from ``Directions.along`` (``gathered``: its ``(B, 2)`` form, the sample's class
+    column first); ``by_class``: the agreement that sets the weight is the class one, else the global one;
+    ``target``: class ids in range (classification).
+    """
+    b = out.shape[0]
+    dt = _stats_dtype(out.device)
+    logits = out.detach().reshape(b, -1).to(dt)  # (B, C) or (B, outputs)
+    loss_h, sq_h = loss.detach().to(dt), sq.detach().to(dt)
+    norm_h, along_h = z_norm.detach().to(dt), along.detach().to(dt)
+    inv = 1.0 / norm_h
+    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))  # a zero or non-finite gradient: no vote
+    tgt = target.detach()
+    if is_class:
+        tgt = tgt.long()
+        own = along_h[:, 0] if gathered else along_h.gather(1, tgt[:, None])[:, 0]  # (B,) own class column
+    else:
+        own = along_h[:, 0]
+    class_a = own * inv
+    global_a = along_h[:, -1] * inv
+    last = torch.full((b, len(LAST_COLUMNS)), float("nan"), dtype=dt, device=out.device)  # (B, L)
+    last[:, COL["loss"]] = loss_h
+    last[:, COL["grad_norm"]] = sq_h.clamp_min(0.0).sqrt()
+    last[:, COL["global_agreement"]] = global_a
+    by_class = is_class and by_class
+    last[:, COL["agreement"]] = class_a if by_class else global_a
+    if not is_class:
+        if logits.shape[1] == 1:
+            last[:, COL["pred"]] = logits[:, 0]
+        t = tgt.reshape(b, -1)  # (B, targets)
+        if t.shape[1] == 1:
+            last[:, COL["label"]] = t[:, 0].to(dt)
+        return DeviceBatch(last, torch.full((b,), float("nan"), dtype=dt, device=out.device), None, inv)
+    last[:, COL["class_agreement"]] = class_a
+    last[:, COL["label"]] = tgt.to(dt)
+    if logits.shape[1] == 1:  # a single-logit binary model: the two-class model [0, z] (losses.class_logits)
+        logits = torch.cat([torch.zeros_like(logits), logits], dim=1)  # (B, 2)
+    top = logits.max(dim=1).values  # (B,)
+    lse = top + torch.log(torch.exp(logits - top[:, None]).sum(dim=1))  # (B,) log-sum-exp
+    col = tgt[:, None]  # (B, 1) each sample's label column
+    x_y = logits.gather(1, col)[:, 0]
+    conf = torch.exp(x_y - lse)  # p[label]
+    pred = logits.argmax(dim=1)  # ties -> lowest class id, as offline
+    best_other = logits.scatter(1, col, float("-inf")).max(dim=1).values
+    margin = conf - torch.exp(best_other - lse)  # softmax is monotone in the logit
+    diff = torch.exp(logits - lse[:, None]).scatter_add(1, col, torch.full_like(x_y, -1.0)[:, None])  # p - onehot
+    last[:, COL["confidence"]] = conf
+    last[:, COL["pred_confidence"]] = torch.exp(top - lse)
+    last[:, COL["margin"]] = margin
+    last[:, COL["pred"]] = pred.to(dt)
+    last[:, COL["el2n"]] = torch.linalg.vector_norm(diff, dim=1)  # ||p - onehot||
+    return DeviceBatch(last, x_y - best_other, pred == tgt, inv)
+
+
 class SampleDynamics:
     """Growable per-sample arrays keyed by sample id (O(N) scalars)."""
 
@@ -153,6 +261,8 @@ class SampleDynamics:
         self.run: dict[str, np.ndarray] = {n: np.empty(0, dtype=dt) for n, (dt, _) in RUNNING.items()}
         self.keep_dim = keep_dim
         self.grads = np.empty((0, keep_dim), dtype=np.float32) if keep_dim else None
+        # batches submitted and not recorded yet: ((ids, kind), host copies, CUDA event or None, has correct, task)
+        self._pending: list[tuple[tuple[list[Any], str], list[torch.Tensor], Any, bool, TaskKind]] = []
 
     @property
     def n(self) -> int:
@@ -173,13 +283,16 @@ class SampleDynamics:
             self.grads = g
         self.cap = new_cap
 
-    def slots(self, ids: list[Any], kind: str) -> np.ndarray:
+    def check_kind(self, kind: str) -> None:
         if self.id_kind is None:
             self.id_kind = kind
         elif kind != self.id_kind:
             raise ValueError(
                 f"sample ids were {self.id_kind}s in earlier batches and are {kind}s now; use one id type."
             )
+
+    def slots(self, ids: list[Any], kind: str) -> np.ndarray:
+        self.check_kind(kind)
         get = self.slot.get
         found = [get(sid) for sid in ids]
         if None in found:
@@ -198,12 +311,43 @@ class SampleDynamics:
     def id_array(self) -> np.ndarray:
         return np.asarray(self.ids, dtype=np.int64 if self.id_kind == "int" else object)
 
-    def record(
-        self, id_list: tuple[list[Any], str], host: HostBatch, z: torch.Tensor, task: TaskKind
+    def submit(
+        self, id_list: tuple[list[Any], str], batch: DeviceBatch, z: torch.Tensor, task: TaskKind
     ) -> None:
-        """Apply one batch's observations (``host``, projected gradients ``z``) to its sample ids."""
+        """Queue one batch's observations: its values (and ``z`` when gradients are kept) start their copy to
+        the host without blocking (pinned memory, from a GPU) and are recorded by :meth:`poll` once there."""
+        self.check_kind(id_list[1])  # at once: the error belongs to this batch
+        cols = [batch.last, batch.logit_margin[:, None]]
+        if batch.correct is not None:
+            cols.append(batch.correct[:, None].to(batch.last.dtype))
+        parts = [torch.cat(cols, dim=1)]  # (B, L + 1 or 2): one copy
+        if self.grads is not None:
+            parts.append(z)
+        host, event = to_host_async(parts)
+        self._pending.append((id_list, host, event, batch.correct is not None, task))
+
+    def poll(self, wait: bool = False) -> None:
+        """Record the queued batches whose copies have landed (every one with ``wait``), in order."""
+        width = len(LAST_COLUMNS)
+        while self._pending:
+            id_list, host, event, has_correct, task = self._pending[0]
+            if event is not None:
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    return
+            self._pending.pop(0)
+            packed = host[0].numpy().astype(np.float64)  # (B, L + 1 or 2)
+            correct = packed[:, width + 1] > 0.5 if has_correct else None
+            hb = HostBatch(packed[:, :width], packed[:, width], correct)
+            zh = host[1].numpy() if len(host) > 1 else None
+            self.record(id_list, hb, zh, task)
+
+    def record(
+        self, id_list: tuple[list[Any], str], host: HostBatch, zh: np.ndarray | None, task: TaskKind
+    ) -> None:
+        """Apply one batch's observations (``host``, projected gradients ``zh``) to its sample ids."""
         slots = self.slots(*id_list)
-        zh = z.cpu().numpy() if self.grads is not None else None
         if len(set(slots.tolist())) == len(slots):
             self._update(slots, np.arange(len(slots)), host, zh, task)
             return

@@ -5,6 +5,7 @@ The package docstring (:mod:`hardmine.online`) describes what it computes and wh
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,7 +20,16 @@ import torch
 from torch import nn
 
 from .._io import model_fingerprint
-from ..batches import call_model, check_labels, check_target, infer_task, model_output_tensor, sample_id_list
+from ..batches import (
+    DeferredChecks,
+    call_model,
+    check_labels,
+    check_target,
+    infer_task,
+    label_flag,
+    model_output_tensor,
+    sample_id_list,
+)
 from ..checks import as_bool, as_module, positive_int, projection_kind
 from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from ..factored.layout import ProjectionLayout
@@ -27,10 +37,10 @@ from ..losses import LossFn, class_logits, loss_name, resolve_loss
 from ..manifest import write_manifest
 from ..params import select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
-from .dynamics import COL, SampleDynamics, host_batch
+from .dynamics import COL, SampleDynamics, device_batch, host_batch, stats_on_host
 from .gradients import StepGradients
 from .manifest import build_manifest
-from .weighting import Directions, WeightingConfig, training_weights
+from .weighting import Directions, WeightingConfig, device_training_weights, training_weights
 
 __all__ = ["STATE_FORMAT", "OnlineMiner", "OnlineStats"]
 
@@ -120,6 +130,7 @@ class OnlineMiner:
         self._closed = False
         self._dirs: Directions | None = None  # created by the first observation, with the class count
         self._dyn = SampleDynamics(self.layout.out_dim if keep else None)
+        self._checks = DeferredChecks()  # label checks of later steps, read when the device is done
         logger.info(
             "OnlineMiner: layers %s, out_dim %d, weighting %s",
             self.param_names,
@@ -140,7 +151,13 @@ class OnlineMiner:
     @property
     def n_samples(self) -> int:
         """Distinct sample ids observed so far."""
+        self._settle()
         return self._dyn.n
+
+    def _settle(self) -> None:
+        """Wait for the steps still on the device: their label checks and per-sample dynamics."""
+        self._checks.poll(wait=True)
+        self._dyn.poll(wait=True)
 
     @property
     def task(self) -> TaskKind | None:
@@ -170,6 +187,7 @@ class OnlineMiner:
     def close(self) -> None:
         """Drop references to captured activations; the miner refuses further observations. Idempotent."""
         self._grads.drop()
+        self._dyn.poll(wait=True)  # the last steps' dynamics are still recorded
         self._closed = True
 
     # --------------------------------------------------------------------------------------- capture
@@ -202,47 +220,73 @@ class OnlineMiner:
         """Stats for a forward already run inside ``with miner.capture():``. ``output`` is the model's return
         value (a tensor, an object/mapping with ``logits``, or a tuple whose first element is the output)."""
         self._check_open()
+        self._checks.poll()  # earlier steps whose device work has finished (on the CPU: all of them)
+        self._dyn.poll()
         rec = self._grads.take()
         out = model_output_tensor(output)
-        fn, kind, task, b = self._validate(out, target)
+        fn, kind, task, b, flags, safe = self._validate(out, target)
         id_list = None if ids is None else sample_id_list(ids, b)
-        step = self._grads.compute(rec, out, target, fn, kind, b)
+        if flags:
+            # Read at once when it costs nothing (the CPU), so a bad batch changes no state; on a GPU once the
+            # device has got there, and a later observe raises (meanwhile the loss used clamped labels).
+            c = int(class_logits(out[:1]).shape[1])
+            self._checks.submit(flags, functools.partial(check_labels, target, c))
+            self._checks.poll()
+        step = self._grads.compute(rec, out, safe, fn, kind, b)
         is_class = task is TaskKind.CLASSIFICATION
         if is_class and self._num_classes is None:
             self._num_classes = int(class_logits(out[:1]).shape[1])  # a single logit: 2 classes
         self._task = task
         if self._dirs is None:
             self._dirs = Directions.new(self._num_classes if is_class else None, self.out_dim, out.device)
-        labels = target if is_class else None
+        labels = safe if is_class else None
         z_norm, along = self._dirs.along(step.z, labels)  # against the directions *before* this update
-        host = host_batch(
-            out,
-            target,
-            step.loss,
-            step.sq_norm,
-            z_norm,
-            along,
-            is_class=is_class,
-            gathered=self._dirs.gathers,
-            by_class=self.weighting.by_class,
-        )
         self._step += 1
         warm = self._step <= self.weighting.warmup_steps or self.weighting.strength == 0
-        w = training_weights(host.last[:, COL["agreement"]], self.weighting, warm)  # (B,)
-        host.last[:, COL["last_weight"]] = w
-        host.last[:, COL["last_step"]] = self._step
-        lab = host.last[:, COL["label"]].astype(np.int64) if is_class else None
-        self._dirs.update(step.z, labels, lab, host.inv, self.weighting.momentum)
-        if id_list is not None:
-            self._dyn.record(id_list, host, step.z, task)
+        args = (out, safe, step.loss, step.sq_norm, z_norm, along)
+        kw = {"is_class": is_class, "gathered": self._dirs.gathers, "by_class": self.weighting.by_class}
         dev = out.device
+        if stats_on_host(dev):
+            # The CPU: one copy that costs nothing, NumPy for the statistics, weights and dynamics.
+            host = host_batch(*args, **kw)
+            w_h = training_weights(host.last[:, COL["agreement"]], self.weighting, warm)  # (B,)
+            host.last[:, COL["last_weight"]] = w_h
+            host.last[:, COL["last_step"]] = self._step
+            lab = host.last[:, COL["label"]].astype(np.int64) if is_class else None
+            assert host.inv is not None
+            self._dirs.update_host(step.z, labels, lab, host.inv, self.weighting.momentum)
+            if id_list is not None:
+                zh = step.z.detach().numpy() if self._dyn.grads is not None else None
+                self._dyn.record(id_list, host, zh, task)
 
-        def col(name: str) -> torch.Tensor:
-            return torch.from_numpy(host.last[:, COL[name]].copy()).to(dev)
+            def col(name: str) -> torch.Tensor:
+                return torch.from_numpy(host.last[:, COL[name]].copy()).to(dev)
+
+            w = torch.from_numpy(w_h).to(dev)
+            logit_margin = torch.from_numpy(host.logit_margin).to(dev)
+            correct = torch.from_numpy(host.correct).to(dev) if host.correct is not None else None
+        else:
+            # A GPU: everything stays on the device (no host sync per step): the statistics, the weights and
+            # the direction update; the per-sample dynamics are copied to the host without blocking and
+            # recorded once they have landed (a later observe, or any method that reads them).
+            batch = device_batch(*args, **kw)
+            last = batch.last
+            w = device_training_weights(last[:, COL["agreement"]], self.weighting, warm)  # (B,)
+            last[:, COL["last_weight"]] = w
+            last[:, COL["last_step"]].fill_(self._step)  # fill_: no host-built tensor
+            self._dirs.update(step.z, labels, batch.inv, self.weighting.momentum)
+            if id_list is not None:
+                self._dyn.submit(id_list, batch, step.z, task)
+                self._dyn.poll()
+
+            def col(name: str) -> torch.Tensor:
+                return last[:, COL[name]].clone()  # (B,)
+
+            logit_margin, correct = batch.logit_margin, batch.correct
 
         return OnlineStats(
             loss=step.loss,
-            weights=torch.from_numpy(w).to(device=dev, dtype=step.loss.dtype),
+            weights=w.to(step.loss.dtype),
             output=out,
             z=step.z,
             grad_norm=step.sq_norm.clamp_min(0).sqrt(),
@@ -250,8 +294,8 @@ class OnlineMiner:
             global_agreement=col("global_agreement"),
             confidence=col("confidence") if is_class else None,
             margin=col("margin") if is_class else None,
-            logit_margin=torch.from_numpy(host.logit_margin).to(dev) if is_class else None,
-            correct=torch.from_numpy(host.correct).to(dev) if host.correct is not None else None,
+            logit_margin=logit_margin if is_class else None,
+            correct=correct,
             step=self._step,
             warmup=warm,
             path=step.path,
@@ -262,8 +306,15 @@ class OnlineMiner:
         if self._closed:
             raise ValueError("this OnlineMiner is closed; create a new one (or load_state_dict into one).")
 
-    def _validate(self, out: torch.Tensor, target: Any) -> tuple[LossFn, LossKind | None, TaskKind, int]:
+    def _validate(
+        self, out: torch.Tensor, target: Any
+    ) -> tuple[LossFn, LossKind | None, TaskKind, int, list[torch.Tensor], torch.Tensor]:
+        """``(loss, kind, task, batch size, device flags, target to compute on)``. The first observation (and
+        every one on the CPU) checks label values on the host; later ones on a GPU on the device
+        (``batches.label_flag``: a flag and the labels clamped into range, so nothing fails on the device
+        before the flag is read)."""
         check_target(target)
+        flags: list[torch.Tensor] = []
         if not torch.is_floating_point(out):
             raise ValueError(
                 f"the model output has dtype {out.dtype}; return logits/scores, not predicted ids."
@@ -302,7 +353,12 @@ class OnlineMiner:
                 raise ValueError(
                     f"the model returned {c} logits per sample but num_classes={self._num_classes}."
                 )
-            check_labels(target, c)
+            if self._step == 0 or stats_on_host(out.device):  # free on the host
+                check_labels(target, c)
+            else:
+                flag, safe = label_flag(target, c)
+                flags.append(flag)
+                return fn, kind, task, b, flags, safe
         elif kind is LossKind.MSE:
             if not torch.is_floating_point(target):
                 raise ValueError(
@@ -313,7 +369,7 @@ class OnlineMiner:
                     f"mse target shape {tuple(target.shape)} does not match the output shape "
                     f"{tuple(out.shape)}."
                 )
-        return fn, kind, task, b
+        return fn, kind, task, b, flags, target
 
     # ------------------------------------------------------------------------------------ manifest
     def manifest(
@@ -338,6 +394,7 @@ class OnlineMiner:
 
         ``df.attrs["hardmine"]`` holds the metadata :meth:`write_manifest` embeds.
         """
+        self._settle()
         return build_manifest(
             self._dyn,
             self._task,
@@ -381,6 +438,7 @@ class OnlineMiner:
     def gradients(self) -> tuple[np.ndarray, np.ndarray]:
         """``(sample_ids, Z (N, out_dim) float32)``: each sample's last projected gradient, in manifest order.
         Needs ``keep_gradients=True``."""
+        self._settle()
         if self._dyn.grads is None:
             raise ValueError("gradients are not kept; create the miner with keep_gradients=True.")
         ids = self._dyn.id_array()
@@ -401,6 +459,7 @@ class OnlineMiner:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: directions, step, per-sample dynamics (CPU tensors and plain values).
         Each part writes its own keys (one flat dict, the format of every hardmine release so far)."""
+        self._settle()
         return {
             "format": STATE_FORMAT,
             "version": _STATE_VERSION,
@@ -418,6 +477,7 @@ class OnlineMiner:
         """Restore :meth:`state_dict` into a miner built with the same layers, dim, seed, projection and
         loss."""
         self._check_open()
+        self._settle()
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a hardmine OnlineMiner state (missing format 'hardmine-online-state').")
         if int(state.get("version", 0)) > _STATE_VERSION:

@@ -33,7 +33,14 @@ import torch
 from ..checks import as_bool, finite_number, is_finite_number, non_negative_int
 from ..score import config_from_dict
 
-__all__ = ["MASK_ROWS", "Directions", "WeightingConfig", "solve_weights", "training_weights"]
+__all__ = [
+    "MASK_ROWS",
+    "Directions",
+    "WeightingConfig",
+    "device_training_weights",
+    "solve_weights",
+    "training_weights",
+]
 
 MASK_ROWS = 64  # direction updates by one dense matmul up to this many rows (classes + 1)
 
@@ -133,21 +140,60 @@ def training_weights(agreement: np.ndarray, config: WeightingConfig, warm: bool)
     return _solve_weights(1.0 + config.strength * (1.0 - a) / 2.0, config.min_weight, config.max_weight)
 
 
+def device_training_weights(agreement: torch.Tensor, config: WeightingConfig, warm: bool) -> torch.Tensor:
+    """:func:`training_weights` on the agreements' device and dtype, without a host sync (the training step
+    needs the weights on the device; reading the agreements on the host would stall it every step)."""
+    if warm:
+        return torch.ones_like(agreement)
+    a = torch.nan_to_num(agreement, nan=1.0).clamp(-1.0, 1.0)
+    raw = 1.0 + config.strength * (1.0 - a) / 2.0  # (B,)
+    return _solve_weights_device(raw, float(config.min_weight), float(config.max_weight))
+
+
+def _solve_weights_device(r: torch.Tensor, min_weight: float, max_weight: float) -> torch.Tensor:
+    """:func:`_solve_weights` as tensor operations with no data-dependent branch: both the usual solution
+    (no weight at a bound) and the breakpoint solution are computed and the right one selected on the
+    device. Breakpoints are not deduplicated (that would need their count on the host): a repeated
+    breakpoint repeats its mean, so the first breakpoint reaching mean 1 and the one before it are the same
+    as after deduplication."""
+    n = r.shape[0]
+    w0 = r * (n / r.sum())  # (B,) the usual case
+    rs = torch.sort(r).values  # (B,)
+    cs = torch.cat([r.new_zeros(1), torch.cumsum(rs, 0)])  # (B + 1,) cs[k] = sum of the k smallest
+    bps = torch.sort(torch.cat([min_weight / rs, max_weight / rs])).values  # (2B,) ascending
+    k_lo = torch.searchsorted(rs, min_weight / bps, side="left")  # (2B,) count of c*r < min
+    k_hi = torch.searchsorted(rs, max_weight / bps, side="right")  # (2B,) count of c*r <= max
+    n_lo, n_hi = k_lo.to(r.dtype), k_hi.to(r.dtype)  # (an integer tensor times a float would be float32)
+    f = (n_lo * min_weight + (n - n_hi) * max_weight + bps * (cs[k_hi] - cs[k_lo])) / n  # (2B,) mean at bps
+    m = bps.shape[0]
+    j = torch.searchsorted(f, f.new_ones(1), side="left")  # (1,) first breakpoint with mean >= 1
+    # index_select with (1,) indices: indexing with a 0-d tensor would read it on the host (.item())
+    hi_i, lo_i = j.clamp(max=m - 1), (j - 1).clamp(min=0)
+    lo, hi = bps.index_select(0, lo_i), bps.index_select(0, hi_i)  # (1,)
+    f_lo, f_hi = f.index_select(0, lo_i), f.index_select(0, hi_i)  # (1,)
+    between = lo + (1.0 - f_lo) * (hi - lo) / (f_hi - f_lo)  # linear between bps[j-1] and bps[j]
+    c = torch.where(j >= m, bps[-1:], torch.where((j == 0) | (f_hi == 1.0), hi, between))  # (1,)
+    clipped = torch.clamp(c * r, min_weight, max_weight)
+    inside = (w0.min() >= min_weight) & (w0.max() <= max_weight)
+    return torch.where(inside, w0, clipped)
+
+
 class Directions:
     """EMA directions of the mean unit gradient: rows ``0..C-1`` per class, the last row over all samples.
 
     Created (:meth:`new`) once the task and the class count are known.
     """
 
-    def __init__(self, dirs: torch.Tensor, seen: np.ndarray) -> None:
+    def __init__(self, dirs: torch.Tensor, seen: torch.Tensor) -> None:
         self.dirs = dirs  # (R, D) float32
-        self.seen = seen  # (R,) bool: the row has been formed
+        self.seen = seen  # (R,) bool, on the device of dirs: the row has been formed
 
     @classmethod
     def new(cls, num_classes: int | None, dim: int, device: torch.device | str = "cpu") -> Directions:
         """Zero directions: ``num_classes`` rows plus the global one (``None``: the global row only)."""
         rows = num_classes + 1 if num_classes is not None else 1
-        return cls(torch.zeros(rows, dim, dtype=torch.float32, device=device), np.zeros(rows, dtype=bool))
+        dirs = torch.zeros(rows, dim, dtype=torch.float32, device=device)
+        return cls(dirs, torch.zeros(rows, dtype=torch.bool, device=device))
 
     @property
     def rows(self) -> int:
@@ -164,14 +210,50 @@ class Directions:
         not formed yet). The second is ``(B, R)``, or ``(B, 2)`` (the sample's class row, the global row)
         when :attr:`gathers`, so that a ``(B, R)`` matrix never goes to the host for many classes."""
         if self.dirs.device != z.device:  # e.g. a state loaded on the CPU, training on a GPU
-            self.dirs = self.dirs.to(z.device)
+            self.dirs, self.seen = self.dirs.to(z.device), self.seen.to(z.device)
         norms = torch.linalg.vector_norm(self.dirs, dim=1, keepdim=True).clamp_min(1e-30)  # (R, 1)
         along = z @ (self.dirs / norms).T  # (B, R)
         if self.gathers and labels is not None:
             along = torch.stack([along.gather(1, labels.unsqueeze(1))[:, 0], along[:, -1]], dim=1)  # (B, 2)
         return torch.linalg.vector_norm(z, dim=1), along
 
-    def update(
+    def update(self, z: torch.Tensor, labels: torch.Tensor | None, inv: torch.Tensor, momentum: float) -> None:
+        """EMA update of every row with this batch's mean unit gradients (see the module docstring), on the
+        device (no host sync).
+
+        ``labels``: the class ids on the device (``None`` for regression); ``inv``: ``(B,)`` ``1/|z_b|``, 0 for
+        a sample that casts no vote (zero or non-finite gradient)."""
+        r, b = self.rows, z.shape[0]
+        voted = (inv > 0).to(inv.dtype)  # (B,) 1 for a voting sample
+        counts = torch.zeros(r, dtype=inv.dtype, device=z.device)  # (R,) voters per row
+        counts[-1] = voted.sum()
+        if labels is not None:
+            counts[:-1].index_add_(0, labels, voted)
+        present = counts > 0
+        # Decay per row: 1 (absent: unchanged), 0 (first batch of the row: its mean), momentum otherwise.
+        mom, zero, one = (torch.full_like(counts, v) for v in (float(momentum), 0.0, 1.0))
+        keep = torch.where(present, torch.where(self.seen, mom, zero), one)  # (R,)
+        coef = (1.0 - keep) / counts.clamp_min(1.0)  # (R,): turns a row's sum of unit vectors into its share
+        # Per-sample factors: 1/|z_b| (unit vector) times its row's coefficient; row 0 class, row 1 global.
+        # A zero factor times a NaN row is NaN: non-voting rows are zeroed (finite rows are left as they are).
+        zc = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+        own = inv * coef[labels] if labels is not None else None  # (B,) factor of each sample's class row
+        if r <= MASK_ROWS:
+            # Few rows: one (R, B) @ (B, D) matmul does every row's weighted sum at once.
+            mask = torch.zeros(r, b, dtype=torch.float32, device=z.device)  # (R, B)
+            if labels is not None and own is not None:
+                mask[labels, torch.arange(b, device=z.device)] = own.to(torch.float32)
+            mask[-1] = (inv * coef[-1]).to(torch.float32)
+            sums = mask @ zc  # (R, D)
+        else:  # many classes: scatter the class rows, O(B * D) instead of O(R * B * D)
+            sums = torch.zeros_like(self.dirs)  # (R, D)
+            if labels is not None and own is not None:
+                sums.index_add_(0, labels, zc * own.to(torch.float32)[:, None])
+            sums[-1] = (inv * coef[-1]).to(torch.float32) @ zc
+        self.dirs = torch.addcmul(sums, self.dirs, keep.to(torch.float32)[:, None])  # keep*old + (1-keep)*mean
+        self.seen = self.seen | present
+
+    def update_host(
         self,
         z: torch.Tensor,
         labels: torch.Tensor | None,
@@ -179,7 +261,7 @@ class Directions:
         inv: np.ndarray,
         momentum: float,
     ) -> None:
-        """EMA update of every row with this batch's mean unit gradients (see the module docstring).
+        """:meth:`update` with the per-row bookkeeping in NumPy (the CPU path, ``HOST_STATS_DEVICES``).
 
         ``labels`` / ``lab``: the class ids on the device / host (``None`` for regression); ``inv``: ``(B,)``
         ``1/|z_b|``, 0 for a sample that casts no vote (zero or non-finite gradient)."""
@@ -191,7 +273,8 @@ class Directions:
             counts[:-1] = np.bincount(lab[voted], minlength=r - 1)
         present = counts > 0
         # Decay per row: 1 (absent: unchanged), 0 (first batch of the row: its mean), momentum otherwise.
-        keep = np.where(present, np.where(self.seen, float(momentum), 0.0), 1.0)  # (R,)
+        seen = self.seen.cpu().numpy()  # a CPU tensor on this path: no copy
+        keep = np.where(present, np.where(seen, float(momentum), 0.0), 1.0)  # (R,)
         coef = (1.0 - keep) / np.maximum(
             counts, 1.0
         )  # (R,): turns a row's sum of unit vectors into its share
@@ -214,16 +297,16 @@ class Directions:
             sums[-1] = f[1] @ zc
         keep_t = torch.from_numpy(keep.astype(np.float32)).to(z.device)
         self.dirs = torch.addcmul(sums, self.dirs, keep_t[:, None])  # keep * old + (1 - keep) * mean
-        self.seen |= present
+        self.seen = self.seen | torch.from_numpy(present).to(self.seen.device)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """This object's keys of the miner's state (CPU tensors)."""
-        return {"dirs": self.dirs.detach().cpu().clone(), "dirs_seen": torch.from_numpy(self.seen.copy())}
+        return {"dirs": self.dirs.detach().cpu().clone(), "dirs_seen": self.seen.detach().cpu().clone()}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Directions | None:
         """The directions saved in a miner state, or None when it had none yet (no observation)."""
         if state["dirs"] is None:
             return None
-        return cls(state["dirs"].clone(), state["dirs_seen"].numpy().copy())
+        return cls(state["dirs"].clone(), torch.as_tensor(state["dirs_seen"], dtype=torch.bool).clone())

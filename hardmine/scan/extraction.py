@@ -126,10 +126,13 @@ class ExtractionPass:
                     "the same data, or overwrite=True."
                 )
             inputs, target_dev = to_device(inputs, self.device), to_device(target, self.device)
-            pb = self.extractor((inputs, target_dev))
+            # One wait per batch: its results come to the host together (pinned, from a GPU); the device has
+            # then finished it, so its deferred value checks are read at no cost before anything is written.
+            pb = self.extractor((inputs, target_dev)).to_host()
+            self.extractor.flush_checks()
             # The plan in use (auto may move a module to vmap after probing the first batch).
             self.ledger.extractor = self.extractor.metadata()
-            z = pb.z.detach().to("cpu", torch.float32).numpy()  # (B, out_dim)
+            z = pb.z.to(torch.float32).numpy()  # (B, out_dim)
             stats, token_rows = self._batch_stats(id_arr, target, pb, where, inputs)
             writer.add(z, stats, digest, token_rows)
             if self.keep:

@@ -1,0 +1,403 @@
+"""After the first batch, a factored pass makes no host synchronisation (a CPU-visible proxy for the GPU).
+
+On a GPU every ``.item()``, ``bool(tensor)``, ``nonzero``, tensor built on the host or device-to-host read
+stalls the host until the device has caught up, and a pass made of hundreds of small kernels then runs at
+the speed of the host. None of that costs anything on the CPU, but the operators that cause it are the same
+and ``torch.profiler`` records them: the steady-state passes below (a second and third batch after a warm-up
+batch, which may check the plan and the data on the host) must call none of
+
+* ``aten::item`` / ``aten::_local_scalar_dense`` (``.item()``, ``int(t)``, ``float(t)``),
+* ``aten::is_nonzero`` (``bool(t)``, ``if t:``), ``aten::nonzero`` (and boolean-mask indexing),
+* ``aten::equal`` (``torch.equal``, a Python bool),
+* ``aten::lift_fresh`` (``torch.tensor(...)``, ``torch.from_numpy(...)``: a tensor built on the host, which a
+  GPU pass then copies to the device),
+
+and must not read tensor data on the host (``Tensor.numpy`` / ``tolist``, counted by wrapping them) except
+where copies made without blocking are read once landed (``DeferredChecks.poll`` for the check flags,
+``SampleDynamics.poll`` for the online dynamics: on a GPU pinned copies whose CUDA event has completed,
+which costs no wait) and where user sample ids, host data, are parsed (``batches.sample_ids``). The same
+counts of the model's own forward and backward are the baseline for models that sync by themselves
+(Hugging Face attention masks do).
+
+Models: the three of ``scripts/bench_extract.py`` (their definitions, small batches), the MLP also with
+mse and multi-label targets, and a tiny random GPT-2 when ``transformers`` is installed; for
+``OnlineMiner.observe`` the three bench models with the output layer (analytic path) and all layers
+(autograd path), with and without kept gradients, and a regression miner.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from hardmine.batches import call_model
+from hardmine.engine import GradientExtractor
+from hardmine.online import OnlineMiner, WeightingConfig
+from hardmine.online import dynamics as online_dynamics
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_extract as be  # noqa: E402
+
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::equal")
+HOST_BUILT = "aten::lift_fresh"
+# (file, function) where reading a host tensor is no sync: copies made without blocking, read once landed,
+# and the user's sample ids (host data)
+ALLOWED_READS = {("batches.py", "poll"), ("dynamics.py", "poll"), ("batches.py", "sample_ids")}
+
+
+@contextmanager
+def _host_reads() -> Iterator[Counter]:
+    """Count ``Tensor.numpy`` / ``Tensor.tolist`` calls by caller (``file:function``), outside the allowed."""
+    seen: Counter = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in ("numpy", "tolist")}
+
+    def wrap(name: str, fn: Callable) -> Callable:
+        def counted(self, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            if (Path(caller.filename).name, caller.name) not in ALLOWED_READS:
+                seen[f"Tensor.{name} in {Path(caller.filename).name}:{caller.name}"] += 1
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, wrap(name, fn))
+        yield seen
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def sync_calls(step: Callable[[], object], times: int = 2) -> tuple[Counter, int]:
+    """``(Counter of host-syncing calls, number of aten::mm/addmm/bmm calls)`` of ``step()`` run ``times``
+    times under the profiler (the second count shows the profiler saw the pass at all)."""
+    with _host_reads() as reads, profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(times):
+            step()
+    found: Counter = Counter(reads)
+    matmuls = 0
+    for e in prof.key_averages():
+        if e.key in SYNC_OPS or e.key == HOST_BUILT:
+            found[e.key] += e.count
+        if e.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            matmuls += e.count
+    return found, matmuls
+
+
+def test_the_counter_sees_every_kind_of_sync():
+    # The proxy itself: each forbidden call is counted (so an empty count below means none happened).
+    t = torch.arange(6.0).reshape(2, 3)
+
+    def step():
+        t.sum().item()
+        bool(t.any())
+        t[t > 2].sum()  # boolean-mask indexing runs nonzero
+        torch.equal(t, t)
+        torch.tensor([1.0, 2.0])
+        t.numpy()
+        return t @ t.T
+
+    found, matmuls = sync_calls(step, times=1)
+    for key in (*SYNC_OPS, HOST_BUILT):
+        assert found[key] >= 1, key
+    assert any(k.startswith("Tensor.numpy") for k in found) and matmuls >= 1
+
+
+def _bench_batch(name: str, batch: int, seed: int):
+    model, data = be.build(name, batch, seed=0)  # the same model whatever the data seed
+    _, fresh = be.build(name, batch, seed=seed)
+    return model, fresh if seed else data
+
+
+@pytest.mark.parametrize("name", be.MODELS)
+def test_factored_pass_makes_no_host_sync_after_the_first_batch(name):
+    model, first = _bench_batch(name, 4, 0)
+    model.eval()
+    second, third = _bench_batch(name, 4, 1)[1], _bench_batch(name, 4, 2)[1]
+    ext = GradientExtractor(model, dim=16, seed=0, engine="factored", loss_fn="cross_entropy")
+    ext(first)  # warm-up: the plan and the first batch are checked on the host
+    batches = iter([second, third])
+    found, matmuls = sync_calls(lambda: ext(next(batches)))
+    assert matmuls > 0
+    assert found == Counter(), f"{name}: host syncs in a steady-state factored pass: {dict(found)}"
+    # and the model alone makes none either (so the pass adds none to a training step's count)
+    model.train()
+    plain, _ = sync_calls(lambda: F.cross_entropy(call_model(model, second[0]), second[1]).backward(), times=1)
+    assert plain == Counter()
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_factored_pass_with_float_targets_makes_no_host_sync(loss):
+    model = be.MLP().eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = torch.randn(4, 784, generator=g)
+        y = torch.randn(4, 10, generator=g) if loss == "mse" else torch.randint(0, 2, (4, 10), generator=g).float()
+        return x, y
+
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn=loss)
+    ext(batch())
+    found, _ = sync_calls(lambda: ext(batch()))
+    assert found == Counter(), dict(found)
+
+
+def test_a_bad_later_batch_is_still_refused_without_syncing_good_ones():
+    # The checks moved to the device still refuse bad data: on the CPU in the batch's own call.
+    model = be.MLP().eval()
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    x, y = torch.randn(4, 784), torch.tensor([0, 1, 2, 3])
+    ext((x, y))
+    with pytest.raises(ValueError, match=r"label 10 is out of range"):
+        ext((x, torch.tensor([0, 10, 2, 3])))
+    bad = x.clone()
+    bad[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf values in 1 sample\(s\) \(first at batch position 2\)"):
+        ext((bad, y))
+    # Finite, but its sum overflows: flagged on the device, then cleared by the exact check on the host.
+    huge = torch.full((4, 784), 3e38)
+    assert ext((huge, y)).z.shape == (4, ext.out_dim)
+    ext.flush_checks()
+    assert ext((x, y)).z.shape == (4, ext.out_dim)  # and the extractor keeps working after each refusal
+
+
+def test_gpt2_factored_pass_adds_no_host_sync_to_the_model():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=60, n_positions=8, n_embd=16, n_layer=2, n_head=2, num_labels=3, pad_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        return {"input_ids": torch.randint(1, 60, (4, 8), generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+
+    ext = GradientExtractor(model, dim=16, engine="factored")
+    ext(batch())
+    found, matmuls = sync_calls(lambda: ext(batch()))
+    b = batch()
+    own, _ = sync_calls(
+        lambda: F.cross_entropy(model(input_ids=b["input_ids"]).logits, b["labels"]).backward(), times=2
+    )
+    assert matmuls > 0
+    extra = {k: n - own[k] for k, n in found.items() if n > own[k]}
+    assert extra == {}, f"host syncs the factored pass adds to GPT-2's own ({dict(own)}): {extra}"
+
+
+def _last_linear(model: torch.nn.Module) -> str:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    """The online miner's GPU path on the CPU: statistics, weights and dynamics as tensor ops where the batch
+    is (the CPU itself takes the NumPy path, ``dynamics.HOST_STATS_DEVICES``, which is cheaper there)."""
+    monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ())
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("layers", ["output", "all"])
+@pytest.mark.parametrize("name", be.MODELS)
+def test_online_observe_makes_no_host_sync_after_the_first_step(name, layers, keep, device_path):
+    model, first = _bench_batch(name, 6, 0)
+    model.eval()  # no dropout/BatchNorm in the bench models; eval keeps the observation deterministic
+    miner = OnlineMiner(
+        model,
+        layers=_last_linear(model) if layers == "output" else None,
+        dim=16,
+        weighting=WeightingConfig(warmup_steps=1),  # the second step onwards computes real weights
+        keep_gradients=keep,
+    )
+    ids = torch.arange(6)  # on the host, as a DataLoader yields them
+    for seed in (0, 3):  # the first observation checks on the host; the second leaves the warm-up
+        x, y = _bench_batch(name, 6, seed)[1]
+        miner.observe(x, y, ids).weighted_loss().backward()
+    batches = iter([_bench_batch(name, 6, 1)[1], _bench_batch(name, 6, 2)[1]])
+
+    def step():
+        x, y = next(batches)
+        stats = miner.observe(x, y, ids)
+        assert not stats.warmup
+        stats.weighted_loss().backward()
+
+    found, matmuls = sync_calls(step)
+    assert matmuls > 0
+    assert found == Counter(), f"{name}/{layers}: host syncs in a steady-state observe: {dict(found)}"
+    assert miner.n_samples == 6 and len(miner.manifest()) == 6  # and the dynamics were all recorded
+
+
+def test_online_regression_observe_makes_no_host_sync(device_path):
+    model = be.MLP()
+    miner = OnlineMiner(model, layers="net.4", dim=16, loss_fn="mse", weighting={"warmup_steps": 0})
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        x, y = torch.randn(5, 784, generator=g), torch.randn(5, 10, generator=g)
+        miner.observe(x, y, list(range(5))).weighted_loss().backward()
+
+    step()
+    found, _ = sync_calls(step)
+    assert found == Counter(), dict(found)
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_online_bad_labels_after_the_first_step_are_refused_before_any_state_changes(path, monkeypatch):
+    if path == "device":
+        monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ())
+    model = be.MLP()
+    miner = OnlineMiner(model, layers="net.4", dim=16)
+    x, y = torch.randn(4, 784), torch.tensor([0, 1, 2, 3])
+    miner.observe(x, y, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"label 10 is out of range"):
+        miner.observe(x, torch.tensor([0, 10, 2, 3]), [4, 5, 6, 7])
+    assert miner.step == 1 and miner.n_samples == 4  # the bad batch recorded nothing (on the CPU)
+    miner.observe(x, y, [0, 1, 2, 3])  # and the miner keeps working
+    assert miner.step == 2
+
+
+
+@pytest.mark.parametrize(("task", "classes"), [("class", 4), ("class", 70), ("binary", 1), ("regression", 3)])
+def test_online_device_path_equals_the_host_path(task, classes, monkeypatch):
+    # The GPU path (tensor ops, asynchronous dynamics) and the CPU path (NumPy) compute the same statistics,
+    # weights, directions and manifest; 70 classes take the gathered agreement and the scatter update.
+    def run(host: bool):
+        monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ("cpu",) if host else ())
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes))
+        cfg = WeightingConfig(strength=2.5, momentum=0.8, warmup_steps=1, min_weight=0.5, max_weight=2.0)
+        miner = OnlineMiner(model, layers=None, dim=16, weighting=cfg, keep_gradients=True,
+                            loss_fn="mse" if task == "regression" else None)
+        g = torch.Generator().manual_seed(1)
+        stats = []
+        for step in range(5):
+            x = torch.randn(10, 12, generator=g)
+            if task == "regression":
+                y = torch.randn(10, classes, generator=g)
+            else:
+                y = torch.randint(0, 2 if task == "binary" else min(classes, 5), (10,), generator=g)
+            ids = [(step * 7 + i) % 23 for i in range(10)]  # ids repeat across (and within) batches
+            if step == 3:
+                ids[4] = ids[2]
+            s = miner.observe(x, y, ids)
+            stats.append(s)
+        return miner, stats
+
+    (m_host, s_host), (m_dev, s_dev) = run(True), run(False)
+    for a, b in zip(s_host, s_dev):
+        for field in ("weights", "agreement", "global_agreement", "confidence", "margin", "logit_margin", "grad_norm"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None), field
+            if x is not None:
+                torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-9, msg=field)
+        assert (a.correct is None) == (b.correct is None)
+        if a.correct is not None:
+            assert torch.equal(a.correct, b.correct)
+    torch.testing.assert_close(m_dev._dirs.dirs, m_host._dirs.dirs, rtol=1e-6, atol=1e-9)
+    assert torch.equal(m_dev._dirs.seen, m_host._dirs.seen)
+    df_h, df_d = m_host.manifest(), m_dev.manifest()
+    assert list(df_h.columns) == list(df_d.columns) and len(df_h) == len(df_d) == m_dev.n_samples
+    for column in df_h.columns:
+        if df_h[column].dtype.kind == "f":
+            np.testing.assert_allclose(df_d[column], df_h[column], rtol=1e-6, atol=1e-9, err_msg=column)
+        elif column != "weight":
+            assert (df_d[column] == df_h[column]).all() or df_h[column].isna().all(), column
+    ids_h, z_h = m_host.gradients()
+    ids_d, z_d = m_dev.gradients()
+    assert (ids_h == ids_d).all()
+    np.testing.assert_allclose(z_d, z_h, rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------- on a GPU
+def _cuda_waits(step: Callable[[], object], times: int = 2) -> Counter:
+    """Host waits recorded on a GPU: stream/event synchronisations and the syncing aten ops (the profiler's
+    own device synchronisations at start and stop are left out)."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(times):
+            step()
+    waits = ("cudaStreamSynchronize", "cudaEventSynchronize", *SYNC_OPS, HOST_BUILT)
+    return Counter({e.key: e.count for e in prof.key_averages() if e.key in waits and e.count})
+
+
+def _cuda_or_skip() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
+
+
+@pytest.mark.needs_hardware
+@pytest.mark.parametrize("name", be.MODELS)
+def test_on_a_gpu_the_steady_state_pass_never_waits_for_the_device(name):
+    dev = _cuda_or_skip()
+    model, first = _bench_batch(name, 64, 0)
+    model = model.to(dev).eval()
+    batches = [be.to_device(_bench_batch(name, 64, s)[1], dev) for s in (1, 2)]
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    ext(be.to_device(first, dev))
+    torch.cuda.synchronize()
+    it = iter(batches)
+    waits = _cuda_waits(lambda: ext(next(it)))
+    assert waits == Counter(), f"{name}: {dict(waits)}"
+    ext.flush_checks()
+
+
+@pytest.mark.needs_hardware
+@pytest.mark.parametrize("layers", ["output", "all"])
+@pytest.mark.parametrize("name", be.MODELS)
+def test_on_a_gpu_observe_never_waits_for_the_device(name, layers):
+    dev = _cuda_or_skip()
+    model, first = _bench_batch(name, 64, 0)
+    model = model.to(dev).eval()
+    miner = OnlineMiner(
+        model, layers=_last_linear(model) if layers == "output" else None, dim=16, weighting={"warmup_steps": 1}
+    )
+    ids = torch.arange(64)
+    for s in (0, 3):
+        x, y = be.to_device(_bench_batch(name, 64, s)[1], dev)
+        miner.observe(x, y, ids).weighted_loss().backward()
+    torch.cuda.synchronize()
+    it = iter([be.to_device(_bench_batch(name, 64, s)[1], dev) for s in (1, 2)])
+
+    def step():
+        x, y = next(it)
+        miner.observe(x, y, ids).weighted_loss().backward()
+
+    waits = _cuda_waits(step)
+    assert waits == Counter(), f"{name}/{layers}: {dict(waits)}"
+    assert miner.n_samples == 64
+
+
+@pytest.mark.needs_hardware
+def test_on_a_gpu_bad_later_batches_are_refused_not_device_asserts():
+    dev = _cuda_or_skip()
+    model = be.MLP().to(dev).eval()
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    x, y = torch.randn(8, 784, device=dev), torch.arange(8, device=dev)
+    ext((x, y))
+    # Raised by the call itself if the device has already finished it when the call ends, else by flush_checks.
+    with pytest.raises(ValueError, match=r"label 12 is out of range"):
+        ext((x, torch.full((8,), 12, device=dev)))  # out of range: the loss runs on clamped labels
+        ext.flush_checks()
+    bad = x.clone()
+    bad[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"first at batch position 3"):
+        ext((bad, y))
+        ext.flush_checks()
+    assert torch.isfinite(ext((x, y)).z).all()  # the device is still usable
+    miner = OnlineMiner(model, layers="net.4", dim=16)
+    miner.observe(x, y, list(range(8)))
+    with pytest.raises(ValueError, match=r"label 12 is out of range"):
+        miner.observe(x, torch.full((8,), 12, device=dev), list(range(8, 16)))
+        miner.manifest()
