@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map
 
 from .checks import is_int
 from .enums import LossKind, TaskKind
+from .losses import IGNORE_INDEX
 
 __all__ = [
     "IdKind",
@@ -43,6 +44,8 @@ __all__ = [
     "call_model",
     "check_class_target",
     "check_labels",
+    "check_lm_labels",
+    "is_causal_lm_batch",
     "check_multilabel_target",
     "check_regression_target",
     "check_target",
@@ -319,6 +322,31 @@ def check_labels(target: torch.Tensor, num_outputs: int, where: str | None = Non
         )
 
 
+def is_causal_lm_batch(output: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether ``(output, target)`` look like a causal LM's: ``(B, T, V)`` floating logits and ``(B, T)`` integer
+    token labels (``-100`` for tokens that are not targets)."""
+    return (
+        output.ndim == 3
+        and target.ndim == 2
+        and torch.is_floating_point(output)
+        and not torch.is_floating_point(target)
+        and target.dtype != torch.bool
+        and tuple(target.shape) == tuple(output.shape[:2])
+    )
+
+
+def check_lm_labels(labels: torch.Tensor, vocab_size: int, where: str | None = None) -> None:
+    """Every causal-LM label is a token id in ``[0, vocab_size)`` or ``-100`` (not a target); else a ValueError
+    quoting the first bad value."""
+    bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))]
+    if bad.numel():
+        raise ValueError(
+            f"{_prefix(where)}token label {int(bad[0])} is out of range for a vocabulary of {vocab_size} "
+            f"(labels must be token ids in [0, {vocab_size - 1}] or {IGNORE_INDEX} for tokens that are not "
+            "targets); check the tokenizer and the model."
+        )
+
+
 def infer_task(loss_kind: LossKind | None, target: torch.Tensor, output: torch.Tensor) -> TaskKind:
     """The task a batch belongs to, from the resolved loss kind (``resolve_loss``): cross-entropy is
     classification, mse regression; a custom loss (``None``) is classification when the targets are 1-D
@@ -329,6 +357,8 @@ def infer_task(loss_kind: LossKind | None, target: torch.Tensor, output: torch.T
         return TaskKind.REGRESSION
     if loss_kind is LossKind.BCE:
         return TaskKind.MULTILABEL
+    if loss_kind is LossKind.CAUSAL_LM:
+        return TaskKind.CAUSAL_LM
     is_class = not torch.is_floating_point(target) and target.ndim == 1 and output.ndim in (1, 2)
     return TaskKind.CLASSIFICATION if is_class else TaskKind.REGRESSION
 

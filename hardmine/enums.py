@@ -22,6 +22,7 @@ __all__ = [
     "SliceEmbedding",
     "Strategy",
     "TaskKind",
+    "TokenReduction",
     "parse_choice",
 ]
 
@@ -49,6 +50,8 @@ class LossKind(str, Enum):
     CROSS_ENTROPY = "cross_entropy"
     MSE = "mse"
     BCE = "bce"  # multi-label: mean over the C outputs of BCE-with-logits against a (B, C) 0/1 target
+    # next-token NLL of (B, T, V) logits against (B, T) labels (HF-style shift, -100 ignored), per sample
+    CAUSAL_LM = "causal_lm"
 
 
 class ProjectionKind(str, Enum):
@@ -135,6 +138,14 @@ class TaskKind(str, Enum):
     CLASSIFICATION = "classification"
     REGRESSION = "regression"
     MULTILABEL = "multilabel"  # (B, C) logits, (B, C) 0/1 targets: any number of labels per sample
+    CAUSAL_LM = "causal-lm"  # (B, T, V) next-token logits, (B, T) token labels (-100: not a target)
+
+
+class TokenReduction(str, Enum):
+    """How a causal LM's per-token losses make one sample's loss (``hardmine.losses.causal_lm_per_sample``)."""
+
+    MEAN = "mean"  # mean NLL over the sample's target tokens (every sample on the same scale)
+    SUM = "sum"  # total NLL over the target tokens (longer completions weigh more)
 
 
 E = TypeVar("E", bound=Enum)

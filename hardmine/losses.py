@@ -8,12 +8,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .enums import LossKind, parse_choice
+from .enums import LossKind, TokenReduction, parse_choice
 
 __all__ = [
-    "LossFn", "bce_per_sample", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample",
-    "resolve_loss",
+    "IGNORE_INDEX", "LossFn", "bce_per_sample", "causal_lm_per_sample", "causal_lm_token_losses", "class_logits",
+    "cross_entropy_per_sample", "loss_name", "mse_per_sample", "resolve_loss",
 ]
+
+# The label of a token that is not a target (padding, prompt): the Hugging Face / PyTorch convention.
+IGNORE_INDEX = -100
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,6 +53,30 @@ def bce_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return per_label.reshape(per_label.shape[0], -1).mean(dim=1)  # (B,)
 
 
+def causal_lm_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token NLL (B, T-1), target mask (B, T-1))`` of a causal LM: position ``t``'s logits predict label
+    ``t + 1`` (the shift Hugging Face models apply to ``labels``); labels ``-100`` are not targets (NLL 0)."""
+    pred, gold = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1): position t predicts token t+1
+    nll = F.cross_entropy(pred.transpose(1, 2), gold, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    return nll, gold != IGNORE_INDEX
+
+
+def causal_lm_per_sample(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: TokenReduction | str = TokenReduction.MEAN
+) -> torch.Tensor:
+    """One loss per sample of a causal LM: ``(B, T, V)`` logits against ``(B, T)`` token labels, shifted as
+    Hugging Face models do (position ``t`` predicts label ``t + 1``), labels ``-100`` masked (padding, prompt
+    tokens). ``reduction="mean"``: the mean NLL over the sample's target tokens; ``"sum"``: their total. A
+    sample without any target token has loss 0 (and no gradient)."""
+    red = parse_choice(TokenReduction, reduction, "reduction")
+    nll, keep = causal_lm_token_losses(logits, labels)  # (B, T-1) each; masked tokens have NLL 0 already
+    total = nll.sum(dim=1)  # (B,)
+    if red is TokenReduction.SUM:
+        return total
+    # clamp: a sample with no target token gets 0 / 1 = 0 rather than 0 / 0
+    return total / keep.sum(dim=1).clamp_min(1).to(total.dtype)  # (B,)
+
+
 def resolve_loss(loss: LossKind | str | LossFn | None, target: torch.Tensor) -> tuple[LossFn, LossKind | None]:
     """Pick the per-sample loss. Returns the callable and the built-in kind (``None`` for a user callable)."""
     if callable(loss) and not isinstance(loss, (str, LossKind)):
@@ -57,7 +84,12 @@ def resolve_loss(loss: LossKind | str | LossFn | None, target: torch.Tensor) -> 
     kind = parse_choice(LossKind, "auto" if loss is None else loss, "loss")
     if kind is LossKind.AUTO:
         kind = LossKind.MSE if torch.is_floating_point(target) else LossKind.CROSS_ENTROPY
-    fns = {LossKind.CROSS_ENTROPY: cross_entropy_per_sample, LossKind.MSE: mse_per_sample, LossKind.BCE: bce_per_sample}
+    fns = {
+        LossKind.CROSS_ENTROPY: cross_entropy_per_sample,
+        LossKind.MSE: mse_per_sample,
+        LossKind.BCE: bce_per_sample,
+        LossKind.CAUSAL_LM: causal_lm_per_sample,
+    }
     return fns[kind], kind
 
 
@@ -76,4 +108,6 @@ def loss_name(loss: Any, task: str | None) -> str | None:
         return None
     if task == "multilabel":
         return LossKind.BCE.value
+    if task == "causal-lm":
+        return LossKind.CAUSAL_LM.value
     return (LossKind.MSE if task == "regression" else LossKind.CROSS_ENTROPY).value
