@@ -55,8 +55,11 @@ def bce_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def causal_lm_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token NLL (B, T-1), target mask (B, T-1))`` of a causal LM: position ``t``'s logits predict label
-    ``t + 1`` (the shift Hugging Face models apply to ``labels``); labels ``-100`` are not targets (NLL 0)."""
+    ``t + 1`` (the shift Hugging Face models apply to ``labels``); labels ``-100`` are not targets (NLL 0).
+    Half-precision logits are upcast to float32 first."""
     pred, gold = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1): position t predicts token t+1
+    if pred.dtype in (torch.float16, torch.bfloat16):
+        pred = pred.float()  # as Hugging Face's LM loss: a half-precision log-softmax over the vocabulary loses digits
     nll = F.cross_entropy(pred.transpose(1, 2), gold, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
     return nll, gold != IGNORE_INDEX
 

@@ -212,8 +212,8 @@ class StepGradients:
 
     def _check_broadcast(self, rec: Captured, out: torch.Tensor, b: int) -> None:
         """The first forward with calls broadcast over the batch (expanded per sample by the hooks): the model
-        must use each expanded row for its own sample only (``broadcast_problems``, a few small backwards on
-        the first samples, once). Unlike the offline probe, the online pass does not run the model again, so
+        must use each expanded row for its own sample only (``broadcast_problems``: one backward from each of
+        the first three samples' outputs to the expanded outputs, once per miner). Unlike the offline probe, the online pass does not run the model again, so
         it trusts that a ``(1, ...)`` input is the same for any batch (position ids, learned tokens)."""
         if self._broadcast_checked or not any(c.broadcast for calls in rec.values() for c in calls):
             return
