@@ -431,6 +431,17 @@ def validate_output(out: torch.Tensor, target: torch.Tensor, loss_kind: LossKind
                 f"cross-entropy needs (B, num_classes) logits, the model returned per-sample shape {tuple(out.shape[1:])}."
             )
         check_labels(target, int(out.shape[1]) if out.ndim == 2 else 1)  # one logit: a binary model
+    elif loss_kind is LossKind.CAUSAL_LM:
+        # per-sample shapes only: ``out`` may hold fewer samples than ``target`` (validate_batch's probe)
+        if not (out.ndim == 3 and target.ndim == 2 and out.shape[1] == target.shape[1]) or torch.is_floating_point(
+            target
+        ):
+            raise ValueError(
+                f"a causal LM needs (B, T, vocab) logits and (B, T) integer token labels; the model returned "
+                f"per-sample shape {tuple(out.shape[1:])} for labels {target.dtype} of per-sample shape "
+                f"{tuple(target.shape[1:])}."
+            )
+        check_lm_labels(target, int(out.shape[2]))
     elif loss_kind is LossKind.BCE and tuple(out.shape[1:]) != tuple(target.shape[1:]):
         raise ValueError(
             f"multi-label (bce) needs one logit per label: the model returned per-sample shape "

@@ -138,6 +138,19 @@ def test_causal_lm_loss_is_the_mean_over_target_tokens_only():
     assert_close(half, causal_lm_per_sample(logits.bfloat16().float(), labels).float())
 
 
+def test_the_offline_extractor_takes_the_causal_lm_loss_by_name():
+    from hardmine.engine import GradientExtractor
+
+    model = _model("gpt2")
+    batch = _lm_batch(3, seed=2)
+    by_name = GradientExtractor(model, dim=16, seed=3, loss_fn="causal_lm")(batch)
+    by_fn = GradientExtractor(model, dim=16, seed=3, loss_fn=causal_lm_per_sample)(batch)
+    assert_close(by_name.z, by_fn.z)
+    assert_close(by_name.loss, by_fn.loss)
+    with pytest.raises(ValueError, match="token label 50 is out of range"):
+        GradientExtractor(model, dim=16, loss_fn="causal_lm")((batch[0], batch[1].masked_fill(batch[1] > 0, VOCAB)))
+
+
 def test_lm_labels_out_of_range_and_mismatched_shapes_are_refused():
     model = _model("gpt2")
     inputs, labels = _lm_batch(3)
