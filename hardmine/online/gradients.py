@@ -213,11 +213,12 @@ class StepGradients:
     def _check_broadcast(self, rec: Captured, out: torch.Tensor, b: int) -> None:
         """The first forward with calls broadcast over the batch (expanded per sample by the hooks): the model
         must use each expanded row for its own sample only (``broadcast_problems``: one backward from each of
-        the first three samples' outputs to the expanded outputs, once per miner). Unlike the offline probe, the online pass does not run the model again, so
-        it trusts that a ``(1, ...)`` input is the same for any batch (position ids, learned tokens)."""
+        the first three samples' outputs to the expanded outputs, once per miner). Unlike the offline probe,
+        the online pass does not run the model again, so it trusts that a ``(1, ...)`` input is the same for
+        any batch (position ids, learned tokens)."""
         if self._broadcast_checked or not any(c.broadcast for calls in rec.values() for c in calls):
             return
-        n = min(b, 3)  # a few samples show whether rows are mixed; each costs one small backward
+        n = min(b, 3)  # a few samples show whether rows are mixed; each costs one backward, on the first step only
         problems = broadcast_problems(out[:n], rec, n)
         for name, why in problems.items():
             raise ValueError(
