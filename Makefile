@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install data test demo example example-loop bench eval lint clean mutate
+.PHONY: install data test demo demo-lm example example-loop bench eval lint clean mutate
 
 install: $(STAMP) data
 	@sh scripts/install_browser.sh
@@ -38,6 +38,18 @@ demo: install
 	$(VENV)/bin/hardmine neighbors $(DEMO)/scan --ids "$$($(VENV)/bin/hardmine show $(DEMO)/scan --top 1 --json \
 		| $(PY) -c 'import json,sys; print(json.load(sys.stdin)[0]["sample_id"])')" -k 8
 
+# The README's "Language models" commands: a tiny GPT-2 trained on Debian's fortune quotations (about a
+# minute on 2 cores), scanned as a causal LM, its hardest quotes listed and the hardest one shown token by token.
+DEMO_LM := $(DEMO)/lm
+demo-lm: $(STAMP)
+	@sh scripts/install_lm_data.sh
+	$(PY) scripts/train_demo_lm.py --out $(DEMO_LM)
+	$(VENV)/bin/hardmine scan $(DEMO_LM)/model --data $(DEMO_LM)/fortunes.jsonl --task causal-lm \
+		--text-column text --id-column id --max-length 64 --out $(DEMO_LM)/scan --dim 64 --overwrite
+	$(VENV)/bin/hardmine show $(DEMO_LM)/scan --top 10
+	$(VENV)/bin/hardmine tokens $(DEMO_LM)/scan --html $(DEMO_LM)/hardest.html --id "$$($(VENV)/bin/hardmine show \
+		$(DEMO_LM)/scan --top 1 --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)[0]["sample_id"])')"
+
 # API example: exact engine + projector only (no CLI)
 example: install
 	$(PY) scripts/example_engine.py
@@ -50,6 +62,7 @@ bench: install
 		--out scripts/results/bench_extract_keep_heap.json
 	$(PY) scripts/bench_callbacks.py
 	$(PY) scripts/bench_scan.py
+	$(PY) scripts/bench_lm.py
 	$(PY) scripts/bench_startup.py
 	$(PY) scripts/bench_distributed.py
 	$(PY) scripts/bench_conv_routes.py

@@ -46,6 +46,8 @@ __all__ = [
     "check_causal_lm_target",
     "check_class_target",
     "check_labels",
+    "check_lm_labels",
+    "is_causal_lm_batch",
     "check_multilabel_target",
     "check_regression_target",
     "check_target",
@@ -398,6 +400,31 @@ def label_flag(target: torch.Tensor, num_outputs: int) -> tuple[torch.Tensor, to
     t = target.detach()
     lo, hi = torch.aminmax(t)
     return (lo < 0) | (hi >= classes), target.clamp(0, classes - 1)
+
+
+def is_causal_lm_batch(output: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether ``(output, target)`` look like a causal LM's: ``(B, T, V)`` floating logits and ``(B, T)`` integer
+    token labels (``-100`` for tokens that are not targets)."""
+    return (
+        output.ndim == 3
+        and target.ndim == 2
+        and torch.is_floating_point(output)
+        and not torch.is_floating_point(target)
+        and target.dtype != torch.bool
+        and tuple(target.shape) == tuple(output.shape[:2])
+    )
+
+
+def check_lm_labels(labels: torch.Tensor, vocab_size: int, where: str | None = None) -> None:
+    """Every causal-LM label is a token id in ``[0, vocab_size)`` or ``-100`` (not a target); else a ValueError
+    quoting the first bad value."""
+    bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))]
+    if bad.numel():
+        raise ValueError(
+            f"{_prefix(where)}token label {int(bad[0])} is out of range for a vocabulary of {vocab_size} "
+            f"(labels must be token ids in [0, {vocab_size - 1}] or {IGNORE_INDEX} for tokens that are not "
+            "targets); check the tokenizer and the model."
+        )
 
 
 def infer_task(loss_kind: LossKind | None, target: torch.Tensor, output: torch.Tensor) -> TaskKind:

@@ -8,15 +8,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .enums import LossKind, parse_choice
+from .enums import LossKind, TokenReduction, parse_choice
 
 __all__ = [
-    "IGNORE_INDEX", "LossFn", "bce_per_sample", "causal_lm_per_sample", "causal_lm_sum_per_sample", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample",
-    "resolve_loss",
+    "IGNORE_INDEX", "LossFn", "bce_per_sample", "causal_lm_per_sample", "causal_lm_sum_per_sample",
+    "causal_lm_token_losses", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample", "resolve_loss",
 ]
 
+# The label of a token that is not a target (padding, prompt): the Hugging Face / PyTorch convention.
+IGNORE_INDEX = -100
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-IGNORE_INDEX = -100  # a causal-LM label that is not a target (prompt, padding): Hugging Face's convention
 
 
 def class_logits(output: torch.Tensor) -> torch.Tensor:
@@ -51,26 +53,36 @@ def bce_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return per_label.reshape(per_label.shape[0], -1).mean(dim=1)  # (B,)
 
 
-def _token_nll(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL of ``(B, T, V)`` logits against ``(B, T)`` labels, shifted inside: the logits at position
-    ``t`` predict the label at ``t + 1`` (so a label at position 0 is never a target). Returns the ``(B, T-1)``
-    NLL (0 where the label is ``IGNORE_INDEX``) and the ``(B, T-1)`` target mask in the NLL's dtype."""
-    pred, gold = output[:, :-1], target[:, 1:]  # (B, T-1, V), (B, T-1)
+def causal_lm_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token NLL (B, T-1), target mask (B, T-1))`` of a causal LM: position ``t``'s logits predict label
+    ``t + 1`` (the shift Hugging Face models apply to ``labels``); labels ``-100`` are not targets (NLL 0).
+    Half-precision logits are upcast to float32 first."""
+    pred, gold = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1): position t predicts token t+1
+    if pred.dtype in (torch.float16, torch.bfloat16):
+        pred = pred.float()  # as Hugging Face's LM loss: a half-precision log-softmax over the vocabulary loses digits
     nll = F.cross_entropy(pred.transpose(1, 2), gold, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
-    return nll, (gold != IGNORE_INDEX).to(nll.dtype)
+    return nll, gold != IGNORE_INDEX
 
 
-def causal_lm_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Causal-LM loss per sample: the mean next-token NLL over the sample's target tokens (labels other than
-    ``IGNORE_INDEX``; the shift is done here, as Hugging Face models do). ``(B, T, V), (B, T) -> (B,)``."""
-    nll, keep = _token_nll(output, target)
-    return nll.sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)  # (B,); a sample without targets is refused upstream
+def causal_lm_per_sample(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: TokenReduction | str = TokenReduction.MEAN
+) -> torch.Tensor:
+    """One loss per sample of a causal LM: ``(B, T, V)`` logits against ``(B, T)`` token labels, shifted as
+    Hugging Face models do (position ``t`` predicts label ``t + 1``), labels ``-100`` masked (padding, prompt
+    tokens). ``reduction="mean"``: the mean NLL over the sample's target tokens; ``"sum"``: their total. A
+    sample without any target token has loss 0 (and no gradient)."""
+    red = parse_choice(TokenReduction, reduction, "reduction")
+    nll, keep = causal_lm_token_losses(logits, labels)  # (B, T-1) each; masked tokens have NLL 0 already
+    total = nll.sum(dim=1)  # (B,)
+    if red is TokenReduction.SUM:
+        return total
+    # clamp: a sample with no target token gets 0 / 1 = 0 rather than 0 / 0
+    return total / keep.sum(dim=1).clamp_min(1).to(total.dtype)  # (B,)
 
 
-def causal_lm_sum_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def causal_lm_sum_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``causal_lm_per_sample`` summed over the target tokens instead of averaged (``token_reduction="sum"``)."""
-    nll, _ = _token_nll(output, target)
-    return nll.sum(dim=1)  # (B,)
+    return causal_lm_per_sample(logits, labels, TokenReduction.SUM)  # (B,)
 
 
 def resolve_loss(loss: LossKind | str | LossFn | None, target: torch.Tensor) -> tuple[LossFn, LossKind | None]:

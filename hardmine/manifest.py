@@ -360,7 +360,7 @@ def _arrow_table(df: pd.DataFrame) -> pa.Table:
         if c in _BOOL_COLUMNS:
             arr = pa.array(pd.array(s, dtype="boolean"), type=pa.bool_())
         elif c in _INT_COLUMNS:
-            arr = pa.array(s.to_numpy(dtype=np.int64), type=pa.int64())
+            arr = pa.array(pd.array(s, dtype="Int64"), type=pa.int64())  # nullable: e.g. an online LM's token counts
         elif c in _STR_COLUMNS:
             arr = pa.array([None if v is None or v is pd.NA or v != v else str(v) for v in s.tolist()], type=pa.string())
         elif c == "sample_id":

@@ -497,7 +497,12 @@ def test_nothing_left_on_the_model_and_training_without_the_miner_works():
     miner.observe(x, y, list(range(16)))  # no backward: the state is untouched
     assert _hooks(model) == 0
     with miner.capture():
-        assert _hooks(model) == 2  # hooks exist only inside capture()
+        # hooks exist only inside capture(): one per selected module, one on the model reading the batch size
+        assert _hooks(model) == 3
+        model(x)
+    assert _hooks(model) == 0
+    with miner.capture(batch_size=16):
+        assert _hooks(model) == 2  # the batch size given: no pre-hook
         model(x)
     assert _hooks(model) == 0
     miner.close()

@@ -110,7 +110,8 @@ class HardmineTrainer(Trainer):
                 "weights without a manifest."
             )
         labels = inputs.pop("labels")
-        with self.miner.capture():
+        # the batch size lets modules called on (1, T) (position embeddings) keep per-sample gradients
+        with self.miner.capture(batch_size=int(labels.shape[0])):
             outputs = model(**inputs)  # labels removed: the model computes no loss of its own
         stats = self.miner.observe_output(outputs, labels, ids)
         loss = stats.weighted_loss()

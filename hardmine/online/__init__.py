@@ -45,6 +45,13 @@ get one non-blocking copy of ``B * (L + 2)`` numbers to pinned host memory, reco
 later step, or whichever method reads them). No per-sample gradient is ever formed. Measured overhead vs a plain training step (MLP and CNN, batch 256):
 ``scripts/bench_callbacks.py``.
 
+**Causal LMs.** ``(B, T, V)`` logits with ``(B, T)`` integer labels (default loss) are a causal LM: the
+per-sample loss is the mean next-token NLL over the target tokens (``hardmine.losses.causal_lm_per_sample``:
+shifted as Hugging Face models do, labels ``-100`` masked), always on the autograd path. Modules called on an
+input broadcast over the batch (position embeddings on ``(1, T)``) are expanded per sample inside the hooks
+(the batch size from ``capture(batch_size=)`` or the model's forward), as in the offline engine; the first step
+with such a call checks the rows are used sample by sample (``broadcast_problems``).
+
 **Weighting** (:mod:`.weighting`): a sample whose projected gradient disagrees with the moving average of
 its class's mean unit gradient gets a larger weight, normalised to mean 1 (GradTail-style; formula there).
 **Training dynamics** per sample id (:mod:`.dynamics`): Dataset Cartography, forgetting events, AUM and the

@@ -24,6 +24,7 @@ from ..enums import LossKind
 from ..factored.capture import (
     Captured,
     apply_rules,
+    broadcast_problems,
     capture_calls,
     check_calls,
     check_per_sample_loss,
@@ -76,13 +77,21 @@ class StepGradients:
         self._neg: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._warned_bn = False
         self._open = False  # a capture() block is running
+        self._broadcast_checked = False  # some forward had a broadcast call and passed broadcast_problems
         self._captured: Captured | None = None  # the forward captured and not yet taken
 
     # ------------------------------------------------------------------------------------- capture
     @contextlib.contextmanager
-    def capture(self) -> Iterator[None]:
+    def capture(self, batch_size: int | None = None) -> Iterator[None]:
         """Hooks on the selected modules for the block (removed on exit); its forward is kept for
-        :meth:`take`."""
+        :meth:`take`.
+
+        ``batch_size``: the batch's size, so a module called on an input broadcast over the batch (``(1, ...)``,
+        e.g. Hugging Face position embeddings on ``position_ids`` of shape ``(1, T)``) hands the model one
+        output row per sample and keeps its per-sample gradients (``hardmine.factored.capture``). ``None``:
+        read from the first tensor the model's own forward receives (a pre-hook on the model); a forward
+        that does not go through the model's ``__call__`` is captured without expansion.
+        """
         if self._open:
             raise ValueError("miner.capture() is already open; run one forward per capture block.")
         self._captured = None
@@ -91,11 +100,43 @@ class StepGradients:
         # hands the model a clone of its output.
         clone = self.protect if self.probed else set(self.units)
         try:
-            with capture_calls(self.units, clone) as rec:
-                yield
+            if batch_size is not None:
+                with capture_calls(self.units, clone, batch_size) as rec:
+                    yield
+            else:
+                with self._capture_sized_by_model(clone) as box:
+                    yield
+                rec = box[0]
         finally:
             self._open = False
         self._captured = rec
+
+    @contextlib.contextmanager
+    def _capture_sized_by_model(self, clone: set[str]) -> Iterator[list[Captured]]:
+        """``capture_calls`` whose batch size is read from the model's forward when it starts: the unit hooks
+        are registered at once without a size (a forward that bypasses the model's ``__call__`` is still
+        captured) and re-registered with the size by a pre-hook on the model, before any unit has run.
+        Yields a one-item list holding the live record."""
+        hooks = contextlib.ExitStack()
+        box = [hooks.enter_context(capture_calls(self.units, clone))]
+
+        def sized(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # the first tensor argument with a batch dimension (HF: input_ids / inputs_embeds / pixel_values)
+            first = next(
+                (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim >= 1), None
+            )
+            if any(box[0].values()) or first is None:
+                return  # units already ran outside the model's forward (keep them), or nothing to size by
+            b = int(first.shape[0])
+            hooks.close()  # nothing recorded yet: swap for hooks that know the batch size
+            box[0] = hooks.enter_context(capture_calls(self.units, clone, b))
+
+        pre = self.model.register_forward_pre_hook(sized, with_kwargs=True)
+        try:
+            yield box
+        finally:
+            pre.remove()
+            hooks.close()
 
     def take(self) -> Captured:
         """The forward captured by the last closed :meth:`capture` block (once)."""
@@ -124,6 +165,7 @@ class StepGradients:
     ) -> StepResult:
         """Check the captured calls, compute the per-sample loss and project every sample's gradient."""
         self._check_calls(rec, b)
+        self._check_broadcast(rec, out, b)
         loss = loss_fn(out, target)
         check_per_sample_loss(loss, b)
         deltas = self._output_deltas(rec, out, target, kind)
@@ -168,12 +210,30 @@ class StepGradients:
             )
         self.probed = True
 
+    def _check_broadcast(self, rec: Captured, out: torch.Tensor, b: int) -> None:
+        """The first forward with calls broadcast over the batch (expanded per sample by the hooks): the model
+        must use each expanded row for its own sample only (``broadcast_problems``: one backward from each of
+        the first three samples' outputs to the expanded outputs, once per miner). Unlike the offline probe,
+        the online pass does not run the model again, so it trusts that a ``(1, ...)`` input is the same for
+        any batch (position ids, learned tokens)."""
+        if self._broadcast_checked or not any(c.broadcast for calls in rec.values() for c in calls):
+            return
+        n = min(b, 3)  # a few samples show whether rows are mixed; each costs one backward, on the first step only
+        problems = broadcast_problems(out[:n], rec, n)
+        for name, why in problems.items():
+            raise ValueError(
+                f"module {self.units[name].label}: {why}; the online miner cannot attribute it per sample. "
+                "Select other layers (layers=...)."
+            )
+        self._broadcast_checked = True
+
     def _output_deltas(
         self, rec: Captured, out: torch.Tensor, target: torch.Tensor, kind: LossKind | None
     ) -> dict[str, list[torch.Tensor]] | None:
         """The closed-form per-sample gradient at the logits, ``{module: [delta]}``, when every selected module
         is the output layer (its output returned unchanged) and the loss is built in; else None (autograd)."""
-        analytic = kind is not None and all(
+        # A causal LM's loss is left to autograd: its gradient at the logits is as large as the logits.
+        analytic = kind in (LossKind.CROSS_ENTROPY, LossKind.MSE) and all(
             len(calls) == 1 and calls[0].passed is out and out._version == calls[0].passed_version
             for calls in rec.values()
         )

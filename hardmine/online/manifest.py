@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..checks import is_finite_number
-from ..enums import Strategy, TaskKind, parse_choice
+from ..enums import LossKind, Strategy, TaskKind, parse_choice
 from ..manifest import finish_manifest
 from ..score import (
     SCORE_TABLE,
@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_ONLINE_WEIGHTS",
     "DEFAULT_ONLINE_WEIGHTS_REGRESSION",
     "ONLINE_SCORE_TABLE",
+    "add_lm_columns",
     "build_manifest",
     "check_hardness_weights",
     "manifest_frame",
@@ -118,6 +119,8 @@ def build_manifest(
     )
     check_hardness_weights(weights)
     df = manifest_frame(dyn, is_class)
+    if task is TaskKind.CAUSAL_LM:
+        add_lm_columns(df, mean_loss=describe.get("loss") == LossKind.CAUSAL_LM.value)
     hardness, used = online_hardness(df, weights, task)
     df["hardness"] = hardness
     meta = {
@@ -127,6 +130,19 @@ def build_manifest(
         "scores": {name: s.to_dict() for name, s in ONLINE_SCORE_TABLE.items()},
     }
     return finish_manifest(df, meta, strategy=strategy, top=top, boost=boost, temperature=temperature, cap=cap)
+
+
+def add_lm_columns(df: pd.DataFrame, *, mean_loss: bool) -> None:
+    """The causal-LM columns of the offline manifest (``hardmine.manifest.REQUIRED_COLUMNS_LM``), in place:
+    ``perplexity`` is ``exp(loss)`` when the loss is the mean next-token NLL (NaN for a summed loss); the token
+    statistics (``n_target_tokens``, ``token_entropy_mean``, ``top1_miss_rate``, ``max_token_loss``) need a pass
+    over every token's distribution, which the offline scan makes and a training step does not: NaN online, like
+    ``knn_outlier``."""
+    loss = df["loss"].to_numpy(dtype=np.float64)  # (N,)
+    with np.errstate(over="ignore"):
+        df["perplexity"] = np.exp(loss) if mean_loss else np.full(len(df), np.nan)
+    for name in ("n_target_tokens", "token_entropy_mean", "top1_miss_rate", "max_token_loss"):
+        df[name] = np.full(len(df), np.nan)
 
 
 def manifest_frame(dyn: SampleDynamics, is_class: bool) -> pd.DataFrame:

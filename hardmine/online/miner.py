@@ -24,8 +24,11 @@ from ..batches import (
     DeferredChecks,
     call_model,
     check_labels,
+    check_lm_labels,
     check_target,
     infer_task,
+    input_leaves,
+    is_causal_lm_batch,
     label_flag,
     model_output_tensor,
     sample_id_list,
@@ -33,7 +36,7 @@ from ..batches import (
 from ..checks import as_bool, as_module, positive_int, projection_kind
 from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from ..factored.layout import ProjectionLayout
-from ..losses import LossFn, class_logits, loss_name, resolve_loss
+from ..losses import LossFn, causal_lm_per_sample, class_logits, loss_name, resolve_loss
 from ..manifest import write_manifest
 from ..params import select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
@@ -82,14 +85,21 @@ class OnlineMiner:
         model: the ``nn.Module`` being trained. Nothing is attached to it (see the package docstring).
         layers: names/globs of modules or parameters whose per-sample gradients are projected
             (``"classifier"``, ``"fc2"``, ``"layers.*.mlp.*"``); ``None`` = every trainable parameter. Every
-            selected parameter must belong to an ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` or
-            ``nn.LayerNorm`` (the factored layer rules); select the output layer alone for the analytic path.
+            selected parameter must belong to a module with a factored layer rule (``nn.Linear``,
+            ``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, RMSNorm-style norms, ``transformers``'
+            ``Conv1D``: every parameter of GPT-2, BERT or Llama models); select the output layer alone for the
+            analytic path. Modules called on an input broadcast over the batch (position embeddings) are
+            expanded per sample (see :meth:`capture`).
         num_classes: number of classes (classification). ``None``: taken from the output width of the first
             batch. Ignored for regression.
         dim: projection size per weight matrix (``(a, b) = kron_factors(dim)``), as in ``GradientExtractor``.
         seed: projection seed (same matrices as an offline scan with the same layers/dim/seed).
-        loss_fn: ``"cross_entropy"``, ``"mse"``, ``None``/``"auto"`` (by target dtype) or a callable
+        loss_fn: ``"cross_entropy"``, ``"mse"``, ``"causal_lm"``, ``None``/``"auto"`` (by target dtype; a
+            ``(B, T, V)`` output with ``(B, T)`` integer labels is a causal LM) or a callable
             ``loss_fn(output, target) -> (B,)`` that does not mix samples (then the autograd path is used).
+            Causal LM: the per-sample loss is the mean next-token NLL over the sample's target tokens (labels
+            shifted as Hugging Face models do, ``-100`` masked: padding, prompt tokens;
+            ``hardmine.losses.causal_lm_per_sample``), so the weights multiply those masked token losses.
         projection: ``"rademacher"`` or ``"gaussian"`` projection entries (as ``hardmine.scan(projection=)``).
         weighting: a :class:`WeightingConfig` (or a dict of its fields).
         keep_gradients: also keep each sample's last projected gradient (``N x out_dim`` float32), returned
@@ -192,14 +202,18 @@ class OnlineMiner:
 
     # --------------------------------------------------------------------------------------- capture
     @contextmanager
-    def capture(self) -> Iterator[None]:
+    def capture(self, batch_size: int | None = None) -> Iterator[None]:
         """Hooks on the selected modules for the forward run inside the block; removed on exit (``finally``).
 
         Use it when a framework runs the forward: ``with miner.capture(): out = model(x)`` then
-        ``miner.observe_output(out, y, ids)``.
+        ``miner.observe_output(out, y, ids)``. ``batch_size``: the batch's size, needed by modules called on an
+        input broadcast over the batch (position embeddings on ``(1, T)`` position ids); ``None`` reads it
+        from the first tensor the model's forward receives.
         """
         self._check_open()
-        with self._grads.capture():
+        if batch_size is not None:
+            batch_size = positive_int(batch_size, "batch_size")
+        with self._grads.capture(batch_size):
             yield
 
     def observe(self, inputs: Any, target: torch.Tensor, ids: Any = None) -> OnlineStats:
@@ -212,7 +226,9 @@ class OnlineMiner:
                 dynamics are recorded (weights only).
         """
         self._check_open()
-        with self.capture():
+        leaves = input_leaves(inputs)
+        b = int(leaves[0][1].shape[0]) if leaves and leaves[0][1].ndim else None
+        with self.capture(b or None):
             raw = call_model(self.model, inputs)
         return self.observe_output(raw, target, ids)
 
@@ -234,6 +250,9 @@ class OnlineMiner:
             self._checks.poll()
         step = self._grads.compute(rec, out, safe, fn, kind, b)
         is_class = task is TaskKind.CLASSIFICATION
+        # A causal LM has no per-sample output statistics here (its logits are (B, T, V)): the host copy gets
+        # one NaN column instead of the logits, so pred and label stay NaN as for a multi-output regression.
+        stats_out = out.new_full((b, 1), float("nan")) if task is TaskKind.CAUSAL_LM else out
         if is_class and self._num_classes is None:
             self._num_classes = int(class_logits(out[:1]).shape[1])  # a single logit: 2 classes
         self._task = task
@@ -243,7 +262,7 @@ class OnlineMiner:
         z_norm, along = self._dirs.along(step.z, labels)  # against the directions *before* this update
         self._step += 1
         warm = self._step <= self.weighting.warmup_steps or self.weighting.strength == 0
-        args = (out, safe, step.loss, step.sq_norm, z_norm, along)
+        args = (stats_out, safe, step.loss, step.sq_norm, z_norm, along)
         kw = {"is_class": is_class, "gathered": self._dirs.gathers, "by_class": self.weighting.by_class}
         dev = out.device
         if stats_on_host(dev):
@@ -326,7 +345,7 @@ class OnlineMiner:
             raise ValueError(
                 f"the output has {b} rows but the target {int(target.shape[0])}; they must match (> 0)."
             )
-        fn, kind = resolve_loss(self.loss_fn, target)
+        fn, kind = self._resolve_loss(out, target)
         task = infer_task(kind, target, out)
         if task is TaskKind.MULTILABEL:
             raise ValueError(
@@ -338,7 +357,14 @@ class OnlineMiner:
                 f"this miner has seen {self._task.value} batches; this batch looks like {task.value} (target "
                 f"dtype {target.dtype}). Use one miner per task."
             )
-        if task is TaskKind.CLASSIFICATION:
+        if task is TaskKind.CAUSAL_LM:
+            if not is_causal_lm_batch(out, target):
+                raise ValueError(
+                    f"a causal LM needs (B, T, vocab) logits and (B, T) integer token labels, got output shape "
+                    f"{tuple(out.shape)} and labels {target.dtype} of shape {tuple(target.shape)}."
+                )
+            check_lm_labels(target, int(out.shape[2]))
+        elif task is TaskKind.CLASSIFICATION:
             if torch.is_floating_point(target) or target.dtype == torch.bool or target.ndim != 1:
                 raise ValueError(
                     f"classification targets must be 1-D integer class ids, got {target.dtype} of shape "
@@ -370,6 +396,18 @@ class OnlineMiner:
                     f"{tuple(out.shape)}."
                 )
         return fn, kind, task, b, flags, target
+
+    def _resolve_loss(self, out: torch.Tensor, target: torch.Tensor) -> tuple[LossFn, LossKind | None]:
+        """``resolve_loss``, plus: with the default loss, ``(B, T, V)`` logits and ``(B, T)`` integer labels are
+        a causal LM (mean next-token NLL over the target tokens, ``hardmine.losses.causal_lm_per_sample``);
+        passing that function itself as ``loss_fn`` means the same."""
+        auto = self.loss_fn is None or (
+            isinstance(self.loss_fn, (str, LossKind))
+            and parse_choice(LossKind, self.loss_fn, "loss") is LossKind.AUTO
+        )
+        if (auto and is_causal_lm_batch(out, target)) or self.loss_fn is causal_lm_per_sample:
+            return causal_lm_per_sample, LossKind.CAUSAL_LM
+        return resolve_loss(self.loss_fn, target)
 
     # ------------------------------------------------------------------------------------ manifest
     def manifest(
