@@ -44,7 +44,7 @@ DEMO_LM := $(DEMO)/lm
 demo-lm: $(STAMP)
 	@sh scripts/install_lm_data.sh
 	$(PY) scripts/train_demo_lm.py --out $(DEMO_LM)
-	$(VENV)/bin/hardmine scan $(DEMO_LM)/model --data $(DEMO_LM)/fortunes.jsonl --task causal-lm \
+	$(VENV)/bin/hardmine scan $(DEMO_LM)/model $(DEMO_LM)/fortunes.jsonl --task causal-lm \
 		--text-column text --id-column id --max-length 64 --out $(DEMO_LM)/scan --dim 64 --overwrite
 	$(VENV)/bin/hardmine show $(DEMO_LM)/scan --top 10
 	$(VENV)/bin/hardmine tokens $(DEMO_LM)/scan --html $(DEMO_LM)/hardest.html --id "$$($(VENV)/bin/hardmine show \

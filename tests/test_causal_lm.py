@@ -364,6 +364,25 @@ def test_cli_scans_a_causal_lm(tmp_path, model_dir, data_file, columns):
         assert runner.invoke(app, ["neighbors", str(out), "--ids", "s1", "-k", "2", "--json"]).exit_code == 0
         review = runner.invoke(app, ["review", str(out), "--out", str(tmp_path / "q.csv")])
         assert review.exit_code == 2 and "classification scan" in review.output
+        # Token-level hardness on the scan's own table: the thresholds were stored by the scan (no reader pass),
+        # and the command shows the sample's rows with their tiers.
+        from hardmine.scan import Scan
+        from hardmine.tokens import TIERS_METADATA_KEY, TierAccumulator, tier_thresholds
+
+        table = pq.read_table(out / "tokens.parquet")
+        assert TIERS_METADATA_KEY.encode() in pq.read_metadata(out / "tokens.parquet").metadata
+        acc = TierAccumulator()
+        acc.update(table.column("is_target"), table.column("loss"))
+        assert tier_thresholds(out) == acc.thresholds()  # the stored thresholds are the table's own
+        rows = Scan.open(out).tokens("s1")
+        assert rows["sample_id"].eq("s1").all() and rows["position"].tolist() == list(range(len(rows)))
+        res = runner.invoke(app, ["tokens", str(out), "--id", "s1", "--json"])
+        assert res.exit_code == 0, res.output
+        shown = json.loads(res.output[res.output.index("{"):])
+        assert [r["token_id"] for r in shown["tokens"]] == rows["token_id"].tolist()
+        html = tmp_path / "s1.html"
+        assert runner.invoke(app, ["tokens", str(out), "--id", "s1", "--html", str(html)]).exit_code == 0
+        assert html.is_file()
 
 
 @pytest.mark.parametrize(
