@@ -506,3 +506,59 @@ def test_classifier_options_read_a_causal_lm_directory_as_a_classifier(tmp_path,
     m = pd.read_parquet(tmp_path / "s" / "manifest.parquet")
     assert "label" in m and "perplexity" not in m
     assert not (tmp_path / "s" / "tokens.parquet").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
+def test_a_distributed_part_of_text_data_is_exactly_its_rows_with_global_ids(tok, data_file, tmp_path, fmt):
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()] * 3  # 24 rows
+    for i, r in enumerate(rows):
+        r["id"] = f"r{i}"
+    path = tmp_path / f"d.{fmt}"
+    frame = pd.DataFrame([{"id": r["id"], "text": r["text"]} for r in rows])
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" + ("\n" if i % 5 == 0 else "") for i, r in enumerate(rows)))
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pandas(frame), path, row_group_size=5)
+    else:
+        frame.to_csv(path, index=False)
+    for id_column in ("id", None):
+        src = open_text(str(path), tok, text_column="text", id_column=id_column, batch_size=4)
+        whole = [(sid, ids.tolist()) for inputs, _, b_ids in src
+                 for sid, ids, m in zip(b_ids, inputs["input_ids"], inputs["attention_mask"])
+                 for ids in [ids[m.bool()]]]
+        assert len(whole) == 24
+        parts = []
+        for start, stop in ((0, 7), (7, 8), (8, 19), (19, 24)):
+            part = src.rows(start, stop)
+            assert part.tokenizer is tok and part.total == stop - start
+            parts += [(sid, ids[m.bool()].tolist()) for inputs, _, b_ids in part
+                      for sid, ids, m in zip(b_ids, inputs["input_ids"], inputs["attention_mask"])]
+        assert parts == whole  # the same rows, tokens and (global) ids, in order
+
+
+def test_torchrun_causal_lm_scan_matches_one_process_with_one_token_table(tmp_path, model_dir, data_file):
+    import os
+    import subprocess
+    import sys
+
+    args = [str(model_dir), str(data_file), "--task", "causal-lm", "--text-column", "text", "--id-column", "id",
+            "--dim", "16", "--shard-rows", "2", "--batch-size", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hardmine",
+           "scan", *args, "--out", str(tmp_path / "two")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = CliRunner().invoke(app, ["scan", *args, "--batch-size", "3", "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    a = pd.read_parquet(tmp_path / "two" / "manifest.parquet")
+    b = pd.read_parquet(tmp_path / "one" / "manifest.parquet")
+    assert a["sample_id"].tolist() == b["sample_id"].tolist() and a["rank"].tolist() == b["rank"].tolist()
+    for c in ("loss", "perplexity", "token_entropy_mean", "max_token_loss", "grad_norm", "global_divergence"):
+        assert_close(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-4, atol=1e-5)
+    ta, tb = (pq.ParquetFile(tmp_path / d / "tokens.parquet") for d in ("two", "one"))
+    assert ta.num_row_groups == 4  # each rank's 2 shards of 2 samples, streamed part by part in rank order
+    assert not list((tmp_path / "two" / "ranks").glob("*/shards/tokens-*"))  # the parts are gone once merged
+    x, y = ta.read().to_pandas(), tb.read().to_pandas()
+    assert x[["sample_id", "position", "token_id", "is_target"]].equals(y[["sample_id", "position", "token_id", "is_target"]])
+    assert_close(x["loss"].to_numpy(), y["loss"].to_numpy(), rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert b"hardmine_token_tiers" in ta.metadata.metadata

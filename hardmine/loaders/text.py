@@ -38,7 +38,7 @@ import torch
 
 from ..enums import DataFormat, parse_choice
 from ..losses import IGNORE_INDEX
-from .data import BatchSource, detect_format
+from .data import BatchSource, detect_format, row_groups_for
 
 __all__ = ["DEFAULT_MAX_LENGTH", "TextSource", "open_text"]
 
@@ -65,6 +65,12 @@ class TextSource(BatchSource):
     max_length: int = DEFAULT_MAX_LENGTH
     mode: str = "text"
     counts: _Counts = field(default_factory=_Counts)
+
+    def rows(self, start: int, stop: int) -> TextSource:
+        """The rows ``[start, stop)`` (a distributed scan's part), still a ``TextSource`` with its tokenizer."""
+        part = super().rows(start, stop)
+        return TextSource(part.format, part.total, part._make_iter, part.description, tokenizer=self.tokenizer,
+                          max_length=self.max_length, mode=self.mode, counts=self.counts)
 
     def report(self) -> dict[str, Any]:
         return {"mode": self.mode, "max_length": self.max_length, "samples": self.counts.samples,
@@ -184,14 +190,43 @@ def _messages(raw: Any, sid: Any) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _rows(path: Path, fmt: DataFormat, columns: Sequence[str], batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Rows of ``columns`` in file order, ``batch_size`` at a time (streamed: never the whole file)."""
+def _rows(
+    path: Path, fmt: DataFormat, columns: Sequence[str], batch_size: int, start: int = 0, stop: int | None = None
+) -> Iterator[list[dict[str, Any]]]:
+    """Rows ``[start, stop)`` of ``columns`` in file order, ``batch_size`` at a time (streamed: never the whole
+    file; rows before ``start`` are skipped unparsed in JSONL and unread in Parquet row groups before it)."""
+    pos, pending = start, []
+    for chunk_start, chunk in _chunks(path, fmt, columns, batch_size, start, stop):
+        lo = max(start - chunk_start, 0)
+        hi = len(chunk) if stop is None else min(len(chunk), stop - chunk_start)
+        if hi > lo:
+            pending += chunk[lo:hi]
+        pos = chunk_start + len(chunk)
+        while len(pending) >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+        if stop is not None and pos >= stop:
+            break
+    if pending:
+        yield pending
+
+
+def _chunks(
+    path: Path, fmt: DataFormat, columns: Sequence[str], batch_size: int, start: int, stop: int | None
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """``(row index of the first row, rows)`` chunks of the file from at or before row ``start``."""
     if fmt is DataFormat.JSONL:
         batch: list[dict[str, Any]] = []
+        row = first = -1
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                row += 1
+                if row < start:
+                    continue  # another part's row (a distributed scan): not parsed
+                if stop is not None and row >= stop:
+                    break
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
@@ -205,32 +240,39 @@ def _rows(path: Path, fmt: DataFormat, columns: Sequence[str], batch_size: int) 
                         f"{sorted(rec)[:20]}); check --text-column / --prompt-column / --completion-column / "
                         "--messages-column / --id-column."
                     )
+                if not batch:
+                    first = row
                 batch.append({c: rec[c] for c in columns})
                 if len(batch) == batch_size:
-                    yield batch
+                    yield first, batch
                     batch = []
         if batch:
-            yield batch
+            yield first, batch
         return
     if fmt is DataFormat.PARQUET:
         import pyarrow.parquet as pq
 
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(columns)):
-            yield rb.to_pylist()
+        pf = pq.ParquetFile(path)
+        end = pf.metadata.num_rows if stop is None else stop
+        groups, pos = row_groups_for(pf.metadata, start, end)  # only the row groups that hold the rows
+        for rb in pf.iter_batches(batch_size=batch_size, columns=list(columns), row_groups=groups):
+            yield pos, rb.to_pylist()
+            pos += rb.num_rows
         return
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     # CSV: every requested column read as text (ids too), so "007" stays "007" and a conversation is its JSON.
+    # Parsed from the top (quoted newlines make a byte offset unknowable), converted to rows as it goes.
     opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, include_columns=list(columns))
-    pending: list[dict[str, Any]] = []
+    pos = 0
     for rb in pacsv.open_csv(path, convert_options=opts):
-        pending += rb.to_pylist()
-        while len(pending) >= batch_size:
-            yield pending[:batch_size]
-            pending = pending[batch_size:]
-    if pending:
-        yield pending
+        n = rb.num_rows
+        if pos + n > start:
+            yield pos, rb.to_pylist()
+        pos += n
+        if stop is not None and pos >= stop:
+            break
 
 
 def _columns_of(path: Path, fmt: DataFormat) -> list[str] | None:
@@ -257,7 +299,12 @@ def _count_rows(path: Path, fmt: DataFormat) -> int | None:
     if fmt is DataFormat.JSONL:
         with open(path, "rb") as f:
             return sum(1 for line in f if line.strip())
-    return None  # CSV: quoted newlines make a line count wrong; progress shows no total
+    # CSV: quoted newlines make a line count wrong; a streamed parse of one column counts the records.
+    import pyarrow.csv as pacsv
+
+    first = pacsv.open_csv(path).schema.names[:1]
+    reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(include_columns=first))
+    return sum(batch.num_rows for batch in reader)
 
 
 def _pad(encoded: list[Encoded], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -336,10 +383,10 @@ def open_text(
     encoder = _Encoder(tokenizer, mode, max_length)
     counts = _Counts()
 
-    def it() -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, list[Any]]]:
+    def it(start: int = 0, stop: int | None = None) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, list[Any]]]:
         counts.samples = counts.truncated = counts.target_tokens = 0  # each pass counts afresh
-        seen = 0
-        for rows in _rows(path, fmt, read, batch_size):
+        seen = start  # default ids: positions in the whole file, also for a distributed scan's part
+        for rows in _rows(path, fmt, read, batch_size, start, stop):
             if limit is not None:
                 rows = rows[: limit - seen]
             ids = [r[id_column] for r in rows] if id_column else list(range(seen, seen + len(rows)))
@@ -361,7 +408,7 @@ def open_text(
 
     desc = {"path": str(path), "columns": read, "mode": mode, "text_column": text_column, "prompt_column": prompt_column,
             "completion_column": completion_column, "messages_column": messages_column}
-    return TextSource(fmt, total, it, desc, tokenizer=tokenizer,
+    return TextSource(fmt, total, it, desc, it if total is not None else None, tokenizer=tokenizer,
                       max_length=max_length, mode=mode, counts=counts)
 
 
