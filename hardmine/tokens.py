@@ -37,10 +37,9 @@ are the exact quantiles (NumPy's linear interpolation). Above that, a threshold 
 sample; its rank among all target tokens is off by about ``sqrt(q (1 - q) / SAMPLE_SIZE)`` (one standard
 deviation): at the default ``2**20``, 0.0005 for q0.50 and 0.0002 for q0.95, i.e. the red threshold lies
 between the scan's q0.9493 and q0.9507 with 99.7% probability. Memory: ``SAMPLE_SIZE`` keys and losses (about
-three times ``16 · SAMPLE_SIZE`` bytes while merging) plus one read batch. The result is cached per process
-(keyed by the file's path, size and modification time), so a second view of the same scan costs no pass;
-nothing is written to the scan directory. A writer can spare every reader the pass: feed a ``TierAccumulator``
-the same columns shard by shard while writing, and store ``thresholds().to_dict()`` as JSON under the footer
+three times ``16 · SAMPLE_SIZE`` bytes while merging) plus one read batch; nothing is written to the scan
+directory. A scan spares every reader the pass: it feeds a ``TierAccumulator`` the same columns shard by shard
+while writing ``tokens.parquet`` (``hardmine.scan``), and stores ``thresholds().to_dict()`` as JSON under the footer
 key ``TIERS_METADATA_KEY`` (``pq.ParquetWriter.add_key_value_metadata`` before closing); ``tier_thresholds``
 then reads them from the footer (when they are for the same ``TIER_QUANTILES``).
 """
@@ -86,8 +85,6 @@ READ_ROWS = 1 << 16  # rows per Arrow batch read from tokens.parquet (bounds mem
 TIERS_METADATA_KEY = "hardmine_token_tiers"
 GENERATOR = "hardmine-tokens"  # <meta name="generator"> of a page written here (replaced without overwrite)
 _SAMPLE_SEED = 20260  # the uniform keys of the threshold sample: fixed, so a file always gives the same thresholds
-_CACHE: dict[tuple[str, int, int, int], TierThresholds] = {}
-_CACHE_ENTRIES = 8
 
 
 @dataclass(frozen=True)
@@ -305,18 +302,12 @@ def tier_thresholds(source: Any, *, sample_size: int | None = None) -> TierThres
     """The scan's tier thresholds (quantiles of target-token loss, ``TIER_QUANTILES``): the ones stored in
     ``tokens.parquet`` under ``TIERS_METADATA_KEY`` when its writer stored them and ``sample_size`` is not given;
     else streamed in bounded memory, exact up to ``sample_size`` (default ``SAMPLE_SIZE``) target tokens and from
-    a seeded uniform sample of that many above (the module docstring gives the accuracy). Cached per process."""
+    a seeded uniform sample of that many above (the module docstring gives the accuracy)."""
     size = SAMPLE_SIZE if sample_size is None else positive_int(sample_size, "sample_size")
     path = tokens_path(source)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, 0 if sample_size is None else size)
-    if key not in _CACHE:
-        if len(_CACHE) >= _CACHE_ENTRIES:
-            _CACHE.pop(next(iter(_CACHE)))
-        pf = _open(path)
-        stored = _stored_thresholds(pf, path) if sample_size is None else None
-        _CACHE[key] = stored if stored is not None else _compute_thresholds(pf, size)
-    return _CACHE[key]
+    pf = _open(path)
+    stored = _stored_thresholds(pf, path) if sample_size is None else None
+    return stored if stored is not None else _compute_thresholds(pf, size)
 
 
 def _stored_thresholds(pf: pq.ParquetFile, path: Path) -> TierThresholds | None:

@@ -202,7 +202,6 @@ def test_sampled_thresholds_are_within_the_documented_accuracy_and_repeatable(tm
     for tier, q in tk.TIER_QUANTILES.items():
         # The planted q-quantile is q; the documented error is sqrt(q(1-q)/m) per standard deviation (4 here).
         assert abs(th.threshold(tier) - q) <= 4 * math.sqrt(q * (1 - q) / m) + 1 / n, (tier, th)
-    tk._CACHE.clear()
     assert tk.tier_thresholds(d, sample_size=m) == th  # seeded: the same file gives the same thresholds
 
 
