@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ import faiss
 import numpy as np
 
 from ._io import TMP_PREFIX, atomic_path, atomic_write_bytes
+from .checks import positive_int
 from .enums import IndexKind, parse_choice
 from .score import KnnResult, unit_rows
 
@@ -62,6 +63,8 @@ __all__ = [
     "open_index",
     "search",
     "knn_block",
+    "JOIN_SHORTLIST",
+    "knn_all",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,8 @@ FLAT_MAX_BYTES = 512 * 2**20
 NPROBE = 16
 IVF_TRAIN_PER_LIST = 40  # FAISS's k-means warns below 39 points per centroid
 HNSW_M = 32
+JOIN_SHORTLIST = 4  # knn_all: each member's probe is chosen among JOIN_SHORTLIST * nprobe lists
+JOIN_QUERY_ROWS = 1024  # query rows per matmul in knn_all (flat)
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 INDEX_FILE = "index.faiss"
@@ -325,3 +330,134 @@ def _top_by(score: np.ndarray, tie: np.ndarray, k: int) -> np.ndarray:
     by_tie = np.argsort(tie, axis=1, kind="stable")  # (b, m)
     by_score = np.argsort(-np.take_along_axis(score, by_tie, axis=1), axis=1, kind="stable")  # stable keeps ties
     return np.take_along_axis(by_tie, by_score, axis=1)[:, :k]
+
+
+# ------------------------------------------------------------------------------ every sample's neighbours
+def knn_all(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
+    """Neighbours of *every* row of the index (self excluded), as ``(rows (b,), KnnResult)`` groups that
+    together cover each row once, in no particular order. Same meaning as ``knn_block`` (signed top-``k``
+    and top-``k`` by ``|cos|``, ties by row id), but one similarity matrix serves both rankings, computed
+    as blocked matmuls instead of one FAISS search per query and per sign:
+
+    * ``flat``: exact; query blocks of ``JOIN_QUERY_ROWS`` rows against all rows.
+    * ``ivf``: a self-join over the inverted lists: the members of each list are compared with the members
+      of the ``JOIN_PROBE`` lists whose centroids are nearest to its centroid and the ``JOIN_PROBE``
+      nearest to its negated centroid (where anti-aligned neighbours live), in one matmul per list. The
+      probe is chosen per list, not per query; Recall@10 against exact search is measured by
+      ``scripts/bench_scan.py`` and tested on planted data.
+    * ``hnsw``: ``knn_block`` on consecutive row blocks.
+    """
+    k = positive_int(k, "k")
+    if info.kind == IndexKind.IVF.value:
+        return _knn_all_ivf(index, info, k)
+    if info.kind == IndexKind.FLAT.value:
+        return _knn_all_flat(index, info, k)
+    return _knn_all_search(index, info, k)
+
+
+def _knn_all_search(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
+    for start in range(0, info.n, JOIN_QUERY_ROWS):
+        rows = np.arange(start, min(start + JOIN_QUERY_ROWS, info.n), dtype=np.int64)
+        u = index.reconstruct_n(int(start), len(rows))  # (b, D) unit vectors as stored
+        yield rows, knn_block(index, info, u, rows, k)
+
+
+def _knn_all_flat(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
+    x = faiss.rev_swig_ptr(index.get_xb(), info.n * info.dim).reshape(info.n, info.dim)  # (N, D) view
+    all_rows = np.arange(info.n, dtype=np.int64)
+    for start in range(0, info.n, JOIN_QUERY_ROWS):
+        stop = min(start + JOIN_QUERY_ROWS, info.n)
+        # The queries first among the candidates (``_join``'s contract), then every other row.
+        cand = np.concatenate([x[start:stop], x[:start], x[stop:]])  # (N, D)
+        cand_rows = np.concatenate([all_rows[start:stop], all_rows[:start], all_rows[stop:]])
+        yield all_rows[start:stop], _join(x[start:stop], all_rows[start:stop], cand, cand_rows, k)
+
+
+def _list_members(invlists: Any, lst: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids ``(m,)`` and float32 vectors ``(m, D)`` of one inverted list (copied out of FAISS's memory)."""
+    m = invlists.list_size(lst)
+    if m == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32)
+    ids = np.array(faiss.rev_swig_ptr(invlists.get_ids(lst), m), dtype=np.int64)  # (m,)
+    codes = faiss.rev_swig_ptr(invlists.get_codes(lst), m * dim * 4)  # (m * D * 4,) bytes
+    return ids, np.frombuffer(codes, dtype=np.float32).reshape(m, dim).copy()  # (m, D)
+
+
+def _knn_all_ivf(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
+    ivf = faiss.extract_index_ivf(index)
+    nlist, dim = ivf.nlist, info.dim
+    invlists = ivf.invlists
+    centroids = ivf.quantizer.reconstruct_n(0, nlist)  # (nlist, D)
+    nprobe = min(int(info.nprobe or NPROBE), nlist)
+    shortlist = min(JOIN_SHORTLIST * nprobe, nlist)
+    sizes = np.array([invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
+    for lo in range(0, nlist, 256):  # centroid similarities 256 lists at a time: never nlist x nlist
+        g = centroids[lo : lo + 256] @ centroids.T  # (b, nlist)
+        near = np.argpartition(-g, shortlist - 1, axis=1)[:, :shortlist]  # (b, P) most aligned lists
+        far = np.argpartition(g, shortlist - 1, axis=1)[:, :shortlist]  # (b, P) most anti-aligned
+        for j, lst in enumerate(range(lo, min(lo + 256, nlist))):
+            if sizes[lst] == 0:
+                continue
+            q_rows, q = _list_members(invlists, lst, dim)
+            # Each member's own probe, as FAISS would choose it for u and for -u, but among the shortlist
+            # of lists nearest to its list's centroid (and to its negation); the list's candidates are the
+            # union of its members' probes, so every member sees at least its own nprobe lists.
+            probe = [np.array([lst])]
+            for lists, sign in ((near[j], 1.0), (far[j], -1.0)):
+                gq = sign * (q @ centroids[lists].T)  # (m, P)
+                top = np.argpartition(-gq, nprobe - 1, axis=1)[:, :nprobe] if nprobe < len(lists) else None
+                probe.append(lists if top is None else lists[np.unique(top)])
+            cand_lists = np.unique(np.concatenate(probe))
+            cand_lists = cand_lists[(sizes[cand_lists] > 0) & (cand_lists != lst)]
+            members = [(q_rows, q)] + [_list_members(invlists, int(c), dim) for c in cand_lists]
+            cand_rows = np.concatenate([m[0] for m in members])  # (C,)
+            cand = np.concatenate([m[1] for m in members])  # (C, D)
+            yield q_rows, _join(q, q_rows, cand, cand_rows, k)
+
+
+def _join(q: np.ndarray, q_rows: np.ndarray, cand: np.ndarray, cand_rows: np.ndarray, k: int) -> KnnResult:
+    """Top-``k`` of candidates ``cand (C, D)`` for queries ``q (b, D)`` by signed and by absolute cosine,
+    ties by row id; missing entries row -1 (and similarity NaN). The queries must be the first ``b``
+    candidates, in order (so query ``i``'s own row is column ``i``, excluded)."""
+    s = q @ cand.T  # (b, C) float32
+    b, c = s.shape
+    diag = np.arange(b)
+    s[diag, diag] = -np.inf  # self: never among the largest; dropped from the smallest below
+    kk = min(k + _TIE_SLACK, c)
+    if 2 * kk < c:
+        # The k largest by |cos| are among the kk largest and the kk smallest signed values: no |s| matrix.
+        # (Two single-kth partial sorts: numpy's multi-kth argpartition is several times slower.)
+        high = np.argpartition(s, c - kk, axis=1)[:, c - kk :]  # (b, kk)
+        low = np.argpartition(s, kk - 1, axis=1)[:, :kk]  # (b, kk)
+        both = np.concatenate([high, low], axis=1)  # (b, 2kk)
+    else:
+        high = both = np.broadcast_to(np.arange(c), (b, c))
+    v_high = np.take_along_axis(s, high, axis=1)  # (b, kk)
+    sim_cols = _rank(high, v_high, cand_rows, k)  # (b, k), -1 where missing
+    ok = sim_cols >= 0
+    safe = np.maximum(sim_cols, 0)
+    sims = np.where(ok, np.take_along_axis(s, safe, axis=1).astype(np.float64), np.nan)
+    rows = np.where(ok, cand_rows[safe], -1)
+    v_abs = np.abs(np.take_along_axis(s, both, axis=1))  # (b, 2kk)
+    v_abs[both == diag[:, None]] = -np.inf  # self, from the smallest end
+    abs_cols = _rank(both, v_abs, cand_rows, k)
+    abs_rows = np.where(abs_cols >= 0, cand_rows[np.maximum(abs_cols, 0)], -1)
+    return KnnResult(sims=sims, rows=rows, abs_rows=abs_rows)
+
+
+_TIE_SLACK = 4  # extra columns kept by the partial sort so ties at the k-th place are broken by row id
+
+
+def _rank(cols: np.ndarray, values: np.ndarray, tie: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` columns with the largest finite ``values`` among ``cols (b, w)``, largest first, ties by
+    smaller ``tie[col]`` (exact unless more than ``_TIE_SLACK`` extra values tie with the k-th): ``(b, k)``,
+    -1 where a row has fewer than ``k`` finite values."""
+    b, w = cols.shape
+    out = np.full((b, k), -1, dtype=np.int64)
+    if b == 0 or w == 0:
+        return out
+    order = np.lexsort((tie[cols], -values), axis=1)[:, :k]  # (b, min(k, w))
+    top = np.take_along_axis(cols, order, axis=1)
+    finite = np.isfinite(np.take_along_axis(values, order, axis=1))
+    out[:, : top.shape[1]] = np.where(finite, top, -1)
+    return out
