@@ -8,7 +8,7 @@ Kinds (``IndexKind``), and what ``"auto"`` picks:
              *every* sample, which costs N² similarity evaluations with an exact index, so exact search
              stops at 20k (the measured cost by N: ``scripts/results/index_choice.md``).
 ``ivf``      ``IndexIVFFlat`` with ``nlist = round(4·sqrt(N))`` lists (at most ``N / 40``), trained on a
-             seeded sample of ``min(N, 40·nlist)`` rows, searched with ``nprobe = NPROBE`` (16) lists.
+             seeded sample of ``min(N, 16·nlist)`` rows, searched with ``nprobe = NPROBE`` (16) lists.
              Recall@10 against exact search by nprobe, on the output-layer gradients of the demo MLP on
              Fashion-MNIST (60k): ``scripts/results/index_choice.md`` (``scripts/measure_index.py``); the
              scan benchmark (``scripts/bench_scan.py``) re-measures it at up to 1M samples. Chosen by ``auto``
@@ -19,8 +19,10 @@ Kinds (``IndexKind``), and what ``"auto"`` picks:
              in RAM (graph + vectors), so it is *not* memory-bounded.
 ===========  ==========================================================================================
 
-Zero gradients stay zero vectors (similarity 0 to everything). kNN for every sample is done in blocks of
-queries (``knn_block``), never as an N x N matrix. ``index.faiss`` is written atomically; for IVF the
+Zero gradients stay zero vectors (similarity 0 to everything). The scoring pass gets every sample's
+neighbours from ``knn_all`` (one similarity matrix per group of queries serves both the signed and the
+``|cos|`` ranking; for IVF a self-join over the inverted lists in which every member keeps its own
+``nprobe`` lists for ``u`` and for ``-u``), never as an N x N matrix; ``knn_block`` answers queries. ``index.faiss`` is written atomically; for IVF the
 merge runs in a child process because FAISS prints progress lines to the C ``stdout``, which would corrupt
 a caller's machine-readable output (``hardmine ... --json``).
 """
@@ -72,10 +74,14 @@ logger = logging.getLogger(__name__)
 FLAT_MAX_ROWS = 20_000
 FLAT_MAX_BYTES = 512 * 2**20
 NPROBE = 16
-IVF_TRAIN_PER_LIST = 40  # FAISS's k-means warns below 39 points per centroid
+IVF_MIN_LIST_ROWS = 40  # nlist is capped at N / 40: lists of a few rows would make the probe pointless
+# k-means sample per list: 16 rows per centroid gave the same Recall@10 as 40 on a 100k-sample scan
+# (out_dim 272), at 2.5x less training time (the training cost is rows x nlist x D per iteration).
+IVF_TRAIN_PER_LIST = 16
 HNSW_M = 32
 JOIN_SHORTLIST = 4  # knn_all: each member's probe is chosen among JOIN_SHORTLIST * nprobe lists
-JOIN_QUERY_ROWS = 1024  # query rows per matmul in knn_all (flat)
+JOIN_QUERY_ROWS = 1024  # knn_all (flat): query rows per block ...
+JOIN_CAND_COLS = 512  # ... and candidate rows per matmul: a fixed (1024, 512) float32 working set
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 INDEX_FILE = "index.faiss"
@@ -119,8 +125,8 @@ def choose_index_kind(n: int, dim: int, kind: IndexKind | str = IndexKind.AUTO) 
 
 
 def ivf_nlist(n: int) -> int:
-    """``round(4·sqrt(N))`` lists, capped so every list gets ``IVF_TRAIN_PER_LIST`` training points."""
-    return max(1, min(round(4 * math.sqrt(n)), n // IVF_TRAIN_PER_LIST))
+    """``round(4·sqrt(N))`` lists, at most ``N / IVF_MIN_LIST_ROWS``."""
+    return max(1, min(round(4 * math.sqrt(n)), n // IVF_MIN_LIST_ROWS))
 
 
 def _unit32(z: np.ndarray) -> np.ndarray:
@@ -218,6 +224,7 @@ def _build_ivf(
     n_train = min(n, IVF_TRAIN_PER_LIST * nlist)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed  # k-means initialisation
+    index.cp.min_points_per_centroid = IVF_TRAIN_PER_LIST  # FAISS warns below its own 39 otherwise
     index.train(_training_sample(blocks, n, n_train, seed))
     info.nlist, info.nprobe, info.train_rows = nlist, min(NPROBE, nlist), n_train
     parts_dir = directory / _PARTS_DIR
@@ -339,12 +346,13 @@ def knn_all(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, K
     and top-``k`` by ``|cos|``, ties by row id), but one similarity matrix serves both rankings, computed
     as blocked matmuls instead of one FAISS search per query and per sign:
 
-    * ``flat``: exact; query blocks of ``JOIN_QUERY_ROWS`` rows against all rows.
-    * ``ivf``: a self-join over the inverted lists: the members of each list are compared with the members
-      of the ``JOIN_PROBE`` lists whose centroids are nearest to its centroid and the ``JOIN_PROBE``
-      nearest to its negated centroid (where anti-aligned neighbours live), in one matmul per list. The
-      probe is chosen per list, not per query; Recall@10 against exact search is measured by
-      ``scripts/bench_scan.py`` and tested on planted data.
+    * ``flat``: exact; blocks of ``JOIN_QUERY_ROWS`` queries against ``JOIN_CAND_COLS`` rows at a time.
+    * ``ivf``: a self-join over the inverted lists: the members of each list are compared, in one matmul,
+      with the union of their own probes, each member's ``nprobe`` lists for ``u`` and for ``-u`` (where
+      anti-aligned neighbours live) chosen as FAISS would among the ``JOIN_SHORTLIST · nprobe`` lists
+      nearest to the list's centroid (and to its negation), so a member sees the lists FAISS would search
+      for it, and more. Recall@10 against exact search is measured by ``scripts/bench_scan.py`` and
+      tested on planted data.
     * ``hnsw``: ``knn_block`` on consecutive row blocks.
     """
     k = positive_int(k, "k")
@@ -363,14 +371,19 @@ def _knn_all_search(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.nd
 
 
 def _knn_all_flat(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
-    x = faiss.rev_swig_ptr(index.get_xb(), info.n * info.dim).reshape(info.n, info.dim)  # (N, D) view
+    x = faiss.rev_swig_ptr(index.get_xb(), info.n * info.dim).reshape(info.n, info.dim)  # (N, D) FAISS's copy
     all_rows = np.arange(info.n, dtype=np.int64)
     for start in range(0, info.n, JOIN_QUERY_ROWS):
         stop = min(start + JOIN_QUERY_ROWS, info.n)
-        # The queries first among the candidates (``_join``'s contract), then every other row.
-        cand = np.concatenate([x[start:stop], x[:start], x[stop:]])  # (N, D)
-        cand_rows = np.concatenate([all_rows[start:stop], all_rows[:start], all_rows[stop:]])
-        yield all_rows[start:stop], _join(x[start:stop], all_rows[start:stop], cand, cand_rows, k)
+        q, own = x[start:stop], all_rows[start:stop]  # (b, D), (b,)
+        # Candidates in column chunks, merged into the running two ends: the working set is (b, chunk),
+        # never (b, N), so memory does not grow with the number of samples.
+        ends = None
+        for c0 in range(0, info.n, JOIN_CAND_COLS):
+            part = _ends(q @ x[c0 : c0 + JOIN_CAND_COLS].T, own - c0, k, c0)
+            ends = part if ends is None else _merge_ends(ends, part, k)
+        assert ends is not None  # n >= 1
+        yield own, _finish(ends, own, all_rows, k)
 
 
 def _list_members(invlists: Any, lst: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -419,45 +432,76 @@ def _join(q: np.ndarray, q_rows: np.ndarray, cand: np.ndarray, cand_rows: np.nda
     """Top-``k`` of candidates ``cand (C, D)`` for queries ``q (b, D)`` by signed and by absolute cosine,
     ties by row id; missing entries row -1 (and similarity NaN). The queries must be the first ``b``
     candidates, in order (so query ``i``'s own row is column ``i``, excluded)."""
-    s = q @ cand.T  # (b, C) float32
+    own = np.arange(len(q))
+    return _finish(_ends(q @ cand.T, own, k, 0), own, cand_rows, k)  # (b, C) similarities, two ends kept
+
+
+_TIE_SLACK = 4  # extra columns kept by the partial sorts so ties at the k-th place are broken by row id
+Ends = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # high cols, high values, low cols, low values
+
+
+def _ends(s: np.ndarray, own: np.ndarray, k: int, offset: int) -> Ends:
+    """Columns (plus ``offset``) and values of the ``k + _TIE_SLACK`` largest and of the as many smallest
+    entries of each row of ``s (b, c)``, query ``i``'s own column ``own[i]`` (if in range) set to -inf
+    first. The k largest by ``|cos|`` are among the two ends, so no ``|s|`` matrix is needed."""
     b, c = s.shape
-    diag = np.arange(b)
-    s[diag, diag] = -np.inf  # self: never among the largest; dropped from the smallest below
+    inside = (own >= 0) & (own < c)
+    s[np.flatnonzero(inside), own[inside]] = -np.inf  # self: never among the largest
     kk = min(k + _TIE_SLACK, c)
-    if 2 * kk < c:
-        # The k largest by |cos| are among the kk largest and the kk smallest signed values: no |s| matrix.
-        # (Two single-kth partial sorts: numpy's multi-kth argpartition is several times slower.)
+    if 2 * kk < c:  # two single-kth partial sorts (numpy's multi-kth argpartition is several times slower)
         high = np.argpartition(s, c - kk, axis=1)[:, c - kk :]  # (b, kk)
-        low = np.argpartition(s, kk - 1, axis=1)[:, :kk]  # (b, kk)
-        both = np.concatenate([high, low], axis=1)  # (b, 2kk)
+        low = np.argpartition(s, kk - 1, axis=1)[:, :kk]  # (b, kk), disjoint from high
+    else:  # every column once, as "high"
+        high, low = np.broadcast_to(np.arange(c), (b, c)), np.zeros((b, 0), dtype=np.int64)
+    return (high + offset, np.take_along_axis(s, high, axis=1), low + offset, np.take_along_axis(s, low, axis=1))
+
+
+def _merge_ends(a: Ends, b: Ends, k: int) -> Ends:
+    """The two ends of the union of two candidate sets (disjoint columns)."""
+    cols = np.concatenate([a[0], a[2], b[0], b[2]], axis=1)  # (b, w) every kept column once
+    vals = np.concatenate([a[1], a[3], b[1], b[3]], axis=1)
+    return _pick(cols, vals, k)
+
+
+def _pick(cols: np.ndarray, vals: np.ndarray, k: int) -> Ends:
+    """``_ends`` of a (b, w) set of kept candidates, keeping their column ids."""
+    b, w = cols.shape
+    kk = min(k + _TIE_SLACK, w)
+    if 2 * kk < w:
+        high = np.argpartition(vals, w - kk, axis=1)[:, w - kk :]
+        low = np.argpartition(vals, kk - 1, axis=1)[:, :kk]
     else:
-        high = both = np.broadcast_to(np.arange(c), (b, c))
-    v_high = np.take_along_axis(s, high, axis=1)  # (b, kk)
-    sim_cols = _rank(high, v_high, cand_rows, k)  # (b, k), -1 where missing
-    ok = sim_cols >= 0
-    safe = np.maximum(sim_cols, 0)
-    sims = np.where(ok, np.take_along_axis(s, safe, axis=1).astype(np.float64), np.nan)
-    rows = np.where(ok, cand_rows[safe], -1)
-    v_abs = np.abs(np.take_along_axis(s, both, axis=1))  # (b, 2kk)
-    v_abs[both == diag[:, None]] = -np.inf  # self, from the smallest end
-    abs_cols = _rank(both, v_abs, cand_rows, k)
-    abs_rows = np.where(abs_cols >= 0, cand_rows[np.maximum(abs_cols, 0)], -1)
+        high, low = np.broadcast_to(np.arange(w), (b, w)), np.zeros((b, 0), dtype=np.int64)
+    take = np.take_along_axis
+    return take(cols, high, axis=1), take(vals, high, axis=1), take(cols, low, axis=1), take(vals, low, axis=1)
+
+
+def _finish(ends: Ends, self_cols: np.ndarray, cand_rows: np.ndarray, k: int) -> KnnResult:
+    """``KnnResult`` from the kept ends (self at -inf): signed top-``k`` from the high end, ``|cos|``
+    top-``k`` from both."""
+    high_c, high_v, low_c, low_v = ends
+    at = _rank(high_c, high_v, cand_rows, k)  # (b, k) positions in high_c, -1 where missing
+    ok = at >= 0
+    safe = np.maximum(at, 0)
+    sims = np.where(ok, np.take_along_axis(high_v, safe, axis=1).astype(np.float64), np.nan)
+    rows = np.where(ok, cand_rows[np.take_along_axis(high_c, safe, axis=1)], -1)
+    cols = np.concatenate([high_c, low_c], axis=1)  # (b, w)
+    v_abs = np.abs(np.concatenate([high_v, low_v], axis=1))
+    v_abs[cols == self_cols[:, None]] = -np.inf  # self (its -inf became +inf)
+    at = _rank(cols, v_abs, cand_rows, k)
+    abs_rows = np.where(at >= 0, cand_rows[np.take_along_axis(cols, np.maximum(at, 0), axis=1)], -1)
     return KnnResult(sims=sims, rows=rows, abs_rows=abs_rows)
 
 
-_TIE_SLACK = 4  # extra columns kept by the partial sort so ties at the k-th place are broken by row id
-
-
 def _rank(cols: np.ndarray, values: np.ndarray, tie: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` columns with the largest finite ``values`` among ``cols (b, w)``, largest first, ties by
-    smaller ``tie[col]`` (exact unless more than ``_TIE_SLACK`` extra values tie with the k-th): ``(b, k)``,
-    -1 where a row has fewer than ``k`` finite values."""
+    """Positions ``(b, k)`` in ``cols (b, w)`` of the ``k`` largest finite ``values``, largest first, ties by
+    smaller ``tie[col]`` (exact unless more than ``_TIE_SLACK`` extra values tie with the k-th); -1 where a
+    row has fewer than ``k`` finite values."""
     b, w = cols.shape
     out = np.full((b, k), -1, dtype=np.int64)
     if b == 0 or w == 0:
         return out
     order = np.lexsort((tie[cols], -values), axis=1)[:, :k]  # (b, min(k, w))
-    top = np.take_along_axis(cols, order, axis=1)
     finite = np.isfinite(np.take_along_axis(values, order, axis=1))
-    out[:, : top.shape[1]] = np.where(finite, top, -1)
+    out[:, : order.shape[1]] = np.where(finite, order, -1)
     return out
