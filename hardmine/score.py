@@ -67,7 +67,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from .checks import as_bool, finite_number, is_finite_number, number_in, positive_int
+from .checks import as_bool, finite_number, is_finite_number, non_negative_int, number_in, positive_int
 from .defaults import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
 from .enums import Strategy, TaskKind, parse_choice
 
@@ -468,7 +468,7 @@ def knn_columns(
 ) -> dict[str, np.ndarray]:
     """``knn_outlier`` and ``neighbor_disagreement`` for all ``n`` samples from neighbour groups
     ``(rows (b,), KnnResult)`` in any order (``hardmine.index.knn_all``); rows no group covers stay NaN."""
-    n = positive_int(n, "n", hint="number of samples") if n != 0 else 0
+    n = non_negative_int(n, "n", hint="number of samples")
     return _compute_knn_columns(groups, n, None if labels is None else np.asarray(labels))
 
 

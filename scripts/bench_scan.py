@@ -80,13 +80,31 @@ def _record_neighbours(n: int) -> dict:
 
     result = importlib.import_module("hardmine.scan.result")  # hardmine.scan is also the scan function's name
     q_rows = np.sort(np.random.default_rng(0).choice(n, min(N_RECALL, n), replace=False))
-    rec: dict = {"q_rows": q_rows, "rows": {}, "abs_rows": {}}
+    rec: dict = {"q_rows": q_rows, "rows": {}, "abs_rows": {}, "knn_s": 0.0, "slices_s": 0.0}
+    slicing = result.annotate_manifest
+
+    def annotate_manifest(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return slicing(*args, **kwargs)
+        finally:
+            rec["slices_s"] += time.perf_counter() - t0
+
+    result.annotate_manifest = annotate_manifest
     inner = getattr(result, "knn_all", None)
     if inner is None:  # an older hardmine (searching per block): no recall recorded
         return rec
 
     def knn_all(index, info, k):
-        for rows, res in inner(index, info, k):
+        it = iter(inner(index, info, k))
+        while True:
+            t0 = time.perf_counter()
+            try:
+                rows, res = next(it)
+            except StopIteration:
+                return
+            finally:
+                rec["knn_s"] += time.perf_counter() - t0
             hit = np.flatnonzero(np.isin(rows, q_rows))
             for j in hit.tolist():
                 rec["rows"][int(rows[j])] = res.rows[j]
@@ -208,8 +226,9 @@ def _recall(s, rec: dict, k: int) -> dict:
     from hardmine.score import unit_rows
 
     q_rows = rec["q_rows"]
+    times = {"score_knn_s": round(rec["knn_s"], 3), "score_slices_s": round(rec["slices_s"], 3)}
     if len(rec["rows"]) != len(q_rows):
-        return {"recall_at_10": None, "recall_abs_at_10": None}
+        return {"recall_at_10": None, "recall_abs_at_10": None, **times}
     q = np.ascontiguousarray(unit_rows(s._gather(q_rows))[0], dtype=np.float32)
     best = {}
     for absolute in (False, True):
@@ -227,7 +246,7 @@ def _recall(s, rec: dict, k: int) -> dict:
             top = np.argpartition(-cat_s, k, axis=1)[:, :k]
             best_s, best_r = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_r, top, 1)
         best[absolute] = best_r
-    out = {}
+    out = dict(times)
     for key, absolute in (("recall_at_10", False), ("recall_abs_at_10", True)):
         got = [rec["abs_rows" if absolute else "rows"][int(r)] for r in q_rows]
         out[key] = round(float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, best[absolute])])), 4)
@@ -240,8 +259,8 @@ def _ratio(a: float, b: float) -> float:
 
 def _markdown(rows: list[dict], threads: int | None) -> str:
     lines = [
-        "| scan | N | out_dim | index | extract s | index s | score s | index / extract | score / extract "
-        "| (index + score) / extract | wall s per 100k | Recall@10 (signed / abs) |",
+        "| scan | N | out_dim | index | extract s | index s | score s (kNN, slices) | index / extract "
+        "| score / extract | (index + score) / extract | wall s per 100k | Recall@10 (signed / abs) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -249,7 +268,8 @@ def _markdown(rows: list[dict], threads: int | None) -> str:
         name = "Fashion-MNIST demo" if r["series"] == "demo" else "synthetic MLP"
         lines.append(
             f"| {name} | {r['n']:,} | {r['out_dim']} | {r['index']['kind']} | {r['extract_s']:.2f} | "
-            f"{r['index_s']:.2f} | {r['score_s']:.2f} | {r['index_over_extract']:.2f} | "
+            f"{r['index_s']:.2f} | {r['score_s']:.2f} ({r['score_knn_s']:.2f}, {r['score_slices_s']:.2f}) | "
+            f"{r['index_over_extract']:.2f} | "
             f"{r['score_over_extract']:.2f} | **{r['pipeline_over_extract']:.2f}** | "
             f"{r['wall_s'] / r['n'] * 1e5:.1f} | {rec} |"
         )
