@@ -80,8 +80,7 @@ IVF_MIN_LIST_ROWS = 40  # nlist is capped at N / 40: lists of a few rows would m
 IVF_TRAIN_PER_LIST = 16
 HNSW_M = 32
 JOIN_SHORTLIST = 4  # knn_all: each member's probe is chosen among JOIN_SHORTLIST * nprobe lists
-JOIN_QUERY_ROWS = 1024  # knn_all (flat): query rows per block ...
-JOIN_CAND_COLS = 512  # ... and candidate rows per matmul: a fixed (1024, 512) float32 working set
+JOIN_QUERY_ROWS = 1024  # knn_all (flat, hnsw): query rows per search
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 INDEX_FILE = "index.faiss"
@@ -343,23 +342,21 @@ def _top_by(score: np.ndarray, tie: np.ndarray, k: int) -> np.ndarray:
 def knn_all(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
     """Neighbours of *every* row of the index (self excluded), as ``(rows (b,), KnnResult)`` groups that
     together cover each row once, in no particular order. Same meaning as ``knn_block`` (signed top-``k``
-    and top-``k`` by ``|cos|``, ties by row id), but one similarity matrix serves both rankings, computed
-    as blocked matmuls instead of one FAISS search per query and per sign:
+    and top-``k`` by ``|cos|``, ties by row id):
 
-    * ``flat``: exact; blocks of ``JOIN_QUERY_ROWS`` queries against ``JOIN_CAND_COLS`` rows at a time.
-    * ``ivf``: a self-join over the inverted lists: the members of each list are compared, in one matmul,
+    * ``ivf``: a self-join over the inverted lists: the members of each list are compared, in one matmul
+      whose similarities serve both rankings,
       with the union of their own probes, each member's ``nprobe`` lists for ``u`` and for ``-u`` (where
       anti-aligned neighbours live) chosen as FAISS would among the ``JOIN_SHORTLIST · nprobe`` lists
       nearest to the list's centroid (and to its negation), so a member sees the lists FAISS would search
       for it, and more. Recall@10 against exact search is measured by ``scripts/bench_scan.py`` and
       tested on planted data.
-    * ``hnsw``: ``knn_block`` on consecutive row blocks.
+    * ``flat`` and ``hnsw``: ``knn_block`` on blocks of ``JOIN_QUERY_ROWS`` rows (FAISS's exact search is a
+      blocked matmul with a heap already: a numpy matmul + partial sort was no faster).
     """
     k = positive_int(k, "k")
     if info.kind == IndexKind.IVF.value:
         return _knn_all_ivf(index, info, k)
-    if info.kind == IndexKind.FLAT.value:
-        return _knn_all_flat(index, info, k)
     return _knn_all_search(index, info, k)
 
 
@@ -368,22 +365,6 @@ def _knn_all_search(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.nd
         rows = np.arange(start, min(start + JOIN_QUERY_ROWS, info.n), dtype=np.int64)
         u = index.reconstruct_n(int(start), len(rows))  # (b, D) unit vectors as stored
         yield rows, knn_block(index, info, u, rows, k)
-
-
-def _knn_all_flat(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
-    x = faiss.rev_swig_ptr(index.get_xb(), info.n * info.dim).reshape(info.n, info.dim)  # (N, D) FAISS's copy
-    all_rows = np.arange(info.n, dtype=np.int64)
-    for start in range(0, info.n, JOIN_QUERY_ROWS):
-        stop = min(start + JOIN_QUERY_ROWS, info.n)
-        q, own = x[start:stop], all_rows[start:stop]  # (b, D), (b,)
-        # Candidates in column chunks, merged into the running two ends: the working set is (b, chunk),
-        # never (b, N), so memory does not grow with the number of samples.
-        ends = None
-        for c0 in range(0, info.n, JOIN_CAND_COLS):
-            part = _ends(q @ x[c0 : c0 + JOIN_CAND_COLS].T, own - c0, k, c0)
-            ends = part if ends is None else _merge_ends(ends, part, k)
-        assert ends is not None  # n >= 1
-        yield own, _finish(ends, own, all_rows, k)
 
 
 def _list_members(invlists: Any, lst: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -454,26 +435,6 @@ def _ends(s: np.ndarray, own: np.ndarray, k: int, offset: int) -> Ends:
     else:  # every column once, as "high"
         high, low = np.broadcast_to(np.arange(c), (b, c)), np.zeros((b, 0), dtype=np.int64)
     return (high + offset, np.take_along_axis(s, high, axis=1), low + offset, np.take_along_axis(s, low, axis=1))
-
-
-def _merge_ends(a: Ends, b: Ends, k: int) -> Ends:
-    """The two ends of the union of two candidate sets (disjoint columns)."""
-    cols = np.concatenate([a[0], a[2], b[0], b[2]], axis=1)  # (b, w) every kept column once
-    vals = np.concatenate([a[1], a[3], b[1], b[3]], axis=1)
-    return _pick(cols, vals, k)
-
-
-def _pick(cols: np.ndarray, vals: np.ndarray, k: int) -> Ends:
-    """``_ends`` of a (b, w) set of kept candidates, keeping their column ids."""
-    b, w = cols.shape
-    kk = min(k + _TIE_SLACK, w)
-    if 2 * kk < w:
-        high = np.argpartition(vals, w - kk, axis=1)[:, w - kk :]
-        low = np.argpartition(vals, kk - 1, axis=1)[:, :kk]
-    else:
-        high, low = np.broadcast_to(np.arange(w), (b, w)), np.zeros((b, 0), dtype=np.int64)
-    take = np.take_along_axis
-    return take(cols, high, axis=1), take(vals, high, axis=1), take(cols, low, axis=1), take(vals, low, axis=1)
 
 
 def _finish(ends: Ends, self_cols: np.ndarray, cand_rows: np.ndarray, k: int) -> KnnResult:
