@@ -257,7 +257,7 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
-def _markdown(rows: list[dict], threads: int | None) -> str:
+def _markdown(rows: list[dict], threads: int | None, load: float | None = None) -> str:
     lines = [
         "| scan | N | out_dim | index | extract s | index s | score s (kNN, slices) | index / extract "
         "| score / extract | (index + score) / extract | wall s per 100k | Recall@10 (signed / abs) |",
@@ -280,7 +280,8 @@ def _markdown(rows: list[dict], threads: int | None) -> str:
         notes.append(f"wall time from {lo['n']:,} to {hi['n']:,} samples: {growth:.2f}x linear")
     t = f"{threads} thread(s)" if threads else "default threads"
     return ("\n".join(lines) + "\n\n" + "; ".join(notes) + (". " if notes else "")
-            + f"Run with {t}; the machine: see `scripts/results/bench_scan.json`.\n")
+            + f"Run with {t}" + (f"; load average at the end {load:.1f} (other jobs shared the machine)" if load else "")
+            + "; the machine: see `scripts/results/bench_scan.json`.\n")
 
 
 def main() -> None:
@@ -372,7 +373,7 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, args.json_out)
     md = args.json_out.with_suffix(".md")
-    md.with_suffix(".tmp").write_text(_markdown(rows, args.threads))
+    md.with_suffix(".tmp").write_text(_markdown(rows, args.threads, os.getloadavg()[0]))
     os.replace(md.with_suffix(".tmp"), md)
     print(f"wrote {args.json_out} and {md}")
 
