@@ -286,7 +286,7 @@ def _markdown(rows: list[dict], threads: int | None, load: float | None = None) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--n", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="synthetic series sizes")
     ap.add_argument("--dim", type=int, default=256, help="projection dim of the last layer's weight")
     ap.add_argument("--n-wide", type=int, nargs="*", default=[],
                     help="a second series at --dim-wide, to show the memory slope does not grow with dim")
