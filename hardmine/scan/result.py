@@ -23,7 +23,15 @@ from ..enums import IndexKind, TaskKind, parse_choice
 from ..index import IndexInfo, build_index, knn_all, knn_block, open_index, search
 from ..losses import loss_name
 from ..manifest import export_manifest, finish_manifest, read_manifest, write_manifest
-from ..score import SCORE_TABLE, ScoreConfig, finalize_scores, knn_columns, population_pass, score_pass, unit_rows
+from ..score import (
+    SCORE_TABLE,
+    ScoreConfig,
+    finalize_scores,
+    knn_columns,
+    population_pass,
+    score_pass,
+    unit_rows,
+)
 from ..slices import annotate_manifest
 from .ledger import ShardRecord
 from .shards import BLOCK_ROWS, Block, ShardSet
