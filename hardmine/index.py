@@ -8,7 +8,7 @@ Kinds (``IndexKind``), and what ``"auto"`` picks:
              *every* sample, which costs N² similarity evaluations with an exact index, so exact search
              stops at 20k (the measured cost by N: ``scripts/results/index_choice.md``).
 ``ivf``      ``IndexIVFFlat`` with ``nlist = round(4·sqrt(N))`` lists (at most ``N / 40``), trained on a
-             seeded sample of ``min(N, 40·nlist)`` rows, searched with ``nprobe = NPROBE`` (16) lists.
+             seeded sample of ``min(N, 16·nlist)`` rows, searched with ``nprobe = NPROBE`` (16) lists.
              Recall@10 against exact search by nprobe, on the output-layer gradients of the demo MLP on
              Fashion-MNIST (60k): ``scripts/results/index_choice.md`` (``scripts/measure_index.py``); the
              scan benchmark (``scripts/bench_scan.py``) re-measures it at up to 1M samples. Chosen by ``auto``
@@ -19,8 +19,10 @@ Kinds (``IndexKind``), and what ``"auto"`` picks:
              in RAM (graph + vectors), so it is *not* memory-bounded.
 ===========  ==========================================================================================
 
-Zero gradients stay zero vectors (similarity 0 to everything). kNN for every sample is done in blocks of
-queries (``knn_block``), never as an N x N matrix. ``index.faiss`` is written atomically; for IVF the
+Zero gradients stay zero vectors (similarity 0 to everything). The scoring pass gets every sample's
+neighbours from ``knn_all`` (one similarity matrix per group of queries serves both the signed and the
+``|cos|`` ranking; for IVF a self-join over the inverted lists in which every member keeps its own
+``nprobe`` lists for ``u`` and for ``-u``), never as an N x N matrix; ``knn_block`` answers queries. ``index.faiss`` is written atomically; for IVF the
 merge runs in a child process because FAISS prints progress lines to the C ``stdout``, which would corrupt
 a caller's machine-readable output (``hardmine ... --json``).
 """
@@ -34,7 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ import faiss
 import numpy as np
 
 from ._io import TMP_PREFIX, atomic_path, atomic_write_bytes
+from .checks import positive_int
 from .enums import IndexKind, parse_choice
 from .score import KnnResult, unit_rows
 
@@ -62,6 +65,8 @@ __all__ = [
     "open_index",
     "search",
     "knn_block",
+    "JOIN_SHORTLIST",
+    "knn_all",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,8 +74,13 @@ logger = logging.getLogger(__name__)
 FLAT_MAX_ROWS = 20_000
 FLAT_MAX_BYTES = 512 * 2**20
 NPROBE = 16
-IVF_TRAIN_PER_LIST = 40  # FAISS's k-means warns below 39 points per centroid
+IVF_MIN_LIST_ROWS = 40  # nlist is capped at N / 40: lists of a few rows would make the probe pointless
+# k-means sample per list: 16 rows per centroid gave the same Recall@10 as 40 on a 100k-sample scan
+# (out_dim 272), at 2.5x less training time (the training cost is rows x nlist x D per iteration).
+IVF_TRAIN_PER_LIST = 16
 HNSW_M = 32
+JOIN_SHORTLIST = 4  # knn_all: each member's probe is chosen among JOIN_SHORTLIST * nprobe lists
+JOIN_QUERY_ROWS = 1024  # knn_all (flat, hnsw): query rows per search
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 INDEX_FILE = "index.faiss"
@@ -114,8 +124,8 @@ def choose_index_kind(n: int, dim: int, kind: IndexKind | str = IndexKind.AUTO) 
 
 
 def ivf_nlist(n: int) -> int:
-    """``round(4·sqrt(N))`` lists, capped so every list gets ``IVF_TRAIN_PER_LIST`` training points."""
-    return max(1, min(round(4 * math.sqrt(n)), n // IVF_TRAIN_PER_LIST))
+    """``round(4·sqrt(N))`` lists, at most ``N / IVF_MIN_LIST_ROWS``."""
+    return max(1, min(round(4 * math.sqrt(n)), n // IVF_MIN_LIST_ROWS))
 
 
 def _unit32(z: np.ndarray) -> np.ndarray:
@@ -213,6 +223,7 @@ def _build_ivf(
     n_train = min(n, IVF_TRAIN_PER_LIST * nlist)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed  # k-means initialisation
+    index.cp.min_points_per_centroid = IVF_TRAIN_PER_LIST  # FAISS warns below its own 39 otherwise
     index.train(_training_sample(blocks, n, n_train, seed))
     info.nlist, info.nprobe, info.train_rows = nlist, min(NPROBE, nlist), n_train
     parts_dir = directory / _PARTS_DIR
@@ -325,3 +336,133 @@ def _top_by(score: np.ndarray, tie: np.ndarray, k: int) -> np.ndarray:
     by_tie = np.argsort(tie, axis=1, kind="stable")  # (b, m)
     by_score = np.argsort(-np.take_along_axis(score, by_tie, axis=1), axis=1, kind="stable")  # stable keeps ties
     return np.take_along_axis(by_tie, by_score, axis=1)[:, :k]
+
+
+# ------------------------------------------------------------------------------ every sample's neighbours
+def knn_all(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
+    """Neighbours of *every* row of the index (self excluded), as ``(rows (b,), KnnResult)`` groups that
+    together cover each row once, in no particular order. Same meaning as ``knn_block`` (signed top-``k``
+    and top-``k`` by ``|cos|``, ties by row id):
+
+    * ``ivf``: a self-join over the inverted lists: the members of each list are compared, in one matmul
+      whose similarities serve both rankings,
+      with the union of their own probes, each member's ``nprobe`` lists for ``u`` and for ``-u`` (where
+      anti-aligned neighbours live) chosen as FAISS would among the ``JOIN_SHORTLIST · nprobe`` lists
+      nearest to the list's centroid (and to its negation), so a member sees the lists FAISS would search
+      for it, and more. Recall@10 against exact search is measured by ``scripts/bench_scan.py`` and
+      tested on planted data.
+    * ``flat`` and ``hnsw``: ``knn_block`` on blocks of ``JOIN_QUERY_ROWS`` rows (FAISS's exact search is a
+      blocked matmul with a heap already: a numpy matmul + partial sort was no faster).
+    """
+    k = positive_int(k, "k")
+    if info.kind == IndexKind.IVF.value:
+        return _knn_all_ivf(index, info, k)
+    return _knn_all_search(index, info, k)
+
+
+def _knn_all_search(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
+    for start in range(0, info.n, JOIN_QUERY_ROWS):
+        rows = np.arange(start, min(start + JOIN_QUERY_ROWS, info.n), dtype=np.int64)
+        u = index.reconstruct_n(int(start), len(rows))  # (b, D) unit vectors as stored
+        yield rows, knn_block(index, info, u, rows, k)
+
+
+def _list_members(invlists: Any, lst: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids ``(m,)`` and float32 vectors ``(m, D)`` of one inverted list (copied out of FAISS's memory)."""
+    m = invlists.list_size(lst)
+    if m == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32)
+    ids = np.array(faiss.rev_swig_ptr(invlists.get_ids(lst), m), dtype=np.int64)  # (m,)
+    codes = faiss.rev_swig_ptr(invlists.get_codes(lst), m * dim * 4)  # (m * D * 4,) bytes
+    return ids, np.frombuffer(codes, dtype=np.float32).reshape(m, dim).copy()  # (m, D)
+
+
+def _knn_all_ivf(index: Any, info: IndexInfo, k: int) -> Iterator[tuple[np.ndarray, KnnResult]]:
+    ivf = faiss.extract_index_ivf(index)
+    nlist, dim = ivf.nlist, info.dim
+    invlists = ivf.invlists
+    centroids = ivf.quantizer.reconstruct_n(0, nlist)  # (nlist, D)
+    nprobe = min(int(info.nprobe or NPROBE), nlist)
+    shortlist = min(JOIN_SHORTLIST * nprobe, nlist)
+    sizes = np.array([invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
+    for lo in range(0, nlist, 256):  # centroid similarities 256 lists at a time: never nlist x nlist
+        g = centroids[lo : lo + 256] @ centroids.T  # (b, nlist)
+        near = np.argpartition(-g, shortlist - 1, axis=1)[:, :shortlist]  # (b, P) most aligned lists
+        far = np.argpartition(g, shortlist - 1, axis=1)[:, :shortlist]  # (b, P) most anti-aligned
+        for j, lst in enumerate(range(lo, min(lo + 256, nlist))):
+            if sizes[lst] == 0:
+                continue
+            q_rows, q = _list_members(invlists, lst, dim)
+            # Each member's own probe, as FAISS would choose it for u and for -u, but among the shortlist
+            # of lists nearest to its list's centroid (and to its negation); the list's candidates are the
+            # union of its members' probes, so every member sees at least its own nprobe lists.
+            probe = [np.array([lst])]
+            for lists, sign in ((near[j], 1.0), (far[j], -1.0)):
+                gq = sign * (q @ centroids[lists].T)  # (m, P)
+                top = np.argpartition(-gq, nprobe - 1, axis=1)[:, :nprobe] if nprobe < len(lists) else None
+                probe.append(lists if top is None else lists[np.unique(top)])
+            cand_lists = np.unique(np.concatenate(probe))
+            cand_lists = cand_lists[(sizes[cand_lists] > 0) & (cand_lists != lst)]
+            members = [(q_rows, q)] + [_list_members(invlists, int(c), dim) for c in cand_lists]
+            cand_rows = np.concatenate([m[0] for m in members])  # (C,)
+            cand = np.concatenate([m[1] for m in members])  # (C, D)
+            yield q_rows, _join(q, q_rows, cand, cand_rows, k)
+
+
+def _join(q: np.ndarray, q_rows: np.ndarray, cand: np.ndarray, cand_rows: np.ndarray, k: int) -> KnnResult:
+    """Top-``k`` of candidates ``cand (C, D)`` for queries ``q (b, D)`` by signed and by absolute cosine,
+    ties by row id; missing entries row -1 (and similarity NaN). The queries must be the first ``b``
+    candidates, in order (so query ``i``'s own row is column ``i``, excluded)."""
+    own = np.arange(len(q))
+    return _finish(_ends(q @ cand.T, own, k, 0), own, cand_rows, k)  # (b, C) similarities, two ends kept
+
+
+_TIE_SLACK = 4  # extra columns kept by the partial sorts so ties at the k-th place are broken by row id
+Ends = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # high cols, high values, low cols, low values
+
+
+def _ends(s: np.ndarray, own: np.ndarray, k: int, offset: int) -> Ends:
+    """Columns (plus ``offset``) and values of the ``k + _TIE_SLACK`` largest and of the as many smallest
+    entries of each row of ``s (b, c)``, query ``i``'s own column ``own[i]`` (if in range) set to -inf
+    first. The k largest by ``|cos|`` are among the two ends, so no ``|s|`` matrix is needed."""
+    b, c = s.shape
+    inside = (own >= 0) & (own < c)
+    s[np.flatnonzero(inside), own[inside]] = -np.inf  # self: never among the largest
+    kk = min(k + _TIE_SLACK, c)
+    if 2 * kk < c:  # two single-kth partial sorts (numpy's multi-kth argpartition is several times slower)
+        high = np.argpartition(s, c - kk, axis=1)[:, c - kk :]  # (b, kk)
+        low = np.argpartition(s, kk - 1, axis=1)[:, :kk]  # (b, kk), disjoint from high
+    else:  # every column once, as "high"
+        high, low = np.broadcast_to(np.arange(c), (b, c)), np.zeros((b, 0), dtype=np.int64)
+    return (high + offset, np.take_along_axis(s, high, axis=1), low + offset, np.take_along_axis(s, low, axis=1))
+
+
+def _finish(ends: Ends, self_cols: np.ndarray, cand_rows: np.ndarray, k: int) -> KnnResult:
+    """``KnnResult`` from the kept ends (self at -inf): signed top-``k`` from the high end, ``|cos|``
+    top-``k`` from both."""
+    high_c, high_v, low_c, low_v = ends
+    at = _rank(high_c, high_v, cand_rows, k)  # (b, k) positions in high_c, -1 where missing
+    ok = at >= 0
+    safe = np.maximum(at, 0)
+    sims = np.where(ok, np.take_along_axis(high_v, safe, axis=1).astype(np.float64), np.nan)
+    rows = np.where(ok, cand_rows[np.take_along_axis(high_c, safe, axis=1)], -1)
+    cols = np.concatenate([high_c, low_c], axis=1)  # (b, w)
+    v_abs = np.abs(np.concatenate([high_v, low_v], axis=1))
+    v_abs[cols == self_cols[:, None]] = -np.inf  # self (its -inf became +inf)
+    at = _rank(cols, v_abs, cand_rows, k)
+    abs_rows = np.where(at >= 0, cand_rows[np.take_along_axis(cols, np.maximum(at, 0), axis=1)], -1)
+    return KnnResult(sims=sims, rows=rows, abs_rows=abs_rows)
+
+
+def _rank(cols: np.ndarray, values: np.ndarray, tie: np.ndarray, k: int) -> np.ndarray:
+    """Positions ``(b, k)`` in ``cols (b, w)`` of the ``k`` largest finite ``values``, largest first, ties by
+    smaller ``tie[col]`` (exact unless more than ``_TIE_SLACK`` extra values tie with the k-th); -1 where a
+    row has fewer than ``k`` finite values."""
+    b, w = cols.shape
+    out = np.full((b, k), -1, dtype=np.int64)
+    if b == 0 or w == 0:
+        return out
+    order = np.lexsort((tie[cols], -values), axis=1)[:, :k]  # (b, min(k, w))
+    finite = np.isfinite(np.take_along_axis(values, order, axis=1))
+    out[:, : order.shape[1]] = np.where(finite, order, -1)
+    return out

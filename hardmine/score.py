@@ -79,7 +79,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from .checks import as_bool, finite_number, is_finite_number, number_in, positive_int
+from .checks import as_bool, finite_number, is_finite_number, non_negative_int, number_in, positive_int
 from .defaults import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
 from .enums import Strategy, TaskKind, parse_choice
 
@@ -110,6 +110,7 @@ __all__ = [
     "unit_rows",
     "divergence_scores",
     "knn_scores",
+    "knn_columns",
     "flag_scores",
     "rank_normalize",
     "composite_hardness",
@@ -498,6 +499,26 @@ def knn_scores(knn: KnnResult, labels_all: np.ndarray | None, labels: np.ndarray
     differ = (nbr != np.asarray(labels)[:, None]) & ok
     n_ok = ok.sum(axis=1)
     out["neighbor_disagreement"] = np.where(n_ok > 0, differ.sum(axis=1) / np.maximum(n_ok, 1), np.nan)
+    return out
+
+
+def knn_columns(
+    groups: Iterable[tuple[np.ndarray, KnnResult]], n: int, labels: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """``knn_outlier`` and ``neighbor_disagreement`` for all ``n`` samples from neighbour groups
+    ``(rows (b,), KnnResult)`` in any order (``hardmine.index.knn_all``); rows no group covers stay NaN."""
+    n = non_negative_int(n, "n", hint="number of samples")
+    return _compute_knn_columns(groups, n, None if labels is None else np.asarray(labels))
+
+
+def _compute_knn_columns(
+    groups: Iterable[tuple[np.ndarray, KnnResult]], n: int, labels: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    out = {"knn_outlier": np.full(n, np.nan), "neighbor_disagreement": np.full(n, np.nan)}
+    for rows, res in groups:
+        lab = None if labels is None else labels[rows]
+        for name, v in knn_scores(res, labels, lab).items():
+            out[name][rows] = v
     return out
 
 

@@ -252,17 +252,27 @@ def _assign_pass(
         seen = max(seen, stop)
         if stop > len(y):
             break
-        u = _unit(z, cols).astype(np.float64)  # (b, d)
         lab = y[start:stop]
-        for c in np.unique(lab).tolist():
-            m = np.flatnonzero(lab == c)
-            s = u[m] @ centroids[c].T  # (b_c, k)
+        # Rows sorted by class: each class is one contiguous run (slices, not fancy-indexed copies).
+        order = np.argsort(lab, kind="stable")
+        u = _unit(np.asarray(z)[order], cols).astype(np.float64)  # (b, d) in class order
+        lab_s = lab[order]
+        runs = np.flatnonzero(np.r_[True, lab_s[1:] != lab_s[:-1], True])
+        for lo, hi in zip(runs[:-1].tolist(), runs[1:].tolist()):
+            c = int(lab_s[lo])
+            rows = start + order[lo:hi]
+            s = u[lo:hi] @ centroids[c].T  # (b_c, k)
             best = s.argmax(axis=1)
-            changed += int((raw[start + m] != best).sum())
-            raw[start + m] = best
+            changed += int((raw[rows] != best).sum())
+            raw[rows] = best
             if sim is not None:
-                sim[start + m] = s[np.arange(len(best)), best]
-            np.add.at(sums[c], best, u[m])  # (k, d) += rows of each centroid
+                sim[rows] = s[np.arange(len(best)), best]
+            # Sum each centroid's members as contiguous runs after a sort (np.add.at, an unbuffered per-row
+            # scatter, was most of the slicing time).
+            by = np.argsort(best, kind="stable")
+            best_s = best[by]
+            starts = np.flatnonzero(np.r_[True, best_s[1:] != best_s[:-1]])
+            sums[c][best_s[starts]] += np.add.reduceat(u[lo:hi][by], starts, axis=0)  # (n_present, d)
     return sums, seen, changed
 
 

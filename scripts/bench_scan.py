@@ -1,19 +1,24 @@
-"""Streaming-driver benchmark: wall time and memory of ``hardmine.scan`` as N grows.
+"""Streaming-driver benchmark: wall time per phase and memory of ``hardmine.scan`` as N grows.
 
-Each N runs in a fresh child process (so peak memory is its own) that streams a synthetic dataset (Gaussian
-blobs, generated batch by batch from a seed, never held whole) through a tiny MLP (16 -> 32 -> 8) and
-``hardmine.scan`` with the default engine. The child samples ``/proc/self/status`` every 20 ms and reports:
+Each run is a fresh child process (so peak memory is its own). The synthetic series streams Gaussian blobs
+(generated batch by batch from a seed, never held whole) through a tiny MLP (16 -> 32 -> 8, last layer at
+``--dim``: out_dim 272 by default) and ``hardmine.scan`` with the default engine; the demo run is
+``make demo``'s scan (the demo MLP, one epoch of training, Fashion-MNIST train 60k, ``dim 64`` on all
+layers, batch 256). The child samples ``/proc/self/status`` every 20 ms and reports:
 
-* peak anonymous RSS (heap: what the scan really holds) and peak file-backed RSS (memory-mapped gradient
-  shards and IVF lists: page cache the kernel can drop), both minus the child's baseline after imports;
-* wall time per phase (extract / index / score) from ``scan.json``;
-* the reference measured in the same child: the bare ``GradientExtractor`` on the same batches with no I/O,
-  index or scoring, so ``scan / extractor`` is the driver's overhead;
-* for IVF scans, recall@10 of the index's neighbours against exact brute force (blocked over the memory-
-  mapped shards) on 500 random query samples.
+* wall time per phase (extract / index / score) from ``scan.json``, and index and score as ratios to the
+  extraction time of the same scan (the pipeline's cost beyond extraction);
+* peak anonymous RSS (heap) and peak file-backed RSS (memory-mapped shards and IVF lists: page cache the
+  kernel can drop), both minus the child's baseline after imports;
+* the bare ``GradientExtractor`` on the same batches with no I/O (synthetic series), so ``vs bare`` is the
+  driver's overhead during extraction;
+* Recall@10 of the neighbours the scoring pass used (``hardmine.index.knn_all``, recorded during the scan)
+  against exact search (blocked over the memory-mapped shards) on 500 random samples: signed cosine and
+  ``|cos|`` (the ranking ``neighbor_disagreement`` counts). 1.0 for an exact (flat) index.
 
-Usage: ``python scripts/bench_scan.py [--n 10000 100000 300000 1000000] [--dim 16]``; writes
-``scripts/results/bench_scan.json`` and prints a table. Needs Linux (``/proc``).
+Usage: ``python scripts/bench_scan.py [--n 10000 100000 1000000] [--dim 256] [--no-demo] [--threads 1]``;
+writes ``scripts/results/bench_scan.{json,md}`` (the Markdown table is copied into docs/benchmarks.md by
+``scripts/update_readme.py``). Needs Linux (``/proc``).
 """
 
 from __future__ import annotations
@@ -64,11 +69,110 @@ class _PeakSampler(threading.Thread):
         self.join()
 
 
+N_RECALL = 500
+
+
+def _record_neighbours(n: int) -> dict:
+    """Wrap the scoring pass's ``knn_all`` so the neighbours of ``N_RECALL`` seeded rows are kept."""
+    import importlib
+
+    import numpy as np
+
+    result = importlib.import_module("hardmine.scan.result")  # hardmine.scan is also the scan function's name
+    q_rows = np.sort(np.random.default_rng(0).choice(n, min(N_RECALL, n), replace=False))
+    rec: dict = {"q_rows": q_rows, "rows": {}, "abs_rows": {}, "knn_s": 0.0, "slices_s": 0.0}
+    slicing = result.annotate_manifest
+
+    def annotate_manifest(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return slicing(*args, **kwargs)
+        finally:
+            rec["slices_s"] += time.perf_counter() - t0
+
+    result.annotate_manifest = annotate_manifest
+    inner = getattr(result, "knn_all", None)
+    if inner is None:  # an older hardmine (searching per block): no recall recorded
+        return rec
+
+    def knn_all(index, info, k):
+        it = iter(inner(index, info, k))
+        while True:
+            t0 = time.perf_counter()
+            try:
+                rows, res = next(it)
+            except StopIteration:
+                return
+            finally:
+                rec["knn_s"] += time.perf_counter() - t0
+            hit = np.flatnonzero(np.isin(rows, q_rows))
+            for j in hit.tolist():
+                rec["rows"][int(rows[j])] = res.rows[j]
+                rec["abs_rows"][int(rows[j])] = res.abs_rows[j]
+            yield rows, res
+
+    result.knn_all = knn_all
+    return rec
+
+
+def _summary(s, wall: float, sampler, base_anon: int, base_file: int, out: str) -> dict:
+    import hardmine
+
+    return {
+        "n": s.n_samples, "out_dim": s.out_dim, "index": s.index_info.to_dict(), "wall_s": round(wall, 2),
+        **s.info["timings"],
+        "peak_anon_mb": round((sampler.anon - base_anon) / 1024, 1),
+        "peak_file_mb": round((sampler.file - base_file) / 1024, 1),
+        "peak_anon_mb_by_phase": {k: round((v - base_anon) / 1024, 1) for k, v in sampler.by_phase.items()},
+        "baseline_anon_mb": round(base_anon / 1024, 1),
+        "gradients_mb": round(s.n_samples * s.out_dim * 4 / 2**20, 1),
+        "disk_mb": round(sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()) / 2**20, 1),
+        "hardmine_version": hardmine.__version__,
+    }
+
+
+def _demo_child(out: str) -> dict:
+    """``make demo``'s scan: the demo MLP (one epoch of training) on Fashion-MNIST train, dim 64, batch 256."""
+    import numpy as np
+    import torch
+
+    import hardmine
+    from hardmine.scan import scan
+    from hardmine.zoo import fashion_mlp
+
+    images, labels = hardmine.load_fashion_mnist("train")
+    x = torch.from_numpy(images.reshape(-1, 784).astype(np.float32) / 255.0)  # (N, 784)
+    y = torch.from_numpy(labels)
+    torch.manual_seed(0)
+    model = fashion_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for idx in torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).split(128):
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    n = len(x)
+    rec = _record_neighbours(n)
+    batches = [(x[i : i + 256].reshape(-1, 1, 28, 28), y[i : i + 256]) for i in range(0, n, 256)]
+    base_anon, base_file = _status_kb("RssAnon"), _status_kb("RssFile")
+    sampler = _PeakSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    s = scan(model, batches, out=out, dim=64, seed=0, total=n,
+             progress=lambda p: setattr(sampler, "phase", p.phase.value))
+    wall = time.perf_counter() - t0
+    sampler.stop()
+    res = {"series": "demo", "model": "demo MLP (Fashion-MNIST, 1 epoch), all layers, dim 64", "batch": 256,
+           "dim": 64, **_summary(s, wall, sampler, base_anon, base_file, out)}
+    res.update(_recall(s, rec, 10))
+    return res
+
+
 def _child(n: int, dim: int, batch: int, engine: str, out: str) -> dict:
     import torch
     from torch import nn
 
-    import hardmine
     from hardmine.engine import GradientExtractor
     from hardmine.scan import scan
 
@@ -94,10 +198,12 @@ def _child(n: int, dim: int, batch: int, engine: str, out: str) -> dict:
         ext(b)
     ref_rate = ref_n / (time.perf_counter() - t0)
 
+    rec = _record_neighbours(n)
     base_anon, base_file = _status_kb("RssAnon"), _status_kb("RssFile")
     sampler = _PeakSampler()
     sampler.start()
     t0 = time.perf_counter()
+
     def on_progress(p) -> None:
         sampler.phase = p.phase.value
 
@@ -105,92 +211,145 @@ def _child(n: int, dim: int, batch: int, engine: str, out: str) -> dict:
              progress=on_progress)
     wall = time.perf_counter() - t0
     sampler.stop()
-    timings = s.info["timings"]
-    res = {
-        "n": n, "out_dim": s.out_dim, "batch": batch, "engine_plan": s.engine_metadata.get("plan"),
-        "index": s.index_info.to_dict(), "wall_s": round(wall, 2), **timings,
-        "reference_extractor_samples_per_s": round(ref_rate, 1),
-        "peak_anon_mb": round((sampler.anon - base_anon) / 1024, 1),
-        "peak_file_mb": round((sampler.file - base_file) / 1024, 1),
-        "peak_anon_mb_by_phase": {k: round((v - base_anon) / 1024, 1) for k, v in sampler.by_phase.items()},
-        "dim": dim,
-        "baseline_anon_mb": round(base_anon / 1024, 1),
-        "gradients_mb": round(n * s.out_dim * 4 / 2**20, 1),
-        "disk_mb": round(sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()) / 2**20, 1),
-        "hardmine_version": hardmine.__version__,
-    }
-    if s.index_info.kind != "flat":
-        res["recall_at_10"] = _recall(s, 500, 10)
+    res = {"series": "synthetic", "model": "MLP 16-32-8, layer '2'", "batch": batch, "dim": dim,
+           "engine_plan": s.engine_metadata.get("plan"),
+           **_summary(s, wall, sampler, base_anon, base_file, out),
+           "reference_extractor_samples_per_s": round(ref_rate, 1)}
+    res.update(_recall(s, rec, 10))
     return res
 
 
-def _recall(s, n_queries: int, k: int) -> float:
-    """Recall@k of the index's neighbours vs exact search (blocked over the memory-mapped shards)."""
+def _recall(s, rec: dict, k: int) -> dict:
+    """Recall@k of the scoring pass's neighbours (signed and |cos|) vs exact search over the shards."""
     import numpy as np
 
-    from hardmine.index import knn_block
     from hardmine.score import unit_rows
 
-    g = np.random.default_rng(0)
-    q_rows = np.sort(g.choice(s.n_samples, n_queries, replace=False))
+    q_rows = rec["q_rows"]
+    times = {"score_knn_s": round(rec["knn_s"], 3), "score_slices_s": round(rec["slices_s"], 3)}
+    if len(rec["rows"]) != len(q_rows):
+        return {"recall_at_10": None, "recall_abs_at_10": None, **times}
     q = np.ascontiguousarray(unit_rows(s._gather(q_rows))[0], dtype=np.float32)
-    best_s = np.full((n_queries, k), -np.inf)
-    best_r = np.full((n_queries, k), -1, dtype=np.int64)
-    for r0, z in s.iter_gradients():
-        u = unit_rows(np.asarray(z))[0].astype(np.float32)  # (shard, D)
-        sims = q @ u.T  # (q, shard) one block at a time
-        rows = np.arange(r0, r0 + len(u))
-        sims[np.equal.outer(q_rows, rows)] = -np.inf  # exclude self
-        cat_s = np.concatenate([best_s, sims], axis=1)
-        cat_r = np.concatenate([best_r, np.broadcast_to(rows, sims.shape)], axis=1)
-        top = np.argpartition(-cat_s, k, axis=1)[:, :k]
-        best_s, best_r = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_r, top, 1)
-    got = knn_block(s.index(), s.index_info, q, q_rows, k).rows
-    return round(float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, best_r)])), 4)
+    best = {}
+    for absolute in (False, True):
+        best_s = np.full((len(q_rows), k), -np.inf)
+        best_r = np.full((len(q_rows), k), -1, dtype=np.int64)
+        for r0, z in s.iter_gradients():
+            u = unit_rows(np.asarray(z))[0].astype(np.float32)  # (shard, D)
+            sims = q @ u.T  # (q, shard) one block at a time
+            if absolute:
+                sims = np.abs(sims)
+            rows = np.arange(r0, r0 + len(u))
+            sims[np.equal.outer(q_rows, rows)] = -np.inf  # exclude self
+            cat_s = np.concatenate([best_s, sims], axis=1)
+            cat_r = np.concatenate([best_r, np.broadcast_to(rows, sims.shape)], axis=1)
+            top = np.argpartition(-cat_s, k, axis=1)[:, :k]
+            best_s, best_r = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_r, top, 1)
+        best[absolute] = best_r
+    out = dict(times)
+    for key, absolute in (("recall_at_10", False), ("recall_abs_at_10", True)):
+        got = [rec["abs_rows" if absolute else "rows"][int(r)] for r in q_rows]
+        out[key] = round(float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, best[absolute])])), 4)
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def _markdown(rows: list[dict], threads: int | None, load: float | None = None) -> str:
+    lines = [
+        "| scan | N | out_dim | index | extract s | index s | score s (kNN, slices) | index / extract "
+        "| score / extract | (index + score) / extract | wall s per 100k | Recall@10 (signed / abs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rec = "exact" if r["index"]["kind"] == "flat" else f"{r['recall_at_10']} / {r['recall_abs_at_10']}"
+        name = "Fashion-MNIST demo" if r["series"] == "demo" else "synthetic MLP"
+        lines.append(
+            f"| {name} | {r['n']:,} | {r['out_dim']} | {r['index']['kind']} | {r['extract_s']:.2f} | "
+            f"{r['index_s']:.2f} | {r['score_s']:.2f} ({r['score_knn_s']:.2f}, {r['score_slices_s']:.2f}) | "
+            f"{r['index_over_extract']:.2f} | "
+            f"{r['score_over_extract']:.2f} | **{r['pipeline_over_extract']:.2f}** | "
+            f"{r['wall_s'] / r['n'] * 1e5:.1f} | {rec} |"
+        )
+    syn = sorted((r for r in rows if r["series"] == "synthetic"), key=lambda r: r["n"])
+    notes = []
+    for lo, hi in zip(syn, syn[1:]):
+        growth = (hi["wall_s"] / lo["wall_s"]) / (hi["n"] / lo["n"])
+        notes.append(f"wall time from {lo['n']:,} to {hi['n']:,} samples: {growth:.2f}x linear")
+    t = f"{threads} thread(s)" if threads else "default threads"
+    return ("\n".join(lines) + "\n\n" + "; ".join(notes) + (". " if notes else "")
+            + f"Run with {t}" + (f"; load average at the end {load:.1f} (other jobs shared the machine)" if load else "")
+            + "; the machine: see `scripts/results/bench_scan.json`.\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000, 300_000, 1_000_000])
-    ap.add_argument("--dim", type=int, default=16, help="projection dim of the last layer's weight")
-    ap.add_argument("--n-wide", type=int, nargs="*", default=[50_000, 200_000],
+    ap.add_argument("--n", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="synthetic series sizes")
+    ap.add_argument("--dim", type=int, default=256, help="projection dim of the last layer's weight")
+    ap.add_argument("--n-wide", type=int, nargs="*", default=[],
                     help="a second series at --dim-wide, to show the memory slope does not grow with dim")
-    ap.add_argument("--dim-wide", type=int, default=256)
+    ap.add_argument("--dim-wide", type=int, default=16)
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--engine", default="auto")
+    ap.add_argument("--no-demo", action="store_true", help="skip the Fashion-MNIST demo scan (60k)")
+    ap.add_argument("--threads", type=int, help="torch / BLAS / OpenMP threads of each child (default: theirs)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--demo-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", type=Path, default=RESULTS / "bench_scan.json")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.demo_child:
+        print(json.dumps(_demo_child(args.out)))
+        return
     if args.child is not None:
         print(json.dumps(_child(args.child, args.dim, args.batch, args.engine, args.out)))
         return
 
+    env = dict(os.environ)
+    if args.threads:  # before the child imports numpy / faiss: their thread pools read these once
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(args.threads)
+    extra = ["--threads", str(args.threads)] if args.threads else []
     rows = []
-    plan = [(n, args.dim) for n in args.n] + [(n, args.dim_wide) for n in args.n_wide]
+    plan: list[tuple[int, int | None]] = [(n, args.dim) for n in args.n] + [(n, args.dim_wide) for n in args.n_wide]
+    if not args.no_demo:
+        plan.append((60_000, None))
     for n, dim in plan:
         with tempfile.TemporaryDirectory(prefix="bench_scan_") as tmp:
-            cmd = [sys.executable, __file__, "--child", str(n), "--dim", str(dim), "--batch", str(args.batch),
-                   "--engine", args.engine, "--out", os.path.join(tmp, "scan")]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            out = ["--out", os.path.join(tmp, "scan")]
+            if dim is None:
+                cmd = [sys.executable, __file__, "--demo-child", *out, *extra]
+            else:
+                cmd = [sys.executable, __file__, "--child", str(n), "--dim", str(dim), "--batch", str(args.batch),
+                       "--engine", args.engine, *out, *extra]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if proc.returncode != 0:
                 sys.exit(f"child for N={n} failed:\n{proc.stderr[-3000:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"N={n:>9,} out_dim={r['out_dim']}: {r['wall_s']:.1f}s, peak anon +{r['peak_anon_mb']} MB, "
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["index_over_extract"] = _ratio(r["index_s"], r["extract_s"])
+            r["score_over_extract"] = _ratio(r["score_s"], r["extract_s"])
+            r["pipeline_over_extract"] = _ratio(r["index_s"] + r["score_s"], r["extract_s"])
+            rows.append(r)
+            print(f"{r['series']} N={n:>9,} out_dim={r['out_dim']}: {r['wall_s']:.1f}s (index+score "
+                  f"{r['pipeline_over_extract']:.2f}x extract), peak anon +{r['peak_anon_mb']} MB, "
                   f"index {r['index']['kind']}", file=sys.stderr)
 
-    print(f"\n{'N':>9} {'D':>4} {'index':>5} {'wall s':>7} {'extr/s':>8} {'vs bare':>7} {'index s':>7} "
-          f"{'score s':>7} {'anon MB':>8} {'file MB':>8} {'grads MB':>8} {'recall':>6}")
+    print(f"\n{'scan':>9} {'N':>9} {'D':>4} {'index':>5} {'wall s':>7} {'extr s':>7} {'index s':>7} {'score s':>7} "
+          f"{'idx/ext':>7} {'scr/ext':>7} {'anon MB':>8} {'file MB':>8} {'recall':>6} {'rec|c|':>6}")
     for r in rows:
-        rate = r["n"] / r["extract_s"] if r["extract_s"] else float("nan")
-        print(f"{r['n']:>9,} {r['out_dim']:>4} {r['index']['kind']:>5} {r['wall_s']:>7.1f} {rate:>8.0f} "
-              f"{rate / r['reference_extractor_samples_per_s']:>7.2f} {r['index_s']:>7.1f} "
-              f"{r['score_s']:>7.1f} {r['peak_anon_mb']:>8.1f} {r['peak_file_mb']:>8.1f} {r['gradients_mb']:>8.1f} "
-              f"{r.get('recall_at_10', float('nan')):>6.3f}")
+        print(f"{r['series']:>9} {r['n']:>9,} {r['out_dim']:>4} {r['index']['kind']:>5} {r['wall_s']:>7.1f} "
+              f"{r['extract_s']:>7.2f} {r['index_s']:>7.2f} {r['score_s']:>7.2f} {r['index_over_extract']:>7.2f} "
+              f"{r['score_over_extract']:>7.2f} {r['peak_anon_mb']:>8.1f} {r['peak_file_mb']:>8.1f} "
+              f"{r.get('recall_at_10') or float('nan'):>6.3f} {r.get('recall_abs_at_10') or float('nan'):>6.3f}")
     slopes = {}
-    for dim in sorted({r["dim"] for r in rows}):
-        series = sorted((r for r in rows if r["dim"] == dim), key=lambda r: r["n"])
+    for dim in sorted({r["dim"] for r in rows if r["series"] == "synthetic"}):
+        series = sorted((r for r in rows if r["dim"] == dim and r["series"] == "synthetic"), key=lambda r: r["n"])
         if len(series) >= 2:
             lo, hi = series[0], series[-1]
             slope = (hi["peak_anon_mb"] - lo["peak_anon_mb"]) * 2**20 / (hi["n"] - lo["n"])
@@ -198,14 +357,14 @@ def main() -> None:
                                      "gradient_bytes_per_sample": 4 * hi["out_dim"], "from_n": lo["n"], "to_n": hi["n"]}
             print(f"out_dim {hi['out_dim']:>4}: peak anon grows {slope:6.0f} B/sample from N={lo['n']:,} to "
                   f"{hi['n']:,}; holding the gradients would add {4 * hi['out_dim']} B/sample")
-    print("\nvs bare = scan extraction throughput / bare GradientExtractor throughput (same child, same batches);"
-          "\ngrads MB = what holding all gradients would cost; anon = heap (RssAnon) above the post-import"
+    print("\nidx/ext, scr/ext = index and score time as a multiple of the same scan's extraction time; recall ="
+          "\nRecall@10 of the scoring pass's neighbours (signed, |cos|); anon = heap (RssAnon) above the post-import"
           "\nbaseline; file = memory-mapped shard / IVF list pages (page cache the kernel can drop).")
     result = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count()},
+                    "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
         "settings": {"dim": args.dim, "dim_wide": args.dim_wide, "batch": args.batch, "engine": args.engine,
-                     "model": "MLP 16-32-8, layer '2'"},
+                     "threads": args.threads, "model": "MLP 16-32-8, layer '2'", "demo": not args.no_demo},
         "runs": rows,
         "anon_slope_by_out_dim": slopes,
     }
@@ -213,7 +372,10 @@ def main() -> None:
     tmp = args.json_out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, args.json_out)
-    print(f"wrote {args.json_out}")
+    md = args.json_out.with_suffix(".md")
+    md.with_suffix(".tmp").write_text(_markdown(rows, args.threads, os.getloadavg()[0]))
+    os.replace(md.with_suffix(".tmp"), md)
+    print(f"wrote {args.json_out} and {md}")
 
 
 if __name__ == "__main__":

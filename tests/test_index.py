@@ -18,6 +18,7 @@ from hardmine.index import (
     build_index,
     choose_index_kind,
     ivf_nlist,
+    knn_all,
     knn_block,
     open_index,
     search,
@@ -107,6 +108,64 @@ def test_approximate_indexes_have_high_recall(tmp_path, kind):
     assert recall >= 0.9, recall
     if kind == "ivf":
         assert info.nlist == 100 and info.nprobe == 16 and (tmp_path / IVFDATA_FILE).is_file()
+
+
+def _all_neighbours(index, info, k):
+    """``knn_all``'s groups put back in row order; checks that every row is covered exactly once."""
+    n = info.n
+    seen = np.zeros(n, dtype=int)
+    sims, rows, abs_rows = np.full((n, k), np.nan), np.full((n, k), -1), np.full((n, k), -1)
+    for r, res in knn_all(index, info, k):
+        seen[r] += 1
+        sims[r], rows[r], abs_rows[r] = res.sims, res.rows, res.abs_rows
+    assert (seen == 1).all()
+    return sims, rows, abs_rows
+
+
+def test_knn_all_flat_is_exact_for_both_rankings(tmp_path):
+    z = _clustered(700, 12)
+    z[:350] *= -1  # half the samples point the opposite way: |cos| neighbours differ from signed ones
+    z[5] = z[6]  # an exact duplicate: self must still be the one removed
+    z[7] = 0.0  # a zero gradient: similarity 0 to everything
+    info = build_index(_blocks(z, 128), len(z), 12, tmp_path, kind="flat")
+    k = 8
+    sims, rows, abs_rows = _all_neighbours(open_index(tmp_path, info), info, k)
+    assert not (rows == np.arange(len(z))[:, None]).any() and not (abs_rows == np.arange(len(z))[:, None]).any()
+    exp_sims, _ = _brute(z, k)
+    np.testing.assert_allclose(np.sort(sims, axis=1)[:, ::-1], exp_sims, atol=1e-5)
+    exp_abs, _ = _brute(z, k, absolute=True)
+    u = _unit(z).astype(np.float64)
+    got_abs = np.abs(np.einsum("id,ikd->ik", u, u[abs_rows]))
+    np.testing.assert_allclose(np.sort(got_abs, axis=1)[:, ::-1], exp_abs, atol=1e-5)
+    assert 6 in rows[5] and (abs_rows >= 0).all()
+    np.testing.assert_allclose(sims[7], 0.0, atol=1e-7)
+
+
+def test_knn_all_flat_with_fewer_samples_than_k(tmp_path):
+    z = _clustered(4, 6)
+    info = build_index(_blocks(z, 2), len(z), 6, tmp_path, kind="flat")
+    sims, rows, abs_rows = _all_neighbours(open_index(tmp_path, info), info, 5)
+    assert (rows[:, 3:] == -1).all() and np.isnan(sims[:, 3:]).all() and (abs_rows[:, 3:] == -1).all()
+    assert {int(r) for r in rows[0, :3]} == {1, 2, 3}
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_knn_all_recall_at_10_on_planted_clusters(tmp_path, kind):
+    # Planted clusters wide enough that neighbours cross list boundaries (probing one list gets ~0.4), a
+    # random half flipped so that the |cos| ranking needs the anti-aligned lists too.
+    g = np.random.default_rng(3)
+    centers = g.normal(size=(10, 16))
+    z = (centers[g.integers(0, 10, 6000)] + g.normal(size=(6000, 16))).astype(np.float32)
+    z[g.random(len(z)) < 0.5] *= -1
+    info = build_index(_blocks(z, 1000), len(z), 16, tmp_path, kind=kind, seed=0)
+    k = 10
+    _, rows, abs_rows = _all_neighbours(open_index(tmp_path, info), info, k)
+    q = np.arange(0, len(z), 10)
+    _, exact = _brute(z, k, q=q)
+    _, exact_abs = _brute(z, k, absolute=True, q=q)
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(rows[q], exact)])
+    recall_abs = np.mean([len(set(a) & set(b)) / k for a, b in zip(abs_rows[q], exact_abs)])
+    assert recall >= 0.95 and recall_abs >= 0.95, (recall, recall_abs)
 
 
 def test_ivf_index_survives_moving_the_scan_directory(tmp_path):

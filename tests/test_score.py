@@ -411,6 +411,25 @@ def test_knn_scores_count_every_found_neighbour_and_only_those():
     assert np.isnan(out["neighbor_disagreement"][2])
 
 
+def test_knn_columns_scatter_groups_in_any_order():
+    from hardmine.score import knn_columns
+
+    y = np.array([0, 1, 0, 1, 0, 0])
+    # Two groups out of row order (as knn_all yields them, list by list); row 5 in no group stays NaN.
+    groups = [
+        (np.array([3, 0]), KnnResult(sims=np.array([[0.9, np.nan], [0.2, 0.4]]), rows=np.array([[1, -1], [2, 4]]),
+                                     abs_rows=np.array([[1, 2], [2, 1]]))),
+        (np.array([4, 1, 2]), KnnResult(sims=np.full((3, 2), 1.0), rows=np.array([[0, 2]] * 3),
+                                        abs_rows=np.array([[0, 2], [3, 5], [1, 3]]))),
+    ]
+    out = knn_columns(groups, 6, y)
+    np.testing.assert_allclose(out["knn_outlier"], [0.7, 0.0, 0.0, 0.1, 0.0, np.nan])
+    # row 3 (label 1): neighbours 1 (1), 2 (0) -> 1/2; row 0 (0): 2 (0), 1 (1) -> 1/2; row 1 (1): 3, 5 -> 1/2
+    np.testing.assert_allclose(out["neighbor_disagreement"], [0.5, 0.5, 1.0, 0.5, 0.0, np.nan])
+    unlabelled = knn_columns(groups, 6, None)
+    assert np.isnan(unlabelled["neighbor_disagreement"]).all()
+
+
 def test_score_pass_for_regression_and_leave_one_out():
     from hardmine.score import score_pass
 

@@ -20,7 +20,7 @@ import torch
 
 from ..checks import as_bool, is_int, positive_int
 from ..enums import IndexKind, TaskKind, parse_choice
-from ..index import IndexInfo, build_index, knn_block, open_index, search
+from ..index import IndexInfo, build_index, knn_all, knn_block, open_index, search
 from ..losses import loss_name
 from ..manifest import export_manifest, finish_manifest, read_manifest, write_manifest
 from ..score import (
@@ -28,6 +28,7 @@ from ..score import (
     PopulationStats,
     ScoreConfig,
     finalize_scores,
+    knn_columns,
     population_pass,
     score_pass,
     unit_rows,
@@ -323,10 +324,11 @@ class Scan:
         k = min(config.k, n - 1)
         if k < config.k:
             logger.warning("only %d samples: using k=%d neighbours instead of %d", n, k, config.k)
-        info = self.index_info
-        index = self.index()
-        knn = (lambda u, rows: knn_block(index, info, u, rows, k)) if k >= 1 else None
-        grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, knn, on_block=progress)
+        # Every sample's neighbours in one pass over the index (shared by both neighbour scores, one
+        # similarity matrix for the signed and the |cos| ranking), then the streamed per-block scores.
+        neighbours = knn_columns(knn_all(self.index(), self.index_info, k), n, labels) if k >= 1 else {}
+        grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
+        grad_scores.update(neighbours)
         df, used = finalize_scores(stats, grad_scores, config, task)
         if self.config.get("targets") == "predictions":
             _drop_label_columns(df)  # before slicing: no true labels, no slices or label issues
