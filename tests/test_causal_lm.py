@@ -562,3 +562,34 @@ def test_torchrun_causal_lm_scan_matches_one_process_with_one_token_table(tmp_pa
     assert x[["sample_id", "position", "token_id", "is_target"]].equals(y[["sample_id", "position", "token_id", "is_target"]])
     assert_close(x["loss"].to_numpy(), y["loss"].to_numpy(), rtol=1e-4, atol=1e-5, equal_nan=True)
     assert b"hardmine_token_tiers" in ta.metadata.metadata
+
+
+def test_lm_signals_rank_planted_hard_sequences_as_harder(tmp_path, tok):
+    # Planted truth on a random model: "easy" sequences are its own greedy continuations (every target is its
+    # top-1 token), "hard" ones are uniformly random tokens. Each LM signal with a direction must rank the hard
+    # ones higher. (token_entropy_mean is a property of the contexts, not of the targets: not planted here.)
+    from hardmine.score import SCORE_TABLE
+
+    model = _build("gpt2", len(tok), torch.float32, seed=3)
+    g = torch.Generator().manual_seed(0)
+    n, t = 24, 10
+    easy = torch.randint(7, len(tok), (n, 1), generator=g)
+    with torch.no_grad():
+        for _ in range(t - 1):
+            easy = torch.cat([easy, model(input_ids=easy).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    hard = torch.randint(7, len(tok), (n, t), generator=g)
+    ids = torch.cat([easy, hard])  # (2n, t)
+    batches = [({"input_ids": ids[i:i + 8], "attention_mask": torch.ones_like(ids[i:i + 8])}, ids[i:i + 8])
+               for i in range(0, 2 * n, 8)]
+    m = scan(model, batches, out=tmp_path / "planted", dim=16, task="causal-lm").manifest().sort_values("sample_id")
+    is_hard = m["sample_id"].to_numpy() >= n
+    assert (m.loc[~is_hard, "top1_miss_rate"] == 0).all()  # the planting worked: every easy target is top-1
+
+    def auroc(score: np.ndarray) -> float:
+        r = pd.Series(score).rank(method="average").to_numpy()
+        return float((r[is_hard].sum() - n * (n + 1) / 2) / (n * n))
+
+    for name in ("loss", "perplexity", "top1_miss_rate", "max_token_loss"):
+        harder_when = SCORE_TABLE[name].harder_when
+        assert harder_when == "higher", name
+        assert auroc(m[name].to_numpy(np.float64)) > 0.9, name
