@@ -76,6 +76,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TOKENS_FILE = "tokens.parquet"
+_SCAN_FILE = "scan.json"  # hardmine.scan.store.SCAN_FILE, named here because this module sits below hardmine.scan
 TOKEN_COLUMNS = ("sample_id", "position", "token_id", "token", "is_target", "loss", "entropy", "top1")
 # The tiers from the lowest to the highest and the quantile of target-token loss where each starts.
 TIER_QUANTILES: dict[TokenTier, float] = {TokenTier.YELLOW: 0.50, TokenTier.ORANGE: 0.80, TokenTier.RED: 0.95}
@@ -135,11 +136,13 @@ def tokens_path(source: Any) -> Path:
     path = d / TOKENS_FILE
     if path.is_file():
         return path
-    from .scan.store import SCAN_FILE, read_json  # here, not at the top: hardmine.scan imports this module
-
-    if not (d / SCAN_FILE).is_file():
-        raise ValueError(f"{d} is not a hardmine scan directory (no {SCAN_FILE}); run hardmine.scan first.")
-    task = read_json(d / SCAN_FILE).get("task")
+    info = d / _SCAN_FILE
+    if not info.is_file():
+        raise ValueError(f"{d} is not a hardmine scan directory (no {_SCAN_FILE}); run hardmine.scan first.")
+    try:
+        task = json.loads(info.read_text(encoding="utf-8")).get("task")
+    except (OSError, ValueError, AttributeError):
+        task = None
     raise ValueError(
         f"the scan in {d} has no {TOKENS_FILE}: per-token rows are written only by causal-LM scans (task "
         f"'causal-lm'), and this scan's task is {task!r}. Scan a causal language model to see token-level hardness."

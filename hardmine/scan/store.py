@@ -29,6 +29,7 @@ from .._io import (
     utc_now,
 )
 from ..index import INDEX_FILES
+from ..tokens import TOKENS_FILE  # causal-LM scans: one row per token (schema: hardmine.lm.token_schema)
 from .ledger import Ledger
 
 __all__ = [
@@ -52,7 +53,6 @@ PROGRESS_FILE = "progress.json"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.parquet"
 RANKS_DIR = "ranks"  # a distributed scan's per-rank parts, ranks/NNNNN/ (hardmine.scan.distributed)
-TOKENS_FILE = "tokens.parquet"  # causal-LM scans: one row per token (schema: hardmine.lm.token_schema)
 LOCK_FILE = ".lock"  # held (flock) by the one job writing the directory; its text says who
 SCAN_FORMAT_VERSION = 1
 OWNED = (SCAN_FILE, PROGRESS_FILE, SHARDS_DIR, RANKS_DIR, *INDEX_FILES, MANIFEST_FILE, TOKENS_FILE)  # what overwrite=True removes
