@@ -102,6 +102,15 @@ def token_stats(logits: torch.Tensor, inputs: Mapping[str, torch.Tensor], labels
         return np.concatenate([np.full((b, 1), fill, dtype=a.dtype), a], axis=1)  # (B, T-1) -> (B, T)
 
     target = pad(is_t, False)
+    after_pad = np.zeros((b, t), dtype=bool)
+    after_pad[:, 1:] = present[:, 1:] & ~present[:, :-1]  # (B, T) a real token right after padding
+    if (after_pad & target).any():
+        i, j = (int(v[0]) for v in np.nonzero(after_pad & target))
+        raise ValueError(
+            f"sample at batch position {i}: the target token at index {j} follows padding, so it would be predicted "
+            "from a pad position's logits (a left-padded batch); pad on the right (tokenizer.padding_side = "
+            "'right', as hardmine.loaders.open_text does) or give that token the label -100."
+        )
     return TokenStats(
         input_ids=ids.detach().cpu().numpy().astype(np.int64),
         present=present,
@@ -167,9 +176,9 @@ class TokenTable:
         keep = ts.present  # (B, T)
         counts = keep.sum(axis=1)  # (B,)
         position = (np.cumsum(keep, axis=1) - 1)[keep].astype(np.int32)  # (rows,) index among real tokens
-        first = np.zeros_like(keep)
-        first[:, 0] = True
-        has_pred = ~first[keep]  # (rows,) False for padded index 0: no logits precede it
+        prev = np.zeros_like(keep)
+        prev[:, 1:] = keep[:, :-1]
+        has_pred = prev[keep]  # (rows,) False for a sample's first real token: no real position precedes it
         ids = np.repeat(np.asarray(sample_ids), counts)
         kind = "int" if np.asarray(sample_ids).dtype.kind in "iu" else "str"
         token_id = ts.input_ids[keep]

@@ -593,3 +593,38 @@ def test_lm_signals_rank_planted_hard_sequences_as_harder(tmp_path, tok):
         harder_when = SCORE_TABLE[name].harder_when
         assert harder_when == "higher", name
         assert auroc(m[name].to_numpy(np.float64)) > 0.9, name
+
+
+def test_left_padded_targets_are_refused_and_the_first_real_token_has_no_prediction(tmp_path, tok):
+    from hardmine.lm import TokenTable, token_stats
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, len(tok))
+    ids = torch.randint(7, len(tok), (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    labels = ids.masked_fill(mask == 0, -100)
+    with pytest.raises(ValueError, match="follows padding"):  # its logits would be a pad position's
+        token_stats(logits, {"input_ids": ids, "attention_mask": mask}, labels)
+    labels[0, 2] = -100  # the user masked it: fine, and the table gives that token no prediction
+    ts = token_stats(logits, {"input_ids": ids, "attention_mask": mask}, labels)
+    rows = TokenTable().rows(np.array([0, 1]), ts).to_pandas()
+    first = rows[rows["position"] == 0]
+    assert len(first) == 2 and first[["loss", "entropy", "top1"]].isna().all().all()
+    assert not first["is_target"].any() and rows[rows["position"] > 0]["loss"].notna().all()
+
+
+def test_lm_scan_copies_no_logits_to_the_host(tmp_path, tok, data_file, monkeypatch):
+    # The token statistics are computed where the logits are; what goes to the host is (B,) and (B, T) arrays,
+    # never the (B, T, V) logits (on a GPU that copy would be the whole vocabulary per token).
+    from hardmine.engine import ProjectedBatch
+
+    copied = []
+    real = ProjectedBatch.to_host
+
+    def spy(self):
+        copied.append(tuple(self.output.shape))
+        return real(self)
+
+    monkeypatch.setattr(ProjectedBatch, "to_host", spy)
+    _scan(tmp_path, tok, data_file, text_column="text")
+    assert copied and all(s[1:] == (0,) for s in copied), copied

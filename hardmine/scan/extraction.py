@@ -6,6 +6,7 @@ they are the same data; extraction continues from the first unrecorded batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,10 +20,18 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from .._io import DatasetHasher
-from ..batches import check_labels, infer_task, input_leaves, sample_ids, split_batch_ids, to_device
+from ..batches import (
+    check_labels,
+    infer_task,
+    input_leaves,
+    is_causal_lm,
+    sample_ids,
+    split_batch_ids,
+    to_device,
+)
 from ..engine import GradientExtractor, ProjectedBatch
 from ..enums import TaskKind
-from ..lm import TokenTable, lm_sample_stats, token_schema, token_stats
+from ..lm import TokenStats, TokenTable, lm_sample_stats, token_schema, token_stats
 from ..losses import class_logits, resolve_loss
 from ..score import classification_stats, multilabel_stats, regression_stats
 from ..tokens import TIERS_METADATA_KEY, TierAccumulator
@@ -128,12 +137,20 @@ class ExtractionPass:
             inputs, target_dev = to_device(inputs, self.device), to_device(target, self.device)
             # One wait per batch: its results come to the host together (pinned, from a GPU); the device has
             # then finished it, so its deferred value checks are read at no cost before anything is written.
-            pb = self.extractor((inputs, target_dev)).to_host()
+            pb = self.extractor((inputs, target_dev))
+            ts = None
+            if is_causal_lm(resolve_loss(self.loss_fn, target_dev)[1]):
+                # The token statistics where the logits are, before the copy to the host: (B, T) arrays come
+                # back, never the (B, T, V) logits (the labels are checked first: a bad id must not reach a gather).
+                self.extractor.flush_checks()
+                ts = self._token_stats(pb.output, inputs, target_dev, where)
+                pb = dataclasses.replace(pb, output=pb.output.new_empty((b, 0)))  # (B, 0): nothing left to copy
+            pb = pb.to_host()
             self.extractor.flush_checks()
             # The plan in use (auto may move a module to vmap after probing the first batch).
             self.ledger.extractor = self.extractor.metadata()
             z = pb.z.to(torch.float32).numpy()  # (B, out_dim)
-            stats, token_rows = self._batch_stats(id_arr, target, pb, where, inputs)
+            stats, token_rows = self._batch_stats(id_arr, target, pb, where, ts)
             writer.add(z, stats, digest, token_rows)
             if self.keep:
                 kept.append(z)
@@ -186,25 +203,28 @@ class ExtractionPass:
                 "column and rerun with overwrite=True."
             )
 
+    @staticmethod
+    def _token_stats(logits: torch.Tensor, inputs: Any, target: torch.Tensor, where: str) -> TokenStats:
+        if not isinstance(inputs, Mapping):
+            raise ValueError(
+                f"{where}: a causal-LM batch needs its inputs as a mapping with 'input_ids' (and "
+                f"'attention_mask'), got {type(inputs).__name__}."
+            )
+        return token_stats(logits, inputs, target)  # on the logits' device; (B, T) arrays back
+
     def _batch_stats(
-        self, ids: np.ndarray, target: torch.Tensor, pb: ProjectedBatch, where: str, inputs: Any
+        self, ids: np.ndarray, target: torch.Tensor, pb: ProjectedBatch, where: str, ts: TokenStats | None
     ) -> tuple[dict[str, Any], pa.Table | None]:
         """The per-sample columns of the stats shard for one batch (checking the task and classes against
-        earlier batches), and for a causal LM the batch's rows of the token table."""
-        task = infer_task(resolve_loss(self.loss_fn, target)[1], target, pb.output)
+        earlier batches), and for a causal LM (``ts``: its token statistics) the batch's rows of the token table."""
+        task = TaskKind.CAUSAL_LM if ts is not None else infer_task(resolve_loss(self.loss_fn, target)[1], target, pb.output)
         self.ledger.record_task(task, where)
         common = {
             "sample_id": ids,
             "loss": pb.loss.detach().to("cpu", torch.float64).numpy(),
             "grad_norm": pb.grad_norm.detach().to("cpu", torch.float64).numpy(),
         }
-        if task is TaskKind.CAUSAL_LM:
-            if not isinstance(inputs, Mapping):
-                raise ValueError(
-                    f"{where}: a causal-LM batch needs its inputs as a mapping with 'input_ids' (and "
-                    f"'attention_mask'), got {type(inputs).__name__}."
-                )
-            ts = token_stats(pb.output, inputs, target)  # on the logits' device; (B, T) arrays back
+        if ts is not None:
             return {**common, **lm_sample_stats(ts)}, self.tokens.rows(ids, ts)
         output = pb.output.detach().to("cpu")
         b = len(ids)
