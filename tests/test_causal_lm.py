@@ -628,3 +628,12 @@ def test_lm_scan_copies_no_logits_to_the_host(tmp_path, tok, data_file, monkeypa
     monkeypatch.setattr(ProjectedBatch, "to_host", spy)
     _scan(tmp_path, tok, data_file, text_column="text")
     assert copied and all(s[1:] == (0,) for s in copied), copied
+
+
+def test_a_generation_prompt_unlike_the_rendered_history_is_refused(data_file):
+    # The generation prompt names the assistant differently from the history: cutting the turn's body at the
+    # prompt's length would scan tokens the template never produces, so the conversation is refused.
+    bad = _tokenizer()
+    bad.chat_template = TEMPLATE.replace("{{ '<|assistant|> ' }}", "{{ '<|system|> ' }}")
+    with pytest.raises(ValueError, match="renders the first"):
+        list(open_text(str(data_file), bad, messages_column="messages"))

@@ -134,23 +134,31 @@ class _Encoder:
             )
         ids: list[int] = []
         labels: list[int] = []
+
+        def refuse(i: int) -> ValueError:
+            return ValueError(
+                f"the chat template renders the first {i + 1} message(s) of sample {sid!r} differently from the "
+                "start of the whole conversation, so the assistant turns cannot be located; use "
+                "--prompt-column/--completion-column instead."
+            )
+
         for i, m in enumerate(messages):
             # Tokens before message i (with the assistant header when it is one), then through message i.
             start = self.render(messages[:i], m["role"] == "assistant") if i or m["role"] == "assistant" else []
             end = self.render(messages[: i + 1], False)
-            for part in (start, end):
-                if part[: len(ids)] != ids:
-                    raise ValueError(
-                        f"the chat template renders the first {i + 1} message(s) of sample {sid!r} differently from "
-                        "the start of the whole conversation, so the assistant turns cannot be located; use "
-                        "--prompt-column/--completion-column instead."
-                    )
+            if start[: len(ids)] != ids:
+                raise refuse(i)
             head = start[len(ids):]
             ids += head
             labels += [IGNORE_INDEX] * len(head)
+            # The generation prompt must be what the history renders before the turn, or the body is cut wrongly.
+            if end[: len(ids)] != ids:
+                raise refuse(i)
             body = end[len(ids):]
             ids += body
             labels += list(body) if m["role"] == "assistant" else [IGNORE_INDEX] * len(body)
+        if ids != self.render(messages, False):  # the scanned tokens are exactly the template's conversation
+            raise refuse(len(messages) - 1)
         return ids, labels
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
