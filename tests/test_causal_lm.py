@@ -542,7 +542,7 @@ def test_torchrun_causal_lm_scan_matches_one_process_with_one_token_table(tmp_pa
     import sys
 
     args = [str(model_dir), str(data_file), "--task", "causal-lm", "--text-column", "text", "--id-column", "id",
-            "--dim", "16", "--shard-rows", "2", "--batch-size", "2", "--quiet"]
+            "--dim", "16", "--shard-rows", "2", "--batch-size", "2", "--max-length", "5", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hardmine",
            "scan", *args, "--out", str(tmp_path / "two")]
@@ -550,6 +550,13 @@ def test_torchrun_causal_lm_scan_matches_one_process_with_one_token_table(tmp_pa
     assert run.returncode == 0, run.stderr[-3000:]
     one = CliRunner().invoke(app, ["scan", *args, "--batch-size", "3", "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
+    # One summary (rank 0's), whose data report covers every rank's rows, as the single process's does.
+    two_summary = json.loads(run.stdout)
+    one_summary = json.loads(one.output[one.output.index("{"):])
+    assert two_summary["truncated"] == one_summary["truncated"] > 0
+    data = [json.loads((tmp_path / d / "scan.json").read_text())["data"] for d in ("two", "one")]
+    assert {k: data[0][k] for k in ("samples", "truncated", "target_tokens")} == {
+        k: data[1][k] for k in ("samples", "truncated", "target_tokens")}
     a = pd.read_parquet(tmp_path / "two" / "manifest.parquet")
     b = pd.read_parquet(tmp_path / "one" / "manifest.parquet")
     assert a["sample_id"].tolist() == b["sample_id"].tolist() and a["rank"].tolist() == b["rank"].tolist()

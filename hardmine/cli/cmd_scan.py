@@ -231,15 +231,20 @@ def _scan_lm(
     }
     provenance = {**data_options, "checkpoint": str(checkpoint), "checkpoint_kind": loaded.kind,
                   "batch_size": batch_size, "device": str(device)}
-    bars = _RichProgress(quiet or as_json)
+    from ..scan.distributed import rank_and_world
+
+    rank, _ = rank_and_world()  # under torchrun: rank 0 alone shows progress and reports
+    bars = _RichProgress(quiet or as_json or rank != 0)
     with bars.progress:
         result = run_scan(
             net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine, index=index, overwrite=overwrite,
             progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance, config_extra=data_options,
             task=TaskKind.CAUSAL_LM, token_reduction=token_reduction, tokenizer=loaded.tokenizer,
         )
+    if rank != 0:
+        return
     manifest = result.manifest()
-    report = src.report()
+    report = {**src.report(), **result.info.get("data", {})}  # scan.json's: over every rank's rows
     summary = {
         "out": str(out), "samples": int(len(manifest)), "seconds": round(time.perf_counter() - t0, 3),
         "manifest": str(result.manifest_path), "tokens": str(Path(out) / "tokens.parquet"),

@@ -169,6 +169,7 @@ def scan(
         raise ValueError(f"labels={labels!r} must be True (the data has labels) or None (unlabelled data).")
     # causal LM: decodes the tokens of tokens.parquet (read before a distributed scan wraps its part of the data)
     tokens = TokenTable(tokenizer if tokenizer is not None else getattr(data, "tokenizer", None))
+    data_report = getattr(data, "report", None)  # e.g. open_text's truncation count, kept in scan.json
     job = _join(distributed, model, keep_gradients_in_memory)  # None: a single-process scan
     if job is not None:  # this rank's part of the data, before predicting targets: skipped batches cost nothing
         data = job.shard_or_close(data, labelled=not unlabelled)
@@ -202,7 +203,8 @@ def scan(
     source = jsonable(dict(provenance)) if provenance is not None else None
     if job is not None:  # only then: single-process configurations (and their resume checks) are unchanged
         config["world_size"] = job.world  # each rank's rows depend on it: another world size cannot resume
-        return _scan_distributed(job, data, Path(out), config, source, progress, extractor, tokens, loss_fn=loss_fn,
+        return _scan_distributed(job, data, Path(out), config, source, progress, extractor, tokens, data_report,
+                                 loss_fn=loss_fn,
                                  num_classes=num_classes, shard_rows=shard_rows, total=total, resume=resume,
                                  overwrite=overwrite, score_config=score_config, index_kind=index_kind)
     created = not Path(out).exists()  # a directory this run creates is removed again if it fails at once
@@ -213,7 +215,7 @@ def scan(
         keep=keep_gradients_in_memory, report=lambda done: driver.report(ScanPhase.EXTRACT, done, total),
         tokens=tokens,
     )
-    driver.data_report = getattr(data, "report", None)  # e.g. open_text's truncation count, kept in scan.json
+    driver.data_report = data_report
     try:
         return driver.run(extraction, data, score_config, index_kind)
     finally:
@@ -222,7 +224,8 @@ def scan(
 
 def _scan_distributed(
     job: Job, data: Iterable[Any], out: Path, config: dict[str, Any], source: dict[str, Any] | None,
-    progress: ProgressFn | None, extractor: GradientExtractor, tokens: TokenTable, *, loss_fn: Any,
+    progress: ProgressFn | None, extractor: GradientExtractor, tokens: TokenTable,
+    data_report: Callable[[], Any] | None, *, loss_fn: Any,
     num_classes: int | None,
     shard_rows: int, total: int | None, resume: bool, overwrite: bool, score_config: ScoreConfig,
     index_kind: IndexKind,
@@ -251,6 +254,10 @@ def _scan_distributed(
                 _after_distributed_failure(job, store, ledger, created)
                 raise
             t_extract = time.perf_counter() - t0
+            # e.g. open_text's truncation count, of this rank's rows (its part shares the source's counters)
+            reports = job.gather(jsonable(data_report()) if callable(data_report) else None)
+            if driver is not None and reports and all(isinstance(r, dict) for r in reports):
+                driver.data_report = lambda: _sum_reports(reports)
             ledgers = [type(ledger).from_dict(d) for d in job.gather(ledger.to_dict())]  # in rank order
             merged = merge_ledgers(ledgers)
             mine = job.step(lambda: local_population(part, ledger, merged.task, merged.num_classes), "summing statistics")
@@ -280,6 +287,15 @@ def _scan_distributed(
                 store.lock.release()
     finally:
         job.close()
+
+
+def _sum_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' data reports as one: counts summed over the ranks, everything else as rank 0 saw it."""
+    merged = dict(reports[0])
+    for key in ("samples", "truncated", "target_tokens"):
+        if all(isinstance(r.get(key), int) for r in reports):
+            merged[key] = sum(int(r[key]) for r in reports)
+    return merged
 
 
 def _not_shared(out: Path, rank: int) -> None:
