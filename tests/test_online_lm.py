@@ -278,3 +278,14 @@ def test_hf_trainer_fine_tunes_a_causal_lm_with_miner_weights(tmp_path):
         every = x.masked_fill(torch.tensor(masks) == 0, IGNORE_INDEX)
         full = causal_lm_per_sample(model(input_ids=x, attention_mask=torch.tensor(masks)).logits, every)
     assert full[junk].min() > full[normal].max()
+
+
+@pytest.mark.parametrize("loss_fn", [None, "causal_lm", causal_lm_per_sample])
+def test_every_way_of_asking_for_the_causal_lm_loss_gives_the_same_manifest(loss_fn):
+    model = _model("gpt2")
+    inputs, labels = _lm_batch(4, seed=5)
+    miner = OnlineMiner(model, dim=16, seed=3, loss_fn=loss_fn)
+    miner.observe(inputs, labels, list(range(4)))
+    m = miner.manifest()
+    assert m.attrs["hardmine"]["loss"] == "causal_lm"
+    np.testing.assert_allclose(m["perplexity"], np.exp(m["loss"]), rtol=1e-6)  # the mean NLL's perplexity

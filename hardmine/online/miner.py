@@ -464,7 +464,9 @@ class OnlineMiner:
                 "factors": [self.layout.a, self.layout.b],
             },
             "layout": self.layout.describe(),
-            "loss": loss_name(self.loss_fn, self._task.value if self._task else None),
+            # causal_lm_per_sample passed as loss_fn is the built-in causal-LM loss (see _resolve_loss): its name
+            "loss": LossKind.CAUSAL_LM.value if self.loss_fn is causal_lm_per_sample
+            else loss_name(self.loss_fn, self._task.value if self._task else None),
             "weighting": self.weighting.to_dict(),
         }
 
