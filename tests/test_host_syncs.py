@@ -401,3 +401,45 @@ def test_on_a_gpu_bad_later_batches_are_refused_not_device_asserts():
     with pytest.raises(ValueError, match=r"label 12 is out of range"):
         miner.observe(x, torch.full((8,), 12, device=dev), list(range(8, 16)))
         miner.manifest()
+
+
+def test_online_causal_lm_observe_adds_no_host_sync_to_the_model(device_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=60, n_positions=8, n_embd=16, n_layer=2, n_head=2, pad_token_id=0,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids = torch.randint(1, 60, (4, 8), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.masked_fill(torch.arange(8) < 3, -100)
+
+    miner = OnlineMiner(model, dim=16, weighting={"warmup_steps": 1})
+    ids = torch.arange(4)
+    for _ in range(2):  # the first observation checks on the host; the second leaves the warm-up
+        x, y = batch()
+        miner.observe(x, y, ids).weighted_loss().backward()
+
+    def step():
+        x, y = batch()
+        miner.observe(x, y, ids).weighted_loss().backward()
+
+    found, matmuls = sync_calls(step)
+    x, _ = batch()
+    own, _ = sync_calls(lambda: model(**x).logits.sum().backward(), times=2)
+    assert matmuls > 0
+    extra = {k: n - own[k] for k, n in found.items() if n > own[k]}
+    assert extra == {}, f"host syncs a causal-LM observe adds to GPT-2's own ({dict(own)}): {extra}"
+
+
+def test_online_causal_lm_bad_token_ids_after_the_first_step_are_still_refused(device_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=60, n_positions=8, n_embd=16, n_layer=1, n_head=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(1, 60, (3, 8))
+    miner = OnlineMiner(model, dim=16)
+    miner.observe({"input_ids": ids}, ids, [0, 1, 2])
+    with pytest.raises(ValueError, match="token label 60 is out of range"):
+        miner.observe({"input_ids": ids}, ids.masked_fill(ids == ids[0, 3], 60), [3, 4, 5])

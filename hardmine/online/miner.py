@@ -36,7 +36,7 @@ from ..batches import (
 from ..checks import as_bool, as_module, positive_int, projection_kind
 from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from ..factored.layout import ProjectionLayout
-from ..losses import LossFn, causal_lm_per_sample, class_logits, loss_name, resolve_loss
+from ..losses import IGNORE_INDEX, LossFn, causal_lm_per_sample, class_logits, loss_name, resolve_loss
 from ..manifest import write_manifest
 from ..params import select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
@@ -245,8 +245,11 @@ class OnlineMiner:
         if flags:
             # Read at once when it costs nothing (the CPU), so a bad batch changes no state; on a GPU once the
             # device has got there, and a later observe raises (meanwhile the loss used clamped labels).
-            c = int(class_logits(out[:1]).shape[1])
-            self._checks.submit(flags, functools.partial(check_labels, target, c))
+            if task is TaskKind.CAUSAL_LM:
+                recheck = functools.partial(check_lm_labels, target, int(out.shape[2]))
+            else:
+                recheck = functools.partial(check_labels, target, int(class_logits(out[:1]).shape[1]))
+            self._checks.submit(flags, recheck)
             self._checks.poll()
         step = self._grads.compute(rec, out, safe, fn, kind, b)
         is_class = task is TaskKind.CLASSIFICATION
@@ -363,7 +366,13 @@ class OnlineMiner:
                     f"a causal LM needs (B, T, vocab) logits and (B, T) integer token labels, got output shape "
                     f"{tuple(out.shape)} and labels {target.dtype} of shape {tuple(target.shape)}."
                 )
-            check_lm_labels(target, int(out.shape[2]))
+            vocab = int(out.shape[2])
+            if self._step == 0 or stats_on_host(out.device):  # free on the host
+                check_lm_labels(target, vocab)
+            else:  # no device sync: out-of-range ids are ignored by the loss until the flag is read
+                outside = (target != IGNORE_INDEX) & ((target < 0) | (target >= vocab))  # (B, T)
+                flags.append(outside.any())
+                return fn, kind, task, b, flags, target.masked_fill(outside, IGNORE_INDEX)
         elif task is TaskKind.CLASSIFICATION:
             if torch.is_floating_point(target) or target.dtype == torch.bool or target.ndim != 1:
                 raise ValueError(
