@@ -281,7 +281,7 @@ def test_lm_scan_writes_the_lm_manifest_and_the_token_table(tmp_path, tok, data_
     assert not t[t["position"] < t["sample_id"].map(n_prompt)]["is_target"].any()
 
 
-def test_sum_reduction_scan_and_auto_task_from_the_output_shape(tmp_path, tok, data_file):
+def test_sum_reduction_scan_and_auto_task_from_the_output_shape(tmp_path, tok, data_file, caplog):
     class Wrapped(nn.Module):  # no Hugging Face class name or config: only the output shape tells
         def __init__(self) -> None:
             super().__init__()
@@ -292,8 +292,10 @@ def test_sum_reduction_scan_and_auto_task_from_the_output_shape(tmp_path, tok, d
 
     model = Wrapped()
     batches = [{**b[0], "labels": b[1]} for b in open_text(str(data_file), tok, text_column="text", batch_size=4)]
-    kind, loss, _ = resolve_task(model, batches, "auto", None, "mean", labelled=True)
+    with caplog.at_level("WARNING", logger="hardmine.scan.task"):
+        kind, loss, _ = resolve_task(model, batches, "auto", None, "mean", labelled=True)
     assert (kind.value, loss) == ("causal-lm", "causal_lm")
+    assert "a per-token tagger is not a causal LM" in caplog.text  # only the shape said so: a warning
     mean = scan(model, batches, out=tmp_path / "mean", dim=16).manifest()
     total = scan(model, iter(batches), out=tmp_path / "sum", dim=16, token_reduction="sum").manifest()
     assert_close(total["loss"].to_numpy(), (mean["loss"] * mean["n_target_tokens"]).to_numpy(), rtol=1e-5, atol=1e-5)

@@ -115,7 +115,14 @@ def resolve_task(
                 _only_mean(reduction)
                 return None, loss_fn, data
             kind = TaskKind.CAUSAL_LM
-            logger.info("task=auto: scanning %s as a causal LM", type(model).__name__)
+            if said is True and looks_causal_lm(model) is None:  # only the output shape said so: say it loudly
+                logger.warning(
+                    "task=auto: scanning %s as a causal LM (next-token loss, shifted) because its first batch has "
+                    "(B, T) integer labels and (B, T, V) outputs; a per-token tagger is not a causal LM: pass "
+                    "task='causal-lm' to silence this", type(model).__name__,
+                )
+            else:
+                logger.info("task=auto: scanning %s as a causal LM", type(model).__name__)
     if kind is TaskKind.CAUSAL_LM:
         lm = LossKind.CAUSAL_LM if reduction is TokenReduction.MEAN else LossKind.CAUSAL_LM_SUM
         if not _is_auto(loss_fn) and str(getattr(loss_fn, "value", loss_fn)) not in (lm.value, LossKind.CAUSAL_LM.value):
