@@ -1,7 +1,7 @@
 """Token-level hardness of a causal-LM scan: ``SCAN_DIR/tokens.parquet`` read back one sample at a time, the
 scan's uncertainty tiers, and the views ``hardmine tokens`` prints or writes.
 
-A causal-LM scan writes one row per token of every sample (``TOKEN_COLUMNS``), one row group per extraction
+A causal-LM scan writes one row per token of every sample (``TOKEN_COLUMNS``), one or more row groups per extraction
 shard, rows in scan order then position:
 
 =============  =========  ==========================================================================================
@@ -65,6 +65,7 @@ from ._io import atomic_write_bytes
 from ._version import __version__
 from .checks import as_bool, is_int, positive_int
 from .enums import TokenTier
+from .lm import TOKEN_COLUMNS  # the schema's columns, defined once where the rows are made
 
 __all__ = [
     "GENERATOR", "READ_ROWS", "SAMPLE_SIZE", "TIERS_METADATA_KEY", "TIER_QUANTILES", "TOKENS_FILE", "TOKEN_COLUMNS",
@@ -77,7 +78,6 @@ logger = logging.getLogger(__name__)
 
 TOKENS_FILE = "tokens.parquet"
 _SCAN_FILE = "scan.json"  # hardmine.scan.store.SCAN_FILE, named here because this module sits below hardmine.scan
-TOKEN_COLUMNS = ("sample_id", "position", "token_id", "token", "is_target", "loss", "entropy", "top1")
 # The tiers from the lowest to the highest and the quantile of target-token loss where each starts.
 TIER_QUANTILES: dict[TokenTier, float] = {TokenTier.YELLOW: 0.50, TokenTier.ORANGE: 0.80, TokenTier.RED: 0.95}
 SAMPLE_SIZE = 1 << 20  # target-token losses kept for the quantiles (all of them in a scan with fewer)
@@ -396,7 +396,7 @@ def tokens_json(df: pd.DataFrame, thresholds: TierThresholds, sample_id: Any) ->
     rows = []
     for rec, tier in zip(df.itertuples(index=False), tiers.tolist()):
         rows.append({
-            "position": int(rec.position), "token_id": int(rec.token_id), "token": str(rec.token),
+            "position": int(rec.position), "token_id": int(rec.token_id), "token": None if rec.token is None or rec.token != rec.token else str(rec.token),
             "is_target": bool(rec.is_target), "loss": _finite_or_none(rec.loss),
             "entropy": _finite_or_none(rec.entropy), "top1": None if pd.isna(rec.top1) else bool(rec.top1),
             "tier": tier,

@@ -235,7 +235,7 @@ class Job:
         if pop.class_count is not None:
             assert pop.class_unit_sum is not None and pop.class_plain_sum is not None
             parts += [pop.class_count, pop.class_unit_sum, pop.class_plain_sum]
-        flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in parts]))
+        flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in parts]))  # (sum of sizes,)
         dist.all_reduce(flat, group=self.group)
         values = flat.numpy()
         out, pos = [], 0
