@@ -1,3 +1,152 @@
 """The factored layer rules and layout: behaviour the mutation run asked for."""
 
 from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hardmine.factored.conv1d import Conv1DRule
+from hardmine.factored.registry import rule_for
+from hardmine.factored.rmsnorm import WeightOnlyNormRule
+
+
+def _reason(module: nn.Module, x: torch.Tensor, batch_size: int) -> str | None:
+    """Why the factored pass would refuse this call of ``module`` on ``x`` (None: it attributes it per sample)."""
+    rule = rule_for(module)
+    with torch.no_grad():
+        out = module(x)
+    return rule.check_call(module, x, out, batch_size)
+
+
+# ----------------------------------------------------------------------------------------- LayerNorm
+def test_layernorm_refuses_an_unbatched_call_and_quotes_its_shape():
+    ln = nn.LayerNorm(4)
+    assert _reason(ln, torch.randn(3, 4), 3) is None  # (B, d): one position per sample
+    assert _reason(ln, torch.randn(3, 5, 4), 3) is None  # (B, T, d)
+    why = _reason(ln, torch.randn(4), 4)  # (d,): no batch dimension (its 4 features look like a batch of 4)
+    assert why is not None and "unbatched" in why and "(4,)" in why
+    ln2 = nn.LayerNorm((2, 3))
+    assert _reason(ln2, torch.randn(5, 2, 3), 5) is None
+    why = _reason(ln2, torch.randn(2, 3), 2)  # exactly the normalised shape: unbatched
+    assert why is not None and "(2, 3)" in why
+
+
+# ------------------------------------------------------------------------------------ weight-only norms
+def test_rmsnorm_refuses_an_unbatched_call_and_quotes_its_shape():
+    norm = nn.RMSNorm(4)
+    assert _reason(norm, torch.randn(3, 4), 3) is None
+    why = _reason(norm, torch.randn(4), 4)
+    assert why is not None and "unbatched" in why and "(4,)" in why
+
+
+class _NamedNorm(nn.Module):
+    """A module named like an RMSNorm (so the name pattern claims it), with a configurable forward."""
+
+    def __init__(self, forward, weight=None, extra=False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4)) if weight is None else weight
+        if extra:
+            self.bias = nn.Parameter(torch.zeros(4))
+        self._f = forward
+
+    def forward(self, x):
+        return self._f(self, x)
+
+
+_NamedNorm.__name__ = _NamedNorm.__qualname__ = "ToyRMSNorm"
+
+
+def _rms(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def test_a_weight_only_norm_is_claimed_and_checked():
+    good = _NamedNorm(_rms)
+    rule = rule_for(good)
+    assert isinstance(rule, WeightOnlyNormRule)
+    assert rule.unsupported_reason(good) is None
+
+
+def test_a_norm_with_more_than_a_weight_is_refused_naming_its_parameters():
+    norm = _NamedNorm(lambda self, x: _rms(self, x) + self.bias, extra=True)
+    why = rule_for(norm).unsupported_reason(norm)
+    assert why is not None and "['weight', 'bias']" in why
+
+
+@pytest.mark.parametrize(
+    ("forward", "expected"),
+    [
+        (lambda self, x: x * (1.0 + self.weight), "(1 + weight)"),  # a different scaling
+        (lambda self, x: x.sum() * self.weight, "not one tensor of its input's shape"),  # wrong shape
+        (lambda self, x: (x * self.weight, x), "not one tensor of its input's shape"),  # not a tensor
+        (lambda self, x: x @ torch.ones(3, 3) * self.weight, "a forward that fails on a test input of shape (2, 3, 4)"),
+    ],
+)
+def test_a_norm_whose_maths_differ_is_refused_with_the_reason(forward, expected):
+    norm = _NamedNorm(forward)
+    why = rule_for(norm).unsupported_reason(norm)
+    assert why is not None and expected in why
+
+
+def test_the_failing_forward_reason_names_the_error():
+    def boom(self, x):
+        raise RuntimeError("no luck")
+
+    norm = _NamedNorm(boom)
+    why = rule_for(norm).unsupported_reason(norm)
+    assert why is not None and "RuntimeError: no luck" in why
+
+
+def test_a_norm_whose_weight_cannot_be_tried_is_refused():
+    ints = _NamedNorm(_rms, weight=nn.Parameter(torch.ones(4, dtype=torch.int64), requires_grad=False))
+    why = rule_for(ints).unsupported_reason(ints)
+    assert why is not None and "torch.int64" in why and "cannot check its maths" in why
+    meta = _NamedNorm(_rms, weight=nn.Parameter(torch.ones(4, device="meta")))
+    why = rule_for(meta).unsupported_reason(meta)
+    assert why is not None and "meta" in why
+
+
+def test_a_weight_only_norm_in_half_precision_passes_its_check():
+    # The check's tolerance allows half-precision rounding of the same maths (and nothing looser).
+    for dtype in (torch.float16, torch.bfloat16):
+        good = _NamedNorm(_rms).to(dtype)
+        assert rule_for(good).unsupported_reason(good) is None, dtype
+        bad = _NamedNorm(lambda self, x: x * (1.0 + self.weight)).to(dtype)
+        assert rule_for(bad).unsupported_reason(bad) is not None, dtype
+
+
+# ---------------------------------------------------------------------------------------- Embedding
+def test_embedding_configurations_the_maths_does_not_cover_are_refused_with_the_reason():
+    assert rule_for(nn.Embedding(10, 4)).unsupported_reason(nn.Embedding(10, 4)) is None
+    e = nn.Embedding(10, 4, max_norm=1.0)
+    assert "max_norm" in rule_for(e).unsupported_reason(e)
+    e = nn.Embedding(10, 4, scale_grad_by_freq=True)
+    assert "scale_grad_by_freq=True" in rule_for(e).unsupported_reason(e)
+
+
+def test_embedding_refuses_float_inputs_naming_the_dtype():
+    e = nn.Embedding(10, 4)
+    rule = rule_for(e)
+    ids = torch.tensor([[1, 2], [3, 4]])
+    assert rule.check_call(e, ids, e(ids), 2) is None
+    x = torch.zeros(2, 2)
+    why = rule.check_call(e, x, torch.zeros(2, 2, 4), 2)
+    assert why is not None and "torch.float32" in why and "not integer token ids" in why
+    why = rule.check_call(e, x.to(torch.complex64), torch.zeros(2, 2, 4), 2)
+    assert why is not None and "complex64" in why
+
+
+# ------------------------------------------------------------------------------------ Conv1D (GPT-2)
+def test_conv1d_rule_refuses_a_module_without_a_2d_weight():
+    rule = Conv1DRule()
+    ok = nn.Module()
+    ok.weight = nn.Parameter(torch.zeros(3, 4))
+    assert rule.unsupported_reason(ok) is None
+    flat = nn.Module()
+    flat.weight = nn.Parameter(torch.zeros(3))
+    assert "no 2-D weight" in rule.unsupported_reason(flat)
+    assert "no 2-D weight" in rule.unsupported_reason(nn.Module())  # no weight at all
+    plain = nn.Module()
+    plain.weight = [[0.0]]  # not a tensor
+    assert "no 2-D weight" in rule.unsupported_reason(plain)
