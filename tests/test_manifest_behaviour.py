@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,14 @@ import pytest
 from test_manifest import _io_frame
 
 import hardmine
-from hardmine.manifest import bool_column, class_names, export_manifest, float_column, read_manifest_metadata
+from hardmine.manifest import (
+    bool_column,
+    class_names,
+    compute_weights,
+    export_manifest,
+    float_column,
+    read_manifest_metadata,
+)
 
 
 # ------------------------------------------------------------------------------------------- columns
@@ -91,3 +99,81 @@ def test_export_of_an_unknown_source_says_what_to_pass():
     msg = str(e.value)
     assert "export_manifest got a int" in msg
     assert "pass a Scan, a scan directory, a manifest path or a DataFrame from read_manifest" in msg
+
+
+# ------------------------------------------------------------------------------------------- export
+def _framed() -> pd.DataFrame:
+    """A manifest frame with its hardmine metadata (so no bare-frame warning)."""
+    df = _io_frame()
+    df.attrs["hardmine"] = {"format": "hardmine-manifest", "format_version": 2, "task": "classification"}
+    return df
+
+
+def _sliced_frame() -> pd.DataFrame:
+    """Two classes of 6; class 0 has a failing slice (0/1: 2 of 3 wrong) and a clean one (0/0)."""
+    df = _framed()
+    df["label"] = np.repeat([0, 1], 6)
+    df["slice"] = ["0/0"] * 3 + ["0/1"] * 3 + ["1/0"] * 6
+    df["correct"] = pd.array([True, True, True, False, False, True] + [True] * 5 + [False], dtype="boolean")
+    return df
+
+
+def test_export_passes_the_slice_boost_on():
+    df = _sliced_frame()
+    flat = export_manifest(df.copy(), strategy="slices", slice_boost=0.0, cap=None)["weight"].to_numpy()
+    np.testing.assert_allclose(flat, 1.0)  # no boost: class-balanced (two classes of 6) and nothing else
+    boosted = export_manifest(df.copy(), strategy="slices", slice_boost=2.0, cap=None)
+    w = boosted["weight"].to_numpy()
+    assert w[3:6].min() > w[0:3].max()  # the failing slice of class 0 is drawn more often than the clean one
+    assert boosted.attrs["hardmine"]["export"]["slice_boost"] == 2.0
+
+
+def test_export_applies_the_cap():
+    df = _framed()
+    uncapped = export_manifest(df.copy(), strategy="top-k", top=0.1, boost=20.0, cap=None)["weight"]
+    assert uncapped.max() > 3.0  # the cap below binds
+    capped = export_manifest(df.copy(), strategy="top-k", top=0.1, boost=20.0, cap=3.0)
+    assert capped["weight"].max() == pytest.approx(3.0)
+    assert capped["weight"].mean() == pytest.approx(1.0)
+    assert capped.attrs["hardmine"]["export"]["cap"] == 3.0
+
+
+def test_export_overwrites_a_foreign_file_only_when_told(tmp_path):
+    target = tmp_path / "user.csv"
+    target.write_text("a,b\n")
+    with pytest.raises(ValueError, match="pass overwrite=True"):
+        export_manifest(_framed(), out=target)
+    assert target.read_text() == "a,b\n"
+    export_manifest(_framed(), out=target, overwrite=True)
+    assert read_manifest_metadata(target)["export"]["strategy"]
+
+
+def test_export_names_a_bad_hard_set():
+    with pytest.raises(ValueError, match=r"^hard_set='most' is not a valid choice; use one of 'top'"):
+        export_manifest(_framed(), hard_set="most")
+
+
+def test_export_stamps_a_fresh_utc_creation_time():
+    df = _framed()
+    df.attrs["hardmine"]["created"] = "2000-01-01T00:00:00+00:00"
+    out = export_manifest(df)
+    created = out.attrs["hardmine"]["created"]
+    assert created != "2000-01-01T00:00:00+00:00" and created.endswith("+00:00")  # ISO 8601, UTC
+    assert abs(datetime.fromisoformat(created) - datetime.now(timezone.utc)) < timedelta(hours=1)
+
+
+# ---------------------------------------------------------------------------------------------- slices
+def test_slices_need_a_slice_for_every_sample():
+    df = _sliced_frame()
+    df.loc[2, "slice"] = None
+    with pytest.raises(ValueError, match=r"^strategy 'slices' needs a slice for every sample; rescore the scan"):
+        compute_weights(df, "slices")
+
+
+def test_slices_count_an_unknown_prediction_as_correct():
+    df = _sliced_frame()
+    known = compute_weights(df, "slices", slice_boost=2.0, cap=None)[0]
+    df["correct"] = df["correct"].astype("boolean")
+    df.loc[0, "correct"] = pd.NA  # was True: an unknown outcome is not an error of its slice
+    unknown = compute_weights(df, "slices", slice_boost=2.0, cap=None)[0]
+    np.testing.assert_allclose(unknown, known)
