@@ -177,3 +177,17 @@ def test_slices_count_an_unknown_prediction_as_correct():
     df.loc[0, "correct"] = pd.NA  # was True: an unknown outcome is not an error of its slice
     unknown = compute_weights(df, "slices", slice_boost=2.0, cap=None)[0]
     np.testing.assert_allclose(unknown, known)
+
+
+def test_slices_boost_a_lone_failing_member_over_a_flagged_label_issue():
+    # Class 0: sample 0 is wrong and alone in its slice; sample 1 is a flagged label issue (never boosted).
+    df = _sliced_frame().iloc[:8].copy()
+    df["label"] = [0, 0, 1, 1, 1, 1, 1, 1]
+    df["slice"] = ["0/0", "0/1", "1/0", "1/0", "1/0", "1/1", "1/1", "1/1"]
+    df["correct"] = pd.array([False, True, True, True, True, True, True, True], dtype="boolean")
+    df["is_label_issue"] = pd.array([False, True] + [False] * 6, dtype="boolean")
+    w = compute_weights(df, "slices", slice_boost=2.0, cap=None)[0]
+    # raw weights 1 + 2 * (1/1) / (1/1) = 3 and 1, each class then gets the same total mass (4 per class of 8)
+    np.testing.assert_allclose(w[:2], [3.0, 1.0])
+    # Class 1 has no error at all: no slice is boosted, its six members share its mass 4 equally.
+    np.testing.assert_allclose(w[2:], 4.0 / 6.0)
