@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true",
                     help="keep mutants/ and earlier results and resume: run only mutants not checked yet")
     ap.add_argument("--rerun-survivors", action="store_true",
-                    help="rerun only the survivors of the kept results (after adding tests); implies --keep")
+                    help="rerun only the survivors of the kept results that docs/mutation-equivalents.md does not "
+                    "list (after adding tests); implies --keep")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from mutants/")
     ap.add_argument("--note", default=None, help="a remark stored in mutation.json (e.g. what was not run and why)")
     args = ap.parse_args(argv)
@@ -247,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             names = None
             codes = load_results(MODULES[name]) or {}
-            if args.rerun_survivors:
-                names = sorted(k for k, v in codes.items() if v in SURVIVED or v in NO_TESTS)
+            if args.rerun_survivors:  # listed equivalents cannot be killed: not rerun
+                listed = equivalents()
+                names = sorted(k for k, v in codes.items() if (v in SURVIVED or v in NO_TESTS) and k not in listed)
                 if not names:
                     continue
             elif args.keep and any(v is not None for v in codes.values()):
@@ -291,7 +293,9 @@ def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | N
             else:
                 reason = run.get("reason") or "no results yet"
             entries.append({"module": name, "path": path, "status": "not run", "reason": reason,
-                            **({"mutants": len(codes)} if codes else {})})
+                            **({"mutants": len(codes)} if codes else {}),
+                            # a run started and stopped before its first result still says what was started
+                            **{k: run[k] for k in ("date", "command") if k in run}})
             continue
         e = summarise(name, path, codes, equiv)
         e["status"] = "partial" if e["not_checked"] else "run"
