@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_factored import _check_pass
 from torch import nn
 
 from hardmine.factored.conv1d import Conv1DRule
@@ -150,3 +151,35 @@ def test_conv1d_rule_refuses_a_module_without_a_2d_weight():
     plain = nn.Module()
     plain.weight = [[0.0]]  # not a tensor
     assert "no 2-D weight" in rule.unsupported_reason(plain)
+
+
+# ------------------------------------------------------------------------------- modules called twice
+class _NormTwice(nn.Module):
+    """One norm module applied twice (its per-sample gradient is the sum over both calls), on (B, T, d)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norm = norm
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # (B, T, 4)
+        h = self.norm(torch.tanh(self.fc(x)))
+        return self.head(self.norm(torch.tanh(h) * 2.0).mean(1))
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(4), nn.RMSNorm(4)], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_a_norm_called_twice_sums_both_calls(norm, b):
+    torch.manual_seed(0)
+    model = _NormTwice(norm).double()
+    with torch.no_grad():
+        for p in model.norm.parameters():
+            p.uniform_(0.5, 1.5)  # not the initial ones/zeros, so every factor shows
+    _check_pass(model, (torch.randn(b, 5, 4, dtype=torch.float64), torch.randint(0, 3, (b,))))
+
+
+def test_layernorm_refuses_a_call_whose_batch_is_not_on_dimension_0():
+    ln = nn.LayerNorm(4)
+    why = _reason(ln, torch.randn(5, 3, 4), 3)  # (T, B, d): sequence first
+    assert why is not None and "not on dimension 0" in why
