@@ -183,3 +183,9 @@ def test_layernorm_refuses_a_call_whose_batch_is_not_on_dimension_0():
     ln = nn.LayerNorm(4)
     why = _reason(ln, torch.randn(5, 3, 4), 3)  # (T, B, d): sequence first
     assert why is not None and "not on dimension 0" in why
+
+
+def test_rmsnorm_refuses_a_call_whose_batch_is_not_on_dimension_0():
+    norm = nn.RMSNorm(4)
+    why = _reason(norm, torch.randn(5, 3, 4), 3)  # (T, B, d): sequence first
+    assert why is not None and "not on dimension 0" in why
