@@ -189,3 +189,22 @@ def test_rmsnorm_refuses_a_call_whose_batch_is_not_on_dimension_0():
     norm = nn.RMSNorm(4)
     why = _reason(norm, torch.randn(5, 3, 4), 3)  # (T, B, d): sequence first
     assert why is not None and "not on dimension 0" in why
+
+
+def _rms_weight_first(self, x):
+    # the same maths as _rms, multiplied in another order: in half precision the rounding differs (~1e-3)
+    return x * (self.weight * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_the_norm_check_allows_half_precision_rounding_only_in_half_precision():
+    for dtype in (torch.float16, torch.bfloat16):
+        norm = _NamedNorm(_rms_weight_first).to(dtype)
+        assert rule_for(norm).unsupported_reason(norm) is None, dtype  # rounding is not another maths
+    for dtype in (torch.float32, torch.float64):
+        norm = _NamedNorm(_rms_weight_first).to(dtype)
+        assert rule_for(norm).unsupported_reason(norm) is None, dtype
+        # A scaling ~0.5% away from weight * g(x) (w (1 + 0.01 w), w in [0.5, 1.5]) is another maths in full
+        # precision, where the tolerance is 1e-4, though within half precision's 2e-2.
+        off = _NamedNorm(lambda self, x: _rms(self, x) * (1 + 0.01 * self.weight)).to(dtype)
+        why = rule_for(off).unsupported_reason(off)
+        assert why is not None and "not weight * f(input)" in why, dtype
