@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_factored import _check_pass
 from torch import nn
+from torch.testing import assert_close
 
 from hardmine.factored.conv1d import Conv1DRule
-from hardmine.factored.registry import rule_for
+from hardmine.factored.registry import Call, RuleRequest, rule_for
 from hardmine.factored.rmsnorm import WeightOnlyNormRule
 
 
@@ -232,3 +235,24 @@ def test_a_conv1d_called_twice_on_two_positions_is_exact(b):
     with torch.no_grad():
         model.c.bias.uniform_(-0.5, 0.5)
     _check_pass(model, (torch.randn(b, 2, 4, dtype=torch.float64), torch.randint(0, 3, (b,))))
+
+
+# ------------------------------------------------------------------------------------------- Linear
+@pytest.mark.parametrize("with_out", [False, True])
+def test_linear_rule_one_position_with_bias_follows_the_rule_contract(with_out):
+    """RuleRequest.out is optional ("or None"): with or without it the one-position route returns the exact
+    projections, norms and bias parts, and warns about nothing (no output resized)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4)
+    x, delta = torch.randn(3, 5), torch.randn(3, 4)  # (B, d_in), (B, d_out)
+    p_out, p_in, bias_mat = torch.randn(4, 2), torch.randn(5, 3), torch.randn(4, 6)
+    out = torch.empty(3, 2, 3) if with_out else None
+    req = RuleRequest(matrix=(p_out, p_in), vectors=("bias",), out=out, vector_mats={"bias": bias_mat})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = rule_for(lin).compute(lin, [Call(x, delta)], req)
+    assert_close(res.matrix_proj, torch.einsum("bo,oa,bi,ic->bac", delta, p_out, x, p_in))  # P_out^T d x^T P_in
+    assert_close(res.matrix_sq_norm, (delta.norm(dim=1) * x.norm(dim=1)) ** 2)  # ||d x^T||_F^2
+    assert_close(res.vectors["bias"], delta)
+    assert_close(res.vector_proj["bias"], delta @ bias_mat)
+    assert_close(res.vector_sq_norm["bias"], delta.norm(dim=1) ** 2)
