@@ -257,3 +257,22 @@ def test_linear_rule_one_position_with_bias_follows_the_rule_contract(with_out):
     assert_close(res.vector_proj["bias"], delta @ bias_mat)
     if "bias" in res.vector_sq_norm:  # optional: the caller computes it when the rule does not give it
         assert_close(res.vector_sq_norm["bias"], delta.norm(dim=1) ** 2)
+
+
+class _TokenScalar(nn.Module):
+    """A Linear with a single output feature on token inputs: (B, T, 4) -> (B, T, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):  # (B, 3, 4)
+        return self.head(torch.tanh(self.fc(x)).squeeze(-1))  # (B, 3) -> (B, 3)
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_linear_with_one_output_feature_on_token_inputs_is_exact(b):
+    # Its bias gradient sums over the positions even though each position has a single output.
+    torch.manual_seed(0)
+    _check_pass(_TokenScalar().double(), (torch.randn(b, 3, 4, dtype=torch.float64), torch.randint(0, 3, (b,))))
