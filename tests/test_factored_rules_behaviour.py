@@ -10,6 +10,8 @@ from test_factored import _check_pass
 from torch import nn
 from torch.testing import assert_close
 
+from hardmine.extract import reference_per_sample_grads
+from hardmine.factored import ProjectionLayout, factored_pass
 from hardmine.factored.conv1d import Conv1DRule
 from hardmine.factored.registry import Call, RuleRequest, rule_for
 from hardmine.factored.rmsnorm import WeightOnlyNormRule
@@ -276,3 +278,37 @@ def test_linear_with_one_output_feature_on_token_inputs_is_exact(b):
     # Its bias gradient sums over the positions even though each position has a single output.
     torch.manual_seed(0)
     _check_pass(_TokenScalar().double(), (torch.randn(b, 3, 4, dtype=torch.float64), torch.randint(0, 3, (b,))))
+
+
+# ---------------------------------------------------------------------------------------- Embedding
+class _EmbedTwice(nn.Module):
+    """One embedding (with a padding id) looked up twice, on two token tensors of different lengths."""
+
+    def __init__(self, vocab: int = 12, d: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):  # (B, 7): the first 4 and the last 3 tokens are looked up separately
+        a, b = self.emb(ids[:, :4]), self.emb(ids[:, 4:])  # (B, 4, d), (B, 3, d)
+        return self.head(torch.tanh(a).mean(1) + b.sum(1))
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_an_embedding_looked_up_twice_is_exact(b):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 12, (b, 7))
+    ids[0, 1] = 0  # a padding token
+    ids[0, 5] = ids[0, 2]  # the same id in both lookups: its two gradients meet in one row
+    _check_pass(_EmbedTwice().double(), (ids, torch.randint(0, 3, (b,))))
+
+
+def test_embedding_norms_of_a_float64_model_are_float64_exact():
+    torch.manual_seed(0)
+    model = _EmbedTwice().double()
+    batch = (torch.randint(1, 12, (3, 7)), torch.randint(0, 3, (3,)))
+    layout = ProjectionLayout(model, ["emb.weight"], dim=12, seed=5)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params=["emb.weight"])
+    assert fg.sq_norm.dtype == torch.float64
+    assert_close(fg.sq_norm, ref.grad_norm.square(), rtol=1e-12, atol=0.0)  # not float32-rounded
