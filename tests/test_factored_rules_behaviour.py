@@ -312,3 +312,24 @@ def test_embedding_norms_of_a_float64_model_are_float64_exact():
     ref = reference_per_sample_grads(model, batch, params=["emb.weight"])
     assert fg.sq_norm.dtype == torch.float64
     assert_close(fg.sq_norm, ref.grad_norm.square(), rtol=1e-12, atol=0.0)  # not float32-rounded
+
+
+@pytest.mark.parametrize("padding", [None, 0])
+def test_embedding_norms_of_long_inputs_over_a_small_table_in_several_chunks(monkeypatch, padding):
+    # 12 tokens over a 4 x 3 table: the norm is taken from each sample's scattered (vocab, d) gradient, and a
+    # tiny chunk budget makes that one sample per chunk.
+    import hardmine.factored.registry as registry
+
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 12)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(4, 3, padding_idx=padding)
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, ids):  # (B, 12)
+            return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+    torch.manual_seed(0)
+    _check_pass(Net().double(), (torch.randint(0, 4, (4, 12)), torch.randint(0, 3, (4,))))
