@@ -216,24 +216,28 @@ def test_the_norm_check_allows_half_precision_rounding_only_in_half_precision():
 
 
 class _Conv1DTwice(nn.Module):
-    """GPT-2's Conv1D (weight stored (d_in, d_out)) applied twice to two-position inputs (B, 2, 4)."""
+    """GPT-2's Conv1D (weight stored (d_in, d_out)) applied ``calls`` times to two-position inputs (B, 2, 4)."""
 
-    def __init__(self) -> None:
+    def __init__(self, calls: int) -> None:
         super().__init__()
         from transformers.pytorch_utils import Conv1D
 
         self.c = Conv1D(4, 4)  # (nf, nx): d_out 4, d_in 4
         self.head = nn.Linear(4, 3)
+        self.calls = calls
 
     def forward(self, x):  # (B, 2, 4)
-        return self.head(self.c(torch.tanh(self.c(x))).mean(1))
+        for _ in range(self.calls):
+            x = self.c(torch.tanh(x))
+        return self.head(x.mean(1))
 
 
+@pytest.mark.parametrize("calls", [1, 2])
 @pytest.mark.parametrize("b", [1, 3])
-def test_a_conv1d_called_twice_on_two_positions_is_exact(b):
+def test_a_conv1d_on_two_positions_once_or_twice_is_exact(b, calls):
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = _Conv1DTwice().double()
+    model = _Conv1DTwice(calls).double()
     with torch.no_grad():
         model.c.bias.uniform_(-0.5, 0.5)
     _check_pass(model, (torch.randn(b, 2, 4, dtype=torch.float64), torch.randint(0, 3, (b,))))
