@@ -7,7 +7,9 @@ selection in ``[tool.mutmut]`` of pyproject.toml ran once unmutated. Then writes
 
 Counting: ``killed`` includes mutants whose tests timed out (the mutant hung the code under test). A surviving
 mutant listed by name in ``docs/mutation-equivalents.md`` (with the reason it cannot change behaviour) is
-``survived-but-equivalent``; every other survivor (and any mutant no selected test reaches) is ``survived``.
+``survived-but-equivalent`` (those under its "Message wording" heading, whose message text changed but still
+quotes the value and the remedy the tests check, are counted there too and shown as "(N wording)"); every other
+survivor (and any mutant no selected test reaches) is ``survived``.
 ``kill rate = killed / (mutants - equivalent)``. Modules not run (``--modules``, ``--budget-minutes``, or a
 failing clean test run) are recorded as such, with the results of their last run if there is one.
 
@@ -39,18 +41,32 @@ MODULES: dict[str, str] = {
     "manifest": "hardmine/manifest.py",
     "sampler": "hardmine/sampler.py",
     "project": "hardmine/project.py",
+    # the layer rules (small, one file per layer type) first, then the layout, the plan and the registry,
+    # then the pass itself: apply.py and capture.py (the hook/dispatch layer) last.
     "factored.linear": "hardmine/factored/linear.py",
     "factored.layernorm": "hardmine/factored/layernorm.py",
+    "factored.rmsnorm": "hardmine/factored/rmsnorm.py",
     "factored.embedding": "hardmine/factored/embedding.py",
+    "factored.conv1d": "hardmine/factored/conv1d.py",
     "factored.conv2d": "hardmine/factored/conv2d.py",
     "factored.layout": "hardmine/factored/layout.py",
+    "factored.plan": "hardmine/factored/plan.py",
     "factored.registry": "hardmine/factored/registry.py",
+    "factored.apply": "hardmine/factored/apply.py",
     "factored.capture": "hardmine/factored/capture.py",
 }
-# Per-module test selection on top of [tool.mutmut]: the extractor tests only matter to hardmine/factored/, so
-# the other modules leave them out (through PYTEST_ADDOPTS, which is not part of mutmut's cached config; a
-# change there would reset every result).
-FACTORED_TESTS = ("tests/test_factored.py", "tests/test_factored_apply.py")
+# Per-module test selection on top of [tool.mutmut], through PYTEST_ADDOPTS (not part of mutmut's cached
+# config; a change to [tool.mutmut] would reset every result): the extractor tests only matter to
+# hardmine/factored/, so the other modules leave them out, and hardmine/factored/ runs only them (the scan,
+# score and manifest tests also reach the factored code through a scan, but only slowly and less sharply).
+# Run the non-factored modules before the factored ones: each switch makes mutmut collect the stats of the
+# tests it had left out.
+FACTORED_TESTS = (
+    "tests/test_factored.py",
+    "tests/test_factored_apply.py",
+    "tests/test_factored_rules_behaviour.py",
+    "tests/test_transformers.py",
+)
 KILLED = {1, 3}
 TIMEOUT = {36, -24, 24, 152, 255}
 SURVIVED = {0}
@@ -71,12 +87,15 @@ def equivalents() -> dict[str, str]:
     out: dict[str, str] = {}
     if not EQUIVALENTS.exists():
         return out
+    wording = False
     for line in EQUIVALENTS.read_text().splitlines():
+        if line.startswith("## "):
+            wording = line.strip() == "## Message wording"
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 2:
             continue
         for name in re.findall(r"`([^`]+__mutmut_\d+)`", cells[0]):
-            out[name] = cells[-1]
+            out[name] = ("[wording] " if wording else "") + cells[-1]
     return out
 
 
@@ -112,7 +131,18 @@ def summarise(name: str, path: str, codes: dict[str, int | None], equiv: dict[st
         "kill_rate": round((len(killed) + len(timeout)) / denom, 4) if denom > 0 else None,
         "survivors": survived,
         "equivalents": equivalent,
+        # of the equivalents: those listed under "Message wording" (the text of a message changed, what it
+        # says intact), counted apart so a reader can see how many are wording rather than strict equivalents
+        "equivalent_wording": sum(1 for k in equivalent if equiv[k].startswith("[wording] ")),
     }
+
+
+def _non_factored_tests() -> list[str]:
+    """The test files of [tool.mutmut]'s selection that are not in FACTORED_TESTS."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    return [t for t in cfg.get("pytest_add_cli_args_test_selection", []) if t not in FACTORED_TESTS]
 
 
 def _refresh_copies() -> None:
@@ -126,9 +156,9 @@ def run_module(name: str, max_children: int, log_dir: Path, names: list[str] | N
     _refresh_copies()
     cmd = [_mutmut(), "run", "--max-children", str(max_children), *(names or [_glob(name)])]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    if not name.startswith("factored."):
-        ignore = " ".join(f"--deselect={t}" for t in FACTORED_TESTS)
-        env["PYTEST_ADDOPTS"] = (env.get("PYTEST_ADDOPTS", "") + " " + ignore).strip()
+    left_out = _non_factored_tests() if name.startswith("factored.") else list(FACTORED_TESTS)
+    ignore = " ".join(f"--deselect={t}" for t in left_out)
+    env["PYTEST_ADDOPTS"] = (env.get("PYTEST_ADDOPTS", "") + " " + ignore).strip()
     t0 = time.monotonic()
     log = log_dir / f"mutmut-{name}.log"
     with open(log, "w") as f:
@@ -161,12 +191,18 @@ def write_report(entries: list[dict], command: str, note: str | None = None) -> 
         rate = "–" if e["kill_rate"] is None else f"{100 * e['kill_rate']:.1f}%"
         partial = f" ({e['not_checked']} not checked)" if e["not_checked"] else ""
         lines.append(
-            f"| `{e['path']}` | {e['mutants']} | {e['killed']} | {e['survived_but_equivalent']} | {e['survived']} "
+            f"| `{e['path']}` | {e['mutants']} | {e['killed']} | {equiv_cell(e)} | {e['survived']} "
             f"| {rate}{partial} | {e.get('date', '–')} | `{e.get('command', '–')}` |"
         )
     if note:
         lines += ["", note]
     (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
+
+
+def equiv_cell(e: dict) -> str:
+    """``16``, or ``16 (8 wording)`` when some are listed under "Message wording"."""
+    n, w = e["survived_but_equivalent"], e.get("equivalent_wording", 0)
+    return f"{n} ({w} wording)" if w else str(n)
 
 
 def _version() -> str:
@@ -186,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true",
                     help="keep mutants/ and earlier results and resume: run only mutants not checked yet")
     ap.add_argument("--rerun-survivors", action="store_true",
-                    help="rerun only the survivors of the kept results (after adding tests); implies --keep")
+                    help="rerun only the survivors of the kept results that docs/mutation-equivalents.md does not "
+                    "list (after adding tests); implies --keep")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from mutants/")
     ap.add_argument("--note", default=None, help="a remark stored in mutation.json (e.g. what was not run and why)")
     args = ap.parse_args(argv)
@@ -211,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             names = None
             codes = load_results(MODULES[name]) or {}
-            if args.rerun_survivors:
-                names = sorted(k for k, v in codes.items() if v in SURVIVED or v in NO_TESTS)
+            if args.rerun_survivors:  # listed equivalents cannot be killed: not rerun
+                listed = equivalents()
+                names = sorted(k for k, v in codes.items() if (v in SURVIVED or v in NO_TESTS) and k not in listed)
                 if not names:
                     continue
             elif args.keep and any(v is not None for v in codes.values()):
@@ -255,7 +293,9 @@ def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | N
             else:
                 reason = run.get("reason") or "no results yet"
             entries.append({"module": name, "path": path, "status": "not run", "reason": reason,
-                            **({"mutants": len(codes)} if codes else {})})
+                            **({"mutants": len(codes)} if codes else {}),
+                            # a run started and stopped before its first result still says what was started
+                            **{k: run[k] for k in ("date", "command") if k in run}})
             continue
         e = summarise(name, path, codes, equiv)
         e["status"] = "partial" if e["not_checked"] else "run"

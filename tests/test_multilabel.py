@@ -91,3 +91,19 @@ def test_cli_scans_multilabel_rows(tmp_path):
     res = _scan(tmp_path, "--feature-column", "feat", "--label-column", "labels", "--loss", "bce",
                 model="test_multilabel:multi", data="bad.parquet", out="bad")
     assert res.exit_code == 2 and "must be 0 or 1" in " ".join(res.output.split())
+
+
+def test_multilabel_stats_by_hand():
+    from hardmine.score import multilabel_stats
+
+    # sample 0: both labels right (logit 2 for a true label, -2 for a false one); sample 1: label 1 wrong;
+    # sample 2: logit exactly 0 (p = 0.5) counts as predicted, and its label is true.
+    logits = np.array([[2.0, -2.0], [2.0, 1.0], [0.0, -3.0]])
+    targets = np.array([[1, 0], [1, 0], [1, 0]])
+    s = multilabel_stats(logits, targets)
+    np.testing.assert_array_equal(s["correct"], [True, False, True])
+    assert s["pred"] == ["0", "0,1", "0"] and s["label"] == ["0", "0", "0"]
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    np.testing.assert_allclose(s["pred_confidence"], [sig(2.0), (sig(2.0) + sig(1.0)) / 2, (0.5 + sig(3.0)) / 2])
+    np.testing.assert_allclose(s["confidence"], [sig(2.0), (sig(2.0) + 1 - sig(1.0)) / 2, (0.5 + sig(3.0)) / 2])
+    np.testing.assert_allclose(s["margin"], [2 * sig(2.0) - 1, 2 * (1 - sig(1.0)) - 1, 0.0], atol=1e-12)
