@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_npy",
+    "check_page_destination",
     "file_sha256",
     "model_fingerprint",
     "remove_stale_temporaries",
@@ -192,3 +193,27 @@ class DatasetHasher:
         for name in sorted(self._inputs):
             h.update(name.encode() + b"\0" + self._inputs[name].digest())
         return h.hexdigest()
+
+
+def check_page_destination(
+    path: str | os.PathLike[str], *, overwrite: bool, generator: str, what: str, example: str
+) -> Path:
+    """Where an HTML page may be written: not a directory, in an existing directory; an existing file only if a
+    page of the same kind wrote it (its ``<meta name="generator" content="{generator}...">``) or with
+    ``overwrite``. ``what`` names the page in errors ("report"), ``example`` a file name to suggest."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"cannot write a {what} to {str(p)!r}: it is a directory; give a file such as "
+                         f"{str(p / example)!r}.")
+    if p.exists() and not overwrite:
+        try:
+            head = p.read_bytes()[:4096].decode("utf-8", "replace")
+        except OSError:
+            head = ""
+        if f'<meta name="generator" content="{generator}' not in head:
+            raise ValueError(f"{str(p)!r} exists and is not a hardmine {what}; refusing to replace it. Choose another "
+                             "path, or pass overwrite=True to replace it.")
+    if not p.parent.exists():
+        raise ValueError(f"cannot write {p}: directory {p.parent} does not exist.")
+    return p
+

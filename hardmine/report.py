@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_write_bytes, utc_now
+from ._io import atomic_write_bytes, check_page_destination, utc_now
 from ._version import __version__
 from .checks import as_bool, positive_int
 from .enums import TaskKind
@@ -86,21 +86,7 @@ margin:4px 0;white-space:pre-wrap}.nb{font-size:12px;color:#475467}.bad{color:#b
 def check_report_destination(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Where a report may be written: not a directory; an existing file only if it is a report written here
     (its ``<meta name="generator">``) or with ``overwrite``."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"cannot write a report to {str(p)!r}: it is a directory; give a file such as "
-                         f"{str(p / 'report.html')!r}.")
-    if p.exists() and not overwrite:
-        try:
-            head = p.read_bytes()[:4096].decode("utf-8", "replace")
-        except OSError:
-            head = ""
-        if f'<meta name="generator" content="{GENERATOR}' not in head:
-            raise ValueError(f"{str(p)!r} exists and is not a hardmine report; refusing to replace it. Choose another "
-                             "path, or pass overwrite=True to replace it.")
-    if not p.parent.exists():
-        raise ValueError(f"cannot write {p}: directory {p.parent} does not exist.")
-    return p
+    return check_page_destination(path, overwrite=overwrite, generator=GENERATOR, what="report", example="report.html")
 
 
 def report(

@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ._io import atomic_write_bytes
+from ._io import atomic_write_bytes, check_page_destination
 from ._version import __version__
 from .checks import as_bool, is_int, positive_int
 from .enums import TokenTier
@@ -423,21 +423,7 @@ def check_tokens_html_destination(path: str | os.PathLike[str], *, overwrite: bo
     """Where a token page may be written: not a directory; an existing file only if it is a page written here
     (its ``<meta name="generator">``) or with ``overwrite``."""
     as_bool(overwrite, "overwrite")
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"cannot write a page to {str(p)!r}: it is a directory; give a file such as "
-                         f"{str(p / 'tokens.html')!r}.")
-    if p.exists() and not overwrite:
-        try:
-            head = p.read_bytes()[:4096].decode("utf-8", "replace")
-        except OSError:
-            head = ""
-        if f'<meta name="generator" content="{GENERATOR}' not in head:
-            raise ValueError(f"{str(p)!r} exists and is not a hardmine token page; refusing to replace it. Choose "
-                             "another path, or pass overwrite=True to replace it.")
-    if not p.parent.exists():
-        raise ValueError(f"cannot write {p}: directory {p.parent} does not exist.")
-    return p
+    return check_page_destination(path, overwrite=overwrite, generator=GENERATOR, what="token page", example="tokens.html")
 
 
 def _e(v: Any) -> str:
