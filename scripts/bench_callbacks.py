@@ -50,7 +50,7 @@ from hardmine.online import OnlineMiner, WeightingConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_extract import build, sync, sync_profile, to_device  # noqa: E402  (its models and batches)
+from bench_extract import build, parse_device, sync, sync_profile, to_device  # noqa: E402  (its models and batches)
 
 MODELS = ("mlp", "cnn")
 OPTIONAL_MODELS = ("transformer",)  # accepted by --models, not run by default
@@ -189,12 +189,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="torch device of the models and batches, e.g. cuda")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_callbacks.json")
     args = ap.parse_args()
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        ap.error(f"--device={args.device!r}: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device={args.device} but torch sees no CUDA device here")
+    device = parse_device(ap, args.device)
     if args.quick:
         args.batch, args.min_time, args.min_rounds, args.warmup, args.threads = 8, 0.0, 2, 1, 1
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))

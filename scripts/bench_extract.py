@@ -511,6 +511,17 @@ def _device_name(device: str) -> str:
     return device
 
 
+def parse_device(ap: argparse.ArgumentParser, value: str) -> torch.device:
+    """``--device``: a torch device this machine has (else the parser's usage error)."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        ap.error(f"--device={value!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device={value} but torch sees no CUDA device here")
+    return device
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -572,12 +583,7 @@ def main() -> None:
         ap.error(f"--repeats={args.repeats} must be at least 1")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads={args.threads} must be at least 1")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        ap.error(f"--device={args.device!r}: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device={args.device} but torch sees no CUDA device here")
+    parse_device(ap, args.device)  # a usage error now, not in a worker
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     if args.worker:
         print(json.dumps(measure(args.worker[0], args.worker[1], args)))

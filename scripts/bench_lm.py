@@ -42,6 +42,9 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_extract import _reset_peak, _status_kb  # noqa: E402  (the same memory probes)
+
 METHODS = ("train_step", "factored")
 LAYERS, WIDTH, HEADS = 4, 256, 4
 
@@ -86,23 +89,6 @@ def make_method(name: str, model: nn.Module, batch: Any, dim: int):
 
         return step, ext.out_dim
     raise ValueError(f"unknown method {name!r}")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -357,7 +357,6 @@ def row_groups_for(metadata: Any, start: int, stop: int) -> tuple[list[int], int
 
 
 def _csv_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None) -> BatchSource:
-    import pyarrow as pa
     import pyarrow.csv as pacsv
 
     def reader() -> Any:
@@ -379,21 +378,8 @@ def _csv_source(path: Path, spec: _TableSpec, batch_size: int, limit: int | None
     total = rows if limit is None else min(limit, rows)
 
     def it() -> Iterator[Batch]:
-        def batches() -> Iterator[Any]:
-            pending: list[Any] = []
-            count = 0
-            for rb in reader():
-                pending.append(rb.select(read))
-                count += rb.num_rows
-                while count >= batch_size:
-                    table = pa.Table.from_batches(pending)
-                    yield table.slice(0, batch_size)
-                    rest = table.slice(batch_size)
-                    pending, count = rest.to_batches(), rest.num_rows
-            if count:
-                yield pa.Table.from_batches(pending)
-
-        yield from _capped((spec.convert(t, feats, off) for t, off in _offsets(batches())), limit)
+        batches = _rebatch((rb.select(read) for rb in reader()), batch_size, 0)
+        yield from _capped((spec.convert(t, feats, off) for t, off in _offsets(batches)), limit)
 
     def part(start: int, stop: int) -> Iterator[Batch]:
         # A CSV stream cannot seek: earlier rows are parsed, but only the part's rows are converted.
@@ -466,7 +452,7 @@ def _rebatch(blocks: Iterator[Any], batch_size: int, start: int) -> Iterator[Any
     pending: list[Any] = []
     count, pos = 0, 0
     for rb in blocks:
-        if pos + rb.num_rows <= start:  # wholly before the part: passed on as is (and skipped by _window)
+        if start and pos + rb.num_rows <= start:  # wholly before the part: passed on as is (skipped by _window)
             pos += rb.num_rows
             yield rb
             continue
