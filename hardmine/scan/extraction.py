@@ -30,7 +30,7 @@ from ..batches import (
     to_device,
 )
 from ..engine import GradientExtractor, ProjectedBatch
-from ..enums import TaskKind
+from ..enums import LossKind, TaskKind
 from ..lm import TokenStats, TokenTable, lm_sample_stats, token_schema, token_stats
 from ..losses import class_logits, resolve_loss
 from ..score import classification_stats, multilabel_stats, regression_stats
@@ -139,7 +139,8 @@ class ExtractionPass:
             # then finished it, so its deferred value checks are read at no cost before anything is written.
             pb = self.extractor((inputs, target_dev))
             ts = None
-            if is_causal_lm(resolve_loss(self.loss_fn, target_dev)[1]):
+            kind = resolve_loss(self.loss_fn, target_dev)[1]  # once per batch: the LM branch and the task below
+            if is_causal_lm(kind):
                 # The token statistics where the logits are, before the copy to the host: (B, T) arrays come
                 # back, never the (B, T, V) logits (the labels are checked first: a bad id must not reach a gather).
                 self.extractor.flush_checks()
@@ -150,7 +151,7 @@ class ExtractionPass:
             # The plan in use (auto may move a module to vmap after probing the first batch).
             self.ledger.extractor = self.extractor.metadata()
             z = pb.z.to(torch.float32).numpy()  # (B, out_dim)
-            stats, token_rows = self._batch_stats(id_arr, target, pb, where, ts)
+            stats, token_rows = self._batch_stats(id_arr, target, pb, where, kind, ts)
             writer.add(z, stats, digest, token_rows)
             if self.keep:
                 kept.append(z)
@@ -213,11 +214,12 @@ class ExtractionPass:
         return token_stats(logits, inputs, target)  # on the logits' device; (B, T) arrays back
 
     def _batch_stats(
-        self, ids: np.ndarray, target: torch.Tensor, pb: ProjectedBatch, where: str, ts: TokenStats | None
+        self, ids: np.ndarray, target: torch.Tensor, pb: ProjectedBatch, where: str, kind: LossKind | None,
+        ts: TokenStats | None,
     ) -> tuple[dict[str, Any], pa.Table | None]:
         """The per-sample columns of the stats shard for one batch (checking the task and classes against
         earlier batches), and for a causal LM (``ts``: its token statistics) the batch's rows of the token table."""
-        task = TaskKind.CAUSAL_LM if ts is not None else infer_task(resolve_loss(self.loss_fn, target)[1], target, pb.output)
+        task = TaskKind.CAUSAL_LM if ts is not None else infer_task(kind, target, pb.output)
         self.ledger.record_task(task, where)
         common = {
             "sample_id": ids,
