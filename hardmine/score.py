@@ -110,6 +110,7 @@ __all__ = [
     "unit_rows",
     "divergence_scores",
     "knn_scores",
+    "NEIGHBOR_SCORES",
     "knn_columns",
     "flag_scores",
     "rank_normalize",
@@ -228,6 +229,11 @@ def validate_export_params(top: Any, boost: Any, temperature: Any, cap: Any) -> 
         )
 
 
+# The scores that need every sample's nearest neighbours (``hardmine.index.knn_all``): computed only when
+# ``ScoreConfig.computes_neighbor_scores``.
+NEIGHBOR_SCORES = ("knn_outlier", "neighbor_disagreement")
+
+
 def _weighted_columns() -> list[str]:
     return [n for n, info in SCORE_TABLE.items() if info.orientation != 0]
 
@@ -238,6 +244,11 @@ class ScoreConfig:
 
     Attributes:
         k: neighbours for ``knn_outlier`` and ``neighbor_disagreement`` (self excluded).
+        neighbor_scores: compute ``knn_outlier`` and ``neighbor_disagreement`` (``NEIGHBOR_SCORES``). ``None``
+            (default): only when the hardness ``weights`` use one of them, since every sample's neighbours
+            cost several times the extraction itself at scale (``scripts/results/bench_scan.md``) and no
+            default signal, flag or export uses them; off, the two columns are NaN. ``True``: always (then a
+            ``Scan.rescore`` adds them to a finished scan); ``False`` with weights that use them is refused.
         weights: hardness weight per column of ``SCORE_TABLE`` (only columns with a direction).
         leave_one_out: remove the sample itself from its class / global mean in the divergences.
         confident_error_threshold: ``pred_confidence`` at or above which a wrong prediction is flagged.
@@ -257,6 +268,7 @@ class ScoreConfig:
     boost: float = DEFAULT_BOOST
     temperature: float = DEFAULT_TEMPERATURE
     cap: float | None = DEFAULT_CAP
+    neighbor_scores: bool | None = None
 
     def __post_init__(self) -> None:
         positive_int(self.k, "ScoreConfig k", hint="neighbours per sample")
@@ -276,6 +288,26 @@ class ScoreConfig:
         if self.strategy is not None:
             object.__setattr__(self, "strategy", parse_choice(Strategy, self.strategy, "strategy"))
         validate_export_params(self.top, self.boost, self.temperature, self.cap)
+        if self.neighbor_scores is not None:
+            if not isinstance(self.neighbor_scores, bool):
+                raise ValueError(
+                    f"ScoreConfig neighbor_scores={self.neighbor_scores!r} must be True, False or None (None: only "
+                    "when the hardness weights use knn_outlier or neighbor_disagreement)."
+                )
+            weighted = sorted(c for c in NEIGHBOR_SCORES if self.weights.get(c, 0.0) > 0)
+            if not self.neighbor_scores and weighted:
+                raise ValueError(
+                    f"ScoreConfig neighbor_scores=False, but the hardness weights use {weighted}; set "
+                    "neighbor_scores=True (or None) or give those weights 0."
+                )
+
+    @property
+    def computes_neighbor_scores(self) -> bool:
+        """Whether scoring computes ``NEIGHBOR_SCORES``: ``neighbor_scores`` when set, else whether a hardness
+        weight uses one of them."""
+        if self.neighbor_scores is not None:
+            return bool(self.neighbor_scores)
+        return any(self.weights.get(c, 0.0) > 0 for c in NEIGHBOR_SCORES)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

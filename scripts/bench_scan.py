@@ -12,9 +12,11 @@ layers, batch 256). The child samples ``/proc/self/status`` every 20 ms and repo
   kernel can drop), both minus the child's baseline after imports;
 * the bare ``GradientExtractor`` on the same batches with no I/O (synthetic series), so ``vs bare`` is the
   driver's overhead during extraction;
-* Recall@10 of the neighbours the scoring pass used (``hardmine.index.knn_all``, recorded during the scan)
-  against exact search (blocked over the memory-mapped shards) on 500 random samples: signed cosine and
-  ``|cos|`` (the ranking ``neighbor_disagreement`` counts). 1.0 for an exact (flat) index.
+* the neighbour scores (off by default, ``ScoreConfig.neighbor_scores``): the scan is then rescored with
+  ``neighbor_scores=True``; its neighbour pass (``hardmine.index.knn_all``) is timed and the Recall@10 of the
+  neighbours it used is measured against exact search (blocked over the memory-mapped shards) on 500 random
+  samples: signed cosine and ``|cos|`` (the ranking ``neighbor_disagreement`` counts). 1.0 for an exact
+  (flat) index. ``--no-neighbor-scores`` skips this.
 
 Usage: ``python scripts/bench_scan.py [--n 10000 100000 1000000] [--dim 256] [--no-demo] [--threads 1]``;
 writes ``scripts/results/bench_scan.{json,md}`` (the Markdown table is copied into docs/benchmarks.md by
@@ -131,7 +133,7 @@ def _summary(s, wall: float, sampler, base_anon: int, base_file: int, out: str) 
     }
 
 
-def _demo_child(out: str) -> dict:
+def _demo_child(out: str, neighbours: bool = True) -> dict:
     """``make demo``'s scan: the demo MLP (one epoch of training) on Fashion-MNIST train, dim 64, batch 256."""
     import numpy as np
     import torch
@@ -165,11 +167,11 @@ def _demo_child(out: str) -> dict:
     sampler.stop()
     res = {"series": "demo", "model": "demo MLP (Fashion-MNIST, 1 epoch), all layers, dim 64", "batch": 256,
            "dim": 64, **_summary(s, wall, sampler, base_anon, base_file, out)}
-    res.update(_recall(s, rec, 10))
+    res.update(_neighbour_scores(s, rec, neighbours))
     return res
 
 
-def _child(n: int, dim: int, batch: int, engine: str, out: str) -> dict:
+def _child(n: int, dim: int, batch: int, engine: str, out: str, neighbours: bool = True) -> dict:
     import torch
     from torch import nn
 
@@ -215,8 +217,27 @@ def _child(n: int, dim: int, batch: int, engine: str, out: str) -> dict:
            "engine_plan": s.engine_metadata.get("plan"),
            **_summary(s, wall, sampler, base_anon, base_file, out),
            "reference_extractor_samples_per_s": round(ref_rate, 1)}
-    res.update(_recall(s, rec, 10))
+    res.update(_neighbour_scores(s, rec, neighbours))
     return res
+
+
+def _neighbour_scores(s, rec: dict, neighbours: bool) -> dict:
+    """The default scan's slicing time, then (``neighbours``) what ``--neighbor-scores`` adds: the scan
+    rescored with ``ScoreConfig(neighbor_scores=True)``, its neighbour pass timed and its Recall@10."""
+    from hardmine.score import ScoreConfig
+
+    out = {"score_slices_s": round(rec["slices_s"], 3), "neighbor_knn_s": None, "neighbor_rescore_s": None,
+           "recall_at_10": None, "recall_abs_at_10": None}
+    if s.manifest()["knn_outlier"].notna().any():
+        raise RuntimeError("the default scan computed the neighbour scores; this bench expects them off by default")
+    if not neighbours:
+        return out
+    t0 = time.perf_counter()
+    s.rescore(ScoreConfig(neighbor_scores=True))
+    out["neighbor_rescore_s"] = round(time.perf_counter() - t0, 3)
+    out["neighbor_knn_s"] = round(rec["knn_s"], 3)
+    out.update(_recall(s, rec, 10))
+    return out
 
 
 def _recall(s, rec: dict, k: int) -> dict:
@@ -226,9 +247,8 @@ def _recall(s, rec: dict, k: int) -> dict:
     from hardmine.score import unit_rows
 
     q_rows = rec["q_rows"]
-    times = {"score_knn_s": round(rec["knn_s"], 3), "score_slices_s": round(rec["slices_s"], 3)}
     if len(rec["rows"]) != len(q_rows):
-        return {"recall_at_10": None, "recall_abs_at_10": None, **times}
+        return {"recall_at_10": None, "recall_abs_at_10": None}
     q = np.ascontiguousarray(unit_rows(s._gather(q_rows))[0], dtype=np.float32)
     best = {}
     for absolute in (False, True):
@@ -246,7 +266,7 @@ def _recall(s, rec: dict, k: int) -> dict:
             top = np.argpartition(-cat_s, k, axis=1)[:, :k]
             best_s, best_r = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_r, top, 1)
         best[absolute] = best_r
-    out = dict(times)
+    out = {}
     for key, absolute in (("recall_at_10", False), ("recall_abs_at_10", True)):
         got = [rec["abs_rows" if absolute else "rows"][int(r)] for r in q_rows]
         out[key] = round(float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, best[absolute])])), 4)
@@ -259,19 +279,24 @@ def _ratio(a: float, b: float) -> float:
 
 def _markdown(rows: list[dict], threads: int | None, load: float | None = None) -> str:
     lines = [
-        "| scan | N | out_dim | index | extract s | index s | score s (kNN, slices) | index / extract "
-        "| score / extract | (index + score) / extract | wall s per 100k | Recall@10 (signed / abs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scan | N | out_dim | index | extract s | index s | score s (slices) | index / extract "
+        "| score / extract | (index + score) / extract | wall s per 100k | `--neighbor-scores`: kNN s "
+        "(/ extract) | Recall@10 (signed / abs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        rec = "exact" if r["index"]["kind"] == "flat" else f"{r['recall_at_10']} / {r['recall_abs_at_10']}"
+        if r.get("neighbor_knn_s") is None:
+            knn, rec = "not run", "–"
+        else:
+            knn = f"{r['neighbor_knn_s']:.2f} ({r['neighbor_knn_s'] / r['extract_s']:.1f}x)"
+            rec = "exact" if r["index"]["kind"] == "flat" else f"{r['recall_at_10']} / {r['recall_abs_at_10']}"
         name = "Fashion-MNIST demo" if r["series"] == "demo" else "synthetic MLP"
         lines.append(
             f"| {name} | {r['n']:,} | {r['out_dim']} | {r['index']['kind']} | {r['extract_s']:.2f} | "
-            f"{r['index_s']:.2f} | {r['score_s']:.2f} ({r['score_knn_s']:.2f}, {r['score_slices_s']:.2f}) | "
+            f"{r['index_s']:.2f} | {r['score_s']:.2f} ({r['score_slices_s']:.2f}) | "
             f"{r['index_over_extract']:.2f} | "
             f"{r['score_over_extract']:.2f} | **{r['pipeline_over_extract']:.2f}** | "
-            f"{r['wall_s'] / r['n'] * 1e5:.1f} | {rec} |"
+            f"{r['wall_s'] / r['n'] * 1e5:.1f} | {knn} | {rec} |"
         )
     syn = sorted((r for r in rows if r["series"] == "synthetic"), key=lambda r: r["n"])
     notes = []
@@ -294,6 +319,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--engine", default="auto")
     ap.add_argument("--no-demo", action="store_true", help="skip the Fashion-MNIST demo scan (60k)")
+    ap.add_argument("--no-neighbor-scores", action="store_true",
+                    help="skip the rescore with neighbour scores (their kNN time and Recall@10)")
     ap.add_argument("--threads", type=int, help="torch / BLAS / OpenMP threads of each child (default: theirs)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--demo-child", action="store_true", help=argparse.SUPPRESS)
@@ -305,10 +332,10 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.demo_child:
-        print(json.dumps(_demo_child(args.out)))
+        print(json.dumps(_demo_child(args.out, not args.no_neighbor_scores)))
         return
     if args.child is not None:
-        print(json.dumps(_child(args.child, args.dim, args.batch, args.engine, args.out)))
+        print(json.dumps(_child(args.child, args.dim, args.batch, args.engine, args.out, not args.no_neighbor_scores)))
         return
 
     env = dict(os.environ)
@@ -316,6 +343,8 @@ def main() -> None:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(args.threads)
     extra = ["--threads", str(args.threads)] if args.threads else []
+    if args.no_neighbor_scores:
+        extra.append("--no-neighbor-scores")
     rows = []
     plan: list[tuple[int, int | None]] = [(n, args.dim) for n in args.n] + [(n, args.dim_wide) for n in args.n_wide]
     if not args.no_demo:
@@ -358,7 +387,7 @@ def main() -> None:
             print(f"out_dim {hi['out_dim']:>4}: peak anon grows {slope:6.0f} B/sample from N={lo['n']:,} to "
                   f"{hi['n']:,}; holding the gradients would add {4 * hi['out_dim']} B/sample")
     print("\nidx/ext, scr/ext = index and score time as a multiple of the same scan's extraction time; recall ="
-          "\nRecall@10 of the scoring pass's neighbours (signed, |cos|); anon = heap (RssAnon) above the post-import"
+          "\nRecall@10 of the neighbour scores' neighbours (signed, |cos|; a rescore with neighbor_scores=True); anon = heap (RssAnon) above the post-import"
           "\nbaseline; file = memory-mapped shard / IVF list pages (page cache the kernel can drop).")
     result = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(),

@@ -51,7 +51,7 @@ def run(seeds: list[int], k: int) -> dict:
             data = planted_blobs(seed=seed)
             model = trained_mlp(data["x"], data["y"], seed=seed)
             s = hardmine.scan(model, batches_of(data["x"], data["y"]), out=Path(tmp) / f"s{seed}", dim=32,
-                              engine="vmap")
+                              engine="vmap", score_config=hardmine.ScoreConfig(neighbor_scores=True))
             z, y = s.gradients(), data["y"]
             rows.append({
                 "seed": seed,

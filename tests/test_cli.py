@@ -68,7 +68,7 @@ def _scan(tmp_path, *extra, data="data.npz", ckpt="model.pt", model="models:MLP"
 
 
 def test_scan_state_dict_npz_then_show_export_neighbors(tmp_path, trained):
-    res = _scan(tmp_path, "--json")
+    res = _scan(tmp_path, "--json", "--neighbor-scores")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["samples"] == 120

@@ -82,14 +82,33 @@ def test_show_speaks_the_manifest_names_and_hardness_does_not_round_to_one(scann
     assert len(values) == 8 and len(set(values)) == len(set(np.round(top["hardness"], 6)))  # distinct stay distinct
 
 
-def test_neighbors_agree_with_neighbor_disagreement_by_default(scanned):
-    m = read_manifest(scanned / "scan").set_index("sample_id")
-    res = invoke("neighbors", scanned / "scan", "--ids", "1000,1007", "-k", "10", "--json")
+def test_neighbor_scores_are_left_out_by_default_and_shown_when_asked(scanned):
+    # Default: no neighbour pass; the two columns are NaN, the metadata says so and `show` leaves them out.
+    m = read_manifest(scanned / "scan")
+    assert m.attrs["hardmine"]["neighbor_scores"] is False and m.attrs["hardmine"]["k_used"] is None
+    assert m["knn_outlier"].isna().all() and m["neighbor_disagreement"].isna().all()
+    assert m["hardness"].notna().all()  # the default hardness does not need them
+    shown = invoke("show", scanned / "scan", "--top", "3")
+    assert shown.exit_code == 0 and "knn_outlier" not in shown.stdout and "neighbor_disagreement" not in shown.stdout
+    # --neighbor-scores: computed, shown, and the same hardness (the default weights do not use them).
+    assert _scan(scanned, "--neighbor-scores", out="scan_nb").exit_code == 0
+    nb = read_manifest(scanned / "scan_nb")
+    assert nb.attrs["hardmine"]["neighbor_scores"] is True and nb.attrs["hardmine"]["k_used"] == 10
+    assert nb["knn_outlier"].notna().all() and nb["neighbor_disagreement"].between(0, 1).all()
+    assert np.array_equal(nb["rank"].to_numpy(), m["rank"].to_numpy())
+    shown = invoke("show", scanned / "scan_nb", "--top", "3")
+    assert "knn_outlier" in shown.stdout and "neighbor_disagreement" in shown.stdout
+
+
+def test_neighbors_agree_with_neighbor_disagreement_when_computed(scanned):
+    assert _scan(scanned, "--neighbor-scores", out="scan_nb").exit_code == 0
+    m = read_manifest(scanned / "scan_nb").set_index("sample_id")
+    res = invoke("neighbors", scanned / "scan_nb", "--ids", "1000,1007", "-k", "10", "--json")
     assert res.exit_code == 0
     for entry in json.loads(res.stdout):
         differ = np.mean([r["label"] != entry["label"] for r in entry["neighbors"]])
         assert differ == pytest.approx(m.loc[entry["sample_id"], "neighbor_disagreement"])
-    signed = json.loads(invoke("neighbors", scanned / "scan", "--ids", "1000", "-k", "10", "--signed", "--json").stdout)
+    signed = json.loads(invoke("neighbors", scanned / "scan_nb", "--ids", "1000", "-k", "10", "--signed", "--json").stdout)
     assert all(r["similarity"] > -1 for r in signed[0]["neighbors"])
 
 

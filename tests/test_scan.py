@@ -90,7 +90,7 @@ def planted_scan(tmp_root: Path) -> tuple[Scan, dict[str, np.ndarray]]:
         data = planted_blobs()
         model = trained_mlp(data["x"], data["y"])
         s = scan(model, batches_of(data["x"], data["y"]), out=tmp_root / "planted", dim=32, engine="vmap",
-                    shard_rows=500)
+                 shard_rows=500, score_config=ScoreConfig(neighbor_scores=True))
         _PLANTED[key] = (s, data)
     return _PLANTED[key]
 

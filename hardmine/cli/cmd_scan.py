@@ -120,6 +120,11 @@ def scan_command(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Scan only the first N samples."),
     index: IndexKind = typer.Option(IndexKind.AUTO, "--index", help="FAISS index: auto picks exact flat search for small scans and IVF for large ones."),
+    neighbor_scores: bool = typer.Option(
+        False, "--neighbor-scores",
+        help="Also compute knn_outlier and neighbor_disagreement from every sample's gradient neighbours (off by "
+             "default: no default score uses them, and at scale they cost several times the extraction).",
+    ),
     shard_rows: int = typer.Option(8192, "--shard-rows", min=1, help="Samples per shard: the resume granularity."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a scan with different options in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
@@ -171,6 +176,7 @@ def scan_command(
             run_scan, src, net, loaded, out=out, checkpoint=checkpoint, data=data, limit=limit, id_column=id_column,
             layers=layers, dim=dim, seed=seed, engine=engine, index=index, overwrite=overwrite, shard_rows=shard_rows,
             batch_size=batch_size, device=dev, token_reduction=token_reduction, quiet=quiet, as_json=as_json, t0=t0,
+            neighbor_scores=neighbor_scores,
         )
         return
     src = open_data(
@@ -198,6 +204,7 @@ def scan_command(
             loss_fn=None if loss is LossKind.AUTO else loss.value, num_classes=num_classes, index=index,
             overwrite=overwrite, progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance,
             config_extra=data_options, labels=None if no_labels else True, task=task, token_reduction=token_reduction,
+            score_config=_score_config(neighbor_scores),
         )
     if rank != 0:  # the other ranks of a distributed scan: rank 0 reports the scan they made together
         return
@@ -220,7 +227,7 @@ def _scan_lm(
     run_scan: Any, src: Any, net: Any, loaded: Any, *, out: Path, checkpoint: Path, data: str, limit: int | None,
     id_column: str | None, layers: str | None, dim: int, seed: int, engine: Engine, index: IndexKind, overwrite: bool,
     shard_rows: int, batch_size: int, device: Any, token_reduction: TokenReduction, quiet: bool, as_json: bool,
-    t0: float,
+    t0: float, neighbor_scores: bool,
 ) -> None:
     """The causal-LM branch of ``scan_command``: scan ``src`` (``open_text``) and print the summary."""
     max_length = src.max_length
@@ -240,6 +247,7 @@ def _scan_lm(
             net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine, index=index, overwrite=overwrite,
             progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance, config_extra=data_options,
             task=TaskKind.CAUSAL_LM, token_reduction=token_reduction, tokenizer=loaded.tokenizer,
+            score_config=_score_config(neighbor_scores),
         )
     if rank != 0:
         return
@@ -260,6 +268,13 @@ def _scan_lm(
         if report["truncated"]:
             stderr.print(f"{report['truncated']} sample(s) were cut to --max-length {max_length} tokens")
         print_table(manifest, top=10, title="hardest samples")
+
+
+def _score_config(neighbor_scores: bool) -> Any:
+    """The scan's ``ScoreConfig``: the defaults, with ``--neighbor-scores`` forcing the neighbour scores on."""
+    from ..score import ScoreConfig
+
+    return ScoreConfig(neighbor_scores=True) if neighbor_scores else ScoreConfig()
 
 
 def _class_names(option: str | None, from_data: list[str] | None, model: Any) -> list[str] | None:

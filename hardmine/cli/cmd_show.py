@@ -54,9 +54,11 @@ def print_table(
 ) -> None:
     """The hardest ``top`` rows; ``data``: ``sample_id -> snippet`` shown in a last ``data`` column."""
     from ..manifest import class_names
+    from ..score import NEIGHBOR_SCORES
 
     names = class_names(df)
-    cols = [c for c in _COLUMNS if c in df.columns]
+    # The neighbour scores are NaN unless the scan computed them (ScoreConfig.neighbor_scores): no empty columns.
+    cols = [c for c in _COLUMNS if c in df.columns and not (c in NEIGHBOR_SCORES and df[c].isna().all())]
     rows = df.sort_values("rank").head(top)
     hd = _hardness_decimals(len(df))
     table = Table(title=title, pad_edge=False, padding=(0, 1))

@@ -24,6 +24,7 @@ from ..index import IndexInfo, build_index, knn_all, knn_block, open_index, sear
 from ..losses import loss_name
 from ..manifest import export_manifest, finish_manifest, read_manifest, write_manifest
 from ..score import (
+    NEIGHBOR_SCORES,
     SCORE_TABLE,
     PopulationStats,
     ScoreConfig,
@@ -322,11 +323,16 @@ class Scan:
         if pop.n != n:
             raise RuntimeError(f"population statistics over {pop.n} samples for a scan of {n}; a bug in hardmine.")
         k = min(config.k, n - 1)
-        if k < config.k:
+        with_neighbours = config.computes_neighbor_scores
+        if with_neighbours and k < config.k:
             logger.warning("only %d samples: using k=%d neighbours instead of %d", n, k, config.k)
         # Every sample's neighbours in one pass over the index (shared by both neighbour scores, one
         # similarity matrix for the signed and the |cos| ranking), then the streamed per-block scores.
-        neighbours = knn_columns(knn_all(self.index(), self.index_info, k), n, labels) if k >= 1 else {}
+        # Only when asked for or weighted (ScoreConfig.neighbor_scores): otherwise the columns stay NaN.
+        if with_neighbours and k >= 1:
+            neighbours = knn_columns(knn_all(self.index(), self.index_info, k), n, labels)
+        else:
+            neighbours = {name: np.full(n, np.nan) for name in NEIGHBOR_SCORES}
         grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
         grad_scores.update(neighbours)
         df, used = finalize_scores(stats, grad_scores, config, task)
@@ -341,13 +347,15 @@ class Scan:
             slices_meta = annotate_manifest(
                 df, self.iter_gradients, self.engine_metadata.get("layout"), int(self.config["seed"]), self.path
             )
-        meta = self._manifest_metadata(config, used, k) | {"slices": slices_meta}
+        meta = self._manifest_metadata(config, used, k if with_neighbours else None) | {
+            "slices": slices_meta, "neighbor_scores": with_neighbours,
+        }
         finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
                         temperature=config.temperature, cap=config.cap)
         write_manifest(df, self.manifest_path, df.attrs["hardmine"])
         return df
 
-    def _manifest_metadata(self, config: ScoreConfig, used: dict[str, float], k: int) -> dict[str, Any]:
+    def _manifest_metadata(self, config: ScoreConfig, used: dict[str, float], k: int | None) -> dict[str, Any]:
         """The scan's part of the manifest metadata (``finish_manifest`` adds the common part)."""
         cfg = self.info["config"]
         index = {key: v for key, v in self.info["index"].items() if key != "build_s"}  # timings are not content

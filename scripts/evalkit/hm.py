@@ -176,6 +176,12 @@ class HardmineRunner:
         self.ManifestSampler = api("ManifestSampler")
         self.Strategy = api("Strategy")
         self.default_config = self.ScoreConfig()
+        # The study compares every signal, the neighbour scores too: ask for them where the library computes
+        # them only on request (ScoreConfig.neighbor_scores); the default scores and exports are unchanged.
+        fields = getattr(self.ScoreConfig, "__dataclass_fields__", {})
+        self.scan_extra: dict[str, Any] = (
+            {"score_config": self.ScoreConfig(neighbor_scores=True)} if "neighbor_scores" in fields else {}
+        )
         # Every task here is classification: strategy=None resolves to the classification default.
         configured = self.default_config.strategy
         self.default_strategy = (
@@ -240,7 +246,7 @@ class HardmineRunner:
         c = self.default_config
         return {
             "call": f"hardmine.scan(model, DataLoader(batch_size={self.batch}), out=..., dim={self.dim}, "
-            "seed=seed)",
+            "seed=seed" + (", score_config=ScoreConfig(neighbor_scores=True))" if self.scan_extra else ")"),
             "layers": "all (the default)",
             "score_config": c.to_dict(),
             "default_weights": dict(c.weights),
@@ -253,7 +259,7 @@ class HardmineRunner:
     ) -> tuple[dict[str, np.ndarray], dict[str, float], Any]:
         out = self.workdir / f"{task.name}-seed{seed}"
         loader = DataLoader(TensorDataset(task.x, task.y), batch_size=self.batch, shuffle=False)
-        scan = self.scan_fn(model, loader, out=out, dim=self.dim, seed=seed, overwrite=True)
+        scan = self.scan_fn(model, loader, out=out, dim=self.dim, seed=seed, overwrite=True, **self.scan_extra)
         df = scan.manifest().sort_values("sample_id", kind="stable").reset_index(drop=True)
         if not np.array_equal(df["sample_id"].to_numpy(), np.arange(len(task.y))):
             raise RuntimeError("manifest sample ids are not the dataset positions 0..N-1")
