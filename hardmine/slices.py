@@ -5,19 +5,21 @@ unit projected gradients of all selected layers; ``output-layer`` keeps only the
 the projection layout. Two samples of a class land in the same slice when their gradients point the same
 way, i.e. when they would move the model the same way: they fail (or succeed) for the same reason.
 
-Clustering (``fit_slices``), streamed over row blocks like the rest of the scan:
+Clustering (``fit_slices``), streamed over row blocks like the rest of the scan, in two passes:
 
 1. per class ``c`` with ``n_c`` samples, ``K_c = slice_count(n_c)`` (the rule below);
-2. a seeded sample of ``min(INIT_POINTS_PER_SLICE · K_c, INIT_POINTS_MAX)`` rows of the class is gathered
-   in one pass over the blocks (the rows are chosen from the labels before any vector is read);
-3. FAISS spherical k-means (``faiss.Kmeans(spherical=True)``, ``NITER`` iterations, seeded) on those unit
-   vectors gives ``K_c`` initial unit centroids;
-4. streamed spherical Lloyd iterations refine them on every row: a pass assigns each row to its class's
-   centroid with the highest cosine and sums the members' unit vectors; each centroid moves to its
-   normalised sum; until no assignment changes or ``NITER`` passes. Memory: the centroids and one block,
-   never the ``(N, D)`` vectors;
-5. a last pass assigns every row and records its cosine to its centroid;
-6. slices are numbered within their class by size, largest first (ties: lower centroid index), empty ones
+2. a seeded sample of at most ``SAMPLE_POINTS_PER_SLICE · K_c`` rows of the class (256 per slice, FAISS's own
+   ``max_points_per_centroid``: k-means centroids barely move with more points per centroid) is gathered in
+   one pass over the blocks (the rows are chosen from the labels before any vector is read); over all classes
+   at most ``SAMPLE_ROWS_MAX`` rows, each class's share shrunk in proportion when there are more (never below
+   ``SAMPLE_POINTS_MIN_PER_SLICE · K_c``), so memory is bounded whatever ``N``;
+3. FAISS spherical k-means (``faiss.Kmeans(spherical=True)``, ``NITER`` iterations, seeded, one thread) on
+   those unit vectors gives the ``K_c`` unit centroids;
+4. a second pass assigns every row to its class's centroid with the highest cosine and records that cosine.
+   Memory: the sample, the centroids and one block, never the ``(N, D)`` vectors. (Earlier versions refined
+   the centroids with up to ``NITER`` more streamed Lloyd passes over every row, which at 1M samples cost
+   several times the extraction; ``scripts/bench_scan.py`` times the slicing.)
+5. slices are numbered within their class by size, largest first (ties: lower centroid index), empty ones
    dropped, so the id ``"<label>/<k>"`` is stable for a seed (``"3/0"``: the largest slice of class 3).
 
 The K rule: ``K_c = clip(round(sqrt(n_c / SAMPLES_PER_SLICE_UNIT)), 1, MAX_SLICES)`` with
@@ -64,8 +66,9 @@ __all__ = [
     "SAMPLES_PER_SLICE_UNIT",
     "MAX_SLICES",
     "NITER",
-    "INIT_POINTS_PER_SLICE",
-    "INIT_POINTS_MAX",
+    "SAMPLE_POINTS_PER_SLICE",
+    "SAMPLE_POINTS_MIN_PER_SLICE",
+    "SAMPLE_ROWS_MAX",
     "ECE_BINS",
     "N_EXAMPLES",
     "SLICE_COLUMNS",
@@ -87,9 +90,10 @@ logger = logging.getLogger(__name__)
 
 SAMPLES_PER_SLICE_UNIT = 10  # the K rule: K_c = round(sqrt(n_c / 10)), clipped to [1, MAX_SLICES]
 MAX_SLICES = 16
-NITER = 20  # k-means iterations (FAISS on the seeding sample; then at most this many streamed passes)
-INIT_POINTS_PER_SLICE = 16  # rows of a class that seed its centroids, per slice ...
-INIT_POINTS_MAX = 128  # ... and at most this many per class (bounded memory: the rest is streamed)
+NITER = 20  # FAISS k-means iterations on the sample
+SAMPLE_POINTS_PER_SLICE = 256  # k-means sample rows of a class, per slice (FAISS's max_points_per_centroid) ...
+SAMPLE_ROWS_MAX = 2**17  # ... and at most this many over all classes (bounded memory: ~140 MB at out_dim 272)
+SAMPLE_POINTS_MIN_PER_SLICE = 16  # the least a class keeps per slice when the total is shrunk
 ECE_BINS = 10
 N_EXAMPLES = 5  # representative_ids / hardest_ids per slice
 # Embedding of the scan's slices, chosen by the quality benchmark (docs/benchmarks.md, "Slices").
@@ -200,17 +204,18 @@ def _unit(z: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
 
 
 def _training_rows(y: np.ndarray, classes: np.ndarray, ks: Mapping[int, int], seed: int) -> np.ndarray:
-    """Sorted rows whose vectors seed the centroids: per class with K > 1, at most
-    ``min(INIT_POINTS_PER_SLICE * K, INIT_POINTS_MAX)`` rows, drawn from a generator seeded by (seed, class)."""
+    """Sorted rows of the k-means sample: per class with K > 1, at most ``SAMPLE_POINTS_PER_SLICE * K`` rows,
+    shrunk in proportion when all classes together want more than ``SAMPLE_ROWS_MAX`` (never below
+    ``SAMPLE_POINTS_MIN_PER_SLICE * K``), drawn from a generator seeded by (seed, class)."""
+    members = {int(c): np.flatnonzero(y == c) for c in classes.tolist() if ks[int(c)] > 1}
+    want = {c: min(SAMPLE_POINTS_PER_SLICE * ks[c], len(rows)) for c, rows in members.items()}
+    total = sum(want.values())
+    shrink = min(1.0, SAMPLE_ROWS_MAX / total) if total else 1.0
     parts = [np.zeros(0, dtype=np.int64)]
-    for c in classes.tolist():
-        k = ks[int(c)]
-        if k <= 1:
-            continue  # one slice: its centroid is the normalised mean, no sample needed
-        rows = np.flatnonzero(y == c)
-        cap = min(INIT_POINTS_PER_SLICE * k, INIT_POINTS_MAX)
+    for c, rows in members.items():
+        cap = max(int(want[c] * shrink), min(SAMPLE_POINTS_MIN_PER_SLICE * ks[c], len(rows)))
         if len(rows) > cap:
-            rng = np.random.default_rng([seed, int(c)])
+            rng = np.random.default_rng([seed, c])
             rows = rng.choice(rows, size=cap, replace=False)
         parts.append(rows)
     return np.sort(np.concatenate(parts))
@@ -241,15 +246,12 @@ def _normalise(c: np.ndarray) -> np.ndarray:
 
 def _assign_pass(
     blocks: Blocks, y: np.ndarray, cols: np.ndarray | None, centroids: Mapping[int, np.ndarray],
-    raw: np.ndarray, sim: np.ndarray | None,
-) -> tuple[dict[int, np.ndarray], int, int]:
-    """One pass over the rows: assign each to its class's nearest centroid (writing ``raw`` and ``sim``) and
-    sum the unit vectors per centroid. Returns (sums per class ``(k, d)``, rows seen, assignments changed)."""
-    sums = {c: np.zeros_like(v) for c, v in centroids.items()}
-    seen = changed = 0
+    raw: np.ndarray, sim: np.ndarray,
+) -> None:
+    """One pass over the rows: assign each to its class's centroid with the highest cosine, writing the
+    centroid to ``raw`` and the cosine to ``sim``."""
     for start, z in blocks():
         stop = start + len(z)
-        seen = max(seen, stop)
         if stop > len(y):
             break
         lab = y[start:stop]
@@ -263,17 +265,8 @@ def _assign_pass(
             rows = start + order[lo:hi]
             s = u[lo:hi] @ centroids[c].T  # (b_c, k)
             best = s.argmax(axis=1)
-            changed += int((raw[rows] != best).sum())
             raw[rows] = best
-            if sim is not None:
-                sim[rows] = s[np.arange(len(best)), best]
-            # Sum each centroid's members as contiguous runs after a sort (np.add.at, an unbuffered per-row
-            # scatter, was most of the slicing time).
-            by = np.argsort(best, kind="stable")
-            best_s = best[by]
-            starts = np.flatnonzero(np.r_[True, best_s[1:] != best_s[:-1]])
-            sums[c][best_s[starts]] += np.add.reduceat(u[lo:hi][by], starts, axis=0)  # (n_present, d)
-    return sums, seen, changed
+            sim[rows] = s[np.arange(len(best)), best]
 
 
 def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray | None, embedding: str) -> SliceAssignment:
@@ -281,7 +274,7 @@ def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray |
     classes, class_n = np.unique(y, return_counts=True)
     ks = {int(c): _compute_slice_count(int(m)) for c, m in zip(classes, class_n)}
     init_rows = _training_rows(y, classes, ks, seed)
-    # Pass 0: the seeding sample of every class with K > 1 (a few rows per slice, bounded).
+    # Pass 1: the k-means sample of every class with K > 1 (up to 256 rows per slice, bounded in total).
     gathered: list[np.ndarray] = []
     seen = 0
     for start, z in blocks():
@@ -305,18 +298,9 @@ def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray |
     for c in classes.tolist():
         if ks[c] == 1:
             centroids[c] = np.ones((1, d)) / math.sqrt(d)  # any unit vector: one centroid takes every row
-    # Streamed spherical Lloyd iterations over all rows: assign, then move each centroid to the normalised
-    # sum of its members; stop when no assignment changes (or after NITER passes).
+    # One pass assigns every row to its class's nearest centroid (no streamed refinement: the centroids of
+    # a 256-per-slice sample are those of the whole class up to sampling noise).
     raw = np.full(n, -1, dtype=np.int64)
-    for _ in range(NITER):
-        sums, _, changed = _assign_pass(blocks, y, cols, centroids, raw, None)
-        for c, sm in sums.items():
-            empty = ~(np.abs(sm).sum(axis=1) > 0)
-            new = _normalise(sm)
-            new[empty] = centroids[c][empty]  # an empty centroid stays where it was
-            centroids[c] = new
-        if changed == 0:
-            break
     sim = np.zeros(n, dtype=np.float64)
     _assign_pass(blocks, y, cols, centroids, raw, sim)
     # Renumber inside each class by size, largest first (stable: ties keep the centroid order).

@@ -92,6 +92,41 @@ def test_a_slice_recovers_the_rare_subcluster_of_each_class(clean_scan):
             assert size <= 2 * rare.sum()
 
 
+def test_slicing_reads_the_vectors_twice_and_samples_a_bounded_number_of_rows(clean_scan, monkeypatch):
+    """Two passes over the blocks whatever N (the k-means sample, then the assignment), and a sample of at
+    most 256 rows per slice, shrunk in proportion under SAMPLE_ROWS_MAX (the streamed refinement this
+    replaced read every row up to 21 times)."""
+    import hardmine.slices as slices_mod
+
+    s, data = clean_scan
+    y = data["true_y"].astype(np.int64)
+    passes, sampled = [0], []
+
+    def blocks():
+        passes[0] += 1
+        return s.iter_gradients(max_rows=300)
+
+    kmeans = slices_mod._kmeans
+
+    def counting_kmeans(x, k, seed):
+        sampled.append((len(x), k))
+        return kmeans(x, k, seed)
+
+    monkeypatch.setattr(slices_mod, "_kmeans", counting_kmeans)
+    a = fit_slices(blocks, y, seed=0)
+    assert passes[0] == 2
+    n_c = np.bincount(y)
+    assert [k for _, k in sampled] == [slice_count(int(m)) for m in n_c]
+    # 500 rows per class, 7 slices: the whole class fits under 256 per slice
+    assert [m for m, _ in sampled] == [min(256 * slice_count(int(m)), int(m)) for m in n_c]
+    # Under a total cap the classes shrink in proportion, never below 16 rows per slice.
+    sampled.clear()
+    monkeypatch.setattr(slices_mod, "SAMPLE_ROWS_MAX", 400)
+    b = fit_slices(blocks, y, seed=0)
+    assert [m for m, _ in sampled] == [max(int(500 * 400 / 2000), 16 * slice_count(500))] * 4
+    assert len(b.within) == len(y) and set(b.counts) == set(a.counts)
+
+
 def test_slices_are_deterministic_for_a_seed_and_change_with_it(clean_scan):
     s, data = clean_scan
     y = data["true_y"].astype(np.int64)
