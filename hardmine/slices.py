@@ -11,15 +11,19 @@ Clustering (``fit_slices``), streamed over row blocks like the rest of the scan,
 2. a seeded sample of at most ``SAMPLE_POINTS_PER_SLICE · K_c`` rows of the class (256 per slice, FAISS's own
    ``max_points_per_centroid``: k-means centroids barely move with more points per centroid) is gathered in
    one pass over the blocks (the rows are chosen from the labels before any vector is read); over all classes
-   at most ``SAMPLE_ROWS_MAX`` rows, each class's share shrunk in proportion when there are more (never below
-   ``SAMPLE_POINTS_MIN_PER_SLICE · K_c``), so memory is bounded whatever ``N``;
+   at most ``SAMPLE_BYTES_MAX`` (64 MiB) of float32 vectors, each class's share shrunk in proportion when they
+   want more (never below ``SAMPLE_POINTS_MIN_PER_SLICE · K_c`` rows), so memory is bounded whatever ``N``;
 3. FAISS spherical k-means (``faiss.Kmeans(spherical=True)``, ``NITER`` iterations, seeded, one thread) on
    those unit vectors gives the ``K_c`` unit centroids;
-4. a second pass assigns every row to its class's centroid with the highest cosine and records that cosine.
-   Memory: the sample, the centroids and one block, never the ``(N, D)`` vectors. (Earlier versions refined
-   the centroids with up to ``NITER`` more streamed Lloyd passes over every row, which at 1M samples cost
-   several times the extraction; ``scripts/bench_scan.py`` times the slicing.)
-5. slices are numbered within their class by size, largest first (ties: lower centroid index), empty ones
+4. only when the sample had to be shrunk (very wide vectors or very many classes): streamed spherical Lloyd
+   iterations refine the centroids on every row (a pass assigns each row to its class's centroid with the
+   highest cosine and sums the members' unit vectors; each centroid moves to its normalised sum), until no
+   assignment changes or ``NITER`` passes;
+5. a last pass assigns every row and records its cosine to its centroid. So a scan reads its vectors twice
+   for slicing (the streamed refinement used to run on every scan and, at 1M samples, cost several times the
+   extraction; ``scripts/bench_scan.py`` times the slicing). Memory: the sample, the centroids and one
+   block, never the ``(N, D)`` vectors;
+6. slices are numbered within their class by size, largest first (ties: lower centroid index), empty ones
    dropped, so the id ``"<label>/<k>"`` is stable for a seed (``"3/0"``: the largest slice of class 3).
 
 The K rule: ``K_c = clip(round(sqrt(n_c / SAMPLES_PER_SLICE_UNIT)), 1, MAX_SLICES)`` with
@@ -68,7 +72,7 @@ __all__ = [
     "NITER",
     "SAMPLE_POINTS_PER_SLICE",
     "SAMPLE_POINTS_MIN_PER_SLICE",
-    "SAMPLE_ROWS_MAX",
+    "SAMPLE_BYTES_MAX",
     "ECE_BINS",
     "N_EXAMPLES",
     "SLICE_COLUMNS",
@@ -90,9 +94,9 @@ logger = logging.getLogger(__name__)
 
 SAMPLES_PER_SLICE_UNIT = 10  # the K rule: K_c = round(sqrt(n_c / 10)), clipped to [1, MAX_SLICES]
 MAX_SLICES = 16
-NITER = 20  # FAISS k-means iterations on the sample
+NITER = 20  # FAISS k-means iterations on the sample (and at most this many streamed passes when shrunk)
 SAMPLE_POINTS_PER_SLICE = 256  # k-means sample rows of a class, per slice (FAISS's max_points_per_centroid) ...
-SAMPLE_ROWS_MAX = 2**17  # ... and at most this many over all classes (bounded memory: ~140 MB at out_dim 272)
+SAMPLE_BYTES_MAX = 64 * 2**20  # ... and at most this much float32 sample over all classes (bounded memory)
 SAMPLE_POINTS_MIN_PER_SLICE = 16  # the least a class keeps per slice when the total is shrunk
 ECE_BINS = 10
 N_EXAMPLES = 5  # representative_ids / hardest_ids per slice
@@ -203,22 +207,26 @@ def _unit(z: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
     return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
-def _training_rows(y: np.ndarray, classes: np.ndarray, ks: Mapping[int, int], seed: int) -> np.ndarray:
-    """Sorted rows of the k-means sample: per class with K > 1, at most ``SAMPLE_POINTS_PER_SLICE * K`` rows,
-    shrunk in proportion when all classes together want more than ``SAMPLE_ROWS_MAX`` (never below
-    ``SAMPLE_POINTS_MIN_PER_SLICE * K``), drawn from a generator seeded by (seed, class)."""
+def _training_rows(y: np.ndarray, classes: np.ndarray, ks: Mapping[int, int], seed: int, width: int) -> tuple[np.ndarray, bool]:
+    """Sorted rows of the k-means sample, and whether it was shrunk: per class with K > 1, at most
+    ``SAMPLE_POINTS_PER_SLICE * K`` rows, shrunk in proportion when all classes together want more than
+    ``SAMPLE_BYTES_MAX`` of ``width``-wide float32 rows (never below ``SAMPLE_POINTS_MIN_PER_SLICE * K``),
+    drawn from a generator seeded by (seed, class)."""
     members = {int(c): np.flatnonzero(y == c) for c in classes.tolist() if ks[int(c)] > 1}
     want = {c: min(SAMPLE_POINTS_PER_SLICE * ks[c], len(rows)) for c, rows in members.items()}
     total = sum(want.values())
-    shrink = min(1.0, SAMPLE_ROWS_MAX / total) if total else 1.0
+    rows_max = max(1, SAMPLE_BYTES_MAX // (4 * max(width, 1)))
+    shrink = min(1.0, rows_max / total) if total else 1.0
     parts = [np.zeros(0, dtype=np.int64)]
+    shrunk = False
     for c, rows in members.items():
         cap = max(int(want[c] * shrink), min(SAMPLE_POINTS_MIN_PER_SLICE * ks[c], len(rows)))
+        shrunk = shrunk or cap < want[c]
         if len(rows) > cap:
             rng = np.random.default_rng([seed, c])
             rows = rng.choice(rows, size=cap, replace=False)
         parts.append(rows)
-    return np.sort(np.concatenate(parts))
+    return np.sort(np.concatenate(parts)), shrunk
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -246,10 +254,12 @@ def _normalise(c: np.ndarray) -> np.ndarray:
 
 def _assign_pass(
     blocks: Blocks, y: np.ndarray, cols: np.ndarray | None, centroids: Mapping[int, np.ndarray],
-    raw: np.ndarray, sim: np.ndarray,
-) -> None:
-    """One pass over the rows: assign each to its class's centroid with the highest cosine, writing the
-    centroid to ``raw`` and the cosine to ``sim``."""
+    raw: np.ndarray, sim: np.ndarray | None,
+) -> tuple[dict[int, np.ndarray], int]:
+    """One pass over the rows: assign each to its class's nearest centroid (writing ``raw`` and ``sim``) and
+    sum the unit vectors per centroid. Returns (sums per class ``(k, d)``, assignments changed)."""
+    sums = {c: np.zeros_like(v) for c, v in centroids.items()}
+    changed = 0
     for start, z in blocks():
         stop = start + len(z)
         if stop > len(y):
@@ -265,15 +275,27 @@ def _assign_pass(
             rows = start + order[lo:hi]
             s = u[lo:hi] @ centroids[c].T  # (b_c, k)
             best = s.argmax(axis=1)
+            changed += int((raw[rows] != best).sum())
             raw[rows] = best
-            sim[rows] = s[np.arange(len(best)), best]
+            if sim is not None:
+                sim[rows] = s[np.arange(len(best)), best]
+                continue  # the last pass: no centroid moves after it
+            # Sum each centroid's members as contiguous runs after a sort (np.add.at, an unbuffered per-row
+            # scatter, was most of the slicing time).
+            by = np.argsort(best, kind="stable")
+            best_s = best[by]
+            starts = np.flatnonzero(np.r_[True, best_s[1:] != best_s[:-1]])
+            sums[c][best_s[starts]] += np.add.reduceat(u[lo:hi][by], starts, axis=0)  # (n_present, d)
+    return sums, changed
 
 
 def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray | None, embedding: str) -> SliceAssignment:
     n = len(y)
     classes, class_n = np.unique(y, return_counts=True)
     ks = {int(c): _compute_slice_count(int(m)) for c, m in zip(classes, class_n)}
-    init_rows = _training_rows(y, classes, ks, seed)
+    first = next(iter(blocks()), None)  # the width of the vectors sizes the sample (no block: refused below)
+    width = 1 if first is None else (len(cols) if cols is not None else int(np.shape(first[1])[1]))
+    init_rows, shrunk = _training_rows(y, classes, ks, seed, width)
     # Pass 1: the k-means sample of every class with K > 1 (up to 256 rows per slice, bounded in total).
     gathered: list[np.ndarray] = []
     seen = 0
@@ -287,20 +309,25 @@ def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray |
         raise ValueError(f"the vector blocks cover {seen} rows but there are {n} labels; they must match.")
     sample = np.concatenate(gathered) if gathered else None  # (n_init, d)
     sample_y = y[init_rows]
-    d = None if sample is None else sample.shape[1]
     centroids: dict[int, np.ndarray] = {}
     for c in classes.tolist():
         if ks[c] > 1:
             centroids[c] = _kmeans(np.ascontiguousarray(sample[sample_y == c]), ks[c], seed * 1_000_003 + c)
-    if d is None:  # every class has one slice: the width comes from the first block
-        first = next(iter(blocks()))[1]
-        d = _unit(first[:1], cols).shape[1]
-    for c in classes.tolist():
-        if ks[c] == 1:
-            centroids[c] = np.ones((1, d)) / math.sqrt(d)  # any unit vector: one centroid takes every row
-    # One pass assigns every row to its class's nearest centroid (no streamed refinement: the centroids of
-    # a 256-per-slice sample are those of the whole class up to sampling noise).
+        else:  # any unit vector: one centroid takes every row
+            centroids[c] = np.ones((1, width)) / math.sqrt(width)
     raw = np.full(n, -1, dtype=np.int64)
+    # A full sample (256 rows per slice) gives the class's centroids up to sampling noise; a shrunk one is
+    # refined by streamed spherical Lloyd iterations over all rows: assign, then move each centroid to the
+    # normalised sum of its members; stop when no assignment changes (or after NITER passes).
+    for _ in range(NITER if shrunk else 0):
+        sums, changed = _assign_pass(blocks, y, cols, centroids, raw, None)
+        for c, sm in sums.items():
+            empty = ~(np.abs(sm).sum(axis=1) > 0)
+            new = _normalise(sm)
+            new[empty] = centroids[c][empty]  # an empty centroid stays where it was
+            centroids[c] = new
+        if changed == 0:
+            break
     sim = np.zeros(n, dtype=np.float64)
     _assign_pass(blocks, y, cols, centroids, raw, sim)
     # Renumber inside each class by size, largest first (stable: ties keep the centroid order).

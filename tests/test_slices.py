@@ -93,18 +93,20 @@ def test_a_slice_recovers_the_rare_subcluster_of_each_class(clean_scan):
 
 
 def test_slicing_reads_the_vectors_twice_and_samples_a_bounded_number_of_rows(clean_scan, monkeypatch):
-    """Two passes over the blocks whatever N (the k-means sample, then the assignment), and a sample of at
-    most 256 rows per slice, shrunk in proportion under SAMPLE_ROWS_MAX (the streamed refinement this
-    replaced read every row up to 21 times)."""
+    """Two passes over the rows (the k-means sample, then the assignment) and a sample of at most 256 rows
+    per slice; under the sample's memory cap each class shrinks in proportion (never below 16 rows per slice)
+    and streamed Lloyd passes over every row refine the centroids (the old behaviour, on every scan, read
+    every row up to 21 times)."""
     import hardmine.slices as slices_mod
 
     s, data = clean_scan
     y = data["true_y"].astype(np.int64)
-    passes, sampled = [0], []
+    read, sampled = [0], []
 
     def blocks():
-        passes[0] += 1
-        return s.iter_gradients(max_rows=300)
+        for start, z in s.iter_gradients(max_rows=300):
+            read[0] += len(z)
+            yield start, z
 
     kmeans = slices_mod._kmeans
 
@@ -114,16 +116,18 @@ def test_slicing_reads_the_vectors_twice_and_samples_a_bounded_number_of_rows(cl
 
     monkeypatch.setattr(slices_mod, "_kmeans", counting_kmeans)
     a = fit_slices(blocks, y, seed=0)
-    assert passes[0] == 2
     n_c = np.bincount(y)
+    assert len(y) * 2 <= read[0] <= len(y) * 2 + 300  # two passes (and the first block, for the width)
     assert [k for _, k in sampled] == [slice_count(int(m)) for m in n_c]
-    # 500 rows per class, 7 slices: the whole class fits under 256 per slice
-    assert [m for m, _ in sampled] == [min(256 * slice_count(int(m)), int(m)) for m in n_c]
-    # Under a total cap the classes shrink in proportion, never below 16 rows per slice.
+    assert [m for m, _ in sampled] == [min(256 * slice_count(int(m)), int(m)) for m in n_c]  # all 500
+    # A cap of 400 rows' worth of vectors: the classes shrink in proportion, down to 16 per slice at least,
+    # and the refinement passes over every row run (more than two passes).
     sampled.clear()
-    monkeypatch.setattr(slices_mod, "SAMPLE_ROWS_MAX", 400)
+    read[0] = 0
+    monkeypatch.setattr(slices_mod, "SAMPLE_BYTES_MAX", 400 * 4 * s.out_dim)
     b = fit_slices(blocks, y, seed=0)
     assert [m for m, _ in sampled] == [max(int(500 * 400 / 2000), 16 * slice_count(500))] * 4
+    assert read[0] > len(y) * 3
     assert len(b.within) == len(y) and set(b.counts) == set(a.counts)
 
 
