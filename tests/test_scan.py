@@ -434,6 +434,24 @@ def test_memory_is_bounded_by_the_shard_not_n(tmp_path, monkeypatch):
     assert streamed < 0.25 * grad_bytes, (streamed, grad_bytes)
 
 
+def test_neighbor_scores_off_by_default_added_by_rescore_and_by_weights(tmp_path):
+    data = planted_blobs(n_per=60)
+    model = trained_mlp(data["x"], data["y"], steps=50)
+    s = scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "s", dim=8, engine="vmap")
+    m = s.manifest()
+    assert m["knn_outlier"].isna().all() and m["neighbor_disagreement"].isna().all()
+    assert m.attrs["hardmine"]["neighbor_scores"] is False and (tmp_path / "s" / "index.faiss").is_file()
+    on = s.rescore(ScoreConfig(neighbor_scores=True))  # no extraction: from the stored gradients
+    assert on["knn_outlier"].notna().all() and on["neighbor_disagreement"].between(0, 1).all()
+    assert on.attrs["hardmine"]["neighbor_scores"] is True
+    assert np.array_equal(on.sort_values("sample_id")["rank"], m.sort_values("sample_id")["rank"])
+    weighted = s.rescore(ScoreConfig(weights={"margin": 1.0, "neighbor_disagreement": 1.0}))
+    assert weighted["neighbor_disagreement"].notna().all()
+    assert weighted.attrs["hardmine"]["hardness_weights_used"] == {"margin": 1.0, "neighbor_disagreement": 1.0}
+    np.testing.assert_array_equal(weighted.sort_values("sample_id")["neighbor_disagreement"],
+                                  on.sort_values("sample_id")["neighbor_disagreement"])
+
+
 def test_keep_gradients_in_memory(tmp_path):
     model = MLP(d_in=4, hidden=6, n_classes=3).eval()
     x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))

@@ -476,6 +476,22 @@ def test_finalize_scores_flags_near_misses_from_the_margin():
     assert df["confident_error"].tolist() == [False, False, True]
 
 
+def test_neighbor_scores_are_computed_when_asked_or_weighted():
+    # None (default): only when a hardness weight uses knn_outlier or neighbor_disagreement.
+    assert ScoreConfig().neighbor_scores is None and not ScoreConfig().computes_neighbor_scores
+    assert ScoreConfig(weights={"margin": 1, "knn_outlier": 0.5}).computes_neighbor_scores
+    assert ScoreConfig(weights={"loss": 1, "neighbor_disagreement": 0.5}).computes_neighbor_scores
+    assert not ScoreConfig(weights={"margin": 1, "knn_outlier": 0}).computes_neighbor_scores  # weight 0: unused
+    assert ScoreConfig(neighbor_scores=True).computes_neighbor_scores
+    assert not ScoreConfig(neighbor_scores=False).computes_neighbor_scores
+    assert ScoreConfig(neighbor_scores=True).to_dict()["neighbor_scores"] is True
+    assert ScoreConfig.from_dict({"k": 5}).neighbor_scores is None  # a scan.json written before the field
+    with pytest.raises(ValueError, match=r"neighbor_scores=1 must be True, False or None"):
+        ScoreConfig(neighbor_scores=1)
+    with pytest.raises(ValueError, match=r"neighbor_scores=False, but the hardness weights use \['knn_outlier'\]"):
+        ScoreConfig(neighbor_scores=False, weights={"margin": 1, "knn_outlier": 1})
+
+
 def test_score_config_messages_name_the_field_and_its_meaning():
     for kwargs, message in (
         ({"k": 0}, "ScoreConfig k=0 must be a positive integer (neighbours per sample)."),
