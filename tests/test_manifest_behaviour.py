@@ -14,8 +14,9 @@ import pytest
 from test_manifest import _io_frame
 
 import hardmine
-from hardmine.enums import Strategy
+from hardmine.enums import Strategy, TaskKind
 from hardmine.manifest import (
+    REQUIRED_COLUMNS,
     REQUIRED_COLUMNS_LM,
     bool_column,
     cap_weights,
@@ -27,6 +28,7 @@ from hardmine.manifest import (
     float_column,
     read_manifest,
     read_manifest_metadata,
+    required_columns,
     resolve_strategy,
     write_manifest,
 )
@@ -516,3 +518,23 @@ def test_the_written_metadata_does_not_depend_on_the_key_order(tmp_path):
 def test_metadata_values_json_cannot_hold_are_written_as_text(tmp_path):
     p = write_manifest(_framed(), tmp_path / "m.parquet", {"task": "classification", "data": tmp_path})
     assert read_manifest_metadata(p)["data"] == str(tmp_path)
+
+
+# ------------------------------------------------------------------------------ causal-LM manifests
+def test_a_causal_lm_task_needs_the_lm_columns_named_or_as_a_member():
+    assert required_columns("causal-lm") == REQUIRED_COLUMNS_LM
+    assert required_columns(TaskKind.CAUSAL_LM) == REQUIRED_COLUMNS_LM
+    assert required_columns(TaskKind.CLASSIFICATION) == REQUIRED_COLUMNS == required_columns(None)
+
+
+def test_a_causal_lm_manifest_frame_is_exported_with_its_own_columns():
+    lm = _lm_frame()
+    lm.attrs["hardmine"] = {"format": "hardmine-manifest", "format_version": 2, "task": "causal-lm"}
+    out = export_manifest(lm, strategy="top-k", top=0.25, boost=3.0, cap=None)  # no label/pred columns
+    assert out["is_hard"].tolist() == [True, False, False, False]
+    np.testing.assert_allclose(out["weight"], [2.0, 2 / 3, 2 / 3, 2 / 3])
+
+
+def test_export_checks_the_cap_before_reading_the_source(tmp_path):
+    with pytest.raises(ValueError, match=r"^cap=0\.5 must be None or a number >= 1"):
+        export_manifest(tmp_path / "absent.parquet", cap=0.5)
