@@ -288,6 +288,12 @@ def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | N
         run = runs.get(name) or {k: v for k, v in previous.get(name, {}).items()
                                  if k in ("command", "date", "rc", "seconds")}
         if codes is None or not any(v is not None for v in codes.values()):
+            earlier = previous.get(name, {})
+            if name not in runs and "killed" in earlier:
+                # not run here and no results in this mutants/ (e.g. a fresh checkout that ran other modules):
+                # the results of its last run stand, as the module docstring says
+                entries.append(earlier)
+                continue
             if run.get("rc") not in (None, 0):
                 reason = f"mutmut stopped with exit code {run['rc']} (see {run.get('log', 'its log')})"
             else:

@@ -596,3 +596,24 @@ def test_ranks_are_integers_and_accept_nullable_input():
     assert hardness_rank(np.array([0.1, 0.3])).dtype == np.int64
     np.testing.assert_allclose(rank_normalize([1.0, pd.NA, 3.0]), [0.5, np.nan, 1.0])
     np.testing.assert_allclose(rank_normalize(np.array([2, 1, 3])), [2 / 3, 1 / 3, 1.0])  # integers too
+
+
+def test_knn_columns_refuses_a_negative_sample_count_by_name():
+    from hardmine.score import knn_columns
+
+    with pytest.raises(ValueError) as e:
+        knn_columns([], -1, None)
+    assert str(e.value) == "n=-1 must be a non-negative integer (number of samples)."
+
+
+def test_a_causal_lm_scan_at_the_default_weights_ranks_by_perplexity_and_grad_norm():
+    from hardmine.score import DEFAULT_WEIGHTS, DEFAULT_WEIGHTS_LM, finalize_scores, weights_for_task
+
+    assert weights_for_task(DEFAULT_WEIGHTS, TaskKind.CAUSAL_LM) == DEFAULT_WEIGHTS_LM
+    assert weights_for_task({"loss": 1.0}, TaskKind.CAUSAL_LM) == {"loss": 1.0}  # the user's own weights stand
+    assert weights_for_task(DEFAULT_WEIGHTS, TaskKind.CLASSIFICATION) == DEFAULT_WEIGHTS
+    stats = pd.DataFrame({"sample_id": np.arange(4), "loss": [1.0, 2.0, 3.0, 4.0],
+                          "perplexity": [2.0, 8.0, 4.0, 1.0]})
+    df, used = finalize_scores(stats, {"grad_norm": np.array([0.5, 3.0, 1.0, 0.1])}, ScoreConfig(), TaskKind.CAUSAL_LM)
+    assert used == DEFAULT_WEIGHTS_LM  # no margin in a causal-LM scan
+    assert df["rank"].tolist() == [3, 1, 2, 4]
