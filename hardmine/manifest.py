@@ -364,14 +364,25 @@ def _arrow_table(df: pd.DataFrame) -> pa.Table:
         elif c in _STR_COLUMNS:
             arr = pa.array([None if v is None or v is pd.NA or v != v else str(v) for v in s.tolist()], type=pa.string())
         elif c == "sample_id":
-            arr = pa.array(s.to_numpy(dtype=np.int64), type=pa.int64()) if s.dtype.kind in "iu" else pa.array(
-                s.astype(str).tolist(), type=pa.string()
-            )
+            arr = _sample_id_array(s)
         else:
             arr = pa.array(s)
         arrays.append(arr)
         fields.append(pa.field(c, arr.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _sample_id_array(s: pd.Series) -> pa.Array:
+    """Integer sample ids as Arrow int64 (unsigned ones only when they fit: 2**63 and above would wrap to
+    negative ids), anything else as strings."""
+    if s.dtype.kind == "u" and len(s) and int(s.max()) > np.iinfo(np.int64).max:
+        raise ValueError(
+            f"sample_id {int(s.max())} does not fit a signed 64-bit integer (the manifest's integer id type); "
+            "pass such ids as strings."
+        )
+    if s.dtype.kind in "iu":
+        return pa.array(s.to_numpy(dtype=np.int64), type=pa.int64())
+    return pa.array(s.astype(str).tolist(), type=pa.string())
 
 
 def float_column(df: pd.DataFrame, name: str) -> np.ndarray:

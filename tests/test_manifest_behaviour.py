@@ -448,6 +448,18 @@ def test_a_duplicated_id_is_reported_with_the_file_and_three_examples(tmp_path):
     assert str(e.value) == f"{p}: sample_id must be unique and present; duplicated/missing e.g. [0, 1, 2]."
 
 
+def test_unsigned_ids_are_written_as_they_are_and_too_large_ones_are_refused(tmp_path):
+    df = _framed()
+    big = np.iinfo(np.int64).max
+    df["sample_id"] = np.arange(big - len(df) + 1, big + 1, dtype=np.uint64)  # the largest that fit int64
+    p = write_manifest(df, tmp_path / "u.parquet", {"task": "classification"})
+    assert read_manifest(p)["sample_id"].tolist() == [int(v) for v in df["sample_id"]]
+    df["sample_id"] = np.arange(len(df), dtype=np.uint64) + np.uint64(2**63)  # would wrap to negative ids
+    with pytest.raises(ValueError, match=r"sample_id 9223372036854775819 does not fit .* pass such ids as strings"):
+        write_manifest(df, tmp_path / "w.parquet", {"task": "classification"})
+    assert not (tmp_path / "w.parquet").exists()
+
+
 def test_a_zero_weight_is_a_valid_weight(tmp_path):
     df = _framed()
     df["weight"] = np.r_[0.0, np.full(len(df) - 1, len(df) / (len(df) - 1))]  # sample 0 is never drawn
