@@ -1,0 +1,239 @@
+"""Behaviour of the factored pass's conv2d, layout, plan, registry, apply and capture modules that the
+mutation run (issue #18) found untested: each test states what a user of the pass relies on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_factored import _Shapes, _check_pass, _expected, _layout
+from torch import nn
+from torch.testing import assert_close
+
+import hardmine.factored.conv2d as conv2d_rule
+import hardmine.factored.registry as registry
+from hardmine.extract import reference_per_sample_grads
+from hardmine.factored import factored_pass
+from hardmine.factored.registry import rule_for
+
+
+def _reason(module: nn.Module, x: torch.Tensor, batch_size: int) -> str | None:
+    """Why the factored pass would refuse this call of ``module`` on ``x`` (None: it attributes it per sample)."""
+    with torch.no_grad():
+        out = module(x)
+    return rule_for(module).check_call(module, x, out, batch_size)
+
+
+# ------------------------------------------------------------------------------------------- Conv2d
+class _ConvTwice(nn.Module):
+    """One Conv2d applied to the full image and to a half-resolution copy: its gradient sums both calls,
+    which see different numbers of output positions."""
+
+    def __init__(self, c_in: int, c_out: int, **conv) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, **conv)
+        self.head = nn.Linear(2 * c_out, 3)
+
+    def forward(self, x):  # (B, c_in, 8, 8)
+        full = torch.tanh(self.conv(x)).mean((2, 3))  # (B, c_out)
+        half = torch.tanh(self.conv(x[..., ::2, ::2])).amax((2, 3))  # (B, c_out)
+        return self.head(torch.cat([full, half], 1))
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "conv"),
+    [(3, 4, {}), (3, 4, dict(bias=False)), (16, 2, {}), (3, 1, {})],
+    ids=["bias", "nobias", "16-channels", "one-output-channel"],
+)
+@pytest.mark.parametrize("b", [1, 3])
+def test_a_conv2d_called_twice_on_different_sizes_sums_both_calls(c_in, c_out, conv, b):
+    # 16 input channels: the layer the CPU would give the grouped-convolution route if it were called once.
+    torch.manual_seed(0)
+    model = _ConvTwice(c_in, c_out, **conv).double()
+    _check_pass(model, (torch.randn(b, c_in, 8, 8, dtype=torch.float64), torch.randint(0, 3, (b,))), dim=16)
+
+
+@pytest.mark.parametrize("c_in", [3, 16], ids=["unfold", "grouped"])
+def test_a_single_output_channel_conv2d_is_exact(c_in):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(c_in, 1, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3)).double()
+    _check_pass(model, (torch.randn(3, c_in, 8, 8, dtype=torch.float64), torch.randint(0, 3, (3,))), dim=16)
+
+
+class _AutocastConv(nn.Module):
+    """A convolution the model runs under CPU autocast: it sees a float32 input and returns bfloat16."""
+
+    def __init__(self, c_in: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.conv(x)  # (B, 4, 8, 8) bfloat16
+        return self.head(torch.tanh(h.float()).mean((2, 3)))
+
+
+@pytest.mark.parametrize("c_in", [3, 16], ids=["unfold", "grouped"])
+def test_a_conv2d_under_autocast_gets_its_bfloat16_gradients(c_in):
+    # The input arrives in float32 and the output gradient in bfloat16: the rule computes in the gradient's
+    # dtype, so the projection and the norm are the reference's up to bfloat16 rounding.
+    torch.manual_seed(0)
+    model = _AutocastConv(c_in)
+    batch = (torch.randn(3, c_in, 8, 8), torch.randint(0, 3, (3,)))
+    layout = _layout(model, "conv", dim=16)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params="conv")
+    assert fg.kron["conv.weight"].dtype == torch.bfloat16
+    assert_close(fg.kron["conv.weight"].float(), _expected(layout, ref, "conv.weight").float(), rtol=0.05, atol=0.02)
+    assert_close(fg.vectors["conv.bias"].float(), ref.grads["conv.bias"], rtol=0.05, atol=0.01)
+    assert_close(fg.sq_norm.float(), ref.grad_norm.square(), rtol=0.03, atol=1e-4)
+
+
+def test_conv2d_refuses_an_unbatched_call_and_quotes_its_shape():
+    # nn.Conv2d accepts one unbatched (C, H, W) image; here C_in == C_out == the batch size, so only the
+    # dimension count tells that the first dimension is not the batch.
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    why = _reason(conv, torch.randn(3, 8, 8), 3)
+    assert why is not None and "(3, 8, 8)" in why and "(B, C, H, W)" in why
+    assert _reason(conv, torch.randn(3, 3, 8, 8), 3) is None
+
+
+def test_conv2d_refuses_a_call_whose_batch_is_not_on_dimension_0():
+    conv = nn.Conv2d(3, 4, 3)
+    why = _reason(conv, torch.randn(5, 3, 8, 8), 3)  # a 4-D input, but 5 rows for a batch of 3
+    assert why is not None and "not on dimension 0" in why
+
+
+@pytest.mark.parametrize("route", ["unfold", "grouped"])
+def test_conv2d_temporaries_stay_within_the_chunk_budget(route, monkeypatch):
+    # Whichever route a layer takes, its per-sample temporaries (unfolded patches, the padded input, per-sample
+    # gradients) come a bounded chunk of samples at a time: none exceeds CHUNK_ELEMENTS.
+    budget = 4400  # one sample per chunk on either route (2448 and 2752 elements per sample)
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", budget)
+    b, c_in = 16, (16 if route == "grouped" else 4)
+    if route == "unfold":
+        monkeypatch.setattr(conv2d_rule, "GROUPED_MIN_CHANNELS", 10**6)
+    model = nn.Sequential(nn.Conv2d(c_in, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 64, 3))
+    batch = (torch.randn(b, c_in, 8, 8), torch.randint(0, 3, (b,)))
+    layout = _layout(model, "0", dim=16)
+    cols, positions = c_in * 9, 64
+    with _Shapes() as mode:
+        fg = factored_pass(model, batch, layout)
+    per_sample = {
+        (c_in, 10, 10),  # the padded input of the grouped route, per sample
+        (cols, positions),  # unfolded patches
+        (positions, cols),
+        (4, cols),  # per-sample weight gradients
+    }
+    chunked = [s for s in mode.shapes if len(s) >= 3 and any(s[-len(p):] == p for p in per_sample)]
+    assert chunked and max(math.prod(s) for s in chunked) <= budget
+    ref = reference_per_sample_grads(model, batch, params="0")
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("padding", [(0, 2), (2, 1)])
+@pytest.mark.parametrize("c_in", [3, 16], ids=["unfold", "grouped"])
+def test_conv2d_with_different_padding_in_height_and_width_is_exact(padding, padding_mode, c_in):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, 4, 3, padding=padding, padding_mode=padding_mode)
+    with torch.no_grad():
+        n = conv(torch.zeros(1, c_in, 7, 9)).numel()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(n, 3)).double()
+    _check_pass(model, (torch.randn(3, c_in, 7, 9, dtype=torch.float64), torch.randint(0, 3, (3,))), dim=16)
+
+
+# ------------------------------------------------------------------------------------------- layout
+def _mlp_layout():
+    from models import MLP
+
+    model = MLP()
+    return model, _layout(model, dim=16)
+
+
+def test_assemble_places_every_block_at_its_offset_as_float32():
+    # (B, a, b) Kronecker parts and (B, width) dense parts of any float dtype land in their own columns.
+    model, layout = _mlp_layout()
+    torch.manual_seed(0)
+    b = 3
+    parts = {}
+    for name, blk in layout.blocks.items():
+        shape = (b, *blk.factors) if blk.factors is not None else (b, blk.width)
+        parts[name] = torch.randn(shape, dtype=torch.float64)
+    z = layout.assemble(parts)
+    assert z.dtype == torch.float32 and z.shape == (b, layout.out_dim)
+    for name, blk in layout.blocks.items():
+        assert torch.equal(z[:, blk.offset : blk.offset + blk.width], parts[name].reshape(b, -1).float())
+    assert layout.out_dim == sum(blk.width for blk in layout.blocks.values())
+
+
+def test_assemble_names_the_parameters_it_has_no_projection_for():
+    _, layout = _mlp_layout()
+    parts = {name: torch.zeros(2, blk.width) for name, blk in layout.blocks.items()}
+    del parts["fc2.bias"], parts["fc1.weight"]
+    with pytest.raises(ValueError, match=r"no projection for parameter\(s\) \['fc1.weight', 'fc2.bias'\]"):
+        layout.assemble(parts)
+
+
+def test_block_view_is_the_blocks_columns_of_the_output():
+    _, layout = _mlp_layout()
+    z = torch.zeros(2, layout.out_dim)
+    kron, dense = layout.blocks["fc1.weight"], layout.blocks["fc1.bias"]
+    view = layout.block_view(z, "fc1.weight")
+    assert view.shape == (2, *kron.factors)
+    view.fill_(1.0)  # a view: writing it writes the block's columns of z
+    col = layout.block_view(z, "fc1.bias")
+    assert col.shape == (2, dense.width)
+    col.fill_(2.0)
+    assert z[:, kron.offset : kron.offset + kron.width].eq(1).all()
+    assert z[:, dense.offset : dense.offset + dense.width].eq(2).all()
+    assert int(z.eq(0).sum()) == 2 * (layout.out_dim - kron.width - dense.width)
+
+
+def test_project_exact_returns_float32_for_float64_gradients():
+    _, layout = _mlp_layout()
+    for name, blk in layout.blocks.items():
+        grad = torch.randn(4, *blk.shape, dtype=torch.float64)
+        z = layout.project_exact(name, grad)
+        assert z.dtype == torch.float32 and z.shape == (4, blk.width), name
+
+
+@pytest.mark.parametrize(
+    ("kernel", "padding", "hw"),
+    [(3, 4, (16, 4)), ((2, 1), "same", (10, 6)), ((1, 2), "same", (6, 10))],
+    ids=["padded-4", "same-odd-height", "same-odd-width"],
+)
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_the_grouped_route_counts_the_padded_input_in_its_chunks(kernel, padding, hw, monkeypatch):
+    # One output channel: the per-sample padded input (16 channels) is the route's largest temporary, so a
+    # chunk must be sized by it; "same" with an even kernel pads one side only.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 1, kernel, padding=padding)
+    (h, w), (kh, kw) = hw, conv.kernel_size
+    pads = conv2d_rule._pad_amounts(conv)  # [left, right, top, bottom]
+    padded = (16, h + pads[2] + pads[3], w + pads[0] + pads[1])
+    assert math.prod(padded) > 16 * h * w  # the padding is real
+    one_sample = math.prod(padded) + 2 * 16 * kh * kw  # the padded input and two (1, cols) gradients
+    budget = 3 * one_sample // 2  # one sample per chunk
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", budget)
+    with torch.no_grad():
+        n = conv(torch.zeros(1, 16, h, w)).numel()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(n, 3))
+    batch = (torch.randn(4, 16, h, w), torch.randint(0, 3, (4,)))
+    shapes = []
+    real = conv2d_rule.Conv2dRule.compute
+
+    def recorded(self, module, calls, request):  # every tensor the rule forms
+        with _Shapes() as mode:
+            res = real(self, module, calls, request)
+        shapes.extend(mode.shapes)
+        return res
+
+    monkeypatch.setattr(conv2d_rule.Conv2dRule, "compute", recorded)
+    fg = factored_pass(model, batch, _layout(model, "0", dim=16))
+    assert any(s[1:] == padded for s in shapes)  # the grouped route padded its input
+    assert max(math.prod(s) for s in shapes) <= budget
+    ref = reference_per_sample_grads(model, batch, params="0")
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm, rtol=1e-4, atol=1e-6)
