@@ -14,7 +14,7 @@ from torch.testing import assert_close
 import hardmine.factored.conv2d as conv2d_rule
 import hardmine.factored.registry as registry
 from hardmine.extract import reference_per_sample_grads
-from hardmine.factored import factored_pass
+from hardmine.factored import ProjectionLayout, factored_pass
 from hardmine.factored.registry import rule_for
 
 
@@ -237,3 +237,60 @@ def test_the_grouped_route_counts_the_padded_input_in_its_chunks(kernel, padding
     assert max(math.prod(s) for s in shapes) <= budget
     ref = reference_per_sample_grads(model, batch, params="0")
     assert_close(fg.sq_norm.sqrt(), ref.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+def test_describe_records_every_blocks_place_and_seed_keys():
+    _, layout = _mlp_layout()  # MLP: fc1 (16 x 12), fc2 (4 x 16); dim 16 = 4 x 4
+    assert layout.describe() == [
+        {"param": "fc1.weight", "kind": "kron", "shape": [16, 12], "offset": 0, "width": 16, "factors": [4, 4],
+         "keys": ["fc1.weight:out", "fc1.weight:in"]},
+        {"param": "fc1.bias", "kind": "dense", "shape": [16], "offset": 16, "width": 4, "key": "fc1.bias"},
+        {"param": "fc2.weight", "kind": "kron", "shape": [4, 16], "offset": 20, "width": 16, "factors": [4, 4],
+         "keys": ["fc2.weight:out", "fc2.weight:in"]},
+        {"param": "fc2.bias", "kind": "dense", "shape": [4], "offset": 36, "width": 4, "key": "fc2.bias"},
+    ]
+
+
+def test_asking_a_block_for_the_other_kind_of_matrix_names_the_parameter():
+    _, layout = _mlp_layout()
+    with pytest.raises(ValueError, match=r"parameter 'fc1.bias' has a dense block, not a Kronecker one"):
+        layout.kron_matrices("fc1.bias")
+    with pytest.raises(ValueError, match=r"parameter 'fc1.weight' has a Kronecker block, not a dense one"):
+        layout.dense_matrix("fc1.weight")
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_kron_matrices_are_the_seeded_matrices_of_the_layouts_kind(kind):
+    from hardmine.project import random_matrix
+
+    model = nn.Linear(12, 16)
+    layout = ProjectionLayout(model, ["weight"], dim=16, seed=3, kind=kind)
+    p_out, p_in = layout.kron_matrices("weight")
+    assert torch.equal(p_out, random_matrix(16, 4, seed=3, key="weight:out", kind=kind))
+    assert torch.equal(p_in, random_matrix(12, 4, seed=3, key="weight:in", kind=kind))
+    p_out64, _ = layout.kron_matrices("weight", torch.float64)
+    assert p_out64.dtype == torch.float64 and torch.equal(p_out64, p_out.double())
+
+
+def test_dense_block_matrix_only_for_a_float32_dense_block_of_one_projector_block():
+    from hardmine.project import BLOCK_ROWS
+
+    model = nn.Sequential(nn.Linear(3, BLOCK_ROWS), nn.Linear(3, BLOCK_ROWS + 1))
+    layout = ProjectionLayout(model, ["0.weight", "0.bias", "1.bias"], dim=16, seed=0)
+    full = layout.dense_block_matrix("0.bias", torch.float32)  # the default device: the CPU
+    assert full is not None and torch.equal(full, layout.dense_matrix("0.bias"))  # BLOCK_ROWS rows: one block
+    assert layout.dense_block_matrix("0.bias", torch.float64) is None  # another dtype: the caller projects
+    assert layout.dense_block_matrix("0.weight", torch.float32) is None  # a Kronecker block
+    assert layout.dense_block_matrix("1.bias", torch.float32) is None  # more rows than one block
+
+
+def test_the_projected_output_is_float32_whatever_the_default_dtype():
+    _, layout = _mlp_layout()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert layout.new_output(2).dtype == torch.float32
+        parts = {name: torch.zeros(2, blk.width) for name, blk in layout.blocks.items()}
+        assert layout.assemble(parts).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(before)
