@@ -294,3 +294,12 @@ def test_the_projected_output_is_float32_whatever_the_default_dtype():
         assert layout.assemble(parts).dtype == torch.float32
     finally:
         torch.set_default_dtype(before)
+
+
+def test_a_bad_dim_is_refused_with_dims_that_work():
+    from hardmine.factored import kron_factors
+
+    with pytest.raises(ValueError, match=r"dim=0 must be a positive integer.*e\.g\. 256 = 16 x 16"):
+        kron_factors(0)
+    with pytest.raises(ValueError, match=r"1 x 17, too unbalanced.*e\.g\. dim=16 or dim=25\."):
+        kron_factors(17)
