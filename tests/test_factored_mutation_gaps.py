@@ -303,3 +303,62 @@ def test_a_bad_dim_is_refused_with_dims_that_work():
         kron_factors(0)
     with pytest.raises(ValueError, match=r"1 x 17, too unbalanced.*e\.g\. dim=16 or dim=25\."):
         kron_factors(17)
+
+
+# ----------------------------------------------------------------------------------------- registry
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """The registry's tables as they are, copied: what a test registers is gone afterwards."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BY_NAME", list(registry._BY_NAME))
+    monkeypatch.setattr(registry, "_NAME_CACHE", {})
+    return registry
+
+
+class _Thing(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class _RuleA(registry.LayerRule):
+    pass
+
+
+class _RuleB(registry.LayerRule):
+    pass
+
+
+class _RuleC(registry.LayerRule):
+    pass
+
+
+def test_rules_by_name_match_the_qualified_class_name_first_registered_first(fresh_registry):
+    name = registry.qualified_name(_Thing)
+    assert name == f"{__name__}._Thing"
+    thing = _Thing()
+    assert registry.rule_for(thing) is None  # looked up (and remembered) before any rule exists
+    registry.register_layer_rule("*._Thing")(_RuleA)
+    assert isinstance(registry.rule_for(thing), _RuleA)  # a later registration is seen
+    registry.register_layer_rule(name)(_RuleB)  # also matches, but registered second
+    assert isinstance(registry.rule_for(thing), _RuleA)
+    assert registry.registered_names()[-2:] == ["*._Thing", name]
+    registry.register_layer_rule(_Thing)(_RuleC)  # an exact type wins over every name
+    assert isinstance(registry.rule_for(thing), _RuleC)
+    assert _Thing in registry.registered_types()
+    assert registry.rule_for(nn.Identity()) is None  # another class: no rule
+
+
+def test_registering_a_rule_twice_or_wrongly_is_refused(fresh_registry):
+    registry.register_layer_rule("pkg.mod.Thing")(_RuleA)
+    with pytest.raises(ValueError, match=r"for 'pkg.mod.Thing' is already registered \(_RuleA\); there can be only one per name"):
+        registry.register_layer_rule("pkg.mod.Thing")(_RuleB)
+    registry.register_layer_rule(_Thing)(_RuleA)
+    with pytest.raises(ValueError, match=r"for _Thing is already registered \(_RuleA\); there can be only one per module type"):
+        registry.register_layer_rule(_Thing)(_RuleB)
+    with pytest.raises(ValueError, match=r"needs a module type or a non-empty qualified class name"):
+        registry.register_layer_rule("")
+    with pytest.raises(ValueError, match=r"needs an nn.Module subclass, got <class 'int'>"):
+        registry.register_layer_rule(int)
+    with pytest.raises(ValueError, match=r"is not a LayerRule subclass; subclass hardmine.factored.LayerRule"):
+        registry.register_layer_rule("pkg.mod.Other")(int)
+    assert "pkg.mod.Other" not in registry.registered_names()
