@@ -362,3 +362,13 @@ def test_registering_a_rule_twice_or_wrongly_is_refused(fresh_registry):
     with pytest.raises(ValueError, match=r"is not a LayerRule subclass; subclass hardmine.factored.LayerRule"):
         registry.register_layer_rule("pkg.mod.Other")(int)
     assert "pkg.mod.Other" not in registry.registered_names()
+
+
+def test_the_layout_records_dim_seed_and_kind_as_given():
+    from hardmine.enums import ProjectionKind
+
+    layout = ProjectionLayout(nn.Linear(12, 16), ["weight", "bias"], dim=16, seed=3, kind="gaussian")
+    assert layout.dim == 16 and type(layout.dim) is int  # scan metadata stores it as a JSON integer
+    assert layout.seed == 3 and layout.kind is ProjectionKind.GAUSSIAN
+    with pytest.raises(ValueError, match=r"(^|\W)kind='uniform'"):
+        ProjectionLayout(nn.Linear(12, 16), ["weight"], dim=16, seed=3, kind="uniform")
