@@ -372,3 +372,42 @@ def test_the_layout_records_dim_seed_and_kind_as_given():
     assert layout.seed == 3 and layout.kind is ProjectionKind.GAUSSIAN
     with pytest.raises(ValueError, match=r"(^|\W)kind='uniform'"):
         ProjectionLayout(nn.Linear(12, 16), ["weight"], dim=16, seed=3, kind="uniform")
+
+
+class _Plain(nn.Module):
+    """A module without a layer rule, holding a matrix and a vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 5))
+        self.scale = nn.Parameter(torch.randn(5))
+
+
+def test_dense_blocks_are_a_wide_for_vectors_and_dim_wide_otherwise():
+    model = nn.ModuleDict({"plain": _Plain(), "bil": nn.Bilinear(3, 4, 2), "fc": nn.Linear(4, 2)})
+    names = ["plain.table", "plain.scale", "bil.weight", "bil.bias", "fc.weight", "fc.bias"]
+    layout = ProjectionLayout(model, names, dim=16, seed=0)
+    got = {n: (blk.kind, blk.width) for n, blk in layout.blocks.items()}
+    assert got == {
+        "plain.table": ("dense", 16),  # a matrix without a rule: dim coordinates
+        "plain.scale": ("dense", 4),  # vectors: the smaller Kronecker factor
+        "bil.weight": ("dense", 16),  # 3-D, no rule
+        "bil.bias": ("dense", 4),
+        "fc.weight": ("kron", 16),
+        "fc.bias": ("dense", 4),
+    }
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_dense_blocks_use_the_layouts_seed_and_kind(kind):
+    from hardmine.project import Projector
+
+    model = _Plain()
+    mats = {}
+    for seed in (3, 4):
+        layout = ProjectionLayout(model, ["table", "scale"], dim=16, seed=seed, kind=kind)
+        for name, width in (("table", 16), ("scale", 4)):
+            want = Projector(width, seed=seed, kind=kind).matrix(15 if name == "table" else 5, key=name)
+            assert torch.equal(layout.dense_matrix(name), want), (seed, name)
+        mats[seed] = layout.dense_matrix("table")
+    assert not torch.equal(mats[3], mats[4])
