@@ -4,6 +4,7 @@ mutation run (issue #18) found untested: each test states what a user of the pas
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -411,3 +412,43 @@ def test_dense_blocks_use_the_layouts_seed_and_kind(kind):
             assert torch.equal(layout.dense_matrix(name), want), (seed, name)
         mats[seed] = layout.dense_matrix("table")
     assert not torch.equal(mats[3], mats[4])
+
+
+# --------------------------------------------------------------------------------------------- plan
+class _TiedConvs(nn.Module):
+    """Two Conv2d modules sharing one weight: the Conv2d rule cannot sum a shared weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+        self.b.weight = self.a.weight
+
+
+def test_a_shared_weight_a_rule_cannot_sum_is_refused_naming_every_holder():
+    from hardmine.factored import plan_factored
+
+    units, rejected = plan_factored(_TiedConvs(), ["a.weight", "a.bias"])
+    assert set(units) == {"a"} and units["a"].vectors == ("bias",) and units["a"].matrix is None
+    assert rejected == {
+        "a.weight": "the parameter is shared by ['a.weight', 'b.weight'] (tied weights) and the Conv2d rule "
+        "cannot sum a shared 'weight'"
+    }
+    # The root module as a holder is named by the parameter's local name.
+    root = nn.Conv2d(3, 3, 3)
+    root.twin = nn.Conv2d(3, 3, 3)
+    root.twin.weight = root.weight
+    _, rejected = plan_factored(root, ["weight"])
+    assert "shared by ['weight', 'twin.weight']" in rejected["weight"]
+
+
+def test_every_refused_parameter_is_listed_with_its_reason():
+    from hardmine.engine import GradientExtractor
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.PReLU())
+    with pytest.raises(ValueError) as err:
+        GradientExtractor(model, dim=16, engine="factored")
+    known = r"\(rules exist for [^)]*\bLinear, [^)]*'transformers\.pytorch_utils\.Conv1D', '\*RMSNorm'[^)]*\)"
+    refused = [("1.weight", "BatchNorm1d"), ("1.bias", "BatchNorm1d"), ("3.weight", "PReLU")]
+    parts = [rf"{re.escape(name)}: {cls} has no factored layer rule {known}" for name, cls in refused]
+    assert re.search("cannot handle " + "; ".join(parts) + r"\. Use engine='auto'", str(err.value))
