@@ -452,3 +452,78 @@ def test_every_refused_parameter_is_listed_with_its_reason():
     refused = [("1.weight", "BatchNorm1d"), ("1.bias", "BatchNorm1d"), ("3.weight", "PReLU")]
     parts = [rf"{re.escape(name)}: {cls} has no factored layer rule {known}" for name, cls in refused]
     assert re.search("cannot handle " + "; ".join(parts) + r"\. Use engine='auto'", str(err.value))
+
+
+@pytest.mark.parametrize("root", [False, True])
+def test_parameters_inside_multihead_attention_are_refused_naming_it(root):
+    from hardmine.factored import plan_factored
+
+    mha = nn.MultiheadAttention(8, 2)
+    model = mha if root else nn.Sequential(nn.Linear(8, 8), mha)
+    name = "out_proj.weight" if root else "1.out_proj.weight"
+    units, rejected = plan_factored(model, [name])
+    assert units == {}
+    where = "'<root>'" if root else "'1'"
+    assert rejected[name].startswith(f"inside nn.MultiheadAttention {where}, which passes its submodules'")
+    assert "F.multi_head_attention_forward" in rejected[name] and "hooks never fire" in rejected[name]
+
+
+class _TwoParams(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+        self.shift = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x * self.gain + self.shift
+
+
+class _GainRule(registry.LayerRule):
+    matrix_param = None
+    vector_params = ("gain",)
+
+
+def test_a_parameter_its_rule_does_not_handle_is_refused_by_name(fresh_registry):
+    from hardmine.factored import plan_factored
+
+    registry.register_layer_rule(_TwoParams)(_GainRule)
+    model = nn.Sequential(_TwoParams())
+    units, rejected = plan_factored(model, ["0.gain", "0.shift"])
+    assert rejected == {"0.shift": "the _TwoParams rule does not handle parameter 'shift'"}
+    assert units["0"].vectors == ("gain",) and units["0"].params == ["0.gain"]
+
+
+def test_a_model_that_is_itself_a_layer_is_exact():
+    # The root module has the name "": its parameters are "weight" and "bias", not ".weight".
+    torch.manual_seed(0)
+    fg, _ = _check_pass(nn.Linear(5, 3).double(), (torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))))
+    assert set(fg.kron) == {"weight"} and set(fg.vectors) == {"bias"}
+
+
+class _TiedHidden(nn.Module):
+    """An embedding whose weight an LM-style head reuses through F.linear: the head's hook never fires."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(10, 6)
+        self.h = nn.Linear(6, 10, bias=False)
+        self.h.weight = self.e.weight
+
+    def forward(self, x):
+        return nn.functional.linear(self.e(x).mean(1), self.h.weight)
+
+
+def test_one_unattributable_holder_of_a_tied_weight_refuses_every_holder():
+    from hardmine.engine import GradientExtractor
+
+    model = _TiedHidden().double()
+    batch = (torch.randint(0, 10, (4, 5)), torch.randint(0, 10, (4,)))
+    with pytest.raises(ValueError) as err:
+        GradientExtractor(model, dim=9, engine="factored")(batch)
+    msg = str(err.value)
+    assert "h (Linear): its forward hook never fired" in msg
+    assert "e (Embedding): it shares e.weight with h (Linear), where its forward hook never fired" in msg
+    auto = GradientExtractor(model, dim=9, engine="auto")
+    res = auto(batch)
+    assert auto.metadata()["plan"] == {"e.weight": "vmap"}
+    assert_close(res.grad_norm, reference_per_sample_grads(model, batch).grad_norm)
