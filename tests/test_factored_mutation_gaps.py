@@ -527,3 +527,11 @@ def test_one_unattributable_holder_of_a_tied_weight_refuses_every_holder():
     res = auto(batch)
     assert auto.metadata()["plan"] == {"e.weight": "vmap"}
     assert_close(res.grad_norm, reference_per_sample_grads(model, batch).grad_norm)
+
+
+def test_a_configuration_outside_the_rules_maths_is_refused_naming_the_module_type():
+    from hardmine.factored import plan_factored
+
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
+    _, rejected = plan_factored(model, ["0.weight"])
+    assert rejected["0.weight"].startswith("Embedding with max_norm is set")
