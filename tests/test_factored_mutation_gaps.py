@@ -535,3 +535,21 @@ def test_a_configuration_outside_the_rules_maths_is_refused_naming_the_module_ty
     model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
     _, rejected = plan_factored(model, ["0.weight"])
     assert rejected["0.weight"].startswith("Embedding with max_norm is set")
+
+
+def test_a_shared_weight_refused_for_another_reason_says_who_shares_it():
+    from hardmine.factored import plan_factored
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e = nn.Embedding(3, 5)
+            self.p = _Plain()
+            self.p.table = self.e.weight  # a module without a rule holds the embedding's weight too
+
+    units, rejected = plan_factored(Shared(), ["e.weight"])
+    assert units == {}
+    assert re.fullmatch(
+        r"_Plain has no factored layer rule \(rules exist for [^)]*\) \(it is shared by \['e.weight', 'p.table'\]\)",
+        rejected["e.weight"],
+    )
