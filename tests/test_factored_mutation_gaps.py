@@ -553,3 +553,81 @@ def test_a_shared_weight_refused_for_another_reason_says_who_shares_it():
         r"_Plain has no factored layer rule \(rules exist for [^)]*\) \(it is shared by \['e.weight', 'p.table'\]\)",
         rejected["e.weight"],
     )
+
+
+def test_a_shared_gram_is_computed_once_for_its_readers_and_then_let_go():
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return torch.full((2, 2), float(len(computed)))
+
+    cache = registry.GramCache({"x": 2})
+    first, second = cache.get("x", compute), cache.get("x", compute)
+    assert len(computed) == 1 and second is first  # the second reader gets the first one's Gram
+    cache.get("x", compute)  # no reader left: not held, so computed again
+    assert len(computed) == 2
+    cache.get("y", compute)  # a key nobody counted: computed, not held
+    cache.get("y", compute)
+    assert len(computed) == 4
+
+
+def test_a_reader_that_skips_its_gram_releases_it():
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return torch.zeros(1)
+
+    cache = registry.GramCache({"x": 3})
+    cache.get("x", compute)  # reader 1
+    cache.release("x")  # reader 2 takes another route
+    cache.get("x", compute)  # reader 3 still finds it
+    assert len(computed) == 1
+    cache = registry.GramCache({"x": 2})
+    cache.get("x", compute)  # reader 1
+    cache.release("x")  # reader 2 will not ask: the Gram is dropped
+    cache.get("x", compute)
+    assert len(computed) == 3
+    cache = registry.GramCache({})
+    cache.release("x")  # releasing a key nobody counted is harmless
+    cache.get("x", compute)
+    assert len(computed) == 4
+
+
+def test_gram_keys_tell_apart_views_of_one_storage():
+    x = torch.randn(4, 6)
+    key = registry.GramCache.key
+    assert key(x) == key(x)
+    assert key(x) != key(x.view(6, 4))  # another shape
+    assert key(x) != key(x.t())  # other strides
+    assert key(x[:, :3]) != key(x[:, 3:])  # another start
+    assert key(x) != key(x.view(torch.int32))  # another dtype
+
+
+@pytest.mark.parametrize(("batch", "per_sample", "budget", "sizes"), [
+    (10, 3, 7, [2, 2, 2, 2, 2]),  # 7 // 3 = 2 samples a chunk
+    (5, 100, 7, [1, 1, 1, 1, 1]),  # one sample over the budget: one a chunk
+    (5, 0, 7, [5]),  # nothing per sample: the whole batch
+    (7, 1, 7, [7]),  # exactly the budget
+])
+def test_batch_chunks_cover_the_batch_within_the_budget(batch, per_sample, budget, sizes, monkeypatch):
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", budget)
+    chunks = list(registry.batch_chunks(batch, per_sample))
+    assert [s.stop - s.start for s in chunks] == sizes
+    assert [s.start for s in chunks] == [sum(sizes[:i]) for i in range(len(sizes))] and chunks[-1].stop == batch
+
+
+def test_the_base_rule_refuses_calls_it_cannot_attribute():
+    rule = registry.LayerRule()
+    x = torch.randn(3, 4)
+    assert rule.check_call(nn.Identity(), (x,), x, 3) == "its input or output is not a single tensor"
+    assert rule.check_call(nn.Identity(), x, [x], 3) == "its input or output is not a single tensor"
+    why = rule.check_call(nn.Identity(), x, torch.randn(2, 4), 3)
+    assert why == "it saw input shape (3, 4) / output shape (2, 4) for a batch of 3, so the batch is not on dimension 0"
+    assert rule.check_call(nn.Identity(), torch.tensor(1.0), x, 3) is not None  # a 0-d input has no batch
+    assert rule.check_call(nn.Identity(), x, torch.tensor(1.0), 3) is not None
+    assert rule.check_call(nn.Identity(), x, x, 3) is None
+    assert rule.handled_params == ("weight", "bias") and not rule.supports_tied
+    with pytest.raises(NotImplementedError):
+        rule.compute(nn.Identity(), [], registry.RuleRequest(None, ()))
