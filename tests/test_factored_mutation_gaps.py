@@ -87,6 +87,7 @@ def test_a_conv2d_under_autocast_gets_its_bfloat16_gradients(c_in):
     fg = factored_pass(model, batch, layout)
     ref = reference_per_sample_grads(model, batch, params="conv")
     assert fg.kron["conv.weight"].dtype == torch.bfloat16
+    assert fg.sq_norm.dtype == torch.float32  # summed in the model output's dtype
     assert_close(fg.kron["conv.weight"].float(), _expected(layout, ref, "conv.weight").float(), rtol=0.05, atol=0.02)
     assert_close(fg.vectors["conv.bias"].float(), ref.grads["conv.bias"], rtol=0.05, atol=0.01)
     assert_close(fg.sq_norm.float(), ref.grad_norm.square(), rtol=0.03, atol=1e-4)
@@ -631,3 +632,91 @@ def test_the_base_rule_refuses_calls_it_cannot_attribute():
     assert rule.handled_params == ("weight", "bias") and not rule.supports_tied
     with pytest.raises(NotImplementedError):
         rule.compute(nn.Identity(), [], registry.RuleRequest(None, ()))
+
+
+# -------------------------------------------------------------------------------------------- apply
+class _Gain(nn.Module):
+    """y = x * gain: a vector parameter only."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def _gain_rule(result):
+    """A rule for _Gain whose result is ``result(calls, request)``."""
+
+    class Rule(registry.LayerRule):
+        matrix_param = None
+        vector_params = ("gain",)
+
+        def compute(self, module, calls, request):
+            return result(calls, request)
+
+    return Rule
+
+
+def _exact_gain(calls):
+    return sum(c.delta * c.x for c in calls)  # (B, d)
+
+
+def _gain_pass(model_dtype=torch.float64):
+    model = nn.Sequential(_Gain(), nn.Linear(4, 3)).to(model_dtype)
+    batch = (torch.randn(5, 4, dtype=model_dtype), torch.randint(0, 3, (5,)))
+    layout = ProjectionLayout(model, ["0.gain"], dim=16, seed=0)
+    return model, batch, layout
+
+
+def test_a_rule_returning_a_vector_of_the_wrong_shape_is_refused(fresh_registry):
+    rule = _gain_rule(lambda calls, req: registry.RuleResult(vectors={"gain": _exact_gain(calls)[:, :3]}))
+    registry.register_layer_rule(_Gain)(rule)
+    model, batch, layout = _gain_pass()
+    with pytest.raises(ValueError, match=r"layer rule Rule returned shape \(5, 3\) for '0.gain'"):
+        factored_pass(model, batch, layout)
+
+
+def test_a_rules_own_vector_projection_must_be_the_offered_matrix_shape(fresh_registry):
+    # float32: the runner offers the dense matrix of gain, and a rule may return gain @ matrix itself.
+    def good(calls, req):
+        g = _exact_gain(calls)
+        return registry.RuleResult(vectors={"gain": g}, vector_proj={"gain": g @ req.vector_mats["gain"]})
+
+    registry.register_layer_rule(_Gain)(_gain_rule(good))
+    model, batch, layout = _gain_pass(torch.float32)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params=["0.gain"])
+    assert set(fg.vector_proj) == {"0.gain"}
+    assert_close(fg.vector_proj["0.gain"], layout.project_dense("0.gain", ref.grads["0.gain"]), rtol=1e-4, atol=1e-6)
+
+    def bad(calls, req):
+        g = _exact_gain(calls)
+        return registry.RuleResult(vectors={"gain": g}, vector_proj={"gain": g[:, :3]})  # not (B, width)
+
+    registry._REGISTRY[_Gain] = _gain_rule(bad)()
+    with pytest.raises(ValueError, match=r"returned a projection of '0.gain' of shape \(5, 3\) without / unlike the matrix"):
+        factored_pass(model, batch, layout)
+
+    def unoffered(calls, req):  # float64: no matrix offered, yet a projection returned
+        g = _exact_gain(calls)
+        return registry.RuleResult(vectors={"gain": g}, vector_proj={"gain": g.new_zeros(len(g), 4)})
+
+    registry._REGISTRY[_Gain] = _gain_rule(unoffered)()
+    model, batch, layout = _gain_pass(torch.float64)
+    with pytest.raises(ValueError, match=r"returned a projection of '0.gain' of shape \(5, 4\) without / unlike"):
+        factored_pass(model, batch, layout)
+
+
+def test_a_rules_own_vector_norm_is_what_the_pass_adds(fresh_registry):
+    # RuleResult.vector_sq_norm: the rule's squared norm of a vector's gradient is taken as given.
+    def with_norm(calls, req):
+        g = _exact_gain(calls)
+        return registry.RuleResult(vectors={"gain": g}, vector_sq_norm={"gain": g.pow(2).sum(1) + 1.0})
+
+    registry.register_layer_rule(_Gain)(_gain_rule(with_norm))
+    model, batch, layout = _gain_pass()
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params=["0.gain"])
+    assert_close(fg.sq_norm, ref.grad_norm.square() + 1.0)
