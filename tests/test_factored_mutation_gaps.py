@@ -720,3 +720,24 @@ def test_a_rules_own_vector_norm_is_what_the_pass_adds(fresh_registry):
     fg = factored_pass(model, batch, layout)
     ref = reference_per_sample_grads(model, batch, params=["0.gain"])
     assert_close(fg.sq_norm, ref.grad_norm.square() + 1.0)
+
+
+@pytest.mark.parametrize(("ids_f", "ids_g"), [(False, False), (True, False), (False, True), (True, True)])
+def test_factors_inner_over_several_chunks(ids_f, ids_g, monkeypatch):
+    # A chunk budget of two samples (2 * N * M elements each): the batch of 5 comes in chunks of 2, 2 and 1.
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 2 * 2 * 5 * 6)
+    g = torch.Generator().manual_seed(1)
+    b, rows, cols = 5, 7, 4
+
+    def factors(n: int, ids: bool):
+        c = torch.randn(b, n, cols, generator=g, dtype=torch.float64)
+        if ids:
+            r = torch.randint(0, rows, (b, n), generator=g)
+            dense = nn.functional.one_hot(r, rows).double()  # (B, N, rows)
+        else:
+            r = dense = torch.randn(b, n, rows, generator=g, dtype=torch.float64)
+        return registry.GradFactors(r, c), dense.transpose(1, 2) @ c  # (B, rows, cols)
+
+    f, gf = factors(5, ids_f)
+    h, gh = factors(6, ids_g)
+    assert_close(registry.factors_inner(f, h), (gf * gh).sum((1, 2)))
