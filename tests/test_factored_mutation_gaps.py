@@ -741,3 +741,37 @@ def test_factors_inner_over_several_chunks(ids_f, ids_g, monkeypatch):
     f, gf = factors(5, ids_f)
     h, gh = factors(6, ids_g)
     assert_close(registry.factors_inner(f, h), (gf * gh).sum((1, 2)))
+
+
+class _SharedWithFrozenReader(nn.Module):
+    """q, k and v read one input; v runs under no_grad, so it gets no gradient (a counted reader that never
+    asks for the shared Gram)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.q, self.k, self.v = (nn.Linear(6, 6) for _ in range(3))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)  # (B, T, 6)
+        with torch.no_grad():
+            v = self.v(h)
+        return self.head((self.q(h) * torch.tanh(self.k(h)) + v).mean(1))
+
+
+def test_a_reader_without_gradient_lets_the_shared_gram_go(monkeypatch):
+    caches = []
+    real_init = registry.GramCache.__init__
+
+    def recording_init(self, readers):
+        real_init(self, readers)
+        caches.append(self)
+
+    monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
+    fg, _ = _check_pass(_SharedWithFrozenReader().double(), batch, dim=9)  # exact
+    assert fg.kron["v.weight"].abs().max() == 0 and fg.vectors["v.bias"].abs().max() == 0
+    (cache,) = caches
+    assert cache._grams == {}  # nothing held after the pass
