@@ -288,6 +288,10 @@ def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | N
         run = runs.get(name) or {k: v for k, v in previous.get(name, {}).items()
                                  if k in ("command", "date", "rc", "seconds")}
         if codes is None or not any(v is not None for v in codes.values()):
+            if name not in runs and "killed" in previous.get(name, {}):
+                # no results here (another checkout, or mutants/ removed): keep its last recorded results
+                entries.append(previous[name])
+                continue
             if run.get("rc") not in (None, 0):
                 reason = f"mutmut stopped with exit code {run['rc']} (see {run.get('log', 'its log')})"
             else:
