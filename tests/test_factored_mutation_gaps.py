@@ -775,3 +775,57 @@ def test_a_reader_without_gradient_lets_the_shared_gram_go(monkeypatch):
     assert fg.kron["v.weight"].abs().max() == 0 and fg.vectors["v.bias"].abs().max() == 0
     (cache,) = caches
     assert cache._grams == {}  # nothing held after the pass
+
+
+@pytest.mark.parametrize("hw", [3, 4], ids=["one-position", "ghost"])
+@pytest.mark.parametrize(("c_in", "c_out", "groups"), [(4, 4, 2), (2, 2, 2)], ids=["grouped", "depthwise"])
+def test_a_grouped_conv2d_on_few_positions_is_exact(hw, c_in, c_out, groups):
+    # Few output positions take the one-position or the ghost route, where P_out is applied group by group.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, 3, groups=groups)
+    n = c_out * (hw - 2) ** 2
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(n, 3)).double()
+    _check_pass(model, (torch.randn(3, c_in, hw, hw, dtype=torch.float64), torch.randint(0, 3, (3,))), dim=16)
+
+
+class _Allocations(_Shapes):
+    """Records the shape of every tensor an op allocates (views of existing tensors left out)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize(("t", "budget"), [(1, 64), (8, 128), (20, 512)], ids=["one-position", "ghost", "explicit"])
+def test_linear_temporaries_stay_within_the_chunk_budget(t, budget, monkeypatch):
+    # A 16 -> 16 Linear on 32 samples of t positions: each route's per-sample temporaries (the (a,) and (b,)
+    # factor products of one position, the (t, t) Gram matrices, the (16, 16) gradients) come a few samples
+    # at a time; only the (B, a, b) result and (B,) norms span the batch.
+    import hardmine.factored.linear as linear_rule
+
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", budget)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Flatten(), nn.Linear(16 * t, 3)).double()
+    b = 32
+    batch = (torch.randn(b, t, 16, dtype=torch.float64), torch.randint(0, 3, (b,)))
+    shapes = []
+    real = linear_rule.LinearRule.compute
+
+    def recorded(self, module, calls, request):
+        with _Allocations() as mode:
+            res = real(self, module, calls, request)
+        shapes.extend(mode.shapes)
+        return res
+
+    monkeypatch.setattr(linear_rule.LinearRule, "compute", recorded)
+    layout = _layout(model, "0", dim=16)
+    fg = factored_pass(model, batch, layout)
+    temporaries = [s for s in shapes if s not in {(b, 4, 4), (b,), (b, 16)}]  # results: projection, norm, bias
+    assert temporaries and max(math.prod(s) for s in temporaries) <= budget
+    monkeypatch.setattr(linear_rule.LinearRule, "compute", real)
+    ref = reference_per_sample_grads(model, batch, params="0")
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm)
