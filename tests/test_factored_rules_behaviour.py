@@ -944,6 +944,8 @@ def test_the_base_rule_refuses_calls_it_cannot_attribute():
     assert rule.check_call(nn.Identity(), x, [x], 3) == "its input or output is not a single tensor"
     why = rule.check_call(nn.Identity(), x, torch.randn(2, 4), 3)
     assert why == "it saw input shape (3, 4) / output shape (2, 4) for a batch of 3, so the batch is not on dimension 0"
+    why = rule.check_call(nn.Identity(), torch.randn(2, 4), x, 3)  # only the input's rows are wrong
+    assert why == "it saw input shape (2, 4) / output shape (3, 4) for a batch of 3, so the batch is not on dimension 0"
     assert rule.check_call(nn.Identity(), torch.tensor(1.0), x, 3) is not None  # a 0-d input has no batch
     assert rule.check_call(nn.Identity(), x, torch.tensor(1.0), 3) is not None
     assert rule.check_call(nn.Identity(), x, x, 3) is None
