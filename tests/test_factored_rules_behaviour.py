@@ -1149,3 +1149,34 @@ def test_linear_temporaries_stay_within_the_chunk_budget(t, budget, monkeypatch)
     monkeypatch.setattr(linear_rule.LinearRule, "compute", real)
     ref = reference_per_sample_grads(model, batch, params="0")
     assert_close(fg.sq_norm.sqrt(), ref.grad_norm)
+
+
+def test_linear_refuses_an_unbatched_vector_and_quotes_its_shape():
+    # nn.Linear accepts one (d_in,) vector; with d_in == d_out == the batch size only its dimension count
+    # tells that it carries no batch.
+    lin = nn.Linear(3, 3)
+    assert _reason(lin, torch.randn(3), 3) == "it was called on an unbatched input of shape (3,)"
+
+
+class _TiedFrozenHead(nn.Module):
+    """An embedding and a head sharing one weight; the head runs under no_grad, so only the embedding's use
+    has a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(10, 6)
+        self.h = nn.Linear(6, 10, bias=False)
+        self.h.weight = self.e.weight
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        pooled = self.e(ids).mean(1)  # (B, 6)
+        with torch.no_grad():
+            aux = self.h(pooled)[:, :3]  # (B, 3): no gradient reaches the head
+        return self.fc(torch.tanh(pooled)) + aux
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_a_tied_weight_whose_other_holder_gets_no_gradient_is_exact(b):
+    torch.manual_seed(0)
+    _check_pass(_TiedFrozenHead().double(), (torch.randint(0, 10, (b, 5)), torch.randint(0, 3, (b,))), layers=["e", "fc"])
