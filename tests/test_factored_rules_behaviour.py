@@ -1180,3 +1180,35 @@ class _TiedFrozenHead(nn.Module):
 def test_a_tied_weight_whose_other_holder_gets_no_gradient_is_exact(b):
     torch.manual_seed(0)
     _check_pass(_TiedFrozenHead().double(), (torch.randint(0, 10, (b, 5)), torch.randint(0, 3, (b,))), layers=["e", "fc"])
+
+
+class _SharedWithOtherReaders(nn.Module):
+    """q and k read one input, and so does a LayerNorm, whose rule takes no Gram: only q and k count as the
+    Gram's readers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.q, self.k = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)  # (B, T, 6): read by q, k and the norm
+        return self.head((self.q(h) * torch.tanh(self.k(h)) + self.norm(h)).mean(1))
+
+
+def test_only_modules_that_take_the_shared_gram_hold_it(monkeypatch):
+    caches = []
+    real_init = registry.GramCache.__init__
+
+    def recording_init(self, readers):
+        real_init(self, readers)
+        caches.append(self)
+
+    monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
+    _check_pass(_SharedWithOtherReaders().double(), batch, dim=9)  # exact
+    (cache,) = caches
+    assert cache._grams == {}  # let go once q and k have taken it
