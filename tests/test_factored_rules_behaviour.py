@@ -1212,3 +1212,40 @@ def test_only_modules_that_take_the_shared_gram_hold_it(monkeypatch):
     _check_pass(_SharedWithOtherReaders().double(), batch, dim=9)  # exact
     (cache,) = caches
     assert cache._grams == {}  # let go once q and k have taken it
+
+
+def test_two_selected_modules_reading_one_input_share_its_gram(monkeypatch):
+    from test_factored import SharedInput
+
+    computed = []
+    real_get = registry.GramCache.get
+
+    def counting_get(self, key, compute):
+        def counted():
+            computed.append(key[1])
+            return compute()
+
+        return real_get(self, key, counted)
+
+    monkeypatch.setattr(registry.GramCache, "get", counting_get)
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 20, (3, 5)), torch.randint(0, 3, (3,)))  # T=5: 25 <= 6*6, the ghost form
+    _check_pass(SharedInput().double(), batch, layers=["q", "k"], dim=9)  # exact
+    assert computed == [(3, 5, 6)]  # q and k: one Gram, computed once
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_a_float32_tied_weight_is_the_sum_of_both_uses(b):
+    # float32: projections are written straight into the output where they can be; a tied weight's block is
+    # the sum of its holders' parts, so neither may write it alone.
+    from test_factored import Tied
+
+    from hardmine.engine import GradientExtractor
+
+    torch.manual_seed(0)
+    model = Tied()
+    batch = (torch.randint(0, 10, (b, 7)), torch.randint(0, 3, (b,)))
+    fact = GradientExtractor(model, dim=9, engine="factored")(batch)
+    vm = GradientExtractor(model, dim=9, engine="vmap")(batch)
+    assert_close(fact.z, vm.z, rtol=1e-4, atol=1e-5)
+    assert_close(fact.grad_norm, vm.grad_norm, rtol=1e-4, atol=1e-6)
