@@ -1249,3 +1249,19 @@ def test_a_float32_tied_weight_is_the_sum_of_both_uses(b):
     vm = GradientExtractor(model, dim=9, engine="vmap")(batch)
     assert_close(fact.z, vm.z, rtol=1e-4, atol=1e-5)
     assert_close(fact.grad_norm, vm.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+def test_a_single_selected_layer_without_gradient_is_all_zeros():
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.h = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                t = self.b(x)  # selected, but no gradient reaches it
+            return self.h(torch.tanh(self.a(x)) + t)
+
+    torch.manual_seed(0)
+    fg, _ = _check_pass(Frozen().double(), (torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))), layers=["b"])
+    assert fg.kron["b.weight"].abs().max() == 0 and fg.vectors["b.bias"].abs().max() == 0 and fg.sq_norm.abs().max() == 0
