@@ -1265,3 +1265,40 @@ def test_a_single_selected_layer_without_gradient_is_all_zeros():
     torch.manual_seed(0)
     fg, _ = _check_pass(Frozen().double(), (torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))), layers=["b"])
     assert fg.kron["b.weight"].abs().max() == 0 and fg.vectors["b.bias"].abs().max() == 0 and fg.sq_norm.abs().max() == 0
+
+
+class _MatVec(nn.Module):
+    """y = x @ weight.T without a bias, a module type of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class _OwnTensorRule(registry.LayerRule):
+    """An exact rule for _MatVec that ignores ``request.out`` (it is optional) and returns its own tensors."""
+
+    vector_params = ()
+
+    def compute(self, module, calls, request):
+        (call,) = calls
+        p_out, p_in = request.matrix
+        delta, x = call.delta, call.x.to(call.delta.dtype)  # (B, 3), (B, 4)
+        proj = torch.einsum("bo,oa,bi,ic->bac", delta, p_out, x, p_in)  # P_out^T (delta x^T) P_in
+        return registry.RuleResult(matrix_proj=proj, matrix_sq_norm=delta.pow(2).sum(1) * x.pow(2).sum(1))
+
+
+def test_a_rule_that_returns_its_own_projection_gets_it_written(fresh_registry):
+    from hardmine.engine import GradientExtractor
+
+    registry.register_layer_rule(_MatVec)(_OwnTensorRule)
+    torch.manual_seed(0)
+    model = nn.Sequential(_MatVec(), nn.Tanh(), nn.Linear(3, 2))  # float32: the output block is offered
+    batch = (torch.randn(5, 4), torch.randint(0, 2, (5,)))
+    fact = GradientExtractor(model, layers="0", dim=16, engine="factored")(batch)
+    vm = GradientExtractor(model, layers="0", dim=16, engine="vmap")(batch)
+    assert_close(fact.z, vm.z, rtol=1e-4, atol=1e-5)
+    assert_close(fact.grad_norm, vm.grad_norm, rtol=1e-4, atol=1e-6)
