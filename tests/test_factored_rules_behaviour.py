@@ -1302,3 +1302,85 @@ def test_a_rule_that_returns_its_own_projection_gets_it_written(fresh_registry):
     vm = GradientExtractor(model, layers="0", dim=16, engine="vmap")(batch)
     assert_close(fact.z, vm.z, rtol=1e-4, atol=1e-5)
     assert_close(fact.grad_norm, vm.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ capture
+def test_factored_pass_refuses_what_it_cannot_do_and_says_what_to_do():
+    from models import MLP
+
+    model = MLP()
+    batch = (torch.randn(4, 12), torch.randint(0, 4, (4,)))
+    layout = _layout(model, dim=16)
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, batch, layout, randomness="same")
+    assert str(err.value) == (
+        "randomness='same' (one dropout mask shared by the batch) needs the vmap engine; use "
+        "randomness='eval' or 'different' with the factored engine."
+    )
+    with pytest.raises(ValueError, match=r"(^|\W)randomness='bogus'"):
+        factored_pass(model, batch, layout, randomness="bogus")
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, (batch[0], [0, 1, 2, 3]), layout)
+    assert str(err.value) == "target is a list, not a torch.Tensor; convert it with torch.as_tensor."
+    bn = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError) as err:
+        factored_pass(bn, batch, _layout(bn, dim=16))
+    assert re.fullmatch(
+        r"the factored engine cannot handle 1\.weight: BatchNorm1d has no factored layer rule \([^)]*\); "
+        r"1\.bias: BatchNorm1d has no factored layer rule \([^)]*\)\. Use engine='auto' to send these "
+        r"parameters to the vmap engine\.",
+        str(err.value),
+    )
+
+
+def test_factored_pass_runs_a_training_model_in_eval_mode_by_default():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3)).double().train()
+    batch = (torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    fg = factored_pass(model, batch, _layout(model, dim=16))
+    assert model.training  # restored
+    ref = reference_per_sample_grads(model.eval(), batch)  # no dropout
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm)
+    assert_close(fg.output, ref.output)
+
+
+class _WithUnused(nn.Module):
+    """a feeds the output; u is called but its output is never used; f runs under no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.u, self.f, self.h = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        self.u(x)  # computed, never used
+        with torch.no_grad():
+            t = self.f(x)
+        return self.h(torch.tanh(self.a(x)) + t)
+
+
+@pytest.mark.parametrize("layers", [["a", "u", "f", "h"], ["f"]], ids=["all", "frozen-only"])
+def test_keeping_the_graph_gives_the_same_projections_and_leaves_it_usable(layers):
+    from hardmine.factored import apply_rules, capture_calls, plan_factored
+
+    torch.manual_seed(0)
+    model = _WithUnused().double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    results = []
+    for retain in (False, True):
+        layout = ProjectionLayout(model, [n for n, _ in model.named_parameters() if n.split(".")[0] in layers], dim=16, seed=2)
+        units, _ = plan_factored(model, layout.names)
+        with capture_calls(units) as rec:
+            out = model(x)
+        loss = nn.functional.cross_entropy(out, y, reduction="none")
+        fg = apply_rules(units, rec, loss, out, layout, 4, retain_graph=retain)
+        z = layout.new_output(4)
+        fg.write_to(z, layout)
+        results.append((z, fg.sq_norm))
+        if retain:
+            model.zero_grad()
+            loss.sum().backward()  # the caller's own backward still works
+            assert model.a.weight.grad is not None
+    assert_close(results[1][0], results[0][0])
+    assert_close(results[1][1], results[0][1])
+    ref = reference_per_sample_grads(model, (x, y), params=[n for n, _ in model.named_parameters() if n.split(".")[0] in layers])
+    assert_close(results[1][1].sqrt(), ref.grad_norm)
