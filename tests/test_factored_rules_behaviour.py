@@ -1384,3 +1384,26 @@ def test_keeping_the_graph_gives_the_same_projections_and_leaves_it_usable(layer
     assert_close(results[1][1], results[0][1])
     ref = reference_per_sample_grads(model, (x, y), params=[n for n, _ in model.named_parameters() if n.split(".")[0] in layers])
     assert_close(results[1][1].sqrt(), ref.grad_norm)
+
+
+def test_factored_pass_names_every_module_it_cannot_attribute():
+    class TwoFunctional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = torch.tanh(nn.functional.linear(x, self.a.weight, self.a.bias))
+            return self.h(torch.tanh(nn.functional.linear(x, self.b.weight, self.b.bias)))
+
+    model = TwoFunctional()
+    never = (
+        "its forward hook never fired: the model uses its parameters without calling the module "
+        "(e.g. F.linear(x, m.weight))"
+    )
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, (torch.randn(3, 4), torch.randint(0, 3, (3,))), _layout(model, ["a", "b"], dim=16))
+    assert str(err.value) == (
+        f"the factored engine cannot attribute these modules per sample: a (Linear): {never}; b (Linear): "
+        f"{never}. Use engine='auto' to send them to the vmap engine."
+    )
