@@ -1,15 +1,20 @@
-"""The factored layer rules and layout: behaviour the mutation run asked for."""
+"""The factored layer rules, layout, plan, registry and rule application: behaviour the mutation runs asked
+for (issue #18 for conv2d, layout, plan, registry, apply and capture)."""
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 
 import pytest
 import torch
-from test_factored import _check_pass
+from test_factored import _check_pass, _expected, _layout, _Shapes
 from torch import nn
 from torch.testing import assert_close
 
+import hardmine.factored.conv2d as conv2d_rule
+import hardmine.factored.registry as registry
 from hardmine.extract import reference_per_sample_grads
 from hardmine.factored import ProjectionLayout, factored_pass
 from hardmine.factored.conv1d import Conv1DRule
@@ -337,3 +342,1068 @@ def test_embedding_norms_of_long_inputs_over_a_small_table_in_several_chunks(mon
 
     torch.manual_seed(0)
     _check_pass(Net().double(), (torch.randint(0, 4, (4, 12)), torch.randint(0, 3, (4,))))
+
+
+# ------------------------------------------------------------------------------------------- Conv2d
+class _ConvTwice(nn.Module):
+    """One Conv2d applied to the full image and to a half-resolution copy: its gradient sums both calls,
+    which see different numbers of output positions."""
+
+    def __init__(self, c_in: int, c_out: int, **conv) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, **conv)
+        self.head = nn.Linear(2 * c_out, 3)
+
+    def forward(self, x):  # (B, c_in, 8, 8)
+        full = torch.tanh(self.conv(x)).mean((2, 3))  # (B, c_out)
+        half = torch.tanh(self.conv(x[..., ::2, ::2])).amax((2, 3))  # (B, c_out)
+        return self.head(torch.cat([full, half], 1))
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "conv"),
+    [(3, 4, {}), (3, 4, dict(bias=False)), (16, 2, {}), (3, 1, {})],
+    ids=["bias", "nobias", "16-channels", "one-output-channel"],
+)
+@pytest.mark.parametrize("b", [1, 3])
+def test_a_conv2d_called_twice_on_different_sizes_sums_both_calls(c_in, c_out, conv, b):
+    # 16 input channels: the layer the CPU would give the grouped-convolution route if it were called once.
+    torch.manual_seed(0)
+    model = _ConvTwice(c_in, c_out, **conv).double()
+    _check_pass(model, (torch.randn(b, c_in, 8, 8, dtype=torch.float64), torch.randint(0, 3, (b,))), dim=16)
+
+
+@pytest.mark.parametrize("c_in", [3, 16], ids=["unfold", "grouped"])
+def test_a_single_output_channel_conv2d_is_exact(c_in):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(c_in, 1, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3)).double()
+    _check_pass(model, (torch.randn(3, c_in, 8, 8, dtype=torch.float64), torch.randint(0, 3, (3,))), dim=16)
+
+
+class _AutocastConv(nn.Module):
+    """A convolution the model runs under CPU autocast: it sees a float32 input and returns bfloat16."""
+
+    def __init__(self, c_in: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.conv(x)  # (B, 4, 8, 8) bfloat16
+        return self.head(torch.tanh(h.float()).mean((2, 3)))
+
+
+@pytest.mark.parametrize("c_in", [3, 16], ids=["unfold", "grouped"])
+def test_a_conv2d_under_autocast_gets_its_bfloat16_gradients(c_in):
+    # The input arrives in float32 and the output gradient in bfloat16: the rule computes in the gradient's
+    # dtype, so the projection and the norm are the reference's up to bfloat16 rounding.
+    torch.manual_seed(0)
+    model = _AutocastConv(c_in)
+    batch = (torch.randn(3, c_in, 8, 8), torch.randint(0, 3, (3,)))
+    layout = _layout(model, "conv", dim=16)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params="conv")
+    assert fg.kron["conv.weight"].dtype == torch.bfloat16
+    assert fg.sq_norm.dtype == torch.float32  # summed in the model output's dtype
+    assert_close(fg.kron["conv.weight"].float(), _expected(layout, ref, "conv.weight").float(), rtol=0.05, atol=0.02)
+    assert_close(fg.vectors["conv.bias"].float(), ref.grads["conv.bias"], rtol=0.05, atol=0.01)
+    assert_close(fg.sq_norm.float(), ref.grad_norm.square(), rtol=0.03, atol=1e-4)
+
+
+def test_conv2d_refuses_an_unbatched_call_and_quotes_its_shape():
+    # nn.Conv2d accepts one unbatched (C, H, W) image; here C_in == C_out == the batch size, so only the
+    # dimension count tells that the first dimension is not the batch.
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    why = _reason(conv, torch.randn(3, 8, 8), 3)
+    assert why is not None and "(3, 8, 8)" in why and "(B, C, H, W)" in why
+    assert _reason(conv, torch.randn(3, 3, 8, 8), 3) is None
+
+
+def test_conv2d_refuses_a_call_whose_batch_is_not_on_dimension_0():
+    conv = nn.Conv2d(3, 4, 3)
+    why = _reason(conv, torch.randn(5, 3, 8, 8), 3)  # a 4-D input, but 5 rows for a batch of 3
+    assert why is not None and "not on dimension 0" in why
+
+
+@pytest.mark.parametrize("route", ["unfold", "grouped"])
+def test_conv2d_temporaries_stay_within_the_chunk_budget(route, monkeypatch):
+    # Whichever route a layer takes, its per-sample temporaries (unfolded patches, the padded input, per-sample
+    # gradients) come a bounded chunk of samples at a time: none exceeds CHUNK_ELEMENTS.
+    budget = 4400  # one sample per chunk on either route (2448 and 2752 elements per sample)
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", budget)
+    b, c_in = 16, (16 if route == "grouped" else 4)
+    if route == "unfold":
+        monkeypatch.setattr(conv2d_rule, "GROUPED_MIN_CHANNELS", 10**6)
+    model = nn.Sequential(nn.Conv2d(c_in, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 64, 3))
+    batch = (torch.randn(b, c_in, 8, 8), torch.randint(0, 3, (b,)))
+    layout = _layout(model, "0", dim=16)
+    cols, positions = c_in * 9, 64
+    with _Shapes() as mode:
+        fg = factored_pass(model, batch, layout)
+    per_sample = {
+        (c_in, 10, 10),  # the padded input of the grouped route, per sample
+        (cols, positions),  # unfolded patches
+        (positions, cols),
+        (4, cols),  # per-sample weight gradients
+    }
+    chunked = [s for s in mode.shapes if len(s) >= 3 and any(s[-len(p):] == p for p in per_sample)]
+    assert chunked and max(math.prod(s) for s in chunked) <= budget
+    ref = reference_per_sample_grads(model, batch, params="0")
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("padding", [(0, 2), (2, 1)])
+@pytest.mark.parametrize("c_in", [3, 16], ids=["unfold", "grouped"])
+def test_conv2d_with_different_padding_in_height_and_width_is_exact(padding, padding_mode, c_in):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, 4, 3, padding=padding, padding_mode=padding_mode)
+    with torch.no_grad():
+        n = conv(torch.zeros(1, c_in, 7, 9)).numel()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(n, 3)).double()
+    _check_pass(model, (torch.randn(3, c_in, 7, 9, dtype=torch.float64), torch.randint(0, 3, (3,))), dim=16)
+
+
+# ------------------------------------------------------------------------------------------- layout
+def _mlp_layout():
+    from models import MLP
+
+    model = MLP()
+    return model, _layout(model, dim=16)
+
+
+def test_assemble_places_every_block_at_its_offset_as_float32():
+    # (B, a, b) Kronecker parts and (B, width) dense parts of any float dtype land in their own columns.
+    model, layout = _mlp_layout()
+    torch.manual_seed(0)
+    b = 3
+    parts = {}
+    for name, blk in layout.blocks.items():
+        shape = (b, *blk.factors) if blk.factors is not None else (b, blk.width)
+        parts[name] = torch.randn(shape, dtype=torch.float64)
+    z = layout.assemble(parts)
+    assert z.dtype == torch.float32 and z.shape == (b, layout.out_dim)
+    for name, blk in layout.blocks.items():
+        assert torch.equal(z[:, blk.offset : blk.offset + blk.width], parts[name].reshape(b, -1).float())
+    assert layout.out_dim == sum(blk.width for blk in layout.blocks.values())
+
+
+def test_assemble_names_the_parameters_it_has_no_projection_for():
+    _, layout = _mlp_layout()
+    parts = {name: torch.zeros(2, blk.width) for name, blk in layout.blocks.items()}
+    del parts["fc2.bias"], parts["fc1.weight"]
+    with pytest.raises(ValueError, match=r"no projection for parameter\(s\) \['fc1.weight', 'fc2.bias'\]"):
+        layout.assemble(parts)
+
+
+def test_block_view_is_the_blocks_columns_of_the_output():
+    _, layout = _mlp_layout()
+    z = torch.zeros(2, layout.out_dim)
+    kron, dense = layout.blocks["fc1.weight"], layout.blocks["fc1.bias"]
+    view = layout.block_view(z, "fc1.weight")
+    assert view.shape == (2, *kron.factors)
+    view.fill_(1.0)  # a view: writing it writes the block's columns of z
+    col = layout.block_view(z, "fc1.bias")
+    assert col.shape == (2, dense.width)
+    col.fill_(2.0)
+    assert z[:, kron.offset : kron.offset + kron.width].eq(1).all()
+    assert z[:, dense.offset : dense.offset + dense.width].eq(2).all()
+    assert int(z.eq(0).sum()) == 2 * (layout.out_dim - kron.width - dense.width)
+
+
+def test_project_exact_returns_float32_for_float64_gradients():
+    _, layout = _mlp_layout()
+    for name, blk in layout.blocks.items():
+        grad = torch.randn(4, *blk.shape, dtype=torch.float64)
+        z = layout.project_exact(name, grad)
+        assert z.dtype == torch.float32 and z.shape == (4, blk.width), name
+
+
+@pytest.mark.parametrize(
+    ("kernel", "padding", "hw"),
+    [(3, 4, (16, 4)), ((2, 1), "same", (10, 6)), ((1, 2), "same", (6, 10))],
+    ids=["padded-4", "same-odd-height", "same-odd-width"],
+)
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_the_grouped_route_counts_the_padded_input_in_its_chunks(kernel, padding, hw, monkeypatch):
+    # One output channel: the per-sample padded input (16 channels) is the route's largest temporary, so a
+    # chunk must be sized by it; "same" with an even kernel pads one side only.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 1, kernel, padding=padding)
+    (h, w), (kh, kw) = hw, conv.kernel_size
+    pads = conv2d_rule._pad_amounts(conv)  # [left, right, top, bottom]
+    padded = (16, h + pads[2] + pads[3], w + pads[0] + pads[1])
+    assert math.prod(padded) > 16 * h * w  # the padding is real
+    one_sample = math.prod(padded) + 2 * 16 * kh * kw  # the padded input and two (1, cols) gradients
+    budget = 3 * one_sample // 2  # one sample per chunk
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", budget)
+    with torch.no_grad():
+        n = conv(torch.zeros(1, 16, h, w)).numel()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(n, 3))
+    batch = (torch.randn(4, 16, h, w), torch.randint(0, 3, (4,)))
+    shapes = []
+    real = conv2d_rule.Conv2dRule.compute
+
+    def recorded(self, module, calls, request):  # every tensor the rule forms
+        with _Shapes() as mode:
+            res = real(self, module, calls, request)
+        shapes.extend(mode.shapes)
+        return res
+
+    monkeypatch.setattr(conv2d_rule.Conv2dRule, "compute", recorded)
+    fg = factored_pass(model, batch, _layout(model, "0", dim=16))
+    assert any(s[1:] == padded for s in shapes)  # the grouped route padded its input
+    assert max(math.prod(s) for s in shapes) <= budget
+    ref = reference_per_sample_grads(model, batch, params="0")
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+def test_describe_records_every_blocks_place_and_seed_keys():
+    _, layout = _mlp_layout()  # MLP: fc1 (16 x 12), fc2 (4 x 16); dim 16 = 4 x 4
+    assert layout.describe() == [
+        {"param": "fc1.weight", "kind": "kron", "shape": [16, 12], "offset": 0, "width": 16, "factors": [4, 4],
+         "keys": ["fc1.weight:out", "fc1.weight:in"]},
+        {"param": "fc1.bias", "kind": "dense", "shape": [16], "offset": 16, "width": 4, "key": "fc1.bias"},
+        {"param": "fc2.weight", "kind": "kron", "shape": [4, 16], "offset": 20, "width": 16, "factors": [4, 4],
+         "keys": ["fc2.weight:out", "fc2.weight:in"]},
+        {"param": "fc2.bias", "kind": "dense", "shape": [4], "offset": 36, "width": 4, "key": "fc2.bias"},
+    ]
+
+
+def test_asking_a_block_for_the_other_kind_of_matrix_names_the_parameter():
+    _, layout = _mlp_layout()
+    with pytest.raises(ValueError, match=r"parameter 'fc1.bias' has a dense block, not a Kronecker one"):
+        layout.kron_matrices("fc1.bias")
+    with pytest.raises(ValueError, match=r"parameter 'fc1.weight' has a Kronecker block, not a dense one"):
+        layout.dense_matrix("fc1.weight")
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_kron_matrices_are_the_seeded_matrices_of_the_layouts_kind(kind):
+    from hardmine.project import random_matrix
+
+    model = nn.Linear(12, 16)
+    layout = ProjectionLayout(model, ["weight"], dim=16, seed=3, kind=kind)
+    p_out, p_in = layout.kron_matrices("weight")
+    assert torch.equal(p_out, random_matrix(16, 4, seed=3, key="weight:out", kind=kind))
+    assert torch.equal(p_in, random_matrix(12, 4, seed=3, key="weight:in", kind=kind))
+    p_out64, _ = layout.kron_matrices("weight", torch.float64)
+    assert p_out64.dtype == torch.float64 and torch.equal(p_out64, p_out.double())
+
+
+def test_dense_block_matrix_only_for_a_float32_dense_block_of_one_projector_block():
+    from hardmine.project import BLOCK_ROWS
+
+    model = nn.Sequential(nn.Linear(3, BLOCK_ROWS), nn.Linear(3, BLOCK_ROWS + 1))
+    layout = ProjectionLayout(model, ["0.weight", "0.bias", "1.bias"], dim=16, seed=0)
+    full = layout.dense_block_matrix("0.bias", torch.float32)  # the default device: the CPU
+    assert full is not None and torch.equal(full, layout.dense_matrix("0.bias"))  # BLOCK_ROWS rows: one block
+    assert layout.dense_block_matrix("0.bias", torch.float64) is None  # another dtype: the caller projects
+    assert layout.dense_block_matrix("0.weight", torch.float32) is None  # a Kronecker block
+    assert layout.dense_block_matrix("1.bias", torch.float32) is None  # more rows than one block
+
+
+def test_the_projected_output_is_float32_whatever_the_default_dtype():
+    _, layout = _mlp_layout()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert layout.new_output(2).dtype == torch.float32
+        parts = {name: torch.zeros(2, blk.width) for name, blk in layout.blocks.items()}
+        assert layout.assemble(parts).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(before)
+
+
+def test_a_bad_dim_is_refused_with_dims_that_work():
+    from hardmine.factored import kron_factors
+
+    with pytest.raises(ValueError, match=r"dim=0 must be a positive integer.*e\.g\. 256 = 16 x 16"):
+        kron_factors(0)
+    with pytest.raises(ValueError, match=r"1 x 17, too unbalanced.*e\.g\. dim=16 or dim=25\."):
+        kron_factors(17)
+
+
+# ----------------------------------------------------------------------------------------- registry
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """The registry's tables as they are, copied: what a test registers is gone afterwards."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BY_NAME", list(registry._BY_NAME))
+    monkeypatch.setattr(registry, "_NAME_CACHE", {})
+    return registry
+
+
+class _Thing(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class _RuleA(registry.LayerRule):
+    pass
+
+
+class _RuleB(registry.LayerRule):
+    pass
+
+
+class _RuleC(registry.LayerRule):
+    pass
+
+
+def test_rules_by_name_match_the_qualified_class_name_first_registered_first(fresh_registry):
+    name = registry.qualified_name(_Thing)
+    assert name == f"{__name__}._Thing"
+    thing = _Thing()
+    assert registry.rule_for(thing) is None  # looked up (and remembered) before any rule exists
+    registry.register_layer_rule("*._Thing")(_RuleA)
+    assert isinstance(registry.rule_for(thing), _RuleA)  # a later registration is seen
+    registry.register_layer_rule(name)(_RuleB)  # also matches, but registered second
+    assert isinstance(registry.rule_for(thing), _RuleA)
+    assert registry.registered_names()[-2:] == ["*._Thing", name]
+    registry.register_layer_rule(_Thing)(_RuleC)  # an exact type wins over every name
+    assert isinstance(registry.rule_for(thing), _RuleC)
+    assert _Thing in registry.registered_types()
+    assert registry.rule_for(nn.Identity()) is None  # another class: no rule
+
+
+def test_registering_a_rule_twice_or_wrongly_is_refused(fresh_registry):
+    registry.register_layer_rule("pkg.mod.Thing")(_RuleA)
+    with pytest.raises(ValueError, match=r"for 'pkg.mod.Thing' is already registered \(_RuleA\); there can be only one per name"):
+        registry.register_layer_rule("pkg.mod.Thing")(_RuleB)
+    registry.register_layer_rule(_Thing)(_RuleA)
+    with pytest.raises(ValueError, match=r"for _Thing is already registered \(_RuleA\); there can be only one per module type"):
+        registry.register_layer_rule(_Thing)(_RuleB)
+    with pytest.raises(ValueError, match=r"needs a module type or a non-empty qualified class name"):
+        registry.register_layer_rule("")
+    with pytest.raises(ValueError, match=r"needs an nn.Module subclass, got <class 'int'>"):
+        registry.register_layer_rule(int)
+    with pytest.raises(ValueError, match=r"is not a LayerRule subclass; subclass hardmine.factored.LayerRule"):
+        registry.register_layer_rule("pkg.mod.Other")(int)
+    assert "pkg.mod.Other" not in registry.registered_names()
+
+
+def test_the_layout_records_dim_seed_and_kind_as_given():
+    from hardmine.enums import ProjectionKind
+
+    layout = ProjectionLayout(nn.Linear(12, 16), ["weight", "bias"], dim=16, seed=3, kind="gaussian")
+    assert layout.dim == 16 and type(layout.dim) is int  # scan metadata stores it as a JSON integer
+    assert layout.seed == 3 and layout.kind is ProjectionKind.GAUSSIAN
+    with pytest.raises(ValueError, match=r"(^|\W)kind='uniform'"):
+        ProjectionLayout(nn.Linear(12, 16), ["weight"], dim=16, seed=3, kind="uniform")
+
+
+class _Plain(nn.Module):
+    """A module without a layer rule, holding a matrix and a vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 5))
+        self.scale = nn.Parameter(torch.randn(5))
+
+
+def test_dense_blocks_are_a_wide_for_vectors_and_dim_wide_otherwise():
+    model = nn.ModuleDict({"plain": _Plain(), "bil": nn.Bilinear(3, 4, 2), "fc": nn.Linear(4, 2)})
+    names = ["plain.table", "plain.scale", "bil.weight", "bil.bias", "fc.weight", "fc.bias"]
+    layout = ProjectionLayout(model, names, dim=16, seed=0)
+    got = {n: (blk.kind, blk.width) for n, blk in layout.blocks.items()}
+    assert got == {
+        "plain.table": ("dense", 16),  # a matrix without a rule: dim coordinates
+        "plain.scale": ("dense", 4),  # vectors: the smaller Kronecker factor
+        "bil.weight": ("dense", 16),  # 3-D, no rule
+        "bil.bias": ("dense", 4),
+        "fc.weight": ("kron", 16),
+        "fc.bias": ("dense", 4),
+    }
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_dense_blocks_use_the_layouts_seed_and_kind(kind):
+    from hardmine.project import Projector
+
+    model = _Plain()
+    mats = {}
+    for seed in (3, 4):
+        layout = ProjectionLayout(model, ["table", "scale"], dim=16, seed=seed, kind=kind)
+        for name, width in (("table", 16), ("scale", 4)):
+            want = Projector(width, seed=seed, kind=kind).matrix(15 if name == "table" else 5, key=name)
+            assert torch.equal(layout.dense_matrix(name), want), (seed, name)
+        mats[seed] = layout.dense_matrix("table")
+    assert not torch.equal(mats[3], mats[4])
+
+
+# --------------------------------------------------------------------------------------------- plan
+class _TiedConvs(nn.Module):
+    """Two Conv2d modules sharing one weight: the Conv2d rule cannot sum a shared weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+        self.b.weight = self.a.weight
+
+
+def test_a_shared_weight_a_rule_cannot_sum_is_refused_naming_every_holder():
+    from hardmine.factored import plan_factored
+
+    units, rejected = plan_factored(_TiedConvs(), ["a.weight", "a.bias"])
+    assert set(units) == {"a"} and units["a"].vectors == ("bias",) and units["a"].matrix is None
+    assert rejected == {
+        "a.weight": "the parameter is shared by ['a.weight', 'b.weight'] (tied weights) and the Conv2d rule "
+        "cannot sum a shared 'weight'"
+    }
+    # The root module as a holder is named by the parameter's local name.
+    root = nn.Conv2d(3, 3, 3)
+    root.twin = nn.Conv2d(3, 3, 3)
+    root.twin.weight = root.weight
+    _, rejected = plan_factored(root, ["weight"])
+    assert "shared by ['weight', 'twin.weight']" in rejected["weight"]
+
+
+def test_every_refused_parameter_is_listed_with_its_reason():
+    from hardmine.engine import GradientExtractor
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.PReLU())
+    with pytest.raises(ValueError) as err:
+        GradientExtractor(model, dim=16, engine="factored")
+    known = r"\(rules exist for [^)]*\bLinear, [^)]*'transformers\.pytorch_utils\.Conv1D', '\*RMSNorm'[^)]*\)"
+    refused = [("1.weight", "BatchNorm1d"), ("1.bias", "BatchNorm1d"), ("3.weight", "PReLU")]
+    parts = [rf"{re.escape(name)}: {cls} has no factored layer rule {known}" for name, cls in refused]
+    assert re.search("cannot handle " + "; ".join(parts) + r"\. Use engine='auto'", str(err.value))
+
+
+@pytest.mark.parametrize("root", [False, True])
+def test_parameters_inside_multihead_attention_are_refused_naming_it(root):
+    from hardmine.factored import plan_factored
+
+    mha = nn.MultiheadAttention(8, 2)
+    model = mha if root else nn.Sequential(nn.Linear(8, 8), mha)
+    name = "out_proj.weight" if root else "1.out_proj.weight"
+    units, rejected = plan_factored(model, [name])
+    assert units == {}
+    where = "'<root>'" if root else "'1'"
+    assert rejected[name].startswith(f"inside nn.MultiheadAttention {where}, which passes its submodules'")
+    assert "F.multi_head_attention_forward" in rejected[name] and "hooks never fire" in rejected[name]
+
+
+class _TwoParams(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+        self.shift = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x * self.gain + self.shift
+
+
+class _GainRule(registry.LayerRule):
+    matrix_param = None
+    vector_params = ("gain",)
+
+
+def test_a_parameter_its_rule_does_not_handle_is_refused_by_name(fresh_registry):
+    from hardmine.factored import plan_factored
+
+    registry.register_layer_rule(_TwoParams)(_GainRule)
+    model = nn.Sequential(_TwoParams())
+    units, rejected = plan_factored(model, ["0.gain", "0.shift"])
+    assert rejected == {"0.shift": "the _TwoParams rule does not handle parameter 'shift'"}
+    assert units["0"].vectors == ("gain",) and units["0"].params == ["0.gain"]
+
+
+def test_a_model_that_is_itself_a_layer_is_exact():
+    # The root module has the name "": its parameters are "weight" and "bias", not ".weight".
+    torch.manual_seed(0)
+    fg, _ = _check_pass(nn.Linear(5, 3).double(), (torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))))
+    assert set(fg.kron) == {"weight"} and set(fg.vectors) == {"bias"}
+
+
+class _TiedHidden(nn.Module):
+    """An embedding whose weight an LM-style head reuses through F.linear: the head's hook never fires."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(10, 6)
+        self.h = nn.Linear(6, 10, bias=False)
+        self.h.weight = self.e.weight
+
+    def forward(self, x):
+        return nn.functional.linear(self.e(x).mean(1), self.h.weight)
+
+
+def test_one_unattributable_holder_of_a_tied_weight_refuses_every_holder():
+    from hardmine.engine import GradientExtractor
+
+    model = _TiedHidden().double()
+    batch = (torch.randint(0, 10, (4, 5)), torch.randint(0, 10, (4,)))
+    with pytest.raises(ValueError) as err:
+        GradientExtractor(model, dim=9, engine="factored")(batch)
+    msg = str(err.value)
+    assert "h (Linear): its forward hook never fired" in msg
+    assert "e (Embedding): it shares e.weight with h (Linear), where its forward hook never fired" in msg
+    auto = GradientExtractor(model, dim=9, engine="auto")
+    res = auto(batch)
+    assert auto.metadata()["plan"] == {"e.weight": "vmap"}
+    assert_close(res.grad_norm, reference_per_sample_grads(model, batch).grad_norm)
+
+
+def test_a_configuration_outside_the_rules_maths_is_refused_naming_the_module_type():
+    from hardmine.factored import plan_factored
+
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
+    _, rejected = plan_factored(model, ["0.weight"])
+    assert rejected["0.weight"].startswith("Embedding with max_norm is set")
+
+
+def test_a_shared_weight_refused_for_another_reason_says_who_shares_it():
+    from hardmine.factored import plan_factored
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e = nn.Embedding(3, 5)
+            self.p = _Plain()
+            self.p.table = self.e.weight  # a module without a rule holds the embedding's weight too
+
+    units, rejected = plan_factored(Shared(), ["e.weight"])
+    assert units == {}
+    assert re.fullmatch(
+        r"_Plain has no factored layer rule \(rules exist for [^)]*\) \(it is shared by \['e.weight', 'p.table'\]\)",
+        rejected["e.weight"],
+    )
+
+
+def test_a_shared_gram_is_computed_once_for_its_readers_and_then_let_go():
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return torch.full((2, 2), float(len(computed)))
+
+    cache = registry.GramCache({"x": 2})
+    first, second = cache.get("x", compute), cache.get("x", compute)
+    assert len(computed) == 1 and second is first  # the second reader gets the first one's Gram
+    cache.get("x", compute)  # no reader left: not held, so computed again
+    assert len(computed) == 2
+    cache.get("y", compute)  # a key nobody counted: computed, not held
+    cache.get("y", compute)
+    assert len(computed) == 4
+
+
+def test_a_reader_that_skips_its_gram_releases_it():
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return torch.zeros(1)
+
+    cache = registry.GramCache({"x": 3})
+    cache.get("x", compute)  # reader 1
+    cache.release("x")  # reader 2 takes another route
+    cache.get("x", compute)  # reader 3 still finds it
+    assert len(computed) == 1
+    cache = registry.GramCache({"x": 2})
+    cache.get("x", compute)  # reader 1
+    cache.release("x")  # reader 2 will not ask: the Gram is dropped
+    cache.get("x", compute)
+    assert len(computed) == 3
+    cache = registry.GramCache({})
+    cache.release("x")  # releasing a key nobody counted is harmless
+    cache.get("x", compute)
+    assert len(computed) == 4
+
+
+def test_gram_keys_tell_apart_views_of_one_storage():
+    x = torch.randn(4, 6)
+    key = registry.GramCache.key
+    assert key(x) == key(x)
+    assert key(x) != key(x.view(6, 4))  # another shape
+    assert key(x) != key(x.t())  # other strides
+    assert key(x[:, :3]) != key(x[:, 3:])  # another start
+    assert key(x) != key(x.view(torch.int32))  # another dtype
+
+
+@pytest.mark.parametrize(("batch", "per_sample", "budget", "sizes"), [
+    (10, 3, 7, [2, 2, 2, 2, 2]),  # 7 // 3 = 2 samples a chunk
+    (5, 100, 7, [1, 1, 1, 1, 1]),  # one sample over the budget: one a chunk
+    (5, 0, 7, [5]),  # nothing per sample: the whole batch
+    (7, 1, 7, [7]),  # exactly the budget
+])
+def test_batch_chunks_cover_the_batch_within_the_budget(batch, per_sample, budget, sizes, monkeypatch):
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", budget)
+    chunks = list(registry.batch_chunks(batch, per_sample))
+    assert [s.stop - s.start for s in chunks] == sizes
+    assert [s.start for s in chunks] == [sum(sizes[:i]) for i in range(len(sizes))] and chunks[-1].stop == batch
+
+
+def test_the_base_rule_refuses_calls_it_cannot_attribute():
+    rule = registry.LayerRule()
+    x = torch.randn(3, 4)
+    assert rule.check_call(nn.Identity(), (x,), x, 3) == "its input or output is not a single tensor"
+    assert rule.check_call(nn.Identity(), x, [x], 3) == "its input or output is not a single tensor"
+    why = rule.check_call(nn.Identity(), x, torch.randn(2, 4), 3)
+    assert why == "it saw input shape (3, 4) / output shape (2, 4) for a batch of 3, so the batch is not on dimension 0"
+    why = rule.check_call(nn.Identity(), torch.randn(2, 4), x, 3)  # only the input's rows are wrong
+    assert why == "it saw input shape (2, 4) / output shape (3, 4) for a batch of 3, so the batch is not on dimension 0"
+    assert rule.check_call(nn.Identity(), torch.tensor(1.0), x, 3) is not None  # a 0-d input has no batch
+    assert rule.check_call(nn.Identity(), x, torch.tensor(1.0), 3) is not None
+    assert rule.check_call(nn.Identity(), x, x, 3) is None
+    assert rule.handled_params == ("weight", "bias") and not rule.supports_tied
+    with pytest.raises(NotImplementedError):
+        rule.compute(nn.Identity(), [], registry.RuleRequest(None, ()))
+
+
+# -------------------------------------------------------------------------------------------- apply
+class _Gain(nn.Module):
+    """y = x * gain: a vector parameter only."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def _gain_rule(result):
+    """A rule for _Gain whose result is ``result(calls, request)``."""
+
+    class Rule(registry.LayerRule):
+        matrix_param = None
+        vector_params = ("gain",)
+
+        def compute(self, module, calls, request):
+            return result(calls, request)
+
+    return Rule
+
+
+def _exact_gain(calls):
+    return sum(c.delta * c.x for c in calls)  # (B, d)
+
+
+def _gain_pass(model_dtype=torch.float64):
+    model = nn.Sequential(_Gain(), nn.Linear(4, 3)).to(model_dtype)
+    batch = (torch.randn(5, 4, dtype=model_dtype), torch.randint(0, 3, (5,)))
+    layout = ProjectionLayout(model, ["0.gain"], dim=16, seed=0)
+    return model, batch, layout
+
+
+def test_a_rule_returning_a_vector_of_the_wrong_shape_is_refused(fresh_registry):
+    rule = _gain_rule(lambda calls, req: registry.RuleResult(vectors={"gain": _exact_gain(calls)[:, :3]}))
+    registry.register_layer_rule(_Gain)(rule)
+    model, batch, layout = _gain_pass()
+    with pytest.raises(ValueError, match=r"layer rule Rule returned shape \(5, 3\) for '0.gain'"):
+        factored_pass(model, batch, layout)
+
+
+def test_a_rules_own_vector_projection_must_be_the_offered_matrix_shape(fresh_registry):
+    # float32: the runner offers the dense matrix of gain, and a rule may return gain @ matrix itself.
+    def good(calls, req):
+        g = _exact_gain(calls)
+        return registry.RuleResult(vectors={"gain": g}, vector_proj={"gain": g @ req.vector_mats["gain"]})
+
+    registry.register_layer_rule(_Gain)(_gain_rule(good))
+    model, batch, layout = _gain_pass(torch.float32)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params=["0.gain"])
+    assert set(fg.vector_proj) == {"0.gain"}
+    assert_close(fg.vector_proj["0.gain"], layout.project_dense("0.gain", ref.grads["0.gain"]), rtol=1e-4, atol=1e-6)
+
+    def bad(calls, req):
+        g = _exact_gain(calls)
+        return registry.RuleResult(vectors={"gain": g}, vector_proj={"gain": g[:, :3]})  # not (B, width)
+
+    registry._REGISTRY[_Gain] = _gain_rule(bad)()
+    with pytest.raises(ValueError, match=r"returned a projection of '0.gain' of shape \(5, 3\) without / unlike the matrix"):
+        factored_pass(model, batch, layout)
+
+    def unoffered(calls, req):  # float64: no matrix offered, yet a projection returned
+        g = _exact_gain(calls)
+        return registry.RuleResult(vectors={"gain": g}, vector_proj={"gain": g.new_zeros(len(g), 4)})
+
+    registry._REGISTRY[_Gain] = _gain_rule(unoffered)()
+    model, batch, layout = _gain_pass(torch.float64)
+    with pytest.raises(ValueError, match=r"returned a projection of '0.gain' of shape \(5, 4\) without / unlike"):
+        factored_pass(model, batch, layout)
+
+
+def test_a_rules_own_vector_norm_is_what_the_pass_adds(fresh_registry):
+    # RuleResult.vector_sq_norm: the rule's squared norm of a vector's gradient is taken as given.
+    def with_norm(calls, req):
+        g = _exact_gain(calls)
+        return registry.RuleResult(vectors={"gain": g}, vector_sq_norm={"gain": g.pow(2).sum(1) + 1.0})
+
+    registry.register_layer_rule(_Gain)(_gain_rule(with_norm))
+    model, batch, layout = _gain_pass()
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params=["0.gain"])
+    assert_close(fg.sq_norm, ref.grad_norm.square() + 1.0)
+
+
+@pytest.mark.parametrize(("ids_f", "ids_g"), [(False, False), (True, False), (False, True), (True, True)])
+def test_factors_inner_over_several_chunks(ids_f, ids_g, monkeypatch):
+    # A chunk budget of two samples (2 * N * M elements each): the batch of 5 comes in chunks of 2, 2 and 1.
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 2 * 2 * 5 * 6)
+    g = torch.Generator().manual_seed(1)
+    b, rows, cols = 5, 7, 4
+
+    def factors(n: int, ids: bool):
+        c = torch.randn(b, n, cols, generator=g, dtype=torch.float64)
+        if ids:
+            r = torch.randint(0, rows, (b, n), generator=g)
+            dense = nn.functional.one_hot(r, rows).double()  # (B, N, rows)
+        else:
+            r = dense = torch.randn(b, n, rows, generator=g, dtype=torch.float64)
+        return registry.GradFactors(r, c), dense.transpose(1, 2) @ c  # (B, rows, cols)
+
+    f, gf = factors(5, ids_f)
+    h, gh = factors(6, ids_g)
+    assert_close(registry.factors_inner(f, h), (gf * gh).sum((1, 2)))
+
+
+class _SharedWithFrozenReader(nn.Module):
+    """q, k and v read one input; v runs under no_grad, so it gets no gradient (a counted reader that never
+    asks for the shared Gram)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.q, self.k, self.v = (nn.Linear(6, 6) for _ in range(3))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)  # (B, T, 6)
+        with torch.no_grad():
+            v = self.v(h)
+        return self.head((self.q(h) * torch.tanh(self.k(h)) + v).mean(1))
+
+
+def test_a_reader_without_gradient_lets_the_shared_gram_go(monkeypatch):
+    caches = []
+    real_init = registry.GramCache.__init__
+
+    def recording_init(self, readers):
+        real_init(self, readers)
+        caches.append(self)
+
+    monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
+    fg, _ = _check_pass(_SharedWithFrozenReader().double(), batch, dim=9)  # exact
+    assert fg.kron["v.weight"].abs().max() == 0 and fg.vectors["v.bias"].abs().max() == 0
+    (cache,) = caches
+    assert cache._grams == {}  # nothing held after the pass
+
+
+@pytest.mark.parametrize("hw", [3, 4], ids=["one-position", "ghost"])
+@pytest.mark.parametrize(("c_in", "c_out", "groups"), [(4, 4, 2), (2, 2, 2)], ids=["grouped", "depthwise"])
+def test_a_grouped_conv2d_on_few_positions_is_exact(hw, c_in, c_out, groups):
+    # Few output positions take the one-position or the ghost route, where P_out is applied group by group.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, 3, groups=groups)
+    n = c_out * (hw - 2) ** 2
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(n, 3)).double()
+    _check_pass(model, (torch.randn(3, c_in, hw, hw, dtype=torch.float64), torch.randint(0, 3, (3,))), dim=16)
+
+
+class _Allocations(_Shapes):
+    """Records the shape of every tensor an op allocates (views of existing tensors left out)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize(("t", "budget"), [(1, 64), (8, 128), (20, 512)], ids=["one-position", "ghost", "explicit"])
+def test_linear_temporaries_stay_within_the_chunk_budget(t, budget, monkeypatch):
+    # A 16 -> 16 Linear on 32 samples of t positions: each route's per-sample temporaries (the (a,) and (b,)
+    # factor products of one position, the (t, t) Gram matrices, the (16, 16) gradients) come a few samples
+    # at a time; only the (B, a, b) result and (B,) norms span the batch.
+    import hardmine.factored.linear as linear_rule
+
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", budget)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Flatten(), nn.Linear(16 * t, 3)).double()
+    b = 32
+    batch = (torch.randn(b, t, 16, dtype=torch.float64), torch.randint(0, 3, (b,)))
+    shapes = []
+    real = linear_rule.LinearRule.compute
+
+    def recorded(self, module, calls, request):
+        with _Allocations() as mode:
+            res = real(self, module, calls, request)
+        shapes.extend(mode.shapes)
+        return res
+
+    monkeypatch.setattr(linear_rule.LinearRule, "compute", recorded)
+    layout = _layout(model, "0", dim=16)
+    fg = factored_pass(model, batch, layout)
+    temporaries = [s for s in shapes if s not in {(b, 4, 4), (b,), (b, 16)}]  # results: projection, norm, bias
+    assert temporaries and max(math.prod(s) for s in temporaries) <= budget
+    monkeypatch.setattr(linear_rule.LinearRule, "compute", real)
+    ref = reference_per_sample_grads(model, batch, params="0")
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm)
+
+
+def test_linear_refuses_an_unbatched_vector_and_quotes_its_shape():
+    # nn.Linear accepts one (d_in,) vector; with d_in == d_out == the batch size only its dimension count
+    # tells that it carries no batch.
+    lin = nn.Linear(3, 3)
+    assert _reason(lin, torch.randn(3), 3) == "it was called on an unbatched input of shape (3,)"
+
+
+class _TiedFrozenHead(nn.Module):
+    """An embedding and a head sharing one weight; the head runs under no_grad, so only the embedding's use
+    has a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(10, 6)
+        self.h = nn.Linear(6, 10, bias=False)
+        self.h.weight = self.e.weight
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        pooled = self.e(ids).mean(1)  # (B, 6)
+        with torch.no_grad():
+            aux = self.h(pooled)[:, :3]  # (B, 3): no gradient reaches the head
+        return self.fc(torch.tanh(pooled)) + aux
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_a_tied_weight_whose_other_holder_gets_no_gradient_is_exact(b):
+    torch.manual_seed(0)
+    _check_pass(_TiedFrozenHead().double(), (torch.randint(0, 10, (b, 5)), torch.randint(0, 3, (b,))), layers=["e", "fc"])
+
+
+class _SharedWithOtherReaders(nn.Module):
+    """q and k read one input, and so does a LayerNorm, whose rule takes no Gram: only q and k count as the
+    Gram's readers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.q, self.k = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)  # (B, T, 6): read by q, k and the norm
+        return self.head((self.q(h) * torch.tanh(self.k(h)) + self.norm(h)).mean(1))
+
+
+def test_only_modules_that_take_the_shared_gram_hold_it(monkeypatch):
+    caches = []
+    real_init = registry.GramCache.__init__
+
+    def recording_init(self, readers):
+        real_init(self, readers)
+        caches.append(self)
+
+    monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
+    _check_pass(_SharedWithOtherReaders().double(), batch, dim=9)  # exact
+    (cache,) = caches
+    assert cache._grams == {}  # let go once q and k have taken it
+
+
+def test_two_selected_modules_reading_one_input_share_its_gram(monkeypatch):
+    from test_factored import SharedInput
+
+    computed = []
+    real_get = registry.GramCache.get
+
+    def counting_get(self, key, compute):
+        def counted():
+            computed.append(key[1])
+            return compute()
+
+        return real_get(self, key, counted)
+
+    monkeypatch.setattr(registry.GramCache, "get", counting_get)
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 20, (3, 5)), torch.randint(0, 3, (3,)))  # T=5: 25 <= 6*6, the ghost form
+    _check_pass(SharedInput().double(), batch, layers=["q", "k"], dim=9)  # exact
+    assert computed == [(3, 5, 6)]  # q and k: one Gram, computed once
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_a_float32_tied_weight_is_the_sum_of_both_uses(b):
+    # float32: projections are written straight into the output where they can be; a tied weight's block is
+    # the sum of its holders' parts, so neither may write it alone.
+    from test_factored import Tied
+
+    from hardmine.engine import GradientExtractor
+
+    torch.manual_seed(0)
+    model = Tied()
+    batch = (torch.randint(0, 10, (b, 7)), torch.randint(0, 3, (b,)))
+    fact = GradientExtractor(model, dim=9, engine="factored")(batch)
+    vm = GradientExtractor(model, dim=9, engine="vmap")(batch)
+    assert_close(fact.z, vm.z, rtol=1e-4, atol=1e-5)
+    assert_close(fact.grad_norm, vm.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+def test_a_single_selected_layer_without_gradient_is_all_zeros():
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.h = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                t = self.b(x)  # selected, but no gradient reaches it
+            return self.h(torch.tanh(self.a(x)) + t)
+
+    torch.manual_seed(0)
+    fg, _ = _check_pass(Frozen().double(), (torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))), layers=["b"])
+    assert fg.kron["b.weight"].abs().max() == 0 and fg.vectors["b.bias"].abs().max() == 0 and fg.sq_norm.abs().max() == 0
+
+
+class _MatVec(nn.Module):
+    """y = x @ weight.T without a bias, a module type of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class _OwnTensorRule(registry.LayerRule):
+    """An exact rule for _MatVec that ignores ``request.out`` (it is optional) and returns its own tensors."""
+
+    vector_params = ()
+
+    def compute(self, module, calls, request):
+        (call,) = calls
+        p_out, p_in = request.matrix
+        delta, x = call.delta, call.x.to(call.delta.dtype)  # (B, 3), (B, 4)
+        proj = torch.einsum("bo,oa,bi,ic->bac", delta, p_out, x, p_in)  # P_out^T (delta x^T) P_in
+        return registry.RuleResult(matrix_proj=proj, matrix_sq_norm=delta.pow(2).sum(1) * x.pow(2).sum(1))
+
+
+def test_a_rule_that_returns_its_own_projection_gets_it_written(fresh_registry):
+    from hardmine.engine import GradientExtractor
+
+    registry.register_layer_rule(_MatVec)(_OwnTensorRule)
+    torch.manual_seed(0)
+    model = nn.Sequential(_MatVec(), nn.Tanh(), nn.Linear(3, 2))  # float32: the output block is offered
+    batch = (torch.randn(5, 4), torch.randint(0, 2, (5,)))
+    fact = GradientExtractor(model, layers="0", dim=16, engine="factored")(batch)
+    vm = GradientExtractor(model, layers="0", dim=16, engine="vmap")(batch)
+    assert_close(fact.z, vm.z, rtol=1e-4, atol=1e-5)
+    assert_close(fact.grad_norm, vm.grad_norm, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ capture
+def test_factored_pass_refuses_what_it_cannot_do_and_says_what_to_do():
+    from models import MLP
+
+    model = MLP()
+    batch = (torch.randn(4, 12), torch.randint(0, 4, (4,)))
+    layout = _layout(model, dim=16)
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, batch, layout, randomness="same")
+    assert str(err.value) == (
+        "randomness='same' (one dropout mask shared by the batch) needs the vmap engine; use "
+        "randomness='eval' or 'different' with the factored engine."
+    )
+    with pytest.raises(ValueError, match=r"(^|\W)randomness='bogus'"):
+        factored_pass(model, batch, layout, randomness="bogus")
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, (batch[0], [0, 1, 2, 3]), layout)
+    assert str(err.value) == "target is a list, not a torch.Tensor; convert it with torch.as_tensor."
+    bn = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError) as err:
+        factored_pass(bn, batch, _layout(bn, dim=16))
+    assert re.fullmatch(
+        r"the factored engine cannot handle 1\.weight: BatchNorm1d has no factored layer rule \([^)]*\); "
+        r"1\.bias: BatchNorm1d has no factored layer rule \([^)]*\)\. Use engine='auto' to send these "
+        r"parameters to the vmap engine\.",
+        str(err.value),
+    )
+
+
+def test_factored_pass_runs_a_training_model_in_eval_mode_by_default():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3)).double().train()
+    batch = (torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    fg = factored_pass(model, batch, _layout(model, dim=16))
+    assert model.training  # restored
+    ref = reference_per_sample_grads(model.eval(), batch)  # no dropout
+    assert_close(fg.sq_norm.sqrt(), ref.grad_norm)
+    assert_close(fg.output, ref.output)
+
+
+class _WithUnused(nn.Module):
+    """a feeds the output; u is called but its output is never used; f runs under no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.u, self.f, self.h = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        self.u(x)  # computed, never used
+        with torch.no_grad():
+            t = self.f(x)
+        return self.h(torch.tanh(self.a(x)) + t)
+
+
+@pytest.mark.parametrize("layers", [["a", "u", "f", "h"], ["f"]], ids=["all", "frozen-only"])
+def test_keeping_the_graph_gives_the_same_projections_and_leaves_it_usable(layers):
+    from hardmine.factored import apply_rules, capture_calls, plan_factored
+
+    torch.manual_seed(0)
+    model = _WithUnused().double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    results = []
+    for retain in (False, True):
+        layout = ProjectionLayout(model, [n for n, _ in model.named_parameters() if n.split(".")[0] in layers], dim=16, seed=2)
+        units, _ = plan_factored(model, layout.names)
+        with capture_calls(units) as rec:
+            out = model(x)
+        loss = nn.functional.cross_entropy(out, y, reduction="none")
+        fg = apply_rules(units, rec, loss, out, layout, 4, retain_graph=retain)
+        z = layout.new_output(4)
+        fg.write_to(z, layout)
+        results.append((z, fg.sq_norm))
+        if retain:
+            model.zero_grad()
+            loss.sum().backward()  # the caller's own backward still works
+            assert model.a.weight.grad is not None
+    assert_close(results[1][0], results[0][0])
+    assert_close(results[1][1], results[0][1])
+    ref = reference_per_sample_grads(model, (x, y), params=[n for n, _ in model.named_parameters() if n.split(".")[0] in layers])
+    assert_close(results[1][1].sqrt(), ref.grad_norm)
+
+
+def test_factored_pass_names_every_module_it_cannot_attribute():
+    class TwoFunctional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = torch.tanh(nn.functional.linear(x, self.a.weight, self.a.bias))
+            return self.h(torch.tanh(nn.functional.linear(x, self.b.weight, self.b.bias)))
+
+    model = TwoFunctional()
+    never = (
+        "its forward hook never fired: the model uses its parameters without calling the module "
+        "(e.g. F.linear(x, m.weight))"
+    )
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, (torch.randn(3, 4), torch.randint(0, 3, (3,))), _layout(model, ["a", "b"], dim=16))
+    assert str(err.value) == (
+        f"the factored engine cannot attribute these modules per sample: a (Linear): {never}; b (Linear): "
+        f"{never}. Use engine='auto' to send them to the vmap engine."
+    )
