@@ -460,6 +460,14 @@ def test_unsigned_ids_are_written_as_they_are_and_too_large_ones_are_refused(tmp
     assert not (tmp_path / "w.parquet").exists()
 
 
+def test_text_ids_are_written_and_read_back_as_text(tmp_path):
+    df = _framed()
+    df["sample_id"] = [f"img-{i:03d}" for i in range(len(df))]
+    p = write_manifest(df, tmp_path / "t.parquet", {"task": "classification"})
+    assert pq.read_schema(p).field("sample_id").type == pa.string()
+    assert read_manifest(p)["sample_id"].tolist() == df["sample_id"].tolist()
+
+
 def test_a_zero_weight_is_a_valid_weight(tmp_path):
     df = _framed()
     df["weight"] = np.r_[0.0, np.full(len(df) - 1, len(df) / (len(df) - 1))]  # sample 0 is never drawn
