@@ -1586,3 +1586,110 @@ def test_out_of_range_labels_are_flagged_not_raised_when_flags_are_asked_for():
     flags: list[torch.Tensor] = []
     compute_factored(model, x, y, fn, kind, units, layout, set(), 3, flags=flags)
     assert len(flags) == 1 and bool(flags[0].any())
+
+
+def test_a_class_target_of_the_wrong_shape_is_refused_before_the_pass():
+    model = _ChangesOnBigBatches("none")
+    batch = (torch.randn(5, 4), torch.randint(0, 3, (5, 1)))
+    with pytest.raises(ValueError, match=re.escape("classification targets must be 1-D (B,), got shape (5, 1).")):
+        factored_pass(model, batch, _layout(model, ["a"], dim=16), "cross_entropy")
+
+
+@pytest.mark.parametrize(
+    "loss, said",
+    [(torch.zeros(3, 1), "torch.Size([3, 1])"), (1.5, "float"), ([0.0, 1.0, 2.0], "list")],
+    ids=["2-D", "float", "list"],
+)
+def test_a_loss_that_is_not_one_per_sample_is_refused_saying_what_it_was(loss, said):
+    from hardmine.factored.capture import check_per_sample_loss
+
+    check_per_sample_loss(torch.zeros(3), 3)  # one loss per sample: fine
+    with pytest.raises(ValueError) as err:
+        check_per_sample_loss(loss, 3)
+    assert str(err.value) == f"the loss function returned {said}; it must return one loss per sample, shape (3,)."
+
+
+def test_an_input_modified_in_place_after_its_layer_is_refused_by_name():
+    class Rewrites(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x) * 1.0
+            y = self.b(h)
+            h.add_(1.0)  # b's input changes after b ran
+            return y
+
+    model = Rewrites()
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, (torch.randn(3, 4), torch.randint(0, 3, (3,))), _layout(model, ["b"], dim=16))
+    assert str(err.value) == (
+        "the factored engine cannot attribute these modules per sample: b (Linear): its input is modified in "
+        "place after the layer ran. Use engine='auto' to send them to the vmap engine."
+    )
+
+
+def test_a_broadcast_input_that_is_a_batch_statistic_is_refused():
+    class BatchMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.ctx, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(torch.tanh(self.a(x) + self.ctx(x.mean(0, keepdim=True))))
+
+    model = BatchMean()
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, (torch.randn(4, 4), torch.randint(0, 3, (4,))), _layout(model, ["ctx"], dim=16))
+    assert (
+        "ctx (Linear): it was called on an input of shape (1, ...) that changes with the batch's samples (e.g. a "
+        "batch statistic), so it cannot be attributed per sample. Use engine='auto'"
+    ) in str(err.value)
+
+
+def test_a_layer_called_with_its_input_as_a_keyword_is_exact():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.h = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(torch.tanh(self.a(input=x)))
+
+    torch.manual_seed(0)
+    _check_pass(Keyword(), (torch.randn(4, 4), torch.randint(0, 3, (4,))), dim=16)
+
+
+def test_a_deep_residual_stack_below_the_selected_layers_is_exact():
+    """Forty residual blocks under the selected layers: 2**40 paths through the graph, each node visited once."""
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.a, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            z = self.pre(x)
+            for _ in range(40):
+                z = z + 0.01 * torch.tanh(z)
+            return self.h(torch.tanh(self.a(z)))
+
+    torch.manual_seed(0)
+    _check_pass(Deep(), (torch.randn(4, 4), torch.randint(0, 3, (4,))), layers=["a", "h"], dim=16)
+
+
+def test_units_the_callers_gradients_leave_out_get_zero_gradients():
+    from hardmine.factored.capture import apply_rules, capture_calls
+
+    torch.manual_seed(0)
+    model = _ChangesOnBigBatches("none")
+    x, y = torch.randn(3, 4), torch.randint(0, 3, (3,))
+    layout = _layout(model, ["a"], dim=16)
+    units, _ = plan_factored(model, layout.names)
+    with capture_calls(units) as rec, torch.enable_grad():
+        output = model(x)
+    loss = nn.functional.cross_entropy(output, y, reduction="none")
+    fg = apply_rules(units, rec, loss, output, layout, 3, deltas={})  # the caller computed none for "a"
+    assert torch.equal(fg.sq_norm, torch.zeros(3, dtype=fg.sq_norm.dtype))
+    assert all(not bool(v.any()) for v in fg.kron.values())
