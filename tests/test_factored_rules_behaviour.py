@@ -1407,3 +1407,289 @@ def test_factored_pass_names_every_module_it_cannot_attribute():
         f"the factored engine cannot attribute these modules per sample: a (Linear): {never}; b (Linear): "
         f"{never}. Use engine='auto' to send them to the vmap engine."
     )
+
+
+# ------------------------------------------------------------------------------ capture: broadcast inputs
+from hardmine.factored.capture import CapturedCall, broadcast_problems, compute_factored  # noqa: E402
+from hardmine.factored.plan import plan_factored  # noqa: E402
+from hardmine.losses import resolve_loss  # noqa: E402
+
+_ROW_BY_ROW = (
+    "it was called on an input of shape (1, ...) broadcast over the batch, and sample {c}'s output depends on "
+    "other samples' rows of its output (the model does not use it row by row)"
+)
+
+
+def _bcast(e: torch.Tensor, broadcast: bool = True) -> CapturedCall:
+    """A recorded call whose output ``e`` was expanded to the batch (what the hooks record)."""
+    return CapturedCall(e, e, e, None, None, broadcast=broadcast)
+
+
+def _expanded(n: int = 3, d: int = 4) -> torch.Tensor:
+    w = torch.randn(1, d, requires_grad=True)
+    return (w * 2).expand(n, d)
+
+
+def test_broadcast_check_skips_an_unused_output_and_still_checks_the_next():
+    unused, bad = _expanded(), _expanded()
+    output = bad[:1].expand(3, 4) * 3.0  # every sample reads row 0
+    problems = broadcast_problems(output, {"unused": [_bcast(unused)], "bad": [_bcast(bad)]}, 3)
+    assert problems == {"bad": _ROW_BY_ROW.format(c=1)}
+
+
+def test_broadcast_check_sees_a_sample_reading_the_next_row():
+    e = _expanded()
+    output = torch.cat([e[1:2], e[1:]])  # sample 0 reads row 1, the others their own
+    assert broadcast_problems(output, {"pos": [_bcast(e)]}, 3) == {"pos": _ROW_BY_ROW.format(c=0)}
+    assert broadcast_problems(e * 1.0, {"pos": [_bcast(e)]}, 3) == {}  # row by row: no problem
+
+
+def test_broadcast_check_ignores_outputs_without_gradient_and_unbroadcast_calls():
+    frozen = torch.zeros(1, 4).expand(3, 4)  # a broadcast output that needs no gradient
+    e = _expanded()
+    plain = torch.randn(3, 4, requires_grad=True) * 1.0  # an ordinary call: not this check's business
+    output = e * 1.0 + plain.mean(0)
+    rec = {"frozen": [_bcast(frozen)], "plain": [_bcast(plain, broadcast=False)]}
+    assert broadcast_problems(output, rec, 3) == {}
+    assert broadcast_problems(output, {**rec, "pos": [_bcast(e)]}, 3) == {}
+
+
+def test_broadcast_check_refuses_an_output_that_cannot_show_row_by_row_use():
+    e = _expanded()
+    why = "its input is broadcast over the batch and the model output does not show it is used sample by sample"
+    rec = {"pos": [_bcast(e)]}
+    assert broadcast_problems(torch.randn(3, 4), rec, 3) == {"pos": why}  # no gradient
+    assert broadcast_problems(torch.cat([e, e[:1]]) * 1.0, rec, 3) == {"pos": why}  # 4 rows for 3 samples
+    assert broadcast_problems((e * 1.0).long(), rec, 3) == {"pos": why}  # not floating point
+
+
+class _OneToken(nn.Module):
+    """A learned token looked up with ids of shape (1,) and added to every sample (a (1, d) output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.cls, self.head = nn.Linear(4, 4), nn.Embedding(2, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x) + self.cls(torch.ones(1, dtype=torch.long))))
+
+
+def test_a_token_looked_up_with_one_id_is_expanded_and_exact():
+    torch.manual_seed(0)
+    model = _OneToken()
+    _check_pass(model, (torch.randn(5, 4), torch.randint(0, 3, (5,))), dim=16)
+
+
+class _Positions(nn.Module):
+    """Position embeddings looked up for ids (1, T) and added to every sample; ``check`` sees what was added."""
+
+    def __init__(self, check=None) -> None:
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Linear(4, 4), nn.Embedding(2, 4), nn.Linear(4, 3)
+        self.check = check
+
+    def forward(self, x):
+        p = self.pos(torch.arange(2).unsqueeze(0))  # (1, 2, 4)
+        if self.check is not None:
+            self.check(p)
+        return self.head(torch.tanh(self.tok(x) + p)).mean(1)
+
+
+def _fails_expanded(exc):
+    def check(p):
+        if p.shape[0] != 1:
+            raise exc
+
+    return check
+
+
+@pytest.mark.parametrize(
+    "exc, quoted",
+    [
+        (RuntimeError("expects one row\nsecond line"), "RuntimeError: expects one row"),
+        (RuntimeError(), "RuntimeError"),
+        (KeyError("k" * 300), "KeyError: '" + "k" * 199),
+    ],
+    ids=["first-line", "no-message", "long"],
+)
+def test_a_forward_failing_on_the_expanded_output_refuses_the_module_quoting_the_error(exc, quoted):
+    model = _Positions(_fails_expanded(exc))
+    batch = (torch.randn(4, 2, 4), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, batch, _layout(model, ["pos", "tok"], dim=16))
+    assert (
+        "pos (Embedding): it was called on an input of shape (1, ...) broadcast over the batch, and the model's "
+        f"forward fails when its output is expanded to one row per sample ({quoted}). Use engine='auto'"
+    ) in str(err.value)
+
+
+def test_expanded_modules_are_logged(caplog):
+    model = _Positions()
+    with caplog.at_level("DEBUG", logger="hardmine.factored.capture"):
+        _check_pass(model, (torch.randn(4, 2, 4), torch.randint(0, 3, (4,))), layers=["pos", "tok"], dim=16)
+    assert "inputs broadcast over the batch, expanded per sample: pos" in caplog.messages
+
+
+# ------------------------------------------------------------------------- capture: checks of every pass
+class _ChangesOnBigBatches(nn.Module):
+    """Behaves on the probe's first samples, and differently on a batch of more than three."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.h = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.how = how
+
+    def forward(self, x):
+        big = x.shape[0] > 3
+        if big and self.how == "fail":
+            raise RuntimeError("boom")
+        h = self.a(x)
+        if big and self.how == "inplace":
+            h.mul_(2)
+        out = self.h(torch.tanh(h))
+        return out.unsqueeze(-1) if big and self.how == "3d" else out
+
+
+def _big_batch_error(how: str) -> str:
+    model = _ChangesOnBigBatches(how)
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, (torch.randn(5, 4), torch.randint(0, 3, (5,))), _layout(model, ["a"], dim=16))
+    return str(err.value)
+
+
+def test_a_forward_failing_on_the_full_batch_quotes_the_input_shapes():
+    msg = _big_batch_error("fail")
+    assert "per-sample input shapes" in msg and "(4,)" in msg and msg.endswith(": boom")
+
+
+def test_an_output_modified_in_place_only_on_the_full_batch_is_refused():
+    assert _big_batch_error("inplace") == (
+        "module a (Linear): its output was modified in place, which the probe batch did not show. The factored "
+        "engine needs each selected module to see the batch on dimension 0 and be called on this batch; use "
+        "engine='vmap'."
+    )
+
+
+def test_the_full_batch_output_is_checked_against_the_loss():
+    assert "cross-entropy needs (B, num_classes) logits" in _big_batch_error("3d")
+
+
+def test_out_of_range_labels_are_flagged_not_raised_when_flags_are_asked_for():
+    torch.manual_seed(0)
+    model = _ChangesOnBigBatches("none")
+    x, y = torch.randn(3, 4), torch.tensor([0, 7, 2])  # label 7 of 3 classes
+    layout = _layout(model, ["a"], dim=16)
+    units, _ = plan_factored(model, layout.names)
+    fn, kind = resolve_loss(None, y)
+    with pytest.raises(ValueError, match="7"):
+        compute_factored(model, x, y, fn, kind, units, layout, set(), 3)
+    flags: list[torch.Tensor] = []
+    compute_factored(model, x, y, fn, kind, units, layout, set(), 3, flags=flags)
+    assert len(flags) == 1 and bool(flags[0].any())
+
+
+def test_a_class_target_of_the_wrong_shape_is_refused_before_the_pass():
+    model = _ChangesOnBigBatches("none")
+    batch = (torch.randn(5, 4), torch.randint(0, 3, (5, 1)))
+    with pytest.raises(ValueError, match=re.escape("classification targets must be 1-D (B,), got shape (5, 1).")):
+        factored_pass(model, batch, _layout(model, ["a"], dim=16), "cross_entropy")
+
+
+@pytest.mark.parametrize(
+    "loss, said",
+    [(torch.zeros(3, 1), "torch.Size([3, 1])"), (1.5, "float"), ([0.0, 1.0, 2.0], "list")],
+    ids=["2-D", "float", "list"],
+)
+def test_a_loss_that_is_not_one_per_sample_is_refused_saying_what_it_was(loss, said):
+    from hardmine.factored.capture import check_per_sample_loss
+
+    check_per_sample_loss(torch.zeros(3), 3)  # one loss per sample: fine
+    with pytest.raises(ValueError) as err:
+        check_per_sample_loss(loss, 3)
+    assert str(err.value) == f"the loss function returned {said}; it must return one loss per sample, shape (3,)."
+
+
+def test_an_input_modified_in_place_after_its_layer_is_refused_by_name():
+    class Rewrites(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x) * 1.0
+            y = self.b(h)
+            h.add_(1.0)  # b's input changes after b ran
+            return y
+
+    model = Rewrites()
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, (torch.randn(3, 4), torch.randint(0, 3, (3,))), _layout(model, ["b"], dim=16))
+    assert str(err.value) == (
+        "the factored engine cannot attribute these modules per sample: b (Linear): its input is modified in "
+        "place after the layer ran. Use engine='auto' to send them to the vmap engine."
+    )
+
+
+def test_a_broadcast_input_that_is_a_batch_statistic_is_refused():
+    class BatchMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.ctx, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(torch.tanh(self.a(x) + self.ctx(x.mean(0, keepdim=True))))
+
+    model = BatchMean()
+    with pytest.raises(ValueError) as err:
+        factored_pass(model, (torch.randn(4, 4), torch.randint(0, 3, (4,))), _layout(model, ["ctx"], dim=16))
+    assert (
+        "ctx (Linear): it was called on an input of shape (1, ...) that changes with the batch's samples (e.g. a "
+        "batch statistic), so it cannot be attributed per sample. Use engine='auto'"
+    ) in str(err.value)
+
+
+def test_a_layer_called_with_its_input_as_a_keyword_is_exact():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.h = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(torch.tanh(self.a(input=x)))
+
+    torch.manual_seed(0)
+    _check_pass(Keyword(), (torch.randn(4, 4), torch.randint(0, 3, (4,))), dim=16)
+
+
+def test_a_deep_residual_stack_below_the_selected_layers_is_exact():
+    """Forty residual blocks under the selected layers: 2**40 paths through the graph, each node visited once."""
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.a, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            z = self.pre(x)
+            for _ in range(40):
+                z = z + 0.01 * torch.tanh(z)
+            return self.h(torch.tanh(self.a(z)))
+
+    torch.manual_seed(0)
+    _check_pass(Deep(), (torch.randn(4, 4), torch.randint(0, 3, (4,))), layers=["a", "h"], dim=16)
+
+
+def test_units_the_callers_gradients_leave_out_get_zero_gradients():
+    from hardmine.factored.capture import apply_rules, capture_calls
+
+    torch.manual_seed(0)
+    model = _ChangesOnBigBatches("none")
+    x, y = torch.randn(3, 4), torch.randint(0, 3, (3,))
+    layout = _layout(model, ["a"], dim=16)
+    units, _ = plan_factored(model, layout.names)
+    with capture_calls(units) as rec, torch.enable_grad():
+        output = model(x)
+    loss = nn.functional.cross_entropy(output, y, reduction="none")
+    fg = apply_rules(units, rec, loss, output, layout, 3, deltas={})  # the caller computed none for "a"
+    assert torch.equal(fg.sq_norm, torch.zeros(3, dtype=fg.sq_norm.dtype))
+    assert all(not bool(v.any()) for v in fg.kron.values())
