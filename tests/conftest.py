@@ -46,3 +46,20 @@ def pytest_make_collect_report(collector):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def gram_caches(monkeypatch):
+    """Every ``hardmine.factored.registry.GramCache`` a test's factored passes create, in order (the shared input
+    Gram matrices of a weight's readers), so a test can check what the cache still holds after the pass."""
+    from hardmine.factored import registry
+
+    caches: list = []
+    real_init = registry.GramCache.__init__
+
+    def recording_init(self, readers):
+        real_init(self, readers)
+        caches.append(self)
+
+    monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
+    return caches

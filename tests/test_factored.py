@@ -678,15 +678,8 @@ class NarrowKV(SharedInput):
         return self.head(y.mean(1))
 
 
-def test_a_counted_reader_that_skips_the_shared_gram_releases_it(monkeypatch):
-    caches: list[registry.GramCache] = []
-    real_init = registry.GramCache.__init__
-
-    def recording_init(self, readers):
-        real_init(self, readers)
-        caches.append(self)
-
-    monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
+def test_a_counted_reader_that_skips_the_shared_gram_releases_it(gram_caches):
+    caches = gram_caches
     torch.manual_seed(0)
     batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
     _check_pass(NarrowKV().double(), batch, dim=9)  # exact

@@ -1080,15 +1080,8 @@ class _SharedWithFrozenReader(nn.Module):
         return self.head((self.q(h) * torch.tanh(self.k(h)) + v).mean(1))
 
 
-def test_a_reader_without_gradient_lets_the_shared_gram_go(monkeypatch):
-    caches = []
-    real_init = registry.GramCache.__init__
-
-    def recording_init(self, readers):
-        real_init(self, readers)
-        caches.append(self)
-
-    monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
+def test_a_reader_without_gradient_lets_the_shared_gram_go(gram_caches):
+    caches = gram_caches
     torch.manual_seed(0)
     batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
     fg, _ = _check_pass(_SharedWithFrozenReader().double(), batch, dim=9)  # exact
@@ -1198,15 +1191,8 @@ class _SharedWithOtherReaders(nn.Module):
         return self.head((self.q(h) * torch.tanh(self.k(h)) + self.norm(h)).mean(1))
 
 
-def test_only_modules_that_take_the_shared_gram_hold_it(monkeypatch):
-    caches = []
-    real_init = registry.GramCache.__init__
-
-    def recording_init(self, readers):
-        real_init(self, readers)
-        caches.append(self)
-
-    monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
+def test_only_modules_that_take_the_shared_gram_hold_it(gram_caches):
+    caches = gram_caches
     torch.manual_seed(0)
     batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
     _check_pass(_SharedWithOtherReaders().double(), batch, dim=9)  # exact
