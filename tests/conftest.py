@@ -63,3 +63,22 @@ def gram_caches(monkeypatch):
 
     monkeypatch.setattr(registry.GramCache, "__init__", recording_init)
     return caches
+
+
+@pytest.fixture
+def gram_computations(monkeypatch):
+    """The shape key of every Gram matrix a ``GramCache`` actually computes (cache hits are not counted)."""
+    from hardmine.factored import registry
+
+    computed: list = []
+    real_get = registry.GramCache.get
+
+    def counting_get(self, key, compute):
+        def counted():
+            computed.append(key[1])
+            return compute()
+
+        return real_get(self, key, counted)
+
+    monkeypatch.setattr(registry.GramCache, "get", counting_get)
+    return computed

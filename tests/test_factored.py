@@ -646,18 +646,8 @@ class SharedInput(nn.Module):
 
 
 @pytest.mark.parametrize("b", [1, 4])
-def test_modules_reading_one_input_share_its_gram_and_stay_exact(b, monkeypatch):
-    computed: list[tuple[int, ...]] = []
-    real_get = registry.GramCache.get
-
-    def counting_get(self, key, compute):
-        def counted():
-            computed.append(key[1])
-            return compute()
-
-        return real_get(self, key, counted)
-
-    monkeypatch.setattr(registry.GramCache, "get", counting_get)
+def test_modules_reading_one_input_share_its_gram_and_stay_exact(b, gram_computations):
+    computed = gram_computations
     torch.manual_seed(0)
     batch = (torch.randint(0, 20, (b, 5)), torch.randint(0, 3, (b,)))  # T=5: 25 <= 6*6, the ghost form
     _check_pass(SharedInput().double(), batch, dim=9)  # exact against the per-sample autograd loop

@@ -1200,20 +1200,10 @@ def test_only_modules_that_take_the_shared_gram_hold_it(gram_caches):
     assert cache._grams == {}  # let go once q and k have taken it
 
 
-def test_two_selected_modules_reading_one_input_share_its_gram(monkeypatch):
+def test_two_selected_modules_reading_one_input_share_its_gram(gram_computations):
     from test_factored import SharedInput
 
-    computed = []
-    real_get = registry.GramCache.get
-
-    def counting_get(self, key, compute):
-        def counted():
-            computed.append(key[1])
-            return compute()
-
-        return real_get(self, key, counted)
-
-    monkeypatch.setattr(registry.GramCache, "get", counting_get)
+    computed = gram_computations
     torch.manual_seed(0)
     batch = (torch.randint(0, 20, (3, 5)), torch.randint(0, 3, (3,)))  # T=5: 25 <= 6*6, the ghost form
     _check_pass(SharedInput().double(), batch, layers=["q", "k"], dim=9)  # exact
