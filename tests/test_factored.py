@@ -261,17 +261,21 @@ def test_module_called_twice_sums_both_calls():
     _check_pass(Reuse().double(), (torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))))
 
 
+class NoGradBranch(nn.Module):
+    """``b`` runs under ``torch.no_grad``: selected, but no gradient reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.h = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.b(x)  # selected, but no gradient reaches it
+        return self.h(torch.tanh(self.a(x)) + t)
+
+
 def test_module_run_under_no_grad_has_zero_gradient():
-    class Frozen(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.h = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
-
-        def forward(self, x):
-            with torch.no_grad():
-                t = self.b(x)  # selected, but no gradient reaches it
-            return self.h(torch.tanh(self.a(x)) + t)
-
+    Frozen = NoGradBranch
     fg, ref = _check_pass(
         Frozen().double(), (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
     )

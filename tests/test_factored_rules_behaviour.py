@@ -1228,15 +1228,7 @@ def test_a_float32_tied_weight_is_the_sum_of_both_uses(b):
 
 
 def test_a_single_selected_layer_without_gradient_is_all_zeros():
-    class Frozen(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b, self.h = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
-
-        def forward(self, x):
-            with torch.no_grad():
-                t = self.b(x)  # selected, but no gradient reaches it
-            return self.h(torch.tanh(self.a(x)) + t)
+    from test_factored import NoGradBranch as Frozen
 
     torch.manual_seed(0)
     fg, _ = _check_pass(Frozen().double(), (torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))), layers=["b"])
