@@ -293,8 +293,13 @@ def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray |
     n = len(y)
     classes, class_n = np.unique(y, return_counts=True)
     ks = {int(c): _compute_slice_count(int(m)) for c, m in zip(classes, class_n)}
-    first = next(iter(blocks()), None)  # the width of the vectors sizes the sample (no block: refused below)
-    width = 1 if first is None else (len(cols) if cols is not None else int(np.shape(first[1])[1]))
+    # The width of the vectors sizes the sample: the chosen columns, else the first block's (no block: refused
+    # below, where the blocks must cover every label).
+    if cols is not None:
+        width = len(cols)
+    else:
+        first = next(iter(blocks()), None)
+        width = 1 if first is None else int(np.shape(first[1])[1])
     init_rows, shrunk = _training_rows(y, classes, ks, seed, width)
     # Pass 1: the k-means sample of every class with K > 1 (up to 256 rows per slice, bounded in total).
     gathered: list[np.ndarray] = []
