@@ -438,7 +438,7 @@ def _summary_section(scan: Scan, m: pd.DataFrame, ok: np.ndarray, conf: np.ndarr
         ("layers", ", ".join(map(str, cfg.get("layers") or [])) or "–"),
         ("projection", f"dim {cfg.get('dim')} per parameter, {scan.out_dim} in all, {eng.get('projection')}, "
                        f"seed {cfg.get('seed')}"),
-        ("index", (scan.info.get("index") or {}).get("kind")),
+        ("index", scan.index_info.kind if scan.index_built else "not built yet (the first neighbour query builds it)"),
         ("strategy", (meta.get("export") or {}).get("strategy")),
         ("model", f"{cfg.get('model_class')} · fingerprint {str(cfg.get('model_fingerprint'))[:16]}…"),
         ("dataset fingerprint", f"{str(scan.info.get('dataset_fingerprint'))[:16]}…"),

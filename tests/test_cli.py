@@ -367,3 +367,17 @@ def test_one_writer_per_scan_directory_and_a_killed_writer_does_not_block(tmp_pa
     again = _cli("scan", tmp_path / "m.pt", "models:slow_tail", "--out", tmp_path / "run", *common)
     assert again.wait(timeout=300) == 0, again.stderr.read()
     assert len(read_manifest(tmp_path / "run")) == 3000
+
+
+def test_scan_leaves_the_index_to_the_first_query_unless_build_index(tmp_path, trained):
+    res = _scan(tmp_path, "--json", out="lazy")
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "lazy" / "index.faiss").exists()
+    top = json.loads(invoke("show", tmp_path / "lazy", "--top", "1", "--json").stdout)[0]["sample_id"]
+    res = invoke("neighbors", tmp_path / "lazy", "--ids", str(top), "-k", "3", "--json")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "lazy" / "index.faiss").is_file()  # built by the first query, and kept
+    res = _scan(tmp_path, "--json", "--build-index", out="eager")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "eager" / "index.faiss").is_file()
+    assert json.loads((tmp_path / "eager" / "scan.json").read_text())["index"]["kind"] == "flat"

@@ -113,7 +113,7 @@ def test_layout_and_exactness_against_reference(tmp_path):
         lo += s
     sc = scan(model, data, out=tmp_path / "s", layers="fc2", dim=4, engine="vmap", shard_rows=6,
                  score_config=ScoreConfig(k=3))
-    for name in ("scan.json", "progress.json", "index.faiss", "manifest.parquet"):
+    for name in ("scan.json", "progress.json", "manifest.parquet"):
         assert (tmp_path / "s" / name).is_file(), name
     shards = sorted((tmp_path / "s" / "shards").glob("grads-*.npy"))
     assert [np.load(p).shape[0] for p in shards] == [8, 7, 6, 2]  # batches [1,7] [7] [1,5] [2]
@@ -261,12 +261,17 @@ def test_progress_events(tmp_path):
     x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
     events: list[ScanProgress] = []
     scan(model, DataLoader(TensorDataset(x, y), batch_size=8), out=tmp_path / "p", dim=4, engine="vmap",
-            progress=events.append, shard_rows=10)
+            progress=events.append, shard_rows=10, build_index=True)
     extract = [e for e in events if e.phase is ScanPhase.EXTRACT]
     assert [e.done for e in extract] == [8, 16, 24, 30] and {e.total for e in extract} == {30}
     for phase in (ScanPhase.INDEX, ScanPhase.SCORE):
         done = [e.done for e in events if e.phase is phase]
         assert done == sorted(done) and done[-1] == 30
+    # Without build_index the scan has no index phase (the first query builds the index).
+    lazy: list[ScanProgress] = []
+    scan(model, DataLoader(TensorDataset(x, y), batch_size=8), out=tmp_path / "q", dim=4, engine="vmap",
+         progress=lazy.append, shard_rows=10)
+    assert ScanPhase.INDEX not in {e.phase for e in lazy} and lazy[-1].phase is ScanPhase.SCORE
 
 
 # ---------------------------------------------------------------------------- determinism and resume
@@ -440,10 +445,14 @@ def test_neighbor_scores_off_by_default_added_by_rescore_and_by_weights(tmp_path
     s = scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "s", dim=8, engine="vmap")
     m = s.manifest()
     assert m["knn_outlier"].isna().all() and m["neighbor_disagreement"].isna().all()
-    assert m.attrs["hardmine"]["neighbor_scores"] is False and (tmp_path / "s" / "index.faiss").is_file()
+    assert m.attrs["hardmine"]["neighbor_scores"] is False and not (tmp_path / "s" / "index.faiss").is_file()
+    assert m.attrs["hardmine"]["index"] is None  # no score came from an index
     on = s.rescore(ScoreConfig(neighbor_scores=True))  # no extraction: from the stored gradients
     assert on["knn_outlier"].notna().all() and on["neighbor_disagreement"].between(0, 1).all()
     assert on.attrs["hardmine"]["neighbor_scores"] is True
+    # the neighbour scores needed the index: the rescore built it, kept it and recorded it
+    assert (tmp_path / "s" / "index.faiss").is_file() and Scan.open(tmp_path / "s").index_built
+    assert on.attrs["hardmine"]["index"]["kind"] == "flat"
     assert np.array_equal(on.sort_values("sample_id")["rank"], m.sort_values("sample_id")["rank"])
     weighted = s.rescore(ScoreConfig(weights={"margin": 1.0, "neighbor_disagreement": 1.0}))
     assert weighted["neighbor_disagreement"].notna().all()
@@ -549,3 +558,59 @@ def test_scan_leaves_model_unchanged(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert not any(os.path.basename(p).startswith(".tmp-") for p in os.listdir(tmp_path / "s"))
+
+
+# ------------------------------------------------------------------------------------ index on first query
+def test_index_is_built_on_the_first_query_kept_and_gives_what_a_built_index_gives(tmp_path):
+    data = planted_blobs(n_per=60)
+    model = trained_mlp(data["x"], data["y"], steps=50)
+    lazy = scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "lazy", dim=8, engine="vmap", index="hnsw")
+    eager = scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "eager", dim=8, engine="vmap", index="hnsw",
+                 build_index=True)
+    assert not lazy.index_built and not (tmp_path / "lazy" / "index.faiss").exists()
+    assert json.loads((tmp_path / "lazy" / "scan.json").read_text())["index"] is None
+    assert eager.index_built and (tmp_path / "eager" / "index.faiss").is_file()
+    # Same manifest content either way: no default score reads the index.
+    ml, me = lazy.manifest(), eager.manifest()
+    pd.testing.assert_frame_equal(ml, me, check_exact=True)
+    assert _strip_created(ml.attrs["hardmine"]) == _strip_created(me.attrs["hardmine"])
+    # The first query builds it with the kind the scan asked for, records it, and a reopened scan reuses it.
+    ids = ml["sample_id"].head(5).tolist()
+    got = Scan.open(tmp_path / "lazy").neighbors(ids, k=4)
+    want = eager.neighbors(ids, k=4)
+    np.testing.assert_array_equal(got.sample_ids, want.sample_ids)
+    np.testing.assert_allclose(got.similarities, want.similarities, rtol=1e-6)
+    info = json.loads((tmp_path / "lazy" / "scan.json").read_text())
+    assert info["index"]["kind"] == "hnsw" and info["status"] == "complete"
+    built = (tmp_path / "lazy" / "index.faiss").stat().st_mtime_ns
+    again = Scan.open(tmp_path / "lazy")
+    assert again.index_built and again.index_info.kind == "hnsw"
+    again.neighbors(ids, k=4)
+    assert (tmp_path / "lazy" / "index.faiss").stat().st_mtime_ns == built  # not built twice
+
+
+def test_a_first_query_waits_for_the_directory_lock_and_a_rerun_with_build_index_builds_it(tmp_path):
+    import threading
+
+    from hardmine.scan.store import ScanStore
+
+    data = planted_blobs(n_per=40)
+    model = trained_mlp(data["x"], data["y"], steps=30)
+    s = scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "s", dim=8, engine="vmap")
+    holder = ScanStore(tmp_path / "s").lock
+    holder.acquire()  # e.g. a rescore running
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(nb=Scan.open(tmp_path / "s").neighbors([0], k=3)))
+    t.start()
+    t.join(timeout=1.0)
+    assert t.is_alive() and not (tmp_path / "s" / "index.faiss").exists()  # waiting, not building under the holder
+    holder.release()
+    t.join(timeout=60)
+    assert not t.is_alive() and result["nb"].sample_ids.shape == (1, 3)
+    assert Scan.open(tmp_path / "s").index_built
+    # A complete scan without an index, rerun with build_index=True: reused, and its index built now.
+    lazy = scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "r", dim=8, engine="vmap")
+    assert not lazy.index_built
+    again = scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "r", dim=8, engine="vmap", build_index=True)
+    assert again.index_built and (tmp_path / "r" / "index.faiss").is_file()
+    pd.testing.assert_frame_equal(again.manifest(), lazy.manifest())

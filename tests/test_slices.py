@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_scan import batches_of, planted_blobs, trained_mlp
 from typer.testing import CliRunner
 
@@ -25,6 +27,7 @@ from hardmine.slices import (
     fit_slices,
     read_slice_table,
     slice_count,
+    slice_ids,
     slice_table,
 )
 
@@ -321,3 +324,19 @@ def test_rescore_rewrites_slices_and_manifest_reads_old_files(clean_scan, tmp_pa
     with pytest.warns(UserWarning, match="no hardmine metadata"):
         back = read_manifest(tmp_path / "old.parquet")
     assert "is_label_issue" not in back
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-5, 2**40), st.integers(0, 30)), max_size=60),
+    st.sampled_from([np.int64, np.int32, np.uint8]),
+)
+def test_slice_ids_name_every_row_label_slash_slice(pairs, label_dtype):
+    """Whatever the labels (dense, sparse, negative, any integer width): "<label>/<k>" row by row."""
+    lab = np.array([a for a, _ in pairs], dtype=np.int64)
+    if label_dtype is not np.int64:
+        info = np.iinfo(label_dtype)
+        lab = np.clip(lab, info.min, info.max).astype(label_dtype)
+    w = np.array([b for _, b in pairs], dtype=np.int64)
+    got = slice_ids(lab, w)
+    assert got.dtype == object and got.tolist() == [f"{a}/{b}" for a, b in zip(lab.tolist(), w.tolist())]

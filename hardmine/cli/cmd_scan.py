@@ -120,6 +120,11 @@ def scan_command(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Scan only the first N samples."),
     index: IndexKind = typer.Option(IndexKind.AUTO, "--index", help="FAISS index: auto picks exact flat search for small scans and IVF for large ones."),
+    build_index: bool = typer.Option(
+        False, "--build-index",
+        help="Build the FAISS index during the scan. By default the first neighbour query (hardmine neighbors, "
+             "drift, review, report) builds it and keeps it: no default score uses it.",
+    ),
     neighbor_scores: bool = typer.Option(
         False, "--neighbor-scores",
         help="Also compute knn_outlier and neighbor_disagreement from every sample's gradient neighbours (off by "
@@ -176,7 +181,7 @@ def scan_command(
             run_scan, src, net, loaded, out=out, checkpoint=checkpoint, data=data, limit=limit, id_column=id_column,
             layers=layers, dim=dim, seed=seed, engine=engine, index=index, overwrite=overwrite, shard_rows=shard_rows,
             batch_size=batch_size, device=dev, token_reduction=token_reduction, quiet=quiet, as_json=as_json, t0=t0,
-            neighbor_scores=neighbor_scores,
+            neighbor_scores=neighbor_scores, build_index=build_index,
         )
         return
     src = open_data(
@@ -204,7 +209,7 @@ def scan_command(
             loss_fn=None if loss is LossKind.AUTO else loss.value, num_classes=num_classes, index=index,
             overwrite=overwrite, progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance,
             config_extra=data_options, labels=None if no_labels else True, task=task, token_reduction=token_reduction,
-            score_config=_score_config(neighbor_scores),
+            score_config=_score_config(neighbor_scores), build_index=build_index,
         )
     if rank != 0:  # the other ranks of a distributed scan: rank 0 reports the scan they made together
         return
@@ -227,7 +232,7 @@ def _scan_lm(
     run_scan: Any, src: Any, net: Any, loaded: Any, *, out: Path, checkpoint: Path, data: str, limit: int | None,
     id_column: str | None, layers: str | None, dim: int, seed: int, engine: Engine, index: IndexKind, overwrite: bool,
     shard_rows: int, batch_size: int, device: Any, token_reduction: TokenReduction, quiet: bool, as_json: bool,
-    t0: float, neighbor_scores: bool,
+    t0: float, neighbor_scores: bool, build_index: bool,
 ) -> None:
     """The causal-LM branch of ``scan_command``: scan ``src`` (``open_text``) and print the summary."""
     max_length = src.max_length
@@ -247,7 +252,7 @@ def _scan_lm(
             net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine, index=index, overwrite=overwrite,
             progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance, config_extra=data_options,
             task=TaskKind.CAUSAL_LM, token_reduction=token_reduction, tokenizer=loaded.tokenizer,
-            score_config=_score_config(neighbor_scores),
+            score_config=_score_config(neighbor_scores), build_index=build_index,
         )
     if rank != 0:
         return

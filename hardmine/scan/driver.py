@@ -23,6 +23,7 @@ from .._version import __version__
 from ..batches import call_model, model_output_tensor, split_unlabelled, to_device
 from ..checks import as_bool, as_module, non_negative_int, positive_int
 from ..engine import GradientExtractor
+from ..index import INDEX_FILES
 from ..enums import (
     Engine,
     IndexKind,
@@ -77,6 +78,7 @@ def scan(
     chunk_size: int | None = None,
     score_config: ScoreConfig | None = None,
     index: IndexKind | str = IndexKind.AUTO,
+    build_index: bool = False,
     resume: bool = True,
     overwrite: bool = False,
     keep_gradients_in_memory: bool = False,
@@ -104,6 +106,10 @@ def scan(
         num_classes: for classification, check the model outputs this many classes.
         score_config: scoring and default-export settings (``ScoreConfig()``).
         index: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"hnsw"`` (``hardmine.index``).
+        build_index: build the FAISS index during the scan. By default it is built on its first query
+            (``Scan.neighbors``, drift, review, the report) and kept: no default score, flag, slice or export
+            reads it, and at a million samples it costs several times the extraction. Scores that need
+            neighbours (``ScoreConfig.neighbor_scores``) build it during the scan either way.
         resume: continue an interrupted scan of the same configuration in ``out`` (and reuse a complete
             one); ``False`` refuses a partial scan instead.
         overwrite: replace a scan with a different configuration in ``out``.
@@ -144,6 +150,7 @@ def scan(
     as_bool(resume, "resume")
     as_bool(overwrite, "overwrite")
     as_bool(keep_gradients_in_memory, "keep_gradients_in_memory")
+    as_bool(build_index, "build_index")
     shard_rows = positive_int(shard_rows, "shard_rows")
     num_classes = positive_int(num_classes, "num_classes", allow_none=True)
     total = non_negative_int(total, "total", allow_none=True)
@@ -206,7 +213,8 @@ def scan(
         return _scan_distributed(job, data, Path(out), config, source, progress, extractor, tokens, data_report,
                                  loss_fn=loss_fn,
                                  num_classes=num_classes, shard_rows=shard_rows, total=total, resume=resume,
-                                 overwrite=overwrite, score_config=score_config, index_kind=index_kind)
+                                 overwrite=overwrite, score_config=score_config, index_kind=index_kind,
+                                 build_index=build_index)
     created = not Path(out).exists()  # a directory this run creates is removed again if it fails at once
     store = ScanStore.prepare(Path(out), config, resume=resume, overwrite=overwrite)
     driver = _Driver(store, config, source, progress, created=created, loss_label=loss_name(loss_fn, None))
@@ -217,7 +225,7 @@ def scan(
     )
     driver.data_report = data_report
     try:
-        return driver.run(extraction, data, score_config, index_kind)
+        return driver.run(extraction, data, score_config, index_kind, build_index)
     finally:
         store.lock.release()
 
@@ -228,7 +236,7 @@ def _scan_distributed(
     data_report: Callable[[], Any] | None, *, loss_fn: Any,
     num_classes: int | None,
     shard_rows: int, total: int | None, resume: bool, overwrite: bool, score_config: ScoreConfig,
-    index_kind: IndexKind,
+    index_kind: IndexKind, build_index: bool = False,
 ) -> Scan:
     """One rank of a distributed scan (the steps are in ``hardmine.scan.distributed``'s docstring): every
     collective goes through ``job``; rank 0 holds the directory and finishes the scan with ``_Driver``."""
@@ -269,6 +277,8 @@ def _scan_distributed(
                     return
                 if reuse:
                     logger.info("%s: complete scan with the same configuration found; reusing it", out)
+                    if build_index:
+                        driver.ensure_index(index_kind)
                     return
                 check_unique_ids(out, merged)
                 if merged.task == TaskKind.CAUSAL_LM.value and not store.tokens_path.is_file():
@@ -278,7 +288,8 @@ def _scan_distributed(
                     write_token_table(store, merged, parts=parts)
                 store.write_ledger(merged)
                 driver.ledger = merged
-                driver.finish(None, t0, t_extract, extracted, score_config, index_kind, population=pop)
+                driver.finish(None, t0, t_extract, extracted, score_config, index_kind, population=pop,
+                              build_index=build_index)
 
             job.step(finish, "building the index and scores on rank 0")
             return Scan.open(out)
@@ -478,12 +489,22 @@ class _Driver:
             and jsonable(self.info.get("scoring")) == jsonable(scoring) and self.store.manifest_path.is_file()
         )
 
+    def ensure_index(self, index_kind: IndexKind) -> None:
+        """A reused complete scan asked for its index now (``build_index``): build it if the scan left it for
+        its first query (this driver holds the lock)."""
+        if self.info.get("index") is None:
+            result = Scan(self.store.path, self.info)
+            result._writing = True
+            result.build_index(index_kind)
+            self.store.write_info(self.info)
+
     def start(self) -> None:
         if not self.info:
             self._write_info(status="extracting", started=utc_now())
 
     def run(
-        self, extraction: ExtractionPass, data: Iterable[Any], score_config: ScoreConfig, index_kind: IndexKind
+        self, extraction: ExtractionPass, data: Iterable[Any], score_config: ScoreConfig, index_kind: IndexKind,
+        build_index: bool = False,
     ) -> Scan:
         t0 = time.perf_counter()
         path = self.store.path
@@ -497,12 +518,15 @@ class _Driver:
         t_extract = time.perf_counter() - t0
         if reuse:
             logger.info("%s: complete scan with the same configuration found; reusing it", path)
+            if build_index:
+                self.ensure_index(index_kind)
             return Scan.open(path, gradients=gradients)
-        return self.finish(gradients, t0, t_extract, extraction.extracted_now, score_config, index_kind)
+        return self.finish(gradients, t0, t_extract, extraction.extracted_now, score_config, index_kind,
+                           build_index=build_index)
 
     def finish(
         self, gradients: np.ndarray | None, t0: float, t_extract: float, extracted: int, score_config: ScoreConfig,
-        index_kind: IndexKind, population: PopulationStats | None = None,
+        index_kind: IndexKind, population: PopulationStats | None = None, build_index: bool = False,
     ) -> Scan:
         """After the extraction (``self.ledger`` complete): index, scores and manifest, each phase recorded.
         ``population``: the population statistics when already known (summed over the ranks of a distributed
@@ -514,9 +538,18 @@ class _Driver:
         self._write_info(status="extracted", **self.ledger.summary())
         n = int(self.ledger.n_samples or 0)
         result = Scan(path, self.info, gradients)  # shares self.info: the index it builds is recorded there
+        result._writing = True  # this driver holds the directory's lock and writes scan.json
         self.store.remove_manifest()
         t1 = time.perf_counter()
-        result.build_index(index_kind, on_block=lambda done: self.report(ScanPhase.INDEX, done, n))
+        if build_index or score_config.computes_neighbor_scores:
+            result.build_index(index_kind, on_block=lambda done: self.report(ScanPhase.INDEX, done, n))
+        else:
+            # No default score, flag, slice or export reads the index: it is built on its first query instead
+            # (Scan.index), with the kind asked for here (scoring.index_requested). Files of an earlier build
+            # describe other gradients.
+            self.info["index"] = None
+            for name in INDEX_FILES:
+                (path / name).unlink(missing_ok=True)
         t_index = time.perf_counter() - t1
         self._write_info(status="scoring", **self.ledger.summary())
         t2 = time.perf_counter()

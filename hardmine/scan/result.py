@@ -61,6 +61,9 @@ class Scan:
         self.info = info
         self._gradients = gradients  # the in-memory copy of all rows (keep_gradients_in_memory), or None
         self._index: Any = None
+        # True while the owner of the directory (the scan driver or ``rescore``) holds its lock: an index built
+        # on first use is then built under that lock, and ``scan.json`` is the owner's to write.
+        self._writing = False
         self._id_rows: dict[Any, int] | None = None
         self._ids: np.ndarray | None = None
 
@@ -122,7 +125,16 @@ class Scan:
         return self.path / MANIFEST_FILE
 
     @property
+    def index_built(self) -> bool:
+        """Whether the FAISS index exists yet. A scan builds it only when asked (``scan(build_index=True)``,
+        ``hardmine scan --build-index``) or when its scores need neighbours; otherwise the first query builds it
+        (``neighbors``, drift, review, the report), with the kind the scan asked for, and keeps it."""
+        return self.info.get("index") is not None
+
+    @property
     def index_info(self) -> IndexInfo:
+        """How the index was built (building it first if it is not yet: see ``index_built``)."""
+        self._ensure_index()
         return IndexInfo.from_dict(self.info["index"])
 
     @property
@@ -180,10 +192,43 @@ class Scan:
         return np.asarray(out, dtype=np.int64)
 
     def index(self) -> Any:
-        """The FAISS index (loaded once; IVF lists stay memory-mapped)."""
+        """The FAISS index (built on first use if the scan did not build it; loaded once; IVF lists stay
+        memory-mapped)."""
         if self._index is None:
             self._index = open_index(self.path, self.index_info)
         return self._index
+
+    def _ensure_index(self) -> None:
+        """Build the index now if the scan left it for its first query, and record it in ``scan.json``.
+
+        Under the directory's lock, waiting for a holder (two first queries at once build it once); the
+        kind is the one the scan asked for (``index_requested``), the seed the scan's."""
+        if self.index_built:
+            return
+        kind = parse_choice(IndexKind, (self.info.get("scoring") or {}).get("index_requested") or "auto", "index")
+        if self._writing:  # the driver or rescore holds the lock and writes scan.json itself
+            self.build_index(kind)
+            return
+        store = ScanStore(self.path)
+        try:
+            store.lock.acquire(wait=True)
+        except OSError as exc:
+            raise ValueError(
+                f"the scan in {self.path} has no index yet (it is built on the first neighbour query) and the "
+                f"directory cannot be written ({exc}); build it where the directory is writable: "
+                "Scan.open(path).rescore(index='auto') or `hardmine scan ... --build-index`."
+            ) from None
+        try:
+            on_disk = read_json(self.path / SCAN_FILE)
+            if on_disk.get("index") is not None:  # another process built it while this one waited
+                self.info["index"] = on_disk["index"]
+                return
+            logger.info("%s: building the %s index on its first query", self.path, kind.value)
+            self.build_index(kind)
+            on_disk["index"] = self.info["index"]
+            store.write_info(on_disk)
+        finally:
+            store.lock.release()
 
     # ------------------------------------------------------------------------------------ queries
     def neighbors(self, query: Any, k: int = 10, *, absolute: bool = False) -> Neighbors:
@@ -257,18 +302,22 @@ class Scan:
         score_config = ScoreConfig() if score_config is None else score_config
         if not isinstance(score_config, ScoreConfig):
             raise ValueError(f"score_config must be a hardmine.ScoreConfig, got {type(score_config).__name__}.")
+        kind = None if index is None else parse_choice(IndexKind, index, "index")
         store = ScanStore(self.path)
         store.lock.acquire()  # one writer per scan directory: not while a scan or another rescore runs
+        self._writing = True
         try:
-            if index is not None:
-                self.build_index(parse_choice(IndexKind, index, "index"))
+            if kind is not None:
+                self.build_index(kind)
             df = self.write_scores(score_config)
             self.info["scoring"] = {
                 "score_config": score_config.to_dict(),
-                "index_requested": index if index is not None else self.info.get("scoring", {}).get("index_requested"),
+                "index_requested": kind.value if kind is not None
+                else self.info.get("scoring", {}).get("index_requested"),
             }
             store.write_info(self.info)
         finally:
+            self._writing = False
             store.lock.release()
         return df
 
@@ -358,7 +407,9 @@ class Scan:
     def _manifest_metadata(self, config: ScoreConfig, used: dict[str, float], k: int | None) -> dict[str, Any]:
         """The scan's part of the manifest metadata (``finish_manifest`` adds the common part)."""
         cfg = self.info["config"]
-        index = {key: v for key, v in self.info["index"].items() if key != "build_s"}  # timings are not content
+        # The index is content only when the neighbour scores came from it (when and whether it was built
+        # otherwise is history, not content); its build time never is.
+        index = None if k is None else {key: v for key, v in self.info["index"].items() if key != "build_s"}
         ids = self.sample_ids()
         return {
             "task": self.task.value,

@@ -87,10 +87,12 @@ class DirectoryLock:
         self.path = directory / LOCK_FILE
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, *, wait: bool = False) -> None:
+        """Take the lock, or raise ``ValueError`` naming its holder; ``wait``: block until the holder lets go
+        instead (for short jobs such as building a scan's index on its first query)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self.path.read_text(errors="replace").strip() or "another process"
             os.close(fd)
