@@ -13,7 +13,7 @@ survivor (and any mutant no selected test reaches) is ``survived``.
 ``kill rate = killed / (mutants - equivalent)``. Modules not run (``--modules``, ``--budget-minutes``, or a
 failing clean test run) are recorded as such, with the results of their last run if there is one.
 
-    python scripts/mutate.py                         # everything, fresh (about an hour on 2 idle cores)
+    python scripts/mutate.py                         # everything, fresh, one worker per core
     python scripts/mutate.py --modules score,sampler --keep   # some modules, keeping the other results
     python scripts/mutate.py --report-only           # rewrite the JSON/Markdown from mutants/
 """
@@ -166,7 +166,7 @@ def run_module(name: str, max_children: int, log_dir: Path, names: list[str] | N
     return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "log": str(log)}
 
 
-def write_report(entries: list[dict], command: str, note: str | None = None) -> None:
+def write_report(entries: list[dict], command: str, note: str | None = None, last_run: dict | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {
         "tool": "mutmut " + _version(),
@@ -179,6 +179,8 @@ def write_report(entries: list[dict], command: str, note: str | None = None) -> 
     }
     if note:
         doc["note"] = note
+    if last_run:
+        doc["last_run"] = last_run
     (RESULTS / "mutation.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [
         "| module | mutants | killed | survived-but-equivalent | survived | kill rate | date | command |",
@@ -194,6 +196,10 @@ def write_report(entries: list[dict], command: str, note: str | None = None) -> 
             f"| `{e['path']}` | {e['mutants']} | {e['killed']} | {equiv_cell(e)} | {e['survived']} "
             f"| {rate}{partial} | {e.get('date', '–')} | `{e.get('command', '–')}` |"
         )
+    if last_run and last_run.get("seconds") is not None:
+        lines += ["", f"Last run ({last_run['started']} to {last_run['finished']}): modules {', '.join(last_run['modules'])}, "
+                  f"--max-children {last_run['max_children']}, {last_run['seconds'] / 60:.1f} min of wall time on "
+                  f"{last_run['cpus']} CPU cores (load average at its end {last_run['load_avg_end']})."]
     if note:
         lines += ["", note]
     (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
@@ -217,7 +223,8 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", default=",".join(MODULES), help="comma-separated, from: " + ", ".join(MODULES))
-    ap.add_argument("--max-children", type=int, default=1, help="parallel mutant workers (at most 2 here)")
+    ap.add_argument("--max-children", type=int, default=os.cpu_count() or 1,
+                    help="parallel mutant workers (default: one per CPU core)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="start no module after this long")
     ap.add_argument("--keep", action="store_true",
                     help="keep mutants/ and earlier results and resume: run only mutants not checked yet")
@@ -232,8 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
     previous = {}
+    last_run = None
     if (RESULTS / "mutation.json").exists():
-        previous = {e["module"]: e for e in json.loads((RESULTS / "mutation.json").read_text())["modules"]}
+        doc = json.loads((RESULTS / "mutation.json").read_text())
+        previous = {e["module"]: e for e in doc["modules"]}
+        last_run = doc.get("last_run")
+        if args.note is None and (args.keep or args.rerun_survivors or args.report_only):
+            args.note = doc.get("note")  # the remarks on kept results stay with them
     if not args.report_only and not (args.keep or args.rerun_survivors) and (ROOT / "mutants").exists():
         shutil.rmtree(ROOT / "mutants")
         previous = {}
@@ -241,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     runs: dict[str, dict] = {}
     start = time.monotonic()
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if not args.report_only:
         for name in chosen:
             if args.budget_minutes is not None and time.monotonic() - start > 60 * args.budget_minutes:
@@ -265,12 +278,19 @@ def main(argv: list[str] | None = None) -> int:
             earlier = previous.get(name, {}).get("command") if args.rerun_survivors else None
             today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
             runs[name] = {"command": f"{earlier}; then {what}" if earlier else what, "date": today, "rc": None}
-            report(runs, previous, argv, args.note)  # a run stopped halfway still says what ran
+            report(runs, previous, argv, args.note, last_run)  # a run stopped halfway still says what ran
             print(f"mutate: {name} ...", flush=True)
             r = run_module(name, args.max_children, log_dir, names)
             runs[name].update(rc=r["rc"], seconds=r["seconds"], log=r["log"])
             print(f"mutate: {name}: rc={r['rc']} in {r['seconds']} s (log {r['log']})", flush=True)
-    entries = report(runs, previous, argv, args.note)
+        last_run = {
+            "modules": chosen, "max_children": args.max_children, "started": started,
+            "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": round(time.monotonic() - start, 1), "cpus": os.cpu_count(),
+            "load_avg_end": [round(v, 2) for v in os.getloadavg()],
+            "fresh": not (args.keep or args.rerun_survivors), "argv": argv if argv is not None else sys.argv[1:],
+        }
+    entries = report(runs, previous, argv, args.note, last_run)
     for e in entries:
         rate = e.get("kill_rate")
         print(f"{e['path']:34s} " + (f"{e.get('status')}: {e['killed']}/{e['mutants']} killed, "
@@ -279,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | None, note: str | None = None) -> list[dict]:
+def report(
+    runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | None, note: str | None = None,
+    last_run: dict | None = None,
+) -> list[dict]:
     """Summarise mutants/ per module (run information from this run, else from the previous report)."""
     equiv = equivalents()
     entries = []
@@ -310,7 +333,8 @@ def report(runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | N
     stale = sorted(set(equiv) - {k for e in entries for k in e.get("equivalents", [])})
     if stale:
         print(f"mutate: {len(stale)} listed equivalent(s) did not survive this run or no longer exist: {stale[:5]}")
-    write_report(entries, "python scripts/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:]), note)
+    write_report(entries, "python scripts/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:]), note,
+                 last_run)
     return entries
 
 
