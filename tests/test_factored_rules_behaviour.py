@@ -1661,3 +1661,110 @@ def test_units_the_callers_gradients_leave_out_get_zero_gradients():
     fg = apply_rules(units, rec, loss, output, layout, 3, deltas={})  # the caller computed none for "a"
     assert torch.equal(fg.sq_norm, torch.zeros(3, dtype=fg.sq_norm.dtype))
     assert all(not bool(v.any()) for v in fg.kron.values())
+
+
+# ------------------------------------------------------------------------------------------- devices
+# The test machines have no GPU; fake tensors stand in for one. Made on "meta" under torch's FakeTensorMode,
+# they carry shapes, dtypes and devices but no data, and an op that mixes them with a CPU tensor fails, as it
+# fails on a GPU. So "given inputs on device D, the results are on D" is checked without a GPU: a tensor left
+# on the default device (the CPU) either breaks an op or shows in the result's device.
+_META = torch.device("meta")
+
+
+def _fake_mode():
+    return pytest.importorskip("torch._subclasses.fake_tensor").FakeTensorMode()
+
+
+def _devices(fg) -> set[str]:
+    """The device types of everything a factored pass returned."""
+    ts = [*fg.kron.values(), *fg.vectors.values(), *fg.vector_proj.values(), fg.sq_norm]
+    return {t.device.type for t in ts}
+
+
+def test_the_layout_builds_its_matrices_and_outputs_on_the_asked_device():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    layout = _layout(model, dim=4)
+    with _fake_mode():
+        for dtype in (torch.float32, torch.float64):
+            p_out, p_in = layout.kron_matrices("0.weight", dtype, "meta")
+            assert (p_out.device, p_in.device, p_out.dtype, p_in.dtype) == (_META, _META, dtype, dtype)
+        assert layout.dense_block_matrix("0.bias", torch.float32, "meta").device == _META
+        assert layout.new_output(3, _META).device == _META
+        parts = {n: torch.randn(3, blk.width, device=_META) for n, blk in layout.blocks.items()}
+        z = layout.assemble(parts)  # (B, out_dim)
+        assert (z.device, tuple(z.shape)) == (_META, (3, layout.out_dim))
+        grad = torch.randn(3, 3, 4, device=_META)  # (B, *weight.shape)
+        assert layout.project_exact("0.weight", grad).device == _META
+
+
+def test_tied_weight_and_outer_product_norms_are_computed_on_the_factors_device():
+    with _fake_mode():
+        dense = registry.GradFactors(torch.randn(2, 3, 5, device=_META), torch.randn(2, 3, 4, device=_META))
+        ids = registry.GradFactors(torch.zeros(2, 6, dtype=torch.long, device=_META), torch.randn(2, 6, 4, device=_META))
+        for f, g in ((dense, ids), (ids, dense), (dense, dense), (ids, ids)):
+            assert registry.factors_inner(f, g).device == _META
+        delta, x = torch.randn(2, 3, 5, device=_META), torch.randn(2, 3, 4, device=_META)  # (B, N, p), (B, N, q)
+        assert registry.outer_sum_sq_norm(delta, x).device == _META
+
+
+@pytest.mark.parametrize("n", [2, 9], ids=["ghost", "per-sample-table"])  # N^2 <= vocab * d, or not
+def test_an_embedding_norm_is_computed_on_the_gradient_device(n):
+    emb = nn.Embedding(5, 2, padding_idx=0)
+    layout = _layout(nn.Sequential(emb), dim=4)
+    with _fake_mode():
+        ids = torch.zeros(3, n, dtype=torch.long, device=_META)
+        request = RuleRequest(layout.kron_matrices("0.weight", torch.float32, _META), ())
+        res = rule_for(emb).compute(emb, [Call(ids, torch.randn(3, n, 2, device=_META))], request)
+        assert res.matrix_sq_norm.device == _META and res.matrix_proj.device == _META
+
+
+def _runner(model, layer, device, out=None, output_device=None):
+    """A rule runner for one selected Linear whose input is on ``device``; the model output (the default for a
+    layer without gradient) on ``output_device`` (default: the same)."""
+    from hardmine.factored.apply import RuleRunner
+
+    layout = _layout(model, [layer], dim=4)
+    units, _ = plan_factored(model, layout.names)
+    x = torch.randn(3, 4, device=device)  # (B, d_in) captured input of the one selected Linear
+    runner = RuleRunner(units, {layer: [x]}, layout, 3, torch.float32, output_device or device, out=out)
+    return runner, layout
+
+
+def test_a_layer_on_another_device_than_the_model_output_is_computed_on_its_own():
+    # Model parallel: the output (the runner's default device) is on the CPU, this layer's input and output
+    # gradient on the "GPU". Its matrices must be made for the layer's device, not the output's.
+    model = nn.Sequential(nn.Linear(4, 3))
+    with _fake_mode():
+        runner, _ = _runner(model, "0", _META, output_device=torch.device("cpu"))
+        runner.run("0", {0: torch.randn(3, 3, device=_META)})
+        fg = runner.result(torch.zeros(3), torch.zeros(3, 3))
+        assert set(fg.kron) == {"0.weight"} and set(fg.vectors) == {"0.bias"}
+        assert _devices(fg) == {"meta"}
+
+
+def test_a_layer_without_gradient_gets_zeros_on_the_output_device():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with _fake_mode():
+        runner, _ = _runner(model, "0", _META)
+        runner.run("0", {})  # no gradient reached it
+        fg = runner.result(torch.zeros(3, device=_META), torch.zeros(3, 3, device=_META))
+        assert set(fg.kron) == {"0.weight"} and set(fg.vectors) == {"0.bias"}
+        assert _devices(fg) == {"meta"}
+
+
+def test_a_projection_is_written_straight_into_an_output_on_its_device_only():
+    model = nn.Sequential(nn.Linear(4, 3))
+    torch.manual_seed(0)
+    # Same device and dtype: the rule writes its projection into the caller's output, and says so.
+    z = torch.full((3, 8), float("nan"))  # (B, out_dim): 4 for the weight block, 2 + 2 for the bias
+    runner, layout = _runner(model, "0", torch.device("cpu"), out=z)
+    runner.run("0", {0: torch.randn(3, 3)})
+    fg = runner.result(torch.zeros(3), torch.zeros(3, 3))
+    assert fg.written == {"0.weight"}
+    assert torch.equal(layout.block_view(z, "0.weight").reshape(3, -1), fg.kron["0.weight"])
+    # An output on another device is not written into: the projection stays on the layer's device.
+    with _fake_mode():
+        runner, _ = _runner(model, "0", _META, out=torch.zeros(3, 8))
+        runner.run("0", {0: torch.randn(3, 3, device=_META)})
+        fg = runner.result(torch.zeros(3, device=_META), torch.zeros(3, 3, device=_META))
+        assert fg.written == set() and _devices(fg) == {"meta"}
