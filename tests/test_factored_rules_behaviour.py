@@ -1768,3 +1768,33 @@ def test_a_projection_is_written_straight_into_an_output_on_its_device_only():
         runner.run("0", {0: torch.randn(3, 3, device=_META)})
         fg = runner.result(torch.zeros(3, device=_META), torch.zeros(3, 3, device=_META))
         assert fg.written == set() and _devices(fg) == {"meta"}
+
+
+def test_the_norm_check_runs_its_test_input_on_the_weight_device():
+    # A norm on a GPU must be checked on the GPU (a test input left on the CPU would make its forward fail and
+    # the norm be refused). Fake "cuda" tensors stand in for the GPU: the forward sees devices, not values.
+    fake = pytest.importorskip("torch._subclasses.fake_tensor")
+    seen = []
+
+    def recording(self, x):
+        seen.append((x.device.type, self.weight.device.type))
+        return _rms(self, x)
+
+    with fake.FakeTensorMode():
+        norm = _NamedNorm(recording, weight=nn.Parameter(torch.ones(4, device="cuda")))
+        try:
+            rule_for(norm).unsupported_reason(norm)
+        except fake.DataDependentOutputException:
+            pass  # comparing the outputs' values is all that fake tensors cannot do
+    assert seen == [("cuda", "cuda")] * 2  # at the random weight and at weight 1
+
+
+def test_the_norm_check_tolerates_rounding_both_relative_and_absolute():
+    # bfloat16 nn.RMSNorm normalises in float32 and rounds once, so weight * g(x) (rounded twice) is off by up
+    # to one bfloat16 step, 0.03 on outputs of size 4-8: within the relative tolerance, beyond the absolute.
+    norm = nn.RMSNorm(64, dtype=torch.bfloat16)
+    assert rule_for(norm).unsupported_reason(norm) is None
+    # float16 outputs ~1e-5 (a huge eps) are subnormal: a step of 6e-8 is a large relative error there,
+    # within the absolute tolerance.
+    tiny = nn.RMSNorm(16, eps=1e10, dtype=torch.float16)
+    assert rule_for(tiny).unsupported_reason(tiny) is None
