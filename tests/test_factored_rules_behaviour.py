@@ -1798,3 +1798,76 @@ def test_the_norm_check_tolerates_rounding_both_relative_and_absolute():
     # within the absolute tolerance.
     tiny = nn.RMSNorm(16, eps=1e10, dtype=torch.float16)
     assert rule_for(tiny).unsupported_reason(tiny) is None
+
+
+# ------------------------------------------------------------------------------------------- autocast
+class _AutocastTokens(nn.Module):
+    """A token-wise Linear the model runs under CPU autocast: it sees a float32 (B, T, d) input and returns
+    bfloat16, so its output gradient is bfloat16 while the captured input is float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.tok(x)  # (B, T, 5) bfloat16
+        return self.head(torch.tanh(h.float()).mean(1))
+
+
+@pytest.mark.parametrize("t", [3, 40], ids=["ghost", "per-sample-gradients"])  # N^2 <= 5 * 6, or not
+def test_a_token_linear_under_autocast_gets_its_bfloat16_gradients(t):
+    # The rule computes in the output gradient's dtype (the input cast to it, as autocast cast it for the
+    # forward): the projection and the norm are the reference's up to bfloat16 rounding.
+    torch.manual_seed(0)
+    model = _AutocastTokens()
+    batch = (torch.randn(3, t, 6), torch.randint(0, 3, (3,)))
+    layout = _layout(model, "tok", dim=16)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params="tok")
+    assert fg.kron["tok.weight"].dtype == torch.bfloat16
+    assert_close(fg.kron["tok.weight"].float(), _expected(layout, ref, "tok.weight").float(), rtol=0.05, atol=0.02)
+    assert_close(fg.vectors["tok.bias"].float(), ref.grads["tok.bias"], rtol=0.05, atol=0.01)
+    assert_close(fg.sq_norm.float(), ref.grad_norm.square(), rtol=0.03, atol=1e-4)
+
+
+def test_a_layernorm_fed_bfloat16_with_a_float32_gradient_normalises_in_float32():
+    # CUDA autocast runs layer_norm in float32: a LayerNorm after a bfloat16 layer sees a bfloat16 input and
+    # returns float32 (CPU autocast keeps it in bfloat16, so this is planted). Its weight gradient
+    # sum_t delta_t * x_hat_t must use x_hat in float32, as the forward did: bfloat16 would be off by ~1e-2.
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8)
+    x = torch.randn(3, 5, 8).to(torch.bfloat16)  # (B, T, d)
+    delta = torch.randn(3, 5, 8)  # (B, T, d) float32
+    res = rule_for(ln).compute(ln, [Call(x, delta)], RuleRequest(None, ("weight", "bias")))
+    x_hat = nn.functional.layer_norm(x.double(), (8,), eps=ln.eps)  # (B, T, d)
+    assert_close(res.vectors["weight"].double(), (delta.double() * x_hat).sum(1), rtol=1e-5, atol=1e-5)
+    assert_close(res.vectors["bias"], delta.sum(1))
+
+
+class _AutocastTied(nn.Module):
+    """An LM-style tied embedding / output head, the head run under CPU autocast (bfloat16 output), the
+    embedding not (autocast leaves embeddings in float32): the holders' gradients differ in dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(10, 6)
+        self.h = nn.Linear(6, 10, bias=False)
+        self.h.weight = self.e.weight
+
+    def forward(self, x):
+        z = self.e(x).mean(1)  # (B, 6) float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.h(z).float()  # (B, 10)
+
+
+def test_a_tied_weight_whose_holders_differ_in_dtype_is_the_sum_of_both_uses():
+    torch.manual_seed(0)
+    model = _AutocastTied()
+    batch = (torch.randint(0, 10, (4, 7)), torch.randint(0, 10, (4,)))
+    layout = _layout(model, dim=9)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch)
+    assert_close(fg.kron["e.weight"].float(), _expected(layout, ref, "e.weight").float(), rtol=0.05, atol=0.02)
+    assert_close(fg.sq_norm.float(), ref.grad_norm.square(), rtol=0.03, atol=1e-4)
