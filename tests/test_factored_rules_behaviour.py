@@ -1871,3 +1871,25 @@ def test_a_tied_weight_whose_holders_differ_in_dtype_is_the_sum_of_both_uses():
     ref = reference_per_sample_grads(model, batch)
     assert_close(fg.kron["e.weight"].float(), _expected(layout, ref, "e.weight").float(), rtol=0.05, atol=0.02)
     assert_close(fg.sq_norm.float(), ref.grad_norm.square(), rtol=0.03, atol=1e-4)
+
+
+class _TiedEmbeddingTwice(nn.Module):
+    """An embedding called on two token spans (4 and 3 positions) whose weight is also the output head's."""
+
+    def __init__(self, padding_idx=None) -> None:
+        super().__init__()
+        self.e = nn.Embedding(10, 6, padding_idx=padding_idx)
+        self.h = nn.Linear(6, 10, bias=False)
+        self.h.weight = self.e.weight
+
+    def forward(self, x):
+        return self.h(self.e(x[:, :4]).mean(1) * self.e(x[:, 4:]).mean(1))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_a_tied_embedding_called_twice_counts_both_calls_in_the_cross_terms(padding_idx):
+    # The tied weight's norm needs the cross term <G_embedding, G_head>, and the embedding's G is the sum over
+    # the positions of both its calls: each sample's two spans are joined along the positions.
+    torch.manual_seed(0)
+    batch = (torch.tensor([[0, 3, 3, 5, 0, 3, 9], [1, 2, 0, 0, 7, 7, 1], [4, 4, 4, 4, 0, 8, 2]]), torch.tensor([3, 0, 7]))
+    _check_pass(_TiedEmbeddingTwice(padding_idx).double(), batch, dim=9)
