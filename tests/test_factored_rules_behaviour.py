@@ -1893,3 +1893,94 @@ def test_a_tied_embedding_called_twice_counts_both_calls_in_the_cross_terms(padd
     torch.manual_seed(0)
     batch = (torch.tensor([[0, 3, 3, 5, 0, 3, 9], [1, 2, 0, 0, 7, 7, 1], [4, 4, 4, 4, 0, 8, 2]]), torch.tensor([3, 0, 7]))
     _check_pass(_TiedEmbeddingTwice(padding_idx).double(), batch, dim=9)
+
+
+# --------------------------------------------------------------------------------------- capture, again
+def test_a_broadcast_batch_mean_is_refused_even_where_one_sample_would_match_it():
+    # The batch-statistic check runs the model again on one sample fewer. Here the mean of the three probe
+    # samples (1, 0, 2) equals the first sample's value but not the mean of the first two: only a batch of two
+    # shows that the (1, ...) input changes with the samples.
+    class BatchMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.ctx, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(torch.tanh(self.a(x) + self.ctx(x.mean(0, keepdim=True))))
+
+    model = BatchMean()
+    x = torch.tensor([1.0, 0.0, 2.0, 5.0]).unsqueeze(1).expand(4, 4).contiguous()  # (B, 4)
+    with pytest.raises(ValueError, match=r"ctx \(Linear\): it was called on an input of shape \(1, \.\.\.\) that changes"):
+        factored_pass(model, (x, torch.randint(0, 3, (4,))), _layout(model, ["ctx"], dim=16))
+
+
+class _Score(nn.Module):
+    """One score per sample, ``y = x @ weight.T`` squeezed to ``(B,)``: a 1-D output, a module type of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 4))
+
+    def forward(self, x):
+        return (x @ self.weight.T).squeeze(-1)  # (B,)
+
+
+class _ScoreRule(registry.LayerRule):
+    """An exact rule for _Score: sample b's weight gradient is delta_b x_b^T, one position."""
+
+    vector_params = ()
+
+    def compute(self, module, calls, request):
+        (call,) = calls
+        b = call.delta.shape[0]
+        delta = call.delta.reshape(b, 1, 1, 1)  # (B, G=1, N=1, p=1)
+        x = call.x.reshape(b, 1, 1, -1).to(delta.dtype)  # (B, 1, 1, 4)
+        p_out, p_in = request.matrix
+        proj, sq = registry.project_and_norm(delta, x, p_out[None], p_in)
+        return registry.RuleResult(matrix_proj=proj, matrix_sq_norm=sq)
+
+
+def test_a_broadcast_call_with_a_one_dimensional_output_is_expanded_and_exact(fresh_registry):
+    # A learned (1, 4) token scored once for the whole batch: input (1, 4), output (1,). It is broadcast like
+    # any (1, ...) call: expanded to one row per sample, each sample's gradient its own row.
+    registry.register_layer_rule(_Score)(_ScoreRule)
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Parameter(torch.randn(1, 4))
+            self.score, self.h = _Score(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(x) * torch.sigmoid(self.score(self.tok)).unsqueeze(1)  # (B, 3)
+
+    torch.manual_seed(0)
+    model = Gated().double()
+    _check_pass(model, (torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))), layers=["score"], dim=4)
+
+
+class _Learned(nn.Module):
+    """A module called with no argument at all: it returns its own (learned) rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self):
+        return self.weight * 1.0
+
+
+def test_a_module_called_without_any_argument_is_refused_by_name(fresh_registry):
+    registry.register_layer_rule(_Learned)(_ScoreRule)  # never asked to compute: the call is refused first
+
+    class UsesLearned(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows, self.h = _Learned(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(x + self.rows().sum(0))
+
+    model = UsesLearned()
+    with pytest.raises(ValueError, match=r"rows \(_Learned\): its input or output is not a single tensor"):
+        factored_pass(model, (torch.randn(3, 4), torch.randint(0, 3, (3,))), _layout(model, ["rows"], dim=4))
