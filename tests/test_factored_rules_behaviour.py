@@ -1661,3 +1661,326 @@ def test_units_the_callers_gradients_leave_out_get_zero_gradients():
     fg = apply_rules(units, rec, loss, output, layout, 3, deltas={})  # the caller computed none for "a"
     assert torch.equal(fg.sq_norm, torch.zeros(3, dtype=fg.sq_norm.dtype))
     assert all(not bool(v.any()) for v in fg.kron.values())
+
+
+# ------------------------------------------------------------------------------------------- devices
+# The test machines have no GPU; fake tensors stand in for one. Made on "meta" under torch's FakeTensorMode,
+# they carry shapes, dtypes and devices but no data, and an op that mixes them with a CPU tensor fails, as it
+# fails on a GPU. So "given inputs on device D, the results are on D" is checked without a GPU: a tensor left
+# on the default device (the CPU) either breaks an op or shows in the result's device.
+_META = torch.device("meta")
+
+
+def _fake_mode():
+    return pytest.importorskip("torch._subclasses.fake_tensor").FakeTensorMode()
+
+
+def _devices(fg) -> set[str]:
+    """The device types of everything a factored pass returned."""
+    ts = [*fg.kron.values(), *fg.vectors.values(), *fg.vector_proj.values(), fg.sq_norm]
+    return {t.device.type for t in ts}
+
+
+def test_the_layout_builds_its_matrices_and_outputs_on_the_asked_device():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    layout = _layout(model, dim=4)
+    with _fake_mode():
+        for dtype in (torch.float32, torch.float64):
+            p_out, p_in = layout.kron_matrices("0.weight", dtype, "meta")
+            assert (p_out.device, p_in.device, p_out.dtype, p_in.dtype) == (_META, _META, dtype, dtype)
+        assert layout.dense_block_matrix("0.bias", torch.float32, "meta").device == _META
+        assert layout.new_output(3, _META).device == _META
+        parts = {n: torch.randn(3, blk.width, device=_META) for n, blk in layout.blocks.items()}
+        z = layout.assemble(parts)  # (B, out_dim)
+        assert (z.device, tuple(z.shape)) == (_META, (3, layout.out_dim))
+        grad = torch.randn(3, 3, 4, device=_META)  # (B, *weight.shape)
+        assert layout.project_exact("0.weight", grad).device == _META
+
+
+def test_tied_weight_and_outer_product_norms_are_computed_on_the_factors_device():
+    with _fake_mode():
+        dense = registry.GradFactors(torch.randn(2, 3, 5, device=_META), torch.randn(2, 3, 4, device=_META))
+        ids = registry.GradFactors(torch.zeros(2, 6, dtype=torch.long, device=_META), torch.randn(2, 6, 4, device=_META))
+        for f, g in ((dense, ids), (ids, dense), (dense, dense), (ids, ids)):
+            assert registry.factors_inner(f, g).device == _META
+        delta, x = torch.randn(2, 3, 5, device=_META), torch.randn(2, 3, 4, device=_META)  # (B, N, p), (B, N, q)
+        assert registry.outer_sum_sq_norm(delta, x).device == _META
+
+
+@pytest.mark.parametrize("n", [2, 9], ids=["ghost", "per-sample-table"])  # N^2 <= vocab * d, or not
+def test_an_embedding_norm_is_computed_on_the_gradient_device(n):
+    emb = nn.Embedding(5, 2, padding_idx=0)
+    layout = _layout(nn.Sequential(emb), dim=4)
+    with _fake_mode():
+        ids = torch.zeros(3, n, dtype=torch.long, device=_META)
+        request = RuleRequest(layout.kron_matrices("0.weight", torch.float32, _META), ())
+        res = rule_for(emb).compute(emb, [Call(ids, torch.randn(3, n, 2, device=_META))], request)
+        assert res.matrix_sq_norm.device == _META and res.matrix_proj.device == _META
+
+
+def _runner(model, layer, device, out=None, output_device=None):
+    """A rule runner for one selected Linear whose input is on ``device``; the model output (the default for a
+    layer without gradient) on ``output_device`` (default: the same)."""
+    from hardmine.factored.apply import RuleRunner
+
+    layout = _layout(model, [layer], dim=4)
+    units, _ = plan_factored(model, layout.names)
+    x = torch.randn(3, 4, device=device)  # (B, d_in) captured input of the one selected Linear
+    runner = RuleRunner(units, {layer: [x]}, layout, 3, torch.float32, output_device or device, out=out)
+    return runner, layout
+
+
+def test_a_layer_on_another_device_than_the_model_output_is_computed_on_its_own():
+    # Model parallel: the output (the runner's default device) is on the CPU, this layer's input and output
+    # gradient on the "GPU". Its matrices must be made for the layer's device, not the output's.
+    model = nn.Sequential(nn.Linear(4, 3))
+    with _fake_mode():
+        runner, _ = _runner(model, "0", _META, output_device=torch.device("cpu"))
+        runner.run("0", {0: torch.randn(3, 3, device=_META)})
+        fg = runner.result(torch.zeros(3), torch.zeros(3, 3))
+        assert set(fg.kron) == {"0.weight"} and set(fg.vectors) == {"0.bias"}
+        assert _devices(fg) == {"meta"}
+
+
+def test_a_layer_without_gradient_gets_zeros_on_the_output_device():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with _fake_mode():
+        runner, _ = _runner(model, "0", _META)
+        runner.run("0", {})  # no gradient reached it
+        fg = runner.result(torch.zeros(3, device=_META), torch.zeros(3, 3, device=_META))
+        assert set(fg.kron) == {"0.weight"} and set(fg.vectors) == {"0.bias"}
+        assert _devices(fg) == {"meta"}
+
+
+def test_a_projection_is_written_straight_into_an_output_on_its_device_only():
+    model = nn.Sequential(nn.Linear(4, 3))
+    torch.manual_seed(0)
+    # Same device and dtype: the rule writes its projection into the caller's output, and says so.
+    z = torch.full((3, 8), float("nan"))  # (B, out_dim): 4 for the weight block, 2 + 2 for the bias
+    runner, layout = _runner(model, "0", torch.device("cpu"), out=z)
+    runner.run("0", {0: torch.randn(3, 3)})
+    fg = runner.result(torch.zeros(3), torch.zeros(3, 3))
+    assert fg.written == {"0.weight"}
+    assert torch.equal(layout.block_view(z, "0.weight").reshape(3, -1), fg.kron["0.weight"])
+    # An output on another device is not written into: the projection stays on the layer's device.
+    with _fake_mode():
+        runner, _ = _runner(model, "0", _META, out=torch.zeros(3, 8))
+        runner.run("0", {0: torch.randn(3, 3, device=_META)})
+        fg = runner.result(torch.zeros(3, device=_META), torch.zeros(3, 3, device=_META))
+        assert fg.written == set() and _devices(fg) == {"meta"}
+
+
+def test_the_norm_check_runs_its_test_input_on_the_weight_device():
+    # A norm on a GPU must be checked on the GPU (a test input left on the CPU would make its forward fail and
+    # the norm be refused). Fake "cuda" tensors stand in for the GPU: the forward sees devices, not values.
+    fake = pytest.importorskip("torch._subclasses.fake_tensor")
+    seen = []
+
+    def recording(self, x):
+        seen.append((x.device.type, self.weight.device.type))
+        return _rms(self, x)
+
+    with fake.FakeTensorMode():
+        norm = _NamedNorm(recording, weight=nn.Parameter(torch.ones(4, device="cuda")))
+        try:
+            rule_for(norm).unsupported_reason(norm)
+        except fake.DataDependentOutputException:
+            pass  # comparing the outputs' values is all that fake tensors cannot do
+    assert seen == [("cuda", "cuda")] * 2  # at the random weight and at weight 1
+
+
+def test_the_norm_check_tolerates_rounding_both_relative_and_absolute():
+    # bfloat16 nn.RMSNorm normalises in float32 and rounds once, so weight * g(x) (rounded twice) is off by up
+    # to one bfloat16 step, 0.03 on outputs of size 4-8: within the relative tolerance, beyond the absolute.
+    norm = nn.RMSNorm(64, dtype=torch.bfloat16)
+    assert rule_for(norm).unsupported_reason(norm) is None
+    # float16 outputs ~1e-5 (a huge eps) are subnormal: a step of 6e-8 is a large relative error there,
+    # within the absolute tolerance.
+    tiny = nn.RMSNorm(16, eps=1e10, dtype=torch.float16)
+    assert rule_for(tiny).unsupported_reason(tiny) is None
+
+
+# ------------------------------------------------------------------------------------------- autocast
+class _AutocastTokens(nn.Module):
+    """A token-wise Linear the model runs under CPU autocast: it sees a float32 (B, T, d) input and returns
+    bfloat16, so its output gradient is bfloat16 while the captured input is float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.tok(x)  # (B, T, 5) bfloat16
+        return self.head(torch.tanh(h.float()).mean(1))
+
+
+@pytest.mark.parametrize("t", [3, 40], ids=["ghost", "per-sample-gradients"])  # N^2 <= 5 * 6, or not
+def test_a_token_linear_under_autocast_gets_its_bfloat16_gradients(t):
+    # The rule computes in the output gradient's dtype (the input cast to it, as autocast cast it for the
+    # forward): the projection and the norm are the reference's up to bfloat16 rounding.
+    torch.manual_seed(0)
+    model = _AutocastTokens()
+    batch = (torch.randn(3, t, 6), torch.randint(0, 3, (3,)))
+    layout = _layout(model, "tok", dim=16)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch, params="tok")
+    assert fg.kron["tok.weight"].dtype == torch.bfloat16
+    assert_close(fg.kron["tok.weight"].float(), _expected(layout, ref, "tok.weight").float(), rtol=0.05, atol=0.02)
+    assert_close(fg.vectors["tok.bias"].float(), ref.grads["tok.bias"], rtol=0.05, atol=0.01)
+    assert_close(fg.sq_norm.float(), ref.grad_norm.square(), rtol=0.03, atol=1e-4)
+
+
+def test_a_layernorm_fed_bfloat16_with_a_float32_gradient_normalises_in_float32():
+    # CUDA autocast runs layer_norm in float32: a LayerNorm after a bfloat16 layer sees a bfloat16 input and
+    # returns float32 (CPU autocast keeps it in bfloat16, so this is planted). Its weight gradient
+    # sum_t delta_t * x_hat_t must use x_hat in float32, as the forward did: bfloat16 would be off by ~1e-2.
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8)
+    x = torch.randn(3, 5, 8).to(torch.bfloat16)  # (B, T, d)
+    delta = torch.randn(3, 5, 8)  # (B, T, d) float32
+    res = rule_for(ln).compute(ln, [Call(x, delta)], RuleRequest(None, ("weight", "bias")))
+    x_hat = nn.functional.layer_norm(x.double(), (8,), eps=ln.eps)  # (B, T, d)
+    assert_close(res.vectors["weight"].double(), (delta.double() * x_hat).sum(1), rtol=1e-5, atol=1e-5)
+    assert_close(res.vectors["bias"], delta.sum(1))
+
+
+class _AutocastTied(nn.Module):
+    """An LM-style tied embedding / output head, the head run under CPU autocast (bfloat16 output), the
+    embedding not (autocast leaves embeddings in float32): the holders' gradients differ in dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(10, 6)
+        self.h = nn.Linear(6, 10, bias=False)
+        self.h.weight = self.e.weight
+
+    def forward(self, x):
+        z = self.e(x).mean(1)  # (B, 6) float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.h(z).float()  # (B, 10)
+
+
+def test_a_tied_weight_whose_holders_differ_in_dtype_is_the_sum_of_both_uses():
+    torch.manual_seed(0)
+    model = _AutocastTied()
+    batch = (torch.randint(0, 10, (4, 7)), torch.randint(0, 10, (4,)))
+    layout = _layout(model, dim=9)
+    fg = factored_pass(model, batch, layout)
+    ref = reference_per_sample_grads(model, batch)
+    assert_close(fg.kron["e.weight"].float(), _expected(layout, ref, "e.weight").float(), rtol=0.05, atol=0.02)
+    assert_close(fg.sq_norm.float(), ref.grad_norm.square(), rtol=0.03, atol=1e-4)
+
+
+class _TiedEmbeddingTwice(nn.Module):
+    """An embedding called on two token spans (4 and 3 positions) whose weight is also the output head's."""
+
+    def __init__(self, padding_idx=None) -> None:
+        super().__init__()
+        self.e = nn.Embedding(10, 6, padding_idx=padding_idx)
+        self.h = nn.Linear(6, 10, bias=False)
+        self.h.weight = self.e.weight
+
+    def forward(self, x):
+        return self.h(self.e(x[:, :4]).mean(1) * self.e(x[:, 4:]).mean(1))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_a_tied_embedding_called_twice_counts_both_calls_in_the_cross_terms(padding_idx):
+    # The tied weight's norm needs the cross term <G_embedding, G_head>, and the embedding's G is the sum over
+    # the positions of both its calls: each sample's two spans are joined along the positions.
+    torch.manual_seed(0)
+    batch = (torch.tensor([[0, 3, 3, 5, 0, 3, 9], [1, 2, 0, 0, 7, 7, 1], [4, 4, 4, 4, 0, 8, 2]]), torch.tensor([3, 0, 7]))
+    _check_pass(_TiedEmbeddingTwice(padding_idx).double(), batch, dim=9)
+
+
+# --------------------------------------------------------------------------------------- capture, again
+def test_a_broadcast_batch_mean_is_refused_even_where_one_sample_would_match_it():
+    # The batch-statistic check runs the model again on one sample fewer. Here the mean of the three probe
+    # samples (1, 0, 2) equals the first sample's value but not the mean of the first two: only a batch of two
+    # shows that the (1, ...) input changes with the samples.
+    class BatchMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.ctx, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(torch.tanh(self.a(x) + self.ctx(x.mean(0, keepdim=True))))
+
+    model = BatchMean()
+    x = torch.tensor([1.0, 0.0, 2.0, 5.0]).unsqueeze(1).expand(4, 4).contiguous()  # (B, 4)
+    with pytest.raises(ValueError, match=r"ctx \(Linear\): it was called on an input of shape \(1, \.\.\.\) that changes"):
+        factored_pass(model, (x, torch.randint(0, 3, (4,))), _layout(model, ["ctx"], dim=16))
+
+
+class _Score(nn.Module):
+    """One score per sample, ``y = x @ weight.T`` squeezed to ``(B,)``: a 1-D output, a module type of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 4))
+
+    def forward(self, x):
+        return (x @ self.weight.T).squeeze(-1)  # (B,)
+
+
+class _ScoreRule(registry.LayerRule):
+    """An exact rule for _Score: sample b's weight gradient is delta_b x_b^T, one position."""
+
+    vector_params = ()
+
+    def compute(self, module, calls, request):
+        (call,) = calls
+        b = call.delta.shape[0]
+        delta = call.delta.reshape(b, 1, 1, 1)  # (B, G=1, N=1, p=1)
+        x = call.x.reshape(b, 1, 1, -1).to(delta.dtype)  # (B, 1, 1, 4)
+        p_out, p_in = request.matrix
+        proj, sq = registry.project_and_norm(delta, x, p_out[None], p_in)
+        return registry.RuleResult(matrix_proj=proj, matrix_sq_norm=sq)
+
+
+def test_a_broadcast_call_with_a_one_dimensional_output_is_expanded_and_exact(fresh_registry):
+    # A learned (1, 4) token scored once for the whole batch: input (1, 4), output (1,). It is broadcast like
+    # any (1, ...) call: expanded to one row per sample, each sample's gradient its own row.
+    registry.register_layer_rule(_Score)(_ScoreRule)
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Parameter(torch.randn(1, 4))
+            self.score, self.h = _Score(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(x) * torch.sigmoid(self.score(self.tok)).unsqueeze(1)  # (B, 3)
+
+    torch.manual_seed(0)
+    model = Gated().double()
+    _check_pass(model, (torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))), layers=["score"], dim=4)
+
+
+class _Learned(nn.Module):
+    """A module called with no argument at all: it returns its own (learned) rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self):
+        return self.weight * 1.0
+
+
+def test_a_module_called_without_any_argument_is_refused_by_name(fresh_registry):
+    registry.register_layer_rule(_Learned)(_ScoreRule)  # never asked to compute: the call is refused first
+
+    class UsesLearned(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows, self.h = _Learned(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.h(x + self.rows().sum(0))
+
+    model = UsesLearned()
+    with pytest.raises(ValueError, match=r"rows \(_Learned\): its input or output is not a single tensor"):
+        factored_pass(model, (torch.randn(3, 4), torch.randint(0, 3, (3,))), _layout(model, ["rows"], dim=4))

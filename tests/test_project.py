@@ -196,3 +196,21 @@ def test_dimension_checks_and_defaults():
     x = torch.randn(2, 10)
     assert torch.equal(Projector(4).project(x), Projector(4, seed=0).project(x))  # the documented default seed
     assert Projector(1).project(x).shape == (2, 1)
+
+
+def test_a_projection_is_computed_on_the_device_of_its_input():
+    # The test machines have no GPU; fake tensors stand in for one. Made on "meta" under torch's FakeTensorMode
+    # they carry shapes, dtypes and devices but no data, and an op that mixes them with a CPU tensor fails, as
+    # it fails on a GPU. So the result must be allocated on the input's device and every block of the matrix
+    # moved there (also when it comes from the cache on the second call).
+    fake = pytest.importorskip("torch._subclasses.fake_tensor")
+    proj = Projector(dim=6, seed=0)
+    with fake.FakeTensorMode():
+        x = torch.randn(3, BLOCK_ROWS + 5, device="meta")  # (B, P): two blocks of rows
+        for _ in range(2):
+            z = proj.project(x)
+            assert (z.device.type, tuple(z.shape), z.dtype) == ("meta", (3, 6), torch.float32)
+        grads = {"a": torch.randn(3, 2, 2, device="meta"), "b": torch.randn(3, 5, device="meta")}
+        for per_layer, width in ((True, 12), (False, 6)):
+            z = proj.project_grads(grads, per_layer=per_layer)
+            assert (z.device.type, tuple(z.shape)) == ("meta", (3, width))

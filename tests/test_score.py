@@ -617,3 +617,17 @@ def test_a_causal_lm_scan_at_the_default_weights_ranks_by_perplexity_and_grad_no
     df, used = finalize_scores(stats, {"grad_norm": np.array([0.5, 3.0, 1.0, 0.1])}, ScoreConfig(), TaskKind.CAUSAL_LM)
     assert used == DEFAULT_WEIGHTS_LM  # no margin in a causal-LM scan
     assert df["rank"].tolist() == [3, 1, 2, 4]
+
+
+def test_multilabel_logits_just_below_zero_from_a_float32_model_predict_the_label_absent():
+    # A scan hands over the model's float32 logits. sigmoid(-1e-9) = 0.5 - 2.5e-10 is below the 0.5 threshold,
+    # but computed in float32 it is exactly 0.5, which would predict the label present: wrong, with a
+    # margin whose sign disagrees with `correct`.
+    from hardmine.score import multilabel_stats
+
+    logits = np.array([[-1e-9, 3.0], [1e-9, -3.0]], dtype=np.float32)  # (B, C)
+    targets = np.array([[0, 1], [1, 0]])
+    st = multilabel_stats(logits, targets)
+    assert st["correct"].tolist() == [True, True]
+    assert list(st["pred"]) == list(st["label"])
+    assert (st["margin"] > 0).all()

@@ -366,7 +366,9 @@ def factors_inner(f: GradFactors, g: GradFactors) -> torch.Tensor:
     dot products are gathers (dense) or id equalities (ids). Chunked over the batch like the rules."""
     b, n = f.rows.shape[:2]
     m = g.rows.shape[1]
-    dtype = f.cols.dtype
+    # The holders' factors may differ in dtype (e.g. an output head under autocast gives bfloat16 factors, the
+    # embedding it shares its weight with float32 ones): both are multiplied in the wider one.
+    dtype = torch.promote_types(f.cols.dtype, g.cols.dtype)
     out = torch.empty(b, dtype=dtype, device=f.cols.device)
     for s in batch_chunks(b, 2 * n * m):
         rf, rg = f.rows[s], g.rows[s]
@@ -378,8 +380,8 @@ def factors_inner(f: GradFactors, g: GradFactors) -> torch.Tensor:
         elif rg.ndim == 2:
             gram_r = rf.gather(2, rg.unsqueeze(1).expand(c, n, m))  # (c, N, M)
         else:
-            gram_r = rf @ rg.transpose(1, 2)  # (c, N, M)
-        gram_c = f.cols[s] @ g.cols[s].transpose(1, 2)  # (c, N, M)
+            gram_r = rf.to(dtype) @ rg.to(dtype).transpose(1, 2)  # (c, N, M)
+        gram_c = f.cols[s].to(dtype) @ g.cols[s].to(dtype).transpose(1, 2)  # (c, N, M)
         out[s] = torch.linalg.vecdot(gram_r.to(dtype).reshape(c, -1), gram_c.reshape(c, -1))  # (c,)
     return out
 
