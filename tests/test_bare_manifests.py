@@ -6,14 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_cli import _scan, invoke, trained  # noqa: F401  (the trained fixture)
+from test_cli import _scan, invoke, train_and_save
 
 from hardmine.manifest import export_manifest, read_manifest
 from hardmine.sampler import ManifestSampler
 
 
-@pytest.fixture
-def resaved(tmp_path, trained):  # noqa: F811
+@pytest.fixture(scope="module")
+def resaved(tmp_path_factory):
+    """One CLI scan for the whole module (its tests only read it; each writes files of its own names)."""
+    tmp_path = tmp_path_factory.mktemp("resaved")
+    train_and_save(tmp_path)
     assert _scan(tmp_path).exit_code == 0
     df = read_manifest(tmp_path / "scan")
     path = tmp_path / "resaved.parquet"

@@ -41,9 +41,9 @@ def _blobs(n=120, seed=0):
     return x, y
 
 
-@pytest.fixture
-def trained(tmp_path):
-    """A small MLP trained on blobs, saved as a state dict, plus the data as .npz."""
+def train_and_save(directory):
+    """A small MLP trained on blobs, saved as ``directory/model.pt`` (a state dict), plus the data as
+    ``directory/data.npz`` (ids 1000..1119)."""
     x, y = _blobs()
     torch.manual_seed(0)
     model = MLP()
@@ -54,9 +54,15 @@ def trained(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.save(model.state_dict(), tmp_path / "model.pt")
-    np.savez(tmp_path / "data.npz", X=x, y=y, ids=np.arange(1000, 1000 + len(y)))
+    torch.save(model.state_dict(), directory / "model.pt")
+    np.savez(directory / "data.npz", X=x, y=y, ids=np.arange(1000, 1000 + len(y)))
     return model.eval(), x, y
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A small MLP trained on blobs, saved as a state dict, plus the data as .npz."""
+    return train_and_save(tmp_path)
 
 
 def _scan(tmp_path, *extra, data="data.npz", ckpt="model.pt", model="models:MLP", out="scan"):

@@ -15,7 +15,8 @@ from hardmine.manifest import compute_weights, export_manifest, read_manifest
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    return planted_scan(tmp_path_factory.mktemp("hs"))
+    """The planted-blobs scan shared with the other modules that only read it (test_manifest.py's)."""
+    return planted_scan(tmp_path_factory.getbasetemp() / "planted-shared")
 
 
 def test_threshold_marks_exactly_the_samples_above_it_and_top_k_boosts_them(planted):
