@@ -486,9 +486,12 @@ def test_neighbor_scores_are_computed_when_asked_or_weighted():
     assert not ScoreConfig(neighbor_scores=False).computes_neighbor_scores
     assert ScoreConfig(neighbor_scores=True).to_dict()["neighbor_scores"] is True
     assert ScoreConfig.from_dict({"k": 5}).neighbor_scores is None  # a scan.json written before the field
-    with pytest.raises(ValueError, match=r"neighbor_scores=1 must be True, False or None"):
+    # The messages say what the value means and what to do (the whole remedy, not just the offending value).
+    with pytest.raises(ValueError, match=r"neighbor_scores=1 must be True, False or None \(None: only when the "
+                       r"hardness weights use knn_outlier or neighbor_disagreement\)\.$"):
         ScoreConfig(neighbor_scores=1)
-    with pytest.raises(ValueError, match=r"neighbor_scores=False, but the hardness weights use \['knn_outlier'\]"):
+    with pytest.raises(ValueError, match=r"neighbor_scores=False, but the hardness weights use \['knn_outlier'\]; "
+                       r"set neighbor_scores=True \(or None\) or give those weights 0\.$"):
         ScoreConfig(neighbor_scores=False, weights={"margin": 1, "knn_outlier": 1})
 
 
