@@ -1984,3 +1984,43 @@ def test_a_module_called_without_any_argument_is_refused_by_name(fresh_registry)
     model = UsesLearned()
     with pytest.raises(ValueError, match=r"rows \(_Learned\): its input or output is not a single tensor"):
         factored_pass(model, (torch.randn(3, 4), torch.randint(0, 3, (3,))), _layout(model, ["rows"], dim=4))
+
+
+@pytest.mark.parametrize("ids_f", [False, True], ids=["dense", "ids"])
+@pytest.mark.parametrize("low_first", [False, True], ids=["float32-first", "bfloat16-first"])
+def test_factors_inner_of_holders_in_two_dtypes_is_computed_in_the_wider(ids_f, low_first):
+    # A tied weight's holders run under autocast and outside it: bfloat16 factors beside float32 ones, in
+    # either order. The inner product is computed in float32 from the factors as they are (no error).
+    g = torch.Generator().manual_seed(3)
+    b, rows, cols = 4, 7, 5
+
+    def factors(n: int, ids: bool, dtype: torch.dtype):
+        c = torch.randn(b, n, cols, generator=g).to(dtype)
+        if ids:
+            r = torch.randint(0, rows, (b, n), generator=g)
+            dense = nn.functional.one_hot(r, rows).double()  # (B, N, rows)
+        else:
+            r = torch.randn(b, n, rows, generator=g).to(dtype)
+            dense = r.double()
+        return registry.GradFactors(r, c), dense.transpose(1, 2) @ c.double()  # (B, rows, cols)
+
+    low, high = torch.bfloat16, torch.float32
+    f, gf = factors(3, ids_f, low if low_first else high)
+    h, gh = factors(4, False, high if low_first else low)
+    got = registry.factors_inner(f, h)
+    assert got.dtype == torch.float32
+    assert_close(got.double(), (gf * gh).sum((1, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_factors_inner_takes_the_batch_in_chunks_as_large_as_the_budget_allows(monkeypatch):
+    # Its two (c, N, M) Gram temporaries per chunk: a budget of 2 * N * M * 2 elements means chunks of two
+    # samples (fewer, larger products), never more, and never needlessly fewer.
+    b, n, m = 6, 3, 4
+    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 2 * n * m * 2)
+    g = torch.Generator().manual_seed(4)
+    f = registry.GradFactors(torch.randn(b, n, 5, generator=g), torch.randn(b, n, 2, generator=g))
+    h = registry.GradFactors(torch.randn(b, m, 5, generator=g), torch.randn(b, m, 2, generator=g))
+    with _Allocations() as mode:
+        registry.factors_inner(f, h)
+    grams = [s for s in mode.shapes if len(s) == 3 and s[1:] == (n, m)]
+    assert grams and {s[0] for s in grams} == {2}
