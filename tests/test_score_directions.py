@@ -116,7 +116,9 @@ def test_class_divergence_weight_ranks_planted_outliers_first(seed, loo):
         rank = hardness_rank(h)
         assert (rank[kind == 2] <= 10).all(), name  # the flipped labels are the 10 hardest
     assert (s["class_divergence"][kind == 2] > 1.5).all()  # opposite to the class: close to the maximum 2
-    assert (s["class_divergence"][kind == 0] < 0.5).all()
+    # The bulk is typical for its class. Its largest divergence over all seeds 0..10000 (both loo settings,
+    # checked exhaustively) is 0.505, a noise tail, so the bound sits a little above it: far below the flipped.
+    assert (s["class_divergence"][kind == 0] < 0.6).all()
 
 
 def test_divergence_is_per_class():
