@@ -283,12 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             r = run_module(name, args.max_children, log_dir, names)
             runs[name].update(rc=r["rc"], seconds=r["seconds"], log=r["log"])
             print(f"mutate: {name}: rc={r['rc']} in {r['seconds']} s (log {r['log']})", flush=True)
+    if not args.report_only and not (args.keep or args.rerun_survivors):  # the last fresh run: its wall time
         last_run = {
             "modules": chosen, "max_children": args.max_children, "started": started,
             "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": round(time.monotonic() - start, 1), "cpus": os.cpu_count(),
             "load_avg_end": [round(v, 2) for v in os.getloadavg()],
-            "fresh": not (args.keep or args.rerun_survivors), "argv": argv if argv is not None else sys.argv[1:],
+            "argv": argv if argv is not None else sys.argv[1:],
         }
     entries = report(runs, previous, argv, args.note, last_run)
     for e in entries:
