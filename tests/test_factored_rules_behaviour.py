@@ -1598,16 +1598,19 @@ def test_an_input_modified_in_place_after_its_layer_is_refused_by_name():
     )
 
 
+class _BatchMean(nn.Module):
+    """A Linear fed the batch mean (a (1, ...) input that changes with the batch's samples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.ctx, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.a(x) + self.ctx(x.mean(0, keepdim=True))))
+
+
 def test_a_broadcast_input_that_is_a_batch_statistic_is_refused():
-    class BatchMean(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.ctx, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.h(torch.tanh(self.a(x) + self.ctx(x.mean(0, keepdim=True))))
-
-    model = BatchMean()
+    model = _BatchMean()
     with pytest.raises(ValueError) as err:
         factored_pass(model, (torch.randn(4, 4), torch.randint(0, 3, (4,))), _layout(model, ["ctx"], dim=16))
     assert (
@@ -1846,15 +1849,10 @@ def test_a_layernorm_fed_bfloat16_with_a_float32_gradient_normalises_in_float32(
     assert_close(res.vectors["bias"], delta.sum(1))
 
 
-class _AutocastTied(nn.Module):
-    """An LM-style tied embedding / output head, the head run under CPU autocast (bfloat16 output), the
-    embedding not (autocast leaves embeddings in float32): the holders' gradients differ in dtype."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.e = nn.Embedding(10, 6)
-        self.h = nn.Linear(6, 10, bias=False)
-        self.h.weight = self.e.weight
+class _AutocastTied(_TiedHidden):
+    """An LM-style tied embedding / output head (``_TiedHidden``'s modules), the head called as a module under
+    CPU autocast (bfloat16 output), the embedding not (autocast leaves embeddings in float32): the holders'
+    gradients differ in dtype."""
 
     def forward(self, x):
         z = self.e(x).mean(1)  # (B, 6) float32
@@ -1900,15 +1898,7 @@ def test_a_broadcast_batch_mean_is_refused_even_where_one_sample_would_match_it(
     # The batch-statistic check runs the model again on one sample fewer. Here the mean of the three probe
     # samples (1, 0, 2) equals the first sample's value but not the mean of the first two: only a batch of two
     # shows that the (1, ...) input changes with the samples.
-    class BatchMean(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.ctx, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.h(torch.tanh(self.a(x) + self.ctx(x.mean(0, keepdim=True))))
-
-    model = BatchMean()
+    model = _BatchMean()
     x = torch.tensor([1.0, 0.0, 2.0, 5.0]).unsqueeze(1).expand(4, 4).contiguous()  # (B, 4)
     with pytest.raises(ValueError, match=r"ctx \(Linear\): it was called on an input of shape \(1, \.\.\.\) that changes"):
         factored_pass(model, (x, torch.randint(0, 3, (4,))), _layout(model, ["ctx"], dim=16))
