@@ -356,19 +356,19 @@ def slice_ids(labels: np.ndarray, within: np.ndarray) -> np.ndarray:
     w = np.asarray(within)
     if lab.shape != w.shape or lab.ndim != 1:
         raise ValueError(f"labels {lab.shape} and within {w.shape} must be 1-D of the same length.")
-    if lab.dtype.kind not in "iu" or w.dtype.kind not in "iu" or len(w) == 0 or w.min() < 0:
+
+    def per_row() -> np.ndarray:
         return np.array([f"{a}/{b}" for a, b in zip(lab.tolist(), w.tolist())], dtype=object)
-    # Format each distinct (label, slice) pair once and index: a million rows hold only a few hundred pairs.
-    lo, width = int(lab.min()), int(w.max()) + 1
-    keys = (lab.astype(np.int64) - lo) * width + w.astype(np.int64)  # (N,) one key per (label, slice) pair
-    if int(keys.max()) >= 4 * len(keys) + 1024:  # sparse labels: sort the keys instead of a table over them
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        names = np.array([f"{a}/{b}" for a, b in zip(lab[first].tolist(), w[first].tolist())], dtype=object)
-        return names[inverse.reshape(-1)]  # (N,)
-    present = np.flatnonzero(np.bincount(keys))  # the keys that occur
-    table = np.empty(int(keys.max()) + 1, dtype=object)
-    table[present] = [f"{k // width + lo}/{k % width}" for k in present.tolist()]
-    return table[keys]  # (N,)
+
+    if lab.dtype.kind not in "iu" or w.dtype.kind not in "iu" or len(w) == 0 or w.min() < 0:
+        return per_row()
+    # Format each (class, slice) name once and index it: a million rows hold only a few hundred names.
+    classes, code = np.unique(lab, return_inverse=True)  # (C,), (N,)
+    width = int(w.max()) + 1
+    if len(classes) * width > len(lab):  # more names than rows (nearly every row its own class)
+        return per_row()
+    names = np.array([f"{c}/{k}" for c in classes.tolist() for k in range(width)], dtype=object)  # (C * width,)
+    return names[code.reshape(-1) * width + w]  # (N,)
 
 
 # ------------------------------------------------------------------------------------------ statistics
