@@ -21,6 +21,7 @@ failing clean test run) are recorded as such, with the results of their last run
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -146,16 +147,56 @@ def _non_factored_tests() -> list[str]:
 
 
 def _refresh_copies() -> None:
-    """Drop mutmut's copies of the sources (keeping results): mutmut only copies files it does not have yet,
-    so a source changed since the last run would otherwise be tested as its stale copy."""
-    for p in (ROOT / "mutants" / "hardmine").rglob("*.py"):
-        p.unlink()
+    """Drop mutmut's copies of the sources that changed since they were copied (keeping results): mutmut only
+    copies files it does not have yet, so a changed source would otherwise be tested as its stale copy.
+    Unchanged copies stay, so mutmut does not mutate every file again for each module."""
+    record = ROOT / "mutants" / "source-hashes.json"
+    try:
+        copied = json.loads(record.read_text())
+    except (OSError, ValueError):
+        copied = {}
+    now = {}
+    for src in (ROOT / "hardmine").rglob("*.py"):
+        rel = str(src.relative_to(ROOT))
+        now[rel] = hashlib.sha256(src.read_bytes()).hexdigest()
+        copy = ROOT / "mutants" / rel
+        if copied.get(rel) != now[rel] and copy.exists():
+            copy.unlink()
+    for copy in (ROOT / "mutants" / "hardmine").rglob("*.py"):  # sources deleted since
+        if str(copy.relative_to(ROOT / "mutants")) not in now:
+            copy.unlink()
+    record.parent.mkdir(exist_ok=True)
+    record.write_text(json.dumps(now, indent=1) + "\n")
 
 
-def run_module(name: str, max_children: int, log_dir: Path, names: list[str] | None = None) -> dict:
+def record_profile(log_dir: Path) -> Path | None:
+    """One clean run of the whole selection that records each test's costs and the lazily imported modules
+    (tests/_mutate_order.py), so that each mutant's tests run cheapest first with those modules preloaded.
+    None (and mutmut's own order) when that run fails: mutmut's clean run then says why."""
+    profile = log_dir / "test-profile.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HARDMINE_MUTATE_RECORD=str(profile))
+    env.pop("HARDMINE_MUTATE_PROFILE", None)
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    cmd = [sys.executable, "-m", "pytest", *cfg["pytest_add_cli_args"], *cfg["pytest_add_cli_args_test_selection"]]
+    with open(log_dir / "test-profile.log", "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not profile.exists():
+        print(f"mutate: the clean run that orders the tests failed (rc={rc}, see {log_dir / 'test-profile.log'}); "
+              "running in mutmut's order", flush=True)
+        return None
+    return profile
+
+
+def run_module(
+    name: str, max_children: int, log_dir: Path, names: list[str] | None = None, profile: Path | None = None
+) -> dict:
     _refresh_copies()
     cmd = [_mutmut(), "run", "--max-children", str(max_children), *(names or [_glob(name)])]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if profile is not None:  # tests/_mutate_order.py: cheapest-first order, lazy imports done in the fork server
+        env["HARDMINE_MUTATE_PROFILE"] = str(profile)
     left_out = _non_factored_tests() if name.startswith("factored.") else list(FACTORED_TESTS)
     ignore = " ".join(f"--deselect={t}" for t in left_out)
     env["PYTEST_ADDOPTS"] = (env.get("PYTEST_ADDOPTS", "") + " " + ignore).strip()
@@ -255,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if not args.report_only:
+        profile = record_profile(log_dir)
         for name in chosen:
             if args.budget_minutes is not None and time.monotonic() - start > 60 * args.budget_minutes:
                 runs[name] = {"reason": f"time budget of {args.budget_minutes:g} min spent"}
@@ -280,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = {"command": f"{earlier}; then {what}" if earlier else what, "date": today, "rc": None}
             report(runs, previous, argv, args.note, last_run)  # a run stopped halfway still says what ran
             print(f"mutate: {name} ...", flush=True)
-            r = run_module(name, args.max_children, log_dir, names)
+            r = run_module(name, args.max_children, log_dir, names, profile)
             runs[name].update(rc=r["rc"], seconds=r["seconds"], log=r["log"])
             print(f"mutate: {name}: rc={r['rc']} in {r['seconds']} s (log {r['log']})", flush=True)
     if not args.report_only and not (args.keep or args.rerun_survivors):  # the last fresh run: its wall time

@@ -6,6 +6,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/models.py
 
+import _mutate_order  # noqa: E402
+
 # Under CI (CI=true, as CI sets it) a skipped test is a failure: every test needs only what `make install`
 # provides (the dev extra and the Fashion-MNIST data), so a skip there means the install is broken and the
 # suite would pass without testing what it says. Tests that need hardware CI never has are marked
@@ -15,6 +17,11 @@ STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_hardware: may skip under CI (e.g. needs a GPU)")
+    _mutate_order.register(config)  # `make mutate` only (scripts/mutate.py); inert otherwise
+
+
+def pytest_collection_modifyitems(items):
+    _mutate_order.reorder(items)  # `make mutate` only: a mutant's tests cheapest first
 
 
 def _strict_failure(report, where: str) -> None:

@@ -596,7 +596,7 @@ def test_a_first_query_waits_for_the_directory_lock_and_a_rerun_with_build_index
 
     data = planted_blobs(n_per=40)
     model = trained_mlp(data["x"], data["y"], steps=30)
-    s = scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "s", dim=8, engine="vmap")
+    scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "s", dim=8, engine="vmap")
     holder = ScanStore(tmp_path / "s").lock
     holder.acquire()  # e.g. a rescore running
     result: dict = {}
