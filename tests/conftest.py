@@ -7,6 +7,14 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # tests/models.py
 
 import _mutate_order  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# No Hypothesis deadline: a per-example time limit is a timing assertion, and it fails on a loaded machine or
+# when an example is the first to import something (a false failure in CI, a false kill in `make mutate`).
+# Under `make mutate` the examples are also derandomised, so that a mutant's verdict does not depend on the draw.
+settings.register_profile("hardmine", deadline=None)
+settings.register_profile("hardmine-mutate", deadline=None, derandomize=True, database=None)
+settings.load_profile("hardmine-mutate" if _mutate_order.PROFILE or _mutate_order.RECORD else "hardmine")
 
 # Under CI (CI=true, as CI sets it) a skipped test is a failure: every test needs only what `make install`
 # provides (the dev extra and the Fashion-MNIST data), so a skip there means the install is broken and the
