@@ -2,7 +2,10 @@
 
 Runs ``mutmut run`` module by module, in the order below (``hardmine/factored/capture.py`` last), each with
 mutmut's per-function test selection: a mutant only runs the tests that reached its function when the
-selection in ``[tool.mutmut]`` of pyproject.toml ran once unmutated. Then writes the kill rate per module to
+selection in ``[tool.mutmut]`` of pyproject.toml ran once unmutated. Before the first module, one clean run of
+the whole selection records each test's setup and call times and the modules the code imports lazily
+(``tests/_mutate_order.py``): each mutant's tests then run cheapest first, stopping at the first failure, in
+processes forked with those modules already imported. Then writes the kill rate per module to
 ``scripts/results/mutation.json`` and ``scripts/results/mutation.md``.
 
 Counting: ``killed`` includes mutants whose tests timed out (the mutant hung the code under test). A surviving
