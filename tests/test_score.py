@@ -10,6 +10,7 @@ import torch
 from hardmine.enums import TaskKind
 from hardmine.score import (
     DEFAULT_WEIGHTS,
+    ONE_HOT_MAX_CLASSES,
     SCORE_TABLE,
     KnnResult,
     PopulationStats,
@@ -70,18 +71,24 @@ def _reference_divergences(z: np.ndarray, y: np.ndarray, loo: bool) -> dict[str,
 
 
 @pytest.mark.parametrize("loo", [False, True])
-def test_divergences_match_definitions_streamed_in_blocks(loo):
+@pytest.mark.parametrize("n_classes", [4, ONE_HOT_MAX_CLASSES + 8])  # all classes in one product / per row
+def test_divergences_match_definitions_streamed_in_blocks(loo, n_classes):
     g = np.random.default_rng(1)
-    z = g.normal(size=(50, 6)) * g.exponential(1, (50, 1))
+    n = 50 if n_classes <= ONE_HOT_MAX_CLASSES else 200
+    z = g.normal(size=(n, 6)) * g.exponential(1, (n, 1))
     z[4] = 0.0  # zero gradient
-    y = g.integers(0, 3, 50)
-    y[7] = 3  # a singleton class
-    blocks = [(i, z[i : i + 13]) for i in range(0, 50, 13)]
-    pop = population_pass(blocks, 6, y, 4)
-    one = PopulationStats.empty(6, 4)
+    y = g.integers(0, n_classes - 1, n)
+    y[7] = n_classes - 1  # a singleton class
+    blocks = [(i, z[i : i + 13]) for i in range(0, n, 13)]
+    pop = population_pass(blocks, 6, y, n_classes)
+    one = PopulationStats.empty(6, n_classes)
     one.update(z, y)
     np.testing.assert_allclose(pop.class_unit_sum, one.class_unit_sum)
-    np.testing.assert_array_equal(pop.class_count, [np.sum(y == c) for c in range(4)])
+    np.testing.assert_array_equal(pop.class_count, [np.sum(y == c) for c in range(n_classes)])
+    unit = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-300)  # (n, 6); the zero row stays 0
+    np.testing.assert_allclose(pop.class_unit_sum, [unit[y == c].sum(0) for c in range(n_classes)], atol=1e-12)
+    np.testing.assert_allclose(pop.class_plain_sum, [z[y == c].sum(0) for c in range(n_classes)], atol=1e-12)
+    np.testing.assert_allclose(pop.unit_sum, unit.sum(0), atol=1e-12)
     got = {k: np.concatenate([divergence_scores(b, y[s : s + len(b)], pop, loo)[k] for s, b in blocks])
            for k in ("class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
                      "class_distance")}
@@ -91,6 +98,8 @@ def test_divergences_match_definitions_streamed_in_blocks(loo):
     assert got["class_divergence"][4] == 1.0  # zero gradient: no direction
     if loo:  # the singleton has no class-mates: divergence 1, distance undefined
         assert got["class_divergence"][7] == 1.0 and np.isnan(got["class_distance"][7])
+    else:  # the singleton is its class's mean
+        assert got["class_distance"][7] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_robust_divergence_ranks_a_large_gradient_subgroup_where_plain_fails():

@@ -225,6 +225,22 @@ def test_label_issue_ranks_flipped_labels_and_is_label_issue_is_precise(noisy_sc
     assert not (flags & data["rare"]).any() or (flags & data["rare"]).sum() <= 2  # rare-but-valid stay unflagged
 
 
+def test_flags_follow_the_rule_row_by_row_with_thresholds_missing_for_some_predictions():
+    rng = np.random.default_rng(3)
+    n = 500
+    y = rng.integers(0, 5, n)
+    pred = rng.integers(-1, 7, n)  # -1, 5 and 6 have no threshold below: never flagged
+    conf = rng.uniform(0, 1, n)
+    pred_conf = rng.uniform(0, 1, n)
+    pred_conf[::50] = np.nan
+    t = {0: 0.2, 1: 0.5, 2: 0.9, 3: 0.0, 4: 0.6}
+    df = pd.DataFrame({"label": y, "pred": pred, "confidence": conf, "pred_confidence": pred_conf})
+    want = np.array([p != lab and p in t and pc >= t[p] for lab, p, pc in zip(y, pred, pred_conf)])  # NaN: False
+    got = flag_label_issues(df, thresholds=t)
+    assert np.array_equal(got, want) and 0 < want.sum() < n
+    assert not flag_label_issues(df, thresholds={}).any()
+
+
 def test_label_issues_are_not_boosted_by_the_slices_export(noisy_scan):
     s, data = noisy_scan
     df = s.export(strategy="slices").sort_values("sample_id").reset_index(drop=True)

@@ -23,7 +23,6 @@ from .._version import __version__
 from ..batches import call_model, model_output_tensor, split_unlabelled, to_device
 from ..checks import as_bool, as_module, non_negative_int, positive_int
 from ..engine import GradientExtractor
-from ..index import INDEX_FILES
 from ..enums import (
     Engine,
     IndexKind,
@@ -34,6 +33,7 @@ from ..enums import (
     TokenReduction,
     parse_choice,
 )
+from ..index import INDEX_FILES
 from ..lm import TokenTable
 from ..losses import class_logits, loss_name
 from ..score import PopulationStats, ScoreConfig
