@@ -149,6 +149,22 @@ def _non_factored_tests() -> list[str]:
     return [t for t in cfg.get("pytest_add_cli_args_test_selection", []) if t not in FACTORED_TESTS]
 
 
+def _source_hashes() -> dict[str, str]:
+    return {
+        str(src.relative_to(ROOT)): hashlib.sha256(src.read_bytes()).hexdigest()
+        for src in (ROOT / "hardmine").rglob("*.py")
+    }
+
+
+def changed_since_copied() -> set[str]:
+    """Sources (paths relative to the repository) that changed since mutmut copied them."""
+    try:
+        copied = json.loads((ROOT / "mutants" / "source-hashes.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {rel for rel, h in _source_hashes().items() if copied.get(rel) != h}
+
+
 def _refresh_copies() -> None:
     """Drop mutmut's copies of the sources that changed since they were copied (keeping results): mutmut only
     copies files it does not have yet, so a changed source would otherwise be tested as its stale copy.
@@ -158,12 +174,10 @@ def _refresh_copies() -> None:
         copied = json.loads(record.read_text())
     except (OSError, ValueError):
         copied = {}
-    now = {}
-    for src in (ROOT / "hardmine").rglob("*.py"):
-        rel = str(src.relative_to(ROOT))
-        now[rel] = hashlib.sha256(src.read_bytes()).hexdigest()
+    now = _source_hashes()
+    for rel, h in now.items():
         copy = ROOT / "mutants" / rel
-        if copied.get(rel) != now[rel] and copy.exists():
+        if copied.get(rel) != h and copy.exists():
             copy.unlink()
     for copy in (ROOT / "mutants" / "hardmine").rglob("*.py"):  # sources deleted since
         if str(copy.relative_to(ROOT / "mutants")) not in now:
@@ -271,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="parallel mutant workers (default: one per CPU core)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="start no module after this long")
     ap.add_argument("--keep", action="store_true",
-                    help="keep mutants/ and earlier results and resume: run only mutants not checked yet")
+                    help="keep mutants/ and earlier results and resume: run only mutants not checked yet, and "
+                    "every mutant of a module whose source changed since its results")
     ap.add_argument("--rerun-survivors", action="store_true",
                     help="rerun only the survivors of the kept results that docs/mutation-equivalents.md does not "
                     "list (after adding tests); implies --keep")
@@ -311,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                 names = sorted(k for k, v in codes.items() if (v in SURVIVED or v in NO_TESTS) and k not in listed)
                 if not names:
                     continue
+            elif args.keep and MODULES[name] in changed_since_copied():
+                names = None  # its source changed since its results: the whole module again
             elif args.keep and any(v is not None for v in codes.values()):
                 names = sorted(k for k, v in codes.items() if v is None)  # resume: only the unchecked ones
                 if not names:
