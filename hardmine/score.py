@@ -481,13 +481,13 @@ def _row_sq_norms(z64: np.ndarray) -> np.ndarray:
 def _inverse_norms(sq: np.ndarray) -> np.ndarray:
     """``1/‖z_i‖`` from ``‖z_i‖²`` ``(B,)``; 0 for a zero row (its unit direction is 0)."""
     norms = np.sqrt(sq)
-    return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)
 
 
 def _cos(dot: np.ndarray, a_sq: np.ndarray, b_sq: np.ndarray | float) -> np.ndarray:
     """``dot / sqrt(a_sq · b_sq)``, 0 where either vector is zero."""
     denom = np.sqrt(a_sq * b_sq)
-    return np.divide(dot, denom, out=np.zeros_like(dot), where=denom > 0)
+    return np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
 
 
 def _cos_to_rest(x: np.ndarray, x_sq: np.ndarray, s: np.ndarray) -> np.ndarray:

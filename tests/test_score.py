@@ -75,7 +75,9 @@ def _reference_divergences(z: np.ndarray, y: np.ndarray, loo: bool) -> dict[str,
 def test_divergences_match_definitions_streamed_in_blocks(loo, n_classes):
     g = np.random.default_rng(1)
     n = 50 if n_classes <= ONE_HOT_MAX_CLASSES else 200
-    z = g.normal(size=(n, 6)) * g.exponential(1, (n, 1))
+    # float32, as a scan stores them: the scores are computed in float64 all the same (checked to 1e-9 against
+    # definitions evaluated in float64)
+    z = (g.normal(size=(n, 6)) * g.exponential(1, (n, 1))).astype(np.float32)
     z[4] = 0.0  # zero gradient
     y = g.integers(0, n_classes - 1, n)
     y[7] = n_classes - 1  # a singleton class
@@ -85,14 +87,15 @@ def test_divergences_match_definitions_streamed_in_blocks(loo, n_classes):
     one.update(z, y)
     np.testing.assert_allclose(pop.class_unit_sum, one.class_unit_sum)
     np.testing.assert_array_equal(pop.class_count, [np.sum(y == c) for c in range(n_classes)])
-    unit = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-300)  # (n, 6); the zero row stays 0
+    z64 = z.astype(np.float64)
+    unit = z64 / np.maximum(np.linalg.norm(z64, axis=1, keepdims=True), 1e-300)  # (n, 6); the zero row stays 0
     np.testing.assert_allclose(pop.class_unit_sum, [unit[y == c].sum(0) for c in range(n_classes)], atol=1e-12)
-    np.testing.assert_allclose(pop.class_plain_sum, [z[y == c].sum(0) for c in range(n_classes)], atol=1e-12)
+    np.testing.assert_allclose(pop.class_plain_sum, [z64[y == c].sum(0) for c in range(n_classes)], atol=1e-12)
     np.testing.assert_allclose(pop.unit_sum, unit.sum(0), atol=1e-12)
     got = {k: np.concatenate([divergence_scores(b, y[s : s + len(b)], pop, loo)[k] for s, b in blocks])
            for k in ("class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
                      "class_distance")}
-    ref = _reference_divergences(z, y, loo)
+    ref = _reference_divergences(z64, y, loo)
     for k in got:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-9, atol=1e-9, err_msg=k)
     assert got["class_divergence"][4] == 1.0  # zero gradient: no direction
@@ -100,6 +103,30 @@ def test_divergences_match_definitions_streamed_in_blocks(loo, n_classes):
         assert got["class_divergence"][7] == 1.0 and np.isnan(got["class_distance"][7])
     else:  # the singleton is its class's mean
         assert got["class_distance"][7] == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_without_labels_only_the_global_divergences_are_computed(loo):
+    g = np.random.default_rng(4)
+    z = (g.normal(size=(30, 5)) * g.exponential(1, (30, 1))).astype(np.float32)
+    z[2] = 0.0
+    pop = population_pass([(0, z[:16]), (16, z[16:])], 5, None, None)
+    got = divergence_scores(z, None, pop, loo)
+    assert sorted(got) == sorted(["global_divergence", "global_divergence_plain", "class_divergence",
+                                  "class_divergence_plain", "class_distance"])
+    ref = _reference_divergences(z.astype(np.float64), np.zeros(30, dtype=np.int64), loo)
+    for k in ("global_divergence", "global_divergence_plain"):
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-9, atol=1e-9, err_msg=k)
+    for k in ("class_divergence", "class_divergence_plain", "class_distance"):
+        assert got[k].shape == (30,) and np.isnan(got[k]).all(), k
+    got["class_divergence"][0] = 0.0  # three arrays, not one shared: writing one leaves the others NaN
+    assert np.isnan(got["class_divergence_plain"][0]) and np.isnan(got["class_distance"][0])
+    # population sums with classes, rows without labels (e.g. unlabelled rows scored against a labelled scan)
+    with_classes = population_pass([(0, z)], 5, np.zeros(30, dtype=np.int64), 2)
+    unlabelled = divergence_scores(z, None, with_classes, loo)
+    for k in ("class_divergence", "class_divergence_plain", "class_distance"):
+        assert np.isnan(unlabelled[k]).all(), k
+    np.testing.assert_allclose(unlabelled["global_divergence"], got["global_divergence"], rtol=1e-12, atol=1e-12)
 
 
 def test_robust_divergence_ranks_a_large_gradient_subgroup_where_plain_fails():
