@@ -361,6 +361,8 @@ def _arrow_table(df: pd.DataFrame) -> pa.Table:
             arr = pa.array(pd.array(s, dtype="boolean"), type=pa.bool_())
         elif c in _INT_COLUMNS:
             arr = pa.array(pd.array(s, dtype="Int64"), type=pa.int64())  # nullable: e.g. an online LM's token counts
+        elif c in _STR_COLUMNS and isinstance(s.dtype, pd.StringDtype):  # str or missing: no per-row loop
+            arr = pa.array(s.array, type=pa.string(), from_pandas=True)
         elif c in _STR_COLUMNS:
             arr = pa.array([None if v is None or v is pd.NA or v != v else str(v) for v in s.tolist()], type=pa.string())
         elif c == "sample_id":

@@ -558,3 +558,18 @@ def test_a_causal_lm_manifest_frame_is_exported_with_its_own_columns():
 def test_export_checks_the_cap_before_reading_the_source(tmp_path):
     with pytest.raises(ValueError, match=r"^cap=0\.5 must be None or a number >= 1"):
         export_manifest(tmp_path / "absent.parquet", cap=0.5)
+
+
+@pytest.mark.parametrize("dtype", ["string", object])
+def test_slice_names_are_written_as_text_with_missing_ones_null(tmp_path, dtype):
+    """The slice column as the scan makes it (pandas strings) or as a user's frame may hold it (Python objects,
+    numbers among them): text in the file, every kind of missing value null."""
+    df = _io_frame()
+    values = ["0/1", None, "1/0", np.nan, pd.NA, 7, "2/2", "0/0", None, "1/1", "2/0", "x"]
+    if dtype == "string":  # a pandas string array holds only text or missing values
+        values = [v if v is None or v is pd.NA or isinstance(v, str) or v != v else str(v) for v in values]
+    df["slice"] = pd.Series(values, dtype=dtype)
+    p = write_manifest(df, tmp_path / "m.parquet", {})
+    assert pq.read_schema(p).field("slice").type == pa.string()
+    got = pq.read_table(p).column("slice").to_pylist()
+    assert got == ["0/1", None, "1/0", None, None, "7", "2/2", "0/0", None, "1/1", "2/0", "x"]
