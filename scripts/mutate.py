@@ -5,7 +5,9 @@ mutmut's per-function test selection: a mutant only runs the tests that reached 
 selection in ``[tool.mutmut]`` of pyproject.toml ran once unmutated. Before the first module, one clean run of
 the whole selection records each test's setup and call times and the modules the code imports lazily
 (``tests/_mutate_order.py``): each mutant's tests then run cheapest first, stopping at the first failure, in
-processes forked with those modules already imported. Then writes the kill rate per module to
+processes forked with those modules already imported. After the modules, ``scripts/mutate_order_check.py``
+runs every function's tests that way against the unmutated code: each set must pass, or a kill could be the
+order's doing rather than the mutant's (the result is in the report). Then writes the kill rate per module to
 ``scripts/results/mutation.json`` and ``scripts/results/mutation.md``.
 
 Counting: ``killed`` includes mutants whose tests timed out (the mutant hung the code under test). A surviving
@@ -206,6 +208,20 @@ def record_profile(log_dir: Path) -> Path | None:
     return profile
 
 
+def check_order(profile: Path, max_children: int) -> dict:
+    """scripts/mutate_order_check.py: every function's tests, run as a mutant runs them, pass unmutated."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "scripts" / "mutate_order_check.py"), str(profile),
+           "--max-children", str(max_children)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    try:
+        return {**json.loads(proc.stdout.strip().splitlines()[-1]), "date": date}
+    except (IndexError, ValueError):
+        return {"functions": None, "failed": [["(the check itself failed)", proc.returncode]], "date": date,
+                "error": proc.stderr[-2000:]}
+
+
 def run_module(
     name: str, max_children: int, log_dir: Path, names: list[str] | None = None, profile: Path | None = None
 ) -> dict:
@@ -224,7 +240,10 @@ def run_module(
     return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "log": str(log)}
 
 
-def write_report(entries: list[dict], command: str, note: str | None = None, last_run: dict | None = None) -> None:
+def write_report(
+    entries: list[dict], command: str, note: str | None = None, last_run: dict | None = None,
+    order_check: dict | None = None,
+) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {
         "tool": "mutmut " + _version(),
@@ -239,6 +258,8 @@ def write_report(entries: list[dict], command: str, note: str | None = None, las
         doc["note"] = note
     if last_run:
         doc["last_run"] = last_run
+    if order_check:
+        doc["order_check"] = order_check
     (RESULTS / "mutation.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [
         "| module | mutants | killed | survived-but-equivalent | survived | kill rate | date | command |",
@@ -258,6 +279,13 @@ def write_report(entries: list[dict], command: str, note: str | None = None, las
         lines += ["", f"Last run ({last_run['started']} to {last_run['finished']}): modules {', '.join(last_run['modules'])}, "
                   f"--max-children {last_run['max_children']}, {last_run['seconds'] / 60:.1f} min of wall time on "
                   f"{last_run['cpus']} CPU cores (load average at its end {last_run['load_avg_end']})."]
+    if order_check:
+        failed = order_check.get("failed") or []
+        lines += ["", f"Order check ({order_check.get('date', '?')}, `scripts/mutate_order_check.py`): the tests of "
+                  f"{order_check.get('functions', '?')} functions, each set run as its mutants run it (cheapest first, "
+                  f"forked, `-x`) against the unmutated code: "
+                  + (f"**{len(failed)} failed** ({', '.join(f[0] for f in failed[:5])}), so those functions' kills "
+                     "are not trustworthy." if failed else "all passed, so a kill is the mutant's doing.")]
     if note:
         lines += ["", note]
     (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
@@ -299,10 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
     previous = {}
     last_run = None
+    previous_order_check = None
     if (RESULTS / "mutation.json").exists():
         doc = json.loads((RESULTS / "mutation.json").read_text())
         previous = {e["module"]: e for e in doc["modules"]}
         last_run = doc.get("last_run")
+        previous_order_check = doc.get("order_check")
         if args.note is None and (args.keep or args.rerun_survivors or args.report_only):
             args.note = doc.get("note")  # the remarks on kept results stay with them
     if not args.report_only and not (args.keep or args.rerun_survivors) and (ROOT / "mutants").exists():
@@ -313,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     start = time.monotonic()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    profile = None
     if not args.report_only:
         profile = record_profile(log_dir)
         for name in chosen:
@@ -345,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
             r = run_module(name, args.max_children, log_dir, names, profile)
             runs[name].update(rc=r["rc"], seconds=r["seconds"], log=r["log"])
             print(f"mutate: {name}: rc={r['rc']} in {r['seconds']} s (log {r['log']})", flush=True)
+    order_check = previous_order_check
+    if not args.report_only and runs and profile is not None:
+        order_check = check_order(profile, args.max_children)
+        if order_check.get("failed"):
+            print(f"mutate: WARNING: tests of {len(order_check['failed'])} function(s) fail against the unmutated code "
+                  f"in the order a mutant runs them, so their mutants' kills are not trustworthy: "
+                  f"{order_check['failed'][:5]}", flush=True)
     if not args.report_only and not (args.keep or args.rerun_survivors):  # the last fresh run: its wall time
         last_run = {
             "modules": chosen, "max_children": args.max_children, "started": started,
@@ -353,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_avg_end": [round(v, 2) for v in os.getloadavg()],
             "argv": argv if argv is not None else sys.argv[1:],
         }
-    entries = report(runs, previous, argv, args.note, last_run)
+    entries = report(runs, previous, argv, args.note, last_run, order_check)
     for e in entries:
         rate = e.get("kill_rate")
         print(f"{e['path']:34s} " + (f"{e.get('status')}: {e['killed']}/{e['mutants']} killed, "
@@ -364,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(
     runs: dict[str, dict], previous: dict[str, dict], argv: list[str] | None, note: str | None = None,
-    last_run: dict | None = None,
+    last_run: dict | None = None, order_check: dict | None = None,
 ) -> list[dict]:
     """Summarise mutants/ per module (run information from this run, else from the previous report)."""
     equiv = equivalents()
@@ -397,7 +435,7 @@ def report(
     if stale:
         print(f"mutate: {len(stale)} listed equivalent(s) did not survive this run or no longer exist: {stale[:5]}")
     write_report(entries, "python scripts/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:]), note,
-                 last_run)
+                 last_run, order_check)
     return entries
 
 
