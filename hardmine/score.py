@@ -515,17 +515,14 @@ def divergence_scores(
         "global_divergence": 1.0 - _cos(dots[:, 0] * inv, u_sq, pop.unit_sum @ pop.unit_sum),
         "global_divergence_plain": 1.0 - _cos(dots[:, 1], sq, pop.plain_sum @ pop.plain_sum),
     }
-    b = len(z64)
     if labels is None or pop.class_count is None:
-        nan = np.full(b, np.nan)
-        out.update(class_divergence=nan, class_divergence_plain=nan.copy(), class_distance=nan.copy())
-        return out
+        return _without_classes(out, len(z64))
     assert pop.class_unit_sum is not None and pop.class_plain_sum is not None
     lab = np.asarray(labels, dtype=np.int64)
     n_classes = len(pop.class_count)
     if n_classes <= ONE_HOT_MAX_CLASSES:  # every class at once: (B, 2C), then each row's own class
         both = z64 @ np.concatenate([pop.class_unit_sum, pop.class_plain_sum]).T  # (B, 2C)
-        rows = np.arange(b)
+        rows = np.arange(len(z64))
         du, dz = both[rows, lab], both[rows, n_classes + lab]  # (B,), (B,)
     else:  # many classes: each row against its own class's sums
         du = np.einsum("ij,ij->i", z64, pop.class_unit_sum[lab])
@@ -537,6 +534,13 @@ def divergence_scores(
     count = pop.class_count[lab].astype(np.float64)  # (B,) ≥ 1: the sample is in its class
     # ‖z - Σz/n‖² = ‖z‖² - 2 z·Σz/n + ‖Σz‖²/n²; rounding can take a near-zero distance below 0
     out["class_distance"] = np.sqrt(np.maximum(sq - 2.0 * dz / count + sz_sq / count**2, 0.0))
+    return out
+
+
+def _without_classes(out: dict[str, np.ndarray], b: int) -> dict[str, np.ndarray]:
+    """``out`` with the class scores NaN (three arrays): rows without labels, or sums without classes."""
+    nan = np.full(b, np.nan)
+    out.update(class_divergence=nan, class_divergence_plain=nan.copy(), class_distance=nan.copy())
     return out
 
 
@@ -554,11 +558,8 @@ def _loo_divergence_scores(z: np.ndarray, labels: np.ndarray | None, pop: Popula
         "global_divergence": 1.0 - _cos_to_rest(u, u_sq, pop.unit_sum),
         "global_divergence_plain": 1.0 - _cos_to_rest(z64, z_sq, pop.plain_sum),
     }
-    b = len(z64)
     if labels is None or pop.class_count is None:
-        nan = np.full(b, np.nan)
-        out.update(class_divergence=nan, class_divergence_plain=nan.copy(), class_distance=nan.copy())
-        return out
+        return _without_classes(out, len(z64))
     assert pop.class_unit_sum is not None and pop.class_plain_sum is not None
     lab = np.asarray(labels, dtype=np.int64)
     su = pop.class_unit_sum[lab]  # (B, D)
