@@ -415,9 +415,8 @@ def unit_rows(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z64 / safe[:, None], norms  # (B, D), (B,)
 
 
-# Up to this many classes, per-class sums and dot products are one matrix product against all classes at once
-# (C times the flops of the O(B·D) per-row route, but BLAS-fast and without sorting or gathering rows); above
-# it, per row. Timed on 2 cores with blocks of 2048 x 272: the product is faster up to 64 classes, the per-row
+# Up to this many classes, pass 2's per-class dot products are one matrix product against all classes at once
+# (C times the flops of the O(B·D) per-row route, but BLAS-fast and without gathering rows); above it, per row. Timed on 2 cores with blocks of 2048 x 272: the product is faster up to 64 classes, the per-row
 # route from 128.
 ONE_HOT_MAX_CLASSES = 64
 
@@ -443,26 +442,21 @@ class PopulationStats:
         )
 
     def update(self, z: np.ndarray, labels: np.ndarray | None) -> None:
+        # No BLAS call in pass 1: a scan runs it in a worker thread beside the extraction
+        # (hardmine.scan.population), where a multi-threaded BLAS product fought the extraction's own threads
+        # for the cores (a 1M-sample scan extracted 2.7x slower on 2 cores). numpy's reductions and einsum run
+        # in the calling thread only.
         z64 = np.asarray(z, dtype=np.float64)  # (B, D): the one float64 copy of the block
         inv = _inverse_norms(_row_sq_norms(z64))  # (B,) 1/‖z_i‖, 0 for a zero row
         self.n += len(z64)
-        self.unit_sum += inv @ z64  # Σ z_i/‖z_i‖ without a (B, D) array of unit rows
+        self.unit_sum += np.einsum("i,ij->j", inv, z64)  # Σ z_i/‖z_i‖ without a (B, D) array of unit rows
         self.plain_sum += z64.sum(axis=0)
         if self.class_count is None or labels is None:
             return
         assert self.class_unit_sum is not None and self.class_plain_sum is not None
         lab = np.asarray(labels, dtype=np.int64)
         self.class_count += np.bincount(lab, minlength=len(self.class_count))
-        if len(self.class_count) <= ONE_HOT_MAX_CLASSES:
-            # Few classes: one (C, B) one-hot matrix, two products; cheaper than sorting and gathering the rows.
-            onehot = np.zeros((len(self.class_count), len(lab)))  # (C, B)
-            cols = np.arange(len(lab))
-            onehot[lab, cols] = 1.0
-            self.class_plain_sum += onehot @ z64  # (C, D)
-            onehot[lab, cols] = inv
-            self.class_unit_sum += onehot @ z64
-            return
-        # Many classes: sort by label and sum contiguous runs, O(B·D) whatever C is.
+        # Sort by label and sum contiguous runs: O(B·D) whatever the number of classes.
         order = np.argsort(lab, kind="stable")
         lab_s = lab[order]
         starts = np.flatnonzero(np.r_[True, lab_s[1:] != lab_s[:-1]])

@@ -85,6 +85,7 @@ __all__ = [
     "slice_table",
     "DEFAULT_SLICE_EMBEDDING",
     "SLICES_FILE",
+    "fit_scan_slices",
     "annotate_manifest",
     "write_slice_table",
     "read_slice_table",
@@ -267,13 +268,19 @@ def _assign_pass(
         lab = y[start:stop]
         # Rows sorted by class: each class is one contiguous run (slices, not fancy-indexed copies).
         order = np.argsort(lab, kind="stable")
-        u = _unit(np.asarray(z)[order], cols).astype(np.float64)  # (b, d) in class order
+        x = np.asarray(z)[order]
+        if cols is not None:
+            x = x[:, cols]  # (b, D) -> (b, d)
+        x = np.asarray(x, dtype=np.float64)  # (b, d) in class order
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # (b,)
+        inv = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)  # 0 for a zero row
         lab_s = lab[order]
         runs = np.flatnonzero(np.r_[True, lab_s[1:] != lab_s[:-1], True])
         for lo, hi in zip(runs[:-1].tolist(), runs[1:].tolist()):
             c = int(lab_s[lo])
             rows = start + order[lo:hi]
-            s = u[lo:hi] @ centroids[c].T  # (b_c, k)
+            # cos(x_i, centroid) = (x_i · centroid) / ‖x_i‖ (unit centroids): no (b, d) array of unit rows.
+            s = (x[lo:hi] @ centroids[c].T) * inv[lo:hi, None]  # (b_c, k)
             best = s.argmax(axis=1)
             changed += int((raw[rows] != best).sum())
             raw[rows] = best
@@ -285,7 +292,8 @@ def _assign_pass(
             by = np.argsort(best, kind="stable")
             best_s = best[by]
             starts = np.flatnonzero(np.r_[True, best_s[1:] != best_s[:-1]])
-            sums[c][best_s[starts]] += np.add.reduceat(u[lo:hi][by], starts, axis=0)  # (n_present, d)
+            u = x[lo:hi][by] * inv[lo:hi][by, None]  # (b_c, d) the members' unit vectors, by centroid
+            sums[c][best_s[starts]] += np.add.reduceat(u, starts, axis=0)  # (n_present, d)
     return sums, changed
 
 
@@ -460,6 +468,21 @@ def _nanmean(x: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------ the scan's step
+def fit_scan_slices(
+    blocks: Blocks,
+    labels: np.ndarray,
+    layout: Sequence[Mapping[str, Any]] | None,
+    seed: int,
+    embedding: SliceEmbedding | str = DEFAULT_SLICE_EMBEDDING,
+) -> SliceAssignment:
+    """The clustering of a scan's slicing step (``fit_slices`` on the columns of ``embedding``): it needs only
+    the labels and the vectors, so a scan can run it beside its scoring passes and hand the result to
+    ``annotate_manifest(assignment=...)``."""
+    embedding = parse_choice(SliceEmbedding, embedding, "slice embedding")
+    cols = embedding_columns(layout, embedding)
+    return fit_slices(blocks, np.asarray(labels).astype(np.int64), seed=seed, columns=cols, embedding=embedding)
+
+
 def annotate_manifest(
     df: pd.DataFrame,
     blocks: Blocks,
@@ -467,11 +490,18 @@ def annotate_manifest(
     seed: int,
     directory: str | os.PathLike[str] | None,
     embedding: SliceEmbedding | str = DEFAULT_SLICE_EMBEDDING,
+    assignment: SliceAssignment | None = None,
+    submit: Callable[[Callable[[], Any]], Any] | None = None,
 ) -> dict[str, Any]:
     """The scan's slicing step, on a scored manifest frame (``hardness`` and ``rank`` present), in place:
     adds ``label_issue`` / ``is_label_issue`` (``hardmine.label_issues``) and ``slice``, and writes
     ``directory/slices.parquet`` (``slice_table``). Classification only: for other labels the columns are
-    null and no file is written (an old one is removed). Returns the manifest metadata entry ``slices``."""
+    null and no file is written (an old one is removed). ``assignment``: the result of ``fit_scan_slices``
+    for these labels, layout, seed and embedding when already computed (else it is computed here).
+    ``submit``: runs the job that computes and writes the slice table (default: at once); the job reads its
+    own copy of the columns it needs, so the caller may add columns to ``df`` meanwhile (a scan runs it in a
+    thread beside the manifest's weights and write) and must wait for it. Returns the manifest metadata
+    entry ``slices``."""
     add_label_issue_columns(df)
     labels = df["label"].to_numpy() if "label" in df else np.zeros(0)
     path = None if directory is None else Path(directory) / SLICES_FILE
@@ -485,8 +515,16 @@ def annotate_manifest(
             path.unlink(missing_ok=True)
         return {**meta, "embedding": None}
     embedding = parse_choice(SliceEmbedding, embedding, "slice embedding")
-    cols = embedding_columns(layout, embedding)
-    a = fit_slices(blocks, labels.astype(np.int64), seed=seed, columns=cols, embedding=embedding)
+    if assignment is None:
+        a = fit_scan_slices(blocks, labels, layout, seed, embedding)
+    elif (len(assignment.within), assignment.seed, assignment.embedding) != (len(labels), seed, embedding.value):
+        raise ValueError(
+            f"the slice assignment covers {len(assignment.within)} rows with seed {assignment.seed} and embedding "
+            f"{assignment.embedding!r}; this manifest needs {len(labels)} rows, seed {seed} and {embedding.value!r}. "
+            "Pass the fit_scan_slices result for this scan, or none."
+        )
+    else:
+        a = assignment
     df["slice"] = a.ids(labels)
     meta.update(
         {
@@ -498,9 +536,22 @@ def annotate_manifest(
         }
     )
     if path is not None:
-        write_slice_table(path, slice_table(df, a.similarity), meta)
+        columns = df[[c for c in _TABLE_INPUTS if c in df]]  # a new frame: later columns of df are not its
+        table_meta = dict(meta)
+
+        def write_table() -> None:
+            write_slice_table(path, slice_table(columns, a.similarity), table_meta)
+
+        if submit is None:
+            write_table()
+        else:
+            submit(write_table)
         meta["file"] = SLICES_FILE
     return meta
+
+
+# The manifest columns slice_table reads.
+_TABLE_INPUTS = ("slice", "label", "sample_id", "correct", "loss", "pred_confidence", "is_label_issue", "hardness")
 
 
 def write_slice_table(path: str | os.PathLike[str], table: pd.DataFrame, metadata: Mapping[str, Any]) -> Path:

@@ -8,9 +8,11 @@ trained 300 full-batch Adam steps on the noisy labels.
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import tracemalloc
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -395,6 +397,30 @@ def test_rescoring_a_complete_scan_reuses_gradients(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- memory
+class InlineExecutor:
+    """A ``concurrent.futures`` executor that runs each job at once in the calling thread."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # the executor's contract: the job's exception is the future's
+            f.set_exception(exc)
+        return f
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+    def __enter__(self) -> InlineExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
 def _traced_peak(tmp: Path, n: int, dim: int, keep: bool = False, trace: bool = True) -> int:
     model = MLP(d_in=16, hidden=16, n_classes=4).eval()
 
@@ -423,9 +449,17 @@ def test_memory_is_bounded_by_the_shard_not_n(tmp_path, monkeypatch):
     shards (500 rows), so the per-shard working set is in both peaks and cancels. The slicing's k-means
     sample is bounded by a constant (``SAMPLE_BYTES_MAX``, 64 MiB) that N this small never reaches: it is
     set to a few rows here, so the sample is the same size at both N and only an O(N) buffer would show.
+
+    The scan's worker threads run inline here: with two threads the traced peak depends on how their
+    block-sized temporaries happen to overlap (a few MB, at one N and not the other), which over 3,000
+    samples reads as up to a kilobyte per sample that is not there. The code is the same, only serial.
     """
     import hardmine.slices as slices_mod
 
+    population_mod = importlib.import_module("hardmine.scan.population")
+    result_mod = importlib.import_module("hardmine.scan.result")
+    monkeypatch.setattr(population_mod, "ThreadPoolExecutor", InlineExecutor)
+    monkeypatch.setattr(result_mod, "ThreadPoolExecutor", InlineExecutor)
     monkeypatch.setattr(slices_mod, "SAMPLE_BYTES_MAX", 8 * 2176)
     monkeypatch.setattr(slices_mod, "SAMPLE_POINTS_MIN_PER_SLICE", 1)
     dim = 256

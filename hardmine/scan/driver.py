@@ -257,7 +257,7 @@ def _scan_distributed(
                 tokens=tokens, finish_tokens=False,
             )
             try:
-                job.step(lambda: extraction.run(data), "extracting")
+                job.step(lambda: extraction.run(data, population=not reuse), "extracting")
             except BaseException:
                 _after_distributed_failure(job, store, ledger, created)
                 raise
@@ -268,7 +268,10 @@ def _scan_distributed(
                 driver.data_report = lambda: _sum_reports(reports)
             ledgers = [type(ledger).from_dict(d) for d in job.gather(ledger.to_dict())]  # in rank order
             merged = merge_ledgers(ledgers)
-            mine = job.step(lambda: local_population(part, ledger, merged.task, merged.num_classes), "summing statistics")
+            mine = job.step(
+                lambda: extraction.population if extraction.population is not None
+                else local_population(part, ledger, merged.task, merged.num_classes), "summing statistics",
+            )
             pop = job.sum_population(mine)
             extracted = sum(job.gather(extraction.extracted_now))
 
@@ -511,7 +514,8 @@ class _Driver:
         reuse = self.reusable(score_config, index_kind)
         self.start()
         try:
-            gradients = extraction.run(data)  # on a complete scan: only checks the data is the same
+            # On a complete scan: only checks the data is the same (and sums pass 1 again unless it is reused).
+            gradients = extraction.run(data, population=not reuse)
         except BaseException as exc:
             self._after_failure(exc)
             raise
@@ -522,7 +526,7 @@ class _Driver:
                 self.ensure_index(index_kind)
             return Scan.open(path, gradients=gradients)
         return self.finish(gradients, t0, t_extract, extraction.extracted_now, score_config, index_kind,
-                           build_index=build_index)
+                           population=extraction.population, build_index=build_index)
 
     def finish(
         self, gradients: np.ndarray | None, t0: float, t_extract: float, extracted: int, score_config: ScoreConfig,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -33,9 +34,10 @@ from ..engine import GradientExtractor, ProjectedBatch
 from ..enums import LossKind, TaskKind
 from ..lm import TokenStats, TokenTable, lm_sample_stats, token_schema, token_stats
 from ..losses import class_logits, resolve_loss
-from ..score import classification_stats, multilabel_stats, regression_stats
+from ..score import PopulationStats, classification_stats, multilabel_stats, regression_stats
 from ..tokens import TIERS_METADATA_KEY, TierAccumulator
-from .ledger import Ledger
+from .ledger import Ledger, ShardRecord
+from .population import PopulationSums
 from .shards import ShardSet, ShardWriter, digest_of
 from .store import ScanStore
 
@@ -48,7 +50,8 @@ class ExtractionPass:
     """One pass over ``data`` for a prepared store and its ledger (updated in place and written per shard).
 
     ``report(rows_done)`` is called after every batch; ``extracted_now`` counts the samples this pass
-    extracted (not the ones a resumed scan only checked).
+    extracted (not the ones a resumed scan only checked); ``population``, after a ``run`` that summed them,
+    the population statistics of every shard (``hardmine.scan.population``).
     """
 
     def __init__(
@@ -78,10 +81,52 @@ class ExtractionPass:
         self.finish_tokens = finish_tokens
         self.device = next(iter(extractor.model.parameters())).device
         self.extracted_now = 0
+        self.population: PopulationStats | None = None
+        self._sums: PopulationSums | None = None
 
-    def run(self, data: Iterable[Any]) -> np.ndarray | None:
+    def run(self, data: Iterable[Any], *, population: bool = True) -> np.ndarray | None:
         """Extract (or check) every batch and mark the ledger complete; returns all gradients ``(N, out_dim)``
-        when ``keep``, else ``None``."""
+        when ``keep``, else ``None``. ``population``: also sum the population statistics of every shard in a
+        worker thread (``self.population``; a resumed scan's earlier shards are read back for it)."""
+        self.population = None
+        try:
+            kept = self._run(data, population)
+            if self._sums is not None:
+                pop = self._sums.result()
+                if pop.n != self.ledger.n_samples:
+                    raise RuntimeError(
+                        f"population statistics over {pop.n} samples for {self.ledger.n_samples}; a bug in hardmine."
+                    )
+                self.population = pop
+            return kept
+        finally:
+            if self._sums is not None:
+                self._sums.close()
+                self._sums = None
+
+    def _summed(self, loader: Callable[[], tuple[np.ndarray, np.ndarray | None]]) -> None:
+        """Queue one recorded shard for the population sums (the worker starts with the first shard, when the
+        task and the number of classes are known)."""
+        if self._sums is None:
+            classes = self.ledger.num_classes if self.ledger.task == TaskKind.CLASSIFICATION.value else None
+            self._sums = PopulationSums(int(self.ledger.out_dim or self.extractor.out_dim), classes)
+        self._sums.add(loader)
+
+    def _labels_of(self, stats: pa.Table) -> np.ndarray | None:
+        """A shard's labels as the scores read them (``Scan.write_scores``): classification only."""
+        if self.ledger.task != TaskKind.CLASSIFICATION.value:
+            return None
+        return stats.column("label").to_numpy().astype(np.int64)
+
+    def _on_disk(self, rec: ShardRecord) -> tuple[np.ndarray, np.ndarray | None]:
+        z = np.load(self.store.path / rec.grads, mmap_mode="r")  # (rows, out_dim), read by the worker
+        labels = (
+            self._labels_of(pq.read_table(self.store.path / rec.stats, columns=["label"]))
+            if self.ledger.task == TaskKind.CLASSIFICATION.value else None
+        )
+        return z, labels
+
+    def _run(self, data: Iterable[Any], population: bool) -> np.ndarray | None:
         done_shards = list(self.ledger.shards)
         done_batches, done_rows = self.ledger.done_batches, self.ledger.done_rows
         where_dir = self.store.path
@@ -90,7 +135,16 @@ class ExtractionPass:
         hasher = DatasetHasher()
         user_ids = False
         kept: list[np.ndarray] = [np.load(where_dir / s.grads) for s in done_shards] if self.keep else []
-        writer = ShardWriter(self.store, self.ledger)
+        on_flush = None
+        if population:
+            for rec in done_shards:  # first: the sums go in row order
+                self._summed(lambda rec=rec: self._on_disk(rec))
+
+            def on_flush(z: np.ndarray, stats: pa.Table) -> None:
+                labels = self._labels_of(stats)
+                self._summed(lambda: (z, labels))
+
+        writer = ShardWriter(self.store, self.ledger, on_flush=on_flush)
         shard_digests: list[str] = []
         rows = 0
         batch_i = -1

@@ -11,12 +11,14 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 
 from ..checks import as_bool, is_int, positive_int
 from ..enums import IndexKind, TaskKind, parse_choice
@@ -34,7 +36,7 @@ from ..score import (
     score_pass,
     unit_rows,
 )
-from ..slices import annotate_manifest
+from ..slices import annotate_manifest, fit_scan_slices
 from ..tokens import TierThresholds, read_sample_tokens, tier_thresholds
 from .ledger import ShardRecord
 from .shards import BLOCK_ROWS, Block, ShardSet
@@ -366,51 +368,73 @@ class Scan:
             progress(0)  # loading the per-sample statistics and pass 1 come before the first scored block
         stats = self.stats()
         labels = stats["label"].to_numpy(dtype=np.int64) if task is TaskKind.CLASSIFICATION else None
-        pop = population if population is not None else population_pass(
-            self.iter_gradients(), self.out_dim, labels, self.num_classes
-        )
-        if pop.n != n:
-            raise RuntimeError(f"population statistics over {pop.n} samples for a scan of {n}; a bug in hardmine.")
+        unlabelled = self.config.get("targets") == "predictions"  # no true labels: no slices or label issues
+        seed = int(self.config["seed"])
+        layout = self.engine_metadata.get("layout")
         k = min(config.k, n - 1)
         with_neighbours = config.computes_neighbor_scores
         if with_neighbours and k < config.k:
             logger.warning("only %d samples: using k=%d neighbours instead of %d", n, k, config.k)
         # Every sample's neighbours in one pass over the index (shared by both neighbour scores, one
-        # similarity matrix for the signed and the |cos| ranking), then the streamed per-block scores.
+        # similarity matrix for the signed and the |cos| ranking), before the streamed per-block scores.
         # Only when asked for or weighted (ScoreConfig.neighbor_scores): otherwise the columns stay NaN.
         if with_neighbours and k >= 1:
             neighbours = knn_columns(knn_all(self.index(), self.index_info, k), n, labels)
         else:
             neighbours = {name: np.full(n, np.nan) for name in NEIGHBOR_SCORES}
-        grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
-        grad_scores.update(neighbours)
-        df, used = finalize_scores(stats, grad_scores, config, task)
-        if self.config.get("targets") == "predictions":
-            _drop_label_columns(df)  # before slicing: no true labels, no slices or label issues
-        if task is TaskKind.CAUSAL_LM:
-            for c in CLASS_ONLY:  # no classes: the columns do not exist (del: no copy of the frame)
-                if c in df:
-                    del df[c]
-            slices_meta = None
-        else:
-            slices_meta = annotate_manifest(
-                df, self.iter_gradients, self.engine_metadata.get("layout"), int(self.config["seed"]), self.path
-            )
-        meta = self._manifest_metadata(config, used, k if with_neighbours else None) | {
-            "slices": slices_meta, "neighbor_scores": with_neighbours,
-        }
-        finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
-                        temperature=config.temperature, cap=config.cap)
-        write_manifest(df, self.manifest_path, df.attrs["hardmine"])
+        # The slices' clustering needs only the labels and the vectors: it runs in a second thread beside the
+        # two scoring passes (both mostly numpy and FAISS calls, which release the GIL). The BLAS is held to one
+        # thread meanwhile: two threads each driving a two-thread BLAS ran slower together than one after the
+        # other. No result depends on it (the same arrays in the same order either way).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardmine-slices") as pool:
+            with threadpool_limits(limits=1, user_api="blas"):
+                fitting = (
+                    pool.submit(fit_scan_slices, self.iter_gradients, labels, layout, seed)
+                    if labels is not None and not unlabelled and n > 0 else None
+                )
+                pop = population if population is not None else population_pass(
+                    self.iter_gradients(), self.out_dim, labels, self.num_classes
+                )
+                if pop.n != n:
+                    raise RuntimeError(
+                        f"population statistics over {pop.n} samples for a scan of {n}; a bug in hardmine."
+                    )
+                grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
+                grad_scores.update(neighbours)
+                df, used = finalize_scores(stats, grad_scores, config, task)
+                assignment = fitting.result() if fitting is not None else None
+            if unlabelled:
+                _drop_label_columns(df)  # before slicing: no true labels, no slices or label issues
+            # The slice table (slices.parquet) is computed and written in the worker thread, beside the
+            # manifest's weights and write.
+            tables: list[Future[Any]] = []
+            if task is TaskKind.CAUSAL_LM:
+                for c in CLASS_ONLY:  # no classes: the columns do not exist (del: no copy of the frame)
+                    if c in df:
+                        del df[c]
+                slices_meta = None
+            else:
+                slices_meta = annotate_manifest(df, self.iter_gradients, layout, seed, self.path,
+                                                assignment=assignment, submit=lambda job: tables.append(pool.submit(job)))
+            meta = self._manifest_metadata(config, used, k if with_neighbours else None, df["sample_id"].to_numpy()) | {
+                "slices": slices_meta, "neighbor_scores": with_neighbours,
+            }
+            finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
+                            temperature=config.temperature, cap=config.cap)
+            write_manifest(df, self.manifest_path, df.attrs["hardmine"])
+            for table in tables:
+                table.result()
         return df
 
-    def _manifest_metadata(self, config: ScoreConfig, used: dict[str, float], k: int | None) -> dict[str, Any]:
-        """The scan's part of the manifest metadata (``finish_manifest`` adds the common part)."""
+    def _manifest_metadata(
+        self, config: ScoreConfig, used: dict[str, float], k: int | None, ids: np.ndarray
+    ) -> dict[str, Any]:
+        """The scan's part of the manifest metadata (``finish_manifest`` adds the common part); ``ids``: the
+        sample ids in scan order."""
         cfg = self.info["config"]
         # The index is content only when the neighbour scores came from it (when and whether it was built
         # otherwise is history, not content); its build time never is.
         index = None if k is None else {key: v for key, v in self.info["index"].items() if key != "build_s"}
-        ids = self.sample_ids()
         return {
             "task": self.task.value,
             "num_classes": self.num_classes,

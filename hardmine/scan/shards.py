@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
 from .ledger import Ledger, ShardRecord
 from .store import ScanStore
@@ -63,7 +63,10 @@ class ShardSet:
 
     def stats_table(self, columns: list[str] | None = None) -> pa.Table:
         """The per-sample statistics of every shard, in row order (only ``columns`` if given)."""
-        return pa.concat_tables([pq.read_table(self.directory / s.stats, columns=columns) for s in self.shards])
+        # One dataset over the shards' files: Arrow reads them in parallel and keeps their order (rows in scan
+        # order); reading them one by one took about twice as long at a million rows.
+        files = [str(self.directory / s.stats) for s in self.shards]
+        return ds.dataset(files, format="parquet").to_table(columns=columns)
 
     def sample_ids(self) -> np.ndarray:
         """All sample ids in row order: int64, or object holding ``str``."""
@@ -73,9 +76,12 @@ class ShardSet:
 class ShardWriter:
     """Buffers extracted batches and writes a shard (files, then the ledger entry) when ``flush`` is called."""
 
-    def __init__(self, store: ScanStore, ledger: Ledger) -> None:
+    def __init__(
+        self, store: ScanStore, ledger: Ledger, on_flush: Callable[[np.ndarray, pa.Table], None] | None = None,
+    ) -> None:
         self.store = store
         self.ledger = ledger
+        self.on_flush = on_flush  # called with each recorded shard's gradients and statistics
         self._z: list[np.ndarray] = []
         self._stats: list[dict[str, Any]] = []
         self._digests: list[str] = []
@@ -105,12 +111,15 @@ class ShardWriter:
         r0 = rows_end - len(z)
         if self._tokens:  # before the ledger records the shard (see ScanStore.write_token_part)
             self.store.write_token_part(i, pa.concat_tables(self._tokens))
-        grads, stats = self.store.write_shard(i, z, stats_table(self._stats))
+        table = stats_table(self._stats)
+        grads, stats = self.store.write_shard(i, z, table)
         self.ledger.shards.append(
             ShardRecord(i, (first_batch, end_batch), (r0, rows_end), digest_of(self._digests), grads, stats)
         )
         self.store.write_ledger(self.ledger)
         logger.debug("wrote shard %d: rows %d-%d", i, r0, rows_end)
+        if self.on_flush is not None:
+            self.on_flush(z, table)
         self._z, self._stats, self._digests, self._tokens = [], [], [], []
 
 
