@@ -172,3 +172,32 @@ def test_slices_fitted_beside_the_scoring_passes_are_the_ones_fitted_alone(tmp_p
     labels = s.stats()["label"].to_numpy(dtype=np.int64)
     alone = fit_slices(s.iter_gradients, labels, seed=int(s.config["seed"]))
     assert np.array_equal(s.manifest()["slice"].to_numpy(dtype=object), alone.ids(labels))
+
+
+@pytest.mark.timeout(120)  # without the stop, the clustering below would never end
+def test_a_failed_scoring_pass_stops_the_clustering_at_its_next_block(tmp_path, monkeypatch):
+    data = planted_blobs(seed=9, n_per=60)
+    model = trained_mlp(data["x"], data["y"], steps=20)
+    s = scan(model, batches_of(data["x"], data["y"], 20), out=tmp_path / "s", dim=8, engine="vmap", shard_rows=40)
+    started = threading.Event()
+    ended: list[BaseException] = []
+
+    def endless_fit(blocks, labels, layout, seed):
+        try:
+            while True:  # pass after pass over the rows, as a clustering that never converges would
+                for _ in blocks():
+                    started.set()
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+
+    def failing_score_pass(*args, **kwargs):
+        started.wait()
+        raise ValueError("simulated failure in pass 2")
+
+    monkeypatch.setattr(result_module, "fit_scan_slices", endless_fit)
+    monkeypatch.setattr(result_module, "score_pass", failing_score_pass)
+    with pytest.raises(ValueError, match="simulated failure in pass 2"):
+        s.rescore()
+    assert len(ended) == 1 and "stopped" in str(ended[0])
+    assert _workers() == []

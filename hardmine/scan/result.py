@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,7 @@ from ..score import (
     score_pass,
     unit_rows,
 )
-from ..slices import annotate_manifest, fit_scan_slices
+from ..slices import SliceAssignment, annotate_manifest, fit_scan_slices
 from ..tokens import TierThresholds, read_sample_tokens, tier_thresholds
 from .ledger import ShardRecord
 from .shards import BLOCK_ROWS, Block, ShardSet
@@ -382,49 +383,77 @@ class Scan:
             neighbours = knn_columns(knn_all(self.index(), self.index_info, k), n, labels)
         else:
             neighbours = {name: np.full(n, np.nan) for name in NEIGHBOR_SCORES}
-        # The slices' clustering needs only the labels and the vectors: it runs in a second thread beside the
-        # two scoring passes (both mostly numpy and FAISS calls, which release the GIL). The BLAS is held to one
-        # thread meanwhile: two threads each driving a two-thread BLAS ran slower together than one after the
-        # other. No result depends on it (the same arrays in the same order either way).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardmine-slices") as pool:
-            with threadpool_limits(limits=1, user_api="blas"):
-                fitting = (
-                    pool.submit(fit_scan_slices, self.iter_gradients, labels, layout, seed)
-                    if labels is not None and not unlabelled and n > 0 else None
+            stop = threading.Event()
+            try:
+                df, used, assignment = self._scores_beside_slices(
+                    pool, stop, stats, labels, config, progress, population, neighbours,
+                    slicing=labels is not None and not unlabelled and n > 0,
                 )
-                pop = population if population is not None else population_pass(
-                    self.iter_gradients(), self.out_dim, labels, self.num_classes
-                )
-                if pop.n != n:
-                    raise RuntimeError(
-                        f"population statistics over {pop.n} samples for a scan of {n}; a bug in hardmine."
+                if unlabelled:
+                    _drop_label_columns(df)  # before slicing: no true labels, no slices or label issues
+                # The slice table (slices.parquet) is computed and written in the worker thread, beside the
+                # manifest's weights and write.
+                tables: list[Future[Any]] = []
+                if task is TaskKind.CAUSAL_LM:
+                    for c in CLASS_ONLY:  # no classes: the columns do not exist (del: no copy of the frame)
+                        if c in df:
+                            del df[c]
+                    slices_meta = None
+                else:
+                    slices_meta = annotate_manifest(
+                        df, self.iter_gradients, layout, seed, self.path, assignment=assignment,
+                        submit=lambda job: tables.append(pool.submit(job)),
                     )
-                grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
-                grad_scores.update(neighbours)
-                df, used = finalize_scores(stats, grad_scores, config, task)
-                assignment = fitting.result() if fitting is not None else None
-            if unlabelled:
-                _drop_label_columns(df)  # before slicing: no true labels, no slices or label issues
-            # The slice table (slices.parquet) is computed and written in the worker thread, beside the
-            # manifest's weights and write.
-            tables: list[Future[Any]] = []
-            if task is TaskKind.CAUSAL_LM:
-                for c in CLASS_ONLY:  # no classes: the columns do not exist (del: no copy of the frame)
-                    if c in df:
-                        del df[c]
-                slices_meta = None
-            else:
-                slices_meta = annotate_manifest(df, self.iter_gradients, layout, seed, self.path,
-                                                assignment=assignment, submit=lambda job: tables.append(pool.submit(job)))
-            meta = self._manifest_metadata(config, used, k if with_neighbours else None, df["sample_id"].to_numpy()) | {
-                "slices": slices_meta, "neighbor_scores": with_neighbours,
-            }
-            finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
-                            temperature=config.temperature, cap=config.cap)
-            write_manifest(df, self.manifest_path, df.attrs["hardmine"])
-            for table in tables:
-                table.result()
+                ids = df["sample_id"].to_numpy()
+                meta = self._manifest_metadata(config, used, k if with_neighbours else None, ids) | {
+                    "slices": slices_meta, "neighbor_scores": with_neighbours,
+                }
+                finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
+                                temperature=config.temperature, cap=config.cap)
+                write_manifest(df, self.manifest_path, df.attrs["hardmine"])
+                for table in tables:
+                    table.result()
+            except BaseException:
+                stop.set()  # a clustering still running stops at its next block instead of finishing (Ctrl-C)
+                raise
         return df
+
+    def _scores_beside_slices(
+        self, pool: ThreadPoolExecutor, stop: threading.Event, stats: pd.DataFrame, labels: np.ndarray | None,
+        config: ScoreConfig, progress: Callable[[int], None] | None, population: PopulationStats | None,
+        neighbours: dict[str, np.ndarray], *, slicing: bool,
+    ) -> tuple[pd.DataFrame, dict[str, float], SliceAssignment | None]:
+        """Pass 1 (unless ``population`` is given) and pass 2 of the scores and the ranked frame, with the
+        slices' clustering (when ``slicing``) in ``pool`` meanwhile: ``(frame, hardness weights used, slice
+        assignment or None)``.
+
+        The clustering needs only the labels and the vectors; both sides are mostly numpy and FAISS calls,
+        which release the GIL. The BLAS is held to one thread meanwhile: two threads each driving a two-thread
+        BLAS ran slower together than one after the other. No result depends on it (the same arrays in the
+        same order either way)."""
+        n = self.n_samples
+
+        def blocks() -> Iterator[Block]:  # the clustering's passes over the rows; ``stop`` ends them
+            for block in self.iter_gradients():
+                if stop.is_set():
+                    raise RuntimeError("scoring failed; the slices' clustering was stopped")
+                yield block
+
+        layout = self.engine_metadata.get("layout")
+        with threadpool_limits(limits=1, user_api="blas"):
+            fitting = (
+                pool.submit(fit_scan_slices, blocks, labels, layout, int(self.config["seed"])) if slicing else None
+            )
+            pop = population if population is not None else population_pass(
+                self.iter_gradients(), self.out_dim, labels, self.num_classes
+            )
+            if pop.n != n:
+                raise RuntimeError(f"population statistics over {pop.n} samples for a scan of {n}; a bug in hardmine.")
+            grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
+            grad_scores.update(neighbours)
+            df, used = finalize_scores(stats, grad_scores, config, self.task)
+            return df, used, fitting.result() if fitting is not None else None
 
     def _manifest_metadata(
         self, config: ScoreConfig, used: dict[str, float], k: int | None, ids: np.ndarray
