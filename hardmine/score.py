@@ -451,6 +451,8 @@ class PopulationStats:
         # arrays kept from block to block: allocated afresh, glibc handed their pages back to the OS after every
         # block and each block page-faulted them in again (twice the pass's time on 2 cores).
         b, d = np.shape(z)
+        if b == 0:
+            return  # an empty block adds nothing (and has no first label to sort by)
         if not self._work or self._work[0].shape[0] < b or self._work[0].shape[1] != d:
             self._work[:] = [np.empty((b, d)), np.empty((b, d))]
         z64 = self._work[0][:b]  # (B, D): the block in float64
@@ -473,6 +475,12 @@ class PopulationStats:
         self.class_plain_sum[classes] += np.add.reduceat(zs, starts, axis=0)  # (n_present, D)
         zs *= inv[order][:, None]
         self.class_unit_sum[classes] += np.add.reduceat(zs, starts, axis=0)
+
+
+    def release_work(self) -> None:
+        """Drop the work arrays ``update`` keeps between blocks (two ``(rows, D)`` float64 arrays); the next
+        ``update`` makes them again."""
+        self._work.clear()
 
 
 def _row_sq_norms(z64: np.ndarray) -> np.ndarray:
@@ -706,6 +714,7 @@ def population_pass(
     pop = PopulationStats.empty(dim, num_classes if labels is not None else None)
     for start, z in blocks:
         pop.update(z, None if labels is None else labels[start : start + len(z)])
+    pop.release_work()
     return pop
 
 

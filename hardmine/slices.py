@@ -439,8 +439,8 @@ def _compute_slice_table(df: pd.DataFrame, similarity: np.ndarray | None, n_exam
     for i, name in enumerate(uniq):
         m = order[bounds[i] : bounds[i + 1]]  # rows of this slice, in scan order
         lab = labels[m[0]]
-        top_rep = m[np.argsort(-rep_key[m], kind="stable")[:n_examples]]
-        top_hard = m[np.argsort(-np.nan_to_num(hard[m], nan=-np.inf), kind="stable")[:n_examples]]
+        top_rep = m[_smallest(-rep_key[m], n_examples)]
+        top_hard = m[_smallest(-np.nan_to_num(hard[m], nan=-np.inf), n_examples)]
         rows.append(
             {
                 "slice": str(name),
@@ -460,6 +460,18 @@ def _compute_slice_table(df: pd.DataFrame, similarity: np.ndarray | None, n_exam
     num = out["slice"].str.rsplit("/", n=1).str[-1].astype(np.int64)
     out = out.assign(_k=num).sort_values(["label", "_k"], kind="stable").drop(columns="_k").reset_index(drop=True)
     return out
+
+
+def _smallest(a: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the ``n`` smallest values of ``a`` (no NaN), smallest first, ties in position order: exactly
+    ``np.argsort(a, kind="stable")[:n]``, without sorting all of ``a`` (a slice's members; only a few are kept)."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(a) <= n:
+        return np.argsort(a, kind="stable")
+    kth = np.partition(a, n - 1)[n - 1]  # the n-th smallest value
+    candidates = np.flatnonzero(a <= kth)  # every value up to it, ties at it included, in position order
+    return candidates[np.argsort(a[candidates], kind="stable")[:n]]
 
 
 def _nanmean(x: np.ndarray) -> float:

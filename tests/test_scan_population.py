@@ -133,6 +133,7 @@ def test_population_sums_keep_the_order_and_bound_what_is_queued():
         got = sums.result()
     finally:
         sums.close()
+    assert got._work == []  # the worker's (rows, D) work arrays are not handed on with the sums
     ref = PopulationStats.empty(6, 3)
     for z, lab in shards:
         ref.update(z, lab)
@@ -201,3 +202,38 @@ def test_a_failed_scoring_pass_stops_the_clustering_at_its_next_block(tmp_path, 
         s.rescore()
     assert len(ended) == 1 and "stopped" in str(ended[0])
     assert _workers() == []
+
+
+def test_a_failed_slice_table_leaves_the_previous_manifest_and_slice_table(tmp_path, monkeypatch):
+    data = planted_blobs(seed=10, n_per=60)
+    model = trained_mlp(data["x"], data["y"], steps=20)
+    s = scan(model, batches_of(data["x"], data["y"], 20), out=tmp_path / "s", dim=8, engine="vmap", shard_rows=40)
+    before = {name: (s.path / name).read_bytes() for name in ("manifest.parquet", "slices.parquet")}
+    import hardmine.slices as slices_module
+    from hardmine.score import ScoreConfig
+
+    def failing(*args, **kwargs):
+        raise OSError("simulated full disk")
+
+    monkeypatch.setattr(slices_module, "write_slice_table", failing)
+    with pytest.raises(OSError, match="simulated full disk"):
+        s.rescore(ScoreConfig(k=3))
+    assert {name: (s.path / name).read_bytes() for name in before} == before
+    assert _workers() == []
+
+
+def test_shards_whose_statistics_disagree_are_refused_not_converted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    torch.manual_seed(0)
+    data = planted_blobs(seed=11, n_per=30)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 1)).eval()
+    y = data["x"][:, :1].copy()
+    s = scan(model, batches_of(data["x"], y, 20), out=tmp_path / "s", dim=8, engine="vmap", shard_rows=40)
+    second = s.path / s.shards.shards[1].stats
+    t = pq.read_table(second)
+    i = t.schema.get_field_index("label")
+    pq.write_table(t.set_column(i, "label", t.column("label").cast(pa.float32())), second)
+    with pytest.raises(pa.ArrowInvalid):
+        s.shards.stats_table()

@@ -348,6 +348,26 @@ def test_population_without_labels_and_blocks_with_absent_classes():
     assert pop3.n == 3 and pop3.class_count.sum() == 0
 
 
+def test_population_sums_skip_empty_blocks_and_keep_no_work_arrays():
+    z = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]], dtype=np.float32)
+    lab = np.array([2, 0, 2])
+    empty = np.zeros((0, 2), dtype=np.float32)
+    pop = population_pass([(0, empty), (0, z[:2]), (2, empty), (2, z[2:]), (3, empty)], 2, lab, 3)
+    ref = population_pass([(0, z[:2]), (2, z[2:])], 2, lab, 3)
+    assert pop.n == 3
+    for f in ("unit_sum", "plain_sum", "class_count", "class_unit_sum", "class_plain_sum"):
+        np.testing.assert_array_equal(getattr(pop, f), getattr(ref, f))
+    assert pop._work == [] and ref._work == []  # population_pass hands back no (rows, D) work arrays
+    grow = PopulationStats.empty(2, 3)
+    grow.update(z[:1], lab[:1])
+    grow.update(z, lab)  # a larger block than the work arrays were made for
+    np.testing.assert_array_equal(grow.class_count, [1, 0, 3])
+    np.testing.assert_allclose(grow.class_plain_sum[2], [5.0, 0.0])
+    assert grow._work[0].shape == (3, 2)
+    grow.release_work()
+    assert grow._work == []
+
+
 # -------------------------------------------------------------------------------------- hardness
 def test_composite_hardness_drops_signals_missing_everywhere_and_skips_zero_weights():
     cols = {"loss": np.array([1.0, 2.0, 3.0]), "margin": np.full(3, np.nan), "el2n": np.array([3.0, 2.0, 1.0])}

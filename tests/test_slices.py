@@ -356,3 +356,25 @@ def test_slice_ids_name_every_row_label_slash_slice(pairs, label_dtype):
     w = np.array([b for _, b in pairs], dtype=np.int64)
     got = slice_ids(lab, w)
     assert got.dtype == object and got.tolist() == [f"{a}/{b}" for a, b in zip(lab.tolist(), w.tolist())]
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0.0, 0.5, 1.0, np.nan]), st.integers(-2, 2)),
+             min_size=1, max_size=60),
+    st.integers(0, 7),
+)
+def test_slice_examples_are_the_top_members_with_ties_in_scan_order(rows, n_examples):
+    # Many ties (three hardness values, five similarities) and NaN hardness: the examples must be exactly the
+    # members first in a stable sort, hardest first (NaN last) and most similar first.
+    sl, hard, sim = zip(*rows)
+    df = pd.DataFrame({"slice": [f"0/{k}" for k in sl], "label": 0, "sample_id": np.arange(len(rows)) * 10,
+                       "hardness": np.array(hard, dtype=float)})
+    similarity = np.array(sim, dtype=float)
+    table = slice_table(df, similarity, n_examples=n_examples)
+    for _, row in table.iterrows():
+        m = np.flatnonzero(df["slice"].to_numpy() == row["slice"])
+        hard_key = -np.nan_to_num(df["hardness"].to_numpy()[m], nan=-np.inf)
+        assert list(row["hardest_ids"]) == list(df["sample_id"].to_numpy()[m[np.argsort(hard_key, kind="stable")[:n_examples]]])
+        rep = m[np.argsort(-similarity[m], kind="stable")[:n_examples]]
+        assert list(row["representative_ids"]) == list(df["sample_id"].to_numpy()[rep])

@@ -137,9 +137,8 @@ class ExtractionPass:
         kept: list[np.ndarray] = [np.load(where_dir / s.grads) for s in done_shards] if self.keep else []
         on_flush = None
         if population:
-            for rec in done_shards:  # first: the sums go in row order
-                self._summed(lambda rec=rec: self._on_disk(rec))
-
+            # A recorded shard (a resumed or complete scan) is queued when its batches have been checked, a new
+            # one when it is written: always in row order.
             def on_flush(z: np.ndarray, stats: pa.Table) -> None:
                 labels = self._labels_of(stats)
                 self._summed(lambda: (z, labels))
@@ -180,6 +179,8 @@ class ExtractionPass:
                         )
                     shard_digests = []
                     shard_i += 1
+                    if population:
+                        self._summed(lambda rec=rec: self._on_disk(rec))
                 rows += b
                 self.report(rows)
                 continue

@@ -5,7 +5,8 @@ The divergence scores need the population's sums (``score.population_pass``) bef
 scored. Summed after the extraction they cost a whole read of the gradients; here each shard is summed as
 soon as the writer has recorded it, from the array still in memory, by one worker thread (numpy's matrix
 products release the GIL, so the sums use a core the extraction leaves idle). Shards a resumed scan finds on
-disk are read back by the worker first, so the shards are always summed in row order.
+disk are read back by the worker as the extraction checks their batches, so the shards are always summed in
+row order.
 
 The sums are exactly ``score.population_pass`` over the scan's blocks: the same ``PopulationStats.update``
 calls on the same ``BLOCK_ROWS`` blocks of each shard, in the same order, so a scan scores the same whether
@@ -60,6 +61,7 @@ class PopulationSums:
     def result(self) -> PopulationStats:
         while self._pending:
             self._pending.popleft().result()
+        self._pop.release_work()
         return self._pop
 
     def close(self) -> None:

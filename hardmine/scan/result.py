@@ -393,7 +393,7 @@ class Scan:
                 if unlabelled:
                     _drop_label_columns(df)  # before slicing: no true labels, no slices or label issues
                 # The slice table (slices.parquet) is computed and written in the worker thread, beside the
-                # manifest's weights and write.
+                # manifest's weights; the manifest is written after it.
                 tables: list[Future[Any]] = []
                 if task is TaskKind.CAUSAL_LM:
                     for c in CLASS_ONLY:  # no classes: the columns do not exist (del: no copy of the frame)
@@ -411,9 +411,9 @@ class Scan:
                 }
                 finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
                                 temperature=config.temperature, cap=config.cap)
-                write_manifest(df, self.manifest_path, df.attrs["hardmine"])
-                for table in tables:
+                for table in tables:  # the slice table first: a failed one leaves the old manifest in place
                     table.result()
+                write_manifest(df, self.manifest_path, df.attrs["hardmine"])
             except BaseException:
                 stop.set()  # a clustering still running stops at its next block instead of finishing (Ctrl-C)
                 raise

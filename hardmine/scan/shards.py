@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from .ledger import Ledger, ShardRecord
 from .store import ScanStore
@@ -67,7 +68,12 @@ class ShardSet:
         # from a list of files keeps the files' order (Arrow's dataset docs), i.e. rows in scan order. Reading
         # them one by one took about twice as long at a million rows.
         files = [str(self.directory / s.stats) for s in self.shards]
-        return ds.dataset(files, format="parquet").to_table(columns=columns)
+        dataset = ds.dataset(files, format="parquet")
+        if any(not f.physical_schema.equals(dataset.schema) for f in dataset.get_fragments()):
+            # The dataset would cast every file to the first one's schema; shards that disagree are an error
+            # (as concatenating them raises), not something to convert quietly.
+            return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        return dataset.to_table(columns=columns)
 
     def sample_ids(self) -> np.ndarray:
         """All sample ids in row order: int64, or object holding ``str``."""
