@@ -469,7 +469,12 @@ def test_memory_is_bounded_by_the_shard_not_n(tmp_path, monkeypatch):
     n1, n2 = 1000, 4000
     streamed = (_traced_peak(tmp_path, n2, dim) - _traced_peak(tmp_path, n1, dim)) / (n2 - n1)
     kept = (_traced_peak(tmp_path, n2, dim, keep=True) - _traced_peak(tmp_path, n1, dim, keep=True)) / (n2 - n1)
-    assert kept >= grad_bytes, (kept, grad_bytes)  # the measurement sees a concatenation when there is one
+    # The measurement sees a concatenation when there is one. Not all of it: each peak is the largest moment of
+    # its own scan, and at the two N the largest moments can fall in different phases, so a held array's slope
+    # shows at somewhat under its size (about nine tenths here; freeing pass 1's constant-size work arrays
+    # earlier moved it by a seventh, which a constant could only do if the two peaks fall in different
+    # phases); a streamed scan's stays under a quarter.
+    assert kept >= 0.75 * grad_bytes, (kept, grad_bytes)
     assert streamed < 0.25 * grad_bytes, (streamed, grad_bytes)
 
 
