@@ -416,8 +416,8 @@ def unit_rows(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Up to this many classes, pass 2's per-class dot products are one matrix product against all classes at once
-# (C times the flops of the O(B·D) per-row route, but BLAS-fast and without gathering rows); above it, per row. Timed on 2 cores with blocks of 2048 x 272: the product is faster up to 64 classes, the per-row
-# route from 128.
+# (C times the flops of the O(B·D) per-row route, but BLAS-fast and without gathering rows); above it, per row.
+# Timed on 2 cores with blocks of 2048 x 272: the product is faster up to 64 classes, the per-row route from 128.
 ONE_HOT_MAX_CLASSES = 64
 
 

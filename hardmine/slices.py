@@ -512,7 +512,7 @@ def annotate_manifest(
     for these labels, layout, seed and embedding when already computed (else it is computed here).
     ``submit``: runs the job that computes and writes the slice table (default: at once); the job reads its
     own copy of the columns it needs, so the caller may add columns to ``df`` meanwhile (a scan runs it in a
-    thread beside the manifest's weights and write) and must wait for it. Returns the manifest metadata
+    thread beside the manifest's weights, and writes the manifest after it) and must wait for it. Returns the manifest metadata
     entry ``slices``."""
     add_label_issue_columns(df)
     labels = df["label"].to_numpy() if "label" in df else np.zeros(0)

@@ -120,11 +120,9 @@ class ExtractionPass:
 
     def _on_disk(self, rec: ShardRecord) -> tuple[np.ndarray, np.ndarray | None]:
         z = np.load(self.store.path / rec.grads, mmap_mode="r")  # (rows, out_dim), read by the worker
-        labels = (
-            self._labels_of(pq.read_table(self.store.path / rec.stats, columns=["label"]))
-            if self.ledger.task == TaskKind.CLASSIFICATION.value else None
-        )
-        return z, labels
+        if self.ledger.task != TaskKind.CLASSIFICATION.value:
+            return z, None
+        return z, self._labels_of(pq.read_table(self.store.path / rec.stats, columns=["label"]))
 
     def _run(self, data: Iterable[Any], population: bool) -> np.ndarray | None:
         done_shards = list(self.ledger.shards)

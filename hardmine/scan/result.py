@@ -387,7 +387,7 @@ class Scan:
             stop = threading.Event()
             try:
                 df, used, assignment = self._scores_beside_slices(
-                    pool, stop, stats, labels, config, progress, population, neighbours,
+                    pool, stop, stats, labels, config, progress, population, neighbours, layout, seed,
                     slicing=labels is not None and not unlabelled and n > 0,
                 )
                 if unlabelled:
@@ -422,7 +422,7 @@ class Scan:
     def _scores_beside_slices(
         self, pool: ThreadPoolExecutor, stop: threading.Event, stats: pd.DataFrame, labels: np.ndarray | None,
         config: ScoreConfig, progress: Callable[[int], None] | None, population: PopulationStats | None,
-        neighbours: dict[str, np.ndarray], *, slicing: bool,
+        neighbours: dict[str, np.ndarray], layout: Any, seed: int, *, slicing: bool,
     ) -> tuple[pd.DataFrame, dict[str, float], SliceAssignment | None]:
         """Pass 1 (unless ``population`` is given) and pass 2 of the scores and the ranked frame, with the
         slices' clustering (when ``slicing``) in ``pool`` meanwhile: ``(frame, hardness weights used, slice
@@ -440,11 +440,8 @@ class Scan:
                     raise RuntimeError("scoring failed; the slices' clustering was stopped")
                 yield block
 
-        layout = self.engine_metadata.get("layout")
         with threadpool_limits(limits=1, user_api="blas"):
-            fitting = (
-                pool.submit(fit_scan_slices, blocks, labels, layout, int(self.config["seed"])) if slicing else None
-            )
+            fitting = pool.submit(fit_scan_slices, blocks, labels, layout, seed) if slicing else None
             pop = population if population is not None else population_pass(
                 self.iter_gradients(), self.out_dim, labels, self.num_classes
             )
