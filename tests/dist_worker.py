@@ -3,7 +3,10 @@
 
 ``rows()``: a dataset that kills its own process (SIGKILL, as an OOM killer would) when it reads row
 ``HARDMINE_TEST_KILL_AT`` while the file ``HARDMINE_TEST_KILL_MARKER`` exists (the file is removed first, so
-the rerun goes through).
+the rerun goes through). With ``HARDMINE_TEST_KILL_LEDGER`` (a rank's ``progress.json``) and
+``HARDMINE_TEST_KILL_AFTER`` (a number of shards) it first waits until that ledger records that many shards:
+shards are written by a thread beside the extraction, so the last ones cut may still be on their way when a
+process dies, and the test wants a rank killed with complete shards behind it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +49,20 @@ class Rows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i == self.kill_at and self.marker and os.path.exists(self.marker):
             os.remove(self.marker)
+            _wait_for_shards(os.environ.get("HARDMINE_TEST_KILL_LEDGER"), int(os.environ.get("HARDMINE_TEST_KILL_AFTER", "0")))
             os.kill(os.getpid(), signal.SIGKILL)
         return torch.from_numpy(self.x[i]), torch.tensor(self.y[i])
+
+
+def _wait_for_shards(ledger: str | None, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ledger and n and time.monotonic() < deadline:
+        try:
+            if len(json.loads(Path(ledger).read_text())["shards"]) >= n:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
 
 
 def rows() -> Dataset:

@@ -226,7 +226,8 @@ def test_torchrun_scan_killed_mid_scan_resumes_every_rank_and_matches_one_proces
     marker.touch()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), "OMP_NUM_THREADS": "1",
            # rank 1 holds rows 120-239; at 16 rows a batch and 48 a shard it has written 2 shards at row 220
-           "HARDMINE_TEST_KILL_AT": "220", "HARDMINE_TEST_KILL_MARKER": str(marker)}
+           "HARDMINE_TEST_KILL_AT": "220", "HARDMINE_TEST_KILL_MARKER": str(marker),
+           "HARDMINE_TEST_KILL_LEDGER": str(out / "ranks" / "00001" / "progress.json"), "HARDMINE_TEST_KILL_AFTER": "2"}
     args = [str(tmp_path / "ckpt.pt"), "dist_worker:rows", "--model", "dist_worker:make_model", "--out", str(out),
             "--dim", "8", "--shard-rows", "48", "--batch-size", "16", "--json"]
     killed = _torchrun(args, env)

@@ -458,8 +458,9 @@ def test_memory_is_bounded_by_the_shard_not_n(tmp_path, monkeypatch):
 
     population_mod = importlib.import_module("hardmine.scan.population")
     result_mod = importlib.import_module("hardmine.scan.result")
-    monkeypatch.setattr(population_mod, "ThreadPoolExecutor", InlineExecutor)
-    monkeypatch.setattr(result_mod, "ThreadPoolExecutor", InlineExecutor)
+    shards_mod = importlib.import_module("hardmine.scan.shards")
+    for mod in (population_mod, result_mod, shards_mod):
+        monkeypatch.setattr(mod, "ThreadPoolExecutor", InlineExecutor)
     monkeypatch.setattr(slices_mod, "SAMPLE_BYTES_MAX", 8 * 2176)
     monkeypatch.setattr(slices_mod, "SAMPLE_POINTS_MIN_PER_SLICE", 1)
     dim = 256
@@ -653,3 +654,135 @@ def test_a_first_query_waits_for_the_directory_lock_and_a_rerun_with_build_index
     again = scan(model, batches_of(data["x"], data["y"]), out=tmp_path / "r", dim=8, engine="vmap", build_index=True)
     assert again.index_built and (tmp_path / "r" / "index.faiss").is_file()
     pd.testing.assert_frame_equal(again.manifest(), lazy.manifest())
+
+
+# ------------------------------------------------------------------------------------- shard writer
+def _shard_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("hardmine-shards")]
+
+
+def test_progress_names_only_written_shards_and_a_failed_write_fails_the_scan(tmp_path, monkeypatch):
+    """Shards are written in a thread beside the extraction: every ``progress.json`` written must name only
+    shards whose files are complete; a failed write fails the scan, nothing after it is written, and the rerun
+    resumes from the shards before it to the same manifest."""
+    from hardmine.scan.store import ScanStore
+
+    data = planted_blobs(seed=8, n_per=60)
+    model = trained_mlp(data["x"], data["y"], steps=30)
+    batches = batches_of(data["x"], data["y"], 20)  # 12 batches, shards of 2 batches
+    ref = scan(model, batches, out=tmp_path / "ref", dim=8, engine="vmap", shard_rows=40)
+    out = tmp_path / "s"
+    named: list[int] = []
+    write_ledger, write_shard = ScanStore.write_ledger, ScanStore.write_shard
+
+    def checked_ledger(self, ledger):
+        d = json.loads(ledger) if isinstance(ledger, bytes) else ledger.to_dict()
+        for rec in d["shards"]:  # complete files under their final names, the recorded rows in them
+            z = np.load(self.path / rec["grads"])
+            assert len(z) == rec["rows"][1] - rec["rows"][0] and (self.path / rec["stats"]).is_file(), rec
+        named.append(len(d["shards"]))
+        return write_ledger(self, ledger)
+
+    def failing_shard(self, i, z, stats):
+        if i == 2:
+            raise OSError(28, "No space left on device (simulated)")
+        return write_shard(self, i, z, stats)
+
+    monkeypatch.setattr(ScanStore, "write_ledger", checked_ledger)
+    monkeypatch.setattr(ScanStore, "write_shard", failing_shard)
+    with pytest.raises(OSError, match="No space left"):
+        scan(model, batches, out=out, dim=8, engine="vmap", shard_rows=40)
+    assert named == [1, 2] and not (out / "manifest.parquet").exists()
+    assert [s["rows"] for s in json.loads((out / "progress.json").read_text())["shards"]] == [[0, 40], [40, 80]]
+    assert sorted(p.name for p in (out / "shards").glob("grads-*")) == ["grads-00000.npy", "grads-00001.npy"]
+    assert _shard_threads() == []
+    monkeypatch.setattr(ScanStore, "write_shard", write_shard)
+    named.clear()
+    resumed = scan(model, batches, out=out, dim=8, engine="vmap", shard_rows=40)
+    assert named[0] == 3 and named[-1] == 6  # shards 2-5 written again, then the complete ledger
+    pd.testing.assert_frame_equal(resumed.manifest(), ref.manifest(), check_exact=True)
+    assert _shard_threads() == []
+
+
+def test_shard_writer_writes_in_order_and_bounds_what_waits(tmp_path):
+    """A slow disk holds the extraction back once ``MAX_PENDING`` shards wait (their arrays are the memory
+    bound); shards are written, and the ledger records them, in order."""
+    import threading
+
+    from hardmine.scan.ledger import Ledger
+    from hardmine.scan.shards import ShardWriter
+    from hardmine.scan.store import ScanStore
+
+    release = threading.Event()
+    written: list[int] = []
+
+    class SlowStore(ScanStore):
+        def write_shard(self, i, z, stats):
+            if i == 0:
+                release.wait(timeout=60)
+            written.append(i)
+            return super().write_shard(i, z, stats)
+
+    store = SlowStore(tmp_path)
+    store.path.mkdir(exist_ok=True)
+    ledger = Ledger()
+    writer = ShardWriter(store, ledger)
+    stats = {"sample_id": np.arange(3), "loss": np.zeros(3)}
+    returned_before_release: list[bool] = []
+    try:
+        for i in range(4):
+            if i == 2:  # shard 0 is still being written and shard 1 waits: this flush must wait too
+                threading.Timer(0.3, release.set).start()
+            writer.add(np.full((3, 2), i, dtype=np.float32), stats, f"d{i}")
+            writer.flush(i, i + 1, 3 * (i + 1))
+            returned_before_release.append(not release.is_set())
+        writer.wait()
+    finally:
+        release.set()
+        writer.close()
+    assert returned_before_release == [True, True, False, False]
+    assert written == [0, 1, 2, 3]
+    on_disk = json.loads((tmp_path / "progress.json").read_text())["shards"]
+    assert [s["rows"] for s in on_disk] == [[0, 3], [3, 6], [6, 9], [9, 12]]
+    assert [float(np.load(tmp_path / s["grads"])[0, 0]) for s in on_disk] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_after_a_failed_shard_write_the_queued_shards_are_not_written(tmp_path):
+    """A shard queued behind one whose write fails must not be written: its ledger snapshot would name the
+    failed shard. ``close`` leaves the in-memory ledger with the shards on disk."""
+    import threading
+
+    from hardmine.scan.ledger import Ledger
+    from hardmine.scan.shards import ShardWriter
+    from hardmine.scan.store import ScanStore
+
+    release = threading.Event()
+
+    class FailingStore(ScanStore):
+        def write_shard(self, i, z, stats):
+            if i == 1:
+                release.wait(timeout=60)  # still being written when shard 2 is queued
+                raise OSError(5, "Input/output error (simulated)")
+            return super().write_shard(i, z, stats)
+
+    store = FailingStore(tmp_path)
+    store.path.mkdir(exist_ok=True)
+    ledger = Ledger()
+    writer = ShardWriter(store, ledger)
+    stats = {"sample_id": np.arange(3), "loss": np.zeros(3)}
+    try:
+        for i in range(3):
+            writer.add(np.zeros((3, 2), dtype=np.float32), stats, f"d{i}")
+            writer.flush(i, i + 1, 3 * (i + 1))
+        release.set()
+        with pytest.raises(OSError, match="Input/output error"):
+            writer.wait()
+    finally:
+        release.set()
+        writer.close()
+    assert sorted(p.name for p in (tmp_path / "shards").glob("grads-*")) == ["grads-00000.npy"]
+    assert [s["rows"] for s in json.loads((tmp_path / "progress.json").read_text())["shards"]] == [[0, 3]]
+    assert [s.index for s in ledger.shards] == [0]
+    assert _shard_threads() == []

@@ -142,85 +142,91 @@ class ExtractionPass:
                 self._summed(lambda: (z, labels))
 
         writer = ShardWriter(self.store, self.ledger, on_flush=on_flush)
-        shard_digests: list[str] = []
-        rows = 0
-        batch_i = -1
-        shard_i = 0  # next recorded shard to check while skipping
-        shard_start_batch = done_batches
-        self.extracted_now = 0
-        self.store.make_shards_dir()
-        shuffled = isinstance(data, DataLoader) and isinstance(getattr(data, "sampler", None), RandomSampler)
-        for batch_i, batch in enumerate(data):
-            where = f"batch {batch_i}"
-            inputs, target, ids = split_batch_ids(batch, where)
-            b = int(target.shape[0])
-            if batch_i == 0 and shuffled:
-                if ids is None:
-                    raise ValueError(
-                        "data is a DataLoader with shuffle=True and the batches carry no sample ids, so sample_id "
-                        "(the position) would not identify samples; use shuffle=False or yield (x, y, ids)."
-                    )
-                logger.warning("data is shuffled: the dataset fingerprint and resuming need a fixed order")
-            id_arr = np.arange(rows, rows + b, dtype=np.int64) if ids is None else sample_ids(ids, b, where)[0]
-            user_ids = user_ids or ids is not None
-            self._check_ids(id_arr, where)
-            digest = hasher.update(id_arr, target, input_leaves(inputs))
-            if batch_i < done_batches:  # recorded in a complete shard: only check it is the same data
-                shard_digests.append(digest)
-                rec = done_shards[shard_i]
-                if batch_i + 1 == rec.batches[1]:
-                    if digest_of(shard_digests) != rec.digest or rows + b != rec.rows[1]:
+        # Shards are written by the writer's thread while the next batches are extracted; close() waits for
+        # the writes under way whatever happens, so an interrupted scan keeps every shard it cut.
+        try:
+            shard_digests: list[str] = []
+            rows = 0
+            batch_i = -1
+            shard_i = 0  # next recorded shard to check while skipping
+            shard_start_batch = done_batches
+            self.extracted_now = 0
+            self.store.make_shards_dir()
+            shuffled = isinstance(data, DataLoader) and isinstance(getattr(data, "sampler", None), RandomSampler)
+            for batch_i, batch in enumerate(data):
+                where = f"batch {batch_i}"
+                inputs, target, ids = split_batch_ids(batch, where)
+                b = int(target.shape[0])
+                if batch_i == 0 and shuffled:
+                    if ids is None:
                         raise ValueError(
-                            f"the data differs from the interrupted scan in {where_dir} at batches "
-                            f"{rec.batches[0]}-{rec.batches[1] - 1} (shard {shard_i}): different samples, "
-                            "order or batch size. Rerun with the same data and batch size, or overwrite=True."
+                            "data is a DataLoader with shuffle=True and the batches carry no sample ids, so sample_id "
+                            "(the position) would not identify samples; use shuffle=False or yield (x, y, ids)."
                         )
-                    shard_digests = []
-                    shard_i += 1
-                    if population:
-                        self._summed(lambda rec=rec: self._on_disk(rec))
-                rows += b
-                self.report(rows)
-                continue
-            if self.ledger.complete:
-                raise ValueError(
-                    f"the data has more batches than the complete scan in {where_dir} ({done_batches}); rerun with "
-                    "the same data, or overwrite=True."
-                )
-            inputs, target_dev = to_device(inputs, self.device), to_device(target, self.device)
-            # One wait per batch: its results come to the host together (pinned, from a GPU); the device has
-            # then finished it, so its deferred value checks are read at no cost before anything is written.
-            pb = self.extractor((inputs, target_dev))
-            ts = None
-            kind = resolve_loss(self.loss_fn, target_dev)[1]  # once per batch: the LM branch and the task below
-            if is_causal_lm(kind):
-                # The token statistics where the logits are, before the copy to the host: (B, T) arrays come
-                # back, never the (B, T, V) logits (the labels are checked first: a bad id must not reach a gather).
+                    logger.warning("data is shuffled: the dataset fingerprint and resuming need a fixed order")
+                id_arr = np.arange(rows, rows + b, dtype=np.int64) if ids is None else sample_ids(ids, b, where)[0]
+                user_ids = user_ids or ids is not None
+                self._check_ids(id_arr, where)
+                digest = hasher.update(id_arr, target, input_leaves(inputs))
+                if batch_i < done_batches:  # recorded in a complete shard: only check it is the same data
+                    shard_digests.append(digest)
+                    rec = done_shards[shard_i]
+                    if batch_i + 1 == rec.batches[1]:
+                        if digest_of(shard_digests) != rec.digest or rows + b != rec.rows[1]:
+                            raise ValueError(
+                                f"the data differs from the interrupted scan in {where_dir} at batches "
+                                f"{rec.batches[0]}-{rec.batches[1] - 1} (shard {shard_i}): different samples, "
+                                "order or batch size. Rerun with the same data and batch size, or overwrite=True."
+                            )
+                        shard_digests = []
+                        shard_i += 1
+                        if population:
+                            self._summed(lambda rec=rec: self._on_disk(rec))
+                    rows += b
+                    self.report(rows)
+                    continue
+                if self.ledger.complete:
+                    raise ValueError(
+                        f"the data has more batches than the complete scan in {where_dir} ({done_batches}); rerun with "
+                        "the same data, or overwrite=True."
+                    )
+                inputs, target_dev = to_device(inputs, self.device), to_device(target, self.device)
+                # One wait per batch: its results come to the host together (pinned, from a GPU); the device has
+                # then finished it, so its deferred value checks are read at no cost before anything is written.
+                pb = self.extractor((inputs, target_dev))
+                ts = None
+                kind = resolve_loss(self.loss_fn, target_dev)[1]  # once per batch: the LM branch and the task below
+                if is_causal_lm(kind):
+                    # The token statistics where the logits are, before the copy to the host: (B, T) arrays come
+                    # back, never the (B, T, V) logits (the labels are checked first: a bad id must not reach a gather).
+                    self.extractor.flush_checks()
+                    ts = self._token_stats(pb.output, inputs, target_dev, where)
+                    pb = dataclasses.replace(pb, output=pb.output.new_empty((b, 0)))  # (B, 0): nothing left to copy
+                pb = pb.to_host()
                 self.extractor.flush_checks()
-                ts = self._token_stats(pb.output, inputs, target_dev, where)
-                pb = dataclasses.replace(pb, output=pb.output.new_empty((b, 0)))  # (B, 0): nothing left to copy
-            pb = pb.to_host()
-            self.extractor.flush_checks()
-            # The plan in use (auto may move a module to vmap after probing the first batch).
-            self.ledger.extractor = self.extractor.metadata()
-            z = pb.z.to(torch.float32).numpy()  # (B, out_dim)
-            stats, token_rows = self._batch_stats(id_arr, target, pb, where, kind, ts)
-            writer.add(z, stats, digest, token_rows)
-            if self.keep:
-                kept.append(z)
-            rows += b
-            self.extracted_now += b
-            self.report(rows)
-            if writer.rows >= self.shard_rows:
-                writer.flush(shard_start_batch, batch_i + 1, rows)
-                shard_start_batch = batch_i + 1
-        n_batches = batch_i + 1
-        if n_batches < done_batches:
-            raise ValueError(
-                f"data ended after {n_batches} batches, but the interrupted scan in {where_dir} had already "
-                f"recorded {done_batches}; rerun with the same data, or overwrite=True."
-            )
-        writer.flush(shard_start_batch, n_batches, rows)
+                # The plan in use (auto may move a module to vmap after probing the first batch).
+                self.ledger.extractor = self.extractor.metadata()
+                z = pb.z.to(torch.float32).numpy()  # (B, out_dim)
+                stats, token_rows = self._batch_stats(id_arr, target, pb, where, kind, ts)
+                writer.add(z, stats, digest, token_rows)
+                if self.keep:
+                    kept.append(z)
+                rows += b
+                self.extracted_now += b
+                self.report(rows)
+                if writer.rows >= self.shard_rows:
+                    writer.flush(shard_start_batch, batch_i + 1, rows)
+                    shard_start_batch = batch_i + 1
+            n_batches = batch_i + 1
+            if n_batches < done_batches:
+                raise ValueError(
+                    f"data ended after {n_batches} batches, but the interrupted scan in {where_dir} had already "
+                    f"recorded {done_batches}; rerun with the same data, or overwrite=True."
+                )
+            writer.flush(shard_start_batch, n_batches, rows)
+            writer.wait()
+        finally:
+            writer.close()
         if rows == 0:
             raise ValueError("data yielded no batches; nothing to scan.")
         if user_ids:

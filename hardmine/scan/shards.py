@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -81,18 +84,42 @@ class ShardSet:
 
 
 class ShardWriter:
-    """Buffers extracted batches and writes a shard (files, then the ledger entry) when ``flush`` is called."""
+    """Buffers extracted batches and writes each shard (files, then the ledger entry) in a writer thread.
+
+    ``flush`` cuts the buffered batches into the next shard and hands its writing to one worker thread, so the
+    extraction goes on while the files are written and synced (numpy's file writes, Parquet and ``fsync``
+    release the GIL). Shards are written in order; each one's ledger snapshot, taken at ``flush``, records it
+    and every earlier shard, and is written only after its files, so ``progress.json`` never names a shard
+    whose files are not complete. After a failed write nothing more is written (a later snapshot would name
+    the failed shard); the failure surfaces at the next ``flush`` or at ``wait``. At most ``MAX_PENDING``
+    shards wait for the writer (``flush`` blocks beyond that), which bounds the memory.
+
+    The in-memory ``ledger.shards`` lists a shard from its ``flush`` on; ``wait`` (all written, or raise) and
+    ``close`` (always: waits quietly, then drops from ``ledger.shards`` what was not written) end its use.
+    ``background=False`` writes in ``flush`` itself.
+    """
+
+    MAX_PENDING = 2
 
     def __init__(
-        self, store: ScanStore, ledger: Ledger, on_flush: Callable[[np.ndarray, pa.Table], None] | None = None,
+        self,
+        store: ScanStore,
+        ledger: Ledger,
+        on_flush: Callable[[np.ndarray, pa.Table], None] | None = None,
+        *,
+        background: bool = True,
     ) -> None:
         self.store = store
         self.ledger = ledger
-        self.on_flush = on_flush  # called with each recorded shard's gradients and statistics
+        self.on_flush = on_flush  # called with each shard's gradients and statistics, in order
         self._z: list[np.ndarray] = []
         self._stats: list[dict[str, Any]] = []
         self._digests: list[str] = []
         self._tokens: list[pa.Table] = []  # causal-LM scans: the token rows of the buffered batches
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardmine-shards") if background else None
+        self._pending: deque[Future[None]] = deque()
+        self._written = len(ledger.shards)  # shards whose files and ledger entry are on disk
+        self._failed = threading.Event()  # set by the first failed write: later ones are skipped
 
     @property
     def rows(self) -> int:
@@ -109,25 +136,63 @@ class ShardWriter:
         self._digests.append(digest)
 
     def flush(self, first_batch: int, end_batch: int, rows_end: int) -> None:
-        """Write the buffered batches ``[first_batch, end_batch)`` (ending at row ``rows_end``) as the next
-        shard and record it; nothing happens when the buffer is empty."""
+        """Cut the buffered batches ``[first_batch, end_batch)`` (ending at row ``rows_end``) into the next
+        shard and queue its writing; nothing happens when the buffer is empty."""
         if not self._z:
             return
         i = len(self.ledger.shards)
         z = np.concatenate(self._z)  # (shard rows, out_dim): one shard, the memory bound
         r0 = rows_end - len(z)
-        if self._tokens:  # before the ledger records the shard (see ScanStore.write_token_part)
-            self.store.write_token_part(i, pa.concat_tables(self._tokens))
+        tokens = pa.concat_tables(self._tokens) if self._tokens else None
         table = stats_table(self._stats)
-        grads, stats = self.store.write_shard(i, z, table)
+        grads, stats = self.store.shard_files(i)
         self.ledger.shards.append(
             ShardRecord(i, (first_batch, end_batch), (r0, rows_end), digest_of(self._digests), grads, stats)
         )
-        self.store.write_ledger(self.ledger)
-        logger.debug("wrote shard %d: rows %d-%d", i, r0, rows_end)
+        # progress.json once this shard's files are written, encoded now: the ledger changes as batches come
+        snapshot = self.store.ledger_bytes(self.ledger)
+        self._z, self._stats, self._digests, self._tokens = [], [], [], []
+        if self._pool is None:
+            self._write(i, z, table, tokens, snapshot)
+        else:
+            while self._pending and (len(self._pending) >= self.MAX_PENDING or self._pending[0].done()):
+                self._pending.popleft().result()  # a failed write surfaces here, at the next shard
+            self._pending.append(self._pool.submit(self._write, i, z, table, tokens, snapshot))
         if self.on_flush is not None:
             self.on_flush(z, table)
-        self._z, self._stats, self._digests, self._tokens = [], [], [], []
+
+    def _write(self, i: int, z: np.ndarray, table: pa.Table, tokens: pa.Table | None, snapshot: bytes) -> None:
+        if self._failed.is_set():
+            raise RuntimeError(f"shard {i} not written: an earlier shard's write failed")
+        try:
+            if tokens is not None:  # before the ledger records the shard (see ScanStore.write_token_part)
+                self.store.write_token_part(i, tokens)
+            self.store.write_shard(i, z, table)
+            self.store.write_ledger(snapshot)
+        except BaseException:
+            self._failed.set()
+            raise
+        self._written = i + 1
+        logger.debug("wrote shard %d: rows %d-%d", i, *self.ledger.shards[i].rows)
+
+    def wait(self) -> None:
+        """Wait until every flushed shard is written; raises the first failed write."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Wait for the writes under way (their shards are complete data: a resumed scan keeps them), without
+        raising, stop the thread, and drop from ``ledger.shards`` the shards that were not written. Call it
+        whether or not ``wait`` was."""
+        for f in self._pending:
+            try:
+                f.result()
+            except BaseException as e:  # the caller is already failing, or has seen this in wait()
+                logger.debug("shard write failed: %r", e)
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        del self.ledger.shards[self._written :]
 
 
 def digest_of(digests: list[str]) -> str:
