@@ -24,9 +24,17 @@ layers, batch 256). The child samples ``/proc/self/status`` every 20 ms and repo
   samples: signed cosine and ``|cos|`` (the ranking ``neighbor_disagreement`` counts). 1.0 for an exact
   (flat) index. ``--no-neighbor-scores`` skips this.
 
-Usage: ``python scripts/bench_scan.py [--n 10000 100000 1000000] [--dim 256] [--no-demo] [--threads 1]``;
-writes ``scripts/results/bench_scan.{json,md}`` (the Markdown table is copied into docs/benchmarks.md by
-``scripts/update_readme.py``). Needs Linux (``/proc``).
+``--device cuda`` (any torch device; default ``cpu``): each child puts its model on that device (the demo
+model is also trained there) and the scan moves each host batch to it, as with a DataLoader; the bare
+extractor's batches are moved the same way, its timing bracketed by ``torch.cuda.synchronize()``, and each
+row adds ``peak_device_mb`` (``torch.cuda.max_memory_allocated``). The index and scores run on the host
+whatever the device. The device (with its name) is recorded in the JSON and the Markdown.
+
+Usage: ``python scripts/bench_scan.py [--n 10000 100000 1000000] [--dim 256] [--no-demo] [--threads 1]
+[--device cuda]``; writes ``scripts/results/bench_scan.{json,md}`` (the Markdown table is copied into
+docs/benchmarks.md by ``scripts/update_readme.py``), or for another device than the CPU
+``scripts/results/bench_scan_<device type>.{json,md}`` (e.g. ``bench_scan_cuda``), so that a GPU run never
+overwrites the CPU results the docs include. Needs Linux (``/proc``).
 """
 
 from __future__ import annotations
@@ -147,8 +155,28 @@ def _summary(s, wall: float, sampler, base_anon: int, base_file: int, out: str) 
     }
 
 
-def _demo_child(out: str, neighbours: bool = True) -> dict:
-    """``make demo``'s scan: the demo MLP (one epoch of training) on Fashion-MNIST train, dim 64, batch 256."""
+def _device_peak(device) -> dict:
+    """The device's peak allocation during the scan (a GPU run only: the host's RSS does not see it)."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    return {"peak_device_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+
+
+def _device_start(device) -> None:
+    """Start the device's peak count at the scan (a GPU run only)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _demo_child(out: str, neighbours: bool = True, device: str = "cpu") -> dict:
+    """``make demo``'s scan: the demo MLP (one epoch of training) on Fashion-MNIST train, dim 64, batch 256.
+    On another device the model is trained and scanned there; the scan's batches stay on the host (the scan
+    moves each to the model's device)."""
     import numpy as np
     import torch
 
@@ -156,21 +184,26 @@ def _demo_child(out: str, neighbours: bool = True) -> dict:
     from hardmine.scan import scan
     from hardmine.zoo import fashion_mlp
 
+    dev = torch.device(device)
     images, labels = hardmine.load_fashion_mnist("train")
     x = torch.from_numpy(images.reshape(-1, 784).astype(np.float32) / 255.0)  # (N, 784)
     y = torch.from_numpy(labels)
     torch.manual_seed(0)
-    model = fashion_mlp()
+    model = fashion_mlp().to(dev)  # initialised on the host first: the same weights on every device
+    x_dev, y_dev = x.to(dev), y.to(dev)  # the training set, once (the same tensors on the CPU)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for idx in torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).split(128):
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        idx = idx.to(dev)
+        loss = torch.nn.functional.cross_entropy(model(x_dev[idx]), y_dev[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
+    del x_dev, y_dev
     n = len(x)
     rec = _record_neighbours(n)
     batches = [(x[i : i + 256].reshape(-1, 1, 28, 28), y[i : i + 256]) for i in range(0, n, 256)]
+    _device_start(dev)
     base_anon, base_file = _status_kb("RssAnon"), _status_kb("RssFile")
     sampler = _PeakSampler()
     sampler.start()
@@ -180,20 +213,23 @@ def _demo_child(out: str, neighbours: bool = True) -> dict:
     wall = time.perf_counter() - t0
     sampler.stop()
     res = {"series": "demo", "model": "demo MLP (Fashion-MNIST, 1 epoch), all layers, dim 64", "batch": 256,
-           "dim": 64, **_summary(s, wall, sampler, base_anon, base_file, out)}
+           "dim": 64, **_summary(s, wall, sampler, base_anon, base_file, out), **_device_peak(dev)}
     res.update(_neighbour_scores(s, rec, neighbours))
     return res
 
 
-def _child(n: int, dim: int, batch: int, engine: str, out: str, neighbours: bool = True) -> dict:
+def _child(n: int, dim: int, batch: int, engine: str, out: str, neighbours: bool = True,
+           device: str = "cpu") -> dict:
     import torch
     from torch import nn
 
+    from hardmine.batches import to_device
     from hardmine.engine import GradientExtractor
     from hardmine.scan import scan
 
+    dev = torch.device(device)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval().to(dev)
     centers = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)) * 3
 
     def data(limit: int):
@@ -204,17 +240,26 @@ def _child(n: int, dim: int, batch: int, engine: str, out: str, neighbours: bool
             yield centers[y] + torch.randn(b, 16, generator=g), y
 
     # Reference: the bare extractor on the same batches (no hashing, shards, index or scores), after two
-    # warm-up batches (the scan's own first batch pays the same warm-up, which matters only at small N).
+    # warm-up batches (the scan's own first batch pays the same warm-up, which matters only at small N). The
+    # batches are generated on the host and moved to the model's device as the scan moves them; on a GPU the
+    # timing waits for the device at both ends (the results stay there: no copy back, unlike the scan's).
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     ext = GradientExtractor(model, layers="2", dim=dim, seed=0, engine=engine)
     ref_n = min(n, 50 * batch)
     for b in data(2 * batch):
-        ext(b)
+        ext(to_device(b, dev))
+    sync()
     t0 = time.perf_counter()
     for b in data(ref_n):
-        ext(b)
+        ext(to_device(b, dev))
+    sync()
     ref_rate = ref_n / (time.perf_counter() - t0)
 
     rec = _record_neighbours(n)
+    _device_start(dev)
     base_anon, base_file = _status_kb("RssAnon"), _status_kb("RssFile")
     sampler = _PeakSampler()
     sampler.start()
@@ -230,7 +275,7 @@ def _child(n: int, dim: int, batch: int, engine: str, out: str, neighbours: bool
     res = {"series": "synthetic", "model": "MLP 16-32-8, layer '2'", "batch": batch, "dim": dim,
            "engine_plan": s.engine_metadata.get("plan"),
            **_summary(s, wall, sampler, base_anon, base_file, out),
-           "reference_extractor_samples_per_s": round(ref_rate, 1)}
+           "reference_extractor_samples_per_s": round(ref_rate, 1), **_device_peak(dev)}
     res.update(_neighbour_scores(s, rec, neighbours))
     return res
 
@@ -300,7 +345,8 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
-def _markdown(rows: list[dict], threads: int | None, load: float | None = None, repeats: int = 1) -> str:
+def _markdown(rows: list[dict], threads: int | None, load: float | None = None, repeats: int = 1,
+              device: str = "cpu", json_shown: str = "scripts/results/bench_scan.json") -> str:
     lines = [
         "| scan | N | out_dim | extract s (/ bare extractor) | index s | score s (slices: fit beside, then annotate) "
         "| index / extract | score / extract | (index + score) / extract | wall s per 100k | index built by the first "
@@ -337,8 +383,17 @@ def _markdown(rows: list[dict], threads: int | None, load: float | None = None, 
     return ("\n".join(lines) + "\n\n" + "; ".join(notes) + (". " if notes else "")
             + (f"Each row is the median of {repeats} runs (fresh processes) by (index + score) / extract; the "
                "neighbour columns come from the first. " if repeats > 1 else "")
+            + (f"Models on device {device}; the index and scores on the host. " if device != "cpu" else "")
             + f"Run with {t}" + (f"; load average at the end {load:.1f} (other jobs shared the machine)" if load else "")
-            + "; the machine: see `scripts/results/bench_scan.json`.\n")
+            + f"; the machine: see `{json_shown}`.\n")
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the Markdown names it: from the repository root when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(RESULTS.parent.parent))
+    except ValueError:
+        return str(path)
 
 
 def main() -> None:
@@ -359,24 +414,40 @@ def main() -> None:
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--demo-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--json-out", type=Path, default=RESULTS / "bench_scan.json")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of the models (e.g. cuda); the index and scores run on the host")
+    ap.add_argument("--json-out", type=Path,
+                    help="default: scripts/results/bench_scan.json on the CPU, bench_scan_<device type>.json else")
     args = ap.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.demo_child:
-        print(json.dumps(_demo_child(args.out, not args.no_neighbor_scores)))
+        print(json.dumps(_demo_child(args.out, not args.no_neighbor_scores, args.device)))
         return
     if args.child is not None:
-        print(json.dumps(_child(args.child, args.dim, args.batch, args.engine, args.out, not args.no_neighbor_scores)))
+        print(json.dumps(_child(args.child, args.dim, args.batch, args.engine, args.out, not args.no_neighbor_scores,
+                                args.device)))
         return
+    # The parent only: a usage error now rather than in every child (the children are given a checked device).
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_extract import parse_device
+
+    device = parse_device(ap, args.device)
+    device_label = args.device + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    if args.json_out is None:
+        # A run on another device gets its own files: the CPU results are the ones the docs include.
+        args.json_out = RESULTS / ("bench_scan.json" if device.type == "cpu" else f"bench_scan_{device.type}.json")
 
     env = dict(os.environ)
     if args.threads:  # before the child imports numpy / faiss: their thread pools read these once
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(args.threads)
     extra = ["--threads", str(args.threads)] if args.threads else []
+    extra += ["--device", args.device]
     if args.no_neighbor_scores:
         extra.append("--no-neighbor-scores")
     rows = []
@@ -437,7 +508,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
         "settings": {"dim": args.dim, "dim_wide": args.dim_wide, "batch": args.batch, "engine": args.engine,
-                     "threads": args.threads, "model": "MLP 16-32-8, layer '2'", "demo": not args.no_demo},
+                     "threads": args.threads, "model": "MLP 16-32-8, layer '2'", "demo": not args.no_demo,
+                     "device": device_label, "torch": torch.__version__},
         "runs": rows,
         "anon_slope_by_out_dim": slopes,
     }
@@ -446,7 +518,8 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, args.json_out)
     md = args.json_out.with_suffix(".md")
-    md.with_suffix(".tmp").write_text(_markdown(rows, args.threads, os.getloadavg()[0], args.repeats))
+    md.with_suffix(".tmp").write_text(_markdown(rows, args.threads, os.getloadavg()[0], args.repeats, device_label,
+                                                _shown(args.json_out)))
     os.replace(md.with_suffix(".tmp"), md)
     print(f"wrote {args.json_out} and {md}")
 

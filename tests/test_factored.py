@@ -784,3 +784,28 @@ def test_a_tied_head_is_selected_by_its_own_name_too():
     model = Tied()
     assert select_parameters(model, "h") == ["e.weight"] == select_parameters(model, "e")  # one parameter
     assert select_parameters(model, ["h", "e"]) == ["e.weight"]  # counted once
+
+
+def test_bench_scan_records_its_device_and_refuses_one_it_cannot_use(tmp_path):
+    # scripts/bench_scan.py --device: the JSON and the Markdown name the device the models ran on, and a device
+    # this machine lacks is a usage error before any child runs or any result file is written.
+    script = str(ROOT / "scripts" / "bench_scan.py")
+    out = tmp_path / "scan.json"
+    common = ["--n", "3000", "--repeats", "1", "--no-demo", "--no-neighbor-scores", "--json-out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, script, *common, "--device", "cpu"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["settings"]["device"] == "cpu"
+    assert [(r["series"], r["n"]) for r in res["runs"]] == [("synthetic", 3000)]
+    md = out.with_suffix(".md").read_text()
+    assert "| synthetic MLP | 3,000 |" in md and "Models on device" not in md and str(out) in md
+    out.unlink()
+    out.with_suffix(".md").unlink()
+    missing = "nonsense" if torch.cuda.is_available() else "cuda"
+    proc = subprocess.run(
+        [sys.executable, script, *common, "--device", missing], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and f"--device={missing}" in proc.stderr.replace("'", "")
+    assert not out.exists() and not out.with_suffix(".md").exists()
