@@ -4,7 +4,8 @@
 # Budget: at most about 9 minutes of wall time (HARDMINE_GPU_BUDGET seconds, default 540); every step has its
 # own `timeout`, so one stuck step cannot eat the rest, and a failed step does not stop the others.
 #
-# What the caller brings (copied into the checkout before the run; untracked, never committed):
+# What the caller brings (copied into the checkout before the run; both are in .gitignore, so a tool that copies
+# the working tree must be told to take them, e.g. carry: ["wheels", "data"]):
 #   wheels/   wheels for what the device machine may lack (about 21 MB), installed (into a temporary folder
 #             put on PYTHONPATH, not into its Python) only when the module does not import. faiss is needed by
 #             every scan; pytest and hypothesis by the host-sync tests. Download them with internet:
