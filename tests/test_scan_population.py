@@ -237,29 +237,3 @@ def test_shards_whose_statistics_disagree_are_refused_not_converted(tmp_path):
     pq.write_table(t.set_column(i, "label", t.column("label").cast(pa.float32())), second)
     with pytest.raises(pa.ArrowInvalid):
         s.shards.stats_table()
-
-
-def test_the_scoring_passes_map_each_shard_once(tmp_path, monkeypatch):
-    """Pass 2, the slices' clustering and their assignment pass (two threads) share one mapping per shard
-    while a scan scores: a fresh ``np.load`` per pass parsed each header again and faulted its pages in again.
-    The mappings go with the scoring."""
-    data = planted_blobs(seed=9, n_per=60)
-    model = trained_mlp(data["x"], data["y"], steps=20)
-    s = scan(model, batches_of(data["x"], data["y"], 20), out=tmp_path / "s", dim=8, engine="vmap", shard_rows=40)
-    shards_module = importlib.import_module("hardmine.scan.shards")
-    loads: list[str] = []
-    inner = np.load
-
-    def counted(path, *args, **kwargs):
-        loads.append(str(path))
-        return inner(path, *args, **kwargs)
-
-    monkeypatch.setattr(shards_module.np, "load", counted)
-    before = s.manifest()
-    s.rescore()
-    grads = [p for p in loads if "grads-" in p]
-    assert sorted(grads) == sorted(set(grads)) and len(grads) == 6  # 240 rows, shards of 40: each mapped once
-    pd.testing.assert_frame_equal(s.manifest(), before, check_exact=True)
-    loads.clear()
-    list(s.iter_gradients())  # after the scoring, a pass maps the shards anew (nothing kept on the Scan)
-    assert len([p for p in loads if "grads-" in p]) == 6 and s._scoring_shards is None

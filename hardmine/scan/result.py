@@ -69,7 +69,6 @@ class Scan:
         self._writing = False
         self._id_rows: dict[Any, int] | None = None
         self._ids: np.ndarray | None = None
-        self._scoring_shards: ShardSet | None = None  # while write_scores runs: its passes share the mappings
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, gradients: np.ndarray | None = None) -> Scan:
@@ -144,8 +143,6 @@ class Scan:
     @property
     def shards(self) -> ShardSet:
         """The gradient shards (or the in-memory copy) as a ``ShardSet``."""
-        if self._scoring_shards is not None:
-            return self._scoring_shards
         records = [ShardRecord.from_dict(s) for s in self.info["shards"]]
         return ShardSet(self.path, records, self._gradients)
 
@@ -366,16 +363,6 @@ class Scan:
         (atomically); returns the manifest frame. ``progress(done)`` is called per scored block.
         ``population``: the pass-1 statistics when already known (a distributed scan sums the ranks'),
         else computed here from the shards."""
-        records = [ShardRecord.from_dict(s) for s in self.info["shards"]]
-        self._scoring_shards = ShardSet(self.path, records, self._gradients, keep_open=True)
-        try:
-            return self._compute_scores(config, progress, population)
-        finally:
-            self._scoring_shards = None  # the mappings go with it
-
-    def _compute_scores(
-        self, config: ScoreConfig, progress: Callable[[int], None] | None, population: PopulationStats | None,
-    ) -> pd.DataFrame:
         n = self.n_samples
         task = self.task
         if progress is not None:

@@ -42,34 +42,17 @@ class ShardSet:
     """The complete shards of a scan directory, read back in row order. ``gradients``: an in-memory copy of
     all rows ``(N, out_dim)`` to read from instead of the files."""
 
-    def __init__(
-        self, directory: Path, shards: Sequence[ShardRecord], gradients: np.ndarray | None = None,
-        *, keep_open: bool = False,
-    ) -> None:
+    def __init__(self, directory: Path, shards: Sequence[ShardRecord], gradients: np.ndarray | None = None) -> None:
         self.directory = directory
         self.shards = list(shards)
         self.gradients = gradients
-        # keep_open: each shard is mapped once and the mapping kept for every later pass (the scoring's passes,
-        # in two threads): a fresh np.load per pass parses the header again and faults the pages in again.
-        self._mapped: dict[int, np.ndarray] | None = {} if keep_open else None
-        self._mapping = threading.Lock()
-
-    def _shard(self, s: ShardRecord) -> np.ndarray:
-        """Shard ``s``'s gradients ``(rows, out_dim)``, memory-mapped."""
-        if self._mapped is None:
-            return np.load(self.directory / s.grads, mmap_mode="r")
-        with self._mapping:  # the passes of two threads reach the same shard at about the same time
-            z = self._mapped.get(s.index)
-            if z is None:
-                z = self._mapped[s.index] = np.load(self.directory / s.grads, mmap_mode="r")
-        return z
 
     def blocks(self, max_rows: int = BLOCK_ROWS) -> Iterator[Block]:
         """``(first_row, z)`` in row order, at most ``max_rows`` rows each, sliced from the memory-mapped
         shards (or from the in-memory copy)."""
         for s in self.shards:
             r0, r1 = s.rows
-            z = self.gradients[r0:r1] if self.gradients is not None else self._shard(s)
+            z = self.gradients[r0:r1] if self.gradients is not None else np.load(self.directory / s.grads, mmap_mode="r")
             for lo in range(0, r1 - r0, max_rows):
                 yield r0 + lo, z[lo : lo + max_rows]
 
