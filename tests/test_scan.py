@@ -749,9 +749,10 @@ def test_shard_writer_writes_in_order_and_bounds_what_waits(tmp_path):
     assert [float(np.load(tmp_path / s["grads"])[0, 0]) for s in on_disk] == [0.0, 1.0, 2.0, 3.0]
 
 
-def test_after_a_failed_shard_write_the_queued_shards_are_not_written(tmp_path):
+def test_after_a_failed_shard_write_the_queued_shards_are_not_written(tmp_path, caplog):
     """A shard queued behind one whose write fails must not be written: its ledger snapshot would name the
-    failed shard. ``close`` leaves the in-memory ledger with the shards on disk."""
+    failed shard. ``close`` says so (a warning: the caller may be failing for another reason already) and leaves
+    the in-memory ledger with the shards on disk."""
     import threading
 
     from hardmine.scan.ledger import Ledger
@@ -781,7 +782,9 @@ def test_after_a_failed_shard_write_the_queued_shards_are_not_written(tmp_path):
             writer.wait()
     finally:
         release.set()
-        writer.close()
+        with caplog.at_level("WARNING", logger="hardmine.scan.shards"):
+            writer.close()
+    assert any("shard 2 not written" in r.getMessage() for r in caplog.records), caplog.text
     assert sorted(p.name for p in (tmp_path / "shards").glob("grads-*")) == ["grads-00000.npy"]
     assert [s["rows"] for s in json.loads((tmp_path / "progress.json").read_text())["shards"]] == [[0, 3]]
     assert [s.index for s in ledger.shards] == [0]

@@ -136,15 +136,15 @@ class ExtractionPass:
         on_flush = None
         if population:
             # A recorded shard (a resumed or complete scan) is queued when its batches have been checked, a new
-            # one when it is written: always in row order.
+            # one when it is cut (the writer writes it meanwhile): always in row order.
             def on_flush(z: np.ndarray, stats: pa.Table) -> None:
                 labels = self._labels_of(stats)
                 self._summed(lambda: (z, labels))
 
-        writer = ShardWriter(self.store, self.ledger, on_flush=on_flush)
-        # Shards are written by the writer's thread while the next batches are extracted; close() waits for
-        # the writes under way whatever happens, so an interrupted scan keeps every shard it cut.
-        try:
+        # Shards are written by the writer's thread while the next batches are extracted; leaving the block
+        # waits for the writes under way whatever happens, so an interrupted scan keeps every shard handed to
+        # the writer before the interruption (up to a failed write, after which nothing is written).
+        with ShardWriter(self.store, self.ledger, on_flush=on_flush) as writer:
             shard_digests: list[str] = []
             rows = 0
             batch_i = -1
@@ -225,8 +225,6 @@ class ExtractionPass:
                 )
             writer.flush(shard_start_batch, n_batches, rows)
             writer.wait()
-        finally:
-            writer.close()
         if rows == 0:
             raise ValueError("data yielded no batches; nothing to scan.")
         if user_ids:

@@ -3,7 +3,7 @@ thread while the next batches are extracted.
 
 The divergence scores need the population's sums (``score.population_pass``) before any sample can be
 scored. Summed after the extraction they cost a whole read of the gradients; here each shard is summed as
-soon as the writer has recorded it, from the array still in memory, by one worker thread (numpy's casts,
+soon as it is cut (while the shard writer writes it), from the array in memory, by one worker thread (numpy's casts,
 reductions and einsum release the GIL, so the sums run on a core the extraction leaves idle). Shards a resumed scan finds on
 disk are read back by the worker as the extraction checks their batches, so the shards are always summed in
 row order.

@@ -94,9 +94,10 @@ class ShardWriter:
     the failed shard); the failure surfaces at the next ``flush`` or at ``wait``. At most ``MAX_PENDING``
     shards wait for the writer (``flush`` blocks beyond that), which bounds the memory.
 
-    The in-memory ``ledger.shards`` lists a shard from its ``flush`` on; ``wait`` (all written, or raise) and
-    ``close`` (always: waits quietly, then drops from ``ledger.shards`` what was not written) end its use.
-    ``background=False`` writes in ``flush`` itself.
+    The in-memory ``ledger.shards`` lists a shard from its ``flush`` on. Use it as a context manager (or call
+    ``close`` in a ``finally``): ``wait`` waits until all are written, or raises; leaving the block (``close``)
+    waits for the writes under way without raising, stops the thread and drops from ``ledger.shards`` what was
+    not written. ``background=False`` writes in ``flush`` itself.
     """
 
     MAX_PENDING = 2
@@ -120,6 +121,12 @@ class ShardWriter:
         self._pending: deque[Future[None]] = deque()
         self._written = len(ledger.shards)  # shards whose files and ledger entry are on disk
         self._failed = threading.Event()  # set by the first failed write: later ones are skipped
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def rows(self) -> int:
@@ -184,15 +191,17 @@ class ShardWriter:
         """Wait for the writes under way (their shards are complete data: a resumed scan keeps them), without
         raising, stop the thread, and drop from ``ledger.shards`` the shards that were not written. Call it
         whether or not ``wait`` was."""
-        for f in self._pending:
-            try:
-                f.result()
-            except BaseException as e:  # the caller is already failing, or has seen this in wait()
-                logger.debug("shard write failed: %r", e)
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        del self.ledger.shards[self._written :]
+        try:
+            for f in self._pending:
+                try:
+                    f.result()
+                except Exception as e:  # the caller is already failing (or saw it in wait): say it, keep theirs
+                    logger.warning("a gradient shard was not written: %s", e)
+        finally:  # a second Ctrl-C while waiting still stops the thread and corrects the ledger
+            self._pending.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            del self.ledger.shards[self._written :]
 
 
 def digest_of(digests: list[str]) -> str:
