@@ -706,30 +706,38 @@ def test_progress_names_only_written_shards_and_a_failed_write_fails_the_scan(tm
     assert _shard_threads() == []
 
 
+def _writer_over(tmp_path: Path, write_shard):
+    """``(ShardWriter, its ledger, a batch's statistics)`` over a store whose ``write_shard(i, z, stats)`` goes
+    through ``write_shard(the real one, i, z, stats)``."""
+    from hardmine.scan.ledger import Ledger
+    from hardmine.scan.shards import ShardWriter
+    from hardmine.scan.store import ScanStore
+
+    class Store(ScanStore):
+        def write_shard(self, i, z, stats):
+            return write_shard(super().write_shard, i, z, stats)
+
+    store = Store(tmp_path)
+    store.path.mkdir(exist_ok=True)
+    ledger = Ledger()
+    return ShardWriter(store, ledger), ledger, {"sample_id": np.arange(3), "loss": np.zeros(3)}
+
+
 def test_shard_writer_writes_in_order_and_bounds_what_waits(tmp_path):
     """A slow disk holds the extraction back once ``MAX_PENDING`` shards wait (their arrays are the memory
     bound); shards are written, and the ledger records them, in order."""
     import threading
 
-    from hardmine.scan.ledger import Ledger
-    from hardmine.scan.shards import ShardWriter
-    from hardmine.scan.store import ScanStore
-
     release = threading.Event()
     written: list[int] = []
 
-    class SlowStore(ScanStore):
-        def write_shard(self, i, z, stats):
-            if i == 0:
-                release.wait(timeout=60)
-            written.append(i)
-            return super().write_shard(i, z, stats)
+    def slow(write, i, z, stats):
+        if i == 0:
+            release.wait(timeout=60)
+        written.append(i)
+        return write(i, z, stats)
 
-    store = SlowStore(tmp_path)
-    store.path.mkdir(exist_ok=True)
-    ledger = Ledger()
-    writer = ShardWriter(store, ledger)
-    stats = {"sample_id": np.arange(3), "loss": np.zeros(3)}
+    writer, _, stats = _writer_over(tmp_path, slow)
     returned_before_release: list[bool] = []
     try:
         for i in range(4):
@@ -755,24 +763,15 @@ def test_after_a_failed_shard_write_the_queued_shards_are_not_written(tmp_path, 
     the in-memory ledger with the shards on disk."""
     import threading
 
-    from hardmine.scan.ledger import Ledger
-    from hardmine.scan.shards import ShardWriter
-    from hardmine.scan.store import ScanStore
-
     release = threading.Event()
 
-    class FailingStore(ScanStore):
-        def write_shard(self, i, z, stats):
-            if i == 1:
-                release.wait(timeout=60)  # still being written when shard 2 is queued
-                raise OSError(5, "Input/output error (simulated)")
-            return super().write_shard(i, z, stats)
+    def failing(write, i, z, stats):
+        if i == 1:
+            release.wait(timeout=60)  # still being written when shard 2 is queued
+            raise OSError(5, "Input/output error (simulated)")
+        return write(i, z, stats)
 
-    store = FailingStore(tmp_path)
-    store.path.mkdir(exist_ok=True)
-    ledger = Ledger()
-    writer = ShardWriter(store, ledger)
-    stats = {"sample_id": np.arange(3), "loss": np.zeros(3)}
+    writer, ledger, stats = _writer_over(tmp_path, failing)
     try:
         for i in range(3):
             writer.add(np.zeros((3, 2), dtype=np.float32), stats, f"d{i}")
