@@ -212,6 +212,11 @@ class GradientExtractor:
         self._settle_auto()
         self._log_plan()
 
+    def _device(self) -> torch.device:
+        """Where the pass computes: the device of the first selected parameter, looked up per call (the
+        model may have been moved since the extractor was built)."""
+        return self.model.get_parameter(self.param_names[0]).device
+
     # ---------------------------------------------------------------------------------------- public
     @property
     def out_dim(self) -> int:
@@ -263,7 +268,9 @@ class GradientExtractor:
                     flags = []
                     b = validate_inputs(inputs, target, kind, flags)
                 if self._units:
-                    z = self.layout.new_output(b)  # (B, out_dim); Kronecker blocks are written in place
+                    # (B, out_dim) on the model's device: Kronecker blocks are written in place, and a batch is
+                    # copied to the host once, whole (ProjectedBatch.to_host), not block by block
+                    z = self.layout.new_output(b, self._device())
                     fg = compute_factored(
                         self.model,
                         inputs,
@@ -293,7 +300,7 @@ class GradientExtractor:
                 randomness=self.randomness,
             )
             if z is None:
-                z = self.layout.new_output(psg.batch_size)  # (B, out_dim)
+                z = self.layout.new_output(psg.batch_size, psg.grad_norm.device)  # (B, out_dim)
             for n in vmap_names:
                 self.layout.write(z, n, self.layout.project_exact(n, psg.grads[n]))
             vsq = psg.grad_norm.pow(2)  # (B,)

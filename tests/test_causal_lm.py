@@ -124,7 +124,7 @@ def _batch(tok, b: int, path: Path, **columns) -> dict[str, torch.Tensor]:
 
 def _expected_z(ext: GradientExtractor, ref) -> torch.Tensor:
     """The reference loop's gradients projected with the extractor's layout (its exact projection)."""
-    z = ext.layout.new_output(ref.batch_size)  # (B, out_dim)
+    z = ext.layout.new_output(ref.batch_size, "cpu")  # (B, out_dim)
     for name in ext.param_names:
         ext.layout.write(z, name, ext.layout.project_exact(name, ref.grads[name]))
     return z

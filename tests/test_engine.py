@@ -98,3 +98,31 @@ def test_out_of_memory_in_the_pass_is_not_turned_into_an_input_error():
     with pytest.raises(torch.OutOfMemoryError):
         ext((torch.randn(8, 12), torch.randint(0, 4, (8,))))
     assert ext((torch.randn(2, 12), torch.tensor([0, 3]))).z.shape == (2, ext.out_dim)
+
+
+@pytest.mark.parametrize("engine", ["factored", "vmap"])
+def test_the_projected_batch_is_built_on_the_models_device(engine, monkeypatch):
+    """``z`` is allocated where the pass computes (the first selected parameter's device, looked up per call):
+    an output on the host while the pass runs on a GPU made every block's write a copy back and a wait, which
+    the CPU cannot show by timing, so the device handed to the allocation is checked here (on a GPU,
+    ``tests/test_host_syncs.py`` counts the waits)."""
+    from hardmine.factored.layout import ProjectionLayout
+
+    seen: list[torch.device] = []
+    inner = ProjectionLayout.new_output
+
+    def recorded(self, batch_size, device):
+        seen.append(torch.device(device))
+        return inner(self, batch_size, device)
+
+    monkeypatch.setattr(ProjectionLayout, "new_output", recorded)
+    torch.manual_seed(0)
+    model = MLP(d_in=6, hidden=8, n_classes=3).eval()
+    ext = GradientExtractor(model, dim=4, engine=engine)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    for _ in range(2):  # the checked first batch and a steady-state one
+        assert ext((x, y)).z.device == next(model.parameters()).device
+    assert seen == [next(model.parameters()).device] * 2
+    # The model moved after the extractor was built: the next output follows it (meta: a device without data).
+    ext.model.to("meta")
+    assert ext._device() == torch.device("meta")

@@ -50,7 +50,7 @@ def test_given_output_gradients_and_autograd_give_the_same_projection():
     given = apply_rules(units, rec, loss, out, layout, 5, deltas={"fc2": [delta]})
     layout2, units2, rec2, out2, loss2 = _captured(model, layers, x, y)
     auto = apply_rules(units2, rec2, loss2, out2, layout2, 5)
-    z1, z2 = layout.new_output(5), layout2.new_output(5)
+    z1, z2 = layout.new_output(5, "cpu"), layout2.new_output(5, "cpu")
     given.write_to(z1, layout)
     auto.write_to(z2, layout2)
     assert_close(z1, z2)

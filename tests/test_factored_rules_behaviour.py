@@ -609,7 +609,7 @@ def test_the_projected_output_is_float32_whatever_the_default_dtype():
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        assert layout.new_output(2).dtype == torch.float32
+        assert layout.new_output(2, "cpu").dtype == torch.float32
         parts = {name: torch.zeros(2, blk.width) for name, blk in layout.blocks.items()}
         assert layout.assemble(parts).dtype == torch.float32
     finally:
@@ -1341,7 +1341,7 @@ def test_keeping_the_graph_gives_the_same_projections_and_leaves_it_usable(layer
             out = model(x)
         loss = nn.functional.cross_entropy(out, y, reduction="none")
         fg = apply_rules(units, rec, loss, out, layout, 4, retain_graph=retain)
-        z = layout.new_output(4)
+        z = layout.new_output(4, "cpu")
         fg.write_to(z, layout)
         results.append((z, fg.sq_norm))
         if retain:

@@ -350,6 +350,7 @@ def test_on_a_gpu_the_steady_state_pass_never_waits_for_the_device(name):
     it = iter(batches)
     waits = _cuda_waits(lambda: ext(next(it)))
     assert waits == Counter(), f"{name}: {dict(waits)}"
+    assert ext(batches[0]).z.device == dev  # copied to the host once, by the caller (ProjectedBatch.to_host)
     ext.flush_checks()
 
 

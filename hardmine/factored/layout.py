@@ -190,7 +190,9 @@ class ProjectionLayout:
         """``(B, a, b)`` Kronecker projection -> ``(B, a*b)`` float32, row-major like ``torch.kron``."""
         return proj.reshape(proj.shape[0], -1).to(torch.float32)  # (B, a*b)
 
-    def new_output(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def new_output(self, batch_size: int, device: torch.device | str) -> torch.Tensor:
+        """An uninitialised ``(B, out_dim)`` float32 output on ``device`` (no default: an output on the host
+        while the pass runs on a GPU made every block's write a copy back and a wait)."""
         return torch.empty(batch_size, self.out_dim, dtype=torch.float32, device=device)  # (B, out_dim)
 
     def block_view(self, z: torch.Tensor, name: str) -> torch.Tensor:
