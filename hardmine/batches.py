@@ -194,20 +194,42 @@ def to_host_async(tensors: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], 
     waits); host tensors are returned detached as they are (event None: readable at once). Read the copies
     (e.g. ``.numpy()``) only after the event."""
     out: list[torch.Tensor] = []
-    event = None
+    devices: list[torch.device] = []
     for t in tensors:
         t = t.detach()
         if t.device.type == "cuda":
             out.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
-            if event is None:
-                event = torch.cuda.Event()
+            if t.device not in devices:
+                devices.append(t.device)
         elif t.device.type == "cpu":
             out.append(t)
         else:  # another accelerator: an ordinary (blocking) copy
             out.append(t.cpu())
-    if event is not None:
-        event.record()  # on the current stream, after the copies
-    return out, event
+    # A copy is queued on the current stream of the tensor's own device, which need not be the current device
+    # (a model on cuda:1 in a process whose current device is cuda:0): the event goes on that stream, after
+    # the copies, or it would complete at once and the copies be read before they land.
+    events = []
+    for dev in devices:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(dev))
+        events.append(event)
+    if not events:
+        return out, None
+    return out, events[0] if len(events) == 1 else _AllLanded(events)
+
+
+class _AllLanded:
+    """The events of copies from several devices, answering like one event: done when all are."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+
+    def query(self) -> bool:
+        return all(e.query() for e in self.events)
+
+    def synchronize(self) -> None:
+        for e in self.events:
+            e.synchronize()
 
 
 # ------------------------------------------------------------------------------------------ calling
@@ -587,7 +609,8 @@ class DeferredChecks:
     def submit(self, flags: list[torch.Tensor], recheck: Callable[[], None]) -> None:
         if not flags:
             return
-        bad = flags[0] if len(flags) == 1 else torch.stack(flags).any()  # () bool on the data's device
+        # () bool on the first flag's device (a flag of an input left on another device joins it there)
+        bad = flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).any()
         (host,), event = to_host_async([bad])
         self._pending.append((host, event, recheck))
 

@@ -37,7 +37,7 @@ from .batches import (
 )
 from .checks import as_module, positive_int, projection_kind
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
-from .extract import forward_mode, per_sample_grads
+from .extract import forward_mode, per_sample_grads, per_sample_grads_checked
 from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
@@ -252,6 +252,7 @@ class GradientExtractor:
         sq: torch.Tensor | None = None
         loss = output = None
         flags: list[torch.Tensor] | None = None
+        checked: tuple[Any, torch.Tensor, Any] | None = None  # (inputs, loss target, loss) the factored part checked
         if self._units:
             with forward_mode(self.model, self.randomness):
                 inputs, target = split_batch(batch)
@@ -287,18 +288,27 @@ class GradientExtractor:
                     )
                     fg.write_to(z, self.layout)
                     sq, loss, output = fg.sq_norm, fg.loss, fg.output
+                    # The vmap part of a mixed plan takes this batch as checked: on later batches the labels
+                    # clamped like the factored loss's (their flag is already queued), so no second validation.
+                    loss_target = target if flags is None else validate_output(output, target, kind, [])
+                    checked = (inputs, loss_target, fn)
                     if flags:
                         self._checks.submit(flags, _Recheck(inputs, target, kind, output))
         vmap_names = self._vmap_names
         if vmap_names:
-            psg = per_sample_grads(
-                self.model,
-                batch,
-                self.loss_fn,
-                params=vmap_names,
-                chunk_size=self.chunk_size,
-                randomness=self.randomness,
-            )
+            if checked is not None:
+                psg = per_sample_grads_checked(
+                    self.model, *checked, vmap_names, chunk_size=self.chunk_size, randomness=self.randomness
+                )
+            else:
+                psg = per_sample_grads(
+                    self.model,
+                    batch,
+                    self.loss_fn,
+                    params=vmap_names,
+                    chunk_size=self.chunk_size,
+                    randomness=self.randomness,
+                )
             if z is None:
                 z = self.layout.new_output(psg.batch_size, psg.grad_norm.device)  # (B, out_dim)
             for n in vmap_names:

@@ -43,6 +43,7 @@ __all__ = [
     "Inputs",
     "PerSampleGrads",
     "per_sample_grads",
+    "per_sample_grads_checked",
     "reference_per_sample_grads",
     "split_batch",
     "model_output_tensor",
@@ -155,6 +156,23 @@ def per_sample_grads(
     with forward_mode(model, rnd):
         inputs, target, fn, names, _ = _prepare(model, batch, loss_fn, params)
         return _compute_per_sample_grads(model, inputs, target, fn, names, chunk_size, rnd)
+
+
+def per_sample_grads_checked(
+    model: nn.Module,
+    inputs: Inputs,
+    target: torch.Tensor,
+    loss_fn: LossFn,
+    names: list[str],
+    *,
+    chunk_size: int | None = None,
+    randomness: Randomness = Randomness.EVAL,
+) -> PerSampleGrads:
+    """:func:`per_sample_grads` of a batch its caller has already split and validated, with the loss resolved
+    and the parameters selected: no checks of its own, so no host sync (``GradientExtractor`` runs the vmap
+    part of a mixed plan on the batch its factored part checked, with labels clamped like that part's loss)."""
+    with forward_mode(model, randomness):
+        return _compute_per_sample_grads(model, inputs, target, loss_fn, names, chunk_size, randomness)
 
 
 def _compute_per_sample_grads(

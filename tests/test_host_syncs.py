@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from hardmine.batches import call_model
@@ -444,3 +445,39 @@ def test_online_causal_lm_bad_token_ids_after_the_first_step_are_still_refused(d
     miner.observe({"input_ids": ids}, ids, [0, 1, 2])
     with pytest.raises(ValueError, match="token label 60 is out of range"):
         miner.observe({"input_ids": ids}, ids.masked_fill(ids == ids[0, 3], 60), [3, 4, 5])
+
+
+class _Gate(nn.Module):
+    """A module with no factored rule (its parameter scales the input elementwise): ``engine="auto"`` sends its
+    parameter to the vmap engine, so the model's plan is mixed."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_a_mixed_plan_makes_no_host_sync_after_the_first_batch():
+    """The vmap part of a mixed plan takes the batch the factored part already checked (its label checks on
+    the device, the loss on clamped labels): no second validation with a probe forward and host reads per
+    batch. The vectors are the vmap engine's (every block, the vmap part's included)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), _Gate(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(3)]
+    ext = GradientExtractor(model, dim=4, seed=0, engine="auto", loss_fn="cross_entropy")
+    assert set(ext.plan.values()) == {"factored", "vmap"}
+    ext(batches[0])
+    rest = iter(batches[1:])
+    got: list = []
+    found, matmuls = sync_calls(lambda: got.append(ext(next(rest))))
+    assert matmuls > 0
+    assert found == Counter(), f"host syncs in a steady-state mixed pass: {dict(found)}"
+    for batch, pb in zip(batches[1:], got):
+        want = GradientExtractor(model, dim=4, seed=0, engine="vmap", loss_fn="cross_entropy")(batch)
+        torch.testing.assert_close(pb.z, want.z)
+        torch.testing.assert_close(pb.grad_norm, want.grad_norm)
+    with pytest.raises(ValueError, match="label 7 is out of range"):  # still refused, by the deferred check
+        ext((batches[1][0], torch.full((5,), 7)))
