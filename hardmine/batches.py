@@ -58,6 +58,7 @@ __all__ = [
     "label_flag",
     "model_output_tensor",
     "sample_id_list",
+    "sample_id_tensor",
     "sample_ids",
     "split_batch",
     "split_batch_ids",
@@ -280,12 +281,7 @@ def sample_ids(ids: Any, b: int, where: str | None = None) -> tuple[np.ndarray, 
     """
     pre = _prefix(where)
     if isinstance(ids, torch.Tensor):
-        if torch.is_floating_point(ids) or ids.dtype == torch.bool or ids.ndim != 1:
-            raise ValueError(
-                f"{pre}sample ids must be a 1-D integer tensor or a list of ints/strings, got a {ids.dtype} "
-                f"tensor of shape {tuple(ids.shape)}."
-            )
-        arr = ids.detach().cpu().numpy().astype(np.int64)
+        arr = sample_id_tensor(ids, b, where).detach().cpu().numpy().astype(np.int64)
         kind: IdKind = "int"
     elif isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
         if ids.ndim != 1:
@@ -307,6 +303,21 @@ def sample_ids(ids: Any, b: int, where: str | None = None) -> tuple[np.ndarray, 
         count = f"{b} samples" if where else f"a batch of {b}"
         raise ValueError(f"{pre}{len(arr)} sample ids for {count}; give exactly one id per sample.")
     return arr, kind
+
+
+def sample_id_tensor(ids: torch.Tensor, b: int, where: str | None = None) -> torch.Tensor:
+    """``ids`` checked as a tensor of ``b`` sample ids (1-D, integer) by its shape and dtype only: its values are
+    not read, so ids on a GPU cost no host sync here (the online miner copies them with its dynamics)."""
+    pre = _prefix(where)
+    if torch.is_floating_point(ids) or ids.dtype == torch.bool or ids.ndim != 1:
+        raise ValueError(
+            f"{pre}sample ids must be a 1-D integer tensor or a list of ints/strings, got a {ids.dtype} "
+            f"tensor of shape {tuple(ids.shape)}."
+        )
+    if len(ids) != b:
+        count = f"{b} samples" if where else f"a batch of {b}"  # as sample_ids says it
+        raise ValueError(f"{pre}{len(ids)} sample ids for {count}; give exactly one id per sample.")
+    return ids
 
 
 def sample_id_list(ids: Any, b: int, where: str | None = None) -> tuple[list[Any], IdKind]:

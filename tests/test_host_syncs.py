@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,16 +357,17 @@ def test_on_a_gpu_the_steady_state_pass_never_waits_for_the_device(name):
 
 
 @pytest.mark.needs_hardware
+@pytest.mark.parametrize("ids_on", ["host", "device"])  # a DataLoader's ids, or a Trainer's (moved with the batch)
 @pytest.mark.parametrize("layers", ["output", "all"])
 @pytest.mark.parametrize("name", be.MODELS)
-def test_on_a_gpu_observe_never_waits_for_the_device(name, layers):
+def test_on_a_gpu_observe_never_waits_for_the_device(name, layers, ids_on):
     dev = _cuda_or_skip()
     model, first = _bench_batch(name, 64, 0)
     model = model.to(dev).eval()
     miner = OnlineMiner(
         model, layers=_last_linear(model) if layers == "output" else None, dim=16, weighting={"warmup_steps": 1}
     )
-    ids = torch.arange(64)
+    ids = torch.arange(64, device=dev if ids_on == "device" else "cpu")
     for s in (0, 3):
         x, y = be.to_device(_bench_batch(name, 64, s)[1], dev)
         miner.observe(x, y, ids).weighted_loss().backward()
@@ -481,3 +483,35 @@ def test_a_mixed_plan_makes_no_host_sync_after_the_first_batch():
         torch.testing.assert_close(pb.grad_norm, want.grad_norm)
     with pytest.raises(ValueError, match="label 7 is out of range"):  # still refused, by the deferred check
         ext((batches[1][0], torch.full((5,), 7)))
+
+
+def test_online_ids_as_a_tensor_are_read_with_the_dynamics_not_per_step(device_path, monkeypatch):
+    """On the device path, ids given as a tensor (a Trainer moves every column of the batch to the GPU) are
+    checked by shape and copied with the step's dynamics, never read on their own (on a GPU that read was a
+    host sync per step); the manifest has the same ids and statistics as with ids given as a list."""
+    import hardmine.online.miner as miner_module
+
+    def run(as_tensor: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        miner = OnlineMiner(model, dim=4, weighting={"warmup_steps": 1})
+        g = torch.Generator().manual_seed(2)
+        for step in range(3):
+            x, y = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+            ids = [10 * step + i for i in (4, 0, 3, 1, 2)]
+            miner.observe(x, y, torch.tensor(ids) if as_tensor else ids)
+        return miner.manifest()
+
+    from_list = run(False)
+    real = miner_module.sample_id_list
+
+    def refused(ids, b, where=None):
+        assert not isinstance(ids, torch.Tensor), "tensor ids read on their own"
+        return real(ids, b, where)
+
+    monkeypatch.setattr(miner_module, "sample_id_list", refused)
+    from_tensor = run(True)
+    assert sorted(from_tensor["sample_id"].tolist()) == sorted(10 * s + i for s in range(3) for i in range(5))
+    pd.testing.assert_frame_equal(from_tensor, from_list)
+    with pytest.raises(ValueError, match="4 sample ids for a batch of 5"):  # still checked, by shape
+        OnlineMiner(nn.Linear(6, 3), dim=4).observe(torch.randn(5, 6), torch.arange(5) % 3, torch.arange(4))

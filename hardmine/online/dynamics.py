@@ -315,7 +315,8 @@ class SampleDynamics:
         self, id_list: tuple[list[Any], str], batch: DeviceBatch, z: torch.Tensor, task: TaskKind
     ) -> None:
         """Queue one batch's observations: its values (and ``z`` when gradients are kept) start their copy to
-        the host without blocking (pinned memory, from a GPU) and are recorded by :meth:`poll` once there."""
+        the host without blocking (pinned memory, from a GPU) and are recorded by :meth:`poll` once there.
+        ``id_list``: ``(ids, kind)``, the ids a list or an integer tensor (copied with the values)."""
         self.check_kind(id_list[1])  # at once: the error belongs to this batch
         cols = [batch.last, batch.logit_margin[:, None]]
         if batch.correct is not None:
@@ -323,7 +324,13 @@ class SampleDynamics:
         parts = [torch.cat(cols, dim=1)]  # (B, L + 1 or 2): one copy
         if self.grads is not None:
             parts.append(z)
+        ids = id_list[0]
+        if isinstance(ids, torch.Tensor):
+            # A host tensor is kept as it is until the poll: a copy, so the caller may reuse its own
+            parts.append(ids.clone() if ids.device.type == "cpu" else ids)
         host, event = to_host_async(parts)
+        if isinstance(ids, torch.Tensor):
+            host, id_list = host[:-1], (host[-1], id_list[1])
         self._pending.append((id_list, host, event, batch.correct is not None, task))
 
     def poll(self, wait: bool = False) -> None:
@@ -337,6 +344,8 @@ class SampleDynamics:
                 elif not event.query():
                     return
             self._pending.pop(0)
+            if isinstance(id_list[0], torch.Tensor):  # landed with the values: read now, no wait
+                id_list = (id_list[0].numpy().astype(np.int64).tolist(), id_list[1])
             packed = host[0].numpy().astype(np.float64)  # (B, L + 1 or 2)
             correct = packed[:, width + 1] > 0.5 if has_correct else None
             hb = HostBatch(packed[:, :width], packed[:, width], correct)

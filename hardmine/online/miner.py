@@ -32,6 +32,7 @@ from ..batches import (
     label_flag,
     model_output_tensor,
     sample_id_list,
+    sample_id_tensor,
 )
 from ..checks import as_bool, as_module, positive_int, projection_kind
 from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
@@ -241,7 +242,13 @@ class OnlineMiner:
         rec = self._grads.take()
         out = model_output_tensor(output)
         fn, kind, task, b, flags, safe = self._validate(out, target)
-        id_list = None if ids is None else sample_id_list(ids, b)
+        id_list: tuple[Any, str] | None = None
+        if isinstance(ids, torch.Tensor) and not stats_on_host(out.device):
+            # Ids riding with the batch on the device (a Trainer moves every column there): checked by shape,
+            # read once copied with the dynamics, so no host sync per step.
+            id_list = (sample_id_tensor(ids, b), "int")
+        elif ids is not None:
+            id_list = sample_id_list(ids, b)
         if flags:
             # Read at once when it costs nothing (the CPU), so a bad batch changes no state; on a GPU once the
             # device has got there, and a later observe raises (meanwhile the loss used clamped labels).
