@@ -293,7 +293,10 @@ class GradientExtractor:
                     loss_target = target if flags is None else validate_output(output, target, kind, [])
                     checked = (inputs, loss_target, fn)
                     if flags:
-                        self._checks.submit(flags, _Recheck(inputs, target, kind, output))
+                        # The recheck reads the output's shape and dtype only: a stand-in without data, so a
+                        # pending batch does not keep its logits alive (a causal LM's (B, T, vocab)).
+                        shape_of = torch.empty(output.shape, dtype=output.dtype, device="meta")
+                        self._checks.submit(flags, _Recheck(inputs, target, kind, shape_of))
         vmap_names = self._vmap_names
         if vmap_names:
             if checked is not None:
@@ -330,7 +333,7 @@ class _Recheck:
     inputs: Any
     target: torch.Tensor
     kind: Any
-    output: torch.Tensor
+    output: torch.Tensor  # its shape and dtype (a meta tensor): validate_output reads no output value
 
     def __call__(self) -> None:
         validate_inputs(self.inputs, self.target, self.kind)

@@ -646,3 +646,19 @@ def test_a_generation_prompt_unlike_the_rendered_history_is_refused(data_file):
     bad.chat_template = TEMPLATE.replace("{{ '<|assistant|> ' }}", "{{ '<|system|> ' }}")
     with pytest.raises(ValueError, match="renders the first"):
         list(open_text(str(data_file), bad, messages_column="messages"))
+
+
+def test_a_later_batch_with_a_label_outside_the_vocabulary_is_refused(tok, data_file):
+    """Later batches check token labels on the device and recheck on the host only when the flag is set; the
+    recheck sees the logits' shape (not the logits themselves, which a pending batch no longer keeps alive)
+    and still names the bad label and the vocabulary."""
+    model = _build("gpt2", len(tok))
+    batch = _batch(tok, 3, data_file, prompt_column="prompt", completion_column="completion")
+    ext = GradientExtractor(model, dim=4, loss_fn="causal_lm")
+    ext(batch)  # the first batch: checked on the host
+    bad = dict(batch, labels=batch["labels"].clone())
+    bad["labels"][1, -1] = len(tok) + 5
+    with pytest.raises(ValueError, match=rf"label {len(tok) + 5} is not a token id of a model with a vocabulary"):
+        ext(bad)
+        ext.flush_checks()
+    assert torch.isfinite(ext(batch).z).all()  # and the extractor keeps working
