@@ -32,6 +32,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from .batches import to_host_async
 from .losses import IGNORE_INDEX
 
 __all__ = ["LM_ARCHITECTURE_SUFFIXES", "LM_SAMPLE_COLUMNS", "TOKEN_COLUMNS", "is_causal_lm_architecture", "TokenStats", "TokenTable", "lm_sample_stats", "token_schema",
@@ -79,24 +80,34 @@ def token_stats(logits: torch.Tensor, inputs: Mapping[str, torch.Tensor], labels
     # A few samples at a time: the float32 log-probabilities and their exp are two more (rows, T, V) arrays, so
     # chunks of at most CHUNK_ELEMENTS keep the extra memory small next to the logits themselves.
     step = max(1, CHUNK_ELEMENTS // max(1, t * v))
-    chunks: list[list[np.ndarray]] = []
+    dev = logits.device
+    ids_d, labels_d = ids.to(dev), labels.to(dev)  # once, not per chunk
+    chunks: list[list[torch.Tensor]] = []
     with torch.no_grad():
         for lo in range(0, b, step):
             x = logits[lo : lo + step, :-1].detach()  # (rows, T-1, V)
             x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
             logp = F.log_softmax(x, dim=-1)  # (rows, T-1, V)
-            nxt = ids[lo : lo + step, 1:].to(logp.device)  # (rows, T-1) the tokens the logits predict
-            gold = labels[lo : lo + step, 1:].to(logp.device)  # (rows, T-1)
+            nxt = ids_d[lo : lo + step, 1:]  # (rows, T-1) the tokens the logits predict
+            gold = labels_d[lo : lo + step, 1:]  # (rows, T-1)
             tok = -logp.gather(2, nxt.unsqueeze(2)).squeeze(2)  # (rows, T-1)
-            lab = -logp.gather(2, gold.clamp_min(0).unsqueeze(2)).squeeze(2)  # -100 read as id 0, masked below
+            # -100 read as id 0 and masked below; an id past the vocabulary (refused by the scan's label check,
+            # read after this batch) clamped so the gather cannot fault the device first
+            lab = -logp.gather(2, gold.clamp(0, v - 1).unsqueeze(2)).squeeze(2)
             ent = -(logp.exp() * logp).sum(dim=2)  # (rows, T-1)
             arg = logp.argmax(dim=2)  # (rows, T-1)
-            parts = [tok, lab, ent, arg == nxt, arg == gold, gold != IGNORE_INDEX]
-            chunks.append([p.cpu().numpy() for p in parts])
+            chunks.append([tok, lab, ent, arg == nxt, arg == gold, gold != IGNORE_INDEX])
             del x, logp
-    tok, lab, ent, top1, lab_top1, is_t = (np.concatenate(c) for c in zip(*chunks))  # each (B, T-1)
+        # Each statistic joined on the device, then every array copied to the host at once: one wait per batch,
+        # not one per array and chunk (a chunk is one sample for a large vocabulary).
+        cols = [torch.cat(c) for c in zip(*chunks)]  # each (B, T-1)
     mask = inputs.get("attention_mask")
-    present = np.ones((b, t), dtype=bool) if mask is None else mask.detach().cpu().numpy() != 0
+    host, event = to_host_async([*cols, ids, *([] if mask is None else [mask])])
+    if event is not None:
+        event.synchronize()
+    tok, lab, ent, top1, lab_top1, is_t = (h.numpy() for h in host[:6])  # each (B, T-1)
+    ids_h = host[6].numpy()
+    present = np.ones((b, t), dtype=bool) if mask is None else host[7].numpy() != 0
 
     def pad(a: np.ndarray, fill: Any) -> np.ndarray:
         return np.concatenate([np.full((b, 1), fill, dtype=a.dtype), a], axis=1)  # (B, T-1) -> (B, T)
@@ -112,7 +123,7 @@ def token_stats(logits: torch.Tensor, inputs: Mapping[str, torch.Tensor], labels
             "'right', as hardmine.loaders.open_text does) or give that token the label -100."
         )
     return TokenStats(
-        input_ids=ids.detach().cpu().numpy().astype(np.int64),
+        input_ids=ids_h.astype(np.int64),
         present=present,
         target=target,
         token_loss=pad(tok.astype(np.float64), np.nan),

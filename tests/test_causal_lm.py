@@ -662,3 +662,19 @@ def test_a_later_batch_with_a_label_outside_the_vocabulary_is_refused(tok, data_
         ext(bad)
         ext.flush_checks()
     assert torch.isfinite(ext(batch).z).all()  # and the extractor keeps working
+
+
+def test_an_lm_scan_refuses_a_later_batch_with_a_label_outside_the_vocabulary(tmp_path, tok, data_file):
+    """The token statistics no longer wait for the label check before they run (their gathers clamp the
+    labels): a bad label in a later batch is still refused before that batch is written, and no manifest."""
+    model = _build("gpt2", len(tok), torch.float32)
+    batches = [{**b[0], "labels": b[1]} for b in open_text(str(data_file), tok, text_column="text", batch_size=2)]
+    assert len(batches) >= 3
+    bad = batches[2]["labels"].clone()
+    bad[0, -1] = len(tok) + 3
+    batches[2] = {**batches[2], "labels": bad}
+    with pytest.raises(ValueError, match=rf"label {len(tok) + 3} is not a token id"):
+        scan(model, batches, out=tmp_path / "s", dim=8, shard_rows=2)
+    assert not (tmp_path / "s" / "manifest.parquet").exists()
+    done = json.loads((tmp_path / "s" / "progress.json").read_text())["shards"]
+    assert [s["rows"] for s in done] == [[0, 2], [2, 4]]  # the batches before it, and not the bad one
