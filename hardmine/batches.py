@@ -620,8 +620,10 @@ class DeferredChecks:
     def submit(self, flags: list[torch.Tensor], recheck: Callable[[], None]) -> None:
         if not flags:
             return
-        # () bool on the first flag's device (a flag of an input left on another device joins it there)
-        bad = flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).any()
+        # () bool on the data's device: a flag of an input left on the host joins the GPU's (not the other way
+        # round, which would read every GPU flag on the host, a wait per batch)
+        dev = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device)
+        bad = flags[0] if len(flags) == 1 else torch.stack([f.to(dev) for f in flags]).any()
         (host,), event = to_host_async([bad])
         self._pending.append((host, event, recheck))
 

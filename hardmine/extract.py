@@ -166,13 +166,16 @@ def per_sample_grads_checked(
     names: list[str],
     *,
     chunk_size: int | None = None,
-    randomness: Randomness = Randomness.EVAL,
+    randomness: Randomness | str = Randomness.EVAL,
 ) -> PerSampleGrads:
     """:func:`per_sample_grads` of a batch its caller has already split and validated, with the loss resolved
-    and the parameters selected: no checks of its own, so no host sync (``GradientExtractor`` runs the vmap
-    part of a mixed plan on the batch its factored part checked, with labels clamped like that part's loss)."""
-    with forward_mode(model, randomness):
-        return _compute_per_sample_grads(model, inputs, target, loss_fn, names, chunk_size, randomness)
+    to a callable ``loss_fn(output, target) -> (B,)`` and the parameters selected: no checks of the data of its
+    own, so no host sync (``GradientExtractor`` runs the vmap part of a mixed plan on the batch its factored
+    part checked, with labels clamped like that part's loss). Labels out of range are the caller's to check."""
+    rnd = parse_choice(Randomness, randomness, "randomness")
+    positive_int(chunk_size, "chunk_size", allow_none=True)
+    with forward_mode(model, rnd):
+        return _compute_per_sample_grads(model, inputs, target, loss_fn, names, chunk_size, rnd)
 
 
 def _compute_per_sample_grads(

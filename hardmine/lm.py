@@ -90,7 +90,9 @@ def token_stats(logits: torch.Tensor, inputs: Mapping[str, torch.Tensor], labels
             logp = F.log_softmax(x, dim=-1)  # (rows, T-1, V)
             nxt = ids_d[lo : lo + step, 1:]  # (rows, T-1) the tokens the logits predict
             gold = labels_d[lo : lo + step, 1:]  # (rows, T-1)
-            tok = -logp.gather(2, nxt.unsqueeze(2)).squeeze(2)  # (rows, T-1)
+            # (rows, T-1); clamped like the labels below: an input id past the output vocabulary (a model whose
+            # head is smaller than its embedding) must not fault the device
+            tok = -logp.gather(2, nxt.clamp(0, v - 1).unsqueeze(2)).squeeze(2)
             # -100 read as id 0 and masked below; an id past the vocabulary (refused by the scan's label check,
             # read after this batch) clamped so the gather cannot fault the device first
             lab = -logp.gather(2, gold.clamp(0, v - 1).unsqueeze(2)).squeeze(2)

@@ -678,3 +678,27 @@ def test_an_lm_scan_refuses_a_later_batch_with_a_label_outside_the_vocabulary(tm
     assert not (tmp_path / "s" / "manifest.parquet").exists()
     done = json.loads((tmp_path / "s" / "progress.json").read_text())["shards"]
     assert [s["rows"] for s in done] == [[0, 2], [2, 4]]  # the batches before it, and not the bad one
+
+
+def test_token_statistics_take_ids_past_the_vocabulary_without_faulting():
+    """The gathers clamp token ids: a label (or input id) past the output vocabulary gives a meaningless value
+    at its own position, which the scan's label check refuses after the copy, and must not fault the device
+    first (on the CPU: an index error). Every other position is what it is with a valid id there."""
+    from hardmine.lm import token_stats
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    labels = ids.clone()
+    labels[0, 1] = -100
+    bad = labels.clone()
+    bad[1, 3] = 7 + 2
+    ids_bad = ids.clone()
+    ids_bad[0, 4] = 7 + 1
+    got = token_stats(logits, {"input_ids": ids_bad}, bad)
+    ref = token_stats(logits, {"input_ids": ids}, labels)
+    keep = np.ones((2, 5), dtype=bool)
+    keep[1, 3] = keep[0, 4] = False
+    for name in ("label_loss", "token_loss", "entropy"):
+        np.testing.assert_array_equal(getattr(got, name)[keep], getattr(ref, name)[keep], err_msg=name)
+    np.testing.assert_array_equal(got.target, ref.target)

@@ -126,3 +126,19 @@ def test_the_projected_batch_is_built_on_the_models_device(engine, monkeypatch):
     # The model moved after the extractor was built: the next output follows it (meta: a device without data).
     ext.model.to("meta")
     assert ext._device() == torch.device("meta")
+
+
+def test_a_batch_whose_checks_are_pending_keeps_no_output_data(monkeypatch):
+    """Until a batch's device check flag has landed, its recheck is kept: with the output's shape and dtype
+    only (a data-less stand-in), not the output itself (a causal LM's (B, T, vocab) logits)."""
+    from hardmine.batches import DeferredChecks
+
+    torch.manual_seed(0)
+    ext = GradientExtractor(MLP(d_in=6, hidden=8, n_classes=3).eval(), dim=4, engine="factored")
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    ext((x, y))  # the first batch is checked on the host
+    monkeypatch.setattr(DeferredChecks, "poll", lambda self, wait=False: None)  # as if the flag had not landed
+    pb = ext((x, y))
+    ((_, _, recheck),) = ext._checks._pending
+    assert recheck.output.device.type == "meta"
+    assert recheck.output.shape == pb.output.shape and recheck.output.dtype == pb.output.dtype
