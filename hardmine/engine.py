@@ -41,7 +41,7 @@ from .extract import forward_mode, per_sample_grads, per_sample_grads_checked
 from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
-from .params import select_parameters
+from .params import check_one_device, select_parameters
 
 __all__ = ["ProjectedBatch", "GradientExtractor"]
 
@@ -153,6 +153,8 @@ class GradientExtractor:
         self._verified = not units
         self._checks = DeferredChecks()  # value checks of later batches, read when the device is done
         self._settle_auto()
+        if self._units:
+            check_one_device(model, self.param_names, "GradientExtractor")
         self._log_plan()
 
     # ------------------------------------------------------------------------------------------- plan

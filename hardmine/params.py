@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-__all__ = ["select_parameters", "normalize_patterns"]
+__all__ = ["select_parameters", "normalize_patterns", "check_one_device"]
 
 
 def normalize_patterns(patterns: str | Sequence[str] | None) -> list[str] | None:
@@ -71,3 +71,17 @@ def _summarize(names: Iterable[str], limit: int = 30) -> str:
     names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_one_device(model: nn.Module, names: Sequence[str], owner: str) -> None:
+    """Refuse selected parameters spread over several devices (a model split across GPUs, e.g. loaded with a
+    ``device_map``): the factored pass sums each sample's gradient parts on one device, and would fail
+    mid-pass with a device mismatch instead."""
+    params = dict(model.named_parameters())
+    devices = sorted({str(params[n].device) for n in names})
+    if len(devices) > 1:
+        raise ValueError(
+            f"{owner}: the selected parameters are on several devices ({', '.join(devices)}); per-sample gradients "
+            "are extracted on one device. Move the model to one device (model.to('cuda')) or select layers that "
+            "are all on one (layers=...)."
+        )

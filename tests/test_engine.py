@@ -142,3 +142,19 @@ def test_a_batch_whose_checks_are_pending_keeps_no_output_data(monkeypatch):
     ((_, _, recheck),) = ext._checks._pending
     assert recheck.output.device.type == "meta"
     assert recheck.output.shape == pb.output.shape and recheck.output.dtype == pb.output.dtype
+
+
+def test_a_model_split_across_devices_is_refused_up_front():
+    """Selected parameters on several devices (a model loaded with a device_map) would fail mid-pass with a
+    device mismatch; both factored doors refuse them when built, naming the devices. (meta stands in for a
+    second device here.) The vmap engine alone does not sum across units and is not refused."""
+    from hardmine.online import OnlineMiner
+
+    torch.manual_seed(0)
+    model = MLP(d_in=6, hidden=8, n_classes=3)
+    model.fc1.to("meta")
+    for build in (lambda: GradientExtractor(model, dim=4, engine="auto"), lambda: OnlineMiner(model, dim=4)):
+        with pytest.raises(ValueError, match=r"on several devices \(cpu, meta\).*Move the model to one device"):
+            build()
+    GradientExtractor(model, dim=4, engine="vmap")  # built; its own passes move nothing between devices
+    GradientExtractor(model, layers="fc2", dim=4, engine="factored")  # the selected layers on one device

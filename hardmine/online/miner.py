@@ -39,7 +39,7 @@ from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from ..factored.layout import ProjectionLayout
 from ..losses import IGNORE_INDEX, LossFn, causal_lm_per_sample, class_logits, loss_name, resolve_loss
 from ..manifest import write_manifest
-from ..params import select_parameters
+from ..params import check_one_device, select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
 from .dynamics import COL, SampleDynamics, device_batch, host_batch, stats_on_host
 from .gradients import StepGradients
@@ -132,6 +132,7 @@ class OnlineMiner:
         self.loss_fn = loss_fn
         self.weighting = _weighting_config(weighting)
         self.param_names = select_parameters(model, layers)
+        check_one_device(model, self.param_names, "OnlineMiner")
         projection = projection_kind(projection, kind, "OnlineMiner")
         self.layout = ProjectionLayout(model, self.param_names, dim=dim, seed=seed, kind=projection)
         self._grads = StepGradients(model, self.param_names, self.layout)
