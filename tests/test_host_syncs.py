@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from hardmine.batches import call_model
+from hardmine.batches import DeferredChecks, call_model
 from hardmine.engine import GradientExtractor
 from hardmine.online import OnlineMiner, WeightingConfig
 from hardmine.online import dynamics as online_dynamics
@@ -518,3 +518,66 @@ def test_online_ids_as_a_tensor_are_read_with_the_dynamics_not_per_step(device_p
     pd.testing.assert_frame_equal(from_tensor, from_list)
     with pytest.raises(ValueError, match="4 sample ids for a batch of 5"):  # still checked, by shape
         OnlineMiner(nn.Linear(6, 3), dim=4).observe(torch.randn(5, 6), torch.arange(5) % 3, torch.arange(4))
+
+
+# ------------------------------------------------------------------------------------------ placement
+# On a GPU a tensor made on the host in a per-batch path (an output allocated there, a constant, a host-built
+# index) either fails against the device's tensors or costs a copy and a wait. The CPU cannot show either: all
+# its tensors are host tensors. The meta device can: after a first batch on the CPU (the plan and the host
+# checks), the model and the batches move to meta, which stands in for the GPU (no data, so nothing can be read
+# either): a tensor made on the host that meets the model's fails with a device mismatch or "cannot copy out of
+# meta". The device flags and the online dynamics, which a GPU run copies to pinned memory, are recorded
+# instead of copied (a meta tensor has nothing to copy), and must be on the device too.
+@pytest.fixture
+def meta_device(monkeypatch):
+    queued: list[torch.device] = []
+
+    def submit_flags(self, flags, recheck):
+        queued.extend(f.device for f in flags)
+
+    def submit_dynamics(self, id_list, batch, z, task):
+        queued.extend([batch.last.device, z.device])
+
+    monkeypatch.setattr(DeferredChecks, "submit", submit_flags)
+    monkeypatch.setattr(online_dynamics.SampleDynamics, "submit", submit_dynamics)
+    return queued
+
+
+def _on_meta(model: nn.Module, batch):
+    model.to("meta")
+    return be.to_device(batch, torch.device("meta"))
+
+
+@pytest.mark.parametrize("name", be.MODELS)
+def test_the_factored_pass_makes_nothing_on_the_host_after_the_first_batch(name, meta_device):
+    model, first = _bench_batch(name, 4, 0)
+    model.eval()
+    ext = GradientExtractor(model, dim=16, seed=0, engine="factored", loss_fn="cross_entropy")
+    ext(first)
+    pb = ext(_on_meta(model, _bench_batch(name, 4, 1)[1]))
+    assert {t.device.type for t in (pb.z, pb.loss, pb.output, pb.grad_norm)} == {"meta"}
+    assert meta_device and set(meta_device) == {torch.device("meta")}
+
+
+def test_a_mixed_plan_makes_nothing_on_the_host_after_the_first_batch(meta_device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), _Gate(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    batch = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    ext = GradientExtractor(model, dim=4, seed=0, engine="auto", loss_fn="cross_entropy")
+    ext(batch)
+    pb = ext(_on_meta(model, batch))
+    assert {t.device.type for t in (pb.z, pb.loss, pb.output, pb.grad_norm)} == {"meta"}
+
+
+@pytest.mark.parametrize("layers", ["output", "all"])
+@pytest.mark.parametrize("name", be.MODELS)
+def test_observe_makes_nothing_on_the_host_after_the_first_step(name, layers, meta_device):
+    model, first = _bench_batch(name, 4, 0)
+    model.eval()
+    miner = OnlineMiner(model, layers=_last_linear(model) if layers == "output" else None, dim=16,
+                        weighting={"warmup_steps": 1})
+    miner.observe(*first, torch.arange(4))
+    x, y = _on_meta(model, _bench_batch(name, 4, 1)[1])
+    stats = miner.observe(x, y, torch.arange(4, device="meta"))  # ids moved with the batch, as a Trainer does
+    assert {stats.loss.device.type, stats.weights.device.type, stats.weighted_loss().device.type} == {"meta"}
+    assert meta_device and set(meta_device) == {torch.device("meta")}
