@@ -156,6 +156,16 @@ class GradientExtractor:
         if self._units:
             check_one_device(model, self.param_names, "GradientExtractor")
         self._log_plan()
+        slow, nbytes = self.layout.uncached_dense()
+        if slow:
+            # Silent otherwise: e.g. nn.MultiheadAttention's in_proj_weight has no factored rule, and at dim 256
+            # its dense matrix alone is several hundred MiB, generated again from its seeds on every batch.
+            logger.warning(
+                "the dense projection matrices of %s (%.0f MiB) do not fit the projector's cache: they are "
+                "regenerated from their seeds on every batch, which is slow. These parameters have no factored "
+                "rule (their whole gradient is projected); leave them out (layers=...) or use a smaller dim.",
+                ", ".join(slow[:5]) + (f" and {len(slow) - 5} more" if len(slow) > 5 else ""), nbytes / 2**20,
+            )
 
     # ------------------------------------------------------------------------------------------- plan
     def _settle_auto(self) -> None:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from models import MLP, TinyTransformer, token_batch
+from torch import nn
 from torch.testing import assert_close
 
 from hardmine.engine import GradientExtractor, ProjectedBatch
@@ -158,3 +159,28 @@ def test_a_model_split_across_devices_is_refused_up_front():
             build()
     GradientExtractor(model, dim=4, engine="vmap")  # built; its own passes move nothing between devices
     GradientExtractor(model, layers="fc2", dim=4, engine="factored")  # the selected layers on one device
+
+
+def test_a_projection_matrix_regenerated_every_batch_is_said(caplog):
+    """A parameter without a factored rule is projected densely; when its matrix does not fit the projector's
+    cache (nn.MultiheadAttention's in_proj_weight at dim 256 is several hundred MiB) its blocks are made again
+    from their seeds every batch: a slowdown the extractor names when built, instead of leaving it silent."""
+
+    class Big(nn.Module):  # no rule: a (600, 500) matrix of which the forward uses a corner
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(600, 500))
+
+        def forward(self, x):
+            return x * self.scale[0, : x.shape[1]]
+
+    model = nn.Sequential(nn.Linear(6, 8), Big(), nn.Linear(8, 3))
+    with caplog.at_level("WARNING", logger="hardmine.engine"):
+        GradientExtractor(model, dim=256, engine="auto")
+    assert "1.scale" in caplog.text and "regenerated from their seeds on every batch" in caplog.text
+    assert "293 MiB" in caplog.text  # 300,000 x 256 float32
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hardmine.engine"):
+        GradientExtractor(model, dim=16, engine="auto")  # 18 MiB: cached
+        GradientExtractor(model, layers="0,2", dim=256, engine="auto")  # the big one left out
+    assert "regenerated" not in caplog.text

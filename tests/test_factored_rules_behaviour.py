@@ -2014,3 +2014,29 @@ def test_factors_inner_takes_the_batch_in_chunks_as_large_as_the_budget_allows(m
         registry.factors_inner(f, h)
     grams = [s for s in mode.shapes if len(s) == 3 and s[1:] == (n, m)]
     assert grams and {s[0] for s in grams} == {2}
+
+
+class _Free(nn.Module):
+    """A module without a factored rule: its parameters are projected densely (width ``dim``, or ``a`` for a
+    vector)."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(*shape))
+
+
+def test_uncached_dense_names_the_dense_blocks_beyond_their_projectors_cache():
+    # dim 256: width-256 matrices of 1 KiB a row; the default cache (256 MiB) holds exactly this many rows.
+    rows = 256 * 2**20 // (256 * 4)
+    model = nn.ModuleDict({
+        "lin": nn.Linear(3, 4),  # a Kronecker weight (never counted) and a width-16 bias
+        "a": _Free(1, rows - 1),
+        "v": _Free(1000),  # a vector: width 16, the other projector's cache, not this one's
+        "b": _Free(1, 1),  # fills the width-256 cache exactly: still cached
+        "c": _Free(1, 1),  # one row past it
+    })
+    names = [n for n, _ in model.named_parameters()]
+    layout = ProjectionLayout(model, names, dim=256, seed=0)
+    assert layout.uncached_dense() == (["c.w"], 256 * 4)
+    small = ProjectionLayout(model, ["lin.weight", "lin.bias", "v.w", "b.w", "c.w"], dim=256, seed=0)
+    assert small.uncached_dense() == ([], 0)
