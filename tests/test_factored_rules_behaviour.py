@@ -2034,9 +2034,10 @@ def test_uncached_dense_names_the_dense_blocks_beyond_their_projectors_cache():
         "v": _Free(1000),  # a vector: width 16, the other projector's cache, not this one's
         "b": _Free(1, 1),  # fills the width-256 cache exactly: still cached
         "c": _Free(1, 1),  # one row past it
+        "d": _Free(1, 2),  # and two more: the bytes of every uncached matrix add up
     })
     names = [n for n, _ in model.named_parameters()]
     layout = ProjectionLayout(model, names, dim=256, seed=0)
-    assert layout.uncached_dense() == (["c.w"], 256 * 4)
-    small = ProjectionLayout(model, ["lin.weight", "lin.bias", "v.w", "b.w", "c.w"], dim=256, seed=0)
+    assert layout.uncached_dense() == (["c.w", "d.w"], 3 * 256 * 4)
+    small = ProjectionLayout(model, ["lin.weight", "lin.bias", "v.w", "b.w", "c.w", "d.w"], dim=256, seed=0)
     assert small.uncached_dense() == ([], 0)
