@@ -312,7 +312,7 @@ class SampleDynamics:
         return np.asarray(self.ids, dtype=np.int64 if self.id_kind == "int" else object)
 
     def submit(
-        self, id_list: tuple[list[Any], str], batch: DeviceBatch, z: torch.Tensor, task: TaskKind
+        self, id_list: tuple[list[Any] | torch.Tensor, str], batch: DeviceBatch, z: torch.Tensor, task: TaskKind
     ) -> None:
         """Queue one batch's observations: its values (and ``z`` when gradients are kept) start their copy to
         the host without blocking (pinned memory, from a GPU) and are recorded by :meth:`poll` once there.
