@@ -3,7 +3,10 @@
 Models (all parameters selected, ~0.53M each): MLP 784-512-256-10; CNN (2 conv + 2 fc on 3x32x32);
 transformer encoder classifier (2 pre-norm layers, d_model 128, 4 heads, seq 64, vocab 1000) whose attention
 is built from nn.Linear q/k/v/out projections (explicit matmul + softmax, so the factored engine covers every
-weight and vmap has batching rules for every op). Batch 256, torch threads = CPU cores.
+weight and vmap has batching rules for every op). Batch 256, torch threads = CPU cores. ``--models resnet18``
+(not in the default set: slow on a CPU) adds torchvision's ResNet-18 architecture on 32x32 images, written out
+here (no torchvision needed), its convolutions and classifier selected and its BatchNorm frozen, as the
+issue's H200 measurement ran it.
 
 Methods, each producing one batch's result:
 
@@ -70,6 +73,7 @@ from hardmine.project import Projector
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("mlp", "cnn", "transformer")
+EXTRA_MODELS = ("resnet18",)  # only when asked for (--models resnet18): slow on a CPU, measured on a GPU
 METHODS = ("train_step", "naive_loop", "vmap_dense", "factored")
 PAIRED = ("train_step", "factored")  # measured --repeats times, alternating
 N_CLASSES = 10
@@ -100,6 +104,50 @@ class CNN(nn.Module):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 32, 16, 16)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 64, 8, 8)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class _Basic(nn.Module):
+    """torchvision's BasicBlock: two 3x3 convolutions with BatchNorm, a 1x1 projection when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18(num_classes=10)`` architecture (7x7/2 stem and max-pool, four stages of two
+    BasicBlocks, 64-512 channels, ~11.2M parameters), written out so the benchmark needs no torchvision. As in
+    the issue's H200 measurement the convolutions and the classifier are selected; the BatchNorm parameters are
+    frozen (``requires_grad=False``: no factored rule, and in eval mode a per-sample affine map)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, c_in = [], 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages += [_Basic(c_in, c_out, stride), _Basic(c_out, c_out, 1)]
+            c_in = c_out
+        self.layers = nn.Sequential(*stages)
+        self.fc = nn.Linear(512, N_CLASSES)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)  # (B, 64, H/4, W/4)
+        x = self.layers(x)  # (B, 512, H/32, W/32)
+        return self.fc(x.mean((2, 3)))  # (B, C): global average pool
 
 
 class Attention(nn.Module):
@@ -163,6 +211,8 @@ def build(name: str, batch: int, seed: int = 0) -> tuple[nn.Module, tuple[Any, t
         return MLP(), (torch.randn(batch, 784, generator=g), y)
     if name == "cnn":
         return CNN(), (torch.randn(batch, 3, 32, 32, generator=g), y)
+    if name == "resnet18":  # 32x32 images, as the issue's H200 measurement fed torchvision's resnet18
+        return ResNet18(), (torch.randn(batch, 3, 32, 32, generator=g), y)
     ids = torch.randint(1, VOCAB, (batch, SEQ), generator=g)
     lengths = torch.randint(SEQ // 2, SEQ + 1, (batch,), generator=g)
     mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()  # (B, T): right padding
@@ -433,7 +483,7 @@ HEADER = ["model", "method", "samples/s", "ratio to train_step", "peak extra MB"
 def targets(rows: list[dict[str, Any]]) -> list[str]:
     by = {(r["model"], r["method"]): r for r in rows}
     lines = []
-    for m in MODELS:
+    for m in MODELS + EXTRA_MODELS:
         f, v = by.get((m, "factored")), by.get((m, "vmap_dense"))
         if f is None or (m, "train_step") not in by:
             continue
@@ -590,9 +640,9 @@ def main() -> None:
         return
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in models if m not in MODELS] + [m for m in methods if m not in METHODS]
+    bad = [m for m in models if m not in MODELS + EXTRA_MODELS] + [m for m in methods if m not in METHODS]
     if bad:
-        ap.error(f"unknown model/method {bad}; choose from {MODELS} and {METHODS}")
+        ap.error(f"unknown model/method {bad}; choose from {MODELS + EXTRA_MODELS} and {METHODS}")
 
     agree = {}
     for m in models:

@@ -24,6 +24,8 @@
 #                   median of 3 fresh processes each -> bench_scan_cuda.{json,md}
 #   extract_b256    scripts/bench_extract.py --device cuda --methods train_step,factored, batch 256
 #   extract_b2048   the same at batch 2048 -> bench_extract_b{256,2048}.{json,md}
+#   extract_resnet18  the same for ResNet-18 (torchvision's architecture, conv + fc selected) at batch 512
+#                   -> bench_extract_resnet18.{json,md}
 #   callbacks_b256  scripts/bench_callbacks.py --device cuda (mlp, cnn, transformer), batch 256
 #   callbacks_b1024 the same at batch 1024 -> bench_callbacks_b{256,1024}.{json,md}
 #   host_syncs      pytest tests/test_host_syncs.py (its test_on_a_gpu_* tests run only with a CUDA device)
@@ -160,16 +162,16 @@ if [ "$QUICK" = 1 ]; then
     SCAN=(--n 3000 --repeats 1 --no-neighbor-scores --threads 1)
     HOST_SCAN=(--repeats 1 --no-neighbor-scores --threads 1)
     EXTRACT=(--target-dim 64 --min-time 0 --min-iters 1 --warmup-time 0 --repeats 1 --threads 1)
-    B_SMALL=8 B_LARGE=16
+    B_SMALL=8 B_LARGE=16 B_RESNET=8
     CALLBACKS=(--min-time 0 --min-rounds 2 --warmup 1 --threads 1)
     C_SMALL=8 C_LARGE=16
 else
-    SCAN=(--n 100000 --repeats 3)
+    SCAN=(--n 100000 --repeats 3 --no-neighbor-scores)  # the neighbour scores and their recall run on the host
     HOST_SCAN=(--repeats 3)
     # One process for all rows (--no-isolate): on a GPU the peak memory is the device's own count, reset per
     # row, and a fresh process per row would spend the budget starting CUDA.
     EXTRACT=(--min-time 2 --warmup-time 1 --repeats 2)
-    B_SMALL=256 B_LARGE=2048
+    B_SMALL=256 B_LARGE=2048 B_RESNET=512  # ResNet-18 at 512, as the issue measured it
     CALLBACKS=(--min-time 3 --min-rounds 10 --warmup 3)
     C_SMALL=256 C_LARGE=1024
 fi
@@ -177,17 +179,20 @@ DEVTYPE=${DEVICE%%:*}  # cuda:1 -> cuda
 
 # The issue's criterion first: (index + score) / extract of the same scan, the demo at 60k.
 # shellcheck disable=SC2086  # $DEMO: no word or one flag
-step scan_$DEVTYPE 150 "$PY" scripts/bench_scan.py --device "$DEVICE" "${SCAN[@]}" $DEMO \
+step scan_$DEVTYPE 120 "$PY" scripts/bench_scan.py --device "$DEVICE" "${SCAN[@]}" $DEMO \
     --json-out "$OUT/bench_scan_$DEVTYPE.json"
 for b in "$B_SMALL" "$B_LARGE"; do
-    step extract_b$b 80 "$PY" scripts/bench_extract.py --device "$DEVICE" --methods train_step,factored \
+    step extract_b$b 75 "$PY" scripts/bench_extract.py --device "$DEVICE" --methods train_step,factored \
         --batch "$b" --no-isolate "${EXTRACT[@]}" --out "$OUT/bench_extract_b$b.json"
 done
+step extract_resnet18 60 "$PY" scripts/bench_extract.py --device "$DEVICE" --models resnet18 \
+    --methods train_step,factored --batch "$B_RESNET" --no-isolate "${EXTRACT[@]}" \
+    --out "$OUT/bench_extract_resnet18.json"
 for b in "$C_SMALL" "$C_LARGE"; do
-    step callbacks_b$b 55 "$PY" scripts/bench_callbacks.py --device "$DEVICE" --models mlp,cnn,transformer \
+    step callbacks_b$b 50 "$PY" scripts/bench_callbacks.py --device "$DEVICE" --models mlp,cnn,transformer \
         --batch "$b" "${CALLBACKS[@]}" --out "$OUT/bench_callbacks_b$b.json"
 done
-step host_syncs 75 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
+step host_syncs 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
     --junitxml="$OUT/host_syncs.xml"
 if [ -z "$DEMO" ]; then
     step scan_host_cpu 45 "$PY" scripts/bench_scan.py --device cpu --n "${HOST_SCAN[@]}" \
@@ -216,7 +221,7 @@ def by_batch(paths):  # b256 before b2048
     return sorted(paths, key=lambda p: (len(p.name), p.name))
 
 
-for path in by_batch(out.glob("bench_extract_b*.json")):
+for path in by_batch(out.glob("bench_extract_*.json")):
     for r in json.loads(path.read_text()):
         if r["method"] == "factored":
             print(f"{path.name}: {r['model']} factored / train_step {r['ratio_to_train_step']:.2f}")

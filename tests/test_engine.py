@@ -184,3 +184,21 @@ def test_a_projection_matrix_regenerated_every_batch_is_said(caplog):
         GradientExtractor(model, dim=16, engine="auto")  # 18 MiB: cached
         GradientExtractor(model, layers="0,2", dim=256, engine="auto")  # the big one left out
     assert "regenerated" not in caplog.text
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_resnet18_of_the_gpu_benchmark_is_exact_and_all_factored(n):
+    """The ResNet-18 that scripts/bench_extract.py measures (torchvision's architecture: a 7x7/2 stem, 3x3 and
+    strided 1x1 convolutions without bias, BatchNorm frozen, a linear classifier): every selected parameter is
+    factored and its vectors and norms match the per-sample autograd loop (batch 1 included)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_extract as be
+
+    model, _ = be.build("resnet18", n)
+    ext = GradientExtractor(model.eval(), dim=16, seed=0, engine="auto", loss_fn="cross_entropy")
+    assert set(ext.plan.values()) == {"factored"} and not any("bn" in p for p in ext.plan)
+    rel_z, rel_n = be.check_agreement("resnet18", target=256, n=n)
+    assert rel_z < 1e-5 and rel_n < 1e-5, (rel_z, rel_n)
