@@ -41,7 +41,7 @@ from .extract import forward_mode, per_sample_grads, per_sample_grads_checked
 from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
-from .params import check_one_device, select_parameters
+from .params import check_one_device, select_parameters, warn_uncached_projections
 
 __all__ = ["ProjectedBatch", "GradientExtractor"]
 
@@ -153,19 +153,10 @@ class GradientExtractor:
         self._verified = not units
         self._checks = DeferredChecks()  # value checks of later batches, read when the device is done
         self._settle_auto()
-        if self._units:
-            check_one_device(model, self.param_names, "GradientExtractor")
+        # Both engines sum each sample's squared norm over every selected parameter: one device.
+        check_one_device(model, self.param_names, "GradientExtractor")
         self._log_plan()
-        slow, nbytes = self.layout.uncached_dense()
-        if slow:
-            # Silent otherwise: e.g. nn.MultiheadAttention's in_proj_weight has no factored rule, and at dim 256
-            # its dense matrix alone is several hundred MiB, generated again from its seeds on every batch.
-            logger.warning(
-                "the dense projection matrices of %s (%.0f MiB) do not fit the projector's cache: they are "
-                "regenerated from their seeds on every batch, which is slow. These parameters have no factored "
-                "rule (their whole gradient is projected); leave them out (layers=...) or use a smaller dim.",
-                ", ".join(slow[:5]) + (f" and {len(slow) - 5} more" if len(slow) > 5 else ""), nbytes / 2**20,
-            )
+        warn_uncached_projections(self.layout, "GradientExtractor")
 
     # ------------------------------------------------------------------------------------------- plan
     def _settle_auto(self) -> None:

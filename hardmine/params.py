@@ -8,11 +8,18 @@ Selection happens before any gradient is computed: unselected parameters are tre
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-__all__ = ["select_parameters", "normalize_patterns", "check_one_device"]
+if TYPE_CHECKING:
+    from .factored.layout import ProjectionLayout
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["select_parameters", "normalize_patterns", "check_one_device", "warn_uncached_projections"]
 
 
 def normalize_patterns(patterns: str | Sequence[str] | None) -> list[str] | None:
@@ -84,4 +91,18 @@ def check_one_device(model: nn.Module, names: Sequence[str], owner: str) -> None
             f"{owner}: the selected parameters are on several devices ({', '.join(devices)}); per-sample gradients "
             "are extracted on one device. Move the model to one device (model.to('cuda')) or select layers that "
             "are all on one (layers=...)."
+        )
+
+
+def warn_uncached_projections(layout: ProjectionLayout, owner: str) -> None:
+    """Say when dense projection matrices do not fit the projector's cache: those parameters have no factored
+    rule (e.g. ``nn.MultiheadAttention``'s ``in_proj_weight``, several hundred MiB at dim 256) and their
+    matrices are made again from their seeds on every batch, which is slow and otherwise silent."""
+    names, beyond = layout.uncached_dense()
+    if names:
+        logger.warning(
+            "%s: the dense projection matrices of %s do not all fit the projector's cache: about %.0f MiB of them "
+            "are regenerated from their seeds on every batch, which is slow. These parameters have no factored "
+            "rule (their whole gradient is projected); leave them out (layers=...) or use a smaller dim.",
+            owner, ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), beyond / 2**20,
         )

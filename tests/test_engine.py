@@ -147,18 +147,20 @@ def test_a_batch_whose_checks_are_pending_keeps_no_output_data(monkeypatch):
 
 def test_a_model_split_across_devices_is_refused_up_front():
     """Selected parameters on several devices (a model loaded with a device_map) would fail mid-pass with a
-    device mismatch; both factored doors refuse them when built, naming the devices. (meta stands in for a
-    second device here.) The vmap engine alone does not sum across units and is not refused."""
+    device mismatch (both engines sum each sample's squared norm over every selected parameter); the extractor,
+    whatever its engine, and the online miner refuse them when built, naming the devices. (meta stands in for a
+    second device here.) Selected layers on one device are fine."""
     from hardmine.online import OnlineMiner
 
     torch.manual_seed(0)
     model = MLP(d_in=6, hidden=8, n_classes=3)
     model.fc1.to("meta")
-    for build in (lambda: GradientExtractor(model, dim=4, engine="auto"), lambda: OnlineMiner(model, dim=4)):
+    builds = [lambda e=e: GradientExtractor(model, dim=4, engine=e) for e in ("auto", "factored", "vmap")]
+    for build in [*builds, lambda: OnlineMiner(model, dim=4)]:
         with pytest.raises(ValueError, match=r"on several devices \(cpu, meta\).*Move the model to one device"):
             build()
-    GradientExtractor(model, dim=4, engine="vmap")  # built; its own passes move nothing between devices
     GradientExtractor(model, layers="fc2", dim=4, engine="factored")  # the selected layers on one device
+    OnlineMiner(model, layers="fc2", dim=4)
 
 
 def test_a_projection_matrix_regenerated_every_batch_is_said(caplog):
@@ -175,12 +177,12 @@ def test_a_projection_matrix_regenerated_every_batch_is_said(caplog):
             return x * self.scale[0, : x.shape[1]]
 
     model = nn.Sequential(nn.Linear(6, 8), Big(), nn.Linear(8, 3))
-    with caplog.at_level("WARNING", logger="hardmine.engine"):
+    with caplog.at_level("WARNING", logger="hardmine.params"):
         GradientExtractor(model, dim=256, engine="auto")
     assert "1.scale" in caplog.text and "regenerated from their seeds on every batch" in caplog.text
-    assert "293 MiB" in caplog.text  # 300,000 x 256 float32
+    assert "about 37 MiB" in caplog.text  # 300,000 x 256 float32 is 293 MiB, of which 256 fit the cache
     caplog.clear()
-    with caplog.at_level("WARNING", logger="hardmine.engine"):
+    with caplog.at_level("WARNING", logger="hardmine.params"):
         GradientExtractor(model, dim=16, engine="auto")  # 18 MiB: cached
         GradientExtractor(model, layers="0,2", dim=256, engine="auto")  # the big one left out
     assert "regenerated" not in caplog.text

@@ -567,6 +567,7 @@ def test_a_mixed_plan_makes_nothing_on_the_host_after_the_first_batch(meta_devic
     ext(batch)
     pb = ext(_on_meta(model, batch))
     assert {t.device.type for t in (pb.z, pb.loss, pb.output, pb.grad_norm)} == {"meta"}
+    assert meta_device and set(meta_device) == {torch.device("meta")}
 
 
 @pytest.mark.parametrize("layers", ["output", "all"])

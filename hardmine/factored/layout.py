@@ -162,20 +162,20 @@ class ProjectionLayout:
         return self._dense[blk.width]._block(name, 0, rows, torch.device(device))
 
     def uncached_dense(self) -> tuple[list[str], int]:
-        """``(parameters, bytes)``: the dense blocks whose projection matrices do not fit their projector's cache
+        """``(parameters, bytes)``: the dense blocks whose projection matrices reach past their projector's cache
         (``Projector.max_cache_bytes``, shared by every dense block of one width; counted in layout order), and
-        the bytes of those matrices. Their blocks are regenerated from their seeds on every projection."""
+        about how many bytes of matrix do not fit (the total beyond each cache). Those are regenerated from their
+        seeds on every projection."""
         used: dict[int, int] = {}
-        names, total = [], 0
+        names = []
         for name, blk in self.blocks.items():
             if blk.kind != "dense":
                 continue
-            nbytes = math.prod(blk.shape) * blk.width * 4  # float32 (numel, width)
-            used[blk.width] = used.get(blk.width, 0) + nbytes
+            used[blk.width] = used.get(blk.width, 0) + math.prod(blk.shape) * blk.width * 4  # float32 (numel, width)
             if used[blk.width] > self._dense[blk.width].max_cache_bytes:
                 names.append(name)
-                total += nbytes
-        return names, total
+        beyond = sum(max(0, n - self._dense[w].max_cache_bytes) for w, n in used.items())
+        return names, beyond
 
     def dense_matrix(self, name: str) -> torch.Tensor:
         """The full ``(numel, width)`` matrix of dense block ``name`` (for tests and small parameters)."""
