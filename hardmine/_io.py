@@ -93,8 +93,8 @@ def json_bytes(obj: Any, *, compact: bool = False) -> bytes:
     return (text + "\n").encode()
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, compact: bool = False) -> None:
-    atomic_write_bytes(path, json_bytes(obj, compact=compact))
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:

@@ -456,10 +456,9 @@ def test_memory_is_bounded_by_the_shard_not_n(tmp_path, monkeypatch):
     """
     import hardmine.slices as slices_mod
 
-    population_mod = importlib.import_module("hardmine.scan.population")
+    worker_mod = importlib.import_module("hardmine.scan.worker")  # the shard writer's and pass 1's threads
     result_mod = importlib.import_module("hardmine.scan.result")
-    shards_mod = importlib.import_module("hardmine.scan.shards")
-    for mod in (population_mod, result_mod, shards_mod):
+    for mod in (worker_mod, result_mod):
         monkeypatch.setattr(mod, "ThreadPoolExecutor", InlineExecutor)
     monkeypatch.setattr(slices_mod, "SAMPLE_BYTES_MAX", 8 * 2176)
     monkeypatch.setattr(slices_mod, "SAMPLE_POINTS_MIN_PER_SLICE", 1)
@@ -781,7 +780,7 @@ def test_after_a_failed_shard_write_the_queued_shards_are_not_written(tmp_path, 
             writer.wait()
     finally:
         release.set()
-        with caplog.at_level("WARNING", logger="hardmine.scan.shards"):
+        with caplog.at_level("WARNING", logger="hardmine.scan.worker"):
             writer.close()
     assert any("shard 2 not written" in r.getMessage() for r in caplog.records), caplog.text
     assert sorted(p.name for p in (tmp_path / "shards").glob("grads-*")) == ["grads-00000.npy"]

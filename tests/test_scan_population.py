@@ -123,7 +123,7 @@ def test_population_sums_keep_the_order_and_bound_what_is_queued():
 
     def loader(i: int):
         def load():
-            queued.append(len(sums._pending))  # what was queued when this shard started (this one included)
+            queued.append(sums._worker.pending)  # what was queued when this shard started (this one included)
             return shards[i]
         return load
 

@@ -34,7 +34,8 @@ that they are the same data) and continues from the first unrecorded one, so an 
 
 Modules: ``driver`` (``scan``, ``ScanProgress``), ``task`` (which task and loss a scan runs), ``extraction`` (the batch pass), ``store`` (the directory:
 prepare, resume, atomic writes), ``ledger`` (``progress.json`` as a dataclass), ``shards`` (``ShardSet.blocks``
-to read gradients back, ``ShardWriter`` to write them), ``result`` (``Scan``, ``Neighbors``) and ``distributed``
+to read gradients back, ``ShardWriter`` to write them), ``population`` (pass 1 of the scores beside the
+extraction), ``worker`` (their background threads), ``result`` (``Scan``, ``Neighbors``) and ``distributed``
 (several processes under torchrun: which rows each rank scans, what the ranks exchange).
 
 ``hardmine.scan`` the attribute is the ``scan`` function (``hardmine/__init__`` imports it over the

@@ -16,14 +16,13 @@ pass 1 ran here or after the extraction (``tests/test_scan_population.py`` compa
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from ..score import PopulationStats
 from .shards import BLOCK_ROWS
+from .worker import OrderedWorker
 
 __all__ = ["PopulationSums"]
 
@@ -45,13 +44,10 @@ class PopulationSums:
 
     def __init__(self, out_dim: int, num_classes: int | None) -> None:
         self._pop = PopulationStats.empty(out_dim, num_classes)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardmine-population")
-        self._pending: deque[Future[None]] = deque()
+        self._worker = OrderedWorker("hardmine-population", MAX_PENDING)
 
     def add(self, loader: Loader) -> None:
-        while len(self._pending) >= MAX_PENDING:
-            self._pending.popleft().result()  # a failure in the worker surfaces here, at the next shard
-        self._pending.append(self._pool.submit(self._sum, loader))
+        self._worker.submit(self._sum, loader)  # a failure in the worker surfaces here, at a later shard
 
     def _sum(self, loader: Loader) -> None:
         z, labels = loader()
@@ -59,13 +55,9 @@ class PopulationSums:
             self._pop.update(z[lo : lo + BLOCK_ROWS], None if labels is None else labels[lo : lo + BLOCK_ROWS])
 
     def result(self) -> PopulationStats:
-        while self._pending:
-            self._pending.popleft().result()
+        self._worker.wait()
         self._pop.release_work()
         return self._pop
 
     def close(self) -> None:
-        for f in self._pending:
-            f.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._worker.close(finish=False)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import pyarrow.parquet as pq
 
 from .ledger import Ledger, ShardRecord
 from .store import ScanStore
+from .worker import OrderedWorker
 
 __all__ = ["BLOCK_ROWS", "Block", "ShardSet", "ShardWriter", "digest_of", "stats_table"]
 
@@ -97,7 +96,7 @@ class ShardWriter:
     The in-memory ``ledger.shards`` lists a shard from its ``flush`` on. Use it as a context manager (or call
     ``close`` in a ``finally``): ``wait`` waits until all are written, or raises; leaving the block (``close``)
     waits for the writes under way without raising, stops the thread and drops from ``ledger.shards`` what was
-    not written. ``background=False`` writes in ``flush`` itself.
+    not written.
     """
 
     MAX_PENDING = 2
@@ -107,8 +106,6 @@ class ShardWriter:
         store: ScanStore,
         ledger: Ledger,
         on_flush: Callable[[np.ndarray, pa.Table], None] | None = None,
-        *,
-        background: bool = True,
     ) -> None:
         self.store = store
         self.ledger = ledger
@@ -117,8 +114,7 @@ class ShardWriter:
         self._stats: list[dict[str, Any]] = []
         self._digests: list[str] = []
         self._tokens: list[pa.Table] = []  # causal-LM scans: the token rows of the buffered batches
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardmine-shards") if background else None
-        self._pending: deque[Future[None]] = deque()
+        self._worker = OrderedWorker("hardmine-shards", self.MAX_PENDING, failure="a gradient shard was not written")
         self._written = len(ledger.shards)  # shards whose files and ledger entry are on disk
         self._failed = threading.Event()  # set by the first failed write: later ones are skipped
 
@@ -159,12 +155,7 @@ class ShardWriter:
         # progress.json once this shard's files are written, encoded now: the ledger changes as batches come
         snapshot = self.store.ledger_bytes(self.ledger)
         self._z, self._stats, self._digests, self._tokens = [], [], [], []
-        if self._pool is None:
-            self._write(i, z, table, tokens, snapshot)
-        else:
-            while self._pending and (len(self._pending) >= self.MAX_PENDING or self._pending[0].done()):
-                self._pending.popleft().result()  # a failed write surfaces here, at the next shard
-            self._pending.append(self._pool.submit(self._write, i, z, table, tokens, snapshot))
+        self._worker.submit(self._write, i, z, table, tokens, snapshot)  # a failed write surfaces at a later one
         if self.on_flush is not None:
             self.on_flush(z, table)
 
@@ -184,23 +175,15 @@ class ShardWriter:
 
     def wait(self) -> None:
         """Wait until every flushed shard is written; raises the first failed write."""
-        while self._pending:
-            self._pending.popleft().result()
+        self._worker.wait()
 
     def close(self) -> None:
         """Wait for the writes under way (their shards are complete data: a resumed scan keeps them), without
         raising, stop the thread, and drop from ``ledger.shards`` the shards that were not written. Call it
         whether or not ``wait`` was."""
         try:
-            for f in self._pending:
-                try:
-                    f.result()
-                except Exception as e:  # the caller is already failing (or saw it in wait): say it, keep theirs
-                    logger.warning("a gradient shard was not written: %s", e)
-        finally:  # a second Ctrl-C while waiting still stops the thread and corrects the ledger
-            self._pending.clear()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+            self._worker.close(finish=True)
+        finally:  # also after a second Ctrl-C while waiting
             del self.ledger.shards[self._written :]
 
 
