@@ -256,6 +256,7 @@ class GradientExtractor:
         loss = output = None
         flags: list[torch.Tensor] | None = None
         checked: tuple[Any, torch.Tensor, Any] | None = None  # (inputs, loss target, loss) the factored part checked
+        vmap_names: list[str] | None = None
         if self._units:
             with forward_mode(self.model, self.randomness):
                 inputs, target = split_batch(batch)
@@ -291,16 +292,19 @@ class GradientExtractor:
                     )
                     fg.write_to(z, self.layout)
                     sq, loss, output = fg.sq_norm, fg.loss, fg.output
-                    # The vmap part of a mixed plan takes this batch as checked: on later batches the labels
-                    # clamped like the factored loss's (their flag is already queued), so no second validation.
-                    loss_target = target if flags is None else validate_output(output, target, kind, [])
-                    checked = (inputs, loss_target, fn)
+                    vmap_names = self._vmap_names  # final now: the first batch's probe may have moved modules
+                    if vmap_names:
+                        # The vmap part of a mixed plan takes this batch as checked: on later batches the labels
+                        # clamped like the factored loss's (their flag is already queued), so no second validation.
+                        loss_target = target if flags is None else validate_output(output, target, kind, [])
+                        checked = (inputs, loss_target, fn)
                     if flags:
                         # The recheck reads the output's shape and dtype only: a stand-in without data, so a
                         # pending batch does not keep its logits alive (a causal LM's (B, T, vocab)).
                         shape_of = torch.empty(output.shape, dtype=output.dtype, device="meta")
                         self._checks.submit(flags, _Recheck(inputs, target, kind, shape_of))
-        vmap_names = self._vmap_names
+        if vmap_names is None:
+            vmap_names = self._vmap_names
         if vmap_names:
             if checked is not None:
                 psg = per_sample_grads_checked(
