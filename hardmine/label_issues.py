@@ -39,6 +39,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from ._frames import set_column
 from .enums import LabelIssueMethod, parse_choice
 from .score import rank_normalize
 
@@ -158,6 +159,6 @@ def add_label_issue_columns(df: pd.DataFrame, method: LabelIssueMethod | str | N
         df["label_issue"] = np.full(len(df), np.nan)
         df["is_label_issue"] = pd.array([None] * len(df), dtype="boolean")
         return df
-    df["label_issue"] = label_issue_score(df, method)
-    df["is_label_issue"] = pd.array(flag_label_issues(df), dtype="boolean")
+    set_column(df, "label_issue", label_issue_score(df, method))
+    set_column(df, "is_label_issue", pd.array(flag_label_issues(df), dtype="boolean"))
     return df

@@ -46,6 +46,7 @@ members: ``Σ_b n_b/n · |acc_b - conf_b|`` over ``ECE_BINS`` equal-width bins o
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -60,7 +61,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._frames import set_column
 from ._io import atomic_path
+from ._shared_pass import SharedPass
 from .checks import non_negative_int, positive_int
 from .enums import SliceEmbedding, parse_choice
 from .label_issues import DEFAULT_LABEL_ISSUE_METHOD, add_label_issue_columns
@@ -185,6 +188,13 @@ def fit_slices(
     """Per-class spherical k-means of the unit rows of the vectors streamed by ``blocks()`` (called twice:
     one pass to gather the training sample, one to assign every row). ``labels``: ``(N,)`` integer class
     per row; ``columns``: the vector columns to use (``None``: all). Deterministic for a seed."""
+    return _compute_slices(*_slice_args(blocks, labels, seed, columns, embedding))
+
+
+def _slice_args(
+    blocks: Blocks, labels: np.ndarray, seed: int, columns: np.ndarray | None, embedding: SliceEmbedding | str,
+) -> tuple[Blocks, np.ndarray, int, np.ndarray | None, str]:
+    """``fit_slices``' arguments checked: ``(blocks, int64 labels, seed, columns or None, embedding value)``."""
     if not callable(blocks):
         raise ValueError(f"blocks={blocks!r} must be a callable returning an iterable of (first_row, vectors).")
     y = np.asarray(labels)
@@ -197,7 +207,7 @@ def fit_slices(
     cols = None if columns is None else np.asarray(columns, dtype=np.int64)
     if cols is not None and (cols.ndim != 1 or len(cols) == 0):
         raise ValueError(f"columns must be a non-empty 1-D array of column positions, got shape {cols.shape}.")
-    return _compute_slices(blocks, y.astype(np.int64), seed, cols, embedding.value)
+    return blocks, y.astype(np.int64), seed, cols, embedding.value
 
 
 def _unit(z: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
@@ -262,42 +272,59 @@ def _assign_pass(
     sums = {c: np.zeros_like(v) for c, v in centroids.items()}
     changed = 0
     for start, z in blocks():
-        stop = start + len(z)
-        if stop > len(y):
+        if start + len(z) > len(y):
             break
-        lab = y[start:stop]
-        # Rows sorted by class: each class is one contiguous run (slices, not fancy-indexed copies).
-        order = np.argsort(lab, kind="stable")
-        x = np.asarray(z)[order]
-        if cols is not None:
-            x = x[:, cols]  # (b, D) -> (b, d)
-        x = np.asarray(x, dtype=np.float64)  # (b, d) in class order
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # (b,)
-        inv = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)  # 0 for a zero row
-        lab_s = lab[order]
-        runs = np.flatnonzero(np.r_[True, lab_s[1:] != lab_s[:-1], True])
-        for lo, hi in zip(runs[:-1].tolist(), runs[1:].tolist()):
-            c = int(lab_s[lo])
-            rows = start + order[lo:hi]
-            # cos(x_i, centroid) = (x_i · centroid) / ‖x_i‖ (unit centroids): no (b, d) array of unit rows.
-            s = (x[lo:hi] @ centroids[c].T) * inv[lo:hi, None]  # (b_c, k)
-            best = s.argmax(axis=1)
-            changed += int((raw[rows] != best).sum())
-            raw[rows] = best
-            if sim is not None:
-                sim[rows] = s[np.arange(len(best)), best]
-                continue  # the last pass: no centroid moves after it
-            # Sum each centroid's members as contiguous runs after a sort (np.add.at, an unbuffered per-row
-            # scatter, was most of the slicing time).
-            by = np.argsort(best, kind="stable")
-            best_s = best[by]
-            starts = np.flatnonzero(np.r_[True, best_s[1:] != best_s[:-1]])
-            u = x[lo:hi][by] * inv[lo:hi][by, None]  # (b_c, d) the members' unit vectors, by centroid
-            sums[c][best_s[starts]] += np.add.reduceat(u, starts, axis=0)  # (n_present, d)
+        changed += _assign_block(start, z, y, cols, centroids, raw, sim, None if sim is not None else sums)
     return sums, changed
 
 
-def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray | None, embedding: str) -> SliceAssignment:
+def _assign_block(
+    start: int, z: np.ndarray, y: np.ndarray, cols: np.ndarray | None, centroids: Mapping[int, np.ndarray],
+    raw: np.ndarray, sim: np.ndarray | None, sums: Mapping[int, np.ndarray] | None,
+) -> int:
+    """``_assign_pass`` on one block (rows ``start..``): writes ``raw`` (and ``sim``) at its rows, adds its
+    members to ``sums`` unless None (the last pass: no centroid moves after it); returns the assignments changed
+    (0 in the last pass, which does not count them)."""
+    stop = start + len(z)
+    lab = y[start:stop]
+    # Rows sorted by class: each class is one contiguous run (slices, not fancy-indexed copies).
+    order = np.argsort(lab, kind="stable")
+    x = np.asarray(z)[order]
+    if cols is not None:
+        x = x[:, cols]  # (b, D) -> (b, d)
+    x = np.asarray(x, dtype=np.float64)  # (b, d) in class order
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # (b,)
+    inv = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)  # 0 for a zero row
+    lab_s = lab[order]
+    runs = np.flatnonzero(np.r_[True, lab_s[1:] != lab_s[:-1], True])
+    changed = 0
+    for lo, hi in zip(runs[:-1].tolist(), runs[1:].tolist()):
+        c = int(lab_s[lo])
+        rows = start + order[lo:hi]
+        # cos(x_i, centroid) = (x_i · centroid) / ‖x_i‖ (unit centroids): no (b, d) array of unit rows.
+        s = (x[lo:hi] @ centroids[c].T) * inv[lo:hi, None]  # (b_c, k)
+        best = s.argmax(axis=1)
+        if sums is not None:
+            changed += int((raw[rows] != best).sum())
+        raw[rows] = best
+        if sim is not None:
+            sim[rows] = s[np.arange(len(best)), best]
+        if sums is None:
+            continue
+        # Sum each centroid's members as contiguous runs after a sort (np.add.at, an unbuffered per-row
+        # scatter, was most of the slicing time).
+        by = np.argsort(best, kind="stable")
+        best_s = best[by]
+        starts = np.flatnonzero(np.r_[True, best_s[1:] != best_s[:-1]])
+        u = x[lo:hi][by] * inv[lo:hi][by, None]  # (b_c, d) the members' unit vectors, by centroid
+        sums[c][best_s[starts]] += np.add.reduceat(u, starts, axis=0)  # (n_present, d)
+    return changed
+
+
+def _compute_slices(
+    blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray | None, embedding: str,
+    share: SharedPass | None = None,
+) -> SliceAssignment:
     n = len(y)
     classes, class_n = np.unique(y, return_counts=True)
     ks = {int(c): _compute_slice_count(int(m)) for c, m in zip(classes, class_n)}
@@ -342,18 +369,25 @@ def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray |
         if changed == 0:
             break
     sim = np.zeros(n, dtype=np.float64)
-    _assign_pass(blocks, y, cols, centroids, raw, sim)
-    # Renumber inside each class by size, largest first (stable: ties keep the centroid order).
-    within = np.zeros(n, dtype=np.int64)
+    if share is None:
+        _assign_pass(blocks, y, cols, centroids, raw, sim)
+    else:  # the last pass, block by block, with any thread that joins it (each block: disjoint rows)
+        share.run(
+            itertools.takewhile(lambda block: block[0] + len(block[1]) <= n, blocks()),
+            lambda start, z: _assign_block(start, z, y, cols, centroids, raw, sim, None),
+        )
+    # Renumber inside each class by size, largest first (stable: ties keep the centroid order): one count
+    # over (class, centroid) pairs and one table lookup, not a pass over the rows per class.
+    k_max = max(ks.values(), default=1)
+    pair = np.searchsorted(classes, y) * k_max + raw  # (n,) class position · k_max + centroid
+    sizes = np.bincount(pair, minlength=len(classes) * k_max).reshape(len(classes), k_max)  # (C, k_max)
+    new_id = np.zeros((len(classes), k_max), dtype=np.int64)  # (C, k_max) centroid -> slice number
     counts: dict[int, int] = {}
-    for c in classes.tolist():
-        m = y == c
-        size = np.bincount(raw[m], minlength=ks[c])  # (k,)
-        order = np.argsort(-size, kind="stable")
-        new_id = np.empty(ks[c], dtype=np.int64)
-        new_id[order] = np.arange(ks[c])
-        within[m] = new_id[raw[m]]
+    for i, c in enumerate(classes.tolist()):
+        size = sizes[i, : ks[c]]  # (k,)
+        new_id[i, np.argsort(-size, kind="stable")] = np.arange(ks[c])
         counts[c] = int((size > 0).sum())
+    within = new_id.ravel()[pair]  # (n,)
     logger.info("slices: %d classes, %d slices (embedding %s)", len(classes), sum(counts.values()), embedding)
     return SliceAssignment(within=within, similarity=sim, counts=counts, seed=seed, embedding=embedding)
 
@@ -422,7 +456,6 @@ def slice_table(df: pd.DataFrame, similarity: np.ndarray | None = None, n_exampl
 
 
 def _compute_slice_table(df: pd.DataFrame, similarity: np.ndarray | None, n_examples: int) -> pd.DataFrame:
-    sl = df["slice"].astype(str).to_numpy()
     labels = df["label"].to_numpy()
     ids = df["sample_id"].to_numpy()
     correct = float_column(df, "correct")
@@ -432,8 +465,9 @@ def _compute_slice_table(df: pd.DataFrame, similarity: np.ndarray | None, n_exam
     hard = float_column(df, "hardness")
     rep_key = similarity if similarity is not None else -np.nan_to_num(hard, nan=np.inf)
     class_size = pd.Series(labels).value_counts().to_dict()
-    codes, uniq = pd.factorize(sl, sort=False)
-    order = np.argsort(codes, kind="stable")
+    codes, uniq = pd.factorize(df["slice"].astype(str), sort=False)
+    # Stable by slice, scan order inside: on codes that fit 16 bits numpy's stable sort is a radix sort.
+    order = np.argsort(codes.astype(np.uint16) if len(uniq) <= 2**16 else codes, kind="stable")
     bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(uniq)))]
     rows = []
     for i, name in enumerate(uniq):
@@ -486,13 +520,21 @@ def fit_scan_slices(
     layout: Sequence[Mapping[str, Any]] | None,
     seed: int,
     embedding: SliceEmbedding | str = DEFAULT_SLICE_EMBEDDING,
+    share: SharedPass | None = None,
 ) -> SliceAssignment:
     """The clustering of a scan's slicing step (``fit_slices`` on the columns of ``embedding``): it needs only
     the labels and the vectors, so a scan can run it beside its scoring passes and hand the result to
-    ``annotate_manifest(assignment=...)``."""
-    embedding = parse_choice(SliceEmbedding, embedding, "slice embedding")
-    cols = embedding_columns(layout, embedding)
-    return fit_slices(blocks, np.asarray(labels).astype(np.int64), seed=seed, columns=cols, embedding=embedding)
+    ``annotate_manifest(assignment=...)``. ``share``: its last pass (every block assigned to the nearest
+    centroid) runs as ``share.run``, so other threads can join it with ``share.help()``; the result is the same
+    whoever assigns which block. It is closed when the fit ends, whether or not that pass started."""
+    try:
+        embedding = parse_choice(SliceEmbedding, embedding, "slice embedding")
+        cols = embedding_columns(layout, embedding)
+        args = _slice_args(blocks, np.asarray(labels).astype(np.int64), seed, cols, embedding)
+        return _compute_slices(*args, share=share)
+    finally:
+        if share is not None:
+            share.close()
 
 
 def annotate_manifest(
@@ -504,6 +546,7 @@ def annotate_manifest(
     embedding: SliceEmbedding | str = DEFAULT_SLICE_EMBEDDING,
     assignment: SliceAssignment | None = None,
     submit: Callable[[Callable[[], Any]], Any] | None = None,
+    label_issues: bool = True,
 ) -> dict[str, Any]:
     """The scan's slicing step, on a scored manifest frame (``hardness`` and ``rank`` present), in place:
     adds ``label_issue`` / ``is_label_issue`` (``hardmine.label_issues``) and ``slice``, and writes
@@ -512,9 +555,12 @@ def annotate_manifest(
     for these labels, layout, seed and embedding when already computed (else it is computed here).
     ``submit``: runs the job that computes and writes the slice table (default: at once); the job reads its
     own copy of the columns it needs, so the caller may add columns to ``df`` meanwhile (a scan runs it in a
-    thread beside the manifest's weights, and writes the manifest after it) and must wait for it. Returns the manifest metadata
+    thread beside the manifest's weights, and writes the manifest after it) and must wait for it.
+    ``label_issues=False``: the frame already has the label-issue columns (the caller ran
+    ``add_label_issue_columns`` on it, e.g. a scan while its clustering finished). Returns the manifest metadata
     entry ``slices``."""
-    add_label_issue_columns(df)
+    if label_issues:
+        add_label_issue_columns(df)
     labels = df["label"].to_numpy() if "label" in df else np.zeros(0)
     path = None if directory is None else Path(directory) / SLICES_FILE
     meta: dict[str, Any] = {
@@ -537,7 +583,7 @@ def annotate_manifest(
         )
     else:
         a = assignment
-    df["slice"] = a.ids(labels)
+    set_column(df, "slice", a.ids(labels))
     meta.update(
         {
             "embedding": embedding.value,

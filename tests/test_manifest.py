@@ -13,6 +13,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_scan import planted_scan
 
 import hardmine.manifest as hm
@@ -140,6 +142,58 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         write_manifest(df, path, {"v": 2})
     assert path.read_bytes() == before  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["m.parquet"]  # and no temporary is left
+
+
+def test_before_replace_runs_after_the_write_and_its_failure_keeps_the_old_manifest(tmp_path):
+    # A scan writes its manifest while its slice table is still being computed, and waits for the table in
+    # before_replace: the new manifest must not replace the old one unless that succeeds.
+    df = _frame()
+    path = tmp_path / "m.parquet"
+    write_manifest(df, path, {"v": 1})
+    before = path.read_bytes()
+    seen = []
+
+    def fails() -> None:
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))  # the new file exists, beside the old one
+        raise RuntimeError("the slice table failed")
+
+    with pytest.raises(RuntimeError, match="slice table failed"):
+        write_manifest(df, path, {"v": 2}, before_replace=fails)
+    assert len(seen[0]) == 2 and "m.parquet" in seen[0]
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.parquet"]
+    write_manifest(df, path, {"v": 3}, before_replace=lambda: seen.append("ok"))
+    assert seen[-1] == "ok" and read_manifest(path).attrs["hardmine"]["v"] == 3
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    labels=st.lists(st.integers(-3, 10**6), min_size=1, max_size=40),
+    small=st.booleans(),
+)
+def test_unique_labels_equals_numpy_unique(labels, small):
+    # Counting instead of sorting for small non-negative class ids; np.unique's arrays and dtypes exactly.
+    y = np.abs(np.asarray(labels, dtype=np.int64)) % 7 if small else np.asarray(labels, dtype=np.int64)
+    got = hm._unique_labels(y)
+    want = np.unique(y, return_inverse=True, return_counts=True)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    classes=st.lists(st.integers(0, 4), min_size=1, max_size=40),
+    ranks=st.sampled_from(["permutation", "ties", "huge"]),
+    seed=st.integers(0, 2**16),
+)
+def test_by_class_then_rank_is_lexsort(classes, ranks, seed):
+    # One sort of a combined key, falling back to lexsort on ties or a key that could overflow: always
+    # lexsort's order (by class, then rank, then row).
+    g = np.random.default_rng(seed)
+    inv = np.asarray(classes, dtype=np.int64)
+    n = len(inv)
+    rank = {"permutation": g.permutation(n) + 1, "ties": g.integers(-2, 3, n), "huge": g.integers(0, 2**62, n)}[ranks]
+    np.testing.assert_array_equal(hm._by_class_then_rank(inv, rank), np.lexsort((rank, inv)))
 
 
 # -------------------------------------------------------------------------------------------- weights

@@ -293,6 +293,31 @@ def test_same_inputs_and_seed_give_identical_manifest(tmp_path):
     assert not np.array_equal(c.gradients(), a.gradients())  # the seed matters
 
 
+def test_a_fresh_scan_scores_from_the_statistics_it_holds_and_a_rescore_from_disk_agrees(tmp_path, monkeypatch):
+    # A scan that cut every shard itself keeps their statistics and does not read the shard files back for
+    # its scores; a rescore reads them from disk. The manifests must be the same.
+    from hardmine.scan.shards import ShardSet
+
+    data = planted_blobs(seed=6, n_per=60)
+    model = trained_mlp(data["x"], data["y"], steps=30)
+    reads: list[list[str] | None] = []
+    original = ShardSet.stats_table
+
+    def counted(self, columns=None):
+        reads.append(columns)
+        return original(self, columns)
+
+    monkeypatch.setattr(ShardSet, "stats_table", counted)
+    s = scan(model, batches_of(data["x"], data["y"], 32), out=tmp_path / "s", dim=16, engine="vmap", shard_rows=64)
+    assert reads == []  # several shards, none read back
+    first = s.manifest()
+    s.rescore()
+    assert reads  # the rescore read the statistics from the shard files
+    again = s.manifest()
+    pd.testing.assert_frame_equal(again, first, check_exact=True)
+    assert _strip_created(again.attrs["hardmine"]) == _strip_created(first.attrs["hardmine"])
+
+
 class _Interrupted(RuntimeError):
     pass
 

@@ -183,7 +183,7 @@ def test_a_failed_scoring_pass_stops_the_clustering_at_its_next_block(tmp_path, 
     started = threading.Event()
     ended: list[BaseException] = []
 
-    def endless_fit(blocks, labels, layout, seed):
+    def endless_fit(blocks, labels, layout, seed, share=None):
         try:
             while True:  # pass after pass over the rows, as a clustering that never converges would
                 for _ in blocks():

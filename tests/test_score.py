@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hardmine.enums import TaskKind
 from hardmine.score import (
@@ -690,3 +692,47 @@ def test_multilabel_logits_just_below_zero_from_a_float32_model_predict_the_labe
     assert st["correct"].tolist() == [True, True]
     assert list(st["pred"]) == list(st["label"])
     assert (st["margin"] > 0).all()
+
+
+# ------------------------------------------------------------------ the ranks' fast sorts (exact equivalents)
+_TIES = [0.0, -0.0, 1.0, -1.0, 2.5, np.inf, -np.inf, np.nan]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.one_of(st.sampled_from(_TIES), st.floats(allow_nan=True, allow_infinity=True)), max_size=60),
+    orientation=st.sampled_from([1, -1]),
+)
+def test_rank_normalize_equals_pandas_average_rank(values, orientation):
+    # rank_normalize sorts once with numpy's unstable sort and averages runs of equal values: the numbers must
+    # be exactly pandas' average ranks (ties, -0.0 == 0.0, infinities ranked, NaN kept) over the finite count.
+    x = np.asarray(values, dtype=np.float64)
+    v = x * orientation
+    n_valid = int(np.isfinite(v).sum())
+    want = pd.Series(v).rank(method="average", na_option="keep").to_numpy() / n_valid if n_valid else np.full(len(v), np.nan)
+    np.testing.assert_array_equal(rank_normalize(x, orientation), want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.one_of(st.sampled_from(_TIES), st.floats(allow_nan=True, allow_infinity=True)), max_size=60))
+def test_hardness_rank_equals_the_lexsort_definition(values):
+    # 1 = hardest; ties (NaN last, infinities as "no signal") by sample order: lexsort's stable order exactly.
+    h = np.asarray(values, dtype=np.float64)
+    key = np.where(np.isfinite(h), -h, np.inf)
+    want = np.empty(len(h), dtype=np.int64)
+    want[np.lexsort((np.arange(len(h)), key))] = np.arange(1, len(h) + 1)
+    np.testing.assert_array_equal(hardness_rank(h), want)
+
+
+def test_ranks_at_scale_match_pandas_with_and_without_ties():
+    rng = np.random.default_rng(0)
+    continuous = rng.standard_normal(50_000)  # no ties: the positions path
+    tied = rng.integers(0, 40, 50_000).astype(np.float64)  # runs of equal values: the averaged path
+    tied[::97] = np.nan
+    for x in (continuous, tied):
+        want = pd.Series(x).rank(method="average").to_numpy() / np.isfinite(x).sum()
+        np.testing.assert_array_equal(rank_normalize(x), want)
+        key = np.where(np.isfinite(x), -x, np.inf)
+        lex = np.empty(len(x), dtype=np.int64)
+        lex[np.lexsort((np.arange(len(x)), key))] = np.arange(1, len(x) + 1)
+        np.testing.assert_array_equal(hardness_rank(x), lex)

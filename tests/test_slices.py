@@ -378,3 +378,32 @@ def test_slice_examples_are_the_top_members_with_ties_in_scan_order(rows, n_exam
         assert list(row["hardest_ids"]) == list(df["sample_id"].to_numpy()[m[np.argsort(hard_key, kind="stable")[:n_examples]]])
         rep = m[np.argsort(-similarity[m], kind="stable")[:n_examples]]
         assert list(row["representative_ids"]) == list(df["sample_id"].to_numpy()[rep])
+
+
+def test_annotate_manifest_adds_label_issues_unless_told_they_are_there(noisy_scan, tmp_path):
+    from hardmine.slices import annotate_manifest
+
+    s, _ = noisy_scan
+    base = s.manifest().drop(columns=["slice"])
+    fresh = base.drop(columns=["label_issue", "is_label_issue"])
+    annotate_manifest(fresh, s.iter_gradients, s.engine_metadata.get("layout"), 0, None)
+    np.testing.assert_array_equal(fresh["label_issue"].to_numpy(), base["label_issue"].to_numpy())  # recomputed
+    kept = base.copy()
+    kept["label_issue"] = -1.0  # a caller's own columns (a scan adds them while its clustering finishes)
+    annotate_manifest(kept, s.iter_gradients, s.engine_metadata.get("layout"), 0, None, label_issues=False)
+    assert (kept["label_issue"] == -1.0).all()
+    pd.testing.assert_series_equal(kept["slice"], fresh["slice"])
+    annotate_manifest(kept, s.iter_gradients, s.engine_metadata.get("layout"), 0, None)
+    np.testing.assert_array_equal(kept["label_issue"].to_numpy(), base["label_issue"].to_numpy())
+
+
+def test_set_column_shares_the_array_and_keeps_rows_in_order():
+    from hardmine._frames import set_column
+
+    df = pd.DataFrame({"a": [1.0, 2.0, 3.0]}, index=[10, 5, 7])
+    v = np.array([4.0, 5.0, 6.0])
+    set_column(df, "b", v)
+    assert np.shares_memory(df["b"].to_numpy(), v)  # no 8 MB copy per column at a million rows
+    assert df["b"].tolist() == [4.0, 5.0, 6.0]  # by position, whatever the frame's index
+    set_column(df, "c", pd.array([True, None, False], dtype="boolean"))
+    assert df["c"].dtype == "boolean" and df["c"].isna().tolist() == [False, True, False]

@@ -82,6 +82,9 @@ class ExtractionPass:
         self.device = next(iter(extractor.model.parameters())).device
         self.extracted_now = 0
         self.population: PopulationStats | None = None
+        # The statistics of every shard, when this run cut them all (not a resumed or checked scan): the scores
+        # then need not read them back from the shard files.
+        self.stats: pa.Table | None = None
         self._sums: PopulationSums | None = None
 
     def run(self, data: Iterable[Any], *, population: bool = True) -> np.ndarray | None:
@@ -89,6 +92,7 @@ class ExtractionPass:
         when ``keep``, else ``None``. ``population``: also sum the population statistics of every shard in a
         worker thread (``self.population``; a resumed scan's earlier shards are read back for it)."""
         self.population = None
+        self.stats = None
         try:
             kept = self._run(data, population)
             if self._sums is not None:
@@ -134,12 +138,14 @@ class ExtractionPass:
         user_ids = False
         kept: list[np.ndarray] = [np.load(where_dir / s.grads) for s in done_shards] if self.keep else []
         on_flush = None
+        cut: list[pa.Table] = []  # the statistics of the shards this run cuts, in order
         if population:
             # A recorded shard (a resumed or complete scan) is queued when its batches have been checked, a new
             # one when it is cut (the writer writes it meanwhile): always in row order.
             def on_flush(z: np.ndarray, stats: pa.Table) -> None:
                 labels = self._labels_of(stats)
                 self._summed(lambda: (z, labels))
+                cut.append(stats)
 
         # Shards are written by the writer's thread while the next batches are extracted; leaving the block
         # waits for the writes under way whatever happens, so an interrupted scan keeps every shard handed to
@@ -239,6 +245,8 @@ class ExtractionPass:
             n_samples=rows, n_batches=n_batches, dataset_fingerprint=fingerprint, out_dim=self.extractor.out_dim
         )
         self.store.write_ledger(self.ledger)
+        if cut and len(cut) == len(self.ledger.shards):  # every shard cut here: the same tables as their files
+            self.stats = pa.concat_tables(cut)
         if self.finish_tokens and self.ledger.task == TaskKind.CAUSAL_LM.value and not self.store.tokens_path.is_file():
             write_token_table(self.store, self.ledger)
         return np.concatenate(kept) if self.keep else None

@@ -18,12 +18,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from threadpoolctl import threadpool_limits
 
+from .._shared_pass import SharedPass
 from ..checks import as_bool, is_int, positive_int
 from ..enums import IndexKind, TaskKind, parse_choice
 from ..index import IndexInfo, build_index, knn_all, knn_block, open_index, search
+from ..label_issues import add_label_issue_columns
 from ..losses import loss_name
 from ..manifest import export_manifest, finish_manifest, read_manifest, write_manifest
 from ..score import (
@@ -59,10 +62,16 @@ class Neighbors(NamedTuple):
 class Scan:
     """A scan directory: gradients, index, scores and manifest. Reopen one with ``Scan.open(path)``."""
 
-    def __init__(self, path: str | os.PathLike[str], info: dict[str, Any], gradients: np.ndarray | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], info: dict[str, Any], gradients: np.ndarray | None = None,
+        stats: pa.Table | None = None,
+    ) -> None:
         self.path = Path(path)
         self.info = info
         self._gradients = gradients  # the in-memory copy of all rows (keep_gradients_in_memory), or None
+        # The statistics the scan driver still holds (every shard's, in row order): read once instead of the
+        # shard files, then dropped.
+        self._stats_table = stats
         self._index: Any = None
         # True while the owner of the directory (the scan driver or ``rescore``) holds its lock: an index built
         # on first use is then built under that lock, and ``scan.json`` is the owner's to write.
@@ -155,7 +164,7 @@ class Scan:
 
     def stats(self) -> pd.DataFrame:
         """Per-sample statistics recorded during extraction, in scan order (one row per sample)."""
-        table = self.shards.stats_table()
+        table, self._stats_table = self._stats_table or self.shards.stats_table(), None
         # Free each Arrow column as it is converted: the frame is not held twice at a million rows.
         df = table.to_pandas(self_destruct=True, split_blocks=True)
         del table
@@ -367,8 +376,9 @@ class Scan:
         task = self.task
         if progress is not None:
             progress(0)  # loading the per-sample statistics and pass 1 come before the first scored block
-        stats = self.stats()
-        labels = stats["label"].to_numpy(dtype=np.int64) if task is TaskKind.CLASSIFICATION else None
+        # The labels alone first (one column): the slices' clustering needs nothing else, so it starts while the
+        # rest of the statistics are read.
+        labels = self._class_labels() if task is TaskKind.CLASSIFICATION else None
         unlabelled = self.config.get("targets") == "predictions"  # no true labels: no slices or label issues
         seed = int(self.config["seed"])
         layout = self.engine_metadata.get("layout")
@@ -387,7 +397,7 @@ class Scan:
             stop = threading.Event()
             try:
                 df, used, assignment = self._scores_beside_slices(
-                    pool, stop, stats, labels, config, progress, population, neighbours, layout, seed,
+                    pool, stop, labels, config, progress, population, neighbours, layout, seed,
                     slicing=labels is not None and not unlabelled and n > 0,
                 )
                 if unlabelled:
@@ -403,7 +413,7 @@ class Scan:
                 else:
                     slices_meta = annotate_manifest(
                         df, self.iter_gradients, layout, seed, self.path, assignment=assignment,
-                        submit=lambda job: tables.append(pool.submit(job)),
+                        submit=lambda job: tables.append(pool.submit(job)), label_issues=assignment is None,
                     )
                 ids = df["sample_id"].to_numpy()
                 meta = self._manifest_metadata(config, used, k if with_neighbours else None, ids) | {
@@ -411,27 +421,35 @@ class Scan:
                 }
                 finish_manifest(df, meta, strategy=config.strategy, top=config.top, boost=config.boost,
                                 temperature=config.temperature, cap=config.cap)
-                for table in tables:  # the slice table first: a failed one leaves the old manifest in place
-                    table.result()
-                write_manifest(df, self.manifest_path, df.attrs["hardmine"])
+
+                def slice_table_written() -> None:  # it lands first: a failed one leaves the old manifest
+                    for table in tables:
+                        table.result()
+
+                write_manifest(df, self.manifest_path, df.attrs["hardmine"], before_replace=slice_table_written)
             except BaseException:
                 stop.set()  # a clustering still running stops at its next block instead of finishing (Ctrl-C)
                 raise
         return df
 
+    def _class_labels(self) -> np.ndarray:
+        """The ``label`` column of the statistics as int64 (a classification scan's class ids)."""
+        table = self._stats_table.select(["label"]) if self._stats_table is not None else self.shards.stats_table(["label"])
+        return np.array(table.to_pandas()["label"], dtype=np.int64)  # a copy: stats() frees the table's buffers
+
     def _scores_beside_slices(
-        self, pool: ThreadPoolExecutor, stop: threading.Event, stats: pd.DataFrame, labels: np.ndarray | None,
-        config: ScoreConfig, progress: Callable[[int], None] | None, population: PopulationStats | None,
-        neighbours: dict[str, np.ndarray], layout: Any, seed: int, *, slicing: bool,
+        self, pool: ThreadPoolExecutor, stop: threading.Event, labels: np.ndarray | None, config: ScoreConfig,
+        progress: Callable[[int], None] | None, population: PopulationStats | None, neighbours: dict[str, np.ndarray], layout: Any, seed: int, *, slicing: bool,
     ) -> tuple[pd.DataFrame, dict[str, float], SliceAssignment | None]:
-        """Pass 1 (unless ``population`` is given) and pass 2 of the scores and the ranked frame, with the
-        slices' clustering (when ``slicing``) in ``pool`` meanwhile: ``(frame, hardness weights used, slice
-        assignment or None)``.
+        """The per-sample statistics, pass 1 (unless ``population`` is given) and pass 2 of the scores and the
+        ranked frame, with the slices' clustering (when ``slicing``) in ``pool`` meanwhile: ``(frame, hardness
+        weights used, slice assignment or None)``.
 
         The clustering needs only the labels and the vectors; both sides are mostly numpy and FAISS calls,
         which release the GIL. The BLAS is held to one thread meanwhile: two threads each driving a two-thread
         BLAS ran slower together than one after the other. No result depends on it (the same arrays in the
-        same order either way)."""
+        same order either way). This thread, its own part done, joins the clustering's last pass (a
+        ``SharedPass``: each block is assigned by whichever thread takes it, the same way)."""
         n = self.n_samples
 
         def blocks() -> Iterator[Block]:  # the clustering's passes over the rows; ``stop`` ends them
@@ -441,7 +459,9 @@ class Scan:
                 yield block
 
         with threadpool_limits(limits=1, user_api="blas"):
-            fitting = pool.submit(fit_scan_slices, blocks, labels, layout, seed) if slicing else None
+            share = SharedPass()
+            fitting = pool.submit(fit_scan_slices, blocks, labels, layout, seed, share=share) if slicing else None
+            stats = self.stats()
             pop = population if population is not None else population_pass(
                 self.iter_gradients(), self.out_dim, labels, self.num_classes
             )
@@ -450,7 +470,13 @@ class Scan:
             grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
             grad_scores.update(neighbours)
             df, used = finalize_scores(stats, grad_scores, config, self.task)
-            return df, used, fitting.result() if fitting is not None else None
+            if fitting is None:
+                return df, used, None
+            # The label-issue columns need no slices: computed while the clustering finishes (annotate_manifest
+            # is then told they are there).
+            add_label_issue_columns(df)
+            share.help()
+            return df, used, fitting.result()
 
     def _manifest_metadata(
         self, config: ScoreConfig, used: dict[str, float], k: int | None, ids: np.ndarray

@@ -1,0 +1,109 @@
+"""``hardmine._shared_pass.SharedPass``: one pass over a stream that other threads join (the slices'
+clustering's last pass, which a scan's scoring thread joins once its own part is done)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from hardmine._shared_pass import SharedPass
+
+
+def _items(n: int):
+    for i in range(n):
+        yield (i,)
+
+
+def test_every_item_once_whoever_takes_it():
+    done: dict[int, str] = {}
+    lock = threading.Lock()
+    helped = threading.Event()  # the owner's items wait until the helper has done one: both take part
+
+    def work(i: int) -> None:
+        if threading.current_thread() is threading.main_thread():
+            helped.set()
+        else:
+            helped.wait(timeout=10)
+        time.sleep(0.001)
+        with lock:
+            assert i not in done
+            done[i] = threading.current_thread().name
+
+    share = SharedPass()
+    with ThreadPoolExecutor(1, thread_name_prefix="owner") as pool:
+        owner = pool.submit(share.run, _items(200), work)
+        share.help()  # waits for the pass to start, then takes items until none is left
+        owner.result(timeout=30)
+    assert sorted(done) == list(range(200))
+    assert {name.split("_")[0] for name in done.values()} == {"owner", "MainThread"}
+
+
+def test_help_returns_when_the_pass_never_starts():
+    share = SharedPass()
+    threading.Timer(0.05, share.close).start()  # e.g. the fit failed before its last pass
+    share.help()  # would wait for ever without close
+    with pytest.raises(RuntimeError, match="closed"):
+        share.run(_items(3), lambda i: None)
+
+
+def test_a_failing_helper_fails_the_owner_and_stops_the_pass():
+    started = threading.Event()
+    seen: list[int] = []
+
+    def work(i: int) -> None:
+        if threading.current_thread() is threading.main_thread():
+            started.wait(timeout=10)
+            raise ValueError("helper broke")
+        started.set()
+        seen.append(i)
+        time.sleep(0.002)
+
+    share = SharedPass()
+    with ThreadPoolExecutor(1) as pool:
+        owner = pool.submit(share.run, _items(10_000), work)
+        with pytest.raises(ValueError, match="helper broke"):
+            share.help()
+        with pytest.raises(RuntimeError, match="incomplete") as info:
+            owner.result(timeout=30)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert len(seen) < 10_000  # the owner stopped taking items
+
+
+def test_a_failing_owner_raises_its_own_error_and_releases_the_helper():
+    def work(i: int) -> None:
+        if threading.current_thread() is not threading.main_thread() and i >= 3:
+            raise KeyError("owner broke")
+        time.sleep(0.001)
+
+    share = SharedPass()
+    with ThreadPoolExecutor(1) as pool:
+        owner = pool.submit(share.run, _items(10_000), work)
+        share.help()  # returns once the pass ends (the owner's failure ends it)
+        with pytest.raises(KeyError, match="owner broke"):
+            owner.result(timeout=30)
+
+
+def test_the_slices_last_pass_gives_the_same_assignment_with_a_helper():
+    from hardmine.slices import fit_scan_slices
+
+    g = np.random.default_rng(0)
+    y = g.integers(0, 3, 6000)
+    z = (g.standard_normal((6000, 24)) + y[:, None] * 0.5).astype(np.float32)
+
+    def blocks():
+        for lo in range(0, len(z), 256):
+            yield lo, z[lo : lo + 256]
+
+    alone = fit_scan_slices(blocks, y, None, seed=3)
+    share = SharedPass()
+    with ThreadPoolExecutor(1) as pool:
+        fitting = pool.submit(fit_scan_slices, blocks, y, None, 3, share=share)
+        share.help()
+        helped = fitting.result(timeout=60)
+    np.testing.assert_array_equal(helped.within, alone.within)
+    np.testing.assert_array_equal(helped.similarity, alone.similarity)
+    assert helped.counts == alone.counts
