@@ -173,9 +173,24 @@ def test_before_replace_runs_after_the_write_and_its_failure_keeps_the_old_manif
 def test_unique_labels_equals_numpy_unique(labels, small):
     # Counting instead of sorting for small non-negative class ids; np.unique's arrays and dtypes exactly.
     y = np.abs(np.asarray(labels, dtype=np.int64)) % 7 if small else np.asarray(labels, dtype=np.int64)
+    _assert_unique_labels(y)
+
+
+@pytest.mark.parametrize("labels", [
+    [-1, 0, 1, 2],  # a negative label with a small maximum: np.unique, not a count
+    [0, 0, 4, 4],  # the largest label the count takes (2 * N ... )
+    [0, 9, 9, 9],  # ... and beyond it
+    [5], [0], [2**40, 3],
+])
+def test_unique_labels_edges(labels):
+    _assert_unique_labels(np.asarray(labels, dtype=np.int64))
+
+
+def _assert_unique_labels(y: np.ndarray) -> None:
     got = hm._unique_labels(y)
     want = np.unique(y, return_inverse=True, return_counts=True)
-    for a, b in zip(got, want):
+    assert len(got) == 3
+    for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
 
@@ -193,6 +208,15 @@ def test_by_class_then_rank_is_lexsort(classes, ranks, seed):
     inv = np.asarray(classes, dtype=np.int64)
     n = len(inv)
     rank = {"permutation": g.permutation(n) + 1, "ties": g.integers(-2, 3, n), "huge": g.integers(0, 2**62, n)}[ranks]
+    np.testing.assert_array_equal(hm._by_class_then_rank(inv, rank), np.lexsort((rank, inv)))
+
+
+@pytest.mark.parametrize("top", [2**55, 2**61, 2**62 - 3])
+def test_by_class_then_rank_with_wide_ranks(top):
+    # Three classes of ranks near 2**62 would overflow the combined key (the lexsort fallback), smaller ones fit:
+    # lexsort's order either way.
+    inv = np.array([2, 0, 1, 2, 0, 1, 2])
+    rank = np.array([top, top - 1, top - 2, 0, 1, top, 5])
     np.testing.assert_array_equal(hm._by_class_then_rank(inv, rank), np.lexsort((rank, inv)))
 
 

@@ -812,3 +812,23 @@ def test_after_a_failed_shard_write_the_queued_shards_are_not_written(tmp_path, 
     assert [s["rows"] for s in json.loads((tmp_path / "progress.json").read_text())["shards"]] == [[0, 3]]
     assert [s.index for s in ledger.shards] == [0]
     assert _shard_threads() == []
+
+
+def test_a_scan_keeps_its_statistics_only_up_to_a_bound(tmp_path, monkeypatch):
+    # Beyond KEEP_STATS_BYTES the extraction drops the statistics it kept (its memory must not grow with the
+    # number of samples) and the scores read them back from the shard files: the same manifest.
+    extraction_module = importlib.import_module("hardmine.scan.extraction")
+    from hardmine.scan.shards import ShardSet
+
+    data = planted_blobs(seed=7, n_per=40)
+    model = trained_mlp(data["x"], data["y"], steps=20)
+    kept = scan(model, batches_of(data["x"], data["y"], 32), out=tmp_path / "kept", dim=8, engine="vmap",
+                shard_rows=64)
+    reads: list[object] = []
+    original = ShardSet.stats_table
+    monkeypatch.setattr(ShardSet, "stats_table", lambda self, columns=None: reads.append(columns) or original(self, columns))
+    monkeypatch.setattr(extraction_module, "KEEP_STATS_BYTES", 1000)  # less than two shards' statistics
+    dropped = scan(model, batches_of(data["x"], data["y"], 32), out=tmp_path / "dropped", dim=8, engine="vmap",
+                   shard_rows=64)
+    assert reads  # read back from the shard files
+    pd.testing.assert_frame_equal(dropped.manifest(), kept.manifest(), check_exact=True)

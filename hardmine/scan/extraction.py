@@ -45,6 +45,11 @@ __all__ = ["ExtractionPass", "write_token_table"]
 
 logger = logging.getLogger(__name__)
 
+# The per-sample statistics of the shards a scan cuts are kept for its scores (which would otherwise read every
+# stats file back) up to this size: about three million classification samples. Beyond it they are dropped and
+# read back, so the extraction's memory does not grow with the number of samples.
+KEEP_STATS_BYTES = 256 * 2**20
+
 
 class ExtractionPass:
     """One pass over ``data`` for a prepared store and its ledger (updated in place and written per shard).
@@ -138,14 +143,20 @@ class ExtractionPass:
         user_ids = False
         kept: list[np.ndarray] = [np.load(where_dir / s.grads) for s in done_shards] if self.keep else []
         on_flush = None
-        cut: list[pa.Table] = []  # the statistics of the shards this run cuts, in order
+        cut: list[pa.Table] | None = []  # the statistics of the shards this run cuts, in order (None: too many)
+        cut_bytes = 0
         if population:
             # A recorded shard (a resumed or complete scan) is queued when its batches have been checked, a new
             # one when it is cut (the writer writes it meanwhile): always in row order.
             def on_flush(z: np.ndarray, stats: pa.Table) -> None:
+                nonlocal cut, cut_bytes
                 labels = self._labels_of(stats)
                 self._summed(lambda: (z, labels))
-                cut.append(stats)
+                if cut is not None:
+                    cut.append(stats)
+                    cut_bytes += stats.nbytes
+                    if cut_bytes > KEEP_STATS_BYTES:  # the extraction's memory stays bounded
+                        cut = None
 
         # Shards are written by the writer's thread while the next batches are extracted; leaving the block
         # waits for the writes under way whatever happens, so an interrupted scan keeps every shard handed to
@@ -246,7 +257,10 @@ class ExtractionPass:
         )
         self.store.write_ledger(self.ledger)
         if cut and len(cut) == len(self.ledger.shards):  # every shard cut here: the same tables as their files
-            self.stats = pa.concat_tables(cut)
+            try:
+                self.stats = pa.concat_tables(cut)
+            except pa.ArrowInvalid:  # shards that disagree: the scores read the files (and say what differs)
+                self.stats = None
         if self.finish_tokens and self.ledger.task == TaskKind.CAUSAL_LM.value and not self.store.tokens_path.is_file():
             write_token_table(self.store, self.ledger)
         return np.concatenate(kept) if self.keep else None

@@ -164,7 +164,8 @@ class Scan:
 
     def stats(self) -> pd.DataFrame:
         """Per-sample statistics recorded during extraction, in scan order (one row per sample)."""
-        table, self._stats_table = self._stats_table or self.shards.stats_table(), None
+        table = self._stats_table if self._stats_table is not None else self.shards.stats_table()
+        self._stats_table = None
         # Free each Arrow column as it is converted: the frame is not held twice at a million rows.
         df = table.to_pandas(self_destruct=True, split_blocks=True)
         del table
@@ -434,12 +435,16 @@ class Scan:
 
     def _class_labels(self) -> np.ndarray:
         """The ``label`` column of the statistics as int64 (a classification scan's class ids)."""
-        table = self._stats_table.select(["label"]) if self._stats_table is not None else self.shards.stats_table(["label"])
+        if self._stats_table is not None:
+            table = self._stats_table.select(["label"])
+        else:
+            table = self.shards.stats_table(["label"])
         return np.array(table.to_pandas()["label"], dtype=np.int64)  # a copy: stats() frees the table's buffers
 
     def _scores_beside_slices(
         self, pool: ThreadPoolExecutor, stop: threading.Event, labels: np.ndarray | None, config: ScoreConfig,
-        progress: Callable[[int], None] | None, population: PopulationStats | None, neighbours: dict[str, np.ndarray], layout: Any, seed: int, *, slicing: bool,
+        progress: Callable[[int], None] | None, population: PopulationStats | None,
+        neighbours: dict[str, np.ndarray], layout: Any, seed: int, *, slicing: bool,
     ) -> tuple[pd.DataFrame, dict[str, float], SliceAssignment | None]:
         """The per-sample statistics, pass 1 (unless ``population`` is given) and pass 2 of the scores and the
         ranked frame, with the slices' clustering (when ``slicing``) in ``pool`` meanwhile: ``(frame, hardness
