@@ -153,7 +153,11 @@ class ExtractionPass:
                 labels = self._labels_of(stats)
                 self._summed(lambda: (z, labels))
                 if cut is not None:
-                    cut.append(stats)
+                    # A copy in Arrow's own memory pool: the shard's table shares numpy arrays from the process
+                    # heap, and small blocks kept for the whole extraction among each batch's freed arrays kept
+                    # the heap from shrinking (at a million samples the extraction held several times the
+                    # statistics' size; the copies hold about their size).
+                    cut.append(stats.take(np.arange(stats.num_rows)))
                     cut_bytes += stats.nbytes
                     if cut_bytes > KEEP_STATS_BYTES:  # the extraction's memory stays bounded
                         cut = None
