@@ -22,9 +22,12 @@ class SharedPass:
     ``finally``) releases helpers still waiting for a pass that will not start.
 
     A failure in any thread ends the pass for all: the failing thread raises it, and ``run`` raises too when a
-    helper failed (the pass is then incomplete)."""
+    helper failed (the pass is then incomplete). ``stop``: an event the caller sets when it gives up (e.g. on
+    Ctrl-C); the owner then stops waiting for helpers, whatever state an interrupted helper left behind, and
+    ``run`` raises."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self._stop = stop
         self._cond = threading.Condition()
         self._items: Iterator[Any] | None = None
         self._work: Callable[..., None] | None = None
@@ -42,6 +45,8 @@ class SharedPass:
             self._take_part()
         finally:
             self.close()
+        if self._stopped():
+            raise RuntimeError("the pass was stopped")
         if self._error is not None:
             raise RuntimeError("a thread that joined the pass failed; the pass is incomplete") from self._error
 
@@ -55,12 +60,16 @@ class SharedPass:
         self._take_part()
 
     def close(self) -> None:
-        """No item is taken any more; wait for the threads still working on one."""
+        """No item is taken any more; wait for the threads still working on one (not after ``stop`` is set: a
+        helper interrupted at the wrong moment may never say it is done)."""
         with self._cond:
             self._done = True
             self._cond.notify_all()
-            while self._active:
-                self._cond.wait()
+            while self._active and not self._stopped():
+                self._cond.wait(timeout=0.1)
+
+    def _stopped(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     def _take_part(self) -> None:
         assert self._items is not None and self._work is not None

@@ -310,7 +310,7 @@ def _unique_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """``np.unique(labels, return_inverse=True, return_counts=True)`` for integer labels, by counting when they
     are small non-negative class ids (a million labels: one ``bincount`` instead of a sort)."""
     if len(labels) and labels.min() >= 0 and labels.max() <= 2 * len(labels):
-        count = np.bincount(labels)  # (max + 1,)
+        count = np.bincount(labels.astype(np.intp, copy=False))  # (max + 1,); uint64 needs numpy 2.2.4 as is
         classes = np.flatnonzero(count)  # (C,) sorted
         position = np.zeros(len(count), dtype=np.intp)
         position[classes] = np.arange(len(classes))

@@ -787,7 +787,8 @@ def finalize_scores(
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Join per-sample statistics and gradient scores, add flags, ``hardness`` and ``rank``.
 
-    ``stats`` is extended in place (no copy: at a million samples every copy of the frame costs ~200 MB).
+    ``stats`` is extended in place (no copy: at a million samples every copy of the frame costs ~200 MB), and
+    the arrays of ``grad_scores`` become its columns as they are (not copied: do not change them afterwards).
     Returns the frame (one row per sample, in scan order) and the hardness weights actually used.
     """
     df = stats

@@ -182,8 +182,12 @@ def test_unique_labels_equals_numpy_unique(labels, small):
     [0, 9, 9, 9],  # ... and beyond it
     [5], [0], [2**40, 3],
 ])
-def test_unique_labels_edges(labels):
-    _assert_unique_labels(np.asarray(labels, dtype=np.int64))
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.uint64])
+def test_unique_labels_edges(labels, dtype):
+    y = np.asarray(labels)
+    if np.issubdtype(dtype, np.unsignedinteger) and (y < 0).any() or y.max() > np.iinfo(dtype).max:
+        pytest.skip("not representable")
+    _assert_unique_labels(y.astype(dtype))
 
 
 def _assert_unique_labels(y: np.ndarray) -> None:

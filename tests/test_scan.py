@@ -293,31 +293,6 @@ def test_same_inputs_and_seed_give_identical_manifest(tmp_path):
     assert not np.array_equal(c.gradients(), a.gradients())  # the seed matters
 
 
-def test_a_fresh_scan_scores_from_the_statistics_it_holds_and_a_rescore_from_disk_agrees(tmp_path, monkeypatch):
-    # A scan that cut every shard itself keeps their statistics and does not read the shard files back for
-    # its scores; a rescore reads them from disk. The manifests must be the same.
-    from hardmine.scan.shards import ShardSet
-
-    data = planted_blobs(seed=6, n_per=60)
-    model = trained_mlp(data["x"], data["y"], steps=30)
-    reads: list[list[str] | None] = []
-    original = ShardSet.stats_table
-
-    def counted(self, columns=None):
-        reads.append(columns)
-        return original(self, columns)
-
-    monkeypatch.setattr(ShardSet, "stats_table", counted)
-    s = scan(model, batches_of(data["x"], data["y"], 32), out=tmp_path / "s", dim=16, engine="vmap", shard_rows=64)
-    assert reads == []  # several shards, none read back
-    first = s.manifest()
-    s.rescore()
-    assert reads  # the rescore read the statistics from the shard files
-    again = s.manifest()
-    pd.testing.assert_frame_equal(again, first, check_exact=True)
-    assert _strip_created(again.attrs["hardmine"]) == _strip_created(first.attrs["hardmine"])
-
-
 class _Interrupted(RuntimeError):
     pass
 
@@ -813,22 +788,3 @@ def test_after_a_failed_shard_write_the_queued_shards_are_not_written(tmp_path, 
     assert [s.index for s in ledger.shards] == [0]
     assert _shard_threads() == []
 
-
-def test_a_scan_keeps_its_statistics_only_up_to_a_bound(tmp_path, monkeypatch):
-    # Beyond KEEP_STATS_BYTES the extraction drops the statistics it kept (its memory must not grow with the
-    # number of samples) and the scores read them back from the shard files: the same manifest.
-    extraction_module = importlib.import_module("hardmine.scan.extraction")
-    from hardmine.scan.shards import ShardSet
-
-    data = planted_blobs(seed=7, n_per=40)
-    model = trained_mlp(data["x"], data["y"], steps=20)
-    kept = scan(model, batches_of(data["x"], data["y"], 32), out=tmp_path / "kept", dim=8, engine="vmap",
-                shard_rows=64)
-    reads: list[object] = []
-    original = ShardSet.stats_table
-    monkeypatch.setattr(ShardSet, "stats_table", lambda self, columns=None: reads.append(columns) or original(self, columns))
-    monkeypatch.setattr(extraction_module, "KEEP_STATS_BYTES", 1000)  # less than two shards' statistics
-    dropped = scan(model, batches_of(data["x"], data["y"], 32), out=tmp_path / "dropped", dim=8, engine="vmap",
-                   shard_rows=64)
-    assert reads  # read back from the shard files
-    pd.testing.assert_frame_equal(dropped.manifest(), kept.manifest(), check_exact=True)

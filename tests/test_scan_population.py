@@ -204,6 +204,37 @@ def test_a_failed_scoring_pass_stops_the_clustering_at_its_next_block(tmp_path, 
     assert _workers() == []
 
 
+@pytest.mark.parametrize("failing", ["MainThread", "hardmine-slices"])
+def test_a_failure_in_the_shared_last_pass_fails_the_rescore_and_leaves_no_thread(tmp_path, monkeypatch, failing):
+    # The scoring thread joins the clustering's last pass; a block failing in either thread must fail the
+    # rescore (not hang it), keep the previous manifest and leave no worker behind.
+    import hardmine.slices as slices_module
+
+    data = planted_blobs(seed=11, n_per=60)
+    model = trained_mlp(data["x"], data["y"], steps=20)
+    s = scan(model, batches_of(data["x"], data["y"], 20), out=tmp_path / "s", dim=8, engine="vmap", shard_rows=40)
+    before = (s.path / "manifest.parquet").read_bytes()
+    original = slices_module._assign_block
+    calls = {"n": 0}
+    joined = threading.Event()
+
+    def assign(start, z, y, cols, centroids, raw, sim, sums):
+        if sums is None:  # the last pass
+            if threading.current_thread() is threading.main_thread():
+                joined.set()
+            if threading.current_thread().name.startswith(failing):
+                calls["n"] += 1
+                raise ValueError("simulated failure in the last pass")
+            joined.wait(timeout=10)  # the clustering's thread waits until the scoring thread has taken a block
+        return original(start, z, y, cols, centroids, raw, sim, sums)
+
+    monkeypatch.setattr(slices_module, "_assign_block", assign)
+    with pytest.raises((ValueError, RuntimeError), match="simulated failure|incomplete|stopped"):
+        s.rescore()
+    assert calls["n"] >= 1 and (s.path / "manifest.parquet").read_bytes() == before
+    assert _workers() == []
+
+
 def test_a_failed_slice_table_leaves_the_previous_manifest_and_slice_table(tmp_path, monkeypatch):
     data = planted_blobs(seed=10, n_per=60)
     model = trained_mlp(data["x"], data["y"], steps=20)

@@ -94,16 +94,32 @@ def test_the_slices_last_pass_gives_the_same_assignment_with_a_helper():
     y = g.integers(0, 3, 6000)
     z = (g.standard_normal((6000, 24)) + y[:, None] * 0.5).astype(np.float32)
 
+    takers: list[str] = []
+
     def blocks():
         for lo in range(0, len(z), 256):
+            takers.append(threading.current_thread().name)  # the thread that advanced the stream takes the block
             yield lo, z[lo : lo + 256]
 
     alone = fit_scan_slices(blocks, y, None, seed=3)
     share = SharedPass()
     with ThreadPoolExecutor(1) as pool:
         fitting = pool.submit(fit_scan_slices, blocks, y, None, 3, share=share)
+        takers.clear()  # from here: the sample pass (the pool thread), then the last pass (both)
         share.help()
         helped = fitting.result(timeout=60)
+    assert "MainThread" in takers  # the helper did assign blocks
     np.testing.assert_array_equal(helped.within, alone.within)
     np.testing.assert_array_equal(helped.similarity, alone.similarity)
     assert helped.counts == alone.counts
+
+
+def test_stop_releases_an_owner_waiting_for_a_helper_that_never_says_it_is_done():
+    # A Ctrl-C can land in a helper between taking an item and recording that it is done; the caller then
+    # sets ``stop``, and the owner must not wait for that helper for ever.
+    stop = threading.Event()
+    share = SharedPass(stop)
+    share._active = 1  # the interrupted helper's count, never taken back
+    threading.Timer(0.05, stop.set).start()
+    with pytest.raises(RuntimeError, match="stopped"):
+        share.run(_items(3), lambda i: None)

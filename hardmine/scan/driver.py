@@ -14,7 +14,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -527,24 +526,22 @@ class _Driver:
                 self.ensure_index(index_kind)
             return Scan.open(path, gradients=gradients)
         return self.finish(gradients, t0, t_extract, extraction.extracted_now, score_config, index_kind,
-                           population=extraction.population, build_index=build_index, stats=extraction.stats)
+                           population=extraction.population, build_index=build_index)
 
     def finish(
         self, gradients: np.ndarray | None, t0: float, t_extract: float, extracted: int, score_config: ScoreConfig,
         index_kind: IndexKind, population: PopulationStats | None = None, build_index: bool = False,
-        stats: pa.Table | None = None,
     ) -> Scan:
         """After the extraction (``self.ledger`` complete): index, scores and manifest, each phase recorded.
         ``population``: the population statistics when already known (summed over the ranks of a distributed
-        scan), else computed from the shards. ``stats``: every shard's statistics in row order when the
-        extraction kept them (else they are read from the shard files)."""
+        scan), else computed from the shards."""
         path = self.store.path
         scoring = {"score_config": score_config.to_dict(), "index_requested": index_kind.value}
         if callable(self.data_report):
             self.info["data"] = jsonable(self.data_report())
         self._write_info(status="extracted", **self.ledger.summary())
         n = int(self.ledger.n_samples or 0)
-        result = Scan(path, self.info, gradients, stats=stats)  # shares self.info: the index it builds is recorded there
+        result = Scan(path, self.info, gradients)  # shares self.info: the index it builds is recorded there
         result._writing = True  # this driver holds the directory's lock and writes scan.json
         self.store.remove_manifest()
         t1 = time.perf_counter()

@@ -45,11 +45,6 @@ __all__ = ["ExtractionPass", "write_token_table"]
 
 logger = logging.getLogger(__name__)
 
-# The per-sample statistics of the shards a scan cuts are kept for its scores (which would otherwise read every
-# stats file back) up to this size: about three million classification samples. Beyond it they are dropped and
-# read back, so the extraction's memory does not grow with the number of samples.
-KEEP_STATS_BYTES = 256 * 2**20
-
 
 class ExtractionPass:
     """One pass over ``data`` for a prepared store and its ledger (updated in place and written per shard).
@@ -87,9 +82,6 @@ class ExtractionPass:
         self.device = next(iter(extractor.model.parameters())).device
         self.extracted_now = 0
         self.population: PopulationStats | None = None
-        # The statistics of every shard, when this run cut them all (not a resumed or checked scan): the scores
-        # then need not read them back from the shard files.
-        self.stats: pa.Table | None = None
         self._sums: PopulationSums | None = None
 
     def run(self, data: Iterable[Any], *, population: bool = True) -> np.ndarray | None:
@@ -97,7 +89,6 @@ class ExtractionPass:
         when ``keep``, else ``None``. ``population``: also sum the population statistics of every shard in a
         worker thread (``self.population``; a resumed scan's earlier shards are read back for it)."""
         self.population = None
-        self.stats = None
         try:
             kept = self._run(data, population)
             if self._sums is not None:
@@ -143,24 +134,12 @@ class ExtractionPass:
         user_ids = False
         kept: list[np.ndarray] = [np.load(where_dir / s.grads) for s in done_shards] if self.keep else []
         on_flush = None
-        cut: list[pa.Table] | None = []  # the statistics of the shards this run cuts, in order (None: too many)
-        cut_bytes = 0
         if population:
             # A recorded shard (a resumed or complete scan) is queued when its batches have been checked, a new
             # one when it is cut (the writer writes it meanwhile): always in row order.
             def on_flush(z: np.ndarray, stats: pa.Table) -> None:
-                nonlocal cut, cut_bytes
                 labels = self._labels_of(stats)
                 self._summed(lambda: (z, labels))
-                if cut is not None:
-                    # A copy in Arrow's own memory pool: the shard's table shares numpy arrays from the process
-                    # heap, and small blocks kept for the whole extraction among each batch's freed arrays kept
-                    # the heap from shrinking (at a million samples the extraction held several times the
-                    # statistics' size; the copies hold about their size).
-                    cut.append(stats.take(np.arange(stats.num_rows)))
-                    cut_bytes += stats.nbytes
-                    if cut_bytes > KEEP_STATS_BYTES:  # the extraction's memory stays bounded
-                        cut = None
 
         # Shards are written by the writer's thread while the next batches are extracted; leaving the block
         # waits for the writes under way whatever happens, so an interrupted scan keeps every shard handed to
@@ -260,11 +239,6 @@ class ExtractionPass:
             n_samples=rows, n_batches=n_batches, dataset_fingerprint=fingerprint, out_dim=self.extractor.out_dim
         )
         self.store.write_ledger(self.ledger)
-        if cut and len(cut) == len(self.ledger.shards):  # every shard cut here: the same tables as their files
-            try:
-                self.stats = pa.concat_tables(cut)
-            except pa.ArrowInvalid:  # shards that disagree: the scores read the files (and say what differs)
-                self.stats = None
         if self.finish_tokens and self.ledger.task == TaskKind.CAUSAL_LM.value and not self.store.tokens_path.is_file():
             write_token_table(self.store, self.ledger)
         return np.concatenate(kept) if self.keep else None

@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from threadpoolctl import threadpool_limits
 
@@ -62,16 +61,10 @@ class Neighbors(NamedTuple):
 class Scan:
     """A scan directory: gradients, index, scores and manifest. Reopen one with ``Scan.open(path)``."""
 
-    def __init__(
-        self, path: str | os.PathLike[str], info: dict[str, Any], gradients: np.ndarray | None = None,
-        stats: pa.Table | None = None,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], info: dict[str, Any], gradients: np.ndarray | None = None) -> None:
         self.path = Path(path)
         self.info = info
         self._gradients = gradients  # the in-memory copy of all rows (keep_gradients_in_memory), or None
-        # The statistics the scan driver still holds (every shard's, in row order): read once instead of the
-        # shard files, then dropped.
-        self._stats_table = stats
         self._index: Any = None
         # True while the owner of the directory (the scan driver or ``rescore``) holds its lock: an index built
         # on first use is then built under that lock, and ``scan.json`` is the owner's to write.
@@ -164,8 +157,7 @@ class Scan:
 
     def stats(self) -> pd.DataFrame:
         """Per-sample statistics recorded during extraction, in scan order (one row per sample)."""
-        table = self._stats_table if self._stats_table is not None else self.shards.stats_table()
-        self._stats_table = None
+        table = self.shards.stats_table()
         # Free each Arrow column as it is converted: the frame is not held twice at a million rows.
         df = table.to_pandas(self_destruct=True, split_blocks=True)
         del table
@@ -435,11 +427,7 @@ class Scan:
 
     def _class_labels(self) -> np.ndarray:
         """The ``label`` column of the statistics as int64 (a classification scan's class ids)."""
-        if self._stats_table is not None:
-            table = self._stats_table.select(["label"])
-        else:
-            table = self.shards.stats_table(["label"])
-        return np.array(table.to_pandas()["label"], dtype=np.int64)  # a copy: stats() frees the table's buffers
+        return self.shards.stats_table(["label"]).to_pandas()["label"].to_numpy(dtype=np.int64)
 
     def _scores_beside_slices(
         self, pool: ThreadPoolExecutor, stop: threading.Event, labels: np.ndarray | None, config: ScoreConfig,
@@ -464,7 +452,7 @@ class Scan:
                 yield block
 
         with threadpool_limits(limits=1, user_api="blas"):
-            share = SharedPass()
+            share = SharedPass(stop)
             fitting = pool.submit(fit_scan_slices, blocks, labels, layout, seed, share=share) if slicing else None
             stats = self.stats()
             pop = population if population is not None else population_pass(
