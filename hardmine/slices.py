@@ -51,7 +51,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,18 +263,20 @@ def _normalise(c: np.ndarray) -> np.ndarray:
     return c / np.where(norms > 0, norms, 1.0)
 
 
+def _labelled_blocks(blocks: Blocks, n: int) -> Iterator[Block]:
+    """The blocks of ``blocks()`` up to the last that ends within the ``n`` labelled rows."""
+    return itertools.takewhile(lambda block: block[0] + len(block[1]) <= n, blocks())
+
+
 def _assign_pass(
-    blocks: Blocks, y: np.ndarray, cols: np.ndarray | None, centroids: Mapping[int, np.ndarray],
-    raw: np.ndarray, sim: np.ndarray | None,
+    blocks: Blocks, y: np.ndarray, cols: np.ndarray | None, centroids: Mapping[int, np.ndarray], raw: np.ndarray,
 ) -> tuple[dict[int, np.ndarray], int]:
-    """One pass over the rows: assign each to its class's nearest centroid (writing ``raw`` and ``sim``) and
-    sum the unit vectors per centroid. Returns (sums per class ``(k, d)``, assignments changed)."""
+    """One refinement pass over the rows: assign each to its class's nearest centroid (writing ``raw``) and sum
+    the unit vectors per centroid. Returns (sums per class ``(k, d)``, assignments changed)."""
     sums = {c: np.zeros_like(v) for c, v in centroids.items()}
     changed = 0
-    for start, z in blocks():
-        if start + len(z) > len(y):
-            break
-        changed += _assign_block(start, z, y, cols, centroids, raw, sim, None if sim is not None else sums)
+    for start, z in _labelled_blocks(blocks, len(y)):
+        changed += _assign_block(start, z, y, cols, centroids, raw, None, sums)
     return sums, changed
 
 
@@ -360,7 +362,7 @@ def _compute_slices(
     # refined by streamed spherical Lloyd iterations over all rows: assign, then move each centroid to the
     # normalised sum of its members; stop when no assignment changes (or after NITER passes).
     for _ in range(NITER if shrunk else 0):
-        sums, changed = _assign_pass(blocks, y, cols, centroids, raw, None)
+        sums, changed = _assign_pass(blocks, y, cols, centroids, raw)
         for c, sm in sums.items():
             empty = ~(np.abs(sm).sum(axis=1) > 0)
             new = _normalise(sm)
@@ -369,13 +371,10 @@ def _compute_slices(
         if changed == 0:
             break
     sim = np.zeros(n, dtype=np.float64)
-    if share is None:
-        _assign_pass(blocks, y, cols, centroids, raw, sim)
-    else:  # the last pass, block by block, with any thread that joins it (each block: disjoint rows)
-        share.run(
-            itertools.takewhile(lambda block: block[0] + len(block[1]) <= n, blocks()),
-            lambda start, z: _assign_block(start, z, y, cols, centroids, raw, sim, None),
-        )
+    # The last pass, block by block, with any thread that joins it (each block: disjoint rows; alone without one).
+    (share or SharedPass()).run(
+        _labelled_blocks(blocks, n), lambda start, z: _assign_block(start, z, y, cols, centroids, raw, sim, None)
+    )
     # Renumber inside each class by size, largest first (stable: ties keep the centroid order): one count
     # over (class, centroid) pairs and one table lookup, not a pass over the rows per class.
     k_max = max(ks.values(), default=1)
