@@ -110,6 +110,8 @@ __all__ = [
     "regression_stats",
     "unit_rows",
     "divergence_scores",
+    "divergence_directions",
+    "divergence_from_dots",
     "knn_scores",
     "NEIGHBOR_SCORES",
     "knn_columns",
@@ -519,15 +521,9 @@ def divergence_scores(
     # into unit rows or gathered per-row class sums (several (B, D) float64 temporaries each).
     z64 = np.asarray(z, dtype=np.float64)  # (B, D)
     sq = _row_sq_norms(z64)  # (B,)
-    inv = _inverse_norms(sq)
-    u_sq = (sq > 0).astype(np.float64)  # ‖u‖² is 1, or 0 for a zero gradient
     dots = z64 @ np.stack([pop.unit_sum, pop.plain_sum], axis=1)  # (B, 2)
-    out = {
-        "global_divergence": 1.0 - _cos(dots[:, 0] * inv, u_sq, pop.unit_sum @ pop.unit_sum),
-        "global_divergence_plain": 1.0 - _cos(dots[:, 1], sq, pop.plain_sum @ pop.plain_sum),
-    }
     if labels is None or pop.class_count is None:
-        return _without_classes(out, len(z64))
+        return _compute_divergence_from_dots(sq, dots, None, pop)
     assert pop.class_unit_sum is not None and pop.class_plain_sum is not None
     lab = np.asarray(labels, dtype=np.int64)
     n_classes = len(pop.class_count)
@@ -538,6 +534,54 @@ def divergence_scores(
     else:  # many classes: each row against its own class's sums
         du = np.einsum("ij,ij->i", z64, pop.class_unit_sum[lab])
         dz = np.einsum("ij,ij->i", z64, pop.class_plain_sum[lab])
+    return _compute_divergence_from_dots(sq, np.column_stack([dots, du, dz]), lab, pop)  # dots: (B, 4)
+
+
+def divergence_directions(pop: PopulationStats) -> np.ndarray:
+    """``(C, D, 4)`` float64: for a row ``z`` of class ``c``, ``z @ out[c]`` are the dot products its divergence
+    scores are made of, ``(z·Σu, z·Σz, z·Σ_c u, z·Σ_c z)`` (``divergence_from_dots``). So a pass that reads the
+    rows anyway (a scan's slices, class by class) gets them from its own product. Needs per-class sums."""
+    if pop.class_count is None or pop.class_unit_sum is None or pop.class_plain_sum is None:
+        raise ValueError("these population statistics have no per-class sums (no labels); use divergence_scores.")
+    c, d = pop.class_unit_sum.shape
+    glob = np.broadcast_to(np.stack([pop.unit_sum, pop.plain_sum], axis=1), (c, d, 2))  # (C, D, 2)
+    own = np.stack([pop.class_unit_sum, pop.class_plain_sum], axis=2)  # (C, D, 2)
+    return np.concatenate([glob, own], axis=2)  # (C, D, 4)
+
+
+def divergence_from_dots(
+    sq: np.ndarray, dots: np.ndarray, labels: np.ndarray | None, pop: PopulationStats
+) -> dict[str, np.ndarray]:
+    """``divergence_scores`` (without leave-one-out) from each row's squared norm ``sq`` ``(B,)`` and its dot
+    products ``dots`` ``(B, 4)`` with the columns of its class in ``divergence_directions(pop)`` (or ``(B, 2)``,
+    the first two, for rows without labels): the same numbers, up to the rounding of the products."""
+    sq = np.asarray(sq, dtype=np.float64)
+    dots = np.asarray(dots, dtype=np.float64)
+    classes = labels is not None and pop.class_count is not None
+    if sq.ndim != 1 or dots.ndim != 2 or len(dots) != len(sq) or dots.shape[1] != (4 if classes else 2):
+        raise ValueError(
+            f"sq must be (B,) and dots (B, {4 if classes else 2}) for these rows, got shapes {sq.shape} and "
+            f"{dots.shape}; take dots with divergence_directions(pop)."
+        )
+    lab = None if labels is None else np.asarray(labels, dtype=np.int64)
+    if lab is not None and lab.shape != sq.shape:
+        raise ValueError(f"labels has shape {lab.shape} for {len(sq)} rows; pass one label per row of sq.")
+    return _compute_divergence_from_dots(sq, dots, lab, pop)
+
+
+def _compute_divergence_from_dots(
+    sq: np.ndarray, dots: np.ndarray, lab: np.ndarray | None, pop: PopulationStats
+) -> dict[str, np.ndarray]:
+    inv = _inverse_norms(sq)
+    u_sq = (sq > 0).astype(np.float64)  # ‖u‖² is 1, or 0 for a zero gradient
+    out = {
+        "global_divergence": 1.0 - _cos(dots[:, 0] * inv, u_sq, pop.unit_sum @ pop.unit_sum),
+        "global_divergence_plain": 1.0 - _cos(dots[:, 1], sq, pop.plain_sum @ pop.plain_sum),
+    }
+    if lab is None or pop.class_count is None:
+        return _without_classes(out, len(sq))
+    assert pop.class_unit_sum is not None and pop.class_plain_sum is not None
+    du, dz = dots[:, 2], dots[:, 3]  # (B,) z·Σ_c u, z·Σ_c z with the row's own class
     su_sq = np.einsum("ij,ij->i", pop.class_unit_sum, pop.class_unit_sum)[lab]  # (B,) ‖Σ_class u‖²
     sz_sq = np.einsum("ij,ij->i", pop.class_plain_sum, pop.class_plain_sum)[lab]
     out["class_divergence"] = 1.0 - _cos(du * inv, u_sq, su_sq)

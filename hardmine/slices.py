@@ -51,10 +51,11 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -89,12 +90,17 @@ __all__ = [
     "DEFAULT_SLICE_EMBEDDING",
     "SLICES_FILE",
     "fit_scan_slices",
+    "SliceCentroids",
+    "AssignedSlices",
+    "fit_slice_centroids",
+    "assign_slices",
     "annotate_manifest",
     "write_slice_table",
     "read_slice_table",
 ]
 
 logger = logging.getLogger(__name__)
+_WORK = threading.local()
 
 SAMPLES_PER_SLICE_UNIT = 10  # the K rule: K_c = round(sqrt(n_c / 10)), clipped to [1, MAX_SLICES]
 MAX_SLICES = 16
@@ -132,6 +138,28 @@ class SliceAssignment:
     def ids(self, labels: np.ndarray) -> np.ndarray:
         """``"<label>/<k>"`` per sample (object array of str)."""
         return slice_ids(labels, self.within)
+
+
+@dataclass(frozen=True)
+class SliceCentroids:
+    """Result of ``fit_slice_centroids``: every class's unit centroids, before the last pass assigns each row
+    (``assign_slices``). ``centroids``: label -> ``(K_c, d)``; ``columns``: the vector columns clustered
+    (``None``: all)."""
+
+    labels: np.ndarray
+    centroids: Mapping[int, np.ndarray]
+    columns: np.ndarray | None
+    seed: int
+    embedding: str
+
+
+class AssignedSlices(NamedTuple):
+    """Result of ``assign_slices``: the slices, and with ``directions`` each row's squared norm ``sq`` ``(N,)``
+    and its dot products ``dots`` ``(N, e)`` with its class's directions (all columns, float64)."""
+
+    assignment: SliceAssignment
+    sq: np.ndarray | None
+    dots: np.ndarray | None
 
 
 # ------------------------------------------------------------------------------------------------ K rule
@@ -280,22 +308,50 @@ def _assign_pass(
     return sums, changed
 
 
+@dataclass
+class _Products:
+    """The last pass's extra output (``assign_slices(directions=...)``): per class ``(D, e)`` directions, and
+    where each row's squared norm ``sq`` ``(N,)`` and dot products ``dots`` ``(N, e)`` land. ``joint``: per class
+    the centroids and directions side by side ``(D, K_c + e)``, one product per class run (all columns
+    clustered only)."""
+
+    directions: np.ndarray
+    sq: np.ndarray
+    dots: np.ndarray
+    joint: dict[int, np.ndarray] | None
+
+
 def _assign_block(
     start: int, z: np.ndarray, y: np.ndarray, cols: np.ndarray | None, centroids: Mapping[int, np.ndarray],
-    raw: np.ndarray, sim: np.ndarray | None, sums: Mapping[int, np.ndarray] | None,
+    raw: np.ndarray, sim: np.ndarray | None, sums: Mapping[int, np.ndarray] | None, products: _Products | None = None,
 ) -> int:
-    """``_assign_pass`` on one block (rows ``start..``): writes ``raw`` (and ``sim``) at its rows, adds its
-    members to ``sums`` unless None (the last pass: no centroid moves after it); returns the assignments changed
-    (0 in the last pass, which does not count them)."""
+    """``_assign_pass`` on one block (rows ``start..``): writes ``raw`` (and ``sim``, and ``products``) at its
+    rows, adds its members to ``sums`` unless None (the last pass: no centroid moves after it); returns the
+    assignments changed (0 in the last pass, which does not count them)."""
     stop = start + len(z)
     lab = y[start:stop]
     # Rows sorted by class: each class is one contiguous run (slices, not fancy-indexed copies).
     order = np.argsort(lab, kind="stable")
-    x = np.asarray(z)[order]
+    full = None  # (b, D) float64 in class order, every column: the products' rows
+    if products is not None:
+        b, width = np.shape(z)
+        buf = getattr(_WORK, "buf", None)
+        if buf is None or buf[0].shape[0] < b or buf[0].shape[1] != width:
+            buf = _WORK.buf = (np.empty((b, width), np.float32), np.empty((b, width)))
+        x = np.take(np.asarray(z), order, axis=0, out=buf[0][:b])
+        full = buf[1][:b]
+        full[...] = x
+    else:
+        x = np.asarray(z)[order]
+    if products is not None:
+        full_sq = np.einsum("ij,ij->i", full, full)  # (b,)
+        products.sq[start + order] = full_sq
+    if full is not None:
+        x = full
     if cols is not None:
         x = x[:, cols]  # (b, D) -> (b, d)
     x = np.asarray(x, dtype=np.float64)  # (b, d) in class order
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # (b,)
+    norms = np.sqrt(full_sq if full is not None and cols is None else np.einsum("ij,ij->i", x, x))  # (b,)
     inv = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)  # 0 for a zero row
     lab_s = lab[order]
     runs = np.flatnonzero(np.r_[True, lab_s[1:] != lab_s[:-1], True])
@@ -304,7 +360,15 @@ def _assign_block(
         c = int(lab_s[lo])
         rows = start + order[lo:hi]
         # cos(x_i, centroid) = (x_i · centroid) / ‖x_i‖ (unit centroids): no (b, d) array of unit rows.
-        s = (x[lo:hi] @ centroids[c].T) * inv[lo:hi, None]  # (b_c, k)
+        if products is not None and products.joint is not None:
+            both = x[lo:hi] @ products.joint[c]  # (b_c, k + e): the centroids' and the directions' products
+            k = len(centroids[c])
+            s = both[:, :k] * inv[lo:hi, None]  # (b_c, k)
+            products.dots[rows] = both[:, k:]
+        else:
+            s = (x[lo:hi] @ centroids[c].T) * inv[lo:hi, None]  # (b_c, k)
+            if products is not None and full is not None:
+                products.dots[rows] = full[lo:hi] @ products.directions[c]  # (b_c, e)
         best = s.argmax(axis=1)
         if sums is not None:
             changed += int((raw[rows] != best).sum())
@@ -323,10 +387,11 @@ def _assign_block(
     return changed
 
 
-def _compute_slices(
-    blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray | None, embedding: str,
-    share: SharedPass | None = None,
-) -> SliceAssignment:
+def _compute_slices(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray | None, embedding: str) -> SliceAssignment:
+    return _compute_assignment(_compute_centroids(blocks, y, seed, cols, embedding), blocks, None, None).assignment
+
+
+def _compute_centroids(blocks: Blocks, y: np.ndarray, seed: int, cols: np.ndarray | None, embedding: str) -> SliceCentroids:
     n = len(y)
     classes, class_n = np.unique(y, return_counts=True)
     ks = {int(c): _compute_slice_count(int(m)) for c, m in zip(classes, class_n)}
@@ -370,11 +435,38 @@ def _compute_slices(
             centroids[c] = new
         if changed == 0:
             break
+    return SliceCentroids(labels=y, centroids=centroids, columns=cols, seed=seed, embedding=embedding)
+
+
+def _compute_assignment(
+    fit: SliceCentroids, blocks: Blocks, directions: np.ndarray | None, share: SharedPass | None,
+    on_block: Callable[[int], None] | None = None,
+) -> AssignedSlices:
+    y, cols, centroids = fit.labels, fit.columns, fit.centroids
+    n = len(y)
+    classes = np.array(sorted(centroids), dtype=np.int64)
+    ks = {c: len(v) for c, v in centroids.items()}
+    raw = np.full(n, -1, dtype=np.int64)
     sim = np.zeros(n, dtype=np.float64)
+    products = None
+    if directions is not None:
+        joint = None
+        if cols is None:  # C-contiguous (D, K_c + e): one product per class run gives both
+            joint = {c: np.ascontiguousarray(np.concatenate([v.T, directions[c]], axis=1)) for c, v in centroids.items()}
+        products = _Products(directions, np.full(n, np.nan), np.full((n, directions.shape[2]), np.nan), joint)
     # The last pass, block by block, with any thread that joins it (each block: disjoint rows; alone without one).
-    (share or SharedPass()).run(
-        _labelled_blocks(blocks, n), lambda start, z: _assign_block(start, z, y, cols, centroids, raw, sim, None)
-    )
+    lock = threading.Lock()
+    done = [0]  # rows assigned by every thread so far
+
+    def assign(start: int, z: np.ndarray) -> None:
+        _assign_block(start, z, y, cols, centroids, raw, sim, None, products)
+        with lock:
+            done[0] += len(z)
+            rows = done[0]
+        if on_block is not None:
+            on_block(rows)
+
+    (share or SharedPass()).run(_labelled_blocks(blocks, n), assign)
     # Renumber inside each class by size, largest first (stable: ties keep the centroid order): one count
     # over (class, centroid) pairs and one table lookup, not a pass over the rows per class.
     k_max = max(ks.values(), default=1)
@@ -387,8 +479,11 @@ def _compute_slices(
         new_id[i, np.argsort(-size, kind="stable")] = np.arange(ks[c])
         counts[c] = int((size > 0).sum())
     within = new_id.ravel()[pair]  # (n,)
-    logger.info("slices: %d classes, %d slices (embedding %s)", len(classes), sum(counts.values()), embedding)
-    return SliceAssignment(within=within, similarity=sim, counts=counts, seed=seed, embedding=embedding)
+    logger.info("slices: %d classes, %d slices (embedding %s)", len(classes), sum(counts.values()), fit.embedding)
+    assignment = SliceAssignment(within=within, similarity=sim, counts=counts, seed=fit.seed, embedding=fit.embedding)
+    if products is None:
+        return AssignedSlices(assignment, None, None)
+    return AssignedSlices(assignment, products.sq, products.dots)
 
 
 def slice_ids(labels: np.ndarray, within: np.ndarray) -> np.ndarray:
@@ -519,21 +614,71 @@ def fit_scan_slices(
     layout: Sequence[Mapping[str, Any]] | None,
     seed: int,
     embedding: SliceEmbedding | str = DEFAULT_SLICE_EMBEDDING,
-    share: SharedPass | None = None,
 ) -> SliceAssignment:
     """The clustering of a scan's slicing step (``fit_slices`` on the columns of ``embedding``): it needs only
     the labels and the vectors, so a scan can run it beside its scoring passes and hand the result to
-    ``annotate_manifest(assignment=...)``. ``share``: its last pass (every block assigned to the nearest
-    centroid) runs as ``share.run``, so other threads can join it with ``share.help()``; the result is the same
-    whoever assigns which block. It is closed when the fit ends, whether or not that pass started."""
+    ``annotate_manifest(assignment=...)``. The same as ``assign_slices(fit_slice_centroids(...), blocks)``."""
+    return assign_slices(fit_slice_centroids(blocks, labels, layout, seed, embedding), blocks).assignment
+
+
+def fit_slice_centroids(
+    blocks: Blocks,
+    labels: np.ndarray,
+    layout: Sequence[Mapping[str, Any]] | None,
+    seed: int,
+    embedding: SliceEmbedding | str = DEFAULT_SLICE_EMBEDDING,
+) -> SliceCentroids:
+    """``fit_scan_slices`` up to its last pass: every class's centroids (the k-means sample, k-means, and the
+    streamed refinement when the sample was shrunk). ``assign_slices`` then assigns every row."""
+    embedding = parse_choice(SliceEmbedding, embedding, "slice embedding")
+    cols = embedding_columns(layout, embedding)
+    return _compute_centroids(*_slice_args(blocks, np.asarray(labels).astype(np.int64), seed, cols, embedding))
+
+
+def assign_slices(
+    fit: SliceCentroids,
+    blocks: Blocks,
+    directions: np.ndarray | None = None,
+    *,
+    share: SharedPass | None = None,
+    on_block: Callable[[int], None] | None = None,
+) -> AssignedSlices:
+    """The last pass of ``fit_scan_slices``: each row of ``blocks()`` (the blocks ``fit`` was made from) goes to
+    its class's nearest centroid, and the slices are numbered by size.
+
+    ``directions``: ``(C, D, e)`` float64 per class (every label in ``[0, C)``, ``D`` the blocks' full width):
+    the pass also returns each row's squared norm and its ``e`` dot products with its class's directions, from
+    the same float64 copy of the block (a scan takes its divergence scores' products here,
+    ``hardmine.score.divergence_directions``: one read of the vectors instead of two). ``share``: the pass runs
+    as ``share.run``, so other threads can join it with ``share.help()`` (the result is the same whoever assigns
+    which block); it is closed when the pass ends or fails. ``on_block(rows)``: called after each block by the
+    thread that assigned it, with the rows assigned so far by every thread (increasing within each thread)."""
     try:
-        embedding = parse_choice(SliceEmbedding, embedding, "slice embedding")
-        cols = embedding_columns(layout, embedding)
-        args = _slice_args(blocks, np.asarray(labels).astype(np.int64), seed, cols, embedding)
-        return _compute_slices(*args, share=share)
+        if not isinstance(fit, SliceCentroids):
+            raise ValueError(f"fit must be the SliceCentroids of fit_slice_centroids, got {type(fit).__name__}.")
+        if directions is not None:
+            directions = _checked_directions(directions, fit.labels, blocks)
+        return _compute_assignment(fit, blocks, directions, share, on_block)
     finally:
         if share is not None:
             share.close()
+
+
+def _checked_directions(directions: Any, y: np.ndarray, blocks: Blocks) -> np.ndarray:
+    d = np.asarray(directions, dtype=np.float64)
+    first = next(iter(blocks()), None)
+    width = None if first is None else int(np.shape(first[1])[1])
+    if d.ndim != 3 or (width is not None and d.shape[1] != width):
+        raise ValueError(
+            f"directions must be (classes, {width if width is not None else 'D'}, e) for these blocks, got shape "
+            f"{d.shape}; make them with hardmine.score.divergence_directions."
+        )
+    if len(y) and (y.min() < 0 or y.max() >= d.shape[0]):
+        raise ValueError(
+            f"labels run from {y.min()} to {y.max()} but directions has {d.shape[0]} classes; pass one (D, e) "
+            "matrix per class id."
+        )
+    return d
 
 
 def annotate_manifest(
@@ -546,6 +691,7 @@ def annotate_manifest(
     assignment: SliceAssignment | None = None,
     submit: Callable[[Callable[[], Any]], Any] | None = None,
     label_issues: bool = True,
+    slice_column: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The scan's slicing step, on a scored manifest frame (``hardness`` and ``rank`` present), in place:
     adds ``label_issue`` / ``is_label_issue`` (``hardmine.label_issues``) and ``slice``, and writes
@@ -556,8 +702,9 @@ def annotate_manifest(
     own copy of the columns it needs, so the caller may add columns to ``df`` meanwhile (a scan runs it in a
     thread beside the manifest's weights, and writes the manifest after it) and must wait for it.
     ``label_issues=False``: the frame already has the label-issue columns (the caller ran
-    ``add_label_issue_columns`` on it, e.g. a scan while its clustering finished). Returns the manifest metadata
-    entry ``slices``."""
+    ``add_label_issue_columns`` on it, e.g. a scan while its clustering finished). ``slice_column``: with
+    ``assignment``, its ``ids`` of these labels when already made (a scan makes them in its worker meanwhile).
+    Returns the manifest metadata entry ``slices``."""
     if label_issues:
         add_label_issue_columns(df)
     labels = df["label"].to_numpy() if "label" in df else np.zeros(0)
@@ -582,7 +729,12 @@ def annotate_manifest(
         )
     else:
         a = assignment
-    set_column(df, "slice", a.ids(labels))
+    if slice_column is not None and (assignment is None or len(slice_column) != len(labels)):
+        raise ValueError(
+            f"slice_column ({len(slice_column)} rows) must come with the assignment it names and have one name per "
+            f"row ({len(labels)}); pass assignment.ids(labels), or none."
+        )
+    set_column(df, "slice", a.ids(labels) if slice_column is None else slice_column)
     meta.update(
         {
             "embedding": embedding.value,

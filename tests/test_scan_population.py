@@ -176,14 +176,19 @@ def test_slices_fitted_beside_the_scoring_passes_are_the_ones_fitted_alone(tmp_p
 
 
 @pytest.mark.timeout(120)  # without the stop, the clustering below would never end
-def test_a_failed_scoring_pass_stops_the_clustering_at_its_next_block(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["population_pass", "score_pass"])
+def test_a_failed_scoring_pass_stops_the_clustering_at_its_next_block(tmp_path, monkeypatch, failing):
+    # population_pass: a rescore computes pass 1 while the slices are clustered (pass 2 is then the last pass's
+    # products); score_pass: with leave_one_out, pass 2 runs on its own.
+    from hardmine.score import ScoreConfig
+
     data = planted_blobs(seed=9, n_per=60)
     model = trained_mlp(data["x"], data["y"], steps=20)
     s = scan(model, batches_of(data["x"], data["y"], 20), out=tmp_path / "s", dim=8, engine="vmap", shard_rows=40)
     started = threading.Event()
     ended: list[BaseException] = []
 
-    def endless_fit(blocks, labels, layout, seed, share=None):
+    def endless_fit(blocks, labels, layout, seed):
         try:
             while True:  # pass after pass over the rows, as a clustering that never converges would
                 for _ in blocks():
@@ -192,14 +197,14 @@ def test_a_failed_scoring_pass_stops_the_clustering_at_its_next_block(tmp_path, 
             ended.append(exc)
             raise
 
-    def failing_score_pass(*args, **kwargs):
+    def failing_pass(*args, **kwargs):
         started.wait()
-        raise ValueError("simulated failure in pass 2")
+        raise ValueError("simulated failure in the scores")
 
-    monkeypatch.setattr(result_module, "fit_scan_slices", endless_fit)
-    monkeypatch.setattr(result_module, "score_pass", failing_score_pass)
-    with pytest.raises(ValueError, match="simulated failure in pass 2"):
-        s.rescore()
+    monkeypatch.setattr(result_module, "fit_slice_centroids", endless_fit)
+    monkeypatch.setattr(result_module, failing, failing_pass)
+    with pytest.raises(ValueError, match="simulated failure in the scores"):
+        s.rescore(ScoreConfig(leave_one_out=failing == "score_pass"))
     assert len(ended) == 1 and "stopped" in str(ended[0])
     assert _workers() == []
 
@@ -218,7 +223,7 @@ def test_a_failure_in_the_shared_last_pass_fails_the_rescore_and_leaves_no_threa
     calls = {"n": 0}
     joined = threading.Event()
 
-    def assign(start, z, y, cols, centroids, raw, sim, sums):
+    def assign(start, z, y, cols, centroids, raw, sim, sums, products=None):
         if sums is None:  # the last pass
             if threading.current_thread() is threading.main_thread():
                 joined.set()
@@ -226,7 +231,7 @@ def test_a_failure_in_the_shared_last_pass_fails_the_rescore_and_leaves_no_threa
                 calls["n"] += 1
                 raise ValueError("simulated failure in the last pass")
             joined.wait(timeout=10)  # the clustering's thread waits until the scoring thread has taken a block
-        return original(start, z, y, cols, centroids, raw, sim, sums)
+        return original(start, z, y, cols, centroids, raw, sim, sums, products)
 
     monkeypatch.setattr(slices_module, "_assign_block", assign)
     with pytest.raises((ValueError, RuntimeError), match="simulated failure|incomplete|stopped"):
@@ -268,3 +273,24 @@ def test_shards_whose_statistics_disagree_are_refused_not_converted(tmp_path):
     pq.write_table(t.set_column(i, "label", t.column("label").cast(pa.float32())), second)
     with pytest.raises(pa.ArrowInvalid):
         s.shards.stats_table()
+
+
+def test_a_classification_scan_takes_pass_2_from_the_slices_last_pass(tmp_path):
+    # Pass 2's products come out of the slices' last pass (one read of the vectors): the scores are those of
+    # pass 2 on its own, up to the rounding of the products; leave_one_out takes the separate route and slices
+    # the same way.
+    from hardmine.score import ScoreConfig, score_pass
+
+    data = planted_blobs(seed=12, n_per=80)
+    model = trained_mlp(data["x"], data["y"], steps=30)
+    s = scan(model, batches_of(data["x"], data["y"], 25), out=tmp_path / "s", dim=16, engine="vmap", shard_rows=70)
+    m = s.manifest().set_index("sample_id").loc[s.sample_ids()]
+    labels = s.stats()["label"].to_numpy(dtype=np.int64)
+    pop = population_pass(s.iter_gradients(), s.out_dim, labels, s.num_classes)
+    want = score_pass(s.iter_gradients(), s.n_samples, labels, pop, ScoreConfig(), None)
+    for k in ("class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
+              "class_distance"):
+        np.testing.assert_allclose(m[k].to_numpy(), want[k], rtol=1e-9, atol=1e-12, err_msg=k)
+    loo = s.rescore(ScoreConfig(leave_one_out=True)).set_index("sample_id").loc[s.sample_ids()]
+    assert loo["slice"].tolist() == m["slice"].tolist()
+    assert not np.allclose(loo["class_divergence"].to_numpy(), m["class_divergence"].to_numpy())

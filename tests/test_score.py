@@ -736,3 +736,52 @@ def test_ranks_at_scale_match_pandas_with_and_without_ties():
         lex = np.empty(len(x), dtype=np.int64)
         lex[np.lexsort((np.arange(len(x)), key))] = np.arange(1, len(x) + 1)
         np.testing.assert_array_equal(hardness_rank(x), lex)
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_divergence_from_dots_gives_divergence_scores(labelled):
+    # The products a scan's slices take from its last pass (divergence_directions) give the same scores as the
+    # block-by-block route, zero gradient and singleton class included.
+    from hardmine.score import divergence_directions, divergence_from_dots
+
+    g = np.random.default_rng(12)
+    z = (g.normal(size=(70, 9)) * g.exponential(1, (70, 1))).astype(np.float32)
+    z[3] = 0.0
+    y = g.integers(0, 3, 70)
+    y[5] = 3  # a singleton class
+    pop = population_pass([(0, z[:40]), (40, z[40:])], 9, y, 4)
+    dirs = divergence_directions(pop)
+    assert dirs.shape == (4, 9, 4)
+    for c in range(4):  # the columns: global unit and plain sums, then the class's
+        np.testing.assert_array_equal(dirs[c].T, [pop.unit_sum, pop.plain_sum, pop.class_unit_sum[c],
+                                                  pop.class_plain_sum[c]])
+    z64 = z.astype(np.float64)
+    dots = np.einsum("bd,bde->be", z64, dirs[y])  # (70, 4)
+    sq = np.einsum("ij,ij->i", z64, z64)
+    got = divergence_from_dots(sq, dots if labelled else dots[:, :2], y if labelled else None, pop)
+    want = divergence_scores(z, y if labelled else None, pop)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12, err_msg=k)
+    assert got["global_divergence"][3] == 1.0 and not np.isnan(got["global_divergence"]).any()
+    if not labelled:
+        assert np.isnan(got["class_divergence"]).all()
+
+
+def test_divergence_from_dots_and_directions_refuse_what_does_not_fit():
+    from hardmine.score import divergence_directions, divergence_from_dots
+
+    g = np.random.default_rng(13)
+    z = g.normal(size=(10, 4))
+    y = g.integers(0, 2, 10)
+    pop = population_pass([(0, z)], 4, y, 2)
+    with pytest.raises(ValueError, match=r"dots \(B, 4\)"):
+        divergence_from_dots(np.ones(10), np.ones((10, 2)), y, pop)  # labelled rows need the class products
+    with pytest.raises(ValueError, match=r"dots \(B, 2\)"):
+        divergence_from_dots(np.ones(10), np.ones((10, 4)), None, pop)
+    with pytest.raises(ValueError, match=r"\(10, 1\)"):
+        divergence_from_dots(np.ones((10, 1)), np.ones((10, 4)), y, pop)
+    with pytest.raises(ValueError, match="labels has shape"):
+        divergence_from_dots(np.ones(10), np.ones((10, 4)), y[:9], pop)
+    with pytest.raises(ValueError, match="no per-class sums"):
+        divergence_directions(population_pass([(0, z)], 4, None, None))

@@ -87,12 +87,14 @@ def test_a_failing_owner_raises_its_own_error_and_releases_the_helper():
             owner.result(timeout=30)
 
 
-def test_the_slices_last_pass_gives_the_same_assignment_with_a_helper():
-    from hardmine.slices import fit_scan_slices
+@pytest.mark.parametrize("with_directions", [False, True])
+def test_the_slices_last_pass_gives_the_same_assignment_with_a_helper(with_directions):
+    from hardmine.slices import assign_slices, fit_scan_slices, fit_slice_centroids
 
     g = np.random.default_rng(0)
     y = g.integers(0, 3, 6000)
     z = (g.standard_normal((6000, 24)) + y[:, None] * 0.5).astype(np.float32)
+    directions = g.standard_normal((3, 24, 4)) if with_directions else None
 
     takers: list[str] = []
 
@@ -101,17 +103,32 @@ def test_the_slices_last_pass_gives_the_same_assignment_with_a_helper():
             takers.append(threading.current_thread().name)  # the thread that advanced the stream takes the block
             yield lo, z[lo : lo + 256]
 
-    alone = fit_scan_slices(blocks, y, None, seed=3)
+    alone = assign_slices(fit_slice_centroids(blocks, y, None, 3), blocks, directions)
     share = SharedPass()
+    seen: dict[str, list[int]] = {}
     with ThreadPoolExecutor(1) as pool:
-        fitting = pool.submit(fit_scan_slices, blocks, y, None, 3, share=share)
+        fitting = pool.submit(fit_slice_centroids, blocks, y, None, 3)
+        assigning = pool.submit(
+            lambda: assign_slices(fitting.result(), blocks, directions, share=share,
+                                  on_block=lambda rows: seen.setdefault(threading.current_thread().name, []).append(rows))
+        )
         takers.clear()  # from here: the sample pass (the pool thread), then the last pass (both)
         share.help()
-        helped = fitting.result(timeout=60)
+        helped = assigning.result(timeout=60)
     assert "MainThread" in takers  # the helper did assign blocks
-    np.testing.assert_array_equal(helped.within, alone.within)
-    np.testing.assert_array_equal(helped.similarity, alone.similarity)
-    assert helped.counts == alone.counts
+    for a in (helped.assignment, alone.assignment):
+        np.testing.assert_array_equal(a.within, fit_scan_slices(blocks, y, None, 3).within)
+    np.testing.assert_array_equal(helped.assignment.similarity, alone.assignment.similarity)
+    assert helped.assignment.counts == alone.assignment.counts
+    # Each thread heard of its own blocks, with every thread's rows so far, increasing; all rows in the end.
+    assert len(seen) == 2 and "MainThread" in seen
+    assert all(rows == sorted(rows) for rows in seen.values())
+    assert max(max(rows) for rows in seen.values()) == len(z)
+    if with_directions:
+        np.testing.assert_array_equal(helped.sq, alone.sq)
+        np.testing.assert_array_equal(helped.dots, alone.dots)
+    else:
+        assert helped.sq is None and helped.dots is None
 
 
 def test_stop_releases_an_owner_waiting_for_a_helper_that_never_says_it_is_done():

@@ -22,8 +22,12 @@ from hardmine.scan import Scan, scan
 from hardmine.slices import (
     SLICE_COLUMNS,
     SLICES_FILE,
+    SliceAssignment,
+    assign_slices,
     embedding_columns,
     expected_calibration_error,
+    fit_scan_slices,
+    fit_slice_centroids,
     fit_slices,
     read_slice_table,
     slice_count,
@@ -163,6 +167,57 @@ def test_output_layer_embedding_uses_only_the_last_layers_columns(clean_scan):
     assert set(a.counts) == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="'pixels'"):
         embedding_columns(layout, "pixels")
+
+
+@pytest.mark.parametrize("embedding", ["gradients", "output-layer"])  # one product per class run / two
+def test_the_last_pass_gives_the_divergence_products_and_the_same_slices(clean_scan, embedding):
+    from hardmine.score import divergence_directions, divergence_from_dots, divergence_scores, population_pass
+
+    s, data = clean_scan
+    y = data["true_y"].astype(np.int64)
+    layout = s.engine_metadata["layout"]
+    pop = population_pass(s.iter_gradients(), s.out_dim, y, 4)
+    fit = fit_slice_centroids(s.iter_gradients, y, layout, 0, embedding)
+
+    def blocks():
+        return s.iter_gradients(max_rows=97)
+
+    seen: list[int] = []
+    got = assign_slices(fit, blocks, divergence_directions(pop), on_block=seen.append)
+    plain = assign_slices(fit, blocks)
+    assert plain.sq is None and plain.dots is None
+    assert seen == sorted(seen) and seen[-1] == len(y) and len(seen) > 1
+    # The same slices with or without the products, and the same as the one-call fit.
+    np.testing.assert_array_equal(got.assignment.within, plain.assignment.within)
+    np.testing.assert_allclose(got.assignment.similarity, plain.assignment.similarity, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(plain.assignment.within, fit_scan_slices(s.iter_gradients, y, layout, 0, embedding).within)
+    # Every row's squared norm over all columns and its products with its class's directions.
+    z = s.gradients().astype(np.float64)
+    np.testing.assert_allclose(got.sq, np.einsum("ij,ij->i", z, z), rtol=1e-12)
+    want = np.stack([z @ pop.unit_sum, z @ pop.plain_sum, np.einsum("ij,ij->i", z, pop.class_unit_sum[y]),
+                     np.einsum("ij,ij->i", z, pop.class_plain_sum[y])], axis=1)
+    np.testing.assert_allclose(got.dots, want, rtol=1e-10, atol=1e-10)
+    scores = divergence_from_dots(got.sq, got.dots, y, pop)
+    for k, v in divergence_scores(z, y, pop).items():
+        np.testing.assert_allclose(scores[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+def test_assign_slices_refuses_directions_that_do_not_fit_and_closes_its_share(clean_scan):
+    from hardmine._shared_pass import SharedPass
+
+    s, data = clean_scan
+    y = data["true_y"].astype(np.int64)
+    fit = fit_slice_centroids(s.iter_gradients, y, None, 0)
+    with pytest.raises(ValueError, match=rf"directions must be \(classes, {s.out_dim}, e\)"):
+        assign_slices(fit, s.iter_gradients, np.zeros((4, s.out_dim + 1, 4)))
+    with pytest.raises(ValueError, match="3 classes"):
+        assign_slices(fit, s.iter_gradients, np.zeros((3, s.out_dim, 4)))
+    with pytest.raises(ValueError, match="SliceCentroids"):
+        assign_slices(fit_slices(s.iter_gradients, y), s.iter_gradients)
+    share = SharedPass()
+    with pytest.raises(ValueError, match="directions must be"):
+        assign_slices(fit, s.iter_gradients, np.zeros(4), share=share)
+    share.help()  # closed by the failed call: returns at once instead of waiting for a pass
 
 
 def test_slices_parquet_round_trips(clean_scan):
@@ -399,6 +454,17 @@ def test_annotate_manifest_adds_label_issues_unless_told_they_are_there(noisy_sc
     annotate_manifest(kept, s.iter_gradients, layout, 0, None, label_issues=False)
     assert (kept["label_issue"] == -1.0).all()  # left as they were
     pd.testing.assert_series_equal(kept["slice"], fresh["slice"])
+    # The slice column given with its assignment (a scan names the slices in its worker) is the one used.
+    a = fit_scan_slices(s.iter_gradients, base["label"].to_numpy(), layout, 0)
+    assert isinstance(a, SliceAssignment)
+    names = np.array([f"given/{i}" for i in range(len(base))], dtype=object)
+    given = base.copy()
+    annotate_manifest(given, s.iter_gradients, layout, 0, None, assignment=a, slice_column=names)
+    assert given["slice"].tolist() == names.tolist()
+    with pytest.raises(ValueError, match="slice_column"):
+        annotate_manifest(base.copy(), s.iter_gradients, layout, 0, None, assignment=a, slice_column=names[:-1])
+    with pytest.raises(ValueError, match="slice_column"):
+        annotate_manifest(base.copy(), s.iter_gradients, layout, 0, None, slice_column=names)
 
 
 def test_set_column_shares_the_array_and_keeps_rows_in_order():

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
+from .._frames import set_column
 from .._shared_pass import SharedPass
 from ..checks import as_bool, is_int, positive_int
 from ..enums import IndexKind, TaskKind, parse_choice
@@ -33,13 +34,15 @@ from ..score import (
     SCORE_TABLE,
     PopulationStats,
     ScoreConfig,
+    divergence_directions,
+    divergence_from_dots,
     finalize_scores,
     knn_columns,
     population_pass,
     score_pass,
     unit_rows,
 )
-from ..slices import SliceAssignment, annotate_manifest, fit_scan_slices
+from ..slices import AssignedSlices, SliceAssignment, annotate_manifest, assign_slices, fit_slice_centroids
 from ..tokens import TierThresholds, read_sample_tokens, tier_thresholds
 from .ledger import ShardRecord
 from .shards import BLOCK_ROWS, Block, ShardSet
@@ -389,7 +392,7 @@ class Scan:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardmine-slices") as pool:
             stop = threading.Event()
             try:
-                df, used, assignment = self._scores_beside_slices(
+                df, used, slices = self._scores_beside_slices(
                     pool, stop, labels, config, progress, population, neighbours, layout, seed,
                     slicing=labels is not None and not unlabelled and n > 0,
                 )
@@ -405,8 +408,10 @@ class Scan:
                     slices_meta = None
                 else:
                     slices_meta = annotate_manifest(
-                        df, self.iter_gradients, layout, seed, self.path, assignment=assignment,
-                        submit=lambda job: tables.append(pool.submit(job)), label_issues=assignment is None,
+                        df, self.iter_gradients, layout, seed, self.path,
+                        assignment=None if slices is None else slices.assignment,
+                        slice_column=None if slices is None else slices.names,
+                        submit=lambda job: tables.append(pool.submit(job)), label_issues=slices is None,
                     )
                 ids = df["sample_id"].to_numpy()
                 meta = self._manifest_metadata(config, used, k if with_neighbours else None, ids) | {
@@ -433,16 +438,20 @@ class Scan:
         self, pool: ThreadPoolExecutor, stop: threading.Event, labels: np.ndarray | None, config: ScoreConfig,
         progress: Callable[[int], None] | None, population: PopulationStats | None,
         neighbours: dict[str, np.ndarray], layout: Any, seed: int, *, slicing: bool,
-    ) -> tuple[pd.DataFrame, dict[str, float], SliceAssignment | None]:
+    ) -> tuple[pd.DataFrame, dict[str, float], _ScanSlices | None]:
         """The per-sample statistics, pass 1 (unless ``population`` is given) and pass 2 of the scores and the
         ranked frame, with the slices' clustering (when ``slicing``) in ``pool`` meanwhile: ``(frame, hardness
-        weights used, slice assignment or None)``.
+        weights used, the slices or None)``.
 
         The clustering needs only the labels and the vectors; both sides are mostly numpy and FAISS calls,
         which release the GIL. The BLAS is held to one thread meanwhile: two threads each driving a two-thread
         BLAS ran slower together than one after the other. No result depends on it (the same arrays in the
-        same order either way). This thread, its own part done, joins the clustering's last pass (a
-        ``SharedPass``: each block is assigned by whichever thread takes it, the same way)."""
+        same order either way). The clustering's last pass (a ``SharedPass``: each block assigned by whichever
+        thread takes it, the same way) reads every vector once more, so pass 2 is taken from it: its products
+        with the population's sums come out of the same product as the centroids' (``divergence_directions``),
+        and this thread joins that pass once the centroids are there. Not with ``leave_one_out`` (its scores
+        need more than dot products): pass 2 then runs here on its own while the worker assigns the rows, and
+        this thread joins that pass when its scores are done."""
         n = self.n_samples
 
         def blocks() -> Iterator[Block]:  # the clustering's passes over the rows; ``stop`` ends them
@@ -453,23 +462,67 @@ class Scan:
 
         with threadpool_limits(limits=1, user_api="blas"):
             share = SharedPass(stop)
-            fitting = pool.submit(fit_scan_slices, blocks, labels, layout, seed, share=share) if slicing else None
+            fitting = pool.submit(fit_slice_centroids, blocks, labels, layout, seed) if slicing else None
+            me = threading.get_ident()
+
+            def my_blocks(rows: int) -> None:  # progress from this thread only (a bar need not be thread-safe)
+                if progress is not None and threading.get_ident() == me:
+                    progress(rows)
+
+            def fused(pop: PopulationStats) -> np.ndarray | None:  # pass 2's directions, when taken from the slices
+                return None if config.leave_one_out or pop.class_count is None else divergence_directions(pop)
+
+            # With the population known, the worker goes on from the centroids to the last pass at once.
+            directions = None if fitting is None or population is None else fused(population)
+            last = None if directions is None else pool.submit(
+                self._last_slice_pass, fitting, blocks, share, directions, my_blocks
+            )
             stats = self.stats()
             pop = population if population is not None else population_pass(
                 self.iter_gradients(), self.out_dim, labels, self.num_classes
             )
             if pop.n != n:
                 raise RuntimeError(f"population statistics over {pop.n} samples for a scan of {n}; a bug in hardmine.")
-            grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
+            if fitting is None:
+                grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
+                grad_scores.update(neighbours)
+                df, used = finalize_scores(stats, grad_scores, config, self.task)
+                return df, used, None
+            if last is None:
+                directions = fused(pop)
+                last = pool.submit(self._last_slice_pass, fitting, blocks, share, directions, my_blocks)
+            # Then the slice column's names, in the worker while this thread ranks.
+            names = pool.submit(lambda: last.result().assignment.ids(labels))
+            # The label-issue columns need only the statistics (and the neighbour scores): made while the
+            # centroids are fitted (annotate_manifest is then told they are there).
+            for name, v in neighbours.items():
+                set_column(stats, name, v)
+            add_label_issue_columns(stats)
+            if directions is None:  # pass 2 on its own, beside the last pass
+                grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
+            else:  # pass 2 is the last pass's products: join it
+                share.help()
+                products = last.result()
+                assert products.sq is not None and products.dots is not None
+                grad_scores = divergence_from_dots(products.sq, products.dots, labels, pop)
+                if progress is not None:
+                    progress(n)
             grad_scores.update(neighbours)
             df, used = finalize_scores(stats, grad_scores, config, self.task)
-            if fitting is None:
-                return df, used, None
-            # The label-issue columns need no slices: computed while the clustering finishes (annotate_manifest
-            # is then told they are there).
-            add_label_issue_columns(df)
             share.help()
-            return df, used, fitting.result()
+            return df, used, _ScanSlices(last.result().assignment, names.result())
+
+    @staticmethod
+    def _last_slice_pass(
+        fitting: Future[Any], blocks: Callable[[], Iterator[Block]], share: SharedPass, directions: np.ndarray | None,
+        on_block: Callable[[int], None],
+    ) -> AssignedSlices:
+        """The slices' last pass on the centroids of ``fitting`` (done: the same worker ran it), owned by the
+        calling thread; ``share`` is closed whatever happens, so a thread waiting to help is never left waiting."""
+        try:
+            return assign_slices(fitting.result(), blocks, directions, share=share, on_block=on_block)
+        finally:
+            share.close()
 
     def _manifest_metadata(
         self, config: ScoreConfig, used: dict[str, float], k: int | None, ids: np.ndarray
@@ -512,6 +565,13 @@ CLASS_ONLY = ("class_divergence", "class_divergence_plain", "class_distance", "n
 
 # The columns that need true labels: null in an unlabelled scan (the targets were the model's predictions).
 UNLABELLED_NULL = ("label", "correct", "confident_error", "near_miss", "neighbor_disagreement")
+
+
+class _ScanSlices(NamedTuple):
+    """A scan's slices: the assignment and its ``slice`` column (``SliceAssignment.ids`` of the labels)."""
+
+    assignment: SliceAssignment
+    names: np.ndarray
 
 
 def _drop_label_columns(df: pd.DataFrame) -> None:
