@@ -114,6 +114,7 @@ __all__ = [
     "divergence_from_dots",
     "knn_scores",
     "NEIGHBOR_SCORES",
+    "DIVERGENCE_SCORES",
     "knn_columns",
     "flag_scores",
     "rank_normalize",
@@ -235,6 +236,9 @@ def validate_export_params(top: Any, boost: Any, temperature: Any, cap: Any) -> 
 # The scores that need every sample's nearest neighbours (``hardmine.index.knn_all``): computed only when
 # ``ScoreConfig.computes_neighbor_scores``.
 NEIGHBOR_SCORES = ("knn_outlier", "neighbor_disagreement")
+# The scores of pass 2 made from the gradients and the population's sums (``divergence_scores``).
+DIVERGENCE_SCORES = ("class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
+                     "class_distance")
 
 
 def _weighted_columns() -> list[str]:
@@ -807,9 +811,7 @@ def score_pass(
 
     Returns one length-``n`` float64 array per score; only these scalars are held, never the gradients.
     """
-    names = ["class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
-             "class_distance", "knn_outlier", "neighbor_disagreement"]
-    out = {name: np.full(n, np.nan) for name in names}
+    out = {name: np.full(n, np.nan) for name in (*DIVERGENCE_SCORES, *NEIGHBOR_SCORES)}
     for start, z in blocks:
         stop = start + len(z)
         lab = None if labels is None else labels[start:stop]

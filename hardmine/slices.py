@@ -22,7 +22,10 @@ Clustering (``fit_slices``), streamed over row blocks like the rest of the scan,
 5. a last pass assigns every row and records its cosine to its centroid. So a scan reads its vectors twice
    for slicing (the streamed refinement used to run on every scan and, at 1M samples, cost several times the
    extraction; ``scripts/bench_scan.py`` times the slicing). Memory: the sample, the centroids and one
-   block, never the ``(N, D)`` vectors;
+   block, never the ``(N, D)`` vectors. A scan runs steps 1-4 (``fit_slice_centroids``) beside its other
+   work and the last pass (``assign_slices``) in both of its threads; that pass also gives the scores' pass 2
+   (each row's products with its class's ``directions``, taken from the same product as the centroids'), so
+   the scores read the vectors no second time;
 6. slices are numbered within their class by size, largest first (ties: lower centroid index), empty ones
    dropped, so the id ``"<label>/<k>"`` is stable for a seed (``"3/0"``: the largest slice of class 3).
 

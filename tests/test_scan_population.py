@@ -291,6 +291,11 @@ def test_a_classification_scan_takes_pass_2_from_the_slices_last_pass(tmp_path):
     for k in ("class_divergence", "global_divergence", "class_divergence_plain", "global_divergence_plain",
               "class_distance"):
         np.testing.assert_allclose(m[k].to_numpy(), want[k], rtol=1e-9, atol=1e-12, err_msg=k)
+    # The default hardness weights no divergence: it is ranked before pass 2 ends; with a divergence weighted
+    # (here at 0, so the hardness is the same) after it. The same manifest either way.
+    late = s.rescore(ScoreConfig(weights={"margin": 1.0, "grad_norm": 1.0, "class_divergence": 0.0}))
+    late = late.set_index("sample_id").loc[s.sample_ids()]
+    pd.testing.assert_frame_equal(late[m.columns], m, check_exact=True)
     loo = s.rescore(ScoreConfig(leave_one_out=True)).set_index("sample_id").loc[s.sample_ids()]
     assert loo["slice"].tolist() == m["slice"].tolist()
     assert not np.allclose(loo["class_divergence"].to_numpy(), m["class_divergence"].to_numpy())

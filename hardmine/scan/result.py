@@ -30,6 +30,7 @@ from ..label_issues import add_label_issue_columns
 from ..losses import loss_name
 from ..manifest import export_manifest, finish_manifest, read_manifest, write_manifest
 from ..score import (
+    DIVERGENCE_SCORES,
     NEIGHBOR_SCORES,
     SCORE_TABLE,
     PopulationStats,
@@ -41,6 +42,7 @@ from ..score import (
     population_pass,
     score_pass,
     unit_rows,
+    weights_for_task,
 )
 from ..slices import AssignedSlices, SliceAssignment, annotate_manifest, assign_slices, fit_slice_centroids
 from ..tokens import TierThresholds, read_sample_tokens, tier_thresholds
@@ -500,17 +502,27 @@ class Scan:
             add_label_issue_columns(stats)
             if directions is None:  # pass 2 on its own, beside the last pass
                 grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
-            else:  # pass 2 is the last pass's products: join it
+                grad_scores.update(neighbours)
+                df, used = finalize_scores(stats, grad_scores, config, self.task)
                 share.help()
-                products = last.result()
-                assert products.sq is not None and products.dots is not None
-                grad_scores = divergence_from_dots(products.sq, products.dots, labels, pop)
-                if progress is not None:
-                    progress(n)
-            grad_scores.update(neighbours)
-            df, used = finalize_scores(stats, grad_scores, config, self.task)
+                return df, used, _ScanSlices(last.result().assignment, names.result())
+            # Pass 2 is the last pass's products. A hardness that weights none of its scores (the default) is
+            # ranked first, while the centroids are fitted; the divergences are added after that pass.
+            early = not set(weights_for_task(config.weights, self.task)) & set(DIVERGENCE_SCORES)
+            if early:
+                df, used = finalize_scores(stats, dict(neighbours), config, self.task)
             share.help()
-            return df, used, _ScanSlices(last.result().assignment, names.result())
+            products = last.result()
+            assert products.sq is not None and products.dots is not None
+            grad_scores = divergence_from_dots(products.sq, products.dots, labels, pop)
+            if progress is not None:
+                progress(n)
+            if early:
+                for name, v in grad_scores.items():
+                    set_column(df, name, v)
+            else:
+                df, used = finalize_scores(stats, grad_scores | neighbours, config, self.task)
+            return df, used, _ScanSlices(products.assignment, names.result())
 
     @staticmethod
     def _last_slice_pass(
