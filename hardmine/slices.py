@@ -103,7 +103,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_WORK = threading.local()
 
 SAMPLES_PER_SLICE_UNIT = 10  # the K rule: K_c = round(sqrt(n_c / 10)), clipped to [1, MAX_SLICES]
 MAX_SLICES = 16
@@ -335,22 +334,12 @@ def _assign_block(
     lab = y[start:stop]
     # Rows sorted by class: each class is one contiguous run (slices, not fancy-indexed copies).
     order = np.argsort(lab, kind="stable")
+    x = np.asarray(z)[order]
     full = None  # (b, D) float64 in class order, every column: the products' rows
     if products is not None:
-        b, width = np.shape(z)
-        buf = getattr(_WORK, "buf", None)
-        if buf is None or buf[0].shape[0] < b or buf[0].shape[1] != width:
-            buf = _WORK.buf = (np.empty((b, width), np.float32), np.empty((b, width)))
-        x = np.take(np.asarray(z), order, axis=0, out=buf[0][:b])
-        full = buf[1][:b]
-        full[...] = x
-    else:
-        x = np.asarray(z)[order]
-    if products is not None:
+        full = x = np.asarray(x, dtype=np.float64)
         full_sq = np.einsum("ij,ij->i", full, full)  # (b,)
         products.sq[start + order] = full_sq
-    if full is not None:
-        x = full
     if cols is not None:
         x = x[:, cols]  # (b, D) -> (b, d)
     x = np.asarray(x, dtype=np.float64)  # (b, d) in class order

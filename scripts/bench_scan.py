@@ -2,7 +2,7 @@
 
 Each run is a fresh child process (so peak memory is its own), ``--repeats`` (default 3) per scan: the row is
 the run with the median (index + score) / extract, so that a one-off stall of the machine moves one run, not
-the table (the neighbour rescore below runs in the first only). The synthetic series streams Gaussian blobs
+the table (the neighbour rescore below runs in the last only, after the timed scans). The synthetic series streams Gaussian blobs
 (generated batch by batch from a seed, never held whole) through a tiny MLP (16 -> 32 -> 8, last layer at
 ``--dim``: out_dim 272 by default) and ``hardmine.scan`` with the default engine; the demo run is
 ``make demo``'s scan (the demo MLP, one epoch of training, Fashion-MNIST train 60k, ``dim 64`` on all
@@ -385,7 +385,7 @@ def _markdown(rows: list[dict], threads: int | None, load: float | None = None, 
     t = f"{threads} thread(s)" if threads else "default threads"
     return ("\n".join(lines) + "\n\n" + "; ".join(notes) + (". " if notes else "")
             + (f"Each row is the median of {repeats} runs (fresh processes) by (index + score) / extract; the "
-               "neighbour columns come from the first. " if repeats > 1 else "")
+               "neighbour columns come from the last (its neighbour rescore runs after its timed scan). " if repeats > 1 else "")
             + (f"Models on device {device}; the index and scores on the host. " if device != "cpu" else "")
             + f"Run with {t}" + (f"; load average at the end {load:.1f} (other jobs shared the machine)" if load else "")
             + f"; the machine: see `{json_shown}`.\n")
@@ -460,8 +460,10 @@ def main() -> None:
     for n, dim in plan:
         runs = []
         for rep in range(args.repeats):
-            # the neighbour rescore (minutes at 1M) only in the first run: it is timed once
-            more = extra if rep == 0 or args.no_neighbor_scores else [*extra, "--no-neighbor-scores"]
+            # the neighbour rescore (minutes at 1M) only in the last run: it is timed once, and it comes after the
+            # timed scans (its gigabytes of index memory, reclaimed by the kernel afterwards, slowed the next runs)
+            last = rep == args.repeats - 1
+            more = extra if last or args.no_neighbor_scores else [*extra, "--no-neighbor-scores"]
             with tempfile.TemporaryDirectory(prefix="bench_scan_") as tmp:
                 out = ["--out", os.path.join(tmp, "scan")]
                 if dim is None:
@@ -478,9 +480,9 @@ def main() -> None:
                 r["pipeline_over_extract"] = _ratio(r["index_s"] + r["score_s"], r["extract_s"])
                 runs.append(r)
         # The run with the median pipeline ratio stands for the scan (a one-off stall of a shared machine moves
-        # one run, not the row); the neighbour columns come from the first run, the only one that has them.
+        # one run, not the row); the neighbour columns come from the last run, the only one that has them.
         r = dict(sorted(runs, key=lambda x: x["pipeline_over_extract"])[len(runs) // 2])
-        r.update({k: runs[0][k] for k in NEIGHBOUR_KEYS})
+        r.update({k: runs[-1][k] for k in NEIGHBOUR_KEYS})
         r["repeat_pipeline_over_extract"] = [x["pipeline_over_extract"] for x in runs]
         rows.append(r)
         print(f"{r['series']} N={n:>9,} out_dim={r['out_dim']}: {r['wall_s']:.1f}s (index+score "
