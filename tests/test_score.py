@@ -763,6 +763,11 @@ def test_divergence_from_dots_gives_divergence_scores(labelled):
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12, err_msg=k)
+    # and against the definitions (both routes above share the formulas)
+    ref = _reference_divergences(z64, y, False)
+    for k in ("global_divergence", "global_divergence_plain", *(
+            ("class_divergence", "class_divergence_plain", "class_distance") if labelled else ())):
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-9, atol=1e-9, err_msg=k)
     assert got["global_divergence"][3] == 1.0 and not np.isnan(got["global_divergence"]).any()
     if not labelled:
         assert np.isnan(got["class_divergence"]).all()
