@@ -771,6 +771,12 @@ def test_divergence_from_dots_gives_divergence_scores(labelled):
     assert got["global_divergence"][3] == 1.0 and not np.isnan(got["global_divergence"]).any()
     if not labelled:
         assert np.isnan(got["class_divergence"]).all()
+    # float32 norms are widened first (not rooted in float32); integral float labels index as class ids
+    sq32, lab = sq.astype(np.float32), y.astype(np.float64) if labelled else None
+    narrow = divergence_from_dots(sq32, dots if labelled else dots[:, :2], lab, pop)
+    wide = divergence_from_dots(sq32.astype(np.float64), dots if labelled else dots[:, :2], y if labelled else None, pop)
+    for k in want:
+        np.testing.assert_array_equal(narrow[k], wide[k], err_msg=k)
 
 
 def test_divergence_from_dots_and_directions_refuse_what_does_not_fit():
@@ -786,7 +792,9 @@ def test_divergence_from_dots_and_directions_refuse_what_does_not_fit():
         divergence_from_dots(np.ones(10), np.ones((10, 4)), None, pop)
     with pytest.raises(ValueError, match=r"\(10, 1\)"):
         divergence_from_dots(np.ones((10, 1)), np.ones((10, 4)), y, pop)
+    with pytest.raises(ValueError, match=r"sq must be \(B,\) and dots \(B, 4\).*\(10,\) and \(9, 4\)"):
+        divergence_from_dots(np.ones(10), np.ones((9, 4)), y, pop)
     with pytest.raises(ValueError, match="labels has shape"):
         divergence_from_dots(np.ones(10), np.ones((10, 4)), y[:9], pop)
-    with pytest.raises(ValueError, match="no per-class sums"):
+    with pytest.raises(ValueError, match="^these population statistics have no per-class sums"):
         divergence_directions(population_pass([(0, z)], 4, None, None))
