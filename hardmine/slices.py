@@ -359,8 +359,8 @@ def _assign_block(
             products.dots[rows] = both[:, k:]
         else:
             s = (x[lo:hi] @ centroids[c].T) * inv[lo:hi, None]  # (b_c, k)
-            if products is not None and full is not None:
-                products.dots[rows] = full[lo:hi] @ products.directions[c]  # (b_c, e)
+            if products is not None:  # only some columns clustered: the directions' product of its own
+                products.dots[rows] = np.asarray(full)[lo:hi] @ products.directions[c]  # (b_c, e)
         best = s.argmax(axis=1)
         if sums is not None:
             changed += int((raw[rows] != best).sum())
@@ -444,7 +444,7 @@ def _compute_assignment(
     if directions is not None:
         joint = None
         if cols is None:  # C-contiguous (D, K_c + e): one product per class run gives both
-            joint = {c: np.ascontiguousarray(np.concatenate([v.T, directions[c]], axis=1)) for c, v in centroids.items()}
+            joint = {c: np.concatenate([v.T, directions[c]], axis=1) for c, v in centroids.items()}  # a new array
         products = _Products(directions, np.full(n, np.nan), np.full((n, directions.shape[2]), np.nan), joint)
     # The last pass, block by block, with any thread that joins it (each block: disjoint rows; alone without one).
     lock = threading.Lock()

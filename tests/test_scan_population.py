@@ -299,3 +299,30 @@ def test_a_classification_scan_takes_pass_2_from_the_slices_last_pass(tmp_path):
     loo = s.rescore(ScoreConfig(leave_one_out=True)).set_index("sample_id").loc[s.sample_ids()]
     assert loo["slice"].tolist() == m["slice"].tolist()
     assert not np.allclose(loo["class_divergence"].to_numpy(), m["class_divergence"].to_numpy())
+
+
+@pytest.mark.timeout(120)
+def test_progress_never_goes_back_when_the_scoring_thread_joins_a_last_pass_that_is_not_pass_2(tmp_path, monkeypatch):
+    # With leave_one_out, pass 2 runs on its own (and reports progress up to n) before this thread joins the
+    # slices' last pass: the blocks it assigns there must not report fewer rows again.
+    import hardmine.slices as slices_module
+    from hardmine.score import ScoreConfig
+
+    data = planted_blobs(seed=13, n_per=60)
+    model = trained_mlp(data["x"], data["y"], steps=20)
+    s = scan(model, batches_of(data["x"], data["y"], 20), out=tmp_path / "s", dim=8, engine="vmap", shard_rows=40)
+    original = slices_module._assign_block
+    joined = threading.Event()
+
+    def assign(start, z, y, cols, centroids, raw, sim, sums, products=None):
+        if sums is None:  # the last pass: the worker waits until the scoring thread has taken a block
+            if threading.current_thread() is threading.main_thread():
+                joined.set()
+            else:
+                joined.wait(timeout=10)
+        return original(start, z, y, cols, centroids, raw, sim, sums, products)
+
+    monkeypatch.setattr(slices_module, "_assign_block", assign)
+    done: list[int] = []
+    s.write_scores(ScoreConfig(leave_one_out=True), progress=done.append)
+    assert joined.is_set() and done == sorted(done) and done[-1] == s.n_samples

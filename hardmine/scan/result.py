@@ -492,7 +492,9 @@ class Scan:
                 return df, used, None
             if last is None:
                 directions = fused(pop)
-                last = pool.submit(self._last_slice_pass, fitting, blocks, share, directions, my_blocks)
+                # Progress from the last pass only when it is pass 2 (else score_pass reports it, up to n).
+                last = pool.submit(self._last_slice_pass, fitting, blocks, share, directions,
+                                   None if directions is None else my_blocks)
             # Then the slice column's names, in the worker while this thread ranks.
             names = pool.submit(lambda: last.result().assignment.ids(labels))
             # The label-issue columns need only the statistics (and the neighbour scores): made while the
@@ -509,8 +511,8 @@ class Scan:
             # Pass 2 is the last pass's products. A hardness that weights none of its scores (the default) is
             # ranked first, while the centroids are fitted; the divergences are added after that pass.
             early = not set(weights_for_task(config.weights, self.task)) & set(DIVERGENCE_SCORES)
-            if early:
-                df, used = finalize_scores(stats, dict(neighbours), config, self.task)
+            if early:  # (the neighbour columns are in the statistics already)
+                df, used = finalize_scores(stats, {}, config, self.task)
             share.help()
             products = last.result()
             assert products.sq is not None and products.dots is not None
@@ -521,13 +523,13 @@ class Scan:
                 for name, v in grad_scores.items():
                     set_column(df, name, v)
             else:
-                df, used = finalize_scores(stats, grad_scores | neighbours, config, self.task)
+                df, used = finalize_scores(stats, grad_scores, config, self.task)
             return df, used, _ScanSlices(products.assignment, names.result())
 
     @staticmethod
     def _last_slice_pass(
         fitting: Future[Any], blocks: Callable[[], Iterator[Block]], share: SharedPass, directions: np.ndarray | None,
-        on_block: Callable[[int], None],
+        on_block: Callable[[int], None] | None,
     ) -> AssignedSlices:
         """The slices' last pass on the centroids of ``fitting`` (done: the same worker ran it), owned by the
         calling thread; ``share`` is closed whatever happens, so a thread waiting to help is never left waiting."""
