@@ -402,7 +402,7 @@ def check_regression_target(
     if not torch.is_floating_point(target):
         raise ValueError(f"regression (mse) targets must be floating point, got dtype {target.dtype}.")
     if finite and flags is not None:
-        flags.append(~torch.isfinite(target.detach().sum()))  # a NaN/inf anywhere makes the sum non-finite
+        flags.append(not_finite_flag(target.detach().sum()))  # a NaN/inf anywhere makes the sum non-finite
     elif finite and not torch.isfinite(target).all():
         raise ValueError("regression targets contain NaN/inf; clean or drop those samples.")
 
@@ -424,15 +424,22 @@ def check_labels(target: torch.Tensor, num_outputs: int, where: str | None = Non
         )
 
 
+def not_finite_flag(total: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor, True when the 0-d float ``total`` is NaN or infinite, without a device sync: ``x - x``
+    is 0 exactly for a finite ``x`` and NaN otherwise. Two kernels where ``~torch.isfinite`` launches about
+    five on a GPU (once per input per batch, where each launch is host time)."""
+    return (total - total).ne(0)
+
+
 def label_flag(target: torch.Tensor, num_outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`check_labels` without a device sync: ``(flag, safe_target)``, a 0-d bool tensor that is True when
     some label lies outside ``[0, classes)`` and the target with its labels clamped into that range. A loss
     computed on ``safe_target`` cannot fail (on a GPU an out-of-range class id is a device-side assert that
     ends the process); its results are discarded when the flag is found set (:class:`DeferredChecks`)."""
     classes = max(num_outputs, 2)  # a single logit is a binary model: labels 0 and 1 (losses.class_logits)
-    t = target.detach()
-    lo, hi = torch.aminmax(t)
-    return (lo < 0) | (hi >= classes), target.clamp(0, classes - 1)
+    safe = target.clamp(0, classes - 1)
+    # An integer label changes under the clamp exactly when it is out of range (three kernels in all).
+    return (safe != target.detach()).any(), safe
 
 
 def is_causal_lm_batch(output: torch.Tensor, target: torch.Tensor) -> bool:
@@ -528,7 +535,7 @@ def validate_inputs(
         if flags is not None:
             if torch.is_floating_point(t):
                 wide = torch.float32 if t.element_size() < 4 else None  # a half-precision sum overflows soon
-                flags.append(~torch.isfinite(t.detach().sum(dtype=wide)))
+                flags.append(not_finite_flag(t.detach().sum(dtype=wide)))
         elif torch.is_floating_point(t) and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t.reshape(b, -1))).any(dim=1).nonzero().flatten()  # (B, numel) -> rows
             raise ValueError(

@@ -273,6 +273,49 @@ def sync_profile(step: Any, device: torch.device, batches: int = 3) -> dict[str,
     return out
 
 
+# aten ops that launch no kernel: views, metadata and allocation (an `aten::to` that converts has a `copy_`
+# below it, which counts; one that converts nothing has no child and launches nothing).
+NO_KERNEL_OPS = frozenset(
+    "aten::" + n
+    for n in (
+        "view reshape _reshape_alias _unsafe_view t transpose permute expand expand_as as_strided as_strided_ "
+        "slice select narrow unsqueeze squeeze unsqueeze_ squeeze_ transpose_ t_ unflatten flatten split split_with_sizes chunk unbind movedim "
+        "alias detach lift_fresh view_as resolve_conj resolve_neg contiguous resize_ empty empty_like "
+        "empty_strided new_empty new_empty_strided to _to_copy scalar_tensor result_type size stride dim "
+        "is_same_size _has_compatible_shallow_copy_type set_ numpy_T mT matrix_H record_stream"
+    ).split()
+)
+
+
+def kernel_ops(step: Any, batches: int = 2) -> dict[str, float]:
+    """Per run of ``step()`` (after the caller's warm-up), on any device: the aten ops that would each be a
+    kernel launch on a GPU, by name (``torch.profiler``; an op counts when no op below it counts and it is not
+    in :data:`NO_KERNEL_OPS`, so an op that starts by filling its output is counted under ``fill_``). On the
+    CPU this is the count the host pays dispatch and launch for on a GPU, where a small model's step is bound
+    by them: a proxy that needs no GPU, not a CUDA kernel count (a CUDA ``cat`` of mixed inputs is one copy
+    per input, an ``addmm`` a copy and a GEMM: one op each here)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(batches):
+            step()
+    counts: dict[str, float] = {}
+
+    def walk(event: Any) -> bool:
+        below = False
+        for child in event.cpu_children:
+            below |= walk(child)
+        if below or not event.name.startswith("aten::") or event.name in NO_KERNEL_OPS:
+            return below
+        counts[event.name] = counts.get(event.name, 0) + 1
+        return True
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            walk(event)
+    return {k: v / batches for k, v in sorted(counts.items())}
+
+
 def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 

@@ -11,6 +11,8 @@ import torch
 from hardmine.batches import (
     check_labels,
     infer_task,
+    label_flag,
+    not_finite_flag,
     sample_id_list,
     sample_ids,
     split_batch_ids,
@@ -97,3 +99,31 @@ def test_task_labels_and_device():
         check_labels(torch.tensor([-1, 2]), 4)
     moved = to_device({"a": ids, "b": [ids, 3]}, torch.device("cpu"))
     assert moved["a"] is ids and moved["b"] == (ids, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_not_finite_flag_is_isfinite_negated(dtype):
+    info = torch.finfo(dtype)
+    values = [0.0, -0.0, 1.5, -3.0, info.max, -info.max, info.tiny, float("nan"), float("inf"), float("-inf")]
+    for v in values:
+        t = torch.tensor(v, dtype=dtype)
+        flag = not_finite_flag(t)
+        assert flag.dtype == torch.bool and flag.ndim == 0
+        assert bool(flag) == (not math.isfinite(v)), v
+
+
+@pytest.mark.parametrize("outputs", [1, 2, 5])
+def test_label_flag_flags_exactly_the_labels_out_of_range(outputs):
+    classes = max(outputs, 2)  # a single logit is the binary model
+    for labels, bad in [
+        ([0, classes - 1, 1], False),
+        ([0, classes, 1], True),
+        ([-1, 0, 0], True),
+        ([classes - 1], False),
+        ([-100, 0], True),
+    ]:
+        target = torch.tensor(labels)
+        flag, safe = label_flag(target, outputs)
+        assert flag.ndim == 0 and bool(flag) == bad, labels
+        assert safe.tolist() == [min(max(v, 0), classes - 1) for v in labels]
+        assert target.tolist() == labels  # the caller's target is left alone

@@ -24,6 +24,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import CNN, MLP, TinyTransformer, token_batch
 from torch import nn
 from torch.testing import assert_close
@@ -33,6 +35,7 @@ from hardmine.engine import GradientExtractor
 from hardmine.extract import reference_per_sample_grads
 from hardmine.manifest import REQUIRED_COLUMNS, read_manifest
 from hardmine.online import MinerSampler, OnlineMiner, WeightingConfig, solve_weights
+from hardmine.online.weighting import device_training_weights, never_clipped, training_weights
 from hardmine.project import random_matrix
 from hardmine.sampler import ManifestSampler
 
@@ -228,6 +231,45 @@ def test_solve_weights_mean_one_and_bounds():
     assert_close(
         torch.from_numpy(solve_weights(np.array([1.0, 19.0]), 0.5, 1.2)), torch.tensor([0.8, 1.2]).double()
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    strength=st.floats(0.0, 8.0),
+    lo=st.floats(0.05, 1.0),
+    hi=st.floats(1.0, 6.0),
+    seed=st.integers(0, 2**16),
+)
+def test_device_weights_equal_the_host_weights(n, strength, lo, hi, seed):
+    # The GPU path's weights (tensor ops, no host sync) are the CPU path's, whether or not the configuration
+    # lets a weight reach a bound (never_clipped: the usual solution is taken without the breakpoint search).
+    cfg = WeightingConfig(strength=strength, min_weight=lo, max_weight=hi)
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-1.0, 1.0, n)
+    a[rng.random(n) < 0.1] = np.nan  # a non-finite gradient counts as agreeing
+    a[rng.random(n) < 0.1] = 1.0
+    host = training_weights(a, cfg, warm=False)
+    device = device_training_weights(torch.from_numpy(a), cfg, warm=False)
+    assert device.dtype == torch.float64
+    assert_close(device, torch.from_numpy(host), rtol=1e-12, atol=1e-12)
+    if never_clipped(cfg):  # then no weight is at a bound, whatever the agreements
+        raw = 1.0 + strength * (1.0 - np.clip(np.nan_to_num(a, nan=1.0), -1, 1)) / 2.0
+        np.testing.assert_allclose(host, raw / raw.mean(), rtol=1e-12)
+        assert host.min() >= lo and host.max() <= hi
+
+
+def test_never_clipped_is_exactly_the_bound_on_the_raw_weights():
+    assert never_clipped(WeightingConfig())  # the defaults: raw weights in [1, 3], bounds 0.25 and 4
+    assert never_clipped(WeightingConfig(strength=3.0, min_weight=0.25, max_weight=4.0))  # 4 and 1/4: on the bounds
+    assert not never_clipped(WeightingConfig(strength=3.5, min_weight=0.2, max_weight=4.0))  # 4.5 > 4
+    assert not never_clipped(WeightingConfig(strength=3.0, min_weight=0.3, max_weight=4.0))  # 1/4 < 0.3
+    # Outside the bound, the bounds do bind: all agreeing but one opposed sample, strength 3.5, max 4.
+    cfg = WeightingConfig(strength=3.5, min_weight=0.2, max_weight=4.0)
+    a = np.array([-1.0] + [1.0] * 63)
+    w = device_training_weights(torch.from_numpy(a), cfg, warm=False)
+    assert float(w[0]) == pytest.approx(4.0) and float(w.mean()) == pytest.approx(1.0)
+    assert_close(w, torch.from_numpy(training_weights(a, cfg, warm=False)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("c", [4, 70])  # 70 classes: the scatter (index_add) update instead of the matmul

@@ -101,10 +101,23 @@ class HostBatch:
 class DeviceBatch:
     """One batch's per-sample values on the model's device (float64; float32 where the device has none)."""
 
-    last: torch.Tensor  # (B, L) in LAST_COLUMNS order (last_weight / last_step filled in by the caller)
-    logit_margin: torch.Tensor  # (B,)
+    cols: dict[str, torch.Tensor]  # LAST_COLUMNS name -> (B,); absent: NaN (last_weight / last_step: the caller's)
+    logit_margin: torch.Tensor | None  # (B,); None for regression
     correct: torch.Tensor | None  # (B,) bool; None for regression
     inv: torch.Tensor  # (B,) 1/|z_b|, 0 for a zero or non-finite gradient (which casts no vote)
+
+    def packed(self, weights: torch.Tensor, step: int) -> torch.Tensor:
+        """``(B, L + 1)`` (``+ 2`` with ``correct``): the LAST_COLUMNS (``last_weight`` = ``weights``,
+        ``last_step`` = ``step``), ``logit_margin``, then ``correct`` as 0/1 -- stacked by one kernel, for one
+        copy to the host (:meth:`SampleDynamics.submit`)."""
+        some = self.inv
+        nan = torch.full_like(some, float("nan"))  # (B,) every missing column (fill: no host-built tensor)
+        cols = dict(self.cols, last_weight=weights.to(some.dtype), last_step=torch.full_like(some, float(step)))
+        parts = [cols.get(name, nan) for name in LAST_COLUMNS]
+        parts.append(nan if self.logit_margin is None else self.logit_margin)
+        if self.correct is not None:
+            parts.append(self.correct.to(some.dtype))
+        return torch.stack(parts, dim=1)  # (B, L + 1 or 2)
 
 
 def host_batch(
@@ -199,54 +212,62 @@ def device_batch(
     ``z_norm``, ``along``: from ``Directions.along`` (``gathered``: its ``(B, 2)`` form, the sample's class
     column first); ``by_class``: the agreement that sets the weight is the class one, else the global one;
     ``target``: class ids in range (classification).
+
+    Written for few kernels (each is a launch on a GPU, where a small model's step is bound by them): the
+    vectors go through one stack, the softmax statistics come from one ``log_softmax`` and one gather of the
+    three probabilities they need, and the columns are stacked for the host by :meth:`DeviceBatch.packed`.
     """
     b = out.shape[0]
     dt = _stats_dtype(out.device)
-    logits = out.detach().reshape(b, -1).to(dt)  # (B, C) or (B, outputs)
-    loss_h, sq_h = loss.detach().to(dt), sq.detach().to(dt)
-    norm_h, along_h = z_norm.detach().to(dt), along.detach().to(dt)
-    inv = 1.0 / norm_h
-    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))  # a zero or non-finite gradient: no vote
+    vec = torch.stack([loss.detach(), sq.detach(), z_norm.detach()], dim=1).to(dt)  # (B, 3)
+    loss_h, sq_h, norm_h = vec.unbind(1)
+    # 1/|z|, and 0 for a zero or non-finite gradient: no vote
+    inv = torch.nan_to_num(norm_h.reciprocal(), nan=0.0, posinf=0.0, neginf=0.0)  # (B,)
+    cos = along.detach().to(dt) * inv[:, None]  # (B, R) or (B, 2): cosines with the direction rows
     tgt = target.detach()
+    global_a = cos[:, -1]
     if is_class:
         tgt = tgt.long()
-        own = along_h[:, 0] if gathered else along_h.gather(1, tgt[:, None])[:, 0]  # (B,) own class column
+        own = cos[:, 0] if gathered else cos.gather(1, tgt[:, None])[:, 0]  # (B,) own class row
     else:
-        own = along_h[:, 0]
-    class_a = own * inv
-    global_a = along_h[:, -1] * inv
-    last = torch.full((b, len(LAST_COLUMNS)), float("nan"), dtype=dt, device=out.device)  # (B, L)
-    last[:, COL["loss"]] = loss_h
-    last[:, COL["grad_norm"]] = sq_h.clamp_min(0.0).sqrt()
-    last[:, COL["global_agreement"]] = global_a
+        own = cos[:, 0]
     by_class = is_class and by_class
-    last[:, COL["agreement"]] = class_a if by_class else global_a
+    cols = {
+        "loss": loss_h,
+        "grad_norm": sq_h.clamp_min(0.0).sqrt(),
+        "global_agreement": global_a,
+        "agreement": own if by_class else global_a.clone(),  # not the same memory as another column
+    }
+    logits = out.detach().reshape(b, -1).to(dt)  # (B, C) or (B, outputs)
     if not is_class:
         if logits.shape[1] == 1:
-            last[:, COL["pred"]] = logits[:, 0]
+            cols["pred"] = logits[:, 0]
         t = tgt.reshape(b, -1)  # (B, targets)
         if t.shape[1] == 1:
-            last[:, COL["label"]] = t[:, 0].to(dt)
-        return DeviceBatch(last, torch.full((b,), float("nan"), dtype=dt, device=out.device), None, inv)
-    last[:, COL["class_agreement"]] = class_a
-    last[:, COL["label"]] = tgt.to(dt)
+            cols["label"] = t[:, 0].to(dt)
+        return DeviceBatch(cols, None, None, inv)
     if logits.shape[1] == 1:  # a single-logit binary model: the two-class model [0, z] (losses.class_logits)
         logits = torch.cat([torch.zeros_like(logits), logits], dim=1)  # (B, 2)
-    top = logits.max(dim=1).values  # (B,)
-    lse = top + torch.log(torch.exp(logits - top[:, None]).sum(dim=1))  # (B,) log-sum-exp
     col = tgt[:, None]  # (B, 1) each sample's label column
-    x_y = logits.gather(1, col)[:, 0]
-    conf = torch.exp(x_y - lse)  # p[label]
     pred = logits.argmax(dim=1)  # ties -> lowest class id, as offline
-    best_other = logits.scatter(1, col, float("-inf")).max(dim=1).values
-    margin = conf - torch.exp(best_other - lse)  # softmax is monotone in the logit
-    diff = torch.exp(logits - lse[:, None]).scatter_add(1, col, torch.full_like(x_y, -1.0)[:, None])  # p - onehot
-    last[:, COL["confidence"]] = conf
-    last[:, COL["pred_confidence"]] = torch.exp(top - lse)
-    last[:, COL["margin"]] = margin
-    last[:, COL["pred"]] = pred.to(dt)
-    last[:, COL["el2n"]] = torch.linalg.vector_norm(diff, dim=1)  # ||p - onehot||
-    return DeviceBatch(last, x_y - best_other, pred == tgt, inv)
+    x_y = logits.gather(1, col)[:, 0]  # (B,)
+    best_other, other = logits.scatter(1, col, float("-inf")).max(dim=1)  # (B,) the best other class
+    logp = torch.log_softmax(logits, dim=1)  # (B, C)
+    p = logp.gather(1, torch.stack([tgt, pred, other], dim=1)).exp()  # (B, 3): p[label], p[pred], p[other]
+    conf = p[:, 0]
+    # ||p - onehot||: the other classes' probabilities and 1 - p[label]
+    diff = logp.exp().scatter(1, col, 0.0)  # (B, C) softmax with the label's entry zeroed
+    el2n = torch.linalg.vector_norm(diff, dim=1).hypot(1.0 - conf)
+    cols.update(
+        label=tgt.to(dt),
+        class_agreement=own,
+        confidence=conf,
+        pred_confidence=p[:, 1],
+        margin=conf - p[:, 2],  # softmax is monotone in the logit
+        pred=pred.to(dt),
+        el2n=el2n,
+    )
+    return DeviceBatch(cols, x_y - best_other, pred == tgt, inv)
 
 
 class SampleDynamics:
@@ -312,16 +333,14 @@ class SampleDynamics:
         return np.asarray(self.ids, dtype=np.int64 if self.id_kind == "int" else object)
 
     def submit(
-        self, id_list: tuple[list[Any] | torch.Tensor, str], batch: DeviceBatch, z: torch.Tensor, task: TaskKind
+        self, id_list: tuple[list[Any] | torch.Tensor, str], packed: torch.Tensor, z: torch.Tensor, task: TaskKind
     ) -> None:
-        """Queue one batch's observations: its values (and ``z`` when gradients are kept) start their copy to
-        the host without blocking (pinned memory, from a GPU) and are recorded by :meth:`poll` once there.
-        ``id_list``: ``(ids, kind)``, the ids a list or an integer tensor (copied with the values)."""
+        """Queue one batch's observations: its values (``packed``, :meth:`DeviceBatch.packed`; and ``z`` when
+        gradients are kept) start their copy to the host without blocking (pinned memory, from a GPU) and are
+        recorded by :meth:`poll` once there. ``id_list``: ``(ids, kind)``, the ids a list or an integer tensor
+        (copied with the values)."""
         self.check_kind(id_list[1])  # at once: the error belongs to this batch
-        cols = [batch.last, batch.logit_margin[:, None]]
-        if batch.correct is not None:
-            cols.append(batch.correct[:, None].to(batch.last.dtype))
-        parts = [torch.cat(cols, dim=1)]  # (B, L + 1 or 2): one copy
+        parts = [packed]  # (B, L + 1 or 2): one copy
         if self.grads is not None:
             parts.append(z)
         ids = id_list[0]
@@ -331,7 +350,8 @@ class SampleDynamics:
         host, event = to_host_async(parts)
         if isinstance(ids, torch.Tensor):
             host, id_list = host[:-1], (host[-1], id_list[1])
-        self._pending.append((id_list, host, event, batch.correct is not None, task))
+        has_correct = packed.shape[1] == len(LAST_COLUMNS) + 2
+        self._pending.append((id_list, host, event, has_correct, task))
 
     def poll(self, wait: bool = False) -> None:
         """Record the queued batches whose copies have landed (every one with ``wait``), in order."""

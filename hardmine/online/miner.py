@@ -300,17 +300,14 @@ class OnlineMiner:
             # the direction update; the per-sample dynamics are copied to the host without blocking and
             # recorded once they have landed (a later observe, or any method that reads them).
             batch = device_batch(*args, **kw)
-            last = batch.last
-            w = device_training_weights(last[:, COL["agreement"]], self.weighting, warm)  # (B,)
-            last[:, COL["last_weight"]] = w
-            last[:, COL["last_step"]].fill_(self._step)  # fill_: no host-built tensor
+            w = device_training_weights(batch.cols["agreement"], self.weighting, warm)  # (B,)
             self._dirs.update(step.z, labels, batch.inv, self.weighting.momentum)
             if id_list is not None:
-                self._dyn.submit(id_list, batch, step.z, task)
+                self._dyn.submit(id_list, batch.packed(w, self._step), step.z, task)
                 self._dyn.poll()
 
             def col(name: str) -> torch.Tensor:
-                return last[:, COL[name]].clone()  # (B,)
+                return batch.cols[name]  # (B,) a tensor of its own, not a view of what goes to the host
 
             logit_margin, correct = batch.logit_margin, batch.correct
 

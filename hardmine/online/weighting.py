@@ -38,6 +38,7 @@ __all__ = [
     "Directions",
     "WeightingConfig",
     "device_training_weights",
+    "never_clipped",
     "solve_weights",
     "training_weights",
 ]
@@ -146,8 +147,22 @@ def device_training_weights(agreement: torch.Tensor, config: WeightingConfig, wa
     if warm:
         return torch.ones_like(agreement)
     a = torch.nan_to_num(agreement, nan=1.0).clamp(-1.0, 1.0)
-    raw = 1.0 + config.strength * (1.0 - a) / 2.0  # (B,)
+    half = config.strength / 2.0
+    raw = a.mul(-half).add_(1.0 + half)  # (B,) 1 + strength * (1 - a) / 2, in two kernels instead of four
+    if never_clipped(config):
+        # Every raw weight is in [1, 1 + strength], so r_b / mean(r) is in [1 / (1 + strength), 1 + strength]:
+        # inside the bounds, the usual solution is the solution, and the ~30 kernels of the general one (sort,
+        # breakpoints, selection) are not launched. Decided from the configuration, so no host sync.
+        return raw.mul_(raw.shape[0] / raw.sum())
     return _solve_weights_device(raw, float(config.min_weight), float(config.max_weight))
+
+
+def never_clipped(config: WeightingConfig) -> bool:
+    """Whether no weight can reach a bound, whatever the agreements: raw weights run from 1 to ``1 + strength``,
+    so after normalisation to mean 1 each lies in ``[1 / (1 + strength), 1 + strength]`` (true of the
+    defaults: strength 2, bounds 0.25 and 4)."""
+    top = 1.0 + config.strength
+    return top <= config.max_weight and 1.0 / top >= config.min_weight
 
 
 def _solve_weights_device(r: torch.Tensor, min_weight: float, max_weight: float) -> torch.Tensor:
@@ -224,30 +239,34 @@ class Directions:
         ``labels``: the class ids on the device (``None`` for regression); ``inv``: ``(B,)`` ``1/|z_b|``, 0 for
         a sample that casts no vote (zero or non-finite gradient)."""
         r, b = self.rows, z.shape[0]
-        voted = (inv > 0).to(inv.dtype)  # (B,) 1 for a voting sample
-        counts = torch.zeros(r, dtype=inv.dtype, device=z.device)  # (R,) voters per row
-        counts[-1] = voted.sum()
-        if labels is not None:
-            counts[:-1].index_add_(0, labels, voted)
+        dt = inv.dtype
+        voted = inv.sign()  # (B,) 1 for a voting sample, 0 otherwise (inv is 0 exactly for a non-voter)
+        if r <= MASK_ROWS:
+            # Few rows: the (R, B) membership matrix (each sample's class row and the global row) gives the
+            # voter counts by one matrix-vector product and, scaled, every row's weighted sum by one matmul.
+            member = torch.zeros(r, b, dtype=dt, device=z.device)  # (R, B)
+            if labels is not None:
+                member.scatter_(0, labels[None, :], 1.0)
+            member[-1].fill_(1.0)
+            counts = member.mv(voted)  # (R,) voters per row
+        else:
+            counts = torch.zeros(r, dtype=dt, device=z.device)  # (R,) voters per row
+            counts[-1] = voted.sum()
+            if labels is not None:
+                counts[:-1].index_add_(0, labels, voted)
         present = counts > 0
         # Decay per row: 1 (absent: unchanged), 0 (first batch of the row: its mean), momentum otherwise.
-        mom, zero, one = (torch.full_like(counts, v) for v in (float(momentum), 0.0, 1.0))
-        keep = torch.where(present, torch.where(self.seen, mom, zero), one)  # (R,)
+        keep = torch.where(present, self.seen.to(dt) * float(momentum), 1.0)  # (R,)
         coef = (1.0 - keep) / counts.clamp_min(1.0)  # (R,): turns a row's sum of unit vectors into its share
-        # Per-sample factors: 1/|z_b| (unit vector) times its row's coefficient; row 0 class, row 1 global.
+        # Per-sample factors: 1/|z_b| (unit vector) times its row's coefficient.
         # A zero factor times a NaN row is NaN: non-voting rows are zeroed (finite rows are left as they are).
         zc = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
-        own = inv * coef[labels] if labels is not None else None  # (B,) factor of each sample's class row
         if r <= MASK_ROWS:
-            # Few rows: one (R, B) @ (B, D) matmul does every row's weighted sum at once.
-            mask = torch.zeros(r, b, dtype=torch.float32, device=z.device)  # (R, B)
-            if labels is not None and own is not None:
-                mask[labels, torch.arange(b, device=z.device)] = own.to(torch.float32)
-            mask[-1] = (inv * coef[-1]).to(torch.float32)
-            sums = mask @ zc  # (R, D)
+            sums = (member * coef[:, None] * inv).to(torch.float32) @ zc  # (R, B) @ (B, D) -> (R, D)
         else:  # many classes: scatter the class rows, O(B * D) instead of O(R * B * D)
             sums = torch.zeros_like(self.dirs)  # (R, D)
-            if labels is not None and own is not None:
+            if labels is not None:
+                own = inv * coef[labels]  # (B,) factor of each sample's class row
                 sums.index_add_(0, labels, zc * own.to(torch.float32)[:, None])
             sums[-1] = (inv * coef[-1]).to(torch.float32) @ zc
         self.dirs = torch.addcmul(sums, self.dirs, keep.to(torch.float32)[:, None])  # keep*old + (1-keep)*mean

@@ -1,0 +1,169 @@
+"""The host's share of a GPU step, measured without a GPU: kernel ops per step and CPU time at a tiny batch.
+
+On a GPU, a small model's training step and hardmine's passes are bound by the host (Python, the dispatcher
+and one launch per kernel), not by the device: the H200 profiles in the issue show the factored pass making
+about twice the training step's kernel launches while doing less GPU work. Each of those costs the host the
+same on any machine, so the CPU can measure it: for each bench model (``scripts/bench_extract.py``'s), this
+script counts the aten ops per step that would each launch a kernel on a GPU (``bench_extract.kernel_ops``)
+and times the step on one CPU thread at batch 4, where the arithmetic is small beside the per-op cost (the
+MLP's; the CNN's convolutions and the transformer's attention still compute a visible share).
+
+Methods, each against the reference measured in the same rounds:
+
+* extraction: ``train_step`` (the reference: forward + mean cross-entropy + backward + SGD step) and
+  ``factored`` (``GradientExtractor(engine="factored")``, all parameters, projection dim ~4096);
+* training loop: ``plain`` (the reference) and ``OnlineMiner``'s ``last_layer`` / ``multi_layer`` steps of
+  ``scripts/bench_callbacks.py`` -- **on the miner's GPU path** (statistics, weights and directions as tensor
+  ops where the batch is, dynamics copied to the host), which the CPU itself does not take
+  (``hardmine.online.dynamics.HOST_STATS_DEVICES``); it is forced here because that path is what a GPU runs.
+
+``ratio`` = median over rounds of t(method) / t(reference) within the round (the methods run round-robin).
+This is a proxy, not a GPU measurement: a CUDA kernel costs more host time than a CPU op of the same size
+and some CPU ops are several CUDA kernels (a ``cat`` of mixed inputs), so read the kernel counts and the
+ratios as "what the host pays", to compare versions of the code, and the GPU tables for the targets.
+Writes ``scripts/results/bench_dispatch.json`` (rows with per-op counts) and ``bench_dispatch.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hardmine.online import dynamics as online_dynamics
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_callbacks as bc  # noqa: E402  (the training-loop steps)
+import bench_extract as be  # noqa: E402  (the models, the extraction steps, the kernel count)
+
+MODELS = be.MODELS
+GROUPS = {"extraction": ("train_step", "factored"), "training loop": ("plain", "last_layer", "multi_layer")}
+REFERENCE = {"extraction": "train_step", "training loop": "plain"}
+
+
+def steps(name: str, group: str, batch: int) -> dict[str, Callable[[], Any]]:
+    """The group's steps for model ``name``, each on a fresh, identical model."""
+    out: dict[str, Callable[[], Any]] = {}
+    for method in GROUPS[group]:
+        model, inputs = be.build(name, batch, seed=0)
+        if group == "extraction":
+            dim, _ = be.choose_dim(model, 4096)
+            out[method], _ = be.make_method(method, model, inputs, dim, 4096)
+        else:
+            x, y = inputs
+            out[method], _ = bc.make_step(method, model, x, y)
+    return out
+
+
+def run_group(name: str, group: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    fns = steps(name, group, args.batch)
+    for _ in range(args.warmup):
+        for fn in fns.values():
+            fn()
+    kernels = {m: be.kernel_ops(fn) for m, fn in fns.items()}
+    times: dict[str, list[float]] = {m: [] for m in fns}
+    for _ in range(args.rounds):
+        for m, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(args.repeat):
+                fn()
+            times[m].append((time.perf_counter() - t) / args.repeat)
+    ref = REFERENCE[group]
+    rows = []
+    for m in fns:
+        n = sum(kernels[m].values())
+        rows.append(
+            {
+                "model": name,
+                "group": group,
+                "method": m,
+                "kernels_per_step": n,
+                "extra_kernels": n - sum(kernels[ref].values()),
+                "ms_per_step": 1e3 * statistics.median(times[m]),
+                "ratio": statistics.median(t / r for t, r in zip(times[m], times[ref])),
+                "kernel_ops": kernels[m],
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["model", "group", "method", "kernel ops/step", "beyond the reference", "CPU ms/step", "ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ref = r["method"] == REFERENCE[r["group"]]
+        lines.append(
+            f"| {r['model']} | {r['group']} | {r['method']} | {r['kernels_per_step']:g} | "
+            f"{'-' if ref else format(r['extra_kernels'], '+g')} | {r['ms_per_step']:.3f} | {r['ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    os.chmod(tmp, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=10, help="steps per timed sample")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step (numbers meaningless)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_dispatch.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.repeat, args.warmup = 2, 1, 2
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        ap.error(f"unknown model(s) {bad}; choose from {list(MODELS)}")
+    torch.set_num_threads(1)  # the host's own cost; threads would add hand-offs a GPU step does not pay
+    online_dynamics.HOST_STATS_DEVICES = ()  # the miner's GPU path (see the docstring)
+    rows = [r for name in models for group in GROUPS for r in run_group(name, group, args)]
+    md = table(rows)
+    print(md)
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    settings = {
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "repeat": args.repeat,
+        "torch": torch.__version__,
+        "threads": 1,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "when": when,
+        "quick": args.quick,
+        "load_avg_1_5_15_at_end": list(os.getloadavg()),
+    }
+    _atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    load = ", ".join(f"{v:.1f}" for v in settings["load_avg_1_5_15_at_end"])
+    note = (
+        f"\nRun: {when}, torch {torch.__version__}, {settings['machine']}, 1 torch thread, batch {args.batch}"
+        f"{' (--quick: numbers meaningless)' if args.quick else ''}; load average at the end {load}. Kernel ops: "
+        "aten ops per step that launch a kernel on a GPU (views, metadata and allocation left out); the "
+        "training-loop rows run the online miner's GPU path on the CPU. ratio = median over "
+        f"{args.rounds} rounds of t(method) / t(reference) within the round, each sample {args.repeat} steps.\n"
+    )
+    _atomic_write(args.out.with_suffix(".md"), md + "\n" + note)
+
+
+if __name__ == "__main__":
+    main()
