@@ -61,6 +61,7 @@ bench: install
 	$(PY) scripts/bench_extract.py --keep-heap --methods train_step,factored \
 		--out scripts/results/bench_extract_keep_heap.json
 	$(PY) scripts/bench_callbacks.py
+	$(PY) scripts/bench_dispatch.py
 	$(PY) scripts/bench_scan.py
 	$(PY) scripts/bench_lm.py
 	$(PY) scripts/bench_startup.py

@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +42,7 @@ from typing import Any
 
 import torch
 
+import hardmine
 from hardmine.online import dynamics as online_dynamics
 
 HERE = Path(__file__).resolve().parent
@@ -99,6 +101,21 @@ def run_group(name: str, group: str, args: argparse.Namespace) -> list[dict[str,
     return rows
 
 
+def code_version() -> str:
+    """The git commit of the hardmine package measured (``+changes`` when its files differ from it), so a run
+    on an older checkout (``PYTHONPATH=<checkout>``) says which code it measured."""
+    where = Path(hardmine.__file__).resolve().parent
+
+    def git(*cmd: str) -> str:
+        out = subprocess.run(["git", "-C", str(where), *cmd], capture_output=True, text=True, check=False)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--", ".") else "")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["model", "group", "method", "kernel ops/step", "beyond the reference", "CPU ms/step", "ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -150,13 +167,15 @@ def main() -> None:
         "threads": 1,
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "when": when,
+        "hardmine": code_version(),
         "quick": args.quick,
         "load_avg_1_5_15_at_end": list(os.getloadavg()),
     }
     _atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     load = ", ".join(f"{v:.1f}" for v in settings["load_avg_1_5_15_at_end"])
     note = (
-        f"\nRun: {when}, torch {torch.__version__}, {settings['machine']}, 1 torch thread, batch {args.batch}"
+        f"\nRun: {when}, hardmine at {settings['hardmine']}, torch {torch.__version__}, {settings['machine']}, "
+        f"1 torch thread, batch {args.batch}"
         f"{' (--quick: numbers meaningless)' if args.quick else ''}; load average at the end {load}. Kernel ops: "
         "aten ops per step that launch a kernel on a GPU (views, metadata and allocation left out); the "
         "training-loop rows run the online miner's GPU path on the CPU. ratio = median over "

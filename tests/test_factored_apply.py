@@ -116,3 +116,39 @@ def test_projection_keyword_and_deprecated_kind():
 def test_miner_sampler_lives_beside_manifest_sampler():
     assert hardmine.online.MinerSampler is hardmine.sampler.MinerSampler
     assert "MinerSampler" in hardmine.sampler.__all__
+
+
+class LoudShift(nn.Module):
+    """Adds a learned shift; its rule (below) reports the shift's gradient in float16, scaled up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift
+
+
+@register_layer_rule(LoudShift)
+class LoudShiftRule(LayerRule):
+    """A vector-only rule giving a float16 gradient whose squared norm is beyond float16's range (65504)."""
+
+    matrix_param = None
+    vector_params = ("shift",)
+
+    def compute(self, module, calls, request):
+        b = calls[0].delta.shape[0]
+        return RuleResult(vectors={"shift": torch.full((b, 4), 200.0, dtype=torch.float16)})
+
+
+def test_vector_gradients_norms_are_summed_together_without_overflow():
+    # Every vector gradient without a norm from its rule goes into one norm at the end of the pass: the
+    # squared norm of several parameters is the sum of theirs, and half-precision ones are squared in float32.
+    model = nn.Sequential(nn.Linear(3, 4), LoudShift(), nn.LayerNorm(4), LoudShift())
+    x, y = torch.randn(2, 3), torch.tensor([0, 3])
+    layers = ["1.shift", "2.weight", "2.bias", "3.shift"]
+    layout, units, rec, out, loss = _captured(model, layers, x, y)
+    fg = apply_rules(units, rec, loss, out, layout, 2)
+    ln = fg.vectors["2.weight"].pow(2).sum(1) + fg.vectors["2.bias"].pow(2).sum(1)
+    assert fg.sq_norm.dtype == torch.float32
+    assert_close(fg.sq_norm, 2 * 4 * 200.0**2 + ln)  # two shifts of four entries at 200, and the norm's

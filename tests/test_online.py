@@ -685,3 +685,25 @@ def test_bench_callbacks_quick_runs(tmp_path):
     assert paths[("mlp", "last_layer")] == "analytic" and paths[("cnn", "multi_layer")] == "autograd"
     assert all(r["ratio_to_plain"] > 0 for r in rows)
     assert out.with_suffix(".md").is_file()
+
+
+def test_bench_dispatch_quick_runs(tmp_path):
+    out = tmp_path / "dispatch.json"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_dispatch.py"), "--quick", "--models", "mlp", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    import json
+
+    data = json.loads(out.read_text())
+    rows = {(r["group"], r["method"]): r for r in data["rows"]}
+    assert set(rows) == {("extraction", "train_step"), ("extraction", "factored"), ("training loop", "plain"),
+                         ("training loop", "last_layer"), ("training loop", "multi_layer")}
+    # the miner's GPU path ran (its packed statistics are one stack), and every step launched kernels
+    assert rows["training loop", "last_layer"]["kernel_ops"].get("aten::hypot") == 1
+    assert all(r["kernels_per_step"] > 0 and r["ms_per_step"] > 0 for r in rows.values())
+    assert rows["extraction", "train_step"]["extra_kernels"] == 0 and data["settings"]["hardmine"]
+    assert out.with_suffix(".md").is_file()

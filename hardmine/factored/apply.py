@@ -95,6 +95,8 @@ class RuleRunner:
         self.written: set[str] = set()
         self.done: set[str] = set()
         self._sq: torch.Tensor | None = None  # (B,) the sum so far of every part's squared norm
+        # (B, numel) vector gradients whose squared norms are not in _sq yet: summed by one norm at the end
+        self._vector_rows: list[torch.Tensor] = []
         # tied parameter -> its holder units, and the gradient factors of the holders that have run so far
         self._tied = tied_holders(units)
         self._factors: dict[str, dict[str, GradFactors | None]] = {p: {} for p in self._tied}
@@ -151,6 +153,13 @@ class RuleRunner:
     @property
     def sq(self) -> torch.Tensor:
         """``(B,)`` exact squared gradient norm over every parameter recorded so far."""
+        if self._vector_rows:
+            # One norm over every vector gradient side by side (biases, norm weights): three kernels for all
+            # of them instead of three each, which on a GPU is host time (a transformer has dozens).
+            rows, self._vector_rows = self._vector_rows, []
+            both = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)  # (B, sum of numel)
+            wide = torch.float32 if both.element_size() < 4 else None  # a half-precision square overflows soon
+            self._add_sq(torch.linalg.vector_norm(both, dim=1, dtype=wide).square())  # (B,)
         if self._sq is None:
             return torch.zeros(self.b, dtype=self.dtype, device=self.device)
         return self._sq
@@ -209,8 +218,9 @@ class RuleRunner:
             self.vectors[full] = g
             g_sq = res.vector_sq_norm.get(local)
             if g_sq is None:
-                g_sq = torch.linalg.vector_norm(g.reshape(b, -1), dim=1).square()  # (B,)
-            self._add_sq(g_sq)
+                self._vector_rows.append(g.reshape(b, -1))  # (B, numel): its norm with the others' (sq)
+            else:
+                self._add_sq(g_sq)
             vp = res.vector_proj.get(local)
             if vp is not None:
                 if local not in vmats or tuple(vp.shape) != (b, vmats[local].shape[1]):
