@@ -152,3 +152,34 @@ def test_vector_gradients_norms_are_summed_together_without_overflow():
     ln = fg.vectors["2.weight"].pow(2).sum(1) + fg.vectors["2.bias"].pow(2).sum(1)
     assert fg.sq_norm.dtype == torch.float32
     assert_close(fg.sq_norm, 2 * 4 * 200.0**2 + ln)  # two shifts of four entries at 200, and the norm's
+
+
+class WideScale(nn.Module):
+    """Scales its input; its rule (below) hands back the scale's squared norm in float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+@register_layer_rule(WideScale)
+class WideScaleRule(LayerRule):
+    matrix_param = None
+    vector_params = ("scale",)
+
+    def compute(self, module, calls, request):
+        d, x = calls[0].delta, calls[0].x
+        g = (d * x).reshape(d.shape[0], -1, 4).sum(1)  # (B, 4)
+        return RuleResult(vectors={"scale": g}, vector_sq_norm={"scale": g.double().pow(2).sum(1)})
+
+
+def test_the_squared_norm_is_in_the_output_dtype_whatever_the_rules_return():
+    model = nn.Sequential(nn.Linear(3, 4), WideScale())
+    x, y = torch.randn(5, 3), torch.randint(0, 4, (5,))
+    layout, units, rec, out, loss = _captured(model, ["1.scale"], x, y)
+    fg = apply_rules(units, rec, loss, out, layout, 5)
+    assert fg.sq_norm.dtype == torch.float32  # the model's output dtype, not the rule's float64
+    assert_close(fg.sq_norm, fg.vectors["1.scale"].pow(2).sum(1))
