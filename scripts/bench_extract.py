@@ -292,8 +292,11 @@ def kernel_ops(step: Any, batches: int = 2) -> dict[str, float]:
     kernel launch on a GPU, by name (``torch.profiler``; an op counts when no op below it counts and it is not
     in :data:`NO_KERNEL_OPS`, so an op that starts by filling its output is counted under ``fill_``). On the
     CPU this is the count the host pays dispatch and launch for on a GPU, where a small model's step is bound
-    by them: a proxy that needs no GPU, not a CUDA kernel count (a CUDA ``cat`` of mixed inputs is one copy
-    per input, an ``addmm`` a copy and a GEMM: one op each here)."""
+    by them: a proxy that needs no GPU, not a CUDA kernel count. An op that copies and then runs its own
+    kernel counts once (a CPU ``addmm`` as its bias copy; an out-of-place ``scatter`` is two CUDA kernels), a
+    CPU ``any`` twice; the copies to pinned host memory and the events a GPU step adds (the online dynamics,
+    the deferred checks) are no op on the CPU and are not counted; and a reference step's optimizer is one
+    op per parameter here where CUDA's foreach SGD is a few kernels in all."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -282,8 +282,9 @@ def test_online_device_path_equals_the_host_path(task, classes, bounds, monkeypa
         monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ("cpu",) if host else ())
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes))
-        lo, hi = (0.5, 2.0) if bounds == "binding" else (0.25, 4.0)
-        cfg = WeightingConfig(strength=2.5, momentum=0.8, warmup_steps=1, min_weight=lo, max_weight=hi)
+        # binding: raw weights up to 1 + 8 against bounds 0.5 and 1.2, so weights do reach them (checked below)
+        strength, lo, hi = (8.0, 0.5, 1.2) if bounds == "binding" else (2.5, 0.25, 4.0)
+        cfg = WeightingConfig(strength=strength, momentum=0.8, warmup_steps=1, min_weight=lo, max_weight=hi)
         assert never_clipped(cfg) == (bounds == "never_clipped")
         miner = OnlineMiner(model, layers=None, dim=16, weighting=cfg, keep_gradients=True,
                             loss_fn="mse" if task == "regression" else None)
@@ -303,6 +304,8 @@ def test_online_device_path_equals_the_host_path(task, classes, bounds, monkeypa
         return miner, stats
 
     (m_host, s_host), (m_dev, s_dev) = run(True), run(False)
+    at_bound = [bool(((s.weights - 1.2).abs() < 1e-6).any() or ((s.weights - 0.5).abs() < 1e-6).any()) for s in s_host]
+    assert any(at_bound) == (bounds == "binding"), at_bound  # the clipped solution is compared too
     for a, b in zip(s_host, s_dev):
         for field in ("weights", "agreement", "global_agreement", "confidence", "margin", "logit_margin", "grad_norm"):
             x, y = getattr(a, field), getattr(b, field)
@@ -591,8 +594,9 @@ def test_observe_makes_nothing_on_the_host_after_the_first_step(name, layers, me
 
 @pytest.mark.parametrize("classes", [1, 3, 70])
 def test_device_batch_columns_equal_host_batch_on_edge_cases(classes):
-    # Ties (pred = the lowest class id), a sure sample (p[label] = 1 to the last bit), a zero gradient (no
-    # vote: agreement 0), a single-logit binary model; packed() carries every column and the weight and step.
+    # Ties (pred = the lowest class id), a sure sample (p[label] = 1 to the last bit), every other class masked
+    # out (-inf: no other class, margin = p[label]), a zero gradient (no vote: agreement 0), a single-logit
+    # binary model; packed() carries every column and the weight and step.
     b = 6
     g = torch.Generator().manual_seed(classes)
     out = torch.randn(b, classes, generator=g)
@@ -601,6 +605,12 @@ def test_device_batch_columns_equal_host_batch_on_edge_cases(classes):
     out[1, :] = -5.0
     out[1, 0] = 60.0  # sure of class 0
     target[1] = 0
+    if classes > 1:
+        out[3, 1:] = float("-inf")  # only class 0 is possible, and it is the label
+        target[3] = 0
+        out[4, :] = float("-inf")
+        out[4, classes - 1] = 1.5  # only the last class, the label
+        target[4] = classes - 1
     loss = torch.rand(b, generator=g)
     sq = torch.rand(b, generator=g)
     z_norm = torch.rand(b, generator=g) + 0.1
@@ -623,10 +633,16 @@ def test_device_batch_columns_equal_host_batch_on_edge_cases(classes):
     np.testing.assert_allclose(dev.inv.numpy(), host.inv, rtol=1e-15)
     assert packed[0, online_dynamics.COL["pred"]] == 0  # a tie goes to the lowest class id
     assert dev.inv[2] == 0 and packed[2, online_dynamics.COL["agreement"]] == 0
-    # The columns handed to the user are their own tensors: changing one changes no other.
-    before = dev.cols["global_agreement"].clone()
-    dev.cols["agreement"].add_(1.0)
-    assert torch.equal(dev.cols["global_agreement"], before)
+    if classes > 1:
+        assert packed[3, online_dynamics.COL["margin"]] == 1.0 and packed[4, online_dynamics.COL["margin"]] == 1.0
+    # The columns OnlineStats hands to the user: changing one in place changes no other (nor what was packed).
+    shown = ["agreement", "global_agreement", "confidence", "margin"]
+    for name in shown:
+        before = {other: dev.cols[other].clone() for other in shown if other != name}
+        dev.cols[name].add_(1.0)
+        for other, value in before.items():
+            assert torch.equal(dev.cols[other], value), (name, other)
+    assert torch.equal(dev.logit_margin, torch.from_numpy(packed[:, width]))
 
 
 def test_device_batch_regression_packs_nan_for_what_regression_has_not():

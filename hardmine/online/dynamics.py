@@ -258,12 +258,15 @@ def device_batch(
     # ||p - onehot||: the other classes' probabilities and 1 - p[label]
     diff = logp.exp().scatter(1, col, 0.0)  # (B, C) softmax with the label's entry zeroed
     el2n = torch.linalg.vector_norm(diff, dim=1).hypot(1.0 - conf)
+    # No other class can be chosen when every other logit is -inf (masked out): then max() points at column 0,
+    # which may be the label's own, and the best other probability is 0.
+    p_other = p[:, 2].masked_fill(best_other.isneginf(), 0.0)
     cols.update(
         label=tgt.to(dt),
         class_agreement=own,
         confidence=conf,
         pred_confidence=p[:, 1],
-        margin=conf - p[:, 2],  # softmax is monotone in the logit
+        margin=conf - p_other,  # softmax is monotone in the logit
         pred=pred.to(dt),
         el2n=el2n,
     )
