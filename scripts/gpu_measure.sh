@@ -32,6 +32,9 @@
 #                   -> host_syncs.xml
 #   scan_host_cpu   scripts/bench_scan.py --device cpu, the demo only: the same scan on this machine's CPU,
 #                   for the CPU-vs-GPU comparison -> bench_scan_host_cpu.{json,md}
+#   dispatch_cpu    scripts/bench_dispatch.py on this machine's CPU (kernel ops per step, the CPU proxy of
+#                   the host's share of a GPU step), to set beside the kernel launches per step the GPU rows
+#                   record (host_syncs_per_*): the proxy's calibration -> bench_dispatch_host_cpu.{json,md}
 # plus env.txt (Python, torch, device, faiss, commit), one <step>.log per step and gpu_measure.log (all of it).
 #
 # A dry run on a machine without a GPU (every command line runs once, tiny sizes, one thread, ~1 minute):
@@ -201,6 +204,9 @@ else
     SUMMARY="$SUMMARY$(printf '%-16s %-18s' scan_host_cpu 'SKIPPED (no data)')"$'\n'
     FAILED=$((FAILED + 1))  # the demo is the criterion: a run without it is incomplete
 fi
+DISPATCH=(--rounds 10 --repeat 5)
+[ "$QUICK" = 1 ] && DISPATCH=(--quick)
+step dispatch_cpu 30 "$PY" scripts/bench_dispatch.py "${DISPATCH[@]}" --out "$OUT/bench_dispatch_host_cpu.json"
 
 # ---------------------------------------------------------------------------------------------- summary
 echo
