@@ -37,7 +37,8 @@ Both paths hand the output gradients to :func:`hardmine.factored.capture.apply_r
 application of every factored pass (``GradientExtractor`` uses it too), so the vectors are the offline ones.
 Both paths then cost, per step: one ``(B, D) @ (D, R)`` matmul for the agreement (``D`` = ``out_dim``,
 ``R`` = classes + 1; ``R`` replaced by 2 above 64 rows), ``O(B * C)`` work for the output statistics and an
-``O(B log B)`` exact solve of the weights, one ``(R, B) @ (B, D)`` matmul (or an ``index_add`` for many
+``O(B log B)`` exact solve of the weights (``O(B)`` when the configuration lets no weight reach a bound, as the
+defaults do: :func:`.weighting.never_clipped`), one ``(R, B) @ (B, D)`` matmul (or an ``index_add`` for many
 classes) for the EMA update and ``O(B)`` NumPy updates of the dynamics. On the CPU the statistics and
 weights are NumPy on the host (:func:`.dynamics.host_batch`); on a GPU they are tensor operations on the
 device (:func:`.dynamics.device_batch`, with no host synchronisation after the first step) and the dynamics
