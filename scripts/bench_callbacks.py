@@ -137,7 +137,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be read
@@ -216,7 +216,7 @@ def main() -> None:
         # Other processes on a shared machine distort timings (2-thread runs most): recorded, not hidden.
         "load_avg_1_5_15_at_end": list(os.getloadavg()),
     }
-    _atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     load = ", ".join(f"{v:.1f}" for v in settings["load_avg_1_5_15_at_end"])
     note = (
         f"\nRun: {when}, torch {torch.__version__}, {settings['machine']}, "
@@ -235,7 +235,7 @@ def main() -> None:
             + ", ".join(f"{k} {v:g}" for k, v in sorted(r["host_syncs_per_step"].items()))
             for r in synced
         ) + "\n"
-    _atomic_write(args.out.with_suffix(".md"), md + "\n" + note)
+    atomic_write(args.out.with_suffix(".md"), md + "\n" + note)
 
 
 if __name__ == "__main__":

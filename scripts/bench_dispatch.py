@@ -34,7 +34,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,15 +127,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
@@ -171,7 +161,7 @@ def main() -> None:
         "quick": args.quick,
         "load_avg_1_5_15_at_end": list(os.getloadavg()),
     }
-    _atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    bc.atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     load = ", ".join(f"{v:.1f}" for v in settings["load_avg_1_5_15_at_end"])
     note = (
         f"\nRun: {when}, hardmine at {settings['hardmine']}, torch {torch.__version__}, {settings['machine']}, "
@@ -181,7 +171,7 @@ def main() -> None:
         "training-loop rows run the online miner's GPU path on the CPU. ratio = median over "
         f"{args.rounds} rounds of t(method) / t(reference) within the round, each sample {args.repeat} steps.\n"
     )
-    _atomic_write(args.out.with_suffix(".md"), md + "\n" + note)
+    bc.atomic_write(args.out.with_suffix(".md"), md + "\n" + note)
 
 
 if __name__ == "__main__":

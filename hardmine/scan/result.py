@@ -485,10 +485,14 @@ class Scan:
             )
             if pop.n != n:
                 raise RuntimeError(f"population statistics over {pop.n} samples for a scan of {n}; a bug in hardmine.")
-            if fitting is None:
+
+            def ranked_after_pass_two() -> tuple[pd.DataFrame, dict[str, float]]:  # pass 2 on its own, then the ranks
                 grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
                 grad_scores.update(neighbours)
-                df, used = finalize_scores(stats, grad_scores, config, self.task)
+                return finalize_scores(stats, grad_scores, config, self.task)
+
+            if fitting is None:
+                df, used = ranked_after_pass_two()
                 return df, used, None
             if last is None:
                 directions = fused(pop)
@@ -503,9 +507,7 @@ class Scan:
                 set_column(stats, name, v)
             add_label_issue_columns(stats)
             if directions is None:  # pass 2 on its own, beside the last pass
-                grad_scores = score_pass(self.iter_gradients(), n, labels, pop, config, None, on_block=progress)
-                grad_scores.update(neighbours)
-                df, used = finalize_scores(stats, grad_scores, config, self.task)
+                df, used = ranked_after_pass_two()
                 share.help()
                 return df, used, _ScanSlices(last.result().assignment, names.result())
             # Pass 2 is the last pass's products. A hardness that weights none of its scores (the default) is
