@@ -74,12 +74,15 @@ def test_bad_later_batch_is_still_a_clear_error(engine, bad, pattern):
 
 
 def test_auto_plan_is_recorded_in_metadata():
-    ext = GradientExtractor(TinyTransformer(), dim=4, engine="auto")
+    model = TinyTransformer()
+    # an attention configuration outside the factored rule (add_bias_kv) goes to vmap, with the reason
+    model.encoder.self_attn = torch.nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+    ext = GradientExtractor(model, dim=4, engine="auto")
     ext((token_batch(2), torch.tensor([0, 1])))
     meta = ext.metadata()
     assert meta["plan"]["encoder.linear1.weight"] == "factored"
     assert meta["plan"]["encoder.self_attn.in_proj_weight"] == "vmap"
-    assert "MultiheadAttention" in meta["plan_reasons"]["encoder.self_attn.in_proj_weight"]
+    assert "MultiheadAttention with add_bias_kv=True" in meta["plan_reasons"]["encoder.self_attn.in_proj_weight"]
     assert set(meta["plan_reasons"]) == {n for n, v in meta["plan"].items() if v == "vmap"}
 
 

@@ -315,7 +315,10 @@ def test_engines_agree_on_mlp_and_cnn(b):
 
 
 def test_transformer_auto_sends_attention_to_vmap(caplog):
-    model = TinyTransformer().double()
+    model = TinyTransformer()
+    # an attention configuration outside its factored rule (hardmine.factored.attention): add_bias_kv
+    model.encoder.self_attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+    model = model.double()
     batch = (token_batch(5, seed=4), torch.randint(0, 3, (5,)))
     with caplog.at_level(logging.INFO, logger="hardmine.engine"):
         out, ref = _all_engines(model, batch, engines=("vmap", "auto"))
@@ -324,9 +327,8 @@ def test_transformer_auto_sends_attention_to_vmap(caplog):
     attn = [n for n in plan if n.startswith("encoder.self_attn.")]
     assert attn and all(plan[n] == "vmap" for n in attn)
     assert all(v == "factored" for n, v in plan.items() if n not in attn)
-    assert (
-        "multi_head_attention_forward" in ext.metadata()["plan_reasons"]["encoder.self_attn.out_proj.weight"]
-    )
+    reason = ext.metadata()["plan_reasons"]["encoder.self_attn.out_proj.weight"]
+    assert "multi_head_attention_forward" in reason and "add_bias_kv=True" in reason
     assert any(
         "factored layers:" in r.message and "encoder.linear1 (Linear)" in r.message for r in caplog.records
     )

@@ -775,16 +775,27 @@ def test_every_refused_parameter_is_listed_with_its_reason():
 
 @pytest.mark.parametrize("root", [False, True])
 def test_parameters_inside_multihead_attention_are_refused_naming_it(root):
+    """Where the attention rule does not cover the configuration, out_proj's parameters are refused with the
+    attention's name and the rule's reason; where it does, out_proj is planned under its host."""
     from hardmine.factored import plan_factored
 
-    mha = nn.MultiheadAttention(8, 2)
+    mha = nn.MultiheadAttention(8, 2, add_bias_kv=True)
     model = mha if root else nn.Sequential(nn.Linear(8, 8), mha)
     name = "out_proj.weight" if root else "1.out_proj.weight"
     units, rejected = plan_factored(model, [name])
     assert units == {}
     where = "'<root>'" if root else "'1'"
-    assert rejected[name].startswith(f"inside nn.MultiheadAttention {where}, which passes its submodules'")
+    assert rejected[name].startswith(
+        f"inside nn.MultiheadAttention {where} (its factored rule does not cover it: add_bias_kv=True), which "
+        "passes its submodules'"
+    )
     assert "F.multi_head_attention_forward" in rejected[name] and "hooks never fire" in rejected[name]
+    covered = nn.MultiheadAttention(8, 2)
+    model = covered if root else nn.Sequential(nn.Linear(8, 8), covered)
+    units, rejected = plan_factored(model, [name])
+    assert rejected == {}
+    (unit,) = units.values()
+    assert unit.module is covered.out_proj and unit.host is covered and unit.role == "out_proj"
 
 
 class _TwoParams(nn.Module):

@@ -63,8 +63,13 @@ PINNED_EXTRACT = {
     ("factored", "transformer"): "fad14b0589084f97",
     ("vmap", "mlp"): "891ab88570a56594",
     ("vmap", "cnn"): "84d58837c0258b68",
-    ("vmap", "transformer"): "0f2eecc64e9d6c73",
-    ("auto", "transformer"): "1a4c7b6c2867fcf4",
+    # Changed on purpose (2026-11-30, the nn.MultiheadAttention rule): the attention's in_proj_weight and
+    # out_proj.weight are now Kronecker blocks (P_out ⊗ P_in, like every matrix with a rule) where they were
+    # dense blocks of the same width; every other block is unchanged (the factored pin above, which selects
+    # them all but attention, did not move). A scan of such a model written before cannot be resumed into
+    # (its configuration's layout differs, and the resume check names it).
+    ("vmap", "transformer"): "34d3c3a961558af8",
+    ("auto", "transformer"): "1e807649db73fd60",
 }
 # model -> (hash of the output-layer-only vectors, hash of the all-layer vectors) of OnlineMiner.observe
 PINNED_ONLINE = {
@@ -76,7 +81,7 @@ PINNED_ONLINE = {
 @pytest.mark.parametrize("engine,name", sorted(PINNED_EXTRACT))
 def test_extractor_vectors_are_pinned(engine, name):
     model, (inputs, y) = _case(name)
-    # The factored engine has no rule for nn.MultiheadAttention: pin every layer type it does have.
+    # Every layer type but the attention (pinned before its rule existed; auto/vmap cover it).
     layers = ["embed", "norm", "encoder.linear*", "encoder.norm*", "classifier"]
     layers = layers if (engine, name) == ("factored", "transformer") else None
     ext = GradientExtractor(model, layers=layers, dim=16, seed=5, engine=engine)

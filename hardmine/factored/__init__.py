@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 # Importing the rule files registers them.
-from . import conv1d, conv2d, embedding, layernorm, linear, rmsnorm  # noqa: F401
+from . import attention, conv1d, conv2d, embedding, layernorm, linear, rmsnorm  # noqa: F401
 from .apply import FactoredGrads, RuleRunner
 from .capture import (
     CapturedCall,

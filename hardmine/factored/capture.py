@@ -54,6 +54,7 @@ from ..losses import LossFn, resolve_loss
 from .apply import FactoredGrads, RuleRunner
 from .layout import ProjectionLayout
 from .plan import FactoredUnit, format_rejected, plan_factored, tied_holders
+from .registry import LayerRule, rule_for
 
 __all__ = [
     "Captured",
@@ -94,6 +95,7 @@ class CapturedCall:
     x_version: int | None
     passed_version: int | None
     broadcast: bool = False  # the call saw a (1, ...) input and output, expanded here to the batch
+    problem: str | None = None  # why it cannot be attributed per sample, as a reforward found (else None)
 
     @property
     def output_modified(self) -> bool:
@@ -160,15 +162,47 @@ def capture_calls(
     :func:`check_calls`). The hooks are removed on exit (``finally``)."""
     rec: Captured = {name: [] for name in units}
     handles = []
+    # Units recorded by a host's reforward (attention and its out_proj): one hook per host, {role: unit}
+    hosts: dict[int, tuple[nn.Module, dict[str, str]]] = {}
+    for name, unit in units.items():
+        if unit.host is not None:
+            hosts.setdefault(id(unit.host), (unit.host, {}))[1][unit.role] = name
     try:
         for name, unit in units.items():
+            if unit.host is not None:
+                continue
             size = batch_size if expand is None or name in expand else None
             hook = functools.partial(_record, rec[name], name in clone, size)
             handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
+        for host, roles in hosts.values():
+            rule = rule_for(host)
+            assert rule is not None and rule.reforwards  # the plan hosts units only under such a rule
+            stores = {role: rec[name] for role, name in roles.items()}
+            protected = {role for role, name in roles.items() if name in clone}
+            hook = functools.partial(_record_reforward, rule, stores, protected)
+            handles.append(host.register_forward_hook(hook, with_kwargs=True))
         yield rec
     finally:
         for h in handles:
             h.remove()
+
+
+def _record_reforward(
+    rule: LayerRule,
+    stores: Mapping[str, list[CapturedCall]],
+    clone: Collection[str],
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    out: Any,
+) -> Any:
+    """The forward hook of a module whose rule reforwards (see ``LayerRule.reforward``): the model continues
+    with the output computed again, whose linear maps are recorded for the roles in ``stores``."""
+    new_out, calls = rule.reforward(module, args, kwargs, out, clone)
+    for role, store in stores.items():
+        c = calls[role]
+        store.append(CapturedCall(c.x, c.out, c.passed, _version(c.x), _version(c.passed), problem=c.problem))
+    return new_out
 
 
 def _hooked_forward(
@@ -193,6 +227,8 @@ def call_problem(unit: FactoredUnit, calls: list[CapturedCall], batch_size: int)
             "(e.g. F.linear(x, m.weight))"
         )
     for c in calls:
+        if c.problem is not None:
+            return c.problem
         why = unit.rule.check_call(unit.module, c.x, c.out, batch_size)
         if why is not None:
             return why

@@ -1,8 +1,13 @@
 """Planning the factored pass: which selected parameters a layer rule covers, grouped by module.
 
 A parameter is refused (with the reason) when its module has no rule, the rule does not handle it, the
-module's configuration is outside the rule's maths or it sits inside ``nn.MultiheadAttention`` (whose
-submodules' hooks never fire).
+module's configuration is outside the rule's maths or it sits inside a module that passes its submodules'
+weights to ``F.*`` directly (their hooks never fire) and whose rule does not compute them again
+(``nn.MultiheadAttention`` when its rule's maths do not cover the configuration, or a subclass of it).
+
+A module whose rule *reforwards* (``LayerRule.reforward``: attention) hosts its own unit and those of its
+:attr:`~hardmine.factored.registry.LayerRule.reforwarded_children` (``out_proj``): their calls are recorded by
+the host's forward hook (``FactoredUnit.host`` and ``role``).
 
 A parameter object held by several modules (tied weights: the input embedding reused as the LM head) is the
 *matrix* parameter of one unit per holder, every unit naming it by its canonical name (the one
@@ -33,6 +38,10 @@ class FactoredUnit:
     # canonical full name of the selected matrix parameter, if selected (a tied one: not this module's own)
     matrix: str | None
     vectors: tuple[str, ...]  # local names of the selected vector parameters
+    # the module whose rule records this unit's calls by computing its forward again (LayerRule.reforward),
+    # and the role this unit has there ("" the host itself, else its local name); None: its own hook
+    host: nn.Module | None = None
+    role: str = ""
 
     def full_name(self, local: str) -> str:
         return f"{self.name}.{local}" if self.name else local
@@ -57,12 +66,25 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
     """Split selected parameters into factored units (by module) and ``{param: reason}`` for the rest."""
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
+    hosted: dict[str, tuple[nn.Module, str]] = {}  # module -> (the module recording its calls, its role)
+    host_refusal: dict[str, str] = {}  # hosting rules that refuse this instance: module -> why
+    for mname, m in modules.items():
+        rule = rule_for(m)
+        if rule is None or not rule.reforwards:
+            continue
+        why = rule.unsupported_reason(m)
+        if why is not None:
+            host_refusal[mname] = why
+            continue
+        hosted[mname] = (m, "")
+        for child in rule.reforwarded_children:
+            hosted[_full(mname, child)] = (m, child)
     inside_mha: dict[str, str] = {}
     for mname, m in modules.items():
         if isinstance(m, nn.MultiheadAttention):
             for sub, _ in m.named_modules(prefix=mname):
-                if sub != mname:
-                    inside_mha[sub] = mname or "<root>"
+                if sub != mname and sub not in hosted:
+                    inside_mha[sub] = mname
     holders: dict[int, list[tuple[str, str]]] = {}  # a parameter object held by several modules is tied
     for mname, m in modules.items():
         for local, p in m.named_parameters(recurse=False):
@@ -73,8 +95,11 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
         module = modules[mname]
         rule = rule_for(module)
         if mname in inside_mha:
+            host = inside_mha[mname]
+            why = host_refusal.get(host)
+            cover = "" if why is None else f" (its factored rule does not cover it: {why})"
             return (
-                f"inside nn.MultiheadAttention {inside_mha[mname]!r}, which passes its submodules' "
+                f"inside nn.MultiheadAttention {host or '<root>'!r}{cover}, which passes its submodules' "
                 "weights to F.multi_head_attention_forward directly, so their hooks never fire"
             )
         if rule is None:
@@ -115,7 +140,8 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
         assert rule is not None  # grouped only holds modules with a rule
         vectors = tuple(v for v in locals_ if v != rule.matrix_param)
         matrix = locals_.get(rule.matrix_param) if rule.matrix_param else None  # canonical name
-        units[mname] = FactoredUnit(name=mname, module=module, rule=rule, matrix=matrix, vectors=vectors)
+        host, role = hosted.get(mname, (None, ""))
+        units[mname] = FactoredUnit(mname, module, rule, matrix, vectors, host, role)
     return units, rejected
 
 

@@ -35,7 +35,7 @@ adds the cross terms ``2 <G_i, G_j>`` (:func:`factors_inner`) to the squared nor
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "LayerRule",
     "RuleRequest",
     "RuleResult",
+    "Reforwarded",
     "GramCache",
     "GradFactors",
     "factors_inner",
@@ -132,6 +133,9 @@ class LayerRule:
     # Inputs with fewer dimensions than this are refused by check_call: e.g. a Linear called on one unbatched
     # (d_in,) vector (its first dimension would be mistaken for the batch).
     min_input_ndim: int = 1
+    #: child modules (local names) whose calls this rule's :meth:`reforward` records, e.g. attention's
+    #: ``("out_proj",)``: their own hooks never fire, since the module uses their weights through ``F.*``
+    reforwarded_children: tuple[str, ...] = ()
 
     @property
     def handled_params(self) -> tuple[str, ...]:
@@ -166,6 +170,36 @@ class LayerRule:
     def supports_tied(self) -> bool:
         """Whether the rule implements :meth:`gradient_factors` (so its matrix parameter may be shared)."""
         return type(self).gradient_factors is not LayerRule.gradient_factors
+
+    def reforward(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any, clone: Collection[str]
+    ) -> tuple[Any, dict[str, Reforwarded]]:
+        """For a module whose forward hides the linear maps of its parameters (``nn.MultiheadAttention``
+        calls ``F.multi_head_attention_forward`` on its weights), computing the same output again from the
+        call's inputs with those maps as tensors of the graph. Called by the module's forward hook with the
+        call's arguments and ``output``; returns ``(the output the model continues with, {role: what that
+        role's rule sees})``, role ``""`` being the module itself and other roles its
+        :attr:`reforwarded_children`. Roles in ``clone`` hand the model a copy of their output (see
+        ``capture_calls``). Only rules that set :attr:`reforwarded_children` or hide their own maps implement
+        it (:attr:`reforwards`)."""
+        raise NotImplementedError
+
+    @property
+    def reforwards(self) -> bool:
+        """Whether the rule implements :meth:`reforward` (its module's calls are recorded through it)."""
+        return type(self).reforward is not LayerRule.reforward
+
+
+@dataclass(frozen=True)
+class Reforwarded:
+    """One role's call as :meth:`LayerRule.reforward` computed it: the input of the linear map, its output (a
+    tensor of the graph the model continues from) and what the model was handed in its place (``out`` itself,
+    a view of it, or a copy when the role is protected)."""
+
+    x: Any
+    out: torch.Tensor
+    passed: torch.Tensor
+    problem: str | None = None  # why the call cannot be attributed per sample (then nothing else is read)
 
 
 class GramCache:

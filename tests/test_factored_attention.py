@@ -1,0 +1,365 @@
+"""nn.MultiheadAttention in the factored engine (hardmine.factored.attention): exact against the per-sample
+autograd loop for every configuration the rule covers, refused with the reason (and sent to vmap under auto)
+for the others, nothing left on the model, and the same vectors in the training-loop API."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from models import TinyTransformer, token_batch
+from test_factored import _check_pass, _expected
+from torch import nn
+from torch.testing import assert_close
+
+from hardmine.engine import GradientExtractor
+from hardmine.extract import reference_per_sample_grads
+from hardmine.factored import plan_factored
+from hardmine.factored.attention import attention_forward
+from hardmine.online import OnlineMiner
+
+D, H = 8, 2
+
+
+class Attn(nn.Module):
+    """Linear -> MultiheadAttention (self or cross, with the call's options) -> mean over queries -> Linear.
+
+    ``mode``: "self" (query is key is value), "kv" (key is value, another sequence), "qkv" (three inputs)."""
+
+    def __init__(self, mode="self", batch_first=True, bias=True, call=None, mask=None, twice=False, **mha):
+        super().__init__()
+        self.mode, self.batch_first, self.twice = mode, batch_first, twice
+        self.call = dict(call or {})
+        self.mask = mask  # a function (x, L, S) -> the call's masks (from each sample's own data), or None
+        self.inp = nn.Linear(5, D)
+        self.mem = nn.Linear(5, D)
+        self.attn = nn.MultiheadAttention(D, H, batch_first=batch_first, bias=bias, **mha)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))  # (B, L, D)
+        m = torch.tanh(self.mem(x.flip(1)[:, :4]))  # (B, S=4, D): another sequence for cross-attention
+        q = h
+        k = v = h if self.mode == "self" else m
+        if self.mode == "qkv":
+            v = torch.sin(m)
+        kw = dict(self.call)
+        if self.mask is not None:
+            kw.update(self.mask(x, q.shape[1], k.shape[1]))
+        if not self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+            k = q if self.mode == "self" else k
+            v = k if self.mode != "qkv" else v
+        o, w = self.attn(q, k, v, **kw)
+        if self.twice:  # the same module called again on its own output
+            o2, _ = self.attn(o, o, o, need_weights=False)
+            o = o + o2
+        if not self.batch_first:
+            o = o.transpose(0, 1)
+        y = self.head(o.mean(1))  # (B, 3)
+        if w is not None:  # the returned weights reach the loss too
+            y = y + w.flatten(1).sum(1, keepdim=True) * 0.1
+        return y
+
+
+def _batch(b, t=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, 5, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (b,), generator=g)
+
+
+def _kpm(x, tk):
+    """(B, S) padding mask from each sample's own data (a sample's mask must not depend on its place in the
+    batch, or the per-sample loop would see another one): the last key is padding where x[b, 0, 0] > 0."""
+    pad = torch.zeros(x.shape[0], tk, dtype=torch.bool)
+    pad[:, -1] = x[:, 0, 0] > 0
+    return pad
+
+
+def _check(model, b, t=6):
+    """Every parameter factored (attention included) and exact; the pass left nothing on the model."""
+    model = model.double()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fg, _ = _check_pass(model, _batch(b, t))
+    assert {"attn.in_proj_weight", "attn.out_proj.weight"} <= set(fg.kron)
+    assert not model.attn._forward_hooks and not model.attn.out_proj._forward_hooks
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    return fg
+
+
+@pytest.mark.parametrize("b", [1, 5])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mode", ["self", "kv", "qkv"])
+def test_self_and_cross_attention_are_exact(mode, batch_first, b):
+    torch.manual_seed(0)
+    _check(Attn(mode, batch_first), b)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        {"need_weights": False},
+        {"need_weights": True, "average_attn_weights": False},
+    ],
+    ids=["no-weights", "per-head-weights"],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_weights_and_bias_options_are_exact(call, bias):
+    torch.manual_seed(1)
+    fg = _check(Attn(call=call, bias=bias), 4)
+    assert ("attn.in_proj_bias" in fg.vectors) == bias
+
+
+def _masks(kind):
+    def make(x, tq, tk):
+        b = x.shape[0]
+        causal = torch.triu(torch.ones(tq, tk, dtype=torch.bool), diagonal=1)
+        if kind == "kpm":
+            return {"key_padding_mask": _kpm(x, tk)}
+        if kind == "kpm-float":
+            return {"key_padding_mask": _kpm(x, tk).double() * -1e4}
+        if kind == "causal":
+            return {"attn_mask": causal, "is_causal": True, "need_weights": False}
+        if kind == "causal-weights":
+            return {"attn_mask": causal, "is_causal": True}
+        if kind == "float-2d+kpm":
+            return {"attn_mask": torch.linspace(-1, 1, tq * tk).reshape(tq, tk).double(),
+                    "key_padding_mask": _kpm(x, tk), "need_weights": False}
+        # a mask per sample (from its data) and head: (B * H, L, S)
+        m3 = torch.zeros(b, H, tq, tk, dtype=torch.bool)
+        m3[:, 1, :, 0] = x[:, 0, 1, None] > 0
+        return {"attn_mask": m3.reshape(b * H, tq, tk)}
+
+    return make
+
+
+@pytest.mark.parametrize("kind", ["kpm", "kpm-float", "causal", "causal-weights", "float-2d+kpm", "3d"])
+def test_masks_are_exact(kind):
+    torch.manual_seed(2)
+    _check(Attn(mask=_masks(kind)), 4)
+
+
+def test_the_causal_hint_is_followed_as_torch_does():
+    # With need_weights=False and no padding mask, torch drops attn_mask for is_causal: so does the reforward.
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(D, H, batch_first=True).double()
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    not_causal = torch.zeros(5, 5, dtype=torch.bool)  # a wrong hint: torch trusts is_causal
+    want, _ = mha(x, x, x, attn_mask=not_causal, is_causal=True, need_weights=False)
+    got, _, _ = attention_forward(mha, x, x, x, attn_mask=not_causal, is_causal=True, need_weights=False)
+    assert_close(got, want)
+
+
+def test_a_module_called_twice_sums_both_calls():
+    torch.manual_seed(4)
+    fg = _check(Attn(twice=True), 3)
+    assert fg.kron["attn.in_proj_weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_layers_are_factored_whole(norm_first):
+    torch.manual_seed(5)
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(D, H, 16, dropout=0.0, batch_first=True, norm_first=norm_first)
+            self.dec = nn.TransformerDecoderLayer(D, H, 16, dropout=0.0, batch_first=True, norm_first=norm_first)
+            self.inp = nn.Linear(5, D)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            mem = self.enc(self.inp(x), src_key_padding_mask=_kpm(x, x.shape[1]))
+            tgt = self.inp(x[:, :3])
+            mask = nn.Transformer.generate_square_subsequent_mask(3, dtype=torch.float64)
+            return self.head(self.dec(tgt, mem, tgt_mask=mask, tgt_is_causal=True).mean(1))
+
+    model = Seq2Seq().double()
+    fg, _ = _check_pass(model, _batch(4))
+    for name in ("enc.self_attn", "dec.self_attn", "dec.multihead_attn"):
+        assert {f"{name}.in_proj_weight", f"{name}.out_proj.weight"} <= set(fg.kron)
+
+
+@pytest.mark.parametrize("layers", ["attn.out_proj", "attn.in_proj_*"])
+def test_either_projection_alone(layers):
+    torch.manual_seed(6)
+    _check_pass(Attn("kv").double(), _batch(3), layers=[layers])
+
+
+def test_output_modified_in_place_after_attention_is_protected():
+    torch.manual_seed(7)
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, D)
+            self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            o, _ = self.attn(h, h, h, need_weights=False)
+            o.mul_(2.0)  # the model rewrites the attention output in place
+            return self.head(o.mean(1))
+
+    _check_pass(InPlace().double(), _batch(3))
+
+
+@pytest.mark.parametrize(
+    "mha, why",
+    [
+        ({"add_bias_kv": True}, "add_bias_kv=True"),
+        ({"add_zero_attn": True}, "add_zero_attn=True"),
+        ({"kdim": 6, "vdim": 6}, "kdim=6, vdim=6 unlike embed_dim=8"),
+    ],
+)
+def test_configurations_outside_the_rule_are_refused_and_auto_is_exact(mha, why):
+    torch.manual_seed(8)
+    model = Attn("kv" if "kdim" not in mha else "self", **mha).double()
+    if "kdim" in mha:  # key and value of width 6
+        model.mem = nn.Linear(5, 6).double()
+        model.mode = "kv"
+    names = [n for n, _ in model.named_parameters() if n.startswith("attn.")]
+    units, rejected = plan_factored(model, names)
+    assert units == {}
+    covered = [n for n in names if n.split(".", 1)[1] in ("in_proj_weight", "in_proj_bias")]
+    assert covered and all(why in rejected[n] for n in covered), rejected
+    for n in set(names) - set(covered):  # bias_k, q_proj_weight, ...: not parameters the rule has
+        assert why in rejected[n] or "rule does not handle parameter" in rejected[n], rejected[n]
+    assert "inside nn.MultiheadAttention 'attn' (its factored rule does not cover it" in rejected[
+        "attn.out_proj.weight"
+    ]
+    batch = _batch(3)
+    ref = reference_per_sample_grads(model, batch)
+    ext = GradientExtractor(model, dim=16, seed=2, engine="auto")
+    res = ext(batch)
+    plan = ext.metadata()["plan"]
+    assert all(plan[n] == "vmap" for n in names) and plan["head.weight"] == "factored"
+    assert_close(res.grad_norm, ref.grad_norm)
+    with pytest.raises(ValueError, match=r"engine='factored' cannot handle .*" + why.split("=")[0]):
+        GradientExtractor(model, dim=16, engine="factored")(batch)
+
+
+def test_a_subclass_is_not_claimed():
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, D), MyAttention(D, H))
+    units, rejected = plan_factored(model, ["1.in_proj_weight", "1.out_proj.weight"])
+    assert units == {}
+    assert "MyAttention has no factored layer rule" in rejected["1.in_proj_weight"]
+    assert rejected["1.out_proj.weight"].startswith("inside nn.MultiheadAttention '1', which passes")
+
+
+def test_an_unbatched_call_is_refused_and_goes_to_vmap(caplog):
+    class Unbatched(nn.Module):  # attention over one (L, E) sequence per... the whole batch
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(D, H)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):  # x: (B, D); the batch is the attention's sequence: samples are mixed
+            o, _ = self.attn(x, x, x)
+            return self.head(o)
+
+    model = Unbatched().double()
+    batch = (torch.randn(4, D, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError, match=r"attn \(MultiheadAttention\): it was called on an unbatched query"):
+        GradientExtractor(model, dim=16, engine="factored")(batch)
+    with caplog.at_level(logging.WARNING):
+        ext = GradientExtractor(model, dim=16, engine="auto")
+        ext(batch)
+    assert ext.metadata()["plan"]["attn.in_proj_weight"] == "vmap"
+
+
+def test_engines_agree_on_the_tiny_transformer_whole():
+    model = TinyTransformer().double()
+    batch = (token_batch(5, seed=4), torch.randint(0, 3, (5,)))
+    ref = reference_per_sample_grads(model, batch)
+    zs = {}
+    for eng in ("vmap", "auto", "factored"):
+        ext = GradientExtractor(model, dim=16, seed=2, engine=eng)
+        res = ext(batch)
+        assert_close(res.grad_norm, ref.grad_norm)
+        zs[eng] = res.z
+        if eng != "vmap":
+            assert set(ext.metadata()["plan"].values()) == {"factored"}
+    for eng in ("auto", "factored"):
+        assert_close(zs[eng], zs["vmap"], rtol=1e-5, atol=1e-6)
+    layout = ext.layout
+    blk = layout.blocks["encoder.self_attn.in_proj_weight"]
+    assert blk.kind == "kron"
+    got = zs["factored"][:, blk.offset : blk.offset + blk.width]
+    assert_close(got, _expected(layout, ref, blk.param).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_online_miner_matches_the_offline_pass_with_attention():
+    torch.manual_seed(9)
+    model = TinyTransformer().eval()
+    inputs, y = token_batch(6, seed=3), torch.randint(0, 3, (6,))
+    miner = OnlineMiner(model, dim=16, seed=5, keep_gradients=True)
+    stats = miner.observe(inputs, y, ids=torch.arange(6))
+    assert stats.path == "autograd"
+    offline = GradientExtractor(model, dim=16, seed=5, engine="factored")((inputs, y))
+    assert_close(stats.z, offline.z, rtol=1e-5, atol=1e-6)
+    # the user's backward still reaches the attention's parameters
+    stats.weighted_loss().backward()
+    assert model.encoder.self_attn.in_proj_weight.grad is not None
+    assert model.encoder.self_attn.out_proj.weight.grad.abs().sum() > 0
+    miner.close()
+
+
+def test_training_mode_with_attention_dropout_runs_and_trains():
+    torch.manual_seed(10)
+    model = TinyTransformer(dropout=0.3).train()
+    inputs, y = token_batch(6, seed=3), torch.randint(0, 3, (6,))
+    miner = OnlineMiner(model, dim=16, seed=5)
+    stats = miner.observe(inputs, y, ids=torch.arange(6))
+    assert torch.isfinite(stats.z).all() and stats.z.abs().sum() > 0
+    stats.weighted_loss().backward()
+    assert model.encoder.self_attn.in_proj_weight.grad.abs().sum() > 0
+    miner.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    b=st.integers(1, 4),
+    t=st.integers(4, 7),
+    heads=st.sampled_from([1, 2, 4]),
+    mode=st.sampled_from(["self", "kv", "qkv"]),
+    need_weights=st.booleans(),
+    padded=st.booleans(),
+)
+def test_shapes_property(b, t, heads, mode, need_weights, padded):
+    torch.manual_seed(b * 100 + t)
+    model = Attn(mode, call={"need_weights": need_weights}, mask=_masks("kpm") if padded else None)
+    model.attn = nn.MultiheadAttention(D, heads, batch_first=True)
+    _check(model, b, t)
+
+
+def test_the_reforward_equals_the_module():
+    # attention_forward is the module's own maths: same output and weights, every covered option.
+    torch.manual_seed(11)
+    mha = nn.MultiheadAttention(D, H, batch_first=True, dropout=0.0).double()
+    q = torch.randn(3, 5, D, dtype=torch.float64)
+    k = torch.randn(3, 4, D, dtype=torch.float64)
+    v = torch.randn(3, 4, D, dtype=torch.float64)
+    pad = _kpm(torch.randn(3, 1, 1), 4)
+    for args, kw in [
+        ((q, q, q), {}),
+        ((q, k, k), {"key_padding_mask": pad}),
+        ((q, k, v), {"average_attn_weights": False}),
+        ((q, k, v), {"need_weights": False, "key_padding_mask": pad}),
+    ]:
+        want, want_w = mha(*args, **kw)
+        got, got_w, calls = attention_forward(mha, *args, **kw)
+        assert_close(got, want)
+        if want_w is None:
+            assert got_w is None
+        else:
+            assert_close(got_w, want_w)
+        assert calls["out_proj"].out is got and calls["out_proj"].passed is got
+        assert calls[""].out.shape[-1] == 3 * D
