@@ -62,6 +62,7 @@ bench: install
 		--out scripts/results/bench_extract_keep_heap.json
 	$(PY) scripts/bench_callbacks.py
 	$(PY) scripts/bench_dispatch.py
+	$(PY) scripts/bench_attention.py
 	$(PY) scripts/bench_scan.py
 	$(PY) scripts/bench_lm.py
 	$(PY) scripts/bench_startup.py

@@ -96,8 +96,8 @@ def check_one_device(model: nn.Module, names: Sequence[str], owner: str) -> None
 
 def warn_uncached_projections(layout: ProjectionLayout, owner: str) -> None:
     """Say when dense projection matrices do not fit the projector's cache: those parameters have no factored
-    rule (e.g. ``nn.MultiheadAttention``'s ``in_proj_weight``, several hundred MiB at dim 256) and their
-    matrices are made again from their seeds on every batch, which is slow and otherwise silent."""
+    rule (e.g. a ``(768, 256)`` parameter of a custom module: several hundred MiB of matrix at dim 256) and
+    their matrices are made again from their seeds on every batch, which is slow and otherwise silent."""
     names, beyond = layout.uncached_dense()
     if names:
         logger.warning(

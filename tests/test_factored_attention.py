@@ -363,3 +363,58 @@ def test_the_reforward_equals_the_module():
             assert_close(got_w, want_w)
         assert calls["out_proj"].out is got and calls["out_proj"].passed is got
         assert calls[""].out.shape[-1] == 3 * D
+
+
+def test_the_attention_leaves_the_shared_input_grams_to_their_readers(monkeypatch):
+    """Two Linears reading one input share its Gram (computed once per pass); an attention reading the same
+    tensor is not one of the counted readers and must not release or take their Gram."""
+    import hardmine.factored.registry as registry
+
+    computed = []
+    real_get = registry.GramCache.get
+
+    def counting_get(self, key, compute):
+        return real_get(self, key, lambda: computed.append(key) or compute())
+
+    monkeypatch.setattr(registry.GramCache, "get", counting_get)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, D)
+            self.a = nn.Linear(D, D)
+            self.b = nn.Linear(D, D)
+            self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))  # (B, T, D): read by a, b and the attention
+            o, _ = self.attn(h, h, h, need_weights=False)
+            return self.head((self.a(h) * self.b(h) + o).mean(1))
+
+    torch.manual_seed(12)
+    _check_pass(Shared().double(), _batch(3, t=3))
+    assert len(computed) == len(set(computed))  # no Gram made twice (a and b share h's)
+
+
+def test_bench_attention_quick_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench_attention.json"
+    subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_attention.py"), "--quick", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"encoder", "seq2seq"}
+    for r in rows:
+        assert r["all_factored"]
+        assert max(r["max_rel_err_grad_norm"].values()) < 1e-5
+        assert r["factored_samples_per_s"] > 0 and r["before_samples_per_s"] > 0
+    assert "| encoder | 16 |" in out.with_suffix(".md").read_text()

@@ -2,8 +2,10 @@
 
 * :mod:`.registry` -- ``register_layer_rule`` and the :class:`LayerRule` base class (one per module type);
 * one file per supported layer type: :mod:`.linear`, :mod:`.conv2d`, :mod:`.embedding`, :mod:`.layernorm`,
-  :mod:`.rmsnorm` (weight-only norms, by class-name pattern) and :mod:`.conv1d` (``transformers``' Conv1D, by
-  qualified class name, so ``transformers`` is never imported);
+  :mod:`.rmsnorm` (weight-only norms, by class-name pattern), :mod:`.conv1d` (``transformers``' Conv1D, by
+  qualified class name, so ``transformers`` is never imported) and :mod:`.attention` (``nn.MultiheadAttention``
+  and its ``out_proj``: its forward hook computes the attention again with both projections in the graph,
+  ``LayerRule.reforward``);
 * :mod:`.layout` -- the engine-independent projection layout (Kronecker ``P_out ⊗ P_in`` per weight matrix,
   dense seeded blocks for everything else);
 * :mod:`.plan` -- which selected parameters a rule covers (:func:`plan_factored`);

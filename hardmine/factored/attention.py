@@ -23,6 +23,7 @@ Not covered (the parameters go to vmap under ``engine="auto"``, with the reason)
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Collection
@@ -62,7 +63,8 @@ class MultiheadAttentionRule(LayerRule):
 
     def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
         e = module.embed_dim
-        return linear_compute(calls, request, e, 3 * e, bias="in_proj_bias")
+        # Not a reader of the pass's shared input Grams (it was not counted as one: shares_input_gram).
+        return linear_compute(calls, dataclasses.replace(request, grams=None), e, 3 * e, bias="in_proj_bias")
 
     def reforward(
         self, module: nn.Module, args: tuple, kwargs: dict, output: Any, clone: Collection[str]

@@ -9,8 +9,7 @@ gradient, never touches ``param.grad``, and no per-sample weight gradient is for
 parameters.
 
 What the hooks can see is checked, not assumed (:func:`probe_units` on a few samples, then every pass): a
-module whose hook never fires (its weights used through ``F.*`` directly, like ``nn.MultiheadAttention``'s
-``out_proj``), a module that does not see the batch on dimension 0 (``batch_first=False`` models, reshaped
+module whose hook never fires (its weights used through ``F.*`` directly), a module that does not see the batch on dimension 0 (``batch_first=False`` models, reshaped
 batches), and inputs modified in place are refused with a clear error instead of returning garbage. A module
 whose *output* is modified in place afterwards (``nn.ReLU(inplace=True)``) gets a copy handed to the model
 so the captured output keeps its place in the graph.
@@ -22,6 +21,12 @@ therefore hands the model a per-sample copy, ``out.expand(B, ...).clone()``, and
 the same way: autograd then delivers each sample's own row and the rules need no special case. The model
 computes the same numbers (it broadcast the ``(1, ...)`` output anyway). The probe checks that the model
 really uses such an output row by row (:func:`broadcast_problems`), and refuses the module otherwise.
+
+A module whose rule *reforwards* (``nn.MultiheadAttention``, which passes its weights to
+``F.multi_head_attention_forward``, where no hook can see its projections) gets one forward hook that computes
+its output again with its linear maps as tensors of the graph and hands the model that output; the hook records
+the calls of the module itself and of the children it covers (``out_proj``), as ``FactoredUnit.host`` says
+(see :mod:`.attention`).
 
 Nothing is attached to the model: hooks are removed in ``finally``, modes are restored by ``forward_mode``.
 """
@@ -159,7 +164,9 @@ def capture_calls(
     checked, to have it modified in place). With ``batch_size``, calls of the modules in ``expand`` (None:
     every unit) that are broadcast over the batch (``(1, ...)`` input and output) are expanded to it (see the
     module docstring); other calls are recorded as seen (and a ``(1, ...)`` one refused by
-    :func:`check_calls`). The hooks are removed on exit (``finally``)."""
+    :func:`check_calls`). Units with a ``host`` (attention and its ``out_proj``) are recorded by one hook on
+    the host, which computes its output again (``LayerRule.reforward``). The hooks are removed on exit
+    (``finally``)."""
     rec: Captured = {name: [] for name in units}
     handles = []
     # Units recorded by a host's reforward (attention and its out_proj): one hook per host, {role: unit}

@@ -7,7 +7,8 @@ vectors (up to float rounding) and the same seed gives the same matrices for any
 With ``(a, b) = kron_factors(dim)`` (``a * b == dim``, ``a <= b``, as square as ``dim`` allows):
 
 * **Kronecker blocks** -- the *matrix* parameter of a module that has a registered layer rule (the weight of
-  ``Linear``, ``Conv2d``, ``Embedding``, ``transformers``' ``Conv1D``), viewed as ``G`` of shape
+  ``Linear``, ``Conv2d``, ``Embedding``, ``transformers``' ``Conv1D``; ``nn.MultiheadAttention``'s
+  ``in_proj_weight`` and its ``out_proj.weight``), viewed as ``G`` of shape
   ``(rows, cols) = (shape[0], prod(shape[1:]))``, is projected to ``dim`` coordinates as ``vec(P_out^T G P_in)`` (row-major ``(a, b)``),
   i.e. ``vec(G) @ kron(P_out, P_in)``, with ``P_out = random_matrix(rows, a, key=f"{param}:out")`` and
   ``P_in = random_matrix(cols, b, key=f"{param}:in")``. Each factor is scaled by ``1/sqrt(its k)``, so
