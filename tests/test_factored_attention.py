@@ -4,8 +4,6 @@ for the others, nothing left on the model, and the same vectors in the training-
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -38,6 +36,7 @@ class Attn(nn.Module):
         self.mem = nn.Linear(5, D)
         self.attn = nn.MultiheadAttention(D, H, batch_first=batch_first, bias=bias, **mha)
         self.head = nn.Linear(D, 3)
+        _biased(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.inp(x))  # (B, L, D)
@@ -63,6 +62,16 @@ class Attn(nn.Module):
         if w is not None:  # the returned weights reach the loss too
             y = y + w.flatten(1).sum(1, keepdim=True) * 0.1
         return y
+
+
+def _biased(model: nn.Module) -> nn.Module:
+    """torch starts the attention's biases at zero, where a reforward that dropped one would go unseen."""
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention) and m.in_proj_bias is not None:
+            with torch.no_grad():
+                m.in_proj_bias.normal_(0.0, 0.5)
+                m.out_proj.bias.normal_(0.0, 0.5)
+    return model
 
 
 def _batch(b, t=6, seed=0):
@@ -177,7 +186,7 @@ def test_torch_transformer_layers_are_factored_whole(norm_first):
             mask = nn.Transformer.generate_square_subsequent_mask(3, dtype=torch.float64)
             return self.head(self.dec(tgt, mem, tgt_mask=mask, tgt_is_causal=True).mean(1))
 
-    model = Seq2Seq().double()
+    model = _biased(Seq2Seq()).double()
     fg, _ = _check_pass(model, _batch(4))
     for name in ("enc.self_attn", "dec.self_attn", "dec.multihead_attn"):
         assert {f"{name}.in_proj_weight", f"{name}.out_proj.weight"} <= set(fg.kron)
@@ -205,7 +214,7 @@ def test_output_modified_in_place_after_attention_is_protected():
             o.mul_(2.0)  # the model rewrites the attention output in place
             return self.head(o.mean(1))
 
-    _check_pass(InPlace().double(), _batch(3))
+    _check_pass(_biased(InPlace()).double(), _batch(3))
 
 
 @pytest.mark.parametrize(
@@ -254,7 +263,7 @@ def test_a_subclass_is_not_claimed():
     assert rejected["1.out_proj.weight"].startswith("inside nn.MultiheadAttention '1', which passes")
 
 
-def test_an_unbatched_call_is_refused_and_goes_to_vmap(caplog):
+def test_an_unbatched_call_is_refused_and_goes_to_vmap():
     class Unbatched(nn.Module):  # attention over one (L, E) sequence per... the whole batch
         def __init__(self):
             super().__init__()
@@ -269,10 +278,10 @@ def test_an_unbatched_call_is_refused_and_goes_to_vmap(caplog):
     batch = (torch.randn(4, D, dtype=torch.float64), torch.randint(0, 3, (4,)))
     with pytest.raises(ValueError, match=r"attn \(MultiheadAttention\): it was called on an unbatched query"):
         GradientExtractor(model, dim=16, engine="factored")(batch)
-    with caplog.at_level(logging.WARNING):
-        ext = GradientExtractor(model, dim=16, engine="auto")
-        ext(batch)
+    ext = GradientExtractor(model, dim=16, engine="auto")
+    ext(batch)  # (the model mixes its samples, so no engine's result is a per-sample gradient here)
     assert ext.metadata()["plan"]["attn.in_proj_weight"] == "vmap"
+    assert "unbatched query of shape (3, 8)" in ext.metadata()["plan_reasons"]["attn.in_proj_weight"]
 
 
 def test_engines_agree_on_the_tiny_transformer_whole():
@@ -343,13 +352,14 @@ def test_shapes_property(b, t, heads, mode, need_weights, padded):
 def test_the_reforward_equals_the_module():
     # attention_forward is the module's own maths: same output and weights, every covered option.
     torch.manual_seed(11)
-    mha = nn.MultiheadAttention(D, H, batch_first=True, dropout=0.0).double()
+    mha = _biased(nn.MultiheadAttention(D, H, batch_first=True, dropout=0.0)).double()
     q = torch.randn(3, 5, D, dtype=torch.float64)
     k = torch.randn(3, 4, D, dtype=torch.float64)
     v = torch.randn(3, 4, D, dtype=torch.float64)
     pad = _kpm(torch.randn(3, 1, 1), 4)
     for args, kw in [
         ((q, q, q), {}),
+        ((q, q, q), {"need_weights": False}),
         ((q, k, k), {"key_padding_mask": pad}),
         ((q, k, v), {"average_attn_weights": False}),
         ((q, k, v), {"need_weights": False, "key_padding_mask": pad}),
@@ -361,8 +371,17 @@ def test_the_reforward_equals_the_module():
             assert got_w is None
         else:
             assert_close(got_w, want_w)
+        assert got.stride() == want.stride()  # the same memory layout as the module's output
         assert calls["out_proj"].out is got and calls["out_proj"].passed is got
         assert calls[""].out.shape[-1] == 3 * D
+        assert (calls[""].x is q) == (args[1] is q)  # self-attention projects the query itself
+    # batch_first=False: (L, B, E) in and out, contiguous as torch's
+    mha.batch_first = False
+    qt = q.transpose(0, 1).contiguous()
+    want, _ = mha(qt, qt, qt, need_weights=False)
+    got, _, calls = attention_forward(mha, qt, qt, qt, need_weights=False)
+    assert_close(got, want)
+    assert got.stride() == want.stride() and calls["out_proj"].out.shape == (3, 5, D)
 
 
 def test_the_attention_leaves_the_shared_input_grams_to_their_readers(monkeypatch):
@@ -418,3 +437,106 @@ def test_bench_attention_quick_runs(tmp_path):
         assert max(r["max_rel_err_grad_norm"].values()) < 1e-5
         assert r["factored_samples_per_s"] > 0 and r["before_samples_per_s"] > 0
     assert "| encoder | 16 |" in out.with_suffix(".md").read_text()
+
+
+def test_the_reforward_draws_the_modules_dropout():
+    """Under the same random state the reforward draws the masks the module draws (both attention paths)."""
+    mha = _biased(nn.MultiheadAttention(D, H, batch_first=True, dropout=0.5)).double().train()
+    q = torch.randn(3, 5, D, dtype=torch.float64)
+    k = torch.randn(3, 4, D, dtype=torch.float64)
+    for args, kw in [((q, q, q), {"need_weights": False}), ((q, k, k), {}), ((q, q, q), {"is_causal": False})]:
+        torch.manual_seed(13)
+        want, want_w = mha(*args, **kw)
+        torch.manual_seed(13)
+        got, got_w, _ = attention_forward(mha, *args, **kw)
+        assert_close(got, want)
+        if want_w is not None:
+            assert_close(got_w, want_w)
+    torch.manual_seed(13)
+    eval_out, _ = mha.eval()(q, q, q)
+    assert not torch.allclose(want, eval_out)  # the dropout did act in training mode
+
+
+def test_attention_dropout_in_eval_mode_is_off_and_exact():
+    torch.manual_seed(14)
+    _check(Attn(dropout=0.5).eval(), 3)
+
+
+def test_in_training_mode_the_model_sees_what_it_would_without_hardmine():
+    """The reforward restores the random state the module's forward started from: the model's output is the
+    one it computes alone with the same seed, and the random stream after the step is the same."""
+    torch.manual_seed(15)
+    model = _biased(TinyTransformer(dropout=0.3)).train()
+    inputs, y = token_batch(6, seed=3), torch.randint(0, 3, (6,))
+    torch.manual_seed(16)
+    want = model(**inputs)
+    after = torch.get_rng_state()
+    miner = OnlineMiner(model, dim=16, seed=5)
+    torch.manual_seed(16)
+    stats = miner.observe(inputs, y, ids=torch.arange(6))
+    assert_close(stats.output, want)
+    assert torch.equal(torch.get_rng_state(), after)
+    miner.close()
+
+
+def test_out_proj_called_directly_as_well_is_recorded():
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, D)
+            self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            o, _ = self.attn(h, h, h, need_weights=False)
+            return self.head((o + self.attn.out_proj(h)).mean(1))  # out_proj used outside the attention too
+
+    torch.manual_seed(17)
+    model = _biased(Direct()).double()
+    _check_pass(model, _batch(3))
+    _check_pass(model, _batch(3), layers=["attn.out_proj"])
+
+
+def test_a_batch_first_false_model_may_view_the_output():
+    class Viewing(nn.Module):  # relies on torch's (L, B, E) output being contiguous
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, D)
+            self.attn = nn.MultiheadAttention(D, H)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x)).transpose(0, 1)  # (L, B, D)
+            o, _ = self.attn(h, h, h, need_weights=False)
+            tq, b, d = o.shape
+            rows = self.head(o.view(tq * b, d))  # (L*B, 3)
+            return rows.view(tq, b, 3).mean(0)  # (B, 3)
+
+    torch.manual_seed(18)
+    # (head sees (L*B, D) rows, not the batch on dimension 0: only the layers before it are factored)
+    _check_pass(_biased(Viewing()).double(), _batch(3), layers=["inp", "attn"])
+
+
+def test_a_users_forward_hook_on_the_attention_still_acts():
+    torch.manual_seed(19)
+    model = Attn(call={"need_weights": False}).double()
+    handle = model.attn.register_forward_hook(lambda mod, args, out: (out[0] * 3.0, out[1]))
+    try:
+        _check_pass(model, _batch(3))
+        assert len(model.attn._forward_hooks) == 1  # the pass's own hooks are gone
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_half_precision_with_a_boolean_mask(need_weights):
+    """The masks are added in the model's dtype (a float32 mask would change a bfloat16 attention's dtype)."""
+    torch.manual_seed(20)
+    model = Attn(call={"need_weights": need_weights}, mask=_masks("kpm")).to(torch.bfloat16)
+    x, y = _batch(4)
+    x = x.to(torch.bfloat16)
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    res = ext((x, y))
+    assert torch.isfinite(res.z).all()
+    assert_close(res.output.float(), model(x).float(), rtol=0.05, atol=0.05)

@@ -200,6 +200,45 @@ def test_gpt2_factored_pass_adds_no_host_sync_to_the_model():
     assert extra == {}, f"host syncs the factored pass adds to GPT-2's own ({dict(own)}): {extra}"
 
 
+def test_torch_attention_factored_pass_adds_no_host_sync_to_the_model():
+    """nn.MultiheadAttention's rule computes the attention again in its forward hook (masks, causal hint, cross-
+    attention): none of that may wait for the device."""
+
+    class Seq2Seq(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Linear(5, 16)
+            self.enc = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.dec = torch.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pad = x[:, :, 0] > 1.5  # (B, S) padding from each sample's data
+            pad[:, 0] = False
+            mem = self.enc(self.inp(x), src_key_padding_mask=pad)
+            tgt = self.inp(x[:, :3])
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(3)
+            out = self.dec(tgt, mem, tgt_mask=mask, tgt_is_causal=True, memory_key_padding_mask=pad)
+            return self.head(out.mean(1))
+
+    torch.manual_seed(0)
+    model = Seq2Seq().eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        return torch.randn(4, 6, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    ext(batch())
+    assert set(ext.metadata()["plan"].values()) == {"factored"}
+    found, matmuls = sync_calls(lambda: ext(batch()))
+    x, y = batch()
+    own, _ = sync_calls(lambda: F.cross_entropy(model(x), y).backward(), times=2)
+    assert matmuls > 0
+    extra = {k: n - own[k] for k, n in found.items() if n > own[k]}
+    assert extra == {}, f"host syncs the factored pass adds to the model's own ({dict(own)}): {extra}"
+
+
 def _last_linear(model: torch.nn.Module) -> str:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
 

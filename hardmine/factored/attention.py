@@ -12,13 +12,20 @@ autograd delivers each sample's gradient at them, and the rules are those of a l
 costs one more attention forward than the model, not a per-sample gradient.
 
 Cross-attention (``query`` not ``key``) projects the queries with the first third of ``in_proj_weight`` and the
-keys and values with the rest. Its per-sample gradient is still ``sum_n delta_n x_n^T`` over the query and key
-positions together, each with the rows of ``delta`` it does not use at zero: the reforward projects the
-concatenated inputs with the whole matrix (up to three times the projection's arithmetic, but exact and one
-call) and takes each part's own rows.
+keys and values with the rest. Its per-sample gradient is still ``sum_n delta_n x_n^T`` over the query, key
+(and value, when it is a third input) positions together, each with the rows of ``delta`` it does not use at
+zero: the reforward projects the concatenated inputs with the whole matrix (up to three times the projection's
+arithmetic, but exact and one call) and takes each part's own rows.
+
+Dropout (training mode): the forward pre-hook keeps the random state (CPU, and CUDA where the call runs there)
+and the reforward starts from it, so it draws the masks the module's own forward drew and the random stream
+after the call is the one the model would have without hardmine. The hook runs before any forward hook of
+the user's on the module, which then sees the recomputed output.
 
 Not covered (the parameters go to vmap under ``engine="auto"``, with the reason): separate q/k/v weights
-(``kdim``/``vdim`` other than ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, unbatched inputs.
+(``kdim``/``vdim`` other than ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, unbatched inputs, inputs
+broadcast over the batch (a ``(1, L, E)`` query), subclasses. ``out_proj`` called directly by the model (besides
+inside the attention) is recorded by its own hook, like any Linear.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ class MultiheadAttentionRule(LayerRule):
     vector_params = ("in_proj_bias",)
     min_input_ndim = 3  # (B, N, E) as the reforward records it
     reforwarded_children = ("out_proj",)
+
+    def draws_random(self, module: nn.Module) -> bool:
+        assert isinstance(module, nn.MultiheadAttention)
+        return module.training and module.dropout > 0
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         assert isinstance(module, nn.MultiheadAttention)
@@ -91,8 +102,7 @@ class MultiheadAttentionRule(LayerRule):
             is_causal=a["is_causal"],
             clone="out_proj" in clone,
         )
-        passed = calls["out_proj"].passed
-        return (passed if module.batch_first else passed.transpose(0, 1), weights), calls
+        return (out, weights), calls
 
 
 def attention_forward(
@@ -109,10 +119,11 @@ def attention_forward(
     clone: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Reforwarded]]:
     """``module``'s forward on batched inputs with its two linear maps as tensors of the graph:
-    ``(out (B, L, E), attention weights or None, {"": input projection, "out_proj": output projection})``,
-    batch first whatever ``module.batch_first`` says. Same maths as ``F.multi_head_attention_forward`` for
-    the configurations :class:`MultiheadAttentionRule` covers. ``clone``: the model is handed a copy of
-    ``out`` (``Reforwarded.passed``)."""
+    ``(attention output, attention weights or None, {"": input projection, "out_proj": output projection})``.
+    Same maths as ``F.multi_head_attention_forward`` for the configurations :class:`MultiheadAttentionRule`
+    covers, and the output in the module's layout and memory format (``(B, L, E)`` or ``(L, B, E)``, a
+    transposed view where torch's is one, so a model's ``.view`` of it works the same); the recorded calls are
+    batch first. ``clone``: the model is handed a copy of the output projection (``Reforwarded.passed``)."""
     e, h = module.embed_dim, module.num_heads
     hd = e // h
     self_attention, kv_same = query is key and key is value, key is value  # as the caller passed them
@@ -156,13 +167,15 @@ def attention_forward(
         weights = attn.mean(dim=1) if average_attn_weights else attn  # (B, L, S) or (B, H, L, S)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal_only)
-    o = o.transpose(1, 2).reshape(b, tq, e)  # (B, L, E)
-    out = F.linear(o, module.out_proj.weight, module.out_proj.bias)  # (B, L, E)
+    # torch projects the (L, B, E) rows, so its output is (L, B, E) in memory: so is this one
+    o = o.permute(2, 0, 1, 3).reshape(tq, b, e)  # (L, B, E)
+    out = F.linear(o, module.out_proj.weight, module.out_proj.bias).transpose(0, 1)  # (B, L, E) view
+    passed = out.clone() if clone else out  # (B, L, E), the same strides
     calls = {
         "": Reforwarded(x, qkv, qkv),
-        "out_proj": Reforwarded(o, out, out.clone() if clone else out),
+        "out_proj": Reforwarded(o.transpose(0, 1), out, passed),  # both (B, L, E) views
     }
-    return out, weights, calls
+    return (passed if module.batch_first else passed.transpose(0, 1)), weights, calls
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -176,8 +176,10 @@ def capture_calls(
             hosts.setdefault(id(unit.host), (unit.host, {}))[1][unit.role] = name
     try:
         for name, unit in units.items():
-            if unit.host is not None:
-                continue
+            if unit.host is unit.module:
+                continue  # recorded by its reforward alone
+            # A hosted child (out_proj) keeps a hook of its own too: the host uses its weights without calling
+            # it, so this one sees only the model's direct calls of it, which are part of its gradient as well.
             size = batch_size if expand is None or name in expand else None
             hook = functools.partial(_record, rec[name], name in clone, size)
             handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
@@ -186,25 +188,45 @@ def capture_calls(
             assert rule is not None and rule.reforwards  # the plan hosts units only under such a rule
             stores = {role: rec[name] for role, name in roles.items()}
             protected = {role for role, name in roles.items() if name in clone}
-            hook = functools.partial(_record_reforward, rule, stores, protected)
-            handles.append(host.register_forward_hook(hook, with_kwargs=True))
+            rng: dict[str, Any] = {}
+            if rule.draws_random(host):  # after the user's pre-hooks: the state the forward starts from
+                handles.append(host.register_forward_pre_hook(functools.partial(_keep_rng, rng), with_kwargs=True))
+            hook = functools.partial(_record_reforward, rule, stores, protected, rng)
+            # First among the module's forward hooks: the user's own then see (and may change) the recomputed
+            # output, as they would have seen the module's.
+            handles.append(host.register_forward_hook(hook, with_kwargs=True, prepend=True))
         yield rec
     finally:
         for h in handles:
             h.remove()
 
 
+def _keep_rng(rng: dict[str, Any], module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: the random state the module's forward starts from (CPU, and CUDA where it runs)."""
+    rng["cpu"] = torch.get_rng_state()
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if first is not None and first.device.type == "cuda":
+        rng["cuda"] = (first.device, torch.cuda.get_rng_state(first.device))
+
+
 def _record_reforward(
     rule: LayerRule,
     stores: Mapping[str, list[CapturedCall]],
     clone: Collection[str],
+    rng: dict[str, Any],
     module: nn.Module,
     args: tuple,
     kwargs: dict,
     out: Any,
 ) -> Any:
     """The forward hook of a module whose rule reforwards (see ``LayerRule.reforward``): the model continues
-    with the output computed again, whose linear maps are recorded for the roles in ``stores``."""
+    with the output computed again, whose linear maps are recorded for the roles in ``stores``. With ``rng``
+    (kept by :func:`_keep_rng`), the reforward draws the random numbers the module's forward drew."""
+    if "cpu" in rng:
+        torch.set_rng_state(rng.pop("cpu"))
+    if "cuda" in rng:
+        device, state = rng.pop("cuda")
+        torch.cuda.set_rng_state(state, device)
     new_out, calls = rule.reforward(module, args, kwargs, out, clone)
     for role, store in stores.items():
         c = calls[role]

@@ -89,7 +89,10 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
     for mname, m in modules.items():
         for local, p in m.named_parameters(recurse=False):
             holders.setdefault(id(p), []).append((mname, local))
-    known = ", ".join([t.__name__ for t in registered_types()] + [repr(n) for n in registered_names()])
+    # Subclasses of a listed type are left out of the list (attention's out_proj class, an nn.Linear)
+    types = registered_types()
+    listed = [t.__name__ for t in types if not any(t is not u and issubclass(t, u) for u in types)]
+    known = ", ".join(listed + [repr(n) for n in registered_names()])
 
     def refusal(mname: str, local: str) -> str | None:
         module = modules[mname]

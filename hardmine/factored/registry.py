@@ -184,6 +184,12 @@ class LayerRule:
         it (:attr:`reforwards`)."""
         raise NotImplementedError
 
+    def draws_random(self, module: nn.Module) -> bool:
+        """Whether :meth:`reforward` draws random numbers for ``module`` (dropout in training mode): then the
+        pass keeps the random state before the module's forward and restores it before the reforward, so both
+        draw the same."""
+        return False
+
     @property
     def reforwards(self) -> bool:
         """Whether the rule implements :meth:`reforward` (its module's calls are recorded through it)."""

@@ -9,7 +9,9 @@
 >>> miner.close()
 
 **One forward per step.** ``observe`` runs the model once with forward hooks on the selected modules (removed
-before it returns) that keep a reference to each call's input ``x`` and output. ``stats.loss`` is the
+before it returns) that keep a reference to each call's input ``x`` and output (a selected
+``nn.MultiheadAttention`` is the exception: its hook computes the attention once more with its projections in
+the graph, and the model continues from that output; see :mod:`hardmine.factored.attention`). ``stats.loss`` is the
 per-sample loss *still attached to the graph*, so the user's backward is the only full backward. Frameworks
 that run the forward themselves use ``with miner.capture(): out = model(x)`` then
 ``miner.observe_output(out, y, ids)`` (the Lightning and Hugging Face integrations do exactly that).

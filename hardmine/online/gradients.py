@@ -66,7 +66,8 @@ class StepGradients:
         if rejected:
             raise ValueError(
                 f"the online miner cannot project {format_rejected(rejected)}. Select layers with a factored "
-                "rule (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm), e.g. layers='classifier'."
+                "rule (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention, ...: "
+                "`hardmine layers` lists them), e.g. layers='classifier'."
             )
         self.model = model
         self.layout = layout
