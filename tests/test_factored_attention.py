@@ -4,6 +4,8 @@ for the others, nothing left on the model, and the same vectors in the training-
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -129,13 +131,17 @@ def _masks(kind):
         if kind == "kpm":
             return {"key_padding_mask": _kpm(x, tk)}
         if kind == "kpm-float":
-            return {"key_padding_mask": _kpm(x, tk).double() * -1e4}
+            return {"key_padding_mask": _kpm(x, tk).to(x.dtype) * -1e4}
         if kind == "causal":
             return {"attn_mask": causal, "is_causal": True, "need_weights": False}
         if kind == "causal-weights":
             return {"attn_mask": causal, "is_causal": True}
+        if kind == "wrong-hint":  # a mask that is not causal with the causal hint: torch follows the hint
+            more = causal.clone()
+            more[1:, 0] = True
+            return {"attn_mask": more, "is_causal": True, "need_weights": False}
         if kind == "float-2d+kpm":
-            return {"attn_mask": torch.linspace(-1, 1, tq * tk).reshape(tq, tk).double(),
+            return {"attn_mask": torch.linspace(-1, 1, tq * tk).reshape(tq, tk).to(x.dtype),
                     "key_padding_mask": _kpm(x, tk), "need_weights": False}
         # a mask per sample (from its data) and head: (B * H, L, S)
         m3 = torch.zeros(b, H, tq, tk, dtype=torch.bool)
@@ -145,7 +151,9 @@ def _masks(kind):
     return make
 
 
-@pytest.mark.parametrize("kind", ["kpm", "kpm-float", "causal", "causal-weights", "float-2d+kpm", "3d"])
+@pytest.mark.parametrize(
+    "kind", ["kpm", "kpm-float", "causal", "causal-weights", "wrong-hint", "float-2d+kpm", "3d"]
+)
 def test_masks_are_exact(kind):
     torch.manual_seed(2)
     _check(Attn(mask=_masks(kind)), 4)
@@ -157,9 +165,12 @@ def test_the_causal_hint_is_followed_as_torch_does():
     mha = nn.MultiheadAttention(D, H, batch_first=True).double()
     x = torch.randn(3, 5, D, dtype=torch.float64)
     not_causal = torch.zeros(5, 5, dtype=torch.bool)  # a wrong hint: torch trusts is_causal
+    not_causal[1:, 0] = True  # (and ignores this mask, which is not the causal one)
     want, _ = mha(x, x, x, attn_mask=not_causal, is_causal=True, need_weights=False)
     got, _, _ = attention_forward(mha, x, x, x, attn_mask=not_causal, is_causal=True, need_weights=False)
     assert_close(got, want)
+    masked, _ = mha(x, x, x, attn_mask=not_causal, need_weights=False)  # the mask does matter without it
+    assert not torch.allclose(masked, want)
 
 
 def test_a_module_called_twice_sums_both_calls():
@@ -222,7 +233,7 @@ def test_output_modified_in_place_after_attention_is_protected():
     [
         ({"add_bias_kv": True}, "add_bias_kv=True"),
         ({"add_zero_attn": True}, "add_zero_attn=True"),
-        ({"kdim": 6, "vdim": 6}, "kdim=6, vdim=6 unlike embed_dim=8"),
+        ({"kdim": 6, "vdim": 6}, "kdim=6, vdim=6 unlike embed_dim=8 (separate q/k/v projection weights)"),
     ],
 )
 def test_configurations_outside_the_rule_are_refused_and_auto_is_exact(mha, why):
@@ -235,7 +246,7 @@ def test_configurations_outside_the_rule_are_refused_and_auto_is_exact(mha, why)
     units, rejected = plan_factored(model, names)
     assert units == {}
     covered = [n for n in names if n.split(".", 1)[1] in ("in_proj_weight", "in_proj_bias")]
-    assert covered and all(why in rejected[n] for n in covered), rejected
+    assert covered and all(rejected[n] == f"MultiheadAttention with {why}" for n in covered), rejected
     for n in set(names) - set(covered):  # bias_k, q_proj_weight, ...: not parameters the rule has
         assert why in rejected[n] or "rule does not handle parameter" in rejected[n], rejected[n]
     assert "inside nn.MultiheadAttention 'attn' (its factored rule does not cover it" in rejected[
@@ -248,7 +259,7 @@ def test_configurations_outside_the_rule_are_refused_and_auto_is_exact(mha, why)
     plan = ext.metadata()["plan"]
     assert all(plan[n] == "vmap" for n in names) and plan["head.weight"] == "factored"
     assert_close(res.grad_norm, ref.grad_norm)
-    with pytest.raises(ValueError, match=r"engine='factored' cannot handle .*" + why.split("=")[0]):
+    with pytest.raises(ValueError, match=r"engine='factored' cannot handle .*" + re.escape(why.split("=")[0])):
         GradientExtractor(model, dim=16, engine="factored")(batch)
 
 
@@ -375,6 +386,8 @@ def test_the_reforward_equals_the_module():
         assert calls["out_proj"].out is got and calls["out_proj"].passed is got
         assert calls[""].out.shape[-1] == 3 * D
         assert (calls[""].x is q) == (args[1] is q)  # self-attention projects the query itself
+        # cross-attention projects the query's and each other input's positions once
+        assert calls[""].x.shape[1] == 5 + (0 if args[1] is q else 4 if args[2] is args[1] else 8)
     # batch_first=False: (L, B, E) in and out, contiguous as torch's
     mha.batch_first = False
     qt = q.transpose(0, 1).contiguous()
@@ -441,7 +454,7 @@ def test_bench_attention_quick_runs(tmp_path):
 
 def test_the_reforward_draws_the_modules_dropout():
     """Under the same random state the reforward draws the masks the module draws (both attention paths)."""
-    mha = _biased(nn.MultiheadAttention(D, H, batch_first=True, dropout=0.5)).double().train()
+    mha = _biased(nn.MultiheadAttention(D, H, batch_first=True, dropout=0.3)).double().train()
     q = torch.randn(3, 5, D, dtype=torch.float64)
     k = torch.randn(3, 4, D, dtype=torch.float64)
     for args, kw in [((q, q, q), {"need_weights": False}), ((q, k, k), {}), ((q, q, q), {"is_causal": False})]:
@@ -529,14 +542,92 @@ def test_a_users_forward_hook_on_the_attention_still_acts():
         handle.remove()
 
 
+@pytest.mark.parametrize("kind", ["kpm", "kpm-float", "causal-weights", "float-2d+kpm"])
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_half_precision_with_a_boolean_mask(need_weights):
-    """The masks are added in the model's dtype (a float32 mask would change a bfloat16 attention's dtype)."""
+def test_half_precision_with_masks(need_weights, kind):
+    """The masks are added in the model's dtype (a float32 or float64 mask would change a bfloat16 attention's
+    dtype, and the attention would then fail or hand the model another dtype)."""
     torch.manual_seed(20)
-    model = Attn(call={"need_weights": need_weights}, mask=_masks("kpm")).to(torch.bfloat16)
+    masks = _masks(kind)
+
+    def mask(x, tq, tk):
+        kw = masks(x, tq, tk)
+        kw["need_weights"] = need_weights
+        return kw
+
+    model = Attn(mask=mask).to(torch.bfloat16)
     x, y = _batch(4)
     x = x.to(torch.bfloat16)
     ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
     res = ext((x, y))
-    assert torch.isfinite(res.z).all()
+    assert torch.isfinite(res.z).all() and res.output.dtype == torch.bfloat16
     assert_close(res.output.float(), model(x).float(), rtol=0.05, atol=0.05)
+
+
+def test_the_random_state_is_kept_and_restored_on_a_gpu_too(monkeypatch):
+    """The reforward's random state on CUDA (no GPU here: a fake CUDA tensor, and torch.cuda's state functions
+    recorded): kept from the call's first tensor argument's device, restored before the reforward, once."""
+    from hardmine.factored import capture
+
+    fake = pytest.importorskip("torch._subclasses.fake_tensor")
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: seen.append(("get", device)) or torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: seen.append(("set", int(state), device)))
+    with fake.FakeTensorMode():
+        x = torch.empty(2, 3, device="cuda")
+
+    class Stub:
+        def reforward(self, module, args, kwargs, output, clone):
+            seen.append("reforward")
+            return output, {}
+
+    for args, kwargs in [((x,), {}), ((1.0,), {"query": x})]:  # a positional tensor, or a keyword one
+        seen.clear()
+        rng: dict = {}
+        capture._keep_rng(rng, None, args, kwargs)
+        assert set(rng) == {"cpu", "cuda"} and rng["cuda"][0] == x.device
+        assert capture._record_reforward(Stub(), {}, (), rng, None, args, kwargs, "out") == "out"
+        assert seen == [("get", x.device), ("set", 7, x.device), "reforward"] and rng == {}
+    rng = {}
+    capture._keep_rng(rng, None, (1.0,), {})  # no tensor argument: the CPU state only
+    assert set(rng) == {"cpu"}
+
+
+def test_draws_random_only_for_dropout_in_training_mode():
+    from hardmine.factored.attention import MultiheadAttentionRule
+    from hardmine.factored.registry import LayerRule
+
+    rule = MultiheadAttentionRule()
+    for p, training, want in [(0.3, True, True), (0.3, False, False), (0.0, True, False), (0.0, False, False)]:
+        assert rule.draws_random(nn.MultiheadAttention(D, H, dropout=p).train(training)) is want
+    assert LayerRule().draws_random(nn.Linear(2, 2)) is False  # a rule that does not reforward draws nothing
+
+
+def test_the_probe_protects_no_attention_output_the_model_leaves_alone():
+    from hardmine.factored.capture import probe_units
+
+    torch.manual_seed(21)
+    model = Attn("kv").double()
+    units, _ = plan_factored(model, [n for n, _ in model.named_parameters()])
+    problems, protect = probe_units(model, _batch(4)[0], units, 4)
+    assert problems == {} and protect == set()
+
+
+def test_a_second_attention_is_planned_after_a_refused_one():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(D, H, batch_first=True, add_bias_kv=True)  # refused
+            self.b = nn.MultiheadAttention(D, H, batch_first=True)  # covered
+
+    model = Two()
+    units, rejected = plan_factored(model, ["a.out_proj.weight", "b.out_proj.weight"])
+    assert set(rejected) == {"a.out_proj.weight"} and set(units) == {"b.out_proj"}
+    assert units["b.out_proj"].host is model.b
+
+
+def test_a_mask_keeps_its_device():
+    from hardmine.factored.attention import _additive
+
+    for mask in (torch.ones(2, 3, dtype=torch.bool, device="meta"), torch.ones(2, 3, device="meta")):
+        assert _additive(mask, torch.float16).device.type == "meta"

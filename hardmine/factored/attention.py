@@ -45,7 +45,9 @@ from .registry import Call, LayerRule, Reforwarded, RuleRequest, RuleResult, reg
 
 __all__ = ["MultiheadAttentionRule", "attention_forward"]
 
+# forward's signature without ``self``: what a forward hook's (args, kwargs) bind to
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+_SIGNATURE = _SIGNATURE.replace(parameters=list(_SIGNATURE.parameters.values())[1:])
 
 
 @register_layer_rule(nn.MultiheadAttention)
@@ -81,13 +83,13 @@ class MultiheadAttentionRule(LayerRule):
         self, module: nn.Module, args: tuple, kwargs: dict, output: Any, clone: Collection[str]
     ) -> tuple[Any, dict[str, Reforwarded]]:
         assert isinstance(module, nn.MultiheadAttention)
-        call = _SIGNATURE.bind(module, *args, **kwargs)
+        call = _SIGNATURE.bind(*args, **kwargs)
         call.apply_defaults()
         a = call.arguments
-        query = a["query"]
-        if not isinstance(query, torch.Tensor) or query.ndim != 3:
-            # The module already ran (and validated) the call; an unbatched one is refused by its checks.
-            why = f"it was called on an unbatched query of shape {tuple(getattr(query, 'shape', ()))}"
+        query = a["query"]  # a tensor: the module's own forward has run (and checked) the call
+        if query.ndim != 3:
+            # Refused by the call checks, which read nothing else of it.
+            why = f"it was called on an unbatched query of shape {tuple(query.shape)}"
             seen = Reforwarded(query, output[0], output[0], problem=why)
             return output, {"": seen, "out_proj": seen}
         out, weights, calls = attention_forward(
