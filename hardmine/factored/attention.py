@@ -181,9 +181,10 @@ def attention_forward(
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A mask as torch's attention adds it to the scores: boolean ``True`` -> ``-inf``, a float mask as is."""
+    """A mask as torch's attention adds it to the scores: boolean ``True`` -> ``-inf`` in the query's dtype, a
+    float mask as it is (torch does not cast one: a float32 mask of a bfloat16 attention stays float32)."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    return mask.to(dtype)
+    return mask
