@@ -76,6 +76,16 @@ def _biased(model: nn.Module) -> nn.Module:
     return model
 
 
+class _InpAttnHead(nn.Module):
+    """Linear -> MultiheadAttention -> Linear; subclasses write the forward under test."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, D)
+        self.attn = nn.MultiheadAttention(D, H, batch_first=batch_first)
+        self.head = nn.Linear(D, 3)
+
+
 def _batch(b, t=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, t, 5, generator=g, dtype=torch.float64)
@@ -212,13 +222,7 @@ def test_either_projection_alone(layers):
 def test_output_modified_in_place_after_attention_is_protected():
     torch.manual_seed(7)
 
-    class InPlace(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(5, D)
-            self.attn = nn.MultiheadAttention(D, H, batch_first=True)
-            self.head = nn.Linear(D, 3)
-
+    class InPlace(_InpAttnHead):
         def forward(self, x):
             h = torch.tanh(self.inp(x))
             o, _ = self.attn(h, h, h, need_weights=False)
@@ -410,14 +414,11 @@ def test_the_attention_leaves_the_shared_input_grams_to_their_readers(monkeypatc
 
     monkeypatch.setattr(registry.GramCache, "get", counting_get)
 
-    class Shared(nn.Module):
+    class Shared(_InpAttnHead):
         def __init__(self):
             super().__init__()
-            self.inp = nn.Linear(5, D)
             self.a = nn.Linear(D, D)
             self.b = nn.Linear(D, D)
-            self.attn = nn.MultiheadAttention(D, H, batch_first=True)
-            self.head = nn.Linear(D, 3)
 
         def forward(self, x):
             h = torch.tanh(self.inp(x))  # (B, T, D): read by a, b and the attention
@@ -493,13 +494,7 @@ def test_in_training_mode_the_model_sees_what_it_would_without_hardmine():
 
 
 def test_out_proj_called_directly_as_well_is_recorded():
-    class Direct(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(5, D)
-            self.attn = nn.MultiheadAttention(D, H, batch_first=True)
-            self.head = nn.Linear(D, 3)
-
+    class Direct(_InpAttnHead):
         def forward(self, x):
             h = torch.tanh(self.inp(x))
             o, _ = self.attn(h, h, h, need_weights=False)
@@ -512,13 +507,7 @@ def test_out_proj_called_directly_as_well_is_recorded():
 
 
 def test_a_batch_first_false_model_may_view_the_output():
-    class Viewing(nn.Module):  # relies on torch's (L, B, E) output being contiguous
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(5, D)
-            self.attn = nn.MultiheadAttention(D, H)
-            self.head = nn.Linear(D, 3)
-
+    class Viewing(_InpAttnHead):  # relies on torch's (L, B, E) output being contiguous
         def forward(self, x):
             h = torch.tanh(self.inp(x)).transpose(0, 1)  # (L, B, D)
             o, _ = self.attn(h, h, h, need_weights=False)
@@ -528,7 +517,7 @@ def test_a_batch_first_false_model_may_view_the_output():
 
     torch.manual_seed(18)
     # (head sees (L*B, D) rows, not the batch on dimension 0: only the layers before it are factored)
-    _check_pass(_biased(Viewing()).double(), _batch(3), layers=["inp", "attn"])
+    _check_pass(_biased(Viewing(batch_first=False)).double(), _batch(3), layers=["inp", "attn"])
 
 
 def test_a_users_forward_hook_on_the_attention_still_acts():
