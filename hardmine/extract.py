@@ -79,12 +79,32 @@ class PerSampleGrads:
 
 
 # ---------------------------------------------------------------------------------------------- batches
-def _functional(model: nn.Module, params: tuple[dict[str, torch.Tensor], ...], inputs: Inputs) -> Any:
+def _functional(model: nn.Module, params: dict[str, torch.Tensor], inputs: Inputs) -> Any:
+    # tie_weights=False: ``params`` names every slot itself (see _slots); torch's own untying also swaps a
+    # module held under two names twice and puts the swapped tensor back last, leaving it on the model.
     if isinstance(inputs, torch.Tensor):
-        return functional_call(model, params, (inputs,))
+        return functional_call(model, params, (inputs,), tie_weights=False)
     if isinstance(inputs, Mapping):
-        return functional_call(model, params, (), dict(inputs))
-    return functional_call(model, params, tuple(inputs))
+        return functional_call(model, params, (), dict(inputs), tie_weights=False)
+    return functional_call(model, params, tuple(inputs), tie_weights=False)
+
+
+def _slots(model: nn.Module) -> dict[str, list[str]]:
+    """``{canonical name: the names of every attribute that holds it}``: a parameter or buffer tied between
+    modules (an embedding reused as the LM head) has a slot in each, and a module held under two names (a
+    block shared by two layers) has one slot per attribute, listed once. ``functional_call`` with every slot
+    named and ``tie_weights=False`` replaces each attribute once and restores it once."""
+    canonical = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    seen: set[tuple[int, str]] = set()
+    out: dict[str, list[str]] = {}
+    every = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in every:
+        owner, _, local = name.rpartition(".")
+        slot = (id(model.get_submodule(owner)), local)
+        if slot not in seen:
+            seen.add(slot)
+            out.setdefault(canonical[id(t)], []).append(name)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ modes
@@ -192,10 +212,12 @@ def _compute_per_sample_grads(
     # Unselected parameters enter as constants: grad() only differentiates its first argument.
     constants = {n: p.detach() for n, p in all_params.items() if n not in selected}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
+    slots = _slots(model)
 
     def sample_loss(sel: dict[str, torch.Tensor], x: Inputs, y: torch.Tensor):
         x1 = tree_map(lambda t: t.unsqueeze(0), x)  # (1, ...) one-sample batch
-        out = model_output_tensor(_functional(model, (sel, constants, buffers), x1))
+        every = {s: t for d in (sel, constants, buffers) for n, t in d.items() for s in slots.get(n, [n])}
+        out = model_output_tensor(_functional(model, every, x1))
         loss = loss_fn(out, y.unsqueeze(0))  # (1,)
         return loss.sum(), (loss.reshape(()), out.squeeze(0))
 
@@ -204,6 +226,13 @@ def _compute_per_sample_grads(
     try:
         grads, (loss, output) = fn(selected, inputs, target)
     except RuntimeError as exc:
+        if "saved tensor hooks" in str(exc):
+            raise ValueError(
+                "the model uses activation checkpointing (torch.utils.checkpoint) or other saved-tensor hooks, "
+                "which torch.func (the vmap engine) cannot run. Turn checkpointing off for the scan (it only saves "
+                "memory in training), or select layers the factored engine covers outside the checkpointed "
+                f"blocks. (torch said: {str(exc).splitlines()[0][:200]})"
+            ) from exc
         if "vmap" not in str(exc):
             raise
         # e.g. Hugging Face mask helpers branch on tensor values; vmap cannot batch data-dependent control flow.

@@ -238,3 +238,33 @@ def test_data_dependent_control_flow_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"cannot run under torch\.func\.vmap.*engine='factored'"):
         per_sample_grads(Branchy(), (torch.randn(3, 3), torch.tensor([0, 1, 0])))
+
+
+def test_vmap_leaves_a_module_held_under_two_names_on_the_model():
+    """A block shared by two attributes (ALBERT-style layer sharing): the vmap pass swaps each attribute once and
+    puts the model's own Parameter objects back (torch's weight untying swapped the shared module twice and left
+    a plain tensor on it), and the per-sample gradients count both uses."""
+    from hardmine.engine import GradientExtractor
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a  # the same module under a second name
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Shared().double()
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    batch = (torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2]))
+    got = per_sample_grads(model, batch)
+    assert {n: id(p) for n, p in model.named_parameters()} == ids
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    ref = reference_per_sample_grads(model, batch)
+    for n in ref.grads:
+        assert_close(got.grads[n], ref.grads[n])
+    GradientExtractor(model, dim=16, engine="vmap")(batch)
+    assert {n: id(p) for n, p in model.named_parameters()} == ids

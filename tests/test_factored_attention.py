@@ -534,8 +534,8 @@ def test_a_users_forward_hook_on_the_attention_still_acts():
 @pytest.mark.parametrize("kind", ["kpm", "kpm-float", "causal-weights", "float-2d+kpm"])
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_half_precision_with_masks(need_weights, kind):
-    """The masks are added in the model's dtype (a float32 or float64 mask would change a bfloat16 attention's
-    dtype, and the attention would then fail or hand the model another dtype)."""
+    """A bfloat16 attention with every mask kind (boolean masks become additive masks in the model's dtype,
+    float masks are the model's here) keeps its dtype and matches the module."""
     torch.manual_seed(20)
     masks = _masks(kind)
 
@@ -566,6 +566,9 @@ def test_the_random_state_is_kept_and_restored_on_a_gpu_too(monkeypatch):
         x = torch.empty(2, 3, device="cuda")
 
     class Stub:
+        def reforward_problem(self, module, args, kwargs):
+            return None
+
         def reforward(self, module, args, kwargs, output, clone):
             seen.append("reforward")
             return output, {}
@@ -620,3 +623,117 @@ def test_a_mask_keeps_its_device():
 
     for mask in (torch.ones(2, 3, dtype=torch.bool, device="meta"), torch.ones(2, 3, device="meta")):
         assert _additive(mask, torch.float16).device.type == "meta"
+
+
+def _auto_is_exact(model, batch):
+    ext = GradientExtractor(model, dim=16, engine="auto", loss_fn="cross_entropy")
+    res = ext(batch)
+    assert_close(res.grad_norm, reference_per_sample_grads(model, batch).grad_norm)
+    return ext.metadata()
+
+
+def test_out_proj_is_refused_when_its_attention_bypasses_the_hooks():
+    class Bypass(_InpAttnHead):
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            o, _ = self.attn.forward(h, h, h)  # no hook fires: the attention's use of out_proj is unseen
+            return self.head((o + self.attn.out_proj(h)).mean(1))
+
+    torch.manual_seed(23)
+    model = _biased(Bypass()).double()
+    with pytest.raises(ValueError, match=r"attn\.out_proj .*its host MultiheadAttention was not seen running"):
+        GradientExtractor(model, layers="attn.out_proj", dim=16, engine="factored")(_batch(3))
+    meta = _auto_is_exact(model, _batch(3))
+    assert meta["plan"]["attn.out_proj.weight"] == "vmap"
+
+
+@pytest.mark.parametrize("how", ["two attentions", "another name"])
+def test_an_out_proj_held_elsewhere_too_is_refused(how):
+    class Shared(_InpAttnHead):
+        def __init__(self):
+            super().__init__()
+            if how == "two attentions":
+                self.attn2 = nn.MultiheadAttention(D, H, batch_first=True)
+                self.attn2.out_proj = self.attn.out_proj  # one module, two holders
+            else:
+                self.proj = self.attn.out_proj  # the same module, listed first under another name
+                self.proj, self.attn, self.head = self.proj, self.attn, self.head
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            o, _ = self.attn(h, h, h, need_weights=False)
+            if how == "two attentions":
+                o = o + self.attn2(h, h, h, need_weights=False)[0]
+            return self.head(o.mean(1))
+
+    torch.manual_seed(24)
+    model = Shared()
+    if how == "another name":  # register the shared module first, so named_modules names it "proj"
+        model = nn.Module()
+        inner = _InpAttnHead()
+        model.proj = inner.attn.out_proj
+        model.inner = inner
+        model.forward = lambda x: inner.head(inner.attn(*(torch.tanh(inner.inp(x)),) * 3, need_weights=False)[0].mean(1))
+    model = _biased(model).double()
+    names = [n for n, _ in model.named_parameters()]
+    units, rejected = plan_factored(model, names)
+    held = "attn.out_proj" if how == "two attentions" else "proj"
+    other = "attn2.out_proj" if how == "two attentions" else "inner.attn.out_proj"
+    assert rejected[f"{held}.weight"] == (
+        f"the module is also {other!r} (shared), and only one holder's uses of it would be recorded"
+    )
+    _auto_is_exact(model, _batch(3))
+
+
+def test_attention_inside_activation_checkpointing_is_refused_with_the_reason():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(_InpAttnHead):
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            o = checkpoint(lambda t: self.attn(t, t, t, need_weights=False)[0], h, use_reentrant=False)
+            return self.head(o.mean(1))
+
+    torch.manual_seed(25)
+    model = _biased(Checkpointed()).double()
+    why = r"attn \(MultiheadAttention\): it runs inside activation checkpointing \(torch\.utils\.checkpoint\)"
+    with pytest.raises(ValueError, match=why):
+        GradientExtractor(model, dim=16, engine="factored")(_batch(3))
+    # auto sends the attention to vmap, which torch.func cannot run under checkpointing: said plainly
+    with pytest.raises(ValueError, match=r"uses activation checkpointing .* Turn checkpointing off for the scan"):
+        GradientExtractor(model, dim=16, engine="auto")(_batch(3))
+    _check_pass(model, _batch(3), layers=["inp", "head"])  # the layers outside the block stay factored
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        OnlineMiner(model, dim=16, seed=5).observe(*_batch(3), ids=torch.arange(3))
+
+
+def test_a_refused_call_in_training_mode_draws_what_the_module_drew():
+    """An unbatched call is refused without computing it again: the random stream after it is the model's own."""
+    from hardmine.factored.capture import capture_calls
+
+    mha = nn.MultiheadAttention(D, H, dropout=0.5).train()
+    units, _ = plan_factored(mha, [n for n, _ in mha.named_parameters()])
+    q = torch.randn(5, D)  # unbatched (L, E)
+    torch.manual_seed(3)
+    mha(q, q, q)
+    want = torch.get_rng_state()
+    torch.manual_seed(3)
+    with capture_calls(units) as rec:
+        mha(q, q, q)
+    assert torch.equal(torch.get_rng_state(), want)
+    assert rec[""][0].problem == "it was called on an unbatched query of shape (5, 8)"
+
+
+def test_under_autocast_the_weights_are_those_of_the_module():
+    """Under CPU autocast (bfloat16) torch adds a float32 mask to the scores in bfloat16 (baddbmm): so does the
+    reforward, and the returned weights have the module's dtype."""
+    torch.manual_seed(26)
+    mha = _biased(nn.MultiheadAttention(D, H, batch_first=True))
+    q = torch.randn(2, 5, D)
+    mask = torch.linspace(-1, 1, 25).reshape(5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_w = mha(q, q, q, attn_mask=mask)
+        got, got_w, _ = attention_forward(mha, q, q, q, attn_mask=mask)
+    assert got_w.dtype == want_w.dtype == torch.bfloat16
+    assert_close(got_w, want_w)
+    assert got.dtype == want.dtype

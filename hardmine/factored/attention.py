@@ -22,10 +22,18 @@ and the reforward starts from it, so it draws the masks the module's own forward
 after the call is the one the model would have without hardmine. The hook runs before any forward hook of
 the user's on the module, which then sees the recomputed output.
 
+Activation checkpointing (``torch.utils.checkpoint``, non-reentrant): its backward runs the block's forward
+again without hardmine's hooks, so it would not repeat the reforward; a call inside it is refused (its
+parameters go to vmap under ``engine="auto"``).
+
 Not covered (the parameters go to vmap under ``engine="auto"``, with the reason): separate q/k/v weights
 (``kdim``/``vdim`` other than ``embed_dim``), ``add_bias_kv``, ``add_zero_attn``, unbatched inputs, inputs
-broadcast over the batch (a ``(1, L, E)`` query), subclasses. ``out_proj`` called directly by the model (besides
-inside the attention) is recorded by its own hook, like any Linear.
+broadcast over the batch (a ``(1, L, E)`` query), subclasses, calls inside activation checkpointing, and an
+``out_proj`` module that is also another module's (shared with another attention, or registered under another
+name), whose other uses the reforward does not see. ``out_proj`` called directly by the model (besides inside the
+attention) is recorded by its own hook, like any Linear; it is refused when its attention's hook was not seen
+running (a model calling ``attn.forward(...)`` bypasses every hook), since that attention's use of the weight
+would be missed.
 """
 
 from __future__ import annotations
@@ -57,6 +65,12 @@ class MultiheadAttentionRule(LayerRule):
     min_input_ndim = 3  # (B, N, E) as the reforward records it
     reforwarded_children = ("out_proj",)
 
+    def reforward_problem(self, module: nn.Module, args: tuple, kwargs: dict) -> str | None:
+        query = _arguments(args, kwargs)["query"]  # a tensor: the module's own forward has run (and checked) it
+        if query.ndim != 3:
+            return f"it was called on an unbatched query of shape {tuple(query.shape)}"
+        return None
+
     def draws_random(self, module: nn.Module) -> bool:
         assert isinstance(module, nn.MultiheadAttention)
         return module.training and module.dropout > 0
@@ -83,18 +97,10 @@ class MultiheadAttentionRule(LayerRule):
         self, module: nn.Module, args: tuple, kwargs: dict, output: Any, clone: Collection[str]
     ) -> tuple[Any, dict[str, Reforwarded]]:
         assert isinstance(module, nn.MultiheadAttention)
-        call = _SIGNATURE.bind(*args, **kwargs)
-        call.apply_defaults()
-        a = call.arguments
-        query = a["query"]  # a tensor: the module's own forward has run (and checked) the call
-        if query.ndim != 3:
-            # Refused by the call checks, which read nothing else of it.
-            why = f"it was called on an unbatched query of shape {tuple(query.shape)}"
-            seen = Reforwarded(query, output[0], output[0], problem=why)
-            return output, {"": seen, "out_proj": seen}
+        a = _arguments(args, kwargs)
         out, weights, calls = attention_forward(
             module,
-            query,
+            a["query"],
             a["key"],
             a["value"],
             key_padding_mask=a["key_padding_mask"],
@@ -105,6 +111,14 @@ class MultiheadAttentionRule(LayerRule):
             clone="out_proj" in clone,
         )
         return (out, weights), calls
+
+
+def _arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A forward hook's ``(args, kwargs)`` of ``nn.MultiheadAttention.forward`` by parameter name, defaults
+    filled in."""
+    call = _SIGNATURE.bind(*args, **kwargs)
+    call.apply_defaults()
+    return call.arguments
 
 
 def attention_forward(
@@ -161,7 +175,9 @@ def attention_forward(
     if need_weights:
         scores = (q * math.sqrt(1.0 / hd)) @ k.transpose(-2, -1)  # (B, H, L, S)
         if mask is not None:
-            scores = scores + mask
+            # torch adds it in baddbmm, in the products' dtype (autocast casts a float32 mask to bfloat16 there;
+            # without autocast a mask of another dtype already failed in the module's own forward)
+            scores = scores + mask.to(scores.dtype)
         attn = scores.softmax(dim=-1)  # (B, H, L, S)
         if p > 0.0:
             attn = F.dropout(attn, p=p)

@@ -101,6 +101,7 @@ class CapturedCall:
     passed_version: int | None
     broadcast: bool = False  # the call saw a (1, ...) input and output, expanded here to the batch
     problem: str | None = None  # why it cannot be attributed per sample, as a reforward found (else None)
+    hosted: bool = False  # recorded by its host's reforward (the call inside the attention), not its own hook
 
     @property
     def output_modified(self) -> bool:
@@ -165,8 +166,8 @@ def capture_calls(
     every unit) that are broadcast over the batch (``(1, ...)`` input and output) are expanded to it (see the
     module docstring); other calls are recorded as seen (and a ``(1, ...)`` one refused by
     :func:`check_calls`). Units with a ``host`` (attention and its ``out_proj``) are recorded by one hook on
-    the host, which computes its output again (``LayerRule.reforward``). The hooks are removed on exit
-    (``finally``)."""
+    the host, which computes its output again (``LayerRule.reforward``); a hosted child keeps its own hook
+    for the model's direct calls of it. The hooks are removed on exit (``finally``)."""
     rec: Captured = {name: [] for name in units}
     handles = []
     # Units recorded by a host's reforward (attention and its out_proj): one hook per host, {role: unit}
@@ -201,6 +202,21 @@ def capture_calls(
             h.remove()
 
 
+def _checkpoint_problem() -> str | None:
+    """Why a reforward cannot run here: inside non-reentrant activation checkpointing, whose backward runs the
+    block's forward again without hardmine's hooks (and checks that it saves the same tensors), so the output
+    computed again in the hook would not be computed again there. Read from the saved-tensor hooks in force
+    (a private torch function: where it is missing, nothing is detected and torch's own error remains)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    if hooks and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", ""):
+        return (
+            "it runs inside activation checkpointing (torch.utils.checkpoint), whose backward would run its "
+            "forward again without the computation its factored rule adds"
+        )
+    return None
+
+
 def _keep_rng(rng: dict[str, Any], module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: the random state the module's forward starts from (CPU, and CUDA where it runs)."""
     rng["cpu"] = torch.get_rng_state()
@@ -222,6 +238,12 @@ def _record_reforward(
     """The forward hook of a module whose rule reforwards (see ``LayerRule.reforward``): the model continues
     with the output computed again, whose linear maps are recorded for the roles in ``stores``. With ``rng``
     (kept by :func:`_keep_rng`), the reforward draws the random numbers the module's forward drew."""
+    why = _checkpoint_problem() or rule.reforward_problem(module, args, kwargs)
+    if why is not None:  # refused: the module's own output stands, and nothing is drawn again
+        rng.clear()
+        for store in stores.values():
+            store.append(CapturedCall(None, None, None, None, None, problem=why, hosted=True))
+        return None
     if "cpu" in rng:
         torch.set_rng_state(rng.pop("cpu"))
     if "cuda" in rng:
@@ -230,7 +252,7 @@ def _record_reforward(
     new_out, calls = rule.reforward(module, args, kwargs, out, clone)
     for role, store in stores.items():
         c = calls[role]
-        store.append(CapturedCall(c.x, c.out, c.passed, _version(c.x), _version(c.passed), problem=c.problem))
+        store.append(CapturedCall(c.x, c.out, c.passed, _version(c.x), _version(c.passed), hosted=True))
     return new_out
 
 
@@ -254,6 +276,11 @@ def call_problem(unit: FactoredUnit, calls: list[CapturedCall], batch_size: int)
         return (
             "its forward hook never fired: the model uses its parameters without calling the module "
             "(e.g. F.linear(x, m.weight))"
+        )
+    if unit.host is not None and unit.role and not any(c.hosted for c in calls):
+        return (
+            f"its host {type(unit.host).__name__} was not seen running (called through .forward(), or not at "
+            "all), so the host's use of its weights cannot be told"
         )
     for c in calls:
         if c.problem is not None:

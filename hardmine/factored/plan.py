@@ -6,8 +6,10 @@ weights to ``F.*`` directly (their hooks never fire) and whose rule does not com
 (``nn.MultiheadAttention`` when its rule's maths do not cover the configuration, or a subclass of it).
 
 A module whose rule *reforwards* (``LayerRule.reforward``: attention) hosts its own unit and those of its
-:attr:`~hardmine.factored.registry.LayerRule.reforwarded_children` (``out_proj``): their calls are recorded by
-the host's forward hook (``FactoredUnit.host`` and ``role``).
+:attr:`~hardmine.factored.registry.LayerRule.reforwarded_children` (``out_proj``): their calls inside the host
+are recorded by the host's forward hook (``FactoredUnit.host`` and ``role``), a child's direct calls by its own.
+A child module that is also held elsewhere (by another host, or under another name) is refused: the other
+holder's uses of it would not be recorded.
 
 A parameter object held by several modules (tied weights: the input embedding reused as the LM head) is the
 *matrix* parameter of one unit per holder, every unit naming it by its canonical name (the one
@@ -68,6 +70,13 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
     params = dict(model.named_parameters())
     hosted: dict[str, tuple[nn.Module, str]] = {}  # module -> (the module recording its calls, its role)
     host_refusal: dict[str, str] = {}  # hosting rules that refuse this instance: module -> why
+    child_refusal: dict[str, str] = {}  # reforwarded children used elsewhere too: module -> why
+    name_of = {id(m): name for name, m in modules.items()}  # a module held twice is listed once, first name
+    hosts_of: dict[int, list[str]] = {}
+    for mname, m in modules.items():
+        rule = rule_for(m)
+        for child in rule.reforwarded_children if rule is not None and rule.reforwards else ():
+            hosts_of.setdefault(id(getattr(m, child)), []).append(mname)
     for mname, m in modules.items():
         rule = rule_for(m)
         if rule is None or not rule.reforwards:
@@ -78,7 +87,17 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
             continue
         hosted[mname] = (m, "")
         for child in rule.reforwarded_children:
-            hosted[_full(mname, child)] = (m, child)
+            sub = getattr(m, child)
+            name = name_of[id(sub)]
+            if name != _full(mname, child) or len(hosts_of[id(sub)]) > 1:
+                # Its calls inside the other holders would be missed (they record it under their own names)
+                holders = [_full(h or "<root>", child) for h in hosts_of[id(sub)]]
+                child_refusal[name] = (
+                    f"the module is also {', '.join(repr(h) for h in holders if h != name) or 'held elsewhere'} "
+                    f"(shared), and only one holder's uses of it would be recorded"
+                )
+            else:
+                hosted[name] = (m, child)
     inside_mha: dict[str, str] = {}
     for mname, m in modules.items():
         if isinstance(m, nn.MultiheadAttention):
@@ -97,6 +116,8 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
     def refusal(mname: str, local: str) -> str | None:
         module = modules[mname]
         rule = rule_for(module)
+        if mname in child_refusal:
+            return child_refusal[mname]
         if mname in inside_mha:
             host = inside_mha[mname]
             why = host_refusal.get(host)

@@ -133,8 +133,9 @@ class LayerRule:
     # Inputs with fewer dimensions than this are refused by check_call: e.g. a Linear called on one unbatched
     # (d_in,) vector (its first dimension would be mistaken for the batch).
     min_input_ndim: int = 1
-    #: child modules (local names) whose calls this rule's :meth:`reforward` records, e.g. attention's
-    #: ``("out_proj",)``: their own hooks never fire, since the module uses their weights through ``F.*``
+    #: child modules (local names) whose calls inside the module this rule's :meth:`reforward` records, e.g.
+    #: attention's ``("out_proj",)``: the module uses their weights through ``F.*``, so their own hooks see
+    #: only the model's direct calls of them
     reforwarded_children: tuple[str, ...] = ()
 
     @property
@@ -183,6 +184,11 @@ class LayerRule:
         ``capture_calls``). Only rules that set :attr:`reforwarded_children` or hide their own maps implement
         it (:attr:`reforwards`)."""
         raise NotImplementedError
+
+    def reforward_problem(self, module: nn.Module, args: tuple, kwargs: dict) -> str | None:
+        """Why this call cannot be computed again per sample (e.g. an unbatched call), checked before
+        :meth:`reforward` runs; the call is then recorded as refused and the module's own output kept."""
+        return None
 
     def draws_random(self, module: nn.Module) -> bool:
         """Whether :meth:`reforward` draws random numbers for ``module`` (dropout in training mode): then the
