@@ -641,7 +641,11 @@ def test_out_proj_is_refused_when_its_attention_bypasses_the_hooks():
 
     torch.manual_seed(23)
     model = _biased(Bypass()).double()
-    with pytest.raises(ValueError, match=r"attn\.out_proj .*its host MultiheadAttention was not seen running"):
+    why = (
+        "attn.out_proj (NonDynamicallyQuantizableLinear): its host MultiheadAttention was not seen running (called "
+        "through .forward(), or not at all), so the host's use of its weights cannot be told"
+    )
+    with pytest.raises(ValueError, match=re.escape(why)):
         GradientExtractor(model, layers="attn.out_proj", dim=16, engine="factored")(_batch(3))
     meta = _auto_is_exact(model, _batch(3))
     assert meta["plan"]["attn.out_proj.weight"] == "vmap"
@@ -680,7 +684,7 @@ def test_an_out_proj_held_elsewhere_too_is_refused(how):
     held = "attn.out_proj" if how == "two attentions" else "proj"
     other = "attn2.out_proj" if how == "two attentions" else "inner.attn.out_proj"
     assert rejected[f"{held}.weight"] == (
-        f"the module is also {other!r} (shared), and only one holder's uses of it would be recorded"
+        f"the module is also held as {[other]!r} (shared), and only one holder's uses of it would be recorded"
     )
     _auto_is_exact(model, _batch(3))
 
@@ -696,8 +700,12 @@ def test_attention_inside_activation_checkpointing_is_refused_with_the_reason():
 
     torch.manual_seed(25)
     model = _biased(Checkpointed()).double()
-    why = r"attn \(MultiheadAttention\): it runs inside activation checkpointing \(torch\.utils\.checkpoint\)"
-    with pytest.raises(ValueError, match=why):
+    why = (
+        "it runs inside activation checkpointing (torch.utils.checkpoint), whose backward would run its forward "
+        "again without the computation its factored rule adds"
+    )
+    both = f"attn (MultiheadAttention): {why}; attn.out_proj (NonDynamicallyQuantizableLinear): {why}"
+    with pytest.raises(ValueError, match=re.escape(both)):
         GradientExtractor(model, dim=16, engine="factored")(_batch(3))
     # auto sends the attention to vmap, which torch.func cannot run under checkpointing: said plainly
     with pytest.raises(ValueError, match=r"uses activation checkpointing .* Turn checkpointing off for the scan"):
@@ -737,3 +745,23 @@ def test_under_autocast_the_weights_are_those_of_the_module():
     assert got_w.dtype == want_w.dtype == torch.bfloat16
     assert_close(got_w, want_w)
     assert got.dtype == want.dtype
+
+
+def test_the_checkpoint_check_needs_nothing_it_cannot_find(monkeypatch):
+    """Other saved-tensor hooks (callable objects, with no __qualname__) and a torch without the private lookup
+    leave the attention factored: the check finds no checkpointing instead of failing."""
+    from hardmine.factored import capture
+
+    class Pack:
+        def __call__(self, t):
+            return t
+
+    torch.manual_seed(27)
+    model = _biased(Attn(call={"need_weights": False})).double()
+    with torch.autograd.graph.saved_tensors_hooks(Pack(), Pack()):
+        assert capture._checkpoint_problem() is None
+        fg = _check(model, 3)
+    assert "attn.in_proj_weight" in fg.kron
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    assert capture._checkpoint_problem() is None
+    _check(model.float(), 3)

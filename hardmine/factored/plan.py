@@ -91,10 +91,10 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
             name = name_of[id(sub)]
             if name != _full(mname, child) or len(hosts_of[id(sub)]) > 1:
                 # Its calls inside the other holders would be missed (they record it under their own names)
-                holders = [_full(h or "<root>", child) for h in hosts_of[id(sub)]]
+                others = [_full(h, child) for h in hosts_of[id(sub)] if _full(h, child) != name]
                 child_refusal[name] = (
-                    f"the module is also {', '.join(repr(h) for h in holders if h != name) or 'held elsewhere'} "
-                    f"(shared), and only one holder's uses of it would be recorded"
+                    f"the module is also held as {others} (shared), and only one holder's uses of it would be "
+                    "recorded"
                 )
             else:
                 hosted[name] = (m, child)
