@@ -89,8 +89,10 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
         for child in rule.reforwarded_children:
             sub = getattr(m, child)
             name = name_of[id(sub)]
-            if name != _full(mname, child) or len(hosts_of[id(sub)]) > 1:
-                # Its calls inside the other holders would be missed (they record it under their own names)
+            if name != _full(mname, child):
+                # Held under another name first (another attention's, or the model's own): its calls inside the
+                # other holders would be missed. (Of two attentions sharing it, the first one listed hosts it and
+                # the second finds it here: the module is then refused.)
                 others = [_full(h, child) for h in hosts_of[id(sub)] if _full(h, child) != name]
                 child_refusal[name] = (
                     f"the module is also held as {others} (shared), and only one holder's uses of it would be "
