@@ -25,10 +25,7 @@ speed-up is ``before`` / ``factored``. Writes ``scripts/results/bench_attention.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -227,18 +224,8 @@ def main() -> None:
     rows = [run(name, dim, args) for dim in dims for name in models]
     md = table(rows)
     print(md)
-    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    settings = {
-        "rounds": args.rounds,
-        "dims": dims,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "when": when,
-        "hardmine": bd.code_version(),
-        "quick": args.quick,
-        "load_avg_1_5_15_at_end": list(os.getloadavg()),
-    }
+    settings = bd.run_settings(torch.get_num_threads(), args.quick, rounds=args.rounds, dims=dims)
+    when = settings["when"]
     bc.atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     load = ", ".join(f"{v:.1f}" for v in settings["load_avg_1_5_15_at_end"])
     note = (

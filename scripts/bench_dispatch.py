@@ -115,6 +115,21 @@ def code_version() -> str:
     return commit + ("+changes" if git("status", "--porcelain", "--", ".") else "")
 
 
+def run_settings(threads: int, quick: bool, **fields: Any) -> dict[str, Any]:
+    """A run's settings (the script's own ``fields`` first), with what every run records: torch, threads, the
+    machine, when, the hardmine commit measured, --quick and the load average at the end."""
+    return {
+        **fields,
+        "torch": torch.__version__,
+        "threads": threads,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "hardmine": code_version(),
+        "quick": quick,
+        "load_avg_1_5_15_at_end": list(os.getloadavg()),
+    }
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["model", "group", "method", "kernel ops/step", "beyond the reference", "CPU ms/step", "ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -148,19 +163,8 @@ def main() -> None:
     rows = [r for name in models for group in GROUPS for r in run_group(name, group, args)]
     md = table(rows)
     print(md)
-    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    settings = {
-        "batch": args.batch,
-        "rounds": args.rounds,
-        "repeat": args.repeat,
-        "torch": torch.__version__,
-        "threads": 1,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "when": when,
-        "hardmine": code_version(),
-        "quick": args.quick,
-        "load_avg_1_5_15_at_end": list(os.getloadavg()),
-    }
+    settings = run_settings(1, args.quick, batch=args.batch, rounds=args.rounds, repeat=args.repeat)
+    when = settings["when"]
     bc.atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     load = ", ".join(f"{v:.1f}" for v in settings["load_avg_1_5_15_at_end"])
     note = (
