@@ -765,3 +765,34 @@ def test_the_checkpoint_check_needs_nothing_it_cannot_find(monkeypatch):
     monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
     assert capture._checkpoint_problem() is None
     _check(model.float(), 3)
+
+
+def test_a_scan_of_a_torch_attention_model_is_factored_whole_and_exact(tmp_path):
+    """End to end: hardmine.scan with the default engine on a model built of torch's encoder layer plans every
+    parameter factored, stores the extractor's vectors and the per-sample loop's losses and gradient norms."""
+    from hardmine import scan
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, D)
+            self.enc = nn.TransformerEncoderLayer(D, H, 16, dropout=0.1, batch_first=True)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.inp(x), src_key_padding_mask=_kpm(x, x.shape[1])).mean(1))
+
+    torch.manual_seed(28)
+    model = _biased(Encoder()).double().eval()
+    x, y = _batch(13, seed=5)
+    data = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 13, 4)]  # batches of 4, 4, 4, 1
+    sc = scan(model, data, out=tmp_path / "s", dim=16)
+    plan = sc.engine_metadata["plan"]
+    assert set(plan.values()) == {"factored"} and "enc.self_attn.in_proj_weight" in plan
+    ext = GradientExtractor(model, dim=16, seed=0)
+    assert_close(torch.from_numpy(sc.gradients()), ext((x, y)).z.float(), rtol=1e-5, atol=1e-6)
+    ref = reference_per_sample_grads(model, (x, y))
+    m = sc.manifest()
+    assert_close(torch.tensor(m["loss"].to_numpy()), ref.loss)
+    assert_close(torch.tensor(m["grad_norm"].to_numpy()), ref.grad_norm)
+    assert model.training is False and not model.enc.self_attn._forward_hooks
