@@ -66,7 +66,8 @@ class MultiheadAttentionRule(LayerRule):
     reforwarded_children = ("out_proj",)
 
     def reforward_problem(self, module: nn.Module, args: tuple, kwargs: dict) -> str | None:
-        query = _arguments(args, kwargs)["query"]  # a tensor: the module's own forward has run (and checked) it
+        # query is forward's first parameter; a tensor: the module's own forward has run (and checked) the call
+        query = args[0] if args else kwargs["query"]
         if query.ndim != 3:
             return f"it was called on an unbatched query of shape {tuple(query.shape)}"
         return None

@@ -9,8 +9,9 @@ gradient, never touches ``param.grad``, and no per-sample weight gradient is for
 parameters.
 
 What the hooks can see is checked, not assumed (:func:`probe_units` on a few samples, then every pass): a
-module whose hook never fires (its weights used through ``F.*`` directly), a module that does not see the batch on dimension 0 (``batch_first=False`` models, reshaped
-batches), and inputs modified in place are refused with a clear error instead of returning garbage. A module
+module whose hook never fires (its weights used through ``F.*`` directly), a module that does not see the batch
+on dimension 0 (``batch_first=False`` models, reshaped batches), and inputs modified in place are refused with a
+clear error instead of returning garbage. A module
 whose *output* is modified in place afterwards (``nn.ReLU(inplace=True)``) gets a copy handed to the model
 so the captured output keeps its place in the graph.
 

@@ -70,13 +70,8 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
     params = dict(model.named_parameters())
     hosted: dict[str, tuple[nn.Module, str]] = {}  # module -> (the module recording its calls, its role)
     host_refusal: dict[str, str] = {}  # hosting rules that refuse this instance: module -> why
-    child_refusal: dict[str, str] = {}  # reforwarded children used elsewhere too: module -> why
+    shared: dict[str, list[str]] = {}  # reforwarded child held under other names too: its name -> those
     name_of = {id(m): name for name, m in modules.items()}  # a module held twice is listed once, first name
-    hosts_of: dict[int, list[str]] = {}
-    for mname, m in modules.items():
-        rule = rule_for(m)
-        for child in rule.reforwarded_children if rule is not None and rule.reforwards else ():
-            hosts_of.setdefault(id(getattr(m, child)), []).append(mname)
     for mname, m in modules.items():
         rule = rule_for(m)
         if rule is None or not rule.reforwards:
@@ -93,13 +88,13 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
                 # Held under another name first (another attention's, or the model's own): its calls inside the
                 # other holders would be missed. (Of two attentions sharing it, the first one listed hosts it and
                 # the second finds it here: the module is then refused.)
-                others = [_full(h, child) for h in hosts_of[id(sub)] if _full(h, child) != name]
-                child_refusal[name] = (
-                    f"the module is also held as {others} (shared), and only one holder's uses of it would be "
-                    "recorded"
-                )
+                shared.setdefault(name, []).append(_full(mname, child))
             else:
                 hosted[name] = (m, child)
+    child_refusal = {  # module -> why
+        name: f"the module is also held as {others} (shared), and only one holder's uses of it would be recorded"
+        for name, others in shared.items()
+    }
     inside_mha: dict[str, str] = {}
     for mname, m in modules.items():
         if isinstance(m, nn.MultiheadAttention):

@@ -208,10 +208,9 @@ class Reforwarded:
     tensor of the graph the model continues from) and what the model was handed in its place (``out`` itself,
     a view of it, or a copy when the role is protected)."""
 
-    x: Any
+    x: torch.Tensor
     out: torch.Tensor
     passed: torch.Tensor
-    problem: str | None = None  # why the call cannot be attributed per sample (then nothing else is read)
 
 
 class GramCache:
