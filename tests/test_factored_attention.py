@@ -728,8 +728,9 @@ def test_a_refused_call_in_training_mode_draws_what_the_module_drew():
     torch.manual_seed(3)
     with capture_calls(units) as rec:
         mha(q, q, q)
-    assert torch.equal(torch.get_rng_state(), want)
-    assert rec[""][0].problem == "it was called on an unbatched query of shape (5, 8)"
+        assert torch.equal(torch.get_rng_state(), want)
+        mha(query=q, key=q, value=q)  # the query by keyword
+    assert [c.problem for c in rec[""]] == ["it was called on an unbatched query of shape (5, 8)"] * 2
 
 
 def test_under_autocast_the_weights_are_those_of_the_module():
