@@ -63,6 +63,7 @@ bench: install
 	$(PY) scripts/bench_callbacks.py
 	$(PY) scripts/bench_dispatch.py
 	$(PY) scripts/bench_attention.py
+	$(PY) scripts/bench_parameters.py
 	$(PY) scripts/bench_scan.py
 	$(PY) scripts/bench_lm.py
 	$(PY) scripts/bench_startup.py

@@ -56,6 +56,7 @@ MODULES: dict[str, str] = {
     "factored.conv1d": "hardmine/factored/conv1d.py",
     "factored.conv2d": "hardmine/factored/conv2d.py",
     "factored.attention": "hardmine/factored/attention.py",
+    "factored.parameter": "hardmine/factored/parameter.py",
     "factored.layout": "hardmine/factored/layout.py",
     "factored.plan": "hardmine/factored/plan.py",
     "factored.registry": "hardmine/factored/registry.py",
@@ -73,6 +74,7 @@ FACTORED_TESTS = (
     "tests/test_factored_apply.py",
     "tests/test_factored_rules_behaviour.py",
     "tests/test_factored_attention.py",
+    "tests/test_factored_parameter.py",
     "tests/test_transformers.py",
 )
 KILLED = {1, 3}

@@ -5,7 +5,8 @@
   :mod:`.rmsnorm` (weight-only norms, by class-name pattern), :mod:`.conv1d` (``transformers``' Conv1D, by
   qualified class name, so ``transformers`` is never imported) and :mod:`.attention` (``nn.MultiheadAttention``
   and its ``out_proj``: its forward hook computes the attention again with both projections in the graph,
-  ``LayerRule.reforward``);
+  ``LayerRule.reforward``); :mod:`.parameter` covers parameters of shape ``(1, ...)`` a model uses without a module
+  (a ViT's class token), swapped for the pass for a copy with one row per sample;
 * :mod:`.layout` -- the engine-independent projection layout (Kronecker ``P_out ⊗ P_in`` per weight matrix,
   dense seeded blocks for everything else);
 * :mod:`.plan` -- which selected parameters a rule covers (:func:`plan_factored`);

@@ -178,6 +178,10 @@ def capture_calls(
             hosts.setdefault(id(unit.host), (unit.host, {}))[1][unit.role] = name
     try:
         for name, unit in units.items():
+            if unit.swaps_parameter:
+                size = batch_size if expand is None or name in expand or batch_size == 1 else None
+                handles.extend(_swap_parameter(unit, rec[name], batch_size, size))
+                continue
             if unit.host is unit.module:
                 continue  # recorded by its reforward alone
             # A hosted child (out_proj) keeps a hook of its own too: the host uses its weights without calling
@@ -201,6 +205,50 @@ def capture_calls(
     finally:
         for h in handles:
             h.remove()
+
+
+class _Restore:
+    """A removable handle that puts a swapped parameter back on its module."""
+
+    def __init__(self, module: nn.Module, local: str, param: nn.Parameter) -> None:
+        self.module, self.local, self.param = module, local, param
+
+    def remove(self) -> None:
+        self.module._parameters[self.local] = self.param
+
+
+def _swap_parameter(
+    unit: FactoredUnit, store: list[CapturedCall], batch_size: int | None, size: int | None
+) -> list[_Restore]:
+    """Swap the parameter of a :mod:`.parameter` unit for a copy expanded to ``size`` rows (recorded as its one
+    call) until the returned handle is removed. Nothing is swapped or recorded without a batch size (a
+    forward sized later re-enters with one); a batch larger than the probe checked is recorded as refused."""
+    if batch_size is None:
+        return []
+    if size is None:
+        store.append(
+            CapturedCall(
+                None,
+                None,
+                None,
+                None,
+                None,
+                problem="it is used broadcast over the batch, which the first batch (of one sample) could not "
+                "check; start the scan with a batch of more than one sample",
+            )
+        )
+        return []
+    local = unit.vectors[0]
+    param = unit.module._parameters[local]
+    assert param is not None  # planned from named_parameters
+    out = param.expand(size, *param.shape[1:])  # (B, ...): one row per sample, so the gradient keeps B
+    # The model reads a copy: an expanded tensor cannot be modified in place, and autograd delivers the gradient
+    # at `out` row by row whatever the model does with the copy. Stored in _parameters directly (as
+    # torch.func.functional_call does), since a plain tensor cannot be set as a parameter attribute.
+    passed = out.clone()
+    unit.module._parameters[local] = passed
+    store.append(CapturedCall(out, out, passed, _version(out), _version(passed), broadcast=size > 1))
+    return [_Restore(unit.module, local, param)]
 
 
 def _checkpoint_problem() -> str | None:
@@ -357,6 +405,19 @@ def probe_units(
             )
         else:
             failure = None
+    swapped = [name for name in expanded if units[name].swaps_parameter] if failure is not None else []
+    if swapped:
+        # Probe again with the parameters left as they are: the modules' own checks then stand, and the
+        # parameters are refused (under engine='auto' they go to vmap). Expanded modules, if the model fails
+        # on them as well, are refused by that probe.
+        rest = {name: unit for name, unit in units.items() if name not in swapped}
+        problems, protect = probe_units(model, inputs, rest, batch_size) if rest else ({}, set())
+        for name in swapped:
+            problems[name] = (
+                "it is a parameter of shape (1, ...) the model broadcasts over the batch, and the model's forward "
+                f"fails when it is expanded to one row per sample ({failure})"
+            )
+        return problems, protect
     if failure is not None:
         # The model cannot take a per-sample copy where it expected (1, ...): probe again as the model wants it,
         # and refuse the modules that were expanded (they go to vmap under engine='auto', as before).
@@ -374,7 +435,7 @@ def probe_units(
         logger.debug("inputs broadcast over the batch, expanded per sample: %s", ", ".join(expanded))
     for name, why in {
         **batch_dependent_inputs(model, sub, units, rec, n),
-        **broadcast_problems(raw, rec, n),
+        **broadcast_problems(raw, rec, n, [name for name, unit in units.items() if unit.swaps_parameter]),
     }.items():
         problems.setdefault(name, why)
     return problems, modified | {name for name in expanded if name not in problems}
@@ -387,7 +448,12 @@ def batch_dependent_inputs(
     batch mean): expanding it would hand every sample the batch's value where the per-sample loop has the
     sample's own. Position ids and learned tokens are the same for any batch; the check runs the model again
     on one sample fewer and asks for bit-identical inputs."""
-    expanded = {name: units[name] for name, calls in rec.items() if any(c.broadcast for c in calls)}
+    # A parameter (swaps_parameter) is the same for any batch: only module inputs are checked.
+    expanded = {
+        name: units[name]
+        for name, calls in rec.items()
+        if any(c.broadcast for c in calls) and not units[name].swaps_parameter
+    }
     if not expanded:
         return {}
     fewer = tree_map(lambda t: t[: n - 1], sub)  # (n - 1, ...): a different batch, same per-sample inputs
@@ -407,14 +473,15 @@ def batch_dependent_inputs(
     return problems
 
 
-def broadcast_problems(raw: Any, rec: Captured, n: int) -> dict[str, str]:
+def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[str] = ()) -> dict[str, str]:
     """``{module: problem}`` for modules whose broadcast output (expanded per sample by the hooks) the model
     does not use row by row.
 
     Sample ``c``'s output may depend on row ``c`` of the expanded output only (a model that, say, took row 0
     for every sample would otherwise get every gradient in row 0): for each probe sample, the gradient of
     its output must vanish exactly on every other row. One small backward per probe sample, on the probe's
-    few samples only, and only when some module's input was broadcast.
+    few samples only, and only when some module's input was broadcast. ``parameters``: the units among them that
+    are parameters the model broadcasts itself (:mod:`.parameter`), named so in the problems.
     """
     live = [
         (name, c.out)
@@ -447,11 +514,14 @@ def broadcast_problems(raw: Any, rec: Captured, n: int) -> dict[str, str]:
                     continue
                 others = torch.cat([g[:c], g[c + 1 :]])  # (n - 1, ...) rows of the other samples
                 if bool((others != 0).any()):
-                    problems[name] = (
-                        f"it was called on an input of shape (1, ...) broadcast over the batch, and sample {c}'s "
-                        "output depends on other samples' rows of its output (the model does not use it row "
-                        "by row)"
+                    what = (
+                        "it is a parameter of shape (1, ...) the model broadcasts over the batch, and sample "
+                        f"{c}'s output depends on other samples' rows of its copy expanded to the batch"
+                        if name in parameters
+                        else f"it was called on an input of shape (1, ...) broadcast over the batch, and sample {c}'s "
+                        "output depends on other samples' rows of its output"
                     )
+                    problems[name] = f"{what} (the model does not use it row by row)"
     return problems
 
 

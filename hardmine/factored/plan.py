@@ -16,6 +16,10 @@ A parameter object held by several modules (tied weights: the input embedding re
 ``named_parameters`` reports): the pass sums the holders' projections and the cross terms of the norm (see
 ``RuleRunner``). It is refused unless every holder's rule handles it as its matrix and can describe its
 gradient as factors (``LayerRule.supports_tied``).
+
+A parameter of shape ``(1, d, ...)`` held by a module of the model's own code without a rule (a ViT's class
+token) is its own unit, keyed by the parameter's name, under :data:`~hardmine.factored.parameter.PARAMETER_RULE`:
+the pass swaps it for a copy expanded to the batch (:mod:`.parameter`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .parameter import PARAMETER_RULE, broadcast_parameter
 from .registry import LayerRule, registered_names, registered_types, rule_for
 
 __all__ = ["FactoredUnit", "plan_factored", "format_rejected", "tied_holders"]
@@ -45,6 +50,11 @@ class FactoredUnit:
     host: nn.Module | None = None
     role: str = ""
 
+    @property
+    def swaps_parameter(self) -> bool:
+        """Whether this unit is a parameter used without a module, swapped for the pass (:mod:`.parameter`)."""
+        return self.rule is PARAMETER_RULE
+
     def full_name(self, local: str) -> str:
         return f"{self.name}.{local}" if self.name else local
 
@@ -61,11 +71,14 @@ class FactoredUnit:
 
     @property
     def label(self) -> str:
+        if self.swaps_parameter:
+            return f"{self.full_name(self.vectors[0])} (parameter of {type(self.module).__name__})"
         return f"{self.name or '<root>'} ({type(self.module).__name__})"
 
 
 def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, FactoredUnit], dict[str, str]]:
-    """Split selected parameters into factored units (by module) and ``{param: reason}`` for the rest."""
+    """Split selected parameters into factored units (by module; a parameter used without a module by its
+    own name) and ``{param: reason}`` for the rest."""
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     hosted: dict[str, tuple[nn.Module, str]] = {}  # module -> (the module recording its calls, its role)
@@ -132,8 +145,19 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
 
     rejected: dict[str, str] = {}
     grouped: dict[str, dict[str, str]] = {}  # module -> {local name: canonical parameter name}
+    units = {}
     for name in names:
         held = holders[id(params[name])]
+        (owner, local), *_ = held
+        if (
+            len(held) == 1
+            and rule_for(modules[owner]) is None
+            and owner not in child_refusal
+            and owner not in inside_mha
+            and broadcast_parameter(modules[owner], params[name])
+        ):
+            units[name] = FactoredUnit(owner, modules[owner], PARAMETER_RULE, None, (local,))
+            continue
         reason = None
         for mname, local in held:
             reason = refusal(mname, local)
@@ -154,7 +178,6 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
             continue
         for mname, local in held:
             grouped.setdefault(mname, {})[local] = name
-    units = {}
     for mname, locals_ in grouped.items():
         module = modules[mname]
         rule = rule_for(module)

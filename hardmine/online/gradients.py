@@ -63,6 +63,13 @@ class StepGradients:
 
     def __init__(self, model: nn.Module, param_names: Sequence[str], layout: ProjectionLayout) -> None:
         units, rejected = plan_factored(model, param_names)
+        for name in [k for k, unit in units.items() if unit.swaps_parameter]:
+            # The offline scan swaps such a parameter for a per-sample copy only after a probe forward has
+            # shown the model accepts it; here the forward is the user's training step, which must not fail.
+            rejected[name] = (
+                f"{units.pop(name).label} is used by the model without a module; only the offline scan "
+                "(hardmine.scan / GradientExtractor) handles such parameters"
+            )
         if rejected:
             raise ValueError(
                 f"the online miner cannot project {format_rejected(rejected)}. Select layers with a factored "

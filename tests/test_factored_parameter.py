@@ -1,0 +1,264 @@
+"""Parameters a model uses without a module (hardmine.factored.parameter): a ViT's class token and position
+embedding are factored -- exact against the per-sample autograd loop, the same vectors as the vmap engine --
+and a parameter the model does not use row by row, or whose forward fails on the per-sample copy, is refused
+with the reason (vmap under auto); nothing is left on the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_factored import _check_pass
+from torch import nn
+from torch.testing import assert_close
+
+from hardmine.engine import GradientExtractor
+from hardmine.extract import reference_per_sample_grads
+from hardmine.factored import plan_factored
+from hardmine.online import OnlineMiner
+
+
+class Tokens(nn.Module):
+    """A ViT in small: patches -> [class token; patches] + position embedding -> LayerNorm -> head, with the
+    class token and position embedding as bare parameters (``use`` picks how the model reads them)."""
+
+    def __init__(self, d: int = 6, n: int = 4, use: str = "vit") -> None:
+        super().__init__()
+        self.use = use
+        self.patch = nn.Linear(5, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, d))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, n, 5)
+        h = self.patch(x)  # (B, n, d)
+        b = h.shape[0]
+        if self.use == "row0":  # every sample reads the first row of the class token
+            cls = self.cls[:1].expand(b, -1, -1)
+        elif self.use == "view":  # a reshape that needs the (1, ...) shape
+            cls = self.cls.view(1, 1, -1).expand(b, -1, -1)
+        else:
+            cls = self.cls.expand(b, -1, -1)  # (B, 1, d)
+        h = torch.cat([cls, h], 1) + self.pos  # (B, n + 1, d)
+        h = torch.tanh(self.norm(h))
+        if self.use == "twice":  # the position embedding read a second time
+            h = h * self.pos.sigmoid()
+        return self.head(h[:, 0] + h[:, 1:].mean(1))  # (B, 3)
+
+
+def _batch(b: int, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(b)
+    return torch.randn(b, n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (b,), generator=g)
+
+
+@pytest.mark.parametrize("b", [1, 2, 5])
+@pytest.mark.parametrize("use", ["vit", "twice"])
+def test_class_token_and_position_embedding_are_exact(use, b):
+    torch.manual_seed(0)
+    model = Tokens(use=use).double()
+    before = {k: v for k, v in model.named_parameters()}
+    fg, _ = _check_pass(model, _batch(b))
+    assert fg.vectors["cls"].shape == (b, 1, 1, 6) and fg.vectors["pos"].shape == (b, 1, 5, 6)
+    # the model holds its own Parameter objects again
+    assert dict(model.named_parameters()) == before
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 6), n=st.integers(1, 5), d=st.integers(2, 7))
+def test_any_shape_is_exact(b, n, d):
+    torch.manual_seed(b * 100 + n * 10 + d)
+    _check_pass(Tokens(d=d, n=n).double(), _batch(b, n))
+
+
+def test_planned_as_units_of_their_own_and_the_same_vectors_as_vmap():
+    torch.manual_seed(0)
+    model = Tokens().double()
+    units, rejected = plan_factored(model, ["cls", "pos", "patch.weight"])
+    assert not rejected and set(units) == {"cls", "pos", "patch"}
+    assert units["cls"].label == "cls (parameter of Tokens)" and units["cls"].params == ["cls"]
+    assert units["pos"].swaps_parameter and not units["patch"].swaps_parameter
+    batch = _batch(5)
+    auto = GradientExtractor(model, dim=16, seed=3)
+    z = auto(batch)
+    assert set(auto.plan.values()) == {"factored"} and auto.metadata()["plan_checked"]
+    ref = GradientExtractor(model, dim=16, seed=3, engine="vmap")(batch)
+    assert_close(z.z, ref.z)
+    assert_close(z.grad_norm, ref.grad_norm)
+    assert_close(auto(_batch(3)).z, GradientExtractor(model, dim=16, seed=3, engine="vmap")(_batch(3)).z)
+
+
+def test_a_parameter_inside_a_named_module_is_swapped_there():
+    torch.manual_seed(0)
+    model = nn.Sequential(Tokens()).double()
+    units, rejected = plan_factored(model, None or [n for n, _ in model.named_parameters()])
+    assert not rejected and units["0.cls"].module is model[0] and units["0.cls"].label == "0.cls (parameter of Tokens)"
+    _check_pass(model, _batch(3))
+
+
+@pytest.mark.parametrize(
+    ("use", "why"),
+    [
+        (
+            "row0",
+            "cls (parameter of Tokens): it is a parameter of shape (1, ...) the model broadcasts over the batch, and "
+            "sample 1's output depends on other samples' rows of its copy expanded to the batch (the model does not "
+            "use it row by row)",
+        ),
+        (
+            "view",
+            "cls (parameter of Tokens): it is a parameter of shape (1, ...) the model broadcasts over the batch, and "
+            "the model's forward fails when it is expanded to one row per sample (RuntimeError: Sizes of tensors "
+            "must match",
+        ),
+    ],
+)
+def test_a_parameter_not_used_row_by_row_is_refused_and_goes_to_vmap(use, why, caplog):
+    torch.manual_seed(0)
+    model = Tokens(use=use).double()
+    batch = _batch(3)
+    with pytest.raises(ValueError) as err:
+        GradientExtractor(model, dim=16, engine="factored")(batch)
+    assert f"cannot attribute these modules per sample: {why}" in str(err.value)
+    auto = GradientExtractor(model, dim=16)
+    z = auto(batch)
+    plan = auto.metadata()
+    assert plan["plan"]["cls"] == "vmap" and plan["plan_reasons"]["cls"].startswith(why.split(": ", 1)[1])
+    # The row check is per parameter: the other one stays factored. A failing forward does not say which
+    # copy it failed on, so every parameter swapped in it is refused. The modules stay factored; the mixed
+    # plan is exact.
+    assert plan["plan"]["pos"] == ("factored" if use == "row0" else "vmap")
+    assert plan["plan"]["patch.weight"] == "factored"
+    assert_close(z.z, GradientExtractor(model, dim=16, engine="vmap")(batch).z)
+    assert_close(z.grad_norm, reference_per_sample_grads(model, batch).grad_norm)
+    assert type(model.cls) is nn.Parameter and type(model.pos) is nn.Parameter
+
+
+class Weights(nn.Module):
+    """Parameters that are not tokens: a (1,) scale, torch modules whose weight starts with a 1, one shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.conv = nn.Conv1d(4, 1, 3)  # weight (1, 4, 3)
+        self.act = nn.PReLU()  # weight (1,)
+        self.a = Tokens()
+        self.b = Tokens()
+        self.b.cls = self.a.cls  # one class token held by two modules
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x) + self.act(self.conv(x)).mean((1, 2)).unsqueeze(1) * self.scale
+
+
+def test_only_token_shaped_parameters_of_the_models_own_modules_held_once_are_planned():
+    model = Weights()
+    units, rejected = plan_factored(model, [n for n, _ in model.named_parameters()])
+    assert {k for k, u in units.items() if u.swaps_parameter} == {"a.pos", "b.pos"}
+    assert "Weights has no factored layer rule" in rejected["scale"]  # (1,): a scalar
+    assert "Conv1d has no factored layer rule" in rejected["conv.weight"]
+    assert "PReLU has no factored layer rule" in rejected["act.weight"]
+    assert "shared by ['a.cls', 'b.cls']" in rejected["a.cls"]
+    x = torch.randn(3, 4, 5)
+    batch = (x.double(), torch.randint(0, 3, (3,)))
+    model = model.double()
+    ext = GradientExtractor(model, dim=16)
+    assert_close(ext(batch).z, GradientExtractor(model, dim=16, engine="vmap")(batch).z)
+
+
+def test_a_first_batch_of_one_sample_cannot_check_a_later_larger_batch():
+    torch.manual_seed(0)
+    model = Tokens().double()
+    ext = GradientExtractor(model, dim=16, engine="factored")
+    one = ext(_batch(1))
+    assert_close(one.grad_norm, reference_per_sample_grads(model, _batch(1)).grad_norm)
+    assert_close(ext(_batch(1, 4)).z, GradientExtractor(model, dim=16, engine="vmap")(_batch(1)).z)
+    with pytest.raises(ValueError, match=r"module cls \(parameter of Tokens\): it is used broadcast over the batch, "
+                       r"which the first batch \(of one sample\) could not check; start the scan with a batch of "
+                       r"more than one sample"):
+        ext(_batch(3))
+    assert type(model.cls) is nn.Parameter
+
+
+def test_a_failing_forward_leaves_the_parameters_on_the_model():
+    torch.manual_seed(0)
+    model = Tokens().double()
+    ext = GradientExtractor(model, dim=16, engine="factored")
+    ext(_batch(3))
+    with pytest.raises(ValueError):
+        ext((torch.randn(3, 9, 5, dtype=torch.float64), torch.randint(0, 3, (3,))))  # 9 patches: pos has 5
+    assert type(model.cls) is nn.Parameter and type(model.pos) is nn.Parameter
+    assert model._parameters["cls"] is dict(model.named_parameters())["cls"]
+
+
+def test_the_online_miner_refuses_them_with_the_reason():
+    model = Tokens()
+    with pytest.raises(ValueError, match=r"the online miner cannot project cls: cls \(parameter of Tokens\) is used "
+                       r"by the model without a module; only the offline scan"):
+        OnlineMiner(model, dim=16)
+    OnlineMiner(model, layers=["patch", "norm", "head"], dim=16)  # the rest is fine
+
+
+def test_a_hugging_face_vit_is_factored_whole_and_exact():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    vit = transformers.ViTForImageClassification(cfg).double().eval()
+    with torch.no_grad():  # HF starts the class token at zero, where a dropped gradient would go unseen
+        vit.vit.embeddings.cls_token.normal_()
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = vit
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(pixel_values=x).logits
+
+    model = Logits()
+    batch = (torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    ext = GradientExtractor(model, dim=16)
+    z = ext(batch)
+    assert set(ext.plan.values()) == {"factored"}
+    ref = reference_per_sample_grads(model, batch)
+    assert_close(z.grad_norm, ref.grad_norm)
+    assert_close(z.z, GradientExtractor(model, dim=16, engine="vmap")(batch).z)
+
+
+def test_hardmine_layers_lists_them_as_factored():
+    from hardmine.cli.cmd_layers import layer_rows
+
+    rows = {r["layer"]: r for r in layer_rows(Tokens())}
+    assert rows["<root>"]["params"] == ["cls", "pos"] and rows["<root>"]["engine"] == "factored"
+    assert rows["<root>"]["reason"] is None
+    rows = {r["layer"]: r for r in layer_rows(Weights())}
+    assert rows["<root>"]["engine"] == "vmap" and "Weights has no factored layer rule" in rows["<root>"]["reason"]
+    assert rows["a"]["engine"] == "mixed"  # a.pos factored, the shared a.cls not
+
+
+def test_bench_parameters_quick_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench_parameters.json"
+    subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_parameters.py"), "--quick", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"hf_vit", "torch_vit"}
+    for r in rows:
+        assert r["all_factored"]
+        assert max(r["max_rel_err_grad_norm"].values()) < 1e-5
+        assert r["factored_samples_per_s"] > 0 and r["before_samples_per_s"] > 0
+    assert "| torch_vit | 16 |" in out.with_suffix(".md").read_text()
