@@ -250,6 +250,34 @@ class GradientExtractor:
         self._checks.poll(wait=True)
 
     def __call__(self, batch: Any) -> ProjectedBatch:
+        try:
+            return self._compute(batch)
+        except ValueError as exc:
+            if not self._release_swapped(exc):
+                raise
+            return self._compute(batch)  # the same batch again, with those parameters by vmap
+
+    def _release_swapped(self, exc: ValueError) -> bool:
+        """Under auto, after the first batch: move the parameters the pass swaps for per-sample copies
+        (``hardmine.factored.parameter``) to vmap when a later batch failed with them swapped. The first batch's
+        probe saw a few samples only: a later batch may need the parameter's own shape (a position embedding
+        interpolated to a new image size by ``reshape(1, ...)``), or come after a probe of one sample, which
+        could not check the copies. Returns whether any moved (the batch is then computed again)."""
+        swapped = [m for m, u in self._units.items() if u.swaps_parameter]
+        if self.engine is not Engine.AUTO or not self._verified or not swapped:
+            return False
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        why = f"a later batch failed with it swapped for a per-sample copy ({first})"
+        logger.warning("engine=auto: moving %s to vmap: %s", ", ".join(swapped), why)
+        for m in swapped:
+            for p in self._units[m].params:
+                self._reasons[p] = why
+            del self._units[m]
+        self._settle_auto()
+        self._log_plan()
+        return True
+
+    def _compute(self, batch: Any) -> ProjectedBatch:
         self._checks.poll()  # earlier batches whose device work has finished
         z: torch.Tensor | None = None
         sq: torch.Tensor | None = None

@@ -29,6 +29,8 @@ class Tokens(nn.Module):
         self.patch = nn.Linear(5, d)
         self.cls = nn.Parameter(torch.randn(1, 1, d))
         self.pos = nn.Parameter(torch.randn(1, n + 1, d))
+        if use == "long":
+            self.extra = nn.Parameter(torch.randn(1, d))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, 3)
 
@@ -41,10 +43,17 @@ class Tokens(nn.Module):
             cls = self.cls.view(1, 1, -1).expand(b, -1, -1)
         else:
             cls = self.cls.expand(b, -1, -1)  # (B, 1, d)
-        h = torch.cat([cls, h], 1) + self.pos  # (B, n + 1, d)
+        if self.use == "interp" and h.shape[1] != self.pos.shape[1] - 1:  # (1, n + 1, d) -> (1, T + 1, d)
+            pos = self.pos.reshape(1, self.pos.shape[1], -1).transpose(1, 2)  # (1, d, n + 1)
+            pos = nn.functional.interpolate(pos, size=h.shape[1] + 1, mode="linear").transpose(1, 2)
+        else:
+            pos = self.pos
+        h = torch.cat([cls, h], 1) + pos  # (B, n + 1, d)
         h = torch.tanh(self.norm(h))
         if self.use == "twice":  # the position embedding read a second time
             h = h * self.pos.sigmoid()
+        if self.use == "long" and x.shape[1] > 4:  # a longer input: a third parameter, reshaped as (1, ...)
+            h = h + self.extra.reshape(1, 1, -1)
         return self.head(h[:, 0] + h[:, 1:].mean(1))  # (B, 3)
 
 
@@ -136,13 +145,17 @@ def test_a_parameter_not_used_row_by_row_is_refused_and_goes_to_vmap(use, why, c
     assert type(model.cls) is nn.Parameter and type(model.pos) is nn.Parameter
 
 
+class _MyConv(nn.Conv1d):
+    pass
+
+
 class Weights(nn.Module):
     """Parameters that are not tokens: a (1,) scale, torch modules whose weight starts with a 1, one shared."""
 
     def __init__(self) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(1))
-        self.conv = nn.Conv1d(4, 1, 3)  # weight (1, 4, 3)
+        self.conv = _MyConv(4, 1, 3)  # weight (1, 4, 3), a subclass of a torch module
         self.act = nn.PReLU()  # weight (1,)
         self.a = Tokens()
         self.b = Tokens()
@@ -157,7 +170,7 @@ def test_only_token_shaped_parameters_of_the_models_own_modules_held_once_are_pl
     units, rejected = plan_factored(model, [n for n, _ in model.named_parameters()])
     assert {k for k, u in units.items() if u.swaps_parameter} == {"a.pos", "b.pos"}
     assert "Weights has no factored layer rule" in rejected["scale"]  # (1,): a scalar
-    assert "Conv1d has no factored layer rule" in rejected["conv.weight"]
+    assert "_MyConv has no factored layer rule" in rejected["conv.weight"]
     assert "PReLU has no factored layer rule" in rejected["act.weight"]
     assert "shared by ['a.cls', 'b.cls']" in rejected["a.cls"]
     x = torch.randn(3, 4, 5)
@@ -179,6 +192,65 @@ def test_a_first_batch_of_one_sample_cannot_check_a_later_larger_batch():
                        r"more than one sample"):
         ext(_batch(3))
     assert type(model.cls) is nn.Parameter
+
+
+def test_under_auto_a_later_batch_the_probe_could_not_check_moves_them_to_vmap(caplog):
+    torch.manual_seed(0)
+    model = Tokens().double()
+    ext = GradientExtractor(model, dim=16)
+    ext(_batch(1))
+    assert ext.plan["cls"] == "factored"
+    z = ext(_batch(3))  # the one-sample probe could not check the copies: both parameters move, the batch is redone
+    reason = ext.metadata()["plan_reasons"]["cls"]
+    assert ext.plan["cls"] == ext.plan["pos"] == "vmap" and ext.plan["patch.weight"] == "factored"
+    assert reason.startswith("a later batch failed with it swapped for a per-sample copy (module cls (parameter of")
+    assert "moving cls, pos to vmap: a later batch failed" in caplog.text
+    assert_close(z.z, GradientExtractor(model, dim=16, engine="vmap")(_batch(3)).z)
+    assert_close(ext(_batch(4)).z, GradientExtractor(model, dim=16, engine="vmap")(_batch(4)).z)
+
+
+def test_under_auto_a_later_batch_the_forward_fails_on_moves_them_to_vmap():
+    """A position embedding interpolated to a longer input by ``reshape(1, ...)`` (as Hugging Face's ViT does for
+    a new image size): the probe's batch did not need it, a later one does; auto redoes that batch by vmap."""
+    torch.manual_seed(0)
+    model = Tokens(use="interp").double()
+    ext = GradientExtractor(model, dim=16)
+    ext(_batch(3))
+    assert ext.plan["pos"] == "factored"
+    longer = _batch(3, 6)
+    z = ext(longer)
+    assert ext.plan["cls"] == ext.plan["pos"] == "vmap"
+    assert ext.metadata()["plan_reasons"]["pos"].startswith(
+        "a later batch failed with it swapped for a per-sample copy (the model's forward failed on per-sample input "
+        "shapes {'inputs': (6, 5)}: The size of tensor a (6) must match"
+    )
+    assert_close(z.z, GradientExtractor(model, dim=16, engine="vmap")(longer).z)
+    with pytest.raises(ValueError, match=r"The size of tensor a \(6\) must match"):
+        factored = GradientExtractor(model, dim=16, engine="factored")
+        factored(_batch(3))
+        factored(longer)
+
+
+def test_a_parameter_no_gradient_reached_in_the_probe_is_refused():
+    """Checking row by row proves nothing where the probe's outputs do not reach the copy: a parameter the first
+    batch does not use, or one hidden behind a zero-initialised head, goes to vmap."""
+    torch.manual_seed(0)
+    model = Tokens(use="long").double()
+    ext = GradientExtractor(model, dim=16)
+    ext(_batch(3, 4))  # 4 patches: `extra` is not used
+    why = ext.metadata()["plan_reasons"]["extra"]
+    assert why == (
+        "it is a parameter of shape (1, ...) the model broadcasts over the batch, and no gradient reached it from the "
+        "first batch's outputs, so how the model reads it could not be checked"
+    )
+    assert ext.plan["cls"] == "factored"
+    zero = Tokens(use="row0").double()
+    zero.head.weight.data.zero_()  # every gradient below the head is zero on the probe
+    ext = GradientExtractor(zero, dim=16)
+    ext(_batch(3))
+    assert ext.plan["cls"] == ext.plan["pos"] == "vmap"
+    zero.head.weight.data.normal_()  # training moves the head: cls, read as row 0 by every sample, stays exact
+    assert_close(ext(_batch(3)).z, GradientExtractor(zero, dim=16, engine="vmap")(_batch(3)).z)
 
 
 def test_a_failing_forward_leaves_the_parameters_on_the_model():

@@ -200,6 +200,29 @@ def test_gpt2_factored_pass_adds_no_host_sync_to_the_model():
     assert extra == {}, f"host syncs the factored pass adds to GPT-2's own ({dict(own)}): {extra}"
 
 
+def test_parameters_used_without_a_module_add_no_host_sync_to_the_model():
+    """A ViT's class token and position embedding are swapped for per-sample copies each pass (after the first
+    batch's check): no wait for the device either."""
+    from test_factored_parameter import Tokens
+
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        return torch.randn(4, 4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+    ext = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    ext(batch())
+    assert ext.metadata()["plan"]["cls"] == ext.metadata()["plan"]["pos"] == "factored"
+    found, matmuls = sync_calls(lambda: ext(batch()))
+    x, y = batch()
+    own, _ = sync_calls(lambda: F.cross_entropy(model(x), y).backward(), times=2)
+    assert matmuls > 0
+    extra = {k: n - own[k] for k, n in found.items() if n > own[k]}
+    assert extra == {}, f"host syncs the factored pass adds to the model's own ({dict(own)}): {extra}"
+
+
 def test_torch_attention_factored_pass_adds_no_host_sync_to_the_model():
     """nn.MultiheadAttention's rule computes the attention again in its forward hook (masks, causal hint, cross-
     attention): none of that may wait for the device."""

@@ -29,7 +29,12 @@ its output again with its linear maps as tensors of the graph and hands the mode
 the calls of the module itself and of the children it covers (``out_proj``), as ``FactoredUnit.host`` says
 (see :mod:`.attention`).
 
-Nothing is attached to the model: hooks are removed in ``finally``, modes are restored by ``forward_mode``.
+A parameter of shape ``(1, ...)`` the model uses without a module (a ViT's class token) is swapped on its module
+for a copy expanded to the batch for the forward (:mod:`.parameter`), checked by the probe like a broadcast
+module's output, and put back in ``finally``.
+
+Nothing is attached to the model: hooks are removed and swapped parameters put back in ``finally``, modes are
+restored by ``forward_mode``.
 """
 
 from __future__ import annotations
@@ -221,8 +226,9 @@ def _swap_parameter(
     unit: FactoredUnit, store: list[CapturedCall], batch_size: int | None, size: int | None
 ) -> list[_Restore]:
     """Swap the parameter of a :mod:`.parameter` unit for a copy expanded to ``size`` rows (recorded as its one
-    call) until the returned handle is removed. Nothing is swapped or recorded without a batch size (a
-    forward sized later re-enters with one); a batch larger than the probe checked is recorded as refused."""
+    call) until the returned handle is removed. Nothing is swapped or recorded without a batch size; a batch of
+    several samples after a probe of one sample (``size`` None: the probe could not check the copy) is recorded
+    as refused."""
     if batch_size is None:
         return []
     if size is None:
@@ -506,12 +512,15 @@ def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[s
             for name, _ in live
         }
     outs = [o for _, o in live]
+    unseen = {name for name, _ in live if name in parameters}  # parameters no gradient has reached yet
     with torch.enable_grad():
         for c in range(n):
             grads = torch.autograd.grad(output[c].sum(), outs, retain_graph=True, allow_unused=True)
             for (name, _), g in zip(live, grads, strict=True):
                 if g is None or name in problems:
                     continue
+                if bool((g != 0).any()):
+                    unseen.discard(name)
                 others = torch.cat([g[:c], g[c + 1 :]])  # (n - 1, ...) rows of the other samples
                 if bool((others != 0).any()):
                     what = (
@@ -522,6 +531,14 @@ def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[s
                         "output depends on other samples' rows of its output"
                     )
                     problems[name] = f"{what} (the model does not use it row by row)"
+    for name in unseen:
+        # Swapped on every later batch whatever it shows, so a probe that proves nothing refuses it (the model did
+        # not read it for these samples, or a zero layer above hid how it is read: a zero-initialised head).
+        problems.setdefault(
+            name,
+            "it is a parameter of shape (1, ...) the model broadcasts over the batch, and no gradient reached it from "
+            "the first batch's outputs, so how the model reads it could not be checked",
+        )
     return problems
 
 

@@ -4,7 +4,7 @@ Such a parameter ``P`` of shape ``(1, ...)`` is broadcast over the batch by the 
 (``torch.cat([P.expand(B, -1, -1), x], 1)``, ``x + P``); no module hook sees it. For the pass, the attribute
 is swapped (on its owning module, for the forward only, restored in ``finally``) for a copy of
 ``P.expand(B, *P.shape[1:])``: the model computes the same numbers (every row is ``P``, and it broadcast ``P``
-to the batch anyway), and the gradient at the expanded tensor is ``(B, *P.shape[1:])`` with row ``b`` sample
+to the batch anyway, unless its code reads the parameter's first dimension), and the gradient at the expanded tensor is ``(B, *P.shape[1:])`` with row ``b`` sample
 ``b``'s own gradient of ``P`` -- exactly the per-sample gradient, as for a module called on an input broadcast
 over the batch (:mod:`.capture`). The gradient has ``P``'s size per sample (a ViT-B position embedding: 151k
 numbers), small next to the weight matrices'; it is projected with ``P``'s dense block, as the vmap engine
@@ -12,8 +12,11 @@ projects it, so the vectors are the same whichever engine runs.
 
 That the model really uses the copy row by row (sample ``b`` only reads row ``b``) is checked by the first
 batch's probe (``capture.broadcast_problems``), as is that its forward accepts a ``(B, ...)`` tensor where it
-had ``(1, ...)``; a parameter failing either goes to vmap under ``engine="auto"``, with the reason (a
-failing forward does not say which copy it failed on: every parameter swapped in it is refused).
+had ``(1, ...)``, and that some gradient reached the copy (else the check showed nothing); a parameter failing
+any of these goes to vmap under ``engine="auto"``, with the reason (a failing forward does not say which copy
+it failed on: every parameter swapped in it is refused). The probe sees a few samples of the first batch only:
+a later batch the model cannot run with the copies (a position embedding interpolated to a new image size by
+``reshape(1, ...)``) moves them to vmap under ``engine="auto"`` and is computed again.
 
 Only a parameter whose module has no layer rule is handled here (a rule's module is hooked instead), held
 by one module under one name (a swap of one holder would miss the other's uses), of shape ``(1, d, ...)``
@@ -35,9 +38,11 @@ __all__ = ["ParameterRule", "PARAMETER_RULE", "broadcast_parameter"]
 def broadcast_parameter(module: nn.Module, p: torch.Tensor) -> bool:
     """Whether ``p``, held by ``module`` (which has no layer rule), looks like a parameter its model broadcasts
     over the batch: shape ``(1, d, ...)``, held by a module of the model's own code. A ``(1,)`` parameter is
-    taken for a scalar (a temperature, ``nn.PReLU``'s one slope), and torch's own modules use theirs as
-    weights (a ``Conv1d`` with one output channel has a ``(1, c, k)`` weight), so neither is tried."""
-    return p.ndim >= 2 and p.shape[0] == 1 and not type(module).__module__.startswith("torch.")
+    taken for a scalar (a temperature, ``nn.PReLU``'s one slope), and torch's own modules (and subclasses of
+    them) use theirs as weights (a ``Conv1d`` with one output channel has a ``(1, c, k)`` weight), so neither
+    is tried."""
+    own = all(not c.__module__.startswith("torch.") for c in type(module).__mro__ if c not in (nn.Module, object))
+    return p.ndim >= 2 and p.shape[0] == 1 and own
 
 
 class ParameterRule(LayerRule):
