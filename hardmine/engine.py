@@ -96,7 +96,10 @@ class GradientExtractor:
 
     ``auto``/``factored`` check the plan on the first batch (a 3-sample probe forward): a module whose hook
     never fires or that does not see the batch on dimension 0 moves to vmap under ``auto`` (with a warning;
-    ``metadata()["plan"]`` shows the plan in use) and is a ``ValueError`` under ``factored``.
+    ``metadata()["plan"]`` shows the plan in use) and is a ``ValueError`` under ``factored``. Parameters the
+    model uses without a module (a ViT's class token, ``hardmine.factored.parameter``) are swapped for per-sample
+    copies after the same check; under ``auto`` a later batch that fails with them swapped moves them to vmap and
+    is computed again.
     The factored engine assumes each sample's loss depends on that sample alone (true unless the model
     mixes samples, e.g. BatchNorm in training mode, which is refused).
     """

@@ -47,16 +47,12 @@ def broadcast_parameter(module: nn.Module, p: torch.Tensor) -> bool:
 
 class ParameterRule(LayerRule):
     """The rule of a parameter used without a module (see the module docstring): its one "call" per forward
-    is the swapped ``(B, *shape[1:])`` copy, whose output gradient is the per-sample gradient itself."""
+    is the swapped ``(B, *shape[1:])`` copy, whose output gradient is the per-sample gradient itself (recorded
+    as both the call's input and output, so the base class's check of the batch dimension holds by
+    construction)."""
 
     matrix_param = None
     vector_params = ()
-
-    def check_call(self, module: nn.Module, x: object, output: object, batch_size: int) -> str | None:
-        if not isinstance(output, torch.Tensor) or output.ndim < 1 or output.shape[0] != batch_size:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            return f"its copy has shape {shape} for a batch of {batch_size}"
-        return None
 
     def compute(self, module: nn.Module, calls: list[Call], request: RuleRequest) -> RuleResult:
         (local,) = request.vectors  # one parameter per unit
