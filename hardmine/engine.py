@@ -255,30 +255,33 @@ class GradientExtractor:
     def __call__(self, batch: Any) -> ProjectedBatch:
         try:
             return self._compute(batch)
-        except ValueError as exc:
-            if not self._release_swapped(exc):
-                raise
-            return self._compute(batch)  # the same batch again, with those parameters by vmap
+        except _SwappedPassFailed as failed:
+            return self._without_swapped(batch, failed.error)
 
-    def _release_swapped(self, exc: ValueError) -> bool:
-        """Under auto, after the first batch: move the parameters the pass swaps for per-sample copies
-        (``hardmine.factored.parameter``) to vmap when a later batch failed with them swapped. The first batch's
-        probe saw a few samples only: a later batch may need the parameter's own shape (a position embedding
-        interpolated to a new image size by ``reshape(1, ...)``), or come after a probe of one sample, which
-        could not check the copies. Returns whether any moved (the batch is then computed again)."""
+    def _without_swapped(self, batch: Any, error: ValueError) -> ProjectedBatch:
+        """Under auto, after the first batch, when the factored pass of a later batch failed with parameters
+        swapped for per-sample copies (``hardmine.factored.parameter``): compute the batch again with them by vmap,
+        and keep that plan if it works. The first batch's probe saw a few samples only: a later batch may need
+        the parameter's own shape (a position embedding interpolated to a new image size by ``reshape(1, ...)``),
+        or come after a probe of one sample, which could not check the copies. A batch that fails without the
+        copies too is not their doing: the plan is put back and the pass's error raised."""
+        saved = dict(self._units), dict(self._reasons)
         swapped = [m for m, u in self._units.items() if u.swaps_parameter]
-        if self.engine is not Engine.AUTO or not self._verified or not swapped:
-            return False
-        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        first = str(error).splitlines()[0].split(". The factored engine needs")[0][:300]  # the pass's own words
         why = f"a later batch failed with it swapped for a per-sample copy ({first})"
-        logger.warning("engine=auto: moving %s to vmap: %s", ", ".join(swapped), why)
         for m in swapped:
             for p in self._units[m].params:
                 self._reasons[p] = why
             del self._units[m]
         self._settle_auto()
+        try:
+            result = self._compute(batch)
+        except Exception:
+            self._units, self._reasons = saved
+            raise error from None
+        logger.warning("engine=auto: moved %s to vmap: %s", ", ".join(swapped), why)
         self._log_plan()
-        return True
+        return result
 
     def _compute(self, batch: Any) -> ProjectedBatch:
         self._checks.poll()  # earlier batches whose device work has finished
@@ -307,20 +310,25 @@ class GradientExtractor:
                     # (B, out_dim) on the model's device: Kronecker blocks are written in place, and a batch is
                     # copied to the host once, whole (ProjectedBatch.to_host), not block by block
                     z = self.layout.new_output(b, self._device())
-                    fg = compute_factored(
-                        self.model,
-                        inputs,
-                        target,
-                        fn,
-                        kind,
-                        self._units,
-                        self.layout,
-                        self._protect,
-                        b,
-                        out=z,
-                        memo=self._memo,
-                        flags=flags,
-                    )
+                    try:
+                        fg = compute_factored(
+                            self.model,
+                            inputs,
+                            target,
+                            fn,
+                            kind,
+                            self._units,
+                            self.layout,
+                            self._protect,
+                            b,
+                            out=z,
+                            memo=self._memo,
+                            flags=flags,
+                        )
+                    except ValueError as exc:
+                        if self.engine is Engine.AUTO and any(u.swaps_parameter for u in self._units.values()):
+                            raise _SwappedPassFailed(exc) from exc
+                        raise
                     fg.write_to(z, self.layout)
                     sq, loss, output = fg.sq_norm, fg.loss, fg.output
                     vmap_names = self._vmap_names  # final now: the first batch's probe may have moved modules
@@ -362,6 +370,14 @@ class GradientExtractor:
         assert z is not None and sq is not None and loss is not None and output is not None
         self._checks.poll()  # on the CPU this batch's own checks: a bad batch raises in its own call
         return ProjectedBatch(z=z, loss=loss, output=output, grad_norm=sq.clamp_min(0).sqrt())
+
+
+class _SwappedPassFailed(Exception):
+    """The factored pass of a later batch failed while parameters were swapped for per-sample copies."""
+
+    def __init__(self, error: ValueError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass

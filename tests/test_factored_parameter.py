@@ -204,7 +204,8 @@ def test_under_auto_a_later_batch_the_probe_could_not_check_moves_them_to_vmap(c
     reason = ext.metadata()["plan_reasons"]["cls"]
     assert ext.plan["cls"] == ext.plan["pos"] == "vmap" and ext.plan["patch.weight"] == "factored"
     assert reason.startswith("a later batch failed with it swapped for a per-sample copy (module cls (parameter of")
-    assert "moving cls, pos to vmap: a later batch failed" in caplog.text
+    assert "moved cls, pos to vmap: a later batch failed" in caplog.text
+    assert reason.endswith("start the scan with a batch of more than one sample)")
     assert_close(z.z, GradientExtractor(model, dim=16, engine="vmap")(_batch(3)).z)
     assert_close(ext(_batch(4)).z, GradientExtractor(model, dim=16, engine="vmap")(_batch(4)).z)
 
@@ -229,6 +230,18 @@ def test_under_auto_a_later_batch_the_forward_fails_on_moves_them_to_vmap():
         factored = GradientExtractor(model, dim=16, engine="factored")
         factored(_batch(3))
         factored(longer)
+
+
+def test_under_auto_a_bad_later_batch_is_refused_and_the_plan_kept():
+    """A batch that fails without the copies too is not their doing: the pass's error, the plan unchanged."""
+    torch.manual_seed(0)
+    model = Tokens().double()
+    ext = GradientExtractor(model, dim=16)
+    ext(_batch(3))
+    with pytest.raises(ValueError, match=r"the model's forward failed on per-sample input shapes \{'inputs': \(9, 5\)\}"):
+        ext((torch.randn(3, 9, 5, dtype=torch.float64), torch.randint(0, 3, (3,))))  # 9 patches: pos has 5
+    assert set(ext.plan.values()) == {"factored"} and not ext.metadata()["plan_reasons"]
+    assert_close(ext(_batch(4)).z, GradientExtractor(model, dim=16, engine="vmap")(_batch(4)).z)
 
 
 def test_a_parameter_no_gradient_reached_in_the_probe_is_refused():
