@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# Fashion-MNIST (the demo and the tests) and mlbench's Satellite table (the quality benchmark's second
+# dataset, which a test also runs on): `make test` on a fresh machine installs both.
 data:
 	@sh scripts/install_data.sh
+	@sh scripts/install_eval_data.sh
 
 # pytest exit code 5 means "no tests collected": treat it as the failure it is, with a message.
 test: install

@@ -98,8 +98,8 @@ class GradientExtractor:
     never fires or that does not see the batch on dimension 0 moves to vmap under ``auto`` (with a warning;
     ``metadata()["plan"]`` shows the plan in use) and is a ``ValueError`` under ``factored``. Parameters the
     model uses without a module (a ViT's class token, ``hardmine.factored.parameter``) are swapped for per-sample
-    copies after the same check; under ``auto`` a later batch that fails with them swapped moves them to vmap and
-    is computed again.
+    copies after the same check; under ``auto`` a later batch that fails with them swapped is computed again with
+    them by vmap (and probed again), which keeps that plan if the batch then works.
     The factored engine assumes each sample's loss depends on that sample alone (true unless the model
     mixes samples, e.g. BatchNorm in training mode, which is refused).
     """
@@ -253,6 +253,7 @@ class GradientExtractor:
         self._checks.poll(wait=True)
 
     def __call__(self, batch: Any) -> ProjectedBatch:
+        self._checks.poll()  # earlier batches' errors first: never mistaken for this batch's (see _without_swapped)
         try:
             return self._compute(batch)
         except _SwappedPassFailed as failed:
@@ -264,8 +265,9 @@ class GradientExtractor:
         and keep that plan if it works. The first batch's probe saw a few samples only: a later batch may need
         the parameter's own shape (a position embedding interpolated to a new image size by ``reshape(1, ...)``),
         or come after a probe of one sample, which could not check the copies. A batch that fails without the
-        copies too is not their doing: the plan is put back and the pass's error raised."""
-        saved = dict(self._units), dict(self._reasons)
+        copies too is not their doing: the plan is put back and that batch's own error raised. The batch is
+        probed again (the modules a copy fed were probed with its rows, not with the parameter)."""
+        saved = dict(self._units), dict(self._reasons), self._protect, self._verified
         swapped = [m for m, u in self._units.items() if u.swaps_parameter]
         first = str(error).splitlines()[0].split(". The factored engine needs")[0][:300]  # the pass's own words
         why = f"a later batch failed with it swapped for a per-sample copy ({first})"
@@ -274,11 +276,12 @@ class GradientExtractor:
                 self._reasons[p] = why
             del self._units[m]
         self._settle_auto()
+        self._verified = not self._units
         try:
             result = self._compute(batch)
         except Exception:
-            self._units, self._reasons = saved
-            raise error from None
+            self._units, self._reasons, self._protect, self._verified = saved
+            raise
         logger.warning("engine=auto: moved %s to vmap: %s", ", ".join(swapped), why)
         self._log_plan()
         return result

@@ -244,6 +244,74 @@ def test_under_auto_a_bad_later_batch_is_refused_and_the_plan_kept():
     assert_close(ext(_batch(4)).z, GradientExtractor(model, dim=16, engine="vmap")(_batch(4)).z)
 
 
+class Queries(nn.Module):
+    """Learned queries through a Linear of their own, and a position embedding interpolated by ``reshape(1, ...)``
+    for a longer input: the retry without the copies must probe again (``qproj`` saw the copy's rows before)."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, 2, d))
+        self.qproj = nn.Linear(d, d)
+        self.patch = nn.Linear(5, d)
+        self.pos = nn.Parameter(torch.randn(1, 4, d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 5)
+        h = self.patch(x)  # (B, T, d)
+        pos = self.pos
+        if h.shape[1] != pos.shape[1]:
+            pos = pos.reshape(1, pos.shape[1], -1).transpose(1, 2)  # (1, d, 4)
+            pos = nn.functional.interpolate(pos, size=h.shape[1], mode="linear").transpose(1, 2)  # (1, T, d)
+        q = self.qproj(self.queries).expand(h.shape[0], -1, -1)  # (B, 2, d)
+        return self.head(torch.tanh(torch.cat([q, h + pos], 1)).mean(1))  # (B, 3)
+
+
+def test_under_auto_the_retry_without_the_copies_probes_the_batch_again():
+    torch.manual_seed(0)
+    model = Queries().double()
+    ext = GradientExtractor(model, dim=16)
+    ext(_batch(3))
+    assert ext.plan["queries"] == ext.plan["pos"] == ext.plan["qproj.weight"] == "factored"
+    longer = _batch(3, 6)
+    z = ext(longer)
+    assert ext.plan["queries"] == ext.plan["pos"] == "vmap" and ext.plan["head.weight"] == "factored"
+    assert_close(z.z, GradientExtractor(model, dim=16, engine="vmap")(longer).z)
+    assert_close(ext(_batch(4)).z, GradientExtractor(model, dim=16, engine="vmap")(_batch(4)).z)
+
+
+def test_under_auto_the_retry_raises_the_batchs_own_error_and_keeps_the_plan():
+    torch.manual_seed(0)
+    model = Queries().double()
+    ext = GradientExtractor(model, dim=16)
+    ext(_batch(3))
+    x, _ = _batch(3, 6)
+    with pytest.raises(ValueError, match=r"label 7 is out of range for a model with 3 outputs"):
+        ext((x, torch.tensor([0, 7, 1])))  # needs the fallback, and has a bad label
+    assert set(ext.plan.values()) == {"factored"}
+
+
+def test_a_parameter_only_some_probe_samples_read_is_refused():
+    """Sample 0 reading row 0 looks like use row by row; the other probe samples, which skip the token, show
+    nothing. Every probe sample must reach its own row, or the parameter goes to vmap."""
+
+    class Gated(Tokens):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # the class token only through the gated row 0
+            gate = (x[:, 0, :1] > 0).to(x.dtype)  # (B, 1): whether the sample adds the token's first row
+            h = torch.tanh(self.norm(self.patch(x) + self.pos[:, 1:]))  # (B, n, d)
+            return self.head(h.mean(1) + gate * self.cls[0, 0])  # (B, 3)
+
+    torch.manual_seed(0)
+    model = Gated().double()
+    x, y = _batch(3)
+    x[:, 0, 0] = torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)  # only sample 0 reads it on the probe
+    ext = GradientExtractor(model, dim=16)
+    ext((x, y))
+    assert ext.plan["cls"] == "vmap" and "no gradient reached sample 1's own row" in ext.metadata()["plan_reasons"]["cls"]
+    x2, y2 = _batch(4)
+    x2[:, 0, 0] = 1.0  # every sample reads row 0 now
+    assert_close(ext((x2, y2)).z, GradientExtractor(model, dim=16, engine="vmap")((x2, y2)).z)
+
+
 def test_a_parameter_no_gradient_reached_in_the_probe_is_refused():
     """Checking row by row proves nothing where the probe's outputs do not reach the copy: a parameter the first
     batch does not use, or one hidden behind a zero-initialised head, goes to vmap."""
@@ -253,8 +321,8 @@ def test_a_parameter_no_gradient_reached_in_the_probe_is_refused():
     ext(_batch(3, 4))  # 4 patches: `extra` is not used
     why = ext.metadata()["plan_reasons"]["extra"]
     assert why == (
-        "it is a parameter of shape (1, ...) the model broadcasts over the batch, and no gradient reached it from the "
-        "first batch's outputs, so how the model reads it could not be checked"
+        "it is a parameter of shape (1, ...) the model broadcasts over the batch, and on the first batch no gradient "
+        "reached sample 0's own row of its copy, so how the model reads it could not be checked"
     )
     assert ext.plan["cls"] == "factored"
     zero = Tokens(use="row0").double()
@@ -269,12 +337,12 @@ def test_a_parameter_no_gradient_reached_in_the_probe_is_refused():
 def test_a_failing_forward_leaves_the_parameters_on_the_model():
     torch.manual_seed(0)
     model = Tokens().double()
+    cls, pos = model.cls, model.pos
     ext = GradientExtractor(model, dim=16, engine="factored")
     ext(_batch(3))
     with pytest.raises(ValueError):
         ext((torch.randn(3, 9, 5, dtype=torch.float64), torch.randint(0, 3, (3,))))  # 9 patches: pos has 5
-    assert type(model.cls) is nn.Parameter and type(model.pos) is nn.Parameter
-    assert model._parameters["cls"] is dict(model.named_parameters())["cls"]
+    assert model.cls is cls and model.pos is pos and type(cls) is nn.Parameter
 
 
 def test_the_online_miner_refuses_them_with_the_reason():

@@ -15,7 +15,9 @@ the vectors by their own size, a million times the tolerance below.
 
 References: written on 2026-11-30 from the code the byte hashes had pinned (commit ``4f019e0``, unchanged
 since those hashes were taken but for the attention blocks, which the hashes were updated for on purpose), on
-an AVX-512 machine, one thread (``_pinned_threads``).
+an AVX-512 machine, one thread (``_pinned_threads``). The two ``tokens`` cases (a class token and a position
+embedding, factored under auto since ``hardmine/factored/parameter.py``, by vmap under vmap) were added the
+same day, the other arrays kept byte for byte.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from hardmine.online import OnlineMiner
 
 REFERENCES = Path(__file__).resolve().parent / "data" / "pinned_vectors.npz"
 # sha256 (first 16 hex digits) of the references' arrays, by name and bytes (see _arrays_sha)
-REFERENCE_SHA = "6e9daa877b633fd1"
+REFERENCE_SHA = "9caed9ac2a86c789"
 # Rounding across instruction sets moved the vectors by at most 4e-7 (their entries are up to ~3 in size).
 RTOL, ATOL = 1e-5, 1e-5
 
@@ -67,6 +69,12 @@ def _case(name: str):
         torch.manual_seed(2)
         model = CNN().eval()
         batch = (torch.randn(5, 3, 8, 8, generator=g), torch.randint(0, 5, (5,), generator=g))
+    elif name == "tokens":  # a class token and a position embedding used without a module (factored/parameter.py)
+        from test_factored_parameter import Tokens
+
+        torch.manual_seed(4)
+        model = Tokens().eval()
+        batch = (torch.randn(5, 4, 5, generator=g), torch.randint(0, 3, (5,), generator=g))
     else:
         torch.manual_seed(3)
         model = TinyTransformer().eval()
@@ -77,12 +85,14 @@ def _case(name: str):
 # (engine, model) cases of the extractor (dim 16, seed 5, all layers). ("factored", "transformer") selects
 # every layer type but the attention (pinned before its rule existed; auto/vmap cover it).
 EXTRACT_CASES = [
+    ("auto", "tokens"),
     ("auto", "transformer"),
     ("factored", "cnn"),
     ("factored", "mlp"),
     ("factored", "transformer"),
     ("vmap", "cnn"),
     ("vmap", "mlp"),
+    ("vmap", "tokens"),
     ("vmap", "transformer"),
 ]
 ONLINE_CASES = ["cnn", "mlp"]

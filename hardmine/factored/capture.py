@@ -512,15 +512,16 @@ def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[s
             for name, _ in live
         }
     outs = [o for _, o in live]
-    unseen = {name for name, _ in live if name in parameters}  # parameters no gradient has reached yet
+    # parameter -> the probe samples whose gradient reached their own row of its copy
+    own: dict[str, set[int]] = {name: set() for name, _ in live if name in parameters}
     with torch.enable_grad():
         for c in range(n):
             grads = torch.autograd.grad(output[c].sum(), outs, retain_graph=True, allow_unused=True)
             for (name, _), g in zip(live, grads, strict=True):
                 if g is None or name in problems:
                     continue
-                if bool((g != 0).any()):
-                    unseen.discard(name)
+                if name in own and bool((g[c] != 0).any()):
+                    own[name].add(c)
                 others = torch.cat([g[:c], g[c + 1 :]])  # (n - 1, ...) rows of the other samples
                 if bool((others != 0).any()):
                     what = (
@@ -531,14 +532,17 @@ def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[s
                         "output depends on other samples' rows of its output"
                     )
                     problems[name] = f"{what} (the model does not use it row by row)"
-    for name in unseen:
-        # Swapped on every later batch whatever it shows, so a probe that proves nothing refuses it (the model did
-        # not read it for these samples, or a zero layer above hid how it is read: a zero-initialised head).
-        problems.setdefault(
-            name,
-            "it is a parameter of shape (1, ...) the model broadcasts over the batch, and no gradient reached it from "
-            "the first batch's outputs, so how the model reads it could not be checked",
-        )
+    for name, seen in own.items():
+        # Swapped on every later batch whatever it shows, so a probe that proves nothing refuses it: a sample whose
+        # gradient does not reach its own row (the model did not read it for that sample, read another row, or a
+        # zero layer above, a zero-initialised head, hid how it is read) leaves the row check without evidence.
+        if len(seen) < n:
+            problems.setdefault(
+                name,
+                "it is a parameter of shape (1, ...) the model broadcasts over the batch, and on the first batch no "
+                f"gradient reached sample {min(set(range(n)) - seen)}'s own row of its copy, so how the model reads "
+                "it could not be checked",
+            )
     return problems
 
 

@@ -12,11 +12,15 @@ projects it, so the vectors are the same whichever engine runs.
 
 That the model really uses the copy row by row (sample ``b`` only reads row ``b``) is checked by the first
 batch's probe (``capture.broadcast_problems``), as is that its forward accepts a ``(B, ...)`` tensor where it
-had ``(1, ...)``, and that some gradient reached the copy (else the check showed nothing); a parameter failing
-any of these goes to vmap under ``engine="auto"``, with the reason (a failing forward does not say which copy
-it failed on: every parameter swapped in it is refused). The probe sees a few samples of the first batch only:
-a later batch the model cannot run with the copies (a position embedding interpolated to a new image size by
-``reshape(1, ...)``) moves them to vmap under ``engine="auto"`` and is computed again.
+had ``(1, ...)``, and that each probe sample's gradient reaches its own row (else the check showed nothing); a
+parameter failing any of these goes to vmap under ``engine="auto"``, with the reason (a failing forward does not
+say which copy it failed on: every parameter swapped in it is refused). The probe sees the first three samples
+of the first batch only: a later batch the model cannot run with the copies (a position embedding interpolated
+to a new image size by ``reshape(1, ...)``) is computed again with them by vmap under ``engine="auto"`` (and
+probed again), which then keeps that plan. What no probe of a few samples can rule out is a model that reads
+another sample's row (``P[0]``) only for inputs the probe did not have: code that indexes the parameter's
+first dimension for some inputs only is outside this rule (leave the parameter out of ``layers``, or use
+``engine="vmap"``).
 
 Only a parameter whose module has no layer rule is handled here (a rule's module is hooked instead), held
 by one module under one name (a swap of one holder would miss the other's uses), of shape ``(1, d, ...)``
