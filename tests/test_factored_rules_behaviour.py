@@ -1442,6 +1442,42 @@ def test_broadcast_check_refuses_an_output_that_cannot_show_row_by_row_use():
     assert broadcast_problems((e * 1.0).long(), rec, 3) == {"pos": why}  # not floating point
 
 
+def test_the_offline_probe_refuses_a_broadcast_output_its_gradient_reaches_only_as_zeros():
+    """A zero layer above (a zero-initialised head) makes every probe gradient zero: the row check then shows
+    nothing, so the offline probe (own_rows) refuses the module; an unused output (no gradient at all) is not
+    refused, and the online check, which runs on a user's first training step, keeps the old rule."""
+    e, unused = _expanded(), _expanded()
+    zero = (e * 0.0).sum(1)  # (3,): reaches every row of e with a zero gradient
+    rec = {"pos": [_bcast(e)], "unused": [_bcast(unused)]}
+    why = (
+        "it was called on an input of shape (1, ...) broadcast over the batch, and on the first batch no gradient "
+        "reached sample 0's own row of its output, so how the model reads it could not be checked"
+    )
+    assert broadcast_problems(zero, rec, 3, own_rows=True) == {"pos": why}
+    assert broadcast_problems(zero, rec, 3) == {}
+    assert broadcast_problems(e * 1.0, rec, 3, own_rows=True) == {}  # every sample reaches its own row
+    half = torch.cat([e[:1] * 1.0, e[1:] * 0.0])  # sample 0 reaches its row, 1 and 2 only zeros
+    assert broadcast_problems(half, rec, 3, own_rows=True) == {"pos": why.replace("sample 0", "sample 1")}
+
+
+def test_a_position_embedding_behind_a_zero_head_goes_to_vmap_and_stays_exact():
+    from hardmine.engine import GradientExtractor
+
+    torch.manual_seed(0)
+    model = _Positions()
+    with torch.no_grad():
+        model.head.weight.zero_()
+    batch = (torch.randn(5, 2, 4), torch.randint(0, 3, (5,)))
+    ext = GradientExtractor(model, dim=16)
+    ext(batch)
+    assert ext.plan["pos.weight"] == "vmap" and "no gradient reached sample 0's own row" in (
+        ext.metadata()["plan_reasons"]["pos.weight"]
+    )
+    with torch.no_grad():
+        model.head.weight.normal_()  # training moved the head
+    assert_close(ext(batch).z, GradientExtractor(model, dim=16, engine="vmap")(batch).z)
+
+
 class _OneToken(nn.Module):
     """A learned token looked up with ids of shape (1,) and added to every sample (a (1, d) output)."""
 

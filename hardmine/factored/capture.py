@@ -441,7 +441,9 @@ def probe_units(
         logger.debug("inputs broadcast over the batch, expanded per sample: %s", ", ".join(expanded))
     for name, why in {
         **batch_dependent_inputs(model, sub, units, rec, n),
-        **broadcast_problems(raw, rec, n, [name for name, unit in units.items() if unit.swaps_parameter]),
+        **broadcast_problems(
+            raw, rec, n, [name for name, unit in units.items() if unit.swaps_parameter], own_rows=True
+        ),
     }.items():
         problems.setdefault(name, why)
     return problems, modified | {name for name in expanded if name not in problems}
@@ -479,7 +481,9 @@ def batch_dependent_inputs(
     return problems
 
 
-def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[str] = ()) -> dict[str, str]:
+def broadcast_problems(
+    raw: Any, rec: Captured, n: int, parameters: Collection[str] = (), own_rows: bool = False
+) -> dict[str, str]:
     """``{module: problem}`` for modules whose broadcast output (expanded per sample by the hooks) the model
     does not use row by row.
 
@@ -488,6 +492,13 @@ def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[s
     its output must vanish exactly on every other row. One small backward per probe sample, on the probe's
     few samples only, and only when some module's input was broadcast. ``parameters``: the units among them that
     are parameters the model broadcasts itself (:mod:`.parameter`), named so in the problems.
+
+    That check proves nothing for a sample whose gradient does not reach its own row (a zero-initialised head
+    makes every gradient below it zero on the probe). A parameter (swapped on every later batch whatever the
+    probe showed) is refused unless every probe sample's gradient reaches its own row; with ``own_rows`` (the
+    offline probe) so is a module whose output the probe reached with a zero gradient. A module whose output no
+    gradient reached at all is not used by the loss, and its per-sample gradient, zero, is exact. The online
+    miner checks its user's first training step, which may start from a zero head, without ``own_rows``.
     """
     live = [
         (name, c.out)
@@ -512,7 +523,7 @@ def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[s
             for name, _ in live
         }
     outs = [o for _, o in live]
-    # parameter -> the probe samples whose gradient reached their own row of its copy
+    # unit -> the probe samples whose gradient reached their own row of its (copy's) expanded output
     own: dict[str, set[int]] = {name: set() for name, _ in live if name in parameters}
     with torch.enable_grad():
         for c in range(n):
@@ -520,6 +531,8 @@ def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[s
             for (name, _), g in zip(live, grads, strict=True):
                 if g is None or name in problems:
                     continue
+                if own_rows:
+                    own.setdefault(name, set())
                 if name in own and bool((g[c] != 0).any()):
                     own[name].add(c)
                 others = torch.cat([g[:c], g[c + 1 :]])  # (n - 1, ...) rows of the other samples
@@ -537,12 +550,14 @@ def broadcast_problems(raw: Any, rec: Captured, n: int, parameters: Collection[s
         # gradient does not reach its own row (the model did not read it for that sample, read another row, or a
         # zero layer above, a zero-initialised head, hid how it is read) leaves the row check without evidence.
         if len(seen) < n:
-            problems.setdefault(
-                name,
+            what = (
                 "it is a parameter of shape (1, ...) the model broadcasts over the batch, and on the first batch no "
-                f"gradient reached sample {min(set(range(n)) - seen)}'s own row of its copy, so how the model reads "
-                "it could not be checked",
+                f"gradient reached sample {min(set(range(n)) - seen)}'s own row of its copy"
+                if name in parameters
+                else "it was called on an input of shape (1, ...) broadcast over the batch, and on the first batch no "
+                f"gradient reached sample {min(set(range(n)) - seen)}'s own row of its output"
             )
+            problems.setdefault(name, f"{what}, so how the model reads it could not be checked")
     return problems
 
 
