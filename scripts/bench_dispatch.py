@@ -130,6 +130,167 @@ def run_settings(threads: int, quick: bool, **fields: Any) -> dict[str, Any]:
     }
 
 
+def round_robin(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each function over ``rounds`` rounds (after ``warmup`` unrecorded ones), the functions
+    taking turns within each round: a slow moment of the machine then weighs on every method of that round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {m: [] for m in fns}
+    for _ in range(rounds):
+        for m, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[m].append(time.perf_counter() - t)
+    return times
+
+
+def versus_train_step(times: dict[str, list[float]], methods: tuple[str, ...], batch: int) -> dict[str, float]:
+    """``{method}_samples_per_s`` and ``{method}_ratio`` (median over rounds of t(train step) / t(method) within
+    the round) of each method, and ``speedup``: the median of t(before) / t(factored)."""
+    ref = times["train_step"]
+    row: dict[str, float] = {}
+    for m in methods:
+        row[f"{m}_samples_per_s"] = batch / statistics.median(times[m])
+        row[f"{m}_ratio"] = statistics.median(r / t for t, r in zip(times[m], ref))  # throughput ratio
+    row["speedup"] = statistics.median(t_b / t_f for t_b, t_f in zip(times["before"], times["factored"]))
+    return row
+
+
+def versus_methods(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dim: int, moved: list[str], moved_pass: Callable[[], Any]
+) -> dict[str, Callable[[], Any]]:
+    """The three methods of a rule against the route before it: a training step, today's ``engine="auto"``
+    ("factored") and "before": ``moved_pass()`` (the old route of the parameters ``moved``) plus the factored pass
+    of the rest. ``_plan`` reads auto's plan."""
+    from hardmine.engine import GradientExtractor
+
+    rest = [n for n, _ in model.named_parameters() if n not in moved]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    # The optimiser's learning rate is tiny, but the weights still move: every method sees the same model.
+    factored = GradientExtractor(model, dim=dim, seed=0, engine="auto", loss_fn="cross_entropy")
+    rest_part = GradientExtractor(model, layers=rest, dim=dim, seed=0, engine="factored", loss_fn="cross_entropy")
+    return {
+        "train_step": train_step,
+        "factored": lambda: factored((x, y)),
+        "before": lambda: (moved_pass(), rest_part((x, y))),
+        "_plan": lambda: factored.metadata()["plan"],
+    }
+
+
+def versus_row(
+    name: str, dim: int, args: argparse.Namespace, x: torch.Tensor, fns: dict[str, Callable[[], Any]],
+    errors: Callable[[], dict[str, float]], **fields: Any,
+) -> dict[str, Any]:
+    """One table row: the methods of ``fns`` (``versus_methods``) timed round-robin, their ratios to the training
+    step, whether auto factored every parameter, and ``errors()`` (``versus_exactness``)."""
+    plan = fns.pop("_plan")
+    times = round_robin(fns, args.rounds, args.warmup)
+    b = x.shape[0]
+    row: dict[str, Any] = {"model": name, "dim": dim, "batch": b, **fields}
+    row.update(versus_train_step(times, ("train_step", "factored", "before"), b))
+    row["all_factored"] = set(plan().values()) == {"factored"}
+    row["max_rel_err_grad_norm"] = errors()
+    return row
+
+
+def versus_exactness(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dim: int,
+    moved: list[str],
+    moved_norm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, float]:
+    """Max relative error, on 4 samples, of each route's gradient norms against the per-sample loop: today's
+    ``engine="auto"`` ("factored"), and "before": ``moved_norm(x, y)``, the norms the old route computed for the
+    parameters ``moved``, with the factored pass of the rest."""
+    from hardmine.engine import GradientExtractor
+    from hardmine.extract import reference_per_sample_grads
+
+    xs, ys = x[:4], y[:4]
+    ref = reference_per_sample_grads(model, (xs, ys), loss_fn="cross_entropy").grad_norm
+    rest = [n for n, _ in model.named_parameters() if n not in moved]
+    fac = GradientExtractor(model, dim=dim, seed=0, engine="auto", loss_fn="cross_entropy")((xs, ys)).grad_norm
+    fr = GradientExtractor(model, layers=rest, dim=dim, seed=0, engine="factored", loss_fn="cross_entropy")((xs, ys))
+    before = (moved_norm(xs, ys).square() + fr.grad_norm.square()).sqrt()
+
+    def rel(a: torch.Tensor) -> float:
+        return float(((a - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+
+    return {"factored": rel(fac), "before": rel(before)}
+
+
+def versus_table(rows: list[dict[str, Any]], size: tuple[str, str], factored: str, before: str) -> str:
+    """The Markdown table of a rule against the route before it; ``size`` is the header and row key of the second
+    dimension of the batch (positions, tokens); ``factored`` and ``before`` name the two routes."""
+    head = [
+        "model",
+        "dim",
+        f"batch x {size[0]}",
+        "train step samples/s",
+        f"{factored}: samples/s (x train step)",
+        f"{before}: samples/s (x train step)",
+        "speed-up",
+        "every parameter factored",
+        "max rel. error of the gradient norms (factored / before)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        err = r["max_rel_err_grad_norm"]
+        lines.append(
+            f"| {r['model']} | {r['dim']} | {r['batch']} x {r[size[1]]} | {r['train_step_samples_per_s']:.0f} | "
+            f"{r['factored_samples_per_s']:.0f} ({r['factored_ratio']:.2f}) | "
+            f"{r['before_samples_per_s']:.3g} ({r['before_ratio']:.3g}) | {r['speedup']:.1f}x | "
+            f"{'yes' if r['all_factored'] else 'no'} | {err['factored']:.1e} / {err['before']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def versus_main(
+    doc: str, models: tuple[str, ...], dims: str, rounds: int, out: Path, run: Callable[..., dict[str, Any]],
+    table: Callable[[list[dict[str, Any]]], str], before: str, dims_help: str = "projection dims per weight matrix",
+) -> None:
+    """The command line of a script that measures a rule against the route before it (bench_attention,
+    bench_parameters): parses the arguments, runs ``run(model, dim, args)`` for every dim and model, prints the
+    table and writes the JSON and Markdown (``before`` says what the "before" route is, for the note)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(models))
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dims", default=dims, help=dims_help)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny models, 2 rounds (numbers meaningless)")
+    ap.add_argument("--out", type=Path, default=out)
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.warmup, args.dims = 2, 1, "16"
+    chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in models]
+    if bad:
+        ap.error(f"unknown model(s) {bad}; choose from {', '.join(models)}")
+    dim_list = [int(d) for d in args.dims.split(",") if d.strip()]
+    rows = [run(name, dim, args) for dim in dim_list for name in chosen]
+    md = table(rows)
+    print(md)
+    settings = run_settings(torch.get_num_threads(), args.quick, rounds=args.rounds, dims=dim_list)
+    bc.atomic_write(args.out, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    load = ", ".join(f"{v:.1f}" for v in settings["load_avg_1_5_15_at_end"])
+    note = (
+        f"\nRun: {settings['when']}, hardmine at {settings['hardmine']}, torch {torch.__version__}, "
+        f"{settings['machine']}, {settings['threads']} torch threads, float32"
+        f"{' (--quick: numbers meaningless)' if args.quick else ''}; load average at the end {load}. "
+        f"Throughput ratio = median over {args.rounds} rounds of t(train step) / t(method) within the round; "
+        f"before = {before}, times added.\n"
+    )
+    bc.atomic_write(args.out.with_suffix(".md"), md + "\n" + note)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["model", "group", "method", "kernel ops/step", "beyond the reference", "CPU ms/step", "ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
