@@ -253,7 +253,9 @@ class GradientExtractor:
         self._checks.poll(wait=True)
 
     def __call__(self, batch: Any) -> ProjectedBatch:
-        self._checks.poll()  # earlier batches' errors first: never mistaken for this batch's (see _without_swapped)
+        # Earlier batches whose device work has finished, polled once here: their errors are then never
+        # mistaken for this batch's (see _without_swapped).
+        self._checks.poll()
         try:
             return self._compute(batch)
         except _SwappedPassFailed as failed:
@@ -287,7 +289,6 @@ class GradientExtractor:
         return result
 
     def _compute(self, batch: Any) -> ProjectedBatch:
-        self._checks.poll()  # earlier batches whose device work has finished
         z: torch.Tensor | None = None
         sq: torch.Tensor | None = None
         loss = output = None

@@ -430,27 +430,32 @@ def test_the_attention_leaves_the_shared_input_grams_to_their_readers(monkeypatc
     assert len(computed) == len(set(computed))  # no Gram made twice (a and b share h's)
 
 
-def test_bench_attention_quick_runs(tmp_path):
+def quick_bench(script: str, tmp_path) -> tuple[list[dict], str]:
+    """``scripts/<script>.py --quick`` run to the end: its JSON rows and its Markdown table."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "bench_attention.json"
+    out = tmp_path / f"{script}.json"
     subprocess.run(
-        [sys.executable, str(root / "scripts" / "bench_attention.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(root / "scripts" / f"{script}.py"), "--quick", "--out", str(out)],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())["rows"], out.with_suffix(".md").read_text()
+
+
+def test_bench_attention_quick_runs(tmp_path):
+    rows, md = quick_bench("bench_attention", tmp_path)
     assert {r["model"] for r in rows} == {"encoder", "seq2seq"}
     for r in rows:
         assert r["all_factored"]
         assert max(r["max_rel_err_grad_norm"].values()) < 1e-5
         assert r["factored_samples_per_s"] > 0 and r["before_samples_per_s"] > 0
-    assert "| encoder | 16 |" in out.with_suffix(".md").read_text()
+    assert "| encoder | 16 |" in md
 
 
 def test_the_reforward_draws_the_modules_dropout():

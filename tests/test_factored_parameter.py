@@ -394,24 +394,13 @@ def test_hardmine_layers_lists_them_as_factored():
 
 
 def test_bench_parameters_quick_runs(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    from test_factored_attention import quick_bench
 
     pytest.importorskip("transformers")
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "bench_parameters.json"
-    subprocess.run(
-        [sys.executable, str(root / "scripts" / "bench_parameters.py"), "--quick", "--out", str(out)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    rows = json.loads(out.read_text())["rows"]
+    rows, md = quick_bench("bench_parameters", tmp_path)
     assert {r["model"] for r in rows} == {"hf_vit", "torch_vit"}
     for r in rows:
         assert r["all_factored"]
         assert max(r["max_rel_err_grad_norm"].values()) < 1e-5
         assert r["factored_samples_per_s"] > 0 and r["before_samples_per_s"] > 0
-    assert "| torch_vit | 16 |" in out.with_suffix(".md").read_text()
+    assert "| torch_vit | 16 |" in md

@@ -151,8 +151,7 @@ def plan_factored(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Fac
         (owner, local), *_ = held
         if (
             len(held) == 1
-            and rule_for(modules[owner]) is None
-            and owner not in child_refusal
+            and rule_for(modules[owner]) is None  # (so not a reforwarded child either: those have rules)
             and owner not in inside_mha
             and broadcast_parameter(modules[owner], params[name])
         ):
