@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .batches import (
@@ -35,10 +36,11 @@ from .batches import (
     validate_inputs,
     validate_output,
 )
-from .checks import as_module, positive_int, projection_kind
+from .checks import as_bool, as_module, positive_int, projection_kind
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads, per_sample_grads_checked
 from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
+from .factored.graphs import CudaGraphs, GraphBackend, PassGraphs, batch_signature
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
 from .params import check_one_device, select_parameters, warn_uncached_projections
@@ -93,6 +95,11 @@ class GradientExtractor:
         randomness: ``"eval"`` (dropout off), ``"different"`` or ``"same"`` (vmap only). Under ``"auto"``,
             ``"same"`` -- and ``"different"`` when the plan would mix engines, since two passes would draw
             different dropout masks -- sends every parameter to vmap.
+        cuda_graphs: on a CUDA device, replay the steady-state factored pass as a CUDA graph
+            (``hardmine.factored.graphs``): the same vectors, with far less host time per batch. It applies when
+            every selected parameter is factored and ``randomness="eval"``; a batch shape is captured on its
+            third batch, and a capture that fails or a replay that differs from the eager pass switches it off
+            with a warning (``cuda_graph_state()`` says what happened). Off by default.
 
     ``auto``/``factored`` check the plan on the first batch (a 3-sample probe forward): a module whose hook
     never fires or that does not see the batch on dimension 0 moves to vmap under ``auto`` (with a warning;
@@ -117,8 +124,10 @@ class GradientExtractor:
         chunk_size: int | None = None,
         randomness: Randomness | str = Randomness.EVAL,
         kind: ProjectionKind | str | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         as_module(model)
+        as_bool(cuda_graphs, "cuda_graphs")
         self.engine = parse_choice(Engine, engine, "engine")
         self.randomness = parse_choice(Randomness, randomness, "randomness")
         positive_int(chunk_size, "chunk_size", allow_none=True)
@@ -155,6 +164,10 @@ class GradientExtractor:
         self._memo: dict[Any, Any] = {}  # per-unit matrices looked up once (see compute_factored)
         self._verified = not units
         self._checks = DeferredChecks()  # value checks of later batches, read when the device is done
+        self.cuda_graphs = cuda_graphs
+        self._graphs: PassGraphs | None = None  # made on the first steady-state batch on a CUDA device
+        self._graph_backend: Any = None  # a GraphBackend (tests put a CPU stand-in here); default CudaGraphs
+        self._graphs_off: str | None = None  # why graphs do not apply to this plan, once known
         self._settle_auto()
         # Both engines sum each sample's squared norm over every selected parameter: one device.
         check_one_device(model, self.param_names, "GradientExtractor")
@@ -243,6 +256,41 @@ class GradientExtractor:
             "layout": self.layout.describe(),
         }
 
+    def cuda_graph_state(self) -> dict[str, Any]:
+        """What ``cuda_graphs`` did: asked for, graphs captured and replayed, and why they are off (if so). Kept
+        out of :meth:`metadata`, which a scan's resume check compares: it changes speed, never results."""
+        g = self._graphs
+        return {
+            "requested": self.cuda_graphs,
+            "captured": g.captured if g is not None else 0,
+            "replayed": g.replayed if g is not None else 0,
+            "off": (g.disabled if g is not None else None) or self._graphs_off,
+        }
+
+    def _graph_runner(self) -> PassGraphs | None:
+        """The graphs of this extractor's steady-state factored pass, or ``None`` where they do not apply."""
+        if not self.cuda_graphs or self._graphs_off is not None:
+            return None
+        if self._graphs is not None:
+            return self._graphs
+        device = self._device()
+        why = None
+        if device.type != "cuda" and self._graph_backend is None:
+            why = f"the model is on {device}, not a CUDA device"
+        elif self._vmap_names:
+            why = "part of the plan runs by vmap"
+        elif self.randomness is not Randomness.EVAL:
+            why = f"randomness={self.randomness.value!r} draws random numbers a replay would repeat"
+        elif self.layout.uncached_dense()[0]:
+            why = "some projection matrices are regenerated per batch (past the projector's cache)"
+        if why is not None:
+            self._graphs_off = why
+            logger.info("cuda_graphs=True does not apply: %s; the factored pass runs eagerly", why)
+            return None
+        backend: GraphBackend = self._graph_backend or CudaGraphs(device)
+        self._graphs = PassGraphs(backend)
+        return self._graphs
+
     def flush_checks(self) -> None:
         """Wait for the device and raise the ``ValueError`` of any batch whose value checks failed.
 
@@ -288,6 +336,32 @@ class GradientExtractor:
         self._log_plan()
         return result
 
+    def _factored(
+        self, inputs: Any, target: torch.Tensor, fn: Any, kind: Any, flags: list[torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z, squared norm, loss, output)`` of the factored units, device work only once the plan is checked
+        (``flags`` given: the values' checks are appended to it), so that a CUDA graph can hold it."""
+        b = validate_inputs(inputs, target, kind, flags) if flags is not None else int(target.shape[0])
+        # (B, out_dim) on the model's device: Kronecker blocks are written in place, and a batch is copied to
+        # the host once, whole (ProjectedBatch.to_host), not block by block
+        z = self.layout.new_output(b, self._device())
+        fg = compute_factored(
+            self.model,
+            inputs,
+            target,
+            fn,
+            kind,
+            self._units,
+            self.layout,
+            self._protect,
+            b,
+            out=z,
+            memo=self._memo,
+            flags=flags,
+        )
+        fg.write_to(z, self.layout)
+        return z, fg.sq_norm, fg.loss, fg.output
+
     def _compute(self, batch: Any) -> ProjectedBatch:
         z: torch.Tensor | None = None
         sq: torch.Tensor | None = None
@@ -302,39 +376,35 @@ class GradientExtractor:
                 fn, kind = resolve_loss(self.loss_fn, target)
                 if not self._verified:
                     # The first batch gets the full check (a one-sample probe forward quotes shape errors
-                    # clearly) and the per-module probe; later batches check their inputs here and the
-                    # output inside the pass, saving a forward per batch.
+                    # clearly) and the per-module probe; later batches check their inputs inside the pass
+                    # (shapes at once, values on the device: no host sync per batch) and the output too,
+                    # saving a forward per batch.
                     b = validate_batch(self.model, inputs, target, kind)
                     self._verify(inputs, b)
                 else:
-                    # Later batches: shapes checked here, values on the device (no host sync per batch).
                     flags = []
-                    b = validate_inputs(inputs, target, kind, flags)
                 if self._units:
-                    # (B, out_dim) on the model's device: Kronecker blocks are written in place, and a batch is
-                    # copied to the host once, whole (ProjectedBatch.to_host), not block by block
-                    z = self.layout.new_output(b, self._device())
                     try:
-                        fg = compute_factored(
-                            self.model,
-                            inputs,
-                            target,
-                            fn,
-                            kind,
-                            self._units,
-                            self.layout,
-                            self._protect,
-                            b,
-                            out=z,
-                            memo=self._memo,
-                            flags=flags,
-                        )
+                        graphs = self._graph_runner() if flags is not None else None
+                        if graphs is None:
+                            z, sq, loss, output = self._factored(inputs, target, fn, kind, flags)
+                        else:
+                            leaves, spec = pytree.tree_flatten((inputs, target))
+
+                            def run(ls: list[Any]) -> tuple[torch.Tensor, ...]:
+                                ins, tgt = pytree.tree_unflatten(ls, spec)
+                                fl: list[torch.Tensor] = []
+                                four = self._factored(ins, tgt, fn, kind, fl)  # appends the flags to fl
+                                return (*fl, *four)
+
+                            weights = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+                            out = graphs(run, leaves, batch_signature(leaves, (spec, kind)), weights)
+                            flags.extend(out[:-4])
+                            z, sq, loss, output = out[-4:]
                     except ValueError as exc:
                         if self.engine is Engine.AUTO and any(u.swaps_parameter for u in self._units.values()):
                             raise _SwappedPassFailed(exc) from exc
                         raise
-                    fg.write_to(z, self.layout)
-                    sq, loss, output = fg.sq_norm, fg.loss, fg.output
                     vmap_names = self._vmap_names  # final now: the first batch's probe may have moved modules
                     if vmap_names:
                         # The vmap part of a mixed plan takes this batch as checked: on later batches the labels

@@ -74,8 +74,9 @@ from hardmine.project import Projector
 HERE = Path(__file__).resolve().parent
 MODELS = ("mlp", "cnn", "transformer")
 EXTRA_MODELS = ("resnet18",)  # only when asked for (--models resnet18): slow on a CPU, measured on a GPU
-METHODS = ("train_step", "naive_loop", "vmap_dense", "factored")
+METHODS = ("train_step", "naive_loop", "vmap_dense", "factored", "factored_graphs")
 PAIRED = ("train_step", "factored")  # measured --repeats times, alternating
+SYNC_PROFILED = (*PAIRED, "factored_graphs")  # on a GPU: kernel launches and host syncs per batch
 N_CLASSES = 10
 SEQ, VOCAB, D_MODEL, HEADS, FF = 64, 1000, 128, 4, 512
 
@@ -366,9 +367,16 @@ def make_method(name: str, model: nn.Module, batch: Any, dim: int, target: int):
 
         return step, None
     model.eval()
-    if name == "factored":
-        ext = GradientExtractor(model, dim=dim, seed=0, engine="factored", loss_fn="cross_entropy")
-        return (lambda: ext(batch)), ext.out_dim
+    if name in ("factored", "factored_graphs"):
+        ext = GradientExtractor(
+            model, dim=dim, seed=0, engine="factored", loss_fn="cross_entropy", cuda_graphs=name == "factored_graphs"
+        )
+
+        def run() -> Any:
+            return ext(batch)
+
+        run.extractor = ext  # type: ignore[attr-defined]  # measure() reports what cuda_graphs did
+        return run, ext.out_dim
     if name == "naive_loop":
         layout = ProjectionLayout(model, names, dim=dim, seed=0)
         params = [p for _, p in model.named_parameters() if p.requires_grad]
@@ -467,16 +475,30 @@ def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str,
         "_iters": len(times),
         "_faults": faults,  # minor page faults per timed batch (memory the allocator got from the OS again)
     }
-    if cuda and method in PAIRED:
+    if cuda and method in SYNC_PROFILED:
         row["host_syncs_per_batch"] = sync_profile(step, device)
+    if method == "factored_graphs":
+        row["cuda_graphs"] = step.extractor.cuda_graph_state()
+        print(f"  {model_name} cuda_graphs: {row['cuda_graphs']}", file=sys.stderr, flush=True)
     return row
 
 
 def check_agreement(
-    model_name: str, target: int, n: int = 8, device: torch.device | str = "cpu"
+    model_name: str, target: int, n: int = 8, device: torch.device | str = "cpu", tf32: bool = False
 ) -> tuple[float, float]:
     """factored vs naive loop on ``n`` samples (on ``device``): max relative error of the vectors and of the
-    norms."""
+    norms. On a GPU both run in full float32 unless ``tf32`` (cuDNN convolutions and matmuls in TF32, cuDNN's
+    default: a rounding of about 1e-3 in either result, not an error of the engine)."""
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=tf32):
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            return _agreement(model_name, target, n, device)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _agreement(model_name: str, target: int, n: int, device: torch.device | str) -> tuple[float, float]:
     model, (inputs, y) = build(model_name, n, seed=1)
     model.eval()
     dim, _ = choose_dim(model, target)
@@ -542,6 +564,14 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             ok_vmap = "met" if r_vmap >= need else "NOT met"
             line += f", {r_vmap:.1f}x vmap_dense (target >= {need:g}: {ok_vmap})"
         lines.append(line)
+        g = by.get((m, "factored_graphs"))
+        if g is not None:
+            r_g = g["ratio_to_train_step"]
+            state = g.get("cuda_graphs") or {}
+            how = f"graphs off: {state['off']}" if state.get("off") else f"{state.get('replayed', 0)} replays"
+            lines.append(
+                f"{m}: factored_graphs = {r_g:.2f}x train_step (target >= 0.8: {'met' if r_g >= 0.8 else 'NOT met'}; {how})"
+            )
     return lines
 
 
@@ -550,6 +580,7 @@ def markdown(
     args: argparse.Namespace,
     agree: dict[str, tuple[float, float]],
     spread: dict[str, str],
+    agree_tf32: dict[str, tuple[float, float]] | None = None,
 ) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(c) + " |" for c in _fmt(rows)]
@@ -580,6 +611,12 @@ def markdown(
         f"Agreement check ({min(8, args.batch)} samples, factored vs naive loop, max relative error of "
         "vectors / norms): " + ", ".join(f"{m} {a[0]:.1e} / {a[1]:.1e}" for m, a in agree.items()),
     ]
+    if agree_tf32:
+        lines[-1] += (
+            " (float32; with TF32, cuDNN's default for convolutions on this device: "
+            + ", ".join(f"{m} {a[0]:.1e} / {a[1]:.1e}" for m, a in agree_tf32.items())
+            + ")."
+        )
     if args.device != "cpu":
         lines[-1] += (
             " On this device, peak extra MB = the device's peak allocation (torch.cuda.max_memory_allocated) "
@@ -644,7 +681,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPU cores)")
     ap.add_argument("--device", default="cpu", help="torch device of the models and batches, e.g. cuda")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--methods",
+        help=f"comma-separated, of {', '.join(METHODS)} (default: all; factored_graphs only with --device cuda, "
+        "since CUDA graphs apply only there)",
+    )
     ap.add_argument(
         "--no-isolate", dest="isolate", action="store_false", help="run every row in this process"
     )
@@ -685,18 +726,26 @@ def main() -> None:
         print(json.dumps(measure(args.worker[0], args.worker[1], args)))
         return
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.methods is None:
+        cuda = torch.device(args.device).type == "cuda"
+        args.methods = ",".join(m for m in METHODS if cuda or m != "factored_graphs")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS + EXTRA_MODELS] + [m for m in methods if m not in METHODS]
     if bad:
         ap.error(f"unknown model/method {bad}; choose from {MODELS + EXTRA_MODELS} and {METHODS}")
 
     agree = {}
+    agree_tf32 = {}
     for m in models:
         agree[m] = check_agreement(m, args.target_dim, n=min(8, args.batch), device=args.device)
         rel_z, rel_n = agree[m]
         print(f"agreement {m}: factored vs naive loop, max rel. error vectors {rel_z:.1e}, norms {rel_n:.1e}")
         if agree[m][0] > 1e-3 or agree[m][1] > 1e-4:
             sys.exit(f"factored and naive loop disagree on {m}: {agree[m]}")
+        if torch.device(args.device).type == "cuda":  # what TF32 (the GPU's default for convolutions) changes
+            tz, tn = check_agreement(m, args.target_dim, n=min(8, args.batch), device=args.device, tf32=True)
+            agree_tf32[m] = (tz, tn)
+            print(f"agreement {m} with TF32: max rel. error vectors {tz:.1e}, norms {tn:.1e}")
 
     def run_row(m: str, meth: str) -> dict[str, Any]:
         if args.isolate:
@@ -761,7 +810,7 @@ def main() -> None:
             if r["model"] == m:
                 r["ratio_to_train_step"] = (r["samples_per_s"] / base) if base else float("nan")
     keys = ["model", "method", "samples_per_s", "ratio_to_train_step", "peak_extra_mb", "proj_dim"]
-    extra = ["host_syncs_per_batch"]  # on a GPU only
+    extra = ["host_syncs_per_batch", "cuda_graphs"]  # on a GPU only; factored_graphs only
     rows = [{k: r[k] for k in keys + [e for e in extra if e in r]} for r in rows]
     for r in rows:
         r["samples_per_s"] = round(r["samples_per_s"], 1)
@@ -778,7 +827,7 @@ def main() -> None:
         print(t)
     _atomic_write(args.out, json.dumps(rows, indent=1) + "\n")
     md = args.md or args.out.with_suffix(".md")
-    _atomic_write(md, markdown(rows, args, agree, spread))
+    _atomic_write(md, markdown(rows, args, agree, spread, agree_tf32))
     print(f"wrote {args.out} and {md}")
 
 

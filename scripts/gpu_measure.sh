@@ -22,7 +22,8 @@
 # Steps (results as JSON + Markdown under $OUT, never in scripts/results/):
 #   scan_cuda       scripts/bench_scan.py --device cuda: synthetic 100k + the Fashion-MNIST demo (60k),
 #                   median of 3 fresh processes each -> bench_scan_cuda.{json,md}
-#   extract_b256    scripts/bench_extract.py --device cuda --methods train_step,factored, batch 256
+#   extract_b256    scripts/bench_extract.py --device cuda --methods train_step,factored,factored_graphs
+#                   (factored_graphs: GradientExtractor(cuda_graphs=True)), batch 256
 #   extract_b2048   the same at batch 2048 -> bench_extract_b{256,2048}.{json,md}
 #   extract_resnet18  the same for ResNet-18 (torchvision's architecture, conv + fc selected) at batch 512
 #                   -> bench_extract_resnet18.{json,md}
@@ -30,12 +31,16 @@
 #   callbacks_b1024 the same at batch 1024 -> bench_callbacks_b{256,1024}.{json,md}
 #   host_syncs      pytest tests/test_host_syncs.py (its test_on_a_gpu_* tests run only with a CUDA device)
 #                   -> host_syncs.xml
+#   profile         scripts/profile_extract.py: torch.profiler tables of one factored batch beside one train
+#                   step (mlp b2048, cnn and transformer b256, resnet18 b512) -> profile/prof_*.txt, profile.json
 #   scan_host_cpu   scripts/bench_scan.py --device cpu, the demo only: the same scan on this machine's CPU,
 #                   for the CPU-vs-GPU comparison -> bench_scan_host_cpu.{json,md}
 #   dispatch_cpu    scripts/bench_dispatch.py on this machine's CPU (kernel ops per step, the CPU proxy of
 #                   the host's share of a GPU step), to set beside the kernel launches per step the GPU rows
 #                   record (host_syncs_per_*): the proxy's calibration -> bench_dispatch_host_cpu.{json,md}
 # plus env.txt (Python, torch, device, faiss, commit), one <step>.log per step and gpu_measure.log (all of it).
+# The device tool brings back at most 8 files from its $OUT: give the script another folder and pack it, e.g.
+#   D=$OUT; OUT=/tmp/g bash scripts/gpu_measure.sh; rc=$?; tar czf "$D/gpu.tgz" -C /tmp/g .; exit $rc
 #
 # A dry run on a machine without a GPU (every command line runs once, tiny sizes, one thread, ~1 minute):
 #   HARDMINE_GPU_DEVICE=cpu HARDMINE_GPU_QUICK=1 OUT=/tmp/gpu_dry bash scripts/gpu_measure.sh
@@ -170,7 +175,7 @@ if [ "$QUICK" = 1 ]; then
     C_SMALL=8 C_LARGE=16
 else
     SCAN=(--n 100000 --repeats 3 --no-neighbor-scores)  # the neighbour scores and their recall run on the host
-    HOST_SCAN=(--repeats 3)
+    HOST_SCAN=(--repeats 1)  # the host's CPU: one process (three took over the step's limit on an H200 host)
     # One process for all rows (--no-isolate): on a GPU the peak memory is the device's own count, reset per
     # row, and a fresh process per row would spend the budget starting CUDA.
     EXTRACT=(--min-time 2 --warmup-time 1 --repeats 2)
@@ -185,11 +190,11 @@ DEVTYPE=${DEVICE%%:*}  # cuda:1 -> cuda
 step scan_$DEVTYPE 120 "$PY" scripts/bench_scan.py --device "$DEVICE" "${SCAN[@]}" $DEMO \
     --json-out "$OUT/bench_scan_$DEVTYPE.json"
 for b in "$B_SMALL" "$B_LARGE"; do
-    step extract_b$b 75 "$PY" scripts/bench_extract.py --device "$DEVICE" --methods train_step,factored \
+    step extract_b$b 90 "$PY" scripts/bench_extract.py --device "$DEVICE" --methods train_step,factored,factored_graphs \
         --batch "$b" --no-isolate "${EXTRACT[@]}" --out "$OUT/bench_extract_b$b.json"
 done
 step extract_resnet18 60 "$PY" scripts/bench_extract.py --device "$DEVICE" --models resnet18 \
-    --methods train_step,factored --batch "$B_RESNET" --no-isolate "${EXTRACT[@]}" \
+    --methods train_step,factored,factored_graphs --batch "$B_RESNET" --no-isolate "${EXTRACT[@]}" \
     --out "$OUT/bench_extract_resnet18.json"
 for b in "$C_SMALL" "$C_LARGE"; do
     step callbacks_b$b 50 "$PY" scripts/bench_callbacks.py --device "$DEVICE" --models mlp,cnn,transformer \
@@ -197,8 +202,12 @@ for b in "$C_SMALL" "$C_LARGE"; do
 done
 step host_syncs 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
     --junitxml="$OUT/host_syncs.xml"
+PROFILE=()
+[ "$QUICK" = 1 ] && PROFILE=(--quick --warmup 1 --batches 1)
+step profile 40 "$PY" scripts/profile_extract.py --device "$DEVICE" "${PROFILE[@]}" --out-dir "$OUT/profile"
 if [ -z "$DEMO" ]; then
-    step scan_host_cpu 45 "$PY" scripts/bench_scan.py --device cpu --n "${HOST_SCAN[@]}" \
+    # --n with no size: no synthetic series, the demo only
+    step scan_host_cpu 60 "$PY" scripts/bench_scan.py --device cpu --n "${HOST_SCAN[@]}" \
         --json-out "$OUT/bench_scan_host_cpu.json"
 else
     SUMMARY="$SUMMARY$(printf '%-16s %-18s' scan_host_cpu 'SKIPPED (no data)')"$'\n'

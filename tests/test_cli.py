@@ -256,6 +256,31 @@ def test_rerun_with_other_options_is_refused_then_overwritten(tmp_path, trained)
     assert _scan(tmp_path, "--seed", "3").exit_code == 0
 
 
+def test_cuda_graphs_is_a_speed_option_that_reaches_the_extractor_and_not_the_configuration(
+    tmp_path, trained, monkeypatch
+):
+    import importlib
+
+    driver = importlib.import_module("hardmine.scan.driver")  # `hardmine.scan` is also the function's name
+
+    asked = []
+    real = driver.GradientExtractor
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("cuda_graphs"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "GradientExtractor", recording)
+    assert _scan(tmp_path, "--cuda-graphs").exit_code == 0
+    assert asked == [True]  # on the CPU the extractor runs eagerly and says why (GradientExtractor's tests)
+    first = read_manifest(tmp_path / "scan")
+    # without the flag, the same command finds the same configuration and reuses the scan
+    res = _scan(tmp_path)
+    assert res.exit_code == 0, res.output
+    assert asked == [True, False]
+    pd.testing.assert_frame_equal(read_manifest(tmp_path / "scan"), first)
+
+
 def _cli(*args, **kw):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "hardmine", *map(str, args)], env=env, stdout=subprocess.PIPE,

@@ -423,8 +423,33 @@ def test_on_a_gpu_the_steady_state_pass_never_waits_for_the_device(name):
     it = iter(batches)
     waits = _cuda_waits(lambda: ext(next(it)))
     assert waits == Counter(), f"{name}: {dict(waits)}"
-    assert ext(batches[0]).z.device == dev  # copied to the host once, by the caller (ProjectedBatch.to_host)
+    assert ext(batches[0]).z.device.type == "cuda"  # copied to the host once, by the caller (ProjectedBatch.to_host)
     ext.flush_checks()
+
+
+@pytest.mark.needs_hardware
+@pytest.mark.parametrize("name", be.MODELS)
+def test_on_a_gpu_cuda_graphs_replay_the_eager_pass_without_waiting(name):
+    dev = _cuda_or_skip()
+    model, first = _bench_batch(name, 64, 0)
+    model = model.to(dev).eval()
+    batches = [be.to_device(b, dev) for b in [first] + [_bench_batch(name, 64, s)[1] for s in range(1, 7)]]
+    eager = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy")
+    graphed = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy", cuda_graphs=True)
+    # the plan check, two eager warm-ups, the capture, the replay compared with an eager pass
+    for b in batches[:5]:
+        got, want = graphed(b), eager(b)
+        for f in ("z", "loss", "output", "grad_norm"):
+            torch.testing.assert_close(getattr(got, f), getattr(want, f), rtol=1e-5, atol=1e-6)
+    it = iter(batches[5:])
+    waits = _cuda_waits(lambda: graphed(next(it)))
+    assert waits == Counter(), f"{name}: {dict(waits)}"
+    state = graphed.cuda_graph_state()
+    assert state == {"requested": True, "captured": 1, "replayed": 4, "off": None}
+    x, y = batches[1]
+    with pytest.raises(ValueError, match=r"label 12 is out of range"):
+        graphed((x, torch.full_like(y, 12)))
+        graphed.flush_checks()
 
 
 @pytest.mark.needs_hardware
@@ -793,4 +818,29 @@ def test_the_online_gpu_path_stays_within_its_kernel_budget(name, layers, device
     extra = _extra_kernels(mined, plain)
     assert extra <= ONLINE_BUDGET[name, layers], (
         f"{name}/{layers}: a steady-state observe + weighted step launches {extra:g} kernels beyond a plain step"
+    )
+
+
+@pytest.mark.needs_hardware
+def test_on_a_gpu_a_scan_with_cuda_graphs_writes_the_scan_without_them(tmp_path, caplog):
+    import logging
+
+    from hardmine.scan import scan
+
+    dev = _cuda_or_skip()
+    torch.manual_seed(0)
+    model = be.MLP().to(dev).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3000, 784, generator=g), torch.randint(0, 10, (3000,), generator=g)
+    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, 3000, 256)]  # 11 of 256, then 184
+    plain = scan(model, batches, out=tmp_path / "plain", dim=16).manifest()
+    with caplog.at_level(logging.INFO, logger="hardmine.scan.driver"):
+        graphed = scan(model, batches, out=tmp_path / "graphed", dim=16, cuda_graphs=True).manifest()
+    said = [r.getMessage() for r in caplog.records if "cuda_graphs" in r.getMessage()]
+    assert any("'captured': 1" in m and "'off': None" in m for m in said), said
+    assert len(graphed) == 3000
+    pd.testing.assert_frame_equal(
+        graphed.sort_values("sample_id").reset_index(drop=True),
+        plain.sort_values("sample_id").reset_index(drop=True),
+        check_exact=False, rtol=1e-5, atol=1e-6,
     )

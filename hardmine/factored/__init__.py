@@ -12,7 +12,9 @@
 * :mod:`.plan` -- which selected parameters a rule covers (:func:`plan_factored`);
 * :mod:`.capture` -- the hook-driven pass: forward hooks, call checks, the backward to the captured outputs
   (:func:`apply_rules`, shared by ``GradientExtractor`` and ``OnlineMiner``);
-* :mod:`.apply` -- :class:`RuleRunner`, the rule application and result checks of every pass.
+* :mod:`.apply` -- :class:`RuleRunner`, the rule application and result checks of every pass;
+* :mod:`.graphs` -- :class:`PassGraphs`: the steady-state pass of ``GradientExtractor(cuda_graphs=True)``
+  captured once per batch shape as a CUDA graph and replayed.
 
 ``hardmine.engine.GradientExtractor(engine="factored" | "auto")`` is the usual entry point.
 """

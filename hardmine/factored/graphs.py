@@ -1,0 +1,185 @@
+"""Replaying a steady-state factored pass as a CUDA graph (``GradientExtractor(cuda_graphs=True)``).
+
+On a GPU the factored pass is bound by the host, not the device: a transformer batch launches a few hundred
+small kernels, and Python and the dispatcher take longer to issue them than the GPU takes to run them (measured
+on an H200: ``docs/benchmarks.md``). A CUDA graph records the kernels of one pass once and launches them all
+again with one call, so the host's share of a batch drops to copying the batch in and the results out.
+
+:class:`PassGraphs` does this for a pure function ``fn(leaves) -> tuple of tensors`` (the engine passes the
+batch's tensors and gets the value-check flags and the four results back):
+
+* a batch *signature* (its structure, each tensor's shape, dtype and device, and every other leaf's value) is
+  run eagerly ``warmup`` times, then captured: the batch is copied into static input tensors, ``fn`` runs once
+  on a side stream (lazy set-ups such as cuBLAS workspaces happen outside the capture), then once under
+  capture, and the graph is replayed. Later batches of that signature are copied into the static inputs and
+  replayed; the outputs are cloned, so a batch's results never change when the next one runs;
+* a signature seen once (the last, shorter batch of a scan) stays eager, and at most ``max_graphs`` are kept;
+* the first replay on a batch other than the captured one is compared with an eager pass of that batch: a
+  pass whose result depended on something the graph froze (a value read on the host at capture time) differs,
+  and graphs are switched off for good, with a warning;
+* a capture that fails (an operation a graph cannot hold) switches graphs off with a warning, and the batch
+  runs eagerly: ``cuda_graphs=True`` can make a scan faster, never fail;
+* the weights' storage is part of what a graph holds: when a selected parameter or buffer is a new tensor (the
+  model was moved, or a weight replaced), the graphs are dropped and captured again.
+
+The capture itself is behind :class:`GraphBackend` (``CudaGraphs`` on a GPU), so the bookkeeping above is
+tested on the CPU with a stand-in that calls ``fn`` again on the static inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+__all__ = ["CudaGraphs", "GraphBackend", "PassGraphs", "batch_signature"]
+
+logger = logging.getLogger(__name__)
+
+Outputs = tuple[torch.Tensor, ...]
+PassFn = Callable[[list[torch.Tensor]], Outputs]
+
+
+class GraphBackend(Protocol):
+    """How one pass is captured: ``capture(fn)`` runs ``fn()`` under capture and returns ``(replay, outputs)``,
+    where ``replay()`` recomputes ``outputs`` in place from the tensors ``fn`` read."""
+
+    def capture(self, fn: Callable[[], Outputs]) -> tuple[Callable[[], None], Outputs]: ...
+
+
+class CudaGraphs:
+    """:class:`GraphBackend` of one CUDA device: a side stream for the warm-up run and the capture (as
+    ``torch.cuda.make_graphed_callables`` does), one memory pool shared by the graphs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, fn: Callable[[], Outputs]) -> tuple[Callable[[], None], Outputs]:
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)  # the static inputs were written on the current stream
+        with torch.cuda.stream(self.stream):
+            fn()  # warm-up on the capture stream: lazy allocations and handles, outside the graph
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a scan's background threads (shard writer, population sums) may use CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            out = fn()
+        current.wait_stream(self.stream)
+        return graph.replay, out
+
+
+def batch_signature(leaves: Sequence[Any], structure: Hashable) -> Hashable | None:
+    """What a graph of a pass over these leaves is valid for: the structure and, per leaf, a tensor's shape,
+    dtype and device or another leaf's value. ``None`` when it cannot be captured (a leaf needing a gradient,
+    an unhashable value)."""
+    key: list[Hashable] = [structure]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if leaf.requires_grad:
+                return None
+            key.append((tuple(leaf.shape), leaf.dtype, leaf.device))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            key.append(("value", type(leaf), leaf))
+    return tuple(key)
+
+
+@dataclass
+class _Graph:
+    static: list[torch.Tensor]  # the tensors the graph reads: each batch is copied in
+    outputs: Outputs  # what it writes: cloned out per batch
+    replay: Callable[[], None]
+    checked: bool = False  # compared with an eager pass on a batch other than the captured one
+
+
+class PassGraphs:
+    """Eager, capture or replay per batch signature (module docstring). ``disabled`` says why graphs are off
+    (``None`` while they are on)."""
+
+    def __init__(self, backend: GraphBackend, *, warmup: int = 2, max_graphs: int = 2) -> None:
+        self.backend = backend
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.disabled: str | None = None
+        self.captured = 0  # graphs captured so far (a count for tests and metadata)
+        self.replayed = 0
+        self._graphs: dict[Hashable, _Graph] = {}
+        self._seen: Counter[Hashable] = Counter()
+        self._weights: tuple[int, ...] | None = None
+
+    def disable(self, why: str) -> None:
+        if self.disabled is None:
+            logger.warning("cuda_graphs: switched off, running the factored pass eagerly: %s", why)
+        self.disabled = why
+        self._graphs.clear()
+
+    def __call__(
+        self, fn: PassFn, leaves: list[Any], key: Hashable | None, weights: tuple[int, ...]
+    ) -> Outputs:
+        """``fn(leaves)``, eagerly or by a graph of it; ``key`` from :func:`batch_signature`, ``weights`` the
+        storage of the tensors ``fn`` reads besides the leaves (its parameters and buffers)."""
+        if self.disabled is not None or key is None:
+            return fn(leaves)
+        if weights != self._weights:  # a graph holds the old storage: capture again
+            self._graphs.clear()
+            self._seen.clear()
+            self._weights = weights
+        graph = self._graphs.get(key)
+        if graph is None:
+            self._seen[key] += 1
+            if self._seen[key] <= self.warmup or len(self._graphs) >= self.max_graphs:
+                return fn(leaves)
+            try:
+                graph = self._capture(fn, leaves)
+            except Exception as exc:  # noqa: BLE001  any capture failure: the eager pass stays correct
+                self.disable(f"the capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})")
+                return fn(leaves)
+            self._graphs[key] = graph
+            self.captured += 1
+            return self._replay(graph, leaves)
+        out = self._replay(graph, leaves)
+        if not graph.checked:
+            eager = fn(leaves)
+            diff = _difference(out, eager)
+            if diff is not None:
+                self.disable(f"a replayed pass differed from the eager pass of the same batch ({diff})")
+                return eager
+            graph.checked = True
+        return out
+
+    def _capture(self, fn: PassFn, leaves: list[Any]) -> _Graph:
+        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        replay, outputs = self.backend.capture(lambda: fn(static))
+        return _Graph([s for s in static if isinstance(s, torch.Tensor)], outputs, replay)
+
+    def _replay(self, graph: _Graph, leaves: list[Any]) -> Outputs:
+        for s, t in zip(graph.static, (leaf for leaf in leaves if isinstance(leaf, torch.Tensor))):
+            s.copy_(t)
+        graph.replay()
+        self.replayed += 1
+        return tuple(t.clone() for t in graph.outputs)
+
+
+def _difference(got: Outputs, want: Outputs) -> str | None:
+    """Why two passes' outputs differ beyond float rounding (``None`` when they agree). A sync, once per graph."""
+    if len(got) != len(want):
+        return f"{len(got)} outputs instead of {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"output {i}: {tuple(a.shape)} {a.dtype} instead of {tuple(b.shape)} {b.dtype}"
+        if a.dtype == torch.bool or not torch.is_floating_point(a):
+            if not torch.equal(a, b):
+                return f"output {i} differs"
+            continue
+        scale = float(b.detach().abs().max()) if b.numel() else 0.0
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-12)):
+            return f"output {i}: max difference {float((a - b).abs().max()):.3g} at scale {scale:.3g}"
+    return None
