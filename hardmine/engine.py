@@ -97,9 +97,10 @@ class GradientExtractor:
             different dropout masks -- sends every parameter to vmap.
         cuda_graphs: on a CUDA device, replay the steady-state factored pass as a CUDA graph
             (``hardmine.factored.graphs``): the same vectors, with far less host time per batch. It applies when
-            every selected parameter is factored and ``randomness="eval"``; a batch shape is captured on its
-            third batch, and a capture that fails or a replay that differs from the eager pass switches it off
-            with a warning (``cuda_graph_state()`` says what happened). Off by default.
+            every selected parameter is factored and ``randomness="eval"``; a batch shape is captured after two
+            eager batches of it (following the first batch's plan check), and a capture that fails or a replay
+            that differs from the eager pass switches it off with a warning (``cuda_graph_state()`` says what
+            happened). Off by default. ``docs/guide.md`` ("CUDA graphs") lists what a graph freezes.
 
     ``auto``/``factored`` check the plan on the first batch (a 3-sample probe forward): a module whose hook
     never fires or that does not see the batch on dimension 0 moves to vmap under ``auto`` (with a warning;
@@ -167,7 +168,8 @@ class GradientExtractor:
         self.cuda_graphs = cuda_graphs
         self._graphs: PassGraphs | None = None  # made on the first steady-state batch on a CUDA device
         self._graph_backend: Any = None  # a GraphBackend (tests put a CPU stand-in here); default CudaGraphs
-        self._graphs_off: str | None = None  # why graphs do not apply to this plan, once known
+        self._graphs_off: str | None = None  # why graphs do not apply to the plan in use
+        self._graph_plan: Any = None  # (device, factored units, protected outputs) the graphs were set up for
         self._settle_auto()
         # Both engines sum each sample's squared norm over every selected parameter: one device.
         check_one_device(model, self.param_names, "GradientExtractor")
@@ -268,28 +270,68 @@ class GradientExtractor:
         }
 
     def _graph_runner(self) -> PassGraphs | None:
-        """The graphs of this extractor's steady-state factored pass, or ``None`` where they do not apply."""
-        if not self.cuda_graphs or self._graphs_off is not None:
+        """The graphs of this extractor's steady-state factored pass, or ``None`` where they do not apply. Set
+        up again whenever the plan changes (a later batch moved units to vmap) or the model's device does: a
+        graph holds the pass of the plan and device it was captured with."""
+        if not self.cuda_graphs:
             return None
-        if self._graphs is not None:
-            return self._graphs
         device = self._device()
-        why = None
-        if device.type != "cuda" and self._graph_backend is None:
-            why = f"the model is on {device}, not a CUDA device"
-        elif self._vmap_names:
-            why = "part of the plan runs by vmap"
-        elif self.randomness is not Randomness.EVAL:
-            why = f"randomness={self.randomness.value!r} draws random numbers a replay would repeat"
-        elif self.layout.uncached_dense()[0]:
-            why = "some projection matrices are regenerated per batch (past the projector's cache)"
-        if why is not None:
-            self._graphs_off = why
-            logger.info("cuda_graphs=True does not apply: %s; the factored pass runs eagerly", why)
+        plan = (device, tuple(self._units), frozenset(self._protect))
+        if plan != self._graph_plan:
+            self._graph_plan = plan
+            self._graphs_off = self._graphs_do_not_apply(device)
+            if self._graphs_off is not None:
+                logger.info("cuda_graphs=True does not apply: %s; the factored pass runs eagerly", self._graphs_off)
+                if self._graphs is not None:
+                    self._graphs.reset()
+            else:
+                backend: GraphBackend = self._graph_backend or CudaGraphs(device)
+                if self._graphs is None:
+                    self._graphs = PassGraphs(backend)
+                else:
+                    self._graphs.reset(backend)
+        if self._graphs_off is not None or self._graphs is None or self._graphs.disabled is not None:
             return None
-        backend: GraphBackend = self._graph_backend or CudaGraphs(device)
-        self._graphs = PassGraphs(backend)
         return self._graphs
+
+    def _graphs_do_not_apply(self, device: torch.device) -> str | None:
+        """Why the plan in use cannot be replayed from a graph (``None``: it can)."""
+        if device.type != "cuda" and self._graph_backend is None:
+            return f"the model is on {device}, not a CUDA device"
+        if self._vmap_names:
+            return "part of the plan runs by vmap"
+        if self.randomness is not Randomness.EVAL:
+            return f"randomness={self.randomness.value!r} draws random numbers a replay would repeat"
+        if self.layout.uncached_dense()[0]:
+            return "some projection matrices are regenerated per batch (past the projector's cache)"
+        return None
+
+    def _graph_key(self, leaves: list[Any], spec: Any, kind: Any) -> Any:
+        """The batch's graph signature, with the settings that change the kernels a pass runs; ``None``
+        (eagerly) for a tensor not on the model's device, whose host-side work a graph would freeze."""
+        device = self._device()
+        if any(isinstance(t, torch.Tensor) and t.device != device for t in leaves):
+            return None
+        numerics = (
+            torch.is_grad_enabled(),
+            _autocast_state(device.type),
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision(),
+        )
+        return batch_signature(leaves, (spec, kind, numerics))
+
+    def _graph_state(self) -> tuple[Any, ...]:
+        """What a graph of the pass reads besides the batch: every parameter's and buffer's storage, which
+        parameters need a gradient, and how many hooks the model's modules hold (a replay runs none)."""
+        params = tuple((t.data_ptr(), t.requires_grad) for t in self.model.parameters())
+        buffers = tuple(t.data_ptr() for t in self.model.buffers())
+        hooks = sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            + len(getattr(m, "_backward_pre_hooks", ()))
+            for m in self.model.modules()
+        )
+        return params, buffers, hooks
 
     def flush_checks(self) -> None:
         """Wait for the device and raise the ``ValueError`` of any batch whose value checks failed.
@@ -397,8 +439,7 @@ class GradientExtractor:
                                 four = self._factored(ins, tgt, fn, kind, fl)  # appends the flags to fl
                                 return (*fl, *four)
 
-                            weights = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
-                            out = graphs(run, leaves, batch_signature(leaves, (spec, kind)), weights)
+                            out = graphs(run, leaves, self._graph_key(leaves, spec, kind), self._graph_state())
                             flags.extend(out[:-4])
                             z, sq, loss, output = out[-4:]
                     except ValueError as exc:
@@ -444,6 +485,14 @@ class GradientExtractor:
         assert z is not None and sq is not None and loss is not None and output is not None
         self._checks.poll()  # on the CPU this batch's own checks: a bad batch raises in its own call
         return ProjectedBatch(z=z, loss=loss, output=output, grad_norm=sq.clamp_min(0).sqrt())
+
+
+def _autocast_state(device_type: str) -> tuple[bool, Any]:
+    """Whether autocast is on for ``device_type`` and its dtype (torch >= 2.4; older: CUDA's own calls)."""
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # older torch: no device-type argument
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
 class _SwappedPassFailed(Exception):

@@ -61,6 +61,7 @@ MODULES: dict[str, str] = {
     "factored.plan": "hardmine/factored/plan.py",
     "factored.registry": "hardmine/factored/registry.py",
     "factored.apply": "hardmine/factored/apply.py",
+    "factored.graphs": "hardmine/factored/graphs.py",
     "factored.capture": "hardmine/factored/capture.py",
 }
 # Per-module test selection on top of [tool.mutmut], through PYTEST_ADDOPTS (not part of mutmut's cached
@@ -75,6 +76,7 @@ FACTORED_TESTS = (
     "tests/test_factored_rules_behaviour.py",
     "tests/test_factored_attention.py",
     "tests/test_factored_parameter.py",
+    "tests/test_cuda_graphs.py",
     "tests/test_transformers.py",
 )
 KILLED = {1, 3}

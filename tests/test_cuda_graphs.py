@@ -12,8 +12,6 @@ changes when the next batch runs, the value checks of replayed batches, weights 
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +20,49 @@ from torch import nn
 from hardmine.engine import GradientExtractor
 from hardmine.factored.graphs import PassGraphs, batch_signature
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_extract as be  # noqa: E402
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Tokens(nn.Module):  # mapping inputs, padded tokens: a batch of two tensors besides the target
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(30, 8), nn.LayerNorm(8), nn.Linear(8, 5)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.norm(self.emb(input_ids)) * attention_mask[..., None]
+        return self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "tokens": Tokens}
+
+
+def build(name: str, b: int, seed: int):
+    """A batch of ``b`` samples for model ``name``, drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 5, (b,), generator=g)
+    if name == "mlp":
+        return torch.randn(b, 20, generator=g), y
+    if name == "cnn":
+        return torch.randn(b, 3, 8, 8, generator=g), y
+    ids = torch.randint(1, 30, (b, 7), generator=g)
+    mask = (torch.arange(7)[None, :] < torch.randint(2, 8, (b,), generator=g)[:, None]).long()  # (B, T)
+    return {"input_ids": ids * mask, "attention_mask": mask}, y
 
 
 class Rerun:
@@ -46,6 +85,31 @@ class Rerun:
         return replay, out
 
 
+class Frozen(Rerun):
+    """A stand-in closer to a real graph: a replay runs the pass with the extractor's plan as it was at capture
+    (its units and protected outputs), whatever the plan is now."""
+
+    def __init__(self, ext: GradientExtractor) -> None:
+        super().__init__()
+        self.ext = ext
+
+    def capture(self, fn):
+        units, protect = dict(self.ext._units), set(self.ext._protect)
+        out = fn()
+
+        def replay() -> None:
+            saved = self.ext._units, self.ext._protect
+            self.ext._units, self.ext._protect = units, protect
+            try:
+                new = fn()
+            finally:
+                self.ext._units, self.ext._protect = saved
+            for o, n in zip(out, new):
+                o.copy_(n)
+
+        return replay, out
+
+
 def _pair(model: nn.Module, backend: Rerun | None = None, **kw):
     eager = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy", **kw)
     graphed = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy", cuda_graphs=True, **kw)
@@ -54,7 +118,7 @@ def _pair(model: nn.Module, backend: Rerun | None = None, **kw):
 
 
 def _batches(name: str, sizes):
-    return [be.build(name, b, seed=s + 1)[1] for s, b in enumerate(sizes)]
+    return [build(name, b, seed=s + 1) for s, b in enumerate(sizes)]
 
 
 def _same(a, b) -> None:
@@ -62,10 +126,10 @@ def _same(a, b) -> None:
         torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", be.MODELS)
+@pytest.mark.parametrize("name", MODELS)
 def test_replayed_batches_equal_the_eager_pass_and_keep_their_results(name):
-    model, _ = be.build(name, 4)
-    model.eval()
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
     eager, graphed = _pair(model)
     # first batch (plan check), two eager warm-ups of size 6, then capture + replays, and a short last batch
     batches = _batches(name, [5, 6, 6, 6, 6, 6, 3])
@@ -79,7 +143,7 @@ def test_replayed_batches_equal_the_eager_pass_and_keep_their_results(name):
 
 
 def test_each_batch_shape_gets_its_own_graph_up_to_two():
-    model = be.MLP().eval()
+    model = MLP().eval()
     eager, graphed = _pair(model)
     sizes = [4] + [5] * 3 + [7] * 4 + [9] * 4 + [5]
     batches = _batches("mlp", sizes)
@@ -91,7 +155,7 @@ def test_each_batch_shape_gets_its_own_graph_up_to_two():
 
 
 def test_a_bad_label_in_a_replayed_batch_is_still_refused():
-    model = be.MLP().eval()
+    model = MLP().eval()
     _, graphed = _pair(model)
     for b in _batches("mlp", [4, 6, 6, 6]):
         graphed(b)
@@ -106,18 +170,19 @@ def test_a_bad_label_in_a_replayed_batch_is_still_refused():
 
 
 def test_a_failed_capture_switches_graphs_off_and_the_batch_runs_eagerly(caplog):
-    model = be.MLP().eval()
+    model = MLP().eval()
     eager, graphed = _pair(model, Rerun(fail=RuntimeError("operation not permitted when stream is capturing")))
     with caplog.at_level(logging.WARNING, logger="hardmine.factored.graphs"):
         for b in _batches("mlp", [4, 6, 6, 6, 6]):
             _same(graphed(b), eager(b))
     off = graphed.cuda_graph_state()["off"]
     assert off.startswith("the capture failed (RuntimeError: operation not permitted")
-    assert sum("switched off" in r.message for r in caplog.records) == 1
+    said = [r.getMessage() for r in caplog.records if "switched off" in r.getMessage()]
+    assert len(said) == 1 and "operation not permitted when stream is capturing" in said[0]
 
 
 def test_a_replay_that_differs_from_the_eager_pass_switches_graphs_off(caplog):
-    model = be.MLP().eval()
+    model = MLP().eval()
     eager, graphed = _pair(model, Rerun(skew=0.5))  # a graph that froze something it should not have
     with caplog.at_level(logging.WARNING, logger="hardmine.factored.graphs"):
         for b in _batches("mlp", [4, 6, 6, 6, 6, 6]):
@@ -129,7 +194,7 @@ def test_a_replay_that_differs_from_the_eager_pass_switches_graphs_off(caplog):
 
 
 def test_replacing_a_weight_drops_the_graphs_and_captures_again():
-    model = be.MLP().eval()
+    model = MLP().eval()
     eager, graphed = _pair(model)
     batches = _batches("mlp", [4, 6, 6, 6, 6])
     for b in batches:
@@ -182,8 +247,8 @@ def test_where_graphs_do_not_apply_the_pass_runs_eagerly_and_says_why(case, why)
 
 def test_cuda_graphs_must_be_a_bool():
     with pytest.raises(ValueError, match=r"cuda_graphs='yes' must be True or False"):
-        GradientExtractor(be.MLP(), cuda_graphs="yes")
-    assert GradientExtractor(be.MLP()).cuda_graph_state() == {
+        GradientExtractor(MLP(), cuda_graphs="yes")
+    assert GradientExtractor(MLP()).cuda_graph_state() == {
         "requested": False, "captured": 0, "replayed": 0, "off": None
     }
 
@@ -195,8 +260,9 @@ def test_signature_tells_shapes_dtypes_and_values_apart():
     assert batch_signature([a], "s") != batch_signature([b], "s")
     assert batch_signature([a], "s") != batch_signature([torch.zeros(3, 3)], "s")
     assert batch_signature([a], "s") != batch_signature([a], "t")
-    assert batch_signature([a.requires_grad_()], "s") is None
+    assert batch_signature([torch.zeros(2, 3).requires_grad_()], "s") is None
     assert batch_signature([[1]], "s") is None  # unhashable: never captured
+    assert batch_signature([a, True], "s") != batch_signature([a, 1], "s")  # equal and same hash, not the same
 
 
 def test_pass_graphs_warm_up_capture_then_replay_with_fresh_outputs():
@@ -252,6 +318,7 @@ def test_cuda_backend_warms_up_and_captures_on_its_own_stream(monkeypatch):
 
     @contextmanager
     def graph(g, pool=None, stream=None, capture_error_mode=None):
+        assert isinstance(g, Graph)
         log.append(("capture", pool, stream.name, capture_error_mode))
         active.append(stream.name + "(capturing)")
         try:
@@ -259,8 +326,14 @@ def test_cuda_backend_warms_up_and_captures_on_its_own_stream(monkeypatch):
         finally:
             active.pop()
 
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device: side)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: current)
+    dev = torch.device("cuda", 0)
+
+    def on_device(value, device):
+        assert device == dev  # the backend's own device, not the current one
+        return value
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: on_device(side, device))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: on_device(current, device))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
     monkeypatch.setattr(torch.cuda, "stream", on_stream)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
@@ -270,7 +343,7 @@ def test_cuda_backend_warms_up_and_captures_on_its_own_stream(monkeypatch):
         log.append(("run on", active[-1]))
         return (torch.ones(2),)
 
-    backend = graphs_mod.CudaGraphs(torch.device("cuda", 0))
+    backend = graphs_mod.CudaGraphs(dev)
     replay, out = backend.capture(fn)
     assert log == [
         ("wait", "side", "current"),
@@ -282,3 +355,133 @@ def test_cuda_backend_warms_up_and_captures_on_its_own_stream(monkeypatch):
     assert out[0].tolist() == [1.0, 1.0]
     replay()
     assert log[-1] == ("replay",)
+
+
+def test_a_plan_changed_by_a_later_batch_drops_the_graphs_of_the_old_plan():
+    """Under auto, a later batch that the swapped class token and position embedding cannot take (a longer
+    input, interpolated) moves them to vmap: a graph captured with them factored must not be replayed, or their
+    norms would be counted twice."""
+    from test_factored_parameter import Tokens as ViT
+    from test_factored_parameter import _batch
+
+    torch.manual_seed(0)
+    model = ViT(use="interp").double()
+    ext = GradientExtractor(model, dim=16, cuda_graphs=True)
+    ext._graph_backend = Frozen(ext)
+    ext(_batch(3))
+    for _ in range(4):
+        ext(_batch(5))
+    assert ext.cuda_graph_state() == {"requested": True, "captured": 1, "replayed": 2, "off": None}
+    ext(_batch(3, 6))  # the swapped pass fails on the longer input: cls and pos go to vmap
+    assert ext.plan["cls"] == ext.plan["pos"] == "vmap"
+    got = ext(_batch(5))
+    want = GradientExtractor(model, dim=16, engine="vmap")(_batch(5))
+    torch.testing.assert_close(got.grad_norm, want.grad_norm)
+    torch.testing.assert_close(got.z, want.z)
+    assert ext.cuda_graph_state()["off"] == "part of the plan runs by vmap"
+
+
+def test_a_nan_batch_on_the_first_replay_is_refused_as_without_graphs():
+    model = MLP().eval()
+    _, graphed = _pair(model)
+    for b in _batches("mlp", [4, 6, 6, 6]):  # the last one captured: the next replay is compared
+        graphed(b)
+    x, y = _batches("mlp", [6])[0]
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf values in 1 sample\(s\) \(first at batch position 0\)"):
+        graphed((x, y))
+    assert graphed.cuda_graph_state()["off"] is None  # NaN where the eager pass has it too: no difference
+
+
+def test_an_eager_check_that_fails_switches_graphs_off_and_reruns_the_batch(caplog):
+    model = MLP().eval()
+    eager, graphed = _pair(model)
+    batches = _batches("mlp", [4, 6, 6, 6, 6])
+    for b in batches[:4]:
+        graphed(b)
+    real = graphed._factored
+    calls = []
+
+    def once_out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the replay's stand-in runs the pass first; the eager check second
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(*args, **kwargs)
+
+    graphed._factored = once_out_of_memory
+    with caplog.at_level(logging.WARNING, logger="hardmine.factored.graphs"):
+        _same(graphed(batches[4]), eager(batches[4]))
+    assert graphed.cuda_graph_state()["off"] == (
+        "a replayed pass differed from the eager pass of the same batch (the eager pass beside it failed: "
+        "OutOfMemoryError: CUDA out of memory (a stand-in))"
+    )
+    assert any("OutOfMemoryError" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("change", ["frozen", "hook", "autocast"])
+def test_what_a_graph_freezes_besides_the_batch_makes_it_capture_again(change):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    _, graphed = _pair(model)
+    batches = _batches("mlp", [4, 6, 6, 6])
+    for b in batches:
+        graphed(b)
+    assert graphed.cuda_graph_state()["captured"] == 1
+    if change == "frozen":
+        model.net[0].weight.requires_grad_(False)
+    elif change == "hook":
+        model.net[0].register_forward_hook(lambda m, a, o: None)
+    for b in batches[1:]:
+        if change == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):  # the same numerics: no new graph
+                graphed(b)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                graphed(b)
+        else:
+            graphed(b)
+    assert graphed.cuda_graph_state()["captured"] == 2
+
+
+def test_a_batch_left_on_another_device_than_the_model_runs_eagerly():
+    model = MLP().eval()
+    _, graphed = _pair(model)
+    graphed._device = lambda: torch.device("meta")  # the model "elsewhere": every batch tensor is on another device
+    for b in _batches("mlp", [4, 6, 6, 6, 6]):
+        graphed._graph_runner()
+        assert graphed._graph_key([*b], "spec", None) is None
+
+
+def test_difference_tells_what_differs():
+    from hardmine.factored.graphs import _difference
+
+    a = torch.tensor([1.0, 2.0, float("nan"), float("inf")])
+    assert _difference((a,), (a.clone(),)) is None  # NaN and inf where the other has them: equal
+    assert _difference((a, a), (a,)) == "2 outputs instead of 1"
+    assert _difference((a,), (a[:3],)) == "output 0: (4,) torch.float32 instead of (3,) torch.float32"
+    assert _difference((a,), (a.double(),)) == "output 0: (4,) torch.float32 instead of (4,) torch.float64"
+    assert _difference((torch.tensor([True]),), (torch.tensor([False]),)) == "output 0 differs"
+    assert _difference((torch.tensor([3]),), (torch.tensor([3]),)) is None
+    big = torch.tensor([1000.0, 1.0])
+    assert _difference((big + torch.tensor([0.0, 0.005]),), (big,)) is None  # within 1e-5 of the scale
+    assert _difference((big + torch.tensor([0.0, 0.02]),), (big,)) == "output 0: max difference 0.02 at scale 1e+03"
+    small = torch.tensor([1e-3, 2e-3])
+    assert _difference((small * 1.001,), (small,)).startswith("output 0: max difference")  # rtol 1e-4 at any scale
+    # one inf in the reference does not widen the tolerance of the finite values
+    with_inf = torch.tensor([float("inf"), 1.0])
+    assert _difference((torch.tensor([float("inf"), 1.1]),), (with_inf,)).startswith("output 0: max difference")
+    assert _difference((torch.zeros(0),), (torch.zeros(0),)) is None
+
+
+def test_pass_graphs_keep_leaves_that_are_not_tensors_as_they_are():
+    seen = []
+
+    def fn(leaves):
+        seen.append(leaves[1])
+        return (leaves[0] * leaves[1],)
+
+    graphs = PassGraphs(Rerun(), warmup=1)
+    key = batch_signature([torch.zeros(2), 3], "k")
+    for v in (1.0, 2.0, 4.0):
+        out = graphs(fn, [torch.full((2,), v), 3], key, None)[0]
+        assert out.tolist() == [3 * v, 3 * v]
+    assert graphs.captured == 1 and seen == [3] * len(seen)

@@ -8,19 +8,27 @@ again with one call, so the host's share of a batch drops to copying the batch i
 :class:`PassGraphs` does this for a pure function ``fn(leaves) -> tuple of tensors`` (the engine passes the
 batch's tensors and gets the value-check flags and the four results back):
 
-* a batch *signature* (its structure, each tensor's shape, dtype and device, and every other leaf's value) is
-  run eagerly ``warmup`` times, then captured: the batch is copied into static input tensors, ``fn`` runs once
-  on a side stream (lazy set-ups such as cuBLAS workspaces happen outside the capture), then once under
-  capture, and the graph is replayed. Later batches of that signature are copied into the static inputs and
-  replayed; the outputs are cloned, so a batch's results never change when the next one runs;
-* a signature seen once (the last, shorter batch of a scan) stays eager, and at most ``max_graphs`` are kept;
+* a batch *signature* (its structure, each tensor's shape, dtype and device, every other leaf's value, and what
+  the caller adds: the engine adds the loss kind and the numerics settings, autocast and TF32) is run eagerly
+  ``warmup`` times, then captured: the batch is copied into static input tensors, ``fn`` runs once on a side
+  stream (lazy set-ups such as cuBLAS workspaces happen outside the capture), then once under capture, and
+  the graph is replayed. Later batches of that signature are copied into the static inputs and replayed; the
+  outputs are cloned, so a batch's results never change when the next one runs;
+* a signature seen fewer times (the last, shorter batch of a scan) stays eager, and at most ``max_graphs`` are
+  kept (the first ones; later shapes run eagerly);
 * the first replay on a batch other than the captured one is compared with an eager pass of that batch: a
   pass whose result depended on something the graph froze (a value read on the host at capture time) differs,
   and graphs are switched off for good, with a warning;
-* a capture that fails (an operation a graph cannot hold) switches graphs off with a warning, and the batch
-  runs eagerly: ``cuda_graphs=True`` can make a scan faster, never fail;
-* the weights' storage is part of what a graph holds: when a selected parameter or buffer is a new tensor (the
-  model was moved, or a weight replaced), the graphs are dropped and captured again.
+* a capture, or that first comparison, that fails (an operation a graph cannot hold, memory) switches graphs
+  off with a warning and drops them, and the batch runs eagerly: ``cuda_graphs=True`` can make a scan faster,
+  never fail;
+* what else a graph holds is the caller's ``state`` (the engine: every parameter's and buffer's storage and
+  ``requires_grad``, and the number of hooks on the model): when it changes (the model was moved, a weight
+  replaced or frozen, a hook added), the graphs are dropped and captured again. :meth:`PassGraphs.reset` drops
+  them when the caller's plan changes.
+
+All graphs share one memory pool, which keeps about one pass's peak memory reserved for as long as graphs are
+kept.
 
 The capture itself is behind :class:`GraphBackend` (``CudaGraphs`` on a GPU), so the bookkeeping above is
 tested on the CPU with a stand-in that calls ``fn`` again on the static inputs.
@@ -113,25 +121,32 @@ class PassGraphs:
         self.replayed = 0
         self._graphs: dict[Hashable, _Graph] = {}
         self._seen: Counter[Hashable] = Counter()
-        self._weights: tuple[int, ...] | None = None
+        self._state: Hashable = None
 
     def disable(self, why: str) -> None:
+        """Switch graphs off for good (a warning, once) and drop the captured ones."""
         if self.disabled is None:
             logger.warning("cuda_graphs: switched off, running the factored pass eagerly: %s", why)
         self.disabled = why
         self._graphs.clear()
 
-    def __call__(
-        self, fn: PassFn, leaves: list[Any], key: Hashable | None, weights: tuple[int, ...]
-    ) -> Outputs:
-        """``fn(leaves)``, eagerly or by a graph of it; ``key`` from :func:`batch_signature`, ``weights`` the
-        storage of the tensors ``fn`` reads besides the leaves (its parameters and buffers)."""
+    def reset(self, backend: GraphBackend | None = None) -> None:
+        """Drop every graph and count (the caller's plan changed), optionally with a new backend."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._state = None
+        if backend is not None:
+            self.backend = backend
+
+    def __call__(self, fn: PassFn, leaves: list[Any], key: Hashable | None, state: Hashable) -> Outputs:
+        """``fn(leaves)``, eagerly or by a graph of it; ``key`` from :func:`batch_signature` (``None``: eagerly),
+        ``state`` what else ``fn`` reads that a graph freezes (module docstring)."""
         if self.disabled is not None or key is None:
             return fn(leaves)
-        if weights != self._weights:  # a graph holds the old storage: capture again
+        if state != self._state:  # a graph holds the old storage or settings: capture again
             self._graphs.clear()
             self._seen.clear()
-            self._weights = weights
+            self._state = state
         graph = self._graphs.get(key)
         if graph is None:
             self._seen[key] += 1
@@ -140,19 +155,25 @@ class PassGraphs:
             try:
                 graph = self._capture(fn, leaves)
             except Exception as exc:  # noqa: BLE001  any capture failure: the eager pass stays correct
-                self.disable(f"the capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})")
+                self.disable(f"the capture failed ({_first_line(exc)})")
                 return fn(leaves)
             self._graphs[key] = graph
             self.captured += 1
             return self._replay(graph, leaves)
         out = self._replay(graph, leaves)
-        if not graph.checked:
-            eager = fn(leaves)
-            diff = _difference(out, eager)
-            if diff is not None:
-                self.disable(f"a replayed pass differed from the eager pass of the same batch ({diff})")
-                return eager
-            graph.checked = True
+        if graph.checked:
+            return out
+        try:
+            diff = _difference(out, fn(leaves))
+        except ValueError:
+            raise  # the batch's own error, which the eager pass raises too
+        except Exception as exc:  # noqa: BLE001  e.g. out of memory with the graphs' pool held
+            diff = f"the eager pass beside it failed: {_first_line(exc)}"
+        if diff is not None:
+            del graph, out  # the pool's memory is free again once no graph holds it
+            self.disable(f"a replayed pass differed from the eager pass of the same batch ({diff})")
+            return fn(leaves)
+        graph.checked = True
         return out
 
     def _capture(self, fn: PassFn, leaves: list[Any]) -> _Graph:
@@ -168,18 +189,26 @@ class PassGraphs:
         return tuple(t.clone() for t in graph.outputs)
 
 
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
 def _difference(got: Outputs, want: Outputs) -> str | None:
-    """Why two passes' outputs differ beyond float rounding (``None`` when they agree). A sync, once per graph."""
+    """Why two passes' outputs differ beyond float rounding (``None`` when they agree): NaN and inf where the
+    other has them too count as equal (a batch with a NaN input is refused by its flags, not here). A sync,
+    once per graph."""
     if len(got) != len(want):
         return f"{len(got)} outputs instead of {len(want)}"
     for i, (a, b) in enumerate(zip(got, want)):
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"output {i}: {tuple(a.shape)} {a.dtype} instead of {tuple(b.shape)} {b.dtype}"
-        if a.dtype == torch.bool or not torch.is_floating_point(a):
+        if not torch.is_floating_point(a):  # flags (bool) and integers: exactly
             if not torch.equal(a, b):
                 return f"output {i} differs"
             continue
-        scale = float(b.detach().abs().max()) if b.numel() else 0.0
-        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-12)):
-            return f"output {i}: max difference {float((a - b).abs().max()):.3g} at scale {scale:.3g}"
+        # the tolerance from the finite values: one NaN or inf must not make every difference pass (or fail)
+        scale = float(torch.nan_to_num(b.detach(), nan=0.0, posinf=0.0, neginf=0.0).abs().max()) if b.numel() else 0.0
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-12), equal_nan=True):
+            gap = torch.nan_to_num((a - b).abs(), nan=float("inf")).max()
+            return f"output {i}: max difference {float(gap):.3g} at scale {scale:.3g}"
     return None
