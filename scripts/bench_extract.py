@@ -613,7 +613,7 @@ def markdown(
     ]
     if agree_tf32:
         lines[-1] += (
-            " (float32; with TF32, cuDNN's default for convolutions on this device: "
+            " (float32; with TF32 for convolutions and matmuls, where cuDNN's default is TF32 convolutions: "
             + ", ".join(f"{m} {a[0]:.1e} / {a[1]:.1e}" for m, a in agree_tf32.items())
             + ")."
         )

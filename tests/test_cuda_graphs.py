@@ -282,6 +282,37 @@ def test_pass_graphs_warm_up_capture_then_replay_with_fresh_outputs():
     out3 = graphs(fn, [x3], key, (1,))[0]  # replay + the one eager comparison
     assert out3.tolist() == [6, 6, 6] and out2.tolist() == [4, 4, 4]
     assert graphs.captured == 1 and graphs.replayed == 2 and graphs.disabled is None
+    n = len(calls)  # the stand-in's replays call fn; the eager comparison ran once, on the first replay only
+    out4 = graphs(fn, [torch.full((3,), 4.0)], key, (1,))[0]
+    assert out4.tolist() == [8, 8, 8] and len(calls) == n + 1
+
+
+def test_pass_graphs_without_a_key_always_run_eagerly_on_the_batch():
+    graphs = PassGraphs(Rerun(), warmup=0)
+    for v in (1.0, 2.0, 3.0):
+        x = torch.full((2,), v)
+        assert graphs(lambda leaves: (leaves[0] + 1,), [x], None, None)[0].tolist() == [v + 1, v + 1]
+    assert graphs.captured == 0 and graphs.replayed == 0
+
+
+def test_pass_graphs_reset_drops_the_graphs_and_takes_the_new_backend():
+    first, second = Rerun(), Rerun()
+    graphs = PassGraphs(first, warmup=0)
+    key = batch_signature([torch.zeros(2)], "k")
+    graphs(lambda leaves: (leaves[0] * 2,), [torch.ones(2)], key, None)
+    graphs.reset(second)
+    assert graphs(lambda leaves: (leaves[0] * 3,), [torch.ones(2)], key, None)[0].tolist() == [3.0, 3.0]
+    assert (first.captures, second.captures, graphs.captured) == (1, 1, 2)
+    graphs.reset()  # the same backend
+    graphs(lambda leaves: (leaves[0] * 3,), [torch.ones(2)], key, None)
+    assert second.captures == 2
+
+
+def test_first_line_of_an_error():
+    from hardmine.factored.graphs import _first_line
+
+    assert _first_line(RuntimeError()) == "RuntimeError: "
+    assert _first_line(ValueError("a\nb")) == "ValueError: a"
 
 
 def test_cuda_backend_warms_up_and_captures_on_its_own_stream(monkeypatch):
@@ -412,8 +443,7 @@ def test_an_eager_check_that_fails_switches_graphs_off_and_reruns_the_batch(capl
     with caplog.at_level(logging.WARNING, logger="hardmine.factored.graphs"):
         _same(graphed(batches[4]), eager(batches[4]))
     assert graphed.cuda_graph_state()["off"] == (
-        "a replayed pass differed from the eager pass of the same batch (the eager pass beside it failed: "
-        "OutOfMemoryError: CUDA out of memory (a stand-in))"
+        "the eager pass checking the first replay failed (OutOfMemoryError: CUDA out of memory (a stand-in))"
     )
     assert any("OutOfMemoryError" in r.getMessage() for r in caplog.records)
 
@@ -442,13 +472,142 @@ def test_what_a_graph_freezes_besides_the_batch_makes_it_capture_again(change):
     assert graphed.cuda_graph_state()["captured"] == 2
 
 
-def test_a_batch_left_on_another_device_than_the_model_runs_eagerly():
+def test_a_batch_left_on_another_device_than_the_model_runs_eagerly(monkeypatch):
+    model = MLP().eval()
+    eager, graphed = _pair(model)
+    batches = _batches("mlp", [4, 6, 6, 6, 6])
+    real = GradientExtractor._graph_key
+
+    def elsewhere(self, leaves, spec, kind):  # every batch tensor "on another device" than the model
+        monkeypatch.setattr(self, "_device", lambda: torch.device("meta"))
+        try:
+            return real(self, leaves, spec, kind)
+        finally:
+            monkeypatch.delattr(self, "_device")
+
+    monkeypatch.setattr(GradientExtractor, "_graph_key", elsewhere)
+    for b in batches:
+        _same(graphed(b), eager(b))
+    assert graphed.cuda_graph_state()["captured"] == 0
+
+
+def _captured_after(graphed, batches, change) -> int:
+    for b in batches:
+        graphed(b)
+    assert graphed.cuda_graph_state()["captured"] == 1
+    change()
+    for b in batches[1:]:
+        graphed(b)
+    return graphed.cuda_graph_state()["captured"]
+
+
+def test_a_new_protected_output_or_device_sets_the_graphs_up_again(monkeypatch):
     model = MLP().eval()
     _, graphed = _pair(model)
-    graphed._device = lambda: torch.device("meta")  # the model "elsewhere": every batch tensor is on another device
-    for b in _batches("mlp", [4, 6, 6, 6, 6]):
-        graphed._graph_runner()
-        assert graphed._graph_key([*b], "spec", None) is None
+    batches = _batches("mlp", [4, 6, 6, 6])
+    assert _captured_after(graphed, batches, lambda: graphed._protect.add("net.2")) == 2
+    made = []
+    monkeypatch.setattr("hardmine.engine.CudaGraphs", lambda device: made.append(device) or Rerun())
+    graphed._graph_backend = None  # the default backend, one per device
+    monkeypatch.setattr(graphed, "_device", lambda: torch.device("cuda", 1))  # the model moved: only the plan is read
+    graphed._graph_runner()
+    assert made == [torch.device("cuda", 1)] and graphed._graphs._graphs == {}
+
+
+@pytest.mark.parametrize("setting", ["matmul_precision", "conv_fp32_precision", "loss"])
+def test_settings_the_pass_runs_under_are_part_of_the_key(setting, monkeypatch):
+    model = MLP().eval()
+    _, graphed = _pair(model)
+    batches = _batches("mlp", [4, 6, 6, 6])
+
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if setting == "conv_fp32_precision" and not hasattr(conv, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    old = torch.get_float32_matmul_precision(), getattr(conv, "fp32_precision", None)
+
+    def change() -> None:
+        if setting == "matmul_precision":
+            torch.set_float32_matmul_precision("high")
+        elif setting == "conv_fp32_precision":
+            conv.fp32_precision = "ieee"  # reading the legacy allow_tf32 now raises
+        else:
+            graphed.loss_fn = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+    try:
+        assert _captured_after(graphed, batches, change) == 2
+    finally:
+        torch.set_float32_matmul_precision(old[0])
+        if old[1] is not None:
+            conv.fp32_precision = old[1]
+
+
+def test_a_plan_left_with_no_factored_unit_drops_its_graphs():
+    from test_factored_parameter import Tokens as ViT
+    from test_factored_parameter import _batch
+
+    torch.manual_seed(0)
+    ext = GradientExtractor(ViT(use="interp").double(), layers=["cls", "pos"], dim=16, cuda_graphs=True)
+    ext._graph_backend = Frozen(ext)
+    for b in (3, 5, 5, 5):
+        ext(_batch(b))
+    assert ext.cuda_graph_state()["captured"] == 1
+    ext(_batch(3, 6))  # cls and pos go to vmap: nothing is factored any more
+    assert ext.plan == {"cls": "vmap", "pos": "vmap"}
+    assert ext.cuda_graph_state()["off"] == "part of the plan runs by vmap" and ext._graphs._graphs == {}
+
+
+def test_a_batch_error_raised_by_the_eager_check_is_the_batchs_and_graphs_stay_on():
+    model = MLP().eval()
+    _, graphed = _pair(model)
+    batches = _batches("mlp", [4, 6, 6, 6, 6])
+    for b in batches[:4]:
+        graphed(b)
+    real, calls = graphed._factored, []
+
+    def bad_on_check(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("this batch is bad")
+        return real(*args, **kwargs)
+
+    graphed._factored = bad_on_check
+    with pytest.raises(ValueError, match="this batch is bad"):
+        graphed(batches[4])
+    graphed._factored = real
+    assert graphed.cuda_graph_state()["off"] is None
+
+
+def test_a_first_replay_with_nan_results_is_checked_again_on_the_next():
+    model = MLP().eval()
+    _, graphed = _pair(model)
+    batches = _batches("mlp", [4, 6, 6, 6, 6])
+    for b in batches[:4]:
+        graphed(b)
+    x, y = batches[4]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        graphed((x, y))
+    (graph,) = graphed._graphs._graphs.values()
+    assert not graph.checked
+    graphed(batches[4])
+    assert graph.checked
+
+
+def test_graphs_that_never_settle_are_switched_off(caplog):
+    model = MLP().eval()
+    eager, graphed = _pair(model)
+    batches = _batches("mlp", [4] + [6] * 40)
+    with caplog.at_level(logging.WARNING, logger="hardmine.factored.graphs"):
+        for i, b in enumerate(batches):
+            if i % 3 == 0:  # a new hook every third batch: captured each time, replayed once at most
+                model.net[0].register_forward_hook(lambda m, a, o: None)
+            _same(graphed(b), eager(b))
+    state = graphed.cuda_graph_state()
+    assert state["captured"] == 8
+    assert state["off"] == (
+        "8 captures so far: the batch signatures or what the pass reads (weights, hooks, settings) keep changing"
+    )
 
 
 def test_difference_tells_what_differs():
@@ -466,6 +625,15 @@ def test_difference_tells_what_differs():
     assert _difference((big + torch.tensor([0.0, 0.02]),), (big,)) == "output 0: max difference 0.02 at scale 1e+03"
     small = torch.tensor([1e-3, 2e-3])
     assert _difference((small * 1.001,), (small,)).startswith("output 0: max difference")  # rtol 1e-4 at any scale
+    assert _difference((small * 1.00005,), (small,)) is None
+    # NaN and infinities leave the tolerance to the finite values: none of them widens it
+    for odd in (float("nan"), float("inf"), -float("inf")):
+        want = torch.tensor([odd, 1e-3])
+        assert _difference((torch.tensor([odd, 1.002e-3]),), (want,)).startswith("output 0: max difference 2e-06")
+        assert _difference((torch.tensor([odd, 1e-3]),), (want,)) is None
+    assert _difference((torch.tensor([float("nan"), 1.0]),), (torch.tensor([0.0, 1.0]),)) == (
+        "output 0: max difference inf at scale 1"
+    )
     # one inf in the reference does not widen the tolerance of the finite values
     with_inf = torch.tensor([float("inf"), 1.0])
     assert _difference((torch.tensor([float("inf"), 1.1]),), (with_inf,)).startswith("output 0: max difference")
