@@ -175,7 +175,7 @@ def _device_start(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _demo_child(out: str, neighbours: bool = True, device: str = "cpu") -> dict:
+def _demo_child(out: str, neighbours: bool = True, device: str = "cpu", cuda_graphs: bool = False) -> dict:
     """``make demo``'s scan: the demo MLP (one epoch of training) on Fashion-MNIST train, dim 64, batch 256.
     On another device the model is trained and scanned there; the scan's batches stay on the host (the scan
     moves each to the model's device)."""
@@ -210,7 +210,7 @@ def _demo_child(out: str, neighbours: bool = True, device: str = "cpu") -> dict:
     sampler = _PeakSampler()
     sampler.start()
     t0 = time.perf_counter()
-    s = scan(model, batches, out=out, dim=64, seed=0, total=n,
+    s = scan(model, batches, out=out, dim=64, seed=0, total=n, cuda_graphs=cuda_graphs,
              progress=lambda p: setattr(sampler, "phase", p.phase.value))
     wall = time.perf_counter() - t0
     sampler.stop()
@@ -221,7 +221,7 @@ def _demo_child(out: str, neighbours: bool = True, device: str = "cpu") -> dict:
 
 
 def _child(n: int, dim: int, batch: int, engine: str, out: str, neighbours: bool = True,
-           device: str = "cpu") -> dict:
+           device: str = "cpu", cuda_graphs: bool = False) -> dict:
     import torch
     from torch import nn
 
@@ -249,7 +249,7 @@ def _child(n: int, dim: int, batch: int, engine: str, out: str, neighbours: bool
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    ext = GradientExtractor(model, layers="2", dim=dim, seed=0, engine=engine)
+    ext = GradientExtractor(model, layers="2", dim=dim, seed=0, engine=engine, cuda_graphs=cuda_graphs)
     ref_n = min(n, 50 * batch)
     for b in data(2 * batch):
         ext(to_device(b, dev))
@@ -270,7 +270,7 @@ def _child(n: int, dim: int, batch: int, engine: str, out: str, neighbours: bool
     def on_progress(p) -> None:
         sampler.phase = p.phase.value
 
-    s = scan(model, data(n), out=out, layers="2", dim=dim, seed=0, engine=engine, total=n,
+    s = scan(model, data(n), out=out, layers="2", dim=dim, seed=0, engine=engine, total=n, cuda_graphs=cuda_graphs,
              progress=on_progress)
     wall = time.perf_counter() - t0
     sampler.stop()
@@ -419,6 +419,8 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu",
                     help="torch device of the models (e.g. cuda); the index and scores run on the host")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="scan with cuda_graphs=True (the factored pass replayed as a CUDA graph; on a CUDA device)")
     ap.add_argument("--json-out", type=Path,
                     help="default: scripts/results/bench_scan.json on the CPU, bench_scan_<device type>.json else")
     args = ap.parse_args()
@@ -427,11 +429,11 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.demo_child:
-        print(json.dumps(_demo_child(args.out, not args.no_neighbor_scores, args.device)))
+        print(json.dumps(_demo_child(args.out, not args.no_neighbor_scores, args.device, args.cuda_graphs)))
         return
     if args.child is not None:
         print(json.dumps(_child(args.child, args.dim, args.batch, args.engine, args.out, not args.no_neighbor_scores,
-                                args.device)))
+                                args.device, args.cuda_graphs)))
         return
     # The parent only: a usage error now rather than in every child (the children are given a checked device).
     import torch
@@ -451,6 +453,8 @@ def main() -> None:
             env[var] = str(args.threads)
     extra = ["--threads", str(args.threads)] if args.threads else []
     extra += ["--device", args.device]
+    if args.cuda_graphs:
+        extra.append("--cuda-graphs")
     if args.no_neighbor_scores:
         extra.append("--no-neighbor-scores")
     rows = []
@@ -514,7 +518,7 @@ def main() -> None:
                     "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
         "settings": {"dim": args.dim, "dim_wide": args.dim_wide, "batch": args.batch, "engine": args.engine,
                      "threads": args.threads, "model": "MLP 16-32-8, layer '2'", "demo": not args.no_demo,
-                     "device": device_label, "torch": torch.__version__},
+                     "device": device_label, "torch": torch.__version__, "cuda_graphs": args.cuda_graphs},
         "runs": rows,
         "anon_slope_by_out_dim": slopes,
     }

@@ -31,6 +31,7 @@
 #   callbacks_b1024 the same at batch 1024 -> bench_callbacks_b{256,1024}.{json,md}
 #   host_syncs      pytest tests/test_host_syncs.py (its test_on_a_gpu_* tests run only with a CUDA device)
 #                   -> host_syncs.xml
+#   scan_cuda_graphs  the demo scan again with --cuda-graphs, one process -> bench_scan_cuda_graphs.{json,md}
 #   profile         scripts/profile_extract.py: torch.profiler tables of one factored batch beside one train
 #                   step (mlp b2048, cnn and transformer b256, resnet18 b512) -> profile/prof_*.txt, profile.json
 #   scan_host_cpu   scripts/bench_scan.py --device cpu, the demo only: the same scan on this machine's CPU,
@@ -169,6 +170,7 @@ step() {
 if [ "$QUICK" = 1 ]; then
     SCAN=(--n 3000 --repeats 1 --no-neighbor-scores --threads 1)
     HOST_SCAN=(--repeats 1 --no-neighbor-scores --threads 1)
+    GRAPH_SCAN=(--repeats 1 --no-neighbor-scores --threads 1)
     EXTRACT=(--target-dim 64 --min-time 0 --min-iters 1 --warmup-time 0 --repeats 1 --threads 1)
     B_SMALL=8 B_LARGE=16 B_RESNET=8
     CALLBACKS=(--min-time 0 --min-rounds 2 --warmup 1 --threads 1)
@@ -176,6 +178,7 @@ if [ "$QUICK" = 1 ]; then
 else
     SCAN=(--n 100000 --repeats 3 --no-neighbor-scores)  # the neighbour scores and their recall run on the host
     HOST_SCAN=(--repeats 1)  # the host's CPU: one process (three took over the step's limit on an H200 host)
+    GRAPH_SCAN=(--repeats 1 --no-neighbor-scores)
     # One process for all rows (--no-isolate): on a GPU the peak memory is the device's own count, reset per
     # row, and a fresh process per row would spend the budget starting CUDA.
     EXTRACT=(--min-time 2 --warmup-time 1 --repeats 2)
@@ -202,6 +205,11 @@ for b in "$C_SMALL" "$C_LARGE"; do
 done
 step host_syncs 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
     --junitxml="$OUT/host_syncs.xml"
+# The demo scan again with --cuda-graphs (one process): what the graphs change in a whole scan.
+if [ -z "$DEMO" ]; then
+    step scan_${DEVTYPE}_graphs 60 "$PY" scripts/bench_scan.py --device "$DEVICE" --n "${GRAPH_SCAN[@]}" --cuda-graphs \
+        --json-out "$OUT/bench_scan_${DEVTYPE}_graphs.json"
+fi
 PROFILE=()
 [ "$QUICK" = 1 ] && PROFILE=(--quick --warmup 1 --batches 1)
 step profile 40 "$PY" scripts/profile_extract.py --device "$DEVICE" "${PROFILE[@]}" --out-dir "$OUT/profile"

@@ -623,6 +623,12 @@ def test_difference_tells_what_differs():
     big = torch.tensor([1000.0, 1.0])
     assert _difference((big + torch.tensor([0.0, 0.005]),), (big,)) is None  # within 1e-5 of the scale
     assert _difference((big + torch.tensor([0.0, 0.02]),), (big,)) == "output 0: max difference 0.02 at scale 1e+03"
+    assert _difference((big + torch.tensor([0.0, 0.0095]),), (big,)) is None  # atol = rtol / 10 of the scale
+    # bf16: four rounding steps of the dtype are tolerated, five are not
+    one = torch.ones(2, dtype=torch.bfloat16)
+    step = torch.finfo(torch.bfloat16).eps
+    assert _difference((one + 4 * step,), (one,)) is None
+    assert _difference((one + 5 * step,), (one,)).startswith("output 0: max difference")
     small = torch.tensor([1e-3, 2e-3])
     assert _difference((small * 1.001,), (small,)).startswith("output 0: max difference")  # rtol 1e-4 at any scale
     assert _difference((small * 1.00005,), (small,)) is None
