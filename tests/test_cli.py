@@ -272,7 +272,11 @@ def test_cuda_graphs_is_a_speed_option_that_reaches_the_extractor_and_not_the_co
 
     monkeypatch.setattr(driver, "GradientExtractor", recording)
     assert _scan(tmp_path, "--cuda-graphs").exit_code == 0
-    assert asked == [True]  # on the CPU the extractor runs eagerly and says why (GradientExtractor's tests)
+    assert asked == [True]  # on the CPU the extractor runs eagerly and says why, in scan.json too
+    timings = json.loads((tmp_path / "scan" / "scan.json").read_text())["timings"]
+    assert timings["cuda_graphs"] == {
+        "requested": True, "captured": 0, "replayed": 0, "off": "the model is on cpu, not a CUDA device"
+    }
     first = read_manifest(tmp_path / "scan")
     # without the flag, the same command finds the same configuration and reuses the scan
     res = _scan(tmp_path)

@@ -147,7 +147,7 @@ def scan(
             ``True``: require a distributed job.
         cuda_graphs: on a CUDA device, replay the factored pass as a CUDA graph (``GradientExtractor``): the
             same vectors with less host time per batch. Not part of the configuration: a rerun with or without
-            it resumes the same scan.
+            it resumes the same scan. What it did is in ``scan.json``'s timings (``cuda_graphs``).
     """
     as_module(model)
     _check_data(data, labelled=labels is True)
@@ -233,7 +233,7 @@ def scan(
     finally:
         store.lock.release()
     if cuda_graphs:
-        logger.info("cuda_graphs: %s", extractor.cuda_graph_state())
+        logger.info("cuda_graphs: %s", extractor.cuda_graph_state())  # also in scan.json's timings
     return result
 
 
@@ -460,6 +460,7 @@ class _Driver:
         self.ledger = store.read_ledger()
         self.info: dict[str, Any] = store.read_info()
         self.data_report: Callable[[], Any] | None = None  # what the data says about itself once read
+        self.graph_state: dict[str, Any] | None = None  # GradientExtractor.cuda_graph_state(), when asked for
 
     def _after_failure(self, exc: BaseException) -> None:
         """A run that failed before its first complete shard leaves nothing behind, so the corrected command
@@ -527,6 +528,8 @@ class _Driver:
             self._after_failure(exc)
             raise
         t_extract = time.perf_counter() - t0
+        if extraction.extractor.cuda_graphs:  # what the option did, kept with the timings (not the configuration)
+            self.graph_state = extraction.extractor.cuda_graph_state()
         if reuse:
             logger.info("%s: complete scan with the same configuration found; reusing it", path)
             if build_index:
@@ -572,5 +575,7 @@ class _Driver:
             total_s=round(time.perf_counter() - t0, 3),
             extract_samples_per_s=round(extracted / t_extract, 1) if extracted and t_extract > 0 else None,
         )
+        if self.graph_state is not None:
+            timings["cuda_graphs"] = self.graph_state
         self._write_info(status="complete", finished=utc_now(), scoring=scoring, timings=timings, **self.ledger.summary())
         return Scan.open(path, gradients=gradients)
