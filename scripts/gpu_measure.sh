@@ -32,6 +32,8 @@
 #   host_syncs      pytest tests/test_host_syncs.py (its test_on_a_gpu_* tests run only with a CUDA device)
 #                   -> host_syncs.xml
 #   scan_cuda_graphs  the demo scan again with --cuda-graphs, one process -> bench_scan_cuda_graphs.{json,md}
+#   conv_routes     scripts/bench_conv_routes.py: the Conv2d rule's grouped and unfold routes timed on this device
+#                   (ResNet-like layers too) -> conv_routes_cuda.{json,md}
 #   profile         scripts/profile_extract.py: torch.profiler tables of one factored batch beside one train
 #                   step (mlp b2048, cnn and transformer b256, resnet18 b512) -> profile/prof_*.txt, profile.json
 #   scan_host_cpu   scripts/bench_scan.py --device cpu, the demo only: the same scan on this machine's CPU,
@@ -212,6 +214,11 @@ if [ -z "$DEMO" ]; then
 fi
 PROFILE=()
 [ "$QUICK" = 1 ] && PROFILE=(--quick --warmup 1 --batches 1)
+# The conv rule's two routes on this device (a GPU takes the unfold one until this shows the grouped one pays)
+ROUTES=(--repeats 5)
+[ "$QUICK" = 1 ] && ROUTES=(--repeats 1 --batch 8)
+step conv_routes 45 "$PY" scripts/bench_conv_routes.py --device "$DEVICE" "${ROUTES[@]}" \
+    --out "$OUT/conv_routes_$DEVTYPE.json"
 step profile 40 "$PY" scripts/profile_extract.py --device "$DEVICE" "${PROFILE[@]}" --out-dir "$OUT/profile"
 if [ -z "$DEMO" ]; then
     # --n with no size: no synthetic series, the demo only

@@ -453,6 +453,48 @@ def test_conv2d_temporaries_stay_within_the_chunk_budget(route, monkeypatch):
     assert_close(fg.sq_norm.sqrt(), ref.grad_norm, rtol=1e-4, atol=1e-6)
 
 
+def test_conv2d_takes_the_grouped_route_only_on_the_devices_listed(monkeypatch):
+    # A layer with many input channels takes the grouped route on the CPU, and the unfold route on a device not
+    # in GROUPED_DEVICES (a GPU, until measured): seen here by which temporaries the pass makes.
+    model = nn.Sequential(nn.Conv2d(16, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 64, 3))
+    batch = (torch.randn(4, 16, 8, 8), torch.randint(0, 3, (4,)))
+    layout = _layout(model, "0", dim=16)
+    unfolded = (16 * 9, 64)  # (cols, positions): patches of the unfold route
+    taken = {}
+    for devices in (frozenset({"cpu"}), frozenset({"cuda"})):
+        monkeypatch.setattr(conv2d_rule, "GROUPED_DEVICES", devices)
+        with _Shapes() as mode:
+            fg = factored_pass(model, batch, layout)
+        taken[devices] = any(s[-2:] == unfolded for s in mode.shapes if len(s) >= 2)
+        ref = reference_per_sample_grads(model, batch, params="0")
+        assert_close(fg.sq_norm.sqrt(), ref.grad_norm, rtol=1e-4, atol=1e-6)
+    assert taken == {frozenset({"cpu"}): False, frozenset({"cuda"}): True}
+
+
+@pytest.mark.parametrize("api", ["fp32_precision", "legacy"])
+def test_grouped_convolutions_on_a_gpu_run_in_float32_and_restore_the_setting(api, monkeypatch):
+    cudnn = torch.backends.cudnn
+    if api == "legacy":
+        monkeypatch.setattr(cudnn, "conv", None, raising=False)  # a torch before the fp32_precision API
+
+        def read():
+            return cudnn.allow_tf32
+    else:
+        if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+            pytest.skip("this torch has no fp32_precision API")
+
+        def read():
+            return cudnn.conv.fp32_precision
+    before = read()
+    with conv2d_rule._float32_convolutions(torch.device("cpu")):
+        assert read() == before  # nothing changes off a GPU
+    with pytest.raises(RuntimeError, match="inside"):
+        with conv2d_rule._float32_convolutions(torch.device("cuda", 0)):
+            assert read() == (False if api == "legacy" else "ieee")
+            raise RuntimeError("inside")
+    assert read() == before
+
+
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
 @pytest.mark.parametrize("padding", [(0, 2), (2, 1)])
 @pytest.mark.parametrize("c_in", [3, 16], ids=["unfold", "grouped"])

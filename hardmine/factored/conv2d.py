@@ -12,6 +12,9 @@ instead (same gradients, no unfolded patches).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +41,11 @@ __all__ = ["Conv2dRule", "GROUPED_MIN_CHANNELS"]
 # (scripts/bench_conv_routes.py). Either route is exact; the choice depends only on the layer, so a given
 # model always takes the same one.
 GROUPED_MIN_CHANNELS = 16
+# Where the grouped route may be taken. On a GPU it would run cuDNN's grouped convolution backward (in float32:
+# see _float32_convolutions), with fewer multiply-adds than the unfold route at large projections and no
+# unfolded patches in memory, but whether cuDNN runs thousands of groups fast is unmeasured: a GPU takes the
+# unfold route until `scripts/bench_conv_routes.py --device cuda` shows otherwise.
+GROUPED_DEVICES = frozenset({"cpu"})
 
 
 @register_layer_rule(nn.Conv2d)
@@ -78,7 +86,7 @@ class Conv2dRule(LayerRule):
             len(calls) == 1
             and not ghost_route(n_pos, cout_g, cols)
             and cin_g >= GROUPED_MIN_CHANNELS
-            and calls[0].delta.device.type == "cpu"
+            and calls[0].delta.device.type in GROUPED_DEVICES
         ):
             x, delta = calls[0].x, calls[0].delta
             # Per sample: its gradient block, the product with P_in and the padded copy of its input.
@@ -114,7 +122,38 @@ def _grouped_weight_grads(module: nn.Conv2d, x: torch.Tensor, delta: torch.Tenso
     c = x.shape[0]
     x = _pad_input(module, x)  # (c, C_in, H + pads, W + pads)
     w_shape = (c * module.out_channels, *module.weight.shape[1:])
-    grad = torch.ops.aten.convolution_backward(
+    with _float32_convolutions(x.device):
+        grad = _grouped_backward(module, x, delta, c, w_shape)
+    return grad.reshape(c, module.out_channels, -1)  # (c, C_out, cols)
+
+
+@contextmanager
+def _float32_convolutions(device: torch.device) -> Iterator[None]:
+    """cuDNN convolutions in float32 inside the block on a CUDA device (its default is TF32, which rounds
+    products to about three digits and would move the vectors); nothing elsewhere. Through torch's
+    ``fp32_precision`` setting where it exists (reading the legacy flag raises once the two were mixed)."""
+    if device.type != "cuda":
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        old = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
+        return
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=False):
+        yield
+
+
+def _grouped_backward(
+    module: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, c: int, w_shape: tuple[int, ...]
+) -> torch.Tensor:
+    return torch.ops.aten.convolution_backward(
         delta.reshape(1, c * module.out_channels, *delta.shape[2:]),  # (1, c*C_out, H', W')
         x.reshape(1, c * module.in_channels, *x.shape[2:]),  # (1, c*C_in, H, W)
         delta.new_empty(w_shape),  # only its shape is read: no input gradient is requested
@@ -127,7 +166,6 @@ def _grouped_weight_grads(module: nn.Conv2d, x: torch.Tensor, delta: torch.Tenso
         c * module.groups,
         [False, True, False],
     )[1]  # (c*C_out, C_in/groups, kh, kw)
-    return grad.reshape(c, module.out_channels, -1)  # (c, C_out, cols)
 
 
 def _unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
