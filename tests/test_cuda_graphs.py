@@ -121,6 +121,30 @@ def _batches(name: str, sizes):
     return [build(name, b, seed=s + 1) for s, b in enumerate(sizes)]
 
 
+def _captured_mlp():
+    """``(eager, graphed, batches)``: an MLP extractor whose batch shape was captured by ``batches[:4]`` (the
+    plan check, two eager warm-ups, the capture), so that its next call is the first replay, the compared one."""
+    eager, graphed = _pair(MLP().eval())
+    batches = _batches("mlp", [4, 6, 6, 6, 6])
+    for b in batches[:4]:
+        graphed(b)
+    return eager, graphed, batches
+
+
+def _second_pass_raises(graphed, exc: Exception) -> None:
+    """The extractor's pass raises ``exc`` on its second run from now: on the first replay, the stand-in's
+    replay runs the pass first and the eager comparison second."""
+    real, calls = graphed._factored, []
+
+    def pass_(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise exc
+        return real(*args, **kwargs)
+
+    graphed._factored = pass_
+
+
 def _same(a, b) -> None:
     for f in ("z", "loss", "output", "grad_norm"):
         torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-5, atol=1e-6)
@@ -413,10 +437,7 @@ def test_a_plan_changed_by_a_later_batch_drops_the_graphs_of_the_old_plan():
 
 
 def test_a_nan_batch_on_the_first_replay_is_refused_as_without_graphs():
-    model = MLP().eval()
-    _, graphed = _pair(model)
-    for b in _batches("mlp", [4, 6, 6, 6]):  # the last one captured: the next replay is compared
-        graphed(b)
+    _, graphed, _ = _captured_mlp()
     x, y = _batches("mlp", [6])[0]
     x[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN/inf values in 1 sample\(s\) \(first at batch position 0\)"):
@@ -425,21 +446,8 @@ def test_a_nan_batch_on_the_first_replay_is_refused_as_without_graphs():
 
 
 def test_an_eager_check_that_fails_switches_graphs_off_and_reruns_the_batch(caplog):
-    model = MLP().eval()
-    eager, graphed = _pair(model)
-    batches = _batches("mlp", [4, 6, 6, 6, 6])
-    for b in batches[:4]:
-        graphed(b)
-    real = graphed._factored
-    calls = []
-
-    def once_out_of_memory(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the replay's stand-in runs the pass first; the eager check second
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in)")
-        return real(*args, **kwargs)
-
-    graphed._factored = once_out_of_memory
+    eager, graphed, batches = _captured_mlp()
+    _second_pass_raises(graphed, torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in)"))
     with caplog.at_level(logging.WARNING, logger="hardmine.factored.graphs"):
         _same(graphed(batches[4]), eager(batches[4]))
     assert graphed.cuda_graph_state()["off"] == (
@@ -557,32 +565,15 @@ def test_a_plan_left_with_no_factored_unit_drops_its_graphs():
 
 
 def test_a_batch_error_raised_by_the_eager_check_is_the_batchs_and_graphs_stay_on():
-    model = MLP().eval()
-    _, graphed = _pair(model)
-    batches = _batches("mlp", [4, 6, 6, 6, 6])
-    for b in batches[:4]:
-        graphed(b)
-    real, calls = graphed._factored, []
-
-    def bad_on_check(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise ValueError("this batch is bad")
-        return real(*args, **kwargs)
-
-    graphed._factored = bad_on_check
+    _, graphed, batches = _captured_mlp()
+    _second_pass_raises(graphed, ValueError("this batch is bad"))
     with pytest.raises(ValueError, match="this batch is bad"):
         graphed(batches[4])
-    graphed._factored = real
     assert graphed.cuda_graph_state()["off"] is None
 
 
 def test_a_first_replay_with_nan_results_is_checked_again_on_the_next():
-    model = MLP().eval()
-    _, graphed = _pair(model)
-    batches = _batches("mlp", [4, 6, 6, 6, 6])
-    for b in batches[:4]:
-        graphed(b)
+    _, graphed, batches = _captured_mlp()
     x, y = batches[4]
     x = x.clone()
     x[0, 0] = float("nan")

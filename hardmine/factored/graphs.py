@@ -9,7 +9,7 @@ again with one call, so the host's share of a batch drops to copying the batch i
 batch's tensors and gets the value-check flags and the four results back):
 
 * a batch *signature* (its structure, each tensor's shape, dtype and device, every other leaf's value, and what
-  the caller adds: the engine adds the loss kind and the numerics settings, autocast and TF32) is run eagerly
+  the caller adds: the engine adds the loss, grad mode and the numerics settings, ``engine._numerics``) is run eagerly
   ``warmup`` times, then captured: the batch is copied into static input tensors, ``fn`` runs once on a side
   stream (lazy set-ups such as cuBLAS workspaces happen outside the capture), then once under capture, and
   the graph is replayed. Later batches of that signature are copied into the static inputs and replayed; the
@@ -22,9 +22,10 @@ batch's tensors and gets the value-check flags and the four results back):
 * a capture, or that first comparison, that fails (an operation a graph cannot hold, memory) switches graphs
   off with a warning and drops them, and the batch runs eagerly: ``cuda_graphs=True`` can make a scan faster,
   never fail;
-* what else a graph holds is the caller's ``state`` (the engine: every parameter's and buffer's storage and
-  ``requires_grad``, and the number of hooks on the model): when it changes (the model was moved, a weight
-  replaced or frozen, a hook added), the graphs are dropped and captured again. :meth:`PassGraphs.reset` drops
+* what else a graph holds is the caller's ``state`` (the engine: every parameter's and buffer's storage, dtype
+  and ``requires_grad``, and the model's hooks): when it changes (the model was moved, a weight replaced, cast
+  or frozen, a hook added or removed), the graphs are dropped and captured again; after ``max_captures`` graphs
+  are switched off (what the pass reads keeps changing). :meth:`PassGraphs.reset` drops
   them when the caller's plan changes.
 
 All graphs share one memory pool, which keeps about one pass's peak memory reserved for as long as graphs are
