@@ -40,7 +40,7 @@ from .checks import as_bool, as_module, positive_int, projection_kind
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads, per_sample_grads_checked
 from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
-from .factored.graphs import CudaGraphs, GraphBackend, PassGraphs, batch_signature
+from .factored.graphs import CudaGraphs, GraphBackend, PassGraphs, batch_signature, module_state, numerics
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
 from .params import check_one_device, select_parameters, warn_uncached_projections
@@ -312,28 +312,16 @@ class GradientExtractor:
         device = self._device()
         if any(isinstance(t, torch.Tensor) and t.device != device for t in leaves):
             return None
-        numerics = _numerics(device.type)
-        if numerics is None:
+        settings = numerics(device.type)
+        if settings is None:
             return None
         loss = self.loss_fn if _hashable(self.loss_fn) else id(self.loss_fn)  # a callable the user may swap
-        return batch_signature(leaves, (spec, kind, loss, torch.is_grad_enabled(), numerics))
+        return batch_signature(leaves, (spec, kind, loss, torch.is_grad_enabled(), settings))
 
     def _graph_state(self) -> tuple[Any, ...]:
-        """What a graph of the pass reads besides the batch: every parameter's and buffer's storage and dtype,
-        which parameters need a gradient, and the model's hooks (a replay runs none): their count and the
-        newest handle id, which moves whenever one is added. One walk over the modules."""
-        tensors: list[tuple[int, torch.dtype, bool]] = []
-        n_hooks, newest = 0, -1
-        for m in self.model.modules():
-            for t in (*m._parameters.values(), *m._buffers.values()):
-                if t is not None:
-                    tensors.append((t.data_ptr(), t.dtype, t.requires_grad))
-            for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-                          getattr(m, "_backward_pre_hooks", {})):
-                if hooks:
-                    n_hooks += len(hooks)
-                    newest = max(newest, *hooks)
-        return tuple(tensors), n_hooks, newest
+        """What a graph of the pass reads besides the batch: the model's tensors and hooks
+        (:func:`hardmine.factored.graphs.module_state`)."""
+        return module_state(self.model.modules())
 
     def flush_checks(self) -> None:
         """Wait for the device and raise the ``ValueError`` of any batch whose value checks failed.
@@ -488,65 +476,6 @@ class GradientExtractor:
         assert z is not None and sq is not None and loss is not None and output is not None
         self._checks.poll()  # on the CPU this batch's own checks: a bad batch raises in its own call
         return ProjectedBatch(z=z, loss=loss, output=output, grad_norm=sq.clamp_min(0).sqrt())
-
-
-def _autocast_state(device_type: str) -> tuple[bool, Any]:
-    """Whether autocast is on for ``device_type`` and its dtype (torch >= 2.4; older: the per-device calls)."""
-    try:
-        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):  # torch < 2.4: no device-type argument
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-
-
-# Settings that choose the kernels of a pass (precision, algorithms), read per batch into a graph's key. Each
-# is read where this torch has it; the TF32 flags through the newer fp32_precision API where it exists, since
-# reading the legacy flag raises once the two APIs were mixed.
-_NUMERIC_SETTINGS = (
-    "backends.fp32_precision",
-    "backends.cuda.matmul.fp32_precision",
-    "backends.cudnn.conv.fp32_precision",
-    "backends.cudnn.rnn.fp32_precision",
-    "backends.cuda.matmul.allow_bf16_reduced_precision_reduction",
-    "backends.cuda.matmul.allow_fp16_reduced_precision_reduction",
-    "backends.cudnn.deterministic",
-    "backends.cudnn.benchmark",
-)
-_NUMERIC_CALLS = (
-    "get_float32_matmul_precision",
-    "are_deterministic_algorithms_enabled",
-    "backends.cuda.flash_sdp_enabled",
-    "backends.cuda.mem_efficient_sdp_enabled",
-    "backends.cuda.math_sdp_enabled",
-    "backends.cuda.cudnn_sdp_enabled",
-)
-
-
-def _numerics(device_type: str) -> tuple[Any, ...] | None:
-    """The settings a graph of the pass freezes (autocast, TF32 and precision, deterministic algorithms,
-    attention backends), or ``None`` when one cannot be read (the pass then runs eagerly)."""
-    try:
-        values: list[Any] = [_autocast_state(device_type)]
-        for path in _NUMERIC_SETTINGS:
-            values.append(_lookup(path))
-        for path in _NUMERIC_CALLS:
-            fn = _lookup(path)
-            values.append(fn() if callable(fn) else None)
-        if not hasattr(torch.backends, "fp32_precision"):  # torch < 2.9: the legacy TF32 flags
-            values += [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
-        return tuple(values)
-    except Exception:  # noqa: BLE001  an unreadable setting: no graph rather than a wrong one
-        return None
-
-
-def _lookup(path: str) -> Any:
-    obj: Any = torch
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _hashable(value: Any) -> bool:

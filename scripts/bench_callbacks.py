@@ -8,9 +8,13 @@ Models: the MLP (784-512-256-10) and CNN (2 conv + 2 fc on 3x32x32) of ``scripts
   weighting active (no warm-up), per-sample dynamics recorded under sample ids, then
   ``(stats.loss * stats.weights).mean()`` + backward + SGD step;
 * ``multi_layer`` -- ``OnlineMiner(layers=None)``: every layer (all Linear/Conv2d) through the autograd
-  path (one extra backward to the selected layers' outputs + factored projections), otherwise the same.
+  path (one extra backward to the selected layers' outputs + factored projections), otherwise the same;
+* ``last_layer_graphs`` / ``multi_layer_graphs`` -- the same two with ``OnlineMiner(cuda_graphs=True)`` (the
+  miner's own work after the forward replayed from a CUDA graph; run by default with ``--device cuda`` only,
+  elsewhere they run eagerly).
 
-Targets (issue "Training-loop API"): ``last_layer`` <= 1.3x and ``multi_layer`` <= 2x the plain step.
+Targets (issue "Training-loop API"): ``last_layer`` <= 1.3x and ``multi_layer`` <= 2x the plain step (the
+``*_graphs`` rows: the same targets).
 
 Timing: the methods run round-robin (one timed step of each per round, after warm-up), so load changes on a
 shared machine hit every method alike. ``ratio_to_plain`` is the median over rounds of ``t(method) /
@@ -54,8 +58,9 @@ from bench_extract import build, parse_device, sync, sync_profile, to_device  # 
 
 MODELS = ("mlp", "cnn")
 OPTIONAL_MODELS = ("transformer",)  # accepted by --models, not run by default
-METHODS = ("plain", "last_layer", "multi_layer")
-TARGETS = {"last_layer": 1.3, "multi_layer": 2.0}
+METHODS = ("plain", "last_layer", "multi_layer", "last_layer_graphs", "multi_layer_graphs")
+GRAPHED = ("last_layer_graphs", "multi_layer_graphs")  # OnlineMiner(cuda_graphs=True); default on --device cuda
+TARGETS = {"last_layer": 1.3, "multi_layer": 2.0, "last_layer_graphs": 1.3, "multi_layer_graphs": 2.0}
 DIM = 256
 
 
@@ -78,9 +83,14 @@ def make_step(
             opt.zero_grad(set_to_none=True)
 
         return step, {"path": None, "out_dim": None}
-    layers = _last_linear(model) if method == "last_layer" else None
-    miner = OnlineMiner(model, layers=layers, dim=DIM, seed=0, weighting=WeightingConfig(warmup_steps=0))
+    layers = _last_linear(model) if method.startswith("last_layer") else None
+    miner = OnlineMiner(
+        model, layers=layers, dim=DIM, seed=0, weighting=WeightingConfig(warmup_steps=0),
+        cuda_graphs=method in GRAPHED,
+    )
     info: dict[str, Any] = {"path": None, "out_dim": miner.out_dim}
+    if method in GRAPHED:
+        info["miner"] = miner  # its cuda_graph_state() goes into the row
 
     def mined() -> None:
         stats = miner.observe(x, y, ids)  # a dict of inputs (the transformer) is passed as keyword arguments
@@ -95,21 +105,22 @@ def make_step(
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     steps, infos = {}, {}
-    for method in METHODS:
+    methods = args.methods
+    for method in methods:
         model, (x, y) = build(name, args.batch, seed=0)  # a fresh, identical model per method
         model, x, y = model.to(device), to_device(x, device), y.to(device)
         steps[method], infos[method] = make_step(method, model, x, y)
     for _ in range(args.warmup):
-        for method in METHODS:
+        for method in methods:
             steps[method]()
-    syncs = {m: sync_profile(steps[m], device) for m in METHODS} if device.type == "cuda" else {}
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    syncs = {m: sync_profile(steps[m], device) for m in methods} if device.type == "cuda" else {}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     start = time.perf_counter()
     rounds = 0
     while rounds < args.min_rounds or (
         time.perf_counter() - start < args.min_time and rounds < args.max_rounds
     ):
-        for method in METHODS:
+        for method in methods:
             sync(device)
             t = time.perf_counter()
             steps[method]()
@@ -117,7 +128,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             times[method].append(time.perf_counter() - t)
         rounds += 1
     rows = []
-    for method in METHODS:
+    for method in methods:
         # Ratio per round (the method and the plain step ran back to back, under the same load), then the
         # median over rounds; plus the ratio of the fastest steps, the least disturbed by other processes.
         per_round = [t / p for t, p in zip(times[method], times["plain"])]
@@ -130,7 +141,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "ratio_to_plain": statistics.median(per_round),
                 "ratio_min_to_plain": min(times[method]) / min(times["plain"]),
                 "rounds": rounds,
-                **infos[method],
+                **{k: v for k, v in infos[method].items() if k != "miner"},
+                **({"cuda_graphs": infos[method]["miner"].cuda_graph_state()} if "miner" in infos[method] else {}),
                 **({"host_syncs_per_step": syncs[method]} if method in syncs else {}),
             }
         )
@@ -181,7 +193,12 @@ def main() -> None:
     )
     ap.add_argument("--min-rounds", type=int, default=10)
     ap.add_argument("--max-rounds", type=int, default=400)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=4, help="untimed rounds (the graphed methods capture in the third)")
+    ap.add_argument(
+        "--methods",
+        help=f"comma-separated, of {', '.join(METHODS)} (default: all; the *_graphs ones only with --device cuda, "
+        "where OnlineMiner(cuda_graphs=True) applies); plain is always run (the reference)",
+    )
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: the CPU cores available)"
@@ -193,6 +210,12 @@ def main() -> None:
     if args.quick:
         args.batch, args.min_time, args.min_rounds, args.warmup, args.threads = 8, 0.0, 2, 1, 1
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.methods is None:
+        args.methods = ",".join(m for m in METHODS if device.type == "cuda" or m not in GRAPHED)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if [m for m in methods if m not in METHODS]:
+        ap.error(f"unknown method(s) {[m for m in methods if m not in METHODS]}; choose from {list(METHODS)}")
+    args.methods = ["plain", *(m for m in dict.fromkeys(methods) if m != "plain")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS + OPTIONAL_MODELS]
     if bad:
@@ -226,7 +249,8 @@ def main() -> None:
         f"{' (--quick: numbers meaningless)' if args.quick else ''}; load average at the end {load}. Methods "
         "run round-robin; ratio = median over rounds of t(method) / t(plain) within the round; ratio (min) = "
         "fastest step / fastest plain step. last_layer and multi_layer include the weighting (no warm-up) "
-        "and per-sample dynamics recorded under sample ids.\n"
+        "and per-sample dynamics recorded under sample ids; the *_graphs methods are the same with "
+        "OnlineMiner(cuda_graphs=True).\n"
     )
     synced = [r for r in rows if r.get("host_syncs_per_step")]
     if synced:

@@ -15,7 +15,11 @@ Methods, each against the reference measured in the same rounds:
 * training loop: ``plain`` (the reference) and ``OnlineMiner``'s ``last_layer`` / ``multi_layer`` steps of
   ``scripts/bench_callbacks.py`` -- **on the miner's GPU path** (statistics, weights and directions as tensor
   ops where the batch is, dynamics copied to the host), which the CPU itself does not take
-  (``hardmine.online.dynamics.HOST_STATS_DEVICES``); it is forced here because that path is what a GPU runs.
+  (``hardmine.online.dynamics.HOST_STATS_DEVICES``); it is forced here because that path is what a GPU runs;
+  ``last_layer_graphs`` / ``multi_layer_graphs``: the same with ``OnlineMiner(cuda_graphs=True)``, where a CPU
+  stand-in takes the CUDA graph's place (:class:`ReplayStandIn`: a replay runs the captured function again,
+  counted as one launch, ``bench_extract.GRAPH_REPLAY``): their kernel ops are what a GPU step would launch
+  from the host, the graph's one included; their CPU time is not measured (the stand-in recomputes eagerly).
 
 ``ratio`` = median over rounds of t(method) / t(reference) within the round (the methods run round-robin).
 This is a proxy, not a GPU measurement: a CUDA kernel costs more host time than a CPU op of the same size
@@ -50,7 +54,10 @@ import bench_callbacks as bc  # noqa: E402  (the training-loop steps)
 import bench_extract as be  # noqa: E402  (the models, the extraction steps, the kernel count)
 
 MODELS = be.MODELS
-GROUPS = {"extraction": ("train_step", "factored"), "training loop": ("plain", "last_layer", "multi_layer")}
+GROUPS = {
+    "extraction": ("train_step", "factored"),
+    "training loop": ("plain", "last_layer", "multi_layer", *bc.GRAPHED),
+}
 REFERENCE = {"extraction": "train_step", "training loop": "plain"}
 
 
@@ -64,8 +71,27 @@ def steps(name: str, group: str, batch: int) -> dict[str, Callable[[], Any]]:
             out[method], _ = be.make_method(method, model, inputs, dim, 4096)
         else:
             x, y = inputs
-            out[method], _ = bc.make_step(method, model, x, y)
+            out[method], info = bc.make_step(method, model, x, y)
+            if method in bc.GRAPHED:
+                info["miner"]._device_step.graph_backend = ReplayStandIn()
+                out[method].miner = info["miner"]  # type: ignore[attr-defined]  (its cuda_graph_state() is checked)
     return out
+
+
+class ReplayStandIn:
+    """A CPU stand-in for a CUDA graph (``hardmine.factored.graphs.GraphBackend``): a replay runs the captured
+    function again on the static inputs and writes the results in place, under ``bench_extract.GRAPH_REPLAY``,
+    which ``kernel_ops`` counts as the one launch a replay is on a GPU."""
+
+    def capture(self, fn: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Callable[[], None], tuple[torch.Tensor, ...]]:
+        outputs = fn()
+
+        def replay() -> None:
+            with torch.profiler.record_function(be.GRAPH_REPLAY):
+                for o, new in zip(outputs, fn()):
+                    o.copy_(new)
+
+        return replay, outputs
 
 
 def run_group(name: str, group: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -73,10 +99,17 @@ def run_group(name: str, group: str, args: argparse.Namespace) -> list[dict[str,
     for _ in range(args.warmup):
         for fn in fns.values():
             fn()
+    for m, fn in fns.items():
+        miner = getattr(fn, "miner", None)
+        if miner is not None:  # captured in the warm-up, replays compared: what the kernel count must see
+            state = miner.cuda_graph_state()
+            if state["captured"] != 1 or state["off"] is not None:
+                raise SystemExit(f"{name} {m}: the stand-in graph was not captured and kept: {state}")
     kernels = {m: be.kernel_ops(fn) for m, fn in fns.items()}
-    times: dict[str, list[float]] = {m: [] for m in fns}
+    timed = {m: fn for m, fn in fns.items() if m not in bc.GRAPHED}  # a stand-in replay recomputes eagerly
+    times: dict[str, list[float]] = {m: [] for m in timed}
     for _ in range(args.rounds):
-        for m, fn in fns.items():
+        for m, fn in timed.items():
             t = time.perf_counter()
             for _ in range(args.repeat):
                 fn()
@@ -92,8 +125,8 @@ def run_group(name: str, group: str, args: argparse.Namespace) -> list[dict[str,
                 "method": m,
                 "kernels_per_step": n,
                 "extra_kernels": n - sum(kernels[ref].values()),
-                "ms_per_step": 1e3 * statistics.median(times[m]),
-                "ratio": statistics.median(t / r for t, r in zip(times[m], times[ref])),
+                "ms_per_step": 1e3 * statistics.median(times[m]) if m in times else None,
+                "ratio": statistics.median(t / r for t, r in zip(times[m], times[ref])) if m in times else None,
                 "kernel_ops": kernels[m],
             }
         )
@@ -298,7 +331,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         ref = r["method"] == REFERENCE[r["group"]]
         lines.append(
             f"| {r['model']} | {r['group']} | {r['method']} | {r['kernels_per_step']:g} | "
-            f"{'-' if ref else format(r['extra_kernels'], '+g')} | {r['ms_per_step']:.3f} | {r['ratio']:.2f} |"
+            f"{'-' if ref else format(r['extra_kernels'], '+g')} | "
+            + ("- | - |" if r["ms_per_step"] is None else f"{r['ms_per_step']:.3f} | {r['ratio']:.2f} |")
         )
     return "\n".join(lines)
 
@@ -314,7 +348,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_dispatch.json")
     args = ap.parse_args()
     if args.quick:
-        args.rounds, args.repeat, args.warmup = 2, 1, 2
+        args.rounds, args.repeat, args.warmup = 2, 1, 4  # 4: the graphed steps capture and check a replay
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
     if bad:
@@ -333,7 +367,8 @@ def main() -> None:
         f"1 torch thread, batch {args.batch}"
         f"{' (--quick: numbers meaningless)' if args.quick else ''}; load average at the end {load}. Kernel ops: "
         "aten ops per step that launch a kernel on a GPU (views, metadata and allocation left out); the "
-        "training-loop rows run the online miner's GPU path on the CPU. ratio = median over "
+        "training-loop rows run the online miner's GPU path on the CPU; the *_graphs rows count a CPU stand-in "
+        "for the CUDA graph's replay as one launch (cudaGraphLaunch) and are not timed. ratio = median over "
         f"{args.rounds} rounds of t(method) / t(reference) within the round, each sample {args.repeat} steps.\n"
     )
     bc.atomic_write(args.out.with_suffix(".md"), md + "\n" + note)

@@ -19,21 +19,22 @@
 #             in /usr/share/datasets/fashion-mnist), for the 60k demo scan. $HARDMINE_FASHION_MNIST, when
 #             set, wins; without the files the demo scans are skipped (the synthetic scan still runs).
 #
-# Steps (results as JSON + Markdown under $OUT, never in scripts/results/):
-#   scan_cuda       scripts/bench_scan.py --device cuda: synthetic 100k + the Fashion-MNIST demo (60k),
-#                   median of 3 fresh processes each -> bench_scan_cuda.{json,md}
+# Steps, in this order (results as JSON + Markdown under $OUT, never in scripts/results/):
+#   host_syncs      pytest tests/test_host_syncs.py (its test_on_a_gpu_* tests run only with a CUDA device)
+#                   -> host_syncs.xml
+#   callbacks_b256  scripts/bench_callbacks.py --device cuda (mlp, cnn, transformer), batch 256; its methods
+#                   on a GPU include last_layer_graphs / multi_layer_graphs (OnlineMiner(cuda_graphs=True))
+#   callbacks_b1024 the same at batch 1024 -> bench_callbacks_b{256,1024}.{json,md}
+#   conv_routes     scripts/bench_conv_routes.py: the Conv2d rule's grouped and unfold routes timed on this device
+#                   (ResNet-like layers too) -> conv_routes_cuda.{json,md}
 #   extract_b256    scripts/bench_extract.py --device cuda --methods train_step,factored,factored_graphs
 #                   (factored_graphs: GradientExtractor(cuda_graphs=True)), batch 256
 #   extract_b2048   the same at batch 2048 -> bench_extract_b{256,2048}.{json,md}
 #   extract_resnet18  the same for ResNet-18 (torchvision's architecture, conv + fc selected) at batch 512
 #                   -> bench_extract_resnet18.{json,md}
-#   callbacks_b256  scripts/bench_callbacks.py --device cuda (mlp, cnn, transformer), batch 256
-#   callbacks_b1024 the same at batch 1024 -> bench_callbacks_b{256,1024}.{json,md}
-#   host_syncs      pytest tests/test_host_syncs.py (its test_on_a_gpu_* tests run only with a CUDA device)
-#                   -> host_syncs.xml
+#   scan_cuda       scripts/bench_scan.py --device cuda: synthetic 100k + the Fashion-MNIST demo (60k),
+#                   median of 3 fresh processes each -> bench_scan_cuda.{json,md}
 #   scan_cuda_graphs  the demo scan again with --cuda-graphs, one process -> bench_scan_cuda_graphs.{json,md}
-#   conv_routes     scripts/bench_conv_routes.py: the Conv2d rule's grouped and unfold routes timed on this device
-#                   (ResNet-like layers too) -> conv_routes_cuda.{json,md}
 #   profile         scripts/profile_extract.py: torch.profiler tables of one factored batch beside one train
 #                   step (mlp b2048, cnn and transformer b256, resnet18 b512) -> profile/prof_*.txt, profile.json
 #   scan_host_cpu   scripts/bench_scan.py --device cpu, the demo only: the same scan on this machine's CPU,
@@ -185,15 +186,24 @@ else
     # row, and a fresh process per row would spend the budget starting CUDA.
     EXTRACT=(--min-time 2 --warmup-time 1 --repeats 2)
     B_SMALL=256 B_LARGE=2048 B_RESNET=512  # ResNet-18 at 512, as the issue measured it
-    CALLBACKS=(--min-time 3 --min-rounds 10 --warmup 3)
+    CALLBACKS=(--min-time 3 --min-rounds 10 --warmup 4)  # the graphed methods capture in round 3
     C_SMALL=256 C_LARGE=1024
 fi
 DEVTYPE=${DEVICE%%:*}  # cuda:1 -> cuda
 
-# The issue's criterion first: (index + score) / extract of the same scan, the demo at 60k.
-# shellcheck disable=SC2086  # $DEMO: no word or one flag
-step scan_$DEVTYPE 120 "$PY" scripts/bench_scan.py --device "$DEVICE" "${SCAN[@]}" $DEMO \
-    --json-out "$OUT/bench_scan_$DEVTYPE.json"
+# Most wanted first, so a run cut short by the budget loses the least: the GPU tests (the new code's
+# correctness), the online miner with and without CUDA graphs, the conv routes, then the rows measured before.
+step host_syncs 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
+    --junitxml="$OUT/host_syncs.xml"
+for b in "$C_SMALL" "$C_LARGE"; do
+    step callbacks_b$b 60 "$PY" scripts/bench_callbacks.py --device "$DEVICE" --models mlp,cnn,transformer \
+        --batch "$b" "${CALLBACKS[@]}" --out "$OUT/bench_callbacks_b$b.json"
+done
+# The conv rule's two routes on this device (a GPU takes the unfold one until this shows the grouped one pays)
+ROUTES=(--repeats 5)
+[ "$QUICK" = 1 ] && ROUTES=(--repeats 1 --batch 8)
+step conv_routes 45 "$PY" scripts/bench_conv_routes.py --device "$DEVICE" "${ROUTES[@]}" \
+    --out "$OUT/conv_routes_$DEVTYPE.json"
 for b in "$B_SMALL" "$B_LARGE"; do
     step extract_b$b 90 "$PY" scripts/bench_extract.py --device "$DEVICE" --methods train_step,factored,factored_graphs \
         --batch "$b" --no-isolate "${EXTRACT[@]}" --out "$OUT/bench_extract_b$b.json"
@@ -201,12 +211,10 @@ done
 step extract_resnet18 60 "$PY" scripts/bench_extract.py --device "$DEVICE" --models resnet18 \
     --methods train_step,factored,factored_graphs --batch "$B_RESNET" --no-isolate "${EXTRACT[@]}" \
     --out "$OUT/bench_extract_resnet18.json"
-for b in "$C_SMALL" "$C_LARGE"; do
-    step callbacks_b$b 50 "$PY" scripts/bench_callbacks.py --device "$DEVICE" --models mlp,cnn,transformer \
-        --batch "$b" "${CALLBACKS[@]}" --out "$OUT/bench_callbacks_b$b.json"
-done
-step host_syncs 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
-    --junitxml="$OUT/host_syncs.xml"
+# The issue's pipeline criterion: (index + score) / extract of the same scan, the demo at 60k.
+# shellcheck disable=SC2086  # $DEMO: no word or one flag
+step scan_$DEVTYPE 120 "$PY" scripts/bench_scan.py --device "$DEVICE" "${SCAN[@]}" $DEMO \
+    --json-out "$OUT/bench_scan_$DEVTYPE.json"
 # The demo scan again with --cuda-graphs (one process): what the graphs change in a whole scan.
 if [ -z "$DEMO" ]; then
     step scan_${DEVTYPE}_graphs 60 "$PY" scripts/bench_scan.py --device "$DEVICE" --n "${GRAPH_SCAN[@]}" --cuda-graphs \
@@ -214,11 +222,6 @@ if [ -z "$DEMO" ]; then
 fi
 PROFILE=()
 [ "$QUICK" = 1 ] && PROFILE=(--quick --warmup 1 --batches 1)
-# The conv rule's two routes on this device (a GPU takes the unfold one until this shows the grouped one pays)
-ROUTES=(--repeats 5)
-[ "$QUICK" = 1 ] && ROUTES=(--repeats 1 --batch 8)
-step conv_routes 45 "$PY" scripts/bench_conv_routes.py --device "$DEVICE" "${ROUTES[@]}" \
-    --out "$OUT/conv_routes_$DEVTYPE.json"
 step profile 40 "$PY" scripts/profile_extract.py --device "$DEVICE" "${PROFILE[@]}" --out-dir "$OUT/profile"
 if [ -z "$DEMO" ]; then
     # --n with no size: no synthetic series, the demo only

@@ -484,6 +484,40 @@ def test_on_a_gpu_observe_never_waits_for_the_device(name, layers, ids_on):
 
 
 @pytest.mark.needs_hardware
+@pytest.mark.parametrize("layers", ["output", "all"])
+@pytest.mark.parametrize("name", be.MODELS)
+def test_on_a_gpu_the_online_miner_with_cuda_graphs_equals_eager_and_never_waits(name, layers):
+    dev = _cuda_or_skip()
+    model, _ = _bench_batch(name, 64, 0)
+    model = model.to(dev).eval()
+    kw = {"layers": _last_linear(model) if layers == "output" else None, "dim": 16, "keep_gradients": True,
+          "weighting": {"warmup_steps": 1}}
+    eager, graphed = OnlineMiner(model, **kw), OnlineMiner(model, cuda_graphs=True, **kw)
+    ids = torch.arange(64)
+    fields = ("loss", "weights", "z", "grad_norm", "agreement", "global_agreement", "confidence", "margin",
+              "logit_margin", "correct")
+    # the warm-up, two eager steps, the capture, the replay compared with an eager step, three more replays
+    for s in range(8):
+        x, y = be.to_device(_bench_batch(name, 64, s)[1], dev)
+        got, want = graphed.observe(x, y, ids), eager.observe(x, y, ids)
+        for f in fields:
+            torch.testing.assert_close(getattr(got, f), getattr(want, f), rtol=1e-5, atol=1e-6, msg=f)
+    assert graphed.cuda_graph_state() == {"requested": True, "captured": 1, "replayed": 5, "off": None}
+    torch.cuda.synchronize()
+    it = iter([be.to_device(_bench_batch(name, 64, s)[1], dev) for s in (8, 9)])
+
+    def step():
+        x, y = next(it)
+        graphed.observe(x, y, ids).weighted_loss().backward()
+
+    waits = _cuda_waits(step)
+    assert waits == Counter(), f"{name}/{layers}: {dict(waits)}"
+    for x, y in [be.to_device(_bench_batch(name, 64, s)[1], dev) for s in (8, 9)]:
+        eager.observe(x, y, ids)
+    pd.testing.assert_frame_equal(graphed.manifest(), eager.manifest(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.needs_hardware
 def test_on_a_gpu_bad_later_batches_are_refused_not_device_asserts():
     dev = _cuda_or_skip()
     model = be.MLP().to(dev).eval()
@@ -635,8 +669,8 @@ def meta_device(monkeypatch):
     def submit_flags(self, flags, recheck):
         queued.extend(f.device for f in flags)
 
-    def submit_dynamics(self, id_list, packed, z, task):
-        queued.extend([packed.device, z.device])
+    def submit_dynamics(self, id_list, packed, z, task, step):
+        queued.extend([packed[0].device, z.device])
 
     monkeypatch.setattr(DeferredChecks, "submit", submit_flags)
     monkeypatch.setattr(online_dynamics.SampleDynamics, "submit", submit_dynamics)
@@ -713,20 +747,22 @@ def test_device_batch_columns_equal_host_batch_on_edge_cases(classes):
     host = online_dynamics.host_batch(out, target, loss, sq, z_norm, along, **kw)
     dev = online_dynamics.device_batch(out, target, loss, sq, z_norm, along, **kw)
     weights, step = torch.rand(b, generator=g, dtype=torch.float64), 7
-    packed = dev.packed(weights, step).numpy()
-    width = len(online_dynamics.LAST_COLUMNS)
-    assert packed.shape == (b, width + 2)
+    values, names = dev.packed(weights)
+    # every column classification has (last_step is the host's), no NaN column, then the margin and correct
+    assert names == (*(n for n in online_dynamics.LAST_COLUMNS if n != "last_step"), "logit_margin", "correct")
+    assert values.shape == (b, len(names)) and not values.isnan().any()
+    got = online_dynamics.unpack(values.numpy(), names, step)
     want = host.last.copy()
     want[:, online_dynamics.COL["last_weight"]] = weights.numpy()
     want[:, online_dynamics.COL["last_step"]] = step
-    np.testing.assert_allclose(packed[:, :width], want, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(packed[:, width], host.logit_margin, rtol=1e-12)
-    assert (packed[:, width + 1] > 0.5).tolist() == host.correct.tolist()
+    np.testing.assert_allclose(got.last, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got.logit_margin, host.logit_margin, rtol=1e-12)
+    assert got.correct.tolist() == host.correct.tolist()
     np.testing.assert_allclose(dev.inv.numpy(), host.inv, rtol=1e-15)
-    assert packed[0, online_dynamics.COL["pred"]] == 0  # a tie goes to the lowest class id
-    assert dev.inv[2] == 0 and packed[2, online_dynamics.COL["agreement"]] == 0
+    assert got.last[0, online_dynamics.COL["pred"]] == 0  # a tie goes to the lowest class id
+    assert dev.inv[2] == 0 and got.last[2, online_dynamics.COL["agreement"]] == 0
     if classes > 1:
-        assert packed[3, online_dynamics.COL["margin"]] == 1.0 and packed[4, online_dynamics.COL["margin"]] == 1.0
+        assert got.last[3, online_dynamics.COL["margin"]] == 1.0 and got.last[4, online_dynamics.COL["margin"]] == 1.0
     # The columns OnlineStats hands to the user: changing one in place changes no other (nor what was packed).
     shown = ["agreement", "global_agreement", "confidence", "margin"]
     for name in shown:
@@ -734,7 +770,7 @@ def test_device_batch_columns_equal_host_batch_on_edge_cases(classes):
         dev.cols[name].add_(1.0)
         for other, value in before.items():
             assert torch.equal(dev.cols[other], value), (name, other)
-    assert torch.equal(dev.logit_margin, torch.from_numpy(packed[:, width]))
+    assert torch.equal(dev.logit_margin, values[:, names.index("logit_margin")])
 
 
 def test_device_batch_regression_packs_nan_for_what_regression_has_not():
@@ -744,14 +780,15 @@ def test_device_batch_regression_packs_nan_for_what_regression_has_not():
     kw = {"is_class": False, "gathered": False, "by_class": True}
     host = online_dynamics.host_batch(*args, **kw)
     dev = online_dynamics.device_batch(*args, **kw)
-    packed = dev.packed(torch.ones(b, dtype=torch.float64), 3).numpy()
-    width = len(online_dynamics.LAST_COLUMNS)
-    assert packed.shape == (b, width + 1) and dev.logit_margin is None and dev.correct is None
+    values, names = dev.packed(torch.ones(b, dtype=torch.float64))
+    assert names == ("label", "loss", "pred", "grad_norm", "global_agreement", "agreement", "last_weight")
+    assert dev.logit_margin is None and dev.correct is None and not values.isnan().any()
+    got = online_dynamics.unpack(values.numpy(), names, 3)
     want = host.last.copy()
     want[:, online_dynamics.COL["last_weight"]] = 1.0
     want[:, online_dynamics.COL["last_step"]] = 3
-    np.testing.assert_allclose(packed[:, :width], want, rtol=1e-12)  # NaN where host has NaN too
-    assert np.isnan(packed[:, width]).all()
+    np.testing.assert_allclose(got.last, want, rtol=1e-12)  # NaN where host has NaN too
+    assert np.isnan(got.logit_margin).all() and got.correct is None
     dev.cols["agreement"].add_(1.0)  # regression: the agreement is the global one, in memory of its own
     assert not torch.equal(dev.cols["agreement"], dev.cols["global_agreement"])
 
@@ -766,6 +803,10 @@ def test_device_batch_regression_packs_nan_for_what_regression_has_not():
 FACTORED_BUDGET = {"mlp": 34, "cnn": 60, "transformer": 217}
 ONLINE_BUDGET = {("mlp", "output"): 98, ("mlp", "all"): 129, ("cnn", "output"): 98, ("cnn", "all"): 160,
                  ("transformer", "output"): 98, ("transformer", "all"): 432}
+# OnlineMiner(cuda_graphs=True), its replay counted as one launch: the copies in and out, the loss and the
+# autograd gradients at the outputs are what stays outside the graph.
+ONLINE_GRAPHED_BUDGET = {("mlp", "output"): 27, ("mlp", "all"): 41, ("cnn", "output"): 27, ("cnn", "all"): 48,
+                         ("transformer", "output"): 27, ("transformer", "all"): 129}
 
 
 def test_kernel_ops_count_the_kernels_of_a_step():
@@ -799,12 +840,16 @@ def test_the_factored_pass_stays_within_its_kernel_budget(name):
     assert extra <= FACTORED_BUDGET[name], f"{name}: the factored pass launches {extra:g} kernels beyond a training step"
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("layers", ["output", "all"])
 @pytest.mark.parametrize("name", be.MODELS)
-def test_the_online_gpu_path_stays_within_its_kernel_budget(name, layers, device_path):
+def test_the_online_gpu_path_stays_within_its_kernel_budget(name, layers, graphs, device_path):
+    from bench_dispatch import ReplayStandIn
+
     model, (x, y) = _bench_batch(name, 6, 0)
     miner = OnlineMiner(model, layers=_last_linear(model) if layers == "output" else None, dim=16,
-                        weighting=WeightingConfig(warmup_steps=0))
+                        weighting=WeightingConfig(warmup_steps=0), cuda_graphs=graphs)
+    miner._device_step.graph_backend = ReplayStandIn()  # a CUDA graph's place on the CPU (unused without graphs)
     ids = torch.arange(6)
     ref_model, _ = _bench_batch(name, 6, 0)
     opt, ref_opt = torch.optim.SGD(model.parameters(), lr=1e-4), torch.optim.SGD(ref_model.parameters(), lr=1e-4)
@@ -819,8 +864,12 @@ def test_the_online_gpu_path_stays_within_its_kernel_budget(name, layers, device
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
+    for _ in range(2):  # the capture (third step) and the replay compared with the eager step (fourth)
+        mined()
     extra = _extra_kernels(mined, plain)
-    assert extra <= ONLINE_BUDGET[name, layers], (
+    assert miner.cuda_graph_state()["replayed"] == (4 if graphs else 0)  # the counted steps were replays
+    budget = (ONLINE_GRAPHED_BUDGET if graphs else ONLINE_BUDGET)[name, layers]
+    assert extra <= budget, (
         f"{name}/{layers}: a steady-state observe + weighted step launches {extra:g} kernels beyond a plain step"
     )
 

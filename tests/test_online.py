@@ -678,13 +678,24 @@ def test_bench_callbacks_quick_runs(tmp_path):
     import json
 
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["model"], r["method"]) for r in rows} == {
+    assert {(r["model"], r["method"]) for r in rows} == {  # the *_graphs methods run by default on a GPU only
         (m, k) for m in ("mlp", "cnn") for k in ("plain", "last_layer", "multi_layer")
     }
     paths = {(r["model"], r["method"]): r["path"] for r in rows}
     assert paths[("mlp", "last_layer")] == "analytic" and paths[("cnn", "multi_layer")] == "autograd"
     assert all(r["ratio_to_plain"] > 0 for r in rows)
     assert out.with_suffix(".md").is_file()
+    res = subprocess.run(  # asked for on the CPU: they run (eagerly there) and say why graphs are off
+        [sys.executable, str(ROOT / "scripts" / "bench_callbacks.py"), "--quick", "--models", "mlp", "--methods",
+         "last_layer_graphs", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"plain", "last_layer_graphs"}
+    assert rows["last_layer_graphs"]["cuda_graphs"]["off"] == "the model is on cpu, not a CUDA device"
 
 
 def test_bench_dispatch_quick_runs(tmp_path):
@@ -700,10 +711,17 @@ def test_bench_dispatch_quick_runs(tmp_path):
 
     data = json.loads(out.read_text())
     rows = {(r["group"], r["method"]): r for r in data["rows"]}
+    graphed = {("training loop", "last_layer_graphs"), ("training loop", "multi_layer_graphs")}
     assert set(rows) == {("extraction", "train_step"), ("extraction", "factored"), ("training loop", "plain"),
-                         ("training loop", "last_layer"), ("training loop", "multi_layer")}
+                         ("training loop", "last_layer"), ("training loop", "multi_layer"), *graphed}
     # the miner's GPU path ran (its packed statistics are one stack), and every step launched kernels
     assert rows["training loop", "last_layer"]["kernel_ops"].get("aten::hypot") == 1
-    assert all(r["kernels_per_step"] > 0 and r["ms_per_step"] > 0 for r in rows.values())
+    assert all(r["kernels_per_step"] > 0 for r in rows.values())
+    assert all((r["ms_per_step"] is None) == (k in graphed) for k, r in rows.items())  # a stand-in is not timed
+    assert all(r["ms_per_step"] > 0 for k, r in rows.items() if k not in graphed)
+    for k in graphed:  # the stand-in replay counted as the one launch of a graph, the statistics inside it
+        ops = rows[k]["kernel_ops"]
+        assert ops["cudaGraphLaunch"] == 1 and "aten::hypot" not in ops, ops
+        assert rows[k]["kernels_per_step"] < rows["training loop", k[1].removesuffix("_graphs")]["kernels_per_step"]
     assert rows["extraction", "train_step"]["extra_kernels"] == 0 and data["settings"]["hardmine"]
     assert out.with_suffix(".md").is_file()

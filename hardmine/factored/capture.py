@@ -82,6 +82,7 @@ __all__ = [
     "check_per_sample_loss",
     "broadcast_problems",
     "apply_rules",
+    "output_gradients",
     "compute_factored",
 ]
 
@@ -656,7 +657,7 @@ def apply_rules(
     *,
     out: torch.Tensor | None = None,
     memo: dict[Any, Any] | None = None,
-    deltas: Mapping[str, list[torch.Tensor]] | None = None,
+    deltas: Mapping[str, list[torch.Tensor] | Mapping[int, torch.Tensor]] | None = None,
     retain_graph: bool = False,
 ) -> FactoredGrads:
     """Every unit's layer rule on its captured calls (already checked with :func:`check_calls`) and the
@@ -671,8 +672,9 @@ def apply_rules(
             where its dtype matches the model's (see ``FactoredGrads.written``; ``FactoredGrads.write_to``
             writes the rest).
         memo: see :class:`~hardmine.factored.apply.RuleRunner`.
-        deltas: ``{module: [output gradient per call]}`` the caller computed itself (e.g. the closed-form
-            gradient at the logits of an output layer); then no backward runs. ``None``: autograd computes
+        deltas: ``{module: [output gradient per call]}`` (or ``{module: {call index: output gradient}}``, as
+            :func:`output_gradients` returns them: a call without an entry received none) the caller computed
+            itself (e.g. the closed-form gradient at the logits of an output layer); then no backward runs. ``None``: autograd computes
             them from ``loss`` (below).
         retain_graph: keep the autograd graph for the caller's own backward (training loops); the output
             gradients are then asked for all at once instead of streamed through hooks.
@@ -685,9 +687,9 @@ def apply_rules(
     inputs = {name: [c.x for c in calls] for name, calls in rec.items()}
     runner = RuleRunner(units, inputs, layout, b, output.dtype, output.device, out=out, memo=memo)
     if deltas is not None:
-        received = {name: dict(enumerate(ds)) for name, ds in deltas.items()}
+        received = {name: ds if isinstance(ds, Mapping) else dict(enumerate(ds)) for name, ds in deltas.items()}
     elif retain_graph:
-        received = _all_at_once(rec, loss)
+        received = output_gradients(rec, loss)
     else:
         received = _streamed(rec, loss, runner)
     with torch.no_grad():
@@ -704,10 +706,10 @@ def _live(rec: Captured) -> list[tuple[str, int]]:
     ]
 
 
-def _all_at_once(rec: Captured, loss: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+def output_gradients(rec: Captured, loss: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
     """``{module: {call index: output gradient}}`` from one ``autograd.grad`` call that keeps the graph: a
     training loop keeps it for its own backward anyway, so holding the gradients until the end costs little
-    and no per-output hook is needed."""
+    and no per-output hook is needed. A call the loss does not reach has no entry."""
     live = _live(rec)
     received: dict[str, dict[int, torch.Tensor]] = {name: {} for name in rec}
     if loss.requires_grad and live:

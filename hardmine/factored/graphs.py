@@ -9,7 +9,7 @@ again with one call, so the host's share of a batch drops to copying the batch i
 batch's tensors and gets the value-check flags and the four results back):
 
 * a batch *signature* (its structure, each tensor's shape, dtype and device, every other leaf's value, and what
-  the caller adds: the engine adds the loss, grad mode and the numerics settings, ``engine._numerics``) is run eagerly
+  the caller adds: the engine adds the loss, grad mode and the numerics settings, :func:`numerics`) is run eagerly
   ``warmup`` times, then captured: the batch is copied into static input tensors, ``fn`` runs once on a side
   stream (lazy set-ups such as cuBLAS workspaces happen outside the capture), then once under capture, and
   the graph is replayed. Later batches of that signature are copied into the static inputs and replayed; the
@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
-__all__ = ["CudaGraphs", "GraphBackend", "PassGraphs", "batch_signature"]
+__all__ = ["CudaGraphs", "GraphBackend", "PassGraphs", "batch_signature", "module_state", "numerics"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,83 @@ def batch_signature(leaves: Sequence[Any], structure: Hashable) -> Hashable | No
                 return None
             key.append(("value", type(leaf), leaf))
     return tuple(key)
+
+
+def _autocast_state(device_type: str) -> tuple[bool, Any]:
+    """Whether autocast is on for ``device_type`` and its dtype (torch >= 2.4; older: the per-device calls)."""
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: no device-type argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+# Settings that choose the kernels of a pass (precision, algorithms), read per batch into a graph's key. Each
+# is read where this torch has it; the TF32 flags through the newer fp32_precision API where it exists, since
+# reading the legacy flag raises once the two APIs were mixed.
+_NUMERIC_SETTINGS = (
+    "backends.fp32_precision",
+    "backends.cuda.matmul.fp32_precision",
+    "backends.cudnn.conv.fp32_precision",
+    "backends.cudnn.rnn.fp32_precision",
+    "backends.cuda.matmul.allow_bf16_reduced_precision_reduction",
+    "backends.cuda.matmul.allow_fp16_reduced_precision_reduction",
+    "backends.cudnn.deterministic",
+    "backends.cudnn.benchmark",
+)
+_NUMERIC_CALLS = (
+    "get_float32_matmul_precision",
+    "are_deterministic_algorithms_enabled",
+    "backends.cuda.flash_sdp_enabled",
+    "backends.cuda.mem_efficient_sdp_enabled",
+    "backends.cuda.math_sdp_enabled",
+    "backends.cuda.cudnn_sdp_enabled",
+)
+
+
+def numerics(device_type: str) -> tuple[Any, ...] | None:
+    """The settings a graph of the pass freezes (autocast, TF32 and precision, deterministic algorithms,
+    attention backends), or ``None`` when one cannot be read (the pass then runs eagerly)."""
+    try:
+        values: list[Any] = [_autocast_state(device_type)]
+        for path in _NUMERIC_SETTINGS:
+            values.append(_lookup(path))
+        for path in _NUMERIC_CALLS:
+            fn = _lookup(path)
+            values.append(fn() if callable(fn) else None)
+        if not hasattr(torch.backends, "fp32_precision"):  # torch < 2.9: the legacy TF32 flags
+            values += [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+        return tuple(values)
+    except Exception:  # noqa: BLE001  an unreadable setting: no graph rather than a wrong one
+        return None
+
+
+def _lookup(path: str) -> Any:
+    obj: Any = torch
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def module_state(modules: Iterable[nn.Module]) -> Hashable:
+    """What a graph of a pass reads from these modules besides its inputs: every parameter's and buffer's
+    storage and dtype, which parameters need a gradient, and the modules' hooks (a replay runs none): their
+    count and the newest handle id, which moves whenever one is added. One walk over the modules."""
+    tensors: list[tuple[int, torch.dtype, bool]] = []
+    n_hooks, newest = 0, -1
+    for m in modules:
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                tensors.append((t.data_ptr(), t.dtype, t.requires_grad))
+        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                      getattr(m, "_backward_pre_hooks", {})):
+            if hooks:
+                n_hooks += len(hooks)
+                newest = max(newest, *hooks)
+    return tuple(tensors), n_hooks, newest
 
 
 @dataclass

@@ -45,7 +45,10 @@ classes) for the EMA update and ``O(B)`` NumPy updates of the dynamics. On the C
 weights are NumPy on the host (:func:`.dynamics.host_batch`); on a GPU they are tensor operations on the
 device (:func:`.dynamics.device_batch`, with no host synchronisation after the first step) and the dynamics
 get one non-blocking copy of ``B * (L + 2)`` numbers to pinned host memory, recorded once it has landed (a
-later step, or whichever method reads them). No per-sample gradient is ever formed. Measured overhead vs a plain training step (MLP and CNN, batch 256):
+later step, or whichever method reads them). On a GPU that device part (the projections onwards) is one pure
+function of the step's tensors (:mod:`.device_step`), which ``OnlineMiner(cuda_graphs=True)`` replays from a CUDA
+graph: the host then issues a few copies and one launch instead of about a hundred kernels. No per-sample
+gradient is ever formed. Measured overhead vs a plain training step (MLP and CNN, batch 256):
 ``scripts/bench_callbacks.py``.
 
 **Causal LMs.** ``(B, T, V)`` logits with ``(B, T)`` integer labels (default loss) are a causal LM: the
@@ -62,7 +65,8 @@ last-seen values of the offline manifest's scores. **Manifest** (:mod:`.manifest
 with the offline manifest's columns, so ``hardmine.ManifestSampler`` and ``export_manifest`` work on it.
 
 The package: :mod:`.miner` (``OnlineMiner``, a façade over the parts below), :mod:`.gradients` (the
-per-step factored pass), :mod:`.weighting`, :mod:`.dynamics`, :mod:`.manifest`; ``MinerSampler`` lives in
+per-step factored pass), :mod:`.device_step` (the GPU path's device part, eager or from CUDA graphs),
+:mod:`.weighting`, :mod:`.dynamics`, :mod:`.manifest`; ``MinerSampler`` lives in
 :mod:`hardmine.sampler` and is re-exported here.
 
 **Restarts.** :meth:`OnlineMiner.state_dict` / :meth:`OnlineMiner.load_state_dict` hold everything above

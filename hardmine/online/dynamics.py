@@ -44,6 +44,7 @@ __all__ = [
     "device_batch",
     "host_batch",
     "stats_on_host",
+    "unpack",
 ]
 
 
@@ -106,18 +107,38 @@ class DeviceBatch:
     correct: torch.Tensor | None  # (B,) bool; None for regression
     inv: torch.Tensor  # (B,) 1/|z_b|, 0 for a zero or non-finite gradient (which casts no vote)
 
-    def packed(self, weights: torch.Tensor, step: int) -> torch.Tensor:
-        """``(B, L + 1)`` (``+ 2`` with ``correct``): the LAST_COLUMNS (``last_weight`` = ``weights``,
-        ``last_step`` = ``step``), ``logit_margin``, then ``correct`` as 0/1 -- stacked by one kernel, for one
-        copy to the host (:meth:`SampleDynamics.submit`)."""
-        some = self.inv
-        nan = torch.full_like(some, float("nan"))  # (B,) every missing column (fill: no host-built tensor)
-        cols = dict(self.cols, last_weight=weights.to(some.dtype), last_step=torch.full_like(some, float(step)))
-        parts = [cols.get(name, nan) for name in LAST_COLUMNS]
-        parts.append(nan if self.logit_margin is None else self.logit_margin)
+    def packed(self, weights: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """``((B, k) values, their k names)``: the LAST_COLUMNS this batch has (``last_weight`` = ``weights``;
+        ``last_step`` is the caller's, filled in on the host, so that a CUDA graph of the step does not freeze
+        it), then ``logit_margin`` and ``correct`` (0/1) where classification has them -- stacked by one kernel
+        for one copy to the host (:meth:`SampleDynamics.submit`). Only what was computed goes: no column of
+        NaN (which would also keep a graph's replays from ever being checked)."""
+        dt = self.inv.dtype
+        cols = dict(self.cols, last_weight=weights.to(dt))
+        names = [name for name in LAST_COLUMNS if name in cols]
+        parts = [cols[name] for name in names]
+        if self.logit_margin is not None:
+            names.append("logit_margin")
+            parts.append(self.logit_margin)
         if self.correct is not None:
-            parts.append(self.correct.to(some.dtype))
-        return torch.stack(parts, dim=1)  # (B, L + 1 or 2)
+            names.append("correct")
+            parts.append(self.correct.to(dt))
+        return torch.stack(parts, dim=1), tuple(names)  # (B, k)
+
+
+def unpack(values: np.ndarray, names: tuple[str, ...], step: int) -> HostBatch:
+    """The :class:`HostBatch` of :meth:`DeviceBatch.packed`'s values once on the host (``(B, k)``): NaN for every
+    column the batch has not, ``last_step`` = ``step``."""
+    b = values.shape[0]
+    last = np.full((b, len(LAST_COLUMNS)), np.nan)
+    got = dict(zip(names, range(len(names))))
+    for name, j in got.items():
+        if name in COL:
+            last[:, COL[name]] = values[:, j]
+    last[:, COL["last_step"]] = step
+    margin = values[:, got["logit_margin"]] if "logit_margin" in got else np.full(b, np.nan)
+    correct = values[:, got["correct"]] > 0.5 if "correct" in got else None
+    return HostBatch(last, margin, correct)
 
 
 def host_batch(
@@ -285,8 +306,9 @@ class SampleDynamics:
         self.run: dict[str, np.ndarray] = {n: np.empty(0, dtype=dt) for n, (dt, _) in RUNNING.items()}
         self.keep_dim = keep_dim
         self.grads = np.empty((0, keep_dim), dtype=np.float32) if keep_dim else None
-        # batches submitted and not recorded yet: ((ids, kind), host copies, CUDA event or None, has correct, task)
-        self._pending: list[tuple[tuple[list[Any], str], list[torch.Tensor], Any, bool, TaskKind]] = []
+        # batches submitted and not recorded yet: ((ids, kind), host copies, CUDA event or None, the names of the
+        # packed columns, task, the batch's step)
+        self._pending: list[tuple[tuple[list[Any], str], list[torch.Tensor], Any, tuple[str, ...], TaskKind, int]] = []
 
     @property
     def n(self) -> int:
@@ -336,14 +358,20 @@ class SampleDynamics:
         return np.asarray(self.ids, dtype=np.int64 if self.id_kind == "int" else object)
 
     def submit(
-        self, id_list: tuple[list[Any] | torch.Tensor, str], packed: torch.Tensor, z: torch.Tensor, task: TaskKind
+        self,
+        id_list: tuple[list[Any] | torch.Tensor, str],
+        packed: tuple[torch.Tensor, tuple[str, ...]],
+        z: torch.Tensor,
+        task: TaskKind,
+        step: int,
     ) -> None:
         """Queue one batch's observations: its values (``packed``, :meth:`DeviceBatch.packed`; and ``z`` when
         gradients are kept) start their copy to the host without blocking (pinned memory, from a GPU) and are
         recorded by :meth:`poll` once there. ``id_list``: ``(ids, kind)``, the ids a list or an integer tensor
-        (copied with the values)."""
+        (copied with the values); ``step``: the batch's ``last_step``."""
         self.check_kind(id_list[1])  # at once: the error belongs to this batch
-        parts = [packed]  # (B, L + 1 or 2): one copy
+        values, names = packed
+        parts = [values]  # (B, k): one copy
         if self.grads is not None:
             parts.append(z)
         ids = id_list[0]
@@ -353,14 +381,12 @@ class SampleDynamics:
         host, event = to_host_async(parts)
         if isinstance(ids, torch.Tensor):
             host, id_list = host[:-1], (host[-1], id_list[1])
-        has_correct = packed.shape[1] == len(LAST_COLUMNS) + 2
-        self._pending.append((id_list, host, event, has_correct, task))
+        self._pending.append((id_list, host, event, names, task, step))
 
     def poll(self, wait: bool = False) -> None:
         """Record the queued batches whose copies have landed (every one with ``wait``), in order."""
-        width = len(LAST_COLUMNS)
         while self._pending:
-            id_list, host, event, has_correct, task = self._pending[0]
+            id_list, host, event, names, task, step = self._pending[0]
             if event is not None:
                 if wait:
                     event.synchronize()
@@ -369,9 +395,7 @@ class SampleDynamics:
             self._pending.pop(0)
             if isinstance(id_list[0], torch.Tensor):  # landed with the values: read now, no wait
                 id_list = (id_list[0].numpy().astype(np.int64).tolist(), id_list[1])
-            packed = host[0].numpy().astype(np.float64)  # (B, L + 1 or 2)
-            correct = packed[:, width + 1] > 0.5 if has_correct else None
-            hb = HostBatch(packed[:, :width], packed[:, width], correct)
+            hb = unpack(host[0].numpy().astype(np.float64), names, step)  # (B, k) -> (B, L)
             zh = host[1].numpy() if len(host) > 1 else None
             self.record(id_list, hb, zh, task)
 

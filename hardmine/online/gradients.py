@@ -23,24 +23,36 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..enums import LossKind
 from ..factored.capture import (
     Captured,
+    CapturedCall,
     apply_rules,
     broadcast_problems,
     capture_calls,
     check_calls,
     check_per_sample_loss,
     format_rejected,
+    output_gradients,
     plan_factored,
 )
 from ..factored.layout import ProjectionLayout
 from ..factored.plan import FactoredUnit
 from ..losses import LossFn
 
-__all__ = ["PATH_ANALYTIC", "PATH_AUTOGRAD", "StepGradients", "StepResult"]
+__all__ = ["PATH_ANALYTIC", "PATH_AUTOGRAD", "Prepared", "StepGradients", "StepResult"]
 
 logger = logging.getLogger(__name__)
 
 PATH_ANALYTIC = "analytic"
 PATH_AUTOGRAD = "autograd"
+
+
+@dataclass
+class Prepared:
+    """One step's forward, checked, as :meth:`StepGradients.project` takes it."""
+
+    loss: torch.Tensor  # (B,) attached to the graph
+    inputs: dict[str, list[torch.Tensor]]  # module -> its captured inputs (detached), one per call
+    received: dict[str, dict[int, torch.Tensor]] | None  # module -> {call: output gradient}; None: analytic
+    path: str  # PATH_ANALYTIC or PATH_AUTOGRAD
 
 
 @dataclass
@@ -172,28 +184,53 @@ class StepGradients:
         b: int,
     ) -> StepResult:
         """Check the captured calls, compute the per-sample loss and project every sample's gradient."""
+        prep = self.prepare(rec, out, target, loss_fn, kind, b)
+        z, sq = self.project(prep.inputs, prep.received, out.detach(), target, kind, b)
+        return StepResult(prep.loss, z, sq, prep.path)
+
+    def prepare(
+        self,
+        rec: Captured,
+        out: torch.Tensor,
+        target: torch.Tensor,
+        loss_fn: LossFn,
+        kind: LossKind | None,
+        b: int,
+    ) -> Prepared:
+        """What :meth:`project` needs from the step's forward: the captured calls checked, the per-sample loss
+        (attached) and, on the autograd path, the per-sample gradients at the selected outputs (one
+        ``autograd.grad`` that keeps the graph for the user's backward)."""
         self._check_calls(rec, b)
         self._check_broadcast(rec, out, b)
         loss = loss_fn(out, target)
         check_per_sample_loss(loss, b)
-        deltas = self._output_deltas(rec, out, target, kind)
-        if deltas is None:
-            self._check_autograd(loss)
+        inputs = {name: [c.x.detach() for c in calls] for name, calls in rec.items()}
+        if self._analytic(rec, out, kind):
+            return Prepared(loss, inputs, None, PATH_ANALYTIC)
+        self._check_autograd(loss)
+        return Prepared(loss, inputs, output_gradients(rec, loss), PATH_AUTOGRAD)
+
+    def project(
+        self,
+        inputs: Mapping[str, list[torch.Tensor]],
+        received: Mapping[str, Mapping[int, torch.Tensor]] | None,
+        out: torch.Tensor,
+        target: torch.Tensor,
+        kind: LossKind | None,
+        b: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z (B, out_dim) float32, exact squared norms (B,))`` from each unit's captured inputs and the
+        gradients at its outputs (``received``; ``None``: the analytic path, the closed-form gradient at the
+        logits ``out`` from ``target``). Tensor work only, no check and no autograd: a CUDA graph can hold it
+        (``hardmine.online.device_step``)."""
+        if received is None:
+            delta = self._delta(out, target, kind)
+            received = {name: {0: delta} for name in self.units}
         z = self.layout.new_output(b, out.device)  # (B, out_dim); Kronecker blocks are written in place
-        fg = apply_rules(
-            self.units,
-            rec,
-            loss,
-            out,
-            self.layout,
-            b,
-            out=z,
-            memo=self._memo,
-            deltas=deltas,
-            retain_graph=True,  # the user's backward runs through the same graph afterwards
-        )
+        calls = {name: [CapturedCall(x, None, None, None, None) for x in xs] for name, xs in inputs.items()}
+        fg = apply_rules(self.units, calls, out, out, self.layout, b, out=z, memo=self._memo, deltas=received)
         fg.write_to(z, self.layout)
-        return StepResult(loss, z, fg.sq_norm, PATH_AUTOGRAD if deltas is None else PATH_ANALYTIC)
+        return z, fg.sq_norm
 
     def _check_calls(self, rec: Captured, b: int) -> None:
         problems, modified = check_calls(self.units, rec, b)
@@ -235,30 +272,27 @@ class StepGradients:
             )
         self._broadcast_checked = True
 
-    def _output_deltas(
-        self, rec: Captured, out: torch.Tensor, target: torch.Tensor, kind: LossKind | None
-    ) -> dict[str, list[torch.Tensor]] | None:
-        """The closed-form per-sample gradient at the logits, ``{module: [delta]}``, when every selected module
-        is the output layer (its output returned unchanged) and the loss is built in; else None (autograd)."""
+    def _analytic(self, rec: Captured, out: torch.Tensor, kind: LossKind | None) -> bool:
+        """Whether the closed-form gradient at the logits applies: every selected module is the output layer
+        (its output returned unchanged) and the loss is built in."""
         # A causal LM's loss is left to autograd: its gradient at the logits is as large as the logits.
-        analytic = kind in (LossKind.CROSS_ENTROPY, LossKind.MSE) and all(
+        return kind in (LossKind.CROSS_ENTROPY, LossKind.MSE) and all(
             len(calls) == 1 and calls[0].passed is out and out._version == calls[0].passed_version
             for calls in rec.values()
         )
-        if not analytic:
-            return None
+
+    def _delta(self, o: torch.Tensor, target: torch.Tensor, kind: LossKind | None) -> torch.Tensor:
+        """The closed-form per-sample gradient of the built-in loss at the logits ``o`` (detached)."""
         with torch.no_grad():
-            o = out.detach()
             if kind is LossKind.CROSS_ENTROPY and (o.ndim == 1 or o.shape[1] == 1):
                 # A single logit z (the two-class model [0, z]): d BCE-with-logits / dz = sigmoid(z) - y.
-                delta = torch.sigmoid(o) - target.to(o.dtype).reshape(o.shape)  # (B,) or (B, 1)
-            elif kind is LossKind.CROSS_ENTROPY:
+                return torch.sigmoid(o) - target.to(o.dtype).reshape(o.shape)  # (B,) or (B, 1)
+            if kind is LossKind.CROSS_ENTROPY:
                 delta = torch.softmax(o, dim=1)  # (B, C): d CE / d logits = softmax - onehot
-                delta.scatter_add_(1, target.unsqueeze(1), self._minus_ones(delta))
-            else:  # mse_per_sample = mean over the d outputs of (out - y)^2
-                d = o[0].numel()
-                delta = (o - target.reshape(o.shape).to(o.dtype)).mul_(2.0 / d)  # (B, ...)
-        return {name: [delta] for name in self.units}
+                return delta.scatter_add_(1, target.unsqueeze(1), self._minus_ones(delta))
+            # mse_per_sample = mean over the d outputs of (out - y)^2
+            d = o[0].numel()
+            return (o - target.reshape(o.shape).to(o.dtype)).mul_(2.0 / d)  # (B, ...)
 
     def _check_autograd(self, loss: torch.Tensor) -> None:
         if not loss.requires_grad:

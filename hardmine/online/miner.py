@@ -41,10 +41,11 @@ from ..losses import IGNORE_INDEX, LossFn, causal_lm_per_sample, class_logits, l
 from ..manifest import write_manifest
 from ..params import check_one_device, select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
-from .dynamics import COL, SampleDynamics, device_batch, host_batch, stats_on_host
+from .device_step import DeviceStep
+from .dynamics import COL, SampleDynamics, host_batch, stats_on_host
 from .gradients import StepGradients
 from .manifest import build_manifest
-from .weighting import Directions, WeightingConfig, device_training_weights, training_weights
+from .weighting import Directions, WeightingConfig, training_weights
 
 __all__ = ["STATE_FORMAT", "OnlineMiner", "OnlineStats"]
 
@@ -105,6 +106,11 @@ class OnlineMiner:
         weighting: a :class:`WeightingConfig` (or a dict of its fields).
         keep_gradients: also keep each sample's last projected gradient (``N x out_dim`` float32), returned
             by :meth:`gradients`. Off by default: the miner's memory stays ``O(N)`` scalars.
+        cuda_graphs: on a CUDA device, replay the step's own work after the user's forward (projections,
+            statistics, weights, directions) as a CUDA graph (:mod:`hardmine.online.device_step`): the same
+            values, with far less host time per step. It applies past the warm-up, after two steps of one
+            batch shape; anything a graph cannot hold, or a replay that differs from the eager step, switches it
+            off with a warning (:meth:`cuda_graph_state` says what happened). Off by default.
         kind: the old name of ``projection``; accepted for one release with a ``DeprecationWarning``.
     """
 
@@ -121,8 +127,10 @@ class OnlineMiner:
         weighting: WeightingConfig | Mapping[str, Any] | None = None,
         keep_gradients: bool = False,
         kind: ProjectionKind | str | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         as_module(model)
+        as_bool(cuda_graphs, "cuda_graphs")
         num_classes = positive_int(num_classes, "num_classes", allow_none=True)
         keep = as_bool(keep_gradients, "keep_gradients")
         if loss_fn is not None and not callable(loss_fn):
@@ -136,6 +144,7 @@ class OnlineMiner:
         projection = projection_kind(projection, kind, "OnlineMiner")
         self.layout = ProjectionLayout(model, self.param_names, dim=dim, seed=seed, kind=projection)
         self._grads = StepGradients(model, self.param_names, self.layout)
+        self._device_step = DeviceStep(self._grads, cuda_graphs)
         self._num_classes: int | None = num_classes
         self._task: TaskKind | None = None
         self._step = 0
@@ -170,6 +179,10 @@ class OnlineMiner:
         """Wait for the steps still on the device: their label checks and per-sample dynamics."""
         self._checks.poll(wait=True)
         self._dyn.poll(wait=True)
+
+    def cuda_graph_state(self) -> dict[str, Any]:
+        """What ``cuda_graphs`` did: asked for, graphs captured and replayed, and why they are off (if so)."""
+        return self._device_step.state()
 
     @property
     def task(self) -> TaskKind | None:
@@ -259,64 +272,72 @@ class OnlineMiner:
                 recheck = functools.partial(check_labels, target, int(class_logits(out[:1]).shape[1]))
             self._checks.submit(flags, recheck)
             self._checks.poll()
-        step = self._grads.compute(rec, out, safe, fn, kind, b)
         is_class = task is TaskKind.CLASSIFICATION
-        # A causal LM has no per-sample output statistics here (its logits are (B, T, V)): the host copy gets
-        # one NaN column instead of the logits, so pred and label stay NaN as for a multi-output regression.
-        stats_out = out.new_full((b, 1), float("nan")) if task is TaskKind.CAUSAL_LM else out
+        labels = safe if is_class else None
+        warm = self._step + 1 <= self.weighting.warmup_steps or self.weighting.strength == 0
+        dev = out.device
+        # The checks of the step's forward first: a bad batch changes no state
+        prep = self._grads.prepare(rec, out, safe, fn, kind, b)
         if is_class and self._num_classes is None:
             self._num_classes = int(class_logits(out[:1]).shape[1])  # a single logit: 2 classes
-        self._task = task
         if self._dirs is None:
-            self._dirs = Directions.new(self._num_classes if is_class else None, self.out_dim, out.device)
-        labels = safe if is_class else None
-        z_norm, along = self._dirs.along(step.z, labels)  # against the directions *before* this update
-        self._step += 1
-        warm = self._step <= self.weighting.warmup_steps or self.weighting.strength == 0
-        args = (stats_out, safe, step.loss, step.sq_norm, z_norm, along)
-        kw = {"is_class": is_class, "gathered": self._dirs.gathers, "by_class": self.weighting.by_class}
-        dev = out.device
+            self._dirs = Directions.new(self._num_classes if is_class else None, self.out_dim, dev)
         if stats_on_host(dev):
             # The CPU: one copy that costs nothing, NumPy for the statistics, weights and dynamics.
+            self._device_step.on_host(dev)
+            z, sq = self._grads.project(prep.inputs, prep.received, out.detach(), safe, kind, b)
+            self._task = task
+            self._step += 1
+            # A causal LM has no per-sample output statistics here (its logits are (B, T, V)): the host copy
+            # gets one NaN column instead of the logits, so pred and label stay NaN as for a multi-output
+            # regression.
+            stats_out = out.new_full((b, 1), float("nan")) if task is TaskKind.CAUSAL_LM else out
+            z_norm, along = self._dirs.along(z, labels)  # against the directions *before* this update
+            args = (stats_out, safe, prep.loss, sq, z_norm, along)
+            kw = {"is_class": is_class, "gathered": self._dirs.gathers, "by_class": self.weighting.by_class}
             host = host_batch(*args, **kw)
             w_h = training_weights(host.last[:, COL["agreement"]], self.weighting, warm)  # (B,)
             host.last[:, COL["last_weight"]] = w_h
             host.last[:, COL["last_step"]] = self._step
             lab = host.last[:, COL["label"]].astype(np.int64) if is_class else None
             assert host.inv is not None
-            self._dirs.update_host(step.z, labels, lab, host.inv, self.weighting.momentum)
+            self._dirs.update_host(z, labels, lab, host.inv, self.weighting.momentum)
             if id_list is not None:
-                zh = step.z.detach().numpy() if self._dyn.grads is not None else None
+                zh = z.detach().numpy() if self._dyn.grads is not None else None
                 self._dyn.record(id_list, host, zh, task)
 
             def col(name: str) -> torch.Tensor:
                 return torch.from_numpy(host.last[:, COL[name]].copy()).to(dev)
 
-            w = torch.from_numpy(w_h).to(dev)
+            w = torch.from_numpy(w_h).to(dev).to(prep.loss.dtype)
+            grad_norm = sq.clamp_min(0).sqrt()
             logit_margin = torch.from_numpy(host.logit_margin).to(dev)
             correct = torch.from_numpy(host.correct).to(dev) if host.correct is not None else None
         else:
             # A GPU: everything stays on the device (no host sync per step): the statistics, the weights and
-            # the direction update; the per-sample dynamics are copied to the host without blocking and
-            # recorded once they have landed (a later observe, or any method that reads them).
-            batch = device_batch(*args, **kw)
-            w = device_training_weights(batch.cols["agreement"], self.weighting, warm)  # (B,)
-            self._dirs.update(step.z, labels, batch.inv, self.weighting.momentum)
+            # the direction update (DeviceStep: eagerly, or replayed from a CUDA graph); the per-sample dynamics
+            # are copied to the host without blocking and recorded once they have landed (a later observe, or
+            # any method that reads them).
+            values = self._device_step(prep, out, safe, kind, task, self._dirs, self.weighting, warm)
+            self._task = task
+            self._step += 1
+            self._dirs.dirs, self._dirs.seen = values.dirs, values.seen
             if id_list is not None:
-                self._dyn.submit(id_list, batch.packed(w, self._step), step.z, task)
+                self._dyn.submit(id_list, values.packed, values.z, task, self._step)
                 self._dyn.poll()
 
             def col(name: str) -> torch.Tensor:
-                return batch.cols[name]  # (B,) a tensor of its own, not a view of what goes to the host
+                return values.column(name)  # (B,) a column of a tensor of its own, not what goes to the host
 
-            logit_margin, correct = batch.logit_margin, batch.correct
+            z, w, grad_norm = values.z, values.weights, values.grad_norm
+            logit_margin, correct = (values.column("logit_margin") if is_class else None), values.correct
 
         return OnlineStats(
-            loss=step.loss,
-            weights=w.to(step.loss.dtype),
+            loss=prep.loss,
+            weights=w,
             output=out,
-            z=step.z,
-            grad_norm=step.sq_norm.clamp_min(0).sqrt(),
+            z=z,
+            grad_norm=grad_norm,
             agreement=col("agreement"),
             global_agreement=col("global_agreement"),
             confidence=col("confidence") if is_class else None,
@@ -325,7 +346,7 @@ class OnlineMiner:
             correct=correct,
             step=self._step,
             warmup=warm,
-            path=step.path,
+            path=prep.path,
         )
 
     # ----------------------------------------------------------------------------------- validation

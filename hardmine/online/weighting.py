@@ -38,9 +38,11 @@ __all__ = [
     "Directions",
     "WeightingConfig",
     "device_training_weights",
+    "directions_along",
     "never_clipped",
     "solve_weights",
     "training_weights",
+    "updated_directions",
 ]
 
 MASK_ROWS = 64  # direction updates by one dense matmul up to this many rows (classes + 1)
@@ -193,6 +195,67 @@ def _solve_weights_device(r: torch.Tensor, min_weight: float, max_weight: float)
     return torch.where(inside, w0, clipped)
 
 
+def directions_along(
+    dirs: torch.Tensor, z: torch.Tensor, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|z_b| (B,), z_b . d_r / |d_r|)`` for the directions ``dirs`` ``(R, D)`` (on ``z``'s device):
+    :meth:`Directions.along`."""
+    norms = torch.linalg.vector_norm(dirs, dim=1, keepdim=True).clamp_min(1e-30)  # (R, 1)
+    along = z @ (dirs / norms).T  # (B, R)
+    if dirs.shape[0] > MASK_ROWS and labels is not None:
+        along = torch.stack([along.gather(1, labels.unsqueeze(1))[:, 0], along[:, -1]], dim=1)  # (B, 2)
+    return torch.linalg.vector_norm(z, dim=1), along
+
+
+def updated_directions(
+    dirs: torch.Tensor,
+    seen: torch.Tensor,
+    z: torch.Tensor,
+    labels: torch.Tensor | None,
+    inv: torch.Tensor,
+    momentum: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dirs, seen)`` after the EMA update of every row with this batch's mean unit gradients (see the module
+    docstring), on the device (no host sync), as new tensors: the inputs are not changed (so a CUDA graph of a
+    step can hold it, ``hardmine.online.device_step``).
+
+    ``dirs`` ``(R, D)`` float32, ``seen`` ``(R,)`` bool; ``labels``: the class ids on the device (``None`` for
+    regression); ``inv``: ``(B,)`` ``1/|z_b|``, 0 for a sample that casts no vote (zero or non-finite
+    gradient)."""
+    r, b = dirs.shape[0], z.shape[0]
+    dt = inv.dtype
+    voted = inv.sign()  # (B,) 1 for a voting sample, 0 otherwise (inv is 0 exactly for a non-voter)
+    if r <= MASK_ROWS:
+        # Few rows: the (R, B) membership matrix (each sample's class row and the global row) gives the
+        # voter counts by one matrix-vector product and, scaled, every row's weighted sum by one matmul.
+        member = torch.zeros(r, b, dtype=dt, device=z.device)  # (R, B)
+        if labels is not None:
+            member.scatter_(0, labels[None, :], 1.0)
+        member[-1].fill_(1.0)
+        counts = member.mv(voted)  # (R,) voters per row
+    else:
+        counts = torch.zeros(r, dtype=dt, device=z.device)  # (R,) voters per row
+        counts[-1] = voted.sum()
+        if labels is not None:
+            counts[:-1].index_add_(0, labels, voted)
+    present = counts > 0
+    # Decay per row: 1 (absent: unchanged), 0 (first batch of the row: its mean), momentum otherwise.
+    keep = torch.where(present, seen.to(dt) * float(momentum), 1.0)  # (R,)
+    coef = (1.0 - keep) / counts.clamp_min(1.0)  # (R,): turns a row's sum of unit vectors into its share
+    # Per-sample factors: 1/|z_b| (unit vector) times its row's coefficient.
+    # A zero factor times a NaN row is NaN: non-voting rows are zeroed (finite rows are left as they are).
+    zc = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+    if r <= MASK_ROWS:
+        sums = (member * coef[:, None] * inv).to(torch.float32) @ zc  # (R, B) @ (B, D) -> (R, D)
+    else:  # many classes: scatter the class rows, O(B * D) instead of O(R * B * D)
+        sums = torch.zeros_like(dirs)  # (R, D)
+        if labels is not None:
+            own = inv * coef[labels]  # (B,) factor of each sample's class row
+            sums.index_add_(0, labels, zc * own.to(torch.float32)[:, None])
+        sums[-1] = (inv * coef[-1]).to(torch.float32) @ zc
+    return torch.addcmul(sums, dirs, keep.to(torch.float32)[:, None]), seen | present  # keep*old + (1-keep)*mean
+
+
 class Directions:
     """EMA directions of the mean unit gradient: rows ``0..C-1`` per class, the last row over all samples.
 
@@ -224,53 +287,13 @@ class Directions:
         """``(|z_b| (B,), z_b . d_r / |d_r|)``: everything the cosines need, finished on the host (0 for a row
         not formed yet). The second is ``(B, R)``, or ``(B, 2)`` (the sample's class row, the global row)
         when :attr:`gathers`, so that a ``(B, R)`` matrix never goes to the host for many classes."""
-        if self.dirs.device != z.device:  # e.g. a state loaded on the CPU, training on a GPU
-            self.dirs, self.seen = self.dirs.to(z.device), self.seen.to(z.device)
-        norms = torch.linalg.vector_norm(self.dirs, dim=1, keepdim=True).clamp_min(1e-30)  # (R, 1)
-        along = z @ (self.dirs / norms).T  # (B, R)
-        if self.gathers and labels is not None:
-            along = torch.stack([along.gather(1, labels.unsqueeze(1))[:, 0], along[:, -1]], dim=1)  # (B, 2)
-        return torch.linalg.vector_norm(z, dim=1), along
+        self.move_to(z.device)
+        return directions_along(self.dirs, z, labels)
 
-    def update(self, z: torch.Tensor, labels: torch.Tensor | None, inv: torch.Tensor, momentum: float) -> None:
-        """EMA update of every row with this batch's mean unit gradients (see the module docstring), on the
-        device (no host sync).
-
-        ``labels``: the class ids on the device (``None`` for regression); ``inv``: ``(B,)`` ``1/|z_b|``, 0 for
-        a sample that casts no vote (zero or non-finite gradient)."""
-        r, b = self.rows, z.shape[0]
-        dt = inv.dtype
-        voted = inv.sign()  # (B,) 1 for a voting sample, 0 otherwise (inv is 0 exactly for a non-voter)
-        if r <= MASK_ROWS:
-            # Few rows: the (R, B) membership matrix (each sample's class row and the global row) gives the
-            # voter counts by one matrix-vector product and, scaled, every row's weighted sum by one matmul.
-            member = torch.zeros(r, b, dtype=dt, device=z.device)  # (R, B)
-            if labels is not None:
-                member.scatter_(0, labels[None, :], 1.0)
-            member[-1].fill_(1.0)
-            counts = member.mv(voted)  # (R,) voters per row
-        else:
-            counts = torch.zeros(r, dtype=dt, device=z.device)  # (R,) voters per row
-            counts[-1] = voted.sum()
-            if labels is not None:
-                counts[:-1].index_add_(0, labels, voted)
-        present = counts > 0
-        # Decay per row: 1 (absent: unchanged), 0 (first batch of the row: its mean), momentum otherwise.
-        keep = torch.where(present, self.seen.to(dt) * float(momentum), 1.0)  # (R,)
-        coef = (1.0 - keep) / counts.clamp_min(1.0)  # (R,): turns a row's sum of unit vectors into its share
-        # Per-sample factors: 1/|z_b| (unit vector) times its row's coefficient.
-        # A zero factor times a NaN row is NaN: non-voting rows are zeroed (finite rows are left as they are).
-        zc = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
-        if r <= MASK_ROWS:
-            sums = (member * coef[:, None] * inv).to(torch.float32) @ zc  # (R, B) @ (B, D) -> (R, D)
-        else:  # many classes: scatter the class rows, O(B * D) instead of O(R * B * D)
-            sums = torch.zeros_like(self.dirs)  # (R, D)
-            if labels is not None:
-                own = inv * coef[labels]  # (B,) factor of each sample's class row
-                sums.index_add_(0, labels, zc * own.to(torch.float32)[:, None])
-            sums[-1] = (inv * coef[-1]).to(torch.float32) @ zc
-        self.dirs = torch.addcmul(sums, self.dirs, keep.to(torch.float32)[:, None])  # keep*old + (1-keep)*mean
-        self.seen = self.seen | present
+    def move_to(self, device: torch.device) -> None:
+        """Move the directions to ``device`` (e.g. a state loaded on the CPU, training on a GPU)."""
+        if self.dirs.device != device:
+            self.dirs, self.seen = self.dirs.to(device), self.seen.to(device)
 
     def update_host(
         self,
@@ -280,7 +303,7 @@ class Directions:
         inv: np.ndarray,
         momentum: float,
     ) -> None:
-        """:meth:`update` with the per-row bookkeeping in NumPy (the CPU path, ``HOST_STATS_DEVICES``).
+        """:func:`updated_directions` with the per-row bookkeeping in NumPy (the CPU path, ``HOST_STATS_DEVICES``).
 
         ``labels`` / ``lab``: the class ids on the device / host (``None`` for regression); ``inv``: ``(B,)``
         ``1/|z_b|``, 0 for a sample that casts no vote (zero or non-finite gradient)."""
