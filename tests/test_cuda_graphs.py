@@ -650,3 +650,100 @@ def test_pass_graphs_keep_leaves_that_are_not_tensors_as_they_are():
         out = graphs(fn, [torch.full((2,), v), 3], key, None)[0]
         assert out.tolist() == [3 * v, 3 * v]
     assert graphs.captured == 1 and seen == [3] * len(seen)
+
+
+# ------------------------------------------------------------------------- what a graph's key and state read
+def _fake_torch(fp32_api: bool = True, sdp_cudnn: bool = True):
+    """A stand-in for the torch module numerics() reads: every setting a known value."""
+    from types import SimpleNamespace as NS
+
+    cuda = NS(matmul=NS(fp32_precision="ieee", allow_bf16_reduced_precision_reduction=True,
+                        allow_fp16_reduced_precision_reduction=False, allow_tf32="legacy-matmul"),
+              flash_sdp_enabled=lambda: "flash", mem_efficient_sdp_enabled=lambda: "mem",
+              math_sdp_enabled=lambda: "math")
+    if sdp_cudnn:
+        cuda.cudnn_sdp_enabled = lambda: "cudnn-sdp"
+    backends = NS(cuda=cuda, cudnn=NS(conv=NS(fp32_precision="conv-tf32"), rnn=NS(fp32_precision="rnn-ieee"),
+                                      deterministic="det", benchmark="bench", allow_tf32="legacy-cudnn"))
+    if fp32_api:
+        backends.fp32_precision = "global"
+    return NS(backends=backends, is_autocast_enabled=lambda d: d == "cuda", get_autocast_dtype=lambda d: f"dt-{d}",
+              get_float32_matmul_precision=lambda: "high", are_deterministic_algorithms_enabled=lambda: "algos")
+
+
+def test_numerics_reads_every_setting_that_chooses_a_pass_s_kernels(monkeypatch):
+    from hardmine.factored import graphs
+
+    monkeypatch.setattr(graphs, "torch", _fake_torch())
+    calls = ("high", "algos", "flash", "mem", "math", "cudnn-sdp")
+    settings = ("global", "ieee", "conv-tf32", "rnn-ieee", True, False, "det", "bench")
+    assert graphs.numerics("cuda") == ((True, "dt-cuda"), *settings, *calls)
+    assert graphs.numerics("cpu")[0] == (False, "dt-cpu")
+    # a torch without one of the calls: None in its place, the rest still read
+    monkeypatch.setattr(graphs, "torch", _fake_torch(sdp_cudnn=False))
+    assert graphs.numerics("cuda") == ((True, "dt-cuda"), *settings, *calls[:-1], None)
+    # torch < 2.9 (no fp32_precision API): the legacy TF32 flags are read too
+    monkeypatch.setattr(graphs, "torch", _fake_torch(fp32_api=False))
+    assert graphs.numerics("cuda") == ((True, "dt-cuda"), None, *settings[1:], *calls, "legacy-matmul", "legacy-cudnn")
+    assert graphs._lookup("backends.no_such_module.flag") is None
+
+
+def test_numerics_of_the_real_torch_follow_its_settings():
+    from hardmine.factored.graphs import numerics
+
+    precision = torch.get_float32_matmul_precision()
+    try:  # (setting a precision also moves torch's fp32_precision fields: compare like with like)
+        torch.set_float32_matmul_precision("high")
+        high = numerics("cpu")
+        torch.set_float32_matmul_precision("medium")
+        assert numerics("cpu") != high
+        torch.set_float32_matmul_precision("high")
+        assert numerics("cpu") == high
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert numerics("cpu")[0] == (True, torch.bfloat16) and numerics("cpu")[1:] == high[1:]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def test_autocast_state_reads_the_device_type_s_own_settings(monkeypatch):
+    from hardmine.factored.graphs import _autocast_state
+
+    was = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("xpu")
+    try:  # settable without the device: the xpu answer must not be CUDA's (nor the default's)
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("xpu", torch.bfloat16)
+        assert _autocast_state("xpu") == (False, torch.bfloat16)
+        assert _autocast_state("cuda") == (True, torch.get_autocast_dtype("cuda"))
+    finally:
+        torch.set_autocast_enabled("cuda", was[0])
+        torch.set_autocast_dtype("xpu", was[1])
+    # torch < 2.4: no device-type argument; the CPU and the GPU have calls of their own
+    real = torch.is_autocast_enabled
+
+    def old_api(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes no arguments")
+        return real("cuda")
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # entered (and left) with the real call
+        with monkeypatch.context() as mp:
+            mp.setattr(torch, "is_autocast_enabled", old_api)
+            assert _autocast_state("cpu") == (True, torch.bfloat16)
+            assert _autocast_state("cuda") == (False, torch.get_autocast_dtype("cuda"))
+
+
+def test_module_state_holds_every_tensor_and_counts_every_kind_of_hook():
+    from hardmine.factored.graphs import module_state
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model[0].bias.requires_grad_(False)
+    tensors = [(t.data_ptr(), t.dtype, t.requires_grad)
+               for t in (model[0].weight, model[0].bias, model[1].weight, model[1].bias, model[1].running_mean,
+                         model[1].running_var, model[1].num_batches_tracked)]
+    assert module_state(model.modules()) == (tuple(tensors), 0, -1)
+    handles = [model[0].register_forward_hook(lambda *a: None), model[1].register_forward_pre_hook(lambda *a: None),
+               model[0].register_full_backward_hook(lambda *a: None),
+               model[1].register_full_backward_pre_hook(lambda *a: None)]
+    assert module_state(model.modules()) == (tuple(tensors), 4, max(h.id for h in handles))
+    handles[3].remove()  # a backward pre-hook removed: the count moves
+    assert module_state(model.modules())[1:] == (3, max(h.id for h in handles[:3]))

@@ -518,6 +518,36 @@ def test_on_a_gpu_the_online_miner_with_cuda_graphs_equals_eager_and_never_waits
 
 
 @pytest.mark.needs_hardware
+@pytest.mark.parametrize(("task", "classes"), [("class", 70), ("binary", 1), ("regression", 3)])
+def test_on_a_gpu_the_online_miner_with_cuda_graphs_equals_eager_on_every_task(task, classes):
+    # Many classes (gathered agreement, index_add_ update), a single logit, regression; bounds that weights
+    # reach (the breakpoint search in the graph) and the global agreement setting the weights.
+    dev = _cuda_or_skip()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, classes)).to(dev)
+    kw = {"layers": None, "dim": 16, "keep_gradients": True, "loss_fn": "mse" if task == "regression" else None,
+          "weighting": WeightingConfig(warmup_steps=1, strength=8.0, min_weight=0.5, max_weight=1.5, by_class=False)}
+    eager, graphed = OnlineMiner(model, **kw), OnlineMiner(model, cuda_graphs=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    for s in range(8):
+        x = torch.randn(64, 12, generator=g).to(dev)
+        if task == "regression":
+            y = torch.randn(64, classes, generator=g).to(dev)
+        else:
+            y = torch.randint(0, 2 if task == "binary" else classes, (64,), generator=g).to(dev)
+        ids = list(range(s * 64, s * 64 + 64))
+        got, want = graphed.observe(x, y, ids), eager.observe(x, y, ids)
+        for f in ("loss", "weights", "z", "grad_norm", "agreement", "global_agreement", "confidence", "margin",
+                  "logit_margin", "correct"):
+            a, b = getattr(got, f), getattr(want, f)
+            assert (a is None) == (b is None), f
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f)
+    assert graphed.cuda_graph_state() == {"requested": True, "captured": 1, "replayed": 5, "off": None}
+    pd.testing.assert_frame_equal(graphed.manifest(), eager.manifest(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.needs_hardware
 def test_on_a_gpu_bad_later_batches_are_refused_not_device_asserts():
     dev = _cuda_or_skip()
     model = be.MLP().to(dev).eval()
@@ -773,7 +803,7 @@ def test_device_batch_columns_equal_host_batch_on_edge_cases(classes):
     assert torch.equal(dev.logit_margin, values[:, names.index("logit_margin")])
 
 
-def test_device_batch_regression_packs_nan_for_what_regression_has_not():
+def test_device_batch_regression_packs_only_what_regression_has():
     b = 4
     out, target = torch.randn(b, 1), torch.randn(b, 1)
     args = (out, target, torch.rand(b), torch.rand(b), torch.rand(b) + 0.1, torch.randn(b, 1))
@@ -864,7 +894,7 @@ def test_the_online_gpu_path_stays_within_its_kernel_budget(name, layers, graphs
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):  # the capture (third step) and the replay compared with the eager step (fourth)
+    for _ in range(2):  # two eager steps; _extra_kernels' warm-up then captures and checks the first replay
         mined()
     extra = _extra_kernels(mined, plain)
     assert miner.cuda_graph_state()["replayed"] == (4 if graphs else 0)  # the counted steps were replays

@@ -79,18 +79,27 @@ def _assert_same_miners(got: OnlineMiner, want: OnlineMiner) -> None:
     np.testing.assert_allclose(z_g, z_w, rtol=1e-6, atol=1e-9)
 
 
+# The defaults' bounds, which no weight can reach (the solve is one scaling), and bounds that weights do reach
+# (the breakpoint search inside the graph), with the global agreement setting the weight.
+WEIGHTINGS = {"defaults": WeightingConfig(warmup_steps=1, momentum=0.8),
+              "clipped": WeightingConfig(warmup_steps=1, momentum=0.8, strength=8.0, min_weight=0.5, max_weight=1.5,
+                                         by_class=False)}
+
+
+@pytest.mark.parametrize("weighting", list(WEIGHTINGS))
 @pytest.mark.parametrize(
     ("task", "classes", "layers"),
     [("class", 4, "2"), ("class", 4, None), ("class", 70, "2"), ("binary", 1, "2"), ("regression", 3, "2"),
      ("regression", 3, None)],
 )
-def test_a_graphed_miner_equals_the_eager_one(task, classes, layers):
+def test_a_graphed_miner_equals_the_eager_one(task, classes, layers, weighting):
     # The output layer alone (analytic path: the closed-form gradient inside the graph) and every layer
     # (autograd path: the gradients at the outputs copied in); 70 classes gather the agreement and scatter the
     # update; a single logit is the binary model; regression has no output statistics.
     sizes = [10] * 7
     loss = "mse" if task == "regression" else None
-    eager, graphed = (_miner(_model(classes), g, layers=layers, loss_fn=loss) for g in (False, True))
+    cfg = WEIGHTINGS[weighting]
+    eager, graphed = (_miner(_model(classes), g, layers=layers, loss_fn=loss, weighting=cfg) for g in (False, True))
     want = _observe_all(eager, _steps(task, classes, sizes))
     got = _observe_all(graphed, _steps(task, classes, sizes))
     _assert_same(got, want)
@@ -100,23 +109,24 @@ def test_a_graphed_miner_equals_the_eager_one(task, classes, layers):
     assert {s.path for s in got} == {"analytic" if layers == "2" else "autograd"}
     last = graphed.manifest()["last_step"]  # filled in on the host: a graph does not freeze the step
     assert last.notna().all() and last.max() == 7 and last.min() >= 5
+    weights = torch.stack([s.weights for s in got[1:]])
+    at_bound = bool(((weights - 1.5).abs() < 1e-6).any() or ((weights - 0.5).abs() < 1e-6).any())
+    assert at_bound == (weighting == "clipped")  # the clipped solution was reached (and replayed)
 
 
 def test_each_step_reaches_the_replay_and_a_result_never_changes_afterwards():
     graphed = _miner(_model(4), True, layers="2")
-    got = []
+    stats, copies = [], []
     for x, y, ids in _steps("class", 4, [10] * 8):
-        s = graphed.observe(x, y, ids)
-        got.append({f: getattr(s, f).clone() for f in FIELDS})
-        assert all(torch.equal(got[-1][f], getattr(s, f)) for f in FIELDS)
+        stats.append(graphed.observe(x, y, ids))
+        copies.append({f: getattr(stats[-1], f).clone() for f in FIELDS})
     assert graphed.cuda_graph_state()["replayed"] == 5
-    for late, early in zip(got[5:], got[4:-1]):  # consecutive replays hold their own batch's values
+    for s, copy in zip(stats, copies):  # what a step handed out was not overwritten by the later replays
+        assert all(torch.equal(getattr(s, f), copy[f]) for f in FIELDS)
+    for late, early in zip(copies[5:], copies[4:-1]):  # consecutive replays hold their own batch's values
         assert not torch.equal(late["z"], early["z"]) and not torch.equal(late["weights"], early["weights"])
     eager = _miner(_model(4), False, layers="2")
-    want = _observe_all(eager, _steps("class", 4, [10] * 8))
-    for g, w in zip(got, want):  # the values handed out earlier were not overwritten by later replays
-        for f in FIELDS:
-            torch.testing.assert_close(g[f], getattr(w, f), rtol=1e-6, atol=1e-9)
+    _assert_same(stats, _observe_all(eager, _steps("class", 4, [10] * 8)))
 
 
 def test_warm_up_steps_are_never_captured():
@@ -188,8 +198,8 @@ def test_a_replay_that_differs_from_the_eager_step_is_dropped_for_the_eager_valu
 
 
 def test_replaced_weights_are_captured_again():
-    # The attention's rule reads its module's projections: a graph holds their storage, so a weight replaced
-    # (not updated in place, as an optimiser does) means a new capture.
+    # A graph holds the selected modules' tensors by storage (a rule may read them): a weight replaced, not
+    # updated in place as an optimiser does, means a new capture.
     model = _model(4)
     graphed = _miner(model, True, layers="2")
     _observe_all(graphed, _steps("class", 4, [10] * 5))
@@ -270,3 +280,29 @@ def test_a_causal_lm_step_does_not_copy_its_logits_into_the_graph():
     # the logits are not among its inputs (an empty slice stands in); the head's output gradient is
     assert (4, 0, 60) in shapes and shapes.count((4, 8, 60)) == 1
     _assert_same_miners(graphed, eager)
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_a_step_that_fails_changes_no_state(path, monkeypatch):
+    # e.g. out of memory in the projections, which a training loop may catch to skip the batch
+    if path == "host":
+        monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ("cpu",))
+    miner = _miner(_model(4), path == "device", layers="2")
+    steps = list(_steps("class", 4, [10] * 4))
+    real = miner._grads.project
+
+    def fails(*a, **kw):
+        raise RuntimeError("CUDA out of memory")
+
+    for i in (0, 2):  # the first step (nothing formed yet) and a later one
+        monkeypatch.setattr(miner._grads, "project", fails)
+        before = (miner.step, miner.task, miner.num_classes, miner._dirs, miner.n_samples)
+        dirs = None if miner._dirs is None else miner._dirs.dirs.clone()
+        with pytest.raises(RuntimeError, match="out of memory"):
+            miner.observe(*steps[i])
+        assert (miner.step, miner.task, miner.num_classes, miner._dirs, miner.n_samples) == before
+        if dirs is not None:
+            assert torch.equal(miner._dirs.dirs, dirs)
+        monkeypatch.setattr(miner._grads, "project", real)
+        miner.observe(*steps[i + 1])
+    assert miner.step == 2 and miner.num_classes == 4

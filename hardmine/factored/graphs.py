@@ -171,8 +171,7 @@ def module_state(modules: Iterable[nn.Module]) -> Hashable:
         for t in (*m._parameters.values(), *m._buffers.values()):
             if t is not None:
                 tensors.append((t.data_ptr(), t.dtype, t.requires_grad))
-        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-                      getattr(m, "_backward_pre_hooks", {})):
+        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
             if hooks:
                 n_hooks += len(hooks)
                 newest = max(newest, *hooks)

@@ -44,10 +44,12 @@ defaults do: :func:`.weighting.never_clipped`), one ``(R, B) @ (B, D)`` matmul (
 classes) for the EMA update and ``O(B)`` NumPy updates of the dynamics. On the CPU the statistics and
 weights are NumPy on the host (:func:`.dynamics.host_batch`); on a GPU they are tensor operations on the
 device (:func:`.dynamics.device_batch`, with no host synchronisation after the first step) and the dynamics
-get one non-blocking copy of ``B * (L + 2)`` numbers to pinned host memory, recorded once it has landed (a
-later step, or whichever method reads them). On a GPU that device part (the projections onwards) is one pure
-function of the step's tensors (:mod:`.device_step`), which ``OnlineMiner(cuda_graphs=True)`` replays from a CUDA
-graph: the host then issues a few copies and one launch instead of about a hundred kernels. No per-sample
+get one non-blocking copy of at most ``B * (L + 1)`` numbers (the columns the task has) to pinned host memory,
+recorded once it has landed (a later step, or whichever method reads them). On a GPU that device part (the
+projections onwards) is one pure function of the step's tensors (:mod:`.device_step`), which
+``OnlineMiner(cuda_graphs=True)`` replays from a CUDA graph: the host then issues one copy per tensor the graph
+reads (each selected module's input, the gradients at their outputs on the autograd path, the logits, labels,
+losses and directions), one launch and one copy per result, instead of about a hundred kernels. No per-sample
 gradient is ever formed. Measured overhead vs a plain training step (MLP and CNN, batch 256):
 ``scripts/bench_callbacks.py``.
 

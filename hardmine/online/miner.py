@@ -276,32 +276,32 @@ class OnlineMiner:
         labels = safe if is_class else None
         warm = self._step + 1 <= self.weighting.warmup_steps or self.weighting.strength == 0
         dev = out.device
-        # The checks of the step's forward first: a bad batch changes no state
         prep = self._grads.prepare(rec, out, safe, fn, kind, b)
-        if is_class and self._num_classes is None:
-            self._num_classes = int(class_logits(out[:1]).shape[1])  # a single logit: 2 classes
-        if self._dirs is None:
-            self._dirs = Directions.new(self._num_classes if is_class else None, self.out_dim, dev)
+        # The miner's state changes only once the step's work has succeeded: a batch refused (or a step that
+        # fails, e.g. out of memory, and is skipped by the training loop) changes nothing.
+        num_classes = self._num_classes
+        if is_class and num_classes is None:
+            num_classes = int(class_logits(out[:1]).shape[1])  # a single logit: 2 classes
+        dirs = self._dirs or Directions.new(num_classes if is_class else None, self.out_dim, dev)
         if stats_on_host(dev):
             # The CPU: one copy that costs nothing, NumPy for the statistics, weights and dynamics.
             self._device_step.on_host(dev)
             z, sq = self._grads.project(prep.inputs, prep.received, out.detach(), safe, kind, b)
-            self._task = task
-            self._step += 1
             # A causal LM has no per-sample output statistics here (its logits are (B, T, V)): the host copy
             # gets one NaN column instead of the logits, so pred and label stay NaN as for a multi-output
             # regression.
             stats_out = out.new_full((b, 1), float("nan")) if task is TaskKind.CAUSAL_LM else out
-            z_norm, along = self._dirs.along(z, labels)  # against the directions *before* this update
+            z_norm, along = dirs.along(z, labels)  # against the directions *before* this update
             args = (stats_out, safe, prep.loss, sq, z_norm, along)
-            kw = {"is_class": is_class, "gathered": self._dirs.gathers, "by_class": self.weighting.by_class}
+            kw = {"is_class": is_class, "gathered": dirs.gathers, "by_class": self.weighting.by_class}
             host = host_batch(*args, **kw)
             w_h = training_weights(host.last[:, COL["agreement"]], self.weighting, warm)  # (B,)
+            self._commit(task, num_classes, dirs)
             host.last[:, COL["last_weight"]] = w_h
             host.last[:, COL["last_step"]] = self._step
             lab = host.last[:, COL["label"]].astype(np.int64) if is_class else None
             assert host.inv is not None
-            self._dirs.update_host(z, labels, lab, host.inv, self.weighting.momentum)
+            dirs.update_host(z, labels, lab, host.inv, self.weighting.momentum)
             if id_list is not None:
                 zh = z.detach().numpy() if self._dyn.grads is not None else None
                 self._dyn.record(id_list, host, zh, task)
@@ -318,10 +318,9 @@ class OnlineMiner:
             # the direction update (DeviceStep: eagerly, or replayed from a CUDA graph); the per-sample dynamics
             # are copied to the host without blocking and recorded once they have landed (a later observe, or
             # any method that reads them).
-            values = self._device_step(prep, out, safe, kind, task, self._dirs, self.weighting, warm)
-            self._task = task
-            self._step += 1
-            self._dirs.dirs, self._dirs.seen = values.dirs, values.seen
+            values = self._device_step(prep, out, safe, kind, task, dirs, self.weighting, warm)
+            self._commit(task, num_classes, dirs)
+            dirs.dirs, dirs.seen = values.dirs, values.seen
             if id_list is not None:
                 self._dyn.submit(id_list, values.packed, values.z, task, self._step)
                 self._dyn.poll()
@@ -348,6 +347,11 @@ class OnlineMiner:
             warmup=warm,
             path=prep.path,
         )
+
+    def _commit(self, task: TaskKind, num_classes: int | None, dirs: Directions) -> None:
+        """The miner's state after a step whose work has succeeded (one more observation)."""
+        self._task, self._num_classes, self._dirs = task, num_classes, dirs
+        self._step += 1
 
     # ----------------------------------------------------------------------------------- validation
     def _check_open(self) -> None:
