@@ -84,10 +84,9 @@ def make_step(
 
         return step, {"path": None, "out_dim": None}
     layers = _last_linear(model) if method.startswith("last_layer") else None
-    miner = OnlineMiner(
-        model, layers=layers, dim=DIM, seed=0, weighting=WeightingConfig(warmup_steps=0),
-        cuda_graphs=method in GRAPHED,
-    )
+    # cuda_graphs only where asked for: an older hardmine (PYTHONPATH=<checkout>) has no such argument
+    graphs = {"cuda_graphs": True} if method in GRAPHED else {}
+    miner = OnlineMiner(model, layers=layers, dim=DIM, seed=0, weighting=WeightingConfig(warmup_steps=0), **graphs)
     info: dict[str, Any] = {"path": None, "out_dim": miner.out_dim}
     if method in GRAPHED:
         info["miner"] = miner  # its cuda_graph_state() goes into the row
