@@ -193,7 +193,7 @@ DEVTYPE=${DEVICE%%:*}  # cuda:1 -> cuda
 
 # Most wanted first, so a run cut short by the budget loses the least: the GPU tests (the new code's
 # correctness), the online miner with and without CUDA graphs, the conv routes, then the rows measured before.
-step host_syncs 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
+step host_syncs 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
     --junitxml="$OUT/host_syncs.xml"
 for b in "$C_SMALL" "$C_LARGE"; do
     step callbacks_b$b 60 "$PY" scripts/bench_callbacks.py --device "$DEVICE" --models mlp,cnn,transformer \
