@@ -40,7 +40,7 @@ from .checks import as_bool, as_module, positive_int, projection_kind
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads, per_sample_grads_checked
 from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
-from .factored.graphs import CudaGraphs, GraphBackend, PassGraphs, batch_signature, module_state, numerics
+from .factored.graphs import PassGraphs, PlanGraphs, batch_signature, module_state, numerics
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
 from .params import check_one_device, select_parameters, warn_uncached_projections
@@ -166,10 +166,7 @@ class GradientExtractor:
         self._verified = not units
         self._checks = DeferredChecks()  # value checks of later batches, read when the device is done
         self.cuda_graphs = cuda_graphs
-        self._graphs: PassGraphs | None = None  # made on the first steady-state batch on a CUDA device
-        self._graph_backend: Any = None  # a GraphBackend (tests put a CPU stand-in here); default CudaGraphs
-        self._graphs_off: str | None = None  # why graphs do not apply to the plan in use
-        self._graph_plan: Any = None  # (device, factored units, protected outputs) the graphs were set up for
+        self._graphs = PlanGraphs(cuda_graphs, "the factored pass")  # made on the first steady-state batch
         self._settle_auto()
         # Both engines sum each sample's squared norm over every selected parameter: one device.
         check_one_device(model, self.param_names, "GradientExtractor")
@@ -261,43 +258,18 @@ class GradientExtractor:
     def cuda_graph_state(self) -> dict[str, Any]:
         """What ``cuda_graphs`` did: asked for, graphs captured and replayed, and why they are off (if so). Kept
         out of :meth:`metadata`, which a scan's resume check compares: it changes speed, never results."""
-        g = self._graphs
-        return {
-            "requested": self.cuda_graphs,
-            "captured": g.captured if g is not None else 0,
-            "replayed": g.replayed if g is not None else 0,
-            "off": (g.disabled if g is not None else None) or self._graphs_off,
-        }
+        return self._graphs.state()
 
     def _graph_runner(self) -> PassGraphs | None:
         """The graphs of this extractor's steady-state factored pass, or ``None`` where they do not apply. Set
         up again whenever the plan changes (a later batch moved units to vmap) or the model's device does: a
         graph holds the pass of the plan and device it was captured with."""
-        if not self.cuda_graphs:
-            return None
         device = self._device()
         plan = (device, tuple(self._units), frozenset(self._protect))
-        if plan != self._graph_plan:
-            self._graph_plan = plan
-            self._graphs_off = self._graphs_do_not_apply(device)
-            if self._graphs_off is not None:
-                logger.info("cuda_graphs=True does not apply: %s; the factored pass runs eagerly", self._graphs_off)
-                if self._graphs is not None:
-                    self._graphs.reset()
-            else:
-                backend: GraphBackend = self._graph_backend or CudaGraphs(device)
-                if self._graphs is None:
-                    self._graphs = PassGraphs(backend)
-                else:
-                    self._graphs.reset(backend)
-        if self._graphs_off is not None or self._graphs is None or self._graphs.disabled is not None:
-            return None
-        return self._graphs
+        return self._graphs.for_plan(plan, device, self._graphs_do_not_apply)
 
-    def _graphs_do_not_apply(self, device: torch.device) -> str | None:
+    def _graphs_do_not_apply(self) -> str | None:
         """Why the plan in use cannot be replayed from a graph (``None``: it can)."""
-        if device.type != "cuda" and self._graph_backend is None:
-            return f"the model is on {device}, not a CUDA device"
         if self._vmap_names:
             return "part of the plan runs by vmap"
         if self.randomness is not Randomness.EVAL:

@@ -77,7 +77,7 @@ def steps(name: str, group: str, batch: int) -> dict[str, Callable[[], Any]]:
             x, y = inputs
             out[method], info = bc.make_step(method, model, x, y)
             if method in bc.GRAPHED:
-                info["miner"]._device_step.graph_backend = ReplayStandIn()
+                info["miner"]._device_step.graphs.backend = ReplayStandIn()
                 out[method].miner = info["miner"]  # type: ignore[attr-defined]  (its cuda_graph_state() is checked)
     return out
 

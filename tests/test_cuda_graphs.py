@@ -113,7 +113,7 @@ class Frozen(Rerun):
 def _pair(model: nn.Module, backend: Rerun | None = None, **kw):
     eager = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy", **kw)
     graphed = GradientExtractor(model, dim=16, engine="factored", loss_fn="cross_entropy", cuda_graphs=True, **kw)
-    graphed._graph_backend = backend if backend is not None else Rerun()
+    graphed._graphs.backend = backend if backend is not None else Rerun()
     return eager, graphed
 
 
@@ -163,7 +163,7 @@ def test_replayed_batches_equal_the_eager_pass_and_keep_their_results(name):
         _same(g, w)  # each batch's own data reached the pass, and no later batch overwrote a result
     state = graphed.cuda_graph_state()
     assert state == {"requested": True, "captured": 1, "replayed": 3, "off": None}
-    assert graphed._graph_backend.captures == 1
+    assert graphed._graphs.backend.captures == 1
 
 
 def test_each_batch_shape_gets_its_own_graph_up_to_two():
@@ -262,7 +262,7 @@ def test_where_graphs_do_not_apply_the_pass_runs_eagerly_and_says_why(case, why)
     else:
         ext = GradientExtractor(model, layers="fc", randomness="different" if case == "dropout" else "eval", **kw)
     if case != "cpu":
-        ext._graph_backend = Rerun()
+        ext._graphs.backend = Rerun()
     x, y = torch.randn(6, 8), torch.arange(6) % 3
     for _ in range(5):
         ext((x, y))
@@ -422,7 +422,7 @@ def test_a_plan_changed_by_a_later_batch_drops_the_graphs_of_the_old_plan():
     torch.manual_seed(0)
     model = ViT(use="interp").double()
     ext = GradientExtractor(model, dim=16, cuda_graphs=True)
-    ext._graph_backend = Frozen(ext)
+    ext._graphs.backend = Frozen(ext)
     ext(_batch(3))
     for _ in range(4):
         ext(_batch(5))
@@ -515,11 +515,11 @@ def test_a_new_protected_output_or_device_sets_the_graphs_up_again(monkeypatch):
     batches = _batches("mlp", [4, 6, 6, 6])
     assert _captured_after(graphed, batches, lambda: graphed._protect.add("net.2")) == 2
     made = []
-    monkeypatch.setattr("hardmine.engine.CudaGraphs", lambda device: made.append(device) or Rerun())
-    graphed._graph_backend = None  # the default backend, one per device
+    monkeypatch.setattr("hardmine.factored.graphs.CudaGraphs", lambda device: made.append(device) or Rerun())
+    graphed._graphs.backend = None  # the default backend, one per device
     monkeypatch.setattr(graphed, "_device", lambda: torch.device("cuda", 1))  # the model moved: only the plan is read
     graphed._graph_runner()
-    assert made == [torch.device("cuda", 1)] and graphed._graphs._graphs == {}
+    assert made == [torch.device("cuda", 1)] and graphed._graphs.graphs._graphs == {}
 
 
 @pytest.mark.parametrize("setting", ["matmul_precision", "conv_fp32_precision", "loss"])
@@ -555,13 +555,13 @@ def test_a_plan_left_with_no_factored_unit_drops_its_graphs():
 
     torch.manual_seed(0)
     ext = GradientExtractor(ViT(use="interp").double(), layers=["cls", "pos"], dim=16, cuda_graphs=True)
-    ext._graph_backend = Frozen(ext)
+    ext._graphs.backend = Frozen(ext)
     for b in (3, 5, 5, 5):
         ext(_batch(b))
     assert ext.cuda_graph_state()["captured"] == 1
     ext(_batch(3, 6))  # cls and pos go to vmap: nothing is factored any more
     assert ext.plan == {"cls": "vmap", "pos": "vmap"}
-    assert ext.cuda_graph_state()["off"] == "part of the plan runs by vmap" and ext._graphs._graphs == {}
+    assert ext.cuda_graph_state()["off"] == "part of the plan runs by vmap" and ext._graphs.graphs._graphs == {}
 
 
 def test_a_batch_error_raised_by_the_eager_check_is_the_batchs_and_graphs_stay_on():
@@ -579,7 +579,7 @@ def test_a_first_replay_with_nan_results_is_checked_again_on_the_next():
     x[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/inf"):
         graphed((x, y))
-    (graph,) = graphed._graphs._graphs.values()
+    (graph,) = graphed._graphs.graphs._graphs.values()
     assert not graph.checked
     graphed(batches[4])
     assert graph.checked
@@ -747,3 +747,31 @@ def test_module_state_holds_every_tensor_and_counts_every_kind_of_hook():
     assert module_state(model.modules()) == (tuple(tensors), 4, max(h.id for h in handles))
     handles[3].remove()  # a backward pre-hook removed: the count moves
     assert module_state(model.modules())[1:] == (3, max(h.id for h in handles[:3]))
+
+
+def test_plan_graphs_set_up_per_plan_and_say_why_they_are_off(caplog):
+    from hardmine.factored.graphs import PassGraphs, PlanGraphs
+
+    cpu = torch.device("cpu")
+    assert PlanGraphs(False, "a pass").for_plan("p", cpu, lambda: None) is None  # not asked for
+    slot = PlanGraphs(True, "the test pass")
+    with caplog.at_level(logging.INFO, logger="hardmine.factored.graphs"):
+        assert slot.for_plan(None, cpu, lambda: None) is None  # no CUDA device and no stand-in backend
+    assert [r.getMessage() for r in caplog.records] == [
+        "cuda_graphs=True does not apply: the model is on cpu, not a CUDA device; the test pass runs eagerly"
+    ]
+    first, second = Rerun(), Rerun()
+    for plan in (None, ""):  # any plan, even a falsy one, is set up once
+        slot = PlanGraphs(True, "the test pass")
+        slot.backend = first
+        graphs = slot.for_plan(plan, cpu, lambda: None)
+        assert isinstance(graphs, PassGraphs) and graphs.backend is first
+        assert slot.for_plan(plan, cpu, lambda: "not asked again for the same plan") is graphs
+    slot.backend = second  # a new plan: the same graphs object, reset with the backend of now
+    assert slot.for_plan("other", cpu, lambda: None) is graphs and graphs.backend is second
+    # a plan graphs do not apply to, after graphs were made: none, and the reason in the state
+    assert slot.for_plan("vmap part", cpu, lambda: "part of the plan runs by vmap") is None
+    assert slot.state() == {"requested": True, "captured": 0, "replayed": 0, "off": "part of the plan runs by vmap"}
+    assert slot.for_plan("other", cpu, lambda: None) is graphs and slot.state()["off"] is None
+    graphs.disable("a replay differed")  # switched off for good: none, whatever the plan
+    assert slot.for_plan("other", cpu, lambda: None) is None and slot.state()["off"] == "a replay differed"

@@ -879,7 +879,7 @@ def test_the_online_gpu_path_stays_within_its_kernel_budget(name, layers, graphs
     model, (x, y) = _bench_batch(name, 6, 0)
     miner = OnlineMiner(model, layers=_last_linear(model) if layers == "output" else None, dim=16,
                         weighting=WeightingConfig(warmup_steps=0), cuda_graphs=graphs)
-    miner._device_step.graph_backend = ReplayStandIn()  # a CUDA graph's place on the CPU (unused without graphs)
+    miner._device_step.graphs.backend = ReplayStandIn()  # a CUDA graph's place on the CPU (unused without graphs)
     ids = torch.arange(6)
     ref_model, _ = _bench_batch(name, 6, 0)
     opt, ref_opt = torch.optim.SGD(model.parameters(), lr=1e-4), torch.optim.SGD(ref_model.parameters(), lr=1e-4)

@@ -41,7 +41,7 @@ def _miner(model: nn.Module, graphs: bool, backend=None, **kw) -> OnlineMiner:
     kw.setdefault("weighting", WeightingConfig(warmup_steps=1, momentum=0.8))
     miner = OnlineMiner(model, dim=8, keep_gradients=True, cuda_graphs=graphs, **kw)
     if graphs:
-        miner._device_step.graph_backend = backend if backend is not None else Rerun()
+        miner._device_step.graphs.backend = backend if backend is not None else Rerun()
     return miner
 
 
@@ -146,7 +146,7 @@ def test_the_last_shorter_batch_gets_a_graph_of_its_own_and_a_third_shape_runs_e
     _assert_same(_observe_all(graphed, _steps("class", 4, sizes)), _observe_all(eager, _steps("class", 4, sizes)))
     state = graphed.cuda_graph_state()
     assert state["captured"] == 2 and state["off"] is None  # 10 and 4; 6 is past max_graphs
-    assert sorted(k[1][0][0] for k in graphed._device_step._graphs._graphs) == [4, 10]  # the batch size leads
+    assert sorted(k[1][0][0] for k in graphed._device_step.graphs.graphs._graphs) == [4, 10]  # the batch size leads
     _assert_same_miners(graphed, eager)
 
 
@@ -275,7 +275,7 @@ def test_a_causal_lm_step_does_not_copy_its_logits_into_the_graph():
         for f in ("loss", "weights", "z", "grad_norm", "agreement"):
             torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-5, atol=1e-7, msg=f)
     assert graphed.cuda_graph_state() == {"requested": True, "captured": 1, "replayed": 3, "off": None}
-    (graph,) = graphed._device_step._graphs._graphs.values()
+    (graph,) = graphed._device_step.graphs.graphs._graphs.values()
     shapes = [tuple(t.shape) for t in graph.static]
     # the logits are not among its inputs (an empty slice stands in); the head's output gradient is
     assert (4, 0, 60) in shapes and shapes.count((4, 8, 60)) == 1

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-__all__ = ["CudaGraphs", "GraphBackend", "PassGraphs", "batch_signature", "module_state", "numerics"]
+__all__ = ["CudaGraphs", "GraphBackend", "PassGraphs", "PlanGraphs", "batch_signature", "module_state", "numerics"]
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +279,62 @@ class PassGraphs:
         graph.replay()
         self.replayed += 1
         return tuple(t.clone() for t in graph.outputs)
+
+
+_NO_PLAN = object()  # equal to no caller's plan
+
+
+class PlanGraphs:
+    """The :class:`PassGraphs` of one caller's pass (an extractor's, an online miner's) for the plan in use:
+    made on the first call, dropped and set up again whenever the caller's plan changes (its units, its device:
+    a graph holds the pass of the plan it was captured with), and ``None`` where graphs do not apply or were
+    switched off. ``backend``: a stand-in :class:`GraphBackend` (tests: on the CPU); default :class:`CudaGraphs`
+    of the plan's device, which graphs need."""
+
+    def __init__(self, requested: bool, what: str) -> None:
+        self.requested = requested
+        self.what = what  # the pass, as the log names it
+        self.backend: GraphBackend | None = None
+        self.graphs: PassGraphs | None = None
+        self.off: str | None = None  # why graphs do not apply to the plan in use
+        self._plan: Hashable = _NO_PLAN
+
+    def for_plan(
+        self, plan: Hashable, device: torch.device, why_not: Callable[[], str | None]
+    ) -> PassGraphs | None:
+        """The graphs of ``plan`` on ``device``, or ``None``: not requested, switched off, or not applicable
+        (not a CUDA device without a stand-in backend, or ``why_not()``'s reason, asked once per plan)."""
+        if not self.requested:
+            return None
+        if plan != self._plan:
+            self._plan = plan
+            if device.type != "cuda" and self.backend is None:
+                self.off = f"the model is on {device}, not a CUDA device"
+            else:
+                self.off = why_not()
+            if self.off is not None:
+                logger.info("cuda_graphs=True does not apply: %s; %s runs eagerly", self.off, self.what)
+                if self.graphs is not None:
+                    self.graphs.reset()
+            else:
+                backend = self.backend if self.backend is not None else CudaGraphs(device)
+                if self.graphs is None:
+                    self.graphs = PassGraphs(backend)
+                else:
+                    self.graphs.reset(backend)
+        if self.off is not None or self.graphs is None or self.graphs.disabled is not None:
+            return None
+        return self.graphs
+
+    def state(self) -> dict[str, Any]:
+        """What graphs did: asked for, captured and replayed, and why they are off (if so)."""
+        g = self.graphs
+        return {
+            "requested": self.requested,
+            "captured": g.captured if g is not None else 0,
+            "replayed": g.replayed if g is not None else 0,
+            "off": (g.disabled if g is not None else None) or self.off,
+        }
 
 
 def _first_line(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..enums import LossKind, TaskKind
-from ..factored.graphs import CudaGraphs, GraphBackend, PassGraphs, batch_signature, module_state, numerics
+from ..factored.graphs import PlanGraphs, batch_signature, module_state, numerics
 from ..factored.registry import GramCache
 from .dynamics import device_batch
 from .gradients import Prepared, StepGradients
@@ -71,26 +71,16 @@ class DeviceStep:
     def __init__(self, grads: StepGradients, cuda_graphs: bool) -> None:
         self.grads = grads
         self.cuda_graphs = cuda_graphs
-        self.graph_backend: GraphBackend | None = None  # tests put a CPU stand-in here; default CudaGraphs
-        self._graphs: PassGraphs | None = None
-        self._device: torch.device | None = None  # the device the graphs were set up for
-        self._off: str | None = None  # why graphs do not apply on that device
+        self.graphs = PlanGraphs(cuda_graphs, "the online miner's step")  # .backend: a stand-in in tests
         self._names: dict[Hashable, tuple[str, ...]] = {}  # graph key -> the names of its packed columns
 
     def state(self) -> dict[str, Any]:
         """What ``cuda_graphs`` did: asked for, graphs captured and replayed, and why they are off (if so)."""
-        g = self._graphs
-        return {
-            "requested": self.cuda_graphs,
-            "captured": g.captured if g is not None else 0,
-            "replayed": g.replayed if g is not None else 0,
-            "off": (g.disabled if g is not None else None) or self._off,
-        }
+        return self.graphs.state()
 
     def on_host(self, device: torch.device) -> None:
         """A step ran on the host's path (NumPy, ``dynamics.HOST_STATS_DEVICES``): no graph there."""
-        if self.cuda_graphs and self._graphs is None:
-            self._off = f"the model is on {device}, not a CUDA device"
+        self.graphs.for_plan(("host", device), device, lambda: "the step runs on the host (NumPy)")
 
     def __call__(
         self,
@@ -147,7 +137,7 @@ class DeviceStep:
             return res
 
         ran: list[tuple[str, ...]] = []  # the packed columns' names, from each run of fn (none when replayed)
-        graphs = self._runner(out.device) if not warm else None
+        graphs = self.graphs.for_plan(out.device, out.device, self._do_not_apply) if not warm else None
         key = None
         if graphs is None:
             res = fn(leaves)
@@ -164,30 +154,7 @@ class DeviceStep:
             names = self._names[key]
         return _values(res, names, is_class)
 
-    def _runner(self, device: torch.device) -> PassGraphs | None:
-        """The graphs of this step, or ``None`` where they do not apply (set up again on another device)."""
-        if not self.cuda_graphs:
-            return None
-        if device != self._device:
-            self._device = device
-            self._off = self._do_not_apply(device)
-            if self._off is not None:
-                logger.info("cuda_graphs=True does not apply to the online miner: %s; it runs eagerly", self._off)
-                if self._graphs is not None:
-                    self._graphs.reset()
-            else:
-                backend: GraphBackend = self.graph_backend or CudaGraphs(device)
-                if self._graphs is None:
-                    self._graphs = PassGraphs(backend)
-                else:
-                    self._graphs.reset(backend)
-        if self._off is not None or self._graphs is None or self._graphs.disabled is not None:
-            return None
-        return self._graphs
-
-    def _do_not_apply(self, device: torch.device) -> str | None:
-        if device.type != "cuda" and self.graph_backend is None:
-            return f"the model is on {device}, not a CUDA device"
+    def _do_not_apply(self) -> str | None:
         if self.grads.layout.uncached_dense()[0]:
             return "some projection matrices are regenerated per step (past the projector's cache)"
         return None
