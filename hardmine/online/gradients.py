@@ -2,9 +2,10 @@
 step's own forward.
 
 :class:`StepGradients` holds the factored units of the selected layers and captures one forward at a time
-(``capture()``, then ``take()``); ``compute`` checks the captured calls, computes the per-sample output
-gradients -- in closed form at the logits when every selected module is the output layer (the analytic
-path), else with autograd, keeping the graph for the user's backward -- and hands them to
+(``capture()``, then ``take()``); ``prepare`` checks the captured calls, computes the per-sample loss and, on
+the autograd path, the per-sample gradients at the selected outputs (keeping the graph for the user's
+backward); ``project`` -- tensor work only, so a CUDA graph can hold it (:mod:`.device_step`) -- takes those, or
+the closed-form gradient at the logits when every selected module is the output layer (the analytic path), to
 :func:`hardmine.factored.capture.apply_rules`, the rule application every factored pass shares.
 """
 
@@ -37,7 +38,7 @@ from ..factored.layout import ProjectionLayout
 from ..factored.plan import FactoredUnit
 from ..losses import LossFn
 
-__all__ = ["PATH_ANALYTIC", "PATH_AUTOGRAD", "Prepared", "StepGradients", "StepResult"]
+__all__ = ["PATH_ANALYTIC", "PATH_AUTOGRAD", "Prepared", "StepGradients"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,6 @@ class Prepared:
     loss: torch.Tensor  # (B,) attached to the graph
     inputs: dict[str, list[torch.Tensor]]  # module -> its captured inputs (detached), one per call
     received: dict[str, dict[int, torch.Tensor]] | None  # module -> {call: output gradient}; None: analytic
-    path: str  # PATH_ANALYTIC or PATH_AUTOGRAD
-
-
-@dataclass
-class StepResult:
-    """One step's per-sample loss and projected gradients."""
-
-    loss: torch.Tensor  # (B,) attached to the graph
-    z: torch.Tensor  # (B, out_dim) float32 projected per-sample gradients
-    sq_norm: torch.Tensor  # (B,) exact squared norm of the unprojected per-sample gradient
     path: str  # PATH_ANALYTIC or PATH_AUTOGRAD
 
 
@@ -174,20 +165,6 @@ class StepGradients:
         self._captured = None
 
     # ----------------------------------------------------------------------------------------- pass
-    def compute(
-        self,
-        rec: Captured,
-        out: torch.Tensor,
-        target: torch.Tensor,
-        loss_fn: LossFn,
-        kind: LossKind | None,
-        b: int,
-    ) -> StepResult:
-        """Check the captured calls, compute the per-sample loss and project every sample's gradient."""
-        prep = self.prepare(rec, out, target, loss_fn, kind, b)
-        z, sq = self.project(prep.inputs, prep.received, out.detach(), target, kind, b)
-        return StepResult(prep.loss, z, sq, prep.path)
-
     def prepare(
         self,
         rec: Captured,
