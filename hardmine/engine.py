@@ -20,7 +20,7 @@ so the three engines return the same vectors up to float rounding: the engine ch
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,6 +264,8 @@ class GradientExtractor:
         """The graphs of this extractor's steady-state factored pass, or ``None`` where they do not apply. Set
         up again whenever the plan changes (a later batch moved units to vmap) or the model's device does: a
         graph holds the pass of the plan and device it was captured with."""
+        if not self.cuda_graphs:
+            return None  # (the default path: nothing to read)
         device = self._device()
         plan = (device, tuple(self._units), frozenset(self._protect))
         return self._graphs.for_plan(plan, device, self._graphs_do_not_apply)
@@ -290,7 +292,7 @@ class GradientExtractor:
         loss = self.loss_fn if _hashable(self.loss_fn) else id(self.loss_fn)  # a callable the user may swap
         return batch_signature(leaves, (spec, kind, loss, torch.is_grad_enabled(), settings))
 
-    def _graph_state(self) -> tuple[Any, ...]:
+    def _graph_state(self) -> Hashable:
         """What a graph of the pass reads besides the batch: the model's tensors and hooks
         (:func:`hardmine.factored.graphs.module_state`)."""
         return module_state(self.model.modules())

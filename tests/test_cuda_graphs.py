@@ -202,7 +202,8 @@ def test_a_failed_capture_switches_graphs_off_and_the_batch_runs_eagerly(caplog)
     off = graphed.cuda_graph_state()["off"]
     assert off.startswith("the capture failed (RuntimeError: operation not permitted")
     said = [r.getMessage() for r in caplog.records if "switched off" in r.getMessage()]
-    assert len(said) == 1 and "operation not permitted when stream is capturing" in said[0]
+    assert said == [f"cuda_graphs: switched off, running the factored pass eagerly: {off}"]
+    assert "operation not permitted when stream is capturing" in said[0]
 
 
 def test_a_replay_that_differs_from_the_eager_pass_switches_graphs_off(caplog):
@@ -296,7 +297,7 @@ def test_pass_graphs_warm_up_capture_then_replay_with_fresh_outputs():
         calls.append(leaves[0])
         return (leaves[0] * 2,)
 
-    graphs = PassGraphs(Rerun(), warmup=1)
+    graphs = PassGraphs(Rerun(), what="the test pass", warmup=1)
     key = batch_signature([torch.zeros(3)], "k")
     x1, x2, x3 = torch.ones(3), torch.full((3,), 2.0), torch.full((3,), 3.0)
     assert graphs(fn, [x1], key, (1,))[0].tolist() == [2, 2, 2]  # eager warm-up
@@ -312,7 +313,7 @@ def test_pass_graphs_warm_up_capture_then_replay_with_fresh_outputs():
 
 
 def test_pass_graphs_without_a_key_always_run_eagerly_on_the_batch():
-    graphs = PassGraphs(Rerun(), warmup=0)
+    graphs = PassGraphs(Rerun(), what="the test pass", warmup=0)
     for v in (1.0, 2.0, 3.0):
         x = torch.full((2,), v)
         assert graphs(lambda leaves: (leaves[0] + 1,), [x], None, None)[0].tolist() == [v + 1, v + 1]
@@ -321,7 +322,7 @@ def test_pass_graphs_without_a_key_always_run_eagerly_on_the_batch():
 
 def test_pass_graphs_reset_drops_the_graphs_and_takes_the_new_backend():
     first, second = Rerun(), Rerun()
-    graphs = PassGraphs(first, warmup=0)
+    graphs = PassGraphs(first, what="the test pass", warmup=0)
     key = batch_signature([torch.zeros(2)], "k")
     graphs(lambda leaves: (leaves[0] * 2,), [torch.ones(2)], key, None)
     graphs.reset(second)
@@ -644,7 +645,7 @@ def test_pass_graphs_keep_leaves_that_are_not_tensors_as_they_are():
         seen.append(leaves[1])
         return (leaves[0] * leaves[1],)
 
-    graphs = PassGraphs(Rerun(), warmup=1)
+    graphs = PassGraphs(Rerun(), what="the test pass", warmup=1)
     key = batch_signature([torch.zeros(2), 3], "k")
     for v in (1.0, 2.0, 4.0):
         out = graphs(fn, [torch.full((2,), v), 3], key, None)[0]

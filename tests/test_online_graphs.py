@@ -159,7 +159,8 @@ def test_a_failed_capture_switches_graphs_off_and_the_step_runs_eagerly(caplog):
                      _observe_all(eager, _steps("class", 4, [10] * 6)))
     off = graphed.cuda_graph_state()["off"]
     assert off.startswith("the capture failed (RuntimeError: operation not permitted")
-    assert sum("switched off" in r.getMessage() for r in caplog.records) == 1
+    said = [r.getMessage() for r in caplog.records if "switched off" in r.getMessage()]
+    assert said == [f"cuda_graphs: switched off, running the online miner's step eagerly: {off}"]
     _assert_same_miners(graphed, eager)
 
 
@@ -243,6 +244,19 @@ def test_graphs_apply_only_on_a_cuda_device_and_are_off_by_default():
     assert plain.cuda_graph_state() == {"requested": False, "captured": 0, "replayed": 0, "off": None}
     with pytest.raises(ValueError, match="cuda_graphs"):
         OnlineMiner(_model(4), cuda_graphs="yes")
+
+
+def test_the_state_follows_the_device_during_the_warm_up_too(monkeypatch):
+    # a miner whose model moves from the CPU (the host's NumPy path) to a GPU (here: the device path with a
+    # stand-in backend) stops saying "on cpu" at its next step, warm-up or not
+    miner = _miner(_model(4), True, layers="2", weighting=WeightingConfig(warmup_steps=10))
+    steps = list(_steps("class", 4, [10] * 3))
+    with monkeypatch.context() as mp:
+        mp.setattr(online_dynamics, "HOST_STATS_DEVICES", ("cpu",))
+        miner.observe(*steps[0])
+    assert miner.cuda_graph_state()["off"] == "the step runs on the host (NumPy)"  # a stand-in backend is set
+    miner.observe(*steps[1])
+    assert miner.cuda_graph_state() == {"requested": True, "captured": 0, "replayed": 0, "off": None}
 
 
 def test_projections_regenerated_per_step_are_not_captured(monkeypatch):

@@ -6,7 +6,9 @@ on an H200: ``docs/benchmarks.md``). A CUDA graph records the kernels of one pas
 again with one call, so the host's share of a batch drops to copying the batch in and the results out.
 
 :class:`PassGraphs` does this for a pure function ``fn(leaves) -> tuple of tensors`` (the engine passes the
-batch's tensors and gets the value-check flags and the four results back):
+batch's tensors and gets the value-check flags and the four results back; ``OnlineMiner(cuda_graphs=True)``
+passes a step's tensors after the user's forward, ``hardmine.online.device_step``); :class:`PlanGraphs` keeps a
+caller's graphs for the plan in use:
 
 * a batch *signature* (its structure, each tensor's shape, dtype and device, every other leaf's value, and what
   the caller adds: the engine adds the loss, grad mode and the numerics settings, :func:`numerics`) is run eagerly
@@ -191,9 +193,16 @@ class PassGraphs:
     (``None`` while they are on)."""
 
     def __init__(
-        self, backend: GraphBackend, *, warmup: int = 2, max_graphs: int = 2, max_captures: int = 8
+        self,
+        backend: GraphBackend,
+        *,
+        what: str,
+        warmup: int = 2,
+        max_graphs: int = 2,
+        max_captures: int = 8,
     ) -> None:
         self.backend = backend
+        self.what = what  # the pass, as the warning names it
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.max_captures = max_captures  # beyond: what the pass reads keeps changing, and graphs do not pay
@@ -207,7 +216,7 @@ class PassGraphs:
     def disable(self, why: str) -> None:
         """Switch graphs off for good (a warning, once) and drop the captured ones."""
         if self.disabled is None:
-            logger.warning("cuda_graphs: switched off, running the factored pass eagerly: %s", why)
+            logger.warning("cuda_graphs: switched off, running %s eagerly: %s", self.what, why)
         self.disabled = why
         self._graphs.clear()
 
@@ -319,7 +328,7 @@ class PlanGraphs:
             else:
                 backend = self.backend if self.backend is not None else CudaGraphs(device)
                 if self.graphs is None:
-                    self.graphs = PassGraphs(backend)
+                    self.graphs = PassGraphs(backend, what=self.what)
                 else:
                     self.graphs.reset(backend)
         if self.off is not None or self.graphs is None or self.graphs.disabled is not None:

@@ -18,7 +18,6 @@ What a graph would freeze beyond that is Python-side state of the selected modul
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +39,6 @@ from .weighting import (
 )
 
 __all__ = ["SHOWN", "DeviceStep", "StepValues"]
-
-logger = logging.getLogger(__name__)
 
 # The per-sample columns OnlineStats shows besides the weights, in the order of StepValues.shown's columns
 # (classification; regression has the first two).
@@ -137,7 +134,9 @@ class DeviceStep:
             return res
 
         ran: list[tuple[str, ...]] = []  # the packed columns' names, from each run of fn (none when replayed)
-        graphs = self.graphs.for_plan(out.device, out.device, self._do_not_apply) if not warm else None
+        # Asked every step, so what cuda_graph_state() says follows the device; used past the warm-up only
+        ready = self.graphs.for_plan(out.device, out.device, self._do_not_apply)
+        graphs = None if warm else ready
         key = None
         if graphs is None:
             res = fn(leaves)
