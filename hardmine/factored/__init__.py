@@ -13,8 +13,9 @@
 * :mod:`.capture` -- the hook-driven pass: forward hooks, call checks, the backward to the captured outputs
   (:func:`apply_rules`, shared by ``GradientExtractor`` and ``OnlineMiner``);
 * :mod:`.apply` -- :class:`RuleRunner`, the rule application and result checks of every pass;
-* :mod:`.graphs` -- :class:`PassGraphs`: the steady-state pass of ``GradientExtractor(cuda_graphs=True)``
-  captured once per batch shape as a CUDA graph and replayed.
+* :mod:`.graphs` -- :class:`PassGraphs`: a pure pass captured once per batch shape as a CUDA graph and replayed
+  (the steady-state pass of ``GradientExtractor(cuda_graphs=True)``, the step of ``OnlineMiner(cuda_graphs=True)``);
+  :class:`PlanGraphs`: a caller's graphs for the plan in use.
 
 ``hardmine.engine.GradientExtractor(engine="factored" | "auto")`` is the usual entry point.
 """

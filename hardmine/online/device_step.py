@@ -67,7 +67,6 @@ class DeviceStep:
 
     def __init__(self, grads: StepGradients, cuda_graphs: bool) -> None:
         self.grads = grads
-        self.cuda_graphs = cuda_graphs
         self.graphs = PlanGraphs(cuda_graphs, "the online miner's step")  # .backend: a stand-in in tests
         self._names: dict[Hashable, tuple[str, ...]] = {}  # graph key -> the names of its packed columns
 
@@ -160,7 +159,7 @@ class DeviceStep:
 
     def _state(self) -> Hashable:
         """What a graph of the step reads besides its inputs: the selected modules' tensors and hooks (a rule
-        may read a module's weights: the attention's projections)."""
+        may read its module: the RMSNorm rule runs the module's own forward)."""
         return module_state(unit.module for unit in self.grads.units.values())
 
 

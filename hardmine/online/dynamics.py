@@ -131,7 +131,7 @@ def unpack(values: np.ndarray, names: tuple[str, ...], step: int) -> HostBatch:
     column the batch has not, ``last_step`` = ``step``."""
     b = values.shape[0]
     last = np.full((b, len(LAST_COLUMNS)), np.nan)
-    got = dict(zip(names, range(len(names))))
+    got = {name: j for j, name in enumerate(names)}
     for name, j in got.items():
         if name in COL:
             last[:, COL[name]] = values[:, j]
@@ -395,7 +395,7 @@ class SampleDynamics:
             self._pending.pop(0)
             if isinstance(id_list[0], torch.Tensor):  # landed with the values: read now, no wait
                 id_list = (id_list[0].numpy().astype(np.int64).tolist(), id_list[1])
-            hb = unpack(host[0].numpy().astype(np.float64), names, step)  # (B, k) -> (B, L)
+            hb = unpack(np.asarray(host[0].numpy(), dtype=np.float64), names, step)  # (B, k) -> (B, L)
             zh = host[1].numpy() if len(host) > 1 else None
             self.record(id_list, hb, zh, task)
 

@@ -309,7 +309,7 @@ class OnlineMiner:
             def col(name: str) -> torch.Tensor:
                 return torch.from_numpy(host.last[:, COL[name]].copy()).to(dev)
 
-            w = torch.from_numpy(w_h).to(dev).to(prep.loss.dtype)
+            w = torch.from_numpy(w_h).to(dev, prep.loss.dtype)
             grad_norm = sq.clamp_min(0).sqrt()
             logit_margin = torch.from_numpy(host.logit_margin).to(dev)
             correct = torch.from_numpy(host.correct).to(dev) if host.correct is not None else None
