@@ -40,7 +40,7 @@ from .checks import as_bool, as_module, positive_int, projection_kind
 from .enums import Engine, ProjectionKind, Randomness, parse_choice
 from .extract import forward_mode, per_sample_grads, per_sample_grads_checked
 from .factored.capture import FactoredUnit, compute_factored, format_rejected, plan_factored, probe_units
-from .factored.graphs import PassGraphs, PlanGraphs, batch_signature, module_state, numerics
+from .factored.graphs import PassGraphs, PlanGraphs, batch_signature, module_state
 from .factored.layout import ProjectionLayout
 from .losses import LossFn, resolve_loss
 from .params import check_one_device, select_parameters, warn_uncached_projections
@@ -286,7 +286,7 @@ class GradientExtractor:
         device = self._device()
         if any(isinstance(t, torch.Tensor) and t.device != device for t in leaves):
             return None
-        settings = numerics(device.type)
+        settings = self._graphs.numerics(device.type)
         if settings is None:
             return None
         loss = self.loss_fn if _hashable(self.loss_fn) else id(self.loss_fn)  # a callable the user may swap

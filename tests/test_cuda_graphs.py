@@ -678,30 +678,51 @@ def test_numerics_reads_every_setting_that_chooses_a_pass_s_kernels(monkeypatch)
     monkeypatch.setattr(graphs, "torch", _fake_torch())
     calls = ("high", "algos", "flash", "mem", "math", "cudnn-sdp")
     settings = ("global", "ieee", "conv-tf32", "rnn-ieee", True, False, "det", "bench")
-    assert graphs.numerics("cuda") == ((True, "dt-cuda"), *settings, *calls)
+    assert graphs.numerics("cuda") == graphs.Numerics()("cuda") == ((True, "dt-cuda"), *settings, *calls)
     assert graphs.numerics("cpu")[0] == (False, "dt-cpu")
     # a torch without one of the calls: None in its place, the rest still read
     monkeypatch.setattr(graphs, "torch", _fake_torch(sdp_cudnn=False))
-    assert graphs.numerics("cuda") == ((True, "dt-cuda"), *settings, *calls[:-1], None)
+    assert graphs.numerics("cuda") == graphs.Numerics()("cuda") == ((True, "dt-cuda"), *settings, *calls[:-1], None)
     # torch < 2.9 (no fp32_precision API): the legacy TF32 flags are read too
     monkeypatch.setattr(graphs, "torch", _fake_torch(fp32_api=False))
-    assert graphs.numerics("cuda") == ((True, "dt-cuda"), None, *settings[1:], *calls, "legacy-matmul", "legacy-cudnn")
+    legacy = ((True, "dt-cuda"), None, *settings[1:], *calls, "legacy-matmul", "legacy-cudnn")
+    assert graphs.numerics("cuda") == graphs.Numerics()("cuda") == legacy
+    # a reader made once reads the values at each call (only the settings' owners are looked up once)
+    fake = _fake_torch()
+    monkeypatch.setattr(graphs, "torch", fake)
+    read = graphs.Numerics()
+    fake.backends.cudnn.conv.fp32_precision, fake.backends.cudnn.deterministic = "conv-ieee", "det2"
+    fake.get_float32_matmul_precision = lambda: "highest"  # a call replaced after the reader was made
+    assert read("cuda") == graphs.numerics("cuda")
+    assert read("cuda")[3] == "conv-ieee" and read("cuda")[7] == "det2"
+    # a setting that raises when read: no key (the pass runs eagerly), as numerics() says
+    fake.is_autocast_enabled = None
+    assert read("cuda") is None and graphs.numerics("cuda") is None
     assert graphs._lookup("backends.no_such_module.flag") is None
 
 
 def test_numerics_of_the_real_torch_follow_its_settings():
-    from hardmine.factored.graphs import numerics
+    from hardmine.factored.graphs import Numerics, numerics
 
     precision = torch.get_float32_matmul_precision()
+    read = Numerics()  # made before the settings change: what a PlanGraphs holds
     try:  # (setting a precision also moves torch's fp32_precision fields: compare like with like)
         torch.set_float32_matmul_precision("high")
         high = numerics("cpu")
+        assert read("cpu") == high
         torch.set_float32_matmul_precision("medium")
-        assert numerics("cpu") != high
+        assert numerics("cpu") != high and read("cpu") == numerics("cpu")
         torch.set_float32_matmul_precision("high")
-        assert numerics("cpu") == high
+        assert numerics("cpu") == high == read("cpu")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert numerics("cpu")[0] == (True, torch.bfloat16) and numerics("cpu")[1:] == high[1:]
+            assert read("cpu") == numerics("cpu")
+        deterministic = torch.backends.cudnn.deterministic
+        try:
+            torch.backends.cudnn.deterministic = not deterministic
+            assert read("cpu") != high and read("cpu") == numerics("cpu")
+        finally:
+            torch.backends.cudnn.deterministic = deterministic
     finally:
         torch.set_float32_matmul_precision(precision)
 
@@ -776,3 +797,78 @@ def test_plan_graphs_set_up_per_plan_and_say_why_they_are_off(caplog):
     assert slot.for_plan("other", cpu, lambda: None) is graphs and slot.state()["off"] is None
     graphs.disable("a replay differed")  # switched off for good: none, whatever the plan
     assert slot.for_plan("other", cpu, lambda: None) is None and slot.state()["off"] == "a replay differed"
+
+
+# ------------------------------------------------------------------------ small tensors copied in/out together
+def _mixed_pass(leaves):
+    """A pass over small and large leaves of several dtypes with small, large, 0-d, empty and non-contiguous
+    results."""
+    x, m, big, ids, flag, scalar = leaves
+    return (
+        x * 2,  # small float32
+        (x @ m).T,  # small float32, not contiguous
+        big + 1,  # float32 larger than PACK_BYTES: an output of its own
+        x.sum(),  # 0-d float32
+        x[:, :0],  # empty float32
+        (ids + 1).double(),  # small float64
+        flag & (x[:, 0] > 0),  # small bool
+        x[:, 0] > scalar,  # small bool
+        m.double().sum(0),  # small float64
+    )
+
+
+def _mixed_leaves(seed: int):
+    from hardmine.factored.graphs import PACK_BYTES
+
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randn(PACK_BYTES // 4 + 7, generator=g)  # float32: just over PACK_BYTES
+    return [torch.randn(5, 3, generator=g), torch.randn(3, 7, generator=g), big,
+            torch.randint(0, 9, (5,), generator=g), torch.rand(5, generator=g) > 0.5, torch.tensor(0.1)]
+
+
+def test_small_leaves_and_results_are_copied_in_and_out_together_per_dtype():
+    from hardmine.factored.graphs import PACK_ALIGN
+
+    graphs = PassGraphs(Rerun(), what="the test pass", warmup=1)
+    key = batch_signature(_mixed_leaves(0), "k")
+    got = [graphs(_mixed_pass, _mixed_leaves(seed), key, None) for seed in range(5)]
+    assert graphs.captured == 1 and graphs.replayed == 4 and graphs.disabled is None
+    for seed, out in enumerate(got):
+        want = _mixed_pass(_mixed_leaves(seed))
+        assert len(out) == len(want)
+        for a, b in zip(out, want, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (graph,) = graphs._graphs.values()
+    # in: the float32 leaves x, m and the 0-d scalar in one buffer; big (too large), ids (int64) and flag
+    # (bool), each alone of its kind, copied on their own
+    ((pack,),) = [graph.packs]
+    assert pack.members == (0, 1, 5) and pack.buffer.dtype == torch.float32
+    assert sorted(i for _, i in graph.copies) == [2, 3, 4]
+    assert [tuple(t.shape) for t in graph.static] == [tuple(t.shape) for t in _mixed_leaves(0)]
+    # out: one buffer per dtype with two or more small results (float32, float64, bool), big on its own
+    assert [o.dtype for o in graph.outputs] == [torch.float32, torch.float64, torch.bool, torch.float32]
+    assert graph.outputs[-1].shape == _mixed_leaves(0)[2].shape
+    # every small result starts on an aligned address of its step's own buffer
+    last = got[-1]
+    for r in (last[0], last[1], last[3], last[5], last[6], last[7], last[8]):
+        assert r.data_ptr() % PACK_ALIGN == 0
+    # a step's results are its own: writing into one changes neither its neighbours nor the next step's
+    before = [r.clone() for r in last]
+    last[0].fill_(123.0)
+    for a, b in zip(last[1:], before[1:], strict=True):
+        assert torch.equal(a, b)
+    nxt = graphs(_mixed_pass, _mixed_leaves(7), key, None)
+    torch.testing.assert_close(nxt[0], _mixed_pass(_mixed_leaves(7))[0], rtol=0, atol=0)
+    assert (last[0] == 123.0).all() and torch.equal(last[8], before[8])
+
+
+def test_a_replay_reads_each_step_s_own_small_leaves():
+    # the packed leaves are copied in at every replay (not only at capture): a pass of their sum
+    graphs = PassGraphs(Rerun(), what="the test pass", warmup=1)
+    key = batch_signature([torch.zeros(3), torch.zeros(2), torch.zeros(())], "k")
+    for v in range(1, 6):
+        leaves = [torch.full((3,), float(v)), torch.full((2,), 10.0 * v), torch.tensor(100.0 * v)]
+        (out,) = graphs(lambda ls: (ls[0].sum() + ls[1].sum() + ls[2],), leaves, key, None)
+        assert out.item() == 3 * v + 20 * v + 100 * v
+    assert graphs.replayed == 4

@@ -48,7 +48,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-__all__ = ["CudaGraphs", "GraphBackend", "PassGraphs", "PlanGraphs", "batch_signature", "module_state", "numerics"]
+__all__ = [
+    "CudaGraphs",
+    "GraphBackend",
+    "Numerics",
+    "PassGraphs",
+    "PlanGraphs",
+    "batch_signature",
+    "module_state",
+    "numerics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,21 +146,44 @@ _NUMERIC_CALLS = (
 )
 
 
+class Numerics:
+    """:func:`numerics` with each setting's owner (``torch.backends.cudnn.conv`` for its ``fp32_precision``)
+    looked up once, at construction: a caller that keys every batch on the settings (:class:`PlanGraphs`) makes
+    one, so a step reads each setting with one attribute access (the lookups from ``torch`` cost a small step
+    on a GPU about as much as the rest of its host work). The values are read at every call."""
+
+    def __init__(self) -> None:
+        self._settings = tuple(_owner(path) for path in _NUMERIC_SETTINGS)
+        self._calls = tuple(_owner(path) for path in _NUMERIC_CALLS)
+        self._legacy = not hasattr(torch.backends, "fp32_precision")  # torch < 2.9: the legacy TF32 flags
+
+    def __call__(self, device_type: str) -> tuple[Any, ...] | None:
+        """The settings a graph of the pass freezes (autocast, TF32 and precision, deterministic algorithms,
+        attention backends), or ``None`` when one cannot be read (the pass then runs eagerly)."""
+        try:
+            values: list[Any] = [_autocast_state(device_type)]
+            values += [None if owner is None else getattr(owner, name, None) for owner, name in self._settings]
+            for owner, name in self._calls:
+                fn = None if owner is None else getattr(owner, name, None)
+                values.append(fn() if callable(fn) else None)
+            if self._legacy:
+                values += [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+            return tuple(values)
+        except Exception:  # noqa: BLE001  an unreadable setting: no graph rather than a wrong one
+            return None
+
+
 def numerics(device_type: str) -> tuple[Any, ...] | None:
     """The settings a graph of the pass freezes (autocast, TF32 and precision, deterministic algorithms,
-    attention backends), or ``None`` when one cannot be read (the pass then runs eagerly)."""
-    try:
-        values: list[Any] = [_autocast_state(device_type)]
-        for path in _NUMERIC_SETTINGS:
-            values.append(_lookup(path))
-        for path in _NUMERIC_CALLS:
-            fn = _lookup(path)
-            values.append(fn() if callable(fn) else None)
-        if not hasattr(torch.backends, "fp32_precision"):  # torch < 2.9: the legacy TF32 flags
-            values += [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
-        return tuple(values)
-    except Exception:  # noqa: BLE001  an unreadable setting: no graph rather than a wrong one
-        return None
+    attention backends), or ``None`` when one cannot be read (the pass then runs eagerly). Per batch, a
+    :class:`Numerics` made once reads the same for less."""
+    return Numerics()(device_type)
+
+
+def _owner(path: str) -> tuple[Any, str]:
+    """``(the object holding the setting, its name)``; the object ``None`` where this torch has no such path."""
+    owner, _, name = path.rpartition(".")
+    return (_lookup(owner) if owner else torch), name
 
 
 def _lookup(path: str) -> Any:
@@ -180,10 +212,89 @@ def module_state(modules: Iterable[nn.Module]) -> Hashable:
     return tuple(tensors), n_hooks, newest
 
 
+# Tensors of at most this many bytes (a small step's inputs and results: a dozen of them, each a kernel to copy
+# in or clone out, which on a GPU costs the host more than the graph's own launch) are copied in and cloned out
+# together, one kernel per dtype and device; larger ones keep a copy of their own.
+PACK_BYTES = 1 << 20
+# Where a packed tensor starts in its buffer: a multiple of this many bytes, so its view is as aligned as a
+# tensor of its own for vectorised kernels.
+PACK_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class _Pack:
+    """Small tensors of one dtype and device laid out in one flat buffer, each at an aligned offset."""
+
+    buffer: torch.Tensor  # (total,)
+    members: tuple[int, ...]  # which tensors (indices into the caller's list)
+    offsets: tuple[int, ...]  # where each starts in ``buffer``
+    pads: tuple[torch.Tensor | None, ...]  # what fills the gap after each (copied in with it), or None
+
+    def views(self, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+        """The members as views of the buffer."""
+        return [
+            self.buffer[o : o + shape.numel()].view(shape)  # (numel,) -> the member's shape
+            for o, shape in zip(self.offsets, shapes, strict=True)
+        ]
+
+    def fill(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Write the members' new values into the buffer: one ``cat``."""
+        parts: list[torch.Tensor] = []
+        for i, pad in zip(self.members, self.pads, strict=True):
+            parts.append(tensors[i].reshape(-1))  # (numel,)
+            if pad is not None:
+                parts.append(pad)
+        torch.cat(parts, out=self.buffer)
+
+
+def _packs(tensors: Sequence[torch.Tensor], make: Callable[[int, torch.Tensor], torch.Tensor]) -> list[_Pack]:
+    """The :class:`_Pack` of each dtype and device with at least two tensors of at most ``PACK_BYTES``;
+    ``make(n, like)`` allocates a flat tensor of ``n`` elements like ``like`` (a buffer or a gap's filler)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() * t.element_size() <= PACK_BYTES:
+            groups.setdefault((t.dtype, t.device), []).append(i)
+    packs = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        step = max(1, PACK_ALIGN // tensors[members[0]].element_size())
+        offsets, gaps, end = [], [], 0
+        for i in members:
+            offsets.append(end)
+            n = tensors[i].numel()
+            gaps.append(-n % step)
+            end += n + gaps[-1]
+        like = tensors[members[0]]
+        pads = tuple(make(g, like) if g else None for g in gaps)
+        packs.append(_Pack(make(end, like), tuple(members), tuple(offsets), pads))
+    return packs
+
+
+def _flat(n: int, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(n)  # (n,)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+# Where a pass's result lies among a graph's outputs: (output, offset, shape, strides) of a view of a packed
+# buffer, or (output, 0, None, None) for a result that is an output of its own.
+_Result = tuple[int, int, tuple[int, ...] | None, tuple[int, ...] | None]
+
+
 @dataclass
 class _Graph:
-    static: list[torch.Tensor]  # the tensors the graph reads: each batch is copied in
-    outputs: Outputs  # what it writes: cloned out per batch
+    static: list[torch.Tensor]  # the tensors the graph reads (own copies, or views of a pack's buffer)
+    copies: list[tuple[torch.Tensor, int]]  # (static tensor, index of the leaf tensor copied into it)
+    packs: list[_Pack]  # the small leaf tensors, copied in together per dtype
+    outputs: Outputs  # what it writes (packed results and results of their own): cloned out per batch
+    results: tuple[_Result, ...]  # where each result lies in ``outputs``
     replay: Callable[[], None]
     checked: bool = False  # compared with an eager pass on a batch other than the captured one
 
@@ -278,16 +389,54 @@ class PassGraphs:
         return out
 
     def _capture(self, fn: PassFn, leaves: list[Any]) -> _Graph:
-        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        replay, outputs = self.backend.capture(lambda: fn(static))
-        return _Graph([s for s in static if isinstance(s, torch.Tensor)], outputs, replay)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        packs = _packs(tensors, _flat)
+        static: list[torch.Tensor | None] = [None] * len(tensors)
+        for pack in packs:
+            pack.fill(tensors)
+            for i, view in zip(pack.members, pack.views([tensors[i].shape for i in pack.members]), strict=True):
+                static[i] = view
+        copies = [(t.clone(), i) for i, t in enumerate(tensors) if static[i] is None]
+        for s, i in copies:
+            static[i] = s
+        it = iter(static)
+        args = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        results: list[_Result] = []
+
+        def run() -> Outputs:
+            # the pass, its small results gathered per dtype inside the graph (so a replay clones one buffer
+            # per dtype instead of each result); ``results`` says where each lies
+            got = fn(args)
+            packs_out = _packs(got, _flat)
+            where: dict[int, tuple[int, int]] = {}
+            for k, pack in enumerate(packs_out):
+                pack.fill(got)
+                for i, o in zip(pack.members, pack.offsets, strict=True):
+                    where[i] = (k, o)
+            own = [i for i in range(len(got)) if i not in where]
+            results[:] = [
+                (*where[i], tuple(got[i].shape), _contiguous_strides(got[i].shape)) if i in where
+                else (len(packs_out) + own.index(i), 0, None, None)
+                for i in range(len(got))
+            ]
+            return (*(p.buffer for p in packs_out), *(got[i] for i in own))
+
+        replay, outputs = self.backend.capture(run)
+        return _Graph([t for t in static if t is not None], copies, packs, outputs, tuple(results), replay)
 
     def _replay(self, graph: _Graph, leaves: list[Any]) -> Outputs:
-        for s, t in zip(graph.static, (leaf for leaf in leaves if isinstance(leaf, torch.Tensor))):
-            s.copy_(t)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        for s, i in graph.copies:
+            s.copy_(tensors[i])
+        for pack in graph.packs:
+            pack.fill(tensors)
         graph.replay()
         self.replayed += 1
-        return tuple(t.clone() for t in graph.outputs)
+        out = [t.clone() for t in graph.outputs]
+        # a packed result: a view of its buffer (as_strided: one host op, where a slice and a view are two)
+        return tuple(
+            out[k] if shape is None else out[k].as_strided(shape, strides, o) for k, o, shape, strides in graph.results
+        )
 
 
 _NO_PLAN = object()  # equal to no caller's plan
@@ -306,6 +455,7 @@ class PlanGraphs:
         self.backend: GraphBackend | None = None
         self.graphs: PassGraphs | None = None
         self.off: str | None = None  # why graphs do not apply to the plan in use
+        self.numerics = Numerics()  # the caller's reader of the settings its graph keys hold
         self._plan: Hashable = _NO_PLAN
 
     def for_plan(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..enums import LossKind, TaskKind
-from ..factored.graphs import PlanGraphs, batch_signature, module_state, numerics
+from ..factored.graphs import PlanGraphs, batch_signature, module_state
 from ..factored.registry import GramCache
 from .dynamics import device_batch
 from .gradients import Prepared, StepGradients
@@ -140,7 +140,7 @@ class DeviceStep:
         if graphs is None:
             res = fn(leaves)
         else:
-            settings = numerics(out.device.type)
+            settings = self.graphs.numerics(out.device.type)
             structure = (tuple(x_map), g_map, kind, task, weighting, loss_dtype, settings)
             key = batch_signature(leaves, structure) if settings is not None else None
             res = graphs(fn, leaves, key, self._state())

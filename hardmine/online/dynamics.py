@@ -37,6 +37,8 @@ __all__ = [
     "COL",
     "HOST_STATS_DEVICES",
     "LAST_COLUMNS",
+    "RECORD_BYTES",
+    "RECORD_EVERY",
     "RUNNING",
     "DeviceBatch",
     "HostBatch",
@@ -83,6 +85,13 @@ RUNNING: dict[str, tuple[Any, Any]] = {
 HOST_STATS_DEVICES: tuple[str, ...] = ("cpu",)
 
 
+# On a GPU the landed copies of this many steps are recorded together (one NumPy update instead of one per step:
+# on a small model the per-step recording cost the host about as much as a tenth of a training step), or sooner
+# once they hold RECORD_BYTES. Anything that reads the dynamics records every step first (``poll(wait=True)``).
+RECORD_EVERY = 16
+RECORD_BYTES = 64 << 20
+
+
 def stats_on_host(device: torch.device) -> bool:
     """Whether a batch on ``device`` takes the host path (:data:`HOST_STATS_DEVICES`, read at each call)."""
     return device.type in HOST_STATS_DEVICES
@@ -126,9 +135,10 @@ class DeviceBatch:
         return torch.stack(parts, dim=1), tuple(names)  # (B, k)
 
 
-def unpack(values: np.ndarray, names: tuple[str, ...], step: int) -> HostBatch:
+def unpack(values: np.ndarray, names: tuple[str, ...], step: int | np.ndarray) -> HostBatch:
     """The :class:`HostBatch` of :meth:`DeviceBatch.packed`'s values once on the host (``(B, k)``): NaN for every
-    column the batch has not, ``last_step`` = ``step``."""
+    column the batch has not, ``last_step`` = ``step`` (one step, or ``(B,)`` steps for the rows of several
+    batches stacked)."""
     b = values.shape[0]
     last = np.full((b, len(LAST_COLUMNS)), np.nan)
     got = {name: j for j, name in enumerate(names)}
@@ -309,6 +319,7 @@ class SampleDynamics:
         # batches submitted and not recorded yet: ((ids, kind), host copies, CUDA event or None, the names of the
         # packed columns, task, the batch's step)
         self._pending: list[tuple[tuple[list[Any], str], list[torch.Tensor], Any, tuple[str, ...], TaskKind, int]] = []
+        self._pending_bytes = 0  # host memory the queued copies hold
 
     @property
     def n(self) -> int:
@@ -382,22 +393,40 @@ class SampleDynamics:
         if isinstance(ids, torch.Tensor):
             host, id_list = host[:-1], (host[-1], id_list[1])
         self._pending.append((id_list, host, event, names, task, step))
+        self._pending_bytes += _host_bytes(host)
 
-    def poll(self, wait: bool = False) -> None:
-        """Record the queued batches whose copies have landed (every one with ``wait``), in order."""
-        while self._pending:
-            id_list, host, event, names, task, step = self._pending[0]
+    def poll(self, wait: bool = False, least: int = 1) -> None:
+        """Record the queued batches whose copies have landed (every one with ``wait``), in order; without
+        ``wait``, only once ``least`` batches (or ``RECORD_BYTES``) are queued. Consecutive landed batches are
+        recorded as one (the same result as one by one: :meth:`record` applies repeated ids in order)."""
+        if not wait and len(self._pending) < least and self._pending_bytes < RECORD_BYTES:
+            return
+        landed = 0
+        for _, _, event, *_ in self._pending:
             if event is not None:
                 if wait:
                     event.synchronize()
                 elif not event.query():
-                    return
-            self._pending.pop(0)
-            if isinstance(id_list[0], torch.Tensor):  # landed with the values: read now, no wait
-                id_list = (id_list[0].numpy().astype(np.int64).tolist(), id_list[1])
-            hb = unpack(np.asarray(host[0].numpy(), dtype=np.float64), names, step)  # (B, k) -> (B, L)
-            zh = host[1].numpy() if len(host) > 1 else None
-            self.record(id_list, hb, zh, task)
+                    break
+            landed += 1
+        done, self._pending = self._pending[:landed], self._pending[landed:]
+        self._pending_bytes = sum(_host_bytes(item[1]) for item in self._pending)
+        while done:
+            # a run of batches alike (their columns, task and gradients) is stacked into one record
+            first = done[0]
+            n = 1
+            while n < len(done) and _alike(done[n], first):
+                n += 1
+            run, done = done[:n], done[n:]
+            ids: list[Any] = []
+            for (batch_ids, _), *_ in run:
+                # ids that landed with the values: read now, no wait
+                ids += batch_ids.numpy().astype(np.int64).tolist() if isinstance(batch_ids, torch.Tensor) else batch_ids
+            values = [np.asarray(host[0].numpy(), dtype=np.float64) for _, host, *_ in run]  # (B_i, k) each
+            steps = np.repeat([item[5] for item in run], [len(v) for v in values])  # (sum B_i,)
+            hb = unpack(np.concatenate(values), first[3], steps if n > 1 else first[5])  # (sum B_i, L)
+            zh = np.concatenate([host[1].numpy() for _, host, *_ in run]) if len(first[1]) > 1 else None
+            self.record((ids, first[0][1]), hb, zh, first[4])
 
     def record(
         self, id_list: tuple[list[Any], str], host: HostBatch, zh: np.ndarray | None, task: TaskKind
@@ -468,3 +497,12 @@ class SampleDynamics:
             if dyn.grads is not None:
                 dyn.grads[: len(ids)] = state["gradients"].numpy()
         return dyn
+
+
+def _host_bytes(host: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in host)
+
+
+def _alike(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two queued batches can be recorded as one: the same packed columns, task and gradient copy."""
+    return a[3] == b[3] and a[4] is b[4] and len(a[1]) == len(b[1])

@@ -42,7 +42,7 @@ from ..manifest import write_manifest
 from ..params import check_one_device, select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
 from .device_step import DeviceStep
-from .dynamics import COL, SampleDynamics, host_batch, stats_on_host
+from .dynamics import COL, RECORD_EVERY, SampleDynamics, host_batch, stats_on_host
 from .gradients import StepGradients
 from .manifest import build_manifest
 from .weighting import Directions, WeightingConfig, training_weights
@@ -252,7 +252,6 @@ class OnlineMiner:
         value (a tensor, an object/mapping with ``logits``, or a tuple whose first element is the output)."""
         self._check_open()
         self._checks.poll()  # earlier steps whose device work has finished (on the CPU: all of them)
-        self._dyn.poll()
         rec = self._grads.take()
         out = model_output_tensor(output)
         fn, kind, task, b, flags, safe = self._validate(out, target)
@@ -304,6 +303,7 @@ class OnlineMiner:
             dirs.update_host(z, labels, lab, host.inv, self.weighting.momentum)
             if id_list is not None:
                 zh = z.detach().numpy() if self._dyn.grads is not None else None
+                self._dyn.poll(wait=True)  # steps queued on a GPU before a move to the CPU come first
                 self._dyn.record(id_list, host, zh, task)
 
             def col(name: str) -> torch.Tensor:
@@ -323,7 +323,7 @@ class OnlineMiner:
             dirs.dirs, dirs.seen = values.dirs, values.seen
             if id_list is not None:
                 self._dyn.submit(id_list, values.packed, values.z, task, self._step)
-                self._dyn.poll()
+                self._dyn.poll(least=RECORD_EVERY)  # several steps' copies recorded together
 
             def col(name: str) -> torch.Tensor:
                 return values.column(name)  # (B,) a column of a tensor of its own, not what goes to the host
