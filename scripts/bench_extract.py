@@ -68,6 +68,7 @@ from torch import nn
 
 from hardmine.engine import GradientExtractor
 from hardmine.extract import per_sample_grads
+from hardmine.factored import registry
 from hardmine.factored.layout import ProjectionLayout
 from hardmine.project import Projector
 
@@ -485,6 +486,7 @@ def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str,
         "proj_dim": proj_dim,
         "_iters": len(times),
         "_faults": faults,  # minor page faults per timed batch (memory the allocator got from the OS again)
+        "_chunk_elements": registry.CHUNK_ELEMENTS,  # the rules' budget this row ran with
     }
     if cuda and method in SYNC_PROFILED:
         row["host_syncs_per_batch"] = sync_profile(step, device)
@@ -610,7 +612,9 @@ def markdown(
         f"{'a fresh subprocess' if args.isolate else 'one process'}"
         f"{' with ' + ' '.join(f'{k}={v}' for k, v in KEEP_HEAP_ENV.items()) if args.keep_heap else ''}; "
         "train_step and factored measured "
-        f"{args.repeats} time(s), alternating, median repeat shown (peak memory: the largest).",
+        f"{args.repeats} time(s), alternating, median repeat shown (peak memory: the largest)"
+        f"; the rules' chunk budget {registry.CHUNK_ELEMENTS:,} elements"
+        f"{' (--chunk-elements)' if args.chunk_elements is not None else ''}.",
         "Notes: all parameters selected. The transformer's attention is built from nn.Linear q/k/v/out "
         "(explicit matmul + softmax), so the factored engine covers every weight. train_step = forward + "
         "mean cross-entropy + backward + plain SGD step. naive_loop = per-sample autograd.grad + the same "
@@ -707,6 +711,14 @@ def main() -> None:
         + " ".join(f"{k}={v}" for k, v in KEEP_HEAP_ENV.items())
         + ")",
     )
+    ap.add_argument(
+        "--chunk-elements",
+        type=int,
+        default=None,
+        help="the factored rules' chunk budget (hardmine.factored.registry.CHUNK_ELEMENTS; default: the "
+        "library's): how many elements a rule's temporaries may hold at once, so how many chunks a batch is "
+        "split into",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_extract.json")
     ap.add_argument("--md", type=Path, default=None, help="Markdown table (default: --out with .md)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
@@ -732,6 +744,10 @@ def main() -> None:
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads={args.threads} must be at least 1")
     parse_device(ap, args.device)  # a usage error now, not in a worker
+    if args.chunk_elements is not None:
+        if args.chunk_elements < 1:
+            ap.error(f"--chunk-elements={args.chunk_elements} must be at least 1")
+        registry.CHUNK_ELEMENTS = args.chunk_elements  # read by the rules at each call
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     if args.worker:
         print(json.dumps(measure(args.worker[0], args.worker[1], args)))
@@ -772,6 +788,7 @@ def main() -> None:
                 "warmup_time",
                 "threads",
                 "device",
+                "chunk_elements",
             )
             for flag in (f for f in flags if getattr(args, f) is not None):
                 cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -781,6 +798,8 @@ def main() -> None:
         else:
             row = measure(m, meth, args)
         speed, iters = row["samples_per_s"], row.pop("_iters")
+        if row.pop("_chunk_elements") != registry.CHUNK_ELEMENTS:  # a worker that did not get --chunk-elements
+            sys.exit(f"{m} {meth} ran with another chunk budget than {registry.CHUNK_ELEMENTS:,}")
         print(
             f"  {m:12s} {meth:11s} {speed:10,.0f} samples/s  ({iters} batches, "
             f"{row['_faults']:,.0f} page faults/batch)",

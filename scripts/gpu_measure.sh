@@ -27,6 +27,8 @@
 #   callbacks_b1024 the same at batch 1024 -> bench_callbacks_b{256,1024}.{json,md}
 #   conv_routes     scripts/bench_conv_routes.py: the Conv2d rule's grouped and unfold routes timed on this device
 #                   (ResNet-like layers too) -> conv_routes_cuda.{json,md}
+#   extract_cnn_chunks  the CNN at batch 2048 with the rules' chunk budget at 2^26 elements (--chunk-elements;
+#                   the library's is 2^22) -> bench_extract_cnn_chunks.{json,md}
 #   extract_b256    scripts/bench_extract.py --device cuda --methods train_step,factored,factored_graphs
 #                   (factored_graphs: GradientExtractor(cuda_graphs=True)), batch 256
 #   extract_b2048   the same at batch 2048 -> bench_extract_b{256,2048}.{json,md}
@@ -204,6 +206,12 @@ ROUTES=(--repeats 5)
 [ "$QUICK" = 1 ] && ROUTES=(--repeats 1 --batch 8)
 step conv_routes 45 "$PY" scripts/bench_conv_routes.py --device "$DEVICE" "${ROUTES[@]}" \
     --out "$OUT/conv_routes_$DEVTYPE.json"
+# The CNN at batch 2048 (0.62x with graphs on the H200) with the rules' chunk budget raised from 2^22 to 2^26
+# elements: at 2048 its convolutions run as about sixty chunks of small kernels. Whether fewer, larger ones pay
+# on a GPU decides a device-dependent budget.
+step extract_cnn_chunks 45 "$PY" scripts/bench_extract.py --device "$DEVICE" --models cnn \
+    --methods train_step,factored,factored_graphs --batch "$B_LARGE" --no-isolate "${EXTRACT[@]}" \
+    --chunk-elements $((1 << 26)) --out "$OUT/bench_extract_cnn_chunks.json"
 for b in "$B_SMALL" "$B_LARGE"; do
     step extract_b$b 90 "$PY" scripts/bench_extract.py --device "$DEVICE" --methods train_step,factored,factored_graphs \
         --batch "$b" --no-isolate "${EXTRACT[@]}" --out "$OUT/bench_extract_b$b.json"

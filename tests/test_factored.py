@@ -765,6 +765,23 @@ def test_bench_keep_heap_needs_worker_processes(tmp_path):
     assert proc.returncode == 2 and "--keep-heap" in proc.stderr and not (tmp_path / "b.json").exists()
 
 
+def test_bench_chunk_elements_reach_the_rules_in_worker_processes(tmp_path):
+    # --chunk-elements sets the rules' budget in the worker processes too: at one element per chunk every
+    # sample is its own chunk, which the run note reports; a budget below one is refused.
+    script = str(ROOT / "scripts" / "bench_extract.py")
+    out = tmp_path / "b.json"
+    args = ["--models", "cnn", "--methods", "train_step,factored", "--batch", "3", "--target-dim", "16",
+            "--min-time", "0", "--min-iters", "1", "--warmup", "0", "--warmup-time", "0", "--repeats", "1",
+            "--threads", "1", "--out", str(out)]
+    proc = subprocess.run([sys.executable, script, *args, "--chunk-elements", "1"], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the rules' chunk budget 1 elements (--chunk-elements)" in out.with_suffix(".md").read_text()
+    bad = subprocess.run([sys.executable, script, *args, "--chunk-elements", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--chunk-elements=0 must be at least 1" in bad.stderr
+
+
 def test_lowest_captured_outputs_in_a_branching_graph():
     # The pass asks autograd for gradients at the lowest captured outputs only; every other captured output
     # must lie above one of them, or its hook would never fire.
