@@ -5,7 +5,8 @@ Models: the MLP (784-512-256-10) and CNN (2 conv + 2 fc on 3x32x32) of ``scripts
 
 * ``plain`` -- forward + mean cross-entropy + backward + SGD step (the reference: 1.0);
 * ``last_layer`` -- ``OnlineMiner(layers=<final nn.Linear>)``: the analytic path (no extra backward), with
-  weighting active (no warm-up), per-sample dynamics recorded under sample ids, then
+  weighting active (no warm-up), per-sample dynamics recorded under sample ids (new ids each step through an
+  epoch of ``EPOCH_BATCHES`` batches, then again), then
   ``(stats.loss * stats.weights).mean()`` + backward + SGD step;
 * ``multi_layer`` -- ``OnlineMiner(layers=None)``: every layer (all Linear/Conv2d) through the autograd
   path (one extra backward to the selected layers' outputs + factored projections), otherwise the same;
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import os
 import platform
@@ -62,6 +64,7 @@ METHODS = ("plain", "last_layer", "multi_layer", "last_layer_graphs", "multi_lay
 GRAPHED = ("last_layer_graphs", "multi_layer_graphs")  # OnlineMiner(cuda_graphs=True); default on --device cuda
 TARGETS = {"last_layer": 1.3, "multi_layer": 2.0, "last_layer_graphs": 1.3, "multi_layer_graphs": 2.0}
 DIM = 256
+EPOCH_BATCHES = 64  # the steps of one epoch of distinct sample ids
 
 
 def _last_linear(model: nn.Module) -> str:
@@ -73,7 +76,10 @@ def make_step(
     method: str, model: nn.Module, x: Any, y: torch.Tensor
 ) -> tuple[Callable[[], Any], dict]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    ids = torch.arange(len(y))  # on the host, as a DataLoader yields them
+    # Sample ids on the host, as a DataLoader yields them: new ones each step through an epoch of EPOCH_BATCHES
+    # batches, then the same again (the dynamics are recorded as in training, not one id set over and over)
+    id_batches = [torch.arange(len(y)) + k * len(y) for k in range(EPOCH_BATCHES)]
+    count = itertools.count()
     if method == "plain":
 
         def step() -> None:
@@ -92,6 +98,7 @@ def make_step(
         info["miner"] = miner  # its cuda_graph_state() goes into the row
 
     def mined() -> None:
+        ids = id_batches[next(count) % EPOCH_BATCHES]
         stats = miner.observe(x, y, ids)  # a dict of inputs (the transformer) is passed as keyword arguments
         stats.weighted_loss().backward()
         opt.step()
@@ -248,7 +255,8 @@ def main() -> None:
         f"{' (--quick: numbers meaningless)' if args.quick else ''}; load average at the end {load}. Methods "
         "run round-robin; ratio = median over rounds of t(method) / t(plain) within the round; ratio (min) = "
         "fastest step / fastest plain step. last_layer and multi_layer include the weighting (no warm-up) "
-        "and per-sample dynamics recorded under sample ids; the *_graphs methods are the same with "
+        f"and per-sample dynamics recorded under sample ids (new ids each step, an epoch of {EPOCH_BATCHES} "
+        "batches); the *_graphs methods are the same with "
         "OnlineMiner(cuda_graphs=True).\n"
     )
     synced = [r for r in rows if r.get("host_syncs_per_step")]

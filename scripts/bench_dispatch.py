@@ -133,6 +133,12 @@ def run_group(name: str, group: str, args: argparse.Namespace) -> list[dict[str,
             for _ in range(args.repeat):
                 fn()
             times[m].append((time.perf_counter() - t) / args.repeat)
+    for m, fn in fns.items():
+        miner = getattr(fn, "miner", None)
+        if miner is not None:  # the timed steps were replays of that one graph, not an eager fallback
+            state = miner.cuda_graph_state()
+            if state["captured"] != 1 or state["off"] is not None:
+                raise SystemExit(f"{name} {m}: the stand-in graph did not stay captured while timed: {state}")
     ref = REFERENCE[group]
     rows = []
     for m in fns:
@@ -360,7 +366,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--repeat", type=int, default=10, help="steps per timed sample")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=online_dynamics.RECORD_EVERY,
+        help="steps per timed sample (default: the dynamics' RECORD_EVERY, so each sample holds one recording "
+        "of the GPU path's dynamics)",
+    )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step (numbers meaningless)")

@@ -239,7 +239,7 @@ else
     SUMMARY="$SUMMARY$(printf '%-16s %-18s' scan_host_cpu 'SKIPPED (no data)')"$'\n'
     FAILED=$((FAILED + 1))  # the demo is the criterion: a run without it is incomplete
 fi
-DISPATCH=(--rounds 10 --repeat 5)
+DISPATCH=(--rounds 5)  # each round RECORD_EVERY (16) steps per row
 [ "$QUICK" = 1 ] && DISPATCH=(--quick)
 step dispatch_cpu 30 "$PY" scripts/bench_dispatch.py "${DISPATCH[@]}" --out "$OUT/bench_dispatch_host_cpu.json"
 

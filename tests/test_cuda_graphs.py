@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hardmine.engine import GradientExtractor
-from hardmine.factored.graphs import PassGraphs, batch_signature
+from hardmine.factored.graphs import PACK_ALIGN, PACK_BYTES, RESULT_PACK_BYTES, PassGraphs, batch_signature
 
 
 class MLP(nn.Module):
@@ -814,21 +814,19 @@ def _mixed_pass(leaves):
         flag & (x[:, 0] > 0),  # small bool
         x[:, 0] > scalar,  # small bool
         m.double().sum(0),  # small float64
+        big[: RESULT_PACK_BYTES // 4 + 1] * scalar,  # float32 just over RESULT_PACK_BYTES: an output of its own
     )
 
 
 def _mixed_leaves(seed: int):
-    from hardmine.factored.graphs import PACK_BYTES
-
     g = torch.Generator().manual_seed(seed)
     big = torch.randn(PACK_BYTES // 4 + 7, generator=g)  # float32: just over PACK_BYTES
-    return [torch.randn(5, 3, generator=g), torch.randn(3, 7, generator=g), big,
+    m = torch.randn(7, 3, generator=g).T  # (3, 7), not contiguous
+    return [torch.randn(5, 3, generator=g), m, big,
             torch.randint(0, 9, (5,), generator=g), torch.rand(5, generator=g) > 0.5, torch.tensor(0.1)]
 
 
 def test_small_leaves_and_results_are_copied_in_and_out_together_per_dtype():
-    from hardmine.factored.graphs import PACK_ALIGN
-
     graphs = PassGraphs(Rerun(), what="the test pass", warmup=1)
     key = batch_signature(_mixed_leaves(0), "k")
     got = [graphs(_mixed_pass, _mixed_leaves(seed), key, None) for seed in range(5)]
@@ -840,15 +838,18 @@ def test_small_leaves_and_results_are_copied_in_and_out_together_per_dtype():
             assert a.shape == b.shape and a.dtype == b.dtype
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     (graph,) = graphs._graphs.values()
-    # in: the float32 leaves x, m and the 0-d scalar in one buffer; big (too large), ids (int64) and flag
-    # (bool), each alone of its kind, copied on their own
+    # in: the contiguous float32 leaves x and the 0-d scalar in one buffer; m (not contiguous: its copy keeps
+    # its strides, as the eager pass reads it), big (too large), ids (int64) and flag (bool, each alone of its
+    # kind) copied on their own
     ((pack,),) = [graph.packs]
-    assert pack.members == (0, 1, 5) and pack.buffer.dtype == torch.float32
-    assert sorted(i for _, i in graph.copies) == [2, 3, 4]
+    assert pack.members == (0, 5) and pack.buffer.dtype == torch.float32
+    assert sorted(i for _, i in graph.copies) == [1, 2, 3, 4]
     assert [tuple(t.shape) for t in graph.static] == [tuple(t.shape) for t in _mixed_leaves(0)]
-    # out: one buffer per dtype with two or more small results (float32, float64, bool), big on its own
-    assert [o.dtype for o in graph.outputs] == [torch.float32, torch.float64, torch.bool, torch.float32]
-    assert graph.outputs[-1].shape == _mixed_leaves(0)[2].shape
+    assert graph.static[1].stride() == _mixed_leaves(0)[1].stride() == (1, 3)
+    # out: one buffer per dtype with two or more small results (float32, float64, bool); big and the result
+    # just over RESULT_PACK_BYTES on their own
+    assert [o.dtype for o in graph.outputs] == [torch.float32] + [torch.float64, torch.bool] + [torch.float32] * 2
+    assert [o.numel() for o in graph.outputs[3:]] == [PACK_BYTES // 4 + 7, RESULT_PACK_BYTES // 4 + 1]
     # every small result starts on an aligned address of its step's own buffer
     last = got[-1]
     for r in (last[0], last[1], last[3], last[5], last[6], last[7], last[8]):

@@ -489,6 +489,47 @@ def test_queued_device_batches_recorded_together_equal_one_by_one():
     assert sorted(want["last"][:, online_dynamics.COL["last_step"]].unique().tolist())[-1] == 8
 
 
+def test_a_record_that_fails_loses_its_own_run_of_batches_only(monkeypatch):
+    from hardmine.enums import TaskKind
+
+    task = TaskKind.CLASSIFICATION
+    dyn = online_dynamics.SampleDynamics(5)
+    batches = list(_packed_batches(6, 5))
+    for k, (ids, (values, names), z, step) in enumerate(batches):
+        if k >= 3:  # a second run: batches without the logit margin are not recorded with the first three
+            values, names = values[:, [0, 1, 2, 3, 4, 5, 7]], names[:6] + names[7:]
+        dyn.submit(ids, (values, names), z, task, step)
+    real, calls = dyn.record, []
+
+    def fail_once(*args, **kw):
+        calls.append(len(args[0][0]))
+        if len(calls) == 1:
+            raise MemoryError("no memory")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dyn, "record", fail_once)
+    with pytest.raises(MemoryError):
+        dyn.poll(wait=True)
+    assert len(dyn._pending) == 3 and dyn.n == 0  # the failed run left the queue; the next one waits
+    dyn.poll(wait=True)
+    assert not dyn._pending and dyn._pending_bytes == 0
+    assert calls == [sum(len(b[0][0]) for b in batches[:3]), sum(len(b[0][0]) for b in batches[3:])]
+    assert sorted(dyn.ids) == sorted({i for b in batches[3:] for i in b[0][0]})
+
+
+def test_a_kept_gradient_on_the_host_is_the_step_s_even_if_its_z_is_changed_later(monkeypatch):
+    # On a CPU device that takes the device path (the tests and the dispatch benchmark), the dynamics are
+    # recorded steps later: what they keep is the step's z as it was handed out.
+    monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ())
+    torch.manual_seed(0)
+    miner = OnlineMiner(nn.Sequential(nn.Linear(6, 3)), dim=4, keep_gradients=True)
+    stats = miner.observe(torch.randn(4, 6), torch.tensor([0, 1, 2, 0]), [0, 1, 2, 3])
+    want = stats.z.clone()
+    stats.z.zero_()
+    ids, z = miner.gradients()
+    assert ids.tolist() == [0, 1, 2, 3] and torch.equal(torch.from_numpy(z), want) and want.abs().sum() > 0
+
+
 def test_the_device_path_records_every_record_every_steps_or_when_the_queue_holds_record_bytes(monkeypatch):
     monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ())
     every = online_dynamics.RECORD_EVERY

@@ -212,10 +212,13 @@ def module_state(modules: Iterable[nn.Module]) -> Hashable:
     return tuple(tensors), n_hooks, newest
 
 
-# Tensors of at most this many bytes (a small step's inputs and results: a dozen of them, each a kernel to copy
-# in or clone out, which on a GPU costs the host more than the graph's own launch) are copied in and cloned out
-# together, one kernel per dtype and device; larger ones keep a copy of their own.
+# A small step's inputs and results are a dozen tensors, each a kernel to copy in or clone out, which on a GPU
+# costs the host more than the graph's own launch: contiguous inputs of at most PACK_BYTES are copied in
+# together and results of at most RESULT_PACK_BYTES cloned out together, one kernel per dtype and device; larger
+# ones keep a copy of their own. Results packed together share one buffer, which any of them keeps alive: the
+# bound on results is small, so keeping a step's weights keeps kilobytes, not its projected gradients.
 PACK_BYTES = 1 << 20
+RESULT_PACK_BYTES = 1 << 16
 # Where a packed tensor starts in its buffer: a multiple of this many bytes, so its view is as aligned as a
 # tensor of its own for vectorised kernels.
 PACK_ALIGN = 64
@@ -247,12 +250,16 @@ class _Pack:
         torch.cat(parts, out=self.buffer)
 
 
-def _packs(tensors: Sequence[torch.Tensor], make: Callable[[int, torch.Tensor], torch.Tensor]) -> list[_Pack]:
-    """The :class:`_Pack` of each dtype and device with at least two tensors of at most ``PACK_BYTES``;
-    ``make(n, like)`` allocates a flat tensor of ``n`` elements like ``like`` (a buffer or a gap's filler)."""
+def _packs(
+    tensors: Sequence[torch.Tensor], limit: int, *, contiguous: bool, make: Callable[[int, torch.Tensor], torch.Tensor]
+) -> list[_Pack]:
+    """The :class:`_Pack` of each dtype and device with at least two tensors of at most ``limit`` bytes (only
+    contiguous ones with ``contiguous``: a graph then reads each input in the memory format the eager pass
+    does); ``make(n, like)`` allocates a flat tensor of ``n`` elements like ``like`` (a buffer or a gap's
+    filler)."""
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, t in enumerate(tensors):
-        if t.numel() * t.element_size() <= PACK_BYTES:
+        if t.numel() * t.element_size() <= limit and (t.is_contiguous() or not contiguous):
             groups.setdefault((t.dtype, t.device), []).append(i)
     packs = []
     for members in groups.values():
@@ -390,7 +397,7 @@ class PassGraphs:
 
     def _capture(self, fn: PassFn, leaves: list[Any]) -> _Graph:
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        packs = _packs(tensors, _flat)
+        packs = _packs(tensors, PACK_BYTES, contiguous=True, make=_flat)
         static: list[torch.Tensor | None] = [None] * len(tensors)
         for pack in packs:
             pack.fill(tensors)
@@ -407,7 +414,7 @@ class PassGraphs:
             # the pass, its small results gathered per dtype inside the graph (so a replay clones one buffer
             # per dtype instead of each result); ``results`` says where each lies
             got = fn(args)
-            packs_out = _packs(got, _flat)
+            packs_out = _packs(got, RESULT_PACK_BYTES, contiguous=False, make=_flat)
             where: dict[int, tuple[int, int]] = {}
             for k, pack in enumerate(packs_out):
                 pack.fill(got)

@@ -384,7 +384,9 @@ class SampleDynamics:
         values, names = packed
         parts = [values]  # (B, k): one copy
         if self.grads is not None:
-            parts.append(z)
+            # z is the caller's OnlineStats.z: a host tensor (no copy to wait for) is copied now, since it is
+            # recorded steps later (RECORD_EVERY)
+            parts.append(z.clone() if z.device.type == "cpu" else z)
         ids = id_list[0]
         if isinstance(ids, torch.Tensor):
             # A host tensor is kept as it is until the poll: a copy, so the caller may reuse its own
@@ -409,15 +411,17 @@ class SampleDynamics:
                 elif not event.query():
                     break
             landed += 1
-        done, self._pending = self._pending[:landed], self._pending[landed:]
-        self._pending_bytes = sum(_host_bytes(item[1]) for item in self._pending)
-        while done:
-            # a run of batches alike (their columns, task and gradients) is stacked into one record
-            first = done[0]
+        while landed:
+            # a run of batches alike (their columns, task and gradients) is stacked into one record; it leaves
+            # the queue before it is recorded, so a record that fails loses that run only, never applies one twice
+            first = self._pending[0]
             n = 1
-            while n < len(done) and _alike(done[n], first):
+            while n < landed and _alike(self._pending[n], first):
                 n += 1
-            run, done = done[:n], done[n:]
+            run = self._pending[:n]
+            del self._pending[:n]
+            landed -= n
+            self._pending_bytes -= sum(_host_bytes(item[1]) for item in run)
             ids: list[Any] = []
             for (batch_ids, _), *_ in run:
                 # ids that landed with the values: read now, no wait
