@@ -815,6 +815,8 @@ def _mixed_pass(leaves):
         x[:, 0] > scalar,  # small bool
         m.double().sum(0),  # small float64
         big[: RESULT_PACK_BYTES // 4 + 1] * scalar,  # float32 just over RESULT_PACK_BYTES: an output of its own
+        big[: RESULT_PACK_BYTES // 4] * 2,  # float32 of exactly RESULT_PACK_BYTES: packed
+        x[:, None, :] * 3,  # (5, 1, 3): a dimension of one inside
     )
 
 
@@ -850,10 +852,11 @@ def test_small_leaves_and_results_are_copied_in_and_out_together_per_dtype():
     # just over RESULT_PACK_BYTES on their own
     assert [o.dtype for o in graph.outputs] == [torch.float32] + [torch.float64, torch.bool] + [torch.float32] * 2
     assert [o.numel() for o in graph.outputs[3:]] == [PACK_BYTES // 4 + 7, RESULT_PACK_BYTES // 4 + 1]
+    assert graph.outputs[0].numel() >= RESULT_PACK_BYTES // 4  # the result of exactly RESULT_PACK_BYTES is in
     # every small result starts on an aligned address of its step's own buffer
     last = got[-1]
-    for r in (last[0], last[1], last[3], last[5], last[6], last[7], last[8]):
-        assert r.data_ptr() % PACK_ALIGN == 0
+    for r in (*last[:2], *last[3:9], *last[10:]):
+        assert r.data_ptr() % PACK_ALIGN == 0 and r.is_contiguous()
     # a step's results are its own: writing into one changes neither its neighbours nor the next step's
     before = [r.clone() for r in last]
     last[0].fill_(123.0)
@@ -873,3 +876,22 @@ def test_a_replay_reads_each_step_s_own_small_leaves():
         (out,) = graphs(lambda ls: (ls[0].sum() + ls[1].sum() + ls[2],), leaves, key, None)
         assert out.item() == 3 * v + 20 * v + 100 * v
     assert graphs.replayed == 4
+
+
+def test_packs_group_small_tensors_by_dtype_and_device_in_order():
+    from hardmine.factored.graphs import _flat, _packs
+
+    ts = [torch.zeros(3, dtype=torch.int64), torch.zeros(2), torch.zeros(5, dtype=torch.float64), torch.zeros(()),
+          torch.zeros(2, dtype=torch.bool), torch.zeros(4, dtype=torch.float64), torch.zeros(40)]
+    packs = _packs(ts, 100, contiguous=True, make=_flat)
+    # int64 and bool are alone of their kind (not packed) and do not stop the later groups; 40 floats (160
+    # bytes) are over the limit of 100
+    assert [(p.members, p.offsets) for p in packs] == [((1, 3), (0, 16)), ((2, 5), (0, 8))]
+    assert [p.buffer.dtype for p in packs] == [torch.float32, torch.float64]
+    assert [p.buffer.numel() for p in packs] == [32, 16]  # each member padded to 64 bytes
+    assert [[g is None for g in p.pads] for p in packs] == [[False, False], [False, False]]
+    exact = _packs([torch.zeros(25), torch.zeros(1)], 100, contiguous=True, make=_flat)  # 100 bytes: in
+    assert [p.members for p in exact] == [(0, 1)] and exact[0].pads[0] is not None
+    aligned = _packs([torch.zeros(16), torch.zeros(16)], 100, contiguous=True, make=_flat)
+    assert aligned[0].pads == (None, None) and aligned[0].offsets == (0, 16)
+

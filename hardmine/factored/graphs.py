@@ -162,9 +162,10 @@ class Numerics:
         attention backends), or ``None`` when one cannot be read (the pass then runs eagerly)."""
         try:
             values: list[Any] = [_autocast_state(device_type)]
-            values += [None if owner is None else getattr(owner, name, None) for owner, name in self._settings]
+            # (a missing owner is None, which has none of these attributes)
+            values += [getattr(owner, name, None) for owner, name in self._settings]
             for owner, name in self._calls:
-                fn = None if owner is None else getattr(owner, name, None)
+                fn = getattr(owner, name, None)
                 values.append(fn() if callable(fn) else None)
             if self._legacy:
                 values += [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
