@@ -238,13 +238,13 @@ class _Pack:
         """The members as views of the buffer."""
         return [
             self.buffer[o : o + shape.numel()].view(shape)  # (numel,) -> the member's shape
-            for o, shape in zip(self.offsets, shapes, strict=True)
+            for o, shape in zip(self.offsets, shapes)  # one shape per member
         ]
 
     def fill(self, tensors: Sequence[torch.Tensor]) -> None:
         """Write the members' new values into the buffer: one ``cat``."""
         parts: list[torch.Tensor] = []
-        for i, pad in zip(self.members, self.pads, strict=True):
+        for i, pad in zip(self.members, self.pads):  # one pad (or None) per member
             parts.append(tensors[i].reshape(-1))  # (numel,)
             if pad is not None:
                 parts.append(pad)
@@ -266,14 +266,14 @@ def _packs(
     for members in groups.values():
         if len(members) < 2:
             continue
-        step = max(1, PACK_ALIGN // tensors[members[0]].element_size())
+        like = tensors[members[0]]  # every member has its dtype and device
+        step = PACK_ALIGN // like.element_size()  # elements; no dtype is wider than 16 bytes
         offsets, gaps, end = [], [], 0
         for i in members:
             offsets.append(end)
             n = tensors[i].numel()
             gaps.append(-n % step)
             end += n + gaps[-1]
-        like = tensors[members[0]]
         pads = tuple(make(g, like) if g else None for g in gaps)
         packs.append(_Pack(make(end, like), tuple(members), tuple(offsets), pads))
     return packs
@@ -402,7 +402,7 @@ class PassGraphs:
         static: list[torch.Tensor | None] = [None] * len(tensors)
         for pack in packs:
             pack.fill(tensors)
-            for i, view in zip(pack.members, pack.views([tensors[i].shape for i in pack.members]), strict=True):
+            for i, view in zip(pack.members, pack.views([tensors[i].shape for i in pack.members])):
                 static[i] = view
         copies = [(t.clone(), i) for i, t in enumerate(tensors) if static[i] is None]
         for s, i in copies:
@@ -419,7 +419,7 @@ class PassGraphs:
             where: dict[int, tuple[int, int]] = {}
             for k, pack in enumerate(packs_out):
                 pack.fill(got)
-                for i, o in zip(pack.members, pack.offsets, strict=True):
+                for i, o in zip(pack.members, pack.offsets):
                     where[i] = (k, o)
             own = [i for i in range(len(got)) if i not in where]
             results[:] = [
