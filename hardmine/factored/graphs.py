@@ -283,14 +283,6 @@ def _flat(n: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(n)  # (n,)
 
 
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
-
-
 # Where a pass's result lies among a graph's outputs: (output, offset, shape, strides) of a view of a packed
 # buffer, or (output, 0, None, None) for a result that is an output of its own.
 _Result = tuple[int, int, tuple[int, ...] | None, tuple[int, ...] | None]
@@ -423,7 +415,8 @@ class PassGraphs:
                     where[i] = (k, o)
             own = [i for i in range(len(got)) if i not in where]
             results[:] = [
-                (*where[i], tuple(got[i].shape), _contiguous_strides(got[i].shape)) if i in where
+                # a fresh tensor's strides are the contiguous ones (on "meta": nothing allocated)
+                (*where[i], tuple(got[i].shape), torch.empty(got[i].shape, device="meta").stride()) if i in where
                 else (len(packs_out) + own.index(i), 0, None, None)
                 for i in range(len(got))
             ]
