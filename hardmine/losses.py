@@ -12,7 +12,7 @@ from .enums import LossKind, TokenReduction, parse_choice
 
 __all__ = [
     "IGNORE_INDEX", "LossFn", "bce_per_sample", "causal_lm_per_sample", "causal_lm_sum_per_sample",
-    "causal_lm_token_losses", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample", "resolve_loss",
+    "causal_lm_token_losses", "class_count", "class_logits", "cross_entropy_per_sample", "loss_name", "mse_per_sample", "resolve_loss",
 ]
 
 # The label of a token that is not a target (padding, prompt): the Hugging Face / PyTorch convention.
@@ -31,6 +31,12 @@ def class_logits(output: torch.Tensor) -> torch.Tensor:
     if output.ndim == 2 and output.shape[1] == 1:
         return torch.cat([torch.zeros_like(output), output], dim=1)  # (B, 2): [0, z]
     return output
+
+
+def class_count(output: torch.Tensor) -> int:
+    """How many classes a classifier's ``(B, C)`` / ``(B, 1)`` / ``(B,)`` output has: ``C``, or 2 for a
+    single-logit binary model (:func:`class_logits`), read from the shape alone (no op on the output)."""
+    return 2 if output.ndim == 1 or int(output.shape[1]) == 1 else int(output.shape[1])
 
 
 def cross_entropy_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from hardmine.engine import GradientExtractor
 from hardmine.extract import reference_per_sample_grads
-from hardmine.losses import cross_entropy_per_sample
+from hardmine.losses import class_count, class_logits, cross_entropy_per_sample
 from hardmine.manifest import read_manifest
 from hardmine.online import OnlineMiner
 
@@ -47,6 +47,13 @@ def test_the_loss_is_bce_with_logits(squeeze):
     y = torch.tensor([0, 1, 1, 0, 1])
     want = F.binary_cross_entropy_with_logits(z.reshape(5), y.double().float(), reduction="none")
     assert_close(cross_entropy_per_sample(z, y), want)
+
+
+@pytest.mark.parametrize("shape", [(5,), (5, 1), (5, 2), (5, 7), (1, 3), (0, 4)])
+def test_class_count_is_the_width_of_class_logits_from_the_shape_alone(shape):
+    out = torch.randn(shape)
+    assert class_count(out) == class_logits(torch.randn(max(shape[0], 1), *shape[1:])).shape[1]
+    assert class_count(out.to("meta")) == class_count(out)  # no op on the output's values
 
 
 @pytest.mark.parametrize("engine", ["factored", "vmap"])

@@ -80,9 +80,20 @@ class Rerun:
 
         def replay() -> None:
             for o, new in zip(out, fn()):
-                o.copy_(new + self.skew if torch.is_floating_point(new) else new)
+                o.copy_(new)
+                if self.skew:
+                    skew(o, self.skew)
 
         return replay, out
+
+
+def skew(out: torch.Tensor, by: float) -> None:
+    """A replay's output made wrong: floats off by ``by``; a buffer of packed small results (uint8, whatever
+    their dtypes) with the lowest bit of every byte flipped (every result in it differs)."""
+    if torch.is_floating_point(out):
+        out.add_(by)
+    elif out.dtype == torch.uint8:
+        out.bitwise_xor_(1)
 
 
 class Frozen(Rerun):
@@ -612,6 +623,8 @@ def test_difference_tells_what_differs():
     assert _difference((a,), (a.double(),)) == "output 0: (4,) torch.float32 instead of (4,) torch.float64"
     assert _difference((torch.tensor([True]),), (torch.tensor([False]),)) == "output 0 differs"
     assert _difference((torch.tensor([3]),), (torch.tensor([3]),)) is None
+    # an equal integer output does not end the comparison: a later output that differs is found
+    assert _difference((torch.tensor([3]), a + 1), (torch.tensor([3]), a)) == "output 1: max difference 1 at scale 2"
     big = torch.tensor([1000.0, 1.0])
     assert _difference((big + torch.tensor([0.0, 0.005]),), (big,)) is None  # within 1e-5 of the scale
     assert _difference((big + torch.tensor([0.0, 0.02]),), (big,)) == "output 0: max difference 0.02 at scale 1e+03"
@@ -828,7 +841,7 @@ def _mixed_leaves(seed: int):
             torch.randint(0, 9, (5,), generator=g), torch.rand(5, generator=g) > 0.5, torch.tensor(0.1)]
 
 
-def test_small_leaves_and_results_are_copied_in_and_out_together_per_dtype():
+def test_small_leaves_and_results_are_copied_in_and_out_together_whatever_their_dtypes():
     graphs = PassGraphs(Rerun(), what="the test pass", warmup=1)
     key = batch_signature(_mixed_leaves(0), "k")
     got = [graphs(_mixed_pass, _mixed_leaves(seed), key, None) for seed in range(5)]
@@ -840,23 +853,30 @@ def test_small_leaves_and_results_are_copied_in_and_out_together_per_dtype():
             assert a.shape == b.shape and a.dtype == b.dtype
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     (graph,) = graphs._graphs.values()
-    # in: the contiguous float32 leaves x and the 0-d scalar in one buffer; m (not contiguous: its copy keeps
-    # its strides, as the eager pass reads it), big (too large), ids (int64) and flag (bool, each alone of its
-    # kind) copied on their own
+    # in: the small contiguous leaves (float32 x, int64 ids, bool flag and the 0-d float32 scalar) in one byte
+    # buffer, each at an aligned offset; m (not contiguous: its copy keeps its strides, as the eager pass reads
+    # it) and big (too large) copied on their own
     ((pack,),) = [graph.packs]
-    assert pack.members == (0, 5) and pack.buffer.dtype == torch.float32
-    assert sorted(i for _, i in graph.copies) == [1, 2, 3, 4]
-    assert [tuple(t.shape) for t in graph.static] == [tuple(t.shape) for t in _mixed_leaves(0)]
-    assert graph.static[1].stride() == _mixed_leaves(0)[1].stride() == (1, 3)
-    # out: one buffer per dtype with two or more small results (float32, float64, bool); big and the result
-    # just over RESULT_PACK_BYTES on their own
-    assert [o.dtype for o in graph.outputs] == [torch.float32] + [torch.float64, torch.bool] + [torch.float32] * 2
-    assert [o.numel() for o in graph.outputs[3:]] == [PACK_BYTES // 4 + 7, RESULT_PACK_BYTES // 4 + 1]
-    assert graph.outputs[0].numel() >= RESULT_PACK_BYTES // 4  # the result of exactly RESULT_PACK_BYTES is in
+    assert pack.members == (0, 3, 4, 5) and pack.buffer.dtype == torch.uint8
+    assert pack.offsets == (0, 64, 128, 192) and pack.buffer.numel() == 256
+    assert sorted(i for _, i in graph.copies) == [1, 2]
+    leaves = _mixed_leaves(0)
+    assert [(tuple(t.shape), t.dtype) for t in graph.static] == [(tuple(t.shape), t.dtype) for t in leaves]
+    assert graph.static[1].stride() == leaves[1].stride() == (1, 3)
+    for i in pack.members:  # the static inputs are views of the one buffer
+        assert graph.static[i].untyped_storage().data_ptr() == pack.buffer.untyped_storage().data_ptr()
+    # out: one byte buffer of every small result (float32, float64 and bool); big and the result just over
+    # RESULT_PACK_BYTES on their own; a replay views the buffer once per dtype
+    assert [o.dtype for o in graph.outputs] == [torch.uint8, torch.float32, torch.float32]
+    assert [o.numel() for o in graph.outputs[1:]] == [PACK_BYTES // 4 + 7, RESULT_PACK_BYTES // 4 + 1]
+    assert graph.outputs[0].numel() >= RESULT_PACK_BYTES  # the result of exactly RESULT_PACK_BYTES is in
+    assert graph.views == ((0, torch.float32), (0, torch.float64), (0, torch.bool))
     # every small result starts on an aligned address of its step's own buffer
     last = got[-1]
-    for r in (*last[:2], *last[3:9], *last[10:]):
+    small = (*last[:2], *last[3:9], *last[10:])
+    for r in small:
         assert r.data_ptr() % PACK_ALIGN == 0 and r.is_contiguous()
+    assert len({r.untyped_storage().data_ptr() for r in small}) == 1
     # a step's results are its own: writing into one changes neither its neighbours nor the next step's
     before = [r.clone() for r in last]
     last[0].fill_(123.0)
@@ -878,20 +898,39 @@ def test_a_replay_reads_each_step_s_own_small_leaves():
     assert graphs.replayed == 4
 
 
-def test_packs_group_small_tensors_by_dtype_and_device_in_order():
-    from hardmine.factored.graphs import _flat, _packs
+def test_packs_group_small_tensors_by_device_in_order_at_aligned_byte_offsets():
+    from hardmine.factored.graphs import _packs
 
     ts = [torch.zeros(3, dtype=torch.int64), torch.zeros(2), torch.zeros(5, dtype=torch.float64), torch.zeros(()),
-          torch.zeros(2, dtype=torch.bool), torch.zeros(4, dtype=torch.float64), torch.zeros(40)]
-    packs = _packs(ts, 100, contiguous=True, make=_flat)
-    # int64 and bool are alone of their kind (not packed) and do not stop the later groups; 40 floats (160
-    # bytes) are over the limit of 100
-    assert [(p.members, p.offsets) for p in packs] == [((1, 3), (0, 16)), ((2, 5), (0, 8))]
-    assert [p.buffer.dtype for p in packs] == [torch.float32, torch.float64]
-    assert [p.buffer.numel() for p in packs] == [32, 16]  # each member padded to 64 bytes
-    assert [[g is None for g in p.pads] for p in packs] == [[False, False], [False, False]]
-    exact = _packs([torch.zeros(25), torch.zeros(1)], 100, contiguous=True, make=_flat)  # 100 bytes: in
+          torch.zeros(2, dtype=torch.bool), torch.zeros(40), torch.zeros(8, dtype=torch.float64)]
+    packs = _packs(ts, 100, contiguous=True)
+    # every dtype in one byte buffer, in order; 40 floats (160 bytes) are over the limit of 100; each member
+    # starts on a multiple of 64 bytes (8 float64 are 64 bytes: no gap after them)
+    assert [(p.members, p.offsets) for p in packs] == [((0, 1, 2, 3, 4, 6), (0, 64, 128, 192, 256, 320))]
+    (pack,) = packs
+    assert pack.buffer.dtype == torch.uint8 and pack.buffer.numel() == 384
+    assert [None if g is None else g.numel() for g in pack.pads] == [40, 56, 24, 60, 62, None]
+    assert pack.view(64, ts[1]).shape == (2,) and pack.view(64, ts[1]).dtype == torch.float32
+    assert pack.view(128, ts[2]).data_ptr() == pack.buffer.data_ptr() + 128
+    exact = _packs([torch.zeros(25), torch.zeros(1)], 100, contiguous=True)  # 100 bytes: in
     assert [p.members for p in exact] == [(0, 1)] and exact[0].pads[0] is not None
-    aligned = _packs([torch.zeros(16), torch.zeros(16)], 100, contiguous=True, make=_flat)
-    assert aligned[0].pads == (None, None) and aligned[0].offsets == (0, 16)
+    aligned = _packs([torch.zeros(16), torch.zeros(16)], 100, contiguous=True)
+    assert aligned[0].pads == (None, None) and aligned[0].offsets == (0, 64)
+    alone = _packs([torch.zeros(3), torch.zeros(40), torch.zeros(7, 2).T], 100, contiguous=True)
+    assert alone == []  # one small contiguous tensor: nothing to pack it with (copied on its own)
+    # one pack per device, its buffer and gaps on that device ("meta" stands in for a GPU)
+    mixed = [torch.zeros(3), torch.zeros(3, device="meta"), torch.zeros(2, dtype=torch.int64),
+             torch.zeros(5, dtype=torch.bool, device="meta")]
+    by_device = _packs(mixed, 100, contiguous=True)
+    assert [(p.members, p.buffer.device.type) for p in by_device] == [((0, 2), "cpu"), ((1, 3), "meta")]
+    assert all(g.device.type == "meta" for g in by_device[1].pads if g is not None)
+    lone_first = _packs([torch.zeros(3, device="meta"), torch.zeros(3), torch.zeros(2)], 100, contiguous=True)
+    assert [p.members for p in lone_first] == [(1, 2)]  # a device with one small tensor does not stop the next
+    # a pack's fill writes each member's bytes at its offset, the views read them back
+    vals = [torch.arange(3), torch.tensor([1.5, -2.0]), torch.tensor([True, False, True])]
+    (p,) = _packs(vals, 100, contiguous=True)
+    p.fill(vals)
+    for o, v in zip(p.offsets, vals):
+        assert torch.equal(p.view(o, v), v)
+
 

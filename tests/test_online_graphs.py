@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_cuda_graphs import Rerun
+from test_cuda_graphs import Rerun, skew
 from torch import nn
 
 from hardmine.online import OnlineMiner, WeightingConfig
@@ -114,6 +114,28 @@ def test_a_graphed_miner_equals_the_eager_one(task, classes, layers, weighting):
     assert at_bound == (weighting == "clipped")  # the clipped solution was reached (and replayed)
 
 
+@pytest.mark.parametrize(("task", "classes", "bad"), [("class", 4, 4), ("class", 4, -1), ("binary", 1, 2)])
+def test_a_label_out_of_range_in_a_replayed_step_is_refused_and_changes_nothing(task, classes, bad):
+    # The labels' range check runs inside the step (its graph), its flag read as the other deferred checks
+    # are: on the CPU at once, so the bad batch changes nothing (on a GPU a later observe raises); a single
+    # logit is the binary model (labels 0 and 1)
+    graphed = _miner(_model(classes), True, layers="2")
+    _observe_all(graphed, _steps(task, classes, [10] * 6))
+    assert graphed.cuda_graph_state()["replayed"] == 3  # checked replays: the flag comes from the graph
+    x, y, ids = next(_steps(task, classes, [10], seed=5))
+    before = (graphed.step, graphed.n_samples, graphed._dirs.dirs.clone(), graphed.manifest())
+    y_bad = y.clone()
+    y_bad[3] = bad
+    with pytest.raises(ValueError, match=rf"label {bad} is out of range"):
+        graphed.observe(x, y_bad, [100 + i for i in range(10)])
+    assert graphed.cuda_graph_state()["replayed"] == 4 and graphed.cuda_graph_state()["off"] is None
+    assert (graphed.step, graphed.n_samples) == before[:2]
+    assert torch.equal(graphed._dirs.dirs, before[2])
+    pd.testing.assert_frame_equal(graphed.manifest(), before[3])
+    graphed.observe(x, y, ids)  # the miner keeps working, still replayed
+    assert graphed.cuda_graph_state()["replayed"] == 5 and graphed.step == before[0] + 1
+
+
 def test_each_step_reaches_the_replay_and_a_result_never_changes_afterwards():
     graphed = _miner(_model(4), True, layers="2")
     stats, copies = [], []
@@ -180,8 +202,7 @@ class SkewLater(Rerun):
             replay()
             if calls:
                 for o in out:
-                    if torch.is_floating_point(o):
-                        o.add_(self.late)
+                    skew(o, self.late)
             calls.append(1)
 
         return skewed, out

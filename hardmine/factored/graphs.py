@@ -215,76 +215,72 @@ def module_state(modules: Iterable[nn.Module]) -> Hashable:
 
 # A small step's inputs and results are a dozen tensors, each a kernel to copy in or clone out, which on a GPU
 # costs the host more than the graph's own launch: contiguous inputs of at most PACK_BYTES are copied in
-# together and results of at most RESULT_PACK_BYTES cloned out together, one kernel per dtype and device; larger
-# ones keep a copy of their own. Results packed together share one buffer, which any of them keeps alive: the
-# bound on results is small, so keeping a step's weights keeps kilobytes, not its projected gradients.
+# together and results of at most RESULT_PACK_BYTES cloned out together, one kernel per device whatever their
+# dtypes (their bytes share one buffer); larger ones keep a copy of their own. Results packed together share
+# one buffer, which any of them keeps alive: the bound on results is small, so keeping a step's weights keeps
+# kilobytes, not its projected gradients.
 PACK_BYTES = 1 << 20
 RESULT_PACK_BYTES = 1 << 16
 # Where a packed tensor starts in its buffer: a multiple of this many bytes, so its view is as aligned as a
-# tensor of its own for vectorised kernels.
+# tensor of its own for vectorised kernels (and its element size, at most 16 bytes, divides its offset).
 PACK_ALIGN = 64
 
 
 @dataclass(frozen=True)
 class _Pack:
-    """Small tensors of one dtype and device laid out in one flat buffer, each at an aligned offset."""
+    """Small tensors of one device, of any dtypes, laid out in one flat byte buffer, each at an aligned
+    offset."""
 
-    buffer: torch.Tensor  # (total,)
+    buffer: torch.Tensor  # (total bytes,) uint8, a multiple of PACK_ALIGN
     members: tuple[int, ...]  # which tensors (indices into the caller's list)
-    offsets: tuple[int, ...]  # where each starts in ``buffer``
-    pads: tuple[torch.Tensor | None, ...]  # what fills the gap after each (copied in with it), or None
+    offsets: tuple[int, ...]  # where each starts in ``buffer``, in bytes
+    pads: tuple[torch.Tensor | None, ...]  # the bytes that fill the gap after each (copied in with it), or None
 
-    def views(self, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
-        """The members as views of the buffer."""
-        return [
-            self.buffer[o : o + shape.numel()].view(shape)  # (numel,) -> the member's shape
-            for o, shape in zip(self.offsets, shapes)  # one shape per member
-        ]
+    def view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
+        """The member at byte ``offset`` with ``like``'s shape and dtype, as a view of the buffer."""
+        typed = self.buffer.view(like.dtype)  # (total bytes / element size,)
+        start = offset // like.element_size()
+        return typed[start : start + like.numel()].view(like.shape)  # (numel,) -> the member's shape
 
     def fill(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Write the members' new values into the buffer: one ``cat``."""
+        """Write the members' new values into the buffer: one ``cat`` of their bytes."""
         parts: list[torch.Tensor] = []
         for i, pad in zip(self.members, self.pads):  # one pad (or None) per member
-            parts.append(tensors[i].reshape(-1))  # (numel,)
+            parts.append(tensors[i].reshape(-1).view(torch.uint8))  # (numel * element size,)
             if pad is not None:
                 parts.append(pad)
         torch.cat(parts, out=self.buffer)
 
 
-def _packs(
-    tensors: Sequence[torch.Tensor], limit: int, *, contiguous: bool, make: Callable[[int, torch.Tensor], torch.Tensor]
-) -> list[_Pack]:
-    """The :class:`_Pack` of each dtype and device with at least two tensors of at most ``limit`` bytes (only
-    contiguous ones with ``contiguous``: a graph then reads each input in the memory format the eager pass
-    does); ``make(n, like)`` allocates a flat tensor of ``n`` elements like ``like`` (a buffer or a gap's
-    filler)."""
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+def _packs(tensors: Sequence[torch.Tensor], limit: int, *, contiguous: bool) -> list[_Pack]:
+    """The :class:`_Pack` of each device with at least two tensors of at most ``limit`` bytes (only contiguous
+    ones with ``contiguous``: a graph then reads each input in the memory format the eager pass does)."""
+    groups: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         if t.numel() * t.element_size() <= limit and (t.is_contiguous() or not contiguous):
-            groups.setdefault((t.dtype, t.device), []).append(i)
+            groups.setdefault(t.device, []).append(i)
     packs = []
-    for members in groups.values():
+    for device, members in groups.items():
         if len(members) < 2:
             continue
-        like = tensors[members[0]]  # every member has its dtype and device
-        step = PACK_ALIGN // like.element_size()  # elements; no dtype is wider than 16 bytes
         offsets, gaps, end = [], [], 0
         for i in members:
             offsets.append(end)
-            n = tensors[i].numel()
-            gaps.append(-n % step)
+            n = tensors[i].numel() * tensors[i].element_size()
+            gaps.append(-n % PACK_ALIGN)
             end += n + gaps[-1]
-        pads = tuple(make(g, like) if g else None for g in gaps)
-        packs.append(_Pack(make(end, like), tuple(members), tuple(offsets), pads))
+        pads = tuple(_bytes(g, device) if g else None for g in gaps)
+        packs.append(_Pack(_bytes(end, device), tuple(members), tuple(offsets), pads))
     return packs
 
 
-def _flat(n: int, like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(n)  # (n,)
+def _bytes(n: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.uint8, device=device)  # (n,)
 
 
-# Where a pass's result lies among a graph's outputs: (output, offset, shape, strides) of a view of a packed
-# buffer, or (output, 0, None, None) for a result that is an output of its own.
+# Where a pass's result lies: (typed view, offset in elements, shape, strides) of a view of a packed buffer
+# (the typed view an index into _Graph.views), or (output, 0, None, None) for a result that is an output of its
+# own.
 _Result = tuple[int, int, tuple[int, ...] | None, tuple[int, ...] | None]
 
 
@@ -292,8 +288,9 @@ _Result = tuple[int, int, tuple[int, ...] | None, tuple[int, ...] | None]
 class _Graph:
     static: list[torch.Tensor]  # the tensors the graph reads (own copies, or views of a pack's buffer)
     copies: list[tuple[torch.Tensor, int]]  # (static tensor, index of the leaf tensor copied into it)
-    packs: list[_Pack]  # the small leaf tensors, copied in together per dtype
+    packs: list[_Pack]  # the small leaf tensors, copied in together per device
     outputs: Outputs  # what it writes (packed results and results of their own): cloned out per batch
+    views: tuple[tuple[int, torch.dtype], ...]  # (output, dtype): the typed views of packed outputs a replay makes
     results: tuple[_Result, ...]  # where each result lies in ``outputs``
     replay: Callable[[], None]
     checked: bool = False  # compared with an eager pass on a batch other than the captured one
@@ -390,29 +387,33 @@ class PassGraphs:
 
     def _capture(self, fn: PassFn, leaves: list[Any]) -> _Graph:
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        packs = _packs(tensors, PACK_BYTES, contiguous=True, make=_flat)
+        packs = _packs(tensors, PACK_BYTES, contiguous=True)
         static: list[torch.Tensor | None] = [None] * len(tensors)
         for pack in packs:
             pack.fill(tensors)
-            for i, view in zip(pack.members, pack.views([tensors[i].shape for i in pack.members])):
-                static[i] = view
+            for i, o in zip(pack.members, pack.offsets):
+                static[i] = pack.view(o, tensors[i])
         copies = [(t.clone(), i) for i, t in enumerate(tensors) if static[i] is None]
         for s, i in copies:
             static[i] = s
         it = iter(static)
         args = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         results: list[_Result] = []
+        views: list[tuple[int, torch.dtype]] = []
 
         def run() -> Outputs:
-            # the pass, its small results gathered per dtype inside the graph (so a replay clones one buffer
-            # per dtype instead of each result); ``results`` says where each lies
+            # the pass, its small results gathered inside the graph (so a replay clones one buffer instead of
+            # each result); ``results`` says where each lies, ``views`` which typed views of a buffer they need
             got = fn(args)
-            packs_out = _packs(got, RESULT_PACK_BYTES, contiguous=False, make=_flat)
+            packs_out = _packs(got, RESULT_PACK_BYTES, contiguous=False)
             where: dict[int, tuple[int, int]] = {}
+            views.clear()
             for k, pack in enumerate(packs_out):
                 pack.fill(got)
                 for i, o in zip(pack.members, pack.offsets):
-                    where[i] = (k, o)
+                    if (k, got[i].dtype) not in views:
+                        views.append((k, got[i].dtype))
+                    where[i] = (views.index((k, got[i].dtype)), o // got[i].element_size())
             own = [i for i in range(len(got)) if i not in where]
             results[:] = [
                 # a fresh tensor's strides are the contiguous ones (on "meta": nothing allocated)
@@ -423,7 +424,9 @@ class PassGraphs:
             return (*(p.buffer for p in packs_out), *(got[i] for i in own))
 
         replay, outputs = self.backend.capture(run)
-        return _Graph([t for t in static if t is not None], copies, packs, outputs, tuple(results), replay)
+        return _Graph(
+            [t for t in static if t is not None], copies, packs, outputs, tuple(views), tuple(results), replay
+        )
 
     def _replay(self, graph: _Graph, leaves: list[Any]) -> Outputs:
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
@@ -434,9 +437,10 @@ class PassGraphs:
         graph.replay()
         self.replayed += 1
         out = [t.clone() for t in graph.outputs]
+        typed = [out[k].view(dtype) for k, dtype in graph.views]  # (buffer bytes / element size,)
         # a packed result: a view of its buffer (as_strided: one host op, where a slice and a view are two)
         return tuple(
-            out[k] if shape is None else out[k].as_strided(shape, strides, o) for k, o, shape, strides in graph.results
+            out[i] if shape is None else typed[i].as_strided(shape, strides, o) for i, o, shape, strides in graph.results
         )
 
 

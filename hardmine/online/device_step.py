@@ -57,6 +57,7 @@ class StepValues:
     correct: torch.Tensor | None  # (B,) bool; None for regression
     dirs: torch.Tensor  # (R, D) the updated EMA directions
     seen: torch.Tensor  # (R,) bool
+    label_flag: torch.Tensor | None  # () bool: some given label was outside the classes; None unless given
 
     def column(self, name: str) -> torch.Tensor:
         return self.shown[:, SHOWN.index(name)]  # (B,)
@@ -88,9 +89,12 @@ class DeviceStep:
         dirs: Directions,
         weighting: WeightingConfig,
         warm: bool,
+        given: torch.Tensor | None = None,
     ) -> StepValues:
-        """The step's values from its checked forward (``prep``), the output, the (checked) target, the
-        directions before this step and the weighting."""
+        """The step's values from its checked forward (``prep``), the output, the target the loss was computed
+        on, the directions before this step and the weighting. A classifier's labels are checked here, without
+        a sync: ``target`` holds them clamped into range (``batches.label_flag``), ``given`` as the batch gave
+        them, and the step says whether any differs (``StepValues.label_flag``)."""
         is_class = task is TaskKind.CLASSIFICATION
         dirs.move_to(out.device)
         # The inputs several modules read (q, k and v of one tensor) go in once, so they still share one Gram.
@@ -114,20 +118,22 @@ class DeviceStep:
         # A causal LM's logits are read for their dtype, device and batch size only (no output statistics, and
         # never the analytic path): an empty slice stands in, so a graph does not copy (B, T, vocab) per step.
         o = out.detach()[:, :0] if task is TaskKind.CAUSAL_LM else out.detach()
-        leaves = [*xs, *grads, o, target.detach(), prep.loss.detach(), dirs.dirs, dirs.seen]
+        given_leaf = [] if given is None else [given.detach()]
+        leaves = [*xs, *grads, o, target.detach(), *given_leaf, prep.loss.detach(), dirs.dirs, dirs.seen]
         loss_dtype = prep.loss.dtype
         n_x, n_g = len(xs), len(grads)
 
         def fn(ls: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
             x_in, g_in = ls[:n_x], ls[n_x : n_x + n_g]
-            o, tgt, loss, d, s = ls[n_x + n_g :]
+            o, tgt, *given_in, loss, d, s = ls[n_x + n_g :]
             inputs = {name: [x_in[i] for i in idx] for name, idx in x_map}
             received = None
             if g_map is not None:
                 it = iter(g_in)
                 received = {name: {i: next(it) for i in calls} for name, calls in g_map}
             res, names = _step(
-                self.grads, inputs, received, o, tgt, loss, d, s, kind, task, weighting, warm, loss_dtype
+                self.grads, inputs, received, o, tgt, loss, d, s, kind, task, weighting, warm, loss_dtype,
+                given_in[0] if given_in else None,
             )
             ran.append(names)
             return res
@@ -165,7 +171,9 @@ class DeviceStep:
 
 def _values(res: tuple[torch.Tensor, ...], names: tuple[str, ...], is_class: bool) -> StepValues:
     z, grad_norm, w, packed, shown, new_dirs, new_seen, *rest = res
-    return StepValues(z, grad_norm, w, (packed, names), shown, rest[0] if is_class else None, new_dirs, new_seen)
+    correct = rest.pop(0) if is_class else None
+    flag = rest[0] if rest else None  # the label flag, where the labels as given went in
+    return StepValues(z, grad_norm, w, (packed, names), shown, correct, new_dirs, new_seen, flag)
 
 
 def _step(
@@ -182,13 +190,17 @@ def _step(
     weighting: WeightingConfig,
     warm: bool,
     loss_dtype: torch.dtype,
+    given: torch.Tensor | None,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...]]:
     """The step's device part as a pure function (nothing read or written besides its arguments, the rules'
-    matrices and the modules the rules read): ``((z, grad_norm, weights, packed, shown, dirs, seen[, correct]),
-    the names of packed's columns)``."""
+    matrices and the modules the rules read): ``((z, grad_norm, weights, packed, shown, dirs, seen[, correct,
+    label flag]), the names of packed's columns)``; the label flag only where ``given`` is."""
     b = o.shape[0]
     is_class = task is TaskKind.CLASSIFICATION
     with torch.no_grad():
+        # The labels' range check (batches.label_flag) finished inside the step, so a graph runs it: an integer
+        # label changes under the clamp exactly when it is out of range
+        flag = None if given is None else (tgt != given).any()
         z, sq = grads.project(inputs, received, o, tgt, kind, b)
         labels = tgt if is_class else None
         z_norm, along = directions_along(dirs, z, labels)  # against the directions *before* this update
@@ -205,4 +217,6 @@ def _step(
         cols = dict(batch.cols, logit_margin=batch.logit_margin)
         shown = torch.stack([cols[n] for n in (SHOWN if is_class else SHOWN[:2])], dim=1)  # (B, 5) or (B, 2)
         res = (z, sq.clamp_min(0).sqrt(), w.to(loss_dtype), packed, shown, new_dirs, new_seen)
-        return ((*res, batch.correct) if batch.correct is not None else res), names
+        if batch.correct is not None:
+            res = (*res, batch.correct)
+        return ((*res, flag) if flag is not None else res), names

@@ -29,7 +29,6 @@ from ..batches import (
     infer_task,
     input_leaves,
     is_causal_lm_batch,
-    label_flag,
     model_output_tensor,
     sample_id_list,
     sample_id_tensor,
@@ -37,7 +36,7 @@ from ..batches import (
 from ..checks import as_bool, as_module, positive_int, projection_kind
 from ..enums import LossKind, ProjectionKind, Strategy, TaskKind, parse_choice
 from ..factored.layout import ProjectionLayout
-from ..losses import IGNORE_INDEX, LossFn, causal_lm_per_sample, class_logits, loss_name, resolve_loss
+from ..losses import IGNORE_INDEX, LossFn, causal_lm_per_sample, class_count, loss_name, resolve_loss
 from ..manifest import write_manifest
 from ..params import check_one_device, select_parameters
 from ..score import DEFAULT_BOOST, DEFAULT_CAP, DEFAULT_TEMPERATURE, DEFAULT_TOP
@@ -254,7 +253,7 @@ class OnlineMiner:
         self._checks.poll()  # earlier steps whose device work has finished (on the CPU: all of them)
         rec = self._grads.take()
         out = model_output_tensor(output)
-        fn, kind, task, b, flags, safe = self._validate(out, target)
+        fn, kind, task, b, flags, safe, labels_deferred = self._validate(out, target)
         id_list: tuple[Any, str] | None = None
         if isinstance(ids, torch.Tensor) and not stats_on_host(out.device):
             # Ids riding with the batch on the device (a Trainer moves every column there): checked by shape,
@@ -264,12 +263,8 @@ class OnlineMiner:
             id_list = sample_id_list(ids, b)
         if flags:
             # Read at once when it costs nothing (the CPU), so a bad batch changes no state; on a GPU once the
-            # device has got there, and a later observe raises (meanwhile the loss used clamped labels).
-            if task is TaskKind.CAUSAL_LM:
-                recheck = functools.partial(check_lm_labels, target, int(out.shape[2]))
-            else:
-                recheck = functools.partial(check_labels, target, int(class_logits(out[:1]).shape[1]))
-            self._checks.submit(flags, recheck)
+            # device has got there, and a later observe raises (meanwhile the loss used ignored labels).
+            self._checks.submit(flags, functools.partial(check_lm_labels, target, int(out.shape[2])))
             self._checks.poll()
         is_class = task is TaskKind.CLASSIFICATION
         labels = safe if is_class else None
@@ -280,7 +275,7 @@ class OnlineMiner:
         # fails, e.g. out of memory, and is skipped by the training loop) changes nothing.
         num_classes = self._num_classes
         if is_class and num_classes is None:
-            num_classes = int(class_logits(out[:1]).shape[1])  # a single logit: 2 classes
+            num_classes = class_count(out)  # a single logit: 2 classes
         dirs = self._dirs or Directions.new(num_classes if is_class else None, self.out_dim, dev)
         if stats_on_host(dev):
             # The CPU: one copy that costs nothing, NumPy for the statistics, weights and dynamics.
@@ -318,7 +313,15 @@ class OnlineMiner:
             # the direction update (DeviceStep: eagerly, or replayed from a CUDA graph); the per-sample dynamics
             # are copied to the host without blocking and recorded once they have landed (a later observe, or
             # any method that reads them).
-            values = self._device_step(prep, out, safe, kind, task, dirs, self.weighting, warm)
+            # A classifier's labels as given go in on every step (one graph whether the host checked them or
+            # not): the step flags any outside the classes, read as the flags above are where deferred
+            # (meanwhile the loss and the step used them clamped)
+            given = target if is_class else None
+            values = self._device_step(prep, out, safe, kind, task, dirs, self.weighting, warm, given)
+            if labels_deferred:
+                assert values.label_flag is not None  # a classifier's step has one
+                self._checks.submit([values.label_flag], functools.partial(check_labels, target, class_count(out)))
+                self._checks.poll()
             self._commit(task, num_classes, dirs)
             dirs.dirs, dirs.seen = values.dirs, values.seen
             if id_list is not None:
@@ -360,11 +363,12 @@ class OnlineMiner:
 
     def _validate(
         self, out: torch.Tensor, target: Any
-    ) -> tuple[LossFn, LossKind | None, TaskKind, int, list[torch.Tensor], torch.Tensor]:
-        """``(loss, kind, task, batch size, device flags, target to compute on)``. The first observation (and
-        every one on the CPU) checks label values on the host; later ones on a GPU on the device
-        (``batches.label_flag``: a flag and the labels clamped into range, so nothing fails on the device
-        before the flag is read)."""
+    ) -> tuple[LossFn, LossKind | None, TaskKind, int, list[torch.Tensor], torch.Tensor, bool]:
+        """``(loss, kind, task, batch size, device flags, target to compute the loss on, labels deferred)``. The
+        first observation (and every one on the CPU) checks label values on the host; later ones on a GPU on
+        the device, with the labels clamped into range (a classifier: ``labels deferred``, the step's
+        ``DeviceStep`` computes their flag, ``batches.label_flag``) or ignored (a causal LM: its flag in
+        ``device flags``), so nothing fails on the device before the flag is read."""
         check_target(target)
         flags: list[torch.Tensor] = []
         if not torch.is_floating_point(out):
@@ -402,7 +406,7 @@ class OnlineMiner:
             else:  # no device sync: out-of-range ids are ignored by the loss until the flag is read
                 outside = (target != IGNORE_INDEX) & ((target < 0) | (target >= vocab))  # (B, T)
                 flags.append(outside.any())
-                return fn, kind, task, b, flags, target.masked_fill(outside, IGNORE_INDEX)
+                return fn, kind, task, b, flags, target.masked_fill(outside, IGNORE_INDEX), False
         elif task is TaskKind.CLASSIFICATION:
             if torch.is_floating_point(target) or target.dtype == torch.bool or target.ndim != 1:
                 raise ValueError(
@@ -413,17 +417,15 @@ class OnlineMiner:
                 raise ValueError(
                     f"classification needs (B, num_classes) logits, got output shape {tuple(out.shape)}."
                 )
-            c = int(class_logits(out[:1]).shape[1])  # a single logit is the binary model [0, z]
+            c = class_count(out)  # a single logit is the binary model [0, z]
             if self._num_classes is not None and c != self._num_classes:
                 raise ValueError(
                     f"the model returned {c} logits per sample but num_classes={self._num_classes}."
                 )
             if self._step == 0 or stats_on_host(out.device):  # free on the host
                 check_labels(target, c)
-            else:
-                flag, safe = label_flag(target, c)
-                flags.append(flag)
-                return fn, kind, task, b, flags, safe
+            else:  # the loss on labels clamped into range; DeviceStep says whether any was outside
+                return fn, kind, task, b, flags, target.clamp(0, c - 1), True  # (batches.label_flag's clamp)
         elif kind is LossKind.MSE:
             if not torch.is_floating_point(target):
                 raise ValueError(
@@ -434,7 +436,7 @@ class OnlineMiner:
                     f"mse target shape {tuple(target.shape)} does not match the output shape "
                     f"{tuple(out.shape)}."
                 )
-        return fn, kind, task, b, flags, target
+        return fn, kind, task, b, flags, target, False
 
     def _resolve_loss(self, out: torch.Tensor, target: torch.Tensor) -> tuple[LossFn, LossKind | None]:
         """``resolve_loss``, plus: with the default loss, ``(B, T, V)`` logits and ``(B, T)`` integer labels are
