@@ -53,7 +53,9 @@ def test_the_loss_is_bce_with_logits(squeeze):
 def test_class_count_is_the_width_of_class_logits_from_the_shape_alone(shape):
     out = torch.randn(shape)
     assert class_count(out) == class_logits(torch.randn(max(shape[0], 1), *shape[1:])).shape[1]
-    assert class_count(out.to("meta")) == class_count(out)  # no op on the output's values
+    with torch.profiler.profile() as prof:  # read from the shape: no op on the output
+        class_count(out)
+    assert not [e.name for e in prof.events() if e.name.startswith("aten::")]
 
 
 @pytest.mark.parametrize("engine", ["factored", "vmap"])

@@ -898,6 +898,48 @@ def test_a_replay_reads_each_step_s_own_small_leaves():
     assert graphs.replayed == 4
 
 
+def test_leaves_and_results_of_any_strides_go_through_the_byte_buffers():
+    # Strides are not in a graph's key: a small leaf that flattens to another stride at a replay (a column of a
+    # matrix, one element with stride 2) is copied in by value; a strided or conjugate result is packed by value
+    def pass_(ls):
+        x, ids, one = ls
+        c = (x * 1j)[:, 0]
+        return (x * 3)[:, 0], c.conj(), (ids * 2)[::2], one + 1, x.sum()
+
+    def leaves(seed, strided):
+        g = torch.Generator().manual_seed(seed)
+        x, ids = torch.randn(4, 3, generator=g), torch.randint(0, 9, (6,), generator=g)
+        one = torch.randn(1, generator=g)
+        if strided:  # the same values, as views with other strides
+            ids = torch.stack([ids, ids], 1)[:, 0]
+            one = torch.stack([one, one], 1)[:, 0]
+        return [x, ids, one]
+
+    graphs = PassGraphs(Rerun(), what="the test pass", warmup=1)
+    key = batch_signature(leaves(0, False), "k")
+    for seed in range(6):
+        got = graphs(pass_, leaves(seed, seed >= 3), key, None)
+        for a, b in zip(got, pass_(leaves(seed, False)), strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a.resolve_conj(), b.resolve_conj(), rtol=0, atol=0)
+    assert graphs.captured == 1 and graphs.replayed == 5 and graphs.disabled is None
+    (graph,) = graphs._graphs.values()
+    assert graph.packs[0].members == (0, 1, 2) and [o.dtype for o in graph.outputs] == [torch.uint8]
+
+
+def test_as_bytes_views_what_flattens_to_unit_stride_and_copies_the_rest():
+    from hardmine.factored.graphs import _as_bytes
+
+    x = torch.arange(6, dtype=torch.int32)
+    assert _as_bytes(x).data_ptr() == x.data_ptr() and _as_bytes(x).shape == (24,)
+    assert torch.equal(_as_bytes(torch.tensor(7.0)), torch.tensor(7.0).reshape(1).view(torch.uint8))
+    col = torch.arange(6.0).reshape(3, 2)[:, 1]
+    assert torch.equal(_as_bytes(col), torch.tensor([1.0, 3.0, 5.0]).view(torch.uint8))
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    assert torch.equal(_as_bytes(z.conj()), z.conj().resolve_conj().view(torch.uint8))
+    assert torch.equal(_as_bytes(torch._neg_view(x.double())), (-x.double()).view(torch.uint8))
+
+
 def test_packs_group_small_tensors_by_device_in_order_at_aligned_byte_offsets():
     from hardmine.factored.graphs import _packs
 
@@ -924,6 +966,8 @@ def test_packs_group_small_tensors_by_device_in_order_at_aligned_byte_offsets():
     by_device = _packs(mixed, 100, contiguous=True)
     assert [(p.members, p.buffer.device.type) for p in by_device] == [((0, 2), "cpu"), ((1, 3), "meta")]
     assert all(g.device.type == "meta" for g in by_device[1].pads if g is not None)
+    needs_grad = _packs([torch.zeros(3), torch.zeros(3, requires_grad=True), torch.zeros(2)], 100, contiguous=False)
+    assert [p.members for p in needs_grad] == [(0, 2)]  # its bytes would come back detached: a copy of its own
     lone_first = _packs([torch.zeros(3, device="meta"), torch.zeros(3), torch.zeros(2)], 100, contiguous=True)
     assert [p.members for p in lone_first] == [(1, 2)]  # a device with one small tensor does not stop the next
     # a pack's fill writes each member's bytes at its offset, the views read them back

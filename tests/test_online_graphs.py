@@ -134,6 +134,14 @@ def test_a_label_out_of_range_in_a_replayed_step_is_refused_and_changes_nothing(
     pd.testing.assert_frame_equal(graphed.manifest(), before[3])
     graphed.observe(x, y, ids)  # the miner keeps working, still replayed
     assert graphed.cuda_graph_state()["replayed"] == 5 and graphed.step == before[0] + 1
+    # the labels as given go into the graph: a column of a label matrix (another stride) is read by value
+    x2, y2, ids2 = next(_steps(task, classes, [10], seed=6))
+    eager = _miner(_model(classes), False, layers="2")
+    _observe_all(eager, _steps(task, classes, [10] * 6))
+    eager.observe(x, y, ids)
+    strided = graphed.observe(x2, torch.stack([y2, y2], 1)[:, 0], ids2)
+    _assert_same([strided], [eager.observe(x2, y2, ids2)])
+    assert graphed.cuda_graph_state()["replayed"] == 6 and graphed.cuda_graph_state()["off"] is None
 
 
 def test_each_step_reaches_the_replay_and_a_result_never_changes_afterwards():

@@ -106,11 +106,19 @@ def test_the_slices_last_pass_gives_the_same_assignment_with_a_helper(with_direc
     alone = assign_slices(fit_slice_centroids(blocks, y, None, 3), blocks, directions)
     share = SharedPass()
     seen: dict[str, list[int]] = {}
+    helper_took = threading.Event()
+
+    def on_block(rows: int) -> None:
+        seen.setdefault(threading.current_thread().name, []).append(rows)
+        if threading.current_thread() is threading.main_thread():
+            helper_took.set()
+        else:  # the owner waits (outside the pass's lock) until the helper has done a block: on a busy machine
+            helper_took.wait(timeout=30)  # it could otherwise finish the pass before the helper is scheduled
+
     with ThreadPoolExecutor(1) as pool:
         fitting = pool.submit(fit_slice_centroids, blocks, y, None, 3)
         assigning = pool.submit(
-            lambda: assign_slices(fitting.result(), blocks, directions, share=share,
-                                  on_block=lambda rows: seen.setdefault(threading.current_thread().name, []).append(rows))
+            lambda: assign_slices(fitting.result(), blocks, directions, share=share, on_block=on_block)
         )
         takers.clear()  # from here: the sample pass (the pool thread), then the last pass (both)
         share.help()

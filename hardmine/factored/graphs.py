@@ -246,18 +246,31 @@ class _Pack:
         """Write the members' new values into the buffer: one ``cat`` of their bytes."""
         parts: list[torch.Tensor] = []
         for i, pad in zip(self.members, self.pads):  # one pad (or None) per member
-            parts.append(tensors[i].reshape(-1).view(torch.uint8))  # (numel * element size,)
+            parts.append(_as_bytes(tensors[i]))
             if pad is not None:
                 parts.append(pad)
         torch.cat(parts, out=self.buffer)
 
 
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as bytes, ``(numel * element size,)`` uint8: a view where ``t`` flattens to unit stride,
+    else a copy (a strided view such as a column, one element with another stride, a conjugate or negative
+    view; a batch's leaf need not have the strides it had at capture)."""
+    flat = t.reshape(-1)  # (numel,)
+    try:
+        return flat.view(torch.uint8)  # (numel * element size,)
+    except RuntimeError:
+        return flat.resolve_conj().resolve_neg().clone(memory_format=torch.contiguous_format).view(torch.uint8)
+
+
 def _packs(tensors: Sequence[torch.Tensor], limit: int, *, contiguous: bool) -> list[_Pack]:
     """The :class:`_Pack` of each device with at least two tensors of at most ``limit`` bytes (only contiguous
-    ones with ``contiguous``: a graph then reads each input in the memory format the eager pass does)."""
+    ones with ``contiguous``: a graph then reads each input in the memory format the eager pass does), none
+    needing a gradient (its bytes would hand it back detached)."""
     groups: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
-        if t.numel() * t.element_size() <= limit and (t.is_contiguous() or not contiguous):
+        small = t.numel() * t.element_size() <= limit and not t.requires_grad
+        if small and (t.is_contiguous() or not contiguous):
             groups.setdefault(t.device, []).append(i)
     packs = []
     for device, members in groups.items():
