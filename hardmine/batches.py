@@ -51,11 +51,13 @@ __all__ = [
     "check_multilabel_target",
     "check_regression_target",
     "check_target",
+    "clamped_labels",
     "forward_error",
     "is_causal_lm",
     "infer_task",
     "input_leaves",
     "label_flag",
+    "labels_outside",
     "model_output_tensor",
     "sample_id_list",
     "sample_id_tensor",
@@ -435,11 +437,22 @@ def label_flag(target: torch.Tensor, num_outputs: int) -> tuple[torch.Tensor, to
     """:func:`check_labels` without a device sync: ``(flag, safe_target)``, a 0-d bool tensor that is True when
     some label lies outside ``[0, classes)`` and the target with its labels clamped into that range. A loss
     computed on ``safe_target`` cannot fail (on a GPU an out-of-range class id is a device-side assert that
-    ends the process); its results are discarded when the flag is found set (:class:`DeferredChecks`)."""
+    ends the process); its results are discarded when the flag is found set (:class:`DeferredChecks`). Its two
+    halves may run apart (the online miner clamps before its loss and compares inside its graphed step)."""
+    safe = clamped_labels(target, num_outputs)
+    return labels_outside(safe, target), safe
+
+
+def clamped_labels(target: torch.Tensor, num_outputs: int) -> torch.Tensor:
+    """``target`` with its class ids clamped into ``[0, classes)`` (:func:`label_flag`'s safe target)."""
     classes = max(num_outputs, 2)  # a single logit is a binary model: labels 0 and 1 (losses.class_logits)
-    safe = target.clamp(0, classes - 1)
-    # An integer label changes under the clamp exactly when it is out of range (three kernels in all).
-    return (safe != target.detach()).any(), safe
+    return target.clamp(0, classes - 1)
+
+
+def labels_outside(safe: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`label_flag`'s flag from its clamped ``safe`` target: an integer label changes under the clamp
+    exactly when it is out of range (two kernels, no sync)."""
+    return (safe != target.detach()).any()
 
 
 def is_causal_lm_batch(output: torch.Tensor, target: torch.Tensor) -> bool:

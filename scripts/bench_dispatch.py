@@ -125,10 +125,9 @@ def run_group(name: str, group: str, args: argparse.Namespace) -> list[dict[str,
         standin = getattr(fn, "standin", None)
         if standin is not None:  # timed: the host's share of a replayed step (the graph's work is the GPU's)
             standin.recompute = False
-    timed = fns
-    times: dict[str, list[float]] = {m: [] for m in timed}
+    times: dict[str, list[float]] = {m: [] for m in fns}
     for _ in range(args.rounds):
-        for m, fn in timed.items():
+        for m, fn in fns.items():
             t = time.perf_counter()
             for _ in range(args.repeat):
                 fn()

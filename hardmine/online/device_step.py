@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..batches import labels_outside
 from ..enums import LossKind, TaskKind
 from ..factored.graphs import PlanGraphs, batch_signature, module_state
 from ..factored.registry import GramCache
@@ -198,9 +199,8 @@ def _step(
     b = o.shape[0]
     is_class = task is TaskKind.CLASSIFICATION
     with torch.no_grad():
-        # The labels' range check (batches.label_flag) finished inside the step, so a graph runs it: an integer
-        # label changes under the clamp exactly when it is out of range
-        flag = None if given is None else (tgt != given).any()
+        # The labels' range check (batches.label_flag) finished inside the step, so a graph runs it
+        flag = None if given is None else labels_outside(tgt, given)
         z, sq = grads.project(inputs, received, o, tgt, kind, b)
         labels = tgt if is_class else None
         z_norm, along = directions_along(dirs, z, labels)  # against the directions *before* this update

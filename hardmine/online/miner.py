@@ -26,6 +26,7 @@ from ..batches import (
     check_labels,
     check_lm_labels,
     check_target,
+    clamped_labels,
     infer_task,
     input_leaves,
     is_causal_lm_batch,
@@ -425,7 +426,7 @@ class OnlineMiner:
             if self._step == 0 or stats_on_host(out.device):  # free on the host
                 check_labels(target, c)
             else:  # the loss on labels clamped into range; DeviceStep says whether any was outside
-                return fn, kind, task, b, flags, target.clamp(0, c - 1), True  # (batches.label_flag's clamp)
+                return fn, kind, task, b, flags, clamped_labels(target, c), True
         elif kind is LossKind.MSE:
             if not torch.is_floating_point(target):
                 raise ValueError(

@@ -33,7 +33,7 @@ from ..batches import (
 from ..engine import GradientExtractor, ProjectedBatch
 from ..enums import LossKind, TaskKind
 from ..lm import TokenStats, TokenTable, lm_sample_stats, token_schema, token_stats
-from ..losses import class_logits, resolve_loss
+from ..losses import class_count, resolve_loss
 from ..score import PopulationStats, classification_stats, multilabel_stats, regression_stats
 from ..tokens import TIERS_METADATA_KEY, TierAccumulator
 from .ledger import Ledger, ShardRecord
@@ -289,7 +289,7 @@ class ExtractionPass:
         b = len(ids)
         tgt = target.detach().to("cpu")
         if task is TaskKind.CLASSIFICATION:
-            c = int(class_logits(output[:1]).shape[1])  # a single logit is the binary model [0, z]
+            c = class_count(output)  # a single logit is the binary model [0, z]
             if self.num_classes is not None and c != self.num_classes:
                 raise ValueError(f"{where}: the model outputs {c} classes but num_classes={self.num_classes}.")
             self.ledger.record_num_classes(c, where)
