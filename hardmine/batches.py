@@ -52,6 +52,7 @@ __all__ = [
     "check_regression_target",
     "check_target",
     "clamped_labels",
+    "detached",
     "forward_error",
     "is_causal_lm",
     "infer_task",
@@ -191,6 +192,12 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def detached(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its autograd history: ``t`` itself where it has none (a per-step hot path: ``detach`` is
+    an op the dispatcher runs even then)."""
+    return t.detach() if t.requires_grad else t
+
+
 def to_host_async(tensors: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
     """``(host copies, CUDA event or None)``: CUDA tensors are copied into pinned host memory without blocking
     and the event completes once the copies have landed (``event.query()`` polls, ``event.synchronize()``
@@ -199,7 +206,7 @@ def to_host_async(tensors: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], 
     out: list[torch.Tensor] = []
     devices: list[torch.device] = []
     for t in tensors:
-        t = t.detach()
+        t = detached(t)
         if t.device.type == "cuda":
             out.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
             if t.device not in devices:

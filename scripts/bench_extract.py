@@ -325,6 +325,33 @@ def kernel_ops(step: Any, batches: int = 2) -> dict[str, float]:
     return {k: v / batches for k, v in sorted(counts.items())}
 
 
+def host_ops(step: Any, batches: int = 2) -> float:
+    """Per run of ``step()`` (after the caller's warm-up): every aten op the host dispatches itself, views,
+    ``detach`` and other metadata ops included (an op's own ops below it are not counted again), a block under
+    :data:`GRAPH_REPLAY` as one. Where a step's kernels are few (a replayed graph), what is left of the host's
+    share is mostly these dispatches and the Python around them; :func:`kernel_ops` counts only those that
+    launch a kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(batches):
+            step()
+    count = 0
+
+    def walk(event: Any) -> None:
+        nonlocal count
+        if event.name == GRAPH_REPLAY or event.name.startswith("aten::"):
+            count += 1
+            return
+        for child in event.cpu_children:  # (a record_function block: the ops inside it)
+            walk(child)
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            walk(event)
+    return count / batches
+
+
 # A CPU stand-in for a CUDA graph's replay runs the captured ops again inside record_function(GRAPH_REPLAY):
 # kernel_ops counts that block as one launch, what the replay costs the host on a GPU.
 GRAPH_REPLAY = "hardmine.graph_replay"

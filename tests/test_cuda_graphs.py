@@ -736,8 +736,34 @@ def test_numerics_of_the_real_torch_follow_its_settings():
             assert read("cpu") != high and read("cpu") == numerics("cpu")
         finally:
             torch.backends.cudnn.deterministic = deterministic
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+            old = conv.fp32_precision
+            try:
+                conv.fp32_precision = "ieee" if old != "ieee" else "tf32"
+                assert read("cpu") != high and read("cpu") == numerics("cpu")
+            finally:
+                conv.fp32_precision = old
+        assert read("cpu") == high
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+def test_numerics_reads_torch_s_flags_through_their_getters():
+    # The shortcut (a property's getter, a cuDNN fp32_precision's getter) is taken where this torch has it, and
+    # reads what the attribute says; an attribute it cannot read that way is read as an attribute.
+    from hardmine.factored.graphs import _reader
+
+    cudnn = torch.backends.cudnn
+    read = _reader(cudnn, "deterministic")
+    assert read is type(cudnn).__dict__["deterministic"].getter and read() == cudnn.deterministic
+    conv = getattr(cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        read = _reader(conv, "fp32_precision")
+        assert read.func is torch._C._get_fp32_precision_getter and read() == conv.fp32_precision
+    ns = type("Flags", (), {})()
+    ns.flag = "value"
+    assert _reader(ns, "flag")() == "value" and _reader(None, "flag")() is None
 
 
 def test_autocast_state_reads_the_device_type_s_own_settings(monkeypatch):

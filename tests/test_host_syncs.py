@@ -838,6 +838,11 @@ ONLINE_BUDGET = {("mlp", "output"): 98, ("mlp", "all"): 129, ("cnn", "output"): 
 # weighting, and the autograd gradients at the outputs are what stays outside the graph.
 ONLINE_GRAPHED_BUDGET = {("mlp", "output"): 11, ("mlp", "all"): 20, ("cnn", "output"): 11, ("cnn", "all"): 24,
                          ("transformer", "output"): 11, ("transformer", "all"): 76}
+# The same graphed steps, every op the host dispatches beyond a plain step (views and detach included:
+# bench_extract.host_ops), which is most of what a replayed step still costs the host: the inputs' bytes and
+# the results' views of the replay's buffers, the detached leaves, the columns shown, the weighting.
+ONLINE_GRAPHED_HOST_OPS_BUDGET = {("mlp", "output"): 44, ("mlp", "all"): 68, ("cnn", "output"): 44,
+                                  ("cnn", "all"): 79, ("transformer", "output"): 44, ("transformer", "all"): 262}
 
 
 def test_kernel_ops_count_the_kernels_of_a_step():
@@ -847,6 +852,19 @@ def test_kernel_ops_count_the_kernels_of_a_step():
     assert sum(counts.values()) == 3 and counts["aten::exp"] == 1 and counts["aten::mm"] == 1
     assert be.kernel_ops(lambda: t.T.unsqueeze(0).squeeze_(0).to(torch.float32).detach()[1:]) == {}
     assert sum(be.kernel_ops(lambda: t.to(torch.float64)).values()) == 1  # a conversion is a copy
+
+
+def test_host_ops_count_every_op_the_host_dispatches():
+    # Views, detach and conversions count; an op's own ops below it do not; a stand-in replay counts once.
+    t = torch.arange(6.0).reshape(2, 3)
+    assert be.host_ops(lambda: t.T.reshape(3, 2).detach().exp(), batches=3) == 4
+    assert be.host_ops(lambda: t.sum(), batches=2) == 1  # its own fill/copy ops below it are not counted
+
+    def replay():
+        with torch.profiler.record_function(be.GRAPH_REPLAY):
+            (t + 1).exp().sum()
+
+    assert be.host_ops(replay) == 1
 
 
 def _extra_kernels(step, reference) -> float:
@@ -903,6 +921,12 @@ def test_the_online_gpu_path_stays_within_its_kernel_budget(name, layers, graphs
     assert extra <= budget, (
         f"{name}/{layers}: a steady-state observe + weighted step launches {extra:g} kernels beyond a plain step"
     )
+    if graphs:
+        host = be.host_ops(mined) - be.host_ops(plain)
+        assert miner.cuda_graph_state()["replayed"] == 6  # replays again
+        assert host <= ONLINE_GRAPHED_HOST_OPS_BUDGET[name, layers], (
+            f"{name}/{layers}: a replayed observe + weighted step dispatches {host:g} ops beyond a plain step"
+        )
 
 
 @pytest.mark.needs_hardware

@@ -112,7 +112,7 @@ def test_lightning_callback_trains_writes_refreshes_and_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face
-def _hf_setup(out_dir, epochs, save):
+def _hf_setup(out_dir, epochs, save, **more_args):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     datasets = pytest.importorskip("datasets")
@@ -161,6 +161,7 @@ def _hf_setup(out_dir, epochs, save):
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        **more_args,
     )
     cb = HardmineCallback(miner, sampler=sampler)
     trainer = HardmineTrainer(
@@ -173,6 +174,12 @@ def _hf_setup(out_dir, epochs, save):
         train_sampler=sampler,
     )
     return trainer, miner, sampler, cb
+
+
+def test_hf_trainer_refuses_label_smoothing_it_would_not_apply(tmp_path):
+    # The Trainer smooths labels in its own loss, which the miner's weighted per-sample loss replaces
+    with pytest.raises(ValueError, match=r"label_smoothing_factor=0\.1: .* set it to 0"):
+        _hf_setup(tmp_path, epochs=1, save=False, label_smoothing_factor=0.1)
 
 
 def test_hf_trainer_trains_with_weights_and_resumes(tmp_path):

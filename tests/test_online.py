@@ -717,7 +717,11 @@ def test_bad_input_raises_value_error_naming_the_value():
         # the boundary: label == number of logits is out of range (a ValueError, not torch's IndexError)
         (lambda: OnlineMiner(model, layers="fc2").observe(x, torch.tensor([0, 1, 2, 4])), r"label 4 is out of range"),
         (lambda: OnlineMiner(model, layers="fc2").observe(x, torch.tensor([0, -1, 2, 3])), r"label -1 is out of range"),
-        (lambda: OnlineMiner(model, layers="fc2", num_classes=5).observe(x, y), "num_classes=5"),
+        (lambda: OnlineMiner(model, layers="fc2", num_classes=5).observe(x, y), "returned 4 logit.*num_classes=5"),
+        (  # a single logit is a binary model: the message says what the model returned, and why 2 classes
+            lambda: OnlineMiner(nn.Linear(12, 1), num_classes=3).observe(x, y % 2),
+            r"returned 1 logit\(s\) per sample \(a single logit: a binary model, 2 classes\) but num_classes=3",
+        ),
         (lambda: OnlineMiner(model, layers="fc2").observe(x, y[:3]), "3"),
         (lambda: OnlineMiner(model, layers="fc2").observe_output(model(x), y), "capture"),
         (lambda: OnlineMiner(model, layers="fc2").manifest(), "no sample has been observed"),
@@ -738,6 +742,29 @@ def test_bad_input_raises_value_error_naming_the_value():
         miner.manifest(weights={"bogus": 1.0})
     with pytest.raises(ValueError, match="top="):
         miner.manifest(top=2.0)
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_a_batch_refused_for_its_id_type_changes_nothing(host, monkeypatch):
+    # On either path (NumPy on the host, tensors on the device), ids of another type than earlier batches' are
+    # refused before the step counts or the directions move: the same batch with the right ids then gives
+    # what it gives without the refused attempt.
+    monkeypatch.setattr(online_dynamics, "HOST_STATS_DEVICES", ("cpu",) if host else ())
+    x, y = torch.randn(6, 12, generator=torch.Generator().manual_seed(0)), torch.arange(6) % 4
+    runs = []
+    for refused in (False, True):
+        torch.manual_seed(0)
+        miner = OnlineMiner(MLP(), layers="fc2", dim=16, weighting={"warmup_steps": 1})
+        miner.observe(x, y, list(range(6)))
+        if refused:
+            with pytest.raises(ValueError, match="ints in earlier batches and are strs now"):
+                miner.observe(x, y, list("abcdef"))
+        stats = miner.observe(x, y, list(range(6, 12)))
+        runs.append((miner.step, stats.weights, stats.warmup, miner._dirs.dirs.clone(), miner.n_samples))
+    (step, w, warm, dirs, n), want = runs[1], runs[0]
+    assert (step, warm, n) == (want[0], want[2], want[4]) == (2, False, 12)
+    assert_close(w, want[1])
+    assert_close(dirs, want[3])
 
 
 # -------------------------------------------------------------------------------------------- sampler

@@ -113,6 +113,25 @@ def test_online_causal_lm_is_exact_with_every_parameter(name, b, via_capture):
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("via_capture", [False, True])
+def test_position_ids_passed_first_do_not_set_the_batch_size(via_capture):
+    """A (1, T) input ahead of the batch's own (position_ids before input_ids in the mapping) is broadcast, not
+    the batch: observe sizes the batch by its target, capture() by the first input of more than one row."""
+    model = _model("gpt2")
+    inputs, labels = _lm_batch(3, seed=1)
+    first = {"position_ids": torch.arange(labels.shape[1])[None], **inputs}
+    miner = OnlineMiner(model, dim=16, seed=3)
+    if via_capture:
+        with miner.capture():
+            out = model(**first)
+        stats = miner.observe_output(out, labels, [0, 1, 2])
+    else:
+        stats = miner.observe(first, labels, [0, 1, 2])
+    want = OnlineMiner(model, dim=16, seed=3).observe(inputs, labels, [0, 1, 2])
+    assert_close(stats.z, want.z)
+    assert_close(stats.grad_norm, want.grad_norm)
+
+
 def test_causal_lm_loss_is_the_mean_over_target_tokens_only():
     """The per-sample loss averages the NLL of the target tokens (shifted; prompt and padding masked), and
     the masking reaches the gradients: the vectors differ from those of the loss over every token."""
@@ -159,6 +178,12 @@ def test_lm_labels_out_of_range_and_mismatched_shapes_are_refused():
         miner.observe(inputs, labels.masked_fill(labels == labels[0, 5], VOCAB))
     with pytest.raises(ValueError, match=r"causal LM needs \(B, T, vocab\) logits"):
         OnlineMiner(model, dim=16, loss_fn="causal_lm").observe(inputs, labels[:, :4])
+    # with the default loss, logits of T - 1 positions are not taken for a classifier's
+    auto = OnlineMiner(model, dim=16)
+    with auto.capture():
+        out = model(**inputs)
+    with pytest.raises(ValueError, match=r"causal LM needs \(B, T, vocab\) logits .* got output shape \(3, 7, 50\)"):
+        auto.observe_output(out.logits[:, :-1], labels)
 
 
 def test_a_broadcast_output_mixed_across_samples_is_refused():

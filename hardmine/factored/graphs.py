@@ -39,6 +39,7 @@ tested on the CPU with a stand-in that calls ``fn`` again on the static inputs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -153,7 +154,7 @@ class Numerics:
     on a GPU about as much as the rest of its host work). The values are read at every call."""
 
     def __init__(self) -> None:
-        self._settings = tuple(_owner(path) for path in _NUMERIC_SETTINGS)
+        self._readers = tuple(_reader(*_owner(path)) for path in _NUMERIC_SETTINGS)
         self._calls = tuple(_owner(path) for path in _NUMERIC_CALLS)
         self._legacy = not hasattr(torch.backends, "fp32_precision")  # torch < 2.9: the legacy TF32 flags
 
@@ -162,8 +163,7 @@ class Numerics:
         attention backends), or ``None`` when one cannot be read (the pass then runs eagerly)."""
         try:
             values: list[Any] = [_autocast_state(device_type)]
-            # (a missing owner is None, which has none of these attributes)
-            values += [getattr(owner, name, None) for owner, name in self._settings]
+            values += [read() for read in self._readers]
             for owner, name in self._calls:
                 fn = getattr(owner, name, None)
                 values.append(fn() if callable(fn) else None)
@@ -185,6 +185,32 @@ def _owner(path: str) -> tuple[Any, str]:
     """``(the object holding the setting, its name)``; the object ``None`` where this torch has no such path."""
     owner, _, name = path.rpartition(".")
     return (_lookup(owner) if owner else torch), name
+
+
+def _reader(owner: Any, name: str) -> Callable[[], Any]:
+    """A function reading ``owner.<name>`` (``None`` where this torch has no such setting). A flag of
+    ``torch.backends`` that is a property is read through its getter, and a cuDNN ``fp32_precision`` through
+    torch's getter of its backend and op: the same value, without the lookup through the property module,
+    which is most of a setting's read (the key is read every step). Taken only where it reads what the
+    attribute says."""
+
+    def plain() -> Any:
+        return getattr(owner, name, None)  # (a missing owner is None, which has no such attribute)
+
+    direct: Callable[[], Any] | None = None
+    getter = getattr(getattr(type(owner), "__dict__", {}).get(name), "getter", None)  # a ContextProp's
+    fp32 = getattr(getattr(torch, "_C", None), "_get_fp32_precision_getter", None)
+    if callable(getter):
+        direct = getter
+    elif name == "fp32_precision" and callable(fp32) and type(owner).__name__ == "_FP32Precision":
+        backend, op = owner.backend, owner.op
+        direct = functools.partial(fp32, backend, op)
+    try:  # a shortcut that does not read what the attribute says now is not taken
+        if direct is not None and direct() == plain():
+            return direct
+    except Exception:  # noqa: BLE001  (the attribute's own error is raised where it is read)
+        pass
+    return plain
 
 
 def _lookup(path: str) -> Any:
@@ -256,7 +282,7 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """``t``'s values as bytes, ``(numel * element size,)`` uint8: a view where ``t`` flattens to unit stride,
     else a copy (a strided view such as a column, one element with another stride, a conjugate or negative
     view; a batch's leaf need not have the strides it had at capture)."""
-    flat = t.reshape(-1)  # (numel,)
+    flat = t if t.dim() == 1 else t.reshape(-1)  # (numel,)  (a 1-D tensor's reshape would only alias it: an op)
     try:
         return flat.view(torch.uint8)  # (numel * element size,)
     except RuntimeError:

@@ -75,6 +75,12 @@ class HardmineTrainer(Trainer):
         self.id_column = id_column
         self.hardmine_sampler = train_sampler
         super().__init__(*args, **kwargs)
+        smoothing = getattr(self.args, "label_smoothing_factor", 0.0)
+        if smoothing:  # the Trainer applies it in its own loss, which the miner's weighted loss replaces
+            raise ValueError(
+                f"label_smoothing_factor={smoothing}: HardmineTrainer trains on the miner's per-sample loss "
+                "(plain cross-entropy), which has no label smoothing; set it to 0."
+            )
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

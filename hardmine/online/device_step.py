@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..batches import labels_outside
+from ..batches import detached, labels_outside
 from ..enums import LossKind, TaskKind
 from ..factored.graphs import PlanGraphs, batch_signature, module_state
 from ..factored.registry import GramCache
@@ -60,8 +60,9 @@ class StepValues:
     seen: torch.Tensor  # (R,) bool
     label_flag: torch.Tensor | None  # () bool: some given label was outside the classes; None unless given
 
-    def column(self, name: str) -> torch.Tensor:
-        return self.shown[:, SHOWN.index(name)]  # (B,)
+    def columns(self) -> dict[str, torch.Tensor]:
+        """The SHOWN columns by name, each a ``(B,)`` view of ``shown`` (one ``unbind``, not a slice each)."""
+        return dict(zip(SHOWN, self.shown.unbind(1)))
 
 
 class DeviceStep:
@@ -119,8 +120,8 @@ class DeviceStep:
         # A causal LM's logits are read for their dtype, device and batch size only (no output statistics, and
         # never the analytic path): an empty slice stands in, so a graph does not copy (B, T, vocab) per step.
         o = out.detach()[:, :0] if task is TaskKind.CAUSAL_LM else out.detach()
-        given_leaf = [] if given is None else [given.detach()]
-        leaves = [*xs, *grads, o, target.detach(), *given_leaf, prep.loss.detach(), dirs.dirs, dirs.seen]
+        given_leaf = [] if given is None else [detached(given)]
+        leaves = [*xs, *grads, o, detached(target), *given_leaf, prep.loss.detach(), dirs.dirs, dirs.seen]
         loss_dtype = prep.loss.dtype
         n_x, n_g = len(xs), len(grads)
 

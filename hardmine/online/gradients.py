@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..batches import detached
 from ..enums import LossKind
 from ..factored.capture import (
     Captured,
@@ -100,7 +101,8 @@ class StepGradients:
         ``batch_size``: the batch's size, so a module called on an input broadcast over the batch (``(1, ...)``,
         e.g. Hugging Face position embeddings on ``position_ids`` of shape ``(1, T)``) hands the model one
         output row per sample and keeps its per-sample gradients (``hardmine.factored.capture``). ``None``:
-        read from the first tensor the model's own forward receives (a pre-hook on the model); a forward
+        read from the first tensor the model's own forward receives whose first dimension is not 1 (the first
+        tensor where all are; a pre-hook on the model); a forward
         that does not go through the model's ``__call__`` is captured without expansion.
         """
         if self._open:
@@ -132,10 +134,10 @@ class StepGradients:
         box = [hooks.enter_context(capture_calls(self.units, clone))]
 
         def sized(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            # the first tensor argument with a batch dimension (HF: input_ids / inputs_embeds / pixel_values)
-            first = next(
-                (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim >= 1), None
-            )
+            # the first tensor argument with a batch dimension (HF: input_ids / inputs_embeds / pixel_values),
+            # passing over those of one row, which may be broadcast over the batch ((1, T) position_ids)
+            sized_by = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim >= 1]
+            first = next((v for v in sized_by if v.shape[0] != 1), sized_by[0] if sized_by else None)
             if any(box[0].values()) or first is None:
                 return  # units already ran outside the model's forward (keep them), or nothing to size by
             b = int(first.shape[0])
@@ -181,7 +183,7 @@ class StepGradients:
         self._check_broadcast(rec, out, b)
         loss = loss_fn(out, target)
         check_per_sample_loss(loss, b)
-        inputs = {name: [c.x.detach() for c in calls] for name, calls in rec.items()}
+        inputs = {name: [detached(c.x) for c in calls] for name, calls in rec.items()}
         if self._analytic(rec, out, kind):
             return Prepared(loss, inputs, None, PATH_ANALYTIC)
         self._check_autograd(loss)

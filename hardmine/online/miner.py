@@ -223,7 +223,8 @@ class OnlineMiner:
         Use it when a framework runs the forward: ``with miner.capture(): out = model(x)`` then
         ``miner.observe_output(out, y, ids)``. ``batch_size``: the batch's size, needed by modules called on an
         input broadcast over the batch (position embeddings on ``(1, T)`` position ids); ``None`` reads it
-        from the first tensor the model's forward receives.
+        from the first tensor the model's forward receives whose first dimension is not 1 (the first tensor
+        where all are). :meth:`observe` passes the target's rows.
         """
         self._check_open()
         if batch_size is not None:
@@ -241,8 +242,13 @@ class OnlineMiner:
                 dynamics are recorded (weights only).
         """
         self._check_open()
-        leaves = input_leaves(inputs)
-        b = int(leaves[0][1].shape[0]) if leaves and leaves[0][1].ndim else None
+        # The batch's size from the target (one row per sample), not from an input: a model's first input may be
+        # broadcast over the batch (a (1, T) position_ids ahead of input_ids)
+        if isinstance(target, torch.Tensor) and target.ndim:
+            b = int(target.shape[0])
+        else:  # (check_target refuses it once the forward has run)
+            leaves = input_leaves(inputs)
+            b = int(leaves[0][1].shape[0]) if leaves and leaves[0][1].ndim else 0
         with self.capture(b or None):
             raw = call_model(self.model, inputs)
         return self.observe_output(raw, target, ids)
@@ -262,6 +268,8 @@ class OnlineMiner:
             id_list = (sample_id_tensor(ids, b), "int")
         elif ids is not None:
             id_list = sample_id_list(ids, b)
+        if id_list is not None:
+            self._dyn.check_kind(id_list[1])  # before any state changes: a batch refused changes nothing
         if flags:
             # Read at once when it costs nothing (the CPU), so a bad batch changes no state; on a GPU once the
             # device has got there, and a later observe raises (meanwhile the loss used ignored labels).
@@ -329,11 +337,13 @@ class OnlineMiner:
                 self._dyn.submit(id_list, values.packed, values.z, task, self._step)
                 self._dyn.poll(least=RECORD_EVERY)  # several steps' copies recorded together
 
+            shown = values.columns()  # (B,) each: columns of a tensor of its own, not what goes to the host
+
             def col(name: str) -> torch.Tensor:
-                return values.column(name)  # (B,) a column of a tensor of its own, not what goes to the host
+                return shown[name]
 
             z, w, grad_norm = values.z, values.weights, values.grad_norm
-            logit_margin, correct = (values.column("logit_margin") if is_class else None), values.correct
+            logit_margin, correct = (shown["logit_margin"] if is_class else None), values.correct
 
         return OnlineStats(
             loss=prep.loss,
@@ -409,6 +419,12 @@ class OnlineMiner:
                 flags.append(outside.any())
                 return fn, kind, task, b, flags, target.masked_fill(outside, IGNORE_INDEX), False
         elif task is TaskKind.CLASSIFICATION:
+            if out.ndim == 3 and target.ndim == 2 and not torch.is_floating_point(target):
+                raise ValueError(
+                    f"a causal LM needs (B, T, vocab) logits and (B, T) integer token labels of the same B and "
+                    f"T, got output shape {tuple(out.shape)} and labels of shape {tuple(target.shape)}; pass "
+                    "the logits of every position (labels are shifted inside the loss)."
+                )
             if torch.is_floating_point(target) or target.dtype == torch.bool or target.ndim != 1:
                 raise ValueError(
                     f"classification targets must be 1-D integer class ids, got {target.dtype} of shape "
@@ -420,8 +436,10 @@ class OnlineMiner:
                 )
             c = class_count(out)  # a single logit is the binary model [0, z]
             if self._num_classes is not None and c != self._num_classes:
+                width = 1 if out.ndim == 1 else int(out.shape[1])
+                binary = " (a single logit: a binary model, 2 classes)" if width == 1 else ""
                 raise ValueError(
-                    f"the model returned {c} logits per sample but num_classes={self._num_classes}."
+                    f"the model returned {width} logit(s) per sample{binary} but num_classes={self._num_classes}."
                 )
             if self._step == 0 or stats_on_host(out.device):  # free on the host
                 check_labels(target, c)
