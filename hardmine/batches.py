@@ -24,6 +24,7 @@ caller can say which batch was bad; ``None`` gives the bare message.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -617,6 +618,13 @@ def validate_output(
                 f"label {bad} is not a token id of a model with a vocabulary of {out.shape[2]} (labels must be in "
                 f"[0, {out.shape[2] - 1}] or {IGNORE_INDEX}); check the tokenizer matches the model."
             )
+    elif loss_kind is LossKind.MSE and math.prod(out.shape[1:]) != math.prod(target.shape[1:]):
+        # (out may hold only a probe's first sample: the values per sample must match)
+        raise ValueError(
+            f"regression (mse) needs one output per target value: the model returned per-sample shape "
+            f"{tuple(out.shape[1:])} for targets of per-sample shape {tuple(target.shape[1:])}; for class labels "
+            "use --loss cross_entropy (loss_fn='cross_entropy') with integer labels."
+        )
     elif loss_kind is LossKind.BCE and tuple(out.shape[1:]) != tuple(target.shape[1:]):
         raise ValueError(
             f"multi-label (bce) needs one logit per label: the model returned per-sample shape "

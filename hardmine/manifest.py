@@ -258,8 +258,11 @@ def compute_weights(
     if hard_set is not HardSet.THRESHOLD and threshold is not None:
         raise ValueError(f"threshold={threshold!r} is only used with hard_set='threshold'.")
     if hard_set is HardSet.NOISE_RATE:
-        if "confident_error" not in df:
-            raise ValueError("hard_set='noise-rate' needs the 'confident_error' column (classification manifests).")
+        if "confident_error" not in df or not df["confident_error"].notna().any():  # regression, unlabelled: null
+            raise ValueError(
+                "hard_set='noise-rate' needs the 'confident_error' column of a labelled classification manifest; "
+                "this manifest has none (regression or unlabelled data): use hard_set='top' or 'threshold'."
+            )
         top = max(float(np.mean(df["confident_error"].fillna(False).to_numpy(dtype=bool))), 1.0 / max(len(df), 1))
     per_class = strategy in (Strategy.PER_CLASS, Strategy.SLICES)
     needs = ("hardness", "rank") + (("label",) if per_class else ()) + (("slice", "correct") if strategy is Strategy.SLICES else ())
@@ -517,6 +520,14 @@ def _resolve_manifest_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / "manifest.parquet"
+        if not p.is_file():
+            from .scan.store import SCAN_FILE  # (here: the scan package imports this module)
+
+            if (p.parent / SCAN_FILE).is_file():  # a scan that has not finished: it has no manifest yet
+                raise ValueError(
+                    f"the scan in {p.parent} is not complete (no manifest yet); rerun the same `hardmine scan` "
+                    "command (or hardmine.scan with the same arguments) to resume it."
+                )
     if not p.is_file():
         raise ValueError(f"{p} does not exist; pass a manifest .parquet file or a scan directory.")
     return p

@@ -42,6 +42,7 @@ the corrected labels to recompute them.
 from __future__ import annotations
 
 import csv
+import inspect
 import logging
 import math
 import os
@@ -439,7 +440,9 @@ def _compute_relabel(m: pd.DataFrame, q: pd.DataFrame, meta: dict[str, Any], whe
             df["is_label_issue"] = issue
     exp = meta.get("export") or {}
     strategy = parse_choice(Strategy, exp["strategy"], "strategy") if exp.get("strategy") else None
-    kwargs = {key: exp[key] for key in ("top", "boost", "temperature", "cap", "hard_set", "threshold") if key in exp}
+    # every parameter of the export that compute_weights takes (slice_boost included), as the manifest records it
+    params = [k for k in inspect.signature(compute_weights).parameters if k not in ("df", "strategy")]
+    kwargs = {key: exp[key] for key in params if key in exp}
     weight, is_hard = compute_weights(df, strategy, **kwargs)
     df["is_hard"] = pd.array(is_hard, dtype="boolean")
     df["weight"] = weight

@@ -121,6 +121,7 @@ def run_group(name: str, group: str, args: argparse.Namespace) -> list[dict[str,
             if state["captured"] != 1 or state["off"] is not None:
                 raise SystemExit(f"{name} {m}: the stand-in graph was not captured and kept: {state}")
     kernels = {m: be.kernel_ops(fn) for m, fn in fns.items()}
+    host = {m: be.host_ops(fn) for m, fn in fns.items()}
     for fn in fns.values():
         standin = getattr(fn, "standin", None)
         if standin is not None:  # timed: the host's share of a replayed step (the graph's work is the GPU's)
@@ -149,6 +150,7 @@ def run_group(name: str, group: str, args: argparse.Namespace) -> list[dict[str,
                 "method": m,
                 "kernels_per_step": n,
                 "extra_kernels": n - sum(kernels[ref].values()),
+                "host_ops_per_step": host[m],
                 "ms_per_step": 1e3 * statistics.median(times[m]),
                 "ratio": statistics.median(t / r for t, r in zip(times[m], times[ref])),
                 "kernel_ops": kernels[m],
@@ -349,13 +351,14 @@ def versus_main(
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "group", "method", "kernel ops/step", "beyond the reference", "CPU ms/step", "ratio"]
+    head = ["model", "group", "method", "kernel ops/step", "beyond the reference", "host ops/step", "CPU ms/step",
+            "ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ref = r["method"] == REFERENCE[r["group"]]
         lines.append(
             f"| {r['model']} | {r['group']} | {r['method']} | {r['kernels_per_step']:g} | "
-            f"{'-' if ref else format(r['extra_kernels'], '+g')} | "
+            f"{'-' if ref else format(r['extra_kernels'], '+g')} | {r['host_ops_per_step']:g} | "
             + ("- | - |" if r["ms_per_step"] is None else f"{r['ms_per_step']:.3f} | {r['ratio']:.2f} |")
         )
     return "\n".join(lines)
@@ -396,7 +399,8 @@ def main() -> None:
         f"\nRun: {when}, hardmine at {settings['hardmine']}, torch {torch.__version__}, {settings['machine']}, "
         f"1 torch thread, batch {args.batch}"
         f"{' (--quick: numbers meaningless)' if args.quick else ''}; load average at the end {load}. Kernel ops: "
-        "aten ops per step that launch a kernel on a GPU (views, metadata and allocation left out); the "
+        "aten ops per step that launch a kernel on a GPU (views, metadata and allocation left out); host ops: "
+        "every aten op the host dispatches per step, views and detach included (bench_extract.host_ops); the "
         "training-loop rows run the online miner's GPU path on the CPU; the *_graphs rows count a CPU stand-in "
         "for the CUDA graph's replay as one launch (cudaGraphLaunch) and are timed with replays that do nothing "
         "(the host's share of a replayed step; the graph's own launch is not in it). ratio = median over "

@@ -194,6 +194,7 @@ def _bad(tmp_path, name, frame):
         ("label_out_of_range_flag", "out of range for --num-classes 4"),
         ("nan_label", "label of sample 2 is nan"),
         ("float_label", "not an integer class id"),
+        ("mse_for_a_classifier", "regression (mse) needs one output per target value"),
         ("nan_feature", "contain NaN/inf"),
         ("wrong_shape", "forward failed"),
         ("empty", "no samples"),
@@ -220,6 +221,9 @@ def test_bad_input_exits_2_with_a_message(tmp_path, trained, case, pattern):
         kw["data"] = _bad(tmp_path, "d.parquet", {"feat": feat, "label": [0.0, 1.0, np.nan, 2.0, 3.0, 1.0]})
     elif case == "float_label":
         kw["data"] = _bad(tmp_path, "d.parquet", {"feat": feat, "label": [0.5, 1.0, 1.0, 2.0, 3.0, 1.0]})
+    elif case == "mse_for_a_classifier":  # a 4-class model's 4 outputs against one number per sample
+        kw["data"] = _bad(tmp_path, "d.parquet", {"feat": feat, "label": [0.5, 1.0, 1.0, 2.0, 3.0, 1.0]})
+        extra += ["--loss", "mse"]
     elif case == "nan_feature":
         bad = [v.copy() for v in feat]
         bad[3][2] = np.nan

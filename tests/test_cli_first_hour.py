@@ -244,9 +244,27 @@ def test_text_labels_are_mapped_to_ids_recorded_and_shown_by_name(tmp_path, trai
     assert any(name in table for name in ("cat", "dog", "emu", "yak"))
     frame = pd.DataFrame(x, columns=[f"p{i}" for i in range(12)]).assign(label=animals)
     frame.to_csv(tmp_path / "d.csv", index=False)
-    res = _scan(tmp_path, "--feature-columns", "p*", "--class-names", "a,b,c,d", data="d.csv", out="csv")
+    # --class-names numbers the names: class i is its i-th name, whatever order sorting would give
+    res = _scan(tmp_path, "--feature-columns", "p*", "--class-names", "yak,emu,dog,cat", data="d.csv", out="csv")
     assert res.exit_code == 0, res.output
-    assert read_manifest(tmp_path / "csv").attrs["hardmine"]["class_names"] == ["a", "b", "c", "d"]  # the option wins
+    m = read_manifest(tmp_path / "csv")
+    assert m.attrs["hardmine"]["class_names"] == ["yak", "emu", "dog", "cat"]
+    assert m.sort_values("sample_id")["label"].tolist() == (3 - y).tolist()
+    # A subset without one class (here no "cat"): numbered by sorted names its ids would shift, so it is refused
+    # and names the way out; with the model's names it keeps every id
+    keep = animals != "cat"
+    frame[keep].to_csv(tmp_path / "sub.csv", index=False)
+    res = _scan(tmp_path, "--feature-columns", "p*", data="sub.csv", out="sub")
+    assert res.exit_code == 2 and "--class-names" in _text(res) and "4 classes" in _text(res), res.output
+    assert not (tmp_path / "sub").exists()
+    res = _scan(tmp_path, "--feature-columns", "p*", "--num-classes", "4", data="sub.csv", out="sub")
+    assert res.exit_code == 2 and "--class-names" in _text(res)
+    res = _scan(tmp_path, "--feature-columns", "p*", "--class-names", "cat,dog,emu,yak", data="sub.csv", out="sub")
+    assert res.exit_code == 0, res.output
+    sub = read_manifest(tmp_path / "sub").sort_values("sample_id")
+    assert sub["label"].tolist() == y[keep].tolist()
+    res = _scan(tmp_path, "--feature-columns", "p*", "--class-names", "cat,dog,emu", data="d.csv", out="few")
+    assert res.exit_code == 2 and "'yak'" in _text(res) and "not among the class names" in _text(res)
     res = invoke("show", tmp_path / "scan", "--class", "wolf")
     assert res.exit_code == 2 and "neither a class id nor a class name" in _text(res)
 
@@ -290,3 +308,23 @@ def test_the_review_queue_carries_the_data(tmp_path, trained):  # noqa: F811
     assert res.exit_code == 0, res.output
     q = pd.read_csv(tmp_path / "q.csv")
     assert (q["data"] == [f"data.npz[{i}]" for i in q["sample_id"]]).all()
+
+
+def test_json_output_is_standard_json_with_ids_as_numbers(tmp_path, trained):  # noqa: F811
+    # NaN scores (neighbour scores are off by default) come out as null, which every JSON parser reads, and
+    # integer sample ids as numbers in every command (NumPy values are written as the numbers they hold)
+    _, x, y = trained
+    np.savez(tmp_path / "data.npz", X=x, y=y)
+    assert _scan(tmp_path, "--dim", "8").exit_code == 0
+
+    def strict(text: str):
+        def refuse(name: str):
+            raise AssertionError(f"{name} is not JSON")
+
+        return json.loads(text, parse_constant=refuse)
+
+    shown = strict(invoke("show", tmp_path / "scan", "--top", "3", "--json").stdout)
+    assert shown and "knn_outlier" in shown[0] and shown[0]["knn_outlier"] is None
+    assert all(isinstance(r["sample_id"], int) for r in shown)
+    sliced = strict(invoke("slices", tmp_path / "scan", "--top", "2", "--json").stdout)
+    assert sliced and all(isinstance(i, int) for r in sliced for i in r["representative_ids"])

@@ -279,9 +279,17 @@ def test_without_any_hardness_no_sample_reaches_a_threshold_above_the_hardness_s
 
 
 def test_noise_rate_needs_confident_error_and_says_so():
+    said = ("hard_set='noise-rate' needs the 'confident_error' column of a labelled classification manifest; this "
+            "manifest has none (regression or unlabelled data): use hard_set='top' or 'threshold'.")
     with pytest.raises(ValueError) as e:
         compute_weights(_framed().drop(columns="confident_error"), "top-k", hard_set="noise-rate")
-    assert str(e.value) == "hard_set='noise-rate' needs the 'confident_error' column (classification manifests)."
+    assert str(e.value) == said
+    # a regression or unlabelled manifest has the column, all null: no noise rate to read (not one sample hard)
+    df = _framed()
+    df["confident_error"] = pd.array([pd.NA] * len(df), dtype="boolean")
+    with pytest.raises(ValueError) as e:
+        compute_weights(df, "top-k", hard_set="noise-rate")
+    assert str(e.value) == said
 
 
 def test_noise_rate_counts_an_unknown_confident_error_as_none():

@@ -120,6 +120,24 @@ def test_round_trip_review_then_relabel(planted, tmp_path):
     np.testing.assert_allclose(c["weight"].to_numpy(), w)
 
 
+def test_relabel_recomputes_weights_with_every_export_parameter(planted, tmp_path):
+    # An export at slice_boost=3: its weights after relabel are the slices strategy's at 3, as its metadata says
+    sc, _ = planted
+    exported = tmp_path / "e.parquet"
+    export_manifest(sc, strategy=Strategy.SLICES, slice_boost=3.0, out=exported)
+    q = review_queue(sc, budget=5)
+    q.loc[:0, "corrected_label"] = q.loc[:0, "label"].astype(str)  # one label confirmed
+    q.to_csv(tmp_path / "q.csv", index=False)
+    res = invoke("relabel", exported, tmp_path / "q.csv", "--out", tmp_path / "r.parquet")
+    assert res.exit_code == 0, res.output
+    r = read_manifest(tmp_path / "r.parquet")
+    assert r.attrs["hardmine"]["export"]["slice_boost"] == 3.0
+    at3, _ = compute_weights(r, Strategy.SLICES, slice_boost=3.0)
+    at_default, _ = compute_weights(r, Strategy.SLICES)
+    assert not np.allclose(at3, at_default)  # the parameter matters here
+    np.testing.assert_allclose(r["weight"].to_numpy(), at3)
+
+
 def test_bad_queues_are_refused_and_nothing_is_written(planted, tmp_path):
     sc, _ = planted
     q = review_queue(sc, budget=10)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hardmine.engine import GradientExtractor
 from hardmine.enums import ScanPhase, TaskKind
 from hardmine.extract import reference_per_sample_grads
-from hardmine.manifest import REQUIRED_COLUMNS
+from hardmine.manifest import REQUIRED_COLUMNS, read_manifest
 from hardmine.scan import Scan, ScanProgress, scan
 from hardmine.score import ScoreConfig
 
@@ -336,8 +336,11 @@ def test_resume_refuses_changed_data_and_config(tmp_path):
     out = tmp_path / "s"
     with pytest.raises(_Interrupted):
         scan(model, _failing(batches, 6), out=out, dim=16, engine="vmap", shard_rows=40)
+    # what reads a manifest says the scan is not complete and how to finish it (not that nothing is there)
+    with pytest.raises(ValueError, match="the scan in .* is not complete .* rerun the same `hardmine scan`"):
+        read_manifest(out)
     reordered = batches[::-1]
-    with pytest.raises(ValueError, match="data differs"):
+    with pytest.raises(ValueError, match="data differs from the interrupted scan"):
         scan(model, reordered, out=out, dim=16, engine="vmap", shard_rows=40)
     # Same ids and labels, changed features (one value of one recorded sample): the inputs are part of the data.
     x2 = data["x"].copy()
@@ -370,6 +373,8 @@ def test_a_complete_scan_refuses_changed_features_with_the_same_ids_and_labels(t
     x2[-1, -1] -= 0.5  # the last sample's last feature: only the input bytes differ
     with pytest.raises(ValueError, match="data differs|fingerprint differs"):
         scan(model, batches_of(x2, data["y"], 20), out=out, dim=8, engine="vmap")
+    with pytest.raises(ValueError, match="the complete scan in .* had already recorded 6"):  # another batch size
+        scan(model, batches_of(data["x"], data["y"], 30), out=out, dim=8, engine="vmap")
     other = scan(model, batches_of(x2, data["y"], 20), out=tmp_path / "t", dim=8, engine="vmap")
     fp = first.manifest().attrs["hardmine"]["dataset_fingerprint"]
     assert fp != other.manifest().attrs["hardmine"]["dataset_fingerprint"]
@@ -577,6 +582,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         scan(model, [], out=tmp_path / "h", engine="vmap")
     with pytest.raises(ValueError, match="out of range|outside"):
         scan(model, [(x, torch.full((10,), 7))], out=tmp_path / "i", engine="vmap")
+    with pytest.raises(ValueError, match=r"regression \(mse\) needs one output per target value"):
+        scan(model, [(x, y.double() + 0.5)], out=tmp_path / "i", engine="vmap")  # 3 logits, one float target
     with pytest.raises(ValueError, match="shuffle=True"):
         scan(model, DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True), out=tmp_path / "j",
                 engine="vmap")
@@ -586,6 +593,18 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a hardmine scan"):
         Scan.open(tmp_path)
     assert not any((tmp_path / d / "manifest.parquet").exists() for d in "abcdefghij")
+
+
+def test_overwrite_removes_every_file_a_scan_writes(tmp_path):
+    # What --overwrite clears (OWNED) is every name a complete scan leaves, the slice table included, so a new
+    # scan that writes fewer files (a causal LM's has no slice table) keeps nothing of the old one's
+    from hardmine.scan.store import LOCK_FILE, OWNED
+
+    model = MLP(d_in=4, hidden=6, n_classes=3).eval()
+    g = torch.Generator().manual_seed(0)
+    scan(model, [(torch.randn(40, 4, generator=g), torch.arange(40) % 3)], out=tmp_path / "s", dim=4)
+    written = {p.name for p in (tmp_path / "s").iterdir()} - {LOCK_FILE}
+    assert "slices.parquet" in written and written <= set(OWNED), written - set(OWNED)
 
 
 def test_scan_leaves_model_unchanged(tmp_path):

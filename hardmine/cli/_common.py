@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -108,8 +109,23 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """``obj`` as standard JSON on stdout: NaN and infinities as ``null`` (``json.dumps`` would write ``NaN``,
+    which JSON parsers refuse), NumPy numbers and arrays as the numbers they hold, anything else as its text."""
+    sys.stdout.write(json.dumps(_plain(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with NumPy values made Python ones and non-finite floats ``None``, through dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):  # an array or a NumPy scalar (no import here)
+        return _plain(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def table_console(min_width: int = 160) -> Console:

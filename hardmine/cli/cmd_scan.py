@@ -106,14 +106,16 @@ def scan_command(
     ),
     class_names: str | None = typer.Option(
         None, "--class-names",
-        help="Comma-separated class names, class 0 first (default: text labels' names, a HF model's id2label, "
-             "or a HF dataset's ClassLabel names); recorded in the scan and shown by show/slices/review.",
+        help="Comma-separated class names, class 0 first: text labels get their class ids from it (without it: "
+             "their sorted names, which must then be every class of the model); recorded in the scan and shown "
+             "by show/slices/review (default: text labels' names, a HF model's id2label, or a HF dataset's "
+             "ClassLabel names).",
     ),
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated module names/globs (default: all)."),
     dim: int = typer.Option(256, "--dim", min=1, help="Projection dimension per selected parameter tensor."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the random projections (same seed, same vectors)."),
     engine: Engine = typer.Option(Engine.AUTO, "--engine", help="auto: factored where a layer rule exists, vmap for the rest."),
-    loss: LossKind = typer.Option(LossKind.AUTO, "--loss", help="auto: cross_entropy for integer labels (a single-logit model: BCE), mse for numbers; bce: multi-label (0/1 rows)."),
+    loss: LossKind = typer.Option(LossKind.AUTO, "--loss", help="auto: cross_entropy (integer or text class labels; a single-logit model: BCE); mse: regression (number labels); bce: multi-label (0/1 rows)."),
     num_classes: int | None = typer.Option(None, "--num-classes", min=1, help="Check labels against this many classes."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Samples per forward/backward pass (lower it when memory is short)."),
     num_workers: int = typer.Option(0, "--num-workers", min=0, help="DataLoader worker processes for factory datasets."),
@@ -147,6 +149,7 @@ def scan_command(
     from ..loaders.text import DEFAULT_MAX_LENGTH
     from ..scan import scan as run_scan
     from ..scan.distributed import rank_and_world, rank_device
+    from ..scan.extraction import ClassCountError
     from ..scan.task import looks_causal_lm
 
     if os.getcwd() not in sys.path:  # --model / factory specs resolve like `python -m`
@@ -189,13 +192,26 @@ def scan_command(
             neighbor_scores=neighbor_scores, build_index=build_index, cuda_graphs=cuda_graphs,
         )
         return
+    given_names = _class_names(class_names, None, None)  # text labels map to these ids (the model's classes)
     src = open_data(
         data, format=format, label_column=label_column, id_column=id_column, feature_column=feature_column,
         feature_columns=feature_columns, text_column=text_column, input_shape=shape, tokenizer=loaded.tokenizer,
         split=split, batch_size=batch_size, limit=limit, num_workers=num_workers, max_length=max_length or 128,
         classification=loss is not LossKind.MSE, num_classes=num_classes, labels=not no_labels,
-        multilabel=loss is LossKind.BCE,
+        multilabel=loss is LossKind.BCE, class_names=given_names,
     )
+    # Text labels without --class-names are numbered by their sorted names: right only when the data names every
+    # class of the model (a subset without one would shift the ids of the rest), so the model must have as many
+    sorted_names = src.description.get("class_names") if src.description.get("label_ids") == "sorted names" else None
+    scan_classes = num_classes
+    if sorted_names is not None:
+        if num_classes is not None and num_classes != len(sorted_names):
+            raise typer.BadParameter(
+                f"the labels are {len(sorted_names)} class names {sorted_names[:10]} but --num-classes is "
+                f"{num_classes}; pass --class-names with every class of the model, class 0 first, so each name "
+                "gets its class id."
+            )
+        scan_classes = len(sorted_names)
     bars = _RichProgress(quiet or as_json or rank != 0)
     # What defines the data read: part of the scan's configuration, so a rerun with other values is refused.
     data_options = {
@@ -208,14 +224,24 @@ def scan_command(
                   "class_names": _class_names(class_names, src.description.get("class_names"), loaded.model),
                   "new_head": loaded.info.get("new_head", False), "new_head_seed": loaded.info.get("new_head_seed"),
                   "data_hint": src.description.get("fingerprint_hint"), "batch_size": batch_size, "device": str(dev)}
-    with bars.progress:
-        result = run_scan(
-            net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine,
-            loss_fn=None if loss is LossKind.AUTO else loss.value, num_classes=num_classes, index=index,
-            overwrite=overwrite, progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance,
-            config_extra=data_options, labels=None if no_labels else True, task=task, token_reduction=token_reduction,
-            score_config=_score_config(neighbor_scores), build_index=build_index, cuda_graphs=cuda_graphs,
-        )
+    try:
+        with bars.progress:
+            result = run_scan(
+                net, src, out=out, layers=layers, dim=dim, seed=seed, engine=engine,
+                loss_fn=None if loss is LossKind.AUTO else loss.value, num_classes=scan_classes, index=index,
+                overwrite=overwrite, progress=bars, total=src.total, shard_rows=shard_rows, provenance=provenance,
+                config_extra=data_options, labels=None if no_labels else True, task=task,
+                token_reduction=token_reduction, score_config=_score_config(neighbor_scores), build_index=build_index,
+                cuda_graphs=cuda_graphs,
+            )
+    except ClassCountError as exc:
+        if sorted_names is None or num_classes is not None:
+            raise
+        raise typer.BadParameter(
+            f"the model has {exc.model_classes} classes but the labels hold {len(sorted_names)} class names "
+            f"{sorted_names[:10]}, which would be numbered in sorted order whatever the model's classes are; pass "
+            "--class-names with every class of the model, class 0 first."
+        ) from None
     if rank != 0:  # the other ranks of a distributed scan: rank 0 reports the scan they made together
         return
     manifest = result.manifest()

@@ -217,6 +217,8 @@ class _TableSpec:
     tokenizer: Any
     max_length: int
     label_names: list[str] | None = None  # text labels: class i is label_names[i] (set by the source)
+    # The model's class names, class 0 first (--class-names, a HF model's id2label): text labels map to these
+    class_names: list[str] | None = None
     labels: bool = True  # False: unlabelled data; a placeholder target is yielded (the scan predicts it)
     multilabel: bool = False  # labels are (C,) 0/1 rows (--loss bce)
 
@@ -225,6 +227,16 @@ class _TableSpec:
         ids do not depend on which batch a name first appears in, or on --limit."""
         if self.classification and self.labels and not self.multilabel:
             self.label_names = label_names_of(column)
+            if self.label_names is not None and self.class_names is not None:
+                # the model's classes, not the names this data happens to hold (a subset may lack one, which
+                # would shift every later id)
+                unknown = [n for n in self.label_names if n not in self.class_names]
+                if unknown:
+                    raise ValueError(
+                        f"label(s) {unknown[:10]} of the data are not among the class names {self.class_names[:20]}; "
+                        "pass --class-names with every class of the model, class 0 first."
+                    )
+                self.label_names = list(self.class_names)
             if self.label_names is not None and self.num_classes is not None and len(self.label_names) > self.num_classes:
                 raise ValueError(
                     f"the label column has {len(self.label_names)} class names {self.label_names[:10]} but "
@@ -633,10 +645,15 @@ def open_data(
     num_classes: int | None = None,
     labels: bool = True,
     multilabel: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> BatchSource:
     """Open ``data`` as a stream of ``(inputs, labels, sample_ids)`` batches (never loaded whole when the
     format allows streaming). ``labels=False``: unlabelled data — no label column is read and a placeholder
-    target is yielded (``hardmine.scan(..., labels=None)`` replaces it with the model's prediction)."""
+    target is yielded (``hardmine.scan(..., labels=None)`` replaces it with the model's prediction).
+
+    Text labels are class names: with ``class_names`` (the model's, class 0 first) each maps to its index there
+    (a label not among them is refused); without, to its index among the data's own names, sorted (recorded as
+    the source's ``class_names``)."""
     from ..enums import parse_choice
 
     fmt = parse_choice(DataFormat, format, "format")
@@ -660,7 +677,8 @@ def open_data(
     if not path.exists():
         raise ValueError(f"data {data!r} does not exist.")
     spec = _TableSpec(label_column, id_column, feature_column, feature_columns, text_column, shape,
-                      classification, num_classes, tokenizer, max_length, labels=labels, multilabel=multilabel)
+                      classification, num_classes, tokenizer, max_length, labels=labels, multilabel=multilabel,
+                      class_names=None if class_names is None else [str(n) for n in class_names])
     if fmt is DataFormat.PARQUET:
         src = _parquet_source(path, spec, batch_size, limit)
     elif fmt is DataFormat.CSV:
@@ -675,6 +693,8 @@ def open_data(
         raise ValueError(f"data {data!r} has no samples; nothing to scan.")
     if spec.label_names is not None:  # text labels mapped to ids: the scan records the names
         src.description["class_names"] = list(spec.label_names)
+        # how: by the class names given (the model's), or by the data's own names, sorted
+        src.description["label_ids"] = "given names" if spec.class_names is not None else "sorted names"
     src.description["fingerprint_hint"] = _file_hint(path)
     return src
 

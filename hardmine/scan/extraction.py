@@ -41,9 +41,19 @@ from .population import PopulationSums
 from .shards import ShardSet, ShardWriter, digest_of
 from .store import ScanStore
 
-__all__ = ["ExtractionPass", "write_token_table"]
+__all__ = ["ClassCountError", "ExtractionPass", "write_token_table"]
 
 logger = logging.getLogger(__name__)
+
+
+class ClassCountError(ValueError):
+    """The model's class count differs from the one asked for (``num_classes``); a caller that knows where
+    that number came from (the CLI: text label names) can say more."""
+
+    def __init__(self, message: str, model_classes: int, expected: int) -> None:
+        super().__init__(message)
+        self.model_classes = model_classes
+        self.expected = expected
 
 
 class ExtractionPass:
@@ -173,8 +183,9 @@ class ExtractionPass:
                     rec = done_shards[shard_i]
                     if batch_i + 1 == rec.batches[1]:
                         if digest_of(shard_digests) != rec.digest or rows + b != rec.rows[1]:
+                            state = "complete" if self.ledger.complete else "interrupted"
                             raise ValueError(
-                                f"the data differs from the interrupted scan in {where_dir} at batches "
+                                f"the data differs from the {state} scan in {where_dir} at batches "
                                 f"{rec.batches[0]}-{rec.batches[1] - 1} (shard {shard_i}): different samples, "
                                 "order or batch size. Rerun with the same data and batch size, or overwrite=True."
                             )
@@ -219,9 +230,10 @@ class ExtractionPass:
                     shard_start_batch = batch_i + 1
             n_batches = batch_i + 1
             if n_batches < done_batches:
+                state = "complete" if self.ledger.complete else "interrupted"
                 raise ValueError(
-                    f"data ended after {n_batches} batches, but the interrupted scan in {where_dir} had already "
-                    f"recorded {done_batches}; rerun with the same data, or overwrite=True."
+                    f"data ended after {n_batches} batches, but the {state} scan in {where_dir} had already "
+                    f"recorded {done_batches}; rerun with the same data and batch size, or overwrite=True."
                 )
             writer.flush(shard_start_batch, n_batches, rows)
             writer.wait()
@@ -291,7 +303,9 @@ class ExtractionPass:
         if task is TaskKind.CLASSIFICATION:
             c = class_count(output)  # a single logit is the binary model [0, z]
             if self.num_classes is not None and c != self.num_classes:
-                raise ValueError(f"{where}: the model outputs {c} classes but num_classes={self.num_classes}.")
+                raise ClassCountError(
+                    f"{where}: the model outputs {c} classes but num_classes={self.num_classes}.", c, self.num_classes
+                )
             self.ledger.record_num_classes(c, where)
             check_labels(tgt, c, where)
             lab = tgt.numpy().astype(np.int64)

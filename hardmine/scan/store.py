@@ -31,6 +31,7 @@ from .._io import (
     utc_now,
 )
 from ..index import INDEX_FILES
+from ..slices import SLICES_FILE
 from ..tokens import TOKENS_FILE  # causal-LM scans: one row per token (schema: hardmine.lm.token_schema)
 from .ledger import Ledger
 
@@ -57,7 +58,9 @@ MANIFEST_FILE = "manifest.parquet"
 RANKS_DIR = "ranks"  # a distributed scan's per-rank parts, ranks/NNNNN/ (hardmine.scan.distributed)
 LOCK_FILE = ".lock"  # held (flock) by the one job writing the directory; its text says who
 SCAN_FORMAT_VERSION = 1
-OWNED = (SCAN_FILE, PROGRESS_FILE, SHARDS_DIR, RANKS_DIR, *INDEX_FILES, MANIFEST_FILE, TOKENS_FILE)  # what overwrite=True removes
+# what overwrite=True removes: every file a scan writes there (the slice table too: a new scan that writes
+# none, a causal LM's, must not leave the old one beside it)
+OWNED = (SCAN_FILE, PROGRESS_FILE, SHARDS_DIR, RANKS_DIR, *INDEX_FILES, MANIFEST_FILE, TOKENS_FILE, SLICES_FILE)
 
 
 def jsonable(v: Any) -> Any:
