@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "SCAN_FILE",
     "TMP_PREFIX",
     "DatasetHasher",
     "atomic_path",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 TMP_PREFIX = ".tmp-"
+# A scan directory's record (status, configuration; written by hardmine.scan.store): what tells one apart
+SCAN_FILE = "scan.json"
 
 
 @contextlib.contextmanager

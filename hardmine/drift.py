@@ -182,6 +182,11 @@ def drift(
     ref, other = _as_scan(reference, "reference"), _as_scan(new, "new")
     check_comparable(ref, other)
     if k >= ref.n_samples:
+        if ref.n_samples < 2:  # no k works: a reference sample's own neighbours leave it out
+            raise ValueError(
+                f"the reference scan {ref.path} has {ref.n_samples} sample(s); drift needs at least 2 (k=1) to "
+                "compare new samples with: scan more reference data."
+            )
         raise ValueError(f"k={k} needs more reference samples than the {ref.n_samples} in {ref.path}; use k < {ref.n_samples}.")
     result = _compute_drift(ref, other, k, quantile, int(seed))
     if out is not None:
@@ -358,7 +363,8 @@ def _summary(
     rate = float(unfamiliar.mean())
     expected = 1.0 - quantile
     excess = max(0.0, rate - expected)
-    labelled = ref_m["label"].to_numpy().dtype.kind in "iu" and new_m["label"].to_numpy().dtype.kind in "iu"
+    # class labels on both sides (a causal LM's manifest has no label column, a regression's float labels)
+    labelled = all("label" in m and m["label"].to_numpy().dtype.kind in "iu" for m in (ref_m, new_m))
     per_class: list[dict[str, Any]] = []
     class_shift = {"tv": math.nan, "chi2": math.nan, "dof": 0, "p_value": math.nan}
     if labelled:

@@ -164,6 +164,9 @@ class GradientExtractor:
         self._protect: set[str] = set()
         self._memo: dict[Any, Any] = {}  # per-unit matrices looked up once (see compute_factored)
         self._verified = not units
+        # the batch size the plan was checked on: a check on one sample cannot tell a module called on a (1, ...)
+        # input broadcast over the batch from one called per sample, so the first larger batch is checked again
+        self._checked_rows = 0
         self._checks = DeferredChecks()  # value checks of later batches, read when the device is done
         self.cuda_graphs = cuda_graphs
         self._graphs = PlanGraphs(cuda_graphs, "the factored pass")  # made on the first steady-state batch
@@ -209,9 +212,11 @@ class GradientExtractor:
         vm = "; ".join(f"{names} ({why})" for why, names in by_reason.items()) or "none"
         logger.info("engine=%s: factored layers: %s | vmap parameters: %s", self.engine.value, fact, vm)
 
-    def _verify(self, inputs: Any, b: int) -> None:
+    def _verify(self, inputs: Any, target: torch.Tensor, fn: LossFn, kind: Any, b: int) -> None:
         problems, protect = probe_units(self.model, inputs, self._units, b)
         self._protect = protect
+        rest = {m: u for m, u in self._units.items() if m not in problems}
+        problems.update(self._inexact_units(inputs, target, fn, kind, b, rest))
         if not problems:
             self._verified = True
             return
@@ -343,6 +348,61 @@ class GradientExtractor:
         self._graph_runner()  # the plan changed: graphs of the old one are dropped (also with no unit left)
         return result
 
+    def _inexact_units(
+        self, inputs: Any, target: torch.Tensor, fn: LossFn, kind: Any, b: int, units: dict[str, FactoredUnit]
+    ) -> dict[str, str]:
+        """``{module: problem}`` for the units whose factored vectors of the first samples differ from exact
+        ones (vmap): what the structural probe cannot see, e.g. a weight also used outside its module (a tied
+        head written as a matmul), or an input laid out with another dimension of the probe's size first. Run
+        once, on the first batch, when the units' parameters are few enough to hold one sample's gradient of
+        (:data:`EXACTNESS_PROBE_ELEMENTS`) and dropout is off; skipped where the vmap engine cannot run the
+        model."""
+        if not units or self.randomness is not Randomness.EVAL:
+            return {}
+        params = dict(self.model.named_parameters())
+        names = [p for u in units.values() for p in u.params]
+        if sum(params[n].numel() for n in names) > EXACTNESS_PROBE_ELEMENTS:
+            logger.info("the factored units' exactness check on the first batch is skipped: too many parameters")
+            return {}
+        n = min(b, EXACTNESS_PROBE_SAMPLES)
+        sub_in = pytree.tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) else t, inputs)  # (n, ...)
+        sub_t = target[:n]
+        z = self.layout.new_output(n, self._device())  # (n, out_dim)
+        fg = compute_factored(
+            self.model, sub_in, sub_t, fn, kind, units, self.layout, self._protect, n, out=z, memo=self._memo
+        )
+        fg.write_to(z, self.layout)
+        try:
+            exact = per_sample_grads_checked(self.model, sub_in, sub_t, fn, names, chunk_size=1)
+        except Exception as exc:  # noqa: BLE001  a model vmap cannot run: the check is skipped, not the scan
+            logger.info("the factored units' exactness check is skipped (vmap: %s)", type(exc).__name__)
+            return {}
+        pairs = {
+            p: (
+                self.layout.block_view(z, p).reshape(n, -1).double(),  # (n, width) factored
+                self.layout.project_exact(p, exact.grads[p]).reshape(n, -1).double(),  # (n, width) exact
+            )
+            for p in names
+        }
+        # A block is compared at its own scale, but never below a small share of all of them: a gradient that is
+        # zero in exact arithmetic (a key bias under softmax) is rounding noise in both, and differs by all of it
+        total = float(torch.linalg.vector_norm(torch.cat([want for _, want in pairs.values()], dim=1)))
+        problems: dict[str, str] = {}
+        for m, unit in units.items():
+            for p in unit.params:
+                got, want = pairs[p]
+                scale = max(float(torch.linalg.vector_norm(want)), float(torch.linalg.vector_norm(got)), 1e-4 * total)
+                gap = float(torch.linalg.vector_norm(got - want)) / scale if scale > 0 else 0.0
+                if not gap <= _exactness_tolerance(params[p].dtype):  # (NaN too)
+                    problems[m] = (
+                        f"its factored gradients differ from the exact ones on the first {n} sample(s) (relative "
+                        f"difference {gap:.2g} in {p}): the model uses it in a way its layer rule does not see, "
+                        "e.g. its weight also used outside the module, or an input whose first dimension is not "
+                        "the batch"
+                    )
+                    break
+        return problems
+
     def _factored(
         self, inputs: Any, target: torch.Tensor, fn: Any, kind: Any, flags: list[torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -381,13 +441,14 @@ class GradientExtractor:
                 inputs, target = split_batch(batch)
                 check_target(target)
                 fn, kind = resolve_loss(self.loss_fn, target)
-                if not self._verified:
+                if not self._verified or (self._checked_rows == 1 and target.ndim and int(target.shape[0]) > 1):
                     # The first batch gets the full check (a one-sample probe forward quotes shape errors
                     # clearly) and the per-module probe; later batches check their inputs inside the pass
                     # (shapes at once, values on the device: no host sync per batch) and the output too,
                     # saving a forward per batch.
                     b = validate_batch(self.model, inputs, target, kind)
-                    self._verify(inputs, b)
+                    self._verify(inputs, target, fn, kind, b)
+                    self._checked_rows = b
                 else:
                     flags = []
                 if self._units:
@@ -450,6 +511,21 @@ class GradientExtractor:
         assert z is not None and sq is not None and loss is not None and output is not None
         self._checks.poll()  # on the CPU this batch's own checks: a bad batch raises in its own call
         return ProjectedBatch(z=z, loss=loss, output=output, grad_norm=sq.clamp_min(0).sqrt())
+
+
+# The first batch's exactness check (GradientExtractor._inexact_units): how many samples, and how many
+# per-sample gradient elements of the factored parameters it may hold (one sample at a time: 64 MiB in float32)
+EXACTNESS_PROBE_SAMPLES = 3
+EXACTNESS_PROBE_ELEMENTS = 1 << 24
+
+
+def _exactness_tolerance(dtype: torch.dtype) -> float:
+    """Relative difference above which a unit's vectors are not the exact ones. Loose on purpose: a use the
+    rules miss changes a vector by a large share, while rounding, and TF32 convolutions on a GPU (cuDNN's
+    default, about 1e-3 apart), must never move a model off the factored engine."""
+    if dtype == torch.float64:
+        return 1e-4
+    return 2e-2 if dtype == torch.float32 else 5e-2
 
 
 def _hashable(value: Any) -> bool:

@@ -119,6 +119,15 @@ def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
             f"BatchNorm module(s) {bn_train} are in training mode, where each sample's output depends on the "
             "rest of the batch, so per-sample gradients are undefined. Call model.eval() before scanning."
         )
+    # Without running statistics a BatchNorm normalises with the batch's own, in eval mode too
+    if any(isinstance(m, _BatchNorm) and m.running_mean is None for m, _ in saved):
+        batch_stats = [n or "<root>" for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.running_mean is None]
+        raise ValueError(
+            f"BatchNorm module(s) {batch_stats} keep no running statistics (track_running_stats=False), so even in "
+            "eval mode they normalise with the batch's statistics: each sample's output depends on the rest of the "
+            "batch and per-sample gradients are undefined. Use a model whose norms keep running statistics, or a "
+            "per-sample norm (GroupNorm, LayerNorm)."
+        )
     try:
         # Only flags that change are touched (a model already in eval mode, the usual case, costs nothing
         # here); model.eval() would walk and re-set every module on every batch.

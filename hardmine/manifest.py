@@ -70,7 +70,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._frames import set_column
-from ._io import atomic_path
+from ._io import SCAN_FILE, atomic_path
 from ._version import __version__
 from .checks import finite_number
 from .defaults import DEFAULT_SLICE_BOOST
@@ -521,8 +521,6 @@ def _resolve_manifest_path(path: str | os.PathLike[str]) -> Path:
     if p.is_dir():
         p = p / "manifest.parquet"
         if not p.is_file():
-            from .scan.store import SCAN_FILE  # (here: the scan package imports this module)
-
             if (p.parent / SCAN_FILE).is_file():  # a scan that has not finished: it has no manifest yet
                 raise ValueError(
                     f"the scan in {p.parent} is not complete (no manifest yet); rerun the same `hardmine scan` "
@@ -551,7 +549,7 @@ def read_manifest_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{p} is a Parquet file but not a hardmine manifest (no 'hardmine' key in its metadata, and no "
                 f"column(s) {missing}); write one with hardmine.scan or hardmine.export_manifest."
             )
-        return _bare_metadata(str(p))
+        return _bare_metadata(str(p), schema.names)
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -574,16 +572,22 @@ def read_manifest_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def _bare_metadata(where: str) -> dict[str, Any]:
+def _bare_metadata(where: str, columns: Any) -> dict[str, Any]:
     """Metadata for a manifest whose ``hardmine`` key was lost (e.g. re-saved with ``DataFrame.to_parquet``):
-    the columns are all there, the provenance is not."""
+    the columns are all there, the provenance is not. The task is read from the columns where they say it (a
+    causal LM's), so what is checked and written later is that task's manifest."""
+    names = set(columns)
+    lm = all(c in names for c in REQUIRED_COLUMNS_LM) and not all(c in names for c in REQUIRED_COLUMNS)
     warnings.warn(
         f"{where} has every manifest column but no hardmine metadata (re-saved by pandas/polars?): read as a "
         "manifest, without provenance (model/dataset fingerprints, scan configuration).",
         UserWarning,
         stacklevel=3,
     )
-    return {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "provenance": None}
+    meta: dict[str, Any] = {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "provenance": None}
+    if lm:
+        meta["task"] = "causal-lm"
+    return meta
 
 
 def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -616,25 +620,43 @@ def _validate_rows(df: pd.DataFrame, where: Any) -> None:
         raise ValueError(f"{where}: rank must be a permutation of 1..{len(df)}.")
 
 
+def _ranked_here(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with ``rank`` 1..n over its own rows: a filtered manifest (some rows of a scan's) keeps the scan's
+    ranks, which its export would read as positions among rows it no longer has (too few marked hard, and a file
+    ``read_manifest`` refuses). Ranked again by ``hardness``, as a scan ranks; a whole manifest is unchanged, and
+    ranks that are no selection of a scan's (repeated, missing, below 1) are left for validation to refuse."""
+    if "rank" in df and "hardness" in df and len(df):
+        rank = pd.to_numeric(df["rank"], errors="coerce").to_numpy(dtype=np.float64)
+        whole = np.array_equal(np.sort(rank), np.arange(1, len(df) + 1))
+        selection = bool(np.isfinite(rank).all() and (rank >= 1).all() and (rank == np.round(rank)).all()
+                         and len(np.unique(rank)) == len(rank))
+        if selection and not whole:
+            df["rank"] = hardness_rank(df["hardness"].to_numpy(dtype=np.float64))
+    return df
+
+
 def _manifest_of(source: Any) -> pd.DataFrame:
     if hasattr(source, "manifest") and hasattr(source, "manifest_path"):  # a Scan
         return source.manifest()
     if isinstance(source, pd.DataFrame):
         meta = source.attrs.get("hardmine")
-        missing = [c for c in required_columns(meta.get("task") if isinstance(meta, Mapping) else None) if c not in source]
+        task = meta.get("task") if isinstance(meta, Mapping) else None
+        if "hardmine" not in source.attrs and all(c in source for c in REQUIRED_COLUMNS_LM):
+            task = task or ("causal-lm" if not all(c in source for c in REQUIRED_COLUMNS) else None)
+        missing = [c for c in required_columns(task) if c not in source]
         if "hardmine" not in source.attrs:
             if missing:
                 raise ValueError(
                     f"the DataFrame carries no hardmine metadata (df.attrs['hardmine']) and is missing manifest "
                     f"column(s) {missing}; pass a Scan, a scan directory, a manifest path, or a manifest frame."
                 )
-            df = source.copy()
+            df = _ranked_here(source.copy())
             _validate_rows(df, "the DataFrame")
-            df.attrs["hardmine"] = _bare_metadata("the DataFrame")
+            df.attrs["hardmine"] = _bare_metadata("the DataFrame", df.columns)
             return df
         if missing:
             raise ValueError(f"the DataFrame is missing manifest column(s) {missing}.")
-        return source.copy()
+        return _ranked_here(source.copy())
     if isinstance(source, (str, os.PathLike)):
         return read_manifest(source)
     raise ValueError(

@@ -266,9 +266,14 @@ def _table(df: pd.DataFrame, left: Sequence[str] = ()) -> str:
 
 
 def _class(v: Any, names: Sequence[str] | None) -> str:
-    """A class id as its recorded name (``hardmine.manifest.class_names``) when known, else the number."""
+    """A class id as its recorded name (``hardmine.manifest.class_names``) when known, else the number: HTML."""
+    return _e(_class_text(v, names))
+
+
+def _class_text(v: Any, names: Sequence[str] | None) -> str:
+    """:func:`_class` as plain text (for what escapes it itself, e.g. :func:`_bars_svg`)."""
     if names is not None and isinstance(v, (int, np.integer)) and 0 <= int(v) < len(names):
-        return _e(names[int(v)])
+        return str(names[int(v)])
     return _num(v)
 
 
@@ -360,7 +365,7 @@ def _compute_report(scan: Scan, texts: Mapping[Any, str] | None, k: int) -> str:
         cls = _group_stats(m, "label")
         parts.append('<section id="classes"><h2>Per class</h2>')
         parts.append('<div class="grid"><div>' + _bars_svg(
-            [_class(v, class_names(m)) if class_names(m) else f"class {v}" for v in cls["label"]],
+            [_class_text(v, class_names(m)) if class_names(m) else f"class {v}" for v in cls["label"]],
             cls["failure_rate"].tolist(), cls["size"].tolist(),
             "failure rate (1 − accuracy) per class, worst first") + "</div>")
         parts.append("<div>" + _table(cls, left=("label",)) + "</div></div></section>")

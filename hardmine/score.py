@@ -704,9 +704,10 @@ def _as_float(x: Any) -> np.ndarray:
 
 
 def rank_normalize(x: Any, orientation: int = 1) -> np.ndarray:
-    """Average rank of ``orientation * x`` divided by the number of non-missing values: ``(0, 1]``; NaN stays."""
+    """Average rank of ``orientation * x`` divided by the number of non-missing values: ``(0, 1]``; NaN stays.
+    An infinite value is present (ranked first or last), so it is counted too."""
     v = _as_float(x) * float(orientation)
-    n_valid = int(np.isfinite(v).sum())
+    n_valid = int((~np.isnan(v)).sum())
     if n_valid == 0:
         return np.full(len(v), np.nan)
     return _average_ranks(v) / n_valid

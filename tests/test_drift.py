@@ -147,3 +147,37 @@ def test_cli_drift_json_and_fail_above(scans, tmp_path):
     (tmp_path / "f").write_text("x")
     res = invoke(ref, same, "--out", tmp_path / "f")
     assert res.exit_code == 2 and "is a file" in res.output
+
+
+def test_drift_between_causal_lm_scans_has_no_class_table(tmp_path):
+    # A causal LM's manifest has no label column: drift compares familiarity (and slices, none here) only
+    import torch
+
+    class LM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.head(self.emb(input_ids))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (40, 6))
+    data = [{"input_ids": ids[i : i + 16], "labels": ids[i : i + 16]} for i in range(0, 40, 16)]
+    lm = scan(LM().eval(), data, out=tmp_path / "lm", dim=8, task="causal-lm")
+    report = drift(lm, lm, k=3)
+    assert report.score == 0.0 and report.summary["per_class"] == []
+    assert np.isnan(report.summary["class_tv"]) and report.summary["class_dof"] == 0
+
+
+def test_a_one_sample_scan_says_no_k_works(tmp_path):
+    import torch
+    from models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(d_in=4, hidden=6, n_classes=3).eval()
+    one = scan(model, [(torch.randn(1, 4), torch.tensor([1]))], out=tmp_path / "one", dim=4)
+    with pytest.raises(ValueError, match=r"has 1 sample\(s\): no other sample to be a neighbour"):
+        one.neighbors([0], k=1)
+    with pytest.raises(ValueError, match=r"has 1 sample\(s\); drift needs at least 2"):
+        drift(one, one, k=1)

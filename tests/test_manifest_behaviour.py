@@ -581,3 +581,36 @@ def test_slice_names_are_written_as_text_with_missing_ones_null(tmp_path, dtype)
     assert pq.read_schema(p).field("slice").type == pa.string()
     got = pq.read_table(p).column("slice").to_pylist()
     assert got == ["0/1", None, "1/0", None, None, "7", "2/2", "0/0", None, "1/1", "2/0", "x"]
+
+
+def test_a_filtered_manifest_is_ranked_over_its_own_rows_when_exported(tmp_path):
+    # Some rows of a manifest keep the scan's ranks: its export ranks them again by hardness (the hardest
+    # 10% of the rows given are hard) and writes a file read_manifest reads back
+    df = _framed()
+    df["hardness"] = np.linspace(1.0, 0.1, len(df))[::-1]  # the last rows hardest
+    df["rank"] = np.arange(len(df), 0, -1)
+    sub = df[df["label"] != 1]  # 8 of 12 rows, ranks with gaps
+    out = export_manifest(sub, strategy="top-k", top=0.25, out=tmp_path / "sub.parquet")
+    assert sorted(out["rank"]) == list(range(1, 9)) and int(out["is_hard"].sum()) == 2
+    hardest = out.sort_values("hardness", ascending=False)["sample_id"].head(2).tolist()
+    assert out.loc[out["is_hard"].astype(bool), "sample_id"].tolist() == sorted(hardest)
+    back = read_manifest(tmp_path / "sub.parquet")
+    assert len(back) == 8 and sorted(back["rank"]) == list(range(1, 9))
+    whole = export_manifest(df, strategy="top-k", top=0.25)  # a whole manifest keeps its ranks
+    np.testing.assert_array_equal(whole["rank"].to_numpy(), df["rank"].to_numpy())
+
+
+def test_a_causal_lm_manifest_without_its_metadata_exports(tmp_path):
+    from hardmine.manifest import REQUIRED_COLUMNS_LM
+
+    n = 6
+    lm = pd.DataFrame({c: np.linspace(0.1, 1.0, n) for c in REQUIRED_COLUMNS_LM})
+    lm["sample_id"], lm["rank"], lm["n_target_tokens"] = np.arange(n), np.arange(n, 0, -1), np.arange(1, n + 1)
+    lm["is_hard"] = pd.array(np.zeros(n, bool), dtype="boolean")
+    lm["weight"] = 1.0
+    lm.to_parquet(tmp_path / "bare.parquet")  # re-saved by pandas: no hardmine key
+    with pytest.warns(UserWarning, match="no hardmine metadata"):
+        out = export_manifest(tmp_path / "bare.parquet", out=tmp_path / "e.parquet")
+    assert out.attrs["hardmine"]["task"] == "causal-lm" and len(read_manifest(tmp_path / "e.parquet")) == n
+    with pytest.warns(UserWarning, match="no hardmine metadata"):
+        assert len(export_manifest(lm)) == n  # the frame itself, no attrs

@@ -139,3 +139,9 @@ def test_scan_report_method_and_class_names(tmp_path):
     assert s.manifest().attrs["hardmine"]["class_names"] == names
     page = s.report(tmp_path / "r.html").read_text()
     assert "<svg" in page and sum(f">{n}<" in page for n in names) >= 2  # class names as bar labels and cards
+    # names with HTML's own characters are escaped once, in the bars as in the cards (a browser shows R&B, <unk>)
+    s = hardmine.scan(MLP().eval(), batches, out=tmp_path / "t", dim=8,
+                      provenance={"class_names": ["R&B", "<unk>", "cow", "dog"]})
+    page = s.report(tmp_path / "t.html").read_text()
+    assert "R&amp;B (n=" in page and "&lt;unk&gt; (n=" in page
+    assert "&amp;amp;" not in page and "&amp;lt;" not in page

@@ -705,12 +705,16 @@ _TIES = [0.0, -0.0, 1.0, -1.0, 2.5, np.inf, -np.inf, np.nan]
 )
 def test_rank_normalize_equals_pandas_average_rank(values, orientation):
     # rank_normalize sorts once with numpy's unstable sort and averages runs of equal values: the numbers must
-    # be exactly pandas' average ranks (ties, -0.0 == 0.0, infinities ranked, NaN kept) over the finite count.
+    # be exactly pandas' average ranks (ties, -0.0 == 0.0, infinities ranked, NaN kept) over the count of values
+    # present (infinities included), so every one lies in (0, 1] as documented.
     x = np.asarray(values, dtype=np.float64)
     v = x * orientation
-    n_valid = int(np.isfinite(v).sum())
+    n_valid = int((~np.isnan(v)).sum())
     want = pd.Series(v).rank(method="average", na_option="keep").to_numpy() / n_valid if n_valid else np.full(len(v), np.nan)
-    np.testing.assert_array_equal(rank_normalize(x, orientation), want)
+    got = rank_normalize(x, orientation)
+    np.testing.assert_array_equal(got, want)
+    present = got[~np.isnan(got)]
+    assert ((present > 0) & (present <= 1)).all()
 
 
 @settings(max_examples=200, deadline=None)

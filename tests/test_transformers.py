@@ -364,15 +364,19 @@ def test_broadcast_output_not_used_row_by_row_goes_to_vmap(caplog):
     assert_close(res.grad_norm.double(), ref.grad_norm, rtol=1e-6, atol=1e-8)
 
 
-def test_broadcast_seen_only_after_a_one_sample_first_batch_is_refused_not_expanded_unchecked():
-    # A first batch of one sample cannot show a broadcast input, so the probe approves no expansion; a later
-    # batch of several samples is then refused (as before this support) instead of expanded without checks.
+def test_broadcast_seen_only_after_a_one_sample_first_batch_is_checked_again_not_expanded_unchecked():
+    # A first batch of one sample cannot show a broadcast input, so the plan is checked again on the first batch
+    # of several samples: the expansion is approved there (never taken unchecked) and its vectors are exact.
     torch.manual_seed(0)
     model = Positional().double()
-    ext = GradientExtractor(model, dim=16)
-    ext((torch.randint(0, 20, (1, 5)), torch.randint(0, 3, (1,))))
-    with pytest.raises(ValueError, match=r"pos \(Embedding\).*not on dimension 0"):
-        ext((torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,))))
+    ext = GradientExtractor(model, dim=16, engine="factored")
+    first = (torch.randint(0, 20, (1, 5)), torch.randint(0, 3, (1,)))
+    assert_close(ext(first).grad_norm, reference_per_sample_grads(model, first).grad_norm)
+    for b in (4, 3):
+        batch = (torch.randint(0, 20, (b, 5)), torch.randint(0, 3, (b,)))
+        assert_close(ext(batch).grad_norm, reference_per_sample_grads(model, batch).grad_norm)
+        assert_close(ext(batch).z, GradientExtractor(model, dim=16, engine="vmap")(batch).z)
+    assert ext._checked_rows == 4  # checked once more, on the first larger batch only
     # A first batch of several samples approves it, and a last batch of one sample needs no expansion.
     ext = GradientExtractor(model, dim=16)
     for b in (4, 1):
@@ -423,9 +427,12 @@ def test_broadcast_inputs_the_maths_does_not_cover_go_to_vmap(cls, x, module, wh
     res = ext(batch)
     meta = ext.metadata()
     assert meta["plan"][f"{module}.weight"] == "vmap" and why in meta["plan_reasons"][f"{module}.weight"]
-    assert meta["plan"]["head.weight"] == "factored"
     if cls is BatchStatistic:
-        return  # the model mixes samples: no engine but the per-sample loop can match it, only refusal matters
+        # the model mixes samples: no engine but the per-sample loop can match it, so the first batch's exactness
+        # check sends the layers after the mixing to vmap as well
+        assert meta["plan"]["head.weight"] == "vmap" and "differ from the exact ones" in meta["plan_reasons"]["head.weight"]
+        return
+    assert meta["plan"]["head.weight"] == "factored"
     vmap = GradientExtractor(model, dim=16, engine="vmap")(batch)
     assert_close(res.z, vmap.z, rtol=1e-5, atol=1e-6)
     assert_close(res.grad_norm, vmap.grad_norm)

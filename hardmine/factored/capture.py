@@ -194,7 +194,9 @@ def capture_calls(
             # it, so this one sees only the model's direct calls of it, which are part of its gradient as well.
             size = batch_size if expand is None or name in expand else None
             hook = functools.partial(_record, rec[name], name in clone, size)
-            handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
+            # First among the module's forward hooks: the output recorded (and the gradient taken there) is the
+            # module's own; a user's hook that changes it then runs on what this one hands on, as it would
+            handles.append(unit.module.register_forward_hook(hook, with_kwargs=True, prepend=True))
         for host, roles in hosts.values():
             rule = rule_for(host)
             assert rule is not None and rule.reforwards  # the plan hosts units only under such a rule

@@ -257,6 +257,8 @@ class Scan:
         vectors, self_rows = self._query_vectors(query)
         limit = self.n_samples - (1 if self_rows is not None else 0)
         if k > limit:
+            if limit < 1:
+                raise ValueError(f"the scan has {self.n_samples} sample(s): no other sample to be a neighbour of one.")
             raise ValueError(f"k={k} is larger than the {limit} other samples in the scan; use k <= {limit}.")
         u = np.ascontiguousarray(unit_rows(vectors)[0], dtype=np.float32)  # (q, out_dim)
         info = self.index_info

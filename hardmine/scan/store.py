@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .._io import (
+    SCAN_FILE,
     TMP_PREFIX,
     atomic_path,
     atomic_save_npy,
@@ -51,7 +52,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCAN_FILE = "scan.json"
 PROGRESS_FILE = "progress.json"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.parquet"
