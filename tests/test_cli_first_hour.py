@@ -264,9 +264,22 @@ def test_text_labels_are_mapped_to_ids_recorded_and_shown_by_name(tmp_path, trai
     sub = read_manifest(tmp_path / "sub").sort_values("sample_id")
     assert sub["label"].tolist() == y[keep].tolist()
     res = _scan(tmp_path, "--feature-columns", "p*", "--class-names", "cat,dog,emu", data="d.csv", out="few")
-    assert res.exit_code == 2 and "'yak'" in _text(res) and "not among the class names" in _text(res)
+    assert res.exit_code == 2 and "'yak'" in _text(res) and "not among the model's class names" in _text(res)
     res = invoke("show", tmp_path / "scan", "--class", "wolf")
     assert res.exit_code == 2 and "neither a class id nor a class name" in _text(res)
+    # Integer labels name no classes: --class-names must still name every class of the model, or the names
+    # past a missing one would label other classes' samples
+    pd.DataFrame({"feat": list(x), "label": y}).to_parquet(tmp_path / "ints.parquet")
+    for names in ("a,b,c", "a,b,c,d,e"):
+        res = _scan(tmp_path, "--feature-column", "feat", "--class-names", names, data="ints.parquet", out="ints")
+        assert res.exit_code == 2 and "the model has 4 classes but --class-names names" in _text(res), res.output
+        assert not (tmp_path / "ints").exists()
+    res = _scan(tmp_path, "--feature-column", "feat", "--class-names", "a,b,c", "--num-classes", "4",
+                data="ints.parquet", out="ints")
+    assert res.exit_code == 2 and "--class-names names 3 classes" in _text(res) and "--num-classes is 4" in _text(res)
+    res = _scan(tmp_path, "--feature-column", "feat", "--class-names", "a,b,c,d", data="ints.parquet", out="ints")
+    assert res.exit_code == 0, res.output
+    assert read_manifest(tmp_path / "ints").attrs["hardmine"]["class_names"] == ["a", "b", "c", "d"]
 
 
 def test_layers_shows_a_tied_head_as_factored_and_counts_it_once():

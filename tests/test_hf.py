@@ -132,6 +132,37 @@ def test_a_trained_head_is_never_resized_and_model_is_not_ignored(tmp_path, hf_d
     assert res.exit_code == 2 and "drop --model" in " ".join(res.output.split())
 
 
+def test_text_labels_take_the_ids_of_a_trained_heads_id2label(tmp_path, hf_dir):
+    # The head names its classes (0: "pos", 1: "neg", not their sorted order): text labels take those ids, a label
+    # it does not name is refused with the way out, and --class-names overrides it
+    import pandas as pd
+
+    from hardmine.manifest import read_manifest
+
+    trained = tmp_path / "named"
+    loaded = load_model(hf_dir, num_labels=2, allow_new_head=True)
+    loaded.model.config.id2label = {0: "pos", 1: "neg"}
+    loaded.model.config.label2id = {"pos": 0, "neg": 1}
+    loaded.model.save_pretrained(trained)
+    loaded.tokenizer.save_pretrained(trained)
+    texts = ["a fine film", "dull and long", "great acting", "bad plot"]
+    pd.DataFrame({"text": texts, "label": ["pos", "neg", "pos", "neg"]}).to_parquet(tmp_path / "t.parquet")
+    common = ["--text-column", "text", "--layers", "classifier", "--dim", "8", "--quiet"]
+    res = _invoke("scan", trained, tmp_path / "t.parquet", "--out", tmp_path / "s", *common)
+    assert res.exit_code == 0, res.output
+    m = read_manifest(tmp_path / "s").sort_values("sample_id")
+    assert m["label"].tolist() == [0, 1, 0, 1] and m.attrs["hardmine"]["class_names"] == ["pos", "neg"]
+    pd.DataFrame({"text": texts, "label": ["positive", "neg", "pos", "neg"]}).to_parquet(tmp_path / "u.parquet")
+    res = _invoke("scan", trained, tmp_path / "u.parquet", "--out", tmp_path / "u", *common)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "['positive']" in text and "id2label" in text and "--class-names" in text, text
+    assert not (tmp_path / "u").exists()
+    res = _invoke("scan", trained, tmp_path / "t.parquet", "--out", tmp_path / "c", "--class-names", "neg,pos",
+                  *common)
+    assert res.exit_code == 0, res.output
+    assert read_manifest(tmp_path / "c").sort_values("sample_id")["label"].tolist() == [1, 0, 1, 0]
+
+
 # ------------------------------------------------------------------------------------------------ LoRA
 def test_a_lora_adapter_directory_scans_only_the_adapter_and_is_exact(tmp_path, hf_dir, reviews):
     peft = pytest.importorskip("peft")

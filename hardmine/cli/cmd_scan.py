@@ -106,10 +106,10 @@ def scan_command(
     ),
     class_names: str | None = typer.Option(
         None, "--class-names",
-        help="Comma-separated class names, class 0 first: text labels get their class ids from it (without it: "
-             "their sorted names, which must then be every class of the model); recorded in the scan and shown "
-             "by show/slices/review (default: text labels' names, a HF model's id2label, or a HF dataset's "
-             "ClassLabel names).",
+        help="Comma-separated class names, one per class of the model, class 0 first: text labels get their "
+             "class ids from it (without it: a trained HF head's id2label names, else their sorted names, which "
+             "must then be every class of the model); recorded in the scan and shown by show/slices/review "
+             "(default: those names, or a HF dataset's ClassLabel names).",
     ),
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated module names/globs (default: all)."),
     dim: int = typer.Option(256, "--dim", min=1, help="Projection dimension per selected parameter tensor."),
@@ -192,7 +192,10 @@ def scan_command(
             neighbor_scores=neighbor_scores, build_index=build_index, cuda_graphs=cuda_graphs,
         )
         return
-    given_names = _class_names(class_names, None, None)  # text labels map to these ids (the model's classes)
+    # Text labels map to the ids of these names (the model's classes): --class-names, else a trained Hugging Face
+    # head's id2label (a new head's names are the checkpoint's, not this head's)
+    given_names = _class_names(class_names, None, None if loaded.info.get("new_head") else loaded.model)
+    names_from = "--class-names" if class_names is not None else "the model's id2label"
     src = open_data(
         data, format=format, label_column=label_column, id_column=id_column, feature_column=feature_column,
         feature_columns=feature_columns, text_column=text_column, input_shape=shape, tokenizer=loaded.tokenizer,
@@ -212,6 +215,16 @@ def scan_command(
                 "gets its class id."
             )
         scan_classes = len(sorted_names)
+    # --class-names names the model's classes, class 0 first: as many as the model has, or every name after the
+    # first missing class would label another class's samples (integer labels included)
+    named = given_names if loss not in (LossKind.MSE, LossKind.BCE) else None
+    if named is not None:
+        if num_classes is not None and num_classes != len(named):
+            raise typer.BadParameter(
+                f"{names_from} names {len(named)} classes {named[:10]} but --num-classes is {num_classes}; "
+                "pass --class-names with one name per class of the model, class 0 first."
+            )
+        scan_classes = len(named)
     bars = _RichProgress(quiet or as_json or rank != 0)
     # What defines the data read: part of the scan's configuration, so a rerun with other values is refused.
     data_options = {
@@ -235,6 +248,11 @@ def scan_command(
                 cuda_graphs=cuda_graphs,
             )
     except ClassCountError as exc:
+        if named is not None and num_classes is None:
+            raise typer.BadParameter(
+                f"the model has {exc.model_classes} classes but {names_from} names {len(named)} {named[:10]}; "
+                "pass --class-names with one name per class of the model, class 0 first."
+            ) from None
         if sorted_names is None or num_classes is not None:
             raise
         raise typer.BadParameter(

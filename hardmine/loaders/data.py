@@ -233,8 +233,9 @@ class _TableSpec:
                 unknown = [n for n in self.label_names if n not in self.class_names]
                 if unknown:
                     raise ValueError(
-                        f"label(s) {unknown[:10]} of the data are not among the class names {self.class_names[:20]}; "
-                        "pass --class-names with every class of the model, class 0 first."
+                        f"label(s) {unknown[:10]} of the data are not among the model's class names "
+                        f"{self.class_names[:20]} (--class-names, else a Hugging Face head's id2label); pass "
+                        "--class-names with every class of the model, class 0 first, named as the data names them."
                     )
                 self.label_names = list(self.class_names)
             if self.label_names is not None and self.num_classes is not None and len(self.label_names) > self.num_classes:
