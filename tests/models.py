@@ -136,3 +136,17 @@ class ArgMaxNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x).argmax(dim=1)
+
+
+class Branch(nn.Module):
+    """A module the forward calls on some batches only (a branch the data picks, an expert nothing is routed to)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4)
+        h = torch.tanh(self.a(x))  # (B, 5)
+        if bool(x[:, 0].gt(0).all()):  # the branch: every sample of the batch must agree
+            h = h + torch.tanh(self.b(h))
+        return self.head(h)

@@ -328,8 +328,15 @@ def _hooked_forward(
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def call_problem(unit: FactoredUnit, calls: list[CapturedCall], batch_size: int) -> str | None:
-    """Why ``unit``'s captured calls cannot be attributed per sample, or None."""
+def call_problem(
+    unit: FactoredUnit, calls: list[CapturedCall], batch_size: int, uncalled_ok: bool = False
+) -> str | None:
+    """Why ``unit``'s captured calls cannot be attributed per sample, or None. ``uncalled_ok``: a batch after
+    the probe, whose probe saw the module called: a module the forward skips on this batch (a branch the data
+    picks, an expert no token is routed to) has a zero gradient for every sample, which is what its rule gives
+    without calls."""
+    if not calls and uncalled_ok:
+        return None
     if not calls:
         return (
             "its forward hook never fired: the model uses its parameters without calling the module "
@@ -352,16 +359,17 @@ def call_problem(unit: FactoredUnit, calls: list[CapturedCall], batch_size: int)
 
 
 def check_calls(
-    units: Mapping[str, FactoredUnit], rec: Captured, batch_size: int
+    units: Mapping[str, FactoredUnit], rec: Captured, batch_size: int, uncalled_ok: bool = False
 ) -> tuple[dict[str, str], set[str]]:
     """``({module: problem}, modules whose output the model modified in place)`` for one captured forward.
 
     A modified output is a problem only where the module did not hand the model a clone (see
-    :func:`capture_calls`); the caller decides (a probe learns which modules to protect from it)."""
+    :func:`capture_calls`); the caller decides (a probe learns which modules to protect from it).
+    ``uncalled_ok``: see :func:`call_problem` (a checked plan's later batches)."""
     problems: dict[str, str] = {}
     modified: set[str] = set()
     for name, unit in units.items():
-        why = call_problem(unit, rec[name], batch_size)
+        why = call_problem(unit, rec[name], batch_size, uncalled_ok)
         if why is not None:
             problems[name] = why
         elif any(c.output_modified for c in rec[name]):
@@ -638,7 +646,7 @@ def compute_factored(
         loss_target = validate_output(output, target, loss_kind, flags)  # clamped labels under `flags`
         loss = loss_fn(output, loss_target)
     check_per_sample_loss(loss, b)
-    problems, modified = check_calls(units, rec, b)
+    problems, modified = check_calls(units, rec, b, uncalled_ok=True)  # (the probe refused modules never called)
     for name in modified - protect:  # protected modules handed the model a clone: theirs may change
         problems.setdefault(name, "its output was modified in place, which the probe batch did not show")
     for name, why in problems.items():
