@@ -1622,7 +1622,7 @@ def test_a_forward_failing_on_the_full_batch_quotes_the_input_shapes():
 def test_an_output_modified_in_place_only_on_the_full_batch_is_refused():
     assert _big_batch_error("inplace") == (
         "module a (Linear): its output was modified in place, which the probe batch did not show. The factored "
-        "engine needs each selected module to see the batch on dimension 0 and be called on this batch; use "
+        "engine needs each selected module to see the batch on dimension 0 as the probe batch did; use "
         "engine='vmap'."
     )
 

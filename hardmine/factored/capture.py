@@ -652,7 +652,7 @@ def compute_factored(
     for name, why in problems.items():
         raise ValueError(
             f"module {units[name].label}: {why}. The factored engine needs each selected module to see the "
-            "batch on dimension 0 and be called on this batch; use engine='vmap'."
+            "batch on dimension 0 as the probe batch did; use engine='vmap'."
         )
     return apply_rules(units, rec, loss, output, layout, b, out=out, memo=memo)
 
