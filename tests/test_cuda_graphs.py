@@ -765,6 +765,20 @@ def test_numerics_reads_torch_s_flags_through_their_getters():
     ns.flag = "value"
     assert _reader(ns, "flag")() == "value" and _reader(None, "flag")() is None
 
+    class Prop:  # a property whose getter reads another value than the attribute (or fails)
+        def __init__(self, getter):
+            self.getter = getter
+
+        def __get__(self, obj, cls):
+            return "attribute"
+
+    owner = type("Owner", (), {"same": Prop(lambda: "attribute"), "other": Prop(lambda: "getter"),
+                               "fails": Prop(lambda: 1 / 0)})()
+    assert _reader(owner, "same") is vars(type(owner))["same"].getter
+    for name in ("other", "fails"):  # not taken: read as an attribute
+        read = _reader(owner, name)
+        assert read is not vars(type(owner))[name].getter and read() == "attribute"
+
 
 def test_autocast_state_reads_the_device_type_s_own_settings(monkeypatch):
     from hardmine.factored.graphs import _autocast_state
@@ -958,6 +972,22 @@ def test_as_bytes_views_what_flattens_to_unit_stride_and_copies_the_rest():
 
     x = torch.arange(6, dtype=torch.int32)
     assert _as_bytes(x).data_ptr() == x.data_ptr() and _as_bytes(x).shape == (24,)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:  # a 1-D tensor's bytes are its dtype view alone (a reshape first is an op for nothing)
+        _as_bytes(x)
+    with Ops() as bare:
+        x.view(torch.uint8)
+    assert ops.ops == bare.ops and "aten.view.dtype" in ops.ops
     assert torch.equal(_as_bytes(torch.tensor(7.0)), torch.tensor(7.0).reshape(1).view(torch.uint8))
     col = torch.arange(6.0).reshape(3, 2)[:, 1]
     assert torch.equal(_as_bytes(col), torch.tensor([1.0, 3.0, 5.0]).view(torch.uint8))

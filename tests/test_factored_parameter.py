@@ -392,3 +392,28 @@ def test_bench_parameters_quick_runs(tmp_path):
         assert max(r["max_rel_err_grad_norm"].values()) < 1e-5
         assert r["factored_samples_per_s"] > 0 and r["before_samples_per_s"] > 0
     assert "| torch_vit | 16 |" in md
+
+
+def test_a_parameter_copy_the_probe_did_not_approve_is_refused_not_swapped():
+    # capture_calls expands only the units in `expand` (what the probe approved); a parameter unit left out of
+    # it on a batch of several samples is recorded as refused, and the model keeps its own parameter
+    from hardmine.factored.capture import capture_calls, check_calls
+
+    torch.manual_seed(0)
+    model = Tokens().double()
+    units, _ = plan_factored(model, ["cls"])
+    with capture_calls(units, (), batch_size=3, expand=()) as rec:
+        assert type(model.cls) is nn.Parameter  # not swapped
+        model(_batch(3)[0])
+    (call,) = rec["cls"]
+    assert call.x is None and call.problem == (
+        "it is used broadcast over the batch, which the first batch (of one sample) could not check; start the "
+        "scan with a batch of more than one sample"
+    )
+    problems, _ = check_calls(units, rec, 3, uncalled_ok=True)
+    assert problems == {"cls": call.problem}
+    with capture_calls(units, (), batch_size=3, expand=("cls",)) as rec:
+        assert model._parameters["cls"].shape == (3, 1, 6)  # the per-sample copy
+        model(_batch(3)[0])
+    assert rec["cls"][0].problem is None and rec["cls"][0].broadcast
+    assert type(model.cls) is nn.Parameter

@@ -9,12 +9,14 @@ import warnings
 
 import pytest
 import torch
+from models import Branch
 from test_factored import _check_pass, _expected, _layout, _Shapes
 from torch import nn
 from torch.testing import assert_close
 
 import hardmine.factored.conv2d as conv2d_rule
 import hardmine.factored.registry as registry
+from hardmine.engine import GradientExtractor
 from hardmine.extract import reference_per_sample_grads
 from hardmine.factored import ProjectionLayout, factored_pass
 from hardmine.factored.conv1d import Conv1DRule
@@ -1600,7 +1602,12 @@ class _ChangesOnBigBatches(nn.Module):
         big = x.shape[0] > 3
         if big and self.how == "fail":
             raise RuntimeError("boom")
-        h = self.a(x)
+        if self.how == "never":  # `a` not called
+            h = x
+        elif big and self.how == "broadcast":  # `a` called once on a (1, 4) input the model broadcasts
+            h = self.a(torch.ones(1, 4, dtype=x.dtype)) + x
+        else:
+            h = self.a(x)
         if big and self.how == "inplace":
             h.mul_(2)
         out = self.h(torch.tanh(h))
@@ -1612,6 +1619,18 @@ def _big_batch_error(how: str) -> str:
     with pytest.raises(ValueError) as err:
         factored_pass(model, (torch.randn(5, 4), torch.randint(0, 3, (5,))), _layout(model, ["a"], dim=16))
     return str(err.value)
+
+
+def test_a_module_the_probe_never_saw_called_is_refused():
+    model = _ChangesOnBigBatches("never")  # `a` never called, even by the probe
+    batch = (torch.randn(2, 4), torch.randint(0, 3, (2,)))
+    with pytest.raises(ValueError, match=r"a \(Linear\): its forward hook never fired"):
+        factored_pass(model, batch, _layout(model, ["a"], dim=16))
+
+
+def test_a_broadcast_call_the_probe_did_not_see_is_refused_not_expanded_unchecked():
+    msg = _big_batch_error("broadcast")
+    assert msg.startswith("module a (Linear): it saw input shape (1, 4) / output shape (1, 4) for a batch of 5")
 
 
 def test_a_forward_failing_on_the_full_batch_quotes_the_input_shapes():
@@ -2130,3 +2149,32 @@ def test_uncached_dense_names_the_dense_blocks_beyond_their_projectors_cache():
     assert layout.uncached_dense() == (["c.w", "d.w"], 3 * 256 * 4)
     small = ProjectionLayout(model, ["lin.weight", "lin.bias", "v.w", "b.w", "c.w", "d.w"], dim=256, seed=0)
     assert small.uncached_dense() == ([], 0)
+
+
+def _projected_reference(model: nn.Module, batch, ext) -> torch.Tensor:
+    """The reference loop's gradients projected with the extractor's layout: what ``ext(batch).z`` must be."""
+    ref = reference_per_sample_grads(model, batch)
+    return ext.layout.assemble({n: ext.layout.project_exact(n, g) for n, g in ref.grads.items()})
+
+
+@pytest.mark.parametrize("engine", ["factored", "auto"])
+def test_a_module_a_later_batch_skips_has_zero_gradients_not_an_error(engine):
+    torch.manual_seed(0)
+    model = Branch().double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    taken, skipped = x.clone(), x.clone()
+    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    ext = GradientExtractor(model, dim=16, seed=3, engine=engine)
+    for batch in ((taken, y), (skipped, y), (skipped[:1], y[:1]), (taken, y)):
+        res = ext(batch)
+        assert_close(res.z, _projected_reference(model, batch, ext), rtol=1e-6, atol=1e-9)
+        assert_close(res.grad_norm, reference_per_sample_grads(model, batch).grad_norm)
+    assert set(ext.metadata()["plan"].values()) == {"factored"}
+    # A first batch without the call cannot tell a skipped module from weights used without calling it
+    if engine == "factored":
+        with pytest.raises(ValueError, match=r"per sample: b \(Linear\): its forward hook never fired"):
+            GradientExtractor(model, dim=16, engine=engine)((skipped, y))
+    else:  # sent to vmap, which cannot run this model's branch either: refused, nothing guessed
+        with pytest.raises(ValueError, match=r"cannot run under torch\.func\.vmap \(it has data-dependent"):
+            GradientExtractor(model, dim=16, engine=engine)((skipped, y))

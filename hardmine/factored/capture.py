@@ -329,7 +329,7 @@ def _hooked_forward(
 
 # ----------------------------------------------------------------------------------------------- checks
 def call_problem(
-    unit: FactoredUnit, calls: list[CapturedCall], batch_size: int, uncalled_ok: bool = False
+    unit: FactoredUnit, calls: list[CapturedCall], batch_size: int, *, uncalled_ok: bool
 ) -> str | None:
     """Why ``unit``'s captured calls cannot be attributed per sample, or None. ``uncalled_ok``: a batch after
     the probe, whose probe saw the module called: a module the forward skips on this batch (a branch the data
@@ -369,7 +369,7 @@ def check_calls(
     problems: dict[str, str] = {}
     modified: set[str] = set()
     for name, unit in units.items():
-        why = call_problem(unit, rec[name], batch_size, uncalled_ok)
+        why = call_problem(unit, rec[name], batch_size, uncalled_ok=uncalled_ok)
         if why is not None:
             problems[name] = why
         elif any(c.output_modified for c in rec[name]):

@@ -197,16 +197,18 @@ def _reader(owner: Any, name: str) -> Callable[[], Any]:
     def plain() -> Any:
         return getattr(owner, name, None)  # (a missing owner is None, which has no such attribute)
 
-    direct: Callable[[], Any] | None = None
-    getter = getattr(getattr(type(owner), "__dict__", {}).get(name), "getter", None)  # a ContextProp's
+    direct: Callable[[], Any]
+    getter = getattr(vars(type(owner)).get(name), "getter", None)  # a ContextProp's (every type has a __dict__)
     fp32 = getattr(getattr(torch, "_C", None), "_get_fp32_precision_getter", None)
     if callable(getter):
         direct = getter
     elif name == "fp32_precision" and callable(fp32) and type(owner).__name__ == "_FP32Precision":
         backend, op = owner.backend, owner.op
         direct = functools.partial(fp32, backend, op)
+    else:
+        return plain
     try:  # a shortcut that does not read what the attribute says now is not taken
-        if direct is not None and direct() == plain():
+        if direct() == plain():
             return direct
     except Exception:  # noqa: BLE001  (the attribute's own error is raised where it is read)
         pass
