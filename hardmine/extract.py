@@ -113,13 +113,8 @@ def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
     """Put the model in the mode the gradient pass needs and restore every module's flag afterwards."""
     as_module(model)
     saved = [(m, m.training) for m in model.modules()]
-    if any(training and isinstance(m, _BatchNorm) for m, training in saved):
-        bn_train = [n or "<root>" for n, m in model.named_modules() if m.training and isinstance(m, _BatchNorm)]
-        raise ValueError(
-            f"BatchNorm module(s) {bn_train} are in training mode, where each sample's output depends on the "
-            "rest of the batch, so per-sample gradients are undefined. Call model.eval() before scanning."
-        )
-    # Without running statistics a BatchNorm normalises with the batch's own, in eval mode too
+    # Without running statistics a BatchNorm normalises with the batch's own, in eval mode too (checked first:
+    # model.eval(), the training-mode advice, cannot fix that)
     if any(isinstance(m, _BatchNorm) and m.running_mean is None for m, _ in saved):
         batch_stats = [n or "<root>" for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.running_mean is None]
         raise ValueError(
@@ -127,6 +122,12 @@ def forward_mode(model: nn.Module, randomness: Randomness) -> Iterator[None]:
             "eval mode they normalise with the batch's statistics: each sample's output depends on the rest of the "
             "batch and per-sample gradients are undefined. Use a model whose norms keep running statistics, or a "
             "per-sample norm (GroupNorm, LayerNorm)."
+        )
+    if any(training and isinstance(m, _BatchNorm) for m, training in saved):
+        bn_train = [n or "<root>" for n, m in model.named_modules() if m.training and isinstance(m, _BatchNorm)]
+        raise ValueError(
+            f"BatchNorm module(s) {bn_train} are in training mode, where each sample's output depends on the "
+            "rest of the batch, so per-sample gradients are undefined. Call model.eval() before scanning."
         )
     try:
         # Only flags that change are touched (a model already in eval mode, the usual case, costs nothing

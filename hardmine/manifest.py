@@ -623,15 +623,18 @@ def _validate_rows(df: pd.DataFrame, where: Any) -> None:
 def _ranked_here(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with ``rank`` 1..n over its own rows: a filtered manifest (some rows of a scan's) keeps the scan's
     ranks, which its export would read as positions among rows it no longer has (too few marked hard, and a file
-    ``read_manifest`` refuses). Ranked again by ``hardness``, as a scan ranks; a whole manifest is unchanged, and
-    ranks that are no selection of a scan's (repeated, missing, below 1) are left for validation to refuse."""
+    ``read_manifest`` refuses). Numbered again in the order of the scan's ranks (its ties kept as the scan broke
+    them); a whole manifest is unchanged, and ranks that are no selection of a scan's (repeated, missing, below 1)
+    are left for validation to refuse."""
     if "rank" in df and "hardness" in df and len(df):
         rank = pd.to_numeric(df["rank"], errors="coerce").to_numpy(dtype=np.float64)
         whole = np.array_equal(np.sort(rank), np.arange(1, len(df) + 1))
         selection = bool(np.isfinite(rank).all() and (rank >= 1).all() and (rank == np.round(rank)).all()
                          and len(np.unique(rank)) == len(rank))
         if selection and not whole:
-            df["rank"] = hardness_rank(df["hardness"].to_numpy(dtype=np.float64))
+            renumbered = np.empty(len(rank), dtype=np.int64)
+            renumbered[np.argsort(rank)] = np.arange(1, len(rank) + 1)  # (n,) unique ranks: any sort agrees
+            df["rank"] = renumbered
     return df
 
 

@@ -274,7 +274,9 @@ def _class_text(v: Any, names: Sequence[str] | None) -> str:
     """:func:`_class` as plain text (for what escapes it itself, e.g. :func:`_bars_svg`)."""
     if names is not None and isinstance(v, (int, np.integer)) and 0 <= int(v) < len(names):
         return str(names[int(v)])
-    return _num(v)
+    if v is None or isinstance(v, (float, np.floating)):
+        return _num(v)  # digits or a dash: nothing to escape
+    return str(v)
 
 
 def _example(sid: Any, m: pd.DataFrame, nbrs: dict[Any, list[tuple[Any, float]]], texts: Mapping[Any, str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -141,12 +142,15 @@ class ArgMaxNet(nn.Module):
 class Branch(nn.Module):
     """A module the forward calls on some batches only (a branch the data picks, an expert nothing is routed to)."""
 
-    def __init__(self) -> None:
+    def __init__(self, functional_else: bool = False) -> None:
         super().__init__()
         self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.functional_else = functional_else  # the other branch uses b's weights without calling b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4)
         h = torch.tanh(self.a(x))  # (B, 5)
         if bool(x[:, 0].gt(0).all()):  # the branch: every sample of the batch must agree
             h = h + torch.tanh(self.b(h))
+        elif self.functional_else:
+            h = h - torch.tanh(F.linear(h, self.b.weight, self.b.bias))
         return self.head(h)

@@ -781,14 +781,14 @@ def test_numerics_reads_torch_s_flags_through_their_getters():
 
 
 def test_autocast_state_reads_the_device_type_s_own_settings(monkeypatch):
-    from hardmine.factored.graphs import _autocast_state
+    from hardmine.factored.graphs import autocast_state
 
     was = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("xpu")
     try:  # settable without the device: the xpu answer must not be CUDA's (nor the default's)
         torch.set_autocast_enabled("cuda", True)
         torch.set_autocast_dtype("xpu", torch.bfloat16)
-        assert _autocast_state("xpu") == (False, torch.bfloat16)
-        assert _autocast_state("cuda") == (True, torch.get_autocast_dtype("cuda"))
+        assert autocast_state("xpu") == (False, torch.bfloat16)
+        assert autocast_state("cuda") == (True, torch.get_autocast_dtype("cuda"))
     finally:
         torch.set_autocast_enabled("cuda", was[0])
         torch.set_autocast_dtype("xpu", was[1])
@@ -803,8 +803,8 @@ def test_autocast_state_reads_the_device_type_s_own_settings(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # entered (and left) with the real call
         with monkeypatch.context() as mp:
             mp.setattr(torch, "is_autocast_enabled", old_api)
-            assert _autocast_state("cpu") == (True, torch.bfloat16)
-            assert _autocast_state("cuda") == (False, torch.get_autocast_dtype("cuda"))
+            assert autocast_state("cpu") == (True, torch.bfloat16)
+            assert autocast_state("cuda") == (False, torch.get_autocast_dtype("cuda"))
 
 
 def test_module_state_holds_every_tensor_and_counts_every_kind_of_hook():

@@ -267,12 +267,33 @@ def test_uses_the_layer_rules_do_not_see_are_caught_on_the_first_batch(case):
             GradientExtractor(model, dim=16, seed=3, engine="factored")(batch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_first_batchs_exactness_check_allows_the_rounding_of_a_pass_under_autocast(dtype):
+    # float32 weights, low-precision activations: the factored and the exact vectors differ by the autocast dtype's
+    # rounding (0.11 for this model and seed in bfloat16), which must not refuse the factored engine
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 10, (8,), generator=g)
+    batch = (torch.randn(8, 784, generator=g), y)
+    with torch.autocast("cpu", dtype=dtype):
+        ext = GradientExtractor(model, dim=64, seed=0, engine="factored")
+        z = ext(batch).z
+    assert set(ext.metadata()["plan"].values()) == {"factored"}
+    exact = GradientExtractor(model, dim=64, seed=0, engine="vmap")(batch).z
+    gap = torch.linalg.vector_norm(z - exact) / torch.linalg.vector_norm(exact)
+    assert 0 < gap < 0.25  # rounded, and by no more than the tolerance
+
+
 def test_batchnorm_without_running_statistics_is_refused_in_eval_mode_too():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 3)).eval()
     batch = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
     for engine in ("auto", "vmap"):
         with pytest.raises(ValueError, match=r"BatchNorm module\(s\) \['1'\] keep no running statistics"):
             GradientExtractor(model, dim=8, engine=engine)(batch)
+    model.train()  # in training mode too, this is what to fix first (model.eval() would not)
+    with pytest.raises(ValueError, match=r"BatchNorm module\(s\) \['1'\] keep no running statistics"):
+        GradientExtractor(model, dim=8, engine="auto")(batch)
 
 
 def test_a_first_batch_of_one_sample_is_checked_again_on_the_first_larger_one():

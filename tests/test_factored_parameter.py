@@ -407,10 +407,10 @@ def test_a_parameter_copy_the_probe_did_not_approve_is_refused_not_swapped():
         model(_batch(3)[0])
     (call,) = rec["cls"]
     assert call.x is None and call.problem == (
-        "it is used broadcast over the batch, which the first batch (of one sample) could not check; start the "
-        "scan with a batch of more than one sample"
+        "it is used broadcast over the batch, which the probe batch did not show (a probe of one sample cannot), "
+        "so no per-sample copy of it was checked"
     )
-    problems, _ = check_calls(units, rec, 3, uncalled_ok=True)
+    problems, _ = check_calls(units, rec, 3, later=torch.zeros(3))
     assert problems == {"cls": call.problem}
     with capture_calls(units, (), batch_size=3, expand=("cls",)) as rec:
         assert model._parameters["cls"].shape == (3, 1, 6)  # the per-sample copy

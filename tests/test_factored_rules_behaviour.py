@@ -2178,3 +2178,50 @@ def test_a_module_a_later_batch_skips_has_zero_gradients_not_an_error(engine):
     else:  # sent to vmap, which cannot run this model's branch either: refused, nothing guessed
         with pytest.raises(ValueError, match=r"cannot run under torch\.func\.vmap \(it has data-dependent"):
             GradientExtractor(model, dim=16, engine=engine)((skipped, y))
+
+
+@pytest.mark.parametrize("engine", ["factored", "auto"])
+def test_a_later_batch_using_a_skipped_modules_weights_without_it_is_refused_not_zeroed(engine):
+    # The probe saw b called; a later batch's branch uses b's weights through F.linear: its gradients are not zero,
+    # and the rule, given no calls, would write zeros: refused
+    torch.manual_seed(0)
+    model = Branch(functional_else=True).double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    taken, skipped = x.clone(), x.clone()
+    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    assert reference_per_sample_grads(model, (skipped, y)).grads["b.weight"].abs().amax() > 0
+    ext = GradientExtractor(model, dim=16, seed=3, engine=engine)
+    assert_close(ext((taken, y)).z, _projected_reference(model, (taken, y), ext), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match=r"module b \(Linear\): its forward hook did not fire on this batch, yet its "
+                       r"parameters reach the loss: the model uses them without calling the module"):
+        ext((skipped, y))
+    assert_close(ext((taken, y)).z, _projected_reference(model, (taken, y), ext), rtol=1e-6, atol=1e-9)
+
+
+class _TiedBranch(nn.Module):
+    """b and c share one weight; c is called on every batch, b only where the branch is taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.c.weight = self.b.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4)
+        h = torch.tanh(self.a(x))  # (B, 5)
+        if bool(x[:, 0].gt(0).all()):
+            h = h + torch.tanh(self.b(h))
+        return self.head(torch.tanh(self.c(h)))
+
+
+def test_a_skipped_module_whose_tied_weight_a_called_module_uses_has_zero_gradients_of_its_own():
+    # The shared weight reaches the loss through c, which is called: no evidence against b, whose share is zero
+    torch.manual_seed(0)
+    model = _TiedBranch().double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    taken, skipped = x.clone(), x.clone()
+    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    ext = GradientExtractor(model, dim=16, seed=3, engine="factored")
+    for batch in ((taken, y), (skipped, y)):
+        assert_close(ext(batch).z, _projected_reference(model, batch, ext), rtol=1e-6, atol=1e-9)

@@ -163,6 +163,26 @@ def test_text_labels_take_the_ids_of_a_trained_heads_id2label(tmp_path, hf_dir):
     assert read_manifest(tmp_path / "c").sort_values("sample_id")["label"].tolist() == [1, 0, 1, 0]
 
 
+def test_a_single_logit_heads_one_name_numbers_no_classes(tmp_path, hf_dir):
+    # A binary head of one logit naming its positive class ({0: "toxic"}): not a list of the model's two classes,
+    # so integer labels scan as 0 and 1 (the names are not checked against the model's class count)
+    import pandas as pd
+
+    from hardmine.manifest import read_manifest
+
+    trained = tmp_path / "one"
+    loaded = load_model(hf_dir, num_labels=1, allow_new_head=True)
+    loaded.model.config.id2label, loaded.model.config.label2id = {0: "toxic"}, {"toxic": 0}
+    loaded.model.save_pretrained(trained)
+    loaded.tokenizer.save_pretrained(trained)
+    texts = ["a fine film", "dull and long", "great acting", "bad plot"]
+    pd.DataFrame({"text": texts, "label": [1, 0, 1, 0]}).to_parquet(tmp_path / "t.parquet")
+    res = _invoke("scan", trained, tmp_path / "t.parquet", "--out", tmp_path / "s", "--text-column", "text",
+                  "--layers", "classifier", "--dim", "8", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert read_manifest(tmp_path / "s").sort_values("sample_id")["label"].tolist() == [1, 0, 1, 0]
+
+
 # ------------------------------------------------------------------------------------------------ LoRA
 def test_a_lora_adapter_directory_scans_only_the_adapter_and_is_exact(tmp_path, hf_dir, reviews):
     peft = pytest.importorskip("peft")

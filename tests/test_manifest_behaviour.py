@@ -598,6 +598,14 @@ def test_a_filtered_manifest_is_ranked_over_its_own_rows_when_exported(tmp_path)
     assert len(back) == 8 and sorted(back["rank"]) == list(range(1, 9))
     whole = export_manifest(df, strategy="top-k", top=0.25)  # a whole manifest keeps its ranks
     np.testing.assert_array_equal(whole["rank"].to_numpy(), df["rank"].to_numpy())
+    # Ties in hardness keep the scan's order of them, whatever order the frame's rows are in now
+    tied = df.copy()
+    tied["hardness"] = 0.5
+    tied["rank"] = np.arange(1, len(df) + 1)[::-1]  # the scan broke the tie: the last rows first
+    sub = tied[tied["label"] != 1].sort_values("loss")
+    out = export_manifest(sub, strategy="top-k", top=0.25)
+    want = sub["rank"].rank(method="first").astype(int).to_numpy()
+    np.testing.assert_array_equal(out.set_index("sample_id").loc[sub["sample_id"], "rank"].to_numpy(), want)
 
 
 def test_a_causal_lm_manifest_without_its_metadata_exports(tmp_path):

@@ -152,6 +152,12 @@ def test_a_module_a_later_step_skips_has_zero_gradients_not_an_error():
         assert_close(stats.grad_norm, ref.grad_norm)
     with pytest.raises(ValueError, match=r"module b \(Linear\) was not called in the captured forward"):
         OnlineMiner(model, dim=12, seed=7).observe(skipped, y)  # the first observation must see every call
+    # A step whose branch uses b's weights without calling b: not a skipped module, refused
+    functional = Branch(functional_else=True).double()
+    miner = OnlineMiner(functional, dim=12, seed=7)
+    miner.observe(taken, y)
+    with pytest.raises(ValueError, match=r"module b \(Linear\) was not called in the captured forward"):
+        miner.observe(skipped, y)
 
 
 def test_same_vectors_as_the_offline_engine():

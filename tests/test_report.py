@@ -145,3 +145,12 @@ def test_scan_report_method_and_class_names(tmp_path):
     page = s.report(tmp_path / "t.html").read_text()
     assert "R&amp;B (n=" in page and "&lt;unk&gt; (n=" in page
     assert "&amp;amp;" not in page and "&amp;lt;" not in page
+
+
+
+def test_a_label_without_a_name_is_escaped_once():
+    from hardmine.report import _class
+
+    assert _class(pd.NA, None) == "&lt;NA&gt;"  # a missing label as pandas prints it, once escaped
+    assert _class("R&B", None) == "R&amp;B" and _class(3, ["a", "b"]) == "3" and _class(1, ["a", "<b>"]) == "&lt;b&gt;"
+    assert _class(0.25, None) == "0.250" and _class(float("nan"), None) == "–"

@@ -344,7 +344,8 @@ def _class_names(option: str | None, from_data: list[str] | None, model: Any) ->
     id2label = getattr(getattr(model, "config", None), "id2label", None)
     if isinstance(id2label, dict) and id2label:
         names = [str(id2label[i]) for i in sorted(id2label)]
-        if not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        # One name (a single-logit head's) numbers no classifier's classes: the head's two are 0 and 1
+        if len(names) > 1 and not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
             return names
     return None
 

@@ -242,8 +242,8 @@ def _swap_parameter(
                 None,
                 None,
                 None,
-                problem="it is used broadcast over the batch, which the first batch (of one sample) could not "
-                "check; start the scan with a batch of more than one sample",
+                problem="it is used broadcast over the batch, which the probe batch did not show (a probe of one "
+                "sample cannot), so no per-sample copy of it was checked",
             )
         )
         return []
@@ -359,21 +359,25 @@ def call_problem(
 
 
 def check_calls(
-    units: Mapping[str, FactoredUnit], rec: Captured, batch_size: int, uncalled_ok: bool = False
+    units: Mapping[str, FactoredUnit], rec: Captured, batch_size: int, later: torch.Tensor | None = None
 ) -> tuple[dict[str, str], set[str]]:
     """``({module: problem}, modules whose output the model modified in place)`` for one captured forward.
 
     A modified output is a problem only where the module did not hand the model a clone (see
     :func:`capture_calls`); the caller decides (a probe learns which modules to protect from it).
-    ``uncalled_ok``: see :func:`call_problem` (a checked plan's later batches)."""
+    ``later``: the loss (or model output) of a batch after the probe, which saw every module called: a module
+    this forward skipped has zero gradients (see :func:`call_problem`), unless its parameters reach ``later``
+    all the same (used without calling the module: refused). ``None``: a module not called is refused."""
     problems: dict[str, str] = {}
     modified: set[str] = set()
     for name, unit in units.items():
-        why = call_problem(unit, rec[name], batch_size, uncalled_ok=uncalled_ok)
+        why = call_problem(unit, rec[name], batch_size, uncalled_ok=later is not None)
         if why is not None:
             problems[name] = why
         elif any(c.output_modified for c in rec[name]):
             modified.add(name)
+    if later is not None:
+        problems.update(_used_uncalled(units, rec, later))
     # A tied parameter is exact only when every holder is: one refused holder refuses them all (the caller
     # then sends the parameter to vmap with its other holders, instead of summing some uses only).
     for param, holders in tied_holders(units).items():
@@ -382,6 +386,43 @@ def check_calls(
             for h in holders:
                 problems.setdefault(h, f"it shares {param} with {units[bad].label}, where {problems[bad]}")
     return problems, modified
+
+
+def _used_uncalled(units: Mapping[str, FactoredUnit], rec: Captured, later: torch.Tensor) -> dict[str, str]:
+    """``{module: problem}`` for the modules this forward did not call whose parameters the autograd graph of
+    ``later`` reaches all the same: a weight used without its module on this batch (``F.linear(x, m.weight)`` in
+    a branch the probe did not take) has gradients the module's rule, given no calls, would write as zeros.
+    Host-side only (a walk of the graph, no device work), and only on a batch that skipped a module. A parameter
+    a called module holds too (tied) reaches the graph through that module and is not evidence here."""
+    uncalled = [name for name in units if not rec[name]]
+    if not uncalled or later.grad_fn is None:
+        return {}
+    called = {id(p) for name, unit in units.items() if rec[name] for p in _unit_parameters(unit)}
+    wanted = {id(p): name for name in uncalled for p in _unit_parameters(units[name]) if id(p) not in called}
+    found: set[str] = set()
+    seen: set[Any] = set()
+    stack = [later.grad_fn]
+    while stack and len(found) < len(set(wanted.values())):
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf's (a parameter's) gradient
+        if variable is not None and id(variable) in wanted:
+            found.add(wanted[id(variable)])
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return {
+        name: "its forward hook did not fire on this batch, yet its parameters reach the loss: the model uses them "
+        "without calling the module (e.g. F.linear(x, m.weight))"
+        for name in uncalled
+        if name in found
+    }
+
+
+def _unit_parameters(unit: FactoredUnit) -> list[torch.Tensor]:
+    """The module's own tensors of ``unit``'s selected parameters (a tied matrix: the module's own name for it)."""
+    local = ([unit.rule.matrix_param] if unit.matrix and unit.rule.matrix_param else []) + list(unit.vectors)
+    return [p for n in local if (p := unit.module._parameters.get(n)) is not None]
 
 
 def check_per_sample_loss(loss: Any, b: int) -> None:
@@ -401,7 +442,8 @@ def probe_units(
     Returns ``({module: problem}, modules to protect)``: the modules that must hand the model a copy of their
     output in the pass, because the model modifies it in place or because it is broadcast over the batch and
     passed the checks below (only those are expanded by the pass: a module the probe did not see broadcast,
-    e.g. on a first batch of one sample, is refused in a later batch rather than expanded unchecked). Call
+    e.g. on a first batch of one sample, is refused in a later batch rather than expanded unchecked; the
+    extractor probes again on its first larger batch). Call
     inside ``forward_mode`` so the probe sees the same code path as the pass. Modules called on an input
     broadcast over the batch get three more checks (see the module docstring): the model's forward must
     accept their per-sample outputs, use them row by row (:func:`broadcast_problems`) and the input must not
@@ -646,7 +688,7 @@ def compute_factored(
         loss_target = validate_output(output, target, loss_kind, flags)  # clamped labels under `flags`
         loss = loss_fn(output, loss_target)
     check_per_sample_loss(loss, b)
-    problems, modified = check_calls(units, rec, b, uncalled_ok=True)  # (the probe refused modules never called)
+    problems, modified = check_calls(units, rec, b, later=loss)  # (the probe refused modules never called)
     for name in modified - protect:  # protected modules handed the model a clone: theirs may change
         problems.setdefault(name, "its output was modified in place, which the probe batch did not show")
     for name, why in problems.items():

@@ -55,6 +55,7 @@ __all__ = [
     "Numerics",
     "PassGraphs",
     "PlanGraphs",
+    "autocast_state",
     "batch_signature",
     "module_state",
     "numerics",
@@ -114,7 +115,7 @@ def batch_signature(leaves: Sequence[Any], structure: Hashable) -> Hashable | No
     return tuple(key)
 
 
-def _autocast_state(device_type: str) -> tuple[bool, Any]:
+def autocast_state(device_type: str) -> tuple[bool, Any]:
     """Whether autocast is on for ``device_type`` and its dtype (torch >= 2.4; older: the per-device calls)."""
     try:
         return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
@@ -162,7 +163,7 @@ class Numerics:
         """The settings a graph of the pass freezes (autocast, TF32 and precision, deterministic algorithms,
         attention backends), or ``None`` when one cannot be read (the pass then runs eagerly)."""
         try:
-            values: list[Any] = [_autocast_state(device_type)]
+            values: list[Any] = [autocast_state(device_type)]
             values += [read() for read in self._readers]
             for owner, name in self._calls:
                 fn = getattr(owner, name, None)

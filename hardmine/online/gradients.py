@@ -179,7 +179,7 @@ class StepGradients:
         """What :meth:`project` needs from the step's forward: the captured calls checked, the per-sample loss
         (attached) and, on the autograd path, the per-sample gradients at the selected outputs (one
         ``autograd.grad`` that keeps the graph for the user's backward)."""
-        self._check_calls(rec, b)
+        self._check_calls(rec, b, out)
         self._check_broadcast(rec, out, b)
         loss = loss_fn(out, target)
         check_per_sample_loss(loss, b)
@@ -211,10 +211,10 @@ class StepGradients:
         fg.write_to(z, self.layout)
         return z, fg.sq_norm
 
-    def _check_calls(self, rec: Captured, b: int) -> None:
+    def _check_calls(self, rec: Captured, b: int, out: torch.Tensor) -> None:
         # After the first observation (which saw every module called), a module the forward skips on a step has
-        # a zero gradient for every sample (a branch, an unrouted expert)
-        problems, modified = check_calls(self.units, rec, b, uncalled_ok=self.probed)
+        # a zero gradient for every sample (a branch, an unrouted expert), unless its weights reach the output
+        problems, modified = check_calls(self.units, rec, b, later=out if self.probed else None)
         for name, why in problems.items():
             unit = self.units[name]
             if not rec[name]:
