@@ -624,17 +624,15 @@ def _ranked_here(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with ``rank`` 1..n over its own rows: a filtered manifest (some rows of a scan's) keeps the scan's
     ranks, which its export would read as positions among rows it no longer has (too few marked hard, and a file
     ``read_manifest`` refuses). Numbered again in the order of the scan's ranks (its ties kept as the scan broke
-    them); a whole manifest is unchanged, and ranks that are no selection of a scan's (repeated, missing, below 1)
-    are left for validation to refuse."""
-    if "rank" in df and "hardness" in df and len(df):
-        rank = pd.to_numeric(df["rank"], errors="coerce").to_numpy(dtype=np.float64)
-        whole = np.array_equal(np.sort(rank), np.arange(1, len(df) + 1))
-        selection = bool(np.isfinite(rank).all() and (rank >= 1).all() and (rank == np.round(rank)).all()
-                         and len(np.unique(rank)) == len(rank))
-        if selection and not whole:
-            renumbered = np.empty(len(rank), dtype=np.int64)
-            renumbered[np.argsort(rank)] = np.arange(1, len(rank) + 1)  # (n,) unique ranks: any sort agrees
-            df["rank"] = renumbered
+    them; a whole manifest's ranks are their own numbering); ranks that are no selection of a scan's (repeated,
+    not whole numbers, below 1, missing) are left for validation to refuse."""
+    rank = pd.to_numeric(df["rank"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)  # (n,)
+    selection = bool(np.isfinite(rank).all() and (rank >= 1).all() and (rank == np.round(rank)).all()
+                     and len(np.unique(rank)) == len(rank))
+    if selection:
+        renumbered = np.empty(len(rank), dtype=np.int64)
+        renumbered[np.argsort(rank)] = np.arange(1, len(rank) + 1)  # (n,) unique ranks: any sort agrees
+        df["rank"] = renumbered
     return df
 
 
@@ -659,7 +657,9 @@ def _manifest_of(source: Any) -> pd.DataFrame:
             return df
         if missing:
             raise ValueError(f"the DataFrame is missing manifest column(s) {missing}.")
-        return _ranked_here(source.copy())
+        df = _ranked_here(source.copy())
+        _validate_rows(df, "the DataFrame")  # edited since its scan (rows dropped, values changed): checked here
+        return df
     if isinstance(source, (str, os.PathLike)):
         return read_manifest(source)
     raise ValueError(

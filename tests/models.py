@@ -152,5 +152,5 @@ class Branch(nn.Module):
         if bool(x[:, 0].gt(0).all()):  # the branch: every sample of the batch must agree
             h = h + torch.tanh(self.b(h))
         elif self.functional_else:
-            h = h - torch.tanh(F.linear(h, self.b.weight, self.b.bias))
+            h = h - torch.tanh(F.linear(h, self.b.weight))  # the weight only: the bias's gradient stays zero
         return self.head(h)

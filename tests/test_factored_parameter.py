@@ -417,3 +417,17 @@ def test_a_parameter_copy_the_probe_did_not_approve_is_refused_not_swapped():
         model(_batch(3)[0])
     assert rec["cls"][0].problem is None and rec["cls"][0].broadcast
     assert type(model.cls) is nn.Parameter
+
+
+def test_a_probe_of_one_sample_approves_no_parameter_copy():
+    # One sample's copy of a (1, ...) parameter is the parameter's own shape: nothing shows it is broadcast, so
+    # the probe does not approve a copy for later batches (they would expand it unchecked); two samples do
+    from hardmine.factored.capture import probe_units
+
+    torch.manual_seed(0)
+    model = Tokens().double()
+    units, _ = plan_factored(model, ["cls"])
+    problems, protect = probe_units(model, (_batch(1)[0],), units, 1)
+    assert problems == {} and protect == set()
+    problems, protect = probe_units(model, (_batch(2)[0],), units, 2)
+    assert problems == {} and protect == {"cls"}

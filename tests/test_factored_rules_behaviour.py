@@ -2194,9 +2194,16 @@ def test_a_later_batch_using_a_skipped_modules_weights_without_it_is_refused_not
     ext = GradientExtractor(model, dim=16, seed=3, engine=engine)
     assert_close(ext((taken, y)).z, _projected_reference(model, (taken, y), ext), rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match=r"module b \(Linear\): its forward hook did not fire on this batch, yet its "
-                       r"parameters reach the loss: the model uses them without calling the module"):
+                       r"parameters reach the loss: the model uses them without calling the module \(e\.g\. "
+                       r"F\.linear\(x, m\.weight\)\)"):
         ext((skipped, y))
     assert_close(ext((taken, y)).z, _projected_reference(model, (taken, y), ext), rtol=1e-6, atol=1e-9)
+    # Only b's bias selected: the weight the other branch uses is not, and the bias's gradient there is zero
+    ext = GradientExtractor(model, layers=["a", "b.bias", "head"], dim=16, seed=3, engine=engine)
+    for batch in ((taken, y), (skipped, y)):
+        ref = reference_per_sample_grads(model, batch)
+        want = ext.layout.assemble({n: ext.layout.project_exact(n, ref.grads[n]) for n in ext.param_names})
+        assert_close(ext(batch).z, want, rtol=1e-6, atol=1e-9)
 
 
 class _TiedBranch(nn.Module):

@@ -622,3 +622,65 @@ def test_a_causal_lm_manifest_without_its_metadata_exports(tmp_path):
     assert out.attrs["hardmine"]["task"] == "causal-lm" and len(read_manifest(tmp_path / "e.parquet")) == n
     with pytest.warns(UserWarning, match="no hardmine metadata"):
         assert len(export_manifest(lm)) == n  # the frame itself, no attrs
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [
+        (np.array(["x"] * 12, dtype=object), "column 'rank' has dtype"),
+        (pd.array([pd.NA, *range(2, 13)], dtype="Int64"), r"rank must be a permutation of 1\.\.12"),
+        (np.arange(1, 13) + 0.5, r"rank must be a permutation of 1\.\.12"),
+        (np.ones(12, dtype=np.int64), r"rank must be a permutation of 1\.\.12"),
+    ],
+)
+def test_an_edited_manifest_frame_is_checked_on_export(ranks, message):
+    # A frame with its metadata, edited since its scan: ranks that are no selection of the scan's are refused
+    # with the manifest's own message, not an internal error or weights computed on them
+    df = _framed()
+    df["rank"] = ranks
+    with pytest.raises(ValueError, match=rf"^the DataFrame: {message}"):
+        export_manifest(df)
+
+
+def test_whole_ranks_held_as_floats_export_as_integers():
+    df = _framed()
+    df["rank"] = np.arange(12, 0, -1).astype(np.float64)
+    out = export_manifest(df)
+    assert out["rank"].dtype == np.int64 and out["rank"].tolist() == list(range(12, 0, -1))
+
+
+def test_a_frame_without_metadata_takes_its_task_from_its_columns():
+    from hardmine.manifest import REQUIRED_COLUMNS_LM
+
+    message = (
+        "the DataFrame has every manifest column but no hardmine metadata (re-saved by pandas/polars?): read as a "
+        "manifest, without provenance (model/dataset fingerprints, scan configuration)."
+    )
+    both = _io_frame()
+    for c in REQUIRED_COLUMNS_LM:
+        if c not in both:
+            both[c] = 1.0 if c != "n_target_tokens" else 3
+    both.attrs = {}
+    with pytest.warns(UserWarning) as caught:
+        out = export_manifest(both)
+    assert [str(w.message) for w in caught] == [message]
+    assert out.attrs["hardmine"].get("task") != "causal-lm"  # every classification column: a classifier's
+    lm = both.drop(columns=["label", "pred", "correct", "confidence", "margin", "el2n", "confident_error",
+                            "near_miss"])
+    with pytest.warns(UserWarning, match="no hardmine metadata"):
+        assert export_manifest(lm).attrs["hardmine"]["task"] == "causal-lm"
+    # With metadata that names no task (a classifier's, written before tasks were recorded) the same columns are
+    # a classification manifest missing its columns
+    lm.attrs["hardmine"] = {"format": "hardmine-manifest", "format_version": 2}
+    with pytest.raises(ValueError, match=r"the DataFrame is missing manifest column\(s\) \['label'"):
+        export_manifest(lm)
+
+
+def test_an_unfinished_scan_directory_is_read_with_the_way_to_resume_it(tmp_path):
+    (tmp_path / "scan.json").write_text("{}")
+    with pytest.raises(ValueError) as info:
+        read_manifest(tmp_path)
+    assert str(info.value) == (
+        f"the scan in {tmp_path} is not complete (no manifest yet); rerun the same `hardmine scan` command (or "
+        "hardmine.scan with the same arguments) to resume it."
+    )

@@ -395,22 +395,22 @@ def _used_uncalled(units: Mapping[str, FactoredUnit], rec: Captured, later: torc
     Host-side only (a walk of the graph, no device work), and only on a batch that skipped a module. A parameter
     a called module holds too (tied) reaches the graph through that module and is not evidence here."""
     uncalled = [name for name in units if not rec[name]]
-    if not uncalled or later.grad_fn is None:
+    if not uncalled:
         return {}
     called = {id(p) for name, unit in units.items() if rec[name] for p in _unit_parameters(unit)}
     wanted = {id(p): name for name in uncalled for p in _unit_parameters(units[name]) if id(p) not in called}
     found: set[str] = set()
-    seen: set[Any] = set()
-    stack = [later.grad_fn]
-    while stack and len(found) < len(set(wanted.values())):
+    stack = [later.grad_fn] if later.grad_fn is not None else []
+    seen = set(stack)  # every node is walked once (a node several paths reach: a diamond of the graph)
+    while stack:
         node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
         variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf's (a parameter's) gradient
         if variable is not None and id(variable) in wanted:
             found.add(wanted[id(variable)])
-        stack.extend(nxt for nxt, _ in node.next_functions)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:  # None: an input that needs no gradient
+                seen.add(nxt)
+                stack.append(nxt)
     return {
         name: "its forward hook did not fire on this batch, yet its parameters reach the loss: the model uses them "
         "without calling the module (e.g. F.linear(x, m.weight))"
