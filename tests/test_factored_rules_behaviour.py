@@ -2221,6 +2221,53 @@ class _TiedBranch(nn.Module):
         return self.head(torch.tanh(self.c(h)))
 
 
+class _DeepBranch(nn.Module):
+    """Thirty residual blocks (2**30 paths through the autograd graph, 90 nodes) before a branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(30))
+        self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4)
+        h = x
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))  # (B, 4)
+        if bool(x[:, 0].gt(0).all()):
+            h = h + torch.tanh(self.b(h))
+        return self.head(h)
+
+
+def test_the_walk_for_a_skipped_modules_weights_visits_each_node_once():
+    # A residual stack has exponentially many paths from the loss to its first layer: the walk that looks for a
+    # skipped module's weights must visit each node once (else this batch would not finish)
+    torch.manual_seed(0)
+    model = _DeepBranch().double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
+    taken, skipped = x.clone(), x.clone()
+    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    ext = GradientExtractor(model, dim=16, seed=3, engine="factored")
+    for batch in ((taken, y), (skipped, y)):
+        assert_close(ext(batch).z, _projected_reference(model, batch, ext), rtol=1e-6, atol=1e-9)
+
+
+def test_a_batch_whose_loss_needs_no_gradient_skipping_the_only_trainable_module_has_zero_vectors():
+    # Everything but b frozen: a batch that skips b has a loss without autograd history, and b's vectors are zero
+    torch.manual_seed(0)
+    model = Branch().double()
+    for p in (*model.a.parameters(), *model.head.parameters()):
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    taken, skipped = x.clone(), x.clone()
+    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    ext = GradientExtractor(model, dim=16, seed=3, engine="factored")
+    assert ext((taken, y)).z.abs().amax() > 0
+    res = ext((skipped, y))
+    assert torch.equal(res.z, torch.zeros_like(res.z)) and torch.equal(res.grad_norm, torch.zeros_like(res.grad_norm))
+
+
 def test_a_skipped_module_whose_tied_weight_a_called_module_uses_has_zero_gradients_of_its_own():
     # The shared weight reaches the loss through c, which is called: no evidence against b, whose share is zero
     torch.manual_seed(0)
