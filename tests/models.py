@@ -139,6 +139,16 @@ class ArgMaxNet(nn.Module):
         return self.fc(x).argmax(dim=1)
 
 
+def branch_batches(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(taken, skipped, y)``: float64 inputs ``(n, 4)`` whose every sample takes :class:`Branch`'s branch, the
+    same inputs with every sample skipping it, and labels ``(n,)`` of 3 classes."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    taken, skipped = x.clone(), x.clone()
+    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1  # the branch's sign
+    return taken, skipped, y
+
+
 class Branch(nn.Module):
     """A module the forward calls on some batches only (a branch the data picks, an expert nothing is routed to)."""
 

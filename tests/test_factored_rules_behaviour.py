@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from models import Branch
+from models import Branch, branch_batches
 from test_factored import _check_pass, _expected, _layout, _Shapes
 from torch import nn
 from torch.testing import assert_close
@@ -2161,10 +2161,7 @@ def _projected_reference(model: nn.Module, batch, ext) -> torch.Tensor:
 def test_a_module_a_later_batch_skips_has_zero_gradients_not_an_error(engine):
     torch.manual_seed(0)
     model = Branch().double()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
-    taken, skipped = x.clone(), x.clone()
-    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    taken, skipped, y = branch_batches()
     ext = GradientExtractor(model, dim=16, seed=3, engine=engine)
     for batch in ((taken, y), (skipped, y), (skipped[:1], y[:1]), (taken, y)):
         res = ext(batch)
@@ -2186,10 +2183,7 @@ def test_a_later_batch_using_a_skipped_modules_weights_without_it_is_refused_not
     # and the rule, given no calls, would write zeros: refused
     torch.manual_seed(0)
     model = Branch(functional_else=True).double()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
-    taken, skipped = x.clone(), x.clone()
-    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    taken, skipped, y = branch_batches()
     assert reference_per_sample_grads(model, (skipped, y)).grads["b.weight"].abs().amax() > 0
     ext = GradientExtractor(model, dim=16, seed=3, engine=engine)
     assert_close(ext((taken, y)).z, _projected_reference(model, (taken, y), ext), rtol=1e-6, atol=1e-9)
@@ -2243,10 +2237,7 @@ def test_the_walk_for_a_skipped_modules_weights_visits_each_node_once():
     # skipped module's weights must visit each node once (else this batch would not finish)
     torch.manual_seed(0)
     model = _DeepBranch().double()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
-    taken, skipped = x.clone(), x.clone()
-    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    taken, skipped, y = branch_batches(4)
     ext = GradientExtractor(model, dim=16, seed=3, engine="factored")
     for batch in ((taken, y), (skipped, y)):
         assert_close(ext(batch).z, _projected_reference(model, batch, ext), rtol=1e-6, atol=1e-9)
@@ -2258,10 +2249,7 @@ def test_a_batch_whose_loss_needs_no_gradient_skipping_the_only_trainable_module
     model = Branch().double()
     for p in (*model.a.parameters(), *model.head.parameters()):
         p.requires_grad_(False)
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
-    taken, skipped = x.clone(), x.clone()
-    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    taken, skipped, y = branch_batches()
     ext = GradientExtractor(model, dim=16, seed=3, engine="factored")
     assert ext((taken, y)).z.abs().amax() > 0
     res = ext((skipped, y))
@@ -2272,10 +2260,7 @@ def test_a_skipped_module_whose_tied_weight_a_called_module_uses_has_zero_gradie
     # The shared weight reaches the loss through c, which is called: no evidence against b, whose share is zero
     torch.manual_seed(0)
     model = _TiedBranch().double()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
-    taken, skipped = x.clone(), x.clone()
-    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    taken, skipped, y = branch_batches()
     ext = GradientExtractor(model, dim=16, seed=3, engine="factored")
     for batch in ((taken, y), (skipped, y)):
         assert_close(ext(batch).z, _projected_reference(model, batch, ext), rtol=1e-6, atol=1e-9)

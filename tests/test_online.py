@@ -136,14 +136,11 @@ def test_autograd_path_tokens_embedding_layernorm_and_custom_loss():
 def test_a_module_a_later_step_skips_has_zero_gradients_not_an_error():
     # After the first observation saw it called, a module the forward skips on a step (a branch, an expert
     # nothing is routed to) has a zero gradient for every sample: the step's vectors stay exact
-    from models import Branch
+    from models import Branch, branch_batches
 
     torch.manual_seed(0)
     model = Branch().double()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
-    taken, skipped = x.clone(), x.clone()
-    taken[:, 0], skipped[:, 0] = taken[:, 0].abs() + 0.1, -skipped[:, 0].abs() - 0.1
+    taken, skipped, y = branch_batches()
     miner = OnlineMiner(model, dim=12, seed=7)
     for inputs in (taken, skipped, taken):
         stats = miner.observe(inputs, y)
