@@ -446,6 +446,16 @@ def make_method(name: str, model: nn.Module, batch: Any, dim: int, target: int):
     raise ValueError(f"unknown method {name!r}")
 
 
+def _split_note(args: argparse.Namespace) -> str:
+    if not registry.SPLIT_DEVICES:
+        return ""
+    return (
+        "; the rules' large float32 products as bfloat16 pieces on "
+        + ", ".join(sorted(registry.SPLIT_DEVICES))
+        + (" (--split-products)" if args.split_products else "")
+    )
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -514,6 +524,7 @@ def measure(model_name: str, method: str, args: argparse.Namespace) -> dict[str,
         "_iters": len(times),
         "_faults": faults,  # minor page faults per timed batch (memory the allocator got from the OS again)
         "_chunk_elements": registry.CHUNK_ELEMENTS,  # the rules' budget this row ran with
+        "_split_devices": sorted(registry.SPLIT_DEVICES),  # where the rules' products ran split
     }
     if cuda and method in SYNC_PROFILED:
         row["host_syncs_per_batch"] = sync_profile(step, device)
@@ -641,7 +652,8 @@ def markdown(
         "train_step and factored measured "
         f"{args.repeats} time(s), alternating, median repeat shown (peak memory: the largest)"
         f"; the rules' chunk budget {registry.CHUNK_ELEMENTS:,} elements"
-        f"{' (--chunk-elements)' if args.chunk_elements is not None else ''}.",
+        f"{' (--chunk-elements)' if args.chunk_elements is not None else ''}"
+        f"{_split_note(args)}.",
         "Notes: all parameters selected. The transformer's attention is built from nn.Linear q/k/v/out "
         "(explicit matmul + softmax), so the factored engine covers every weight. train_step = forward + "
         "mean cross-entropy + backward + plain SGD step. naive_loop = per-sample autograd.grad + the same "
@@ -746,6 +758,13 @@ def main() -> None:
         "library's): how many elements a rule's temporaries may hold at once, so how many chunks a batch is "
         "split into",
     )
+    ap.add_argument(
+        "--split-products",
+        action="store_true",
+        help="the factored rules' large float32 products on --device as bfloat16 pieces "
+        "(hardmine.factored.registry.SPLIT_DEVICES; default: the library's, none): the candidate for "
+        "conv models on a GPU, whose float32 products do not use the tensor cores",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_extract.json")
     ap.add_argument("--md", type=Path, default=None, help="Markdown table (default: --out with .md)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
@@ -775,6 +794,8 @@ def main() -> None:
         if args.chunk_elements < 1:
             ap.error(f"--chunk-elements={args.chunk_elements} must be at least 1")
         registry.CHUNK_ELEMENTS = args.chunk_elements  # read by the rules at each call
+    if args.split_products:
+        registry.SPLIT_DEVICES = frozenset({torch.device(args.device).type})  # read by the rules at each call
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     if args.worker:
         print(json.dumps(measure(args.worker[0], args.worker[1], args)))
@@ -819,6 +840,8 @@ def main() -> None:
             )
             for flag in (f for f in flags if getattr(args, f) is not None):
                 cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+            if args.split_products:
+                cmd.append("--split-products")
             env = {**os.environ, **KEEP_HEAP_ENV} if args.keep_heap else None
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -827,6 +850,8 @@ def main() -> None:
         speed, iters = row["samples_per_s"], row.pop("_iters")
         if row.pop("_chunk_elements") != registry.CHUNK_ELEMENTS:  # a worker that did not get --chunk-elements
             sys.exit(f"{m} {meth} ran with another chunk budget than {registry.CHUNK_ELEMENTS:,}")
+        if row.pop("_split_devices") != sorted(registry.SPLIT_DEVICES):  # a worker without --split-products
+            sys.exit(f"{m} {meth} ran with other split devices than {sorted(registry.SPLIT_DEVICES)}")
         print(
             f"  {m:12s} {meth:11s} {speed:10,.0f} samples/s  ({iters} batches, "
             f"{row['_faults']:,.0f} page faults/batch)",

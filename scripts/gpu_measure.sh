@@ -27,6 +27,9 @@
 #   callbacks_b1024 the same at batch 1024 -> bench_callbacks_b{256,1024}.{json,md}
 #   conv_routes     scripts/bench_conv_routes.py: the Conv2d rule's grouped and unfold routes timed on this device
 #                   (ResNet-like layers too) -> conv_routes_cuda.{json,md}
+#   extract_cnn_split  the CNN at batch 2048 with the rules' large float32 products split into bfloat16 pieces
+#                   (--split-products; hardmine.factored.registry.SPLIT_DEVICES) -> bench_extract_cnn_split.{json,md}
+#   extract_resnet18_split  the same for ResNet-18 at batch 512 -> bench_extract_resnet18_split.{json,md}
 #   extract_cnn_chunks  the CNN at batch 2048 with the rules' chunk budget at 2^26 elements (--chunk-elements;
 #                   the library's is 2^22) -> bench_extract_cnn_chunks.{json,md}
 #   extract_b256    scripts/bench_extract.py --device cuda --methods train_step,factored,factored_graphs
@@ -150,7 +153,7 @@ step() {
     shift 2
     left=$(( BUDGET - ($(date +%s) - START) - 5 ))
     if [ "$left" -lt 15 ]; then
-        SUMMARY="$SUMMARY$(printf '%-16s %-18s' "$name" 'SKIPPED (budget)')"$'\n'
+        SUMMARY="$SUMMARY$(printf '%-22s %-18s' "$name" 'SKIPPED (budget)')"$'\n'
         FAILED=$((FAILED + 1))
         echo "== $name: skipped, ${left}s of the budget left"
         return
@@ -169,7 +172,7 @@ step() {
     [ "$rc" -ne 0 ] && FAILED=$((FAILED + 1))
     tail -n 8 "$OUT/$name.log"
     echo "== $name: $status in ${dt}s"
-    SUMMARY="$SUMMARY$(printf '%-16s %-18s %4ss' "$name" "$status" "$dt")"$'\n'
+    SUMMARY="$SUMMARY$(printf '%-22s %-18s %4ss' "$name" "$status" "$dt")"$'\n'
 }
 
 if [ "$QUICK" = 1 ]; then
@@ -194,8 +197,9 @@ fi
 DEVTYPE=${DEVICE%%:*}  # cuda:1 -> cuda
 
 # Most wanted first, so a run cut short by the budget loses the least: the GPU tests (the new code's
-# correctness), the online miner with and without CUDA graphs, the conv routes, then the rows measured before.
-step host_syncs 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
+# correctness), the online miner with and without CUDA graphs, the conv routes, the split products, then the rows
+# measured before.
+step host_syncs 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
     --junitxml="$OUT/host_syncs.xml"
 for b in "$C_SMALL" "$C_LARGE"; do
     step callbacks_b$b 60 "$PY" scripts/bench_callbacks.py --device "$DEVICE" --models mlp,cnn,transformer \
@@ -206,6 +210,16 @@ ROUTES=(--repeats 5)
 [ "$QUICK" = 1 ] && ROUTES=(--repeats 1 --batch 8)
 step conv_routes 45 "$PY" scripts/bench_conv_routes.py --device "$DEVICE" "${ROUTES[@]}" \
     --out "$OUT/conv_routes_$DEVTYPE.json"
+# The CNN at batch 2048 (0.62x with graphs on the H200) and ResNet-18 at 512 (0.71x) with the rules' large
+# float32 products as bfloat16 tensor-core products of three-piece splits (--split-products: exact to float32
+# rounding, the agreement line says how close): where the device time of these two goes. Each row set has
+# its own train_step, so the ratio stands without the later steps.
+step extract_cnn_split 45 "$PY" scripts/bench_extract.py --device "$DEVICE" --models cnn \
+    --methods train_step,factored,factored_graphs --batch "$B_LARGE" --no-isolate "${EXTRACT[@]}" \
+    --split-products --out "$OUT/bench_extract_cnn_split.json"
+step extract_resnet18_split 60 "$PY" scripts/bench_extract.py --device "$DEVICE" --models resnet18 \
+    --methods train_step,factored,factored_graphs --batch "$B_RESNET" --no-isolate "${EXTRACT[@]}" \
+    --split-products --out "$OUT/bench_extract_resnet18_split.json"
 # The CNN at batch 2048 (0.62x with graphs on the H200) with the rules' chunk budget raised from 2^22 to 2^26
 # elements: at 2048 its convolutions run as about sixty chunks of small kernels. Whether fewer, larger ones pay
 # on a GPU decides a device-dependent budget.
@@ -236,7 +250,7 @@ if [ -z "$DEMO" ]; then
     step scan_host_cpu 60 "$PY" scripts/bench_scan.py --device cpu --n "${HOST_SCAN[@]}" \
         --json-out "$OUT/bench_scan_host_cpu.json"
 else
-    SUMMARY="$SUMMARY$(printf '%-16s %-18s' scan_host_cpu 'SKIPPED (no data)')"$'\n'
+    SUMMARY="$SUMMARY$(printf '%-22s %-18s' scan_host_cpu 'SKIPPED (no data)')"$'\n'
     FAILED=$((FAILED + 1))  # the demo is the issue's criterion: a run without it is incomplete
 fi
 DISPATCH=(--rounds 5)  # each round RECORD_EVERY (16) steps per row
@@ -264,8 +278,8 @@ def by_batch(paths):  # b256 before b2048
 
 for path in by_batch(out.glob("bench_extract_*.json")):
     for r in json.loads(path.read_text()):
-        if r["method"] == "factored":
-            print(f"{path.name}: {r['model']} factored / train_step {r['ratio_to_train_step']:.2f}")
+        if r["method"] in ("factored", "factored_graphs"):
+            print(f"{path.name}: {r['model']} {r['method']} / train_step {r['ratio_to_train_step']:.2f}")
 for path in by_batch(out.glob("bench_callbacks_b*.json")):
     for r in json.loads(path.read_text())["rows"]:
         if r["method"] != "plain":

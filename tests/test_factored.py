@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from models import CNN, MLP, TinyTransformer, token_batch
 from torch import nn
 from torch.testing import assert_close
@@ -765,18 +767,22 @@ def test_bench_keep_heap_needs_worker_processes(tmp_path):
     assert proc.returncode == 2 and "--keep-heap" in proc.stderr and not (tmp_path / "b.json").exists()
 
 
-def test_bench_chunk_elements_reach_the_rules_in_worker_processes(tmp_path):
+def test_bench_chunk_elements_and_split_products_reach_the_rules_in_worker_processes(tmp_path):
     # --chunk-elements sets the rules' budget in the worker processes too: at one element per chunk every
-    # sample is its own chunk, which the run note reports; a budget below one is refused.
+    # sample is its own chunk, which the run note reports; a budget below one is refused. --split-products
+    # reaches them the same way (a worker that ran without it would stop the run).
     script = str(ROOT / "scripts" / "bench_extract.py")
     out = tmp_path / "b.json"
     args = ["--models", "cnn", "--methods", "train_step,factored", "--batch", "3", "--target-dim", "16",
             "--min-time", "0", "--min-iters", "1", "--warmup", "0", "--warmup-time", "0", "--repeats", "1",
             "--threads", "1", "--out", str(out)]
-    proc = subprocess.run([sys.executable, script, *args, "--chunk-elements", "1"], capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run([sys.executable, script, *args, "--chunk-elements", "1", "--split-products"],
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "the rules' chunk budget 1 elements (--chunk-elements)" in out.with_suffix(".md").read_text()
+    assert (
+        "the rules' chunk budget 1 elements (--chunk-elements); the rules' large float32 products as bfloat16 "
+        "pieces on cpu (--split-products)."
+    ) in out.with_suffix(".md").read_text()
     bad = subprocess.run([sys.executable, script, *args, "--chunk-elements", "0"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "--chunk-elements=0 must be at least 1" in bad.stderr
@@ -828,3 +834,172 @@ def test_bench_scan_records_its_device_and_refuses_one_it_cannot_use(tmp_path):
     )
     assert proc.returncode == 2 and f"--device={missing}" in proc.stderr.replace("'", "")
     assert not out.exists() and not out.with_suffix(".md").exists()
+
+
+# ------------------------------------------------------------------- large products as bfloat16 pieces
+# float32 numbers below bfloat16's largest (about 3.39e38; a larger one would round to infinity)
+finite32 = st.floats(-(2.0**127), 2.0**127, width=32)
+
+
+@given(finite32)
+def test_bf16_pieces_are_bfloat16_and_add_up_to_the_float32(x):
+    t = torch.tensor([x], dtype=torch.float32)
+    pieces = registry._bf16_pieces(t)
+    assert [p.dtype for p in pieces] == [torch.bfloat16] * 3
+    total = sum(p.double() for p in pieces).item()
+    if abs(x) >= 2.0**-100:
+        assert total == x  # 8 + 8 + 8 significant bits hold float32's 24
+    else:  # below, a piece may fall under bfloat16's smallest subnormal (2^-133): lost, never more
+        assert abs(total - x) <= 2.0**-133
+    # each piece rounds what the ones before leave: at most half a bfloat16 step of the rest (2^-9)
+    p0, p1, p2 = (abs(p.double().item()) for p in pieces)
+    assert p1 <= 2**-8 * p0 and p2 <= 2**-8 * p1
+
+
+@given(st.floats(-(2.0**60), 2.0**60, width=32), st.floats(-(2.0**60), 2.0**60, width=32))
+def test_split_product_of_two_numbers_is_their_float32_product(x, y):
+    # One term: the six piece products leave out only those below 2^-25 of |x y|, so the result is the
+    # exact product to float32 rounding (within two float32 steps). A missing piece product (2^-17 of |x y|
+    # or more) or a piece in the wrong place fails.
+    a = torch.tensor([[[x]]], dtype=torch.float32)  # (1, 1, 1)
+    b = torch.tensor([[[y]]], dtype=torch.float32)
+    got = registry.split_product(a, b)
+    assert got.shape == (1, 1, 1) and got.dtype == torch.float32
+    exact = x * y  # float64: exact for two float32 numbers
+    # plus what bfloat16 cannot hold of a float32 subnormal (below 2^-133) and float32's own underflow
+    floor = 2.0**-133 * (abs(x) + abs(y)) + 2.0**-149
+    assert abs(got.item() - exact) <= 2**-22 * abs(exact) + floor
+
+
+@pytest.mark.parametrize(
+    "lead, m, k, n", [((), 1, 1, 1), ((3,), 5, 64, 7), ((2, 3), 4, 9, 6), ((1, 1), 16, 300, 1), ((4,), 1, 2, 9)]
+)
+def test_split_product_matches_float32_matmul_to_rounding(lead, m, k, n):
+    # Against float64: the split's error is float32 rounding of the sums (as a float32 matmul's), over a wide
+    # range of magnitudes.
+    a = torch.randn(*lead, m, k) * torch.exp(3 * torch.randn(*lead, m, k))
+    b = torch.randn(*lead, k, n) * torch.exp(3 * torch.randn(*lead, k, n))
+    scale = a.abs().double() @ b.abs().double()  # (..., m, n) what rounding is relative to
+    exact = a.double() @ b.double()
+    got = registry.split_product(a, b)
+    assert got.shape == (*lead, m, n) and got.dtype == torch.float32
+    err = ((got.double() - exact).abs() / scale).max().item()
+    plain = (((a @ b).double() - exact).abs() / scale).max().item()
+    assert err <= max(4 * plain, 2**-22)
+
+
+def test_large_product_splits_only_float32_on_the_listed_devices(monkeypatch):
+    calls = []
+    real = registry.split_product
+    monkeypatch.setattr(registry, "split_product", lambda a, b: calls.append(a.dtype) or real(a, b))
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    assert registry.SPLIT_DEVICES == frozenset()  # the library's default: no device until measured
+    assert torch.equal(registry.large_product(a, b), a @ b) and calls == []
+    monkeypatch.setattr(registry, "SPLIT_DEVICES", frozenset({"cpu"}))
+    assert_close(registry.large_product(a, b), a @ b)
+    assert calls == [torch.float32]
+    assert torch.equal(registry.large_product(a.double(), b.double()), a.double() @ b.double())
+    assert calls == [torch.float32]  # float64 operands keep their own product
+    monkeypatch.setattr(registry, "SPLIT_DEVICES", frozenset({"cuda"}))
+    assert torch.equal(registry.large_product(a, b), a @ b) and calls == [torch.float32]  # not this device
+
+
+class GhostConv(nn.Module):
+    """A convolution whose per-sample norms take the ghost route (16 positions: 16^2 <= 8 * 72) and one whose
+    gradients are formed (64 positions), grouped, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Conv2d(8, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 4, 3, padding=1, groups=2)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 8, 8, 8)
+        h = torch.tanh(self.wide(F.avg_pool2d(x, 2)))  # (B, 8, 4, 4)
+        h = F.interpolate(h, scale_factor=2) + x  # (B, 8, 8, 8)
+        return self.fc(torch.tanh(self.grouped(h)).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "which, routes",
+    [
+        ("cnn", {"formed": 2}),  # each conv's chunk of per-sample gradients
+        ("ghost_conv", {"ghost": 2, "formed": 1}),  # the wide conv's two Grams, the grouped conv's gradients
+        ("shared_input", {"ghost": 4}),  # q/k/v's one shared input Gram and their three output Grams
+        ("tokens", {"formed": 1}),  # 7 positions: 49 > 6 * 7
+    ],
+)
+@pytest.mark.parametrize("b", [1, 5])
+def test_split_products_keep_every_route_exact(which, routes, b, monkeypatch):
+    # With the large products split into bfloat16 pieces (here emulated in float32 on the CPU, as the GPU
+    # runs them with float32 accumulation), a float32 pass equals the exact projections to float32
+    # rounding, as the unsplit pass does, and both routes are taken where the layers ask for them.
+    if which == "cnn":
+        model, batch = CNN(), (torch.randn(b, 3, 8, 8), torch.randint(0, 5, (b,)))
+    elif which == "ghost_conv":
+        model, batch = GhostConv(), (torch.randn(b, 8, 8, 8), torch.randint(0, 3, (b,)))
+    elif which == "shared_input":
+        model, batch = SharedInput(), (torch.randint(0, 20, (b, 5)), torch.randint(0, 3, (b,)))
+    else:
+        model, batch = TokenMLP(), _tokens(b)
+    layout = _layout(model, dim=16)
+    plain = factored_pass(model, batch, layout)
+    taken: dict[str, int] = {}
+    real = registry.split_product
+
+    def recording(a, c):
+        # a Gram's operands are one tensor and its transpose: (.., N, p) @ (.., p, N)
+        gram = a.shape[-2] == c.shape[-1] and torch.equal(a, c.transpose(-1, -2))
+        taken["ghost" if gram else "formed"] = taken.get("ghost" if gram else "formed", 0) + 1
+        return real(a, c)
+
+    monkeypatch.setattr(registry, "split_product", recording)
+    monkeypatch.setattr(registry, "SPLIT_DEVICES", frozenset({"cpu"}))
+    split = factored_pass(model, batch, layout)
+    assert taken == routes
+    exact = factored_pass(model.double(), _as_double(batch), layout)  # the same maths in float64
+    for name in layout.blocks:
+        got = split.kron.get(name, split.vectors.get(name))
+        want = exact.kron.get(name, exact.vectors.get(name)).float()
+        ref = plain.kron.get(name, plain.vectors.get(name))
+        tol = dict(rtol=1e-5, atol=1e-6 * want.abs().max().item())
+        assert_close(ref, want, **tol)  # what float32 rounding leaves without the split
+        assert_close(got, want, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    assert_close(split.sq_norm, exact.sq_norm.float(), rtol=1e-5, atol=0.0)
+    assert_close(plain.sq_norm, exact.sq_norm.float(), rtol=1e-5, atol=0.0)
+
+
+def _as_double(batch):
+    x, y = batch
+    if isinstance(x, dict):
+        return x, y
+    return (x.double() if x.is_floating_point() else x), y
+
+
+def test_large_product_under_autocast_keeps_the_autocast_product(monkeypatch):
+    # Under autocast the pass's products round to the autocast dtype: nothing to split.
+    monkeypatch.setattr(registry, "SPLIT_DEVICES", frozenset({"cpu"}))
+    calls = []
+    monkeypatch.setattr(registry, "split_product", lambda a, b: calls.append(1))
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = registry.large_product(a, b)
+        want = a @ b
+    assert calls == [] and got.dtype == torch.bfloat16 and torch.equal(got, want)
+    registry.large_product(a, b)
+    assert calls == [1]  # outside autocast: split
+
+
+def test_split_product_on_a_gpu_is_one_bfloat16_product_into_float32(monkeypatch):
+    # Off the CPU the six piece products are one batched bfloat16 product with a float32 result; the meta
+    # device stands in for a GPU (shapes and dtypes, no values).
+    calls = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append((a[0].shape, a[1].shape, k)) or real(*a, **k))
+    a, b = torch.empty(2, 3, 4, 5, device="meta"), torch.empty(2, 3, 5, 7, device="meta")
+    got = registry.split_product(a, b)
+    assert got.shape == (2, 3, 4, 7) and got.dtype == torch.float32
+    assert calls == [((6, 4, 30), (6, 30, 7), {"out_dtype": torch.float32})]
+    monkeypatch.setattr(registry, "SPLIT_DEVICES", frozenset({"meta"}))
+    calls.clear()
+    assert registry.large_product(a, b).shape == (2, 3, 4, 7) and calls == []  # no device split_product serves

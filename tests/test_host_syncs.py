@@ -44,6 +44,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from hardmine.batches import DeferredChecks, call_model
 from hardmine.engine import GradientExtractor
+from hardmine.factored import registry
 from hardmine.online import OnlineMiner, WeightingConfig
 from hardmine.online import dynamics as online_dynamics
 from hardmine.online.weighting import never_clipped
@@ -123,8 +124,11 @@ def _bench_batch(name: str, batch: int, seed: int):
     return model, fresh if seed else data
 
 
+@pytest.mark.parametrize("split", [False, True])  # True: the large products as bfloat16 pieces (SPLIT_DEVICES)
 @pytest.mark.parametrize("name", be.MODELS)
-def test_factored_pass_makes_no_host_sync_after_the_first_batch(name):
+def test_factored_pass_makes_no_host_sync_after_the_first_batch(name, split, monkeypatch):
+    if split:
+        monkeypatch.setattr(registry, "SPLIT_DEVICES", frozenset({"cpu"}))
     model, first = _bench_batch(name, 4, 0)
     model.eval()
     second, third = _bench_batch(name, 4, 1)[1], _bench_batch(name, 4, 2)[1]
@@ -425,6 +429,38 @@ def test_on_a_gpu_the_steady_state_pass_never_waits_for_the_device(name):
     assert waits == Counter(), f"{name}: {dict(waits)}"
     assert ext(batches[0]).z.device.type == "cuda"  # copied to the host once, by the caller (ProjectedBatch.to_host)
     ext.flush_checks()
+
+
+@pytest.mark.needs_hardware
+@pytest.mark.parametrize("name", [*be.MODELS, "resnet18"])
+def test_on_a_gpu_split_products_equal_the_float32_pass_and_never_wait(name, monkeypatch):
+    # The large products as bfloat16 tensor-core products of three-piece splits (registry.SPLIT_DEVICES, off
+    # by default until measured): the vectors and norms of the float32 pass to float32 rounding, eager and
+    # replayed from a CUDA graph, with no wait for the device.
+    dev = _cuda_or_skip()
+    model, first = _bench_batch(name, 64, 0)
+    model = model.to(dev).eval()
+    batches = [be.to_device(b, dev) for b in [first] + [_bench_batch(name, 64, s)[1] for s in range(1, 7)]]
+    plain = [GradientExtractor(model, dim=64, engine="factored", loss_fn="cross_entropy")(b) for b in batches]
+    monkeypatch.setattr(registry, "SPLIT_DEVICES", frozenset({"cuda"}))
+    calls = []
+    real = registry.split_product
+    monkeypatch.setattr(registry, "split_product", lambda a, b: calls.append(1) or real(a, b))
+    for graphs in (False, True):
+        ext = GradientExtractor(model, dim=64, engine="factored", loss_fn="cross_entropy", cuda_graphs=graphs)
+        got = [ext(b) for b in batches[:5]]
+        torch.cuda.synchronize()
+        it = iter(batches[5:])
+        waits = _cuda_waits(lambda got=got, ext=ext, it=it: got.append(ext(next(it))))
+        assert waits == Counter(), f"{name}: {dict(waits)}"
+        assert len(got) == len(plain)
+        for g, want in zip(got, plain):
+            # per sample, relative to the vector's length (a coordinate near zero has no relative error of
+            # its own); float32 rounding, as between the factored pass and the per-sample loop (~3e-7)
+            rel = ((g.z - want.z).norm(dim=1) / want.z.norm(dim=1)).max().item()
+            assert rel <= 1e-5, f"{name}: {rel:.1e}"
+            torch.testing.assert_close(g.grad_norm, want.grad_norm, rtol=1e-5, atol=0.0)
+    assert calls  # the split was taken
 
 
 @pytest.mark.needs_hardware

@@ -22,6 +22,7 @@ from .registry import (
     RuleResult,
     batch_chunks,
     ghost_route,
+    large_product,
     project_and_norm,
     register_layer_rule,
     route_elements,
@@ -126,7 +127,8 @@ def _shared_gram(
         request.grams.release(key)
         return None
     xg = x[:, None]  # (B, 1, N, d_in)
-    return functools.partial(request.grams.get, key, lambda: xg @ xg.transpose(-1, -2))  # -> (B, 1, N, N)
+    gram = functools.partial(large_product, xg, xg.transpose(-1, -2))  # -> (B, 1, N, N)
+    return functools.partial(request.grams.get, key, gram)
 
 
 def _one_position_with_bias(

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .graphs import autocast_state
+
 __all__ = [
     "Call",
     "LayerRule",
@@ -61,13 +63,28 @@ __all__ = [
     "project_and_norm",
     "route_elements",
     "ghost_route",
+    "large_product",
+    "split_product",
     "CHUNK_ELEMENTS",
+    "SPLIT_DEVICES",
 ]
 
 # Upper bound on the elements of the temporaries (Gram matrices, unfolded patches, per-chunk gradients)
 # that a rule allocates at once: 2^22 elements = 16 MiB in float32. Rules split the batch to stay below
 # it (one sample's worth is the floor), so a rule's extra memory does not grow with the batch.
 CHUNK_ELEMENTS = 1 << 22
+# Device types on which the large float32 products of :func:`project_and_norm` (a chunk's per-sample
+# gradients, its Gram matrices) run as :func:`split_product`: bfloat16 tensor-core products of three-piece
+# splits, exact to float32 rounding. A GPU's float32 matrix products do not use its tensor cores, while the
+# training step's convolutions run in TF32 (cuDNN's default), so there a conv model's factored pass spends
+# its device time in these products. None until a GPU measurement shows the split pays
+# (`scripts/bench_extract.py --split-products`, a step of `scripts/gpu_measure.sh`). Read at each call; a
+# captured CUDA graph keeps the products it captured. The pieces and their side-by-side copies take about
+# four and a half times the operands' float32 size beyond what CHUNK_ELEMENTS counts.
+SPLIT_DEVICES: frozenset[str] = frozenset()
+# Whether this torch multiplies bfloat16 matrices into a float32 result on a GPU (``bmm``'s ``out_dtype``,
+# torch >= 2.8); an older one keeps the float32 products there.
+_BF16_INTO_FLOAT32 = hasattr(torch.ops.aten.bmm, "dtype")
 
 
 @dataclass(frozen=True)
@@ -339,6 +356,55 @@ def route_elements(groups: int, n: int, p: int, q: int) -> int:
     return groups * (n * n if ghost_route(n, p, q) else p * q)
 
 
+def large_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for the large products of a chunk ``(..., m, k) @ (..., k, n)`` (equal leading dimensions):
+    :func:`split_product` for float32 operands on a device type in :data:`SPLIT_DEVICES`, else ``@``."""
+    device = a.device.type
+    if (
+        device in SPLIT_DEVICES
+        and a.dtype == torch.float32
+        and b.dtype == torch.float32
+        and (device == "cpu" or (device == "cuda" and _BF16_INTO_FLOAT32))  # where split_product runs
+        and not autocast_state(device)[0]  # under autocast the products round to its dtype anyway
+    ):
+        return split_product(a, b)
+    return a @ b
+
+
+def split_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of float32 ``(..., m, k)`` and ``(..., k, n)`` (equal leading dimensions) from bfloat16 pieces.
+
+    Each operand is split into three bfloat16 pieces that add up to it (``a = a0 + a1 + a2``, each the
+    rounding of what the ones before leave: 8 significant bits apiece, 24 together, float32's own). The
+    product of two bfloat16 numbers is exact in float32, so the six piece products above float32's rounding
+    (``a0 b0``, ``a0 b1``, ``a1 b0``, ``a0 b2``, ``a1 b1``, ``a2 b0``; the three left out are below
+    ``2^-23`` of ``|a||b|``) summed in float32 give ``a @ b`` to float32 rounding. They are one product over a
+    six-fold contraction: the pieces side by side along ``k``. On a GPU that is one bfloat16 matrix product
+    with float32 accumulation and output (tensor cores); on the CPU the same sums in float32 (the pieces are
+    exact in float32), which is what the tests check. A float32 subnormal keeps only what bfloat16's
+    subnormals hold (down to ``2^-133``).
+    """
+    a0, a1, a2 = _bf16_pieces(a)
+    b0, b1, b2 = _bf16_pieces(b)
+    left = torch.cat([a0, a0, a1, a0, a1, a2], dim=-1)  # (..., m, 6k)
+    right = torch.cat([b0, b1, b0, b2, b1, b0], dim=-2)  # (..., 6k, n)
+    if left.device.type == "cpu":  # no bfloat16-into-float32 product here: the same sums in float32
+        return left.float() @ right.float()  # (..., m, n)
+    lead, m, n = left.shape[:-2], left.shape[-2], right.shape[-1]
+    k6 = left.shape[-1]
+    out = torch.bmm(left.reshape(-1, m, k6), right.reshape(-1, k6, n), out_dtype=torch.float32)  # (L, m, n)
+    return out.reshape(*lead, m, n)  # (..., m, n)
+
+
+def _bf16_pieces(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three bfloat16 tensors adding up to float32 ``t``: each rounds what the pieces before it leave (the
+    remainders are exact in float32)."""
+    p0 = t.to(torch.bfloat16)
+    rest = t - p0.float()
+    p1 = rest.to(torch.bfloat16)
+    return p0, p1, (rest - p1.float()).to(torch.bfloat16)
+
+
 def project_and_norm(
     delta: torch.Tensor,
     x: torch.Tensor,
@@ -375,13 +441,13 @@ def project_and_norm(
                 return torch.mul(dp[:, 0], xp[:, 0], out=out), sq  # outer products written in place
             proj = dp * xp  # (c, G, a, b) outer products
     elif ghost_route(n, p, q):
-        gram_d = delta @ delta.transpose(-1, -2)  # (c, G, N, N)
-        gx = gram_x() if gram_x is not None else x @ x.transpose(-1, -2)  # (c, G, N, N)
+        gram_d = large_product(delta, delta.transpose(-1, -2))  # (c, G, N, N)
+        gx = gram_x() if gram_x is not None else large_product(x, x.transpose(-1, -2))  # (c, G, N, N)
         sq = torch.linalg.vecdot(gram_d.reshape(c, -1), gx.reshape(c, -1))  # (c,)
         if p_out is not None and p_in is not None:
             proj = _times_p_out(delta, p_out).transpose(-1, -2) @ (x @ p_in)  # (c, G, a, N) @ (c, G, N, b)
     else:
-        grad = delta.transpose(-1, -2) @ x  # (c, G, p, q): this chunk's per-sample gradients
+        grad = large_product(delta.transpose(-1, -2), x)  # (c, G, p, q): this chunk's per-sample gradients
         sq = torch.linalg.vector_norm(grad, dim=(1, 2, 3)).square()  # (c,)
         if p_out is not None and p_in is not None:
             proj = p_out.transpose(-1, -2) @ grad @ p_in  # (c, G, a, b)
