@@ -35,6 +35,8 @@ adds the cross terms ``2 <G_i, G_j>`` (:func:`factors_inner`) to the squared nor
 from __future__ import annotations
 
 import fnmatch
+import functools
+import math
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -364,11 +366,19 @@ def large_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         device in SPLIT_DEVICES
         and a.dtype == torch.float32
         and b.dtype == torch.float32
-        and (device == "cpu" or (device == "cuda" and _BF16_INTO_FLOAT32))  # where split_product runs
+        and (device == "cpu" or (device == "cuda" and _bf16_tensor_cores(a.device)))  # where split_product runs
         and not autocast_state(device)[0]  # under autocast the products round to its dtype anyway
     ):
         return split_product(a, b)
     return a @ b
+
+
+@functools.cache
+def _bf16_tensor_cores(device: torch.device) -> bool:
+    """Whether this torch and this GPU multiply bfloat16 matrices into a float32 result: ``bmm``'s
+    ``out_dtype`` (torch >= 2.8) on compute capability 8.0 or later (cuBLAS refuses it on older GPUs). Asked
+    once per device: the answer cannot change while the process runs."""
+    return _BF16_INTO_FLOAT32 and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def split_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -377,22 +387,31 @@ def split_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Each operand is split into three bfloat16 pieces that add up to it (``a = a0 + a1 + a2``, each the
     rounding of what the ones before leave: 8 significant bits apiece, 24 together, float32's own). The
     product of two bfloat16 numbers is exact in float32, so the six piece products above float32's rounding
-    (``a0 b0``, ``a0 b1``, ``a1 b0``, ``a0 b2``, ``a1 b1``, ``a2 b0``; the three left out are below
-    ``2^-23`` of ``|a||b|``) summed in float32 give ``a @ b`` to float32 rounding. They are one product over a
-    six-fold contraction: the pieces side by side along ``k``. On a GPU that is one bfloat16 matrix product
-    with float32 accumulation and output (tensor cores); on the CPU the same sums in float32 (the pieces are
-    exact in float32), which is what the tests check. A float32 subnormal keeps only what bfloat16's
-    subnormals hold (down to ``2^-133``).
+    (``a0 b0``, ``a0 b1``, ``a1 b0``, ``a0 b2``, ``a1 b1``, ``a2 b0``; the three left out are about ``2^-23``
+    of ``|a||b|`` together) summed in float32 give ``a @ b`` to a few float32 steps. They are one product
+    over a six-fold contraction: the pieces side by side along ``k``, the smallest products first so they
+    are summed before the large ones (on the CPU a single product then lands within about one and a half
+    float32 steps; largest first, up to four and a half). On a GPU that is one bfloat16 matrix product with
+    float32 accumulation and output (tensor cores); on the CPU the same piece products, exact in float32,
+    summed by a float32 product, which is what the CPU tests check. How a tensor core rounds inside its
+    accumulation is the GPU's own: the split's accuracy there is measured against float64 (the GPU test in
+    ``tests/test_host_syncs.py``, the agreement line of ``scripts/bench_extract.py --split-products``).
+
+    Limits: below ``2^-110`` in magnitude a float32 loses the bits bfloat16 cannot hold under its smallest
+    subnormal (``2^-133``), so tiny values keep fewer than 24 bits; an infinite operand, or one within
+    bfloat16's rounding of float32's largest, gives NaN where ``@`` gives an infinity (both non-finite).
     """
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"split_product needs equal leading dimensions, got {tuple(a.shape)} @ {tuple(b.shape)}")
     a0, a1, a2 = _bf16_pieces(a)
     b0, b1, b2 = _bf16_pieces(b)
-    left = torch.cat([a0, a0, a1, a0, a1, a2], dim=-1)  # (..., m, 6k)
-    right = torch.cat([b0, b1, b0, b2, b1, b0], dim=-2)  # (..., 6k, n)
+    left = torch.cat([a2, a1, a0, a1, a0, a0], dim=-1)  # (..., m, 6k): smallest products first
+    right = torch.cat([b0, b1, b2, b0, b1, b0], dim=-2)  # (..., 6k, n)
     if left.device.type == "cpu":  # no bfloat16-into-float32 product here: the same sums in float32
         return left.float() @ right.float()  # (..., m, n)
-    lead, m, n = left.shape[:-2], left.shape[-2], right.shape[-1]
-    k6 = left.shape[-1]
-    out = torch.bmm(left.reshape(-1, m, k6), right.reshape(-1, k6, n), out_dtype=torch.float32)  # (L, m, n)
+    lead, m, n, k6 = left.shape[:-2], left.shape[-2], right.shape[-1], left.shape[-1]
+    batch = math.prod(lead)  # not -1: an empty m or n leaves it undefined
+    out = torch.bmm(left.reshape(batch, m, k6), right.reshape(batch, k6, n), out_dtype=torch.float32)  # (L, m, n)
     return out.reshape(*lead, m, n)  # (..., m, n)
 
 
