@@ -139,6 +139,15 @@ class ArgMaxNet(nn.Module):
         return self.fc(x).argmax(dim=1)
 
 
+def as_float64(batch: tuple) -> tuple:
+    """``(x, y)`` with a floating ``x`` in float64, for a float64 pass of the same batch; a dict of model
+    inputs (token ids) and integer inputs are left as they are."""
+    x, y = batch
+    if isinstance(x, dict):
+        return x, y
+    return (x.double() if x.is_floating_point() else x), y
+
+
 def branch_batches(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(taken, skipped, y)``: float64 inputs ``(n, 4)`` whose every sample takes :class:`Branch`'s branch, the
     same inputs with every sample skipping it, and labels ``(n,)`` of 3 classes."""

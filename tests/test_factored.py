@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from models import CNN, MLP, TinyTransformer, token_batch
+from models import CNN, MLP, TinyTransformer, as_float64, token_batch
 from torch import nn
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -957,7 +957,7 @@ def test_split_products_keep_every_route_exact(which, routes, b, monkeypatch):
     monkeypatch.setattr(registry, "SPLIT_DEVICES", frozenset({"cpu"}))
     split = factored_pass(model, batch, layout)
     assert taken == routes
-    exact = factored_pass(model.double(), _as_double(batch), layout)  # the same maths in float64
+    exact = factored_pass(model.double(), as_float64(batch), layout)  # the same maths in float64
     for name in layout.blocks:
         got = split.kron.get(name, split.vectors.get(name))
         want = exact.kron.get(name, exact.vectors.get(name)).float()
@@ -967,13 +967,6 @@ def test_split_products_keep_every_route_exact(which, routes, b, monkeypatch):
         assert_close(got, want, **tol, msg=lambda m, n=name: f"{n}: {m}")
     assert_close(split.sq_norm, exact.sq_norm.float(), rtol=1e-5, atol=0.0)
     assert_close(plain.sq_norm, exact.sq_norm.float(), rtol=1e-5, atol=0.0)
-
-
-def _as_double(batch):
-    x, y = batch
-    if isinstance(x, dict):
-        return x, y
-    return (x.double() if x.is_floating_point() else x), y
 
 
 def test_large_product_under_autocast_keeps_the_autocast_product(monkeypatch):

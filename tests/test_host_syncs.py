@@ -40,6 +40,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from models import as_float64
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -449,7 +450,7 @@ def test_on_a_gpu_split_products_stay_as_close_to_float64_as_float32_and_never_w
                      allow_tf32=False):
         exact_model = copy.deepcopy(model).double()
         exact_ext = GradientExtractor(exact_model, dim=64, engine="factored", loss_fn="cross_entropy")
-        exact = [exact_ext(_as_float64(b)) for b in batches]
+        exact = [exact_ext(as_float64(b)) for b in batches]
         plain_ext = GradientExtractor(model, dim=64, engine="factored", loss_fn="cross_entropy")
         plain = [plain_ext(b) for b in batches]
         monkeypatch.setattr(registry, "SPLIT_DEVICES", frozenset({"cuda"}))
@@ -471,13 +472,6 @@ def test_on_a_gpu_split_products_stay_as_close_to_float64_as_float32_and_never_w
                 split_err, plain_err = max(e[0] for e in errors), max(e[1] for e in errors)
                 assert split_err <= max(4 * plain_err, 1e-6), f"{name} {what}: {split_err:.1e} vs {plain_err:.1e}"
     assert calls  # the split was taken
-
-
-def _as_float64(batch):
-    x, y = batch
-    if isinstance(x, dict):
-        return x, y
-    return (x.double() if x.is_floating_point() else x), y
 
 
 def _worst_errors(split: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
